@@ -1,0 +1,32 @@
+"""The `kvreuse` command: one tyro CLI, one subcommand per job.
+
+Each subcommand is a plain function with typed arguments living in the module that does the
+work; heavy imports (mujoco, metaworld, lerobot) stay inside those functions so `kvreuse --help`
+is fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import tyro
+
+
+def _commands() -> dict:
+    from .commands import COMMANDS
+
+    return COMMANDS
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    cmds = _commands()
+    try:
+        tyro.extras.subcommand_cli_from_dict(cmds, args=argv)
+    except ValueError as e:  # bad input: one clear line, no traceback
+        print(f"kvreuse: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Model configuration: one dataclass for Pi0 and Pi0.5, with named presets.
+
+Every sequence length is derived from these fields (the TurboPi seed's Bug 1 was a
+hard-coded prompt length), so nothing else in the package writes a token count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP vision tower."""
+
+    width: int = 1152
+    depth: int = 27
+    mlp_dim: int = 4304
+    num_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 224
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    """A Gemma decoder stack (the prefix LM or the action expert)."""
+
+    width: int = 2048
+    depth: int = 18
+    mlp_dim: int = 16384
+    num_heads: int = 8
+    num_kv_heads: int = 1
+    head_dim: int = 256
+    eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Pi0 (`variant="pi0"`) and Pi0.5 (`variant="pi05"`) as one model.
+
+    Differences between the variants are the two flags below; everything else is shared.
+    """
+
+    variant: Literal["pi0", "pi05"] = "pi0"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: GemmaConfig = field(default_factory=GemmaConfig)
+    expert: GemmaConfig = field(
+        default_factory=lambda: GemmaConfig(width=1024, depth=18, mlp_dim=4096)
+    )
+    vocab_size: int = 257152
+    max_token_len: int = 48
+    chunk_size: int = 50
+    max_state_dim: int = 32
+    max_action_dim: int = 32
+    num_steps: int = 10
+    cameras: tuple[str, ...] = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+    # "sentencepiece" needs a tokenizer.model path; "bytes" is built in (tiny presets).
+    tokenizer: Literal["sentencepiece", "bytes"] = "sentencepiece"
+    rope_base: float = 10000.0
+    time_min_period: float = 4e-3
+    time_max_period: float = 4.0
+    state_bins: int = 256
+    # The actual dims of the robot this model drives (state/actions are padded to max_*_dim).
+    state_dim: int = 32
+    action_dim: int = 32
+
+    @property
+    def state_in_prompt(self) -> bool:
+        """Pi0.5 discretizes the state into the prompt; Pi0 feeds it as a suffix token."""
+        return self.variant == "pi05"
+
+    @property
+    def adarms(self) -> bool:
+        """Pi0.5 conditions every expert RMSNorm on the flow-matching time."""
+        return self.variant == "pi05"
+
+    @property
+    def prefix_len(self) -> int:
+        return len(self.cameras) * self.vision.num_patches + self.max_token_len
+
+    @property
+    def suffix_len(self) -> int:
+        return self.chunk_size + (0 if self.state_in_prompt else 1)
+
+    def __post_init__(self) -> None:
+        if self.llm.depth != self.expert.depth:
+            raise ValueError("llm.depth and expert.depth must match (the expert attends layer by layer)")
+        if (self.llm.num_kv_heads, self.llm.head_dim) != (self.expert.num_kv_heads, self.expert.head_dim):
+            raise ValueError("llm and expert must share the KV geometry (num_kv_heads, head_dim)")
+        if self.llm.num_heads != self.expert.num_heads:
+            raise ValueError("llm and expert must have the same number of query heads")
+        if self.vision.image_size % self.vision.patch_size:
+            raise ValueError("vision.image_size must be a multiple of vision.patch_size")
+        if not self.cameras:
+            raise ValueError("at least one camera is required")
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["vision"] = VisionConfig(**d["vision"])
+        d["llm"] = GemmaConfig(**d["llm"])
+        d["expert"] = GemmaConfig(**d["expert"])
+        d["cameras"] = tuple(d["cameras"])
+        return ModelConfig(**d)
+
+
+_TINY_VISION = VisionConfig(width=96, depth=3, mlp_dim=256, num_heads=4, patch_size=16, image_size=128)
+_TINY_LLM = GemmaConfig(width=128, depth=4, mlp_dim=384, num_heads=4, num_kv_heads=1, head_dim=32)
+_TINY_EXPERT = GemmaConfig(width=96, depth=4, mlp_dim=256, num_heads=4, num_kv_heads=1, head_dim=32)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Full size, exact reference shapes.
+    "pi0": ModelConfig(variant="pi0", max_token_len=48),
+    "pi05": ModelConfig(variant="pi05", max_token_len=200),
+    # A few million parameters, same code paths; built-in byte tokenizer, two cameras.
+    "tiny-pi0": ModelConfig(
+        variant="pi0", vision=_TINY_VISION, llm=_TINY_LLM, expert=_TINY_EXPERT, vocab_size=260,
+        max_token_len=48, chunk_size=16, num_steps=10, cameras=("base", "wrist"), tokenizer="bytes",
+        state_dim=4, action_dim=4,
+    ),
+    "tiny-pi05": ModelConfig(
+        variant="pi05", vision=_TINY_VISION, llm=_TINY_LLM, expert=_TINY_EXPERT, vocab_size=260,
+        max_token_len=96, chunk_size=16, num_steps=10, cameras=("base", "wrist"), tokenizer="bytes",
+        state_dim=4, action_dim=4,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    cfg = PRESETS[name]
+    return cfg.replace(**overrides) if overrides else cfg

@@ -1,0 +1,273 @@
+"""Pi0 and Pi0.5 as one model: SigLIP + projector + Gemma prefix LM, Gemma action expert,
+flow-matching Euler sampler. The API is split at the prefix cache:
+
+    prefix  = model.encode_prefix(obs)            # vision + language -> PrefixCache
+    actions = model.denoise(prefix, obs, noise)   # Euler steps of the expert, reads the cache
+
+`denoise` never copies or writes the prefix K/V, so one cache serves every Euler step and, when
+the reuse layer allows it, later control steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import PrefixCache, Span, new_snapshot_id
+from ..observation import Observation
+from .config import ModelConfig
+from .gemma import GemmaStack
+from .layers import NEG_INF, key_bias, sincos_time
+from .siglip import SiglipVision
+
+
+class Pi0Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        ew = cfg.expert.width
+        self.vision = SiglipVision(cfg.vision)
+        self.projector = nn.Linear(cfg.vision.width, cfg.llm.width)
+        self.llm = GemmaStack(cfg.llm, vocab_size=cfg.vocab_size)
+        self.expert = GemmaStack(cfg.expert, cond_dim=ew if cfg.adarms else None)
+        self.action_in_proj = nn.Linear(cfg.max_action_dim, ew)
+        self.action_out_proj = nn.Linear(ew, cfg.max_action_dim)
+        if cfg.state_in_prompt:
+            self.time_mlp_in = nn.Linear(ew, ew)
+            self.time_mlp_out = nn.Linear(ew, ew)
+        else:
+            self.state_proj = nn.Linear(cfg.max_state_dim, ew)
+            self.action_time_mlp_in = nn.Linear(2 * ew, ew)
+            self.action_time_mlp_out = nn.Linear(ew, ew)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.projector.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector.weight.device
+
+    # ---- prefix -----------------------------------------------------------------------------
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, patches, llm width). Image features are not scaled."""
+        return self.projector(self.vision(images.to(self.dtype)))
+
+    def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.llm.embed(tokens) * math.sqrt(self.cfg.llm.width)
+
+    def spans(self, obs: Observation, snapshot: int) -> tuple[Span, ...]:
+        """Token spans of the prefix; derived from the config (and, for Pi0.5, from where the
+        state tokens start in the prompt)."""
+        p = self.cfg.vision.num_patches
+        out = [Span(cam, "camera", i * p, (i + 1) * p, snapshot) for i, cam in enumerate(self.cfg.cameras)]
+        t0 = len(self.cfg.cameras) * p
+        t1 = t0 + self.cfg.max_token_len
+        st = obs.state_token_mask
+        if self.cfg.state_in_prompt and bool(st.any()):
+            # Everything from the first state token on can shift when the state's token count
+            # changes, so the state span runs to the end of the prompt region.
+            first = int(st.float().argmax(-1).min())
+            out += [Span("text", "text", t0, t0 + first, snapshot), Span("state", "state", t0 + first, t1, snapshot)]
+        else:
+            out.append(Span("text", "text", t0, t1, snapshot))
+        return tuple(out)
+
+    def embed_prefix(self, obs: Observation, image_embeds: dict[str, torch.Tensor] | None = None):
+        """Prefix input embeddings and validity. `image_embeds` may supply some cameras'
+        embeddings (e.g. reused ones); the others run through the vision tower."""
+        self._check(obs)
+        p = self.cfg.vision.num_patches
+        parts, valid = [], []
+        for cam in self.cfg.cameras:
+            e = image_embeds.get(cam) if image_embeds else None
+            parts.append(self.embed_image(obs.images[cam]) if e is None else e)
+            valid.append(obs.image_masks[cam][:, None].expand(-1, p))
+        parts.append(self.embed_text(obs.tokens).to(parts[0].dtype))
+        valid.append(obs.token_mask)
+        return torch.cat(parts, 1), torch.cat(valid, 1)
+
+    def encode_prefix(
+        self,
+        obs: Observation,
+        *,
+        snapshot: int | None = None,
+        call_index: int = 0,
+        keep_hidden: tuple[int, ...] = (),
+        image_embeds: dict[str, torch.Tensor] | None = None,
+    ) -> PrefixCache:
+        embeds, valid = self.embed_prefix(obs, image_embeds)
+        return self._cache_from(embeds, valid, obs, snapshot, call_index, keep_hidden)
+
+    def _cache_from(self, embeds, valid, obs, snapshot, call_index, keep_hidden) -> PrefixCache:
+        positions = valid.long().cumsum(-1) - 1
+        bias = key_bias(valid, valid.shape[1])
+        k, v, hidden = self.llm.prefix_kv(embeds, positions, bias, self.cfg.rope_base, keep_hidden=keep_hidden)
+        snap = new_snapshot_id() if snapshot is None else snapshot
+        return PrefixCache(
+            k=k, v=v, mask=valid, positions=positions, embeds=embeds, spans=self.spans(obs, snap),
+            tokens=obs.tokens, state_tokens=obs.state_token_mask, hidden=hidden, call_index=call_index,
+            created=time.monotonic(),
+        )
+
+    def update_prefix(
+        self,
+        cache: PrefixCache,
+        obs: Observation,
+        recompute: torch.Tensor,
+        run_cameras: tuple[str, ...],
+        spans: tuple[Span, ...],
+        call_index: int,
+    ) -> PrefixCache:
+        """A new cache for `obs` that recomputes only the prefix tokens marked in `recompute`
+        ((T,) bool) and keeps the cached K/V of all others. Cameras in `run_cameras` go through
+        the vision tower; the others reuse the cached image embeddings. Recomputing every
+        token is exactly `encode_prefix` (same kernels, same result)."""
+        p = self.cfg.vision.num_patches
+        image_embeds = {
+            cam: cache.embeds[:, i * p : (i + 1) * p]
+            for i, cam in enumerate(self.cfg.cameras)
+            if cam not in run_cameras
+        }
+        embeds, valid = self.embed_prefix(obs, image_embeds)
+        if bool(recompute.all()):
+            new = self._cache_from(embeds, valid, obs, spans[0].snapshot, call_index, tuple(cache.hidden))
+            new.spans = spans
+            return new
+        positions = valid.long().cumsum(-1) - 1
+        idx = recompute.nonzero().squeeze(-1)
+        bias = key_bias(valid, idx.numel())
+        k, v = self.llm.prefix_kv_partial(
+            embeds[:, idx], idx, positions[:, idx], cache.k, cache.v, bias, self.cfg.rope_base
+        )
+        return PrefixCache(
+            k=k, v=v, mask=valid, positions=positions, embeds=embeds, spans=spans, tokens=obs.tokens,
+            state_tokens=obs.state_token_mask, hidden={}, call_index=call_index, created=time.monotonic(),
+        )
+
+    def update_prefix_layers(
+        self,
+        cache: PrefixCache,
+        obs: Observation,
+        split: int,
+        run_cameras: tuple[str, ...],
+        spans: tuple[Span, ...],
+        call_index: int,
+    ) -> PrefixCache:
+        """Layer-wise reuse: K/V of layers < split come from the cache; layers >= split are
+        recomputed for every token. Their input is the cached residual stream at layer `split`
+        with the embedding swapped: h_split(new) := h_split(cached) - e(cached) + e(new), i.e.
+        the lower layers' residual contributions are reused and the fresh embeddings ride the
+        skip path. Needs a cache made with keep_hidden=(split,)."""
+        if split not in cache.hidden:
+            raise ValueError(f"layer-wise reuse at split {split} needs a cache encoded with keep_hidden=({split},)")
+        p = self.cfg.vision.num_patches
+        image_embeds = {
+            cam: cache.embeds[:, i * p : (i + 1) * p]
+            for i, cam in enumerate(self.cfg.cameras)
+            if cam not in run_cameras
+        }
+        embeds, valid = self.embed_prefix(obs, image_embeds)
+        positions = valid.long().cumsum(-1) - 1
+        x = cache.hidden[split] - cache.embeds + embeds
+        bias = key_bias(valid, valid.shape[1])
+        k, v, _ = self.llm.prefix_kv(x, positions, bias, self.cfg.rope_base, start=split)
+        return PrefixCache(
+            k=torch.cat([cache.k[:split], k]), v=torch.cat([cache.v[:split], v]), mask=valid,
+            positions=positions, embeds=cache.embeds, spans=spans, tokens=obs.tokens,
+            state_tokens=obs.state_token_mask, hidden=cache.hidden, call_index=call_index,
+            created=time.monotonic(),
+        )
+
+    # ---- suffix -----------------------------------------------------------------------------
+    def _suffix_masks(self, prefix: PrefixCache):
+        cfg = self.cfg
+        s = cfg.suffix_len
+        dev = prefix.mask.device
+        positions = prefix.num_valid[:, None] + torch.arange(s, device=dev)[None]
+        bias_prefix = key_bias(prefix.mask, s)
+        seen = torch.ones(s, s, dtype=torch.bool, device=dev)
+        if not cfg.state_in_prompt:
+            seen[0, 1:] = False  # the state token sees the prefix and itself only
+        bias_self = torch.zeros(s, s, device=dev).masked_fill(~seen, NEG_INF)
+        bias_self = bias_self[None].expand(prefix.mask.shape[0], -1, -1)
+        return positions, bias_prefix, bias_self
+
+    def velocity(self, prefix: PrefixCache, obs: Observation, x_t: torch.Tensor, t: torch.Tensor, masks=None):
+        """Flow-matching velocity v(x_t, t) given the prefix; x_t (B, chunk, max_action_dim)."""
+        cfg = self.cfg
+        positions, bias_prefix, bias_self = masks if masks is not None else self._suffix_masks(prefix)
+        dt = self.dtype
+        te = sincos_time(t, cfg.expert.width, cfg.time_min_period, cfg.time_max_period).to(dt)
+        a = self.action_in_proj(x_t.to(dt))
+        if cfg.adarms:
+            cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(te))))
+            tokens = a
+        else:
+            cond = None
+            at = torch.cat([a, te[:, None].expand(-1, a.shape[1], -1)], -1)
+            tokens = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(at)))
+            tokens = torch.cat([self.state_proj(obs.state.to(dt))[:, None], tokens], 1)
+        out = self.expert.suffix(
+            tokens, positions, prefix.k, prefix.v, bias_prefix, bias_self, cfg.rope_base, cond
+        )
+        return self.action_out_proj(out[:, -cfg.chunk_size :]).float()
+
+    def denoise(
+        self, prefix: PrefixCache, obs: Observation, noise: torch.Tensor, steps: int | None = None
+    ) -> torch.Tensor:
+        """Euler integration from t=1 (noise) to t=0 (actions). Reads, never writes, the prefix."""
+        steps = steps or self.cfg.num_steps
+        dt = -1.0 / steps
+        masks = self._suffix_masks(prefix)
+        x = noise.float()
+        b = x.shape[0]
+        for i in range(steps):
+            t = torch.full((b,), 1.0 + i * dt, device=x.device)
+            x = x + dt * self.velocity(prefix, obs, x, t, masks)
+        return x
+
+    def make_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        c = self.cfg
+        return torch.randn(batch, c.chunk_size, c.max_action_dim, generator=generator, device=self.device)
+
+    @torch.no_grad()
+    def sample_actions(self, obs: Observation, noise: torch.Tensor | None = None, steps: int | None = None):
+        noise = self.make_noise(obs.batch_size) if noise is None else noise
+        return self.denoise(self.encode_prefix(obs), obs, noise, steps)
+
+    # ---- training ---------------------------------------------------------------------------
+    def loss(self, obs: Observation, actions: torch.Tensor, noise=None, t=None) -> torch.Tensor:
+        """Flow-matching loss on (B, chunk, max_action_dim) normalized, padded actions; only the
+        robot's real action dims count."""
+        b = actions.shape[0]
+        noise = torch.randn_like(actions) if noise is None else noise
+        if t is None:
+            t = torch.distributions.Beta(1.5, 1.0).sample((b,)).to(actions.device) * 0.999 + 0.001
+        tt = t[:, None, None]
+        x_t = tt * noise + (1 - tt) * actions
+        u = noise - actions
+        v = self.velocity(self.encode_prefix(obs), obs, x_t, t)
+        return (v - u)[..., : self.cfg.action_dim].pow(2).mean()
+
+    # ---- checks -----------------------------------------------------------------------------
+    def _check(self, obs: Observation) -> None:
+        cfg = self.cfg
+        missing = [c for c in cfg.cameras if c not in obs.images]
+        if missing:
+            raise ValueError(f"observation is missing camera(s) {missing}; model cameras: {list(cfg.cameras)}")
+        if obs.tokens.shape[1] != cfg.max_token_len:
+            raise ValueError(f"tokens: expected length {cfg.max_token_len}, got {obs.tokens.shape[1]}")
+        size = cfg.vision.image_size
+        for cam in cfg.cameras:
+            shp = tuple(obs.images[cam].shape)
+            if len(shp) != 4 or shp[1:] != (3, size, size):
+                raise ValueError(f"images[{cam!r}]: expected (B, 3, {size}, {size}), got {shp}")
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,130 @@
+"""Prompt tokenizers: PaliGemma SentencePiece from a user-given file, and a built-in byte
+tokenizer for tiny presets (needs no file). Prompt layouts follow openpi:
+
+    Pi0:   <bos> task "\\n"
+    Pi0.5: <bos> "Task: {task}, State: {s0 s1 ...};\\nAction: "   (state in 256 bins of [-1, 1])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+
+
+class Tokenizer(Protocol):
+    bos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by 4 (0 pad, 1 bos, 2 eos, 3 unused): vocabulary 260."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+    vocab_size = 260
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 4 for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - 4 for i in ids if i >= 4).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: str | Path):
+        import sentencepiece
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"tokenizer: no SentencePiece model at {path} (pass the PaliGemma tokenizer.model)")
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.bos_id = self.sp.bos_id()
+        self.pad_id = max(self.sp.pad_id(), 0)
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | Path | None = None) -> Tokenizer:
+    if cfg.tokenizer == "bytes":
+        return ByteTokenizer()
+    if path is None:
+        raise ValueError(
+            f"this {cfg.variant} model needs the PaliGemma SentencePiece tokenizer: pass --tokenizer PATH/tokenizer.model"
+        )
+    tok = SentencePieceTokenizer(path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {cfg.vocab_size}")
+    return tok
+
+
+@dataclass
+class PromptTokens:
+    tokens: torch.Tensor  # (B, L) long
+    mask: torch.Tensor  # (B, L) bool
+    state_mask: torch.Tensor  # (B, L) bool, tokens that spell the state (Pi0.5)
+
+
+def clean_task(task: str) -> str:
+    return task.strip().replace("_", " ").replace("\n", " ")
+
+
+def discretize_state(state: np.ndarray, bins: int) -> np.ndarray:
+    """Normalized state in [-1, 1] -> integer bins 0..bins-1 (values outside are clipped)."""
+    edges = np.linspace(-1.0, 1.0, bins + 1)[:-1]
+    return np.clip(np.digitize(state, edges) - 1, 0, bins - 1)
+
+
+def tokenize_prompts(
+    cfg: ModelConfig,
+    tok: Tokenizer,
+    tasks: list[str],
+    state: np.ndarray | None = None,
+    truncate: bool = False,
+) -> PromptTokens:
+    """Tokenize a batch of prompts to cfg.max_token_len. For Pi0.5, `state` (B, state_dim),
+    already normalized, is written into the prompt."""
+    n = cfg.max_token_len
+    b = len(tasks)
+    ids = np.full((b, n), tok.pad_id, dtype=np.int64)
+    mask = np.zeros((b, n), dtype=bool)
+    smask = np.zeros((b, n), dtype=bool)
+    for i, task in enumerate(tasks):
+        text = clean_task(task)
+        if cfg.state_in_prompt:
+            if state is None:
+                raise ValueError("state: Pi0.5 writes the state into the prompt, but no state was given")
+            digits = " ".join(str(int(d)) for d in discretize_state(np.asarray(state[i]), cfg.state_bins))
+            # The whole prompt is tokenized at once (as openpi does); the state span starts
+            # where the tokens of the text before it end.
+            full = [tok.bos_id] + tok.encode(f"Task: {text}, State: {digits};\nAction: ")
+            head = [tok.bos_id] + tok.encode(f"Task: {text},")
+            while full[: len(head)] != head:  # a piece crossed the cut: move it left
+                head = head[:-1]
+            head, tail = full[: len(head)], full[len(head) :]
+        else:
+            head = [tok.bos_id] + tok.encode(text + "\n")
+            tail = []
+        seq = head + tail
+        if len(seq) > n:
+            if not truncate:
+                raise ValueError(
+                    f"prompt: {len(seq)} tokens exceed max_token_len={n} for {task!r}; "
+                    "shorten it or ask for truncation explicitly"
+                )
+            seq = seq[:n]
+        ids[i, : len(seq)] = seq
+        mask[i, : len(seq)] = True
+        smask[i, len(head) : len(seq)] = bool(tail)
+    return PromptTokens(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(smask))

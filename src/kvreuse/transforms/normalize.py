@@ -1,0 +1,68 @@
+"""State / action normalization: mean-std (Pi0) or quantiles q01/q99 -> [-1, 1] (Pi0.5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+NormMode = Literal["meanstd", "quantile"]
+
+
+@dataclass
+class Stats:
+    mean: np.ndarray
+    std: np.ndarray
+    q01: np.ndarray
+    q99: np.ndarray
+
+    @staticmethod
+    def of(x: np.ndarray) -> "Stats":
+        """Stats over all rows of x (N, D)."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+        return Stats(x.mean(0), x.std(0), np.quantile(x, 0.01, axis=0), np.quantile(x, 0.99, axis=0))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {k: np.asarray(getattr(self, k), dtype=np.float64).tolist() for k in ("mean", "std", "q01", "q99")}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Stats":
+        return Stats(*(np.asarray(d[k], dtype=np.float64) for k in ("mean", "std", "q01", "q99")))
+
+
+@dataclass
+class NormStats:
+    state: Stats
+    actions: Stats
+
+    def to_dict(self) -> dict:
+        return {"state": self.state.to_dict(), "actions": self.actions.to_dict()}
+
+    @staticmethod
+    def from_dict(d: dict) -> "NormStats":
+        return NormStats(Stats.from_dict(d["state"]), Stats.from_dict(d["actions"]))
+
+
+def normalize(x: np.ndarray, s: Stats, mode: NormMode) -> np.ndarray:
+    d = x.shape[-1]
+    if mode == "meanstd":
+        return (x - s.mean[:d]) / (s.std[:d] + 1e-6)
+    lo, hi = s.q01[:d], s.q99[:d]
+    return (x - lo) / (hi - lo + 1e-6) * 2.0 - 1.0
+
+
+def unnormalize(x: np.ndarray, s: Stats, mode: NormMode) -> np.ndarray:
+    d = x.shape[-1]
+    if mode == "meanstd":
+        return x * (s.std[:d] + 1e-6) + s.mean[:d]
+    lo, hi = s.q01[:d], s.q99[:d]
+    return (x + 1.0) / 2.0 * (hi - lo + 1e-6) + lo
+
+
+def pad_to(x: np.ndarray, dim: int) -> np.ndarray:
+    if x.shape[-1] > dim:
+        raise ValueError(f"vector of {x.shape[-1]} dims does not fit the model's {dim}")
+    out = np.zeros(x.shape[:-1] + (dim,), dtype=np.float32)
+    out[..., : x.shape[-1]] = x
+    return out

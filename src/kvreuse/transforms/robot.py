@@ -1,0 +1,135 @@
+"""Per-robot input/output transforms: an openpi-style observation dict -> Observation, and the
+model's padded, normalized action chunk -> the robot's actions.
+
+The dict uses openpi's flat keys (`observation/image`, `observation/wrist_image`,
+`observation/state`, `prompt`), so the simulator adapters and the policy server share one path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model.config import ModelConfig
+from ..model.tokenizer import Tokenizer, tokenize_prompts
+from ..observation import Observation
+from .images import preprocess_image
+from .normalize import NormMode, NormStats, normalize, pad_to, unnormalize
+
+
+@dataclass(frozen=True)
+class RobotSpec:
+    name: str
+    cameras: tuple[tuple[str, str], ...]  # (dict key, model camera name)
+    state_dim: int
+    action_dim: int
+    flip180: tuple[str, ...] = ()  # dict keys whose images arrive upside down
+    state_key: str = "observation/state"
+    prompt_key: str = "prompt"
+
+    @property
+    def camera_keys(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.cameras)
+
+
+ROBOTS: dict[str, RobotSpec] = {
+    # Meta-World testbed: corner camera + a gripper camera, hand xyz + gripper opening.
+    "metaworld": RobotSpec(
+        "metaworld", (("observation/image", "base"), ("observation/wrist_image", "wrist")), state_dim=4, action_dim=4
+    ),
+    # LIBERO as openpi serves it (the client flips the images before sending).
+    "libero": RobotSpec(
+        "libero",
+        (("observation/image", "base_0_rgb"), ("observation/wrist_image", "left_wrist_0_rgb")),
+        state_dim=8,
+        action_dim=7,
+    ),
+}
+
+
+def robot_spec(name: str) -> RobotSpec:
+    if name not in ROBOTS:
+        raise ValueError(f"unknown robot {name!r}; valid robots: {', '.join(ROBOTS)}")
+    return ROBOTS[name]
+
+
+class RobotTransform:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tokenizer: Tokenizer,
+        stats: NormStats | None,
+        spec: RobotSpec,
+        norm_mode: NormMode | None = None,
+        truncate: bool = False,
+    ):
+        self.cfg, self.tok, self.stats, self.spec, self.truncate = cfg, tokenizer, stats, spec, truncate
+        self.mode: NormMode = norm_mode or ("quantile" if cfg.variant == "pi05" else "meanstd")
+        unknown = [c for _, c in spec.cameras if c not in cfg.cameras]
+        if unknown:
+            raise ValueError(f"robot {spec.name!r} maps to camera(s) {unknown} the model does not have: {list(cfg.cameras)}")
+
+    # ---- input ------------------------------------------------------------------------------
+    def __call__(self, raw: dict, device=None) -> Observation:
+        spec, cfg = self.spec, self.cfg
+        known = set(spec.camera_keys) | {spec.state_key, spec.prompt_key}
+        unknown_cams = [k for k in raw if k not in known and "image" in k]
+        if unknown_cams:
+            raise ValueError(f"unknown camera key(s) {unknown_cams}; this robot's cameras: {list(spec.camera_keys)}")
+        missing = [k for k in (*spec.camera_keys, spec.state_key) if k not in raw]
+        if missing:
+            raise ValueError(f"missing key(s) {missing}; expected {sorted(known)}")
+
+        state = np.asarray(raw[spec.state_key], dtype=np.float64)
+        if state.ndim == 1:
+            state = state[None]
+        if state.ndim != 2 or state.shape[1] != spec.state_dim:
+            raise ValueError(f"{spec.state_key}: expected ({spec.state_dim},) or (B, {spec.state_dim}), got {state.shape}")
+        if not np.isfinite(state).all():
+            raise ValueError(f"{spec.state_key}: contains NaN or inf")
+        b = state.shape[0]
+
+        size = cfg.vision.image_size
+        images, masks = {}, {}
+        to_model = dict((c, k) for k, c in spec.cameras)
+        for cam in cfg.cameras:
+            key = to_model.get(cam)
+            if key is None:  # the model has a camera this robot lacks: fed black, masked out
+                images[cam] = torch.full((b, 3, size, size), -1.0)
+                masks[cam] = torch.zeros(b, dtype=torch.bool)
+                continue
+            img = preprocess_image(raw[key], size, key in spec.flip180, name=key)
+            if img.shape[0] != b:
+                raise ValueError(f"{key}: batch size {img.shape[0]} does not match the state's {b}")
+            images[cam], masks[cam] = img, torch.ones(b, dtype=torch.bool)
+
+        prompt = raw.get(spec.prompt_key, "")
+        prompts = [prompt] * b if isinstance(prompt, str) else [str(p) for p in prompt]
+        if len(prompts) != b:
+            raise ValueError(f"{spec.prompt_key}: {len(prompts)} prompts for a batch of {b}")
+
+        nstate = normalize(state, self.stats.state, self.mode) if self.stats else state
+        toks = tokenize_prompts(cfg, self.tok, prompts, nstate if cfg.state_in_prompt else None, self.truncate)
+        obs = Observation(
+            images=images,
+            image_masks=masks,
+            state=torch.from_numpy(pad_to(nstate, cfg.max_state_dim)),
+            tokens=toks.tokens,
+            token_mask=toks.mask,
+            state_token_mask=toks.state_mask,
+            prompt=tuple(prompts),
+        )
+        return obs.to(device) if device is not None else obs
+
+    # ---- output -----------------------------------------------------------------------------
+    def actions(self, out: torch.Tensor) -> np.ndarray:
+        """(B, chunk, max_action_dim) model output -> (B, chunk, action_dim) robot actions."""
+        a = out.detach().float().cpu().numpy()[..., : self.spec.action_dim]
+        return unnormalize(a, self.stats.actions, self.mode) if self.stats else a
+
+    def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
+        """Robot actions -> padded, normalized training targets."""
+        a = normalize(np.asarray(actions, dtype=np.float64), self.stats.actions, self.mode) if self.stats else actions
+        return pad_to(a, self.cfg.max_action_dim)
