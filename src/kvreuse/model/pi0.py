@@ -114,6 +114,17 @@ class Pi0Model(nn.Module):
             created=time.monotonic(),
         )
 
+    def _image_embeds(self, cache: PrefixCache, run_cameras, fresh: dict | None) -> dict[str, torch.Tensor]:
+        """Cached embeddings for cameras not in `run_cameras`, plus any fresh ones supplied."""
+        p = self.cfg.vision.num_patches
+        out = {
+            cam: cache.embeds[:, i * p : (i + 1) * p]
+            for i, cam in enumerate(self.cfg.cameras)
+            if cam not in run_cameras
+        }
+        out.update({c: e for c, e in (fresh or {}).items() if c in run_cameras})
+        return out
+
     def update_prefix(
         self,
         cache: PrefixCache,
@@ -122,18 +133,14 @@ class Pi0Model(nn.Module):
         run_cameras: tuple[str, ...],
         spans: tuple[Span, ...],
         call_index: int,
+        image_embeds: dict[str, torch.Tensor] | None = None,
     ) -> PrefixCache:
         """A new cache for `obs` that recomputes only the prefix tokens marked in `recompute`
         ((T,) bool) and keeps the cached K/V of all others. Cameras in `run_cameras` go through
-        the vision tower; the others reuse the cached image embeddings. Recomputing every
-        token is exactly `encode_prefix` (same kernels, same result)."""
-        p = self.cfg.vision.num_patches
-        image_embeds = {
-            cam: cache.embeds[:, i * p : (i + 1) * p]
-            for i, cam in enumerate(self.cfg.cameras)
-            if cam not in run_cameras
-        }
-        embeds, valid = self.embed_prefix(obs, image_embeds)
+        the vision tower (or take their fresh embeddings from `image_embeds`, so a caller can
+        time the vision pass or reuse one it already ran); the others reuse the cached image
+        embeddings. Recomputing every token is exactly `encode_prefix` (same kernels, same result)."""
+        embeds, valid = self.embed_prefix(obs, self._image_embeds(cache, run_cameras, image_embeds))
         if bool(recompute.all()):
             new = self._cache_from(embeds, valid, obs, spans[0].snapshot, call_index, tuple(cache.hidden))
             new.spans = spans
@@ -157,6 +164,7 @@ class Pi0Model(nn.Module):
         run_cameras: tuple[str, ...],
         spans: tuple[Span, ...],
         call_index: int,
+        image_embeds: dict[str, torch.Tensor] | None = None,
     ) -> PrefixCache:
         """Layer-wise reuse: K/V of layers < split come from the cache; layers >= split are
         recomputed for every token. Their input is the cached residual stream at layer `split`
@@ -165,13 +173,7 @@ class Pi0Model(nn.Module):
         skip path. Needs a cache made with keep_hidden=(split,)."""
         if split not in cache.hidden:
             raise ValueError(f"layer-wise reuse at split {split} needs a cache encoded with keep_hidden=({split},)")
-        p = self.cfg.vision.num_patches
-        image_embeds = {
-            cam: cache.embeds[:, i * p : (i + 1) * p]
-            for i, cam in enumerate(self.cfg.cameras)
-            if cam not in run_cameras
-        }
-        embeds, valid = self.embed_prefix(obs, image_embeds)
+        embeds, valid = self.embed_prefix(obs, self._image_embeds(cache, run_cameras, image_embeds))
         positions = valid.long().cumsum(-1) - 1
         x = cache.hidden[split] - cache.embeds + embeds
         bias = key_bias(valid, valid.shape[1])
