@@ -1,0 +1,209 @@
+"""Results store: one SQLite file (WAL mode) the user keeps.
+
+- Each finished episode is one row, written in its own transaction, so a sweep killed at any
+  moment (even SIGKILL) leaves only whole episodes behind.
+- (setting, task, init_id, seed) is UNIQUE: a rerun skips what is done and can never duplicate.
+- A `schema_version` table guards the layout: a file of another version (or not ours) is
+  refused with a ValueError, never altered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .rollout import STATUSES, EpisodeResult
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = f"""
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE settings (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,      -- hash of (policy, env, replan, reuse)
+    name TEXT NOT NULL,            -- human label: "baseline" or "gate=threshold threshold=0.985 ..."
+    policy TEXT NOT NULL,          -- checkpoint identity (path + weights hash, or random preset)
+    env TEXT NOT NULL,             -- env name, e.g. "metaworld" or "libero:libero_spatial"
+    replan INTEGER NOT NULL,
+    reuse TEXT NOT NULL,           -- canonical JSON of the reuse parameters, "null" = baseline
+    is_baseline INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE episodes (
+    id INTEGER PRIMARY KEY,
+    setting_id INTEGER NOT NULL REFERENCES settings(id),
+    task TEXT NOT NULL,
+    init_id INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN {STATUSES!r}),
+    steps INTEGER NOT NULL,
+    calls INTEGER NOT NULL,
+    reuses INTEGER NOT NULL,
+    mixed INTEGER NOT NULL,
+    reuse_rate REAL NOT NULL,
+    lat_mean REAL, lat_p50 REAL, lat_p95 REAL,   -- total ms per policy call, this episode
+    timings TEXT NOT NULL,         -- JSON: part -> per-call ms
+    decisions TEXT NOT NULL,       -- JSON: per-call "refresh" | "reuse:<mode>"
+    reasons TEXT NOT NULL,         -- JSON: per-call gate reason
+    error TEXT NOT NULL,
+    wall_s REAL NOT NULL,
+    video TEXT NOT NULL,
+    finished REAL NOT NULL,
+    UNIQUE (setting_id, task, init_id, seed)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of a sweep: a policy + env + replan interval + reuse parameters (None = baseline)."""
+
+    policy: str
+    env: str
+    replan: int
+    reuse: dict | None = None  # only the fields that differ from ReuseConfig's defaults
+    label: str = ""  # display name (not part of the identity)
+
+    @property
+    def reuse_json(self) -> str:
+        return json.dumps(self.reuse, sort_keys=True)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.reuse is None
+
+    @property
+    def key(self) -> str:
+        ident = json.dumps([self.policy, self.env, self.replan, self.reuse], sort_keys=True)
+        return hashlib.sha1(ident.encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        if self.reuse is None:
+            return "baseline"
+        return self.label or " ".join(f"{k}={v}" for k, v in sorted(self.reuse.items())) or "reuse (defaults)"
+
+    def baseline(self) -> "Setting":
+        return Setting(self.policy, self.env, self.replan, None)
+
+
+class ResultStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self._init_schema()
+
+    # ---- schema -------------------------------------------------------------------------------
+    def _init_schema(self) -> None:
+        c = self.conn
+        try:
+            tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"results DB {self.path}: not an SQLite file ({e}); give another --db path") from None
+        if not tables:
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                if not {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}:
+                    for stmt in _SCHEMA.split(";"):
+                        if stmt.strip():
+                            c.execute(stmt)
+                    c.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            tables = {"schema_version"}
+        if "schema_version" not in tables:
+            raise ValueError(
+                f"results DB {self.path}: not a kvreuse results file (no schema_version table); "
+                "give another --db path"
+            )
+        row = c.execute("SELECT version FROM schema_version").fetchone()
+        version = row[0] if row else None
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"results DB {self.path}: written with schema version {version}, this kvreuse reads and "
+                f"writes version {SCHEMA_VERSION}; it is left untouched — give another --db path"
+            )
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed row survives a process kill
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- settings -----------------------------------------------------------------------------
+    def setting_id(self, s: Setting) -> int:
+        """Id of a setting, inserted if new."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute(
+                "INSERT OR IGNORE INTO settings (key, name, policy, env, replan, reuse, is_baseline, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (s.key, s.name, s.policy, s.env, s.replan, s.reuse_json, int(s.is_baseline), time.time()),
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return c.execute("SELECT id FROM settings WHERE key = ?", (s.key,)).fetchone()[0]
+
+    def settings(self) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM settings ORDER BY is_baseline DESC, id").fetchall()
+
+    # ---- episodes -----------------------------------------------------------------------------
+    def done(self, setting_id: int) -> set[tuple[str, int, int]]:
+        rows = self.conn.execute("SELECT task, init_id, seed FROM episodes WHERE setting_id = ?", (setting_id,))
+        return {(r[0], r[1], r[2]) for r in rows}
+
+    def add(self, setting_id: int, r: EpisodeResult) -> bool:
+        """Commit one finished episode atomically; False if it was already there."""
+        lat = r.latency("total")
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO episodes (setting_id, task, init_id, seed, status, steps, calls, reuses, "
+                "mixed, reuse_rate, lat_mean, lat_p50, lat_p95, timings, decisions, reasons, error, wall_s, video, "
+                "finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    setting_id, r.task, r.init_id, r.seed, r.status, r.steps, r.calls, r.reuses, r.mixed,
+                    r.reuse_rate, _num(lat["mean"]), _num(lat["p50"]), _num(lat["p95"]),
+                    json.dumps(r.timings), json.dumps(r.decisions), json.dumps(r.reasons), r.error, r.wall_s,
+                    r.video, time.time(),
+                ),
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return cur.rowcount == 1
+
+    def episodes(self, setting_id: int | None = None) -> list[sqlite3.Row]:
+        if setting_id is None:
+            return self.conn.execute("SELECT * FROM episodes ORDER BY id").fetchall()
+        return self.conn.execute("SELECT * FROM episodes WHERE setting_id = ? ORDER BY id", (setting_id,)).fetchall()
+
+
+def _num(x: float) -> float | None:
+    return None if x != x else x  # NaN -> NULL
+
+
+def open_existing(path: str | Path) -> ResultStore:
+    """Open a results DB for reading; a missing file is an error (not silently created)."""
+    if not Path(path).is_file():
+        raise ValueError(f"results DB {path}: no such file (run `kvreuse eval` or `kvreuse sweep` first)")
+    return ResultStore(path)

@@ -1,0 +1,371 @@
+"""Paired sweeps: a grid of reuse settings (plus the baseline) x tasks x init states, run in
+parallel worker processes, each finished episode committed to the results DB.
+
+Pairing: the episode list (task, init_id, seed) is built once and every setting, baseline
+included, runs exactly that list. The seed fixes the env reset and the policy's noise sequence
+(see rollout.py), so differences between settings come from reuse alone.
+
+Workers: `spawn` processes, each loads the policy once (one model shared by every setting the
+worker runs) and keeps one env; torch runs single-threaded in each. The parent is the only
+writer of the DB: results arrive over the pool and are committed one episode per transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .envs import check_env_name, check_tasks, make_env
+from .rollout import EpisodeResult, run_episode
+from .store import ResultStore, Setting
+
+# ---- policy source ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    """Where the policy comes from. checkpoint=None: the shipped testbed policy, or, while none
+    is shipped, a randomly initialised `preset` (seeded: the same weights in every worker)."""
+
+    checkpoint: str | None = None
+    preset: str = "tiny-pi05"
+    device: str = "cpu"
+
+    def resolved(self) -> "PolicySource":
+        if self.checkpoint is not None:
+            return self
+        ckpt = shipped_checkpoint(self.preset)
+        return PolicySource(str(ckpt), self.preset, self.device) if ckpt else self
+
+
+def shipped_checkpoint(preset: str = "tiny-pi05") -> Path | None:
+    """The testbed policy shipped in the package (kvreuse.assets), None if there is none."""
+    try:
+        from ..assets import default_checkpoint  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    variant = "pi0" if preset.endswith("pi0") else "pi05"
+    try:
+        path = default_checkpoint(variant)
+    except TypeError:
+        path = default_checkpoint()
+    except (ValueError, FileNotFoundError):
+        return None
+    return Path(path) if path and Path(path).exists() else None
+
+
+def policy_identity(src: PolicySource) -> str:
+    """A stable id of the weights: results of different policies never mix in one setting."""
+    if src.checkpoint is None:
+        return f"random:{src.preset}:seed0"
+    p = Path(src.checkpoint)
+    w = p / "model.safetensors"
+    if not w.is_file():
+        raise ValueError(f"checkpoint {p}: no model.safetensors (expected a kvreuse checkpoint directory)")
+    h = hashlib.sha1()
+    with open(w, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"{p.name}@{h.hexdigest()[:12]}"
+
+
+def load_model(src: PolicySource, robot: str):
+    """-> (model, RobotTransform, tasks the checkpoint was trained on or None)."""
+    import torch
+
+    from ..model.tokenizer import load_tokenizer
+    from ..transforms.robot import RobotTransform, robot_spec
+
+    if src.checkpoint is None:
+        from ..model import Pi0Model, preset
+
+        cfg = preset(src.preset)
+        if cfg.tokenizer != "bytes":
+            raise ValueError(f"preset {src.preset!r} needs a checkpoint (random weights only for tiny presets)")
+        spec = robot_spec(robot)
+        if (cfg.state_dim, cfg.action_dim) != (spec.state_dim, spec.action_dim):
+            cfg = cfg.replace(state_dim=spec.state_dim, action_dim=spec.action_dim)
+        torch.manual_seed(0)
+        model = Pi0Model(cfg).to(src.device).eval()
+        return model, RobotTransform(cfg, load_tokenizer(cfg), None, spec), None
+    from ..checkpoint import load_checkpoint
+
+    model, stats, meta = load_checkpoint(src.checkpoint, device=src.device)
+    ck_robot = meta.get("robot", robot)
+    if ck_robot != robot:
+        raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}, the env needs {robot!r}")
+    tf = RobotTransform(model.cfg, load_tokenizer(model.cfg), stats, robot_spec(robot))
+    tasks = meta.get("tasks")
+    return model, tf, tuple(tasks) if tasks else None
+
+
+def make_policy(model, transform, reuse: dict | None):
+    """Baseline (reuse None) and reuse settings through the one Policy class."""
+    from ..policy import Policy
+
+    if reuse is None:
+        return Policy(model, transform)
+    check_reuse_supported()
+    return Policy(model, transform, reuse=reuse_config(reuse))
+
+
+def check_reuse_supported() -> None:
+    import inspect
+
+    from ..policy import Policy
+
+    if "reuse" not in inspect.signature(Policy).parameters:
+        raise ValueError("this kvreuse has no reuse layer yet (Policy takes no `reuse`); run the baseline only")
+
+
+def reuse_config(reuse: dict):
+    from ..reuse.config import ReuseConfig
+
+    return ReuseConfig.from_dict(reuse)
+
+
+def canonical_reuse(params: dict) -> tuple[dict, str]:
+    """User parameters -> (the fields that differ from the defaults, display label)."""
+    from ..reuse.config import ReuseConfig
+
+    cfg = ReuseConfig.from_dict(params)
+    default = ReuseConfig().to_dict()
+    diff = {k: v for k, v in cfg.to_dict().items() if default[k] != v}
+    return diff, cfg.label()
+
+
+# ---- grids -----------------------------------------------------------------------------------
+
+
+def _value(s: str):
+    low = s.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return s
+
+
+def parse_grid(specs: list[str] | tuple[str, ...]) -> list[dict]:
+    """Each spec is 'key=v1,v2 key2=v3 ...' (a cartesian product); specs are unioned.
+    e.g. ["gate=threshold threshold=0.98,0.985 mode=full,vision_only", "gate=period period=2,4"]."""
+    out: list[dict] = []
+    for spec in specs:
+        axes: list[tuple[str, list]] = []
+        for item in spec.split():
+            if "=" not in item:
+                raise ValueError(f"grid: expected key=v1,v2 items, got {item!r} in {spec!r}")
+            k, vs = item.split("=", 1)
+            if not k or not vs:
+                raise ValueError(f"grid: expected key=v1,v2 items, got {item!r} in {spec!r}")
+            axes.append((k, [_value(v) for v in vs.split(",")]))
+        for combo in itertools.product(*(vals for _, vals in axes)):
+            d = dict(zip((k for k, _ in axes), combo))
+            if d not in out:
+                out.append(d)
+    return out
+
+
+# ---- episodes --------------------------------------------------------------------------------
+
+
+def episode_seed(base_seed: int, task: str, index: int) -> int:
+    """Seed of episode `index` of `task`: the same for every setting (pairing)."""
+    return zlib.crc32(f"{base_seed}:{task}:{index}".encode()) & 0x7FFFFFFF
+
+
+def episode_list(env, tasks, episodes: int, init_start: int = 0, base_seed: int = 0) -> list[tuple[str, int, int]]:
+    if episodes < 1:
+        raise ValueError(f"episodes: expected an integer >= 1 per task, got {episodes}")
+    out = []
+    for i in range(episodes):
+        for task in tasks:
+            n = env.num_inits(task)
+            out.append((task, (init_start + i) % n, episode_seed(base_seed, task, i)))
+    return out
+
+
+# ---- workers ---------------------------------------------------------------------------------
+
+_W: dict = {}
+
+
+def _worker_init(src: PolicySource, env_name: str, env_kw: dict, robot: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _W.update(src=src, env_name=env_name, env_kw=env_kw, env=None, policies={})
+    _W["model"], _W["transform"], _ = load_model(src, robot)
+
+
+def _worker_run(job: tuple) -> tuple[str, EpisodeResult]:
+    key, reuse, task, init_id, seed, replan, max_steps, video = job
+    pol = _W["policies"].get(key)
+    if pol is None:
+        pol = _W["policies"][key] = make_policy(_W["model"], _W["transform"], reuse)
+    if _W["env"] is None:
+        _W["env"] = make_env(_W["env_name"], **_W["env_kw"])
+    res = run_episode(pol, _W["env"], task, init_id, seed, replan=replan, max_steps=max_steps, video_path=video)
+    if res.status == "error":  # the simulator may be left broken: start a fresh one
+        try:
+            _W["env"].close()
+        except Exception:  # noqa: BLE001 - a crashed env may fail to close too
+            pass
+        _W["env"] = None
+    return key, res
+
+
+# ---- sweep -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepPlan:
+    db: str = "runs/kvreuse.db"
+    env: str = "metaworld"
+    tasks: tuple[str, ...] = ()  # empty: the checkpoint's tasks, else all of the env's
+    episodes: int = 50  # per task
+    init_start: int = 0
+    seed: int = 0
+    replan: int = 5
+    max_steps: int | None = None  # None: the env's per-task limit
+    grid: list[dict] = field(default_factory=list)  # reuse parameter dicts; baseline is added
+    baseline: bool = True
+    workers: int = 0  # 0: in this process
+    videos: int = 0  # record the first N episodes of each task and setting
+    video_dir: str = "runs/videos"
+    env_kw: dict = field(default_factory=dict)
+    progress: bool = True
+
+
+@dataclass
+class SweepSummary:
+    settings: list[Setting]
+    ran: int
+    skipped: int
+    errors: int
+    wall_s: float
+    first_result_s: float  # seconds from start until the first episode came back (start-up)
+
+
+def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
+    check_env_name(plan.env)
+    if plan.replan < 1:
+        raise ValueError(f"replan: expected an integer >= 1, got {plan.replan}")
+    if plan.workers < 0:
+        raise ValueError(f"workers: expected an integer >= 0, got {plan.workers}")
+    src = src.resolved()
+    if src.checkpoint is None:
+        warnings.warn(
+            f"no shipped testbed policy found: using a randomly initialised {src.preset} (success will be ~0)",
+            stacklevel=2,
+        )
+    env = make_env(plan.env, **plan.env_kw)
+    try:
+        robot = env.robot
+        # Validate everything before any work starts (bad input -> one ValueError).
+        settings_params: list[tuple[dict | None, str]] = [(None, "baseline")] if plan.baseline else []
+        settings_params += [canonical_reuse(p) for p in plan.grid]
+        if plan.grid:
+            check_reuse_supported()
+        policy_id = policy_identity(src)
+        ck_tasks = _checkpoint_tasks(src)
+        tasks = check_tasks(env, plan.tasks or ck_tasks or env.tasks)
+        episodes = episode_list(env, tasks, plan.episodes, plan.init_start, plan.seed)
+    finally:
+        env.close()
+    settings = []
+    for reuse, label in settings_params:
+        s = Setting(policy_id, plan.env, plan.replan, reuse, label)
+        if s.key not in {x.key for x in settings}:
+            settings.append(s)
+    if not settings:
+        raise ValueError("nothing to run: give a grid, or keep the baseline")
+
+    store = ResultStore(plan.db)
+    ids = {s.key: store.setting_id(s) for s in settings}
+    done = {s.key: store.done(ids[s.key]) for s in settings}
+    jobs, skipped = [], 0
+    for i, (task, init_id, seed) in enumerate(episodes):
+        for s in settings:
+            if (task, init_id, seed) in done[s.key]:
+                skipped += 1
+                continue
+            video = None
+            if plan.videos and i // len(tasks) < plan.videos:
+                video = str(Path(plan.video_dir) / s.key / f"{task}_{init_id}_{seed}.mp4")
+            jobs.append((s.key, s.reuse, task, init_id, seed, plan.replan, plan.max_steps, video))
+
+    t0 = time.perf_counter()
+    first = [None]
+    ran = errors = 0
+    bar = _progress(len(jobs), plan.progress)
+    try:
+        for key, res in _results(jobs, plan, src, robot):
+            if first[0] is None:
+                first[0] = time.perf_counter() - t0
+            store.add(ids[key], res)
+            ran += 1
+            errors += res.status == "error"
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{res.task} {res.status}")
+    finally:
+        if bar is not None:
+            bar.close()
+        store.close()
+    return SweepSummary(settings, ran, skipped, errors, time.perf_counter() - t0, first[0] or 0.0)
+
+
+def _checkpoint_tasks(src: PolicySource):
+    if src.checkpoint is None:
+        return None
+    meta = json.loads((Path(src.checkpoint) / "config.json").read_text())
+    return tuple(meta["tasks"]) if meta.get("tasks") else None
+
+
+def _results(jobs, plan: SweepPlan, src: PolicySource, robot: str):
+    if not jobs:
+        return
+    if plan.workers == 0:
+        import torch
+
+        prev = torch.get_num_threads()
+        _worker_init(src, plan.env, plan.env_kw, robot, prev)
+        try:
+            for job in jobs:
+                yield _worker_run(job)
+        finally:
+            if _W.get("env") is not None:
+                _W["env"].close()
+            _W.clear()
+        return
+    ctx = mp.get_context("spawn")
+    workers = min(plan.workers, len(jobs))
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(src, plan.env, plan.env_kw, robot, 1)) as pool:
+        yield from pool.imap_unordered(_worker_run, jobs, chunksize=1)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="ep", file=sys.stderr, dynamic_ncols=True, disable=None)
+
+
+def default_workers() -> int:
+    return max(1, (os.cpu_count() or 1))
