@@ -1,43 +1,78 @@
 """Policy: checkpoint + robot transform + inference, what rollouts and the server call.
 
 `infer(raw)` takes an openpi-style observation dict and returns the robot's action chunk
-(chunk, action_dim) and a record of what was done. Reuse is added by kvreuse.reuse (the same
-class with reuse off is the baseline).
+(chunk, action_dim) and a record of what was done. Every call goes through ReusePolicy; with
+`reuse=None` (the `never` gate) that is the baseline, bit-identical to `model.sample_actions`
+for the same observation and noise.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .model.pi0 import Pi0Model
+from .reuse.config import ReuseConfig
+from .reuse.policy import ReusePolicy
+from .reuse.records import ReuseStats, StepRecord
 from .transforms.robot import RobotTransform
 
-
-@dataclass
-class StepRecord:
-    decision: str = "refresh"  # "refresh" | "reuse" (with a mode)
-    mode: str = "none"
-    reason: str = "no reuse"
-    signals: dict = field(default_factory=dict)
-    snapshots: tuple[int, ...] = ()
-    mixed: bool = False
-    timings: dict = field(default_factory=dict)  # ms: vision, prefix, denoise, total
+__all__ = ["Policy", "StepRecord", "ReuseStats", "ReuseConfig"]
 
 
 class Policy:
-    def __init__(self, model: Pi0Model, transform: RobotTransform, seed: int = 0):
+    def __init__(
+        self, model: Pi0Model, transform: RobotTransform, seed: int = 0, reuse: ReuseConfig | None = None
+    ):
         self.model = model.eval()
         self.transform = transform
         self.generator = torch.Generator(device=model.device)
         self.seed = seed
+        self.reuse_config = reuse or ReuseConfig()
+        self.runner = ReusePolicy(self.model, self.reuse_config)
         self.reset()
 
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        reuse: ReuseConfig | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        tokenizer: str | Path | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "Policy":
+        """Load one of our checkpoints; meta["robot"] names the RobotSpec."""
+        from .checkpoint import load_checkpoint
+        from .model.tokenizer import load_tokenizer
+        from .transforms.robot import robot_spec
+
+        model, stats, meta = load_checkpoint(path, device=device, dtype=dtype)
+        if "robot" not in meta:
+            raise ValueError(f"checkpoint {path}: config.json has no 'robot' (expected a robot name, e.g. 'metaworld')")
+        tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, tokenizer), stats, robot_spec(meta["robot"]))
+        return cls(model, tf, seed=seed, reuse=reuse)
+
+    def fork(self, reuse: ReuseConfig | None = None, seed: int | None = None) -> "Policy":
+        """A new Policy sharing this one's model and transform (no weight copy), with its own
+        cache, reuse state, noise generator and stats: one per client or per setting."""
+        return Policy(self.model, self.transform, seed=self.seed if seed is None else seed,
+                      reuse=self.reuse_config if reuse is None else reuse)
+
     def reset(self, seed: int | None = None) -> None:
+        """Start an episode: reseeds the noise and drops the cache (never reused across resets)."""
         self.generator.manual_seed(self.seed if seed is None else seed)
+        self.runner.reset()
+
+    @property
+    def stats(self) -> ReuseStats:
+        return self.runner.stats
+
+    def raw_shapes(self, raw: dict) -> tuple:
+        return tuple(tuple(np.shape(raw[k])) for k in self.transform.spec.camera_keys if k in raw)
 
     @torch.no_grad()
     def infer(self, raw: dict, noise: torch.Tensor | None = None) -> tuple[np.ndarray, StepRecord]:
@@ -45,7 +80,7 @@ class Policy:
         obs = self.transform(raw, device=self.model.device)
         if noise is None:
             noise = self.model.make_noise(obs.batch_size, self.generator)
-        out = self.model.sample_actions(obs, noise)
+        # The record's total covers the input transform too (what a client waits for).
+        out, rec = self.runner.infer(obs, noise, raw_shapes=self.raw_shapes(raw), started=t0)
         actions = self.transform.actions(out)
-        rec = StepRecord(timings={"total": (time.perf_counter() - t0) * 1e3})
         return (actions[0] if actions.shape[0] == 1 else actions), rec

@@ -1,0 +1,164 @@
+"""ReuseConfig: everything that decides whether and how the prefix KV cache is reused.
+
+One frozen dataclass so a setting can be stored (SQLite row, JSON), compared and swept.
+Semantics of every field are in docs/REUSE.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+GateKind = Literal["never", "always", "period", "threshold", "crossmodal", "phase"]
+ModeKind = Literal["full", "vision_only", "state_only", "layer_wise", "text_fixed", "partial"]
+ImageMetric = Literal["raw", "patch", "siglip"]
+
+GATES: tuple[str, ...] = GateKind.__args__  # type: ignore[attr-defined]
+MODES: tuple[str, ...] = ModeKind.__args__  # type: ignore[attr-defined]
+METRICS: tuple[str, ...] = ImageMetric.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class ReuseConfig:
+    """A reuse setting. The default (`gate="never"`) is the baseline: every call refreshes."""
+
+    gate: GateKind = "never"
+    """never | always | period | threshold | crossmodal | phase."""
+    mode: ModeKind = "full"
+    """What is reused when the gate says reuse: full | vision_only | state_only | layer_wise |
+    text_fixed | partial."""
+    synchronized: bool = False
+    """Forbid mixing snapshots: if any span must be recomputed, all are (and Pi0's suffix
+    state comes from the cache's snapshot on a reuse)."""
+
+    # image similarity (threshold, crossmodal, phase gates)
+    threshold: float = 0.985
+    """Reuse only if every camera's image similarity >= threshold."""
+    image_metric: ImageMetric = "raw"
+    """raw: cosine of a downsampled image; patch: fraction of unchanged patches;
+    siglip: cosine of the vision tower's embeddings (costs the vision pass)."""
+    downsample: int = 32
+    """Side of the average-pooled image the raw cosine is computed on."""
+    patch_threshold: float = 0.99
+    """A patch is unchanged if the cosine of its pixels with the cached ones is >= this
+    (patch metric and partial mode)."""
+
+    # state (crossmodal gate; also phase gate when state_threshold is used)
+    state_threshold: float = 0.99
+    """Reuse only if cosine(state, cached state) >= this (crossmodal gate)."""
+    state_max_l2: float | None = None
+    """If set, also require ||s - s_cached|| / sqrt(state_dim) <= this (crossmodal gate); the
+    state is normalized, so this is the RMS per-dim change in normalized units."""
+
+    # period gate
+    period: int = 5
+    """period gate: refresh every `period` calls (reuse for the period - 1 calls in between)."""
+
+    # phase-aware gate: cues from the last action chunk
+    phase_threshold: float = 0.995
+    """Image threshold used instead of `threshold` while a phase cue fires."""
+    gripper_dim: int = -1
+    """Action dim of the gripper (negative counts from the robot's last action dim)."""
+    gripper_delta: float = 0.5
+    """Gripper transition cue: the gripper command changes sign within the chunk, or its
+    range over the chunk exceeds this (in the model's normalized action units)."""
+    variance_threshold: float = 0.05
+    """Variance cue: mean over motion dims of the per-dim variance across the chunk above this."""
+    curvature_threshold: float = 0.3
+    """Curvature cue: mean turning (1 - cosine) between consecutive motion vectors above this."""
+    motion_dims: int = 3
+    """The first `motion_dims` action dims are the motion (e.g. xyz) for variance/curvature."""
+    phase_horizon: int | None = None
+    """Cues look at the first `phase_horizon` actions of the chunk (None = whole chunk)."""
+
+    # bounds (apply to every gate)
+    max_age_calls: int | None = None
+    """Never reuse K/V computed more than this many calls ago."""
+    max_age_s: float | None = None
+    """Never reuse K/V computed more than this many seconds ago."""
+
+    # layer_wise mode
+    layer_split: int | None = None
+    """Layers < split reused, >= split recomputed; None = half the prefix LM's depth."""
+
+    def __post_init__(self) -> None:
+        if self.gate not in GATES:
+            raise ValueError(f"reuse.gate: unknown gate {self.gate!r}; expected one of {', '.join(GATES)}")
+        if self.mode not in MODES:
+            raise ValueError(f"reuse.mode: unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.image_metric not in METRICS:
+            raise ValueError(f"reuse.image_metric: unknown metric {self.image_metric!r}; expected one of {', '.join(METRICS)}")
+        for name in ("threshold", "state_threshold", "phase_threshold", "patch_threshold"):
+            v = getattr(self, name)
+            if not -1.0 <= v <= 1.0:
+                raise ValueError(f"reuse.{name}: expected a similarity in [-1, 1], got {v}")
+        if self.period < 1:
+            raise ValueError(f"reuse.period: expected an integer >= 1, got {self.period}")
+        if self.downsample < 1:
+            raise ValueError(f"reuse.downsample: expected an integer >= 1, got {self.downsample}")
+        if self.motion_dims < 1:
+            raise ValueError(f"reuse.motion_dims: expected an integer >= 1, got {self.motion_dims}")
+        for name in ("max_age_calls", "max_age_s", "state_max_l2", "phase_horizon"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"reuse.{name}: expected a positive number or None, got {v}")
+        if self.layer_split is not None and self.layer_split < 1:
+            raise ValueError(f"reuse.layer_split: expected an integer >= 1 (layer 0 is never reused alone), got {self.layer_split}")
+        for name in ("variance_threshold", "curvature_threshold", "gripper_delta"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"reuse.{name}: expected a number >= 0, got {getattr(self, name)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.gate != "never"
+
+    def split_for(self, depth: int) -> int:
+        """The layer split for a prefix LM of `depth` layers (validated against it)."""
+        s = depth // 2 if self.layer_split is None else self.layer_split
+        if not 1 <= s < depth:
+            raise ValueError(f"reuse.layer_split: expected 1 <= split < {depth} (the prefix LM's depth), got {s}")
+        return s
+
+    def label(self) -> str:
+        """Short name for tables, e.g. 'threshold(raw>=0.985)/full+sync,age<=10'."""
+        g = self.gate
+        if g == "period":
+            g = f"period({self.period})"
+        elif g == "threshold":
+            g = f"threshold({self.image_metric}>={self.threshold:g})"
+        elif g == "crossmodal":
+            st = f"state>={self.state_threshold:g}" + (f",l2<={self.state_max_l2:g}" if self.state_max_l2 else "")
+            g = f"crossmodal({self.image_metric}>={self.threshold:g},{st})"
+        elif g == "phase":
+            g = f"phase({self.image_metric}>={self.threshold:g}|{self.phase_threshold:g})"
+        if not self.enabled:
+            return g
+        m = self.mode
+        if m == "layer_wise":
+            m = f"layer_wise({'half' if self.layer_split is None else self.layer_split})"
+        elif m == "partial":
+            m = f"partial(p>={self.patch_threshold:g})"
+        out = f"{g}/{m}" + ("+sync" if self.synchronized else "")
+        bounds = [f"age<={self.max_age_calls}" for _ in [0] if self.max_age_calls] + [
+            f"age<={self.max_age_s:g}s" for _ in [0] if self.max_age_s
+        ]
+        return out + ("," + ",".join(bounds) if bounds else "")
+
+    def replace(self, **kw) -> "ReuseConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ReuseConfig":
+        known = {f.name for f in dataclasses.fields(ReuseConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"reuse config: unknown field(s) {unknown}; expected some of {sorted(known)}")
+        return ReuseConfig(**d)

@@ -1,0 +1,153 @@
+"""Reuse modes: what is recomputed when the gate says reuse (and, for text_fixed, on refresh).
+
+A mode returns a Plan; ReusePolicy executes it with the model's prefix-update kernels, whose
+cost is proportional to what they recompute:
+
+    kind "all"     encode_prefix: every camera through the vision tower, T tokens x depth layers
+    kind "tokens"  update_prefix: run_cameras through the vision tower, the marked tokens x depth
+                   layers, attending over the cached K/V of the rest
+    kind "layers"  update_prefix_layers: run_cameras through the vision tower, T tokens x
+                   (depth - split) layers
+    kind "none"    nothing: the cache is used as it is (denoise only)
+
+Tokens whose input did not change are never recomputed when that would reproduce the cache
+exactly (e.g. Pi0's prompt with the cameras reused): that would be cost without effect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import PrefixCache
+from ..model.config import ModelConfig
+from ..observation import Observation
+from .config import ReuseConfig
+from .signals import Signals
+
+
+@dataclass
+class Plan:
+    kind: str  # "all" | "tokens" | "layers" | "none"
+    recompute: torch.Tensor | None = None  # (T,) bool for kind "tokens"
+    run_cameras: tuple[str, ...] = ()
+    prompt_from_cache: bool = False  # keep the cached prompt tokens (state_only)
+    note: str = ""
+    refreshed: tuple[str, ...] = field(default_factory=tuple)  # spans that get the new snapshot
+
+    def cost(self, model_cfg: ModelConfig, split: int | None = None) -> dict:
+        """What this plan claims to compute: vision-tower camera passes and prefix LM
+        token-layers (one token through one layer)."""
+        t, depth = model_cfg.prefix_len, model_cfg.llm.depth
+        if self.kind == "all":
+            cams, tokens, layers = len(model_cfg.cameras), t, depth
+        elif self.kind == "tokens":
+            cams, tokens, layers = len(self.run_cameras), int(self.recompute.sum()), depth
+        elif self.kind == "layers":
+            cams, tokens, layers = len(self.run_cameras), t, depth - split
+        else:
+            cams, tokens, layers = 0, 0, 0
+        return {"vision_cameras": cams, "lm_tokens": tokens, "lm_token_layers": tokens * layers}
+
+
+def new_valid(obs: Observation, cfg: ModelConfig) -> torch.Tensor:
+    """(B, T) validity of the prefix tokens of `obs` (as the model builds it)."""
+    p = cfg.vision.num_patches
+    parts = [obs.image_masks[c][:, None].expand(-1, p) for c in cfg.cameras] + [obs.token_mask]
+    return torch.cat(parts, 1)
+
+
+def prompt_changes(cache: PrefixCache, obs: Observation, cfg: ModelConfig) -> torch.Tensor:
+    """(T,) bool: prompt tokens whose id, validity or rotary position differs from the cache
+    in any batch row (Pi0.5: the state is spelled in the prompt)."""
+    t0 = len(cfg.cameras) * cfg.vision.num_patches
+    valid = new_valid(obs, cfg)
+    pos = valid.long().cumsum(-1) - 1
+    out = torch.zeros(cfg.prefix_len, dtype=torch.bool, device=valid.device)
+    ids_diff = (obs.tokens != cache.tokens) & obs.token_mask
+    valid_diff = valid[:, t0:] != cache.mask[:, t0:]
+    pos_diff = (pos[:, t0:] != cache.positions[:, t0:]) & valid[:, t0:]
+    out[t0:] = (ids_diff | valid_diff | pos_diff).any(0)
+    return out
+
+
+def region(cfg: ModelConfig, start: int, end: int, device) -> torch.Tensor:
+    m = torch.zeros(cfg.prefix_len, dtype=torch.bool, device=device)
+    m[start:end] = True
+    return m
+
+
+def _valid_any(obs: Observation, cfg: ModelConfig) -> torch.Tensor:
+    return new_valid(obs, cfg).any(0)
+
+
+def plan_reuse(
+    cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache, obs: Observation, s: Signals
+) -> Plan:
+    """The gate said reuse: what the mode recomputes."""
+    mode = cfg.mode
+    dev = cache.mask.device
+    t0 = len(model_cfg.cameras) * model_cfg.vision.num_patches
+    prompt = region(model_cfg, t0, model_cfg.prefix_len, dev)
+    valid = _valid_any(obs, model_cfg)
+    changed = prompt_changes(cache, obs, model_cfg)
+    prompt_spans = [sp.name for sp in cache.spans if sp.kind != "camera"]
+    cams = tuple(model_cfg.cameras)
+
+    if mode in ("full", "text_fixed"):
+        return Plan("none", note="whole prefix reused")
+    if mode == "vision_only":
+        # Camera K/V kept; the prompt region recomputed (over the cached camera K/V) when any of
+        # its tokens changed. Unchanged prompt over unchanged cameras would reproduce the cache.
+        if not bool(changed.any()):
+            return Plan("none", note="camera spans reused; prompt unchanged: nothing to recompute")
+        return Plan("tokens", prompt & valid, (), note="camera spans reused, prompt region recomputed",
+                    refreshed=tuple(prompt_spans))
+    if mode == "state_only":
+        # Prompt (text + state) K/V kept as cached, with the cached tokens; cameras recomputed.
+        return Plan("tokens", ~prompt & valid, cams, prompt_from_cache=True,
+                    note="prompt region reused, camera spans recomputed", refreshed=cams)
+    if mode == "layer_wise":
+        if _shifted(cache, obs, model_cfg):
+            return Plan("all", note="layer-wise reuse cannot move token positions/validity: refresh")
+        return Plan("layers", run_cameras=cams, note="lower layers reused, upper layers recomputed",
+                    refreshed=tuple(sp.name for sp in cache.spans))
+    if mode == "partial":
+        rec = torch.zeros(model_cfg.prefix_len, dtype=torch.bool, device=dev)
+        run = []
+        p = model_cfg.vision.num_patches
+        for i, cam in enumerate(cams):
+            ch = s.changed_patches.get(cam)
+            if ch is not None and bool(ch.any()):
+                rec[i * p : (i + 1) * p] = ch
+                run.append(cam)
+        if not run and not bool(changed.any()):
+            return Plan("none", note="no patch or prompt token changed: nothing to recompute")
+        rec |= prompt
+        rec &= valid
+        full_cams = tuple(c for c in run if bool(s.changed_patches[c].all()))
+        return Plan("tokens", rec, tuple(run), note=f"{int(rec[:t0].sum())} patch tokens + prompt recomputed",
+                    refreshed=full_cams + tuple(prompt_spans))
+    raise ValueError(f"reuse.mode: unknown mode {mode!r}")
+
+
+def _shifted(cache: PrefixCache, obs: Observation, cfg: ModelConfig) -> bool:
+    """True if any prompt token's validity or position differs from the cache."""
+    t0 = len(cfg.cameras) * cfg.vision.num_patches
+    valid = new_valid(obs, cfg)
+    pos = valid.long().cumsum(-1) - 1
+    return bool((valid[:, t0:] != cache.mask[:, t0:]).any() or ((pos[:, t0:] != cache.positions[:, t0:]) & valid[:, t0:]).any())
+
+
+def plan_refresh(cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache | None, obs: Observation) -> Plan:
+    """The gate said refresh (reuse allowed otherwise): text_fixed keeps the text span within an
+    episode, every other mode recomputes everything."""
+    if cfg.mode != "text_fixed" or cache is None or cfg.synchronized:
+        return Plan("all", note="full refresh")
+    text = cache.span("text")
+    keep = region(model_cfg, text.start, text.end, cache.mask.device)
+    rec = ~keep & _valid_any(obs, model_cfg)
+    refreshed = tuple(sp.name for sp in cache.spans if sp.name != "text")
+    return Plan("tokens", rec, tuple(model_cfg.cameras), note="text span kept, cameras (and state) recomputed",
+                refreshed=refreshed)

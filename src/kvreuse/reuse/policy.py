@@ -1,0 +1,243 @@
+"""ReusePolicy: one inference path for the baseline and every reuse setting.
+
+    invalidation -> signals -> gate -> mode plan -> execute (vision, prefix) -> denoise -> record
+
+With the `never` gate every call is a full refresh through exactly the operations of
+`Pi0Model.sample_actions` (vision tower per camera, encode_prefix, denoise), so actions are
+bit-identical to it for the same observation and noise (design invariant 1).
+
+Bookkeeping per cached prefix token: the call index and time its K/V were computed (`births`).
+Age = age of the oldest valid K/V row; `mixed` = rows of more than one call (or layer-wise
+reuse, whose lower layers are older than its upper ones).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from ..cache import PrefixCache, new_snapshot_id
+from ..model.pi0 import Pi0Model
+from ..observation import Observation
+from .config import ReuseConfig
+from .gates import Decision, make_gate
+from .modes import Plan, plan_refresh, plan_reuse
+from .records import ReuseStats, StepRecord
+from .signals import PhaseCues, Reference, Signals, camera_ref, measure, patchify, phase_cues
+
+
+class ReusePolicy:
+    def __init__(self, model: Pi0Model, config: ReuseConfig | None = None):
+        self.model = model
+        self.config = config or ReuseConfig()
+        mc = model.cfg
+        self.split = self.config.split_for(mc.llm.depth) if self.config.mode == "layer_wise" else None
+        self.gate = make_gate(self.config)
+        self.needs = set(self.gate.needs) | ({"patches"} if self.config.mode == "partial" else set())
+        self.stats = ReuseStats()
+        self.reset()
+
+    def reset(self) -> None:
+        """Start an episode: forget the cache, its reference and the phase cues."""
+        self.cache: PrefixCache | None = None
+        self.ref: Reference | None = None
+        self.births: torch.Tensor | None = None  # (T,) call index of each row's K/V
+        self.birth_times: torch.Tensor | None = None  # (T,) monotonic seconds
+        self.layer_mixed = False
+        self.phase: PhaseCues | None = None
+        self.call_index = 0
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+    def _sync(self) -> float:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return time.perf_counter()
+
+    def age(self, call: int, now: float) -> tuple[int, float]:
+        """(calls, seconds) since the oldest valid K/V row of the cache was computed."""
+        valid = self.cache.mask.any(0).cpu()
+        return call - int(self.births[valid].min()), now - float(self.birth_times[valid].min())
+
+    def invalid_reason(self, obs: Observation, raw_shapes, call: int, now: float) -> str | None:
+        """Why the cache may not be reused at all, or None."""
+        if self.cache is None:
+            return "no cache (episode start)"
+        r, cfg = self.ref, self.config
+        if obs.batch_size != r.state.shape[0]:
+            return "batch size changed"
+        if obs.prompt != r.prompt:
+            return "prompt changed"
+        if set(obs.image_masks) != set(r.image_masks) or any(
+            not torch.equal(obs.image_masks[c], r.image_masks[c]) for c in r.image_masks
+        ):
+            return "camera set changed"
+        if raw_shapes is not None and r.raw_shapes is not None and tuple(raw_shapes) != tuple(r.raw_shapes):
+            return "image size changed"
+        if self.model.dtype != r.dtype or obs.device != r.device:
+            return "dtype/device changed"
+        calls, secs = self.age(call, now)
+        if cfg.max_age_calls is not None and calls > cfg.max_age_calls:
+            return f"max age exceeded ({calls} > {cfg.max_age_calls} calls)"
+        if cfg.max_age_s is not None and secs > cfg.max_age_s:
+            return f"max age exceeded ({secs:.3f} > {cfg.max_age_s:g} s)"
+        return None
+
+    # ---- one call ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def infer(
+        self, obs: Observation, noise: torch.Tensor, raw_shapes: tuple | None = None, started: float | None = None
+    ) -> tuple[torch.Tensor, StepRecord]:
+        """-> ((B, chunk, max_action_dim) normalized actions, record). `started` (perf_counter)
+        lets a caller include its input transform in the record's total."""
+        model, cfg, mc = self.model, self.config, self.model.cfg
+        t_start = self._sync() if started is None else started
+        call = self.call_index
+        self.call_index += 1
+        now = time.monotonic()
+        timings = {"signals": 0.0, "vision": 0.0, "prefix": 0.0, "denoise": 0.0}
+        sig = Signals()
+
+        invalid = self.invalid_reason(obs, raw_shapes, call, now)
+        if invalid is not None:
+            decision = Decision(False, invalid)
+        elif not cfg.enabled:
+            decision = Decision(False, "gate never")
+        else:
+            sig = self._measure(obs, timings)
+            sig.age_calls, sig.age_s = self.age(call, now)
+            decision = self.gate.decide(sig)
+
+        if not decision.reuse:
+            plan = plan_refresh(cfg, mc, self.cache if invalid is None else None, obs)
+        else:
+            plan = plan_reuse(cfg, mc, self.cache, obs, sig)
+            if cfg.synchronized and plan.kind in ("tokens", "layers"):
+                plan = Plan("all", note=f"synchronized: {plan.note} -> refresh every span")
+
+        self._execute(plan, obs, sig, call, now, raw_shapes, timings)
+
+        dobs, state_source = obs, "prefix"
+        if not mc.state_in_prompt:
+            state_source = "fresh"
+            if cfg.synchronized and plan.kind == "none":
+                dobs, state_source = replace(obs, state=self.ref.state), "snapshot"
+        t = self._sync()
+        out = model.denoise(self.cache, dobs, noise)
+        timings["denoise"] = (self._sync() - t) * 1e3
+        if "phase" in self.needs:
+            self.phase = phase_cues(out, cfg, mc.action_dim)
+
+        valid = self.cache.mask.any(0).cpu()
+        mixed = self.layer_mixed or len(torch.unique(self.births[valid])) > 1
+        timings["total"] = (self._sync() - t_start) * 1e3
+        reused = decision.reuse and plan.kind != "all"
+        rec = StepRecord(
+            decision="reuse" if reused else "refresh",
+            mode=cfg.mode if plan.kind != "all" else "none",
+            reason=f"{decision.reason}; {plan.note}",
+            signals=sig.to_dict(),
+            snapshots=tuple(s.snapshot for s in self.cache.spans),
+            mixed=mixed,
+            timings=timings,
+            plan=plan.kind,
+            cost=plan.cost(mc, self.split),
+            call_index=call,
+            state_source=state_source,
+        )
+        self.stats.add(rec)
+        return out, rec
+
+    def _measure(self, obs: Observation, timings: dict) -> Signals:
+        cfg = self.config
+        fresh = None
+        if "image" in self.needs and cfg.image_metric == "siglip":
+            t = self._sync()
+            fresh = {c: self.model.embed_image(obs.images[c]) for c, m in obs.image_masks.items() if bool(m.any())}
+            timings["vision"] += (self._sync() - t) * 1e3
+        t = time.perf_counter()
+        sig = measure(
+            obs, self.ref, cfg, self.needs, self.model.cfg.vision.patch_size, self.model.cfg.state_dim, fresh
+        )
+        sig.phase = self.phase
+        timings["signals"] = (time.perf_counter() - t) * 1e3
+        return sig
+
+    def _vision(self, obs: Observation, cams, sig: Signals, timings: dict) -> dict[str, torch.Tensor]:
+        """Image embeddings of `cams`, reusing the ones the siglip signal already computed."""
+        t = self._sync()
+        out = {c: sig.fresh_embeds[c] if c in sig.fresh_embeds else self.model.embed_image(obs.images[c]) for c in cams}
+        timings["vision"] += (self._sync() - t) * 1e3
+        return out
+
+    def _execute(self, plan: Plan, obs: Observation, sig: Signals, call: int, now: float, raw_shapes, timings) -> None:
+        model, mc, cfg = self.model, self.model.cfg, self.config
+        patch = mc.vision.patch_size
+        if plan.kind == "none":
+            return
+        snap = new_snapshot_id()
+        if plan.kind == "all":
+            embeds = self._vision(obs, mc.cameras, sig, timings)
+            t = self._sync()
+            keep = (self.split,) if self.split is not None else ()
+            self.cache = model.encode_prefix(obs, snapshot=snap, call_index=call, keep_hidden=keep, image_embeds=embeds)
+            timings["prefix"] = (self._sync() - t) * 1e3
+            T = self.cache.length
+            self.births = torch.full((T,), call, dtype=torch.long)
+            self.birth_times = torch.full((T,), now, dtype=torch.float64)
+            self.layer_mixed = False
+            self.ref = Reference(
+                cameras={c: camera_ref(obs.images[c], cfg, patch, embeds[c]) for c in mc.cameras},
+                image_masks={c: m.clone() for c, m in obs.image_masks.items()},
+                state=obs.state.clone(),
+                prompt=obs.prompt,
+                raw_shapes=tuple(raw_shapes) if raw_shapes is not None else None,
+                dtype=model.dtype,
+                device=obs.device,
+            )
+            return
+
+        embeds = self._vision(obs, plan.run_cameras, sig, timings)
+        spans = self.cache.with_spans(**{name: snap for name in plan.refreshed})
+        t = self._sync()
+        if plan.kind == "tokens":
+            pobs = obs
+            if plan.prompt_from_cache:
+                t0 = len(mc.cameras) * mc.vision.num_patches
+                pobs = replace(
+                    obs, tokens=self.cache.tokens, token_mask=self.cache.mask[:, t0:],
+                    state_token_mask=self.cache.state_tokens,
+                )
+            self.cache = model.update_prefix(
+                self.cache, pobs, plan.recompute, plan.run_cameras, spans, call, image_embeds=embeds
+            )
+            rec = plan.recompute.cpu()
+            self.births[rec] = call
+            self.birth_times[rec] = now
+        else:  # layers: lower layers (and the signal references) stay those of the base snapshot
+            self.cache = model.update_prefix_layers(
+                self.cache, obs, self.split, plan.run_cameras, spans, call, image_embeds=embeds
+            )
+            self.layer_mixed = True
+        timings["prefix"] = (self._sync() - t) * 1e3
+        if plan.kind == "tokens":
+            self._update_ref(plan, obs, embeds)
+
+    def _update_ref(self, plan: Plan, obs: Observation, embeds: dict) -> None:
+        """Move the signal references of recomputed tokens to the new observation."""
+        mc, cfg = self.model.cfg, self.config
+        p, patch = mc.vision.num_patches, mc.vision.patch_size
+        for i, cam in enumerate(mc.cameras):
+            rows = plan.recompute[i * p : (i + 1) * p].cpu()
+            if bool(rows.all()):
+                self.ref.cameras[cam] = camera_ref(obs.images[cam], cfg, patch, embeds.get(cam))
+            elif bool(rows.any()):
+                r = self.ref.cameras[cam]
+                new = patchify(obs.images[cam], patch)
+                r.patches = r.patches.clone()
+                r.patches[:, rows] = new[:, rows]
+        if not plan.prompt_from_cache and ("state" in plan.refreshed or (
+            not mc.state_in_prompt and all(c in plan.refreshed for c in mc.cameras)
+        )):
+            self.ref.state = obs.state.clone()
