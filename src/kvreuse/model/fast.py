@@ -1,0 +1,593 @@
+"""Fast inference runtime for Pi0 / Pi0.5, built beside the eager model (which stays untouched).
+
+`FastPi0(model)` reads the eager `Pi0Model`'s weights once and keeps:
+- fused weights (QKV and gate/up of every layer as new tensors; (1 + w) of every RMSNorm),
+- per batch size, static buffers: one K/V buffer per layer with room for [prefix ; suffix], so
+  the action tokens attend over both through one SDPA call and nothing is concatenated,
+- time-conditioning tables: the flow-matching times of the Euler steps are fixed, so everything
+  that depends on t alone (Pi0's time half of action_time_mlp_in, Pi0.5's whole adaptive-RMSNorm
+  conditioning of every layer) is computed once per step count, not per call,
+- on CUDA, one CUDA graph per shape for the vision tower, the prefix LM, the denoise loop (all
+  Euler steps) and each reuse update; optionally the layer functions go through torch.compile
+  (inductor fuses the elementwise work between the matmuls).
+
+The API matches `Pi0Model` (encode_prefix / denoise / sample_actions / update_prefix /
+update_prefix_layers) and the caches are ordinary `PrefixCache`s: encode_prefix returns copies
+the caller owns, denoise copies the prefix K/V into its buffer once per call (never per Euler
+step) and never writes the caller's cache. Everything else is delegated to the eager model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..cache import PrefixCache, Span, new_snapshot_id
+from ..observation import Observation
+from .layers import NEG_INF, sincos_time
+from .pi0 import Pi0Model
+
+
+# ---- fused weights ------------------------------------------------------------------------------
+@dataclass
+class _GemmaW:
+    in_norm: torch.Tensor | None  # (1 + w), or None for adaptive norms (Pi0.5 expert)
+    qkv: torch.Tensor  # ((H + 2 Hkv) D, W)
+    o_t: torch.Tensor  # (H D, W) = o.weight.T (a view)
+    post_norm: torch.Tensor | None
+    gate_up: torch.Tensor  # (2 M, W)
+    down_t: torch.Tensor  # (M, W)
+
+
+@dataclass
+class _SiglipW:
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    o_w: torch.Tensor
+    o_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    fc1_w: torch.Tensor
+    fc1_b: torch.Tensor
+    fc2_w: torch.Tensor
+    fc2_b: torch.Tensor
+
+
+def _one_plus(norm) -> torch.Tensor | None:
+    return None if norm.weight is None else (1.0 + norm.weight.float()).to(norm.weight.dtype)
+
+
+def _fuse_gemma(stack) -> list[_GemmaW]:
+    out = []
+    for layer in stack.layers:
+        out.append(
+            _GemmaW(
+                in_norm=_one_plus(layer.in_norm),
+                qkv=torch.cat([layer.q.weight, layer.k.weight, layer.v.weight]).contiguous(),
+                o_t=layer.o.weight.t(),
+                post_norm=_one_plus(layer.post_norm),
+                gate_up=torch.cat([layer.gate.weight, layer.up.weight]).contiguous(),
+                down_t=layer.down.weight.t(),
+            )
+        )
+    return out
+
+
+def _fuse_siglip(vision) -> list[_SiglipW]:
+    return [
+        _SiglipW(
+            l.ln1.weight, l.ln1.bias,
+            torch.cat([l.q.weight, l.k.weight, l.v.weight]).contiguous(),
+            torch.cat([l.q.bias, l.k.bias, l.v.bias]).contiguous(),
+            l.o.weight, l.o.bias, l.ln2.weight, l.ln2.bias, l.fc1.weight, l.fc1.bias, l.fc2.weight, l.fc2.bias,
+        )
+        for l in vision.layers
+    ]
+
+
+# ---- layer functions (tensors in, tensors out: one torch.compile serves every layer) ------------
+def _siglip_layer(x, ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, heads: int, eps: float):
+    n, p, w = x.shape
+    h = F.layer_norm(x, (w,), ln1_w, ln1_b, eps)
+    q, k, v = F.linear(h, qkv_w, qkv_b).view(n, p, 3, heads, w // heads).unbind(2)
+    a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    x = x + F.linear(a.transpose(1, 2).reshape(n, p, w), o_w, o_b)
+    h = F.layer_norm(x, (w,), ln2_w, ln2_b, eps)
+    return x + F.linear(F.gelu(F.linear(h, fc1_w, fc1_b), approximate="tanh"), fc2_w, fc2_b)
+
+
+def _rope_tables(positions: torch.Tensor, d: int, base: float):
+    """(B, S) positions -> float32 (B, S, 1, D) cos and signed sin in the rotate-half layout, so
+    rope(x) = x * cos + roll(x, D/2) * sin (the eager `rope` computes the same in float32)."""
+    inv = 1.0 / base ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d)
+    ang = positions.float()[..., None] * inv
+    c, s = ang.cos(), ang.sin()
+    return torch.cat([c, c], -1)[:, :, None], torch.cat([-s, s], -1)[:, :, None]
+
+
+def _mqa(q, k, v, bias):
+    """q (B, R, H, D); k, v (B, T, Hkv, D) (strided views of the cache buffer are fine);
+    bias (B, 1|Hkv, R*g, T) additive, rows in (token, head-in-group) order. The query heads of a
+    KV group are folded into the query axis, a free view for Pi0's single KV head."""
+    b, r, h, d = q.shape
+    hkv = k.shape[2]
+    g = h // hkv
+    qh = q.view(b, r, hkv, g, d).transpose(1, 2).reshape(b, hkv, r * g, d)
+    o = F.scaled_dot_product_attention(qh, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
+    return o.view(b, hkv, r, g, d).transpose(1, 2).reshape(b, r, h * d)
+
+
+def _ada_norm(x, eps: float, scale1p, shift):
+    return torch.addcmul(shift, F.rms_norm(x, (x.shape[-1],), None, eps), scale1p)
+
+
+def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_out, v_out, idx, heads: int, kv_heads: int, eps: float,
+               scale1p=None, shift=None):
+    """Norm, fused QKV, rotary on q and k together; k, v written into the cache rows (all rows,
+    or the rows `idx`). Returns rotated q (B, R, H, D)."""
+    b, r, w = x.shape
+    d = k_out.shape[-1]
+    h = F.rms_norm(x, (w,), in_norm, eps) if scale1p is None else _ada_norm(x, eps, scale1p, shift)
+    qkv = F.linear(h, qkv_w)
+    qk = qkv[..., : (heads + kv_heads) * d].view(b, r, heads + kv_heads, d)
+    qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin).to(x.dtype)
+    k = qk[:, :, heads:]
+    v = qkv[..., (heads + kv_heads) * d :].view(b, r, kv_heads, d)
+    if idx is None:
+        k_out.copy_(k)
+        v_out.copy_(v)
+    else:
+        k_out.index_copy_(1, idx, k)
+        v_out.index_copy_(1, idx, v)
+    return qk[:, :, :heads]
+
+
+def _gemma_finish(x, attn, o_t, post_norm, gate_up, down_t, eps: float, gate1=None, scale1p=None, shift=None, gate2=None):
+    """Output projection + residual, gated GELU MLP + residual (Pi0.5: gated residuals)."""
+    b, r, w = x.shape
+    if gate1 is None:
+        x = torch.addmm(x.reshape(-1, w), attn.reshape(b * r, -1), o_t).view(b, r, w)
+        h = F.rms_norm(x, (w,), post_norm, eps)
+    else:
+        x = torch.addcmul(x, (attn @ o_t), gate1)
+        h = _ada_norm(x, eps, scale1p, shift)
+    m = down_t.shape[0]
+    gu = F.linear(h, gate_up)
+    act = F.gelu(gu[..., :m], approximate="tanh") * gu[..., m:]
+    if gate2 is None:
+        return torch.addmm(x.reshape(-1, w), act.reshape(b * r, m), down_t).view(b, r, w)
+    return torch.addcmul(x, act @ down_t, gate2)
+
+
+def _lm_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_out, v_out, idx,
+              heads: int, kv_heads: int, eps: float):
+    q = _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_out, v_out, idx, heads, kv_heads, eps)
+    return _gemma_finish(x, _mqa(q, k_out, v_out, bias), o_t, post_norm, gate_up, down_t, eps)
+
+
+def _expert_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_new, v_new, k_all, v_all,
+                  heads: int, kv_heads: int, eps: float, cond=None):
+    """One action-expert layer: k/v of the suffix go into their slots after the prefix, then the
+    suffix attends over the whole [prefix ; suffix] buffer. `cond` = Pi0.5's per-step
+    (scale1p, shift, gate) x 2 for this layer."""
+    if cond is None:
+        q = _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_new, v_new, None, heads, kv_heads, eps)
+        return _gemma_finish(x, _mqa(q, k_all, v_all, bias), o_t, post_norm, gate_up, down_t, eps)
+    s1, b1, g1, s2, b2, g2 = cond
+    q = _gemma_qkv(x, None, qkv_w, cos, sin, k_new, v_new, None, heads, kv_heads, eps, s1, b1)
+    return _gemma_finish(x, _mqa(q, k_all, v_all, bias), o_t, None, gate_up, down_t, eps, g1, s2, b2, g2)
+
+
+# ---- static buffers and graphs -------------------------------------------------------------------
+class _Static:
+    """Buffers for one batch size. Graphs read and write these; nothing outside FastPi0 sees them."""
+
+    def __init__(self, cfg, b: int, dtype, device):
+        c, lm = cfg, cfg.llm
+        n, t, s = len(c.cameras), c.prefix_len, c.suffix_len
+        size = c.vision.image_size
+        kw = dict(device=device)
+        self.images = torch.zeros(n * b, 3, size, size, dtype=dtype, **kw)  # camera-major
+        self.image_masks = torch.ones(b, n, dtype=torch.bool, **kw)
+        self.tokens = torch.zeros(b, c.max_token_len, dtype=torch.long, **kw)
+        self.token_mask = torch.ones(b, c.max_token_len, dtype=torch.bool, **kw)
+        self.embeds = torch.zeros(b, t, lm.width, dtype=dtype, **kw)
+        self.old_embeds = torch.zeros(b, t, lm.width, dtype=dtype, **kw)  # layer-wise input
+        self.hidden_in = torch.zeros(b, t, lm.width, dtype=dtype, **kw)
+        self.valid = torch.ones(b, t, dtype=torch.bool, **kw)
+        self.positions = torch.zeros(b, t, dtype=torch.long, **kw)
+        self.k = torch.zeros(lm.depth, b, t + s, lm.num_kv_heads, lm.head_dim, dtype=dtype, **kw)
+        self.v = torch.zeros_like(self.k)
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.state = torch.zeros(b, c.max_state_dim, **kw)
+        self.noise = torch.zeros(b, c.chunk_size, c.max_action_dim, **kw)
+        self.idx: dict[int, torch.Tensor] = {}  # bucket size -> token indices to recompute
+
+    def hidden_buf(self, layer: int) -> torch.Tensor:
+        if layer not in self.hidden:
+            self.hidden[layer] = torch.zeros_like(self.embeds)
+        return self.hidden[layer]
+
+
+class _Graphs:
+    """Runs a zero-argument function over static buffers: on CUDA captured once per key as a
+    CUDA graph (after two warm-up runs, which also trigger any compilation) and replayed."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.graphs: dict = {}
+        self.capture_s = 0.0
+
+    def run(self, key, fn):
+        if not self.enabled:
+            return fn()
+        g = self.graphs.get(key)
+        if g is None:
+            t0 = time.perf_counter()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn()
+            g = self.graphs[key] = (graph, out)
+            torch.cuda.synchronize()
+            self.capture_s += time.perf_counter() - t0
+        g[0].replay()
+        return g[1]
+
+
+def _bucket(r: int, total: int) -> int:
+    """Recompute counts are padded up to a few sizes so partial updates reuse captured graphs."""
+    return min(total, max(64, 1 << (r - 1).bit_length())) if r > 0 else 0
+
+
+class FastPi0:
+    """Fast drop-in for `Pi0Model` at inference (see the module docstring)."""
+
+    def __init__(self, model: Pi0Model, *, graphs: bool | None = None, compile: bool = False):
+        if model.training:
+            raise ValueError("FastPi0 needs a model in eval mode (call model.eval())")
+        self.model = model
+        self.cfg = cfg = model.cfg
+        self.use_graphs = (model.device.type == "cuda") if graphs is None else graphs
+        if self.use_graphs and model.device.type != "cuda":
+            raise ValueError("graphs=True needs the model on a CUDA device")
+        self.graphs = _Graphs(self.use_graphs)
+        self.compiled = compile
+        with torch.no_grad():
+            self.vis = _fuse_siglip(model.vision)
+            self.llm = _fuse_gemma(model.llm)
+            self.exp = _fuse_gemma(model.expert)
+            self.llm_final = None
+            self.exp_final = _one_plus(model.expert.norm)
+        if cfg.state_in_prompt is False:
+            ew = cfg.expert.width
+            w = model.action_time_mlp_in.weight
+            self._at_w_a_t = w[:, :ew].t()  # acts on action_in_proj(x_t)
+            self._at_w_t = w[:, ew:]  # acts on the time embedding: folded into per-step tables
+        self._statics: dict[int, _Static] = {}
+        self._tables: dict[int, list] = {}
+        self._siglip_fn = _siglip_layer
+        self._lm_fn = _lm_layer
+        self._qkv_fn = _gemma_qkv
+        self._exp_fn = _expert_layer
+        if compile:
+            opts = dict(dynamic=False)
+            self._siglip_fn = torch.compile(_siglip_layer, **opts)
+            self._lm_fn = torch.compile(_lm_layer, **opts)
+            self._exp_fn = torch.compile(_expert_layer, **opts)
+
+    def __getattr__(self, name):  # cfg-level helpers (spans, make_noise, dtype, device, ...)
+        return getattr(self.__dict__["model"], name)
+
+    # ---- static state ----------------------------------------------------------------------
+    def _static(self, b: int) -> _Static:
+        if b not in self._statics:
+            self._statics[b] = _Static(self.cfg, b, self.model.dtype, self.model.device)
+        return self._statics[b]
+
+    def _step_tables(self, steps: int) -> list:
+        """Per Euler step, what depends on the time alone (computed once per step count)."""
+        if steps in self._tables:
+            return self._tables[steps]
+        m, cfg, dt = self.model, self.cfg, self.model.dtype
+        tables = []
+        with torch.no_grad():
+            for i in range(steps):
+                t = torch.full((1,), 1.0 + i * (-1.0 / steps), device=m.device)
+                te = sincos_time(t, cfg.expert.width, cfg.time_min_period, cfg.time_max_period).to(dt)
+                if not cfg.adarms:
+                    tables.append(F.linear(te, self._at_w_t, m.action_time_mlp_in.bias))
+                    continue
+                cond = F.silu(m.time_mlp_out(F.silu(m.time_mlp_in(te))))
+                per_layer = []
+                for layer in m.expert.layers:
+                    vals = []
+                    for norm in (layer.in_norm, layer.post_norm):
+                        sc, sh, g = norm.dense(cond).unsqueeze(1).chunk(3, dim=-1)
+                        vals += [(1.0 + sc.float()).to(dt), sh, g]
+                    per_layer.append(tuple(vals))
+                sc, sh, _ = m.expert.norm.dense(cond).unsqueeze(1).chunk(3, dim=-1)
+                tables.append((per_layer, (1.0 + sc.float()).to(dt), sh))
+        self._tables[steps] = tables
+        return tables
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def _load_obs(self, st: _Static, obs: Observation, cameras: tuple[str, ...]) -> None:
+        self.model._check(obs)
+        b = st.image_masks.shape[0]
+        for j, cam in enumerate(cameras):
+            st.images[j * b : (j + 1) * b].copy_(obs.images[cam])
+        st.image_masks.copy_(torch.stack([obs.image_masks[c] for c in self.cfg.cameras], 1))
+        st.tokens.copy_(obs.tokens)
+        st.token_mask.copy_(obs.token_mask)
+
+    # ---- graph bodies ----------------------------------------------------------------------
+    def _vision(self, st: _Static, cams: tuple[int, ...]):
+        """SigLIP + projector over the cameras `cams` (all batched in one pass), written into
+        their slots of st.embeds."""
+        vc, b = self.cfg.vision, st.image_masks.shape[0]
+        n = len(cams)
+        m = self.model.vision
+        x = F.conv2d(st.images[: n * b], m.patch_embed.weight, m.patch_embed.bias, stride=vc.patch_size)
+        x = x.flatten(2).transpose(1, 2) + m.pos_embed.weight[None]
+        for w in self.vis:
+            x = self._siglip_fn(
+                x, w.ln1_w, w.ln1_b, w.qkv_w, w.qkv_b, w.o_w, w.o_b, w.ln2_w, w.ln2_b,
+                w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b, vc.num_heads, vc.eps,
+            )
+        x = F.layer_norm(x, (vc.width,), m.post_ln.weight, m.post_ln.bias, vc.eps)
+        x = F.linear(x, self.model.projector.weight, self.model.projector.bias)
+        p = vc.num_patches
+        for j, i in enumerate(cams):
+            st.embeds[:, i * p : (i + 1) * p].copy_(x[j * b : (j + 1) * b])
+        return None
+
+    def _text_and_masks(self, st: _Static):
+        cfg = self.cfg
+        p, n = cfg.vision.num_patches, len(cfg.cameras)
+        e = F.embedding(st.tokens, self.model.llm.embed.weight)
+        torch.mul(e, math.sqrt(cfg.llm.width), out=st.embeds[:, n * p :])
+        st.valid[:, : n * p].copy_(st.image_masks.repeat_interleave(p, dim=1))
+        st.valid[:, n * p :].copy_(st.token_mask)
+        torch.sub(st.valid.long().cumsum(-1), 1, out=st.positions)
+
+    def _prefix_bias(self, valid: torch.Tensor, rows: int):
+        bias = torch.zeros(valid.shape, dtype=self.model.dtype, device=valid.device).masked_fill(~valid, NEG_INF)
+        return bias[:, None, None, :].expand(-1, 1, rows, -1)
+
+    def _lm(self, st: _Static, x: torch.Tensor, start: int, keep_hidden: tuple[int, ...], idx=None, rows=None):
+        """Prefix LM layers [start, depth) over x: all tokens (idx None) or the tokens at idx,
+        attending over the buffer's cached K/V of the others. K/V land in st.k / st.v."""
+        lm, t = self.cfg.llm, self.cfg.prefix_len
+        g = lm.num_heads // lm.num_kv_heads
+        pos = st.positions if idx is None else st.positions[:, idx]
+        cos, sin = _rope_tables(pos, lm.head_dim, self.cfg.rope_base)
+        bias = self._prefix_bias(st.valid, x.shape[1] * g)
+        n = lm.depth
+        for i in range(start, n):
+            if i in keep_hidden:
+                st.hidden_buf(i).copy_(x)
+            w = self.llm[i]
+            k_out, v_out = st.k[i, :, :t], st.v[i, :, :t]
+            if i == n - 1:  # the last layer's output is never used: its K/V are enough
+                self._qkv_fn(x, w.in_norm, w.qkv, cos, sin, k_out, v_out, idx, lm.num_heads, lm.num_kv_heads, lm.eps)
+            else:
+                x = self._lm_fn(
+                    x, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos, sin, bias, k_out, v_out, idx,
+                    lm.num_heads, lm.num_kv_heads, lm.eps,
+                )
+        return None
+
+    def _prefix_full(self, st: _Static, keep_hidden: tuple[int, ...]):
+        self._text_and_masks(st)
+        return self._lm(st, st.embeds, 0, keep_hidden)
+
+    def _denoise_body(self, st: _Static, steps: int):
+        cfg, m = self.cfg, self.model
+        ex, t, s, c = cfg.expert, cfg.prefix_len, cfg.suffix_len, cfg.chunk_size
+        dt = m.dtype
+        b = st.valid.shape[0]
+        g = ex.num_heads // ex.num_kv_heads
+        tables = self._step_tables(steps)
+        # Once per call: positions, rotary tables, the [prefix ; suffix] mask, Pi0's state token.
+        pos = st.valid.sum(-1, keepdim=True) + torch.arange(s, device=st.valid.device)[None]
+        cos, sin = _rope_tables(pos, ex.head_dim, cfg.rope_base)
+        seen = torch.ones(s, s, dtype=torch.bool, device=st.valid.device)
+        if not cfg.state_in_prompt:
+            seen[0, 1:] = False  # the state token sees the prefix and itself only
+        bias = torch.zeros(b, s, t + s, dtype=dt, device=st.valid.device)
+        bias[:, :, :t].masked_fill_(~st.valid[:, None, :], NEG_INF)
+        bias[:, :, t:].masked_fill_(~seen[None], NEG_INF)
+        bias = bias.repeat_interleave(g, dim=1)[:, None]  # rows in (token, head) order
+        if not cfg.state_in_prompt:
+            suffix = torch.empty(b, s, ex.width, dtype=dt, device=st.valid.device)
+            suffix[:, 0].copy_(F.linear(st.state.to(dt), m.state_proj.weight, m.state_proj.bias))
+        x = st.noise.clone()
+        step = -1.0 / steps
+        for i in range(steps):
+            a = F.linear(x.to(dt), m.action_in_proj.weight, m.action_in_proj.bias)
+            if cfg.adarms:
+                per_layer, f_s, f_b = tables[i]
+                h = a
+            else:
+                per_layer = None
+                at = torch.addmm(tables[i], a.reshape(-1, ex.width), self._at_w_a_t).view(b, c, ex.width)
+                suffix[:, 1:].copy_(F.linear(F.silu(at), m.action_time_mlp_out.weight, m.action_time_mlp_out.bias))
+                h = suffix
+            for li, w in enumerate(self.exp):
+                h = self._exp_fn(
+                    h, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos, sin, bias,
+                    st.k[li, :, t:], st.v[li, :, t:], st.k[li], st.v[li], ex.num_heads, ex.num_kv_heads, ex.eps,
+                    per_layer[li] if per_layer is not None else None,
+                )
+            h = h[:, -c:]
+            if cfg.adarms:
+                h = _ada_norm(h, ex.eps, f_s, f_b)
+            else:
+                h = F.rms_norm(h, (ex.width,), self.exp_final, ex.eps)
+            v = F.linear(h, m.action_out_proj.weight, m.action_out_proj.bias)
+            x.add_(v, alpha=step)
+        return x
+
+    # ---- public API ------------------------------------------------------------------------
+    def _check_cams(self, cams) -> tuple[int, ...]:
+        unknown = [c for c in cams if c not in self.cfg.cameras]
+        if unknown:
+            raise ValueError(f"run_cameras: unknown camera(s) {unknown}; model cameras: {list(self.cfg.cameras)}")
+        return tuple(i for i, c in enumerate(self.cfg.cameras) if c in cams)
+
+    def _embed(self, st: _Static, obs: Observation, run: tuple[int, ...], reused: dict[int, torch.Tensor]):
+        names = tuple(self.cfg.cameras[i] for i in run)
+        self._load_obs(st, obs, names)
+        p = self.cfg.vision.num_patches
+        for i, e in reused.items():
+            st.embeds[:, i * p : (i + 1) * p].copy_(e)
+        if run:
+            self.graphs.run(("vision", st.valid.shape[0], run), lambda: self._vision(st, run))
+
+    def _export(self, st: _Static, obs, snapshot, call_index, keep_hidden, spans=None, embeds=None, hidden=None):
+        t = self.cfg.prefix_len
+        snap = new_snapshot_id() if snapshot is None else snapshot
+        return PrefixCache(
+            k=st.k[:, :, :t].clone(), v=st.v[:, :, :t].clone(), mask=st.valid.clone(),
+            positions=st.positions.clone(), embeds=st.embeds.clone() if embeds is None else embeds,
+            spans=self.model.spans(obs, snap) if spans is None else spans, tokens=obs.tokens,
+            state_tokens=obs.state_token_mask,
+            hidden={i: st.hidden[i].clone() for i in keep_hidden} if hidden is None else hidden,
+            call_index=call_index, created=time.monotonic(),
+        )
+
+    @torch.no_grad()
+    def encode_prefix(
+        self,
+        obs: Observation,
+        *,
+        snapshot: int | None = None,
+        call_index: int = 0,
+        keep_hidden: tuple[int, ...] = (),
+        image_embeds: dict[str, torch.Tensor] | None = None,
+    ) -> PrefixCache:
+        st = self._static(obs.batch_size)
+        self._encode(st, obs, keep_hidden, image_embeds)
+        return self._export(st, obs, snapshot, call_index, tuple(keep_hidden))
+
+    def _encode(self, st, obs, keep_hidden=(), image_embeds=None):
+        image_embeds = image_embeds or {}
+        names = self.cfg.cameras
+        run = tuple(i for i, c in enumerate(names) if c not in image_embeds)
+        self._embed(st, obs, run, {i: image_embeds[c] for i, c in enumerate(names) if c in image_embeds})
+        kh = tuple(sorted(keep_hidden))
+        self.graphs.run(("prefix", obs.batch_size, kh), lambda: self._prefix_full(st, kh))
+
+    @torch.no_grad()
+    def denoise(self, prefix: PrefixCache, obs: Observation, noise: torch.Tensor, steps: int | None = None):
+        """Euler integration; copies the prefix K/V into the static buffer once (never per step)
+        and never writes `prefix`."""
+        st = self._static(obs.batch_size)
+        t = self.cfg.prefix_len
+        if prefix.k.shape[2] != t or prefix.k.shape[1] != obs.batch_size:
+            raise ValueError(f"prefix: expected K/V of (layers, {obs.batch_size}, {t}, ...), got {tuple(prefix.k.shape)}")
+        st.k[:, :, :t].copy_(prefix.k)
+        st.v[:, :, :t].copy_(prefix.v)
+        st.valid.copy_(prefix.mask)
+        return self._denoise(st, obs, noise, steps)
+
+    def _denoise(self, st, obs, noise, steps):
+        steps = steps or self.cfg.num_steps
+        if not self.cfg.state_in_prompt:
+            st.state.copy_(obs.state)
+        st.noise.copy_(noise)
+        x = self.graphs.run(("denoise", obs.batch_size, steps), lambda: self._denoise_body(st, steps))
+        return x.clone()
+
+    @torch.no_grad()
+    def sample_actions(self, obs: Observation, noise: torch.Tensor | None = None, steps: int | None = None):
+        """Prefix and denoise back to back through the shared buffer (no cache copies)."""
+        noise = self.model.make_noise(obs.batch_size) if noise is None else noise
+        st = self._static(obs.batch_size)
+        self._encode(st, obs)
+        return self._denoise(st, obs, noise, steps)
+
+    # ---- reuse updates -----------------------------------------------------------------------
+    def _reused_embeds(self, cache: PrefixCache, run: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        p = self.cfg.vision.num_patches
+        return {i: cache.embeds[:, i * p : (i + 1) * p] for i in range(len(self.cfg.cameras)) if i not in run}
+
+    @torch.no_grad()
+    def update_prefix(
+        self,
+        cache: PrefixCache,
+        obs: Observation,
+        recompute: torch.Tensor,
+        run_cameras: tuple[str, ...],
+        spans: tuple[Span, ...],
+        call_index: int,
+    ) -> PrefixCache:
+        """`Pi0Model.update_prefix` on the fast path: only the tokens marked in `recompute` go
+        through the LM (their count padded up to a graph bucket with repeats of the last one;
+        a repeated token computes the same K/V, so the result is unchanged)."""
+        st = self._static(obs.batch_size)
+        run = self._check_cams(run_cameras)
+        self._embed(st, obs, run, self._reused_embeds(cache, run))
+        t = self.cfg.prefix_len
+        if bool(recompute.all()):  # exactly encode_prefix, keeping the same hidden layers
+            kh = tuple(sorted(cache.hidden))
+            self.graphs.run(("prefix", obs.batch_size, kh), lambda: self._prefix_full(st, kh))
+            return self._export(st, obs, spans[0].snapshot, call_index, kh, spans=spans)
+        idx = recompute.nonzero().squeeze(-1)
+        r = idx.numel()
+        rb = _bucket(r, t)
+        if rb not in st.idx:
+            st.idx[rb] = torch.zeros(rb, dtype=torch.long, device=st.k.device)
+        st.idx[rb][:r].copy_(idx)
+        st.idx[rb][r:].fill_(int(idx[-1]) if r else 0)
+        st.k[:, :, :t].copy_(cache.k)
+        st.v[:, :, :t].copy_(cache.v)
+
+        def body():
+            self._text_and_masks(st)
+            x = st.embeds[:, st.idx[rb]]
+            return self._lm(st, x, 0, (), idx=st.idx[rb])
+
+        self.graphs.run(("partial", obs.batch_size, rb), body)
+        return self._export(st, obs, spans[0].snapshot, call_index, (), spans=spans, hidden={})
+
+    @torch.no_grad()
+    def update_prefix_layers(
+        self,
+        cache: PrefixCache,
+        obs: Observation,
+        split: int,
+        run_cameras: tuple[str, ...],
+        spans: tuple[Span, ...],
+        call_index: int,
+    ) -> PrefixCache:
+        """`Pi0Model.update_prefix_layers` on the fast path (same definition of the input of the
+        recomputed layers: cached residual at `split` with the embeddings swapped)."""
+        if split not in cache.hidden:
+            raise ValueError(f"layer-wise reuse at split {split} needs a cache encoded with keep_hidden=({split},)")
+        st = self._static(obs.batch_size)
+        run = self._check_cams(run_cameras)
+        self._embed(st, obs, run, self._reused_embeds(cache, run))
+        st.k[:, :, : self.cfg.prefix_len].copy_(cache.k)
+        st.v[:, :, : self.cfg.prefix_len].copy_(cache.v)
+        st.old_embeds.copy_(cache.embeds)
+        st.hidden_in.copy_(cache.hidden[split])
+
+        def body():
+            self._text_and_masks(st)
+            return self._lm(st, st.hidden_in - st.old_embeds + st.embeds, split, ())
+
+        self.graphs.run(("layers", obs.batch_size, split), body)
+        return self._export(st, obs, None, call_index, (), spans=spans, embeds=cache.embeds, hidden=cache.hidden)
