@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from .demo import run_demo
+from .eval.cli import run_bench_eval, run_eval, run_report, run_sweep_cmd
 
 COMMANDS = {
     "demo": run_demo,
+    "eval": run_eval, "sweep": run_sweep_cmd, "report": run_report, "bench-eval": run_bench_eval,
 }

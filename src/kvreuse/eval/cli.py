@@ -1,0 +1,197 @@
+"""`kvreuse eval`, `kvreuse sweep`, `kvreuse report`, `kvreuse bench-eval`.
+
+With no arguments they run the shipped testbed policy on Meta-World and keep results in
+runs/kvreuse.db (SQLite; rerunning skips finished episodes). Heavy imports stay in the functions.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_DB = "runs/kvreuse.db"
+# TurboPi's threshold sweep, whole-prefix reuse, on the raw-image cosine gate.
+DEFAULT_GRID = ("gate=threshold threshold=0.98,0.985,0.99,0.995 mode=full",)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid, baseline, progress):
+    from .sweep import SweepPlan
+
+    return SweepPlan(
+        db=db, env=env, tasks=tuple(tasks), episodes=episodes, init_start=init_start, seed=seed, replan=replan,
+        max_steps=max_steps, grid=grid, baseline=baseline, workers=_cores() if workers is None else workers,
+        videos=videos, video_dir=str(Path(db).parent / "videos"), progress=progress,
+    )
+
+
+def _print_summary(summary, db: str, only: list | None = None) -> None:
+    from .report import compute_rows, markdown
+
+    print(f"{summary.ran} episodes run, {summary.skipped} already in {db}, {summary.errors} env errors, "
+          f"{summary.wall_s:.1f} s", file=sys.stderr)
+    names = {s.name for s in summary.settings} if only is None else set(only)
+    rows = [r for r in compute_rows(db) if r.setting in names or r.is_baseline]
+    print(markdown(rows))
+
+
+def run_eval(
+    reuse: str = "",
+    checkpoint: str | None = None,
+    env: str = "metaworld",
+    tasks: tuple[str, ...] = (),
+    episodes: int = 50,
+    init_start: int = 0,
+    seed: int = 0,
+    replan: int = 5,
+    max_steps: int | None = None,
+    workers: int | None = None,
+    videos: int = 0,
+    db: str = DEFAULT_DB,
+    with_baseline: bool = False,
+    preset: str = "tiny-pi05",
+    device: str = "cpu",
+    progress: bool = True,
+) -> None:
+    """Evaluate one setting closed-loop and print its table.
+
+    Args:
+        reuse: the reuse setting as 'key=value ...' ReuseConfig fields, e.g. 'gate=threshold
+            threshold=0.985 mode=full'; empty = the baseline (no reuse).
+        checkpoint: a kvreuse checkpoint directory; default: the shipped testbed policy.
+        env: metaworld | libero:<suite> | fake.
+        tasks: task names (default: the checkpoint's tasks, else all of the env's).
+        episodes: episodes per task (init states init_start .. init_start+episodes-1).
+        seed: base seed; each episode's seed (env reset and policy noise) derives from it.
+        replan: execute the first `replan` actions of each chunk, then call the policy again.
+        max_steps: per-episode step limit (default: the env's).
+        workers: parallel worker processes (default: one per core; 0 = in this process).
+        videos: record videos of the first N episodes of each task (next to the DB, videos/).
+        db: the SQLite results file (kept; finished episodes are skipped on a rerun).
+        with_baseline: also run the baseline on the same episodes (for the paired comparison).
+        preset: random-weight model used only when no checkpoint is given and none is shipped.
+    """
+    from .sweep import PolicySource, parse_grid, run_sweep
+
+    grid = parse_grid([reuse]) if reuse.strip() else []
+    if len(grid) > 1:
+        raise ValueError(f"reuse: `eval` runs one setting, {reuse!r} gives {len(grid)}; use `kvreuse sweep --grid`")
+    plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid,
+                 with_baseline or not grid, progress)
+    summary = run_sweep(plan, PolicySource(checkpoint, preset, device))
+    _print_summary(summary, db)
+
+
+def run_sweep_cmd(
+    grid: tuple[str, ...] = DEFAULT_GRID,
+    checkpoint: str | None = None,
+    env: str = "metaworld",
+    tasks: tuple[str, ...] = (),
+    episodes: int = 50,
+    init_start: int = 0,
+    seed: int = 0,
+    replan: int = 5,
+    max_steps: int | None = None,
+    workers: int | None = None,
+    videos: int = 0,
+    db: str = DEFAULT_DB,
+    preset: str = "tiny-pi05",
+    device: str = "cpu",
+    report_dir: str | None = None,
+    progress: bool = True,
+) -> None:
+    """Paired sweep: the baseline plus every reuse setting of the grid, on the same episodes.
+
+    Args:
+        grid: one or more 'key=v1,v2 key2=v3' specs over ReuseConfig fields; each spec is a
+            cartesian product, specs are unioned. E.g. 'gate=threshold threshold=0.98,0.985
+            mode=full,vision_only' 'gate=period period=2,4'.
+        report_dir: also write report.md, results.csv and plots there.
+        (other options as in `kvreuse eval`)
+    """
+    from .sweep import PolicySource, parse_grid, run_sweep
+
+    plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos,
+                 parse_grid(list(grid)), True, progress)
+    summary = run_sweep(plan, PolicySource(checkpoint, preset, device))
+    _print_summary(summary, db)
+    if report_dir:
+        from .report import write_report
+
+        _, files = write_report(db, report_dir)
+        print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
+
+
+def run_report(db: str = DEFAULT_DB, out: str | None = None, plots: bool = True) -> None:
+    """Markdown tables (printed), CSV and plots of a results DB.
+
+    Args:
+        db: the SQLite results file.
+        out: folder for report.md, results.csv and the PNG plots (default: <db stem>_report next
+            to the DB).
+    """
+    from .report import write_report
+
+    out_dir = out if out is not None else str(Path(db).with_name(Path(db).stem + "_report"))
+    md, files = write_report(db, out_dir, plots=plots)
+    print(md)
+    print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
+
+
+def run_bench_eval(
+    total: int = 400,
+    workers: int | None = None,
+    checkpoint: str | None = None,
+    env: str = "metaworld",
+    tasks: tuple[str, ...] = (),
+    reuse: str = "",
+    replan: int = 5,
+    max_steps: int | None = None,
+    preset: str = "tiny-pi05",
+) -> None:
+    """Throughput of the harness: `total` episodes of one setting (spread over the tasks) in a
+    throw-away DB; prints episodes/s. The target is 400 testbed episodes in < 3 min on 16 cores.
+
+    Args:
+        total: episodes in all (rounded up to a whole number per task).
+        workers: parallel workers (default: one per core).
+        reuse: a reuse setting ('key=value ...'); empty = baseline.
+    """
+    from .envs import check_tasks, make_env
+    from .sweep import PolicySource, parse_grid, run_sweep
+
+    e = make_env(env)
+    try:
+        ts = check_tasks(e, tasks) if tasks else None
+        n_tasks = len(ts or e.tasks)
+    finally:
+        e.close()
+    src = PolicySource(checkpoint, preset).resolved()
+    if ts is None and src.checkpoint:
+        from .sweep import _checkpoint_tasks
+
+        ts = _checkpoint_tasks(src)
+        n_tasks = len(ts) if ts else n_tasks
+    per_task = -(-total // n_tasks)
+    grid = parse_grid([reuse]) if reuse.strip() else []
+    with tempfile.TemporaryDirectory() as tmp:
+        db = str(Path(tmp) / "bench.db")
+        plan = _plan(db, env, ts or (), per_task, 0, 0, replan, max_steps, workers, 0, grid, not grid, True)
+        t0 = time.perf_counter()
+        s = run_sweep(plan, src)
+        wall = time.perf_counter() - t0
+    print(f"machine: {_cores()} cores; workers {plan.workers}; env {env}; policy {src.checkpoint or 'random ' + preset}")
+    print(f"{s.ran} episodes ({per_task} per task x {n_tasks} tasks) in {wall:.1f} s "
+          f"= {s.ran / wall:.2f} episodes/s (start-up {s.first_result_s:.1f} s); "
+          f"{s.errors} env errors")
+    if s.ran:
+        print(f"projected for 400 episodes: {400 / (s.ran / wall):.0f} s (target < 180 s on 16 cores)")

@@ -1,0 +1,311 @@
+"""Tables, CSV and plots from a results DB.
+
+Settings are grouped by (policy, env, replan); inside a group every reuse setting is compared
+with the group's baseline on the episodes both finished (paired: same task, init state, seed).
+Table layout follows the TurboPi log (threshold | success | latency | Hz | reuse rate |
+speedup) plus n, the 95% Wilson interval and the exact McNemar p-value against the baseline.
+Latency is per policy call (ms, all calls of all finished episodes); Hz = 1000 / mean latency.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .stats import Latency, Paired, latency, mcnemar, paired_bootstrap, speedup, wilson
+from .store import open_existing
+
+ALL = "(all tasks)"
+
+
+@dataclass
+class Row:
+    group: str
+    setting: str
+    task: str
+    is_baseline: bool
+    n: int
+    successes: int
+    errors: int
+    ci: tuple[float, float]
+    lat: Latency
+    parts: dict[str, float]  # mean ms of vision / prefix / denoise where recorded
+    reuse_rate: float
+    mixed_rate: float
+    speedup: float
+    paired: Paired | None
+    diff_ci: tuple[float, float] | None
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.n if self.n else float("nan")
+
+
+def _episodes_by_setting(store):
+    settings = store.settings()
+    eps = defaultdict(list)
+    for e in store.episodes():
+        eps[e["setting_id"]].append(e)
+    return settings, eps
+
+
+def compute_rows(db: str | Path) -> list[Row]:
+    with open_existing(db) as store:
+        settings, eps = _episodes_by_setting(store)
+    groups: dict[tuple, list] = defaultdict(list)
+    for s in settings:
+        groups[(s["policy"], s["env"], s["replan"])].append(s)
+    rows: list[Row] = []
+    for (policy, env, replan), ss in groups.items():
+        gname = f"{env} | policy {policy} | replan {replan}"
+        base = next((s for s in ss if s["is_baseline"]), None)
+        base_eps = eps.get(base["id"], []) if base is not None else []
+        tasks = sorted({e["task"] for s in ss for e in eps.get(s["id"], [])})
+        for task in [ALL, *tasks]:
+            pick = (lambda e: True) if task == ALL else (lambda e, t=task: e["task"] == t)
+            b_sel = [e for e in base_eps if pick(e)]
+            b_lat = latency(_calls(b_sel))
+            for s in ss:
+                sel = [e for e in eps.get(s["id"], []) if pick(e)]
+                if not sel:
+                    continue
+                rows.append(_row(gname, s, task, sel, b_sel if base is not None else None, b_lat))
+    return rows
+
+
+def _calls(eps, part: str = "total") -> list[float]:
+    out: list[float] = []
+    for e in eps:
+        if e["status"] != "error":
+            out += json.loads(e["timings"]).get(part, [])
+    return out
+
+
+def _row(gname, s, task, sel, base_sel, b_lat: Latency) -> Row:
+    fin = [e for e in sel if e["status"] != "error"]
+    k = sum(e["status"] == "success" for e in fin)
+    lat = latency(_calls(sel))
+    parts = {}
+    for p in ("vision", "prefix", "denoise"):
+        ms = _calls(sel, p)
+        if ms:
+            parts[p] = sum(ms) / len(ms)
+    calls = sum(e["calls"] for e in fin)
+    paired = diff_ci = None
+    if base_sel is not None and not s["is_baseline"]:
+        b = {(e["task"], e["init_id"], e["seed"]): e["status"] == "success" for e in base_sel if e["status"] != "error"}
+        pairs = [(b[key], e["status"] == "success") for e in fin if (key := (e["task"], e["init_id"], e["seed"])) in b]
+        if pairs:
+            bb, ss = [p[0] for p in pairs], [p[1] for p in pairs]
+            paired, diff_ci = mcnemar(bb, ss), paired_bootstrap(bb, ss)
+    return Row(
+        group=gname,
+        setting=s["name"],
+        task=task,
+        is_baseline=bool(s["is_baseline"]),
+        n=len(fin),
+        successes=k,
+        errors=len(sel) - len(fin),
+        ci=wilson(k, len(fin)),
+        lat=lat,
+        parts=parts,
+        reuse_rate=sum(e["reuses"] for e in fin) / calls if calls else 0.0,
+        mixed_rate=sum(e["mixed"] for e in fin) / calls if calls else 0.0,
+        speedup=1.0 if s["is_baseline"] else speedup(b_lat.mean, lat.mean),
+        paired=paired,
+        diff_ci=diff_ci,
+    )
+
+
+# ---- Markdown ------------------------------------------------------------------------------
+
+_HEAD = (
+    "| setting | success | latency (mean) | p50 / p95 | Hz | reuse rate | speedup | n | 95% CI | "
+    "Δ vs baseline (paired) | p (McNemar) | errors |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def _pct(x: float) -> str:
+    return "–" if x != x else f"{100 * x:.1f}%"
+
+
+def _md_row(r: Row) -> str:
+    name = f"**{r.setting}**" if r.is_baseline else r.setting
+    lat = "–" if r.lat.n == 0 else f"{r.lat.mean:.1f} ms"
+    pp = "–" if r.lat.n == 0 else f"{r.lat.p50:.1f} / {r.lat.p95:.1f} ms"
+    hz = "–" if r.lat.n == 0 else f"{r.lat.hz:.1f}"
+    sp = "–" if r.speedup != r.speedup else f"{r.speedup:.2f}x"
+    if r.paired is None:
+        diff = p = "–"
+    else:
+        lo, hi = r.diff_ci
+        diff = f"{100 * r.paired.diff:+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}] (n={r.paired.n})"
+        p = f"{r.paired.p_value:.3g}"
+    ci = f"[{_pct(r.ci[0])}, {_pct(r.ci[1])}]"
+    return (
+        f"| {name} | {_pct(r.rate)} | {lat} | {pp} | {hz} | {_pct(r.reuse_rate)} | {sp} | {r.n} | {ci} | "
+        f"{diff} | {p} | {r.errors} |\n"
+    )
+
+
+def markdown(rows: list[Row]) -> str:
+    out = []
+    by_group: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        by_group[r.group].append(r)
+    for g, rs in by_group.items():
+        out.append(f"## {g}\n\n")
+        out.append("Success = the env's own signal; errors (env crashes) are excluded from n. Latency per "
+                   "policy call; Hz = 1000 / mean latency; speedup = baseline mean / setting mean; Δ and p "
+                   "on the episodes both the setting and the baseline finished.\n\n")
+        out.append("### All tasks\n\n" + _HEAD + "".join(_md_row(r) for r in rs if r.task == ALL) + "\n")
+        for task in sorted({r.task for r in rs} - {ALL}):
+            out.append(f"### {task}\n\n" + _HEAD + "".join(_md_row(r) for r in rs if r.task == task) + "\n")
+    return "".join(out) if out else "No episodes in this DB yet.\n"
+
+
+# ---- CSV -----------------------------------------------------------------------------------
+
+CSV_FIELDS = (
+    "group", "setting", "task", "is_baseline", "n", "successes", "success_rate", "ci_low", "ci_high",
+    "errors", "lat_mean_ms", "lat_p50_ms", "lat_p95_ms", "hz", "vision_ms", "prefix_ms", "denoise_ms",
+    "reuse_rate", "mixed_rate", "speedup", "paired_n", "only_baseline", "only_setting", "diff",
+    "diff_ci_low", "diff_ci_high", "p_mcnemar",
+)
+
+
+def write_csv(rows: list[Row], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for r in rows:
+            pr = r.paired
+            w.writerow([
+                r.group, r.setting, r.task, int(r.is_baseline), r.n, r.successes, r.rate, r.ci[0], r.ci[1],
+                r.errors, r.lat.mean, r.lat.p50, r.lat.p95, r.lat.hz, r.parts.get("vision", ""),
+                r.parts.get("prefix", ""), r.parts.get("denoise", ""), r.reuse_rate, r.mixed_rate, r.speedup,
+                pr.n if pr else "", pr.only_base if pr else "", pr.only_setting if pr else "",
+                pr.diff if pr else "", r.diff_ci[0] if r.diff_ci else "", r.diff_ci[1] if r.diff_ci else "",
+                pr.p_value if pr else "",
+            ])
+    return path
+
+
+# ---- plots ---------------------------------------------------------------------------------
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points (latency, success) not dominated by one with lower-or-equal latency and
+    higher-or-equal success (one strictly better), sorted by latency."""
+    idx = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    out, best = [], -1.0
+    for i in idx:
+        if points[i][1] > best:
+            out.append(i)
+            best = points[i][1]
+    return out
+
+
+def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    by_group: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        by_group[r.group].append(r)
+    for gi, (g, rs) in enumerate(by_group.items()):
+        sfx = "" if len(by_group) == 1 else f"_{gi}"
+        overall = [r for r in rs if r.task == ALL and r.n > 0]
+        if not overall:
+            continue
+        # success vs reuse rate
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        _scatter(ax, overall, lambda r: 100 * r.reuse_rate)
+        ax.set_xlabel("reuse rate (% of policy calls)")
+        ax.set_ylabel("success (%), 95% Wilson interval")
+        ax.set_title(f"Success vs reuse rate\n{g}", fontsize=9)
+        files.append(_save(fig, out_dir / f"success_vs_reuse{sfx}.png"))
+        # success vs latency with the Pareto front
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        _scatter(ax, overall, lambda r: r.lat.mean)
+        pts = [(r.lat.mean, r.rate) for r in overall]
+        front = pareto(pts)
+        ax.plot([pts[i][0] for i in front], [100 * pts[i][1] for i in front], "--", color="gray", lw=1,
+                label="Pareto front")
+        ax.set_xlabel("mean latency per policy call (ms)")
+        ax.set_ylabel("success (%), 95% Wilson interval")
+        ax.set_title(f"Success vs latency\n{g}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        files.append(_save(fig, out_dir / f"success_vs_latency{sfx}.png"))
+        # per-task bars
+        per_task = [r for r in rs if r.task != ALL and r.n > 0]
+        tasks = sorted({r.task for r in per_task})
+        names = list(dict.fromkeys(r.setting for r in overall))
+        if tasks:
+            import numpy as np
+
+            fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(tasks) * max(1, len(names)) ** 0.5), 4.5))
+            width = 0.8 / max(1, len(names))
+            for si, name in enumerate(names):
+                vals, lo, hi = [], [], []
+                for t in tasks:
+                    r = next((x for x in per_task if x.task == t and x.setting == name), None)
+                    v = 100 * r.rate if r else np.nan
+                    vals.append(v)
+                    lo.append(v - 100 * r.ci[0] if r else 0)
+                    hi.append(100 * r.ci[1] - v if r else 0)
+                x = np.arange(len(tasks)) + (si - (len(names) - 1) / 2) * width
+                ax.bar(x, vals, width, yerr=[lo, hi], capsize=2, label=name)
+            ax.set_xticks(np.arange(len(tasks)))
+            ax.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
+            ax.set_ylabel("success (%), 95% Wilson interval")
+            ax.set_ylim(0, 105)
+            ax.set_title(f"Success per task\n{g}", fontsize=9)
+            ax.legend(fontsize=7)
+            files.append(_save(fig, out_dir / f"per_task{sfx}.png"))
+    return files
+
+
+def _scatter(ax, rows: list[Row], x_of) -> None:
+    for r in rows:
+        x, y = x_of(r), 100 * r.rate
+        err = [[y - 100 * r.ci[0]], [100 * r.ci[1] - y]]
+        ax.errorbar([x], [y], yerr=err, fmt="s" if r.is_baseline else "o", capsize=3, label=r.setting)
+        ax.annotate(r.setting, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write_report(db: str | Path, out_dir: str | Path | None = None, plots: bool = True) -> tuple[str, list[Path]]:
+    """-> (Markdown text, files written: report.md, results.csv and the plots)."""
+    rows = compute_rows(db)
+    md = f"# kvreuse results: {Path(db).name}\n\n" + markdown(rows)
+    files: list[Path] = []
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(md)
+        files += [out / "report.md", write_csv(rows, out / "results.csv")]
+        if plots and rows:
+            files += write_plots(rows, out)
+    return md, files

@@ -1,0 +1,108 @@
+"""Statistics for success rates and latencies.
+
+- Wilson score interval (95%) for a success rate: well behaved at 0% and 100% and small n,
+  unlike the normal approximation.
+- Exact McNemar test for a paired difference (reuse setting vs baseline on the same episodes):
+  only discordant pairs carry information; under H0 each is equally likely to go either way,
+  so the two-sided p-value is a binomial(b + c, 1/2) tail.
+- Paired bootstrap interval for the success difference, as a second view.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval; (0, 1) when n == 0 (nothing is known)."""
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"wilson: expected 0 <= successes <= n, got successes={successes}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    z2 = z * z
+    den = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def binom_two_sided(k: int, n: int) -> float:
+    """Exact two-sided p of k successes in n fair coin flips (doubling the smaller tail)."""
+    if n == 0:
+        return 1.0
+    k = min(k, n - k)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+@dataclass(frozen=True)
+class Paired:
+    n: int  # pairs where both episodes finished (no error on either side)
+    both: int  # success in both
+    only_base: int  # b: baseline succeeded, setting failed
+    only_setting: int  # c: setting succeeded, baseline failed
+    neither: int
+    p_value: float  # exact McNemar, two-sided
+
+    @property
+    def diff(self) -> float:
+        """Setting success rate minus baseline's on the paired episodes."""
+        return (self.only_setting - self.only_base) / self.n if self.n else 0.0
+
+
+def mcnemar(base: list[bool], setting: list[bool]) -> Paired:
+    """Paired outcomes (same episodes, same order) -> exact McNemar test."""
+    if len(base) != len(setting):
+        raise ValueError(f"mcnemar: paired lists differ in length ({len(base)} vs {len(setting)})")
+    both = sum(1 for a, b in zip(base, setting) if a and b)
+    ob = sum(1 for a, b in zip(base, setting) if a and not b)
+    os_ = sum(1 for a, b in zip(base, setting) if b and not a)
+    n = len(base)
+    return Paired(n, both, ob, os_, n - both - ob - os_, binom_two_sided(min(ob, os_), ob + os_))
+
+
+def paired_bootstrap(base: list[bool], setting: list[bool], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of (setting - baseline) success, resampling pairs."""
+    if len(base) != len(setting):
+        raise ValueError(f"paired_bootstrap: paired lists differ in length ({len(base)} vs {len(setting)})")
+    if not base:
+        return float("nan"), float("nan")
+    d = np.asarray(setting, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(reps, len(d)))
+    means = d[idx].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+@dataclass(frozen=True)
+class Latency:
+    n: int
+    mean: float
+    p50: float
+    p95: float
+
+    @property
+    def hz(self) -> float:
+        """Policy calls per second at this mean latency (inference rate, not control rate)."""
+        return 1000.0 / self.mean if self.mean > 0 else float("nan")
+
+
+def latency(ms) -> Latency:
+    a = np.asarray(list(ms), dtype=np.float64)
+    if a.size == 0:
+        nan = float("nan")
+        return Latency(0, nan, nan, nan)
+    return Latency(int(a.size), float(a.mean()), float(np.percentile(a, 50)), float(np.percentile(a, 95)))
+
+
+def speedup(base_mean_ms: float, mean_ms: float) -> float:
+    """Baseline mean latency / setting mean latency (>1 = faster)."""
+    if not (mean_ms > 0) or not (base_mean_ms > 0):
+        return float("nan")
+    return base_mean_ms / mean_ms
