@@ -1,0 +1,119 @@
+"""`kvreuse serve`: build per-client Policies sharing one model and serve them (docs/SERVE.md)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import tyro
+
+from ..reuse.config import ReuseConfig
+
+
+def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny-pi05", robot: str | None = None,
+                 tokenizer: str | None = None, device: str = "cpu", seed: int = 0):
+    """-> (template Policy, metadata for clients). Clients get `template.fork()`: the same
+    model and transform (no weight copy), their own cache, reuse state and noise generator."""
+    import torch
+
+    from ..model import Pi0Model
+    from ..model import preset as get_preset
+    from ..model.tokenizer import load_tokenizer
+    from ..policy import Policy
+    from ..transforms.robot import RobotTransform, robot_spec
+
+    if checkpoint is not None:
+        policy = Policy.from_checkpoint(checkpoint, reuse=reuse, device=device, seed=seed, tokenizer=tokenizer)
+        if robot is not None and robot != policy.transform.spec.name:
+            t = policy.transform
+            policy = Policy(policy.model, RobotTransform(t.cfg, t.tok, t.stats, robot_spec(robot)), seed=seed, reuse=reuse)
+        source = checkpoint
+    else:  # no weights: a random model of a preset (protocol and load testing only)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = Pi0Model(get_preset(preset)).eval()
+        cfg = model.cfg
+        tf = RobotTransform(cfg, load_tokenizer(cfg, tokenizer), None, robot_spec(robot or "metaworld"))
+        policy = Policy(model, tf, seed=seed, reuse=reuse)
+        source = f"random {preset}"
+    cfg, spec = policy.model.cfg, policy.transform.spec
+    info = {
+        "model": source, "variant": cfg.variant, "robot": spec.name, "image_keys": list(spec.camera_keys),
+        "state_key": spec.state_key, "state_dim": spec.state_dim, "prompt_key": spec.prompt_key,
+        "action_dim": spec.action_dim, "action_horizon": cfg.chunk_size, "reuse": reuse.label(),
+    }
+    return policy, info
+
+
+def make_server(policy, info: dict, config):
+    """A PolicyServer giving every client its own fork of `policy`."""
+    from .server import PolicyServer
+
+    bounded = policy.reuse_config.max_age_s is not None and policy.reuse_config.max_age_s <= config.max_cache_age_s
+    return PolicyServer(policy.fork, config, metadata=info, policy_bounds_age=bounded)
+
+
+def run_serve(
+    checkpoint: str | None = None,
+    reuse: Annotated[ReuseConfig, tyro.conf.OmitArgPrefixes] = ReuseConfig(),
+    preset: str = "tiny-pi05",
+    robot: str | None = None,
+    tokenizer: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_frame_mb: float = 16.0,
+    close_frame_mb: float = 128.0,
+    queue_size: int = 16,
+    max_clients: int = 64,
+    max_cache_age_s: float = 5.0,
+    device: str = "cpu",
+    seed: int = 0,
+    threads: int | None = None,
+) -> None:
+    """Serve a policy over openpi's websocket protocol, one reuse state per client.
+
+    Args:
+        checkpoint: kvreuse checkpoint directory; without it a random model of `preset` (testing only).
+        reuse: reuse setting for every client (--gate, --mode, --threshold, ...; see docs/REUSE.md).
+        preset: model preset used when no checkpoint is given.
+        robot: robot transform (default: the checkpoint's robot, else metaworld).
+        tokenizer: PaliGemma tokenizer.model for full-size models.
+        host: bind address (0.0.0.0 to accept other machines).
+        port: TCP port (0 picks a free one).
+        max_frame_mb: larger request frames get an error reply; the connection stays open.
+        close_frame_mb: larger frames close the connection (code 1009).
+        queue_size: requests waiting for the model before clients are made to wait.
+        max_clients: further connections are refused with HTTP 503.
+        max_cache_age_s: a prefix cache older than this is never reused.
+        device: torch device of the model.
+        seed: noise seed of every client's policy (and of the random model).
+        threads: torch intra-op threads (default: torch's choice).
+    """
+    import asyncio
+
+    import torch
+
+    from .server import ServeConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = ServeConfig(host=host, port=port, max_frame_mb=max_frame_mb, close_frame_mb=close_frame_mb,
+                      queue_size=queue_size, max_clients=max_clients, max_cache_age_s=max_cache_age_s)
+    reuse = with_age_bound(reuse, max_cache_age_s)
+    policy, info = build_policy(checkpoint, reuse, preset, robot, tokenizer, device, seed)
+    server = make_server(policy, info, cfg)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    print(f"kvreuse serve: {info['model']} ({info['variant']}, robot {info['robot']}), reuse {info['reuse']}, "
+          f"ws://{host}:{port}  (GET /healthz, GET /stats)", flush=True)
+    try:
+        asyncio.run(server.run())
+    except KeyboardInterrupt:
+        pass
+
+
+def with_age_bound(reuse: ReuseConfig, max_cache_age_s: float) -> ReuseConfig:
+    """The reuse config with the server's max cache age (the tighter of the two wins)."""
+    if max_cache_age_s == float("inf"):
+        return reuse
+    age = max_cache_age_s if reuse.max_age_s is None else min(reuse.max_age_s, max_cache_age_s)
+    return reuse.replace(max_age_s=age)

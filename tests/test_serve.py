@@ -1,0 +1,369 @@
+"""Policy server: openpi wire format, openpi's own client, per-client state, bad frames, load.
+
+openpi's client comes from PyPI (it pins numpy<2, which its code does not need):
+    pip install --no-deps openpi-client==0.1.2
+Tests that need it are skipped without it; everything else uses a raw websocket.
+Only loopback addresses; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from kvreuse.policy import StepRecord
+from kvreuse.reuse.config import ReuseConfig
+from kvreuse.serve.command import build_policy, make_server, with_age_bound
+from kvreuse.serve.load import ObsStream, check, format_summary, run_load
+from kvreuse.serve.protocol import ProtocolError, packb, unpackb
+from kvreuse.serve.server import PolicyServer, ServeConfig, ServerThread
+
+HOST = "127.0.0.1"
+# websockets >= 16 asks for `with connect(...)`; openpi's client (and these tests) hold the socket open.
+pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used:DeprecationWarning")
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def good_obs(seed: int = 0, size: int = 64) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "observation/image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+        "observation/wrist_image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+        "observation/state": rng.standard_normal(4).astype(np.float32),
+        "prompt": "pick up the puck",
+    }
+
+
+def real_server(reuse: ReuseConfig | None = None, **cfg) -> PolicyServer:
+    """The tiny random model behind the real server wiring (`kvreuse serve` minus the CLI)."""
+    config = ServeConfig(port=0, **cfg)
+    template = _TEMPLATE[0].fork(reuse=with_age_bound(reuse or ReuseConfig(), config.max_cache_age_s))
+    return make_server(template, _TEMPLATE[1], config)
+
+
+class RawClient:
+    """A websocket speaking the wire format directly, to send frames openpi's client cannot."""
+
+    def __init__(self, port: int):
+        self.ws = connect(f"ws://{HOST}:{port}", compression=None, max_size=None, open_timeout=10)
+        self.meta = unpackb(self.ws.recv(timeout=10))
+
+    def send(self, data, timeout: float = 30):
+        self.ws.send(data)
+        r = self.ws.recv(timeout=timeout)
+        return r if isinstance(r, str) else unpackb(r)
+
+    def infer(self, obs: dict):
+        return self.send(packb(obs))
+
+    def close(self):
+        self.ws.close()
+
+
+def http_get(port: int, path: str):
+    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=10) as r:
+        return r.status, r.headers.get("Content-Type"), r.read()
+
+
+class FakePolicy:
+    """Duck-typed Policy: fixed actions, a chosen decision sequence, optional delay."""
+
+    def __init__(self, delay_s: float = 0.0, decisions=("refresh",)):
+        self.delay_s, self.decisions = delay_s, decisions
+        self.calls = self.resets = 0
+
+    def reset(self):
+        self.resets += 1
+
+    def infer(self, raw):
+        time.sleep(self.delay_s)
+        d = self.decisions[min(self.calls, len(self.decisions) - 1)]
+        self.calls += 1
+        return np.zeros((4, 2), np.float32), StepRecord(decision=d, snapshots=(self.calls,))
+
+
+_TEMPLATE: list = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    _TEMPLATE[:] = build_policy(None, ReuseConfig(), "tiny-pi05")
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def server_port():
+    with ServerThread(real_server(max_frame_mb=1.0, close_frame_mb=4.0)) as port:
+        yield port
+
+
+# ---- wire format -------------------------------------------------------------------------------
+def test_protocol_roundtrip_and_openpi_compat():
+    obs = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.int64(7), "c": "x", "d": [1, 2.5],
+           "e": np.zeros((0, 3), np.uint8), "f": np.array(True)}
+    back = unpackb(packb(obs))
+    assert back["a"].dtype == np.float32 and back["a"].shape == (2, 3) and (back["a"] == obs["a"]).all()
+    assert back["b"] == 7 and back["b"].dtype == np.int64 and back["c"] == "x" and back["d"] == [1, 2.5]
+    assert back["e"].shape == (0, 3) and back["f"].dtype == np.bool_
+    back["a"][0, 0] = 1  # decoded arrays are writable copies
+    msgpack_numpy = pytest.importorskip("openpi_client.msgpack_numpy")
+    theirs = msgpack_numpy.unpackb(packb(obs))  # our frames decode with openpi's code
+    assert (theirs["a"] == obs["a"]).all() and theirs["b"] == 7
+    ours = unpackb(msgpack_numpy.packb(obs))  # and theirs with ours
+    assert (ours["a"] == obs["a"]).all() and ours["a"].dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "frame, words",
+    [
+        (b"\xc1\xc1\xc1", "malformed"),
+        (packb({"a": 1})[:-1], "malformed"),
+        (packb({"a": 1}) + b"\x00", "malformed"),
+        (msgpack.packb({b"__ndarray__": True, b"data": b"\0" * 8, b"dtype": "|O", b"shape": [1]}), "not allowed"),
+        (msgpack.packb({b"__ndarray__": True, b"data": b"\0" * 7, b"dtype": "<f4", b"shape": [2]}), "bytes"),
+        (msgpack.packb({b"__ndarray__": True, b"data": b"", b"dtype": "nonsense", b"shape": [0]}), "dtype"),
+        (msgpack.packb({b"__ndarray__": True, b"data": b"", b"dtype": "<f4", b"shape": [-1]}), "shape"),
+        (msgpack.packb({1: 2}), "malformed"),
+    ],
+)
+def test_protocol_rejects_malformed(frame, words):
+    with pytest.raises(ProtocolError, match=words):
+        unpackb(frame)
+
+
+# ---- openpi's own client -----------------------------------------------------------------------
+def test_openpi_client_end_to_end(server_port):
+    wcp = pytest.importorskip("openpi_client.websocket_client_policy")
+    client = wcp.WebsocketClientPolicy(HOST, server_port)
+    try:
+        meta = client.get_server_metadata()
+        assert meta["server"] == "kvreuse" and meta["action_dim"] == 4 and meta["reset_key"] == "reset"
+        r1 = client.infer(good_obs())
+        assert r1["actions"].shape == (16, 4) and np.isfinite(r1["actions"]).all()
+        t = r1["server_timing"]
+        assert {"infer_ms", "queue_ms", "server_ms", "reuse"} <= set(t) and "prev_total_ms" not in t
+        r2 = client.infer(good_obs())
+        assert r2["server_timing"]["reuse"]["client"] == t["reuse"]["client"] and "prev_total_ms" in r2["server_timing"]
+        assert r2["server_timing"]["reuse"]["step"] == 2
+        # An error reply reaches openpi's client as a RuntimeError, without a traceback; the
+        # same client then goes on working.
+        with pytest.raises(RuntimeError, match="missing key") as e:
+            client.infer({"prompt": "no images"})
+        assert "Traceback" not in str(e.value)
+        r3 = client.infer({**good_obs(), "reset": True})
+        assert r3["server_timing"]["reuse"]["resets"] == 1 and r3["actions"].shape == (16, 4)
+    finally:
+        client._ws.close()
+
+
+def test_reset_restarts_noise_and_control_message(server_port):
+    """A reset clears the client's state: same observation after a reset -> same actions as
+    the first call of a fresh connection (same noise seed), and the control message acks."""
+    a, b = RawClient(server_port), RawClient(server_port)
+    try:
+        first = a.infer(good_obs(1))["actions"]
+        second = a.infer(good_obs(1))["actions"]
+        assert not np.array_equal(first, second)  # the noise generator moved on
+        assert a.send(packb({"__ctrl__": "reset"})) == {"__ack__": "reset"}
+        assert np.array_equal(a.infer(good_obs(1))["actions"], first)
+        assert np.array_equal(b.infer(good_obs(1))["actions"], first)  # b's state is its own
+        assert a.send(packb({"__ctrl__": "episode_end"})) == {"__ack__": "episode_end"}
+    finally:
+        a.close(), b.close()
+
+
+# ---- bad frames --------------------------------------------------------------------------------
+def _bad_frames():
+    obs = good_obs()
+    big = {**obs, "pad": np.zeros(int(1.5 * (1 << 20)), np.uint8)}  # over max_frame_mb=1, under close=4
+    nan_state = {**obs, "observation/state": np.array([np.nan, 0, 0, 0], np.float32)}
+    return {
+        "garbage bytes": (b"\xc1\x00\xff", "malformed"),
+        "truncated msgpack": (packb(obs)[:100], "malformed"),
+        "text frame": ("hello", "text frame"),
+        "not a map": (packb([1, 2, 3]), "map"),
+        "missing keys": (packb({"prompt": "x"}), "missing key"),
+        "unknown camera": (packb({**obs, "observation/left_image": obs["observation/image"]}), "unknown camera"),
+        "wrong image shape": (packb({**obs, "observation/image": np.zeros((64, 64), np.uint8)}), "observation/image"),
+        "wrong image dtype": (packb({**obs, "observation/image": np.zeros((64, 64, 3), np.int32)}), "dtype"),
+        "wrong state shape": (packb({**obs, "observation/state": np.zeros(7, np.float32)}), "observation/state"),
+        "nan state": (packb(nan_state), "NaN"),
+        "object array": (msgpack.packb({"x": {b"__ndarray__": True, b"data": b"", b"dtype": "|O", b"shape": [0]}}), "not allowed"),
+        "oversized frame": (packb(big), "exceeds the limit"),
+        "unknown control": (packb({"__ctrl__": "explode"}), "unknown control"),
+        "bad reset flag": (packb({**obs, "reset": "yes"}), "reset"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_bad_frames()))
+def test_bad_frame_gets_short_error_then_connection_serves(server_port, kind):
+    frame, words = _bad_frames()[kind]
+    c = RawClient(server_port)
+    try:
+        reply = c.send(frame)
+        assert isinstance(reply, str) and reply.startswith("error:"), reply
+        assert words.lower() in reply.lower() and "Traceback" not in reply and len(reply) < 400 and "\n" not in reply
+        good = c.infer(good_obs())
+        assert isinstance(good, dict) and good["actions"].shape == (16, 4)
+    finally:
+        c.close()
+
+
+def test_frame_over_hard_cap_closes_only_that_connection(server_port):
+    other = RawClient(server_port)
+    c = RawClient(server_port)
+    try:
+        c.ws.send(b"\0" * (5 << 20))  # over close_frame_mb=4
+        with pytest.raises(ConnectionClosed) as e:
+            c.ws.recv(timeout=10)
+        assert e.value.rcvd is not None and e.value.rcvd.code == 1009
+        assert other.infer(good_obs())["actions"].shape == (16, 4)
+        fresh = RawClient(server_port)
+        assert fresh.infer(good_obs())["actions"].shape == (16, 4)
+        fresh.close()
+    finally:
+        other.close()
+
+
+# ---- HTTP endpoints ----------------------------------------------------------------------------
+def test_healthz_and_stats(server_port):
+    assert http_get(server_port, "/healthz")[::2] == (200, b"OK\n")
+    c = RawClient(server_port)
+    try:
+        c.infer(good_obs())
+        c.send(b"\xc1")
+        status, ctype, body = http_get(server_port, "/stats")
+        assert status == 200 and ctype == "application/json"
+        stats = json.loads(body)
+        mine = [s for s in stats["clients"] if s["requests"] == 1 and s["errors"] == 1]
+        assert len(mine) == 1 and mine[0]["latency_ms"]["p50"] > 0
+        assert stats["totals"]["requests"] >= 1 and stats["queue"]["max"] == 16
+    finally:
+        c.close()
+
+
+def test_max_clients_refused_with_503():
+    with ServerThread(PolicyServer(FakePolicy, ServeConfig(port=0, max_clients=1))) as port:
+        a = RawClient(port)
+        try:
+            with pytest.raises(InvalidStatus) as e:
+                RawClient(port)
+            assert e.value.response.status_code == 503
+        finally:
+            a.close()
+
+
+# ---- per-client state, age bound, backpressure, disconnects -------------------------------------
+def test_server_bounds_cache_age_when_policy_does_not():
+    made = []
+
+    def new_policy():
+        made.append(FakePolicy(decisions=("refresh", "reuse")))
+        return made[-1]
+
+    cfg = ServeConfig(port=0, max_cache_age_s=0.3)
+    with ServerThread(PolicyServer(new_policy, cfg)) as port:
+        c = RawClient(port)
+        try:
+            c.infer(good_obs())  # refresh: the cache is born
+            r = c.infer(good_obs())  # young cache: no reset
+            assert r["server_timing"]["reuse"]["age_resets"] == 0 and made[0].resets == 0
+            time.sleep(0.4)
+            r = c.infer(good_obs())  # too old: the server restarts the policy before it can reuse
+            assert r["server_timing"]["reuse"]["age_resets"] == 1 and made[0].resets == 1
+        finally:
+            c.close()
+
+
+def test_backpressure_bounded_queue_and_disconnect_mid_inference():
+    """queue_size=1 with a slow policy: 4 clients all get answers, the queue never holds more
+    than one job, and a client that leaves mid-inference disturbs no one."""
+    server = PolicyServer(lambda: FakePolicy(delay_s=0.05), ServeConfig(port=0, queue_size=1))
+    with ServerThread(server) as port:
+        seen, errors = [], []
+
+        def client(n: int):
+            try:
+                c = RawClient(port)
+                for _ in range(n):
+                    r = c.infer(good_obs())
+                    seen.append(r["server_timing"]["reuse"]["client"])
+                c.close()
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+
+        leaver = RawClient(port)
+        leaver.ws.send(packb(good_obs()))  # then gone before its reply
+        leaver.ws.close()
+        threads = [threading.Thread(target=client, args=(5,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        peak = 0
+        while any(t.is_alive() for t in threads):
+            peak = max(peak, server._queue.qsize())
+            time.sleep(0.005)
+        for t in threads:
+            t.join(30)
+        assert not errors and len(seen) == 20 and len(set(seen)) == 4
+        assert peak <= 1
+        deadline = time.monotonic() + 5
+        while server.clients and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = server.stats()
+        assert stats["clients_connected"] == 0 and stats["clients_served"] == 5
+        # The leaver's request was either skipped in the queue or its reply had nowhere to go.
+        assert stats["totals"]["abandoned"] == 1 and stats["totals"]["requests"] in (20, 21)
+
+
+# ---- reuse state per client (real reuse policy) --------------------------------------------------
+def test_reuse_is_per_client_and_bounded_by_age():
+    """gate=always: each client reuses its own cache and never another's (disjoint snapshot
+    ids even for identical observations); a cache older than max_cache_age_s is not reused."""
+    with ServerThread(real_server(ReuseConfig(gate="always"), max_cache_age_s=0.5)) as port:
+        a, b = RawClient(port), RawClient(port)
+        try:
+            ra = [a.infer(good_obs(5))["server_timing"]["reuse"] for _ in range(3)]
+            rb = [b.infer(good_obs(5))["server_timing"]["reuse"] for _ in range(3)]
+            for r in (ra, rb):
+                assert [x["decision"] for x in r] == ["refresh", "reuse", "reuse"]
+                assert len({tuple(x["snapshots"]) for x in r}) == 1 and r[0]["snapshots"]  # one cache, reused
+            assert not set(ra[0]["snapshots"]) & set(rb[0]["snapshots"])
+            time.sleep(0.6)
+            old = a.infer(good_obs(5))["server_timing"]["reuse"]
+            assert old["decision"] == "refresh" and "max age" in old["reason"]
+            assert not set(old["snapshots"]) & set(ra[0]["snapshots"])
+            r = a.infer({**good_obs(5), "reset": True})["server_timing"]["reuse"]
+            assert r["decision"] == "refresh" and r["resets"] == 1
+        finally:
+            a.close(), b.close()
+
+
+# ---- load: many clients, real model -------------------------------------------------------------
+def test_loopback_load_no_errors_no_cross_client_reuse():
+    clients, requests = 8, 30
+    with ServerThread(real_server(ReuseConfig(gate="threshold", threshold=0.98))) as port:
+        summary = run_load(HOST, port, clients, requests, image_size=64, timeout_s=90)
+    print("\n" + format_summary(summary))
+    assert check(summary, requests) == []
+    assert summary["snapshots"] >= clients  # each client computed its own prefix at least once
+    assert summary["reuse_rate"] > 0.5  # the drifting streams do get reused, within a client
+
+
+def test_obs_stream_is_deterministic():
+    a, b = ObsStream(3, 32), ObsStream(3, 32)
+    for i in range(3):
+        x, y = a.obs(i), b.obs(i)
+        assert all(np.array_equal(x[k], y[k]) for k in x if k != "prompt")
