@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .bench import run_bench
 from .demo import run_demo
 from .eval.cli import run_bench_eval, run_eval, run_report, run_sweep_cmd
 from .serve.command import run_serve
 
 COMMANDS = {
+    "bench": run_bench,
     "demo": run_demo,
     "eval": run_eval, "sweep": run_sweep_cmd, "report": run_report, "bench-eval": run_bench_eval,
     "serve": run_serve,

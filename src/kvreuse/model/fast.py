@@ -127,12 +127,13 @@ def _ada_norm(x, eps: float, scale1p, shift):
     return torch.addcmul(shift, F.rms_norm(x, (x.shape[-1],), None, eps), scale1p)
 
 
-def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_out, v_out, idx, heads: int, kv_heads: int, eps: float,
+def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start: int, idx, heads: int, kv_heads: int, eps: float,
                scale1p=None, shift=None):
-    """Norm, fused QKV, rotary on q and k together; k, v written into the cache rows (all rows,
-    or the rows `idx`). Returns rotated q (B, R, H, D)."""
+    """Norm, fused QKV, rotary on q and k together; k, v written into the cache buffer rows
+    [start, start + R) or, with `idx`, the rows idx. Returns rotated q (B, R, H, D).
+    (Writes go through the one buffer argument: aliased buffer arguments would confuse compile.)"""
     b, r, w = x.shape
-    d = k_out.shape[-1]
+    d = k_buf.shape[-1]
     h = F.rms_norm(x, (w,), in_norm, eps) if scale1p is None else _ada_norm(x, eps, scale1p, shift)
     qkv = F.linear(h, qkv_w)
     qk = qkv[..., : (heads + kv_heads) * d].view(b, r, heads + kv_heads, d)
@@ -140,11 +141,11 @@ def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_out, v_out, idx, heads: int, kv_he
     k = qk[:, :, heads:]
     v = qkv[..., (heads + kv_heads) * d :].view(b, r, kv_heads, d)
     if idx is None:
-        k_out.copy_(k)
-        v_out.copy_(v)
+        k_buf[:, start : start + r].copy_(k)
+        v_buf[:, start : start + r].copy_(v)
     else:
-        k_out.index_copy_(1, idx, k)
-        v_out.index_copy_(1, idx, v)
+        k_buf.index_copy_(1, idx, k)
+        v_buf.index_copy_(1, idx, v)
     return qk[:, :, :heads]
 
 
@@ -165,23 +166,24 @@ def _gemma_finish(x, attn, o_t, post_norm, gate_up, down_t, eps: float, gate1=No
     return torch.addcmul(x, act @ down_t, gate2)
 
 
-def _lm_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_out, v_out, idx,
+def _lm_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_buf, v_buf, idx,
               heads: int, kv_heads: int, eps: float):
-    q = _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_out, v_out, idx, heads, kv_heads, eps)
-    return _gemma_finish(x, _mqa(q, k_out, v_out, bias), o_t, post_norm, gate_up, down_t, eps)
+    """One prefix-LM layer; k_buf / v_buf are this layer's (B, T, Hkv, D) prefix K/V."""
+    q = _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, 0, idx, heads, kv_heads, eps)
+    return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias), o_t, post_norm, gate_up, down_t, eps)
 
 
-def _expert_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_new, v_new, k_all, v_all,
+def _expert_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_buf, v_buf, start: int,
                   heads: int, kv_heads: int, eps: float, cond=None):
-    """One action-expert layer: k/v of the suffix go into their slots after the prefix, then the
-    suffix attends over the whole [prefix ; suffix] buffer. `cond` = Pi0.5's per-step
-    (scale1p, shift, gate) x 2 for this layer."""
+    """One action-expert layer: k/v of the suffix go into their rows after the prefix (from
+    `start`), then the suffix attends over the whole [prefix ; suffix] buffer. `cond` = Pi0.5's
+    per-step (scale1p, shift, gate) x 2 for this layer."""
     if cond is None:
-        q = _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_new, v_new, None, heads, kv_heads, eps)
-        return _gemma_finish(x, _mqa(q, k_all, v_all, bias), o_t, post_norm, gate_up, down_t, eps)
+        q = _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start, None, heads, kv_heads, eps)
+        return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias), o_t, post_norm, gate_up, down_t, eps)
     s1, b1, g1, s2, b2, g2 = cond
-    q = _gemma_qkv(x, None, qkv_w, cos, sin, k_new, v_new, None, heads, kv_heads, eps, s1, b1)
-    return _gemma_finish(x, _mqa(q, k_all, v_all, bias), o_t, None, gate_up, down_t, eps, g1, s2, b2, g2)
+    q = _gemma_qkv(x, None, qkv_w, cos, sin, k_buf, v_buf, start, None, heads, kv_heads, eps, s1, b1)
+    return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias), o_t, None, gate_up, down_t, eps, g1, s2, b2, g2)
 
 
 # ---- static buffers and graphs -------------------------------------------------------------------
@@ -333,11 +335,10 @@ class FastPi0:
         st.token_mask.copy_(obs.token_mask)
 
     # ---- graph bodies ----------------------------------------------------------------------
-    def _vision(self, st: _Static, cams: tuple[int, ...]):
-        """SigLIP + projector over the cameras `cams` (all batched in one pass), written into
-        their slots of st.embeds."""
+    def _vision(self, st: _Static, n: int):
+        """SigLIP + projector over the first n cameras' images of st.images, batched in one
+        pass. Returns (n * B, patches, llm width), camera-major."""
         vc, b = self.cfg.vision, st.image_masks.shape[0]
-        n = len(cams)
         m = self.model.vision
         x = F.conv2d(st.images[: n * b], m.patch_embed.weight, m.patch_embed.bias, stride=vc.patch_size)
         x = x.flatten(2).transpose(1, 2) + m.pos_embed.weight[None]
@@ -347,11 +348,7 @@ class FastPi0:
                 w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b, vc.num_heads, vc.eps,
             )
         x = F.layer_norm(x, (vc.width,), m.post_ln.weight, m.post_ln.bias, vc.eps)
-        x = F.linear(x, self.model.projector.weight, self.model.projector.bias)
-        p = vc.num_patches
-        for j, i in enumerate(cams):
-            st.embeds[:, i * p : (i + 1) * p].copy_(x[j * b : (j + 1) * b])
-        return None
+        return F.linear(x, self.model.projector.weight, self.model.projector.bias)
 
     def _text_and_masks(self, st: _Static):
         cfg = self.cfg
@@ -381,7 +378,7 @@ class FastPi0:
             w = self.llm[i]
             k_out, v_out = st.k[i, :, :t], st.v[i, :, :t]
             if i == n - 1:  # the last layer's output is never used: its K/V are enough
-                self._qkv_fn(x, w.in_norm, w.qkv, cos, sin, k_out, v_out, idx, lm.num_heads, lm.num_kv_heads, lm.eps)
+                self._qkv_fn(x, w.in_norm, w.qkv, cos, sin, k_out, v_out, 0, idx, lm.num_heads, lm.num_kv_heads, lm.eps)
             else:
                 x = self._lm_fn(
                     x, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos, sin, bias, k_out, v_out, idx,
@@ -428,7 +425,7 @@ class FastPi0:
             for li, w in enumerate(self.exp):
                 h = self._exp_fn(
                     h, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos, sin, bias,
-                    st.k[li, :, t:], st.v[li, :, t:], st.k[li], st.v[li], ex.num_heads, ex.num_kv_heads, ex.eps,
+                    st.k[li], st.v[li], t, ex.num_heads, ex.num_kv_heads, ex.eps,
                     per_layer[li] if per_layer is not None else None,
                 )
             h = h[:, -c:]
@@ -447,14 +444,26 @@ class FastPi0:
             raise ValueError(f"run_cameras: unknown camera(s) {unknown}; model cameras: {list(self.cfg.cameras)}")
         return tuple(i for i, c in enumerate(self.cfg.cameras) if c in cams)
 
-    def _embed(self, st: _Static, obs: Observation, run: tuple[int, ...], reused: dict[int, torch.Tensor]):
-        names = tuple(self.cfg.cameras[i] for i in run)
-        self._load_obs(st, obs, names)
-        p = self.cfg.vision.num_patches
-        for i, e in reused.items():
+    def _embed(self, st: _Static, obs: Observation, given: dict[int, torch.Tensor]):
+        """Fill st.embeds' camera slots: the `given` embeddings (reused or supplied), the other
+        cameras through the vision tower in one batched pass."""
+        run = tuple(i for i in range(len(self.cfg.cameras)) if i not in given)
+        self._load_obs(st, obs, tuple(self.cfg.cameras[i] for i in run))
+        p, b = self.cfg.vision.num_patches, obs.batch_size
+        for i, e in given.items():
             st.embeds[:, i * p : (i + 1) * p].copy_(e)
         if run:
-            self.graphs.run(("vision", st.valid.shape[0], run), lambda: self._vision(st, run))
+            x = self.graphs.run(("vision", b, len(run)), lambda: self._vision(st, len(run)))
+            for j, i in enumerate(run):
+                st.embeds[:, i * p : (i + 1) * p].copy_(x[j * b : (j + 1) * b])
+
+    @torch.no_grad()
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, patches, llm width), like `Pi0Model.embed_image`."""
+        b = images.shape[0]
+        st = self._static(b)
+        st.images[:b].copy_(images)
+        return self.graphs.run(("vision", b, 1), lambda: self._vision(st, 1)).clone()
 
     def _export(self, st: _Static, obs, snapshot, call_index, keep_hidden, spans=None, embeds=None, hidden=None):
         t = self.cfg.prefix_len
@@ -484,9 +493,7 @@ class FastPi0:
 
     def _encode(self, st, obs, keep_hidden=(), image_embeds=None):
         image_embeds = image_embeds or {}
-        names = self.cfg.cameras
-        run = tuple(i for i, c in enumerate(names) if c not in image_embeds)
-        self._embed(st, obs, run, {i: image_embeds[c] for i, c in enumerate(names) if c in image_embeds})
+        self._embed(st, obs, {i: image_embeds[c] for i, c in enumerate(self.cfg.cameras) if c in image_embeds})
         kh = tuple(sorted(keep_hidden))
         self.graphs.run(("prefix", obs.batch_size, kh), lambda: self._prefix_full(st, kh))
 
@@ -520,9 +527,13 @@ class FastPi0:
         return self._denoise(st, obs, noise, steps)
 
     # ---- reuse updates -----------------------------------------------------------------------
-    def _reused_embeds(self, cache: PrefixCache, run: tuple[int, ...]) -> dict[int, torch.Tensor]:
-        p = self.cfg.vision.num_patches
-        return {i: cache.embeds[:, i * p : (i + 1) * p] for i in range(len(self.cfg.cameras)) if i not in run}
+    def _given_embeds(self, cache: PrefixCache, run_cameras, fresh) -> dict[int, torch.Tensor]:
+        """Cached embeddings of cameras not in `run_cameras`, plus fresh ones supplied for run cameras."""
+        run = self._check_cams(run_cameras)
+        p, fresh = self.cfg.vision.num_patches, fresh or {}
+        out = {i: cache.embeds[:, i * p : (i + 1) * p] for i in range(len(self.cfg.cameras)) if i not in run}
+        out.update({i: fresh[c] for i, c in enumerate(self.cfg.cameras) if i in run and c in fresh})
+        return out
 
     @torch.no_grad()
     def update_prefix(
@@ -533,13 +544,13 @@ class FastPi0:
         run_cameras: tuple[str, ...],
         spans: tuple[Span, ...],
         call_index: int,
+        image_embeds: dict[str, torch.Tensor] | None = None,
     ) -> PrefixCache:
         """`Pi0Model.update_prefix` on the fast path: only the tokens marked in `recompute` go
         through the LM (their count padded up to a graph bucket with repeats of the last one;
         a repeated token computes the same K/V, so the result is unchanged)."""
         st = self._static(obs.batch_size)
-        run = self._check_cams(run_cameras)
-        self._embed(st, obs, run, self._reused_embeds(cache, run))
+        self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds))
         t = self.cfg.prefix_len
         if bool(recompute.all()):  # exactly encode_prefix, keeping the same hidden layers
             kh = tuple(sorted(cache.hidden))
@@ -572,14 +583,14 @@ class FastPi0:
         run_cameras: tuple[str, ...],
         spans: tuple[Span, ...],
         call_index: int,
+        image_embeds: dict[str, torch.Tensor] | None = None,
     ) -> PrefixCache:
         """`Pi0Model.update_prefix_layers` on the fast path (same definition of the input of the
         recomputed layers: cached residual at `split` with the embeddings swapped)."""
         if split not in cache.hidden:
             raise ValueError(f"layer-wise reuse at split {split} needs a cache encoded with keep_hidden=({split},)")
         st = self._static(obs.batch_size)
-        run = self._check_cams(run_cameras)
-        self._embed(st, obs, run, self._reused_embeds(cache, run))
+        self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds))
         st.k[:, :, : self.cfg.prefix_len].copy_(cache.k)
         st.v[:, :, : self.cfg.prefix_len].copy_(cache.v)
         st.old_embeds.copy_(cache.embeds)

@@ -1,0 +1,441 @@
+"""`kvreuse bench`: latency of the fast runtime (and the eager one, and lerobot's) at full size.
+
+Latency does not depend on weight values, so full-size presets are built with random weights
+directly on the GPU in bf16. Every figure is a CUDA-event time over `iters` calls after warm-up:
+median, p10, p90 in milliseconds. `--check` compares the fast path's actions with the eager
+model's (and both with a float32 copy) and exits non-zero when the fast path is off.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+def synthetic_obs(cfg, batch: int, device, generator: torch.Generator | None = None, prompt_tokens: int | None = None):
+    """A valid Observation of random content: images in [-1, 1], a padded prompt (so the masks
+    matter), for Pi0.5 a state span inside the prompt."""
+    from .observation import Observation
+
+    g = generator
+    n, size = cfg.max_token_len, cfg.vision.image_size
+    used = min(n, prompt_tokens if prompt_tokens is not None else max(1, (2 * n) // 3))
+    images = {c: (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device) for c in cfg.cameras}
+    masks = {c: torch.ones(batch, dtype=torch.bool, device=device) for c in cfg.cameras}
+    token_mask = torch.zeros(batch, n, dtype=torch.bool)
+    token_mask[:, :used] = True
+    state_tokens = torch.zeros(batch, n, dtype=torch.bool)
+    if cfg.state_in_prompt:
+        state_tokens[:, used // 2 : used] = True
+    tokens = torch.randint(0, cfg.vocab_size, (batch, n), generator=g) * token_mask
+    return Observation(
+        images, masks, torch.randn(batch, cfg.max_state_dim, generator=g).to(device), tokens.to(device),
+        token_mask.to(device), state_tokens.to(device), ("benchmark",) * batch,
+    )
+
+
+def build_random(cfg, device, dtype=torch.bfloat16, seed: int = 0):
+    """A Pi0Model with random weights made directly on `device` in `dtype` (never 3B params on
+    the CPU). RMSNorm weights are drawn too (they init to zero) so (1 + w) is exercised."""
+    from .model import Pi0Model
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Pi0Model(cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for mod in model.modules():
+            if type(mod).__name__ == "RMSNorm" and mod.weight is not None:
+                mod.weight.normal_(0.0, 0.1)
+    return model.requires_grad_(False)
+
+
+# ---- timing -------------------------------------------------------------------------------------
+@dataclass
+class Stat:
+    median: float
+    p10: float
+    p90: float
+    n: int
+
+    def row(self) -> str:
+        return f"{self.median:9.3f} {self.p10:9.3f} {self.p90:9.3f}"
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    i = q * (len(s) - 1)
+    lo, hi = math.floor(i), math.ceil(i)
+    return s[lo] + (s[hi] - s[lo]) * (i - lo)
+
+
+def time_fn(fn, iters: int, warmup: int, device) -> Stat:
+    """Per-call times in ms: CUDA events around each call on GPUs, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    cuda = torch.device(device).type == "cuda"
+    ts = []
+    for _ in range(iters):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return Stat(_quantile(ts, 0.5), _quantile(ts, 0.1), _quantile(ts, 0.9), len(ts))
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ---- reuse-mode workloads -----------------------------------------------------------------------
+def reuse_workloads(cfg, cache, obs, fraction: float, split: int, generator=None):
+    """(name, model method name, kwargs) for each reuse mode's prefix update, with the
+    recompute sets the reuse layer's modes use (see reuse/modes.py)."""
+    p, n = cfg.vision.num_patches, len(cfg.cameras)
+    t0, t = n * p, cfg.prefix_len
+    dev = cache.mask.device
+    valid = cache.mask.any(0)
+    prompt = torch.zeros(t, dtype=torch.bool, device=dev)
+    prompt[t0:] = True
+    cams = tuple(cfg.cameras)
+    partial = prompt.clone()
+    k = max(1, round(fraction * p))
+    for i in range(n):
+        sel = torch.randperm(p, generator=generator)[:k] + i * p
+        partial[sel.to(dev)] = True
+    return [
+        ("vision_only", "update_prefix", dict(recompute=prompt & valid, run_cameras=())),
+        ("state_only", "update_prefix", dict(recompute=~prompt & valid, run_cameras=cams)),
+        (f"layer_wise(split={split})", "update_prefix_layers", dict(split=split, run_cameras=cams)),
+        (f"partial({fraction:.0%} patches)", "update_prefix", dict(recompute=partial & valid, run_cameras=cams)),
+    ]
+
+
+# ---- lerobot ------------------------------------------------------------------------------------
+def lerobot_available() -> bool:
+    try:
+        import lerobot.policies.pi0.modeling_pi0  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def build_lerobot(variant: str, cfg, device, dtype: str = "bfloat16"):
+    """lerobot 0.6.1's PI0Pytorch / PI05Pytorch with random weights, made on `device`."""
+    try:  # the parity script's builder, when it exists, is the one source of truth
+        sys.path.insert(0, "scripts")
+        from parity_lerobot import build_lerobot_model  # type: ignore
+
+        return build_lerobot_model(variant, cfg, device, dtype)
+    except ImportError:
+        pass
+    finally:
+        if sys.path and sys.path[0] == "scripts":
+            sys.path.pop(0)
+    kw = dict(dtype=dtype, chunk_size=cfg.chunk_size, n_action_steps=cfg.chunk_size,
+              num_inference_steps=cfg.num_steps, tokenizer_max_length=cfg.max_token_len)
+    with torch.device(device):
+        if variant == "pi0":
+            from lerobot.policies.pi0.configuration_pi0 import PI0Config
+            from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
+
+            return PI0Pytorch(PI0Config(**kw)).eval()
+        from lerobot.policies.pi05.configuration_pi05 import PI05Config
+        from lerobot.policies.pi05.modeling_pi05 import PI05Pytorch
+
+        return PI05Pytorch(PI05Config(**kw)).eval()
+
+
+def lerobot_call(model, variant: str, cfg, obs, noise):
+    imgs = [obs.images[c] for c in cfg.cameras]
+    masks = [obs.image_masks[c] for c in cfg.cameras]
+    if variant == "pi0":
+        return lambda: model.sample_actions(imgs, masks, obs.tokens, obs.token_mask, obs.state, noise=noise)
+    return lambda: model.sample_actions(imgs, masks, obs.tokens, obs.token_mask, noise=noise)
+
+
+# ---- the command --------------------------------------------------------------------------------
+@dataclass
+class Report:
+    preset: str
+    device: str
+    config: dict
+    rows: list = field(default_factory=list)  # (section, name, Stat | None, note)
+    notes: list = field(default_factory=list)
+    check: dict = field(default_factory=dict)
+    ok: bool = True
+
+    def add(self, section: str, name: str, stat: Stat | None, note: str = ""):
+        self.rows.append((section, name, stat, note))
+        s = stat.row() if stat else " " * 29
+        print(f"  [{section}] {name:<34} {s}  {note}", flush=True)
+
+    def table(self) -> str:
+        out = [f"== {self.preset} on {self.device} ({self.config})",
+               f"{'what':<44} {'median':>9} {'p10':>9} {'p90':>9}  (ms)"]
+        for sec, name, st, note in self.rows:
+            s = st.row() if st else " " * 29
+            out.append(f"{(sec + ': ' + name)[:44]:<44} {s}  {note}")
+        out += [f"  {n}" for n in self.notes]
+        return "\n".join(out)
+
+
+def run_bench(
+    preset: str = "pi0",
+    batch: int = 1,
+    cameras: int = 2,
+    steps: int = 10,
+    chunk: int = 50,
+    iters: int = 50,
+    warmup: int = 5,
+    check: bool = False,
+    tol: float = 2e-2,
+    checkpoint: str | None = None,
+    compile: bool = True,
+    eager: bool = True,
+    reuse: bool = True,
+    partial_fraction: float = 0.25,
+    split: int | None = None,
+    lerobot: bool = True,
+    lerobot_compile: bool = False,
+    json_out: str | None = None,
+    seed: int = 0,
+) -> None:
+    """Time the fast runtime at full size (random weights unless --checkpoint) and compare it
+    with the eager model and, when importable, lerobot's PI0Pytorch / PI05Pytorch.
+
+    --check: fast actions vs eager (bf16) and a float32 copy; exit 1 if the fast path's error
+    against float32 exceeds max(tol, 2 x the eager bf16 model's own error)."""
+    rep = bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager,
+                reuse, partial_fraction, split, lerobot, lerobot_compile, seed)
+    print()
+    print(rep.table())
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(
+                {"preset": rep.preset, "device": rep.device, "config": rep.config, "check": rep.check,
+                 "notes": rep.notes, "ok": rep.ok,
+                 "rows": [dict(section=s, name=n, note=note, **(st.__dict__ if st else {})) for s, n, st, note in rep.rows]},
+                f, indent=2,
+            )
+    if not rep.ok:
+        raise SystemExit(1)
+
+
+def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager, reuse,
+          partial_fraction, split, lerobot, lerobot_compile, seed) -> Report:
+    from .model import preset as get_preset
+    from .model.fast import FastPi0
+
+    for name, v in (("batch", batch), ("cameras", cameras), ("steps", steps), ("chunk", chunk), ("iters", iters)):
+        if v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v}")
+    if not 0.0 < partial_fraction <= 1.0:
+        raise ValueError(f"partial_fraction: expected a fraction in (0, 1], got {partial_fraction}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if checkpoint:
+        from .checkpoint import load_checkpoint
+
+        model, _, _ = load_checkpoint(checkpoint, device=device, dtype=torch.bfloat16)
+        cfg = model.cfg.replace(num_steps=steps)
+        model.cfg = cfg
+        model.requires_grad_(False)
+    else:
+        cfg = get_preset(preset)
+        if cfg.tokenizer == "sentencepiece" and device == "cpu":
+            raise ValueError(f"preset {preset!r} is full size: run it on a CUDA GPU (tiny-* presets run on the CPU)")
+        cfg = cfg.replace(cameras=tuple(f"cam{i}" for i in range(cameras)), chunk_size=chunk, num_steps=steps)
+        model = None
+    split = cfg.llm.depth // 2 if split is None else split
+    if not 1 <= split < cfg.llm.depth:
+        raise ValueError(f"split: expected 1 <= split < {cfg.llm.depth}, got {split}")
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    rep = Report(preset if not checkpoint else checkpoint, dev_name,
+                 dict(batch=batch, cameras=len(cfg.cameras), steps=steps, chunk=cfg.chunk_size, dtype="bf16",
+                      prefix_tokens=cfg.prefix_len, torch=torch.__version__))
+    t_build = time.perf_counter()
+    if model is None:
+        model = build_random(cfg, device, seed=seed)
+    _sync(device)
+    rep.notes.append(f"model built in {time.perf_counter() - t_build:.1f} s ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params)")
+    g = torch.Generator().manual_seed(seed + 1)
+    obs = synthetic_obs(cfg, batch, device, g)
+    noise = torch.randn(batch, cfg.chunk_size, cfg.max_action_dim, generator=g).to(device)
+    tm = lambda fn, n=iters: time_fn(fn, n, warmup, device)  # noqa: E731
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    weights_gb = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
+
+    # ---- fast path (CUDA graphs, no compile) --------------------------------------------------
+    def fast_section(tag: str, use_compile: bool) -> tuple[FastPi0, torch.Tensor]:
+        t0 = time.perf_counter()
+        fast = FastPi0(model, compile=use_compile)
+        out = fast.sample_actions(obs, noise)
+        cache = fast.encode_prefix(obs)
+        fast.denoise(cache, obs, noise)
+        _sync(device)
+        rep.add(tag, "warm-up (build, compile, capture)", None, f"{time.perf_counter() - t0:.1f} s")
+        rep.add(tag, "full inference", tm(lambda: fast.sample_actions(obs, noise)))
+        st = fast._static(batch)
+        rep.add(tag, "vision (all cameras)", tm(lambda: fast._embed(st, obs, {})))
+        rep.add(tag, f"prefix LM (text + {cfg.llm.depth} layers)",
+                tm(lambda: fast.graphs.run(("prefix", batch, ()), lambda: fast._prefix_full(st, ()))))
+        rep.add(tag, "encode_prefix (public, copies out)", tm(lambda: fast.encode_prefix(obs)))
+        rep.add(tag, "denoise alone = reuse hit", tm(lambda: fast.denoise(cache, obs, noise)))
+        return fast, out
+
+    fast, out_fast = fast_section("fast", False)
+    if device == "cuda":
+        rep.add("fast", "peak memory", None, f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (weights {weights_gb:.2f} GiB)")
+
+    # ---- reuse modes ------------------------------------------------------------------------
+    if reuse:
+        gen = torch.Generator().manual_seed(seed + 2)
+        base = fast.encode_prefix(obs, keep_hidden=(split,))
+        for name, meth, kw in reuse_workloads(cfg, base, obs, partial_fraction, split, gen):
+            call = lambda m=meth, kw=kw: getattr(fast, m)(base, obs, spans=base.spans, call_index=1, **kw)  # noqa: E731
+            upd = tm(call)
+            c2 = call()
+            hit = tm(lambda c2=c2: (getattr(fast, meth)(base, obs, spans=base.spans, call_index=1, **kw),
+                                    fast.denoise(c2, obs, noise)))
+            n_tok = int(kw["recompute"].sum()) if "recompute" in kw else cfg.prefix_len
+            rep.add("reuse", f"{name}: prefix update", upd, f"{n_tok} tokens, {len(kw['run_cameras'])} cams")
+            rep.add("reuse", f"{name}: update + denoise", hit)
+            if eager:
+                e_upd = tm(lambda m=meth, kw=kw: getattr(model, m)(base, obs, spans=base.spans, call_index=1, **kw),
+                           max(3, iters // 10))
+                rep.add("reuse", f"{name}: eager prefix update", e_upd)
+
+    # ---- correctness ------------------------------------------------------------------------
+    out_eager = None
+    if eager or check:
+        with torch.no_grad():
+            out_eager = model.sample_actions(obs, noise)
+    if check:
+        with torch.no_grad():
+            ref = copy.deepcopy(model).float()
+            out32 = ref.sample_actions(obs.to(dtype=torch.float32), noise)
+            del ref
+        e_fast, e_eager, e_fe = rel_err(out_fast, out32), rel_err(out_eager, out32), rel_err(out_fast, out_eager)
+        limit = max(tol, 2 * e_eager)
+        ok = e_fast <= limit
+        rep.check = dict(fast_vs_fp32=e_fast, eager_bf16_vs_fp32=e_eager, fast_vs_eager_bf16=e_fe, limit=limit, ok=ok)
+        rep.ok &= ok
+        rep.add("check", "fast vs float32 (rel. L2)", None, f"{e_fast:.2e} (limit {limit:.2e}) {'PASS' if ok else 'FAIL'}")
+        rep.add("check", "eager bf16 vs float32", None, f"{e_eager:.2e}")
+        rep.add("check", "fast vs eager bf16", None, f"{e_fe:.2e}")
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    # ---- eager ------------------------------------------------------------------------------
+    full_fast = next(st for s, n, st, _ in rep.rows if s == "fast" and n == "full inference")
+    if eager:
+        with torch.no_grad():
+            e_full = tm(lambda: model.sample_actions(obs, noise), max(3, iters // 5))
+            e_cache = model.encode_prefix(obs)
+            e_den = tm(lambda: model.denoise(e_cache, obs, noise), max(3, iters // 5))
+            del e_cache
+        rep.add("eager", "full inference", e_full, f"fast is {e_full.median / full_fast.median:.1f}x faster")
+        rep.add("eager", "denoise alone", e_den)
+
+    # ---- compiled fast path -----------------------------------------------------------------
+    if compile and device == "cuda":
+        try:
+            fast_c, out_c = fast_section("fast+compile", True)
+            e = rel_err(out_c, out_fast)
+            rep.add("fast+compile", "actions vs fast (rel. L2)", None, f"{e:.2e}")
+            if check:
+                ok = rel_err(out_c, out32) <= rep.check["limit"]
+                rep.ok &= ok
+                rep.add("check", "fast+compile vs float32", None, f"{rel_err(out_c, out32):.2e} {'PASS' if ok else 'FAIL'}")
+            del fast_c
+        except Exception as exc:  # report, keep the rest of the run
+            rep.notes.append(f"fast+compile failed: {type(exc).__name__}: {str(exc)[:300]}")
+        torch.cuda.empty_cache()
+
+    # ---- lerobot ----------------------------------------------------------------------------
+    variant = cfg.variant
+    if lerobot and device == "cuda" and not checkpoint:
+        if not lerobot_available():
+            rep.notes.append("lerobot not importable: lerobot comparison skipped")
+        else:
+            del fast
+            torch.cuda.empty_cache()
+            try:
+                t0 = time.perf_counter()
+                lr = build_lerobot(variant, cfg, device)
+                rep.notes.append(f"lerobot {variant} built in {time.perf_counter() - t0:.1f} s")
+                with torch.no_grad():
+                    fn = lerobot_call(lr, variant, cfg, obs, noise)
+                    le = tm(fn, max(3, iters // 5))
+                rep.add("lerobot", "eager full inference", le, f"fast is {le.median / full_fast.median:.1f}x faster")
+                if lerobot_compile:
+                    t0 = time.perf_counter()
+                    lr.sample_actions = torch.compile(lr.sample_actions)
+                    with torch.no_grad():
+                        fn = lerobot_call(lr, variant, cfg, obs, noise)
+                        fn()
+                        fn()
+                        _sync(device)
+                        tc = time.perf_counter() - t0
+                        lc = tm(fn, max(3, iters // 5))
+                    rep.add("lerobot", "torch.compile full inference", lc,
+                            f"compile {tc:.0f} s; fast is {lc.median / full_fast.median:.1f}x faster")
+                else:
+                    rep.notes.append("lerobot torch.compile not timed (--lerobot-compile; its compile takes minutes)")
+                del lr
+            except Exception as exc:
+                rep.notes.append(f"lerobot failed: {type(exc).__name__}: {str(exc)[:300]}")
+            torch.cuda.empty_cache()
+    return rep
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m kvreuse.bench key=value ...` for machines without tyro."""
+    import inspect
+
+    kw = {}
+    sig = inspect.signature(run_bench)
+    for a in argv if argv is not None else sys.argv[1:]:
+        k, _, v = a.lstrip("-").replace("-", "_").partition("=")
+        if k not in sig.parameters:
+            raise SystemExit(f"unknown option {k!r}; options: {', '.join(sig.parameters)}")
+        d = sig.parameters[k].default
+        if isinstance(d, bool):
+            kw[k] = v.lower() in ("1", "true", "yes", "")
+        elif d is None:
+            kw[k] = int(v) if v.lstrip("-").isdigit() else v
+        else:
+            kw[k] = type(d)(v)
+    run_bench(**kw)
+
+
+if __name__ == "__main__":
+    main()
