@@ -4,6 +4,11 @@
     config.json         {"model": ModelConfig, "robot": robot name, ...extra metadata}
     norm_stats.json     NormStats (state and actions)
 
+Reference checkpoints (lerobot and openpi-converted Pi0 / Pi0.5 `model.safetensors`, a file or
+a directory) load through the same `load_checkpoint`: their keys are mapped to ours, the variant is
+read from the keys and checked against the config, and their norm stats are read from
+`norm_stats.json` (openpi) or the lerobot processor safetensors beside the weights.
+
 Only safetensors and JSON are read: nothing is ever unpickled.
 """
 
@@ -43,8 +48,13 @@ def read_meta(path: str | Path) -> dict:
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[Pi0Model, NormStats | None, dict]:
-    """Load one of our checkpoints -> (model in eval mode, norm stats or None, metadata)."""
+    """Load a checkpoint -> (model in eval mode, norm stats or None, metadata). Our own format,
+    or a reference (lerobot / openpi) `model.safetensors` file or directory."""
     path = Path(path)
+    if checkpoint_format(path) != "kvreuse":
+        from .ref_checkpoint import load_reference
+
+        return load_reference(path, device=device, dtype=dtype)
     meta = read_meta(path)
     cfg = ModelConfig.from_dict(meta["model"])
     with torch.device(device):
@@ -58,3 +68,18 @@ def load_checkpoint(
     stats_file = path / "norm_stats.json"
     stats = NormStats.from_dict(json.loads(stats_file.read_text())) if stats_file.is_file() else None
     return model.eval(), stats, meta
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """"kvreuse" (our directory format) or "reference" (a model.safetensors of lerobot/openpi)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint {path}: no such file or directory")
+    f = path / "config.json"
+    if path.is_dir() and f.is_file():
+        try:
+            if "model" in json.loads(f.read_text()):
+                return "kvreuse"
+        except json.JSONDecodeError as e:
+            raise ValueError(f"checkpoint {path}: config.json is not valid JSON ({e})") from None
+    return "reference"

@@ -1,0 +1,109 @@
+"""`kvreuse info PATH`: what a checkpoint is, read from its headers (no weights are loaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tyro.conf import Positional
+
+_PARTS = (
+    ("vision tower (SigLIP)", ("vision.",)),
+    ("projector", ("projector.",)),
+    ("token embedding", ("llm.embed.",)),
+    ("prefix LM (Gemma)", ("llm.",)),
+    ("action expert (Gemma)", ("expert.",)),
+    ("action/state/time heads", ("",)),
+)
+
+
+def _part_counts(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, int]]:
+    counts = {name: 0 for name, _ in _PARTS}
+    for key, shape in shapes.items():
+        for name, prefixes in _PARTS:
+            if key.startswith(prefixes):
+                counts[name] += int(np.prod(shape)) if shape else 1
+                break
+    return list(counts.items())
+
+
+def _stats_lines(stats) -> list[str]:
+    if stats is None:
+        return ["  none found"]
+    out = []
+    for name in ("state", "actions"):
+        s = getattr(stats, name)
+        have = [k for k in ("mean", "std", "q01", "q99") if np.isfinite(getattr(s, k)).all()]
+        dims = len(s.mean)
+        desc = f"  {name}: {dims} dims, stats {'/'.join(have) or 'none'}"
+        if "mean" in have:
+            desc += f", mean in [{s.mean.min():.3g}, {s.mean.max():.3g}], std in [{s.std.min():.3g}, {s.std.max():.3g}]"
+        if "q01" in have:
+            desc += f", q01..q99 spans [{s.q01.min():.3g}, {s.q99.max():.3g}]"
+        out.append(desc)
+    return out
+
+
+def describe(path: str | Path) -> str:
+    """A multi-line description of a checkpoint (ours or a lerobot/openpi safetensors)."""
+    from safetensors import safe_open
+
+    from .checkpoint import checkpoint_format, read_meta
+    from .model.config import ModelConfig
+    from .transforms.normalize import NormStats
+
+    path = Path(path)
+    if checkpoint_format(path) == "kvreuse":
+        meta = read_meta(path)
+        cfg = ModelConfig.from_dict(meta["model"])
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+        sf = path / "norm_stats.json"
+        stats = NormStats.from_dict(json.loads(sf.read_text())) if sf.is_file() else None
+        fmt, robot, weights = "kvreuse", meta.get("robot", "unknown"), path / "model.safetensors"
+        extra = {k: v for k, v in meta.items() if k not in ("model", "robot")}
+    else:
+        from .ref_checkpoint import config_from_reference, inspect_reference, match_keys, read_reference_stats
+
+        ref = inspect_reference(path)
+        cfg = config_from_reference(ref)
+        source = match_keys(ref, cfg)
+        shapes = {ours: ref.shapes[k] for ours, k in source.items()}
+        dtypes = sorted(set(ref.dtypes.values()))
+        stats = read_reference_stats(ref.dir, cfg.variant)
+        fmt = "lerobot" if any(k.startswith("model.") for k in ref.shapes) else "openpi"
+        robot, weights = "not recorded (reference checkpoint)", ref.path
+        extra = {"type": ref.config["type"]} if "type" in ref.config else {}
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    p = cfg.vision.num_patches
+    lines = [
+        f"checkpoint: {path}",
+        f"format: {fmt} ({weights.name}, {', '.join(dtypes)})",
+        f"variant: {cfg.variant} ({'state in the prompt, adaptive RMSNorm' if cfg.variant == 'pi05' else 'state as a suffix token'})",
+        f"parameters: {total / 1e6:,.2f}M",
+    ]
+    lines += [f"  {name}: {n / 1e6:,.2f}M" for name, n in _part_counts(shapes) if n]
+    lines += [
+        f"shapes: vision {cfg.vision.width}x{cfg.vision.depth}, LM {cfg.llm.width}x{cfg.llm.depth}, "
+        f"expert {cfg.expert.width}x{cfg.expert.depth}, vocabulary {cfg.vocab_size}",
+        f"prefix: {cfg.prefix_len} tokens = {len(cfg.cameras)} cameras x {p} patches "
+        f"({cfg.vision.image_size}px / {cfg.vision.patch_size}) + {cfg.max_token_len} prompt tokens",
+        f"suffix: {cfg.suffix_len} tokens ({cfg.chunk_size} actions{'' if cfg.state_in_prompt else ' + 1 state'}), "
+        f"{cfg.num_steps} Euler steps",
+        f"cameras: {', '.join(cfg.cameras)}",
+        f"robot: {robot} (state {cfg.state_dim} of {cfg.max_state_dim} dims, actions {cfg.action_dim} of {cfg.max_action_dim})",
+        f"tokenizer: {cfg.tokenizer}",
+        "norm stats:",
+        *_stats_lines(stats),
+    ]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    return "\n".join(lines)
+
+
+def run_info(path: Positional[str]) -> None:
+    """Print what a checkpoint is: variant, parameter counts per part, prefix/suffix lengths,
+    cameras, robot and norm stats. PATH: our checkpoint directory, or a lerobot/openpi
+    model.safetensors (file or directory)."""
+    print(describe(path))

@@ -1,0 +1,422 @@
+"""Reference Pi0 / Pi0.5 checkpoints: lerobot and openpi-converted `model.safetensors`.
+
+Key layout (lerobot 0.6, transformers 5): an optional top-level `model.`, then
+`paligemma_with_expert.paligemma.model.{vision_tower.vision_model, multi_modal_projector.linear,
+language_model}.*`, `paligemma_with_expert.gemma_expert.model.*` and the heads. openpi-converted
+files lack `model.`, may name Pi0's time MLP `time_mlp_*`, and older transformers put the
+language model at `paligemma.language_model.model.*` (and vision/projector without `.model`).
+The embedding is tied to `paligemma.lm_head.weight`: files may store only the latter. The action
+expert's `lm_head` is never used and is ignored.
+
+The variant is read from the keys (Pi0.5: expert norms have `.dense.weight`; Pi0: `state_proj`).
+Shapes are read lazily (`safe_open`), the model is built on the meta device and the tensors are
+loaded straight onto the target device, so full-size files never pass through a CPU model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model.config import ModelConfig, preset
+from .model.pi0 import Pi0Model
+from .transforms.normalize import NormStats, Stats
+
+WEIGHTS = "model.safetensors"
+
+_PG = "paligemma_with_expert.paligemma."
+_VISION = _PG + "model.vision_tower.vision_model."
+_PROJ = _PG + "model.multi_modal_projector.linear."
+_LLM = _PG + "model.language_model."
+_EXPERT = "paligemma_with_expert.gemma_expert.model."
+_LM_HEAD = _PG + "lm_head.weight"
+_EXPERT_LM_HEAD = "paligemma_with_expert.gemma_expert.lm_head.weight"
+
+# Older transformers layouts -> the transformers-5 one.
+_LEGACY = (
+    (_PG + "language_model.model.", _LLM),
+    (_PG + "language_model.lm_head.", _PG + "lm_head."),
+    (_PG + "vision_tower.", _PG + "model.vision_tower."),
+    (_PG + "multi_modal_projector.", _PG + "model.multi_modal_projector."),
+)
+
+_SIGLIP = {
+    "layer_norm1": "ln1", "layer_norm2": "ln2", "self_attn.q_proj": "q", "self_attn.k_proj": "k",
+    "self_attn.v_proj": "v", "self_attn.out_proj": "o", "mlp.fc1": "fc1", "mlp.fc2": "fc2",
+}
+_GEMMA = {
+    "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+    "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
+    "input_layernorm": "in_norm", "post_attention_layernorm": "post_norm",
+}
+_HEADS = ("action_in_proj", "action_out_proj", "state_proj", "action_time_mlp_in", "action_time_mlp_out",
+          "time_mlp_in", "time_mlp_out")
+_LEAF = r"(weight|bias|dense\.weight|dense\.bias)"
+
+
+def _alt(d: dict[str, str]) -> str:
+    return "|".join(re.escape(k) for k in d)
+
+
+def canonical(key: str) -> str:
+    """A file key without `model.` and in the transformers-5 layout."""
+    if key.startswith("model."):
+        key = key[len("model."):]
+    for old, new in _LEGACY:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def to_ours(key: str, variant: str) -> str | None:
+    """Canonical reference key -> our parameter name (None: not a parameter we know)."""
+    e = re.escape
+    m = re.fullmatch(e(_VISION) + r"embeddings\.patch_embedding\.(weight|bias)", key)
+    if m:
+        return f"vision.patch_embed.{m[1]}"
+    if key == _VISION + "embeddings.position_embedding.weight":
+        return "vision.pos_embed.weight"
+    m = re.fullmatch(e(_VISION) + rf"encoder\.layers\.(\d+)\.({_alt(_SIGLIP)})\.(weight|bias)", key)
+    if m:
+        return f"vision.layers.{m[1]}.{_SIGLIP[m[2]]}.{m[3]}"
+    m = re.fullmatch(e(_VISION) + r"post_layernorm\.(weight|bias)", key)
+    if m:
+        return f"vision.post_ln.{m[1]}"
+    m = re.fullmatch(e(_PROJ) + r"(weight|bias)", key)
+    if m:
+        return f"projector.{m[1]}"
+    if key == _LLM + "embed_tokens.weight":
+        return "llm.embed.weight"
+    for prefix, ours in ((_LLM, "llm"), (_EXPERT, "expert")):
+        m = re.fullmatch(e(prefix) + rf"layers\.(\d+)\.({_alt(_GEMMA)})\.{_LEAF}", key)
+        if m:
+            return f"{ours}.layers.{m[1]}.{_GEMMA[m[2]]}.{m[3]}"
+        m = re.fullmatch(e(prefix) + rf"norm\.{_LEAF}", key)
+        if m:
+            return f"{ours}.norm.{m[1]}"
+    m = re.fullmatch(rf"({'|'.join(_HEADS)})\.(weight|bias)", key)
+    if m:
+        head = m[1]
+        if variant == "pi0" and head.startswith("time_mlp_"):  # openpi's name for Pi0's time MLP
+            head = "action_" + head
+        return f"{head}.{m[2]}"
+    return None
+
+
+def to_reference(name: str) -> str:
+    """Our parameter name -> the lerobot key (without `model.`); inverse of `to_ours`."""
+    inv_siglip = {v: k for k, v in _SIGLIP.items()}
+    inv_gemma = {v: k for k, v in _GEMMA.items()}
+    m = re.fullmatch(r"vision\.patch_embed\.(weight|bias)", name)
+    if m:
+        return f"{_VISION}embeddings.patch_embedding.{m[1]}"
+    if name == "vision.pos_embed.weight":
+        return _VISION + "embeddings.position_embedding.weight"
+    m = re.fullmatch(r"vision\.layers\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m:
+        return f"{_VISION}encoder.layers.{m[1]}.{inv_siglip[m[2]]}.{m[3]}"
+    m = re.fullmatch(r"vision\.post_ln\.(weight|bias)", name)
+    if m:
+        return f"{_VISION}post_layernorm.{m[1]}"
+    m = re.fullmatch(r"projector\.(weight|bias)", name)
+    if m:
+        return _PROJ + m[1]
+    if name == "llm.embed.weight":
+        return _LLM + "embed_tokens.weight"
+    for prefix, ours in ((_LLM, "llm"), (_EXPERT, "expert")):
+        m = re.fullmatch(rf"{ours}\.layers\.(\d+)\.(\w+)\.{_LEAF}", name)
+        if m:
+            return f"{prefix}layers.{m[1]}.{inv_gemma[m[2]]}.{m[3]}"
+        m = re.fullmatch(rf"{ours}\.norm\.{_LEAF}", name)
+        if m:
+            return f"{prefix}norm.{m[1]}"
+    return name  # the heads keep their names
+
+
+def _ignored(key: str) -> bool:
+    """Keys that carry nothing we use: the expert's lm_head and non-parameter buffers."""
+    return key == _EXPERT_LM_HEAD or key.endswith(("position_ids", "inv_freq"))
+
+
+def detect_variant(keys) -> str | None:
+    """"pi05" if the expert norms are adaptive (`.dense.weight`), "pi0" if there is a state_proj."""
+    ks = [canonical(k) for k in keys]
+    ada = any(k.startswith(_EXPERT) and k.endswith("norm.dense.weight") for k in ks)
+    state = any(k == "state_proj.weight" for k in ks)
+    if ada == state:
+        return None
+    return "pi05" if ada else "pi0"
+
+
+def weights_file(path: str | Path) -> Path:
+    path = Path(path)
+    f = path / WEIGHTS if path.is_dir() else path
+    if not f.is_file():
+        raise ValueError(f"checkpoint {path}: no {WEIGHTS} (expected a safetensors file or a directory holding one)")
+    if f.suffix != ".safetensors":
+        raise ValueError(f"checkpoint {path}: expected a .safetensors file (nothing else is read: no pickles)")
+    return f
+
+
+@dataclass
+class RefFile:
+    """What a reference safetensors file holds, read without loading tensors."""
+
+    path: Path
+    shapes: dict[str, tuple[int, ...]]  # file key -> shape
+    dtypes: dict[str, str]
+    variant: str | None
+    config: dict = field(default_factory=dict)  # lerobot/openpi config.json beside it, if any
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+
+def inspect_reference(path: str | Path) -> RefFile:
+    from safetensors import safe_open
+
+    f = weights_file(path)
+    shapes, dtypes = {}, {}
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                sl = sf.get_slice(k)
+                shapes[k], dtypes[k] = tuple(sl.get_shape()), str(sl.get_dtype())
+    except Exception as e:  # a corrupt or non-safetensors file
+        raise ValueError(f"checkpoint {f}: not a readable safetensors file ({e})") from None
+    cfg_file = f.parent / "config.json"
+    config = {}
+    if cfg_file.is_file():
+        try:
+            config = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError:
+            config = {}
+    return RefFile(f, shapes, dtypes, detect_variant(shapes), config if isinstance(config, dict) else {})
+
+
+def config_from_reference(ref: RefFile) -> ModelConfig:
+    """The preset of the file's variant whose shapes fit the file (full size first), with what
+    the config.json beside it says (lerobot: chunk_size, tokenizer_max_length, cameras, robot
+    dims; openpi: action_horizon...). No fit -> the full-size preset's mismatch error."""
+    from .model.config import PRESETS
+
+    names = [ref.variant] + [n for n, p in PRESETS.items() if p.variant == ref.variant and n != ref.variant]
+    first = _config_for(ref, names[0])
+    for name in names:
+        cfg = first if name == names[0] else _config_for(ref, name)
+        try:
+            match_keys(ref, cfg)
+            return cfg
+        except ValueError:
+            continue
+    return first
+
+
+def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
+    if ref.variant is None:
+        raise ValueError(
+            f"checkpoint {ref.path}: cannot tell Pi0 from Pi0.5 (expected either `state_proj.weight` "
+            "or adaptive expert norms `...gemma_expert.model.layers.N.input_layernorm.dense.weight`)"
+        )
+    c = ref.config
+    kw: dict = {}
+    pairs = {
+        "chunk_size": "chunk_size", "action_horizon": "chunk_size", "tokenizer_max_length": "max_token_len",
+        "max_token_len": "max_token_len", "num_inference_steps": "num_steps", "max_state_dim": "max_state_dim",
+        "max_action_dim": "max_action_dim", "action_dim": "max_action_dim", "min_period": "time_min_period",
+        "max_period": "time_max_period",
+    }
+    for theirs, ours in pairs.items():
+        if isinstance(c.get(theirs), (int, float)) and not isinstance(c.get(theirs), bool):
+            kw[ours] = type(getattr(preset(preset_name), ours))(c[theirs])
+    feats = c.get("input_features") or {}
+    cams = tuple(k.removeprefix("observation.images.") for k, v in feats.items()
+                 if isinstance(v, dict) and v.get("type") == "VISUAL")
+    if cams:
+        kw["cameras"] = cams
+    state = feats.get("observation.state", {}) if isinstance(feats, dict) else {}
+    if isinstance(state, dict) and state.get("shape"):
+        kw["state_dim"] = int(state["shape"][-1])
+    act = (c.get("output_features") or {}).get("action", {})
+    if isinstance(act, dict) and act.get("shape"):
+        kw["action_dim"] = int(act["shape"][-1])
+    cfg = preset(preset_name, **kw)
+    pos = ref.shapes.get(_key_in(ref, "vision.pos_embed.weight") or "", None)
+    if pos is not None:  # the image size follows from the number of position embeddings
+        grid = int(round(pos[0] ** 0.5))
+        if grid * grid == pos[0] and grid * cfg.vision.patch_size != cfg.vision.image_size:
+            cfg = cfg.replace(vision=_replace(cfg.vision, image_size=grid * cfg.vision.patch_size))
+    return cfg
+
+
+def _replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def _key_in(ref: RefFile, ours: str) -> str | None:
+    variant = ref.variant or "pi0"
+    for k in ref.shapes:
+        if to_ours(canonical(k), variant) == ours:
+            return k
+    return None
+
+
+def match_keys(ref: RefFile, cfg: ModelConfig) -> dict[str, str]:
+    """Map every parameter of a `cfg` model to a file key; any mismatch -> one ValueError that
+    lists the variant mismatch, missing, unexpected and wrong-shape keys."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Pi0Model(cfg).state_dict().items()}
+    problems = []
+    if ref.variant is not None and ref.variant != cfg.variant:
+        problems.append(f"variant: the file holds a {ref.variant} model, the config asks for {cfg.variant}")
+    elif ref.variant is None:
+        problems.append("variant: cannot tell Pi0 from Pi0.5 from the keys")
+    source: dict[str, str] = {}
+    unexpected, lm_head = [], None
+    for k in ref.shapes:
+        ck = canonical(k)
+        if ck == _LM_HEAD:
+            lm_head = k
+            continue
+        if _ignored(ck):
+            continue
+        ours = to_ours(ck, cfg.variant)
+        if ours is None or ours not in expected or ours in source:
+            unexpected.append(k)
+        else:
+            source[ours] = k
+    if "llm.embed.weight" not in source and lm_head is not None:
+        source["llm.embed.weight"] = lm_head  # tied embedding stored only as lm_head
+    missing = [to_reference(k) for k in expected if k not in source]
+    wrong = [
+        f"{source[k]}: file {ref.shapes[source[k]]} vs model {shape}"
+        for k, shape in expected.items()
+        if k in source and ref.shapes[source[k]] != shape
+    ]
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if items:
+            more = f", ... and {len(items) - 8} more" if len(items) > 8 else ""
+            problems.append(f"{label} ({len(items)}): " + ", ".join(items[:8]) + more)
+    if problems:
+        raise ValueError(f"checkpoint {ref.path} does not fit the {cfg.variant} config: " + "; ".join(problems))
+    return source
+
+
+def load_reference(
+    path: str | Path,
+    cfg: ModelConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[Pi0Model, NormStats | None, dict]:
+    """Load a lerobot / openpi `model.safetensors` (file or directory) -> (model in eval mode,
+    norm stats or None, metadata). `cfg` defaults to the full-size preset of the detected variant
+    adjusted by the config.json beside the file; tensors are cast to `dtype` (default float32)."""
+    from safetensors import safe_open
+
+    ref = inspect_reference(path)
+    cfg = cfg or config_from_reference(ref)
+    source = match_keys(ref, cfg)
+    dtype = dtype or torch.float32
+    with torch.device("meta"):
+        model = Pi0Model(cfg)
+    state = {}
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    with safe_open(str(ref.path), framework="pt", device=str(dev)) as f:
+        for ours, key in source.items():
+            state[ours] = f.get_tensor(key).to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    stats = read_reference_stats(ref.dir, cfg.variant)
+    source_kind = "lerobot" if any(k.startswith("model.") for k in ref.shapes) else "openpi"
+    meta = {"model": cfg.to_dict(), "format": source_kind, "weights": str(ref.path)}
+    return model.eval(), stats, meta
+
+
+# ---- norm stats ---------------------------------------------------------------------------------
+
+_LEROBOT_STATE, _LEROBOT_ACTION = "observation.state", "action"
+
+
+def _stats_from(d: dict, needed: tuple[str, str], where: str) -> Stats:
+    """Stats from {stat name: array}; stats the mode needs must be there, others become NaN."""
+    lacking = [k for k in needed if k not in d]
+    if lacking:
+        raise ValueError(f"norm stats {where}: missing {lacking} (has {sorted(d)})")
+    ref = np.asarray(d[needed[0]], dtype=np.float64).reshape(-1)
+    vals = {k: np.asarray(d[k], dtype=np.float64).reshape(-1) if k in d else np.full_like(ref, np.nan)
+            for k in ("mean", "std", "q01", "q99")}
+    return Stats(**vals)
+
+
+def read_reference_stats(directory: str | Path, variant: str) -> NormStats | None:
+    """Norm stats beside reference weights: openpi `norm_stats.json` (also under `assets/*/`), or
+    lerobot's `policy_preprocessor*_normalizer_processor.safetensors` (keys `observation.state.mean`,
+    `action.q01`, ...), with `policy_postprocessor*_unnormalizer_processor.safetensors` as the
+    fallback for the actions. Pi0 needs mean/std, Pi0.5 q01/q99. None if there are none."""
+    d = Path(directory)
+    needed = ("q01", "q99") if variant == "pi05" else ("mean", "std")
+    jsons = [d / "norm_stats.json"] if (d / "norm_stats.json").is_file() else sorted(d.glob("assets/*/norm_stats.json"))
+    if len(jsons) > 1:
+        raise ValueError(f"norm stats in {d}: several assets/*/norm_stats.json ({[str(j) for j in jsons]}); pass one")
+    if jsons:
+        raw = json.loads(jsons[0].read_text())
+        raw = raw.get("norm_stats", raw)
+        if "state" not in raw or "actions" not in raw:
+            raise ValueError(f"norm stats {jsons[0]}: expected keys 'state' and 'actions', got {sorted(raw)}")
+        return NormStats(_stats_from(raw["state"], needed, f"{jsons[0]} [state]"),
+                         _stats_from(raw["actions"], needed, f"{jsons[0]} [actions]"))
+    pre = sorted(d.glob("policy_preprocessor*normalizer_processor.safetensors"))
+    post = sorted(d.glob("policy_postprocessor*unnormalizer_processor.safetensors"))
+    if not pre and not post:
+        return None
+    from safetensors.torch import load_file
+
+    flat: dict[str, np.ndarray] = {}
+    for f in post + pre:  # preprocessor entries win
+        flat.update({k: v.float().numpy() for k, v in load_file(str(f)).items()})
+
+    def group(prefix: str) -> dict:
+        return {k[len(prefix) + 1:]: v for k, v in flat.items() if k.startswith(prefix + ".")
+                and "." not in k[len(prefix) + 1:]}
+
+    where = ", ".join(p.name for p in pre + post)
+    return NormStats(_stats_from(group(_LEROBOT_STATE), needed, f"{where} [{_LEROBOT_STATE}]"),
+                     _stats_from(group(_LEROBOT_ACTION), needed, f"{where} [{_LEROBOT_ACTION}]"))
+
+
+# ---- export (tests, and handing our weights to reference code) ----------------------------------
+
+
+def reference_state_dict(model: Pi0Model, layout: str = "lerobot", tie: bool = False) -> dict[str, torch.Tensor]:
+    """Our weights under reference key names. layout "lerobot": `model.` prefix; "openpi": no
+    prefix and Pi0's time MLP as `time_mlp_*`. tie=True stores the embedding only as lm_head."""
+    if layout not in ("lerobot", "openpi"):
+        raise ValueError(f"layout: expected 'lerobot' or 'openpi', got {layout!r}")
+    out = {}
+    for name, t in model.state_dict().items():
+        key = to_reference(name)
+        if name == "llm.embed.weight" and tie:
+            key = _LM_HEAD
+        if layout == "openpi" and key.startswith("action_time_mlp_"):
+            key = key[len("action_"):]
+        out[("model." if layout == "lerobot" else "") + key] = t.detach().contiguous().cpu()
+    return out
+
+
+def save_reference(path: str | Path, model: Pi0Model, layout: str = "lerobot", tie: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    f = path / WEIGHTS if path.suffix != ".safetensors" else path
+    f.parent.mkdir(parents=True, exist_ok=True)
+    save_file(reference_state_dict(model, layout, tie), str(f))
+    return f
