@@ -1,0 +1,132 @@
+"""Compare tools (TurboPi's debug_action_compare / debug_deterministic_compare, rebuilt):
+
+- compare_actions: baseline and a reuse setting on the same observation stream and the same
+  noise; per-call cosine and L2 of the action chunks.
+- compare_deterministic: the same inputs twice through the model, and the reuse-off Policy vs
+  `model.sample_actions`: every pair must be bit-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..policy import Policy
+from .config import ReuseConfig
+from .records import summarize
+from .stream import ObservationStream
+
+
+def chunk_similarity(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(cosine, L2) of two action chunks, flattened."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    cos = 1.0 if na == 0 and nb == 0 else float(a @ b / max(na * nb, 1e-12))
+    return cos, float(np.linalg.norm(a - b))
+
+
+def stream_noise(model, seed: int):
+    """One noise generator per comparison: both policies get the same tensor at every call."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    return lambda: model.make_noise(1, g)
+
+
+@dataclass
+class ActionComparison:
+    cosine: list[float]
+    l2: list[float]
+    decisions: list[str]
+    baseline: dict  # latency summary
+    candidate: dict
+
+    def summary(self) -> dict:
+        c, l2 = np.asarray(self.cosine), np.asarray(self.l2)
+        reused = [d == "reuse" for d in self.decisions]
+        on_reuse = c[np.asarray(reused, dtype=bool)] if any(reused) else np.asarray([1.0])
+        b, k = self.baseline["mean_ms"], self.candidate["mean_ms"]
+        return {
+            "calls": len(c),
+            "reuse_rate": float(np.mean(reused)) if reused else 0.0,
+            "cos_mean": float(c.mean()),
+            "cos_min": float(c.min()),
+            "cos_p5": float(np.percentile(c, 5)),
+            "cos_mean_on_reuse": float(on_reuse.mean()),
+            "l2_mean": float(l2.mean()),
+            "l2_max": float(l2.max()),
+            "baseline_ms": b,
+            "candidate_ms": k,
+            "speedup": b / k if k > 0 else float("nan"),
+        }
+
+
+def compare_actions(baseline: Policy, candidate: Policy, stream: ObservationStream, seed: int = 0) -> ActionComparison:
+    """Run both policies over the stream (resetting both at episode starts) with identical noise."""
+    noise = stream_noise(baseline.model, seed)
+    cos, l2, dec, rb, rc = [], [], [], [], []
+    for i, step in enumerate(stream):
+        if step.reset or i == 0:
+            baseline.reset()
+            candidate.reset()
+        n = noise()
+        a, r1 = baseline.infer(step.raw, n)
+        b, r2 = candidate.infer(step.raw, n.clone())
+        c, d = chunk_similarity(a, b)
+        cos.append(c)
+        l2.append(d)
+        dec.append(r2.decision)
+        rb.append(r1)
+        rc.append(r2)
+    return ActionComparison(cos, l2, dec, summarize(rb), summarize(rc))
+
+
+@dataclass
+class Check:
+    name: str
+    identical: bool
+    max_abs_diff: float
+
+
+def _diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> tuple[bool, float]:
+    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
+    same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    diff = float((a.double() - b.double()).abs().max()) if a.shape == b.shape else float("inf")
+    return same, diff
+
+
+def compare_deterministic(policy: Policy, stream: ObservationStream, seed: int = 0) -> list[Check]:
+    """Bit-identity checks over the stream:
+    1. model.sample_actions twice on the same inputs and noise;
+    2. Policy with reuse off vs model.sample_actions (+ the output transform);
+    3. Policy with a never-firing gate in layer_wise mode (keeps hidden states) vs the same."""
+    model, tf = policy.model, policy.transform
+    off = policy.fork(ReuseConfig())
+    off_lw = policy.fork(ReuseConfig(gate="never", mode="layer_wise"))
+    noise = stream_noise(model, seed)
+    worst = {k: (True, 0.0) for k in ("repeat", "reuse-off", "never+layer_wise")}
+
+    def note(name: str, res: tuple[bool, float]) -> None:
+        ok, d = worst[name]
+        worst[name] = (ok and res[0], max(d, res[1]))
+
+    for i, step in enumerate(stream):
+        if step.reset or i == 0:
+            off.reset()
+            off_lw.reset()
+        n = noise()
+        obs = tf(step.raw, device=model.device)
+        with torch.no_grad():
+            ref = model.sample_actions(obs, n.clone())
+            again = model.sample_actions(tf(step.raw, device=model.device), n.clone())
+        note("repeat", _diff(ref, again))
+        expect = tf.actions(ref)
+        expect = expect[0] if expect.shape[0] == 1 else expect
+        note("reuse-off", _diff(off.infer(step.raw, n.clone())[0], expect))
+        note("never+layer_wise", _diff(off_lw.infer(step.raw, n.clone())[0], expect))
+    names = {
+        "repeat": "sample_actions twice, same inputs",
+        "reuse-off": "Policy(reuse off) vs sample_actions",
+        "never+layer_wise": "Policy(gate never, layer_wise) vs sample_actions",
+    }
+    return [Check(names[k], ok, d) for k, (ok, d) in worst.items()]
