@@ -355,13 +355,13 @@ class FastPi0:
         p, n = cfg.vision.num_patches, len(cfg.cameras)
         e = F.embedding(st.tokens, self.model.llm.embed.weight)
         torch.mul(e, math.sqrt(cfg.llm.width), out=st.embeds[:, n * p :])
-        st.valid[:, : n * p].copy_(st.image_masks.repeat_interleave(p, dim=1))
+        st.valid[:, : n * p].copy_(st.image_masks[:, :, None].expand(-1, -1, p).reshape(-1, n * p))
         st.valid[:, n * p :].copy_(st.token_mask)
         torch.sub(st.valid.long().cumsum(-1), 1, out=st.positions)
 
     def _prefix_bias(self, valid: torch.Tensor, rows: int):
         bias = torch.zeros(valid.shape, dtype=self.model.dtype, device=valid.device).masked_fill(~valid, NEG_INF)
-        return bias[:, None, None, :].expand(-1, 1, rows, -1)
+        return bias[:, None, None, :].expand(-1, 1, rows, -1).contiguous()  # some SDPA kernels want dense masks
 
     def _lm(self, st: _Static, x: torch.Tensor, start: int, keep_hidden: tuple[int, ...], idx=None, rows=None):
         """Prefix LM layers [start, depth) over x: all tokens (idx None) or the tokens at idx,
@@ -406,7 +406,7 @@ class FastPi0:
         bias = torch.zeros(b, s, t + s, dtype=dt, device=st.valid.device)
         bias[:, :, :t].masked_fill_(~st.valid[:, None, :], NEG_INF)
         bias[:, :, t:].masked_fill_(~seen[None], NEG_INF)
-        bias = bias.repeat_interleave(g, dim=1)[:, None]  # rows in (token, head) order
+        bias = bias[:, :, None].expand(b, s, g, t + s).reshape(b, 1, s * g, t + s)  # rows in (token, head) order
         if not cfg.state_in_prompt:
             suffix = torch.empty(b, s, ex.width, dtype=dt, device=st.valid.device)
             suffix[:, 0].copy_(F.linear(st.state.to(dt), m.state_proj.weight, m.state_proj.bias))

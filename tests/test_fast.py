@@ -1,0 +1,158 @@
+"""The fast runtime (model/fast.py) computes what the eager model computes.
+
+CPU, tiny presets: fused weights, the static [prefix ; suffix] buffers, the per-step time
+tables and the reuse updates run here exactly as on the GPU; only graph capture and compile
+are GPU-only (checked there by `kvreuse bench --check`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvreuse.bench import bench, build_random, rel_err, synthetic_obs
+from kvreuse.model import Pi0Model, preset
+from kvreuse.model.fast import FastPi0, _bucket
+
+torch.set_num_threads(1)
+
+
+def _model(name: str, dtype=torch.float32) -> Pi0Model:
+    return build_random(preset(name), "cpu", dtype=dtype, seed=0)
+
+
+@pytest.fixture(scope="module", params=["tiny-pi0", "tiny-pi05"])
+def setup(request):
+    cfg = preset(request.param)
+    model = _model(request.param)
+    g = torch.Generator().manual_seed(1)
+    obs = synthetic_obs(cfg, 2, "cpu", g)
+    obs2 = synthetic_obs(cfg, 2, "cpu", g)
+    noise = torch.randn(2, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    return cfg, model, FastPi0(model), obs, obs2, noise
+
+
+@torch.no_grad()
+def test_fast_equals_eager_fp32(setup):
+    cfg, model, fast, obs, _, noise = setup
+    ref = model.sample_actions(obs, noise)
+    out = fast.sample_actions(obs, noise)
+    assert out.shape == (2, cfg.chunk_size, cfg.max_action_dim)
+    assert rel_err(out, ref) < 1e-5
+    pe, pf = model.encode_prefix(obs, keep_hidden=(1,)), fast.encode_prefix(obs, keep_hidden=(1,))
+    for a, b in ((pf.k, pe.k), (pf.v, pe.v), (pf.embeds, pe.embeds), (pf.hidden[1], pe.hidden[1])):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5
+    assert torch.equal(pf.mask, pe.mask) and torch.equal(pf.positions, pe.positions)
+    assert [(s.name, s.start, s.end) for s in pf.spans] == [(s.name, s.start, s.end) for s in pe.spans]
+
+
+@torch.no_grad()
+def test_split_api_is_sample_actions_bit_for_bit(setup):
+    _, _, fast, obs, obs2, noise = setup
+    a = fast.sample_actions(obs, noise)
+    cache = fast.encode_prefix(obs)
+    fast.encode_prefix(obs2)  # overwrites the static buffers: the returned cache must not care
+    assert torch.equal(fast.denoise(cache, obs, noise), a)
+
+
+@torch.no_grad()
+def test_denoise_does_not_mutate_prefix(setup):
+    _, _, fast, obs, _, noise = setup
+    cache = fast.encode_prefix(obs)
+    before = (cache.k.clone(), cache.v.clone(), cache.mask.clone(), cache.embeds.clone())
+    x1 = fast.denoise(cache, obs, noise)
+    x2 = fast.denoise(cache, obs, noise)
+    assert torch.equal(x1, x2)
+    for a, b in zip(before, (cache.k, cache.v, cache.mask, cache.embeds)):
+        assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_fast_denoise_reads_an_eager_cache(setup):
+    _, model, fast, obs, _, noise = setup
+    cache = model.encode_prefix(obs)
+    assert rel_err(fast.denoise(cache, obs, noise), model.denoise(cache, obs, noise)) < 1e-5
+
+
+@torch.no_grad()
+def test_weights_fused_and_eager_untouched(setup):
+    cfg, model, fast, obs, _, noise = setup
+    layer, w = model.llm.layers[1], fast.llm[1]
+    assert torch.equal(w.qkv, torch.cat([layer.q.weight, layer.k.weight, layer.v.weight]))
+    assert torch.equal(w.gate_up, torch.cat([layer.gate.weight, layer.up.weight]))
+    assert w.qkv.data_ptr() != layer.q.weight.data_ptr()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    fast.sample_actions(obs, noise)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in sd.items())
+
+
+@torch.no_grad()
+def test_updates_match_eager(setup):
+    cfg, model, fast, obs, obs2, _ = setup
+    p, t = cfg.vision.num_patches, cfg.prefix_len
+    base_e = model.encode_prefix(obs, keep_hidden=(2,))
+    base_f = fast.encode_prefix(obs, keep_hidden=(2,))
+    cam1 = (cfg.cameras[1],)
+    rec = torch.zeros(t, dtype=torch.bool)
+    rec[p : p + 7] = True  # 7 patches of camera 1 + the prompt: padded up to a bucket
+    rec[2 * p :] = True
+    for r, cams in ((rec, cam1), (torch.ones(t, dtype=torch.bool), cfg.cameras), (~rec, ())):
+        ue = model.update_prefix(base_e, obs2, r, cams, base_e.spans, 1)
+        uf = fast.update_prefix(base_f, obs2, r, cams, base_f.spans, 1)
+        assert rel_err(uf.k, ue.k) < 1e-5 and rel_err(uf.v, ue.v) < 1e-5
+        assert rel_err(uf.embeds, ue.embeds) < 1e-5 and sorted(uf.hidden) == sorted(ue.hidden)
+    fresh = {cfg.cameras[0]: model.embed_image(obs2.images[cfg.cameras[0]])}
+    le = model.update_prefix_layers(base_e, obs2, 2, cfg.cameras, base_e.spans, 1, image_embeds=fresh)
+    lf = fast.update_prefix_layers(base_f, obs2, 2, cfg.cameras, base_f.spans, 1, image_embeds=fresh)
+    assert rel_err(lf.k, le.k) < 1e-5 and rel_err(lf.v, le.v) < 1e-5
+    assert torch.equal(lf.k[:2], base_f.k[:2])  # lower layers reused as they were
+
+
+@torch.no_grad()
+def test_embed_image_and_supplied_embeds(setup):
+    cfg, model, fast, obs, _, _ = setup
+    cam = cfg.cameras[1]
+    e = fast.embed_image(obs.images[cam])
+    assert rel_err(e, model.embed_image(obs.images[cam])) < 1e-5
+    ref = model.encode_prefix(obs, image_embeds={cam: e})
+    got = fast.encode_prefix(obs, image_embeds={cam: e})
+    assert rel_err(got.k, ref.k) < 1e-5
+
+
+@torch.no_grad()
+def test_bf16_fast_within_bf16_noise():
+    cfg = preset("tiny-pi05")
+    m32 = _model("tiny-pi05")
+    m16 = _model("tiny-pi05", torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    obs = synthetic_obs(cfg, 1, "cpu", g)
+    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    ref = m32.sample_actions(obs, noise)
+    e_eager = rel_err(m16.sample_actions(obs, noise), ref)
+    e_fast = rel_err(FastPi0(m16).sample_actions(obs, noise), ref)
+    assert e_fast <= max(1e-2, 2 * e_eager), (e_fast, e_eager)
+
+
+def test_bad_input(setup):
+    cfg, _, fast, obs, _, _ = setup
+    cache = fast.encode_prefix(obs)
+    rec = torch.ones(cfg.prefix_len, dtype=torch.bool)
+    with pytest.raises(ValueError, match="run_cameras"):
+        fast.update_prefix(cache, obs, rec, ("nope",), cache.spans, 1)
+    with pytest.raises(ValueError, match="keep_hidden"):
+        fast.update_prefix_layers(cache, obs, 2, (), cache.spans, 1)
+    with pytest.raises(ValueError, match="graphs=True"):
+        FastPi0(_model("tiny-pi0"), graphs=True)
+
+
+def test_bucket():
+    assert [_bucket(r, 1000) for r in (0, 1, 64, 65, 300, 999)] == [0, 64, 64, 128, 512, 1000]
+
+
+def test_bench_check_runs_on_cpu():
+    rep = bench("tiny-pi0", 1, 2, 3, 8, 1, 0, True, 2e-2, None, False, False, True, 0.25, None, False, False, 0)
+    assert rep.ok and rep.check["ok"]
+    names = {n for _, n, _, _ in rep.rows}
+    assert "full inference" in names and "denoise alone = reuse hit" in names
+    with pytest.raises(ValueError, match="full size"):
+        bench("pi0", 1, 2, 3, 8, 1, 0, False, 2e-2, None, False, False, False, 0.25, None, False, False, 0)
