@@ -424,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     kw = {}
     sig = inspect.signature(run_bench)
     for a in argv if argv is not None else sys.argv[1:]:
-        k, _, v = a.lstrip("-").replace("-", "_").partition("=")
+        k, _, v = a.lstrip("-").partition("=")
+        k = k.replace("-", "_")
         if k not in sig.parameters:
             raise SystemExit(f"unknown option {k!r}; options: {', '.join(sig.parameters)}")
         d = sig.parameters[k].default
