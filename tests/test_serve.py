@@ -367,3 +367,33 @@ def test_obs_stream_is_deterministic():
     for i in range(3):
         x, y = a.obs(i), b.obs(i)
         assert all(np.array_equal(x[k], y[k]) for k in x if k != "prompt")
+
+
+def test_kvreuse_serve_command_end_to_end():
+    """`kvreuse serve` as a process: announces its port, answers /healthz and a client."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvreuse.cli", "serve", "--port", "0", "--threads", "1", "--gate", "always",
+         "--max-cache-age-s", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        line = ""
+        deadline = time.monotonic() + 60
+        while "listening on" not in line and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+        m = re.search(r"ws://127\.0\.0\.1:(\d+)", line)
+        assert m, f"no listening line; last: {line!r}"
+        port = int(m.group(1))
+        assert http_get(port, "/healthz")[0] == 200
+        c = RawClient(port)
+        assert c.meta["reuse"].startswith("always/full") and c.meta["max_cache_age_s"] == 2.0
+        r = [c.infer(good_obs())["server_timing"]["reuse"]["decision"] for _ in range(2)]
+        assert r == ["refresh", "reuse"]
+        c.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -103,10 +103,13 @@ def run_serve(
     policy, info = build_policy(checkpoint, reuse, preset, robot, tokenizer, device, seed)
     server = make_server(policy, info, cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    print(f"kvreuse serve: {info['model']} ({info['variant']}, robot {info['robot']}), reuse {info['reuse']}, "
-          f"ws://{host}:{port}  (GET /healthz, GET /stats)", flush=True)
+
+    def ready(bound: int) -> None:  # the bound port matters with --port 0
+        print(f"kvreuse serve: {info['model']} ({info['variant']}, robot {info['robot']}), reuse {info['reuse']}, "
+              f"listening on ws://{host}:{bound}  (GET /healthz, GET /stats)", flush=True)
+
     try:
-        asyncio.run(server.run())
+        asyncio.run(server.run(ready=ready))
     except KeyboardInterrupt:
         pass
 
