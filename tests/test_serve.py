@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import msgpack
@@ -205,6 +204,7 @@ def _bad_frames():
         "oversized frame": (packb(big), "exceeds the limit"),
         "unknown control": (packb({"__ctrl__": "explode"}), "unknown control"),
         "bad reset flag": (packb({**obs, "reset": "yes"}), "reset"),
+        "array reset flag": (packb({**obs, "reset": np.ones(2, bool)}), "reset"),
     }
 
 

@@ -274,7 +274,7 @@ class PolicyServer:
             return packb({"__ack__": ctrl})
 
         reset = req.pop(RESET_KEY, False)
-        if not isinstance(reset, (bool, np.bool_)) and reset not in (0, 1):
+        if not (isinstance(reset, (bool, np.bool_)) or (isinstance(reset, int) and reset in (0, 1))):
             raise ProtocolError(f"{RESET_KEY}: expected a bool, got {type(reset).__name__}")
         (actions, rec), job = await self._submit(ws, session, lambda: session.infer(req, bool(reset)))
         done = time.perf_counter()
