@@ -102,16 +102,27 @@ def plan_reuse(
         # its tokens changed. Unchanged prompt over unchanged cameras would reproduce the cache.
         if not bool(changed.any()):
             return Plan("none", note="camera spans reused; prompt unchanged: nothing to recompute")
-        return Plan("tokens", prompt & valid, (), note="camera spans reused, prompt region recomputed",
-                    refreshed=tuple(prompt_spans))
+        return _complete(Plan("tokens", prompt & valid, (), note="camera spans reused, prompt region recomputed",
+                              refreshed=tuple(prompt_spans)), valid)
+    moved = tuple(c for c in cams if s.pixels_changed.get(c, True))
     if mode == "state_only":
-        # Prompt (text + state) K/V kept as cached, with the cached tokens; cameras recomputed.
-        return Plan("tokens", ~prompt & valid, cams, prompt_from_cache=True,
-                    note="prompt region reused, camera spans recomputed", refreshed=cams)
+        # Prompt (text + state) K/V kept as cached, with the cached tokens; the cameras whose
+        # pixels changed are recomputed (vision tower + their tokens over the cached rest).
+        if not moved:
+            return Plan("none", note="prompt region reused; no camera changed: nothing to recompute")
+        rec = torch.zeros(model_cfg.prefix_len, dtype=torch.bool, device=dev)
+        p = model_cfg.vision.num_patches
+        for i, cam in enumerate(cams):
+            if cam in moved:
+                rec[i * p : (i + 1) * p] = True
+        return _complete(Plan("tokens", rec & valid, moved, prompt_from_cache=True,
+                              note="prompt region reused, camera spans recomputed", refreshed=moved), valid)
     if mode == "layer_wise":
         if _shifted(cache, obs, model_cfg):
             return Plan("all", note="layer-wise reuse cannot move token positions/validity: refresh")
-        return Plan("layers", run_cameras=cams, note="lower layers reused, upper layers recomputed",
+        if not moved and not bool(changed.any()):
+            return Plan("none", note="no camera or prompt token changed: nothing to recompute")
+        return Plan("layers", run_cameras=moved, note="lower layers reused, upper layers recomputed",
                     refreshed=tuple(sp.name for sp in cache.spans))
     if mode == "partial":
         rec = torch.zeros(model_cfg.prefix_len, dtype=torch.bool, device=dev)
@@ -127,9 +138,18 @@ def plan_reuse(
         rec |= prompt
         rec &= valid
         full_cams = tuple(c for c in run if bool(s.changed_patches[c].all()))
-        return Plan("tokens", rec, tuple(run), note=f"{int(rec[:t0].sum())} patch tokens + prompt recomputed",
-                    refreshed=full_cams + tuple(prompt_spans))
+        return _complete(Plan("tokens", rec, tuple(run), note=f"{int(rec[:t0].sum())} patch tokens + prompt recomputed",
+                              refreshed=full_cams + tuple(prompt_spans)), valid)
     raise ValueError(f"reuse.mode: unknown mode {mode!r}")
+
+
+def _complete(plan: Plan, valid: torch.Tensor) -> Plan:
+    """A token plan that covers every valid token recomputes the padding too, so it runs the
+    exact encode_prefix path (bit-identical to a refresh) instead of the partial kernel."""
+    if plan.kind == "tokens" and bool((plan.recompute | ~valid).all()):
+        plan.recompute = torch.ones_like(plan.recompute)
+        plan.note += " (every valid token: exact refresh path)"
+    return plan
 
 
 def _shifted(cache: PrefixCache, obs: Observation, cfg: ModelConfig) -> bool:
@@ -143,7 +163,7 @@ def _shifted(cache: PrefixCache, obs: Observation, cfg: ModelConfig) -> bool:
 def plan_refresh(cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache | None, obs: Observation) -> Plan:
     """The gate said refresh (reuse allowed otherwise): text_fixed keeps the text span within an
     episode, every other mode recomputes everything."""
-    if cfg.mode != "text_fixed" or cache is None or cfg.synchronized:
+    if cfg.mode != "text_fixed" or cache is None or cfg.synchronized or not cfg.enabled:
         return Plan("all", note="full refresh")
     text = cache.span("text")
     keep = region(model_cfg, text.start, text.end, cache.mask.device)

@@ -35,7 +35,8 @@ class ReusePolicy:
         mc = model.cfg
         self.split = self.config.split_for(mc.llm.depth) if self.config.mode == "layer_wise" else None
         self.gate = make_gate(self.config)
-        self.needs = set(self.gate.needs) | ({"patches"} if self.config.mode == "partial" else set())
+        mode_needs = {"partial": {"patches"}, "state_only": {"pixels"}, "layer_wise": {"pixels"}}
+        self.needs = set(self.gate.needs) | mode_needs.get(self.config.mode, set())
         self.stats = ReuseStats()
         self.reset()
 
@@ -199,7 +200,10 @@ class ReusePolicy:
             return
 
         embeds = self._vision(obs, plan.run_cameras, sig, timings)
-        spans = self.cache.with_spans(**{name: snap for name in plan.refreshed})
+        names = plan.refreshed
+        if plan.kind == "tokens" and bool(plan.recompute.all()):
+            names = tuple(sp.name for sp in self.cache.spans)
+        spans = self.cache.with_spans(**{name: snap for name in names})
         t = self._sync()
         if plan.kind == "tokens":
             pobs = obs
@@ -237,7 +241,7 @@ class ReusePolicy:
                 new = patchify(obs.images[cam], patch)
                 r.patches = r.patches.clone()
                 r.patches[:, rows] = new[:, rows]
-        if not plan.prompt_from_cache and ("state" in plan.refreshed or (
+        if not plan.prompt_from_cache and (bool(plan.recompute.all()) or "state" in plan.refreshed or (
             not mc.state_in_prompt and all(c in plan.refreshed for c in mc.cameras)
         )):
             self.ref.state = obs.state.clone()

@@ -33,6 +33,8 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
 def row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine of each batch row's flattened tensors -> (B,). Two zero rows count as equal."""
     a, b = a.flatten(1).float(), b.flatten(1).float()
+    if torch.equal(a, b):
+        return torch.ones(a.shape[0], device=a.device)
     num = (a * b).sum(-1)
     den = a.norm(dim=-1) * b.norm(dim=-1)
     both_zero = (a.norm(dim=-1) == 0) & (b.norm(dim=-1) == 0)
@@ -40,8 +42,10 @@ def row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def patch_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, P, D) x (B, P, D) -> (B, P) per-patch cosine."""
-    return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12)
+    """(B, P, D) x (B, P, D) -> (B, P) per-patch cosine; identical patches give exactly 1 (a
+    threshold of 1.0 then means "any pixel changed")."""
+    cos = F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12)
+    return torch.where((a == b).all(-1), torch.ones_like(cos), cos)
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Signals:
     patch_unchanged: dict[str, float] = field(default_factory=dict)  # fraction of unchanged patches
     siglip: dict[str, float] = field(default_factory=dict)  # cosine of vision embeddings
     changed_patches: dict[str, torch.Tensor] = field(default_factory=dict)  # (P,) bool, any row
+    pixels_changed: dict[str, bool] = field(default_factory=dict)  # any pixel differs from the cache's
     fresh_embeds: dict[str, torch.Tensor] = field(default_factory=dict)  # from the siglip metric
     state_cos: float | None = None
     state_l2: float | None = None
@@ -148,7 +153,7 @@ def measure(
     state_dim: int,
     fresh_embeds: dict[str, torch.Tensor] | None = None,
 ) -> Signals:
-    """Compute the signals named in `needs` ("image", "patches", "state"). The siglip metric
+    """Compute the signals named in `needs` ("image", "patches", "pixels", "state"). The siglip metric
     compares `fresh_embeds` (the caller ran the vision tower; they are kept in the result so a
     mode that recomputes cameras does not run it twice)."""
     s = Signals(prompt_same=obs.prompt == ref.prompt)
@@ -159,6 +164,8 @@ def measure(
         img = obs.images[cam]
         if "image" in needs or "raw" in needs:
             s.image_raw[cam] = float(row_cosine(downsample(img, cfg.downsample), r.small).min())
+        if "pixels" in needs:
+            s.pixels_changed[cam] = not torch.equal(patchify(img, patch), r.patches)
         if want_patches:
             pc = patch_cosine(patchify(img, patch), r.patches)  # (B, P)
             unchanged = pc >= cfg.patch_threshold

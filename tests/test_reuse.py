@@ -1,0 +1,315 @@
+"""Invariants of gated prefix-KV reuse (hypothesis property tests + mode cost accounting).
+
+Models are small variants of the tiny presets (same code paths, fewer/narrower layers, 64px
+images with 16 patches per camera) so the whole file runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvreuse.model import Pi0Model, preset
+from kvreuse.model.config import GemmaConfig, VisionConfig
+from kvreuse.model.tokenizer import load_tokenizer
+from kvreuse.observation import Observation
+from kvreuse.policy import Policy
+from kvreuse.reuse.config import MODES, ReuseConfig
+from kvreuse.reuse.policy import ReusePolicy
+from kvreuse.transforms.robot import RobotTransform, robot_spec
+
+torch.set_num_threads(1)
+FAST = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SIZE = 64
+
+
+def small_cfg(variant: str):
+    vision = VisionConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=16, image_size=SIZE)
+    llm = GemmaConfig(width=64, depth=3, mlp_dim=96, num_heads=2, num_kv_heads=1, head_dim=16)
+    expert = GemmaConfig(width=48, depth=3, mlp_dim=64, num_heads=2, num_kv_heads=1, head_dim=16)
+    return preset(f"tiny-{variant}", vision=vision, llm=llm, expert=expert, num_steps=2, chunk_size=4)
+
+
+_MODELS: dict[str, tuple] = {}
+
+
+def model_and_tf(variant: str):
+    if variant not in _MODELS:
+        torch.manual_seed(0)
+        m = Pi0Model(small_cfg(variant)).eval()
+        tf = RobotTransform(m.cfg, load_tokenizer(m.cfg), None, robot_spec("metaworld"))
+        _MODELS[variant] = (m, tf)
+    return _MODELS[variant]
+
+
+def raw_obs(rng: np.random.Generator, prompt="pick up the puck", state=None, noise_images=True) -> dict:
+    img = lambda: rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)  # noqa: E731
+    return {
+        "observation/image": img(),
+        "observation/wrist_image": img(),
+        "observation/state": rng.uniform(-1, 1, 4) if state is None else state,
+        "prompt": prompt,
+    }
+
+
+def nudge(raw: dict, rng: np.random.Generator, pixels: int = 1, state_delta: float = 0.0) -> dict:
+    """A copy of `raw` with a few pixels of the base camera changed (and the state moved)."""
+    out = dict(raw)
+    im = raw["observation/image"].copy()
+    for _ in range(pixels):
+        y, x = rng.integers(0, SIZE, 2)
+        im[y, x] = 255 - im[y, x]
+    out["observation/image"] = im
+    out["observation/state"] = raw["observation/state"] + state_delta
+    return out
+
+
+def noise_for(model, seed: int):
+    return model.make_noise(1, torch.Generator().manual_seed(seed))
+
+
+# ---- invariant 1: reuse off is the plain model, bit for bit ---------------------------------
+
+
+@FAST
+@given(variant=st.sampled_from(["pi0", "pi05"]), seed=st.integers(0, 2**16), mode=st.sampled_from(MODES))
+def test_reuse_off_is_bit_identical_to_sample_actions(variant, seed, mode):
+    m, tf = model_and_tf(variant)
+    rng = np.random.default_rng(seed)
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="never", mode=mode))
+    for i in range(3):
+        raw = raw_obs(rng) if i != 1 else nudge(raw, rng)  # noqa: F821 - raw from the first step
+        n = noise_for(m, seed + i)
+        a, rec = pol.infer(raw, n.clone())
+        expect = tf.actions(m.sample_actions(tf(raw), n.clone()))[0]
+        assert np.array_equal(a, expect)
+        assert rec.decision == "refresh" and rec.plan == "all" and not rec.mixed
+
+
+# ---- a lower threshold never reuses less -----------------------------------------------------
+
+
+def _rotating_stream(m, n_steps: int, theta: float, seed: int) -> list[Observation]:
+    """Model-space images y_t = cos(t theta) u + sin(t theta) v with u, v orthogonal and constant
+    over the 2x2 blocks the raw metric pools (64 -> 32): the raw cosine between frames a and b is
+    cos(theta |a - b|), so a greedy threshold gate refreshes every r(threshold) + 1 calls."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(1, 3, SIZE // 2, SIZE // 2, generator=g)
+    v = torch.randn(1, 3, SIZE // 2, SIZE // 2, generator=g)
+    v = v - (v * u).sum() / (u * u).sum() * u
+    u, v = u / u.norm(), v / v.norm()
+    up = lambda x: x.repeat_interleave(2, -1).repeat_interleave(2, -2) * 20  # noqa: E731
+    _, tf = model_and_tf("pi0")
+    base = tf(raw_obs(np.random.default_rng(seed), state=np.zeros(4)))
+    out = []
+    for t in range(n_steps):
+        y = math.cos(t * theta) * up(u) + math.sin(t * theta) * up(v)
+        out.append(Observation(**{**base.__dict__, "images": {"base": y, "wrist": y.clone()}}))
+    return out
+
+
+@settings(max_examples=6, deadline=None)
+@given(k_low=st.integers(1, 4), dk=st.integers(0, 3), seed=st.integers(0, 100))
+def test_lower_threshold_never_reuses_less(k_low, dk, seed):
+    m, _ = model_and_tf("pi0")
+    theta = 0.05
+    # thresholds placed between the cosines of whole frame distances, away from ties
+    t_high = math.cos((k_low - 0.5) * theta)
+    t_low = math.cos((k_low + dk + 0.5) * theta)
+    stream = _rotating_stream(m, 10, theta, seed)
+    counts = []
+    for thr in (t_high, t_low):
+        rp = ReusePolicy(m, ReuseConfig(gate="threshold", threshold=thr, downsample=SIZE // 2))
+        counts.append(sum(rp.infer(o, noise_for(m, 0))[1].reused for o in stream))
+    assert counts[1] >= counts[0]
+    assert counts[0] == 10 - math.ceil(10 / k_low)  # the greedy block structure, exactly
+
+
+# ---- never reuse across prompt change / reset ------------------------------------------------
+
+
+@FAST
+@given(events=st.lists(st.sampled_from(["same", "nudge", "prompt", "reset"]), min_size=3, max_size=8),
+       variant=st.sampled_from(["pi0", "pi05"]), mode=st.sampled_from(MODES))
+def test_never_reuse_across_prompt_change_or_reset(events, variant, mode):
+    m, tf = model_and_tf(variant)
+    rng = np.random.default_rng(0)
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="always", mode=mode))
+    raw = raw_obs(rng)
+    seen: set[int] = set()
+    pol.infer(raw)
+    seen |= set(pol.runner.cache.snapshots)
+    prompts = iter(f"task number {i}" for i in range(100))
+    for ev in events:
+        if ev == "nudge":
+            raw = nudge(raw, rng)
+        elif ev == "prompt":
+            raw = {**raw, "prompt": next(prompts)}
+        elif ev == "reset":
+            pol.reset()
+        _, rec = pol.infer(raw)
+        if ev in ("prompt", "reset"):
+            assert rec.decision == "refresh" and rec.plan == "all"
+            assert not set(rec.snapshots) & seen, "a span survived a prompt change or reset"
+            assert len(set(rec.snapshots)) == 1 and not rec.mixed
+        seen |= set(rec.snapshots)
+
+
+# ---- synchronized never mixes snapshots ------------------------------------------------------
+
+
+@FAST
+@given(variant=st.sampled_from(["pi0", "pi05"]), mode=st.sampled_from(MODES),
+       gate=st.sampled_from(["always", "period", "threshold"]), seed=st.integers(0, 1000),
+       pixels=st.lists(st.integers(0, 30), min_size=3, max_size=6))
+def test_synchronized_never_mixes_snapshots(variant, mode, gate, seed, pixels):
+    m, tf = model_and_tf(variant)
+    rng = np.random.default_rng(seed)
+    pol = Policy(m, tf, reuse=ReuseConfig(gate=gate, mode=mode, synchronized=True, threshold=0.999, period=3))
+    raw = raw_obs(rng)
+    for px in [0] + pixels:
+        raw = nudge(raw, rng, px, state_delta=0.05 * (px % 2))
+        _, rec = pol.infer(raw)
+        assert not rec.mixed
+        assert len(set(rec.snapshots)) == 1
+        if rec.reused:
+            assert rec.plan == "none"
+            if variant == "pi0":
+                assert rec.state_source == "snapshot"
+
+
+def test_unsynchronized_modes_do_mix_and_say_so():
+    m, tf = model_and_tf("pi05")
+    rng = np.random.default_rng(1)
+    for mode in ("vision_only", "state_only", "layer_wise", "partial"):
+        pol = Policy(m, tf, reuse=ReuseConfig(gate="always", mode=mode))
+        raw = raw_obs(rng, state=np.array([0.1, 0.2, 0.3, 0.4]))  # stays 3 digits per bin below
+        pol.infer(raw)
+        _, rec = pol.infer(nudge(raw, rng, 5, state_delta=0.3))
+        assert rec.reused and rec.mixed, mode
+
+
+# ---- identical frames with `always` compute the prefix once ----------------------------------
+
+
+class Counter:
+    """Counts vision-tower camera passes and prefix-LM token-layers through hooks on the model."""
+
+    def __init__(self, model: Pi0Model):
+        self.vision = 0
+        self.token_layers = 0
+        self.prefix_calls = 0
+        self.model = model
+        llm = model.llm
+        depth = len(llm.layers)
+        orig_full, orig_part = llm.prefix_kv, llm.prefix_kv_partial
+
+        def full(x, *a, start=0, **k):
+            self.token_layers += x.shape[1] * (depth - start)
+            self.prefix_calls += 1
+            return orig_full(x, *a, start=start, **k)
+
+        def part(x, *a, **k):
+            self.token_layers += x.shape[1] * depth
+            self.prefix_calls += 1
+            return orig_part(x, *a, **k)
+
+        llm.prefix_kv, llm.prefix_kv_partial = full, part
+        self._hook = model.vision.register_forward_hook(lambda mod, inp, out: self._saw(inp))
+
+    def _saw(self, inp):
+        self.vision += 1
+
+    def close(self):
+        del self.model.llm.prefix_kv, self.model.llm.prefix_kv_partial  # back to the class methods
+        self._hook.remove()
+
+
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+@pytest.mark.parametrize("mode", MODES)
+def test_identical_frames_with_always_compute_the_prefix_once(variant, mode):
+    m, tf = model_and_tf(variant)
+    raw = raw_obs(np.random.default_rng(3))
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="always", mode=mode))
+    c = Counter(m)
+    try:
+        recs = [pol.infer(raw)[1] for _ in range(5)]
+    finally:
+        c.close()
+    assert c.prefix_calls == 1
+    assert c.vision == len(m.cfg.cameras)
+    assert [r.decision for r in recs] == ["refresh"] + ["reuse"] * 4
+    assert all(r.plan == "none" for r in recs[1:])
+
+
+# ---- partial with every patch changed == a full refresh --------------------------------------
+
+
+@FAST
+@given(variant=st.sampled_from(["pi0", "pi05"]), seed=st.integers(0, 2**16))
+def test_partial_with_every_patch_changed_equals_full_refresh(variant, seed):
+    m, tf = model_and_tf(variant)
+    rng = np.random.default_rng(seed)
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="always", mode="partial", patch_threshold=0.99))
+    pol.infer(raw_obs(rng))
+    raw2 = raw_obs(rng)  # fresh noise images: every patch changes
+    n = noise_for(m, seed)
+    a, rec = pol.infer(raw2, n.clone())
+    assert rec.cost["vision_cameras"] == 2 and rec.cost["lm_tokens"] == m.cfg.prefix_len
+    assert np.array_equal(a, tf.actions(m.sample_actions(tf(raw2), n.clone()))[0])
+    assert not rec.mixed and len(set(rec.snapshots)) == 1
+
+
+# ---- each mode's recompute count is what it claims -------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gate", ["always", "period"])
+def test_each_mode_recomputes_what_it_claims(variant, mode, gate):
+    m, tf = model_and_tf(variant)
+    rng = np.random.default_rng(7)
+    pol = Policy(m, tf, reuse=ReuseConfig(gate=gate, period=2, mode=mode, patch_threshold=0.99))
+    c = Counter(m)
+    try:
+        raw = raw_obs(rng)
+        claimed_v = claimed_t = 0
+        for i in range(5):
+            raw = nudge(raw, rng, pixels=3 * i, state_delta=0.2 * (i % 2))
+            _, rec = pol.infer(raw)
+            claimed_v += rec.cost["vision_cameras"]
+            claimed_t += rec.cost["lm_token_layers"]
+            assert c.vision == claimed_v and c.token_layers == claimed_t, (i, rec)
+    finally:
+        c.close()
+    # the savings are real: less than five full refreshes were computed
+    assert claimed_t < 5 * m.cfg.prefix_len * m.cfg.llm.depth
+
+
+def test_mode_costs_relative_to_a_full_refresh():
+    """What each mode costs on a reuse call where one camera and the state changed."""
+    m, tf = model_and_tf("pi05")
+    cfg = m.cfg
+    p, depth, T = cfg.vision.num_patches, cfg.llm.depth, cfg.prefix_len
+    rng = np.random.default_rng(11)
+    raw = raw_obs(rng, state=np.array([0.1, 0.2, 0.3, 0.4]))  # every bin keeps 3 digits below
+    nxt = nudge(raw, rng, pixels=2, state_delta=0.4)
+    costs = {}
+    for mode in MODES:
+        # a patch with one flipped pixel keeps a pixel cosine ~0.99: count any change
+        pol = Policy(m, tf, reuse=ReuseConfig(gate="always", mode=mode, layer_split=1, patch_threshold=1.0))
+        pol.infer(raw)
+        costs[mode] = pol.infer(nxt)[1].cost
+    prompt_valid = int(tf(nxt).token_mask.sum())
+    assert costs["full"] == {"vision_cameras": 0, "lm_tokens": 0, "lm_token_layers": 0}
+    assert costs["text_fixed"]["lm_tokens"] == 0
+    assert costs["vision_only"] == {"vision_cameras": 0, "lm_tokens": prompt_valid, "lm_token_layers": prompt_valid * depth}
+    assert costs["state_only"] == {"vision_cameras": 1, "lm_tokens": p, "lm_token_layers": p * depth}
+    assert costs["layer_wise"] == {"vision_cameras": 1, "lm_tokens": T, "lm_token_layers": T * (depth - 1)}
+    assert 0 < costs["partial"]["lm_tokens"] - prompt_valid <= 2
+    assert costs["partial"]["vision_cameras"] == 1
