@@ -17,4 +17,6 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 python -m pip install -q -e ".[metaworld,test]"
+# openpi's client (test peer of the policy server) pins numpy<2, which its code does not need.
+python -m pip install -q --no-deps "openpi-client==0.1.2"
 echo "kvreuse installed in $(pwd)/.venv"
