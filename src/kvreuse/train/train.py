@@ -1,0 +1,215 @@
+"""`kvreuse train`: flow-matching behaviour cloning of a tiny Pi0 / Pi0.5 preset on the demos.
+
+Same model code as the full presets; only the preset is small. Per step:
+  - sample frames uniformly over all demos; the target is the action chunk of cfg.chunk_size
+    starting there. Past the episode's end the chunk is padded (last action repeated) and the
+    padded steps are masked out of the loss: the env stops at success, so nothing is executed
+    there;
+  - images get a small random shift (replicate-padded, per sample and camera): it keeps the tiny
+    vision tower from keying on exact pixel positions of a few demos;
+  - inputs go through the same RobotTransform the policy uses at run time (normalization:
+    mean/std for Pi0, quantiles for Pi0.5; Pi0.5 writes the discretized state into the prompt);
+  - masked flow-matching loss (the model's `loss`, with a padding mask), AdamW, linear warm-up
+    then cosine decay, bf16 autocast on CUDA, an EMA of the weights (what gets saved).
+
+The schedule runs over `steps` or `max_minutes`, whichever ends first (progress = max of the
+two fractions), so a wall-clock budget still finishes with a decayed learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions so `kvreuse --help` stays fast.
+
+
+def flow_matching_loss(model, obs, actions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """model.loss with a (B, chunk) mask of real (not padded) action steps."""
+    import torch
+
+    b = actions.shape[0]
+    noise = torch.randn_like(actions)
+    t = torch.distributions.Beta(1.5, 1.0).sample((b,)).to(actions.device) * 0.999 + 0.001
+    tt = t[:, None, None]
+    x_t = tt * noise + (1 - tt) * actions
+    v = model.velocity(model.encode_prefix(obs), obs, x_t, t)
+    err = (v - (noise - actions))[..., : model.cfg.action_dim].float().pow(2).mean(-1)
+    return (err * valid).sum() / valid.sum().clamp(min=1)
+
+
+def random_shift(img: torch.Tensor, pad: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1], each sample shifted by up to ±pad px."""
+    import torch
+
+    x = img.permute(0, 3, 1, 2).float() / 255.0
+    if pad <= 0:
+        return x
+    b, _, h, w = x.shape
+    x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+    oy = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=gen)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(3, device=x.device)[None, :, None, None]
+    return x[bi, ci, rows, cols]
+
+
+def _lr_factor(progress: float, warmup: float) -> float:
+    if progress < warmup:
+        return progress / warmup
+    p = (progress - warmup) / max(1e-8, 1 - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def run_train(
+    demos: str = "data/demos",
+    out: str = "runs/testbed-pi05",
+    preset: str = "tiny-pi05",
+    steps: int = 20000,
+    max_minutes: float = 0.0,
+    batch_size: int = 128,
+    lr: float = 5e-4,
+    weight_decay: float = 1e-4,
+    warmup: float = 0.03,
+    ema: float = 0.999,
+    shift: int = 6,
+    device: str = "auto",
+    seed: int = 0,
+    log_every: int = 200,
+    tasks: tuple[str, ...] = (),
+) -> None:
+    """Train a tiny preset with flow matching on `kvreuse demos` output; save a checkpoint to `out`.
+
+    max_minutes: optional wall-clock budget (0 = none); the LR schedule ends at whichever of
+    `steps` / `max_minutes` comes first. warmup: fraction of the schedule."""
+    import torch
+
+    from ..checkpoint import save_checkpoint
+    from ..model.config import preset as get_preset
+    from ..model.pi0 import Pi0Model, param_count
+    from ..model.tokenizer import load_tokenizer
+    from ..transforms.normalize import NormStats, Stats
+    from ..transforms.robot import RobotTransform, robot_spec
+    from .demos import load_demos
+
+    if steps < 1 or batch_size < 1:
+        raise ValueError("steps and batch_size must be >= 1")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    data = load_demos(demos, tasks)
+    cfg = get_preset(preset)
+    spec = robot_spec("metaworld")
+    if (cfg.state_dim, cfg.action_dim) != (spec.state_dim, spec.action_dim):
+        raise ValueError(f"preset {preset!r} has state/action dims {cfg.state_dim}/{cfg.action_dim}; the testbed needs 4/4")
+    if data.base.shape[1] != cfg.vision.image_size:
+        print(f"note: demos are {data.base.shape[1]}px, the model resizes them to {cfg.vision.image_size}px")
+    stats = NormStats(Stats.of(data.state), Stats.of(data.actions))
+    tf = RobotTransform(cfg, load_tokenizer(cfg), stats, spec)
+    for p in data.prompts:  # fail before training if a prompt does not fit the token budget
+        tf({"observation/image": data.base[:1], "observation/wrist_image": data.wrist[:1],
+            "observation/state": data.state[:1], "prompt": p})
+
+    # Images live on the training device (uint8) so batches are gathered there.
+    base = torch.from_numpy(data.base).to(dev)
+    wrist = torch.from_numpy(data.wrist).to(dev)
+    nact = torch.from_numpy(tf.normalize_actions(data.actions)).to(dev)  # (N, max_action_dim)
+    ep_end = torch.from_numpy(data.ep_end).to(dev)
+    n, chunk = len(data), cfg.chunk_size
+    prompts = np.array(data.prompts, dtype=object)
+
+    model = Pi0Model(cfg).to(dev).train()
+    ema_model = Pi0Model(cfg).to(dev).eval()
+    ema_model.load_state_dict(model.state_dict())
+    for p in ema_model.parameters():
+        p.requires_grad_(False)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95), fused=dev.type == "cuda",
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    print(f"train {preset} ({param_count(model) / 1e6:.2f}M params) on {dev}: {data.episodes} demos, {n} frames, "
+          f"{len(data.tasks)} tasks, batch {batch_size}, up to {steps} steps"
+          + (f" / {max_minutes} min" if max_minutes else ""), flush=True)
+
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    log = open(out_path / "train_log.jsonl", "w")
+    ar = torch.arange(chunk, device=dev)
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    step, progress = 0, 0.0
+    while progress < 1.0:
+        idx = torch.from_numpy(rng.integers(0, n, batch_size)).to(dev)
+        rows = idx[:, None] + ar[None]  # (B, chunk)
+        valid = rows < ep_end[idx][:, None]
+        rows = torch.minimum(rows, ep_end[idx][:, None] - 1)  # pad with the episode's last action
+        raw = {
+            "observation/image": random_shift(base[idx], shift),
+            "observation/wrist_image": random_shift(wrist[idx], shift),
+            "observation/state": data.state[idx.cpu().numpy()],
+            "prompt": list(prompts[data.task_of[idx.cpu().numpy()]]),
+        }
+        obs = tf(raw, device=dev)
+        with autocast:
+            loss = flow_matching_loss(model, obs, nact[rows], valid.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        elapsed = time.perf_counter() - t0
+        progress = max((step + 1) / steps, elapsed / (60 * max_minutes) if max_minutes else 0.0)
+        for g in opt.param_groups:
+            g["lr"] = lr * _lr_factor(progress, warmup)
+        opt.step()
+        with torch.no_grad():
+            d = min(ema, (1 + step) / (10 + step))  # short warm-up of the EMA
+            torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - d)
+        step += 1
+        losses.append(loss.item() if step % 10 == 0 or step < 50 else losses[-1])
+        if step % log_every == 0 or progress >= 1.0:
+            rec = {"step": step, "loss": float(np.mean(losses[-log_every:])), "lr": opt.param_groups[0]["lr"],
+                   "elapsed_s": round(elapsed, 1), "steps_per_s": round(step / elapsed, 2), "progress": round(progress, 4)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            eta = elapsed / max(progress, 1e-6) - elapsed
+            print(f"step {step:6d}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['steps_per_s']:.1f} it/s  "
+                  f"{100 * progress:5.1f}%  eta {eta / 60:.1f} min", flush=True)
+    log.close()
+    wall = time.perf_counter() - t0
+    ema_model.float()
+    save_checkpoint(
+        out_path, ema_model.cpu(), stats, robot="metaworld",
+        training={
+            "preset": preset, "demos": str(demos), "tasks": data.tasks, "prompts": data.prompts,
+            "episodes": data.episodes, "frames": n, "steps": step, "batch_size": batch_size, "lr": lr,
+            "weight_decay": weight_decay, "warmup": warmup, "ema": ema, "shift": shift, "seed": seed,
+            "final_loss": float(np.mean(losses[-log_every:])), "wall_s": round(wall, 1), "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "demo_noise": data.meta.get("noise"), "image_size": data.meta.get("image_size"),
+        },
+    )
+    print(f"saved {out_path} after {step} steps in {wall / 60:.1f} min (final loss {np.mean(losses[-log_every:]):.4f})")
+
+
+if __name__ == "__main__":  # runnable without the CLI registry: python -m kvreuse.train.train
+    import tyro
+
+    tyro.cli(run_train)
