@@ -22,8 +22,10 @@ from .stream import ObservationStream
 def chunk_similarity(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """(cosine, L2) of two action chunks, flattened."""
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if np.array_equal(a, b):
+        return 1.0, 0.0
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    cos = 1.0 if na == 0 and nb == 0 else float(a @ b / max(na * nb, 1e-12))
+    cos = float(np.clip(a @ b / max(na * nb, 1e-12), -1.0, 1.0))
     return cos, float(np.linalg.norm(a - b))
 
 

@@ -74,7 +74,7 @@ class ObservationStream:
 
     @staticmethod
     def load(path: str | Path) -> "ObservationStream":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
@@ -96,7 +96,7 @@ class ObservationStream:
                     raw.update(st.get("extra", {}))
                     raw["prompt"] = st["prompt"]
                     steps.append(StreamStep(raw, bool(st["reset"])))
-        except (OSError, json.JSONDecodeError, KeyError) as e:  # safetensors raises its own types too
+        except (OSError, json.JSONDecodeError, KeyError, SafetensorError) as e:
             raise ValueError(f"stream {path}: unreadable ({e})") from None
         return ObservationStream(steps, header.get("robot", "metaworld"), header.get("meta", {}))
 

@@ -1,0 +1,194 @@
+"""Gate decisions on crafted signal sequences, invalidation, phase cues, config validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvreuse.reuse.config import ReuseConfig
+from kvreuse.reuse.gates import make_gate
+from kvreuse.reuse.signals import PhaseCues, Signals, phase_cues
+
+torch.set_num_threads(1)
+
+
+def sig(image=None, state_cos=None, state_l2=None, age=0, phase=None) -> Signals:
+    return Signals(image=dict(image or {}), state_cos=state_cos, state_l2=state_l2, age_calls=age, phase=phase)
+
+
+def decisions(cfg: ReuseConfig, seq: list[Signals]) -> list[bool]:
+    g = make_gate(cfg)
+    return [g.decide(s).reuse for s in seq]
+
+
+def test_never_and_always():
+    seq = [sig({"base": 1.0}), sig({"base": 0.0}), sig({"base": -1.0}, age=100)]
+    assert decisions(ReuseConfig(gate="never"), seq) == [False, False, False]
+    assert decisions(ReuseConfig(gate="always"), seq) == [True, True, True]
+
+
+def test_period_refreshes_every_k_calls():
+    seq = [sig(age=a) for a in range(1, 6)]  # a call right after a refresh has age 1
+    assert decisions(ReuseConfig(gate="period", period=3), seq) == [True, True, False, False, False]
+    assert decisions(ReuseConfig(gate="period", period=1), seq) == [False] * 5
+
+
+def test_threshold_uses_the_worst_camera():
+    cfg = ReuseConfig(gate="threshold", threshold=0.985)
+    seq = [
+        sig({"base": 0.99, "wrist": 0.99}),
+        sig({"base": 0.99, "wrist": 0.98}),  # one camera below: refresh
+        sig({"base": 0.985, "wrist": 1.0}),  # at the threshold: reuse
+        sig({}),  # no camera present
+    ]
+    assert decisions(cfg, seq) == [True, False, True, True]
+    reason = make_gate(cfg).decide(seq[1]).reason
+    assert "wrist" in reason and "0.98" in reason
+
+
+@settings(max_examples=50, deadline=None)
+@given(sims=st.lists(st.floats(-1, 1), min_size=1, max_size=3), t1=st.floats(-1, 1), t2=st.floats(-1, 1))
+def test_threshold_gate_is_monotone_in_the_threshold(sims, t1, t2):
+    lo, hi = min(t1, t2), max(t1, t2)
+    s = sig({f"cam{i}": v for i, v in enumerate(sims)})
+    if make_gate(ReuseConfig(gate="threshold", threshold=hi)).decide(s).reuse:
+        assert make_gate(ReuseConfig(gate="threshold", threshold=lo)).decide(s).reuse
+
+
+def test_crossmodal_needs_image_and_state():
+    cfg = ReuseConfig(gate="crossmodal", threshold=0.98, state_threshold=0.99, state_max_l2=0.05)
+    seq = [
+        sig({"base": 0.99}, state_cos=0.995, state_l2=0.01),  # both close
+        sig({"base": 0.97}, state_cos=0.999, state_l2=0.0),  # image moved
+        sig({"base": 0.999}, state_cos=0.9, state_l2=0.01),  # state direction moved
+        sig({"base": 0.999}, state_cos=0.999, state_l2=0.2),  # state magnitude moved
+    ]
+    assert decisions(cfg, seq) == [True, False, False, False]
+    assert decisions(cfg.replace(state_max_l2=None), seq) == [True, False, False, True]
+
+
+def test_phase_gate_tightens_near_cues():
+    cfg = ReuseConfig(gate="phase", threshold=0.98, phase_threshold=0.995)
+    calm = PhaseCues(False, 0.0, 0.0)
+    seq = [
+        sig({"base": 0.99}, phase=calm),  # calm: base threshold -> reuse
+        sig({"base": 0.99}, phase=PhaseCues(True, 0.0, 0.0)),  # gripper transition: tight -> refresh
+        sig({"base": 0.99}, phase=PhaseCues(False, 1.0, 0.0)),  # high variance: tight
+        sig({"base": 0.99}, phase=PhaseCues(False, 0.0, 1.0)),  # high curvature: tight
+        sig({"base": 0.999}, phase=PhaseCues(True, 1.0, 1.0)),  # above even the tight threshold
+        sig({"base": 0.99}, phase=None),  # no chunk yet: tight
+    ]
+    assert decisions(cfg, seq) == [True, False, False, False, True, False]
+    assert "gripper transition" in make_gate(cfg).decide(seq[1]).reason
+
+
+def test_phase_cues_from_action_chunks():
+    cfg = ReuseConfig(motion_dims=3, gripper_dim=-1)
+    t = torch.linspace(0, 1, 10)
+    straight = torch.zeros(1, 10, 32)
+    straight[0, :, 0] = 0.1  # constant direction, constant speed
+    straight[0, :, 3] = 1.0  # gripper held open
+    c = phase_cues(straight, cfg, action_dim=4)
+    assert not c.gripper_transition and c.variance < 1e-9 and c.curvature < 1e-6
+
+    closing = straight.clone()
+    closing[0, :, 3] = 1.0 - 2 * t  # open -> closed within the chunk
+    assert phase_cues(closing, cfg, action_dim=4).gripper_transition
+
+    zigzag = straight.clone()
+    zigzag[0, :, 0] = torch.tensor([1.0, -1.0] * 5)
+    z = phase_cues(zigzag, cfg, action_dim=4)
+    assert z.curvature > 1.5 and z.variance > 0.3
+    # only the first two actions: no turn seen yet
+    assert phase_cues(zigzag, cfg.replace(phase_horizon=2), action_dim=4).curvature == 0.0
+
+
+def test_max_age_is_enforced_with_any_gate():
+    from test_reuse import model_and_tf, nudge, raw_obs
+
+    from kvreuse.policy import Policy
+
+    m, tf = model_and_tf("pi0")
+    raw = raw_obs(np.random.default_rng(0))
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="always", max_age_calls=2))
+    recs = [pol.infer(raw)[1] for _ in range(7)]
+    assert [r.decision for r in recs] == ["refresh", "reuse", "reuse", "refresh", "reuse", "reuse", "refresh"]
+    assert "max age" in recs[3].reason
+
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="always", max_age_s=1e-9))
+    recs = [pol.infer(raw)[1] for _ in range(3)]
+    assert all(r.decision == "refresh" for r in recs) and "max age" in recs[1].reason
+
+    # partial mode: untouched patches age too, so the bound still forces a refresh
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="always", mode="partial", max_age_calls=1))
+    rng = np.random.default_rng(1)
+    recs = [pol.infer(raw := nudge(raw, rng, 40))[1] for _ in range(4)]
+    assert [r.plan for r in recs][0] == "all" and recs[2].plan == "all" and "max age" in recs[2].reason
+
+
+@pytest.mark.parametrize("change", ["camera set", "image size", "prompt", "dtype/device"])
+def test_invalidation_refreshes(change):
+    from test_reuse import model_and_tf, raw_obs
+
+    from kvreuse.policy import Policy
+    from kvreuse.transforms.robot import RobotSpec, RobotTransform
+
+    m, tf = model_and_tf("pi05")
+    raw = raw_obs(np.random.default_rng(2))
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="always"))
+    pol.infer(raw)
+    assert pol.infer(raw)[1].reused
+    if change == "camera set":
+        # the same policy state, now fed by a robot without the wrist camera (masked out)
+        spec = RobotSpec("one-cam", (("observation/image", "base"),), state_dim=4, action_dim=4)
+        pol.transform = RobotTransform(m.cfg, tf.tok, None, spec)
+        nxt = {k: v for k, v in raw.items() if k != "observation/wrist_image"}
+    elif change == "image size":
+        big = np.zeros((96, 96, 3), dtype=np.uint8)
+        big[16:80, 16:80] = raw["observation/image"]
+        nxt = {**raw, "observation/image": big}
+    elif change == "prompt":
+        nxt = {**raw, "prompt": "another task"}
+    else:
+        pol.runner.ref.dtype = torch.float16  # as if the model had been cast since the cache was made
+        nxt = raw
+    rec = pol.infer(nxt)[1]
+    assert rec.decision == "refresh" and rec.plan == "all"
+    assert change in rec.reason
+
+
+def test_config_validation_names_the_field():
+    for kw, field in [
+        ({"gate": "sometimes"}, "reuse.gate"),
+        ({"mode": "half"}, "reuse.mode"),
+        ({"threshold": 1.5}, "reuse.threshold"),
+        ({"period": 0}, "reuse.period"),
+        ({"max_age_calls": 0}, "reuse.max_age_calls"),
+        ({"image_metric": "ssim"}, "reuse.image_metric"),
+    ]:
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            ReuseConfig(**kw)
+    with pytest.raises(ValueError, match="layer_split"):
+        ReuseConfig(mode="layer_wise", layer_split=8).split_for(4)
+    with pytest.raises(ValueError, match="unknown field"):
+        ReuseConfig.from_dict({"treshold": 0.9})
+
+
+def test_labels_are_short_and_distinct():
+    cfgs = [
+        ReuseConfig(),
+        ReuseConfig(gate="threshold", threshold=0.985),
+        ReuseConfig(gate="threshold", threshold=0.98),
+        ReuseConfig(gate="threshold", threshold=0.985, synchronized=True),
+        ReuseConfig(gate="crossmodal", mode="partial"),
+        ReuseConfig(gate="period", period=3, max_age_calls=10),
+        ReuseConfig(gate="phase", mode="layer_wise", layer_split=2),
+    ]
+    labels = [c.label() for c in cfgs]
+    assert len(set(labels)) == len(labels)
+    assert labels[0] == "never" and labels[1] == "threshold(raw>=0.985)/full"
+    assert all(len(x) < 80 for x in labels)
+    assert ReuseConfig.from_dict(cfgs[4].to_dict()) == cfgs[4]

@@ -1,0 +1,141 @@
+"""Observation streams, compare tools, Policy construction/forking/stats, the compare CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_reuse import SIZE, model_and_tf, raw_obs
+
+from kvreuse.policy import Policy
+from kvreuse.reuse.compare import chunk_similarity, compare_actions, compare_deterministic
+from kvreuse.reuse.config import ReuseConfig
+from kvreuse.reuse.stream import ObservationStream, synthetic_stream
+
+torch.set_num_threads(1)
+
+
+def test_stream_round_trip(tmp_path):
+    s = synthetic_stream(steps=3, episodes=2, size=SIZE, seed=1)
+    s.steps[1].raw["episode_info"] = {"task": "x", "n": 3}  # non-array values travel as JSON
+    path = s.save(tmp_path / "s.safetensors")
+    back = ObservationStream.load(path)
+    assert len(back) == 6 and back.episodes == 2 and back.robot == "metaworld" and back.meta["seed"] == 1
+    for a, b in zip(s, back):
+        assert a.reset == b.reset and a.raw["prompt"] == b.raw["prompt"]
+        for k, v in a.raw.items():
+            if isinstance(v, np.ndarray):
+                assert b.raw[k].dtype == v.dtype and np.array_equal(b.raw[k], v)
+    assert back.steps[1].raw["episode_info"] == {"task": "x", "n": 3}
+
+
+def test_stream_bad_files(tmp_path):
+    from safetensors.numpy import save_file
+
+    with pytest.raises(ValueError, match="no such file"):
+        ObservationStream.load(tmp_path / "missing.safetensors")
+    save_file({"x": np.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a kvreuse observation stream"):
+        ObservationStream.load(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="stream"):
+        ObservationStream.load(tmp_path / "junk.safetensors")
+
+
+def test_synthetic_stream_has_pauses_and_motion():
+    s = synthetic_stream(steps=15, episodes=1, size=SIZE, seed=0)
+    same = [np.array_equal(a.raw["observation/image"], b.raw["observation/image"]) for a, b in zip(s.steps, s.steps[1:])]
+    assert any(same) and not all(same)
+
+
+def test_compare_actions_baseline_vs_itself_and_vs_reuse():
+    m, tf = model_and_tf("pi05")
+    base = Policy(m, tf)
+    stream = synthetic_stream(steps=6, episodes=2, size=SIZE, seed=0)
+    same = compare_actions(base, base.fork(ReuseConfig()), stream, seed=3)
+    assert same.cosine == [1.0] * 12 and same.l2 == [0.0] * 12 and same.summary()["reuse_rate"] == 0.0
+    res = compare_actions(base, base.fork(ReuseConfig(gate="always")), stream, seed=3)
+    s = res.summary()
+    assert s["calls"] == 12 and s["reuse_rate"] == pytest.approx(10 / 12)  # first call of each episode refreshes
+    assert res.l2[0] == 0.0 and res.l2[6] == 0.0  # episode starts are fresh
+    assert max(res.l2) > 0
+
+
+def test_chunk_similarity():
+    a = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert chunk_similarity(a, a) == (1.0, 0.0)
+    c, d = chunk_similarity(a, -a)
+    assert c == pytest.approx(-1.0) and d == pytest.approx(2 * 2**0.5)
+
+
+def test_compare_deterministic_passes():
+    m, tf = model_and_tf("pi0")
+    checks = compare_deterministic(Policy(m, tf), synthetic_stream(steps=3, episodes=2, size=SIZE), seed=0)
+    assert len(checks) == 3 and all(c.identical and c.max_abs_diff == 0.0 for c in checks)
+
+
+def test_compare_deterministic_catches_a_difference(monkeypatch):
+    """If the reuse-off path computed anything differently, the check must fail."""
+    m, tf = model_and_tf("pi0")
+    pol = Policy(m, tf)
+    orig = pol.runner.__class__.infer
+
+    def off_by_a_bit(self, obs, noise, *a, **k):
+        out, rec = orig(self, obs, noise, *a, **k)
+        return out + 1e-6, rec
+
+    monkeypatch.setattr(pol.runner.__class__, "infer", off_by_a_bit)
+    checks = compare_deterministic(pol, synthetic_stream(steps=2, episodes=1, size=SIZE), seed=0)
+    assert checks[0].identical and not checks[1].identical and checks[1].max_abs_diff > 0
+
+
+def test_fork_shares_the_model_not_the_cache():
+    m, tf = model_and_tf("pi0")
+    a = Policy(m, tf, reuse=ReuseConfig(gate="always"))
+    b = a.fork()
+    assert b.model is a.model and b.reuse_config == a.reuse_config
+    raw = raw_obs(np.random.default_rng(0))
+    a.infer(raw)
+    _, rec = b.infer(raw)
+    assert rec.decision == "refresh" and "episode start" in rec.reason
+    assert not set(rec.snapshots) & set(a.runner.cache.snapshots)
+
+
+def test_stats_aggregate_reuse_rate_and_latency():
+    m, tf = model_and_tf("pi0")
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="period", period=2))
+    raw = raw_obs(np.random.default_rng(0))
+    recs = [pol.infer(raw)[1] for _ in range(6)]
+    assert [r.decision for r in recs] == ["refresh", "reuse"] * 3
+    s = pol.stats.summary()
+    assert s["calls"] == 6 and s["reuse_rate"] == 0.5
+    assert s["p50_ms"] <= s["p95_ms"] and s["hz"] == pytest.approx(1e3 / s["mean_ms"])
+    assert all(set(r.timings) >= {"vision", "prefix", "denoise", "total"} for r in recs)
+    assert recs[1].timings["vision"] == 0.0 and recs[0].timings["vision"] > 0.0
+
+
+def test_from_checkpoint(tmp_path):
+    from kvreuse.checkpoint import save_checkpoint
+
+    m, tf = model_and_tf("pi05")
+    save_checkpoint(tmp_path / "ck", m, None, robot="metaworld")
+    pol = Policy.from_checkpoint(tmp_path / "ck", reuse=ReuseConfig(gate="always"))
+    raw = raw_obs(np.random.default_rng(0))
+    n = m.make_noise(1, torch.Generator().manual_seed(0))
+    a, _ = pol.infer(raw, n.clone())
+    assert np.array_equal(a, Policy(m, tf).infer(raw, n.clone())[0])
+    assert pol.reuse_config.gate == "always" and pol.transform.spec.name == "metaworld"
+
+
+def test_compare_cli(capsys):
+    from kvreuse.cli import main
+
+    main(["compare", "deterministic", "--preset", "tiny-pi0", "--steps", "2", "--episodes", "1"])
+    assert "all bit-identical" in capsys.readouterr().out
+    main(["compare", "actions", "--preset", "tiny-pi0", "--steps", "3", "--episodes", "1", "--gate", "always"])
+    out = capsys.readouterr().out
+    assert "reuse rate 66.7%" in out and "cosine mean" in out
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "actions", "--threshold", "1.5", "--steps", "1", "--episodes", "1"])
+    assert e.value.code == 2
+    assert "reuse.threshold" in capsys.readouterr().err
