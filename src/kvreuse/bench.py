@@ -227,14 +227,22 @@ def run_bench(
     lerobot_compile: bool = False,
     json_out: str | None = None,
     seed: int = 0,
+    prefix_attn: str = "sdpa",
+    expert_attn: str = "fp32",
+    variants: str = "",
+    reuse_eager: bool = True,
+    profile: str | None = None,
 ) -> None:
     """Time the fast runtime at full size (random weights unless --checkpoint) and compare it
     with the eager model and, when importable, lerobot's PI0Pytorch / PI05Pytorch.
 
     --check: fast actions vs eager (bf16) and a float32 copy; exit 1 if the fast path's error
-    against float32 exceeds max(tol, 2 x the eager bf16 model's own error)."""
+    against float32 exceeds max(tol, 2 x the eager bf16 model's own error).
+    --prefix-attn / --expert-attn: attention kernel of the fast path (sdpa, fp32, math,
+    efficient, cudnn); --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
     rep = bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager,
-                reuse, partial_fraction, split, lerobot, lerobot_compile, seed)
+                reuse, partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn, expert_attn,
+                variants, reuse_eager, profile)
     print()
     print(rep.table())
     if json_out:
@@ -250,7 +258,8 @@ def run_bench(
 
 
 def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager, reuse,
-          partial_fraction, split, lerobot, lerobot_compile, seed) -> Report:
+          partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="sdpa", expert_attn="fp32",
+          variants="", reuse_eager=True, profile=None) -> Report:
     from .model import preset as get_preset
     from .model.fast import FastPi0
 
@@ -279,7 +288,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     rep = Report(preset if not checkpoint else checkpoint, dev_name,
                  dict(batch=batch, cameras=len(cfg.cameras), steps=steps, chunk=cfg.chunk_size, dtype="bf16",
-                      prefix_tokens=cfg.prefix_len, torch=torch.__version__))
+                      prefix_tokens=cfg.prefix_len, attn=f"{prefix_attn}/{expert_attn}", torch=torch.__version__))
     t_build = time.perf_counter()
     if model is None:
         model = build_random(cfg, device, seed=seed)
@@ -294,9 +303,13 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     weights_gb = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
 
     # ---- fast path (CUDA graphs, no compile) --------------------------------------------------
-    def fast_section(tag: str, use_compile: bool) -> tuple[FastPi0, torch.Tensor]:
+    pairs = [tuple(v.split("/")) for v in variants.split(",") if v]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"variants: expected comma-separated prefix/expert pairs like 'sdpa/fp32', got {variants!r}")
+
+    def fast_section(tag: str, use_compile: bool, attn=(prefix_attn, expert_attn)) -> tuple[FastPi0, torch.Tensor]:
         t0 = time.perf_counter()
-        fast = FastPi0(model, compile=use_compile)
+        fast = FastPi0(model, compile=use_compile, prefix_attn=attn[0], expert_attn=attn[1])
         out = fast.sample_actions(obs, noise)
         cache = fast.encode_prefix(obs)
         fast.denoise(cache, obs, noise)
@@ -328,7 +341,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
             n_tok = int(kw["recompute"].sum()) if "recompute" in kw else cfg.prefix_len
             rep.add("reuse", f"{name}: prefix update", upd, f"{n_tok} tokens, {len(kw['run_cameras'])} cams")
             rep.add("reuse", f"{name}: update + denoise", hit)
-            if eager:
+            if eager and reuse_eager:
                 e_upd = tm(lambda m=meth, kw=kw: getattr(model, m)(base, obs, spans=base.spans, call_index=1, **kw),
                            max(3, iters // 10))
                 rep.add("reuse", f"{name}: eager prefix update", e_upd)
@@ -353,6 +366,48 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         rep.add("check", "fast vs eager bf16", None, f"{e_fe:.2e}")
     if device == "cuda":
         torch.cuda.empty_cache()
+
+    # ---- attention variants -----------------------------------------------------------------
+    for pa, ea in pairs:
+        tag = f"attn {pa}/{ea}"
+        try:
+            t0 = time.perf_counter()
+            fv = FastPi0(model, prefix_attn=pa, expert_attn=ea)
+            out_v = fv.sample_actions(obs, noise)
+            cache_v = fv.encode_prefix(obs)
+            stv = fv._static(batch)
+            note = f"warm-up {time.perf_counter() - t0:.1f} s"
+            if check:
+                note += f"; vs float32 {rel_err(out_v, out32):.2e}"
+            rep.add(tag, "full inference", tm(lambda: fv.sample_actions(obs, noise)), note)
+            rep.add(tag, "prefix LM", tm(lambda: fv.graphs.run(("prefix", batch, ()), lambda: fv._prefix_full(stv, ()))))
+            rep.add(tag, "denoise alone", tm(lambda: fv.denoise(cache_v, obs, noise)))
+            del fv, cache_v
+        except Exception as exc:
+            rep.notes.append(f"{tag} failed: {type(exc).__name__}: {str(exc)[:200]}")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- kernel profile (graphs off, so each kernel shows) --------------------------------------
+    if profile and device == "cuda":
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprof
+
+        fp = FastPi0(model, graphs=False, prefix_attn=prefix_attn, expert_attn=expert_attn)
+        fp.sample_actions(obs, noise)
+        _sync(device)
+        with tprof(activities=[ProfilerActivity.CUDA]) as prof:
+            fp.sample_actions(obs, noise)
+            _sync(device)
+        ka = prof.key_averages()
+        try:
+            table = ka.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+        except Exception:
+            table = ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+        with open(profile, "w") as f:
+            f.write(table)
+        rep.notes.append(f"kernel profile of one full inference (no graphs) written to {profile}")
+        del fp
 
     # ---- eager ------------------------------------------------------------------------------
     full_fast = next(st for s, n, st, _ in rep.rows if s == "fast" and n == "full inference")

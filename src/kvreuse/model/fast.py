@@ -111,16 +111,41 @@ def _rope_tables(positions: torch.Tensor, d: int, base: float):
     return torch.cat([c, c], -1)[:, :, None], torch.cat([-s, s], -1)[:, :, None]
 
 
-def _mqa(q, k, v, bias):
+ATTN_KINDS = ("sdpa", "fp32", "math", "efficient", "cudnn")
+
+
+def _mqa(q, k, v, bias, kind: str = "sdpa"):
     """q (B, R, H, D); k, v (B, T, Hkv, D) (strided views of the cache buffer are fine);
-    bias (B, 1|Hkv, R*g, T) additive, rows in (token, head-in-group) order. The query heads of a
-    KV group are folded into the query axis, a free view for Pi0's single KV head."""
+    bias (B, 1, R*g, T) additive, rows in (token, head-in-group) order. The query heads of a
+    KV group are folded into the query axis, a free view for Pi0's single KV head.
+
+    kind: "sdpa" lets PyTorch pick the kernel; "math" / "efficient" / "cudnn" force one;
+    "fp32" is two float32 batched matmuls around a softmax (what the eager expert does): with
+    only a few hundred queries and one KV head the fused kernels get a handful of thread
+    blocks, while the matmuls spread over the whole GPU."""
     b, r, h, d = q.shape
     hkv = k.shape[2]
     g = h // hkv
     qh = q.view(b, r, hkv, g, d).transpose(1, 2).reshape(b, hkv, r * g, d)
-    o = F.scaled_dot_product_attention(qh, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
-    return o.view(b, hkv, r, g, d).transpose(1, 2).reshape(b, r, h * d)
+    kh, vh = k.transpose(1, 2), v.transpose(1, 2)
+    if kind == "fp32":
+        s = torch.baddbmm(
+            bias.float().expand(b, hkv, r * g, -1).reshape(b * hkv, r * g, -1),
+            qh.reshape(b * hkv, r * g, d).float(),
+            kh.float().reshape(b * hkv, -1, d).transpose(1, 2),
+            alpha=1.0 / math.sqrt(d),
+        )
+        o = torch.bmm(torch.softmax(s, -1), vh.float().reshape(b * hkv, -1, d)).to(q.dtype)
+    elif kind == "sdpa":
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias)
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION}[kind]
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias)
+    return o.reshape(b, hkv, r, g, d).transpose(1, 2).reshape(b, r, h * d)
 
 
 def _ada_norm(x, eps: float, scale1p, shift):
@@ -167,23 +192,23 @@ def _gemma_finish(x, attn, o_t, post_norm, gate_up, down_t, eps: float, gate1=No
 
 
 def _lm_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_buf, v_buf, idx,
-              heads: int, kv_heads: int, eps: float):
+              heads: int, kv_heads: int, eps: float, attn: str = "sdpa"):
     """One prefix-LM layer; k_buf / v_buf are this layer's (B, T, Hkv, D) prefix K/V."""
     q = _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, 0, idx, heads, kv_heads, eps)
-    return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias), o_t, post_norm, gate_up, down_t, eps)
+    return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, post_norm, gate_up, down_t, eps)
 
 
 def _expert_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_buf, v_buf, start: int,
-                  heads: int, kv_heads: int, eps: float, cond=None):
+                  heads: int, kv_heads: int, eps: float, cond=None, attn: str = "sdpa"):
     """One action-expert layer: k/v of the suffix go into their rows after the prefix (from
     `start`), then the suffix attends over the whole [prefix ; suffix] buffer. `cond` = Pi0.5's
     per-step (scale1p, shift, gate) x 2 for this layer."""
     if cond is None:
         q = _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start, None, heads, kv_heads, eps)
-        return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias), o_t, post_norm, gate_up, down_t, eps)
+        return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, post_norm, gate_up, down_t, eps)
     s1, b1, g1, s2, b2, g2 = cond
     q = _gemma_qkv(x, None, qkv_w, cos, sin, k_buf, v_buf, start, None, heads, kv_heads, eps, s1, b1)
-    return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias), o_t, None, gate_up, down_t, eps, g1, s2, b2, g2)
+    return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, None, gate_up, down_t, eps, g1, s2, b2, g2)
 
 
 # ---- static buffers and graphs -------------------------------------------------------------------
@@ -256,7 +281,19 @@ def _bucket(r: int, total: int) -> int:
 class FastPi0:
     """Fast drop-in for `Pi0Model` at inference (see the module docstring)."""
 
-    def __init__(self, model: Pi0Model, *, graphs: bool | None = None, compile: bool = False):
+    def __init__(
+        self,
+        model: Pi0Model,
+        *,
+        graphs: bool | None = None,
+        compile: bool = False,
+        prefix_attn: str = "sdpa",
+        expert_attn: str = "fp32",
+    ):
+        for name, kind in (("prefix_attn", prefix_attn), ("expert_attn", expert_attn)):
+            if kind not in ATTN_KINDS:
+                raise ValueError(f"{name}: expected one of {ATTN_KINDS}, got {kind!r}")
+        self.prefix_attn, self.expert_attn = prefix_attn, expert_attn
         if model.training:
             raise ValueError("FastPi0 needs a model in eval mode (call model.eval())")
         self.model = model
@@ -359,8 +396,11 @@ class FastPi0:
         st.valid[:, n * p :].copy_(st.token_mask)
         torch.sub(st.valid.long().cumsum(-1), 1, out=st.positions)
 
+    def _bias_dtype(self, kind: str):
+        return torch.float32 if kind == "fp32" else self.model.dtype
+
     def _prefix_bias(self, valid: torch.Tensor, rows: int):
-        bias = torch.zeros(valid.shape, dtype=self.model.dtype, device=valid.device).masked_fill(~valid, NEG_INF)
+        bias = torch.zeros(valid.shape, dtype=self._bias_dtype(self.prefix_attn), device=valid.device).masked_fill(~valid, NEG_INF)
         return bias[:, None, None, :].expand(-1, 1, rows, -1).contiguous()  # some SDPA kernels want dense masks
 
     def _lm(self, st: _Static, x: torch.Tensor, start: int, keep_hidden: tuple[int, ...], idx=None, rows=None):
@@ -382,7 +422,7 @@ class FastPi0:
             else:
                 x = self._lm_fn(
                     x, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos, sin, bias, k_out, v_out, idx,
-                    lm.num_heads, lm.num_kv_heads, lm.eps,
+                    lm.num_heads, lm.num_kv_heads, lm.eps, self.prefix_attn,
                 )
         return None
 
@@ -403,7 +443,7 @@ class FastPi0:
         seen = torch.ones(s, s, dtype=torch.bool, device=st.valid.device)
         if not cfg.state_in_prompt:
             seen[0, 1:] = False  # the state token sees the prefix and itself only
-        bias = torch.zeros(b, s, t + s, dtype=dt, device=st.valid.device)
+        bias = torch.zeros(b, s, t + s, dtype=self._bias_dtype(self.expert_attn), device=st.valid.device)
         bias[:, :, :t].masked_fill_(~st.valid[:, None, :], NEG_INF)
         bias[:, :, t:].masked_fill_(~seen[None], NEG_INF)
         bias = bias[:, :, None].expand(b, s, g, t + s).reshape(b, 1, s * g, t + s)  # rows in (token, head) order
@@ -426,7 +466,7 @@ class FastPi0:
                 h = self._exp_fn(
                     h, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos, sin, bias,
                     st.k[li], st.v[li], t, ex.num_heads, ex.num_kv_heads, ex.eps,
-                    per_layer[li] if per_layer is not None else None,
+                    per_layer[li] if per_layer is not None else None, self.expert_attn,
                 )
             h = h[:, -c:]
             if cfg.adarms:
