@@ -32,13 +32,14 @@ if TYPE_CHECKING:
 # torch is imported inside the functions so `kvreuse --help` stays fast.
 
 
-def flow_matching_loss(model, obs, actions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def flow_matching_loss(model, obs, actions: torch.Tensor, valid: torch.Tensor, noise=None, t=None) -> torch.Tensor:
     """model.loss with a (B, chunk) mask of real (not padded) action steps."""
     import torch
 
     b = actions.shape[0]
-    noise = torch.randn_like(actions)
-    t = torch.distributions.Beta(1.5, 1.0).sample((b,)).to(actions.device) * 0.999 + 0.001
+    noise = torch.randn_like(actions) if noise is None else noise
+    if t is None:
+        t = torch.distributions.Beta(1.5, 1.0).sample((b,)).to(actions.device) * 0.999 + 0.001
     tt = t[:, None, None]
     x_t = tt * noise + (1 - tt) * actions
     v = model.velocity(model.encode_prefix(obs), obs, x_t, t)
