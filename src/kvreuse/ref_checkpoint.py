@@ -333,7 +333,9 @@ def load_reference(
         dev = torch.device("cuda", torch.cuda.current_device())
     with safe_open(str(ref.path), framework="pt", device=str(dev)) as f:
         for ours, key in source.items():
-            state[ours] = f.get_tensor(key).to(dtype)
+            # On the CPU, copy out of the file's memory map: an allocator-aligned tensor runs the
+            # same kernels as one built in memory (bit-identical actions to the saved model).
+            state[ours] = f.get_tensor(key).to(dtype=dtype, copy=dev.type == "cpu")
     model.load_state_dict(state, strict=True, assign=True)
     stats = read_reference_stats(ref.dir, cfg.variant)
     source_kind = "lerobot" if any(k.startswith("model.") for k in ref.shapes) else "openpi"

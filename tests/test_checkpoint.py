@@ -1,0 +1,299 @@
+"""Checkpoints: our format round trip, reference (lerobot / openpi) layouts, loader errors,
+norm stats beside reference weights, `kvreuse info`. Tiny presets only."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kvreuse.checkpoint import checkpoint_format, load_checkpoint, save_checkpoint
+from kvreuse.cli import main as cli_main
+from kvreuse.info import describe
+from kvreuse.model import Pi0Model, preset
+from kvreuse.observation import Observation
+from kvreuse.ref_checkpoint import (
+    canonical,
+    detect_variant,
+    load_reference,
+    reference_state_dict,
+    save_reference,
+    to_ours,
+    to_reference,
+)
+from kvreuse.transforms.normalize import NormStats, Stats
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", params=["tiny-pi0", "tiny-pi05"])
+def model(request):
+    torch.manual_seed(0)
+    m = Pi0Model(preset(request.param)).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # no parameter left at its 0/1 init
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def obs_for(cfg, seed=0) -> Observation:
+    g = torch.Generator().manual_seed(seed)
+    size, n = cfg.vision.image_size, cfg.max_token_len
+    mask = torch.zeros(1, n, dtype=torch.bool)
+    mask[:, :20] = True
+    return Observation(
+        images={c: torch.rand(1, 3, size, size, generator=g) * 2 - 1 for c in cfg.cameras},
+        image_masks={c: torch.ones(1, dtype=torch.bool) for c in cfg.cameras},
+        state=torch.randn(1, cfg.max_state_dim, generator=g),
+        tokens=torch.randint(4, 260, (1, n), generator=g) * mask,
+        token_mask=mask,
+        state_token_mask=torch.zeros(1, n, dtype=torch.bool),
+        prompt=("x",),
+    )
+
+
+def same_weights(a: Pi0Model, b: Pi0Model) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def stats(dim=4, seed=0) -> NormStats:
+    rng = np.random.default_rng(seed)
+    return NormStats(Stats.of(rng.normal(size=(50, dim))), Stats.of(rng.normal(size=(50, dim))))
+
+
+# ---- our format ---------------------------------------------------------------------------------
+
+
+def test_own_format_round_trip(model, tmp_path):
+    st = stats()
+    save_checkpoint(tmp_path / "ck", model, st, "metaworld", tasks=["reach"])
+    assert checkpoint_format(tmp_path / "ck") == "kvreuse"
+    loaded, st2, meta = load_checkpoint(tmp_path / "ck")
+    assert loaded.cfg == model.cfg and same_weights(model, loaded)
+    assert meta["robot"] == "metaworld" and meta["tasks"] == ["reach"]
+    np.testing.assert_array_equal(st2.actions.q99, st.actions.q99)
+    obs, noise = obs_for(model.cfg), torch.randn(1, model.cfg.chunk_size, model.cfg.max_action_dim)
+    assert torch.equal(loaded.sample_actions(obs, noise), model.sample_actions(obs, noise))
+
+
+def test_own_format_missing_key_is_a_value_error(model, tmp_path):
+    save_checkpoint(tmp_path / "ck", model, None, "metaworld")
+    w = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    w.pop("projector.bias")
+    save_file(w, str(tmp_path / "ck" / "model.safetensors"))
+    with pytest.raises(ValueError, match="projector.bias"):
+        load_checkpoint(tmp_path / "ck")
+
+
+# ---- reference layouts --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout,tie", [("lerobot", True), ("lerobot", False), ("openpi", False)])
+def test_reference_round_trip(model, tmp_path, layout, tie):
+    f = save_reference(tmp_path, model, layout, tie)
+    keys = load_file(str(f)).keys()
+    assert all(k.startswith("model.") for k in keys) == (layout == "lerobot")
+    assert any(k.endswith("lm_head.weight") for k in keys) == tie
+    if layout == "openpi" and model.cfg.variant == "pi0":
+        assert "time_mlp_in.weight" in keys  # openpi's name for Pi0's time MLP
+    assert detect_variant(keys) == model.cfg.variant
+    assert checkpoint_format(tmp_path) == "reference"
+    # The config (a tiny preset here) is found from the shapes alone; file or directory.
+    for path in (tmp_path, f):
+        loaded, st, meta = load_checkpoint(path)
+        assert loaded.cfg == model.cfg and same_weights(model, loaded) and st is None
+        assert meta["format"] == layout
+    obs, noise = obs_for(model.cfg), torch.randn(1, model.cfg.chunk_size, model.cfg.max_action_dim)
+    assert torch.equal(loaded.sample_actions(obs, noise), model.sample_actions(obs, noise))
+
+
+def test_reference_key_map_is_a_bijection(model):
+    for name in model.state_dict():
+        ref = to_reference(name)
+        assert to_ours(canonical("model." + ref), model.cfg.variant) == name
+
+
+def test_legacy_transformers_layout_and_ignored_keys(model, tmp_path):
+    sd = reference_state_dict(model, "openpi")
+    legacy = {}
+    for k, v in sd.items():
+        k = k.replace("paligemma.model.language_model.", "paligemma.language_model.model.")
+        k = k.replace("paligemma.model.vision_tower.", "paligemma.vision_tower.")
+        k = k.replace("paligemma.model.multi_modal_projector.", "paligemma.multi_modal_projector.")
+        legacy[k] = v
+    # Things a real file carries that we do not use: the expert's lm_head, buffers.
+    legacy["paligemma_with_expert.gemma_expert.lm_head.weight"] = torch.zeros(3, 2)
+    legacy["paligemma_with_expert.paligemma.vision_tower.vision_model.embeddings.position_ids"] = torch.zeros(1, 4)
+    save_file(legacy, str(tmp_path / "model.safetensors"))
+    loaded, _, _ = load_reference(tmp_path, cfg=model.cfg)
+    assert same_weights(model, loaded)
+
+
+def test_loaded_dtype_and_device(model, tmp_path):
+    save_reference(tmp_path, model, "lerobot")
+    loaded, _, _ = load_reference(tmp_path, device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+
+
+# ---- loader errors ------------------------------------------------------------------------------
+
+
+def _write(tmp_path, sd):
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def test_missing_key_error(model, tmp_path):
+    sd = reference_state_dict(model)
+    gone = "model.paligemma_with_expert.paligemma.model.multi_modal_projector.linear.bias"
+    sd.pop(gone)
+    with pytest.raises(ValueError) as e:
+        load_reference(_write(tmp_path, sd), cfg=model.cfg)
+    msg = str(e.value)
+    assert "missing (1)" in msg and gone.removeprefix("model.") in msg
+    assert "unexpected" not in msg and "wrong shape" not in msg and "\n" not in msg
+
+
+def test_unexpected_key_error(model, tmp_path):
+    sd = reference_state_dict(model)
+    sd["model.some_new_head.weight"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"unexpected \(1\): model\.some_new_head\.weight"):
+        load_reference(_write(tmp_path, sd), cfg=model.cfg)
+
+
+def test_wrong_shape_error(model, tmp_path):
+    sd = reference_state_dict(model)
+    k = "model.action_out_proj.weight"
+    sd[k] = torch.zeros(3, sd[k].shape[1])
+    with pytest.raises(ValueError, match=r"wrong shape \(1\): model\.action_out_proj\.weight: file \(3, "):
+        load_reference(_write(tmp_path, sd), cfg=model.cfg)
+
+
+def test_variant_mismatch_error(model, tmp_path):
+    save_reference(tmp_path, model)
+    other = preset("tiny-pi05" if model.cfg.variant == "pi0" else "tiny-pi0")
+    with pytest.raises(ValueError) as e:
+        load_reference(tmp_path, cfg=other)
+    msg = str(e.value)
+    assert f"the file holds a {model.cfg.variant} model, the config asks for {other.variant}" in msg
+    assert "missing (" in msg and "unexpected (" in msg  # all problems in the one error
+
+
+def test_all_problems_in_one_error(model, tmp_path):
+    sd = reference_state_dict(model)
+    sd.pop("model.action_in_proj.bias")
+    sd["model.extra.weight"] = torch.zeros(1)
+    sd["model.action_out_proj.bias"] = torch.zeros(7)
+    with pytest.raises(ValueError) as e:
+        load_reference(_write(tmp_path, sd), cfg=model.cfg)
+    msg = str(e.value)
+    assert "missing (1)" in msg and "unexpected (1)" in msg and "wrong shape (1)" in msg
+
+
+def test_unknown_variant_and_bad_paths(tmp_path):
+    _write(tmp_path, {"foo.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match="cannot tell Pi0 from Pi0.5"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="no such file"):
+        load_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        load_checkpoint(tmp_path / "empty")
+    (tmp_path / "weights.bin").write_bytes(b"\x80\x04not a pickle we would ever open")
+    with pytest.raises(ValueError, match="expected a .safetensors file"):
+        load_checkpoint(tmp_path / "weights.bin")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_full_size_file_is_checked_on_the_meta_device(tmp_path):
+    # A tiny file against the full-size config: shapes are compared without building it for real.
+    torch.manual_seed(0)
+    save_reference(tmp_path, Pi0Model(preset("tiny-pi0")))
+    with pytest.raises(ValueError, match=r"does not fit the pi0 config: missing \(\d+\).*wrong shape"):
+        load_reference(tmp_path, cfg=preset("pi0"))
+
+
+# ---- reference config and norm stats ------------------------------------------------------------
+
+
+def test_lerobot_config_json_sets_lengths_and_cameras(model, tmp_path):
+    save_reference(tmp_path, model)
+    cfg = model.cfg
+    (tmp_path / "config.json").write_text(json.dumps({
+        "type": cfg.variant, "chunk_size": 8, "num_inference_steps": 4,
+        "input_features": {
+            "observation.images.top": {"type": "VISUAL", "shape": [3, 128, 128]},
+            "observation.images.hand": {"type": "VISUAL", "shape": [3, 128, 128]},
+            "observation.state": {"type": "STATE", "shape": [6]},
+        },
+        "output_features": {"action": {"type": "ACTION", "shape": [5]}},
+    }))
+    loaded, _, _ = load_checkpoint(tmp_path)
+    c = loaded.cfg
+    assert (c.chunk_size, c.num_steps, c.cameras, c.state_dim, c.action_dim) == (8, 4, ("top", "hand"), 6, 5)
+    assert "cameras: top, hand" in describe(tmp_path)
+
+
+def test_openpi_norm_stats_json(model, tmp_path):
+    save_reference(tmp_path, model, "openpi")
+    st = stats(dim=5)
+    (tmp_path / "assets" / "robot").mkdir(parents=True)
+    (tmp_path / "assets" / "robot" / "norm_stats.json").write_text(
+        json.dumps({"norm_stats": {"state": st.state.to_dict(), "actions": st.actions.to_dict()}}))
+    _, loaded, _ = load_checkpoint(tmp_path)
+    np.testing.assert_allclose(loaded.state.mean, st.state.mean)
+    np.testing.assert_allclose(loaded.actions.q01, st.actions.q01)
+
+
+def test_lerobot_processor_stats(model, tmp_path):
+    save_reference(tmp_path, model, "lerobot")
+    st = stats(dim=6)
+    pre = {}
+    for prefix, s in (("observation.state", st.state), ("action", st.actions)):
+        for k in ("mean", "std", "q01", "q99", "min", "max"):
+            pre[f"{prefix}.{k}"] = torch.tensor(getattr(s, k, s.mean), dtype=torch.float32)
+    pre["observation.images.top.mean"] = torch.zeros(3, 1, 1)
+    save_file(pre, str(tmp_path / "policy_preprocessor_step_5_normalizer_processor.safetensors"))
+    _, loaded, _ = load_checkpoint(tmp_path)
+    np.testing.assert_allclose(loaded.state.std, st.state.std, rtol=1e-6)
+    np.testing.assert_allclose(loaded.actions.q99, st.actions.q99, rtol=1e-6)
+    # Stats the variant's normalization needs must be there.
+    need = "q01" if model.cfg.variant == "pi05" else "mean"
+    pre.pop(f"action.{need}")
+    save_file(pre, str(tmp_path / "policy_preprocessor_step_5_normalizer_processor.safetensors"))
+    with pytest.raises(ValueError, match=f"missing \\['{need}'\\]"):
+        load_checkpoint(tmp_path)
+
+
+# ---- kvreuse info -------------------------------------------------------------------------------
+
+
+def test_info_on_both_formats(model, tmp_path, capsys):
+    save_checkpoint(tmp_path / "ours", model, stats(), "metaworld")
+    save_reference(tmp_path / "ref", model, "lerobot", tie=True)
+    cfg = model.cfg
+    for path, fmt, robot in ((tmp_path / "ours", "kvreuse", "metaworld"), (tmp_path / "ref", "lerobot", "not recorded")):
+        cli_main(["info", str(path)])
+        out = capsys.readouterr().out
+        assert f"format: {fmt}" in out and f"variant: {cfg.variant}" in out and f"robot: {robot}" in out
+        assert f"prefix: {cfg.prefix_len} tokens" in out and f"suffix: {cfg.suffix_len} tokens" in out
+        assert f"cameras: {', '.join(cfg.cameras)}" in out
+        total = sum(p.numel() for p in model.parameters()) / 1e6
+        assert f"parameters: {total:,.2f}M" in out
+    assert "state: 4 dims, stats mean/std/q01/q99" in describe(tmp_path / "ours")
+    assert "none found" in describe(tmp_path / "ref")
+
+
+def test_info_bad_path_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["info", str(tmp_path / "missing")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvreuse: error: checkpoint") and "\n" not in err
