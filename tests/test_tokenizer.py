@@ -1,0 +1,125 @@
+"""Prompt tokenizers: the built-in byte tokenizer, SentencePiece (a model trained here), Pi0.5's
+state discretization and state span, prompt length limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvreuse.model import preset
+from kvreuse.model.tokenizer import (
+    ByteTokenizer,
+    SentencePieceTokenizer,
+    discretize_state,
+    load_tokenizer,
+    tokenize_prompts,
+)
+
+TEXT = """pick up the red block and place it in the bowl
+open the top drawer of the cabinet
+push the button on the left side of the table
+put the cream cheese in the bowl and close the drawer
+turn on the stove and put the moka pot on it
+Task: open the drawer, State: 0 1 2 3 4 5 6 7 8 9 10 128 255;
+Action: move
+""" * 20
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    spm = pytest.importorskip("sentencepiece")
+    d = tmp_path_factory.mktemp("spm")
+    (d / "corpus.txt").write_text(TEXT)
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), vocab_size=120, model_type="bpe",
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, minloglevel=2,
+    )
+    return d / "tok.model"
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    ids = tok.encode("pick up the Ümlaut block")
+    assert min(ids) >= 4 and max(ids) < tok.vocab_size
+    assert tok.decode(ids) == "pick up the Ümlaut block"
+
+
+def test_pi0_prompt_layout_and_mask():
+    cfg = preset("tiny-pi0")
+    out = tokenize_prompts(cfg, ByteTokenizer(), ["open_the drawer", "go"])
+    assert out.tokens.shape == out.mask.shape == (2, cfg.max_token_len)
+    row = out.tokens[0][out.mask[0]].tolist()
+    assert row[0] == ByteTokenizer.bos_id
+    assert ByteTokenizer().decode(row[1:]) == "open the drawer\n"  # underscores cleaned, newline added
+    assert int(out.mask[1].sum()) == 1 + len("go\n")
+    assert (out.tokens[~out.mask] == ByteTokenizer.pad_id).all()
+    assert not out.state_mask.any()
+
+
+def test_sentencepiece_trained_model(sp_model):
+    tok = SentencePieceTokenizer(sp_model)
+    assert tok.bos_id == 2 and tok.pad_id == 0 and tok.vocab_size == 120
+    cfg = preset("tiny-pi0", tokenizer="sentencepiece")
+    loaded = load_tokenizer(cfg, sp_model)
+    out = tokenize_prompts(cfg, loaded, ["open the top drawer"])
+    ids = out.tokens[0][out.mask[0]].tolist()
+    assert ids[0] == 2 and len(ids) < len("open the top drawer")  # pieces, not bytes
+    assert loaded.decode(ids[1:]).strip() == "open the top drawer"
+
+
+def test_sentencepiece_errors(sp_model, tmp_path):
+    cfg = preset("tiny-pi0", tokenizer="sentencepiece")
+    with pytest.raises(ValueError, match="needs the PaliGemma SentencePiece tokenizer"):
+        load_tokenizer(cfg, None)
+    with pytest.raises(ValueError, match="no SentencePiece model at"):
+        load_tokenizer(cfg, tmp_path / "missing.model")
+    with pytest.raises(ValueError, match="120 pieces but the model's vocabulary is 100"):
+        load_tokenizer(cfg.replace(vocab_size=100), sp_model)
+
+
+def test_discretize_state_bins():
+    s = np.array([-1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 7.0, -7.0])
+    b = discretize_state(s, 256)
+    assert b.tolist() == [0, 0, 128, 192, 255, 255, 255, 0]
+    assert discretize_state(np.linspace(-1, 1, 1000), 256).tolist() == sorted(discretize_state(np.linspace(-1, 1, 1000), 256).tolist())
+
+
+@pytest.mark.parametrize("use_sp", [False, True])
+def test_pi05_state_in_prompt_and_state_mask(use_sp, sp_model):
+    cfg = preset("tiny-pi05")
+    tok = ByteTokenizer()
+    if use_sp:
+        cfg = cfg.replace(tokenizer="sentencepiece", vocab_size=120)
+        tok = load_tokenizer(cfg, sp_model)
+    state = np.array([[-1.0, 0.0, 0.5, 1.0], [0.1, 0.2, 0.3, 0.4]])
+    out = tokenize_prompts(cfg, tok, ["open the drawer", "open the drawer"], state)
+    ids = out.tokens[0][out.mask[0]].tolist()
+    text = tok.decode(ids[1:])
+    assert text.replace("▁", " ").strip().startswith("Task: open the drawer, State: 0 128 192 255;")
+    assert text.rstrip().endswith("Action:")
+    sm = out.state_mask[0]
+    assert sm.any() and not (sm & ~out.mask[0]).any()  # only valid tokens
+    first = int(sm.float().argmax())
+    assert sm[first:int(out.mask[0].sum())].all()  # one contiguous span to the end of the prompt
+    assert "State" not in tok.decode(out.tokens[0][1:first].tolist())
+    assert "0 128 192 255" in tok.decode(out.tokens[0][first:][sm[first:]].tolist())
+    # The text part is the same for both rows; only the state part differs.
+    assert out.tokens[0][:first].tolist() == out.tokens[1][:first].tolist()
+    assert out.tokens[0].tolist() != out.tokens[1].tolist()
+
+
+def test_pi05_needs_a_state():
+    with pytest.raises(ValueError, match="state"):
+        tokenize_prompts(preset("tiny-pi05"), ByteTokenizer(), ["x"], None)
+
+
+def test_overlong_prompt_is_an_error_unless_truncated():
+    cfg = preset("tiny-pi0")
+    long = "a" * (cfg.max_token_len + 5)
+    with pytest.raises(ValueError, match=f"exceed max_token_len={cfg.max_token_len}"):
+        tokenize_prompts(cfg, ByteTokenizer(), [long])
+    out = tokenize_prompts(cfg, ByteTokenizer(), [long], truncate=True)
+    assert out.mask.all() and out.tokens.shape[1] == cfg.max_token_len
+    # Exactly at the limit is fine without truncation.
+    ok = "a" * (cfg.max_token_len - 2)  # + bos + newline
+    assert tokenize_prompts(cfg, ByteTokenizer(), [ok]).mask.all()

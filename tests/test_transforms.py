@@ -1,0 +1,192 @@
+"""Transforms: image preprocessing, normalization, the robot transform and each bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvreuse.model import preset
+from kvreuse.model.tokenizer import ByteTokenizer
+from kvreuse.transforms.images import preprocess_image, resize_with_pad, to_batched_chw
+from kvreuse.transforms.normalize import NormStats, Stats, normalize, pad_to, unnormalize
+from kvreuse.transforms.robot import RobotSpec, RobotTransform, robot_spec
+
+RNG = np.random.default_rng(0)
+
+
+def stats(dim=4) -> NormStats:
+    return NormStats(Stats.of(RNG.normal(1.0, 2.0, size=(200, dim))), Stats.of(RNG.normal(-1.0, 0.5, size=(200, dim))))
+
+
+@pytest.fixture(params=["tiny-pi0", "tiny-pi05"])
+def tf(request):
+    return RobotTransform(preset(request.param), ByteTokenizer(), stats(), robot_spec("metaworld"))
+
+
+def raw(b=None, h=96, w=128):
+    shape = (h, w, 3) if b is None else (b, h, w, 3)
+    return {
+        "observation/image": RNG.integers(0, 256, shape, dtype=np.uint8),
+        "observation/wrist_image": RNG.integers(0, 256, shape, dtype=np.uint8),
+        "observation/state": RNG.normal(size=4 if b is None else (b, 4)),
+        "prompt": "reach the goal",
+    }
+
+
+# ---- images -------------------------------------------------------------------------------------
+
+
+def test_uint8_and_float_images_agree():
+    img = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    a = to_batched_chw(img)
+    b = to_batched_chw(img.astype(np.float32) / 255.0)
+    assert a.shape == (1, 3, 64, 64) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # Channels-first input gives the same tensor.
+    torch.testing.assert_close(to_batched_chw(np.ascontiguousarray(img.transpose(2, 0, 1))), a)
+
+
+def test_resize_with_pad_keeps_aspect_and_pads_black():
+    x = torch.ones(1, 3, 50, 100) * 0.5
+    y = resize_with_pad(x, 224)
+    assert y.shape == (1, 3, 224, 224)
+    assert (y[:, :, :56] == -1).all() and (y[:, :, -56:] == -1).all()  # 112 rows of image, centred
+    torch.testing.assert_close(y[:, :, 56:168], torch.full((1, 3, 112, 224), 0.5))
+    assert resize_with_pad(torch.zeros(2, 3, 224, 224), 224).shape == (2, 3, 224, 224)
+
+
+def test_flip180():
+    img = np.zeros((32, 32, 3), dtype=np.uint8)
+    img[0, 0] = 255
+    out = preprocess_image(img, 32, flip180=True)
+    assert out[0, :, -1, -1].tolist() == [1.0, 1.0, 1.0] and out[0, :, 0, 0].tolist() == [-1.0, -1.0, -1.0]
+
+
+@pytest.mark.parametrize(
+    "img,match",
+    [
+        (np.zeros((32, 32), dtype=np.uint8), "expected \\(H, W, 3\\)"),
+        (np.zeros((1, 2, 32, 32, 3), dtype=np.uint8), "expected \\(H, W, 3\\)"),
+        (np.zeros((32, 32, 4), dtype=np.uint8), "expected 3 color channels"),
+        (np.zeros((32, 32, 3), dtype=np.int32), "expected uint8 or float pixels"),
+        (np.zeros((32, 32, 3), dtype=bool), "expected uint8 or float pixels"),
+        (np.full((32, 32, 3), np.nan, dtype=np.float32), "NaN or inf"),
+    ],
+)
+def test_bad_images(img, match):
+    with pytest.raises(ValueError, match=match):
+        to_batched_chw(img, name="observation/image")
+
+
+# ---- normalization ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["meanstd", "quantile"])
+def test_normalize_round_trip(mode):
+    s = stats().state
+    x = RNG.normal(1.0, 2.0, size=(10, 4))
+    n = normalize(x, s, mode)
+    np.testing.assert_allclose(unnormalize(n, s, mode), x, atol=1e-9)
+    if mode == "quantile":
+        inside = normalize(np.stack([s.q01, s.q99]), s, mode)
+        np.testing.assert_allclose(inside, [[-1] * 4, [1] * 4], atol=1e-5)
+
+
+def test_pad_to():
+    assert pad_to(np.ones((2, 3)), 5).tolist() == [[1, 1, 1, 0, 0]] * 2
+    with pytest.raises(ValueError, match="6 dims does not fit the model's 5"):
+        pad_to(np.ones(6), 5)
+
+
+# ---- robot transform ----------------------------------------------------------------------------
+
+
+def test_good_observation(tf):
+    cfg = tf.cfg
+    obs = tf(raw())
+    assert obs.batch_size == 1 and obs.state.shape == (1, cfg.max_state_dim)
+    assert (obs.state[:, 4:] == 0).all()
+    for cam in cfg.cameras:
+        assert obs.images[cam].shape == (1, 3, cfg.vision.image_size, cfg.vision.image_size)
+        assert bool(obs.image_masks[cam].all())
+    assert obs.tokens.shape == (1, cfg.max_token_len)
+    assert bool(obs.state_token_mask.any()) == cfg.state_in_prompt
+    batched = tf(raw(b=3))
+    assert batched.batch_size == 3 and batched.prompt == ("reach the goal",) * 3
+
+
+def test_actions_sliced_and_unnormalized(tf):
+    cfg = tf.cfg
+    out = torch.zeros(2, cfg.chunk_size, cfg.max_action_dim)
+    a = tf.actions(out)
+    assert a.shape == (2, cfg.chunk_size, 4)
+    back = tf.normalize_actions(a)
+    assert back.shape == (2, cfg.chunk_size, cfg.max_action_dim)
+    np.testing.assert_allclose(back, 0.0, atol=1e-5)
+
+
+def test_model_camera_missing_from_robot_is_masked():
+    cfg = preset("tiny-pi0")
+    spec = RobotSpec("one-cam", (("observation/image", "base"),), state_dim=4, action_dim=4)
+    obs = RobotTransform(cfg, ByteTokenizer(), None, spec)({k: v for k, v in raw().items() if k != "observation/wrist_image"})
+    assert not bool(obs.image_masks["wrist"].any()) and (obs.images["wrist"] == -1).all()
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nonfinite_state(tf, bad):
+    r = raw()
+    r["observation/state"][1] = float(bad)
+    with pytest.raises(ValueError, match="observation/state: contains NaN or inf"):
+        tf(r)
+
+
+def test_wrong_state_shape(tf):
+    r = raw()
+    r["observation/state"] = np.zeros(5)
+    with pytest.raises(ValueError, match=r"observation/state: expected \(4,\) or \(B, 4\)"):
+        tf(r)
+
+
+def test_missing_camera(tf):
+    r = raw()
+    del r["observation/wrist_image"]
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['observation/wrist_image'\]"):
+        tf(r)
+
+
+def test_unknown_camera(tf):
+    r = raw()
+    r["observation/side_image"] = r["observation/image"]
+    with pytest.raises(ValueError, match=r"unknown camera key\(s\) \['observation/side_image'\]"):
+        tf(r)
+
+
+def test_batch_size_mismatch(tf):
+    r = raw(b=2)
+    r["observation/state"] = r["observation/state"][:1]
+    with pytest.raises(ValueError, match="batch size 2 does not match the state's 1"):
+        tf(r)
+    r = raw(b=2)
+    r["prompt"] = ["a", "b", "c"]
+    with pytest.raises(ValueError, match="3 prompts for a batch of 2"):
+        tf(r)
+
+
+def test_bad_image_through_the_transform(tf):
+    r = raw()
+    r["observation/image"] = r["observation/image"].astype(np.int64)
+    with pytest.raises(ValueError, match="observation/image: expected uint8 or float pixels"):
+        tf(r)
+    r = raw()
+    r["observation/wrist_image"] = r["observation/wrist_image"][..., :2]
+    with pytest.raises(ValueError, match="observation/wrist_image: expected 3 color channels"):
+        tf(r)
+
+
+def test_robot_to_unknown_model_camera_and_unknown_robot():
+    spec = RobotSpec("x", (("observation/image", "top"),), state_dim=4, action_dim=4)
+    with pytest.raises(ValueError, match=r"camera\(s\) \['top'\] the model does not have"):
+        RobotTransform(preset("tiny-pi0"), ByteTokenizer(), None, spec)
+    with pytest.raises(ValueError, match="unknown robot 'nope'"):
+        robot_spec("nope")
