@@ -174,6 +174,10 @@ def run_variant(variant: str, args, device) -> dict:
         if model.cfg != ours_cfg:
             raise SystemExit(f"loader inferred {model.cfg} instead of the {variant} preset")
     t["load_ours_s"] = time.perf_counter() - t0
+    if not args.depth:  # `kvreuse info` on the lerobot file
+        from kvreuse.info import describe
+
+        print(describe(tmp), flush=True)
     (tmp / "model.safetensors").unlink()
     res["format"] = meta["format"]
 
