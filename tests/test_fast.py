@@ -156,3 +156,27 @@ def test_bench_check_runs_on_cpu():
     assert "full inference" in names and "denoise alone = reuse hit" in names
     with pytest.raises(ValueError, match="full size"):
         bench("pi0", 1, 2, 3, 8, 1, 0, False, 2e-2, None, False, False, False, 0.25, None, False, False, 0)
+
+
+@pytest.mark.parametrize("mode", ["full", "vision_only", "state_only", "layer_wise", "partial"])
+@torch.no_grad()
+def test_reuse_policy_runs_on_fast_model(mode):
+    """The reuse layer drives FastPi0 through the same API as Pi0Model, with the same result."""
+    from kvreuse.reuse.config import ReuseConfig
+    from kvreuse.reuse.policy import ReusePolicy
+
+    cfg = preset("tiny-pi0")
+    model = _model("tiny-pi0")
+    g = torch.Generator().manual_seed(5)
+    first = synthetic_obs(cfg, 1, "cpu", g)
+    later = synthetic_obs(cfg, 1, "cpu", g)
+    later.tokens, later.token_mask = first.tokens, first.token_mask  # same prompt: reuse allowed
+    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    rc = ReuseConfig(gate="always", mode=mode)
+    outs = []
+    for m in (model, FastPi0(model)):
+        pol = ReusePolicy(m, rc)
+        pol.reset()
+        outs.append([pol.infer(o, noise)[0] for o in (first, later, later)])
+    for a, b in zip(*outs):
+        assert rel_err(b, a) < 1e-4
