@@ -24,7 +24,7 @@ from kvreuse.reuse.policy import ReusePolicy
 from kvreuse.transforms.robot import RobotTransform, robot_spec
 
 torch.set_num_threads(1)
-FAST = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SIZE = 64
 
 

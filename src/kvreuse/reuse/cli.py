@@ -47,6 +47,16 @@ class Actions:
 
 
 @dataclass(frozen=True)
+class Modes:
+    """Every reuse mode under one gate on the same stream and noise: reuse rate, what was
+    computed (vision passes, prefix token-layers as a share of always refreshing), latency
+    breakdown and action agreement with the baseline."""
+
+    reuse: Annotated[ReuseConfig, tyro.conf.OmitArgPrefixes] = ReuseConfig(gate="always")
+    src: Annotated[Source, tyro.conf.OmitArgPrefixes] = field(default_factory=Source)
+
+
+@dataclass(frozen=True)
 class Deterministic:
     """Same inputs twice, and reuse off vs the plain model: exits non-zero unless every pair of
     action chunks is bit-identical."""
@@ -110,6 +120,7 @@ def run_compare(
         Union[
             Annotated[Actions, tyro.conf.subcommand("actions")],
             Annotated[Deterministic, tyro.conf.subcommand("deterministic")],
+            Annotated[Modes, tyro.conf.subcommand("modes")],
         ],
         tyro.conf.OmitSubcommandPrefixes,
         tyro.conf.arg(name=""),
@@ -143,6 +154,11 @@ def run_compare(
                 json.dump({"setting": cmd.reuse.to_dict(), "label": cmd.reuse.label(), "source": what,
                            "cosine": res.cosine, "l2": res.l2, "decisions": res.decisions, "summary": s}, f, indent=1)
         return
+    if isinstance(cmd, Modes):
+        base, stream, what = load(cmd.src)
+        print(what)
+        print(mode_table(base, stream, cmd.reuse, cmd.src.seed))
+        return
     base, stream, what = load(cmd.src)
     checks = compare_deterministic(base, stream, cmd.src.seed)
     print(f"{what}")
@@ -152,3 +168,41 @@ def run_compare(
         print("kvreuse: error: outputs are not bit-identical")
         raise SystemExit(1)
     print("all bit-identical")
+
+
+def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:
+    """Markdown table: one row per mode (and the baseline) under `reuse`'s gate."""
+    import numpy as np
+
+    from .compare import compare_actions
+    from .config import MODES
+
+    cfg = base.model.cfg
+    full_tl = cfg.prefix_len * cfg.llm.depth
+    rows = [
+        "| setting | reuse rate | vision passes / call | prefix token-layers vs baseline | vision ms | prefix ms "
+        "| denoise ms | total ms | action cos (mean / min) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode in ("baseline",) + MODES:
+        rc = ReuseConfig() if mode == "baseline" else reuse.replace(mode=mode)
+        cand = base.fork(rc)
+        recs = []
+        orig = cand.runner.infer
+
+        def spy(*a, _orig=orig, **k):
+            out, rec = _orig(*a, **k)
+            recs.append(rec)
+            return out, rec
+
+        cand.runner.infer = spy
+        res = compare_actions(base, cand, stream, seed)
+        s = res.summary()
+        mean = lambda key: float(np.mean([r.timings.get(key, 0.0) for r in recs]))  # noqa: E731
+        vis = float(np.mean([r.cost["vision_cameras"] for r in recs]))
+        tl = float(np.mean([r.cost["lm_token_layers"] for r in recs])) / full_tl
+        rows.append(
+            f"| {rc.label()} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {mean('vision'):.2f} | "
+            f"{mean('prefix'):.2f} | {mean('denoise'):.2f} | {mean('total'):.2f} | {s['cos_mean']:.5f} / {s['cos_min']:.5f} |"
+        )
+    return "\n".join(rows)
