@@ -270,11 +270,14 @@ def test_partial_with_every_patch_changed_equals_full_refresh(variant, seed):
 
 @pytest.mark.parametrize("variant", ["pi0", "pi05"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("gate", ["always", "period"])
+@pytest.mark.parametrize("gate", ["always", "period", "siglip", "crossmodal", "phase"])
 def test_each_mode_recomputes_what_it_claims(variant, mode, gate):
     m, tf = model_and_tf(variant)
     rng = np.random.default_rng(7)
-    pol = Policy(m, tf, reuse=ReuseConfig(gate=gate, period=2, mode=mode, patch_threshold=0.99))
+    kw = dict(gate=gate, period=2, mode=mode, patch_threshold=0.99, threshold=0.999, state_threshold=0.99)
+    if gate == "siglip":  # the signal itself runs the vision tower; a mode must not run it twice
+        kw.update(gate="threshold", image_metric="siglip", threshold=0.99)
+    pol = Policy(m, tf, reuse=ReuseConfig(**kw))
     c = Counter(m)
     try:
         raw = raw_obs(rng)
@@ -287,8 +290,8 @@ def test_each_mode_recomputes_what_it_claims(variant, mode, gate):
             assert c.vision == claimed_v and c.token_layers == claimed_t, (i, rec)
     finally:
         c.close()
-    # the savings are real: less than five full refreshes were computed
-    assert claimed_t < 5 * m.cfg.prefix_len * m.cfg.llm.depth
+    if gate in ("always", "period"):  # these gates do reuse here: the savings are real
+        assert claimed_t < 5 * m.cfg.prefix_len * m.cfg.llm.depth
 
 
 def test_mode_costs_relative_to_a_full_refresh():

@@ -192,3 +192,31 @@ def test_labels_are_short_and_distinct():
     assert labels[0] == "never" and labels[1] == "threshold(raw>=0.985)/full"
     assert all(len(x) < 80 for x in labels)
     assert ReuseConfig.from_dict(cfgs[4].to_dict()) == cfgs[4]
+
+
+def test_siglip_gate_costs_the_vision_pass_but_saves_the_prefix():
+    from test_reuse import model_and_tf, nudge, raw_obs
+
+    from kvreuse.policy import Policy
+
+    m, tf = model_and_tf("pi0")
+    raw = raw_obs(np.random.default_rng(4))
+    n = m.make_noise(1, torch.Generator().manual_seed(0))
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="threshold", image_metric="siglip", threshold=0.999))
+    first = pol.infer(raw, n.clone())
+    # a refresh that reuses the signal's embeddings is still the plain model, bit for bit
+    assert np.array_equal(first[0], tf.actions(m.sample_actions(tf(raw), n.clone()))[0])
+    rec = pol.infer(raw)[1]
+    assert rec.reused and rec.signals["siglip/base"] == 1.0
+    assert rec.cost == {"vision_cameras": 2, "lm_tokens": 0, "lm_token_layers": 0}
+    assert rec.timings["vision"] > 0 and rec.timings["prefix"] == 0
+    far = raw_obs(np.random.default_rng(5))
+    rec = pol.infer(far)[1]
+    assert not rec.reused and rec.cost["vision_cameras"] == 2  # embeddings computed once, not twice
+    assert rec.signals["siglip/base"] < 0.999
+    # crossmodal sees the state even when the images are identical
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="crossmodal", threshold=0.99, state_threshold=0.999))
+    pol.infer(raw)
+    assert pol.infer(raw)[1].reused
+    rec = pol.infer(nudge(raw, np.random.default_rng(0), 0, state_delta=0.5))[1]
+    assert not rec.reused and "state" in rec.reason

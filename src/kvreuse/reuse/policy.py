@@ -98,6 +98,7 @@ class ReusePolicy:
         self.call_index += 1
         now = time.monotonic()
         timings = {"signals": 0.0, "vision": 0.0, "prefix": 0.0, "denoise": 0.0}
+        self._passes = 0  # vision-tower camera passes this call (signals + plan)
         sig = Signals()
 
         invalid = self.invalid_reason(obs, raw_shapes, call, now)
@@ -143,7 +144,7 @@ class ReusePolicy:
             mixed=mixed,
             timings=timings,
             plan=plan.kind,
-            cost=plan.cost(mc, self.split),
+            cost={**plan.cost(mc, self.split), "vision_cameras": self._passes},
             call_index=call,
             state_source=state_source,
         )
@@ -156,6 +157,7 @@ class ReusePolicy:
         if "image" in self.needs and cfg.image_metric == "siglip":
             t = self._sync()
             fresh = {c: self.model.embed_image(obs.images[c]) for c, m in obs.image_masks.items() if bool(m.any())}
+            self._passes += len(fresh)
             timings["vision"] += (self._sync() - t) * 1e3
         t = time.perf_counter()
         sig = measure(
@@ -169,6 +171,7 @@ class ReusePolicy:
         """Image embeddings of `cams`, reusing the ones the siglip signal already computed."""
         t = self._sync()
         out = {c: sig.fresh_embeds[c] if c in sig.fresh_embeds else self.model.embed_image(obs.images[c]) for c in cams}
+        self._passes += sum(c not in sig.fresh_embeds for c in cams)
         timings["vision"] += (self._sync() - t) * 1e3
         return out
 

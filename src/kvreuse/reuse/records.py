@@ -18,7 +18,7 @@ class StepRecord:
     timings: dict = field(default_factory=dict)  # ms: signals, vision, prefix, denoise, total
     # added by the reuse layer
     plan: str = "all"  # "all" (encode_prefix) | "tokens" | "layers" | "none" (denoise only)
-    cost: dict = field(default_factory=dict)  # vision_cameras, lm_tokens, lm_token_layers
+    cost: dict = field(default_factory=dict)  # vision_cameras (signals + plan), lm_tokens, lm_token_layers
     call_index: int = 0  # calls since reset
     state_source: str = "prefix"  # Pi0.5 "prefix"; Pi0 suffix state "fresh" or "snapshot"
 
