@@ -205,14 +205,21 @@ _W: dict = {}
 
 
 def _worker_init(src: PolicySource, env_name: str, env_kw: dict, robot: str, threads: int) -> None:
-    import torch
+    # A failing initializer makes multiprocessing.Pool respawn workers forever: keep the error
+    # and raise it from the first job instead, which stops the sweep.
+    try:
+        import torch
 
-    torch.set_num_threads(threads)
-    _W.update(src=src, env_name=env_name, env_kw=env_kw, env=None, policies={})
-    _W["model"], _W["transform"], _ = load_model(src, robot)
+        torch.set_num_threads(threads)
+        _W.update(src=src, env_name=env_name, env_kw=env_kw, env=None, policies={}, init_error=None)
+        _W["model"], _W["transform"], _ = load_model(src, robot)
+    except BaseException as e:  # noqa: BLE001
+        _W["init_error"] = e
 
 
 def _worker_run(job: tuple) -> tuple[str, EpisodeResult]:
+    if _W.get("init_error") is not None:
+        raise _W["init_error"]
     key, reuse, task, init_id, seed, replan, max_steps, video = job
     pol = _W["policies"].get(key)
     if pol is None:

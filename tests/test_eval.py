@@ -1,0 +1,453 @@
+"""Closed-loop harness: rollout loop, paired sweeps, results store, statistics, reports, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvreuse.envs.fake import FakeEnv
+from kvreuse.eval import stats
+from kvreuse.eval.report import ALL, compute_rows, markdown, pareto, write_report
+from kvreuse.eval.rollout import EpisodeResult, run_episode
+from kvreuse.eval.store import SCHEMA_VERSION, ResultStore, Setting
+from kvreuse.eval.sweep import PolicySource, SweepPlan, episode_list, episode_seed, parse_grid, run_sweep
+from kvreuse.policy import StepRecord
+
+# ---- stubs -----------------------------------------------------------------------------------
+
+
+class _StubModel:
+    device = torch.device("cpu")
+
+    def __init__(self, chunk=8, dim=4):
+        self.chunk, self.dim = chunk, dim
+
+    def make_noise(self, batch, generator=None):
+        return torch.randn(batch, self.chunk, self.dim, generator=generator)
+
+
+class StubPolicy:
+    """Moves toward +x; records the noise it was given; `reuse_every` marks calls as reuses."""
+
+    def __init__(self, reuse_every=0, chunk=8):
+        self.model = _StubModel(chunk)
+        self.noises, self.resets, self.reuse_every, self.n = [], 0, reuse_every, 0
+
+    def reset(self):
+        self.resets += 1
+        self.n = 0
+
+    def infer(self, raw, noise=None):
+        self.noises.append(noise.clone())
+        self.n += 1
+        reuse = bool(self.reuse_every) and self.n % self.reuse_every == 0
+        rec = StepRecord(decision="reuse" if reuse else "refresh", mode="full" if reuse else "none",
+                         reason="test", timings={"total": 2.0 if reuse else 10.0, "denoise": 1.0})
+        a = np.zeros((self.model.chunk, 4))
+        a[:, 0] = 1.0
+        return a, rec
+
+
+class CountingEnv(FakeEnv):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.actions = []
+
+    def step(self, action):
+        self.actions.append(np.asarray(action))
+        return super().step(action)
+
+
+# ---- statistics --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "k,n,lo,hi",
+    [  # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (Wilson score)
+        (81, 263, 0.2553, 0.3662),
+        (15, 148, 0.0624, 0.1605),
+        (0, 20, 0.0, 0.1611),
+        (1, 29, 0.0061, 0.1718),
+        (0, 10, 0.0, 0.2775),
+        (10, 10, 0.7225, 1.0),
+    ],
+)
+def test_wilson_known_values(k, n, lo, hi):
+    a, b = stats.wilson(k, n)
+    assert a == pytest.approx(lo, abs=6e-5) and b == pytest.approx(hi, abs=6e-5)
+
+
+def test_wilson_bad_input():
+    with pytest.raises(ValueError, match="successes"):
+        stats.wilson(5, 3)
+    assert stats.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_exact_mcnemar_known_values():
+    # b=1, c=9 discordant pairs: p = 2 * (C(10,0) + C(10,1)) / 2^10 = 22/1024
+    base = [True] * 1 + [False] * 9 + [True] * 20 + [False] * 5
+    sett = [False] * 1 + [True] * 9 + [True] * 20 + [False] * 5
+    r = stats.mcnemar(base, sett)
+    assert (r.only_base, r.only_setting, r.both, r.neither, r.n) == (1, 9, 20, 5, 35)
+    assert r.p_value == pytest.approx(22 / 1024)
+    assert r.diff == pytest.approx(8 / 35)
+    assert stats.binom_two_sided(0, 5) == pytest.approx(2 / 32)
+    assert stats.binom_two_sided(3, 6) == 1.0  # balanced discordance
+    assert stats.mcnemar([True, False], [True, False]).p_value == 1.0  # no discordant pairs
+    with pytest.raises(ValueError, match="length"):
+        stats.mcnemar([True], [True, False])
+
+
+def test_paired_bootstrap_and_latency():
+    lo, hi = stats.paired_bootstrap([False] * 50, [True] * 50)
+    assert lo == hi == 1.0
+    lo, hi = stats.paired_bootstrap([True, False] * 50, [True, False] * 25 + [False, True] * 25)
+    assert lo < 0 < hi
+    lat = stats.latency([10, 20, 30, 40])
+    assert (lat.mean, lat.p50, lat.hz) == (25, 25, 40)
+    assert lat.p95 == pytest.approx(38.5)
+    assert stats.speedup(100.0, 50.0) == 2.0
+    assert np.isnan(stats.speedup(100.0, 0.0))
+
+
+# ---- rollout ---------------------------------------------------------------------------------
+
+
+def test_rollout_executes_replan_actions_per_call():
+    env, pol = CountingEnv(max_steps=20, radius=0.0), StubPolicy(chunk=8)
+    r = run_episode(pol, env, "reach", 0, seed=3, replan=3)
+    assert r.status == "failure" and r.steps == 20 and len(env.actions) == 20
+    assert r.calls == 7  # ceil(20 / 3)
+    assert pol.resets == 1
+    r2 = run_episode(pol, env, "reach", 0, seed=3, replan=100)  # replan > chunk: whole chunk
+    assert r2.calls == 3  # ceil(20 / 8)
+    with pytest.raises(ValueError, match="replan"):
+        run_episode(pol, env, "reach", 0, seed=3, replan=0)
+
+
+def test_rollout_stops_on_success_and_records_reuse():
+    env = FakeEnv(max_steps=50, radius=10.0)  # first step succeeds
+    r = run_episode(StubPolicy(), env, "reach", 0, seed=1, replan=5)
+    assert r.status == "success" and r.success is True and r.steps == 1
+    r = run_episode(StubPolicy(reuse_every=2), FakeEnv(max_steps=40, radius=0.0), "reach", 0, seed=1, replan=5)
+    assert r.calls == 8 and r.reuses == 4 and r.reuse_rate == 0.5
+    assert r.decisions[:2] == ["refresh", "reuse:full"]
+    assert r.latency()["mean"] == pytest.approx(6.0)
+    assert r.timings["denoise"] == [1.0] * 8
+
+
+def test_rollout_noise_is_paired_by_seed():
+    """Two policies (e.g. baseline and reuse) see the same noise sequence for the same seed."""
+    a, b, c = StubPolicy(), StubPolicy(reuse_every=2), StubPolicy()
+    for p, seed in ((a, 11), (b, 11), (c, 12)):
+        run_episode(p, FakeEnv(max_steps=15, radius=0.0), "reach", 4, seed=seed, replan=5)
+    assert len(a.noises) == len(b.noises) == 3
+    assert all(torch.equal(x, y) for x, y in zip(a.noises, b.noises))
+    assert not torch.equal(a.noises[0], c.noises[0])
+    assert not torch.equal(a.noises[0], a.noises[1])
+
+
+def test_env_crash_is_an_error_not_a_failure():
+    r = run_episode(StubPolicy(), FakeEnv(), "crash", 0, seed=0, replan=2)
+    assert r.status == "error" and r.success is None
+    assert "simulated physics blow-up" in r.error and r.steps == 3
+
+
+def test_policy_error_propagates():
+    class Broken(StubPolicy):
+        def infer(self, raw, noise=None):
+            raise ValueError("policy bug")
+
+    with pytest.raises(ValueError, match="policy bug"):
+        run_episode(Broken(), FakeEnv(), "reach", 0, seed=0)
+
+
+def test_rollout_with_tiny_model_and_video(tmp_path):
+    from kvreuse.eval.sweep import load_model, make_policy
+
+    model, tf, _ = load_model(PolicySource(None, "tiny-pi05"), "metaworld")
+    pol = make_policy(model, tf, None)
+    r1 = run_episode(pol, FakeEnv(max_steps=6, radius=0.0), "reach", 2, seed=5, replan=3,
+                     video_path=tmp_path / "ep.mp4")
+    r2 = run_episode(pol, FakeEnv(max_steps=6, radius=0.0), "reach", 2, seed=5, replan=3)
+    assert r1.calls == 2 and set(r1.timings) >= {"total"}
+    assert Path(r1.video).is_file() and Path(r1.video).stat().st_size > 0
+    # same seed -> same noise -> same actions -> same trajectory
+    assert r1.steps == r2.steps and r1.status == r2.status
+
+
+# ---- store -----------------------------------------------------------------------------------
+
+
+def _result(task="reach", init_id=0, seed=0, status="success", calls=4, reuses=1, ms=10.0):
+    return EpisodeResult(task, init_id, seed, status, steps=10, calls=calls, reuses=reuses,
+                         decisions=["refresh"] * calls, reasons=["x"] * calls, timings={"total": [ms] * calls})
+
+
+def test_store_atomic_unique_and_wal(tmp_path):
+    db = tmp_path / "r.db"
+    with ResultStore(db) as st:
+        sid = st.setting_id(Setting("p", "fake", 5))
+        assert st.setting_id(Setting("p", "fake", 5)) == sid
+        assert st.add(sid, _result()) is True
+        assert st.add(sid, _result()) is False  # same (setting, task, init, seed): skipped
+        assert st.add(sid, _result(seed=1)) is True
+        assert st.done(sid) == {("reach", 0, 0), ("reach", 0, 1)}
+        assert st.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert len(ResultStore(db).episodes()) == 2
+
+
+def test_store_refuses_other_schema_and_foreign_files(tmp_path):
+    db = tmp_path / "old.db"
+    ResultStore(db).close()
+    c = sqlite3.connect(db)
+    c.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    c.commit()
+    c.close()
+    before = db.read_bytes()
+    with pytest.raises(ValueError, match="schema version"):
+        ResultStore(db)
+    assert db.read_bytes() == before  # never overwritten
+    other = tmp_path / "other.db"
+    c = sqlite3.connect(other)
+    c.execute("CREATE TABLE t (x)")
+    c.commit()
+    c.close()
+    with pytest.raises(ValueError, match="not a kvreuse results file"):
+        ResultStore(other)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(ValueError, match="not an SQLite file"):
+        ResultStore(junk)
+
+
+# ---- sweeps ----------------------------------------------------------------------------------
+
+
+def test_parse_grid_and_seeds():
+    g = parse_grid(["gate=threshold threshold=0.98,0.99 mode=full,vision_only", "gate=period period=2"])
+    assert len(g) == 5
+    assert g[0] == {"gate": "threshold", "threshold": 0.98, "mode": "full"}
+    assert g[-1] == {"gate": "period", "period": 2}
+    assert parse_grid(["synchronized=true max_age_calls=none"]) == [{"synchronized": True, "max_age_calls": None}]
+    with pytest.raises(ValueError, match="key=v1,v2"):
+        parse_grid(["threshold"])
+    assert episode_seed(0, "reach", 3) == episode_seed(0, "reach", 3) != episode_seed(1, "reach", 3)
+    eps = episode_list(FakeEnv(), ("reach", "crash"), 3, init_start=49)
+    assert [(t, i) for t, i, _ in eps] == [("reach", 49), ("crash", 49), ("reach", 0), ("crash", 0),
+                                          ("reach", 1), ("crash", 1)]
+
+
+def test_sweep_is_paired_and_resumable(tmp_path, monkeypatch):
+    """Every setting runs the baseline's exact episode list; a rerun adds nothing."""
+    import kvreuse.eval.sweep as sw
+
+    seen: dict[str, list] = {}
+
+    def fake_make_policy(model, transform, reuse):
+        p = StubPolicy(reuse_every=0 if reuse is None else 2)
+        seen.setdefault(json.dumps(reuse, sort_keys=True), []).append(p)
+        return p
+
+    monkeypatch.setattr(sw, "make_policy", fake_make_policy)
+    monkeypatch.setattr(sw, "check_reuse_supported", lambda: None)
+    plan = SweepPlan(db=str(tmp_path / "s.db"), env="fake", tasks=("reach", "crash"), episodes=3, workers=0,
+                     grid=parse_grid(["gate=threshold threshold=0.98,0.99"]), progress=False,
+                     env_kw={"max_steps": 10})
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        s = run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    assert len(s.settings) == 3 and s.ran == 18 and s.errors == 9
+    with ResultStore(plan.db) as st:
+        keys = {}
+        for row in st.settings():
+            keys[row["name"]] = sorted((e["task"], e["init_id"], e["seed"]) for e in st.episodes(row["id"]))
+        noise_by_setting = [[n for p in ps for n in p.noises] for ps in seen.values()]
+    assert len(keys) == 3 and all(v == keys["baseline"] for v in keys.values())
+    # identical noise sequences across settings (the error episodes included)
+    assert all(len(n) == len(noise_by_setting[0]) for n in noise_by_setting)
+    assert all(torch.equal(a, b) for n in noise_by_setting[1:] for a, b in zip(n, noise_by_setting[0]))
+    with pytest.warns(UserWarning):
+        again = run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    assert again.ran == 0 and again.skipped == 18
+
+
+def test_sweep_bad_input(tmp_path):
+    plan = SweepPlan(db=str(tmp_path / "x.db"), env="fake", tasks=("nope",), episodes=1, progress=False)
+    with pytest.raises(ValueError, match="valid tasks: reach"):
+        run_sweep(plan, PolicySource())
+    plan = SweepPlan(db=str(tmp_path / "x.db"), env="libero:libero_nope", progress=False)
+    with pytest.raises(ValueError, match="valid suites: libero_spatial"):
+        run_sweep(plan, PolicySource())
+    plan = SweepPlan(db=str(tmp_path / "x.db"), env="gym", progress=False)
+    with pytest.raises(ValueError, match="valid envs: metaworld"):
+        run_sweep(plan, PolicySource())
+    plan = SweepPlan(db=str(tmp_path / "x.db"), env="fake", grid=[{"gate": "sometimes"}], progress=False)
+    with pytest.raises(ValueError, match="unknown gate"):
+        run_sweep(plan, PolicySource())
+    assert not (tmp_path / "x.db").exists()  # validation happens before anything is written
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, warnings
+    from kvreuse.eval.sweep import PolicySource, SweepPlan, run_sweep
+
+    if __name__ == "__main__":  # workers are spawned: they re-import this file
+        warnings.simplefilter("ignore")
+        plan = SweepPlan(db=sys.argv[1], env="fake", tasks=("reach", "reach-far", "crash"), episodes=8,
+                         workers=int(sys.argv[2]), progress=False,
+                         env_kw={"max_steps": 12, "radius": 0.0, "step_sleep_s": float(sys.argv[3])})
+        s = run_sweep(plan, PolicySource(None, "tiny-pi0"))
+        print("ran", s.ran, "skipped", s.skipped)
+    """
+)
+
+
+def _count(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        c = sqlite3.connect(db, timeout=10)
+        try:
+            return c.execute("SELECT count(*) FROM episodes").fetchone()[0]
+        finally:
+            c.close()
+    except sqlite3.OperationalError:  # schema not created yet
+        return 0
+
+
+def test_sweep_killed_with_sigkill_loses_and_duplicates_nothing(tmp_path):
+    db, script = tmp_path / "k.db", tmp_path / "sweep.py"
+    script.write_text(_KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, str(script), str(db), "2", "0.02"], env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    while _count(db) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, f"sweep ended before it could be killed: {proc.communicate()}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, mid-run
+    proc.wait()
+    partial = _count(db)
+    assert 4 <= partial < 24
+    out = subprocess.run([sys.executable, str(script), str(db), "0", "0"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"skipped {partial}" in out.stdout and f"ran {24 - partial}" in out.stdout
+    c = sqlite3.connect(db)
+    rows = c.execute("SELECT setting_id, task, init_id, seed FROM episodes").fetchall()
+    assert len(rows) == len(set(rows)) == 24
+    statuses = dict(c.execute("SELECT status, count(*) FROM episodes GROUP BY status").fetchall())
+    assert statuses.get("error") == 8  # every "crash" episode, recorded as an error
+
+
+# ---- reports ---------------------------------------------------------------------------------
+
+
+def _fill(db: Path) -> None:
+    """A baseline and two reuse settings on the same 20 episodes of two tasks."""
+    with ResultStore(db) as st:
+        base = st.setting_id(Setting("p", "fake", 5))
+        good = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.99}, "thr0.99"))
+        bad = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.9}, "thr0.9"))
+        for task in ("a", "b"):
+            for i in range(10):
+                st.add(base, _result(task, i, i, "success" if i < 8 else "failure", calls=4, reuses=0, ms=100.0))
+                st.add(good, _result(task, i, i, "success" if i < 8 else "failure", calls=4, reuses=2, ms=50.0))
+                st.add(bad, _result(task, i, i, "success" if i < 1 else "failure", calls=4, reuses=4, ms=25.0))
+        st.add(bad, _result("a", 99, 99, "error"))
+
+
+def test_report_numbers(tmp_path):
+    db = tmp_path / "rep.db"
+    _fill(db)
+    rows = {(r.setting, r.task): r for r in compute_rows(db)}
+    b, g, x = rows[("baseline", ALL)], rows[("thr0.99", ALL)], rows[("thr0.9", ALL)]
+    assert (b.n, b.successes, b.rate) == (20, 16, 0.8)
+    assert b.ci == pytest.approx(stats.wilson(16, 20))
+    assert g.speedup == pytest.approx(2.0) and x.speedup == pytest.approx(4.0)
+    assert g.reuse_rate == 0.5 and x.reuse_rate == 1.0
+    assert g.paired.p_value == 1.0 and g.paired.diff == 0.0
+    assert (x.paired.only_base, x.paired.only_setting) == (14, 0)
+    assert x.paired.p_value == pytest.approx(2 / 2**14)
+    assert x.errors == 1 and x.n == 20
+    assert rows[("baseline", "a")].n == 10 and rows[("thr0.9", "a")].errors == 1
+    md = markdown(compute_rows(db))
+    assert "| setting | success | latency (mean) | p50 / p95 | Hz | reuse rate | speedup | n | 95% CI |" in md
+    assert "| **baseline** | 80.0% | 100.0 ms |" in md
+    assert "| thr0.9 | 10.0% | 25.0 ms |" in md and "0.000122" in md
+    assert "### a" in md and "### b" in md
+
+
+def test_report_files_and_cli(tmp_path, capsys):
+    from kvreuse.cli import main
+
+    db = tmp_path / "rep.db"
+    _fill(db)
+    md, files = write_report(db, tmp_path / "out")
+    names = {f.name for f in files}
+    assert names == {"report.md", "results.csv", "success_vs_reuse.png", "success_vs_latency.png", "per_task.png"}
+    for f in files:
+        assert f.stat().st_size > 0
+    assert (tmp_path / "out" / "success_vs_latency.png").read_bytes()[:4] == b"\x89PNG"
+    csv_lines = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("group,setting,task,is_baseline,n,successes,success_rate,ci_low,ci_high")
+    assert len(csv_lines) == 1 + 3 * 3
+    main(["report", "--db", str(db), "--out", str(tmp_path / "cli")])
+    assert "| **baseline** | 80.0%" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["report", "--db", str(tmp_path / "missing.db")])
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_pareto_front():
+    pts = [(100, 0.8), (50, 0.8), (25, 0.1), (60, 0.5), (50, 0.7)]
+    assert pareto(pts) == [2, 1]
+
+
+def test_cli_eval_unknown_task(capsys, tmp_path):
+    from kvreuse.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--env", "fake", "--tasks", "nope", "--db", str(tmp_path / "e.db")])
+    err = capsys.readouterr().err
+    assert "unknown task(s) ['nope']; valid tasks: reach, reach-far, crash" in err
+
+
+def test_cli_eval_fake_env_runs(capsys, tmp_path):
+    from kvreuse.cli import main
+
+    with pytest.warns(UserWarning):
+        main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "2", "--workers", "0", "--no-progress",
+              "--db", str(tmp_path / "e.db")])
+    out = capsys.readouterr().out
+    assert "| **baseline** |" in out and "| 2 |" in out
+
+
+# ---- one real Meta-World episode ---------------------------------------------------------------
+
+
+def test_metaworld_episode_tiny_model():
+    from kvreuse.envs.metaworld import MetaWorldEnv  # sets MUJOCO_GL before mujoco loads
+    from kvreuse.eval.sweep import load_model, make_policy
+
+    pytest.importorskip("metaworld")
+    model, tf, _ = load_model(PolicySource(None, "tiny-pi05"), "metaworld")
+    env = MetaWorldEnv(max_steps=8)
+    try:
+        r = run_episode(make_policy(model, tf, None), env, "reach-v3", 0, seed=0, replan=5)
+    finally:
+        env.close()
+    assert r.status in ("success", "failure") and r.error == ""
+    assert r.steps == 8 and r.calls == 2
