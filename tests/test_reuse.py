@@ -316,3 +316,50 @@ def test_mode_costs_relative_to_a_full_refresh():
     assert costs["layer_wise"] == {"vision_cameras": 1, "lm_tokens": T, "lm_token_layers": T * (depth - 1)}
     assert 0 < costs["partial"]["lm_tokens"] - prompt_valid <= 2
     assert costs["partial"]["vision_cameras"] == 1
+
+
+# ---- any combination runs and keeps its records consistent ------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    variant=st.sampled_from(["pi0", "pi05"]),
+    gate=st.sampled_from(["never", "always", "period", "threshold", "crossmodal", "phase"]),
+    mode=st.sampled_from(MODES),
+    metric=st.sampled_from(["raw", "patch", "siglip"]),
+    sync=st.booleans(),
+    max_age=st.one_of(st.none(), st.integers(1, 3)),
+    events=st.lists(st.sampled_from(["same", "pixels", "state", "both", "prompt", "reset", "new"]), min_size=2, max_size=7),
+)
+def test_any_setting_runs_with_consistent_records(variant, gate, mode, metric, sync, max_age, events):
+    m, tf = model_and_tf(variant)
+    rng = np.random.default_rng(len(events))
+    cfg = ReuseConfig(gate=gate, mode=mode, image_metric=metric, synchronized=sync, max_age_calls=max_age,
+                      threshold=0.9 if metric == "patch" else 0.995, period=2, layer_split=1)
+    pol = Policy(m, tf, reuse=cfg)
+    raw = raw_obs(rng, state=np.array([0.1, -0.2, 0.3, 0.0]))
+    pol.infer(raw)
+    for ev in events:
+        if ev in ("pixels", "both"):
+            raw = nudge(raw, rng, pixels=20)
+        if ev in ("state", "both"):
+            raw = nudge(raw, rng, pixels=0, state_delta=float(rng.uniform(-0.3, 0.3)))
+        if ev == "prompt":
+            raw = {**raw, "prompt": "a different task"}
+        if ev == "reset":
+            pol.reset()
+        if ev == "new":
+            raw = raw_obs(rng)
+        a, rec = pol.infer(raw)
+        assert a.shape == (m.cfg.chunk_size, 4) and np.isfinite(a).all()
+        assert rec.decision in ("refresh", "reuse") and len(rec.snapshots) == len(pol.runner.cache.spans)
+        assert (rec.plan == "all") == (rec.mode == "none")
+        if rec.plan == "none":
+            assert rec.cost["lm_token_layers"] == 0
+        if gate == "never":
+            assert rec.plan == "all" and not rec.reused
+        if sync:
+            assert not rec.mixed
+        if max_age is not None and rec.reused:
+            assert rec.signals["age_calls"] <= max_age
+    assert pol.stats.summary()["calls"] == len(events) + 1
