@@ -139,3 +139,23 @@ def test_compare_cli(capsys):
         main(["compare", "actions", "--threshold", "1.5", "--steps", "1", "--episodes", "1"])
     assert e.value.code == 2
     assert "reuse.threshold" in capsys.readouterr().err
+
+
+def test_policy_records_a_replayable_stream(tmp_path):
+    m, tf = model_and_tf("pi0")
+    pol = Policy(m, tf)
+    pol.recorder = ObservationStream(robot="metaworld")
+    rng = np.random.default_rng(0)
+    noises = [m.make_noise(1, torch.Generator().manual_seed(i)) for i in range(4)]
+    outs = []
+    for i in range(4):
+        if i == 2:
+            pol.reset()
+        outs.append(pol.infer(raw_obs(rng), noises[i].clone())[0])
+    back = ObservationStream.load(pol.recorder.save(tmp_path / "rec.safetensors"))
+    assert [s.reset for s in back] == [True, False, True, False]
+    replay = Policy(m, tf)
+    for step, n, a in zip(back, noises, outs):
+        if step.reset:
+            replay.reset()
+        assert np.array_equal(replay.infer(step.raw, n.clone())[0], a)

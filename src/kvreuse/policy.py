@@ -33,6 +33,9 @@ class Policy:
         self.seed = seed
         self.reuse_config = reuse or ReuseConfig()
         self.runner = ReusePolicy(self.model, self.reuse_config)
+        # Set to an ObservationStream to record every observation this policy sees (e.g. during
+        # a rollout) for replay with `kvreuse compare ... --stream`.
+        self.recorder = None
         self.reset()
 
     @classmethod
@@ -78,6 +81,8 @@ class Policy:
     def infer(self, raw: dict, noise: torch.Tensor | None = None) -> tuple[np.ndarray, StepRecord]:
         t0 = time.perf_counter()
         obs = self.transform(raw, device=self.model.device)
+        if self.recorder is not None:
+            self.recorder.add(raw, reset=self.runner.call_index == 0)
         if noise is None:
             noise = self.model.make_noise(obs.batch_size, self.generator)
         # The record's total covers the input transform too (what a client waits for).

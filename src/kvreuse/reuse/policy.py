@@ -243,6 +243,7 @@ class ReusePolicy:
                 r = self.ref.cameras[cam]
                 new = patchify(obs.images[cam], patch)
                 r.patches = r.patches.clone()
+                rows = rows.to(r.patches.device)
                 r.patches[:, rows] = new[:, rows]
         if not plan.prompt_from_cache and (bool(plan.recompute.all()) or "state" in plan.refreshed or (
             not mc.state_in_prompt and all(c in plan.refreshed for c in mc.cameras)
