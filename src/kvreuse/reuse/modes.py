@@ -104,7 +104,7 @@ def plan_reuse(
             return Plan("none", note="camera spans reused; prompt unchanged: nothing to recompute")
         return _complete(Plan("tokens", prompt & valid, (), note="camera spans reused, prompt region recomputed",
                               refreshed=tuple(prompt_spans)), valid)
-    moved = tuple(c for c in cams if s.pixels_changed.get(c, True))
+    moved = tuple(c for c in cams if s.pixels_changed.get(c, False))  # present cameras only
     if mode == "state_only":
         # Prompt (text + state) K/V kept as cached, with the cached tokens; the cameras whose
         # pixels changed are recomputed (vision tower + their tokens over the cached rest).
