@@ -105,8 +105,8 @@ def _inputs(cfg, batch: int, device, seed: int):
     tokens = tokens.masked_fill(~tmask, 0)
     state = torch.randn(batch, cfg.max_state_dim, generator=g)
     noise = torch.randn(batch, cfg.chunk_size, cfg.max_action_dim, generator=g)
-    mv = lambda t: t.to(device)  # noqa: E731
-    return [mv(i) for i in images], [mv(m) for m in masks], mv(tokens), mv(tmask), mv(state), mv(noise)
+    images, masks = [i.to(device) for i in images], [m.to(device) for m in masks]
+    return images, masks, tokens.to(device), tmask.to(device), state.to(device), noise.to(device)
 
 
 def _diff(a, b) -> dict:
@@ -228,10 +228,6 @@ def run_variant(variant: str, args, device) -> dict:
             res["bf16_ours_vs_lerobot_fp32"] = _diff(b_ours, a_ref)
             res["bf16_lerobot_vs_lerobot_fp32"] = _diff(b_ref, a_ref)
     res["timings_s"] = {k: round(v, 3) for k, v in t.items()}
-    del model, ref
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return res
 
 
@@ -249,10 +245,10 @@ def main() -> None:
     args = ap.parse_args()
 
     try:
-        import lerobot  # noqa: F401
+        import lerobot
         from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch  # noqa: F401
         from lerobot.policies.pi05.modeling_pi05 import PI05Pytorch  # noqa: F401
-    except Exception as e:  # not installed, or its deps are missing
+    except Exception as e:  # noqa: BLE001 - not installed, or its deps are missing
         _skip(f"lerobot is not importable ({type(e).__name__}: {e})")
     import torch
 
@@ -277,6 +273,9 @@ def main() -> None:
     ok = True
     for v in args.variants:
         r = run_variant(v, args, device)
+        gc.collect()  # both full-size models go before the next variant is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         results.append(r)
         ok &= r["fp32_pass"]
         print(json.dumps(r, indent=1), flush=True)
@@ -285,7 +284,10 @@ def main() -> None:
     print()
     print(f"{'variant':8} {'fp32 max|diff|':>15} {'max|a|':>8} {'bf16 vs lerobot bf16':>21} {'bf16 vs lerobot fp32':>21} {'lerobot bf16 vs fp32':>21}")
     for r in results:
-        b = lambda k: f"{r[k]['max_abs_diff']:.3e}" if k in r else "-"  # noqa: E731
+
+        def b(k, r=r):
+            return f"{r[k]['max_abs_diff']:.3e}" if k in r else "-"
+
         print(f"{r['variant']:8} {r['fp32']['max_abs_diff']:15.3e} {r['fp32']['max_abs_ref']:8.3f} "
               f"{b('bf16_ours_vs_lerobot_bf16'):>21} {b('bf16_ours_vs_lerobot_fp32'):>21} {b('bf16_lerobot_vs_lerobot_fp32'):>21}")
     print(f"fp32 parity (max |diff| <= {args.tol}): {'PASS' if ok else 'FAIL'}")

@@ -9,7 +9,13 @@ import torch
 from kvreuse.model import preset
 from kvreuse.model.tokenizer import ByteTokenizer
 from kvreuse.transforms.images import preprocess_image, resize_with_pad, to_batched_chw
-from kvreuse.transforms.normalize import NormStats, Stats, normalize, pad_to, unnormalize
+from kvreuse.transforms.normalize import (
+    NormStats,
+    Stats,
+    normalize,
+    pad_to,
+    unnormalize,
+)
 from kvreuse.transforms.robot import RobotSpec, RobotTransform, robot_spec
 
 RNG = np.random.default_rng(0)

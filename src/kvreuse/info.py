@@ -58,14 +58,19 @@ def describe(path: str | Path) -> str:
         meta = read_meta(path)
         cfg = ModelConfig.from_dict(meta["model"])
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
+            dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})  # noqa: SIM118 (a safe_open handle)
         sf = path / "norm_stats.json"
         stats = NormStats.from_dict(json.loads(sf.read_text())) if sf.is_file() else None
         fmt, robot, weights = "kvreuse", meta.get("robot", "unknown"), path / "model.safetensors"
         extra = {k: v for k, v in meta.items() if k not in ("model", "robot")}
     else:
-        from .ref_checkpoint import config_from_reference, inspect_reference, match_keys, read_reference_stats
+        from .ref_checkpoint import (
+            config_from_reference,
+            inspect_reference,
+            match_keys,
+            read_reference_stats,
+        )
 
         ref = inspect_reference(path)
         cfg = config_from_reference(ref)
@@ -86,12 +91,12 @@ def describe(path: str | Path) -> str:
     ]
     lines += [f"  {name}: {n / 1e6:,.2f}M" for name, n in _part_counts(shapes) if n]
     lines += [
-        f"shapes: vision {cfg.vision.width}x{cfg.vision.depth}, LM {cfg.llm.width}x{cfg.llm.depth}, "
-        f"expert {cfg.expert.width}x{cfg.expert.depth}, vocabulary {cfg.vocab_size}",
-        f"prefix: {cfg.prefix_len} tokens = {len(cfg.cameras)} cameras x {p} patches "
-        f"({cfg.vision.image_size}px / {cfg.vision.patch_size}) + {cfg.max_token_len} prompt tokens",
-        f"suffix: {cfg.suffix_len} tokens ({cfg.chunk_size} actions{'' if cfg.state_in_prompt else ' + 1 state'}), "
-        f"{cfg.num_steps} Euler steps",
+        (f"shapes: vision {cfg.vision.width}x{cfg.vision.depth}, LM {cfg.llm.width}x{cfg.llm.depth}, "
+         f"expert {cfg.expert.width}x{cfg.expert.depth}, vocabulary {cfg.vocab_size}"),
+        (f"prefix: {cfg.prefix_len} tokens = {len(cfg.cameras)} cameras x {p} patches "
+         f"({cfg.vision.image_size}px / {cfg.vision.patch_size}) + {cfg.max_token_len} prompt tokens"),
+        (f"suffix: {cfg.suffix_len} tokens ({cfg.chunk_size} actions{'' if cfg.state_in_prompt else ' + 1 state'}), "
+         f"{cfg.num_steps} Euler steps"),
         f"cameras: {', '.join(cfg.cameras)}",
         f"robot: {robot} (state {cfg.state_dim} of {cfg.max_state_dim} dims, actions {cfg.action_dim} of {cfg.max_action_dim})",
         f"tokenizer: {cfg.tokenizer}",

@@ -65,8 +65,7 @@ def _alt(d: dict[str, str]) -> str:
 
 def canonical(key: str) -> str:
     """A file key without `model.` and in the transformers-5 layout."""
-    if key.startswith("model."):
-        key = key[len("model."):]
+    key = key.removeprefix("model.")
     for old, new in _LEGACY:
         if key.startswith(old):
             return new + key[len(old):]
@@ -185,10 +184,10 @@ def inspect_reference(path: str | Path) -> RefFile:
     shapes, dtypes = {}, {}
     try:
         with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
+            for k in sf.keys():  # noqa: SIM118 (a safe_open handle)
                 sl = sf.get_slice(k)
                 shapes[k], dtypes[k] = tuple(sl.get_shape()), str(sl.get_dtype())
-    except Exception as e:  # a corrupt or non-safetensors file
+    except Exception as e:  # noqa: BLE001 - a corrupt or non-safetensors file
         raise ValueError(f"checkpoint {f}: not a readable safetensors file ({e})") from None
     cfg_file = f.parent / "config.json"
     config = {}
@@ -249,7 +248,7 @@ def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
     cfg = preset(preset_name, **kw)
     pos = ref.shapes.get(_key_in(ref, "vision.pos_embed.weight") or "", None)
     if pos is not None:  # the image size follows from the number of position embeddings
-        grid = int(round(pos[0] ** 0.5))
+        grid = round(pos[0] ** 0.5)
         if grid * grid == pos[0] and grid * cfg.vision.patch_size != cfg.vision.image_size:
             cfg = cfg.replace(vision=_replace(cfg.vision, image_size=grid * cfg.vision.patch_size))
     return cfg
