@@ -91,9 +91,11 @@ def load_model(src: PolicySource, robot: str):
         cfg = preset(src.preset)
         if cfg.tokenizer != "bytes":
             raise ValueError(f"preset {src.preset!r} needs a checkpoint (random weights only for tiny presets)")
-        spec = robot_spec(robot)
-        if (cfg.state_dim, cfg.action_dim) != (spec.state_dim, spec.action_dim):
-            cfg = cfg.replace(state_dim=spec.state_dim, action_dim=spec.action_dim)
+        spec = robot_spec(robot)  # the tiny model takes the robot's cameras and dims
+        cfg = cfg.replace(state_dim=spec.state_dim, action_dim=spec.action_dim,
+                          cameras=tuple(c for _, c in spec.cameras))
+        if robot == "libero":  # long LIBERO prompts (+ the state, Pi0.5) in the byte tokenizer
+            cfg = cfg.replace(max_token_len=max(cfg.max_token_len, 192))
         torch.manual_seed(0)
         model = Pi0Model(cfg).to(src.device).eval()
         return model, RobotTransform(cfg, load_tokenizer(cfg), None, spec), None
@@ -104,8 +106,13 @@ def load_model(src: PolicySource, robot: str):
     if ck_robot != robot:
         raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}, the env needs {robot!r}")
     tf = RobotTransform(model.cfg, load_tokenizer(model.cfg), stats, robot_spec(robot))
-    tasks = meta.get("tasks")
-    return model, tf, tuple(tasks) if tasks else None
+    return model, tf, _meta_tasks(meta)
+
+
+def _meta_tasks(meta: dict) -> tuple[str, ...] | None:
+    """Tasks a checkpoint was trained on (top level, or in its training record)."""
+    tasks = meta.get("tasks") or (meta.get("training") or {}).get("tasks")
+    return tuple(tasks) if tasks else None
 
 
 def make_policy(model, transform, reuse: dict | None):
@@ -340,8 +347,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
 def _checkpoint_tasks(src: PolicySource):
     if src.checkpoint is None:
         return None
-    meta = json.loads((Path(src.checkpoint) / "config.json").read_text())
-    return tuple(meta["tasks"]) if meta.get("tasks") else None
+    return _meta_tasks(json.loads((Path(src.checkpoint) / "config.json").read_text()))
 
 
 def _results(jobs, plan: SweepPlan, src: PolicySource, robot: str):

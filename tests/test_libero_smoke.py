@@ -1,0 +1,97 @@
+"""LIBERO adapter: protocol helpers always; a smoke test of the real simulator when the
+`kvreuse[libero]` extra is installed (scripts/install_libero.sh), skipped otherwise."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+
+from kvreuse.envs.libero import DUMMY_ACTION, SETTLE_STEPS, SUITES, check_suite, quat2axisangle, resize_with_pad
+
+
+def test_protocol_constants():
+    assert SUITES == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
+                      "libero_90": 400}
+    assert SETTLE_STEPS == 10 and DUMMY_ACTION == [0, 0, 0, 0, 0, 0, -1]
+    with pytest.raises(ValueError, match="valid suites: libero_spatial, libero_object"):
+        check_suite("libero_100")
+
+
+def test_quat2axisangle():
+    assert np.allclose(quat2axisangle([0, 0, 0, 1]), 0)  # identity
+    s = math.sin(math.pi / 4)
+    assert np.allclose(quat2axisangle([0, 0, s, math.cos(math.pi / 4)]), [0, 0, math.pi / 2])  # 90° about z
+    assert np.allclose(quat2axisangle([1, 0, 0, 0]), [math.pi, 0, 0])  # 180° about x
+    assert np.allclose(quat2axisangle([0, 0, 0, 1.0000001]), 0)  # w slightly > 1 is clipped
+
+
+def test_resize_with_pad():
+    img = np.full((256, 256, 3), 200, np.uint8)
+    out = resize_with_pad(img, 224)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8 and (out == 200).all()
+    wide = np.full((100, 200, 3), 255, np.uint8)
+    out = resize_with_pad(wide, 224)
+    assert out.shape == (224, 224, 3)
+    assert (out[:50] == 0).all() and (out[-50:] == 0).all() and (out[60:160] == 255).all()
+
+
+libero_installed = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
+
+
+@pytest.fixture(scope="module")
+def env():
+    from kvreuse.envs.libero import LiberoEnv
+
+    e = LiberoEnv("libero_spatial")
+    yield e
+    e.close()
+
+
+@pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
+def test_libero_reset_settle_flips_state(env):
+    task = env.tasks[0]
+    assert len(env.tasks) == 10 and env.num_inits(task) == 50 and env.max_steps(task) == 220
+    with pytest.raises(ValueError, match="valid tasks"):
+        env.max_steps("no_such_task")
+    obs = env.reset(task, 0, seed=0)  # builds the scene
+    calls = []
+    inner = env._env.step
+    env._env.step = lambda a: (calls.append(list(a)), inner(a))[1]
+    try:
+        obs = env.reset(task, 3, seed=0)
+    finally:
+        env._env.step = inner
+    assert calls == [DUMMY_ACTION] * SETTLE_STEPS
+    raw = env.last_raw
+    assert raw["agentview_image"].shape == (256, 256, 3)
+    for key, cam in (("observation/image", "agentview_image"), ("observation/wrist_image", "robot0_eye_in_hand_image")):
+        img = obs[key]
+        assert img.shape == (224, 224, 3) and img.dtype == np.uint8
+        flipped = resize_with_pad(np.ascontiguousarray(raw[cam][::-1, ::-1]), 224)
+        assert np.array_equal(img, flipped)
+        assert not np.array_equal(img, resize_with_pad(np.ascontiguousarray(raw[cam]), 224))
+    st = obs["observation/state"]
+    assert st.shape == (8,) and np.isfinite(st).all()
+    assert np.allclose(st[:3], raw["robot0_eef_pos"], atol=1e-6)
+    assert np.allclose(st[3:6], quat2axisangle(raw["robot0_eef_quat"]), atol=1e-5)
+    assert np.allclose(st[6:], raw["robot0_gripper_qpos"], atol=1e-6)
+    assert obs["prompt"] == env.prompt(task) and "bowl" in obs["prompt"]
+
+
+@pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
+def test_libero_policy_steps_tiny_model(env):
+    from kvreuse.eval.rollout import run_episode
+    from kvreuse.eval.sweep import PolicySource, load_model, make_policy
+
+    model, tf, _ = load_model(PolicySource(None, "tiny-pi05"), "libero")
+    pol = make_policy(model, tf, None)
+    task = env.tasks[1]
+    raw = env.reset(task, 0, seed=0)
+    actions, rec = pol.infer(raw)
+    assert actions.shape == (model.cfg.chunk_size, 7) and np.isfinite(actions).all()
+    r = run_episode(pol, env, task, 0, seed=1, replan=5, max_steps=7)
+    assert r.error == "" and r.status in ("success", "failure")
+    assert r.steps == 7 and r.calls == 2
