@@ -183,15 +183,24 @@ def run_bench_eval(
         n_tasks = len(ts) if ts else n_tasks
     per_task = -(-total // n_tasks)
     grid = parse_grid([reuse]) if reuse.strip() else []
+    import resource
+
+    def cpu_s() -> float:  # this process + its finished (joined) workers
+        return sum(ru.ru_utime + ru.ru_stime for ru in (resource.getrusage(resource.RUSAGE_SELF),
+                                                         resource.getrusage(resource.RUSAGE_CHILDREN)))
+
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "bench.db")
         plan = _plan(db, env, ts or (), per_task, 0, 0, replan, max_steps, workers, 0, grid, not grid, True)
-        t0 = time.perf_counter()
+        c0, t0 = cpu_s(), time.perf_counter()
         s = run_sweep(plan, src)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     print(f"machine: {_cores()} cores; workers {plan.workers}; env {env}; policy {src.checkpoint or 'random ' + preset}")
     print(f"{s.ran} episodes ({per_task} per task x {n_tasks} tasks) in {wall:.1f} s "
           f"= {s.ran / wall:.2f} episodes/s (start-up {s.first_result_s:.1f} s); "
           f"{s.errors} env errors")
     if s.ran:
-        print(f"projected for 400 episodes: {400 / (s.ran / wall):.0f} s (target < 180 s on 16 cores)")
+        print(f"projected for 400 episodes at this rate: {400 / (s.ran / wall):.0f} s (target < 180 s on 16 cores)")
+        # CPU time is what other load on a shared machine does not inflate much.
+        print(f"CPU time {cpu:.1f} s = {cpu / s.ran:.2f} CPU-s per episode (start-up included); "
+              f"if it scales linearly, 400 episodes on 16 idle cores: {400 * cpu / s.ran / 16:.0f} s")

@@ -313,7 +313,12 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
     ids = {s.key: store.setting_id(s) for s in settings}
     done = {s.key: store.done(ids[s.key]) for s in settings}
     jobs, skipped = [], 0
-    for i, (task, init_id, seed) in enumerate(episodes):
+    # Task-major order: a worker mostly stays on one task (switching rebuilds the simulator);
+    # every setting of one episode is queued together, so a partial sweep stays paired.
+    order = sorted(range(len(episodes)), key=lambda j: tasks.index(episodes[j][0]))
+    for j in order:
+        task, init_id, seed = episodes[j]
+        i = j // len(tasks)  # episode index within its task
         for s in settings:
             if (task, init_id, seed) in done[s.key]:
                 skipped += 1
