@@ -14,7 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${VIRTUAL_ENV:-}" ] || { [ -x .venv/bin/python ] && . .venv/bin/activate; }
 PY=${PYTHON:-python}
-HOME_DIR=${KVREUSE_LIBERO_HOME:-$HOME/.cache/kvreuse/libero}
+# The same folder kvreuse.envs.libero reads (KVREUSE_LIBERO_HOME, default ~/.cache/kvreuse/libero).
+HOME_DIR=$($PY -c "from kvreuse.envs.libero import libero_home; print(libero_home())")
 t0=$(date +%s)
 
 $PY -m pip install -q --no-deps libero==0.1.1 bddl==1.0.1

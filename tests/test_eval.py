@@ -265,8 +265,7 @@ def test_sweep_is_paired_and_resumable(tmp_path, monkeypatch):
     plan = SweepPlan(db=str(tmp_path / "s.db"), env="fake", tasks=("reach", "crash"), episodes=3, workers=0,
                      grid=parse_grid(["gate=threshold threshold=0.98,0.99"]), progress=False,
                      env_kw={"max_steps": 10})
-    with pytest.warns(UserWarning, match="randomly initialised"):
-        s = run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    s = run_sweep(plan, PolicySource(None, "tiny-pi05"))
     assert len(s.settings) == 3 and s.ran == 18 and s.errors == 9
     with ResultStore(plan.db) as st:
         keys = {}
@@ -277,8 +276,7 @@ def test_sweep_is_paired_and_resumable(tmp_path, monkeypatch):
     # identical noise sequences across settings (the error episodes included)
     assert all(len(n) == len(noise_by_setting[0]) for n in noise_by_setting)
     assert all(torch.equal(a, b) for n in noise_by_setting[1:] for a, b in zip(n, noise_by_setting[0]))
-    with pytest.warns(UserWarning):
-        again = run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    again = run_sweep(plan, PolicySource(None, "tiny-pi05"))
     assert again.ran == 0 and again.skipped == 18
 
 
@@ -428,9 +426,8 @@ def test_cli_eval_unknown_task(capsys, tmp_path):
 def test_cli_eval_fake_env_runs(capsys, tmp_path):
     from kvreuse.cli import main
 
-    with pytest.warns(UserWarning):
-        main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "2", "--workers", "0", "--no-progress",
-              "--db", str(tmp_path / "e.db")])
+    main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "2", "--workers", "0", "--no-progress",
+          "--db", str(tmp_path / "e.db")])
     out = capsys.readouterr().out
     assert "| **baseline** |" in out and "| 2 |" in out
 
@@ -451,3 +448,30 @@ def test_metaworld_episode_tiny_model():
         env.close()
     assert r.status in ("success", "failure") and r.error == ""
     assert r.steps == 8 and r.calls == 2
+
+
+def test_bench_eval_prints_throughput(capsys):
+    from kvreuse.cli import main
+
+    main(["bench-eval", "--env", "fake", "--tasks", "reach", "crash", "--total", "4", "--workers", "0"])
+    out = capsys.readouterr().out
+    assert "4 episodes (2 per task x 2 tasks)" in out and "episodes/s" in out and "2 env errors" in out
+    assert "CPU-s per episode" in out
+
+
+def test_shipped_testbed_policy_metaworld_episode(tmp_path):
+    """The defaults: shipped testbed policy (if present), Meta-World, through the sweep."""
+    from kvreuse.envs.metaworld import MetaWorldEnv  # noqa: F401 - sets MUJOCO_GL first
+    from kvreuse.eval.sweep import shipped_checkpoint
+
+    pytest.importorskip("metaworld")
+    if shipped_checkpoint() is None:
+        pytest.skip("no shipped testbed checkpoint")
+    plan = SweepPlan(db=str(tmp_path / "mw.db"), env="metaworld", tasks=("handle-press-v3",), episodes=1,
+                     workers=0, progress=False, max_steps=60)
+    s = run_sweep(plan, PolicySource())
+    assert s.ran == 1 and s.errors == 0
+    assert s.settings[0].policy.startswith("testbed-pi05@")
+    with ResultStore(plan.db) as st:
+        (e,) = st.episodes()
+    assert e["status"] in ("success", "failure") and 0 < e["steps"] <= 60 and e["calls"] >= 1

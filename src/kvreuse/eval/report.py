@@ -284,6 +284,7 @@ def _scatter(ax, rows: list[Row], x_of) -> None:
         ax.errorbar([x], [y], yerr=err, fmt="s" if r.is_baseline else "o", capsize=3, label=r.setting)
         ax.annotate(r.setting, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_ylim(-2, 102)
+    ax.margins(x=0.2)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
 
 
