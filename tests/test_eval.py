@@ -475,3 +475,30 @@ def test_shipped_testbed_policy_metaworld_episode(tmp_path):
     with ResultStore(plan.db) as st:
         (e,) = st.episodes()
     assert e["status"] in ("success", "failure") and 0 < e["steps"] <= 60 and e["calls"] >= 1
+
+
+def test_worker_death_is_an_error_and_the_sweep_goes_on(tmp_path):
+    """A simulator that kills its worker process (segfault/abort) costs that episode only."""
+    plan = SweepPlan(db=str(tmp_path / "d.db"), env="fake", tasks=("abort", "reach"), episodes=2, workers=2,
+                     progress=False, env_kw={"max_steps": 6, "radius": 0.0, "hard_crash": True})
+    s = run_sweep(plan, PolicySource(None, "tiny-pi0"))
+    assert s.ran == 4 and s.errors == 2
+    with ResultStore(plan.db) as st:
+        eps = st.episodes()
+    by_task = {}
+    for e in eps:
+        by_task.setdefault(e["task"], []).append(e)
+    assert all(e["status"] == "error" and "worker process died" in e["error"] for e in by_task["abort"])
+    assert all(e["status"] == "failure" and e["steps"] == 6 for e in by_task["reach"])
+
+
+def test_policy_error_in_a_worker_stops_the_sweep(tmp_path):
+    """An error of the policy side inside a worker reaches the caller as itself (no hang)."""
+    from kvreuse.checkpoint import save_checkpoint
+    from kvreuse.model import Pi0Model, preset
+
+    ck = save_checkpoint(tmp_path / "ck", Pi0Model(preset("tiny-pi0")), None, robot="libero")
+    plan = SweepPlan(db=str(tmp_path / "p.db"), env="fake", tasks=("reach",), episodes=2, workers=1,
+                     progress=False)
+    with pytest.raises(ValueError, match="drives robot 'libero', the env needs 'metaworld'"):
+        run_sweep(plan, PolicySource(str(ck)))

@@ -3,7 +3,8 @@
 A point hand moves by 0.1 * action[:3] toward a target drawn from (task, init_id); success when
 it is within `radius`. Images are small gradients that shift with the hand position, so
 image-similarity gates see real changes. Task "crash" raises inside `step` after a few steps
-(an env crash, which the harness must record as an error and carry on).
+(an env crash, which the harness must record as an error and carry on). With hard_crash=True,
+task "abort" kills the whole process instead (run it in sweep workers only).
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ class FakeEnv:
     tasks = ("reach", "reach-far", "crash")
     prompts = {"reach": "reach the target", "reach-far": "reach the far target", "crash": "crash the simulator"}
 
-    def __init__(self, image_size: int = 32, max_steps: int = 30, radius: float = 0.15, step_sleep_s: float = 0.0):
+    def __init__(self, image_size: int = 32, max_steps: int = 30, radius: float = 0.15, step_sleep_s: float = 0.0,
+                 hard_crash: bool = False):
         self.size, self._max, self.radius, self.sleep = image_size, max_steps, radius, step_sleep_s
+        if hard_crash:  # adds task "abort": the process dies in step 3 (a simulator segfault)
+            self.tasks = (*FakeEnv.tasks, "abort")
+            self.prompts = {**FakeEnv.prompts, "abort": "abort the process"}
         self.task = ""
         self.hand = np.zeros(3)
         self.target = np.zeros(3)
@@ -43,11 +48,12 @@ class FakeEnv:
         if not 0 <= init_id < self.num_inits(task):
             raise ValueError(f"init_id: expected 0..{self.num_inits(task) - 1}, got {init_id}")
         rng = np.random.default_rng(zlib.crc32(f"{task}/{init_id}".encode()))
-        scale = 0.4 if task == "reach" else 1.0
+        scale = 0.4 if task == "reach" else 1.0  # crash/abort: far targets, never reached first
         self.task, self.t = task, 0
         self.hand = np.zeros(3)
-        d = rng.normal(size=3)  # target at distance 0.3..scale from the start
-        self.target = d / np.linalg.norm(d) * rng.uniform(0.3, scale)
+        d = rng.normal(size=3)  # target at distance lo..scale from the start
+        lo = 0.3 if task.startswith("reach") else 0.8  # crash/abort happen before any success
+        self.target = d / np.linalg.norm(d) * rng.uniform(lo, scale)
         return self._obs()
 
     def step(self, action: np.ndarray) -> tuple[dict, bool, bool]:
@@ -55,6 +61,10 @@ class FakeEnv:
             time.sleep(self.sleep)
         if self.task == "crash" and self.t >= 3:
             raise RuntimeError("simulated physics blow-up")
+        if self.task == "abort" and self.t >= 3:
+            import os
+
+            os._exit(139)
         a = np.clip(np.asarray(action, dtype=np.float64)[:3], -1, 1)
         self.hand = self.hand + 0.1 * a
         self.t += 1

@@ -17,6 +17,8 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import pickle
+import queue
 import sys
 import time
 import warnings
@@ -371,10 +373,92 @@ def _results(jobs, plan: SweepPlan, src: PolicySource, robot: str):
                 _W["env"].close()
             _W.clear()
         return
+    yield from _pool_results(jobs, min(plan.workers, len(jobs)), (src, plan.env, plan.env_kw, robot))
+
+
+def _worker_loop(slot, current, init_args, jobs_q, results_q) -> None:
+    """A worker process: init once, then run jobs until the None sentinel. `current[slot]` holds
+    the job in hand (shared memory, written synchronously) so the parent can tell which episode
+    a worker was running if the process dies (a simulator segfault or abort)."""
+    _worker_init(*init_args, 1)
+    while True:
+        item = jobs_q.get()
+        if item is None:
+            return
+        jid, job = item
+        current[slot] = jid
+        try:
+            key, res = _worker_run(job)
+        except BaseException as e:  # noqa: BLE001 - a policy error: stop the sweep, with the error
+            try:
+                pickle.dumps(e)
+            except Exception:  # noqa: BLE001
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            results_q.put(("fail", jid, e))
+            return
+        results_q.put(("done", jid, key, res))
+        current[slot] = -1
+
+
+def _pool_results(jobs: list, n: int, init_args: tuple):
+    """Run jobs in n spawn processes; yield (setting key, EpisodeResult) as they finish.
+
+    Unlike multiprocessing.Pool (which hangs when a worker dies mid-task), a worker that dies
+    during an episode turns that episode into an error result, and a fresh worker takes its
+    place. An exception raised by the policy in a worker is re-raised here."""
     ctx = mp.get_context("spawn")
-    workers = min(plan.workers, len(jobs))
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(src, plan.env, plan.env_kw, robot, 1)) as pool:
-        yield from pool.imap_unordered(_worker_run, jobs, chunksize=1)
+    jobs_q, results_q = ctx.Queue(), ctx.Queue()
+    current = ctx.Array("q", [-1] * n, lock=False)
+    for jid, job in enumerate(jobs):
+        jobs_q.put((jid, job))
+    for _ in range(n):
+        jobs_q.put(None)
+
+    def start(slot: int):
+        p = ctx.Process(target=_worker_loop, args=(slot, current, init_args, jobs_q, results_q), daemon=True)
+        p.start()
+        return p
+
+    procs = [start(i) for i in range(n)]
+    pending = set(range(len(jobs)))
+    idle_deaths = 0
+    try:
+        while pending:
+            try:
+                msg = results_q.get(timeout=0.2)
+            except queue.Empty:
+                msg = None
+            if msg is not None:
+                if msg[0] == "fail":
+                    raise msg[2]
+                _, jid, key, res = msg
+                if jid in pending:
+                    pending.discard(jid)
+                    yield key, res
+                continue
+            for slot, p in enumerate(procs):
+                if p.is_alive() or p.exitcode == 0:
+                    continue
+                jid = current[slot]
+                current[slot] = -1
+                if jid in pending:
+                    pending.discard(jid)
+                    key, _, task, init_id, seed, *_ = jobs[jid]
+                    yield key, EpisodeResult(task, init_id, seed, "error",
+                                             error=f"worker process died during the episode (exit code {p.exitcode})")
+                else:
+                    idle_deaths += 1
+                    if idle_deaths > 2 * n:
+                        raise RuntimeError(f"sweep workers keep dying outside episodes (last exit code {p.exitcode})")
+                procs[slot] = start(slot)  # takes the dead worker's place (and its unread sentinel)
+            if pending and all(p.exitcode == 0 for p in procs):
+                raise RuntimeError(f"all sweep workers exited with {len(pending)} episodes unfinished")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=5)
 
 
 def _progress(total: int, enabled: bool):
