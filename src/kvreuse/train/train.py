@@ -88,17 +88,21 @@ def run_train(
     seed: int = 0,
     log_every: int = 200,
     tasks: tuple[str, ...] = (),
+    init: str | None = None,
 ) -> None:
     """Train a tiny preset with flow matching on `kvreuse demos` output; save a checkpoint to `out`.
 
     max_minutes: optional wall-clock budget (0 = none); the LR schedule ends at whichever of
-    `steps` / `max_minutes` comes first. warmup: fraction of the schedule."""
+    `steps` / `max_minutes` comes first. warmup: fraction of the schedule.
+    init: start from this checkpoint's weights (fine-tuning; its preset must match)."""
     import torch
 
     from ..checkpoint import save_checkpoint
     from ..model.config import preset as get_preset
     from ..model.pi0 import Pi0Model, param_count
     from ..model.tokenizer import load_tokenizer
+    from ..observation import Observation
+    from ..transforms.images import preprocess_image
     from ..transforms.normalize import NormStats, Stats
     from ..transforms.robot import RobotTransform, robot_spec
     from .demos import load_demos
@@ -119,11 +123,29 @@ def run_train(
     if data.base.shape[1] != cfg.vision.image_size:
         print(f"note: demos are {data.base.shape[1]}px, the model resizes them to {cfg.vision.image_size}px")
     stats = NormStats(Stats.of(data.state), Stats.of(data.actions))
+    if init:  # fine-tuning keeps the normalization the weights were trained with
+        from ..checkpoint import load_checkpoint
+
+        init_model, init_stats, init_meta = load_checkpoint(init)
+        if init_model.cfg != cfg:
+            raise ValueError(f"init: checkpoint {init} is a different model than preset {preset!r}")
+        stats = init_stats or stats
     tf = RobotTransform(cfg, load_tokenizer(cfg), stats, spec)
     for p in data.prompts:  # fail before training if a prompt does not fit the token budget
         tf({"observation/image": data.base[:1], "observation/wrist_image": data.wrist[:1],
             "observation/state": data.state[:1], "prompt": p})
 
+    # Prompts (and, for Pi0.5, the discretized state in them) are tokenized once for every
+    # frame: per-batch tokenization in Python was a large share of each step.
+    pre = [tf({"observation/image": data.base[:1].repeat(len(sl), 0), "observation/wrist_image": data.wrist[:1].repeat(len(sl), 0),
+               "observation/state": data.state[sl], "prompt": list(np.array(data.prompts, dtype=object)[data.task_of[sl]])})
+           for sl in np.array_split(np.arange(len(data)), max(1, len(data) // 4096))]
+    all_state = torch.cat([o.state for o in pre]).to(dev)
+    all_tokens = torch.cat([o.tokens for o in pre]).to(dev)
+    all_tmask = torch.cat([o.token_mask for o in pre]).to(dev)
+    all_smask = torch.cat([o.state_token_mask for o in pre]).to(dev)
+    all_prompts = [p for o in pre for p in o.prompt]
+    del pre
     # Images live on the training device (uint8) so batches are gathered there.
     base = torch.from_numpy(data.base).to(dev)
     wrist = torch.from_numpy(data.wrist).to(dev)
@@ -133,6 +155,9 @@ def run_train(
     prompts = np.array(data.prompts, dtype=object)
 
     model = Pi0Model(cfg).to(dev).train()
+    if init:
+        model.load_state_dict(init_model.state_dict())
+        print(f"init from {init} ({init_meta.get('training', {}).get('steps', '?')} steps)")
     ema_model = Pi0Model(cfg).to(dev).eval()
     ema_model.load_state_dict(model.state_dict())
     for p in ema_model.parameters():
@@ -155,6 +180,9 @@ def run_train(
     out_path.mkdir(parents=True, exist_ok=True)
     log = open(out_path / "train_log.jsonl", "w")
     ar = torch.arange(chunk, device=dev)
+    size = cfg.vision.image_size
+    cams = {c: (base if k == "observation/image" else wrist) for k, c in spec.cameras}
+    ones = torch.ones(batch_size, dtype=torch.bool, device=dev)
     t0 = time.perf_counter()
     losses: list[float] = []
     step, progress = 0, 0.0
@@ -163,13 +191,13 @@ def run_train(
         rows = idx[:, None] + ar[None]  # (B, chunk)
         valid = rows < ep_end[idx][:, None]
         rows = torch.minimum(rows, ep_end[idx][:, None] - 1)  # pad with the episode's last action
-        raw = {
-            "observation/image": random_shift(base[idx], shift),
-            "observation/wrist_image": random_shift(wrist[idx], shift),
-            "observation/state": data.state[idx.cpu().numpy()],
-            "prompt": list(prompts[data.task_of[idx.cpu().numpy()]]),
-        }
-        obs = tf(raw, device=dev)
+        ii = idx.cpu().numpy()
+        obs = Observation(
+            images={cam: preprocess_image(random_shift(src[idx], shift), size) for cam, src in cams.items()},
+            image_masks={cam: ones for cam in cams},
+            state=all_state[idx], tokens=all_tokens[idx], token_mask=all_tmask[idx], state_token_mask=all_smask[idx],
+            prompt=tuple(all_prompts[i] for i in ii),
+        )
         with autocast:
             loss = flow_matching_loss(model, obs, nact[rows], valid.float())
         opt.zero_grad(set_to_none=True)
@@ -204,7 +232,7 @@ def run_train(
             "weight_decay": weight_decay, "warmup": warmup, "ema": ema, "shift": shift, "seed": seed,
             "final_loss": float(np.mean(losses[-log_every:])), "wall_s": round(wall, 1), "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "demo_noise": data.meta.get("noise"), "image_size": data.meta.get("image_size"),
+            "init": init, "demo_noise": data.meta.get("noise"), "image_size": data.meta.get("image_size"),
         },
     )
     print(f"saved {out_path} after {step} steps in {wall / 60:.1f} min (final loss {np.mean(losses[-log_every:]):.4f})")

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Paired reuse sweeps of both shipped testbed policies on a many-core machine (what produced
+# docs/RESULTS.md; run on the project's GPU machine, 16 cores, rollouts on the CPU workers).
+# Usage (repo root, kvreuse + Meta-World importable): OUT=dir EPISODES=20 CAP_S=200 bash scripts/sweep_device.sh
+set -uo pipefail
+OUT=${OUT:-runs/sweeps}; EPISODES=${EPISODES:-20}; CAP_S=${CAP_S:-200}; mkdir -p "$OUT"
+export MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl} PYTHONUNBUFFERED=1
+GRID=('gate=threshold threshold=0.9,0.95,0.98 mode=full' 'gate=crossmodal threshold=0.9' 'gate=phase threshold=0.9'
+      'gate=threshold threshold=0.9 mode=vision_only synchronized=False,True' 'gate=period period=2 mode=full')
+for v in pi05 pi0; do
+  db="$OUT/sweep-$v.db"; start=$(date +%s)
+  echo "=== testbed-$v: paired sweep, $EPISODES held-out episodes per task and setting (cap ${CAP_S}s) ==="
+  timeout "$CAP_S" python3 -m kvreuse.cli sweep --checkpoint "src/kvreuse/assets/testbed-$v" --episodes "$EPISODES" \
+    --workers "$(nproc)" --db "$db" --no-progress --grid "${GRID[@]}" 2>&1 | grep -v -i warn | tail -5
+  echo "sweep wall time: $(( $(date +%s) - start )) s on $(nproc) cores"
+  # fold the WAL into the file so one file carries the results
+  python3 -c "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.execute('PRAGMA journal_mode=DELETE'); c.close()" "$db"
+  python3 -m kvreuse.cli report --db "$db" --out "/tmp/report-$v" --no-plots 2>&1 | sed -n '/All tasks/,/^$/p;/All tasks/,+14p' | head -20
+done
