@@ -492,13 +492,20 @@ def test_worker_death_is_an_error_and_the_sweep_goes_on(tmp_path):
     assert all(e["status"] == "failure" and e["steps"] == 6 for e in by_task["reach"])
 
 
-def test_policy_error_in_a_worker_stops_the_sweep(tmp_path):
-    """An error of the policy side inside a worker reaches the caller as itself (no hang)."""
+def test_policy_errors_stop_the_sweep(tmp_path):
+    """A wrong checkpoint is refused before any work; a policy failure inside a worker reaches the
+    caller as itself (no hang, no respawn loop)."""
     from kvreuse.checkpoint import save_checkpoint
     from kvreuse.model import Pi0Model, preset
 
-    ck = save_checkpoint(tmp_path / "ck", Pi0Model(preset("tiny-pi0")), None, robot="libero")
     plan = SweepPlan(db=str(tmp_path / "p.db"), env="fake", tasks=("reach",), episodes=2, workers=1,
                      progress=False)
-    with pytest.raises(ValueError, match="drives robot 'libero', the env needs 'metaworld'"):
+    ck = save_checkpoint(tmp_path / "ck", Pi0Model(preset("tiny-pi0")), None, robot="libero")
+    with pytest.raises(ValueError, match="drives robot 'libero'; env 'fake' needs 'metaworld'"):
         run_sweep(plan, PolicySource(str(ck)))
+    assert not (tmp_path / "p.db").exists()
+    ck = save_checkpoint(tmp_path / "ck2", Pi0Model(preset("tiny-pi0")), None, robot="metaworld")
+    (ck / "model.safetensors").write_bytes(b"not safetensors")  # fails only when a worker loads it
+    with pytest.raises(Exception) as info:
+        run_sweep(plan, PolicySource(str(ck)))
+    assert "workers" not in str(info.value)  # the load error itself, not a pool symptom

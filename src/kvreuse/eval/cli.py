@@ -175,7 +175,7 @@ def run_bench_eval(
         n_tasks = len(ts or e.tasks)
     finally:
         e.close()
-    src = PolicySource(checkpoint, preset).resolved()
+    src = PolicySource(checkpoint, preset).resolved(e.robot)
     if ts is None and src.checkpoint:
         from .sweep import _checkpoint_tasks
 

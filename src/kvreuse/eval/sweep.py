@@ -42,11 +42,21 @@ class PolicySource:
     preset: str = "tiny-pi05"
     device: str = "cpu"
 
-    def resolved(self) -> "PolicySource":
-        if self.checkpoint is not None:
+    def resolved(self, robot: str = "metaworld") -> "PolicySource":
+        """The shipped policy drives the Meta-World testbed only; other robots (LIBERO) get
+        the random preset unless a checkpoint is given."""
+        if self.checkpoint is not None or robot != "metaworld":
             return self
         ckpt = shipped_checkpoint(self.preset)
         return PolicySource(str(ckpt), self.preset, self.device) if ckpt else self
+
+
+def checkpoint_robot(src: PolicySource) -> str | None:
+    if src.checkpoint is None:
+        return None
+    from ..checkpoint import read_meta
+
+    return read_meta(src.checkpoint).get("robot")
 
 
 def shipped_checkpoint(preset: str = "tiny-pi05") -> Path | None:
@@ -283,15 +293,16 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         raise ValueError(f"replan: expected an integer >= 1, got {plan.replan}")
     if plan.workers < 0:
         raise ValueError(f"workers: expected an integer >= 0, got {plan.workers}")
-    src = src.resolved()
-    if src.checkpoint is None:
-        warnings.warn(
-            f"no shipped testbed policy found: using a randomly initialised {src.preset} (success will be ~0)",
-            stacklevel=2,
-        )
     env = make_env(plan.env, **plan.env_kw)
     try:
         robot = env.robot
+        src = src.resolved(robot)
+        if src.checkpoint is None:
+            warnings.warn(f"no checkpoint for robot {robot!r}: using a randomly initialised {src.preset} "
+                          "(success will be ~0)", stacklevel=2)
+        ck_robot = checkpoint_robot(src)
+        if ck_robot is not None and ck_robot != robot:
+            raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}; env {plan.env!r} needs {robot!r}")
         # Validate everything before any work starts (bad input -> one ValueError).
         settings_params: list[tuple[dict | None, str]] = [(None, "baseline")] if plan.baseline else []
         settings_params += [canonical_reuse(p) for p in plan.grid]
