@@ -278,6 +278,11 @@ def test_sweep_is_paired_and_resumable(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for n in noise_by_setting[1:] for a, b in zip(n, noise_by_setting[0]))
     again = run_sweep(plan, PolicySource(None, "tiny-pi05"))
     assert again.ran == 0 and again.skipped == 18
+    plan.max_steps = 4  # another protocol: new settings, never mixed with the earlier episodes
+    other = run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    assert other.ran == 18 and other.skipped == 0
+    groups = {r.group for r in compute_rows(plan.db)}
+    assert len(groups) == 2 and sum(g.endswith(" | replan 5 | max_steps 4") for g in groups) == 1
 
 
 def test_sweep_bad_input(tmp_path):
@@ -329,7 +334,7 @@ def test_sweep_killed_with_sigkill_loses_and_duplicates_nothing(tmp_path):
     db, script = tmp_path / "k.db", tmp_path / "sweep.py"
     script.write_text(_KILL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, str(script), str(db), "2", "0.02"], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), str(db), "2", "0.01"], env=env,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 90
     while _count(db) < 4 and time.time() < deadline and proc.poll() is None:
@@ -339,7 +344,7 @@ def test_sweep_killed_with_sigkill_loses_and_duplicates_nothing(tmp_path):
     proc.wait()
     partial = _count(db)
     assert 4 <= partial < 24
-    out = subprocess.run([sys.executable, str(script), str(db), "0", "0"], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, str(script), str(db), "0", "0.01"], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"skipped {partial}" in out.stdout and f"ran {24 - partial}" in out.stdout

@@ -1,6 +1,6 @@
 """Tables, CSV and plots from a results DB.
 
-Settings are grouped by (policy, env, replan); inside a group every reuse setting is compared
+Settings are grouped by (policy, env, replan, protocol: step limit and env options); inside a group every reuse setting is compared
 with the group's baseline on the episodes both finished (paired: same task, init state, seed).
 Table layout follows the TurboPi log (threshold | success | latency | Hz | reuse rate |
 speedup) plus n, the 95% Wilson interval and the exact McNemar p-value against the baseline.
@@ -57,10 +57,11 @@ def compute_rows(db: str | Path) -> list[Row]:
         settings, eps = _episodes_by_setting(store)
     groups: dict[tuple, list] = defaultdict(list)
     for s in settings:
-        groups[(s["policy"], s["env"], s["replan"])].append(s)
+        groups[(s["policy"], s["env"], s["replan"], s["protocol"])].append(s)
     rows: list[Row] = []
-    for (policy, env, replan), ss in groups.items():
-        gname = f"{env} | policy {policy} | replan {replan}"
+    for (policy, env, replan, protocol), ss in groups.items():
+        extra = {k: v for k, v in json.loads(protocol).items() if v not in (None, {})}
+        gname = f"{env} | policy {policy} | replan {replan}" + "".join(f" | {k} {v}" for k, v in extra.items())
         base = next((s for s in ss if s["is_baseline"]), None)
         base_eps = eps.get(base["id"], []) if base is not None else []
         tasks = sorted({e["task"] for s in ss for e in eps.get(s["id"], [])})

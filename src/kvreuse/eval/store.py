@@ -24,11 +24,12 @@ _SCHEMA = f"""
 CREATE TABLE schema_version (version INTEGER NOT NULL);
 CREATE TABLE settings (
     id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL UNIQUE,      -- hash of (policy, env, replan, reuse)
+    key TEXT NOT NULL UNIQUE,      -- hash of (policy, env, replan, protocol, reuse)
     name TEXT NOT NULL,            -- human label: "baseline" or "gate=threshold threshold=0.985 ..."
     policy TEXT NOT NULL,          -- checkpoint identity (path + weights hash, or random preset)
     env TEXT NOT NULL,             -- env name, e.g. "metaworld" or "libero:libero_spatial"
     replan INTEGER NOT NULL,
+    protocol TEXT NOT NULL,        -- JSON of other episode settings (step limit, env options)
     reuse TEXT NOT NULL,           -- canonical JSON of the reuse parameters, "null" = baseline
     is_baseline INTEGER NOT NULL,
     created REAL NOT NULL
@@ -67,6 +68,7 @@ class Setting:
     replan: int
     reuse: dict | None = None  # only the fields that differ from ReuseConfig's defaults
     label: str = ""  # display name (not part of the identity)
+    protocol: str = "{}"  # JSON: step limit and env options, so different protocols never mix
 
     @property
     def reuse_json(self) -> str:
@@ -78,7 +80,7 @@ class Setting:
 
     @property
     def key(self) -> str:
-        ident = json.dumps([self.policy, self.env, self.replan, self.reuse], sort_keys=True)
+        ident = json.dumps([self.policy, self.env, self.replan, self.protocol, self.reuse], sort_keys=True)
         return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
     @property
@@ -88,7 +90,7 @@ class Setting:
         return self.label or " ".join(f"{k}={v}" for k, v in sorted(self.reuse.items())) or "reuse (defaults)"
 
     def baseline(self) -> "Setting":
-        return Setting(self.policy, self.env, self.replan, None)
+        return Setting(self.policy, self.env, self.replan, None, protocol=self.protocol)
 
 
 class ResultStore:
@@ -151,9 +153,9 @@ class ResultStore:
         c.execute("BEGIN IMMEDIATE")
         try:
             c.execute(
-                "INSERT OR IGNORE INTO settings (key, name, policy, env, replan, reuse, is_baseline, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (s.key, s.name, s.policy, s.env, s.replan, s.reuse_json, int(s.is_baseline), time.time()),
+                "INSERT OR IGNORE INTO settings (key, name, policy, env, replan, protocol, reuse, is_baseline, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (s.key, s.name, s.policy, s.env, s.replan, s.protocol, s.reuse_json, int(s.is_baseline), time.time()),
             )
             c.execute("COMMIT")
         except BaseException:

@@ -314,9 +314,10 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         episodes = episode_list(env, tasks, plan.episodes, plan.init_start, plan.seed)
     finally:
         env.close()
+    protocol = json.dumps({"max_steps": plan.max_steps, "env": plan.env_kw}, sort_keys=True)
     settings = []
     for reuse, label in settings_params:
-        s = Setting(policy_id, plan.env, plan.replan, reuse, label)
+        s = Setting(policy_id, plan.env, plan.replan, reuse, label, protocol)
         if s.key not in {x.key for x in settings}:
             settings.append(s)
     if not settings:
