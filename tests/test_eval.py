@@ -282,7 +282,7 @@ def test_sweep_is_paired_and_resumable(tmp_path, monkeypatch):
     other = run_sweep(plan, PolicySource(None, "tiny-pi05"))
     assert other.ran == 18 and other.skipped == 0
     groups = {r.group for r in compute_rows(plan.db)}
-    assert len(groups) == 2 and sum(g.endswith(" | replan 5 | max_steps 4") for g in groups) == 1
+    assert len(groups) == 2 and sum(" | replan 5 | step limit 4 | env max_steps=10" in g for g in groups) == 1
 
 
 def test_sweep_bad_input(tmp_path):

@@ -60,8 +60,7 @@ def compute_rows(db: str | Path) -> list[Row]:
         groups[(s["policy"], s["env"], s["replan"], s["protocol"])].append(s)
     rows: list[Row] = []
     for (policy, env, replan, protocol), ss in groups.items():
-        extra = {k: v for k, v in json.loads(protocol).items() if v not in (None, {})}
-        gname = f"{env} | policy {policy} | replan {replan}" + "".join(f" | {k} {v}" for k, v in extra.items())
+        gname = f"{env} | policy {policy} | replan {replan}" + _protocol_text(protocol)
         base = next((s for s in ss if s["is_baseline"]), None)
         base_eps = eps.get(base["id"], []) if base is not None else []
         tasks = sorted({e["task"] for s in ss for e in eps.get(s["id"], [])})
@@ -75,6 +74,14 @@ def compute_rows(db: str | Path) -> list[Row]:
                     continue
                 rows.append(_row(gname, s, task, sel, b_sel if base is not None else None, b_lat))
     return rows
+
+
+def _protocol_text(protocol: str) -> str:
+    p = json.loads(protocol)
+    out = f" | step limit {p['max_steps']}" if p.get("max_steps") is not None else ""
+    if p.get("env"):
+        out += " | env " + ", ".join(f"{k}={v}" for k, v in sorted(p["env"].items()))
+    return out
 
 
 def _calls(eps, part: str = "total") -> list[float]:
