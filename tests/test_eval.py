@@ -330,21 +330,52 @@ def _count(db: Path) -> int:
         return 0
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def test_sweep_killed_with_sigkill_loses_and_duplicates_nothing(tmp_path):
     db, script = tmp_path / "k.db", tmp_path / "sweep.py"
     script.write_text(_KILL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, str(script), str(db), "2", "0.01"], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), str(db), "2", "0.04"], env=env,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 90
     while _count(db) < 4 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None, f"sweep ended before it could be killed: {proc.communicate()}"
-    os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, mid-run
+    workers = _children(proc.pid)
+    assert workers, "the sweep should have worker processes"
+    os.kill(proc.pid, signal.SIGKILL)  # kill -9 of the sweep; its workers must die with it
     proc.wait()
+    deadline = time.time() + 2  # orphans would take longer: they would run the queued episodes
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    leftover = [w for w in workers if _alive(w)]
+    if leftover:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not leftover, "worker processes outlived the killed sweep"
     partial = _count(db)
     assert 4 <= partial < 24
-    out = subprocess.run([sys.executable, str(script), str(db), "0", "0.01"], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, str(script), str(db), "0", "0.04"], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"skipped {partial}" in out.stdout and f"ran {24 - partial}" in out.stdout
