@@ -78,7 +78,12 @@ def run_eval(
         videos: record videos of the first N episodes of each task (next to the DB, videos/).
         db: the SQLite results file (kept; finished episodes are skipped on a rerun).
         with_baseline: also run the baseline on the same episodes (for the paired comparison).
-        preset: random-weight model used only when no checkpoint is given and none is shipped.
+        preset: tiny-pi05 | tiny-pi0: which shipped testbed policy (testbed-pi05 / testbed-pi0)
+            runs when no checkpoint is given; a random-weight model of that preset if none is
+            shipped or the env is not Meta-World.
+        init_start: first init-state id (Meta-World: 0..49 are the held-out layouts).
+        device: torch device of the policy (cpu, cuda).
+        progress: show a progress bar.
     """
     from .sweep import PolicySource, parse_grid, run_sweep
 
