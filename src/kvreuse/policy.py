@@ -47,16 +47,25 @@ class Policy:
         seed: int = 0,
         tokenizer: str | Path | None = None,
         dtype: torch.dtype | None = None,
+        robot: str | None = None,
+        fast: bool = False,
     ) -> "Policy":
-        """Load one of our checkpoints; meta["robot"] names the RobotSpec."""
+        """Load a checkpoint (ours, or lerobot / openpi safetensors). The RobotSpec is `robot`,
+        else meta["robot"] (reference checkpoints carry none, so they need `robot`).
+        fast: run through FastPi0 (fused weights, static cache, CUDA graphs on a GPU)."""
         from .checkpoint import load_checkpoint
         from .model.tokenizer import load_tokenizer
         from .transforms.robot import robot_spec
 
         model, stats, meta = load_checkpoint(path, device=device, dtype=dtype)
-        if "robot" not in meta:
-            raise ValueError(f"checkpoint {path}: config.json has no 'robot' (expected a robot name, e.g. 'metaworld')")
-        tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, tokenizer), stats, robot_spec(meta["robot"]))
+        robot = robot or meta.get("robot")
+        if robot is None:
+            raise ValueError(f"checkpoint {path}: names no robot; pass one (e.g. robot='libero' / --robot libero)")
+        tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, tokenizer), stats, robot_spec(robot))
+        if fast:
+            from .model.fast import FastPi0
+
+            model = FastPi0(model.eval())
         return cls(model, tf, seed=seed, reuse=reuse)
 
     def fork(self, reuse: ReuseConfig | None = None, seed: int | None = None) -> "Policy":

@@ -326,6 +326,10 @@ class FastPi0:
             self._lm_fn = torch.compile(_lm_layer, **opts)
             self._exp_fn = torch.compile(_expert_layer, **opts)
 
+    def eval(self) -> "FastPi0":  # inference only; without this, __getattr__ would hand back the eager model
+        self.model.eval()
+        return self
+
     def __getattr__(self, name):  # cfg-level helpers (spans, make_noise, dtype, device, ...)
         return getattr(self.__dict__["model"], name)
 

@@ -11,7 +11,7 @@ from ..reuse.config import ReuseConfig
 
 
 def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny-pi05", robot: str | None = None,
-                 tokenizer: str | None = None, device: str = "cpu", seed: int = 0):
+                 tokenizer: str | None = None, device: str = "cpu", seed: int = 0, fast: bool = False):
     """-> (template Policy, metadata for clients). Clients get `template.fork()`: the same
     model and transform (no weight copy), their own cache, reuse state and noise generator."""
     import torch
@@ -23,10 +23,8 @@ def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny
     from ..transforms.robot import RobotTransform, robot_spec
 
     if checkpoint is not None:
-        policy = Policy.from_checkpoint(checkpoint, reuse=reuse, device=device, seed=seed, tokenizer=tokenizer)
-        if robot is not None and robot != policy.transform.spec.name:
-            t = policy.transform
-            policy = Policy(policy.model, RobotTransform(t.cfg, t.tok, t.stats, robot_spec(robot)), seed=seed, reuse=reuse)
+        policy = Policy.from_checkpoint(checkpoint, reuse=reuse, device=device, seed=seed, tokenizer=tokenizer,
+                                        robot=robot, fast=fast)
         source = checkpoint
     else:  # no weights: a random model of a preset (protocol and load testing only)
         torch.manual_seed(seed)
@@ -69,6 +67,7 @@ def run_serve(
     device: str = "cpu",
     seed: int = 0,
     threads: int | None = None,
+    fast: bool = False,
 ) -> None:
     """Serve a policy over openpi's websocket protocol, one reuse state per client.
 
@@ -88,6 +87,7 @@ def run_serve(
         device: torch device of the model.
         seed: noise seed of every client's policy (and of the random model).
         threads: torch intra-op threads (default: torch's choice).
+        fast: run the model through FastPi0 (fused weights, static cache, CUDA graphs on a GPU).
     """
     import asyncio
 
@@ -100,7 +100,7 @@ def run_serve(
     cfg = ServeConfig(host=host, port=port, max_frame_mb=max_frame_mb, close_frame_mb=close_frame_mb,
                       queue_size=queue_size, max_clients=max_clients, max_cache_age_s=max_cache_age_s)
     reuse = with_age_bound(reuse, max_cache_age_s)
-    policy, info = build_policy(checkpoint, reuse, preset, robot, tokenizer, device, seed)
+    policy, info = build_policy(checkpoint, reuse, preset, robot, tokenizer, device, seed, fast)
     server = make_server(policy, info, cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
