@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 export MUJOCO_GL=${MUJOCO_GL:-osmesa} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-osmesa}
-kvreuse eval "$@"
+kvreuse eval --episodes 5 "$@"   # 5 held-out layouts x 10 tasks; pass --episodes 50 for the full run
