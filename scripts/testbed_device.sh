@@ -3,10 +3,12 @@
 # tiny-pi05 and tiny-pi0 side by side on the one GPU, and a quick closed-loop check.
 # Usage (repo root, Python with torch + the Meta-World wheels importable):
 #   OUT=/some/dir BUDGET_S=540 bash scripts/testbed_device.sh
+# INIT_FROM=src/kvreuse/assets fine-tunes the shipped testbed-{pi05,pi0} instead of training from
+# scratch (their norm stats are kept); LR and BATCH set the optimizer.
 # Writes OUT/testbed-pi05/, OUT/testbed-pi0/ (checkpoints), OUT/run.log, OUT/eval.json.
 set -uo pipefail
 OUT=${OUT:-runs/device}; BUDGET_S=${BUDGET_S:-540}; DEMOS_PER_TASK=${DEMOS_PER_TASK:-100}
-TASKS=${TASKS:-}; EVAL_HELDOUT=${EVAL_HELDOUT:-10}; EVAL_SEEN=${EVAL_SEEN:-5}; EVAL_RESERVE_S=${EVAL_RESERVE_S:-100}
+TASKS=${TASKS:-}; INIT_FROM=${INIT_FROM:-}; LR=${LR:-5e-4}; BATCH=${BATCH:-256}; EVAL_HELDOUT=${EVAL_HELDOUT:-10}; EVAL_SEEN=${EVAL_SEEN:-5}; EVAL_RESERVE_S=${EVAL_RESERVE_S:-100}
 START=$(date +%s); mkdir -p "$OUT"; LOG="$OUT/run.log"; W=/tmp/testbed; mkdir -p $W
 export MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
@@ -27,7 +29,7 @@ NOW=$(date +%s); MIN=$(python3 -c "print(round(max(1.0, ($BUDGET_S - ($NOW - $ST
 log "train both presets for $MIN min each, concurrently"
 for v in pi05 pi0; do
   python3 -m kvreuse.train.train --demos $W/demos --out $W/testbed-$v --preset tiny-$v --steps 200000 \
-    --max-minutes $MIN --batch-size 256 --log-every 500 > $W/train-$v.log 2>&1 &
+    --max-minutes $MIN --batch-size $BATCH --lr $LR --log-every 500 ${INIT_FROM:+--init $INIT_FROM/testbed-$v} > $W/train-$v.log 2>&1 &
 done
 wait
 for v in pi05 pi0; do
