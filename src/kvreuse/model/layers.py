@@ -79,23 +79,25 @@ def attend_two(
 ) -> torch.Tensor:
     """Attention over [k1; k2] without materializing the concatenation of K/V.
 
-    The cached prefix (k1, v1) is read, never copied: scores of the two parts are joined
-    (they are small: S x T), one softmax, then the two value products are summed.
-    Shapes as in `attend`; k1/k2 are multi-query (Hkv heads shared by all H query heads).
+    The cached prefix (k1, v1) is read, never copied or converted: the products run in the
+    cache's dtype; only the small S x T scores are softmaxed in float32, then the two value
+    products are summed. Shapes as in `attend`; k1/k2 are multi-query (Hkv heads shared by all
+    H query heads).
     """
     b, s, h, d = q.shape
     hkv = k1.shape[2]
     g = h // hkv
+    dt = k1.dtype
     # (B, Hkv, g*S, D): each kv head serves g query heads.
-    qh = q.float().reshape(b, s, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * s, d)
+    qh = q.to(dt).reshape(b, s, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * s, d)
     scale = 1.0 / math.sqrt(d)
-    s1 = qh @ k1.float().permute(0, 2, 3, 1) * scale  # (B, Hkv, g*S, T1)
-    s2 = qh @ k2.float().permute(0, 2, 3, 1) * scale
+    s1 = (qh @ k1.permute(0, 2, 3, 1)).float() * scale  # (B, Hkv, g*S, T1)
+    s2 = (qh @ k2.to(dt).permute(0, 2, 3, 1)).float() * scale
     s1 = s1 + bias1.repeat(1, g, 1)[:, None]
     s2 = s2 + bias2.repeat(1, g, 1)[:, None]
-    p = torch.softmax(torch.cat([s1, s2], dim=-1), dim=-1)
+    p = torch.softmax(torch.cat([s1, s2], dim=-1), dim=-1).to(dt)
     t1 = k1.shape[1]
-    out = p[..., :t1] @ v1.float().transpose(1, 2) + p[..., t1:] @ v2.float().transpose(1, 2)
+    out = p[..., :t1] @ v1.transpose(1, 2) + p[..., t1:] @ v2.to(dt).transpose(1, 2)
     out = out.reshape(b, hkv, g, s, d).permute(0, 3, 1, 2, 4).reshape(b, s, h * d)
     return out.to(q.dtype)
 
