@@ -482,15 +482,15 @@ class FastPi0:
         return x
 
     # ---- public API ------------------------------------------------------------------------
-    def _check_cams(self, cams) -> tuple[int, ...]:
+    def _check_cams(self, cams) -> None:
         unknown = [c for c in cams if c not in self.cfg.cameras]
         if unknown:
             raise ValueError(f"run_cameras: unknown camera(s) {unknown}; model cameras: {list(self.cfg.cameras)}")
-        return tuple(i for i, c in enumerate(self.cfg.cameras) if c in cams)
 
-    def _embed(self, st: _Static, obs: Observation, given: dict[int, torch.Tensor]):
-        """Fill st.embeds' camera slots: the `given` embeddings (reused or supplied), the other
-        cameras through the vision tower in one batched pass."""
+    def _embed(self, st: _Static, obs: Observation, given: dict[str, torch.Tensor] | None):
+        """Fill st.embeds' camera slots: the `given` embeddings by camera name (reused or
+        supplied), the other cameras through the vision tower in one batched pass."""
+        given = {i: given[c] for i, c in enumerate(self.cfg.cameras) if c in given} if given else {}
         run = tuple(i for i in range(len(self.cfg.cameras)) if i not in given)
         self._load_obs(st, obs, tuple(self.cfg.cameras[i] for i in run))
         p, b = self.cfg.vision.num_patches, obs.batch_size
@@ -536,8 +536,7 @@ class FastPi0:
         return self._export(st, obs, snapshot, call_index, tuple(keep_hidden))
 
     def _encode(self, st, obs, keep_hidden=(), image_embeds=None):
-        image_embeds = image_embeds or {}
-        self._embed(st, obs, {i: image_embeds[c] for i, c in enumerate(self.cfg.cameras) if c in image_embeds})
+        self._embed(st, obs, image_embeds)
         kh = tuple(sorted(keep_hidden))
         self.graphs.run(("prefix", obs.batch_size, kh), lambda: self._prefix_full(st, kh))
 
@@ -571,13 +570,10 @@ class FastPi0:
         return self._denoise(st, obs, noise, steps)
 
     # ---- reuse updates -----------------------------------------------------------------------
-    def _given_embeds(self, cache: PrefixCache, run_cameras, fresh) -> dict[int, torch.Tensor]:
+    def _given_embeds(self, cache: PrefixCache, run_cameras, fresh) -> dict[str, torch.Tensor]:
         """Cached embeddings of cameras not in `run_cameras`, plus fresh ones supplied for run cameras."""
-        run = self._check_cams(run_cameras)
-        p, fresh = self.cfg.vision.num_patches, fresh or {}
-        out = {i: cache.embeds[:, i * p : (i + 1) * p] for i in range(len(self.cfg.cameras)) if i not in run}
-        out.update({i: fresh[c] for i, c in enumerate(self.cfg.cameras) if i in run and c in fresh})
-        return out
+        self._check_cams(run_cameras)
+        return self.model._image_embeds(cache, run_cameras, fresh)
 
     @torch.no_grad()
     def update_prefix(
