@@ -58,18 +58,21 @@ def new_valid(obs: Observation, cfg: ModelConfig) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-def prompt_changes(cache: PrefixCache, obs: Observation, cfg: ModelConfig) -> torch.Tensor:
+def prompt_changes(
+    cache: PrefixCache, obs: Observation, cfg: ModelConfig, valid: torch.Tensor
+) -> tuple[torch.Tensor, bool]:
     """(T,) bool: prompt tokens whose id, validity or rotary position differs from the cache
-    in any batch row (Pi0.5: the state is spelled in the prompt)."""
+    in any batch row (Pi0.5: the state is spelled in the prompt); and whether any prompt
+    token's validity or position moved (a shift). `valid` = new_valid(obs, cfg)."""
     t0 = len(cfg.cameras) * cfg.vision.num_patches
-    valid = new_valid(obs, cfg)
     pos = valid.long().cumsum(-1) - 1
     out = torch.zeros(cfg.prefix_len, dtype=torch.bool, device=valid.device)
     ids_diff = (obs.tokens != cache.tokens) & obs.token_mask
     valid_diff = valid[:, t0:] != cache.mask[:, t0:]
     pos_diff = (pos[:, t0:] != cache.positions[:, t0:]) & valid[:, t0:]
-    out[t0:] = (ids_diff | valid_diff | pos_diff).any(0)
-    return out
+    shift = valid_diff | pos_diff
+    out[t0:] = (ids_diff | shift).any(0)
+    return out, bool(shift.any())
 
 
 def region(cfg: ModelConfig, start: int, end: int, device) -> torch.Tensor:
@@ -78,25 +81,22 @@ def region(cfg: ModelConfig, start: int, end: int, device) -> torch.Tensor:
     return m
 
 
-def _valid_any(obs: Observation, cfg: ModelConfig) -> torch.Tensor:
-    return new_valid(obs, cfg).any(0)
-
-
 def plan_reuse(
     cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache, obs: Observation, s: Signals
 ) -> Plan:
     """The gate said reuse: what the mode recomputes."""
     mode = cfg.mode
+    if mode in ("full", "text_fixed"):
+        return Plan("none", note="whole prefix reused")
     dev = cache.mask.device
     t0 = len(model_cfg.cameras) * model_cfg.vision.num_patches
     prompt = region(model_cfg, t0, model_cfg.prefix_len, dev)
-    valid = _valid_any(obs, model_cfg)
-    changed = prompt_changes(cache, obs, model_cfg)
+    valid_rows = new_valid(obs, model_cfg)
+    valid = valid_rows.any(0)
+    changed, shifted = prompt_changes(cache, obs, model_cfg, valid_rows)
     prompt_spans = [sp.name for sp in cache.spans if sp.kind != "camera"]
     cams = tuple(model_cfg.cameras)
 
-    if mode in ("full", "text_fixed"):
-        return Plan("none", note="whole prefix reused")
     if mode == "vision_only":
         # Camera K/V kept; the prompt region recomputed (over the cached camera K/V) when any of
         # its tokens changed. Unchanged prompt over unchanged cameras would reproduce the cache.
@@ -118,7 +118,7 @@ def plan_reuse(
         return _complete(Plan("tokens", rec & valid, moved, prompt_from_cache=True,
                               note="prompt region reused, camera spans recomputed", refreshed=moved), valid)
     if mode == "layer_wise":
-        if _shifted(cache, obs, model_cfg):
+        if shifted:
             return Plan("all", note="layer-wise reuse cannot move token positions/validity: refresh")
         if not moved and not bool(changed.any()):
             return Plan("none", note="no camera or prompt token changed: nothing to recompute")
@@ -152,14 +152,6 @@ def _complete(plan: Plan, valid: torch.Tensor) -> Plan:
     return plan
 
 
-def _shifted(cache: PrefixCache, obs: Observation, cfg: ModelConfig) -> bool:
-    """True if any prompt token's validity or position differs from the cache."""
-    t0 = len(cfg.cameras) * cfg.vision.num_patches
-    valid = new_valid(obs, cfg)
-    pos = valid.long().cumsum(-1) - 1
-    return bool((valid[:, t0:] != cache.mask[:, t0:]).any() or ((pos[:, t0:] != cache.positions[:, t0:]) & valid[:, t0:]).any())
-
-
 def plan_refresh(cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache | None, obs: Observation) -> Plan:
     """The gate said refresh (reuse allowed otherwise): text_fixed keeps the text span within an
     episode, every other mode recomputes everything."""
@@ -167,7 +159,7 @@ def plan_refresh(cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache | 
         return Plan("all", note="full refresh")
     text = cache.span("text")
     keep = region(model_cfg, text.start, text.end, cache.mask.device)
-    rec = ~keep & _valid_any(obs, model_cfg)
+    rec = ~keep & new_valid(obs, model_cfg).any(0)
     refreshed = tuple(sp.name for sp in cache.spans if sp.name != "text")
     return Plan("tokens", rec, tuple(model_cfg.cameras), note="text span kept, cameras (and state) recomputed",
                 refreshed=refreshed)
