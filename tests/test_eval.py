@@ -232,6 +232,25 @@ def test_store_refuses_other_schema_and_foreign_files(tmp_path):
         ResultStore(junk)
 
 
+def test_report_refuses_a_version_1_db_with_a_clear_error(tmp_path):
+    # Version 1 had no settings.protocol column: reading it must give the schema error, not IndexError.
+    db = tmp_path / "v1.db"
+    with ResultStore(db) as st:
+        st.add(st.setting_id(Setting("p", "fake", 5)), _result())
+    c = sqlite3.connect(db)
+    c.execute("ALTER TABLE settings DROP COLUMN protocol")
+    c.execute("UPDATE schema_version SET version = 1")
+    c.commit()
+    c.close()
+    with pytest.raises(ValueError, match="schema version 1, this kvreuse reads and writes version 2"):
+        compute_rows(db)
+    from kvreuse.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--db", str(db)])
+    assert e.value.code == 2
+
+
 # ---- sweeps ----------------------------------------------------------------------------------
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .rollout import STATUSES, EpisodeResult
 
-SCHEMA_VERSION = 1
+# 2: settings.protocol (step limit, env options) joined the identity; a version-1 file lacks it.
+SCHEMA_VERSION = 2
 
 _SCHEMA = f"""
 CREATE TABLE schema_version (version INTEGER NOT NULL);
