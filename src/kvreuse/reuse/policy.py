@@ -46,6 +46,7 @@ class ReusePolicy:
         self.ref: Reference | None = None
         self.births: torch.Tensor | None = None  # (T,) call index of each row's K/V
         self.birth_times: torch.Tensor | None = None  # (T,) monotonic seconds
+        self.valid_rows: torch.Tensor | None = None  # (T,) CPU: rows valid in any batch row
         self.layer_mixed = False
         self.phase: PhaseCues | None = None
         self.call_index = 0
@@ -58,7 +59,7 @@ class ReusePolicy:
 
     def age(self, call: int, now: float) -> tuple[int, float]:
         """(calls, seconds) since the oldest valid K/V row of the cache was computed."""
-        valid = self.cache.mask.any(0).cpu()
+        valid = self.valid_rows
         return call - int(self.births[valid].min()), now - float(self.birth_times[valid].min())
 
     def invalid_reason(self, obs: Observation, raw_shapes, call: int, now: float) -> str | None:
@@ -119,6 +120,8 @@ class ReusePolicy:
                 plan = Plan("all", note=f"synchronized: {plan.note} -> refresh every span")
 
         self._execute(plan, obs, sig, call, now, raw_shapes, timings)
+        if plan.kind != "none":  # one device->host copy per new cache, not one per use of it
+            self.valid_rows = self.cache.mask.any(0).cpu()
 
         dobs, state_source = obs, "prefix"
         if not mc.state_in_prompt:
@@ -131,8 +134,7 @@ class ReusePolicy:
         if "phase" in self.needs:
             self.phase = phase_cues(out, cfg, mc.action_dim)
 
-        valid = self.cache.mask.any(0).cpu()
-        mixed = self.layer_mixed or len(torch.unique(self.births[valid])) > 1
+        mixed = self.layer_mixed or len(torch.unique(self.births[self.valid_rows])) > 1
         timings["total"] = (self._sync() - t_start) * 1e3
         reused = decision.reuse and plan.kind != "all"
         rec = StepRecord(
