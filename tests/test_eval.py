@@ -173,6 +173,19 @@ def test_policy_error_propagates():
         run_episode(Broken(), FakeEnv(), "reach", 0, seed=0)
 
 
+def test_sweep_records_videos_of_the_first_n_episodes_per_task(tmp_path, monkeypatch):
+    import kvreuse.eval.sweep as sw
+
+    monkeypatch.setattr(sw, "make_policy", lambda model, transform, reuse: StubPolicy())
+    plan = SweepPlan(db=str(tmp_path / "v.db"), env="fake", tasks=("reach", "reach-far"), episodes=3, workers=0,
+                     videos=1, video_dir=str(tmp_path / "videos"), progress=False, env_kw={"max_steps": 3})
+    run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    with ResultStore(plan.db) as st:
+        recorded = sorted((e["task"], e["init_id"]) for e in st.episodes() if e["video"])
+        assert all(Path(e["video"]).is_file() for e in st.episodes() if e["video"])
+    assert recorded == [("reach", 0), ("reach-far", 0)]
+
+
 def test_rollout_with_tiny_model_and_video(tmp_path):
     from kvreuse.eval.sweep import load_model, make_policy
 

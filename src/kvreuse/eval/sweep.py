@@ -338,7 +338,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
                 skipped += 1
                 continue
             video = None
-            if plan.videos and i // len(tasks) < plan.videos:
+            if i < plan.videos:
                 video = str(Path(plan.video_dir) / s.key / f"{task}_{init_id}_{seed}.mp4")
             jobs.append((s.key, s.reuse, task, init_id, seed, plan.replan, plan.max_steps, video))
 
