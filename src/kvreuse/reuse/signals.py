@@ -36,9 +36,9 @@ def row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if torch.equal(a, b):
         return torch.ones(a.shape[0], device=a.device)
     num = (a * b).sum(-1)
-    den = a.norm(dim=-1) * b.norm(dim=-1)
-    both_zero = (a.norm(dim=-1) == 0) & (b.norm(dim=-1) == 0)
-    return torch.where(both_zero, torch.ones_like(num), num / den.clamp_min(1e-12))
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    both_zero = (na == 0) & (nb == 0)
+    return torch.where(both_zero, torch.ones_like(num), num / (na * nb).clamp_min(1e-12))
 
 
 def patch_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -164,10 +164,11 @@ def measure(
         img = obs.images[cam]
         if "image" in needs or "raw" in needs:
             s.image_raw[cam] = float(row_cosine(downsample(img, cfg.downsample), r.small).min())
+        pix = patchify(img, patch) if want_patches or "pixels" in needs else None
         if "pixels" in needs:
-            s.pixels_changed[cam] = not torch.equal(patchify(img, patch), r.patches)
+            s.pixels_changed[cam] = not torch.equal(pix, r.patches)
         if want_patches:
-            pc = patch_cosine(patchify(img, patch), r.patches)  # (B, P)
+            pc = patch_cosine(pix, r.patches)  # (B, P)
             unchanged = pc >= cfg.patch_threshold
             s.patch_unchanged[cam] = float(unchanged.float().mean(-1).min())
             s.changed_patches[cam] = (~unchanged).any(0)
