@@ -509,13 +509,12 @@ class FastPi0:
         st.images[:b].copy_(images)
         return self.graphs.run(("vision", b, 1), lambda: self._vision(st, 1)).clone()
 
-    def _export(self, st: _Static, obs, snapshot, call_index, keep_hidden, spans=None, embeds=None, hidden=None):
+    def _export(self, st: _Static, obs, spans, call_index, keep_hidden, embeds=None, hidden=None):
         t = self.cfg.prefix_len
-        snap = new_snapshot_id() if snapshot is None else snapshot
         return PrefixCache(
             k=st.k[:, :, :t].clone(), v=st.v[:, :, :t].clone(), mask=st.valid.clone(),
             positions=st.positions.clone(), embeds=st.embeds.clone() if embeds is None else embeds,
-            spans=self.model.spans(obs, snap) if spans is None else spans, tokens=obs.tokens,
+            spans=spans, tokens=obs.tokens,
             state_tokens=obs.state_token_mask,
             hidden={i: st.hidden[i].clone() for i in keep_hidden} if hidden is None else hidden,
             call_index=call_index, created=time.monotonic(),
@@ -533,7 +532,8 @@ class FastPi0:
     ) -> PrefixCache:
         st = self._static(obs.batch_size)
         self._encode(st, obs, keep_hidden, image_embeds)
-        return self._export(st, obs, snapshot, call_index, tuple(keep_hidden))
+        spans = self.model.spans(obs, new_snapshot_id() if snapshot is None else snapshot)
+        return self._export(st, obs, spans, call_index, tuple(keep_hidden))
 
     def _encode(self, st, obs, keep_hidden=(), image_embeds=None):
         self._embed(st, obs, image_embeds)
@@ -595,7 +595,7 @@ class FastPi0:
         if bool(recompute.all()):  # exactly encode_prefix, keeping the same hidden layers
             kh = tuple(sorted(cache.hidden))
             self.graphs.run(("prefix", obs.batch_size, kh), lambda: self._prefix_full(st, kh))
-            return self._export(st, obs, spans[0].snapshot, call_index, kh, spans=spans)
+            return self._export(st, obs, spans, call_index, kh)
         idx = recompute.nonzero().squeeze(-1)
         r = idx.numel()
         rb = _bucket(r, t)
@@ -612,7 +612,7 @@ class FastPi0:
             return self._lm(st, x, 0, (), idx=st.idx[rb])
 
         self.graphs.run(("partial", obs.batch_size, rb), body)
-        return self._export(st, obs, spans[0].snapshot, call_index, (), spans=spans, hidden={})
+        return self._export(st, obs, spans, call_index, (), hidden={})
 
     @torch.no_grad()
     def update_prefix_layers(
@@ -641,4 +641,4 @@ class FastPi0:
             return self._lm(st, st.hidden_in - st.old_embeds + st.embeds, split, ())
 
         self.graphs.run(("layers", obs.batch_size, split), body)
-        return self._export(st, obs, None, call_index, (), spans=spans, embeds=cache.embeds, hidden=cache.hidden)
+        return self._export(st, obs, spans, call_index, (), embeds=cache.embeds, hidden=cache.hidden)

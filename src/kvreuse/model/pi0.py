@@ -101,15 +101,15 @@ class Pi0Model(nn.Module):
         image_embeds: dict[str, torch.Tensor] | None = None,
     ) -> PrefixCache:
         embeds, valid = self.embed_prefix(obs, image_embeds)
-        return self._cache_from(embeds, valid, obs, snapshot, call_index, keep_hidden)
+        spans = self.spans(obs, new_snapshot_id() if snapshot is None else snapshot)
+        return self._cache_from(embeds, valid, obs, spans, call_index, keep_hidden)
 
-    def _cache_from(self, embeds, valid, obs, snapshot, call_index, keep_hidden) -> PrefixCache:
+    def _cache_from(self, embeds, valid, obs, spans, call_index, keep_hidden) -> PrefixCache:
         positions = valid.long().cumsum(-1) - 1
         bias = key_bias(valid, valid.shape[1])
         k, v, hidden = self.llm.prefix_kv(embeds, positions, bias, self.cfg.rope_base, keep_hidden=keep_hidden)
-        snap = new_snapshot_id() if snapshot is None else snapshot
         return PrefixCache(
-            k=k, v=v, mask=valid, positions=positions, embeds=embeds, spans=self.spans(obs, snap),
+            k=k, v=v, mask=valid, positions=positions, embeds=embeds, spans=spans,
             tokens=obs.tokens, state_tokens=obs.state_token_mask, hidden=hidden, call_index=call_index,
             created=time.monotonic(),
         )
@@ -142,9 +142,7 @@ class Pi0Model(nn.Module):
         embeddings. Recomputing every token is exactly `encode_prefix` (same kernels, same result)."""
         embeds, valid = self.embed_prefix(obs, self._image_embeds(cache, run_cameras, image_embeds))
         if bool(recompute.all()):
-            new = self._cache_from(embeds, valid, obs, spans[0].snapshot, call_index, tuple(cache.hidden))
-            new.spans = spans
-            return new
+            return self._cache_from(embeds, valid, obs, spans, call_index, tuple(cache.hidden))
         positions = valid.long().cumsum(-1) - 1
         idx = recompute.nonzero().squeeze(-1)
         bias = key_bias(valid, idx.numel())
