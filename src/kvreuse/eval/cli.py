@@ -34,12 +34,12 @@ def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers
     )
 
 
-def _print_summary(summary, db: str, only: list | None = None) -> None:
+def _print_summary(summary, db: str) -> None:
     from .report import compute_rows, markdown
 
     print(f"{summary.ran} episodes run, {summary.skipped} already in {db}, {summary.errors} env errors, "
           f"{summary.wall_s:.1f} s", file=sys.stderr)
-    names = {s.name for s in summary.settings} if only is None else set(only)
+    names = {s.name for s in summary.settings}
     rows = [r for r in compute_rows(db) if r.setting in names or r.is_baseline]
     print(markdown(rows))
 
@@ -172,20 +172,15 @@ def run_bench_eval(
         reuse: a reuse setting ('key=value ...'); empty = baseline.
     """
     from .envs import check_tasks, make_env
-    from .sweep import PolicySource, parse_grid, run_sweep
+    from .sweep import PolicySource, checkpoint_tasks, parse_grid, run_sweep
 
     e = make_env(env)
-    try:
-        ts = check_tasks(e, tasks) if tasks else None
-        n_tasks = len(ts or e.tasks)
+    try:  # the tasks run_sweep will pick, to spread `total` over them
+        src = PolicySource(checkpoint, preset).resolved(e.robot)
+        ts = check_tasks(e, tasks) if tasks else (checkpoint_tasks(src) or e.tasks)
     finally:
         e.close()
-    src = PolicySource(checkpoint, preset).resolved(e.robot)
-    if ts is None and src.checkpoint:
-        from .sweep import _checkpoint_tasks
-
-        ts = _checkpoint_tasks(src)
-        n_tasks = len(ts) if ts else n_tasks
+    n_tasks = len(ts)
     per_task = -(-total // n_tasks)
     grid = parse_grid([reuse]) if reuse.strip() else []
     import resource
@@ -196,7 +191,7 @@ def run_bench_eval(
 
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "bench.db")
-        plan = _plan(db, env, ts or (), per_task, 0, 0, replan, max_steps, workers, 0, grid, not grid, True)
+        plan = _plan(db, env, ts, per_task, 0, 0, replan, max_steps, workers, 0, grid, not grid, True)
         c0, t0 = cpu_s(), time.perf_counter()
         s = run_sweep(plan, src)
         wall, cpu = time.perf_counter() - t0, cpu_s() - c0

@@ -51,28 +51,27 @@ class PolicySource:
         return PolicySource(str(ckpt), self.preset, self.device) if ckpt else self
 
 
-def checkpoint_robot(src: PolicySource) -> str | None:
+def checkpoint_meta(src: PolicySource) -> dict:
+    """The checkpoint's config.json ({} for a random preset)."""
     if src.checkpoint is None:
-        return None
+        return {}
     from ..checkpoint import read_meta
 
-    return read_meta(src.checkpoint).get("robot")
+    return read_meta(src.checkpoint)
+
+
+def checkpoint_tasks(src: PolicySource) -> tuple[str, ...] | None:
+    return _meta_tasks(checkpoint_meta(src))
 
 
 def shipped_checkpoint(preset: str = "tiny-pi05") -> Path | None:
     """The testbed policy shipped in the package (kvreuse.assets), None if there is none."""
+    from ..assets import default_checkpoint
+
     try:
-        from ..assets import default_checkpoint  # type: ignore[attr-defined]
-    except ImportError:
+        return default_checkpoint("pi0" if preset.endswith("pi0") else "pi05")
+    except ValueError:  # its weights are missing
         return None
-    variant = "pi0" if preset.endswith("pi0") else "pi05"
-    try:
-        path = default_checkpoint(variant)
-    except TypeError:
-        path = default_checkpoint()
-    except (ValueError, FileNotFoundError):
-        return None
-    return Path(path) if path and Path(path).exists() else None
 
 
 def policy_identity(src: PolicySource) -> str:
@@ -300,7 +299,8 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         if src.checkpoint is None:
             warnings.warn(f"no checkpoint for robot {robot!r}: using a randomly initialised {src.preset} "
                           "(success will be ~0)", stacklevel=2)
-        ck_robot = checkpoint_robot(src)
+        meta = checkpoint_meta(src)
+        ck_robot = meta.get("robot")
         if ck_robot is not None and ck_robot != robot:
             raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}; env {plan.env!r} needs {robot!r}")
         # Validate everything before any work starts (bad input -> one ValueError).
@@ -309,8 +309,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         if plan.grid:
             check_reuse_supported()
         policy_id = policy_identity(src)
-        ck_tasks = _checkpoint_tasks(src)
-        tasks = check_tasks(env, plan.tasks or ck_tasks or env.tasks)
+        tasks = check_tasks(env, plan.tasks or _meta_tasks(meta) or env.tasks)
         episodes = episode_list(env, tasks, plan.episodes, plan.init_start, plan.seed)
     finally:
         env.close()
@@ -361,12 +360,6 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             bar.close()
         store.close()
     return SweepSummary(settings, ran, skipped, errors, time.perf_counter() - t0, first[0] or 0.0)
-
-
-def _checkpoint_tasks(src: PolicySource):
-    if src.checkpoint is None:
-        return None
-    return _meta_tasks(json.loads((Path(src.checkpoint) / "config.json").read_text()))
 
 
 def _results(jobs, plan: SweepPlan, src: PolicySource, robot: str):
@@ -495,7 +488,3 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="ep", file=sys.stderr, dynamic_ncols=True, disable=None)
-
-
-def default_workers() -> int:
-    return max(1, (os.cpu_count() or 1))
