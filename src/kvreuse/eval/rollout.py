@@ -15,13 +15,14 @@ from __future__ import annotations
 import inspect
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..envs.base import EpisodeEnv
+from .stats import latency
 
 STATUSES = ("success", "failure", "error")
 TIMING_PARTS = ("total", "vision", "prefix", "denoise")
@@ -53,18 +54,9 @@ class EpisodeResult:
         return self.reuses / self.calls if self.calls else 0.0
 
     def latency(self, part: str = "total") -> dict[str, float]:
-        """mean / p50 / p95 in ms of one timing part over this episode's calls."""
-        return latency_summary(self.timings.get(part, []))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def latency_summary(ms: list[float]) -> dict[str, float]:
-    if not ms:
-        return {"mean": float("nan"), "p50": float("nan"), "p95": float("nan")}
-    a = np.asarray(ms, dtype=np.float64)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95))}
+        """mean / p50 / p95 in ms of one timing part over this episode's calls (NaN if none)."""
+        lat = latency(self.timings.get(part, []))
+        return {"mean": lat.mean, "p50": lat.p50, "p95": lat.p95}
 
 
 class _EnvCrash(Exception):
