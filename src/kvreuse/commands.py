@@ -6,7 +6,7 @@ from .bench import run_bench
 from .demo import run_demo
 from .info import run_info
 from .eval.cli import run_bench_eval, run_eval, run_report, run_sweep_cmd
-from .train.demos import run_demos
+from .train.demos import collect_demos
 from .train.train import run_train
 from .serve.command import run_serve
 from .reuse.cli import run_compare
@@ -17,7 +17,7 @@ COMMANDS = {
     "demo": run_demo,
     "info": run_info,
     "eval": run_eval, "sweep": run_sweep_cmd, "report": run_report, "bench-eval": run_bench_eval,
-    "demos": run_demos,
+    "demos": collect_demos,
     "train": run_train,
     "serve": run_serve,
 }

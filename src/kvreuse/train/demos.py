@@ -110,10 +110,14 @@ def collect_demos(
     parts_per_task: int = 1,
     seed: int = 0,
 ) -> dict:
-    """Roll out the scripted experts on training layouts and write the demo set to `out`.
+    """Record scripted-expert demos (both cameras, state, prompt, actions) on training layouts
+    into `out` (-> the index written to out/index.json).
 
-    tasks: default all testbed tasks. workers: parallel processes (each renders with its own GL
-    context). parts_per_task: split each task over this many workers (disjoint layouts)."""
+    Args:
+        tasks: default all testbed tasks.
+        workers: parallel processes (each renders with its own GL context).
+        parts_per_task: split each task over this many workers (disjoint layouts).
+    """
     import multiprocessing as mp
 
     from tqdm import tqdm
@@ -229,22 +233,7 @@ def load_demos(path: str | Path, tasks: tuple[str, ...] = ()) -> DemoSet:
     )
 
 
-def run_demos(
-    out: str = "data/demos",
-    tasks: tuple[str, ...] = (),
-    demos_per_task: int = 60,
-    noise: float = 0.1,
-    image_size: int = 128,
-    max_steps: int = 200,
-    workers: int = 2,
-    parts_per_task: int = 1,
-    seed: int = 0,
-) -> None:
-    """Record scripted-expert demos (both cameras, state, prompt, actions) on training layouts."""
-    collect_demos(out, tasks, demos_per_task, noise, image_size, max_steps, workers, parts_per_task, seed)
-
-
 if __name__ == "__main__":  # runnable without the CLI registry: python -m kvreuse.train.demos
     import tyro
 
-    tyro.cli(run_demos)
+    tyro.cli(collect_demos)
