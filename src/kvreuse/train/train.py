@@ -152,7 +152,6 @@ def run_train(
     nact = torch.from_numpy(tf.normalize_actions(data.actions)).to(dev)  # (N, max_action_dim)
     ep_end = torch.from_numpy(data.ep_end).to(dev)
     n, chunk = len(data), cfg.chunk_size
-    prompts = np.array(data.prompts, dtype=object)
 
     model = Pi0Model(cfg).to(dev).train()
     if init:
@@ -187,11 +186,12 @@ def run_train(
     losses: list[float] = []
     step, progress = 0, 0.0
     while progress < 1.0:
-        idx = torch.from_numpy(rng.integers(0, n, batch_size)).to(dev)
+        ii = rng.integers(0, n, batch_size)  # kept on the host for the prompts: no device sync
+        idx = torch.from_numpy(ii).to(dev)
         rows = idx[:, None] + ar[None]  # (B, chunk)
-        valid = rows < ep_end[idx][:, None]
-        rows = torch.minimum(rows, ep_end[idx][:, None] - 1)  # pad with the episode's last action
-        ii = idx.cpu().numpy()
+        end = ep_end[idx][:, None]
+        valid = rows < end
+        rows = torch.minimum(rows, end - 1)  # pad with the episode's last action
         obs = Observation(
             images={cam: preprocess_image(random_shift(src[idx], shift), size) for cam, src in cams.items()},
             image_masks={cam: ones for cam in cams},
