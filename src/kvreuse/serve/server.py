@@ -75,10 +75,10 @@ class _ClientGone(Exception):
 
 
 class _Job:
-    __slots__ = ("session", "fn", "future", "submitted", "started")
+    __slots__ = ("fn", "future", "submitted", "started")
 
-    def __init__(self, session: ClientSession, fn: Callable[[], Any], future: asyncio.Future):
-        self.session, self.fn, self.future = session, fn, future
+    def __init__(self, fn: Callable[[], Any], future: asyncio.Future):
+        self.fn, self.future = fn, future
         self.submitted, self.started = time.perf_counter(), 0.0
 
     def run(self) -> Any:
@@ -196,8 +196,8 @@ class PolicyServer:
             finally:
                 self._queue.task_done()
 
-    async def _submit(self, ws: ServerConnection, session: ClientSession, fn: Callable[[], Any]) -> tuple[Any, _Job]:
-        job = _Job(session, fn, asyncio.get_running_loop().create_future())
+    async def _submit(self, ws: ServerConnection, fn: Callable[[], Any]) -> tuple[Any, _Job]:
+        job = _Job(fn, asyncio.get_running_loop().create_future())
         await self._queue.put(job)  # waits while the queue is full: backpressure
         # Watch the connection while the job waits or runs: a client that leaves gets its queued
         # job cancelled (the worker skips it) instead of holding up the others.
@@ -247,7 +247,6 @@ class PolicyServer:
         except ConnectionClosed:
             pass
         finally:
-            session.closed = True
             self.clients.pop(session.id, None)
             self.closed_totals.add(session.stats)
             log.info("client %d (%s) left after %d requests", session.id, remote, session.stats.requests)
@@ -270,13 +269,13 @@ class PolicyServer:
             if ctrl not in CONTROLS:
                 raise ProtocolError(f"unknown control message {str(ctrl)[:40]!r}; expected one of {list(CONTROLS)}")
             if ctrl in ("reset", "episode_start"):
-                await self._submit(ws, session, session.reset)
+                await self._submit(ws, session.reset)
             return packb({"__ack__": ctrl})
 
         reset = req.pop(RESET_KEY, False)
         if not (isinstance(reset, (bool, np.bool_)) or (isinstance(reset, int) and reset in (0, 1))):
             raise ProtocolError(f"{RESET_KEY}: expected a bool, got {type(reset).__name__}")
-        (actions, rec), job = await self._submit(ws, session, lambda: session.infer(req, bool(reset)))
+        (actions, rec), job = await self._submit(ws, lambda: session.infer(req, bool(reset)))
         done = time.perf_counter()
         server_ms = (done - t0) * 1e3
         timing = {

@@ -92,7 +92,6 @@ class ClientSession:
         self.policy_bounds_age = policy_bounds_age
         self.stats = ClientStats()
         self.opened = time.monotonic()
-        self.closed = False
         self.cache_born: float | None = None  # when the prefix cache now held was computed
         self.last: StepRecord | None = None
 
