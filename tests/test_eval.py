@@ -577,3 +577,12 @@ def test_policy_errors_stop_the_sweep(tmp_path):
     with pytest.raises(Exception) as info:
         run_sweep(plan, PolicySource(str(ck)))
     assert "workers" not in str(info.value)  # the load error itself, not a pool symptom
+
+
+def test_default_tasks_fall_back_to_the_env_when_the_checkpoint_knows_none_of_them():
+    from kvreuse.eval.sweep import default_tasks
+
+    env = FakeEnv()
+    assert default_tasks(env, ("reach-v3", "push-v3")) == env.tasks  # Meta-World checkpoint, fake env
+    assert default_tasks(env, ("reach-far", "push-v3")) == ("reach-far",)
+    assert default_tasks(env, None) == env.tasks

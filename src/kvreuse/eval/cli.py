@@ -172,12 +172,12 @@ def run_bench_eval(
         reuse: a reuse setting ('key=value ...'); empty = baseline.
     """
     from .envs import check_tasks, make_env
-    from .sweep import PolicySource, checkpoint_tasks, parse_grid, run_sweep
+    from .sweep import PolicySource, checkpoint_tasks, default_tasks, parse_grid, run_sweep
 
     e = make_env(env)
     try:  # the tasks run_sweep will pick, to spread `total` over them
         src = PolicySource(checkpoint, preset).resolved(e.robot)
-        ts = check_tasks(e, tasks) if tasks else (checkpoint_tasks(src) or e.tasks)
+        ts = check_tasks(e, tasks) if tasks else default_tasks(e, checkpoint_tasks(src))
     finally:
         e.close()
     n_tasks = len(ts)

@@ -126,6 +126,13 @@ def _meta_tasks(meta: dict) -> tuple[str, ...] | None:
     return tuple(tasks) if tasks else None
 
 
+def default_tasks(env, trained: tuple[str, ...] | None) -> tuple[str, ...]:
+    """Tasks to run when none are asked for: those the checkpoint was trained on that this env
+    has, else all of the env's (e.g. the fake env under a Meta-World checkpoint)."""
+    known = tuple(t for t in trained or () if t in env.tasks)
+    return known or tuple(env.tasks)
+
+
 def make_policy(model, transform, reuse: dict | None):
     """Baseline (reuse None) and reuse settings through the one Policy class."""
     from ..policy import Policy
@@ -309,7 +316,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         if plan.grid:
             check_reuse_supported()
         policy_id = policy_identity(src)
-        tasks = check_tasks(env, plan.tasks or _meta_tasks(meta) or env.tasks)
+        tasks = check_tasks(env, plan.tasks) if plan.tasks else default_tasks(env, _meta_tasks(meta))
         episodes = episode_list(env, tasks, plan.episodes, plan.init_start, plan.seed)
     finally:
         env.close()
