@@ -89,7 +89,7 @@ def main() -> None:
     summary = {}
     for (ck, split), per_task in sorted(table.items()):
         print(f"\n{ck} — {split} layouts")
-        print(f"| task | success | n | 95% Wilson |\n|---|---|---|---|")
+        print("| task | success | n | 95% Wilson |\n|---|---|---|---|")
         ks = ns = 0
         rows = {}
         for t in tasks:

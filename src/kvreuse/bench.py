@@ -13,7 +13,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -382,7 +382,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
             rep.add(tag, "full inference", tm(lambda: fv.sample_actions(obs, noise)), note)
             rep.add(tag, "prefix LM", tm(lambda: fv.graphs.run(("prefix", batch, ()), lambda: fv._prefix_full(stv, ()))))
             rep.add(tag, "denoise alone", tm(lambda: fv.denoise(cache_v, obs, noise)))
-            del fv, cache_v
+            fv = cache_v = None  # free the variant's buffers before the next one
         except Exception as exc:
             rep.notes.append(f"{tag} failed: {type(exc).__name__}: {str(exc)[:200]}")
         if device == "cuda":
