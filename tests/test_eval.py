@@ -586,3 +586,12 @@ def test_default_tasks_fall_back_to_the_env_when_the_checkpoint_knows_none_of_th
     assert default_tasks(env, ("reach-v3", "push-v3")) == env.tasks  # Meta-World checkpoint, fake env
     assert default_tasks(env, ("reach-far", "push-v3")) == ("reach-far",)
     assert default_tasks(env, None) == env.tasks
+
+
+def test_wilson_interval_contains_the_rate_at_the_extremes():
+    from kvreuse.eval.stats import wilson
+
+    for n in range(1, 300):
+        for k in (0, n):
+            lo, hi = wilson(k, n)
+            assert lo <= k / n <= hi

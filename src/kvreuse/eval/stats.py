@@ -29,7 +29,8 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     den = 1 + z2 / n
     centre = (p + z2 / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval always contains p; at p = 0 or 1 rounding can leave a bound a hair inside.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def binom_two_sided(k: int, n: int) -> float:
