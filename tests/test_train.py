@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvreuse.envs.metaworld import TRAIN_INIT_START  # noqa: F401  (selects headless GL first)
-from kvreuse.train.train import flow_matching_loss, random_shift
+from kvreuse.train.train import random_shift
 
 pytest.importorskip("metaworld")
 
@@ -42,13 +42,13 @@ def test_masked_loss_matches_model_loss_and_ignores_padding():
     a = torch.randn(2, cfg.chunk_size, cfg.max_action_dim)
     noise, t = torch.randn_like(a), torch.tensor([0.3, 0.7])
     ones = torch.ones(2, cfg.chunk_size)
-    full = flow_matching_loss(model, obs, a, ones, noise, t)
+    full = model.loss(obs, a, noise, t, valid=ones)
     torch.testing.assert_close(full, model.loss(obs, a, noise, t))
     # A fully masked sample contributes nothing: the loss equals that of the other sample alone.
     valid = ones.clone()
     valid[1] = 0
     obs0 = tf({k: (v[:1] if not isinstance(v, str) else v) for k, v in raw.items()})
-    torch.testing.assert_close(flow_matching_loss(model, obs, a, valid, noise, t),
+    torch.testing.assert_close(model.loss(obs, a, noise, t, valid=valid),
                                model.loss(obs0, a[:1], noise[:1], t[:1]))
 
 

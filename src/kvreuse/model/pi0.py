@@ -241,9 +241,10 @@ class Pi0Model(nn.Module):
         return self.denoise(self.encode_prefix(obs), obs, noise, steps)
 
     # ---- training ---------------------------------------------------------------------------
-    def loss(self, obs: Observation, actions: torch.Tensor, noise=None, t=None) -> torch.Tensor:
+    def loss(self, obs: Observation, actions: torch.Tensor, noise=None, t=None, valid=None) -> torch.Tensor:
         """Flow-matching loss on (B, chunk, max_action_dim) normalized, padded actions; only the
-        robot's real action dims count."""
+        robot's real action dims count. valid: optional (B, chunk) weights of real (not padded)
+        action steps, e.g. 0 past an episode's end."""
         b = actions.shape[0]
         noise = torch.randn_like(actions) if noise is None else noise
         if t is None:
@@ -252,7 +253,8 @@ class Pi0Model(nn.Module):
         x_t = tt * noise + (1 - tt) * actions
         u = noise - actions
         v = self.velocity(self.encode_prefix(obs), obs, x_t, t)
-        return (v - u)[..., : self.cfg.action_dim].pow(2).mean()
+        err = (v - u)[..., : self.cfg.action_dim].float().pow(2).mean(-1)  # (B, chunk)
+        return err.mean() if valid is None else (err * valid).sum() / valid.sum().clamp(min=1)
 
     # ---- checks -----------------------------------------------------------------------------
     def _check(self, obs: Observation) -> None:

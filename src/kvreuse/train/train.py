@@ -32,21 +32,6 @@ if TYPE_CHECKING:
 # torch is imported inside the functions so `kvreuse --help` stays fast.
 
 
-def flow_matching_loss(model, obs, actions: torch.Tensor, valid: torch.Tensor, noise=None, t=None) -> torch.Tensor:
-    """model.loss with a (B, chunk) mask of real (not padded) action steps."""
-    import torch
-
-    b = actions.shape[0]
-    noise = torch.randn_like(actions) if noise is None else noise
-    if t is None:
-        t = torch.distributions.Beta(1.5, 1.0).sample((b,)).to(actions.device) * 0.999 + 0.001
-    tt = t[:, None, None]
-    x_t = tt * noise + (1 - tt) * actions
-    v = model.velocity(model.encode_prefix(obs), obs, x_t, t)
-    err = (v - (noise - actions))[..., : model.cfg.action_dim].float().pow(2).mean(-1)
-    return (err * valid).sum() / valid.sum().clamp(min=1)
-
-
 def random_shift(img: torch.Tensor, pad: int, gen: torch.Generator | None = None) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1], each sample shifted by up to ±pad px."""
     import torch
@@ -199,7 +184,7 @@ def run_train(
             prompt=tuple(all_prompts[i] for i in ii),
         )
         with autocast:
-            loss = flow_matching_loss(model, obs, nact[rows], valid.float())
+            loss = model.loss(obs, nact[rows], valid=valid.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
