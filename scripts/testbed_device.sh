@@ -4,11 +4,12 @@
 # Usage (repo root, Python with torch + the Meta-World wheels importable):
 #   OUT=/some/dir BUDGET_S=540 bash scripts/testbed_device.sh
 # INIT_FROM=src/kvreuse/assets fine-tunes the shipped testbed-{pi05,pi0} instead of training from
-# scratch (their norm stats are kept); LR and BATCH set the optimizer.
+# scratch (their norm stats are kept); LR and BATCH set the optimizer; DEMO_COUNTS="reach-v3=300 ..."
+# records more demos of the named tasks.
 # Writes OUT/testbed-pi05/, OUT/testbed-pi0/ (checkpoints), OUT/run.log, OUT/eval.json.
 set -uo pipefail
 OUT=${OUT:-runs/device}; BUDGET_S=${BUDGET_S:-540}; DEMOS_PER_TASK=${DEMOS_PER_TASK:-100}
-TASKS=${TASKS:-}; INIT_FROM=${INIT_FROM:-}; LR=${LR:-5e-4}; BATCH=${BATCH:-256}; EVAL_HELDOUT=${EVAL_HELDOUT:-10}; EVAL_SEEN=${EVAL_SEEN:-5}; EVAL_RESERVE_S=${EVAL_RESERVE_S:-100}
+TASKS=${TASKS:-}; INIT_FROM=${INIT_FROM:-}; DEMO_COUNTS=${DEMO_COUNTS:-}; LR=${LR:-5e-4}; BATCH=${BATCH:-256}; EVAL_HELDOUT=${EVAL_HELDOUT:-10}; EVAL_SEEN=${EVAL_SEEN:-5}; EVAL_RESERVE_S=${EVAL_RESERVE_S:-100}
 START=$(date +%s); mkdir -p "$OUT"; LOG="$OUT/run.log"; W=/tmp/testbed; mkdir -p $W
 export MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
@@ -22,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"; 
 
 log "demos: $DEMOS_PER_TASK per task"
 python3 -m kvreuse.train.demos --out $W/demos --demos-per-task $DEMOS_PER_TASK --workers $(nproc) \
-  --parts-per-task 4 ${TASKS:+--tasks $TASKS} 2>&1 | tr '\r' '\n' | grep -v -i -E "warn|^demos: .*it/s|%\|" | tee -a "$LOG"
+  --parts-per-task 4 ${TASKS:+--tasks $TASKS} ${DEMO_COUNTS:+--counts $DEMO_COUNTS} 2>&1 | tr '\r' '\n' | grep -v -i -E "warn|^demos: .*it/s|%\|" | tee -a "$LOG"
 du -sh $W/demos | tee -a "$LOG"
 
 NOW=$(date +%s); MIN=$(python3 -c "print(round(max(1.0, ($BUDGET_S - ($NOW - $START) - $EVAL_RESERVE_S) / 60), 2))")

@@ -57,9 +57,18 @@ def demo_dir(tmp_path_factory):
     from kvreuse.train.demos import collect_demos
 
     out = tmp_path_factory.mktemp("demos")
-    collect_demos(str(out), tasks=("button-press-topdown-v3",), demos_per_task=2, image_size=32,
-                  max_steps=120, workers=1)
+    collect_demos(str(out), tasks=("button-press-topdown-v3",), demos_per_task=1, image_size=32,
+                  max_steps=120, workers=1, counts=("button-press-topdown-v3=2",))  # override -> 2
     return out
+
+
+def test_demo_counts_bad_entry(tmp_path):
+    from kvreuse.train.demos import collect_demos
+
+    for bad in ("reach-v3", "nosuch-v3=3", "reach-v3=x"):
+        with pytest.raises(ValueError, match="counts entry"):
+            collect_demos(str(tmp_path), tasks=("reach-v3",), counts=(bad,))
+    assert not (tmp_path / "index.json").exists()
 
 
 def test_demo_format(demo_dir):

@@ -109,6 +109,7 @@ def collect_demos(
     workers: int = 2,
     parts_per_task: int = 1,
     seed: int = 0,
+    counts: tuple[str, ...] = (),
 ) -> dict:
     """Record scripted-expert demos (both cameras, state, prompt, actions) on training layouts
     into `out` (-> the index written to out/index.json).
@@ -117,6 +118,8 @@ def collect_demos(
         tasks: default all testbed tasks.
         workers: parallel processes (each renders with its own GL context).
         parts_per_task: split each task over this many workers (disjoint layouts).
+        counts: "TASK=N" entries that override demos_per_task for a task (more demos where
+            the policy is weak).
     """
     import multiprocessing as mp
 
@@ -127,20 +130,26 @@ def collect_demos(
     tasks = tuple(tasks) or tuple(TASKS)
     for t in tasks:
         check_task(t)
-    if demos_per_task < 1 or parts_per_task < 1 or workers < 1:
-        raise ValueError("demos_per_task, parts_per_task and workers must be >= 1")
+    per_task = {t: demos_per_task for t in tasks}
+    for c in counts:
+        name, sep, num = c.partition("=")
+        if not sep or name not in per_task or not num.isdigit():
+            raise ValueError(f"counts entry {c!r}: expected TASK=N with TASK one of {list(per_task)}")
+        per_task[name] = int(num)
+    if min(per_task.values()) < 1 or parts_per_task < 1 or workers < 1:
+        raise ValueError("demos per task, parts_per_task and workers must be >= 1")
     total_inits = MetaWorldConfig().num_inits
     train_ids = list(range(TRAIN_INIT_START, total_inits))
-    per_part = -(-demos_per_task // parts_per_task)
     units = []
-    for t in tasks:
+    for t, n_task in per_task.items():
+        per_part = -(-n_task // parts_per_task)
+        if len(train_ids) // parts_per_task < per_part:
+            raise ValueError(f"{n_task} demos of {t} need more training layouts than the {len(train_ids)} available")
         for p in range(parts_per_task):
             ids = tuple(train_ids[p::parts_per_task])  # disjoint layouts per part; spares for failures
-            want = min(per_part, demos_per_task - p * per_part)
+            want = min(per_part, n_task - p * per_part)
             if want > 0:
                 units.append(_Unit(t, p, ids, want, noise, image_size, max_steps, seed, str(out)))
-    if len(train_ids) // parts_per_task < per_part:
-        raise ValueError(f"demos_per_task={demos_per_task} needs more training layouts than the {len(train_ids)} available")
 
     Path(out).mkdir(parents=True, exist_ok=True)
     index = {"format": FORMAT, "image_size": image_size, "noise": noise, "seed": seed,
