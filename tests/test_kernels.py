@@ -1,0 +1,196 @@
+"""The Triton split-K attention (model/kernels.py) computes masked multi-query attention.
+
+Runs on CPU through Triton's interpreter. Triton reads TRITON_INTERPRET when it is imported (its
+own tl helpers are jit functions too), so the variable is set before anything imports triton;
+kvreuse.model.kernels imports it only on the first call. GPU speed is the benchmark's business.
+"""
+
+from __future__ import annotations
+
+import os
+
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if type(triton.language.zeros).__name__ != "InterpretedFunction":
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+from kvreuse.model import kernels
+from kvreuse.model.kernels import mqa_attention
+
+NEG = -2.3819763e38  # the runtime's NEG_INF
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_interpret_env():
+    """Triton stays in interpreter mode; later test modules see the old env."""
+    yield
+    if _PREV_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+
+
+def _ref(q, k, v, bias):
+    """fp32 softmax(q k^T / sqrt(D) + bias) v; query heads grouped over the KV heads."""
+    b, r, h, d = q.shape
+    hkv = k.shape[2]
+    qf = q.float().view(b, r, hkv, h // hkv, d)
+    s = torch.einsum("brkgd,btkd->bkgrt", qf, k.float()) / math.sqrt(d)
+    if bias is not None:
+        s = s + bias.float().expand(b, r, -1)[:, None, None]
+    o = torch.einsum("bkgrt,btkd->brkgd", s.softmax(-1), v.float())
+    return o.reshape(b, r, h * d)
+
+
+def _qkv(b, r, h, d, t, dtype, hkv=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, r, h, d, generator=g).to(dtype)
+    k = torch.randn(b, t, hkv, d, generator=g).to(dtype)
+    v = torch.randn(b, t, hkv, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def _pi0_bias(valid_prefix: torch.Tensor, r: int, neg: float = NEG) -> torch.Tensor:
+    """(B, R, P + R): padded prefix keys masked per batch row; suffix token 0 (state) cannot see
+    the R - 1 action keys after it, the action tokens see the whole suffix."""
+    b, p = valid_prefix.shape
+    bias = torch.zeros(b, r, p + r)
+    bias[:, :, :p].masked_fill_(~valid_prefix[:, None, :], neg)
+    bias[:, 0, p + 1 :] = neg
+    return bias
+
+
+def _check(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out.float()).all()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, None])
+def test_splits_with_a_fully_masked_split(dtype, num_splits):
+    # T = 37, BLOCK_N = 16: key blocks [0,16) [16,32) [32,37); with 3 splits the middle one sees
+    # only masked keys; 20 query rows over BLOCK_M = 16 leave a partial row tile.
+    b, r, h, d, t = 2, 5, 4, 32, 37
+    q, k, v = _qkv(b, r, h, d, t, dtype)
+    bias = torch.zeros(b, r, t)
+    bias[:, :, 16:32] = NEG
+    out = mqa_attention(q, k, v, bias, num_splits, block_m=16, block_n=16)
+    _check(out, _ref(q, k, v, bias), dtype)
+
+
+@pytest.mark.parametrize("neg", [NEG, -1e30, float("-inf")])
+def test_masked_keys_contribute_exactly_zero(neg):
+    b, r, h, d, t = 2, 5, 4, 32, 37
+    q, k, v = _qkv(b, r, h, d, t, torch.bfloat16)
+    bias = torch.zeros(b, r, t)
+    bias[:, :, 16:32] = neg  # a whole split
+    bias[1, :, 3:9] = neg  # keys inside mixed splits
+    bias[0, 2, 33:] = neg
+    masked = (bias == neg).all(1)[..., None, None].expand_as(v)  # masked for every query of a row
+    v_zero = v.masked_fill(masked, 0.0)
+    v_huge = v.masked_fill(masked, 3e4)
+    o_zero = mqa_attention(q, k, v_zero, bias, 3, block_m=16, block_n=16)
+    o_huge = mqa_attention(q, k, v_huge, bias, 3, block_m=16, block_n=16)
+    assert torch.equal(o_zero, o_huge)
+    _check(o_zero, _ref(q, k, v_zero, bias), torch.bfloat16)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_pi0_block_mask_and_key_padding(num_splits):
+    b, r, h, d, p = 2, 5, 4, 32, 32
+    valid = torch.ones(b, p, dtype=torch.bool)
+    valid[1, 20:] = False  # batch row 1: 12 padded prefix keys
+    valid[0, 5:9] = False
+    bias = _pi0_bias(valid, r)
+    q, k, v = _qkv(b, r, h, d, p + r, torch.float32, seed=1)
+    out = mqa_attention(q, k, v, bias, num_splits, block_m=16, block_n=16)
+    _check(out, _ref(q, k, v, bias), torch.float32)
+    # The mask matters: token 0 of batch row 1 differs from an unmasked run.
+    free = mqa_attention(q, k, v, torch.zeros_like(bias), num_splits, block_m=16, block_n=16)
+    assert not torch.allclose(out[1, 0], free[1, 0], atol=1e-3)
+
+
+@pytest.mark.parametrize("d,h,b", [(16, 1, 1), (64, 3, 2), (128, 2, 1), (256, 1, 1)])
+def test_generic_small_shapes(d, h, b):
+    r, t = 3, 29
+    q, k, v = _qkv(b, r, h, d, t, torch.float32, seed=2)
+    bias = torch.zeros(b, r, t)
+    bias[:, -1, :7] = NEG
+    out = mqa_attention(q, k, v, bias, 2, block_m=16, block_n=16)
+    _check(out, _ref(q, k, v, bias), torch.float32)
+
+
+def test_strided_views_and_broadcast_bias():
+    # k, v: slices along T of a bigger [layer, batch, T_buf, 1, D] buffer; q: the first H heads
+    # of a fused (H + 1)-head projection; bias (B, 1, T) broadcast over the query tokens.
+    b, r, h, d, t = 2, 5, 4, 32, 37
+    g = torch.Generator().manual_seed(3)
+    buf = torch.randn(2, 3, b, 50, 1, d, generator=g)  # (k/v, layer, B, T_buf, 1, D)
+    k, v = buf[0, 1, :, 6 : 6 + t], buf[1, 1, :, 6 : 6 + t]
+    qk = torch.randn(b, r, h + 1, d, generator=g)
+    q = qk[:, :, :h]
+    assert not (q.is_contiguous() or k.is_contiguous())
+    bias = torch.zeros(b, 1, t)
+    bias[0, 0, 30:] = NEG
+    out = mqa_attention(q, k, v, bias, 3, block_m=16, block_n=16)
+    _check(out, _ref(q, k, v, bias), torch.float32)
+
+
+def test_grouped_kv_heads_and_no_bias():
+    b, r, h, d, t = 2, 5, 4, 32, 37
+    q, k, v = _qkv(b, r, h, d, t, torch.float32, hkv=2, seed=4)
+    out = mqa_attention(q, k, v, None, 3, block_m=16, block_n=16)
+    _check(out, _ref(q, k, v, None), torch.float32)
+
+
+def test_pi0_full_size_bf16():
+    # The action expert's shape: 51 suffix tokens x 8 heads over ~800 prefix + 51 suffix keys of
+    # a bigger buffer; default blocks and splits.
+    b, r, h, d, p = 1, 51, 8, 256, 800
+    t = p + r
+    g = torch.Generator().manual_seed(5)
+    buf = torch.randn(2, b, t + 16, 1, d, generator=g).to(torch.bfloat16)
+    k, v = buf[0, :, :t], buf[1, :, :t]
+    q = torch.randn(b, r, h, d, generator=g).to(torch.bfloat16)
+    valid = torch.ones(b, p, dtype=torch.bool)
+    valid[0, 700:] = False
+    bias = _pi0_bias(valid, r)
+    out = mqa_attention(q, k, v, bias)
+    _check(out, _ref(q, k, v, bias), torch.bfloat16)
+
+
+def test_default_splits_fill_the_gpu():
+    # Pi0 expert, BLOCK_M 64 / BLOCK_N 32: 7 row tiles, 27 key blocks, 132 SMs -> 18 splits asked,
+    # which mqa_attention rounds to 2 blocks each = 14 splits, 98 programs.
+    assert kernels.default_num_splits(7, 27, 132) == 18
+    assert kernels.default_num_splits(13, 14, 132) == 10
+    assert kernels.default_num_splits(200, 14, 132) == 1  # already enough tiles
+    assert kernels.default_num_splits(1, 3, 132) == 3  # at most one split per key block
+
+
+def test_importing_kernels_does_not_import_triton():
+    code = "import sys, kvreuse.model.kernels; assert 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_inputs_and_missing_triton(monkeypatch):
+    q, k, v = _qkv(1, 2, 2, 24, 5, torch.float32)
+    with pytest.raises(ValueError, match="power of two"):
+        mqa_attention(q, k, v, None)
+    q, k, v = _qkv(1, 2, 2, 32, 5, torch.float32)
+    with pytest.raises(ValueError, match="dtypes"):
+        mqa_attention(q, k.half(), v, None)
+    monkeypatch.setattr(kernels, "HAVE_TRITON", False)
+    with pytest.raises(RuntimeError, match="triton"):
+        mqa_attention(q, k, v, None)
