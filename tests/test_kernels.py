@@ -194,3 +194,22 @@ def test_bad_inputs_and_missing_triton(monkeypatch):
     monkeypatch.setattr(kernels, "HAVE_TRITON", False)
     with pytest.raises(RuntimeError, match="triton"):
         mqa_attention(q, k, v, None)
+
+
+@pytest.mark.parametrize("name", ["tiny-pi0", "tiny-pi05"])
+@torch.no_grad()
+def test_fast_runtime_with_triton_attention_matches_eager(name):
+    """FastPi0(prefix_attn / expert_attn = "triton") wires the kernel in with the right mask rows."""
+    from kvreuse.bench import build_random, rel_err, synthetic_obs
+    from kvreuse.model import preset
+    from kvreuse.model.fast import FastPi0
+
+    cfg = preset(name)
+    model = build_random(cfg, "cpu", dtype=torch.float32, seed=0)
+    g = torch.Generator().manual_seed(1)
+    obs = synthetic_obs(cfg, 2, "cpu", g)
+    obs.token_mask[1, -3:] = False  # padded prompt in one batch row: its keys must be masked
+    noise = torch.randn(2, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    ref = model.sample_actions(obs, noise)
+    out = FastPi0(model, prefix_attn="triton", expert_attn="triton").sample_actions(obs, noise)
+    assert rel_err(out, ref) < 1e-4

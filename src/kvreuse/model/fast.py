@@ -111,7 +111,7 @@ def _rope_tables(positions: torch.Tensor, d: int, base: float):
     return torch.cat([c, c], -1)[:, :, None], torch.cat([-s, s], -1)[:, :, None]
 
 
-ATTN_KINDS = ("sdpa", "fp32", "math", "efficient", "cudnn")
+ATTN_KINDS = ("sdpa", "fp32", "math", "efficient", "cudnn", "triton")
 
 
 def _mqa(q, k, v, bias, kind: str = "sdpa"):
@@ -122,10 +122,15 @@ def _mqa(q, k, v, bias, kind: str = "sdpa"):
     kind: "sdpa" lets PyTorch pick the kernel; "math" / "efficient" / "cudnn" force one;
     "fp32" is two float32 batched matmuls around a softmax (what the eager expert does): with
     only a few hundred queries and one KV head the fused kernels get a handful of thread
-    blocks, while the matmuls spread over the whole GPU."""
+    blocks, while the matmuls spread over the whole GPU. "triton" is kernels.mqa_attention (split
+    over the keys for the same reason; bf16 products, fp32 softmax; one or two kernels)."""
     b, r, h, d = q.shape
     hkv = k.shape[2]
     g = h // hkv
+    if kind == "triton":
+        from .kernels import mqa_attention
+
+        return mqa_attention(q, k, v, bias[:, 0, ::g])  # the mask depends on the token, not the head
     qh = q.view(b, r, hkv, g, d).transpose(1, 2).reshape(b, hkv, r * g, d)
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)
     if kind == "fp32":
@@ -401,7 +406,7 @@ class FastPi0:
         torch.sub(st.valid.long().cumsum(-1), 1, out=st.positions)
 
     def _bias_dtype(self, kind: str):
-        return torch.float32 if kind == "fp32" else self.model.dtype
+        return torch.float32 if kind in ("fp32", "triton") else self.model.dtype
 
     def _prefix_bias(self, valid: torch.Tensor, rows: int):
         bias = torch.zeros(valid.shape, dtype=self._bias_dtype(self.prefix_attn), device=valid.device).masked_fill(~valid, NEG_INF)

@@ -48,13 +48,13 @@ def _build() -> tuple:
     @triton.jit
     def _split_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, part_ptr, stat_ptr, out_ptr,
-        R, T, M, G, HKV, S, keys_per_split, scale_log2,
+        R, T, M, G, HKV, S, keys_per_split,
         sq_b, sq_r, sq_h,
         sk_b, sk_t, sk_h,
         sv_b, sv_t, sv_h,
         sb_b, sb_r, sb_t,
         HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SCALE_LOG2: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -87,7 +87,7 @@ def _build() -> tuple:
                 s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
             else:
                 s = tl.dot(q, tl.trans(k))
-            s = s * scale_log2  # log2 units: exp2 below
+            s = s * SCALE_LOG2  # log2 units: exp2 below
             if HAS_BIAS:
                 bias = tl.load(
                     bias_ptr + b * sb_b + tok[:, None] * sb_r + n[None, :] * sb_t,
@@ -192,8 +192,8 @@ def mqa_attention(
     bias: torch.Tensor | None,
     num_splits: int | None = None,
     *,
-    block_m: int = 64,
-    block_n: int = 32,
+    block_m: int = 32,
+    block_n: int = 64,
     num_warps: int | None = None,
     num_stages: int = 2,
     combine_rows: int = 8,
@@ -273,13 +273,14 @@ def mqa_attention(
 
     split_kernel[(b * hkv, tiles, splits)](
         q, k, v, bias_t, part, stat, out,
-        r, t, m, g, hkv, splits, keys_per_split, scale * _LOG2E,
+        r, t, m, g, hkv, splits, keys_per_split,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         sb[0], sb[1], sb[2],
         HAS_BIAS=bias is not None, DIRECT=direct, DOT_F32=_dot_f32(split_kernel, q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, D=d,
+        SCALE_LOG2=scale * _LOG2E,  # constexpr: a float argument becomes fp64 under inductor
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:

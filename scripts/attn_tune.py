@@ -1,0 +1,74 @@
+"""Times the action expert's attention at Pi0's full-size shape on one CUDA GPU: the fp32 batched
+matmul path and SDPA (what FastPi0 offers) against kernels.mqa_attention over a grid of block
+sizes / splits / warps. CUDA-graph replays of 20 calls each, so launch overhead is excluded as it
+is in the runtime. Prints one row per configuration (median us per call, max |diff| vs fp32 math).
+
+    python scripts/attn_tune.py [--keys 851] [--queries 51]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+import torch
+
+from kvreuse.model.fast import _mqa
+from kvreuse.model.kernels import mqa_attention
+
+
+def _time_us(fn, reps: int = 20, trials: int = 15) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    out = []
+    for _ in range(trials):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) * 1e3 / reps)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keys", type=int, default=851)
+    ap.add_argument("--queries", type=int, default=51)
+    a = ap.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    h, d, r, t = 8, 256, a.queries, a.keys
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, r, h, d, device=dev, dtype=dt, generator=g)
+    buf = torch.randn(2, 1, t + 64, 1, d, device=dev, dtype=dt, generator=g)
+    k, v = buf[0, :, :t], buf[1, :, :t]  # strided views, as the runtime's cache buffer
+    bias = torch.zeros(1, r, t, device=dev)
+    bias[:, :, t - r - 20 : t - r] = -2.3819763e38  # prompt padding
+    bias[:, 0, t - r + 1 :] = -2.3819763e38  # Pi0: the state token does not see the actions
+    folded = bias[:, None, :, None, :].expand(1, 1, r, h, t).reshape(1, 1, r * h, t)
+    ref = _mqa(q.float(), k.float(), v.float(), folded, "math")
+    print(f"{torch.cuda.get_device_name()}  q {tuple(q.shape)}  k/v {tuple(k.shape)}  bf16")
+    print("| config | us / call | max abs diff vs fp32 math |\n|---|---|---|")
+    for kind in ("fp32", "sdpa", "efficient"):
+        try:
+            fn = lambda kind=kind: _mqa(q, k, v, folded if kind == "fp32" else folded.to(dt), kind)
+            print(f"| {kind} | {_time_us(fn):.1f} | {(fn().float() - ref).abs().max():.2e} |")
+        except Exception as exc:  # a backend can refuse the shape
+            print(f"| {kind} | failed: {type(exc).__name__} | |")
+    for bm, bn, splits, warps, stages in itertools.product((32, 64), (32, 64), (None, 7, 14), (4, 8), (2,)):
+        fn = lambda bm=bm, bn=bn, splits=splits, warps=warps, stages=stages: mqa_attention(
+            q, k, v, bias, splits, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+        name = f"triton m{bm} n{bn} splits {splits or 'auto'} w{warps} s{stages}"
+        try:
+            print(f"| {name} | {_time_us(fn):.1f} | {(fn().float() - ref).abs().max():.2e} |")
+        except Exception as exc:  # out of shared memory / registers for some tiles
+            print(f"| {name} | failed: {type(exc).__name__}: {str(exc)[:80]} | |")
+
+
+if __name__ == "__main__":
+    main()
