@@ -17,6 +17,8 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 python -m pip install -q -e ".[metaworld,test]"
+# Triton (no GPU needed): tests/test_kernels.py runs the attention kernel in its CPU interpreter.
+python -m pip install -q "triton==${TRITON_VERSION:-3.9.0}"
 # openpi's client (test peer of the policy server) pins numpy<2, which its code does not need.
 python -m pip install -q --no-deps "openpi-client==0.1.2"
 echo "kvreuse installed in $(pwd)/.venv"

@@ -180,3 +180,18 @@ def test_reuse_policy_runs_on_fast_model(mode):
         outs.append([pol.infer(o, noise)[0] for o in (first, later, later)])
     for a, b in zip(*outs):
         assert rel_err(b, a) < 1e-4
+
+
+def test_attention_kind_auto_and_bad_kind():
+    from kvreuse.model.fast import resolve_attn
+
+    model = _model("tiny-pi0")
+    fast = FastPi0(model)  # default "auto": no GPU here, so the fp32 matmuls for the expert
+    assert (fast.prefix_attn, fast.expert_attn) == ("sdpa", "fp32")
+    assert resolve_attn("auto", torch.device("cuda"), expert=False) == "sdpa"
+    from kvreuse.model.kernels import HAVE_TRITON
+
+    assert resolve_attn("auto", torch.device("cuda"), expert=True) == ("triton" if HAVE_TRITON else "fp32")
+    assert resolve_attn("efficient", torch.device("cpu"), expert=True) == "efficient"
+    with pytest.raises(ValueError, match="expert_attn"):
+        FastPi0(model, expert_attn="flash9")

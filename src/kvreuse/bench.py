@@ -228,7 +228,7 @@ def run_bench(
     json_out: str | None = None,
     seed: int = 0,
     prefix_attn: str = "sdpa",
-    expert_attn: str = "fp32",
+    expert_attn: str = "auto",
     variants: str = "",
     reuse_eager: bool = True,
     profile: str | None = None,
@@ -239,7 +239,7 @@ def run_bench(
     --check: fast actions vs eager (bf16) and a float32 copy; exit 1 if the fast path's error
     against float32 exceeds max(tol, 2 x the eager bf16 model's own error).
     --prefix-attn / --expert-attn: attention kernel of the fast path (sdpa, fp32, math,
-    efficient, cudnn); --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
+    efficient, cudnn, triton; auto = triton for the expert on CUDA when installed); --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
     rep = bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager,
                 reuse, partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn, expert_attn,
                 variants, reuse_eager, profile)
@@ -258,10 +258,10 @@ def run_bench(
 
 
 def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager, reuse,
-          partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="sdpa", expert_attn="fp32",
+          partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="sdpa", expert_attn="auto",
           variants="", reuse_eager=True, profile=None) -> Report:
     from .model import preset as get_preset
-    from .model.fast import FastPi0
+    from .model.fast import FastPi0, resolve_attn
 
     for name, v in (("batch", batch), ("cameras", cameras), ("steps", steps), ("chunk", chunk), ("iters", iters)):
         if v < 1:
@@ -286,6 +286,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     if not 1 <= split < cfg.llm.depth:
         raise ValueError(f"split: expected 1 <= split < {cfg.llm.depth}, got {split}")
     dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    prefix_attn = resolve_attn(prefix_attn, torch.device(device), expert=False)
+    expert_attn = resolve_attn(expert_attn, torch.device(device), expert=True)
     rep = Report(preset if not checkpoint else checkpoint, dev_name,
                  dict(batch=batch, cameras=len(cfg.cameras), steps=steps, chunk=cfg.chunk_size, dtype="bf16",
                       prefix_tokens=cfg.prefix_len, attn=f"{prefix_attn}/{expert_attn}", torch=torch.__version__))

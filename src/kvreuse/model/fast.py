@@ -153,6 +153,18 @@ def _mqa(q, k, v, bias, kind: str = "sdpa"):
     return o.reshape(b, hkv, r, g, d).transpose(1, 2).reshape(b, r, h * d)
 
 
+def resolve_attn(kind: str, device: torch.device, expert: bool) -> str:
+    """"auto" -> what measured fastest (docs/PERFORMANCE.md): the Triton kernel for the action
+    expert on a CUDA GPU when Triton is installed, else fp32 matmuls; SDPA for the prefix."""
+    if kind != "auto":
+        return kind
+    if not expert:
+        return "sdpa"
+    from .kernels import HAVE_TRITON
+
+    return "triton" if device.type == "cuda" and HAVE_TRITON else "fp32"
+
+
 def _ada_norm(x, eps: float, scale1p, shift):
     return torch.addcmul(shift, F.rms_norm(x, (x.shape[-1],), None, eps), scale1p)
 
@@ -293,11 +305,13 @@ class FastPi0:
         graphs: bool | None = None,
         compile: bool = False,
         prefix_attn: str = "sdpa",
-        expert_attn: str = "fp32",
+        expert_attn: str = "auto",
     ):
         for name, kind in (("prefix_attn", prefix_attn), ("expert_attn", expert_attn)):
-            if kind not in ATTN_KINDS:
-                raise ValueError(f"{name}: expected one of {ATTN_KINDS}, got {kind!r}")
+            if kind not in (*ATTN_KINDS, "auto"):
+                raise ValueError(f"{name}: expected one of {(*ATTN_KINDS, 'auto')}, got {kind!r}")
+        prefix_attn = resolve_attn(prefix_attn, model.device, expert=False)
+        expert_attn = resolve_attn(expert_attn, model.device, expert=True)
         self.prefix_attn, self.expert_attn = prefix_attn, expert_attn
         if model.training:
             raise ValueError("FastPi0 needs a model in eval mode (call model.eval())")
