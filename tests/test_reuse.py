@@ -363,3 +363,25 @@ def test_any_setting_runs_with_consistent_records(variant, gate, mode, metric, s
         if max_age is not None and rec.reused:
             assert rec.signals["age_calls"] <= max_age
     assert pol.stats.summary()["calls"] == len(events) + 1
+
+
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+def test_patch_max_diff_catches_a_small_move_the_cosine_misses(variant):
+    """One pixel of the base camera moves by 24 levels: the patch's cosine stays >= 0.99, so plain
+    partial keeps its K/V; with patch_max_diff the patch counts as changed and is recomputed."""
+    m, tf = model_and_tf(variant)
+    rng = np.random.default_rng(3)
+    raw = raw_obs(rng)
+    raw["observation/image"] = np.full_like(raw["observation/image"], 200)
+    moved = dict(raw, **{"observation/image": raw["observation/image"].copy()})
+    moved["observation/image"][5, 5] += 24
+    costs = {}
+    for diff in (None, 0.1):
+        pol = Policy(m, tf, reuse=ReuseConfig(gate="always", mode="partial", patch_max_diff=diff))
+        pol.infer(raw)
+        _, rec = pol.infer(dict(moved, **{"observation/wrist_image": raw["observation/wrist_image"]}))
+        costs[diff] = rec.cost["vision_cameras"]
+    assert costs == {None: 0, 0.1: 1}
+    assert "d<=0.1" in ReuseConfig(gate="always", mode="partial", patch_max_diff=0.1).label()
+    with pytest.raises(ValueError, match="patch_max_diff"):
+        ReuseConfig(patch_max_diff=-1.0)

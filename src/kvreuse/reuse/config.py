@@ -44,6 +44,10 @@ class ReuseConfig:
     patch_threshold: float = 0.99
     """A patch is unchanged if the cosine of its pixels with the cached ones is >= this
     (patch metric and partial mode)."""
+    patch_max_diff: float | None = None
+    """If set, a patch is also changed when any of its pixels moved by more than this (model
+    input units in [-1, 1]; one 8-bit level is 2/255): a small object that shifts by a pixel or
+    two barely moves the cosine of its patch."""
 
     # state (crossmodal gate; also phase gate when state_threshold is used)
     state_threshold: float = 0.99
@@ -100,7 +104,7 @@ class ReuseConfig:
             raise ValueError(f"reuse.downsample: expected an integer >= 1, got {self.downsample}")
         if self.motion_dims < 1:
             raise ValueError(f"reuse.motion_dims: expected an integer >= 1, got {self.motion_dims}")
-        for name in ("max_age_calls", "max_age_s", "state_max_l2", "phase_horizon"):
+        for name in ("max_age_calls", "max_age_s", "state_max_l2", "phase_horizon", "patch_max_diff"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"reuse.{name}: expected a positive number or None, got {v}")
@@ -139,7 +143,7 @@ class ReuseConfig:
         if m == "layer_wise":
             m = f"layer_wise({'half' if self.layer_split is None else self.layer_split})"
         elif m == "partial":
-            m = f"partial(p>={self.patch_threshold:g})"
+            m = f"partial(p>={self.patch_threshold:g}" + (f",d<={self.patch_max_diff:g})" if self.patch_max_diff else ")")
         out = f"{g}/{m}" + ("+sync" if self.synchronized else "")
         bounds = [f"age<={self.max_age_calls}" for _ in [0] if self.max_age_calls] + [
             f"age<={self.max_age_s:g}s" for _ in [0] if self.max_age_s

@@ -170,6 +170,8 @@ def measure(
         if want_patches:
             pc = patch_cosine(pix, r.patches)  # (B, P)
             unchanged = pc >= cfg.patch_threshold
+            if cfg.patch_max_diff is not None:
+                unchanged &= (pix - r.patches).abs().amax(-1) <= cfg.patch_max_diff
             s.patch_unchanged[cam] = float(unchanged.float().mean(-1).min())
             s.changed_patches[cam] = (~unchanged).any(0)
         if "image" in needs and cfg.image_metric == "siglip":
