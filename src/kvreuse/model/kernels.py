@@ -39,11 +39,18 @@ _LOG2E = 1.4426950408889634
 
 def _build() -> tuple:
     """Import triton and define the two kernels, once."""
-    global triton, tl, _KERNELS
+    global triton, tl, _KERNELS, _rows  # kernels find their helpers among the module globals
     if _KERNELS is not None:
         return _KERNELS
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _rows(pid_bh, pid_r, M, G, HKV, BLOCK: tl.constexpr):
+        """Query rows of this program: rows are (token, head-in-group) pairs of KV head pid_bh % HKV
+        of batch row pid_bh // HKV."""
+        rows = pid_r * BLOCK + tl.arange(0, BLOCK)
+        return pid_bh // HKV, rows, rows < M, rows // G, (pid_bh % HKV) * G + rows % G
 
     @triton.jit
     def _split_kernel(
@@ -57,15 +64,9 @@ def _build() -> tuple:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SCALE_LOG2: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
-        pid_m = tl.program_id(1)
         pid_s = tl.program_id(2)
-        b = pid_bh // HKV
+        b, rows, row_ok, tok, head = _rows(pid_bh, tl.program_id(1), M, G, HKV, BLOCK_M)
         kvh = pid_bh % HKV
-
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        tok = rows // G
-        head = kvh * G + rows % G
         d = tl.arange(0, D)
         q = tl.load(
             q_ptr + b * sq_b + tok[:, None] * sq_r + head[:, None] * sq_h + d[None, :],
@@ -131,13 +132,7 @@ def _build() -> tuple:
         BLOCK_R: tl.constexpr, D: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
-        pid_r = tl.program_id(1)
-        b = pid_bh // HKV
-        kvh = pid_bh % HKV
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < M
-        tok = rows // G
-        head = kvh * G + rows % G
+        b, rows, row_ok, tok, head = _rows(pid_bh, tl.program_id(1), M, G, HKV, BLOCK_R)
         d = tl.arange(0, D)
         l_off = tl.num_programs(0) * S * M  # the sums follow the maxima in `stat`
 
