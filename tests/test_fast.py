@@ -195,3 +195,8 @@ def test_attention_kind_auto_and_bad_kind():
     assert resolve_attn("efficient", torch.device("cpu"), expert=True) == "efficient"
     with pytest.raises(ValueError, match="expert_attn"):
         FastPi0(model, expert_attn="flash9")
+
+
+def test_bad_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="compile_mode"):
+        FastPi0(_model("tiny-pi0"), compile=True, compile_mode="fastest")

@@ -232,6 +232,7 @@ def run_bench(
     variants: str = "",
     reuse_eager: bool = True,
     profile: str | None = None,
+    compile_mode: str = "default",
 ) -> None:
     """Time the fast runtime at full size (random weights unless --checkpoint) and compare it
     with the eager model and, when importable, lerobot's PI0Pytorch / PI05Pytorch.
@@ -239,10 +240,11 @@ def run_bench(
     --check: fast actions vs eager (bf16) and a float32 copy; exit 1 if the fast path's error
     against float32 exceeds max(tol, 2 x the eager bf16 model's own error).
     --prefix-attn / --expert-attn: attention kernel of the fast path (sdpa, fp32, math,
-    efficient, cudnn, triton; auto = triton for the expert on CUDA when installed); --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
+    efficient, cudnn, triton; auto = triton for the expert on CUDA when installed);
+    --compile-mode max-autotune-no-cudagraphs: inductor autotunes its GEMMs (longer warm-up); --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
     rep = bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager,
                 reuse, partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn, expert_attn,
-                variants, reuse_eager, profile)
+                variants, reuse_eager, profile, compile_mode=compile_mode)
     print()
     print(rep.table())
     if json_out:
@@ -259,7 +261,7 @@ def run_bench(
 
 def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager, reuse,
           partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="sdpa", expert_attn="auto",
-          variants="", reuse_eager=True, profile=None) -> Report:
+          variants="", reuse_eager=True, profile=None, compile_mode="default") -> Report:
     from .model import preset as get_preset
     from .model.fast import FastPi0, resolve_attn
 
@@ -311,7 +313,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
 
     def fast_section(tag: str, use_compile: bool, attn=(prefix_attn, expert_attn)) -> tuple[FastPi0, torch.Tensor]:
         t0 = time.perf_counter()
-        fast = FastPi0(model, compile=use_compile, prefix_attn=attn[0], expert_attn=attn[1])
+        fast = FastPi0(model, compile=use_compile, compile_mode=compile_mode if use_compile else None,
+                       prefix_attn=attn[0], expert_attn=attn[1])
         out = fast.sample_actions(obs, noise)
         cache = fast.encode_prefix(obs)
         fast.denoise(cache, obs, noise)

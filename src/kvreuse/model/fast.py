@@ -111,6 +111,7 @@ def _rope_tables(positions: torch.Tensor, d: int, base: float):
     return torch.cat([c, c], -1)[:, :, None], torch.cat([-s, s], -1)[:, :, None]
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 ATTN_KINDS = ("sdpa", "fp32", "math", "efficient", "cudnn", "triton")
 
 
@@ -304,6 +305,7 @@ class FastPi0:
         *,
         graphs: bool | None = None,
         compile: bool = False,
+        compile_mode: str | None = None,
         prefix_attn: str = "sdpa",
         expert_attn: str = "auto",
     ):
@@ -339,8 +341,12 @@ class FastPi0:
         self._lm_fn = _lm_layer
         self._qkv_fn = _gemma_qkv
         self._exp_fn = _expert_layer
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode: expected one of {COMPILE_MODES} or None, got {compile_mode!r}")
         if compile:
-            opts = dict(dynamic=False)
+            # "max-autotune-no-cudagraphs" lets inductor time Triton GEMM templates against cuBLAS
+            # for the 51-row expert products (graphs are captured here, not by inductor).
+            opts = dict(dynamic=False, mode=compile_mode)
             self._siglip_fn = torch.compile(_siglip_layer, **opts)
             self._lm_fn = torch.compile(_lm_layer, **opts)
             self._exp_fn = torch.compile(_expert_layer, **opts)
