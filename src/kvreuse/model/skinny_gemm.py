@@ -1,0 +1,323 @@
+"""Triton GEMM for skinny inputs: x (M <= 64 rows) @ w (K, N), streaming w once.
+
+The action expert multiplies only M = 51 rows (B = 1 x 51 tokens) by each of its weights, so its
+products are weight-bandwidth bound, and cuBLAS's tilings for them leave most of the bandwidth
+unused. Here every program owns a BLOCK_N slice of the output columns for ALL rows (BLOCK_M >= M)
+and reads its slice of w over its K range exactly once; where N / BLOCK_N gives too few programs
+to keep every SM streaming, K is split as well:
+
+1. `_gemm_kernel`, grid (cdiv(N_out, BLOCK_N), splits): fp32 accumulation over the program's K
+   range; with one split the epilogue (bias, gated GELU, residual, cast) runs here and the output
+   is written directly, otherwise the fp32 partial sums go to a (splits, M, N) buffer;
+2. `_reduce_kernel` (splits > 1 only) sums the partials in split order (deterministic, no atomics
+   and no zeroed buffer) and runs the same epilogue.
+
+gated_gelu: w holds [gate | up] columns (2F of them); a program loads the matching gate and up
+tiles (columns n and F + n) and writes gelu_tanh(gate) * up, so the (M, 2F) product never
+reaches memory.
+
+No host syncs (CUDA-graph capturable); only basic `tl` ops so older Tritons (3.x) compile it.
+Triton is imported on the first call, as in kernels.py, so importing this module never loads it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from kvreuse.model.kernels import HAVE_TRITON, _dot_f32, _sm_count
+
+triton = None  # set by _build(); the kernel bodies look `tl` up in these module globals
+tl = None
+_KERNELS: tuple | None = None
+
+__all__ = ["HAVE_TRITON", "SkinnyConfig", "default_config", "expert_shapes", "skinny_linear", "split_plan"]
+
+MAX_M = 64
+
+
+def _build() -> tuple:
+    """Import triton and define the kernels, once."""
+    global triton, tl, _KERNELS, _epilogue  # kernels find their helpers among the module globals
+    if _KERNELS is not None:
+        return _KERNELS
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _epilogue(
+        acc, acc_up, rows, cols, row_ok, col_ok, F,
+        bias_ptr, stride_b, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr,
+    ):
+        """bias, gelu_tanh(gate) * up, residual, all in fp32; store in out's dtype. For GATED,
+        acc / acc_up are the gate / up columns `cols` / F + `cols` (acc_up is unused otherwise)."""
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            if HAS_BIAS:
+                b_up = tl.load(bias_ptr + (F + cols) * stride_b, mask=col_ok, other=0.0).to(tl.float32)
+                acc_up += b_up[None, :]
+            # gelu_tanh(g) = g * (1 + tanh(z)) / 2 = g * sigmoid(2z), z = sqrt(2/pi) (g + 0.044715 g^3);
+            # The clamp keeps exp finite (g * ~0 either way for very negative g).
+            z2 = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
+            acc = acc / (1.0 + tl.exp(tl.minimum(-z2, 80.0))) * acc_up
+        mask = row_ok[:, None] & col_ok[None, :]
+        if HAS_RES:
+            res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0)
+            acc += res.to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gemm_kernel(
+        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
+        M, K, N_OUT, N_W, k_per_split,
+        stride_xm, stride_xk, stride_wk, stride_wn, stride_b, stride_rm, stride_rn, stride_om,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, DIRECT: tl.constexpr,
+        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N_OUT
+        kk = tl.arange(0, BLOCK_K)
+        k_lo = pid_k * k_per_split  # a multiple of BLOCK_K
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+
+        x_base = x_ptr + rows[:, None] * stride_xm
+        w_base = w_ptr + cols[None, :] * stride_wn
+        # Up columns: F = N_OUT further (only read when GATED).
+        u_base = w_ptr + (cols[None, :] + N_OUT) * stride_wn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + kk
+            if EVEN_K:
+                xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None], other=0.0)
+            else:
+                xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+            if EVEN_K and EVEN_N:
+                wt = tl.load(w_base + k[:, None] * stride_wk)
+            else:
+                wt = tl.load(w_base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
+            if DOT_F32:  # interpreter only (see kernels._dot_f32)
+                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32))
+            else:
+                acc += tl.dot(xt, wt)
+            if GATED:
+                if EVEN_K and EVEN_N:
+                    ut = tl.load(u_base + k[:, None] * stride_wk)
+                else:
+                    ut = tl.load(u_base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
+                if DOT_F32:
+                    acc_up += tl.dot(xt.to(tl.float32), ut.to(tl.float32))
+                else:
+                    acc_up += tl.dot(xt, ut)
+
+        if DIRECT:
+            _epilogue(
+                acc, acc_up, rows, cols, row_ok, col_ok, N_OUT,
+                bias_ptr, stride_b, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
+                HAS_BIAS, HAS_RES, GATED,
+            )
+        else:
+            # part: (splits, M, N_W) fp32, contiguous; gated up columns at F + n.
+            p = part_ptr + (pid_k * M + rows[:, None]) * N_W + cols[None, :]
+            mask = row_ok[:, None] & col_ok[None, :]
+            tl.store(p, acc, mask=mask)
+            if GATED:
+                tl.store(p + N_OUT, acc_up, mask=mask)
+
+    @triton.jit
+    def _reduce_kernel(
+        part_ptr, bias_ptr, res_ptr, out_ptr,
+        M, N_OUT, N_W, S,
+        stride_b, stride_rm, stride_rn, stride_om,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        col_ok = cols < N_OUT
+        mask = row_ok[:, None] & col_ok[None, :]
+        p = part_ptr + rows[:, None] * N_W + cols[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in range(S):
+            acc += tl.load(p + s * M * N_W, mask=mask, other=0.0)
+            if GATED:
+                acc_up += tl.load(p + s * M * N_W + N_OUT, mask=mask, other=0.0)
+        _epilogue(
+            acc, acc_up, rows, cols, row_ok, col_ok, N_OUT,
+            bias_ptr, stride_b, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
+            HAS_BIAS, HAS_RES, GATED,
+        )
+
+    _KERNELS = (_gemm_kernel, _reduce_kernel)
+    return _KERNELS
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+class SkinnyConfig(NamedTuple):
+    """What default_config picks."""
+
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(
+    m: int, k: int, n_out: int, gated: bool, sm_count: int,
+    block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
+) -> SkinnyConfig:
+    """Tiling for an (m x k) @ (k x n_out [x 2 if gated]) product; given values are kept.
+
+    block_n 64 (one 64 x 64 fp32 accumulator per weight tile), block_k 128 (64 for gated, which
+    loads two weight tiles per step), and split_k = round(sm_count / column tiles), at most one
+    split per K block, so that ~1 program per SM streams its slice of w. For the expert on 132
+    SMs: QKV 40 tiles x 3 splits, Wo 16 x 8, gate/up 64 x 2, down 16 x 8. Untimed: the GPU
+    benchmark should tune these (and num_warps / num_stages) per shape. Offline sm_90 compiles
+    of these defaults (Triton 3.9, bf16, w as W.t() or (K, N)): wgmma, cp.async pipelined,
+    93-124 registers, no spills, 96 KiB shared memory.
+    """
+    del m  # all rows live in one program; kept in the signature for tuning tables keyed on shape
+    block_n = 64 if block_n is None else block_n
+    if block_k is None:
+        block_k = 64 if gated else 128
+    tiles = -(-n_out // block_n)
+    k_blocks = max(1, -(-k // block_k))
+    if split_k is None:
+        split_k = max(1, min(k_blocks, round(sm_count / tiles)))
+    # 4 warps (one warpgroup: wgmma on sm_90). Stages: x + w tiles per stage are 32 KiB
+    # (64x128 + 128x64 bf16) plain, 24 KiB gated (64x64 + 2 x 64x64); 3-4 stages stay < 100 KiB.
+    return SkinnyConfig(block_n, block_k, split_k, 4, 4 if gated else 3)
+
+
+def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(K per split, splits actually launched): whole K blocks per split, recounted so that no
+    split is empty (4 blocks asked in 3 splits run as 2 splits of 2)."""
+    k_blocks = max(1, -(-k // block_k))
+    blocks_per_split = -(-k_blocks // min(split_k, k_blocks))
+    return blocks_per_split * block_k, -(-k_blocks // blocks_per_split)
+
+
+def expert_shapes() -> list[tuple[int, int, int, str]]:
+    """Pi0 action expert products per layer and Euler step, (M, K, N, kind); kind is "qkv",
+    "o" (+ residual), "gate_up" (gated_gelu: N = 2F columns [gate | up]) or "down" (+ residual)."""
+    return [
+        (51, 1024, 2560, "qkv"),
+        (51, 2048, 1024, "o"),
+        (51, 1024, 8192, "gate_up"),
+        (51, 4096, 1024, "down"),
+    ]
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gated_gelu: bool = False,
+    split_k: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """x @ w (+ bias) (+ residual) for few rows, in x.dtype with fp32 accumulation.
+
+    x (..., K) whose leading dims hold M <= 64 rows (ValueError above); w (K, N) with any strides
+    (a W.t() view of an nn.Linear (N, K) weight, or a (K, N) tensor), same dtype as x. bias (N,),
+    residual: the output's shape (any float dtypes, any strides). gated_gelu: w has 2F columns
+    [gate | up] (bias 2F entries, if any); returns gelu_tanh(x @ w_gate + b_gate) * (x @ w_up + b_up)
+    (+ residual), shape (..., F). The epilogue runs in fp32 on the fp32 sums and rounds once.
+    (float32 inputs: tl.dot's default precision on the GPU is TF32.) Speed needs a unit stride
+    on x's last dim and on one of w's dims: Triton specialises stride-1 arguments, which is what
+    lets it vectorise and pipeline (cp.async) the tile loads; other strides work, slowly.
+
+    split_k: K splits (None: see default_config); > 1 writes fp32 partials and reduces them in a
+    second kernel, in a fixed order. block_n / block_k: powers of two >= 16. num_warps /
+    num_stages: for the main kernel. No host sync, so it can be captured in a CUDA graph.
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("skinny_linear needs triton (pip install triton); use torch.matmul instead")
+    try:
+        gemm_kernel, reduce_kernel = _build()
+    except ImportError as e:
+        raise RuntimeError(f"skinny_linear needs a working triton: {e}") from e
+    if x.dim() < 1 or w.dim() != 2:
+        raise ValueError(f"expected x (..., K) and w (K, N); got {tuple(x.shape)}, {tuple(w.shape)}")
+    k, n_w = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dim {x.shape[-1]} != w's rows {k} (w is (K, N); pass W.t() for nn.Linear)")
+    if x.dtype != w.dtype:
+        raise ValueError(f"x and w dtypes differ: {x.dtype}, {w.dtype}")
+    lead = x.shape[:-1]
+    m = math.prod(lead)
+    if m > MAX_M:
+        raise ValueError(f"skinny_linear takes at most {MAX_M} rows; got {m} (use torch.matmul)")
+    if gated_gelu and n_w % 2:
+        raise ValueError(f"gated_gelu needs an even number of columns [gate | up]; got {n_w}")
+    n_out = n_w // 2 if gated_gelu else n_w
+    out_shape = (*lead, n_out)
+    if bias is not None and bias.shape != (n_w,):
+        raise ValueError(f"bias must be ({n_w},); got {tuple(bias.shape)}")
+    if residual is not None and residual.shape != out_shape:
+        raise ValueError(f"residual must have the output's shape {out_shape}; got {tuple(residual.shape)}")
+    for name, v in (("block_n", block_n), ("block_k", block_k)):
+        if v is not None and (v < 16 or not _is_pow2(v)):
+            raise ValueError(f"{name}={v} must be a power of two >= 16 (tl.dot blocks)")
+    if split_k is not None and split_k < 1:
+        raise ValueError(f"split_k={split_k} must be >= 1")
+
+    out = torch.empty(out_shape, device=x.device, dtype=x.dtype)
+    if m == 0 or n_out == 0:
+        return out
+    x2 = x.reshape(m, k)  # a view where the strides allow it
+    out2 = out.view(m, n_out)
+    res2 = residual.reshape(m, n_out) if residual is not None else out2  # unused without HAS_RES
+    bias_t = bias if bias is not None else out2  # unused without HAS_BIAS
+
+    cfg = default_config(m, k, n_out, gated_gelu, _sm_count(x.device), block_n, block_k, split_k)
+    num_warps = cfg.num_warps if num_warps is None else num_warps
+    num_stages = cfg.num_stages if num_stages is None else num_stages
+    bn, bk = cfg.block_n, cfg.block_k
+    k_per_split, splits = split_plan(k, bk, cfg.split_k)
+    direct = splits == 1
+    part = out2 if direct else torch.empty(splits, m, n_w, device=x.device, dtype=torch.float32)
+    block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot needs >= 16 rows
+
+    common = {"HAS_BIAS": bias is not None, "HAS_RES": residual is not None, "GATED": gated_gelu}
+    strides = (
+        bias_t.stride(0) if bias is not None else 0,
+        res2.stride(0), res2.stride(1), out2.stride(0),
+    )
+    gemm_kernel[(-(-n_out // bn), splits)](
+        x2, w, bias_t, res2, out2, part,
+        m, k, n_out, n_w, k_per_split,
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *strides,
+        DIRECT=direct, EVEN_K=k % bk == 0, EVEN_N=n_out % bn == 0,
+        DOT_F32=_dot_f32(gemm_kernel, x.dtype),
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=num_warps, num_stages=num_stages, **common,
+    )
+    if not direct:
+        red_m, red_n = 16, 128
+        reduce_kernel[(-(-m // red_m), -(-n_out // red_n))](
+            part, bias_t, res2, out2,
+            m, n_out, n_w, splits, *strides,
+            BLOCK_M=red_m, BLOCK_N=red_n, num_warps=4, **common,
+        )
+    return out

@@ -1,0 +1,214 @@
+"""The skinny-input Triton GEMM (model/skinny_gemm.py) matches a float32 torch reference.
+
+Runs on CPU through Triton's interpreter, set up as in test_kernels.py: TRITON_INTERPRET must be
+set before anything imports triton (skinny_gemm imports it only on the first call).
+"""
+
+from __future__ import annotations
+
+import os
+
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+if type(triton.language.zeros).__name__ != "InterpretedFunction":
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+from kvreuse.model import skinny_gemm
+from kvreuse.model.skinny_gemm import (
+    default_config,
+    expert_shapes,
+    skinny_linear,
+    split_plan,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_interpret_env():
+    """Triton stays in interpreter mode; later test modules see the old env."""
+    yield
+    if _PREV_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+
+
+def _ref(x, w, bias=None, residual=None, gated=False):
+    y = x.float() @ w.float()
+    if bias is not None:
+        y = y + bias.float()
+    if gated:
+        f = y.shape[-1] // 2
+        y = F.gelu(y[..., :f], approximate="tanh") * y[..., f:]
+    if residual is not None:
+        y = y + residual.float()
+    return y
+
+
+def _check(out, ref, dtype):
+    """bf16 x bf16 products are exact in fp32, so the kernel's only bf16 error is the final cast:
+    under 1 ulp (2^-7 relative) as Triton 3.9's interpreter truncates fp32 -> bf16 (the GPU
+    rounds to nearest). atol covers fp32 summation-order differences near zero."""
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out.float()).all()
+    scale = ref.abs().max().item()
+    rtol = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=1e-5 * scale)
+
+
+def _data(lead, k, n, dtype, *, transposed=True, n_out=None, seed=0):
+    """x (*lead, K); w (K, N) as W.t() of an (N, K) tensor or contiguous; bias (N,); residual."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype).t() if transposed else torch.randn(k, n, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g)
+    residual = torch.randn(*lead, n if n_out is None else n_out, generator=g).to(dtype)
+    return x, w, bias, residual
+
+
+EPILOGUES = ["plain", "bias", "residual", "bias+residual", "gated", "gated+bias+residual"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_epilogues_with_and_without_split_k(epilogue, split_k, dtype):
+    # K = 96 over BLOCK_K = 64: the second K block is partial (and with 2 splits it is the whole
+    # second split); N = 200 (F = 100) over BLOCK_N = 32 leaves a partial column tile.
+    m, k, n = 5, 96, 200
+    gated = epilogue.startswith("gated")
+    x, w, bias, residual = _data((m,), k, n, dtype, n_out=n // 2 if gated else n)
+    bias = bias if "bias" in epilogue else None
+    residual = residual if "residual" in epilogue else None
+    out = skinny_linear(x, w, bias=bias, residual=residual, gated_gelu=gated, split_k=split_k, block_n=32, block_k=64)
+    _check(out, _ref(x, w, bias, residual, gated), dtype)
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize(
+    "lead,k,n,tiling",
+    [
+        ((1,), 32, 48, (16, 16, 1)),
+        ((5,), 96, 200, (64, 32, 3)),  # N % 64 != 0; 3 splits of one block
+        ((51,), 256, 64, (32, 64, 3)),  # 4 K blocks over 3 splits: recounted to 2 splits of 2
+        ((5,), 33, 48, (16, 16, 2)),  # the last K block holds a single column
+        ((2, 3), 96, 200, (16, 64, 10)),  # (B, R, K) input; split_k above the K block count
+        ((3, 17), 256, 64, None),  # M = 51 in two leading dims; default tiling (split-K here)
+        ((), 96, 48, None),  # a single row without leading dims
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shapes_tilings_and_weight_layouts(lead, k, n, tiling, transposed, dtype):
+    x, w, bias, residual = _data(lead, k, n, dtype, transposed=transposed, seed=1)
+    assert w.is_contiguous() != transposed
+    kw = dict(zip(("block_n", "block_k", "split_k"), tiling, strict=True)) if tiling else {}
+    out = skinny_linear(x, w, bias=bias, residual=residual, **kw)
+    _check(out, _ref(x, w, bias, residual), dtype)
+
+
+@pytest.mark.parametrize("split_k,block_k", [(1, 16), (2, 32)])  # K % block_k == 0, != 0
+def test_strided_input_and_residual_views(split_k, block_k):
+    # x: every other column of a wider activation; residual: a transposed buffer; bias: a strided
+    # slice. Nothing is copied to contiguous form by the caller.
+    k, n, m = 80, 48, 7
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(m, 2 * k, generator=g)[:, ::2]
+    w = torch.randn(n, k, generator=g).t()
+    residual = torch.randn(n, m, generator=g).t()
+    bias = torch.randn(2 * n, generator=g)[::2]
+    assert x.stride(-1) == 2 and not (residual.is_contiguous() or bias.is_contiguous())
+    out = skinny_linear(x, w, bias=bias, residual=residual, split_k=split_k, block_n=16, block_k=block_k)
+    _check(out, _ref(x, w, bias, residual), torch.float32)
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gated_gelu_saturates_for_large_gates(split_k):
+    # |gate| ~ 1e3: gelu is 0 for the very negative ones and the identity for the positive ones.
+    x, w, _, _ = _data((5,), 64, 96, torch.bfloat16, seed=3)
+    x = x * 100
+    out = skinny_linear(x, w, gated_gelu=True, split_k=split_k, block_n=16, block_k=16)
+    ref = _ref(x, w, gated=True)
+    assert (ref == 0).any()  # some gates saturate to exactly 0
+    _check(out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_full_width_bf16_default_tiling(gated):
+    # The expert's 51 rows and K = 1024 over 256 columns: default blocks (64 x 128, or 64 x 64
+    # gated) and split-K from the 132-SM heuristic.
+    m, k, n = 51, 1024, 256
+    x, w, bias, residual = _data((1, m), k, n, torch.bfloat16, n_out=n // 2 if gated else n, seed=4)
+    out = skinny_linear(x, w, bias=bias, residual=residual, gated_gelu=gated)
+    _check(out, _ref(x, w, bias, residual, gated), torch.bfloat16)
+
+
+def test_empty_rows():
+    x, w, _, _ = _data((0,), 32, 48, torch.float32)
+    out = skinny_linear(x, w)
+    assert out.shape == (0, 48)
+
+
+def test_default_config_fills_the_gpu():
+    assert expert_shapes() == [
+        (51, 1024, 2560, "qkv"),
+        (51, 2048, 1024, "o"),
+        (51, 1024, 8192, "gate_up"),
+        (51, 4096, 1024, "down"),
+    ]
+    programs = []
+    for m, k, n, kind in expert_shapes():
+        gated = kind == "gate_up"
+        n_out = n // 2 if gated else n
+        cfg = default_config(m, k, n_out, gated, 132)
+        programs.append(-(-n_out // cfg.block_n) * cfg.split_k)
+    assert programs == [120, 128, 128, 128]
+    # Enough column tiles already: no split; at most one split per K block; given values win.
+    assert default_config(51, 1024, 16384, False, 132).split_k == 1
+    assert default_config(51, 1024, 3200, False, 132).split_k == 3  # 50 tiles: 150 programs, not 100
+    assert default_config(51, 256, 64, False, 132).split_k == 2
+    assert default_config(51, 1024, 2560, False, 132, block_n=32, split_k=5) == (32, 128, 5, 4, 3)
+
+
+def test_split_plan_launches_no_empty_split():
+    assert split_plan(256, 64, 3) == (128, 2)  # 4 blocks asked in 3 splits: 2 splits of 2
+    assert split_plan(1024, 128, 3) == (384, 3)  # 8 blocks: 3 + 3 + 2
+    assert split_plan(96, 32, 10) == (32, 3)  # at most one split per block
+    assert split_plan(33, 16, 1) == (48, 1)
+    assert split_plan(0, 16, 4) == (16, 1)
+
+
+def test_importing_skinny_gemm_does_not_import_triton():
+    code = "import sys, kvreuse.model.skinny_gemm; assert 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_inputs_and_missing_triton(monkeypatch):
+    x, w, _, _ = _data((65,), 32, 48, torch.float32)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        skinny_linear(x, w)
+    x, w, _, _ = _data((2, 3), 32, 48, torch.float32)
+    with pytest.raises(ValueError, match="last dim"):
+        skinny_linear(x, w.t())
+    with pytest.raises(ValueError, match="dtypes"):
+        skinny_linear(x, w.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="even number"):
+        skinny_linear(x, w[:, :47], gated_gelu=True)
+    with pytest.raises(ValueError, match="bias"):
+        skinny_linear(x, w, bias=torch.zeros(24))
+    with pytest.raises(ValueError, match="residual"):
+        skinny_linear(x, w, residual=torch.zeros(6, 48))
+    with pytest.raises(ValueError, match="power of two"):
+        skinny_linear(x, w, block_n=24)
+    with pytest.raises(ValueError, match="split_k"):
+        skinny_linear(x, w, split_k=0)
+    monkeypatch.setattr(skinny_gemm, "HAVE_TRITON", False)
+    with pytest.raises(RuntimeError, match="triton"):
+        skinny_linear(x, w)
