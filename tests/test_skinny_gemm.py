@@ -212,3 +212,28 @@ def test_bad_inputs_and_missing_triton(monkeypatch):
     monkeypatch.setattr(skinny_gemm, "HAVE_TRITON", False)
     with pytest.raises(RuntimeError, match="triton"):
         skinny_linear(x, w)
+
+
+@pytest.mark.parametrize("name", ["tiny-pi0", "tiny-pi05"])
+@torch.no_grad()
+def test_fast_runtime_with_skinny_gemm_matches_eager(name, monkeypatch):
+    """FastPi0(expert_gemm="triton") routes the expert's four products through skinny_linear
+    (residual and gated GELU in its epilogue) and still computes the eager model's actions."""
+    from kvreuse.bench import build_random, rel_err, synthetic_obs
+    from kvreuse.model import fast as fast_mod
+    from kvreuse.model import preset
+
+    calls = []
+    real = fast_mod.skinny_linear
+    monkeypatch.setattr(fast_mod, "skinny_linear", lambda *a, **k: calls.append(k) or real(*a, **k))
+    cfg = preset(name)
+    model = build_random(cfg, "cpu", dtype=torch.float32, seed=0)
+    g = torch.Generator().manual_seed(1)
+    obs = synthetic_obs(cfg, 2, "cpu", g)
+    noise = torch.randn(2, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    ref = model.sample_actions(obs, noise)
+    out = fast_mod.FastPi0(model, expert_gemm="triton").sample_actions(obs, noise)
+    assert rel_err(out, ref) < 1e-4
+    per_step = 4 * cfg.expert.depth  # qkv, o, gate_up (gated GELU), down in every expert layer
+    assert len(calls) == per_step * cfg.num_steps
+    assert sum(bool(k.get("gated_gelu")) for k in calls) == cfg.expert.depth * cfg.num_steps

@@ -233,6 +233,7 @@ def run_bench(
     reuse_eager: bool = True,
     profile: str | None = None,
     compile_mode: str = "default",
+    expert_gemm: str = "torch",
 ) -> None:
     """Time the fast runtime at full size (random weights unless --checkpoint) and compare it
     with the eager model and, when importable, lerobot's PI0Pytorch / PI05Pytorch.
@@ -241,10 +242,11 @@ def run_bench(
     against float32 exceeds max(tol, 2 x the eager bf16 model's own error).
     --prefix-attn / --expert-attn: attention kernel of the fast path (sdpa, fp32, math,
     efficient, cudnn, triton; auto = triton for the expert on CUDA when installed);
-    --compile-mode max-autotune-no-cudagraphs: inductor autotunes its GEMMs (longer warm-up); --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
+    --compile-mode max-autotune-no-cudagraphs: inductor autotunes its GEMMs (longer warm-up);
+    --expert-gemm triton: the expert's products through skinny_gemm (not measured yet); --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
     rep = bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager,
                 reuse, partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn, expert_attn,
-                variants, reuse_eager, profile, compile_mode=compile_mode)
+                variants, reuse_eager, profile, compile_mode=compile_mode, expert_gemm=expert_gemm)
     print()
     print(rep.table())
     if json_out:
@@ -261,7 +263,7 @@ def run_bench(
 
 def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager, reuse,
           partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="sdpa", expert_attn="auto",
-          variants="", reuse_eager=True, profile=None, compile_mode="default") -> Report:
+          variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="torch") -> Report:
     from .model import preset as get_preset
     from .model.fast import FastPi0, resolve_attn
 
@@ -292,7 +294,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     expert_attn = resolve_attn(expert_attn, torch.device(device), expert=True)
     rep = Report(preset if not checkpoint else checkpoint, dev_name,
                  dict(batch=batch, cameras=len(cfg.cameras), steps=steps, chunk=cfg.chunk_size, dtype="bf16",
-                      prefix_tokens=cfg.prefix_len, attn=f"{prefix_attn}/{expert_attn}", torch=torch.__version__))
+                      prefix_tokens=cfg.prefix_len, attn=f"{prefix_attn}/{expert_attn}", gemm=expert_gemm, torch=torch.__version__))
     t_build = time.perf_counter()
     if model is None:
         model = build_random(cfg, device, seed=seed)
@@ -314,7 +316,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     def fast_section(tag: str, use_compile: bool, attn=(prefix_attn, expert_attn)) -> tuple[FastPi0, torch.Tensor]:
         t0 = time.perf_counter()
         fast = FastPi0(model, compile=use_compile, compile_mode=compile_mode if use_compile else None,
-                       prefix_attn=attn[0], expert_attn=attn[1])
+                       prefix_attn=attn[0], expert_attn=attn[1], expert_gemm=expert_gemm)
         out = fast.sample_actions(obs, noise)
         cache = fast.encode_prefix(obs)
         fast.denoise(cache, obs, noise)

@@ -30,6 +30,7 @@ from ..cache import PrefixCache, Span, new_snapshot_id
 from ..observation import Observation
 from .layers import NEG_INF, sincos_time
 from .pi0 import Pi0Model
+from .skinny_gemm import skinny_linear
 
 
 # ---- fused weights ------------------------------------------------------------------------------
@@ -111,6 +112,7 @@ def _rope_tables(positions: torch.Tensor, d: int, base: float):
     return torch.cat([c, c], -1)[:, :, None], torch.cat([-s, s], -1)[:, :, None]
 
 
+GEMM_KINDS = ("torch", "triton")  # expert products: cuBLAS via torch, or skinny_gemm (not measured yet)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 ATTN_KINDS = ("sdpa", "fp32", "math", "efficient", "cudnn", "triton")
 
@@ -170,15 +172,20 @@ def _ada_norm(x, eps: float, scale1p, shift):
     return torch.addcmul(shift, F.rms_norm(x, (x.shape[-1],), None, eps), scale1p)
 
 
+def _skinny(x, gemm: str) -> bool:
+    """Use the Triton skinny GEMM (gemm="triton") for inputs of at most 64 rows."""
+    return gemm == "triton" and x.numel() // x.shape[-1] <= 64
+
+
 def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start: int, idx, heads: int, kv_heads: int, eps: float,
-               scale1p=None, shift=None):
+               scale1p=None, shift=None, gemm: str = "torch"):
     """Norm, fused QKV, rotary on q and k together; k, v written into the cache buffer rows
     [start, start + R) or, with `idx`, the rows idx. Returns rotated q (B, R, H, D).
     (Writes go through the one buffer argument: aliased buffer arguments would confuse compile.)"""
     b, r, w = x.shape
     d = k_buf.shape[-1]
     h = F.rms_norm(x, (w,), in_norm, eps) if scale1p is None else _ada_norm(x, eps, scale1p, shift)
-    qkv = F.linear(h, qkv_w)
+    qkv = skinny_linear(h, qkv_w.t()) if _skinny(h, gemm) else F.linear(h, qkv_w)
     qk = qkv[..., : (heads + kv_heads) * d].view(b, r, heads + kv_heads, d)
     qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin).to(x.dtype)
     k = qk[:, :, heads:]
@@ -192,8 +199,22 @@ def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start: int, idx, heads
     return qk[:, :, :heads]
 
 
-def _gemma_finish(x, attn, o_t, post_norm, gate_up, down_t, eps: float, gate1=None, scale1p=None, shift=None, gate2=None):
-    """Output projection + residual, gated GELU MLP + residual (Pi0.5: gated residuals)."""
+def _gemma_finish(x, attn, o_t, post_norm, gate_up, down_t, eps: float, gate1=None, scale1p=None, shift=None, gate2=None,
+                  gemm: str = "torch"):
+    """Output projection + residual, gated GELU MLP + residual (Pi0.5: gated residuals).
+    gemm="triton": the four products go through skinny_linear with the residual add and the
+    gated GELU in its epilogue (inputs of <= 64 rows; larger ones take the torch path)."""
+    if _skinny(attn, gemm):
+        if gate1 is None:
+            x = skinny_linear(attn, o_t, residual=x)
+            h = F.rms_norm(x, (x.shape[-1],), post_norm, eps)
+        else:
+            x = torch.addcmul(x, skinny_linear(attn, o_t), gate1)
+            h = _ada_norm(x, eps, scale1p, shift)
+        act = skinny_linear(h, gate_up.t(), gated_gelu=True)
+        if gate2 is None:
+            return skinny_linear(act, down_t, residual=x)
+        return torch.addcmul(x, skinny_linear(act, down_t), gate2)
     b, r, w = x.shape
     if gate1 is None:
         x = torch.addmm(x.reshape(-1, w), attn.reshape(b * r, -1), o_t).view(b, r, w)
@@ -217,16 +238,17 @@ def _lm_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias
 
 
 def _expert_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_buf, v_buf, start: int,
-                  heads: int, kv_heads: int, eps: float, cond=None, attn: str = "sdpa"):
+                  heads: int, kv_heads: int, eps: float, cond=None, attn: str = "sdpa", gemm: str = "torch"):
     """One action-expert layer: k/v of the suffix go into their rows after the prefix (from
     `start`), then the suffix attends over the whole [prefix ; suffix] buffer. `cond` = Pi0.5's
     per-step (scale1p, shift, gate) x 2 for this layer."""
     if cond is None:
-        q = _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start, None, heads, kv_heads, eps)
-        return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, post_norm, gate_up, down_t, eps)
+        q = _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start, None, heads, kv_heads, eps, gemm=gemm)
+        return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, post_norm, gate_up, down_t, eps, gemm=gemm)
     s1, b1, g1, s2, b2, g2 = cond
-    q = _gemma_qkv(x, None, qkv_w, cos, sin, k_buf, v_buf, start, None, heads, kv_heads, eps, s1, b1)
-    return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, None, gate_up, down_t, eps, g1, s2, b2, g2)
+    q = _gemma_qkv(x, None, qkv_w, cos, sin, k_buf, v_buf, start, None, heads, kv_heads, eps, s1, b1, gemm=gemm)
+    return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, None, gate_up, down_t, eps, g1, s2, b2, g2,
+                         gemm=gemm)
 
 
 # ---- static buffers and graphs -------------------------------------------------------------------
@@ -306,6 +328,7 @@ class FastPi0:
         graphs: bool | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
+        expert_gemm: str = "torch",
         prefix_attn: str = "sdpa",
         expert_attn: str = "auto",
     ):
@@ -341,6 +364,9 @@ class FastPi0:
         self._lm_fn = _lm_layer
         self._qkv_fn = _gemma_qkv
         self._exp_fn = _expert_layer
+        if expert_gemm not in GEMM_KINDS:
+            raise ValueError(f"expert_gemm: expected one of {GEMM_KINDS}, got {expert_gemm!r}")
+        self.expert_gemm = expert_gemm
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode: expected one of {COMPILE_MODES} or None, got {compile_mode!r}")
         if compile:
@@ -495,7 +521,7 @@ class FastPi0:
                 h = self._exp_fn(
                     h, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos, sin, bias,
                     st.k[li], st.v[li], t, ex.num_heads, ex.num_kv_heads, ex.eps,
-                    per_layer[li] if per_layer is not None else None, self.expert_attn,
+                    per_layer[li] if per_layer is not None else None, self.expert_attn, self.expert_gemm,
                 )
             h = h[:, -c:]
             if cfg.adarms:
