@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+os.environ["TRITON_INTERPRET"] = "1"  # tests/conftest.py does the same when there is no GPU
 
 import math
 import subprocess
@@ -28,15 +27,6 @@ from kvreuse.model.kernels import mqa_attention
 
 NEG = -2.3819763e38  # the runtime's NEG_INF
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_interpret_env():
-    """Triton stays in interpreter mode; later test modules see the old env."""
-    yield
-    if _PREV_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
 
 
 def _ref(q, k, v, bias):

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+os.environ["TRITON_INTERPRET"] = "1"  # tests/conftest.py does the same when there is no GPU
 
 import subprocess
 import sys
@@ -29,16 +28,6 @@ from kvreuse.model.skinny_gemm import (
     skinny_linear,
     split_plan,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_interpret_env():
-    """Triton stays in interpreter mode; later test modules see the old env."""
-    yield
-    if _PREV_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
 
 
 def _ref(x, w, bias=None, residual=None, gated=False):
