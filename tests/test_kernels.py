@@ -203,3 +203,15 @@ def test_fast_runtime_with_triton_attention_matches_eager(name):
     ref = model.sample_actions(obs, noise)
     out = FastPi0(model, prefix_attn="triton", expert_attn="triton").sample_actions(obs, noise)
     assert rel_err(out, ref) < 1e-4
+
+
+def test_triton_loads_after_an_osmesa_env():
+    """kvreuse's envs load Triton before MuJoCo picks OSMesa: libtriton loaded after OSMesa's LLVM
+    crashes the process (a Meta-World eval on a GPU host with OSMesa rendering and the fast path)."""
+    code = ("import os; os.environ['MUJOCO_GL'] = 'osmesa'; os.environ['PYOPENGL_PLATFORM'] = 'osmesa'\n"
+            "from kvreuse.envs.metaworld import MetaWorldEnv\n"
+            "env = MetaWorldEnv(image_size=32); env.reset('reach-v3', 0, 0)\n"
+            "import triton; print('ok')")
+    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

@@ -6,9 +6,20 @@ Observations are openpi-style flat dicts (`observation/image`, `observation/wris
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Protocol
 
 import numpy as np
+
+
+def prepare_gl() -> None:
+    """Call before MuJoCo is imported: it picks its GL backend then (headless EGL unless the user
+    chose one). With OSMesa, Triton (the fast GPU runtime's kernels) is loaded first, because
+    loading libtriton after OSMesa's own LLVM crashes the process; the other order renders the same."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    if os.environ["MUJOCO_GL"] == "osmesa" and importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
 
 
 class EpisodeEnv(Protocol):

@@ -32,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("MUJOCO_GL", "egl")
+from .base import prepare_gl
+
+prepare_gl()  # before MuJoCo is imported (metaworld / robosuite import it too)
 
 SUITES: dict[str, int] = {  # suite -> max policy steps (openpi)
     "libero_spatial": 220,

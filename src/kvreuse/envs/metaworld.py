@@ -19,14 +19,13 @@ mujoco / metaworld are imported inside the class so `import kvreuse` stays light
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-# MuJoCo picks its GL backend when first imported (metaworld imports it too): headless EGL
-# unless the user chose one (osmesa also works).
-os.environ.setdefault("MUJOCO_GL", "egl")
+from .base import prepare_gl
+
+prepare_gl()  # before MuJoCo is imported (metaworld / robosuite import it too)
 
 # Prompts name what the images show (goal marker colours as Meta-World renders them).
 TASKS: dict[str, str] = {
