@@ -7,7 +7,7 @@ OUT=${OUT:-runs/sweeps}; EPISODES=${EPISODES:-20}; CAP_S=${CAP_S:-200}; mkdir -p
 export MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl} PYTHONUNBUFFERED=1
 GRID=('gate=threshold threshold=0.9,0.95,0.98 mode=full' 'gate=crossmodal threshold=0.9' 'gate=phase threshold=0.9'
       'gate=threshold threshold=0.9 mode=vision_only synchronized=False,True' 'gate=period period=2 mode=full'
-      'gate=threshold threshold=0.9 mode=partial')
+      'gate=threshold threshold=0.9 mode=partial patch_max_diff=None')
 for v in pi05 pi0; do
   db="$OUT/sweep-$v.db"; start=$(date +%s)
   echo "=== testbed-$v: paired sweep, $EPISODES held-out episodes per task and setting (cap ${CAP_S}s) ==="

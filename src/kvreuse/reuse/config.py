@@ -44,7 +44,7 @@ class ReuseConfig:
     patch_threshold: float = 0.99
     """A patch is unchanged if the cosine of its pixels with the cached ones is >= this
     (patch metric and partial mode)."""
-    patch_max_diff: float | None = None
+    patch_max_diff: float | None = 0.1
     """If set, a patch is also changed when any of its pixels moved by more than this (model
     input units in [-1, 1]; one 8-bit level is 2/255): a small object that shifts by a pixel or
     two barely moves the cosine of its patch."""
