@@ -2,7 +2,7 @@
 # The GPU speed runs behind docs/PERFORMANCE.md's second round (one CUDA GPU; lerobot wheels optional).
 # Usage (repo root): OUT=dir bash scripts/perf_device.sh   -> OUT/*.log
 set -uo pipefail
-OUT=${OUT:-runs/perf}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
+OUT=${OUT:-runs/perf}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 B="python3 -m kvreuse.bench iters=20 reuse=0 lerobot=0 eager=0"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.log"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/card.log"
