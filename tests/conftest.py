@@ -1,18 +1,11 @@
-"""Triton set-up for the kernel tests, done before any test module is imported.
+"""Triton reads TRITON_INTERPRET once, when it is first imported (by anything); without a GPU the
+interpreter is the only way the kernel tests can run, so it is switched on before any test
+module is imported. (Loading Triton after MuJoCo's OSMesa crashes: kvreuse.envs.prepare_gl
+handles that for every env import, tests included.)"""
 
-- Triton reads TRITON_INTERPRET once, when it is first imported; without a GPU the interpreter is
-  the only way the kernel tests can run, so it is switched on here.
-- Triton is imported here, first: loading its libtriton after OSMesa (MuJoCo's CPU renderer,
-  which brings its own LLVM) crashes the process, while the other order works (renders checked
-  identical). MuJoCo rendering tests load OSMesa at import time.
-"""
-
-import importlib.util
 import os
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if importlib.util.find_spec("triton") is not None:
-    import triton  # noqa: F401
