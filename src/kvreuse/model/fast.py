@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..cache import PrefixCache, Span, new_snapshot_id
 from ..observation import Observation
+from .kernels import HAVE_TRITON, mqa_attention
 from .layers import NEG_INF, sincos_time
 from .pi0 import Pi0Model
 from .skinny_gemm import skinny_linear
@@ -131,8 +132,6 @@ def _mqa(q, k, v, bias, kind: str = "sdpa"):
     hkv = k.shape[2]
     g = h // hkv
     if kind == "triton":
-        from .kernels import mqa_attention
-
         return mqa_attention(q, k, v, bias[:, 0, ::g])  # the mask depends on the token, not the head
     qh = q.view(b, r, hkv, g, d).transpose(1, 2).reshape(b, hkv, r * g, d)
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)
@@ -163,8 +162,6 @@ def resolve_attn(kind: str, device: torch.device, expert: bool) -> str:
         return kind
     if not expert:
         return "sdpa"
-    from .kernels import HAVE_TRITON
-
     return "triton" if device.type == "cuda" and HAVE_TRITON else "fp32"
 
 
@@ -199,35 +196,40 @@ def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start: int, idx, heads
     return qk[:, :, :heads]
 
 
+def _matmul(a, w_t, gemm: str, residual=None):
+    """a @ w_t (+ residual), w_t (K, N); gemm="triton" sends inputs of <= 64 rows through
+    skinny_linear (residual add in its epilogue), else cuBLAS (the residual rides in addmm)."""
+    if _skinny(a, gemm):
+        return skinny_linear(a, w_t, residual=residual)
+    if residual is None:
+        return a @ w_t
+    k = a.shape[-1]
+    return torch.addmm(residual.reshape(-1, residual.shape[-1]), a.reshape(-1, k), w_t).view(residual.shape)
+
+
+def _gated_gelu(h, gate_up, gemm: str):
+    """gelu_tanh(h @ gate^T) * (h @ up^T) for the fused (2F, K) [gate ; up] weight."""
+    if _skinny(h, gemm):
+        return skinny_linear(h, gate_up.t(), gated_gelu=True)
+    m = gate_up.shape[0] // 2
+    gu = F.linear(h, gate_up)
+    return F.gelu(gu[..., :m], approximate="tanh") * gu[..., m:]
+
+
 def _gemma_finish(x, attn, o_t, post_norm, gate_up, down_t, eps: float, gate1=None, scale1p=None, shift=None, gate2=None,
                   gemm: str = "torch"):
-    """Output projection + residual, gated GELU MLP + residual (Pi0.5: gated residuals).
-    gemm="triton": the four products go through skinny_linear with the residual add and the
-    gated GELU in its epilogue (inputs of <= 64 rows; larger ones take the torch path)."""
-    if _skinny(attn, gemm):
-        if gate1 is None:
-            x = skinny_linear(attn, o_t, residual=x)
-            h = F.rms_norm(x, (x.shape[-1],), post_norm, eps)
-        else:
-            x = torch.addcmul(x, skinny_linear(attn, o_t), gate1)
-            h = _ada_norm(x, eps, scale1p, shift)
-        act = skinny_linear(h, gate_up.t(), gated_gelu=True)
-        if gate2 is None:
-            return skinny_linear(act, down_t, residual=x)
-        return torch.addcmul(x, skinny_linear(act, down_t), gate2)
-    b, r, w = x.shape
+    """Output projection + residual, gated GELU MLP + residual (Pi0.5: gated residuals)."""
+    w = x.shape[-1]
     if gate1 is None:
-        x = torch.addmm(x.reshape(-1, w), attn.reshape(b * r, -1), o_t).view(b, r, w)
+        x = _matmul(attn, o_t, gemm, residual=x)
         h = F.rms_norm(x, (w,), post_norm, eps)
     else:
-        x = torch.addcmul(x, (attn @ o_t), gate1)
+        x = torch.addcmul(x, _matmul(attn, o_t, gemm), gate1)
         h = _ada_norm(x, eps, scale1p, shift)
-    m = down_t.shape[0]
-    gu = F.linear(h, gate_up)
-    act = F.gelu(gu[..., :m], approximate="tanh") * gu[..., m:]
+    act = _gated_gelu(h, gate_up, gemm)
     if gate2 is None:
-        return torch.addmm(x.reshape(-1, w), act.reshape(b * r, m), down_t).view(b, r, w)
-    return torch.addcmul(x, act @ down_t, gate2)
+        return _matmul(act, down_t, gemm, residual=x)
+    return torch.addcmul(x, _matmul(act, down_t, gemm), gate2)
 
 
 def _lm_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_buf, v_buf, idx,
