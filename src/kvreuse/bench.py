@@ -398,8 +398,9 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     # ---- kernel profile (graphs off, so each kernel shows) --------------------------------------
     if profile and device == "cuda":
         try:
-            _profile(model, obs, noise, profile, prefix_attn, expert_attn, device)
-            rep.notes.append(f"kernel profile of one full inference (no graphs) written to {profile}")
+            _profile(model, obs, noise, profile, device, prefix_attn=prefix_attn, expert_attn=expert_attn,
+                     expert_gemm=expert_gemm, compile=compile, compile_mode=compile_mode if compile else None)
+            rep.notes.append(f"kernel profile of one full inference (no graphs, compile={compile}) written to {profile}")
         except Exception as exc:
             rep.notes.append(f"profile failed: {type(exc).__name__}: {str(exc)[:200]}")
 
@@ -466,23 +467,24 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     return rep
 
 
-def _profile(model, obs, noise, path, prefix_attn, expert_attn, device):
+def _profile(model, obs, noise, path, device, **fast_kw):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprof
 
     from .model.fast import FastPi0
 
-    fp = FastPi0(model, graphs=False, prefix_attn=prefix_attn, expert_attn=expert_attn)
-    fp.sample_actions(obs, noise)
+    fp = FastPi0(model, graphs=False, **fast_kw)
+    for _ in range(2):  # the second call runs with everything compiled
+        fp.sample_actions(obs, noise)
     _sync(device)
     with tprof(activities=[ProfilerActivity.CUDA]) as prof:
         fp.sample_actions(obs, noise)
         _sync(device)
     ka = prof.key_averages()
     try:
-        table = ka.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+        table = ka.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=90)
     except Exception:
-        table = ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+        table = ka.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)
     with open(path, "w") as f:
         f.write(table)
 

@@ -31,7 +31,7 @@ from ..observation import Observation
 from .kernels import HAVE_TRITON, mqa_attention
 from .layers import NEG_INF, sincos_time
 from .pi0 import Pi0Model
-from .skinny_gemm import skinny_linear
+from .skinny_gemm import fused_qkv, skinny_linear
 
 
 # ---- fused weights ------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def _rope_tables(positions: torch.Tensor, d: int, base: float):
     return torch.cat([c, c], -1)[:, :, None], torch.cat([-s, s], -1)[:, :, None]
 
 
-GEMM_KINDS = ("torch", "triton")  # expert products: cuBLAS via torch, or skinny_gemm (not measured yet)
+GEMM_KINDS = ("torch", "fused", "triton")  # expert products: cuBLAS; fused Triton QKV / MLP-in (+ Triton residual products)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 ATTN_KINDS = ("sdpa", "fp32", "math", "efficient", "cudnn", "triton")
 
@@ -169,20 +169,15 @@ def _ada_norm(x, eps: float, scale1p, shift):
     return torch.addcmul(shift, F.rms_norm(x, (x.shape[-1],), None, eps), scale1p)
 
 
-def _skinny(x, gemm: str) -> bool:
-    """Use the Triton skinny GEMM (gemm="triton") for inputs of at most 64 rows."""
-    return gemm == "triton" and x.numel() // x.shape[-1] <= 64
-
-
 def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start: int, idx, heads: int, kv_heads: int, eps: float,
-               scale1p=None, shift=None, gemm: str = "torch"):
+               scale1p=None, shift=None):
     """Norm, fused QKV, rotary on q and k together; k, v written into the cache buffer rows
     [start, start + R) or, with `idx`, the rows idx. Returns rotated q (B, R, H, D).
     (Writes go through the one buffer argument: aliased buffer arguments would confuse compile.)"""
     b, r, w = x.shape
     d = k_buf.shape[-1]
     h = F.rms_norm(x, (w,), in_norm, eps) if scale1p is None else _ada_norm(x, eps, scale1p, shift)
-    qkv = skinny_linear(h, qkv_w.t()) if _skinny(h, gemm) else F.linear(h, qkv_w)
+    qkv = F.linear(h, qkv_w)
     qk = qkv[..., : (heads + kv_heads) * d].view(b, r, heads + kv_heads, d)
     qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin).to(x.dtype)
     k = qk[:, :, heads:]
@@ -196,40 +191,25 @@ def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start: int, idx, heads
     return qk[:, :, :heads]
 
 
-def _matmul(a, w_t, gemm: str, residual=None):
-    """a @ w_t (+ residual), w_t (K, N); gemm="triton" sends inputs of <= 64 rows through
-    skinny_linear (residual add in its epilogue), else cuBLAS (the residual rides in addmm)."""
-    if _skinny(a, gemm):
-        return skinny_linear(a, w_t, residual=residual)
-    if residual is None:
-        return a @ w_t
-    k = a.shape[-1]
-    return torch.addmm(residual.reshape(-1, residual.shape[-1]), a.reshape(-1, k), w_t).view(residual.shape)
+def _residual_product(x, a, w_t, gate, gemm: str = "torch"):
+    """x + a @ w_t, or Pi0.5's gated x + gate * (a @ w_t); w_t (K, N). gemm="triton": one
+    skinny_linear with the gate and the residual in its epilogue; else cuBLAS (addmm carries the
+    plain residual in its epilogue)."""
+    if gemm == "triton":
+        return skinny_linear(a, w_t, residual=x, col_scale=gate)
+    if gate is not None:
+        return torch.addcmul(x, a @ w_t, gate)
+    return torch.addmm(x.reshape(-1, x.shape[-1]), a.reshape(-1, a.shape[-1]), w_t).view(x.shape)
 
 
-def _gated_gelu(h, gate_up, gemm: str):
-    """gelu_tanh(h @ gate^T) * (h @ up^T) for the fused (2F, K) [gate ; up] weight."""
-    if _skinny(h, gemm):
-        return skinny_linear(h, gate_up.t(), gated_gelu=True)
-    m = gate_up.shape[0] // 2
-    gu = F.linear(h, gate_up)
-    return F.gelu(gu[..., :m], approximate="tanh") * gu[..., m:]
-
-
-def _gemma_finish(x, attn, o_t, post_norm, gate_up, down_t, eps: float, gate1=None, scale1p=None, shift=None, gate2=None,
-                  gemm: str = "torch"):
+def _gemma_finish(x, attn, o_t, post_norm, gate_up, down_t, eps: float, gate1=None, scale1p=None, shift=None, gate2=None):
     """Output projection + residual, gated GELU MLP + residual (Pi0.5: gated residuals)."""
     w = x.shape[-1]
-    if gate1 is None:
-        x = _matmul(attn, o_t, gemm, residual=x)
-        h = F.rms_norm(x, (w,), post_norm, eps)
-    else:
-        x = torch.addcmul(x, _matmul(attn, o_t, gemm), gate1)
-        h = _ada_norm(x, eps, scale1p, shift)
-    act = _gated_gelu(h, gate_up, gemm)
-    if gate2 is None:
-        return _matmul(act, down_t, gemm, residual=x)
-    return torch.addcmul(x, _matmul(act, down_t, gemm), gate2)
+    x = _residual_product(x, attn, o_t, gate1)
+    h = F.rms_norm(x, (w,), post_norm, eps) if gate1 is None else _ada_norm(x, eps, scale1p, shift)
+    m = gate_up.shape[0] // 2
+    gu = F.linear(h, gate_up)
+    return _residual_product(x, F.gelu(gu[..., :m], approximate="tanh") * gu[..., m:], down_t, gate2)
 
 
 def _lm_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_buf, v_buf, idx,
@@ -240,17 +220,32 @@ def _lm_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias
 
 
 def _expert_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_buf, v_buf, start: int,
-                  heads: int, kv_heads: int, eps: float, cond=None, attn: str = "sdpa", gemm: str = "torch"):
+                  heads: int, kv_heads: int, eps: float, cond=None, attn: str = "sdpa"):
     """One action-expert layer: k/v of the suffix go into their rows after the prefix (from
     `start`), then the suffix attends over the whole [prefix ; suffix] buffer. `cond` = Pi0.5's
     per-step (scale1p, shift, gate) x 2 for this layer."""
     if cond is None:
-        q = _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start, None, heads, kv_heads, eps, gemm=gemm)
-        return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, post_norm, gate_up, down_t, eps, gemm=gemm)
+        q = _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start, None, heads, kv_heads, eps)
+        return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, post_norm, gate_up, down_t, eps)
     s1, b1, g1, s2, b2, g2 = cond
-    q = _gemma_qkv(x, None, qkv_w, cos, sin, k_buf, v_buf, start, None, heads, kv_heads, eps, s1, b1, gemm=gemm)
-    return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, None, gate_up, down_t, eps, g1, s2, b2, g2,
-                         gemm=gemm)
+    q = _gemma_qkv(x, None, qkv_w, cos, sin, k_buf, v_buf, start, None, heads, kv_heads, eps, s1, b1)
+    return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, None, gate_up, down_t, eps, g1, s2, b2, g2)
+
+
+def _expert_layer_fused(x, qkv_t, gate_up_t, o_t, down_t, in_norm, post_norm, cos_h, sin_h, bias, k_buf, v_buf,
+                        start: int, heads: int, kv_heads: int, eps: float, cond=None, attn: str = "triton",
+                        gemm: str = "fused"):
+    """The same layer for <= 64 rows in fewer kernels (skinny_gemm): norm + QKV + rotary + K/V
+    write in one (fused_qkv), norm + gate/up + gated GELU in another, with the norm weight (Pi0's
+    (1 + w), Pi0.5's per-step (1 + scale)) as the kernels' in_scale; qkv_t / gate_up_t are (K, N).
+    The residual products go through cuBLAS ("fused") or skinny_linear ("triton"). cos_h / sin_h:
+    (rows, D/2) tables. `cond` = Pi0.5's per-step (scale1p, shift @ Wqkv^T, gate, scale1p,
+    shift @ Wgu^T, gate) as vectors."""
+    s1, b1, g1, s2, b2, g2 = (in_norm, None, None, post_norm, None, None) if cond is None else cond
+    q = fused_qkv(x, qkv_t, k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads, norm_eps=eps, in_scale=s1, bias=b1)
+    x = _residual_product(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, g1, gemm)
+    act = skinny_linear(x, gate_up_t, gated_gelu=True, norm_eps=eps, in_scale=s2, bias=b2)
+    return _residual_product(x, act, down_t, g2, gemm)
 
 
 # ---- static buffers and graphs -------------------------------------------------------------------
@@ -366,9 +361,15 @@ class FastPi0:
         self._lm_fn = _lm_layer
         self._qkv_fn = _gemma_qkv
         self._exp_fn = _expert_layer
+        self._exp_fused_fn = _expert_layer_fused
         if expert_gemm not in GEMM_KINDS:
             raise ValueError(f"expert_gemm: expected one of {GEMM_KINDS}, got {expert_gemm!r}")
+        if expert_gemm != "torch" and not HAVE_TRITON:
+            raise ValueError(f"expert_gemm={expert_gemm!r} needs triton (pip install triton); use 'torch'")
         self.expert_gemm = expert_gemm
+        # Fused path: (QKV, gate/up) as (K, N) views; Pi0's norm weights (1 + w) enter as the
+        # kernels' in_scale, as Pi0.5's adaptive (1 + scale) does.
+        self.exp_fused = [] if expert_gemm == "torch" else [(w.qkv.t(), w.gate_up.t()) for w in self.exp]
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode: expected one of {COMPILE_MODES} or None, got {compile_mode!r}")
         if compile:
@@ -378,6 +379,7 @@ class FastPi0:
             self._siglip_fn = torch.compile(_siglip_layer, **opts)
             self._lm_fn = torch.compile(_lm_layer, **opts)
             self._exp_fn = torch.compile(_expert_layer, **opts)
+            self._exp_fused_fn = torch.compile(_expert_layer_fused, **opts)
 
     def eval(self) -> "FastPi0":  # inference only; without this, __getattr__ would hand back the eager model
         self.model.eval()
@@ -406,15 +408,19 @@ class FastPi0:
                     tables.append(F.linear(te, self._at_w_t, m.action_time_mlp_in.bias))
                     continue
                 cond = F.silu(m.time_mlp_out(F.silu(m.time_mlp_in(te))))
-                per_layer = []
-                for layer in m.expert.layers:
-                    vals = []
-                    for norm in (layer.in_norm, layer.post_norm):
+                per_layer, fused = [], []
+                for li, layer in enumerate(m.expert.layers):
+                    vals, fvals = [], []
+                    for j, norm in enumerate((layer.in_norm, layer.post_norm)):
                         sc, sh, g = norm.dense(cond).unsqueeze(1).chunk(3, dim=-1)
                         vals += [(1.0 + sc.float()).to(dt), sh, g]
+                        if self.exp_fused:  # the shift's product with the next weight, once per step
+                            w = self.exp[li].qkv if j == 0 else self.exp[li].gate_up
+                            fvals += [vals[-3].flatten(), F.linear(sh.float(), w.float()).flatten(), g.flatten()]
                     per_layer.append(tuple(vals))
+                    fused.append(tuple(fvals))
                 sc, sh, _ = m.expert.norm.dense(cond).unsqueeze(1).chunk(3, dim=-1)
-                tables.append((per_layer, (1.0 + sc.float()).to(dt), sh))
+                tables.append((per_layer, (1.0 + sc.float()).to(dt), sh, fused))
         self._tables[steps] = tables
         return tables
 
@@ -497,6 +503,11 @@ class FastPi0:
         # Once per call: positions, rotary tables, the [prefix ; suffix] mask, Pi0's state token.
         pos = st.valid.sum(-1, keepdim=True) + torch.arange(s, device=st.valid.device)[None]
         cos, sin = _rope_tables(pos, ex.head_dim, cfg.rope_base)
+        use_fused = bool(self.exp_fused) and b * s <= 64  # skinny kernels take <= 64 rows
+        if use_fused:
+            half = ex.head_dim // 2
+            cos_h = cos[:, :, 0, :half].reshape(b * s, half).contiguous()
+            sin_h = sin[:, :, 0, half:].reshape(b * s, half).contiguous()  # the signed table's + half
         seen = torch.ones(s, s, dtype=torch.bool, device=st.valid.device)
         if not cfg.state_in_prompt:
             seen[0, 1:] = False  # the state token sees the prefix and itself only
@@ -512,18 +523,25 @@ class FastPi0:
         for i in range(steps):
             a = F.linear(x.to(dt), m.action_in_proj.weight, m.action_in_proj.bias)
             if cfg.adarms:
-                per_layer, f_s, f_b = tables[i]
+                per_layer, f_s, f_b, fused = tables[i]
                 h = a
             else:
-                per_layer = None
+                per_layer = fused = None
                 at = torch.addmm(tables[i], a.reshape(-1, ex.width), self._at_w_a_t).view(b, c, ex.width)
                 suffix[:, 1:].copy_(F.linear(F.silu(at), m.action_time_mlp_out.weight, m.action_time_mlp_out.bias))
                 h = suffix
             for li, w in enumerate(self.exp):
+                if use_fused:
+                    h = self._exp_fused_fn(
+                        h, *self.exp_fused[li], w.o_t, w.down_t, w.in_norm, w.post_norm, cos_h, sin_h, bias,
+                        st.k[li], st.v[li], t, ex.num_heads, ex.num_kv_heads, ex.eps,
+                        fused[li] if fused is not None else None, self.expert_attn, self.expert_gemm,
+                    )
+                    continue
                 h = self._exp_fn(
                     h, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos, sin, bias,
                     st.k[li], st.v[li], t, ex.num_heads, ex.num_kv_heads, ex.eps,
-                    per_layer[li] if per_layer is not None else None, self.expert_attn, self.expert_gemm,
+                    per_layer[li] if per_layer is not None else None, self.expert_attn,
                 )
             h = h[:, -c:]
             if cfg.adarms:

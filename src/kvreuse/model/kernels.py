@@ -187,7 +187,7 @@ def mqa_attention(
     bias: torch.Tensor | None,
     num_splits: int | None = None,
     *,
-    block_m: int = 32,
+    block_m: int = 16,
     block_n: int = 64,
     num_warps: int | None = None,
     num_stages: int = 2,
@@ -208,8 +208,9 @@ def mqa_attention(
 
     num_splits: key splits per query tile (None: enough for ~1 program per SM). block_m (query
     rows per program, >= 16), block_n (keys per step, >= 16), num_warps / num_stages (split
-    kernel), combine_rows / combine_warps (combine kernel) are tuning knobs. Defaults for Pi0's
-    expert (R*H = 408, T = 851, D = 256): 7 row tiles x 14 splits of 64 keys = 98 programs.
+    kernel), combine_rows / combine_warps (combine kernel) are tuning knobs. Defaults: the H200
+    tune at Pi0's expert shape (scripts/attn_tune.py; R*H = 408, T = 611, D = 256): 16-row x
+    64-key tiles, 8 warps, 26 row tiles x 5 splits = 130 programs, 9.9 us (32-row tiles: 10.9).
     Offline sm_90 compiles (Triton 3.5.1 and 3.9, not timed): 64/32/8 warps/2 stages uses wgmma,
     ~180 registers, no spills, 104 KiB shared memory; 64/64 spills, and 64/64 with 3 stages
     needs 256 KiB of shared memory (more than an H100 has).
@@ -262,8 +263,9 @@ def mqa_attention(
         part = torch.empty(b * hkv, splits, m, d, device=q.device, dtype=torch.float32)
         stat = torch.empty(2, b * hkv, splits, m, device=q.device, dtype=torch.float32)
     if num_warps is None:
-        # A BLOCK_M x D fp32 accumulator of 8192+ elements spills with 4 warps (sm_90 cubins).
-        num_warps = 8 if d * block_m >= 8192 else 4
+        # A BLOCK_M x D fp32 accumulator of 8192+ elements spills with 4 warps (sm_90 cubins);
+        # 16 x 256 tiles also ran faster with 8 (H200 tune).
+        num_warps = 8 if d * block_m >= 4096 else 4
     scale = 1.0 / math.sqrt(d) if scale is None else scale
 
     split_kernel[(b * hkv, tiles, splits)](

@@ -33,27 +33,77 @@ triton = None  # set by _build(); the kernel bodies look `tl` up in these module
 tl = None
 _KERNELS: tuple | None = None
 
-__all__ = ["HAVE_TRITON", "SkinnyConfig", "default_config", "expert_shapes", "skinny_linear", "split_plan"]
+__all__ = ["HAVE_TRITON", "SkinnyConfig", "default_config", "expert_shapes", "fused_qkv", "skinny_linear", "split_plan"]
 
 MAX_M = 64
 
 
 def _build() -> tuple:
     """Import triton and define the kernels, once."""
-    global triton, tl, _KERNELS, _epilogue  # kernels find their helpers among the module globals
+    global triton, tl, _KERNELS, _mainloop, _epilogue  # kernels find their helpers among the module globals
     if _KERNELS is not None:
         return _KERNELS
     import triton
     import triton.language as tl
 
     @triton.jit
+    def _mainloop(
+        x_ptr, w_ptr, scale_ptr, rows, row_ok, cols, cols2, col_ok, k_lo, k_hi, K,
+        stride_xm, stride_xk, stride_wk, stride_wn,
+        DUAL: tl.constexpr, NORM: tl.constexpr, IN_SCALE: tl.constexpr,
+        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """fp32 sums x[:, k_lo:k_hi] @ w[k_lo:k_hi, cols] (and @ w[.., cols2] when DUAL), plus the
+        rows' sums of squares of x (NORM: the RMSNorm statistic, free while x streams by).
+        IN_SCALE: x's columns are multiplied by scale[k] before the product (adaptive norms)."""
+        kk = tl.arange(0, BLOCK_K)
+        x_base = x_ptr + rows[:, None] * stride_xm
+        w_base = w_ptr + cols[None, :] * stride_wn
+        u_base = w_ptr + cols2[None, :] * stride_wn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + kk
+            if EVEN_K:
+                xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None], other=0.0)
+            else:
+                xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+            if NORM:
+                xf = xt.to(tl.float32)
+                ss += tl.sum(xf * xf, 1)
+            if IN_SCALE:
+                sc = tl.load(scale_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+                xt = (xt.to(tl.float32) * sc[None, :]).to(xt.dtype)
+            if EVEN_K and EVEN_N:
+                wt = tl.load(w_base + k[:, None] * stride_wk)
+            else:
+                wt = tl.load(w_base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
+            if DOT_F32:  # interpreter only (see kernels._dot_f32)
+                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32))
+            else:
+                acc += tl.dot(xt, wt)
+            if DUAL:
+                if EVEN_K and EVEN_N:
+                    ut = tl.load(u_base + k[:, None] * stride_wk)
+                else:
+                    ut = tl.load(u_base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
+                if DOT_F32:
+                    acc2 += tl.dot(xt.to(tl.float32), ut.to(tl.float32))
+                else:
+                    acc2 += tl.dot(xt, ut)
+        return acc, acc2, ss
+
+    @triton.jit
     def _epilogue(
         acc, acc_up, rows, cols, row_ok, col_ok, F,
-        bias_ptr, stride_b, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
-        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr,
+        bias_ptr, stride_b, gate_ptr, stride_g, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
     ):
-        """bias, gelu_tanh(gate) * up, residual, all in fp32; store in out's dtype. For GATED,
-        acc / acc_up are the gate / up columns `cols` / F + `cols` (acc_up is unused otherwise)."""
+        """bias, gelu_tanh(gate) * up, column gate, residual, all in fp32; store in out's dtype.
+        For GATED, acc / acc_up are the gate / up columns `cols` / F + `cols` (acc_up is unused
+        otherwise)."""
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -64,6 +114,8 @@ def _build() -> tuple:
             # The clamp keeps exp finite (g * ~0 either way for very negative g).
             z2 = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
             acc = acc / (1.0 + tl.exp(tl.minimum(-z2, 80.0))) * acc_up
+        if HAS_GATE:  # Pi0.5's gated residual: x + gate * (a @ w)
+            acc *= tl.load(gate_ptr + cols * stride_g, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
         if HAS_RES:
             res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0)
@@ -72,10 +124,11 @@ def _build() -> tuple:
 
     @triton.jit
     def _gemm_kernel(
-        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
+        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, scale_ptr, gate_ptr,
         M, K, N_OUT, N_W, k_per_split,
-        stride_xm, stride_xk, stride_wk, stride_wn, stride_b, stride_rm, stride_rn, stride_om,
-        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, DIRECT: tl.constexpr,
+        stride_xm, stride_xk, stride_wk, stride_wn, stride_b, stride_g, stride_rm, stride_rn, stride_om,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
+        NORM: tl.constexpr, IN_SCALE: tl.constexpr, EPS: tl.constexpr, DIRECT: tl.constexpr,
         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -85,45 +138,24 @@ def _build() -> tuple:
         row_ok = rows < M
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N_OUT
-        kk = tl.arange(0, BLOCK_K)
         k_lo = pid_k * k_per_split  # a multiple of BLOCK_K
         k_hi = tl.minimum(k_lo + k_per_split, K)
-
-        x_base = x_ptr + rows[:, None] * stride_xm
-        w_base = w_ptr + cols[None, :] * stride_wn
         # Up columns: F = N_OUT further (only read when GATED).
-        u_base = w_ptr + (cols[None, :] + N_OUT) * stride_wn
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + kk
-            if EVEN_K:
-                xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None], other=0.0)
-            else:
-                xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
-            if EVEN_K and EVEN_N:
-                wt = tl.load(w_base + k[:, None] * stride_wk)
-            else:
-                wt = tl.load(w_base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
-            if DOT_F32:  # interpreter only (see kernels._dot_f32)
-                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32))
-            else:
-                acc += tl.dot(xt, wt)
-            if GATED:
-                if EVEN_K and EVEN_N:
-                    ut = tl.load(u_base + k[:, None] * stride_wk)
-                else:
-                    ut = tl.load(u_base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
-                if DOT_F32:
-                    acc_up += tl.dot(xt.to(tl.float32), ut.to(tl.float32))
-                else:
-                    acc_up += tl.dot(xt, ut)
+        acc, acc_up, ss = _mainloop(
+            x_ptr, w_ptr, scale_ptr, rows, row_ok, cols, cols + N_OUT, col_ok, k_lo, k_hi, K,
+            stride_xm, stride_xk, stride_wk, stride_wn,
+            GATED, NORM, IN_SCALE, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+        if NORM:  # one split only: ss covers all of K. rms_norm(x) @ w = rsqrt(mean(x^2) + eps) * (x @ w)
+            r = 1.0 / tl.sqrt(ss / K + EPS)
+            acc *= r[:, None]
+            acc_up *= r[:, None]
 
         if DIRECT:
             _epilogue(
                 acc, acc_up, rows, cols, row_ok, col_ok, N_OUT,
-                bias_ptr, stride_b, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
-                HAS_BIAS, HAS_RES, GATED,
+                bias_ptr, stride_b, gate_ptr, stride_g, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
+                HAS_BIAS, HAS_RES, GATED, HAS_GATE,
             )
         else:
             # part: (splits, M, N_W) fp32, contiguous; gated up columns at F + n.
@@ -135,10 +167,10 @@ def _build() -> tuple:
 
     @triton.jit
     def _reduce_kernel(
-        part_ptr, bias_ptr, res_ptr, out_ptr,
+        part_ptr, bias_ptr, res_ptr, out_ptr, gate_ptr,
         M, N_OUT, N_W, S,
-        stride_b, stride_rm, stride_rn, stride_om,
-        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr,
+        stride_b, stride_g, stride_rm, stride_rn, stride_om,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -155,11 +187,61 @@ def _build() -> tuple:
                 acc_up += tl.load(p + s * M * N_W + N_OUT, mask=mask, other=0.0)
         _epilogue(
             acc, acc_up, rows, cols, row_ok, col_ok, N_OUT,
-            bias_ptr, stride_b, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
-            HAS_BIAS, HAS_RES, GATED,
+            bias_ptr, stride_b, gate_ptr, stride_g, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
+            HAS_BIAS, HAS_RES, GATED, HAS_GATE,
         )
 
-    _KERNELS = (_gemm_kernel, _reduce_kernel)
+    @triton.jit
+    def _qkv_kernel(
+        x_ptr, w_ptr, scale_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
+        M, K, R, start, H, HKV, N_HALF,
+        stride_xm, stride_xk, stride_wk, stride_wn, stride_b,
+        sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+        NORM: tl.constexpr, IN_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EPS: tl.constexpr,
+        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Norm + fused QKV product + rotary + K/V cache write. Programs own BLOCK_N "half
+        columns" j over the (H + 2 Hkv) heads: dims i and i + D/2 of head j // (D/2), i = j % (D/2),
+        i.e. the two halves that rotate-half rotary pairs, loaded as two weight tiles."""
+        HALF: tl.constexpr = D // 2
+        rows = tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = j < N_HALF
+        head = j // HALF
+        i = j % HALF
+        cols = head * D + i
+        acc, acc2, ss = _mainloop(
+            x_ptr, w_ptr, scale_ptr, rows, row_ok, cols, cols + HALF, col_ok, 0, K, K,
+            stride_xm, stride_xk, stride_wk, stride_wn,
+            True, NORM, IN_SCALE, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+        if NORM:
+            r = 1.0 / tl.sqrt(ss / K + EPS)
+            acc *= r[:, None]
+            acc2 *= r[:, None]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc2 += tl.load(bias_ptr + (cols + HALF) * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        # Rotary on q and k heads (tables (M, D/2) fp32: row = batch * R + token), none on v.
+        c = tl.load(cos_ptr + rows[:, None] * HALF + i[None, :], mask=mask, other=1.0)
+        s = tl.load(sin_ptr + rows[:, None] * HALF + i[None, :], mask=mask, other=0.0)
+        rot = (head < H + HKV)[None, :]
+        o1 = tl.where(rot, acc * c - acc2 * s, acc)
+        o2 = tl.where(rot, acc2 * c + acc * s, acc2)
+        # Destinations: q (M, H * D); k / v buffer rows start + token of the row's batch entry.
+        bt = rows // R
+        tk = start + rows % R
+        qp = q_ptr + rows[:, None] * (H * D) + cols[None, :]
+        kp = k_ptr + bt[:, None] * sk_b + tk[:, None] * sk_t + (head - H)[None, :] * sk_h + i[None, :]
+        vp = v_ptr + bt[:, None] * sv_b + tk[:, None] * sv_t + (head - H - HKV)[None, :] * sv_h + i[None, :]
+        p = tl.where((head < H)[None, :], qp, tl.where(rot, kp, vp))
+        tl.store(p, o1.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(p + HALF, o2.to(q_ptr.dtype.element_ty), mask=mask)
+
+    _KERNELS = (_gemm_kernel, _reduce_kernel, _qkv_kernel)
     return _KERNELS
 
 
@@ -183,16 +265,16 @@ def default_config(
 ) -> SkinnyConfig:
     """Tiling for an (m x k) @ (k x n_out [x 2 if gated]) product; given values are kept.
 
-    block_n 64 (one 64 x 64 fp32 accumulator per weight tile), block_k 128 (64 for gated, which
-    loads two weight tiles per step), and split_k = round(sm_count / column tiles), at most one
-    split per K block, so that ~1 program per SM streams its slice of w. For the expert on 132
-    SMs: QKV 40 tiles x 3 splits, Wo 16 x 8, gate/up 64 x 2, down 16 x 8. Untimed: the GPU
-    benchmark should tune these (and num_warps / num_stages) per shape. Offline sm_90 compiles
-    of these defaults (Triton 3.9, bf16, w as W.t() or (K, N)): wgmma, cp.async pipelined,
-    93-124 registers, no spills, 96 KiB shared memory.
+    block_n 64 (32 for gated, which loads two weight tiles per step), block_k 128 (64 gated), 3
+    stages, 4 warps, and split_k = round(sm_count / column tiles), at most one split per K block,
+    so that ~1 program per SM streams its slice of w. For the expert on 132 SMs: QKV 40 tiles x 3
+    splits, Wo 16 x 8, gate/up 128 x 1, down 16 x 8. The gated default is the fastest correct
+    tiling of the H200 tune (scripts/gemm_tune.py, docs/PERFORMANCE.md round 3: 7.4 us for the
+    expert's norm + gate/up + GELU); the plain products there stayed at cuBLAS's speed.
     """
     del m  # all rows live in one program; kept in the signature for tuning tables keyed on shape
-    block_n = 64 if block_n is None else block_n
+    if block_n is None:
+        block_n = 32 if gated else 64
     if block_k is None:
         block_k = 64 if gated else 128
     tiles = -(-n_out // block_n)
@@ -200,8 +282,8 @@ def default_config(
     if split_k is None:
         split_k = max(1, min(k_blocks, round(sm_count / tiles)))
     # 4 warps (one warpgroup: wgmma on sm_90). Stages: x + w tiles per stage are 32 KiB
-    # (64x128 + 128x64 bf16) plain, 24 KiB gated (64x64 + 2 x 64x64); 3-4 stages stay < 100 KiB.
-    return SkinnyConfig(block_n, block_k, split_k, 4, 4 if gated else 3)
+    # (64x128 + 128x64 bf16) plain, 16 KiB gated (64x64 + 2 x 64x32); 3 stages stay < 100 KiB.
+    return SkinnyConfig(block_n, block_k, split_k, 4, 3)
 
 
 def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -223,6 +305,34 @@ def expert_shapes() -> list[tuple[int, int, int, str]]:
     ]
 
 
+def _kernels() -> tuple:
+    if not HAVE_TRITON:
+        raise RuntimeError("the skinny GEMM kernels need triton (pip install triton); use torch.matmul instead")
+    try:
+        return _build()
+    except ImportError as e:
+        raise RuntimeError(f"the skinny GEMM kernels need a working triton: {e}") from e
+
+
+def _check_vec(name: str, v: torch.Tensor | None, n: int) -> None:
+    if v is not None and v.shape != (n,):
+        raise ValueError(f"{name} must be ({n},); got {tuple(v.shape)}")
+
+
+def _rows_of(x: torch.Tensor, w: torch.Tensor) -> int:
+    """M, after checking x (..., K) against w (K, N)."""
+    if x.dim() < 1 or w.dim() != 2:
+        raise ValueError(f"expected x (..., K) and w (K, N); got {tuple(x.shape)}, {tuple(w.shape)}")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"x's last dim {x.shape[-1]} != w's rows {w.shape[0]} (w is (K, N); pass W.t() for nn.Linear)")
+    if x.dtype != w.dtype:
+        raise ValueError(f"x and w dtypes differ: {x.dtype}, {w.dtype}")
+    m = math.prod(x.shape[:-1])
+    if m > MAX_M:
+        raise ValueError(f"skinny kernels take at most {MAX_M} rows; got {m} (use torch.matmul)")
+    return m
+
+
 def skinny_linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -230,6 +340,9 @@ def skinny_linear(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gated_gelu: bool = False,
+    norm_eps: float | None = None,
+    in_scale: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
     split_k: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
@@ -247,33 +360,29 @@ def skinny_linear(
     on x's last dim and on one of w's dims: Triton specialises stride-1 arguments, which is what
     lets it vectorise and pipeline (cp.async) the tile loads; other strides work, slowly.
 
+    Fusions for the expert's layers: norm_eps: x is RMS-normalised first, with in_scale (K,) as the
+    norm's weight (required: (1 + w) of a Gemma norm, (1 + scale) of an adaptive one, whose
+    shift @ w goes in `bias`); the statistic is summed while x streams through the K loop, so this
+    forces one split. (The norm without a scale was miscompiled for some tilings on an H200 with
+    Triton 3.6 — wrong sums when the loaded x tile fed both the dot and the statistic — hence the
+    requirement.) in_scale alone scales x's columns before the product. col_scale (N_out,): the
+    product is scaled per column before the residual add (Pi0.5's gated residual).
+
     split_k: K splits (None: see default_config); > 1 writes fp32 partials and reduces them in a
     second kernel, in a fixed order. block_n / block_k: powers of two >= 16. num_warps /
     num_stages: for the main kernel. No host sync, so it can be captured in a CUDA graph.
     """
-    if not HAVE_TRITON:
-        raise RuntimeError("skinny_linear needs triton (pip install triton); use torch.matmul instead")
-    try:
-        gemm_kernel, reduce_kernel = _build()
-    except ImportError as e:
-        raise RuntimeError(f"skinny_linear needs a working triton: {e}") from e
-    if x.dim() < 1 or w.dim() != 2:
-        raise ValueError(f"expected x (..., K) and w (K, N); got {tuple(x.shape)}, {tuple(w.shape)}")
+    gemm_kernel, reduce_kernel, _ = _kernels()
+    m = _rows_of(x, w)
     k, n_w = w.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x's last dim {x.shape[-1]} != w's rows {k} (w is (K, N); pass W.t() for nn.Linear)")
-    if x.dtype != w.dtype:
-        raise ValueError(f"x and w dtypes differ: {x.dtype}, {w.dtype}")
     lead = x.shape[:-1]
-    m = math.prod(lead)
-    if m > MAX_M:
-        raise ValueError(f"skinny_linear takes at most {MAX_M} rows; got {m} (use torch.matmul)")
     if gated_gelu and n_w % 2:
         raise ValueError(f"gated_gelu needs an even number of columns [gate | up]; got {n_w}")
     n_out = n_w // 2 if gated_gelu else n_w
     out_shape = (*lead, n_out)
-    if bias is not None and bias.shape != (n_w,):
-        raise ValueError(f"bias must be ({n_w},); got {tuple(bias.shape)}")
+    _check_vec("bias", bias, n_w)
+    _check_vec("in_scale", in_scale, k)
+    _check_vec("col_scale", col_scale, n_out)
     if residual is not None and residual.shape != out_shape:
         raise ValueError(f"residual must have the output's shape {out_shape}; got {tuple(residual.shape)}")
     for name, v in (("block_n", block_n), ("block_k", block_k)):
@@ -281,6 +390,12 @@ def skinny_linear(
             raise ValueError(f"{name}={v} must be a power of two >= 16 (tl.dot blocks)")
     if split_k is not None and split_k < 1:
         raise ValueError(f"split_k={split_k} must be >= 1")
+    if norm_eps is not None:
+        if in_scale is None:
+            raise ValueError("norm_eps needs in_scale (the norm's weight; ones for a weightless norm)")
+        if split_k not in (None, 1):
+            raise ValueError(f"norm_eps needs one split (the norm sums all of K); got split_k={split_k}")
+        split_k = 1
 
     out = torch.empty(out_shape, device=x.device, dtype=x.dtype)
     if m == 0 or n_out == 0:
@@ -289,6 +404,7 @@ def skinny_linear(
     out2 = out.view(m, n_out)
     res2 = residual.reshape(m, n_out) if residual is not None else out2  # unused without HAS_RES
     bias_t = bias if bias is not None else out2  # unused without HAS_BIAS
+    gate_t = col_scale if col_scale is not None else out2
 
     cfg = default_config(m, k, n_out, gated_gelu, _sm_count(x.device), block_n, block_k, split_k)
     num_warps = cfg.num_warps if num_warps is None else num_warps
@@ -299,15 +415,19 @@ def skinny_linear(
     part = out2 if direct else torch.empty(splits, m, n_w, device=x.device, dtype=torch.float32)
     block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot needs >= 16 rows
 
-    common = {"HAS_BIAS": bias is not None, "HAS_RES": residual is not None, "GATED": gated_gelu}
+    common = {"HAS_BIAS": bias is not None, "HAS_RES": residual is not None, "GATED": gated_gelu,
+              "HAS_GATE": col_scale is not None}
     strides = (
         bias_t.stride(0) if bias is not None else 0,
+        gate_t.stride(0) if col_scale is not None else 0,
         res2.stride(0), res2.stride(1), out2.stride(0),
     )
     gemm_kernel[(-(-n_out // bn), splits)](
-        x2, w, bias_t, res2, out2, part,
+        x2, w, bias_t, res2, out2, part, in_scale if in_scale is not None else out2, gate_t,
         m, k, n_out, n_w, k_per_split,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *strides,
+        NORM=norm_eps is not None, IN_SCALE=in_scale is not None,
+        EPS=float(norm_eps or 0.0),  # constexpr: a float argument becomes fp64 under inductor
         DIRECT=direct, EVEN_K=k % bk == 0, EVEN_N=n_out % bn == 0,
         DOT_F32=_dot_f32(gemm_kernel, x.dtype),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
@@ -316,8 +436,84 @@ def skinny_linear(
     if not direct:
         red_m, red_n = 16, 128
         reduce_kernel[(-(-m // red_m), -(-n_out // red_n))](
-            part, bias_t, res2, out2,
+            part, bias_t, res2, out2, gate_t,
             m, n_out, n_w, splits, *strides,
             BLOCK_M=red_m, BLOCK_N=red_n, num_warps=4, **common,
         )
     return out
+
+
+def fused_qkv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    start: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    *,
+    norm_eps: float | None,
+    in_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    block_n: int | None = None,
+    block_k: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """One kernel for a Gemma attention block's input side, for few rows: RMS norm (norm_eps, with
+    the norm's weight as in_scale (K,), required as in skinny_linear; None: no norm), bias (N,)
+    (an adaptive norm's shift @ w), the fused [q | k | v] product, rotate-half rotary on q and k,
+    and the K/V write into the cache buffers. Returns rotated q (B, R, heads, D).
+
+    x (B, R, K) with B * R <= 64; w (K, (heads + 2 kv_heads) D) (W.t() of the fused nn.Linear
+    weight); k_buf / v_buf (B, T, kv_heads, D), unit stride on the last dim: rows
+    [start, start + R) are written. cos / sin: (B * R, D / 2) float32 tables of the rows' positions
+    (cos and sin of position x inverse frequency). Same numbers as norm -> linear -> rope in fp32,
+    rounded once.
+    """
+    _, _, qkv_kernel = _kernels()
+    m = _rows_of(x, w)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, R, K); got {tuple(x.shape)}")
+    b, r, k = x.shape
+    d = k_buf.shape[-1]
+    n_w = w.shape[1]
+    if n_w != (heads + 2 * kv_heads) * d or d % 2:
+        raise ValueError(f"w has {n_w} columns; expected (heads + 2 kv_heads) x head dim = {(heads + 2 * kv_heads) * d}")
+    for name, buf in (("k_buf", k_buf), ("v_buf", v_buf)):
+        if buf.dim() != 4 or buf.shape[0] != b or buf.shape[2] != kv_heads or buf.shape[3] != d or buf.stride(-1) != 1:
+            raise ValueError(f"{name} must be (B={b}, T, {kv_heads}, {d}) with a unit last stride; got {tuple(buf.shape)}")
+        if not 0 <= start <= buf.shape[1] - r:
+            raise ValueError(f"rows [{start}, {start + r}) do not fit {name}'s {buf.shape[1]} rows")
+        if buf.dtype != x.dtype:
+            raise ValueError(f"{name} dtype {buf.dtype} != x dtype {x.dtype}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape != (m, d // 2) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous ({m}, {d // 2}) table; got {tuple(t.shape)}")
+    _check_vec("bias", bias, n_w)
+    _check_vec("in_scale", in_scale, k)
+    if norm_eps is not None and in_scale is None:
+        raise ValueError("norm_eps needs in_scale (the norm's weight; ones for a weightless norm)")
+    q = torch.empty(b, r, heads, d, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return q
+    half = d // 2
+    n_half = n_w // 2
+    bn = block_n or 16  # H200 tune (scripts/gemm_tune.py): 16 x 64 tiles, 4 warps, 3 stages, 80 programs
+    bk = block_k
+    x2 = x.reshape(m, k)
+    qkv_kernel[(-(-n_half // bn),)](
+        x2, w, in_scale if in_scale is not None else q, bias if bias is not None else q,
+        cos, sin, q, k_buf, v_buf,
+        m, k, r, start, heads, kv_heads, n_half,
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
+        k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
+        NORM=norm_eps is not None, IN_SCALE=in_scale is not None, HAS_BIAS=bias is not None,
+        EPS=float(norm_eps or 0.0), EVEN_K=k % bk == 0, EVEN_N=n_half % bn == 0,
+        DOT_F32=_dot_f32(qkv_kernel, x.dtype), D=d,
+        BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return q
