@@ -196,7 +196,7 @@ def _residual_product(x, a, w_t, gate, gemm: str = "torch"):
     skinny_linear with the gate and the residual in its epilogue; else cuBLAS (addmm carries the
     plain residual in its epilogue)."""
     if gemm == "triton":
-        return skinny_linear(a, w_t, residual=x, col_scale=gate)
+        return skinny_linear(a, w_t, residual=x, col_scale=None if gate is None else gate.reshape(-1))
     if gate is not None:
         return torch.addcmul(x, a @ w_t, gate)
     return torch.addmm(x.reshape(-1, x.shape[-1]), a.reshape(-1, a.shape[-1]), w_t).view(x.shape)
@@ -235,17 +235,17 @@ def _expert_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, 
 def _expert_layer_fused(x, qkv_t, gate_up_t, o_t, down_t, in_norm, post_norm, cos_h, sin_h, bias, k_buf, v_buf,
                         start: int, heads: int, kv_heads: int, eps: float, cond=None, attn: str = "triton",
                         gemm: str = "fused"):
-    """The same layer for <= 64 rows in fewer kernels (skinny_gemm): norm + QKV + rotary + K/V
-    write in one (fused_qkv), norm + gate/up + gated GELU in another, with the norm weight (Pi0's
-    (1 + w), Pi0.5's per-step (1 + scale)) as the kernels' in_scale; qkv_t / gate_up_t are (K, N).
-    The residual products go through cuBLAS ("fused") or skinny_linear ("triton"). cos_h / sin_h:
-    (rows, D/2) tables. `cond` = Pi0.5's per-step (scale1p, shift @ Wqkv^T, gate, scale1p,
-    shift @ Wgu^T, gate) as vectors."""
-    s1, b1, g1, s2, b2, g2 = (in_norm, None, None, post_norm, None, None) if cond is None else cond
-    q = fused_qkv(x, qkv_t, k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads, norm_eps=eps, in_scale=s1, bias=b1)
+    """The same layer for <= 64 rows in fewer kernels (skinny_gemm): after each norm, QKV + rotary
+    + K/V write in one kernel (fused_qkv) and gate/up + gated GELU in another; qkv_t / gate_up_t
+    are (K, N) views. The residual products go through cuBLAS ("fused") or skinny_linear
+    ("triton"). cos_h / sin_h: (rows, D/2) tables. `cond` as in _expert_layer."""
+    w = x.shape[-1]
+    s1, b1, g1, s2, b2, g2 = (None,) * 6 if cond is None else cond
+    h = F.rms_norm(x, (w,), in_norm, eps) if cond is None else _ada_norm(x, eps, s1, b1)
+    q = fused_qkv(h, qkv_t, k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads)
     x = _residual_product(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, g1, gemm)
-    act = skinny_linear(x, gate_up_t, gated_gelu=True, norm_eps=eps, in_scale=s2, bias=b2)
-    return _residual_product(x, act, down_t, g2, gemm)
+    h = F.rms_norm(x, (w,), post_norm, eps) if cond is None else _ada_norm(x, eps, s2, b2)
+    return _residual_product(x, skinny_linear(h, gate_up_t, gated_gelu=True), down_t, g2, gemm)
 
 
 # ---- static buffers and graphs -------------------------------------------------------------------
@@ -367,8 +367,7 @@ class FastPi0:
         if expert_gemm != "torch" and not HAVE_TRITON:
             raise ValueError(f"expert_gemm={expert_gemm!r} needs triton (pip install triton); use 'torch'")
         self.expert_gemm = expert_gemm
-        # Fused path: (QKV, gate/up) as (K, N) views; Pi0's norm weights (1 + w) enter as the
-        # kernels' in_scale, as Pi0.5's adaptive (1 + scale) does.
+        # Fused path: (QKV, gate/up) as (K, N) views.
         self.exp_fused = [] if expert_gemm == "torch" else [(w.qkv.t(), w.gate_up.t()) for w in self.exp]
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode: expected one of {COMPILE_MODES} or None, got {compile_mode!r}")
@@ -408,19 +407,15 @@ class FastPi0:
                     tables.append(F.linear(te, self._at_w_t, m.action_time_mlp_in.bias))
                     continue
                 cond = F.silu(m.time_mlp_out(F.silu(m.time_mlp_in(te))))
-                per_layer, fused = [], []
-                for li, layer in enumerate(m.expert.layers):
-                    vals, fvals = [], []
-                    for j, norm in enumerate((layer.in_norm, layer.post_norm)):
+                per_layer = []
+                for layer in m.expert.layers:
+                    vals = []
+                    for norm in (layer.in_norm, layer.post_norm):
                         sc, sh, g = norm.dense(cond).unsqueeze(1).chunk(3, dim=-1)
                         vals += [(1.0 + sc.float()).to(dt), sh, g]
-                        if self.exp_fused:  # the shift's product with the next weight, once per step
-                            w = self.exp[li].qkv if j == 0 else self.exp[li].gate_up
-                            fvals += [vals[-3].flatten(), F.linear(sh.float(), w.float()).flatten(), g.flatten()]
                     per_layer.append(tuple(vals))
-                    fused.append(tuple(fvals))
                 sc, sh, _ = m.expert.norm.dense(cond).unsqueeze(1).chunk(3, dim=-1)
-                tables.append((per_layer, (1.0 + sc.float()).to(dt), sh, fused))
+                tables.append((per_layer, (1.0 + sc.float()).to(dt), sh))
         self._tables[steps] = tables
         return tables
 
@@ -523,10 +518,10 @@ class FastPi0:
         for i in range(steps):
             a = F.linear(x.to(dt), m.action_in_proj.weight, m.action_in_proj.bias)
             if cfg.adarms:
-                per_layer, f_s, f_b, fused = tables[i]
+                per_layer, f_s, f_b = tables[i]
                 h = a
             else:
-                per_layer = fused = None
+                per_layer = None
                 at = torch.addmm(tables[i], a.reshape(-1, ex.width), self._at_w_a_t).view(b, c, ex.width)
                 suffix[:, 1:].copy_(F.linear(F.silu(at), m.action_time_mlp_out.weight, m.action_time_mlp_out.bias))
                 h = suffix
@@ -535,7 +530,7 @@ class FastPi0:
                     h = self._exp_fused_fn(
                         h, *self.exp_fused[li], w.o_t, w.down_t, w.in_norm, w.post_norm, cos_h, sin_h, bias,
                         st.k[li], st.v[li], t, ex.num_heads, ex.num_kv_heads, ex.eps,
-                        fused[li] if fused is not None else None, self.expert_attn, self.expert_gemm,
+                        per_layer[li] if per_layer is not None else None, self.expert_attn, self.expert_gemm,
                     )
                     continue
                 h = self._exp_fn(

@@ -48,34 +48,27 @@ def _build() -> tuple:
 
     @triton.jit
     def _mainloop(
-        x_ptr, w_ptr, scale_ptr, rows, row_ok, cols, cols2, col_ok, k_lo, k_hi, K,
+        x_ptr, w_ptr, rows, row_ok, cols, cols2, col_ok, k_lo, k_hi, K,
         stride_xm, stride_xk, stride_wk, stride_wn,
-        DUAL: tl.constexpr, NORM: tl.constexpr, IN_SCALE: tl.constexpr,
-        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
+        DUAL: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """fp32 sums x[:, k_lo:k_hi] @ w[k_lo:k_hi, cols] (and @ w[.., cols2] when DUAL), plus the
-        rows' sums of squares of x (NORM: the RMSNorm statistic, free while x streams by).
-        IN_SCALE: x's columns are multiplied by scale[k] before the product (adaptive norms)."""
+        """fp32 sums x[:, k_lo:k_hi] @ w[k_lo:k_hi, cols] (and @ w[.., cols2] when DUAL). The x
+        tile feeds the dot and nothing else: a variant that also summed its squares (a fused RMS
+        norm) was miscompiled for some tilings on an H200 with Triton 3.6 (wrong sums), and one
+        that scaled it first ran at half speed (docs/PERFORMANCE.md, round 3)."""
         kk = tl.arange(0, BLOCK_K)
         x_base = x_ptr + rows[:, None] * stride_xm
         w_base = w_ptr + cols[None, :] * stride_wn
         u_base = w_ptr + cols2[None, :] * stride_wn
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + kk
             if EVEN_K:
                 xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None], other=0.0)
             else:
                 xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
-            if NORM:
-                xf = xt.to(tl.float32)
-                ss += tl.sum(xf * xf, 1)
-            if IN_SCALE:
-                sc = tl.load(scale_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-                xt = (xt.to(tl.float32) * sc[None, :]).to(xt.dtype)
             if EVEN_K and EVEN_N:
                 wt = tl.load(w_base + k[:, None] * stride_wk)
             else:
@@ -93,7 +86,7 @@ def _build() -> tuple:
                     acc2 += tl.dot(xt.to(tl.float32), ut.to(tl.float32))
                 else:
                     acc2 += tl.dot(xt, ut)
-        return acc, acc2, ss
+        return acc, acc2
 
     @triton.jit
     def _epilogue(
@@ -124,11 +117,11 @@ def _build() -> tuple:
 
     @triton.jit
     def _gemm_kernel(
-        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, scale_ptr, gate_ptr,
+        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, gate_ptr,
         M, K, N_OUT, N_W, k_per_split,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_b, stride_g, stride_rm, stride_rn, stride_om,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
-        NORM: tl.constexpr, IN_SCALE: tl.constexpr, EPS: tl.constexpr, DIRECT: tl.constexpr,
+        DIRECT: tl.constexpr,
         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -141,15 +134,11 @@ def _build() -> tuple:
         k_lo = pid_k * k_per_split  # a multiple of BLOCK_K
         k_hi = tl.minimum(k_lo + k_per_split, K)
         # Up columns: F = N_OUT further (only read when GATED).
-        acc, acc_up, ss = _mainloop(
-            x_ptr, w_ptr, scale_ptr, rows, row_ok, cols, cols + N_OUT, col_ok, k_lo, k_hi, K,
+        acc, acc_up = _mainloop(
+            x_ptr, w_ptr, rows, row_ok, cols, cols + N_OUT, col_ok, k_lo, k_hi, K,
             stride_xm, stride_xk, stride_wk, stride_wn,
-            GATED, NORM, IN_SCALE, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
+            GATED, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-        if NORM:  # one split only: ss covers all of K. rms_norm(x) @ w = rsqrt(mean(x^2) + eps) * (x @ w)
-            r = 1.0 / tl.sqrt(ss / K + EPS)
-            acc *= r[:, None]
-            acc_up *= r[:, None]
 
         if DIRECT:
             _epilogue(
@@ -193,15 +182,14 @@ def _build() -> tuple:
 
     @triton.jit
     def _qkv_kernel(
-        x_ptr, w_ptr, scale_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
+        x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
         M, K, R, start, H, HKV, N_HALF,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_b,
         sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-        NORM: tl.constexpr, IN_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EPS: tl.constexpr,
-        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, D: tl.constexpr,
+        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """Norm + fused QKV product + rotary + K/V cache write. Programs own BLOCK_N "half
+        """Fused QKV product + rotary + K/V cache write. Programs own BLOCK_N "half
         columns" j over the (H + 2 Hkv) heads: dims i and i + D/2 of head j // (D/2), i = j % (D/2),
         i.e. the two halves that rotate-half rotary pairs, loaded as two weight tiles."""
         HALF: tl.constexpr = D // 2
@@ -212,15 +200,11 @@ def _build() -> tuple:
         head = j // HALF
         i = j % HALF
         cols = head * D + i
-        acc, acc2, ss = _mainloop(
-            x_ptr, w_ptr, scale_ptr, rows, row_ok, cols, cols + HALF, col_ok, 0, K, K,
+        acc, acc2 = _mainloop(
+            x_ptr, w_ptr, rows, row_ok, cols, cols + HALF, col_ok, 0, K, K,
             stride_xm, stride_xk, stride_wk, stride_wn,
-            True, NORM, IN_SCALE, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
+            True, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-        if NORM:
-            r = 1.0 / tl.sqrt(ss / K + EPS)
-            acc *= r[:, None]
-            acc2 *= r[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             acc2 += tl.load(bias_ptr + (cols + HALF) * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -270,7 +254,7 @@ def default_config(
     so that ~1 program per SM streams its slice of w. For the expert on 132 SMs: QKV 40 tiles x 3
     splits, Wo 16 x 8, gate/up 128 x 1, down 16 x 8. The gated default is the fastest correct
     tiling of the H200 tune (scripts/gemm_tune.py, docs/PERFORMANCE.md round 3: 7.4 us for the
-    expert's norm + gate/up + GELU); the plain products there stayed at cuBLAS's speed.
+    expert's gate/up + GELU); the plain products there stayed at cuBLAS's speed.
     """
     del m  # all rows live in one program; kept in the signature for tuning tables keyed on shape
     if block_n is None:
@@ -340,8 +324,6 @@ def skinny_linear(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gated_gelu: bool = False,
-    norm_eps: float | None = None,
-    in_scale: torch.Tensor | None = None,
     col_scale: torch.Tensor | None = None,
     split_k: int | None = None,
     block_n: int | None = None,
@@ -360,13 +342,8 @@ def skinny_linear(
     on x's last dim and on one of w's dims: Triton specialises stride-1 arguments, which is what
     lets it vectorise and pipeline (cp.async) the tile loads; other strides work, slowly.
 
-    Fusions for the expert's layers: norm_eps: x is RMS-normalised first, with in_scale (K,) as the
-    norm's weight (required: (1 + w) of a Gemma norm, (1 + scale) of an adaptive one, whose
-    shift @ w goes in `bias`); the statistic is summed while x streams through the K loop, so this
-    forces one split. (The norm without a scale was miscompiled for some tilings on an H200 with
-    Triton 3.6 — wrong sums when the loaded x tile fed both the dot and the statistic — hence the
-    requirement.) in_scale alone scales x's columns before the product. col_scale (N_out,): the
-    product is scaled per column before the residual add (Pi0.5's gated residual).
+    col_scale (N_out,): the product is scaled per column before the residual add (Pi0.5's gated
+    residual).
 
     split_k: K splits (None: see default_config); > 1 writes fp32 partials and reduces them in a
     second kernel, in a fixed order. block_n / block_k: powers of two >= 16. num_warps /
@@ -381,7 +358,6 @@ def skinny_linear(
     n_out = n_w // 2 if gated_gelu else n_w
     out_shape = (*lead, n_out)
     _check_vec("bias", bias, n_w)
-    _check_vec("in_scale", in_scale, k)
     _check_vec("col_scale", col_scale, n_out)
     if residual is not None and residual.shape != out_shape:
         raise ValueError(f"residual must have the output's shape {out_shape}; got {tuple(residual.shape)}")
@@ -390,12 +366,6 @@ def skinny_linear(
             raise ValueError(f"{name}={v} must be a power of two >= 16 (tl.dot blocks)")
     if split_k is not None and split_k < 1:
         raise ValueError(f"split_k={split_k} must be >= 1")
-    if norm_eps is not None:
-        if in_scale is None:
-            raise ValueError("norm_eps needs in_scale (the norm's weight; ones for a weightless norm)")
-        if split_k not in (None, 1):
-            raise ValueError(f"norm_eps needs one split (the norm sums all of K); got split_k={split_k}")
-        split_k = 1
 
     out = torch.empty(out_shape, device=x.device, dtype=x.dtype)
     if m == 0 or n_out == 0:
@@ -423,11 +393,9 @@ def skinny_linear(
         res2.stride(0), res2.stride(1), out2.stride(0),
     )
     gemm_kernel[(-(-n_out // bn), splits)](
-        x2, w, bias_t, res2, out2, part, in_scale if in_scale is not None else out2, gate_t,
+        x2, w, bias_t, res2, out2, part, gate_t,
         m, k, n_out, n_w, k_per_split,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *strides,
-        NORM=norm_eps is not None, IN_SCALE=in_scale is not None,
-        EPS=float(norm_eps or 0.0),  # constexpr: a float argument becomes fp64 under inductor
         DIRECT=direct, EVEN_K=k % bk == 0, EVEN_N=n_out % bn == 0,
         DOT_F32=_dot_f32(gemm_kernel, x.dtype),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
@@ -454,23 +422,20 @@ def fused_qkv(
     heads: int,
     kv_heads: int,
     *,
-    norm_eps: float | None,
-    in_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     block_n: int | None = None,
     block_k: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
-    """One kernel for a Gemma attention block's input side, for few rows: RMS norm (norm_eps, with
-    the norm's weight as in_scale (K,), required as in skinny_linear; None: no norm), bias (N,)
-    (an adaptive norm's shift @ w), the fused [q | k | v] product, rotate-half rotary on q and k,
-    and the K/V write into the cache buffers. Returns rotated q (B, R, heads, D).
+    """One kernel for a Gemma attention block's input side after its norm, for few rows: the fused
+    [q | k | v] product (+ bias (N,)), rotate-half rotary on q and k, and the K/V write into the
+    cache buffers. Returns rotated q (B, R, heads, D).
 
     x (B, R, K) with B * R <= 64; w (K, (heads + 2 kv_heads) D) (W.t() of the fused nn.Linear
     weight); k_buf / v_buf (B, T, kv_heads, D), unit stride on the last dim: rows
     [start, start + R) are written. cos / sin: (B * R, D / 2) float32 tables of the rows' positions
-    (cos and sin of position x inverse frequency). Same numbers as norm -> linear -> rope in fp32,
+    (cos and sin of position x inverse frequency). Same numbers as linear -> rope in fp32,
     rounded once.
     """
     _, _, qkv_kernel = _kernels()
@@ -493,25 +458,20 @@ def fused_qkv(
         if t.shape != (m, d // 2) or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous ({m}, {d // 2}) table; got {tuple(t.shape)}")
     _check_vec("bias", bias, n_w)
-    _check_vec("in_scale", in_scale, k)
-    if norm_eps is not None and in_scale is None:
-        raise ValueError("norm_eps needs in_scale (the norm's weight; ones for a weightless norm)")
     q = torch.empty(b, r, heads, d, device=x.device, dtype=x.dtype)
     if m == 0:
         return q
-    half = d // 2
     n_half = n_w // 2
     bn = block_n or 16  # H200 tune (scripts/gemm_tune.py): 16 x 64 tiles, 4 warps, 3 stages, 80 programs
     bk = block_k
     x2 = x.reshape(m, k)
     qkv_kernel[(-(-n_half // bn),)](
-        x2, w, in_scale if in_scale is not None else q, bias if bias is not None else q,
+        x2, w, bias if bias is not None else q,
         cos, sin, q, k_buf, v_buf,
         m, k, r, start, heads, kv_heads, n_half,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
         k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
-        NORM=norm_eps is not None, IN_SCALE=in_scale is not None, HAS_BIAS=bias is not None,
-        EPS=float(norm_eps or 0.0), EVEN_K=k % bk == 0, EVEN_N=n_half % bn == 0,
+        HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, EVEN_N=n_half % bn == 0,
         DOT_F32=_dot_f32(qkv_kernel, x.dtype), D=d,
         BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps, num_stages=num_stages,
