@@ -312,3 +312,17 @@ def test_fused_qkv_rejects_bad_shapes():
         fused_qkv(x, w, kb, kb.clone(), 0, tab[:3], tab, 4, 1)
     with pytest.raises(ValueError, match="k_buf"):
         fused_qkv(x, w, torch.zeros(1, 10, 2, 16), kb.clone(), 0, tab, tab, 4, 1)
+
+
+def test_auto_expert_gemm_follows_the_measurements(monkeypatch):
+    from kvreuse.model import fast as fast_mod
+    from kvreuse.model.fast import resolve_gemm
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_gemm("auto", cuda, adarms=False, compiled=True) == "triton"
+    assert resolve_gemm("auto", cuda, adarms=True, compiled=False) == "triton"
+    assert resolve_gemm("auto", cuda, adarms=True, compiled=True) == "torch"
+    assert resolve_gemm("auto", cpu, adarms=False, compiled=False) == "torch"
+    assert resolve_gemm("fused", cpu, adarms=True, compiled=True) == "fused"
+    monkeypatch.setattr(fast_mod, "HAVE_TRITON", False)
+    assert resolve_gemm("auto", cuda, adarms=False, compiled=False) == "torch"

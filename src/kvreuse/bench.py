@@ -233,7 +233,7 @@ def run_bench(
     reuse_eager: bool = True,
     profile: str | None = None,
     compile_mode: str = "default",
-    expert_gemm: str = "torch",
+    expert_gemm: str = "auto",
 ) -> None:
     """Time the fast runtime at full size (random weights unless --checkpoint) and compare it
     with the eager model and, when importable, lerobot's PI0Pytorch / PI05Pytorch.
@@ -243,7 +243,9 @@ def run_bench(
     --prefix-attn / --expert-attn: attention kernel of the fast path (sdpa, fp32, math,
     efficient, cudnn, triton; auto = triton for the expert on CUDA when installed);
     --compile-mode max-autotune-no-cudagraphs: inductor autotunes its GEMMs (longer warm-up);
-    --expert-gemm triton: the expert's products through skinny_gemm (not measured yet); --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
+    --expert-gemm torch|fused|triton: the expert's products through cuBLAS, or fused Triton kernels
+    (fused_qkv + gated skinny GEMM; triton: also the residual products); auto picks per
+    docs/PERFORMANCE.md round 3; --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
     rep = bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager,
                 reuse, partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn, expert_attn,
                 variants, reuse_eager, profile, compile_mode=compile_mode, expert_gemm=expert_gemm)
@@ -263,9 +265,9 @@ def run_bench(
 
 def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager, reuse,
           partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="sdpa", expert_attn="auto",
-          variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="torch") -> Report:
+          variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="auto") -> Report:
     from .model import preset as get_preset
-    from .model.fast import FastPi0, resolve_attn
+    from .model.fast import FastPi0, resolve_attn, resolve_gemm
 
     for name, v in (("batch", batch), ("cameras", cameras), ("steps", steps), ("chunk", chunk), ("iters", iters)):
         if v < 1:
@@ -294,7 +296,9 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     expert_attn = resolve_attn(expert_attn, torch.device(device), expert=True)
     rep = Report(preset if not checkpoint else checkpoint, dev_name,
                  dict(batch=batch, cameras=len(cfg.cameras), steps=steps, chunk=cfg.chunk_size, dtype="bf16",
-                      prefix_tokens=cfg.prefix_len, attn=f"{prefix_attn}/{expert_attn}", gemm=expert_gemm, torch=torch.__version__))
+                      prefix_tokens=cfg.prefix_len, attn=f"{prefix_attn}/{expert_attn}", torch=torch.__version__,
+                      gemm=expert_gemm if expert_gemm != "auto" else "auto: " + "/".join(
+                          resolve_gemm("auto", torch.device(device), cfg.adarms, c) for c in (False, True))))
     t_build = time.perf_counter()
     if model is None:
         model = build_random(cfg, device, seed=seed)

@@ -165,6 +165,17 @@ def resolve_attn(kind: str, device: torch.device, expert: bool) -> str:
     return "triton" if device.type == "cuda" and HAVE_TRITON else "fp32"
 
 
+def resolve_gemm(kind: str, device: torch.device, adarms: bool, compiled: bool) -> str:
+    """"auto" -> what measured fastest (docs/PERFORMANCE.md, round 3, H200): the fused Triton
+    expert ("triton") on a CUDA GPU with Triton, except Pi0.5 under torch.compile, where inductor's
+    fusion of the adaptive norms around cuBLAS products won (10.0 vs 10.4 ms denoise); else cuBLAS."""
+    if kind != "auto":
+        return kind
+    if device.type != "cuda" or not HAVE_TRITON or (adarms and compiled):
+        return "torch"
+    return "triton"
+
+
 def _ada_norm(x, eps: float, scale1p, shift):
     return torch.addcmul(shift, F.rms_norm(x, (x.shape[-1],), None, eps), scale1p)
 
@@ -325,7 +336,7 @@ class FastPi0:
         graphs: bool | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
-        expert_gemm: str = "torch",
+        expert_gemm: str = "auto",
         prefix_attn: str = "sdpa",
         expert_attn: str = "auto",
     ):
@@ -362,8 +373,9 @@ class FastPi0:
         self._qkv_fn = _gemma_qkv
         self._exp_fn = _expert_layer
         self._exp_fused_fn = _expert_layer_fused
-        if expert_gemm not in GEMM_KINDS:
-            raise ValueError(f"expert_gemm: expected one of {GEMM_KINDS}, got {expert_gemm!r}")
+        if expert_gemm not in (*GEMM_KINDS, "auto"):
+            raise ValueError(f"expert_gemm: expected one of {(*GEMM_KINDS, 'auto')}, got {expert_gemm!r}")
+        expert_gemm = resolve_gemm(expert_gemm, model.device, model.cfg.adarms, compile)
         if expert_gemm != "torch" and not HAVE_TRITON:
             raise ValueError(f"expert_gemm={expert_gemm!r} needs triton (pip install triton); use 'torch'")
         self.expert_gemm = expert_gemm
