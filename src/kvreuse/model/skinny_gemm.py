@@ -16,6 +16,12 @@ gated_gelu: w holds [gate | up] columns (2F of them); a program loads the matchi
 tiles (columns n and F + n) and writes gelu_tanh(gate) * up, so the (M, 2F) product never
 reaches memory.
 
+`fused_qkv` (`_qkv_kernel`) is the attention block's input side in one kernel: the fused [q | k | v]
+product, rotate-half rotary on q and k (a program owns column pairs i, i + D/2 of one head, loaded as
+two weight tiles like gate / up) and the K/V write into the runtime's cache buffer. Both kernels share
+the K loop (`_mainloop`). FastPi0(expert_gemm=...) uses them for the action expert
+(docs/PERFORMANCE.md, round 3).
+
 No host syncs (CUDA-graph capturable); only basic `tl` ops so older Tritons (3.x) compile it.
 Triton is imported on the first call, as in kernels.py, so importing this module never loads it.
 """
