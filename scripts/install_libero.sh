@@ -12,7 +12,9 @@
 # Usage: bash scripts/install_libero.sh   (after scripts/install.sh, in its venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -n "${VIRTUAL_ENV:-}" ] || { [ -x .venv/bin/python ] && . .venv/bin/activate; }
+# The repo's venv (scripts/install.sh) wins over whatever venv the caller has active, so that CI
+# and the README's commands install into the environment the tests run in.
+if [ -x .venv/bin/python ]; then . .venv/bin/activate; fi
 PY=${PYTHON:-python}
 # The same folder kvreuse.envs.libero reads (KVREUSE_LIBERO_HOME, default ~/.cache/kvreuse/libero).
 HOME_DIR=$($PY -c "from kvreuse.envs.libero import libero_home; print(libero_home())")
