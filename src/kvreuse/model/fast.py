@@ -180,15 +180,19 @@ def _ada_norm(x, eps: float, scale1p, shift):
     return torch.addcmul(shift, F.rms_norm(x, (x.shape[-1],), None, eps), scale1p)
 
 
+def _norm(x, weight, eps: float, scale1p=None, shift=None):
+    """Gemma's RMSNorm with its (1 + w) weight, or Pi0.5's adaptive one when scale1p is given."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps) if scale1p is None else _ada_norm(x, eps, scale1p, shift)
+
+
 def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start: int, idx, heads: int, kv_heads: int, eps: float,
                scale1p=None, shift=None):
     """Norm, fused QKV, rotary on q and k together; k, v written into the cache buffer rows
     [start, start + R) or, with `idx`, the rows idx. Returns rotated q (B, R, H, D).
     (Writes go through the one buffer argument: aliased buffer arguments would confuse compile.)"""
-    b, r, w = x.shape
+    b, r, _ = x.shape
     d = k_buf.shape[-1]
-    h = F.rms_norm(x, (w,), in_norm, eps) if scale1p is None else _ada_norm(x, eps, scale1p, shift)
-    qkv = F.linear(h, qkv_w)
+    qkv = F.linear(_norm(x, in_norm, eps, scale1p, shift), qkv_w)
     qk = qkv[..., : (heads + kv_heads) * d].view(b, r, heads + kv_heads, d)
     qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin).to(x.dtype)
     k = qk[:, :, heads:]
@@ -215,9 +219,8 @@ def _residual_product(x, a, w_t, gate, gemm: str = "torch"):
 
 def _gemma_finish(x, attn, o_t, post_norm, gate_up, down_t, eps: float, gate1=None, scale1p=None, shift=None, gate2=None):
     """Output projection + residual, gated GELU MLP + residual (Pi0.5: gated residuals)."""
-    w = x.shape[-1]
     x = _residual_product(x, attn, o_t, gate1)
-    h = F.rms_norm(x, (w,), post_norm, eps) if gate1 is None else _ada_norm(x, eps, scale1p, shift)
+    h = _norm(x, post_norm, eps, scale1p, shift)
     m = gate_up.shape[0] // 2
     gu = F.linear(h, gate_up)
     return _residual_product(x, F.gelu(gu[..., :m], approximate="tanh") * gu[..., m:], down_t, gate2)
@@ -243,20 +246,18 @@ def _expert_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, 
     return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, None, gate_up, down_t, eps, g1, s2, b2, g2)
 
 
-def _expert_layer_fused(x, qkv_t, gate_up_t, o_t, down_t, in_norm, post_norm, cos_h, sin_h, bias, k_buf, v_buf,
+def _expert_layer_fused(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos_h, sin_h, bias, k_buf, v_buf,
                         start: int, heads: int, kv_heads: int, eps: float, cond=None, attn: str = "triton",
                         gemm: str = "fused"):
-    """The same layer for <= 64 rows in fewer kernels (skinny_gemm): after each norm, QKV + rotary
-    + K/V write in one kernel (fused_qkv) and gate/up + gated GELU in another; qkv_t / gate_up_t
-    are (K, N) views. The residual products go through cuBLAS ("fused") or skinny_linear
-    ("triton"). cos_h / sin_h: (rows, D/2) tables. `cond` as in _expert_layer."""
-    w = x.shape[-1]
+    """The same layer for <= 64 rows in fewer kernels (skinny_gemm), same arguments as
+    _expert_layer but (rows, D/2) rotary tables: after each norm, QKV + rotary + K/V write in one
+    kernel (fused_qkv) and gate/up + gated GELU in another. The residual products go through
+    cuBLAS ("fused") or skinny_linear ("triton")."""
     s1, b1, g1, s2, b2, g2 = (None,) * 6 if cond is None else cond
-    h = F.rms_norm(x, (w,), in_norm, eps) if cond is None else _ada_norm(x, eps, s1, b1)
-    q = fused_qkv(h, qkv_t, k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads)
+    q = fused_qkv(_norm(x, in_norm, eps, s1, b1), qkv_w.t(), k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads)
     x = _residual_product(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, g1, gemm)
-    h = F.rms_norm(x, (w,), post_norm, eps) if cond is None else _ada_norm(x, eps, s2, b2)
-    return _residual_product(x, skinny_linear(h, gate_up_t, gated_gelu=True), down_t, g2, gemm)
+    act = skinny_linear(_norm(x, post_norm, eps, s2, b2), gate_up.t(), gated_gelu=True)
+    return _residual_product(x, act, down_t, g2, gemm)
 
 
 # ---- static buffers and graphs -------------------------------------------------------------------
@@ -379,8 +380,6 @@ class FastPi0:
         if expert_gemm != "torch" and not HAVE_TRITON:
             raise ValueError(f"expert_gemm={expert_gemm!r} needs triton (pip install triton); use 'torch'")
         self.expert_gemm = expert_gemm
-        # Fused path: (QKV, gate/up) as (K, N) views.
-        self.exp_fused = [] if expert_gemm == "torch" else [(w.qkv.t(), w.gate_up.t()) for w in self.exp]
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode: expected one of {COMPILE_MODES} or None, got {compile_mode!r}")
         if compile:
@@ -510,7 +509,7 @@ class FastPi0:
         # Once per call: positions, rotary tables, the [prefix ; suffix] mask, Pi0's state token.
         pos = st.valid.sum(-1, keepdim=True) + torch.arange(s, device=st.valid.device)[None]
         cos, sin = _rope_tables(pos, ex.head_dim, cfg.rope_base)
-        use_fused = bool(self.exp_fused) and b * s <= 64  # skinny kernels take <= 64 rows
+        use_fused = self.expert_gemm != "torch" and b * s <= 64  # skinny kernels take <= 64 rows
         if use_fused:
             half = ex.head_dim // 2
             cos_h = cos[:, :, 0, :half].reshape(b * s, half).contiguous()
@@ -538,18 +537,13 @@ class FastPi0:
                 suffix[:, 1:].copy_(F.linear(F.silu(at), m.action_time_mlp_out.weight, m.action_time_mlp_out.bias))
                 h = suffix
             for li, w in enumerate(self.exp):
+                args = (h, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t)
+                kw = dict(k_buf=st.k[li], v_buf=st.v[li], start=t, heads=ex.num_heads, kv_heads=ex.num_kv_heads,
+                          eps=ex.eps, cond=per_layer[li] if per_layer is not None else None, attn=self.expert_attn)
                 if use_fused:
-                    h = self._exp_fused_fn(
-                        h, *self.exp_fused[li], w.o_t, w.down_t, w.in_norm, w.post_norm, cos_h, sin_h, bias,
-                        st.k[li], st.v[li], t, ex.num_heads, ex.num_kv_heads, ex.eps,
-                        per_layer[li] if per_layer is not None else None, self.expert_attn, self.expert_gemm,
-                    )
-                    continue
-                h = self._exp_fn(
-                    h, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos, sin, bias,
-                    st.k[li], st.v[li], t, ex.num_heads, ex.num_kv_heads, ex.eps,
-                    per_layer[li] if per_layer is not None else None, self.expert_attn,
-                )
+                    h = self._exp_fused_fn(*args, cos_h, sin_h, bias, gemm=self.expert_gemm, **kw)
+                else:
+                    h = self._exp_fn(*args, cos, sin, bias, **kw)
             h = h[:, -c:]
             if cfg.adarms:
                 h = _ada_norm(h, ex.eps, f_s, f_b)
