@@ -5,10 +5,8 @@
 # winner side by side with lerobot 0.6.1 compiled.
 # Usage (repo root, one CUDA GPU): OUT=dir bash scripts/perf_final.sh   -> OUT/*.log
 set -uo pipefail
-OUT=${OUT:-runs/perf_final}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-}
+OUT_DEFAULT=runs/perf_final; . "$(dirname "$0")/perf_env.sh"
 B="python3 -m kvreuse.bench iters=30 reuse=0 lerobot=0 eager=0 check=1 compile=1"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/card.log"
 if [ "${LEROBOT:-0}" = 1 ]; then
   timeout 560 python3 -m kvreuse.bench preset=pi0 iters=10 reuse=0 eager=0 check=0 compile=1 expert_gemm=${GEMM:-triton} \
     lerobot=1 lerobot_compile=1 > "$OUT/pi0_lerobot_compiled.log" 2>&1

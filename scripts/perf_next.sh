@@ -4,10 +4,8 @@
 # kernel profile of it, and the per-product tune (scripts/gemm_tune.py).
 # Usage (repo root, one CUDA GPU): OUT=dir bash scripts/perf_next.sh   -> OUT/*.log, OUT/prof_*.txt
 set -uo pipefail
-OUT=${OUT:-runs/perf_next}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-}
+OUT_DEFAULT=runs/perf_next; . "$(dirname "$0")/perf_env.sh"
 B="python3 -m kvreuse.bench iters=20 reuse=0 lerobot=0 eager=0 check=1"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/card.log"
 timeout 150 $B preset=pi0 compile=1 expert_gemm=fused profile="$OUT/prof_pi0_fused.txt" > "$OUT/pi0_fused.log" 2>&1
 timeout 100 $B preset=pi05 compile=1 expert_gemm=fused > "$OUT/pi05_fused.log" 2>&1
 timeout 100 $B preset=pi0 compile=1 expert_gemm=triton > "$OUT/pi0_triton.log" 2>&1
