@@ -23,6 +23,7 @@ if type(triton.language.zeros).__name__ != "InterpretedFunction":
 
 from kvreuse.model import skinny_gemm
 from kvreuse.model.skinny_gemm import (
+    RowNorm,
     default_config,
     expert_shapes,
     skinny_linear,
@@ -158,10 +159,12 @@ def test_default_config_fills_the_gpu():
         n_out = n // 2 if gated else n
         cfg = default_config(m, k, n_out, gated, 132)
         programs.append(-(-n_out // cfg.block_n) * cfg.split_k)
-    assert programs == [120, 128, 128, 128]  # gate/up: 128 tiles of 32 (x2) columns, one split
+    assert programs == [160, 128, 128, 128]  # gate/up: 128 tiles of 32 (x2) columns, one split
+    assert default_config(51, 2048, 1024, False, 132)[:3] == (32, 128, 4)  # Wo: 32 tiles x 4 splits
+    assert default_config(51, 1024, 4096, True, 132).num_stages == 4
     # Enough column tiles already: no split; at most one split per K block; given values win.
     assert default_config(51, 1024, 16384, False, 132).split_k == 1
-    assert default_config(51, 1024, 3200, False, 132).split_k == 3  # 50 tiles: 150 programs, not 100
+    assert default_config(51, 1024, 1600, False, 132).split_k == 3  # 50 tiles: 150 programs, not 100
     assert default_config(51, 256, 64, False, 132).split_k == 2
     assert default_config(51, 1024, 2560, False, 132, block_n=32, split_k=5) == (32, 128, 5, 4, 3)
 
@@ -203,13 +206,14 @@ def test_bad_inputs_and_missing_triton(monkeypatch):
         skinny_linear(x, w)
 
 
-@pytest.mark.parametrize("gemm", ["fused", "triton"])
+@pytest.mark.parametrize("gemm", ["fused", "triton", "chain"])
 @pytest.mark.parametrize("name", ["tiny-pi0", "tiny-pi05"])
 @torch.no_grad()
 def test_fast_runtime_with_fused_expert_matches_eager(name, gemm, monkeypatch):
-    """FastPi0(expert_gemm="fused" / "triton") runs every expert layer through fused_qkv (QKV,
-    rotary, cache write) and skinny_linear (gate/up + GELU) [+ skinny residual products] and
-    still computes the eager model's actions; batches over 64 suffix rows fall back to cuBLAS."""
+    """FastPi0(expert_gemm="fused" / "triton" / "chain") runs every expert layer through
+    fused_qkv (QKV, rotary, cache write) and skinny_linear (gate/up + GELU) [+ skinny residual
+    products; chain: which also return the next norm] and still computes the eager model's
+    actions; batches over 64 suffix rows fall back to cuBLAS."""
     from kvreuse.bench import build_random, rel_err, synthetic_obs
     from kvreuse.model import fast as fast_mod
     from kvreuse.model import preset
@@ -222,7 +226,7 @@ def test_fast_runtime_with_fused_expert_matches_eager(name, gemm, monkeypatch):
     model = build_random(cfg, "cpu", dtype=torch.float32, seed=0)
     fast = fast_mod.FastPi0(model, expert_gemm=gemm)
     g = torch.Generator().manual_seed(1)
-    per_step = (4 if gemm == "triton" else 2) * cfg.expert.depth
+    per_step = (2 if gemm == "fused" else 4) * cfg.expert.depth
     for batch in (2, 64 // cfg.suffix_len + 1):  # fused (<= 64 rows), then the cuBLAS fallback
         calls.clear()
         obs = synthetic_obs(cfg, batch, "cpu", g)
@@ -235,6 +239,10 @@ def test_fast_runtime_with_fused_expert_matches_eager(name, gemm, monkeypatch):
         if fused:
             assert sum(fn == "fused_qkv" for fn, _ in calls) == cfg.expert.depth * cfg.num_steps
             assert sum(bool(k.get("gated_gelu")) for _, k in calls) == cfg.expert.depth * cfg.num_steps
+            # chain: both residual products hand back the following norm (the last one the final norm)
+            normed = sum(k.get("norm") is not None for _, k in calls)
+            assert normed == (2 * cfg.expert.depth * cfg.num_steps if gemm == "chain" else 0)
+    assert not fast.expert_pdl  # no programmatic dependent launch off the GPU (nor in the interpreter)
 
 
 # ---- fusions for the expert's layers --------------------------------------------------------------
@@ -319,10 +327,69 @@ def test_auto_expert_gemm_follows_the_measurements(monkeypatch):
     from kvreuse.model.fast import resolve_gemm
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert resolve_gemm("auto", cuda, adarms=False, compiled=True) == "triton"
-    assert resolve_gemm("auto", cuda, adarms=True, compiled=False) == "triton"
-    assert resolve_gemm("auto", cuda, adarms=True, compiled=True) == "torch"
+    for adarms in (False, True):
+        for compiled in (False, True):
+            assert resolve_gemm("auto", cuda, adarms=adarms, compiled=compiled) == "chain"
     assert resolve_gemm("auto", cpu, adarms=False, compiled=False) == "torch"
     assert resolve_gemm("fused", cpu, adarms=True, compiled=True) == "fused"
     monkeypatch.setattr(fast_mod, "HAVE_TRITON", False)
     assert resolve_gemm("auto", cuda, adarms=False, compiled=False) == "torch"
+
+
+# ---- norms out of the reduce kernel (the "chain" expert) ---------------------------------------------
+def _rms(y, eps):
+    return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["weight", "adaptive", "plain"])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_residual_product_also_returns_the_row_norm(kind, split_k, dtype):
+    """skinny_linear(norm=RowNorm) returns (out, normed): normed is the RMS norm of the rounded
+    out (x weight, or x scale1p + shift per table row), even with a single split (the reduce kernel
+    runs anyway)."""
+    x, w, _, residual = _data((2, 3), 96, 40, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    eps = 1e-6
+    weight = (1 + 0.1 * torch.randn(40, generator=g)).to(dtype)
+    s1p, shift = (torch.randn(2, 1, 40, generator=g).to(dtype) for _ in range(2))  # one table per batch row
+    gate = torch.randn(40, generator=g)
+    norm = {"weight": RowNorm(eps, weight), "adaptive": RowNorm(eps, None, s1p, shift), "plain": RowNorm(eps)}[kind]
+    out, normed = skinny_linear(x, w, residual=residual, col_scale=gate, norm=norm, split_k=split_k,
+                                block_n=16, block_k=32)
+    ref = (x.float() @ w.float()) * gate + residual.float()
+    _check(out, ref, dtype)
+    h = _rms(out.float(), eps)
+    if kind == "weight":
+        h = h * weight.float()
+    elif kind == "adaptive":
+        h = h * s1p.float() + shift.float()
+    _check(normed, h, dtype)
+    assert normed.shape == out.shape == (2, 3, 40)
+
+
+def test_row_norm_is_checked():
+    x, w, _, _ = _data((4,), 64, 48, torch.float32)
+    with pytest.raises(ValueError, match="gated_gelu"):
+        skinny_linear(x, w, gated_gelu=True, norm=RowNorm(1e-6))
+    with pytest.raises(ValueError, match="norm weight"):
+        skinny_linear(x, w, norm=RowNorm(1e-6, torch.ones(47)))
+    with pytest.raises(ValueError, match="both scale1p and shift"):
+        skinny_linear(x, w, norm=RowNorm(1e-6, None, torch.ones(1, 48)))
+    with pytest.raises(ValueError, match="tables"):
+        skinny_linear(x, w, norm=RowNorm(1e-6, None, torch.ones(3, 48), torch.ones(3, 48)))
+
+
+def test_programmatic_dependent_launch_needs_a_hopper_gpu():
+    from kvreuse.bench import build_random
+    from kvreuse.model import preset
+    from kvreuse.model.fast import FastPi0
+    from kvreuse.model.kernels import pdl_supported
+
+    assert not pdl_supported(torch.device("cpu"))
+    model = build_random(preset("tiny-pi0"), "cpu", dtype=torch.float32, seed=0)
+    with pytest.raises(ValueError, match="expert_pdl"):
+        FastPi0(model, expert_gemm="chain", expert_pdl=True)
+    with pytest.raises(ValueError, match="expert_pdl"):
+        FastPi0(model, expert_gemm="triton", expert_pdl=True)
+    assert not FastPi0(model, expert_gemm="chain").expert_pdl

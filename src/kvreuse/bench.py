@@ -234,6 +234,7 @@ def run_bench(
     profile: str | None = None,
     compile_mode: str = "default",
     expert_gemm: str = "auto",
+    expert_pdl: bool | None = None,
 ) -> None:
     """Time the fast runtime at full size (random weights unless --checkpoint) and compare it
     with the eager model and, when importable, lerobot's PI0Pytorch / PI05Pytorch.
@@ -243,12 +244,14 @@ def run_bench(
     --prefix-attn / --expert-attn: attention kernel of the fast path (sdpa, fp32, math,
     efficient, cudnn, triton; auto = triton for the expert on CUDA when installed);
     --compile-mode max-autotune-no-cudagraphs: inductor autotunes its GEMMs (longer warm-up);
-    --expert-gemm torch|fused|triton: the expert's products through cuBLAS, or fused Triton kernels
-    (fused_qkv + gated skinny GEMM; triton: also the residual products); auto picks per
-    docs/PERFORMANCE.md round 3; --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
+    --expert-gemm torch|fused|triton|chain: the expert's products through cuBLAS, or fused Triton
+    kernels (fused_qkv + gated skinny GEMM; triton: also the residual products; chain: the whole
+    layer as Triton kernels, norms inside the reduce kernels); auto picks per docs/PERFORMANCE.md;
+    --expert-pdl: programmatic dependent launch for the chain (default: where supported); --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
     rep = bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager,
                 reuse, partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn, expert_attn,
-                variants, reuse_eager, profile, compile_mode=compile_mode, expert_gemm=expert_gemm)
+                variants, reuse_eager, profile, compile_mode=compile_mode, expert_gemm=expert_gemm,
+                expert_pdl=expert_pdl)
     print()
     print(rep.table())
     if json_out:
@@ -265,7 +268,8 @@ def run_bench(
 
 def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager, reuse,
           partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="sdpa", expert_attn="auto",
-          variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="auto") -> Report:
+          variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="auto",
+          expert_pdl=None) -> Report:
     from .model import preset as get_preset
     from .model.fast import FastPi0, resolve_attn, resolve_gemm
 
@@ -320,7 +324,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     def fast_section(tag: str, use_compile: bool, attn=(prefix_attn, expert_attn)) -> tuple[FastPi0, torch.Tensor]:
         t0 = time.perf_counter()
         fast = FastPi0(model, compile=use_compile, compile_mode=compile_mode if use_compile else None,
-                       prefix_attn=attn[0], expert_attn=attn[1], expert_gemm=expert_gemm)
+                       prefix_attn=attn[0], expert_attn=attn[1], expert_gemm=expert_gemm, expert_pdl=expert_pdl)
+        rep.config["expert"] = f"{fast.expert_gemm}{' +pdl' if fast.expert_pdl else ''}"
         out = fast.sample_actions(obs, noise)
         cache = fast.encode_prefix(obs)
         fast.denoise(cache, obs, noise)
@@ -403,7 +408,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     if profile and device == "cuda":
         try:
             _profile(model, obs, noise, profile, device, prefix_attn=prefix_attn, expert_attn=expert_attn,
-                     expert_gemm=expert_gemm, compile=compile, compile_mode=compile_mode if compile else None)
+                     expert_gemm=expert_gemm, expert_pdl=expert_pdl, compile=compile,
+                     compile_mode=compile_mode if compile else None)
             rep.notes.append(f"kernel profile of one full inference (no graphs, compile={compile}) written to {profile}")
         except Exception as exc:
             rep.notes.append(f"profile failed: {type(exc).__name__}: {str(exc)[:200]}")

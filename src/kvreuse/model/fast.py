@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 from ..cache import PrefixCache, Span, new_snapshot_id
 from ..observation import Observation
-from .kernels import HAVE_TRITON, mqa_attention
+from .kernels import HAVE_TRITON, mqa_attention, pdl_supported
 from .layers import NEG_INF, sincos_time
 from .pi0 import Pi0Model
-from .skinny_gemm import fused_qkv, skinny_linear
+from .skinny_gemm import RowNorm, fused_qkv, skinny_linear
 
 
 # ---- fused weights ------------------------------------------------------------------------------
@@ -113,7 +113,9 @@ def _rope_tables(positions: torch.Tensor, d: int, base: float):
     return torch.cat([c, c], -1)[:, :, None], torch.cat([-s, s], -1)[:, :, None]
 
 
-GEMM_KINDS = ("torch", "fused", "triton")  # expert products: cuBLAS; fused Triton QKV / MLP-in (+ Triton residual products)
+# Expert products: cuBLAS; fused Triton QKV / MLP-in (+ Triton residual products); "chain": the
+# whole layer as Triton kernels with the norms in the residual products' reduce kernels.
+GEMM_KINDS = ("torch", "fused", "triton", "chain")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 ATTN_KINDS = ("sdpa", "fp32", "math", "efficient", "cudnn", "triton")
 
@@ -166,14 +168,13 @@ def resolve_attn(kind: str, device: torch.device, expert: bool) -> str:
 
 
 def resolve_gemm(kind: str, device: torch.device, adarms: bool, compiled: bool) -> str:
-    """"auto" -> what measured fastest (docs/PERFORMANCE.md, round 3, H200): the fused Triton
-    expert ("triton") on a CUDA GPU with Triton, except Pi0.5 under torch.compile, where inductor's
-    fusion of the adaptive norms around cuBLAS products won (10.0 vs 10.4 ms denoise); else cuBLAS."""
+    """"auto" -> what measured fastest (docs/PERFORMANCE.md, round 4, H200): the all-Triton
+    "chain" expert on a CUDA GPU with Triton, Pi0 and Pi0.5, compiled or not (Pi0 denoise 7.5 ms
+    vs 8.8 for round 3's "triton"; Pi0.5 8.0 vs 9.2); else cuBLAS ("torch")."""
+    del adarms, compiled  # round 3's exception (cuBLAS for Pi0.5 under compile) no longer wins
     if kind != "auto":
         return kind
-    if device.type != "cuda" or not HAVE_TRITON or (adarms and compiled):
-        return "torch"
-    return "triton"
+    return "chain" if device.type == "cuda" and HAVE_TRITON else "torch"
 
 
 def _ada_norm(x, eps: float, scale1p, shift):
@@ -206,12 +207,17 @@ def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start: int, idx, heads
     return qk[:, :, :heads]
 
 
+def _flat(gate):
+    """Pi0.5's (1, 1, W) gate / tables as the kernels' (W,) column vector."""
+    return None if gate is None else gate.reshape(-1)
+
+
 def _residual_product(x, a, w_t, gate, gemm: str = "torch"):
     """x + a @ w_t, or Pi0.5's gated x + gate * (a @ w_t); w_t (K, N). gemm="triton": one
     skinny_linear with the gate and the residual in its epilogue; else cuBLAS (addmm carries the
     plain residual in its epilogue)."""
     if gemm == "triton":
-        return skinny_linear(a, w_t, residual=x, col_scale=None if gate is None else gate.reshape(-1))
+        return skinny_linear(a, w_t, residual=x, col_scale=_flat(gate))
     if gate is not None:
         return torch.addcmul(x, a @ w_t, gate)
     return torch.addmm(x.reshape(-1, x.shape[-1]), a.reshape(-1, a.shape[-1]), w_t).view(x.shape)
@@ -258,6 +264,22 @@ def _expert_layer_fused(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos_
     x = _residual_product(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, g1, gemm)
     act = skinny_linear(_norm(x, post_norm, eps, s2, b2), gate_up.t(), gated_gelu=True)
     return _residual_product(x, act, down_t, g2, gemm)
+
+
+def _expert_layer_chain(x, xn, qkv_w, o_t, post_norm, gate_up, down_t, cos_h, sin_h, bias, k_buf, v_buf,
+                        start: int, heads: int, kv_heads: int, eps: float, cond=None, next_norm: RowNorm | None = None,
+                        pdl: bool = False):
+    """The fused layer as 8 Triton kernels and no torch op: takes the input x and its normed copy
+    xn (this layer's input norm already applied) and returns (output, output under `next_norm`:
+    the next layer's input norm or the final one). Both norms come out of the residual products'
+    reduce kernels. With pdl, each kernel's launch and weight prefetch overlap the previous
+    kernel (a torch op in between would serialise them again)."""
+    _, _, g1, s2, b2, g2 = (None,) * 6 if cond is None else cond
+    q = fused_qkv(xn, qkv_w.t(), k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads, pdl=pdl)
+    attn = mqa_attention(q, k_buf, v_buf, bias[:, 0, :: heads // kv_heads], pdl=pdl)
+    x, h = skinny_linear(attn, o_t, residual=x, col_scale=_flat(g1), norm=RowNorm(eps, post_norm, s2, b2), pdl=pdl)
+    act = skinny_linear(h, gate_up.t(), gated_gelu=True, pdl=pdl)
+    return skinny_linear(act, down_t, residual=x, col_scale=_flat(g2), norm=next_norm, pdl=pdl)
 
 
 # ---- static buffers and graphs -------------------------------------------------------------------
@@ -338,6 +360,7 @@ class FastPi0:
         compile: bool = False,
         compile_mode: str | None = None,
         expert_gemm: str = "auto",
+        expert_pdl: bool | None = None,
         prefix_attn: str = "sdpa",
         expert_attn: str = "auto",
     ):
@@ -380,6 +403,11 @@ class FastPi0:
         if expert_gemm != "torch" and not HAVE_TRITON:
             raise ValueError(f"expert_gemm={expert_gemm!r} needs triton (pip install triton); use 'torch'")
         self.expert_gemm = expert_gemm
+        # Programmatic dependent launch for the "chain" layers: None = wherever it is supported.
+        can_pdl = expert_gemm == "chain" and pdl_supported(model.device)
+        if expert_pdl and not can_pdl:
+            raise ValueError("expert_pdl=True needs expert_gemm='chain' on an sm_90+ GPU with Triton >= 3.4")
+        self.expert_pdl = can_pdl if expert_pdl is None else bool(expert_pdl)
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode: expected one of {COMPILE_MODES} or None, got {compile_mode!r}")
         if compile:
@@ -510,6 +538,7 @@ class FastPi0:
         pos = st.valid.sum(-1, keepdim=True) + torch.arange(s, device=st.valid.device)[None]
         cos, sin = _rope_tables(pos, ex.head_dim, cfg.rope_base)
         use_fused = self.expert_gemm != "torch" and b * s <= 64  # skinny kernels take <= 64 rows
+        chain = use_fused and self.expert_gemm == "chain"  # Triton only (attention too), no compile
         if use_fused:
             half = ex.head_dim // 2
             cos_h = cos[:, :, 0, :half].reshape(b * s, half).contiguous()
@@ -536,7 +565,9 @@ class FastPi0:
                 at = torch.addmm(tables[i], a.reshape(-1, ex.width), self._at_w_a_t).view(b, c, ex.width)
                 suffix[:, 1:].copy_(F.linear(F.silu(at), m.action_time_mlp_out.weight, m.action_time_mlp_out.bias))
                 h = suffix
-            for li, w in enumerate(self.exp):
+            if chain:  # comes back final-normed (the last layer's reduce kernel applied the norm)
+                h = self._chain(h, st, per_layer, tables[i], cos_h, sin_h, bias)
+            for li, w in enumerate(() if chain else self.exp):
                 args = (h, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t)
                 kw = dict(k_buf=st.k[li], v_buf=st.v[li], start=t, heads=ex.num_heads, kv_heads=ex.num_kv_heads,
                           eps=ex.eps, cond=per_layer[li] if per_layer is not None else None, attn=self.expert_attn)
@@ -545,13 +576,34 @@ class FastPi0:
                 else:
                     h = self._exp_fn(*args, cos, sin, bias, **kw)
             h = h[:, -c:]
-            if cfg.adarms:
+            if chain:
+                pass
+            elif cfg.adarms:
                 h = _ada_norm(h, ex.eps, f_s, f_b)
             else:
                 h = F.rms_norm(h, (ex.width,), self.exp_final, ex.eps)
             v = F.linear(h, m.action_out_proj.weight, m.action_out_proj.bias)
             x.add_(v, alpha=step)
         return x
+
+    def _chain(self, h, st: _Static, per_layer, table, cos_h, sin_h, bias):
+        """The expert stack through _expert_layer_chain; returns the final-normed output."""
+        ex, t = self.cfg.expert, self.cfg.prefix_len
+
+        def norm_of(li: int) -> RowNorm:  # layer li's input norm; li = depth: the final norm
+            if li == len(self.exp):
+                return RowNorm(ex.eps, None, table[1], table[2]) if per_layer else RowNorm(ex.eps, self.exp_final)
+            return RowNorm(ex.eps, self.exp[li].in_norm, *(per_layer[li][:2] if per_layer else ()))
+
+        first = norm_of(0)
+        hn = _norm(h, first.weight, ex.eps, first.scale1p, first.shift)
+        for li, w in enumerate(self.exp):
+            h, hn = _expert_layer_chain(
+                h, hn, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos_h, sin_h, bias, st.k[li], st.v[li], t,
+                ex.num_heads, ex.num_kv_heads, ex.eps, per_layer[li] if per_layer else None, norm_of(li + 1),
+                self.expert_pdl,
+            )
+        return hn
 
     # ---- public API ------------------------------------------------------------------------
     def _check_cams(self, cams) -> None:

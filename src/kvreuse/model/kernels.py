@@ -32,18 +32,35 @@ triton = None  # set by _build(); the kernel bodies look `tl` up in these module
 tl = None
 _KERNELS: tuple | None = None
 
-__all__ = ["HAVE_TRITON", "default_num_splits", "mqa_attention"]
+__all__ = ["HAVE_TRITON", "default_num_splits", "mqa_attention", "pdl_supported"]
 
 _LOG2E = 1.4426950408889634
 
 
 def _build() -> tuple:
-    """Import triton and define the two kernels, once."""
-    global triton, tl, _KERNELS, _rows  # kernels find their helpers among the module globals
+    """Import triton and define the two kernels (and the helpers skinny_gemm shares), once."""
+    global triton, tl, _KERNELS, _rows, _prefetch_l2, _pdl_enter  # kernels find helpers among the module globals
     if _KERNELS is not None:
         return _KERNELS
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _pdl_enter(PDL: tl.constexpr):
+        """Programmatic dependent launch (sm_90+, kernels launched with launch_pdl=True): wait
+        for the previous kernel to finish (its writes visible), then let the next one launch.
+        Signalling only after the wait keeps every earlier kernel finished before a later one
+        passes its own wait, so reading outputs of kernels further back stays safe; a kernel
+        may only prefetch read-only data (weights) before calling this."""
+        if PDL:  # (signalling before the wait measured slower: 8.6 vs 8.1 ms per 180 layers)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _prefetch_l2(ptrs, mask, safe_ptr):
+        """Ask L2 for the lines holding ptrs (masked lanes name safe_ptr): no registers, no wait."""
+        p = tl.where(mask, ptrs, safe_ptr)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [p], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _rows(pid_bh, pid_r, M, G, HKV, BLOCK: tl.constexpr):
@@ -60,9 +77,10 @@ def _build() -> tuple:
         sk_b, sk_t, sk_h,
         sv_b, sv_t, sv_h,
         sb_b, sb_r, sb_t,
-        HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr,
+        HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SCALE_LOG2: tl.constexpr,
     ):
+        _pdl_enter(PDL)
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(2)
         b, rows, row_ok, tok, head = _rows(pid_bh, tl.program_id(1), M, G, HKV, BLOCK_M)
@@ -129,8 +147,9 @@ def _build() -> tuple:
     def _combine_kernel(
         part_ptr, stat_ptr, out_ptr,
         R, M, G, HKV, S,
-        BLOCK_R: tl.constexpr, D: tl.constexpr,
+        PDL: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr,
     ):
+        _pdl_enter(PDL)
         pid_bh = tl.program_id(0)
         b, rows, row_ok, tok, head = _rows(pid_bh, tl.program_id(1), M, G, HKV, BLOCK_R)
         d = tl.arange(0, D)
@@ -168,6 +187,24 @@ def _dot_f32(kernel, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and type(kernel).__name__ == "InterpretedFunction"
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch needs an sm_90+ GPU and a Triton with launch_pdl and the
+    gdc intrinsics (3.4+); never under the CPU interpreter."""
+    if device.type != "cuda" or not HAVE_TRITON or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        import triton.language.extra.cuda as tlc
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return hasattr(tlc, "gdc_wait") and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def pdl_kwargs(pdl: bool) -> dict:
+    """Launch options for a kernel that calls _pdl_enter(PDL=pdl)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -194,6 +231,7 @@ def mqa_attention(
     combine_rows: int = 8,
     combine_warps: int = 4,
     scale: float | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v with fp32 softmax and accumulation (P is cast to v's dtype
     for the second matmul, as in flash attention).
@@ -214,6 +252,8 @@ def mqa_attention(
     Offline sm_90 compiles (Triton 3.5.1 and 3.9, not timed): 64/32/8 warps/2 stages uses wgmma,
     ~180 registers, no spills, 104 KiB shared memory; 64/64 spills, and 64/64 with 3 stages
     needs 256 KiB of shared memory (more than an H100 has).
+
+    pdl: launch both kernels with programmatic dependent launch (see pdl_supported; sm_90+).
     """
     if not HAVE_TRITON:
         raise RuntimeError("mqa_attention needs triton (pip install triton); use the PyTorch attention path instead")
@@ -275,14 +315,14 @@ def mqa_attention(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         sb[0], sb[1], sb[2],
-        HAS_BIAS=bias is not None, DIRECT=direct, DOT_F32=_dot_f32(split_kernel, q.dtype),
+        HAS_BIAS=bias is not None, DIRECT=direct, DOT_F32=_dot_f32(split_kernel, q.dtype), PDL=pdl,
         BLOCK_M=block_m, BLOCK_N=block_n, D=d,
         SCALE_LOG2=scale * _LOG2E,  # constexpr: a float argument becomes fp64 under inductor
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     if not direct:
         combine_kernel[(b * hkv, triton.cdiv(m, combine_rows))](
             part, stat, out, r, m, g, hkv, splits,
-            BLOCK_R=combine_rows, D=d, num_warps=combine_warps,
+            PDL=pdl, BLOCK_R=combine_rows, D=d, num_warps=combine_warps, **pdl_kwargs(pdl),
         )
     return out

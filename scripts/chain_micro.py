@@ -1,0 +1,124 @@
+"""Micro-benchmark of the expert's "chain" layer kernels in CUDA graphs: PDL off / on, L2 weight
+prefetch off / on, trigger after / before the wait (pdl=2). Pi0 expert shapes, random weights.
+Usage (one sm_90 GPU): PYTHONPATH=src python3 scripts/chain_micro.py"""
+
+import functools
+import os
+
+import torch
+
+from kvreuse.model import fast as fast_mod
+from kvreuse.model import skinny_gemm as sg
+from kvreuse.model.fast import _expert_layer_chain
+from kvreuse.model.kernels import mqa_attention
+from kvreuse.model.skinny_gemm import RowNorm, fused_qkv, skinny_linear
+
+dev, dt = "cuda", torch.bfloat16
+L, W, F, H, D, T, R, STEPS = 18, 1024, 4096, 8, 256, 560, 51, 10
+g = torch.Generator(device=dev).manual_seed(0)
+
+
+def rn(*s, scale=0.02):
+    return (torch.randn(*s, device=dev, generator=g) * scale).to(dt)
+
+
+layers = [dict(qkv=rn((H + 2) * D, W), o_t=rn(W, H * D).t(), gate_up=rn(2 * F, W), down_t=rn(W, F).t(),
+               in_norm=1 + rn(W), post_norm=1 + rn(W)) for _ in range(L)]
+kb = [rn(1, T + R, 1, D, scale=1.0) for _ in range(L)]
+vb = [rn(1, T + R, 1, D, scale=1.0) for _ in range(L)]
+cos = torch.rand(R, D // 2, device=dev)
+sin = torch.rand(R, D // 2, device=dev)
+bias = torch.zeros(1, 1, R * H, T + R, device=dev, dtype=dt)
+x0 = rn(1, R, W, scale=1.0)
+
+
+def timed(fn, n=20):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(), fn()
+    torch.cuda.current_stream().wait_stream(s)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        out = fn()
+    for _ in range(3):
+        gr.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
+    ts = []
+    for _ in range(n):
+        e0.record(); gr.replay(); e1.record(); torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1))
+    ts.sort()
+    return ts[len(ts) // 2], out
+
+
+def chain(pdl):
+    def fn():
+        h = x0.clone()
+        hn = torch.nn.functional.rms_norm(h, (W,), layers[0]["in_norm"], 1e-6)
+        for _ in range(STEPS):
+            for li, w in enumerate(layers):
+                nxt = RowNorm(1e-6, layers[(li + 1) % L]["in_norm"])
+                h, hn = _expert_layer_chain(h, hn, w["qkv"], w["o_t"], w["post_norm"], w["gate_up"], w["down_t"],
+                                            cos, sin, bias, kb[li], vb[li], T, H, 1, 1e-6, None, nxt, pdl)
+        return hn
+    return fn
+
+
+def repeat(op, pdl, n=180, **kw):
+    def fn():
+        for i in range(n):
+            out = op(i % L, pdl, **kw)
+        return out
+    return fn
+
+
+a_in = rn(1, R, H * D, scale=1.0)
+act_in = rn(1, R, F, scale=1.0)
+ops = {
+    "qkv": lambda li, p, **kw: fused_qkv(x0, layers[li]["qkv"].t(), kb[li], vb[li], T, cos, sin, H, 1, pdl=p, **kw),
+    "attn": lambda li, p, **kw: mqa_attention(fused_q, kb[li], vb[li], bias[:, 0, ::H], pdl=p, **kw),
+    "o+norm": lambda li, p, **kw: skinny_linear(a_in, layers[li]["o_t"], residual=x0, norm=RowNorm(1e-6, layers[li]["post_norm"]), pdl=p, **kw),
+    "gate_up": lambda li, p, **kw: skinny_linear(x0, layers[li]["gate_up"].t(), gated_gelu=True, pdl=p, **kw),
+    "down+norm": lambda li, p, **kw: skinny_linear(act_in, layers[li]["down_t"], residual=x0, norm=RowNorm(1e-6, layers[li]["in_norm"]), pdl=p, **kw),
+}
+fused_q = rn(1, R, H, D, scale=1.0)
+real_skinny = fast_mod.skinny_linear
+variants = [("off", 0, False), ("pdl", 1, False), ("pdl all-prefetch", 1, True), ("pdl trigger-first", 2, False)]
+print(torch.cuda.get_device_name(), torch.__version__)
+ref = None
+for name, p, pf in variants:
+    fast_mod.skinny_linear = functools.partial(real_skinny, prefetch=True) if pf else real_skinny
+    ms, out = timed(chain(p))
+    ref = out.clone() if ref is None else ref
+    same = torch.equal(out, ref)
+    print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer) same={same}", flush=True)
+fast_mod.skinny_linear = real_skinny
+if os.environ.get("SWEEP", "1") != "1":
+    raise SystemExit
+
+
+def sweep(op, grid, pdls=(0, 1)):
+    for kw in grid:
+        for p in pdls:
+            try:
+                t, _ = timed(repeat(ops[op], p, **kw))
+                print(f"{op:<10} pdl={p} {kw} {t / 180 * 1e3:5.2f} us", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"{op:<10} pdl={p} {kw} FAILED {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+
+sg.NORM_ROWS = int(os.environ.get("NORM_ROWS", "1"))
+one = (1,)
+sweep("qkv", [dict(prefetch=True, block_n=bn, block_k=bk, num_stages=st)
+              for bn, bk, st in ((16, 64, 4), (16, 128, 4), (16, 64, 5), (8, 64, 4), (32, 64, 4), (16, 64, 3))], one)
+sweep("attn", [dict(block_m=bm, block_n=bn, num_splits=ns) for bm, bn, ns in
+               ((16, 64, 5), (64, 32, 10), (64, 32, 19), (32, 32, 10), (32, 32, 19), (64, 64, 10), (16, 32, 10),
+                (32, 64, 10), (64, 16, 19))], one)
+sweep("o+norm", [dict(block_n=bn, split_k=sk, prefetch=f) for f in (False, True)
+                 for bn, sk in ((64, 8), (32, 4), (16, 2), (32, 2), (16, 4), (64, 4))], one)
+sweep("down+norm", [dict(block_n=bn, split_k=sk, prefetch=f) for f in (False, True)
+                    for bn, sk in ((64, 8), (32, 4), (16, 2), (32, 8), (16, 4), (64, 4))], one)
+sweep("gate_up", [dict(block_n=bn, block_k=bk, num_stages=st, num_warps=nw) for bn, bk, st, nw in
+                  ((32, 128, 3, 4), (32, 128, 4, 4), (16, 128, 4, 4), (32, 256, 2, 4), (64, 128, 3, 8), (32, 64, 3, 4))], one)
