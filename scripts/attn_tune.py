@@ -4,6 +4,7 @@ sizes / splits / warps. CUDA-graph replays of 20 calls each, so launch overhead 
 is in the runtime. Prints one row per configuration (median us per call, max |diff| vs fp32 math).
 
     python scripts/attn_tune.py [--keys 611] [--queries 51]
+    python scripts/attn_tune.py --prefix     # the prefix LM's shape (560 x 560) and a grid for it
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, default=611)  # Pi0, 2 cameras: 560 prefix + 51 suffix
     ap.add_argument("--queries", type=int, default=51)
+    ap.add_argument("--prefix", action="store_true", help="560 queries x 560 keys, bigger row tiles")
     a = ap.parse_args()
+    if a.prefix:
+        a.keys = a.queries = 560
     dev, dt = "cuda", torch.bfloat16
     h, d, r, t = 8, 256, a.queries, a.keys
     g = torch.Generator(device=dev).manual_seed(0)
@@ -54,7 +58,7 @@ def main() -> None:
     ref = _mqa(q.float(), k.float(), v.float(), folded, "math")
     print(f"{torch.cuda.get_device_name()}  q {tuple(q.shape)}  k/v {tuple(k.shape)}  bf16")
     print("| config | us / call | max abs diff vs fp32 math |\n|---|---|---|")
-    for kind in ("fp32", "sdpa", "efficient"):
+    for kind in ("fp32", "sdpa", "efficient", "cudnn"):
         try:
             fn = lambda kind=kind: _mqa(q, k, v, folded if kind == "fp32" else folded.to(dt), kind)
             print(f"| {kind} | {_time_us(fn):.1f} | {(fn().float() - ref).abs().max():.2e} |")
@@ -63,6 +67,8 @@ def main() -> None:
     # Round 3: smaller row tiles and fewer splits (the combine kernel cost 4.8 us of 10.8 in the
     # round-2 profile), and the combine kernel's rows per program.
     grid = itertools.product((16, 32), (32, 64), (None, 1, 2, 3, 4, 6, 10), (4, 8), (2,), (8, 32))
+    if a.prefix:  # round 4: thousands of query rows, so bigger row tiles and few splits
+        grid = itertools.product((64, 128), (32, 64), (1, 2, 3), (4, 8), (2, 3), (8,))
     for bm, bn, splits, warps, stages, crows in grid:
         if splits == 1 and crows != 8:
             continue  # no combine kernel with one split

@@ -188,10 +188,12 @@ def test_attention_kind_auto_and_bad_kind():
     model = _model("tiny-pi0")
     fast = FastPi0(model)  # default "auto": no GPU here, so the fp32 matmuls for the expert
     assert (fast.prefix_attn, fast.expert_attn) == ("sdpa", "fp32")
-    assert resolve_attn("auto", torch.device("cuda"), expert=False) == "sdpa"
     from kvreuse.model.kernels import HAVE_TRITON
 
-    assert resolve_attn("auto", torch.device("cuda"), expert=True) == ("triton" if HAVE_TRITON else "fp32")
+    for expert in (False, True):  # on a GPU: the Triton kernel for both when Triton is there
+        other = "fp32" if expert else "sdpa"
+        assert resolve_attn("auto", torch.device("cuda"), expert=expert) == ("triton" if HAVE_TRITON else other)
+        assert resolve_attn("auto", torch.device("cpu"), expert=expert) == other
     assert resolve_attn("efficient", torch.device("cpu"), expert=True) == "efficient"
     with pytest.raises(ValueError, match="expert_attn"):
         FastPi0(model, expert_attn="flash9")

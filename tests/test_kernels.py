@@ -215,3 +215,26 @@ def test_triton_loads_after_an_osmesa_env():
     env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_prefix_sized_query_sets_take_big_row_tiles(monkeypatch):
+    """From 1024 query rows (the prefix LM) the defaults switch to 64-row tiles, 4 warps and, with
+    few key blocks, one split (no combine kernel); the result is the same attention."""
+    b, r, h, d, t = 1, 130, 8, 32, 70  # 1040 query rows, keys with padding masked
+    q, k, v = _qkv(b, r, h, d, t, torch.float32, seed=3)
+    bias = torch.zeros(b, r, t)
+    bias[:, :, 60:] = NEG
+    seen = []
+    build = kernels._build
+
+    def spy():
+        split, combine = build()
+        wrap = lambda kern, name: type("K", (), {  # noqa: E731  records launch options, then launches
+            "__getitem__": lambda self, grid: lambda *a, **kw: seen.append((name, grid, kw)) or kern[grid](*a, **kw)})()
+        return wrap(split, "split"), wrap(combine, "combine")
+
+    monkeypatch.setattr(kernels, "_build", spy)
+    out = mqa_attention(q, k, v, bias)
+    _check(out, _ref(q, k, v, bias), torch.float32)
+    assert [(name, grid) for name, grid, _ in seen] == [("split", (1, 17, 1))]  # 1040 / 64 -> 17 row tiles
+    assert seen[0][2]["BLOCK_M"] == 64 and seen[0][2]["num_warps"] == 4

@@ -227,7 +227,7 @@ def run_bench(
     lerobot_compile: bool = False,
     json_out: str | None = None,
     seed: int = 0,
-    prefix_attn: str = "sdpa",
+    prefix_attn: str = "auto",
     expert_attn: str = "auto",
     variants: str = "",
     reuse_eager: bool = True,
@@ -267,7 +267,7 @@ def run_bench(
 
 
 def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager, reuse,
-          partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="sdpa", expert_attn="auto",
+          partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="auto", expert_attn="auto",
           variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="auto",
           expert_pdl=None) -> Report:
     from .model import preset as get_preset
