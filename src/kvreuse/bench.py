@@ -235,6 +235,7 @@ def run_bench(
     compile_mode: str = "default",
     expert_gemm: str = "auto",
     expert_pdl: bool | None = None,
+    fused_layer_norm: bool | None = None,
 ) -> None:
     """Time the fast runtime at full size (random weights unless --checkpoint) and compare it
     with the eager model and, when importable, lerobot's PI0Pytorch / PI05Pytorch.
@@ -247,11 +248,12 @@ def run_bench(
     --expert-gemm torch|fused|triton|chain: the expert's products through cuBLAS, or fused Triton
     kernels (fused_qkv + gated skinny GEMM; triton: also the residual products; chain: the whole
     layer as Triton kernels, norms inside the reduce kernels); auto picks per docs/PERFORMANCE.md;
-    --expert-pdl: programmatic dependent launch for the chain (default: where supported); --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
+    --expert-pdl: programmatic dependent launch for the chain (default: where supported);
+    --fused-layer-norm: SigLIP's residual add + LayerNorm as one Triton kernel (default: on CUDA); --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
     rep = bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager,
                 reuse, partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn, expert_attn,
                 variants, reuse_eager, profile, compile_mode=compile_mode, expert_gemm=expert_gemm,
-                expert_pdl=expert_pdl)
+                expert_pdl=expert_pdl, fused_layer_norm=fused_layer_norm)
     print()
     print(rep.table())
     if json_out:
@@ -269,7 +271,7 @@ def run_bench(
 def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager, reuse,
           partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="auto", expert_attn="auto",
           variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="auto",
-          expert_pdl=None) -> Report:
+          expert_pdl=None, fused_layer_norm=None) -> Report:
     from .model import preset as get_preset
     from .model.fast import FastPi0, resolve_attn, resolve_gemm
 
@@ -324,8 +326,10 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     def fast_section(tag: str, use_compile: bool, attn=(prefix_attn, expert_attn)) -> tuple[FastPi0, torch.Tensor]:
         t0 = time.perf_counter()
         fast = FastPi0(model, compile=use_compile, compile_mode=compile_mode if use_compile else None,
-                       prefix_attn=attn[0], expert_attn=attn[1], expert_gemm=expert_gemm, expert_pdl=expert_pdl)
+                       prefix_attn=attn[0], expert_attn=attn[1], expert_gemm=expert_gemm, expert_pdl=expert_pdl,
+                       fused_layer_norm=fused_layer_norm)
         rep.config["expert"] = f"{fast.expert_gemm}{' +pdl' if fast.expert_pdl else ''}"
+        rep.config["vision_ln"] = "triton" if fast.fused_ln else "torch"
         out = fast.sample_actions(obs, noise)
         cache = fast.encode_prefix(obs)
         fast.denoise(cache, obs, noise)
