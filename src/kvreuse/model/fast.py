@@ -9,7 +9,10 @@
   conditioning of every layer) is computed once per step count, not per call,
 - on CUDA, one CUDA graph per shape for the vision tower, the prefix LM, the denoise loop (all
   Euler steps) and each reuse update; optionally the layer functions go through torch.compile
-  (inductor fuses the elementwise work between the matmuls).
+  (inductor fuses the elementwise work between the matmuls),
+- on CUDA with Triton: Triton attention (prefix and expert), the expert layer as a chain of Triton
+  kernels with programmatic dependent launch on sm_90 (`expert_gemm="chain"`), SigLIP's residual
+  adds + LayerNorms as one kernel each (docs/PERFORMANCE.md, round 4).
 
 The API matches `Pi0Model` (encode_prefix / denoise / sample_actions / update_prefix /
 update_prefix_layers) and the caches are ordinary `PrefixCache`s: encode_prefix returns copies
@@ -582,22 +585,18 @@ class FastPi0:
                 suffix[:, 1:].copy_(F.linear(F.silu(at), m.action_time_mlp_out.weight, m.action_time_mlp_out.bias))
                 h = suffix
             if chain:  # comes back final-normed (the last layer's reduce kernel applied the norm)
-                h = self._chain(h, st, per_layer, tables[i], cos_h, sin_h, bias)
-            for li, w in enumerate(() if chain else self.exp):
-                args = (h, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t)
-                kw = dict(k_buf=st.k[li], v_buf=st.v[li], start=t, heads=ex.num_heads, kv_heads=ex.num_kv_heads,
-                          eps=ex.eps, cond=per_layer[li] if per_layer is not None else None, attn=self.expert_attn)
-                if use_fused:
-                    h = self._exp_fused_fn(*args, cos_h, sin_h, bias, gemm=self.expert_gemm, **kw)
-                else:
-                    h = self._exp_fn(*args, cos, sin, bias, **kw)
-            h = h[:, -c:]
-            if chain:
-                pass
-            elif cfg.adarms:
-                h = _ada_norm(h, ex.eps, f_s, f_b)
+                h = self._chain(h, st, per_layer, tables[i], cos_h, sin_h, bias)[:, -c:]
             else:
-                h = F.rms_norm(h, (ex.width,), self.exp_final, ex.eps)
+                for li, w in enumerate(self.exp):
+                    args = (h, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t)
+                    kw = dict(k_buf=st.k[li], v_buf=st.v[li], start=t, heads=ex.num_heads, kv_heads=ex.num_kv_heads,
+                              eps=ex.eps, cond=per_layer[li] if per_layer is not None else None, attn=self.expert_attn)
+                    if use_fused:
+                        h = self._exp_fused_fn(*args, cos_h, sin_h, bias, gemm=self.expert_gemm, **kw)
+                    else:
+                        h = self._exp_fn(*args, cos, sin, bias, **kw)
+                h = h[:, -c:]
+                h = _ada_norm(h, ex.eps, f_s, f_b) if cfg.adarms else F.rms_norm(h, (ex.width,), self.exp_final, ex.eps)
             v = F.linear(h, m.action_out_proj.weight, m.action_out_proj.bias)
             x.add_(v, alpha=step)
         return x

@@ -22,7 +22,14 @@ two weight tiles like gate / up) and the K/V write into the runtime's cache buff
 the K loop (`_mainloop`). FastPi0(expert_gemm=...) uses them for the action expert
 (docs/PERFORMANCE.md, round 3).
 
-No host syncs (CUDA-graph capturable); only basic `tl` ops so older Tritons (3.x) compile it.
+`skinny_linear(norm=RowNorm(...))` also returns the RMS norm of each output row, computed by the
+reduce kernel (programs then own whole rows), so the expert's norms cost no kernel of their own.
+`pdl=True` (sm_90, see kernels.pdl_supported) launches the kernels with programmatic dependent
+launch: each waits for its predecessor on the GPU, so in a CUDA graph a launch overlaps the previous
+kernel's tail; fused_qkv also prefetches its weights into L2 before waiting (round 4).
+
+No host syncs (CUDA-graph capturable); only basic `tl` ops so older Tritons (3.x) compile it (PDL
+and the prefetch, which use gdc / inline PTX, only when asked).
 Triton is imported on the first call, as in kernels.py, so importing this module never loads it.
 """
 
@@ -448,13 +455,15 @@ def skinny_linear(
             raise ValueError(f"{name}={v} must be a power of two >= 16 (tl.dot blocks)")
     if split_k is not None and split_k < 1:
         raise ValueError(f"split_k={split_k} must be >= 1")
+    tables: list[torch.Tensor] = []  # Pi0.5's adaptive-norm (scale1p, shift), as (B, N)
     if norm is not None:
         if gated_gelu:
             raise ValueError("norm= is for plain (residual) products, not gated_gelu")
         _check_vec("norm weight", norm.weight, n_out)
         if (norm.scale1p is None) != (norm.shift is None):
             raise ValueError("norm: give both scale1p and shift, or neither")
-        tables = [] if norm.scale1p is None else [t.reshape(-1, n_out) for t in (norm.scale1p, norm.shift)]
+        if norm.scale1p is not None:
+            tables = [t.reshape(-1, n_out) for t in (norm.scale1p, norm.shift)]
         if tables and (tables[0].shape != tables[1].shape or m % tables[0].shape[0]):
             raise ValueError(f"norm tables must be (B, {n_out}) with B dividing the {m} rows")
 
@@ -495,18 +504,17 @@ def skinny_linear(
     )
     if direct:
         return out
-    # Whole rows per program when normalising (Pi0: 26 programs of 2 x 1024).
+    # Whole rows per program when normalising (Pi0: 51 programs of 1 x 1024).
     red_m, red_n = (NORM_ROWS, triton.next_power_of_2(n_out)) if norm is not None else (16, 128)
-    normed2 = normed.view(m, n_out) if norm is not None else out2
+    normed2 = normed.view(m, n_out) if norm is not None else out2  # unused without NORM
     nw = norm.weight if norm is not None and norm.weight is not None else out2
-    ns, nb = tables if norm is not None and tables else (out2, out2)
+    ns, nb = tables or (out2, out2)
     reduce_kernel[(-(-m // red_m), -(-n_out // red_n))](
         part, bias_t, res2, out2, gate_t, nw, ns, nb, normed2,
-        m, n_out, n_w, splits, m // ns.shape[0] if norm is not None and tables else 1,
+        m, n_out, n_w, splits, m // ns.shape[0] if tables else 1,
         *strides, normed2.stride(0),
-        NORM=norm is not None, NORM_W=norm is not None and norm.weight is not None,
-        ADA=norm is not None and bool(tables), EPS=norm.eps if norm is not None else 0.0, PDL=pdl,
-        BLOCK_M=red_m, BLOCK_N=red_n, num_warps=4, **common, **pdl_kwargs(pdl),
+        NORM=norm is not None, NORM_W=nw is not out2, ADA=bool(tables), EPS=norm.eps if norm is not None else 0.0,
+        PDL=pdl, BLOCK_M=red_m, BLOCK_N=red_n, num_warps=4, **common, **pdl_kwargs(pdl),
     )
     return out if norm is None else (out, normed)
 
