@@ -41,7 +41,7 @@ for lib in ("cublas", "cublaslt"):
         x = torch.randn(m, k, device=dev, dtype=dt)
         w = torch.randn(n, k, device=dev, dtype=dt) * 0.02
         b = torch.randn(n, device=dev, dtype=dt) if has_b else None
-        us = time_us(lambda: F.linear(x, w, b))
+        us = time_us(lambda x=x, w=w, b=b: F.linear(x, w, b))
         part = name.split()[0]
         total[part] += us * LAYERS[part]
         print(f"{lib:<9} {name:<12} {m}x{k}x{n}  {us:7.1f} us  {2 * m * k * n / us / 1e6:6.0f} TFLOP/s", flush=True)
