@@ -1,5 +1,6 @@
 """Micro-benchmark of the expert's "chain" layer kernels in CUDA graphs: PDL off / on, L2 weight
-prefetch off / on, trigger after / before the wait (pdl=2). Pi0 expert shapes, random weights.
+prefetch in every product or only in fused_qkv, then (SWEEP=1, default) tiling sweeps per kernel
+with NORM_ROWS=1. Pi0 expert shapes, random weights; `same` = bit-identical to the first variant.
 Usage (one sm_90 GPU): PYTHONPATH=src python3 scripts/chain_micro.py"""
 
 import functools
@@ -85,7 +86,7 @@ ops = {
 }
 fused_q = rn(1, R, H, D, scale=1.0)
 real_skinny = fast_mod.skinny_linear
-variants = [("off", 0, False), ("pdl", 1, False), ("pdl all-prefetch", 1, True), ("pdl trigger-first", 2, False)]
+variants = [("off", 0, False), ("pdl", 1, False), ("pdl all-prefetch", 1, True)]
 print(torch.cuda.get_device_name(), torch.__version__)
 ref = None
 for name, p, pf in variants:
