@@ -19,22 +19,26 @@ from kvreuse.model.fast import _mqa
 from kvreuse.model.kernels import mqa_attention
 
 
-def _time_us(fn, reps: int = 20, trials: int = 15) -> float:
+def _time_us(fn, reps: int = 20, trials: int = 15, return_out: bool = False):
+    """Median us per call of `reps` calls of fn captured in one CUDA graph (after a warm-up call,
+    which also compiles); with return_out, also the last captured call's output (valid after a
+    replay). The other tuning scripts import this."""
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(reps):
-            fn()
-    out = []
+            res = fn()
+    times = []
     for _ in range(trials):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         g.replay()
         b.record()
         torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) * 1e3 / reps)
-    return statistics.median(out)
+        times.append(a.elapsed_time(b) * 1e3 / reps)
+    us = statistics.median(times)
+    return (us, res) if return_out else us
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import functools
 import os
 
 import torch
+from attn_tune import _time_us  # same CUDA-graph timing
 
 from kvreuse.model import fast as fast_mod
 from kvreuse.model import skinny_gemm as sg
@@ -33,25 +34,10 @@ bias = torch.zeros(1, 1, R * H, T + R, device=dev, dtype=dt)
 x0 = rn(1, R, W, scale=1.0)
 
 
-def timed(fn, n=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn(), fn()
-    torch.cuda.current_stream().wait_stream(s)
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        out = fn()
-    for _ in range(3):
-        gr.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
-    ts = []
-    for _ in range(n):
-        e0.record(); gr.replay(); e1.record(); torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    ts.sort()
-    return ts[len(ts) // 2], out
+def timed(fn):
+    """(median ms per replay of one captured call of fn, its output)."""
+    us, out = _time_us(fn, reps=1, trials=20, return_out=True)
+    return us / 1e3, out
 
 
 def chain(pdl):

@@ -4,6 +4,7 @@ vision tower and prefix LM stand against the card's peak. Usage: PYTHONPATH=src 
 
 import torch
 import torch.nn.functional as F
+from attn_tune import _time_us  # same CUDA-graph timing
 
 dev, dt = "cuda", torch.bfloat16
 SHAPES = {  # name: (M, K, N, bias)
@@ -15,24 +16,6 @@ SHAPES = {  # name: (M, K, N, bias)
 LAYERS = {"siglip": 27, "lm": 18}
 
 
-def time_us(fn, reps=20, trials=10):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    ts = []
-    for _ in range(trials):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record(); g.replay(); b.record(); torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / reps)
-    return sorted(ts)[len(ts) // 2]
-
-
 print(torch.cuda.get_device_name(), torch.__version__)
 for lib in ("cublas", "cublaslt"):
     torch.backends.cuda.preferred_blas_library(lib)
@@ -41,7 +24,7 @@ for lib in ("cublas", "cublaslt"):
         x = torch.randn(m, k, device=dev, dtype=dt)
         w = torch.randn(n, k, device=dev, dtype=dt) * 0.02
         b = torch.randn(n, device=dev, dtype=dt) if has_b else None
-        us = time_us(lambda x=x, w=w, b=b: F.linear(x, w, b))
+        us = _time_us(lambda x=x, w=w, b=b: F.linear(x, w, b))
         part = name.split()[0]
         total[part] += us * LAYERS[part]
         print(f"{lib:<9} {name:<12} {m}x{k}x{n}  {us:7.1f} us  {2 * m * k * n / us / 1e6:6.0f} TFLOP/s", flush=True)

@@ -243,13 +243,14 @@ def run_bench(
     --check: fast actions vs eager (bf16) and a float32 copy; exit 1 if the fast path's error
     against float32 exceeds max(tol, 2 x the eager bf16 model's own error).
     --prefix-attn / --expert-attn: attention kernel of the fast path (sdpa, fp32, math,
-    efficient, cudnn, triton; auto = triton for the expert on CUDA when installed);
+    efficient, cudnn, triton; auto = triton on CUDA when installed, else sdpa / fp32);
     --compile-mode max-autotune-no-cudagraphs: inductor autotunes its GEMMs (longer warm-up);
     --expert-gemm torch|fused|triton|chain: the expert's products through cuBLAS, or fused Triton
     kernels (fused_qkv + gated skinny GEMM; triton: also the residual products; chain: the whole
     layer as Triton kernels, norms inside the reduce kernels); auto picks per docs/PERFORMANCE.md;
     --expert-pdl: programmatic dependent launch for the chain (default: where supported);
-    --fused-layer-norm: SigLIP's residual add + LayerNorm as one Triton kernel (default: on CUDA); --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
+    --fused-layer-norm: SigLIP's residual add + LayerNorm as one Triton kernel (default: on CUDA);
+    --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
     rep = bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager,
                 reuse, partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn, expert_attn,
                 variants, reuse_eager, profile, compile_mode=compile_mode, expert_gemm=expert_gemm,
@@ -273,7 +274,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
           variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="auto",
           expert_pdl=None, fused_layer_norm=None) -> Report:
     from .model import preset as get_preset
-    from .model.fast import FastPi0, resolve_attn, resolve_gemm
+    from .model.fast import FastPi0, resolve_attn
 
     for name, v in (("batch", batch), ("cameras", cameras), ("steps", steps), ("chunk", chunk), ("iters", iters)):
         if v < 1:
@@ -302,9 +303,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     expert_attn = resolve_attn(expert_attn, torch.device(device), expert=True)
     rep = Report(preset if not checkpoint else checkpoint, dev_name,
                  dict(batch=batch, cameras=len(cfg.cameras), steps=steps, chunk=cfg.chunk_size, dtype="bf16",
-                      prefix_tokens=cfg.prefix_len, attn=f"{prefix_attn}/{expert_attn}", torch=torch.__version__,
-                      gemm=expert_gemm if expert_gemm != "auto" else "auto: " + "/".join(
-                          resolve_gemm("auto", torch.device(device), cfg.adarms, c) for c in (False, True))))
+                      prefix_tokens=cfg.prefix_len, attn=f"{prefix_attn}/{expert_attn}", torch=torch.__version__))
     t_build = time.perf_counter()
     if model is None:
         model = build_random(cfg, device, seed=seed)

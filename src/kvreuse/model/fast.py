@@ -177,11 +177,11 @@ def resolve_attn(kind: str, device: torch.device, expert: bool) -> str:
     return "fp32" if expert else "sdpa"
 
 
-def resolve_gemm(kind: str, device: torch.device, adarms: bool, compiled: bool) -> str:
+def resolve_gemm(kind: str, device: torch.device) -> str:
     """"auto" -> what measured fastest (docs/PERFORMANCE.md, round 4, H200): the all-Triton
     "chain" expert on a CUDA GPU with Triton, Pi0 and Pi0.5, compiled or not (Pi0 denoise 7.5 ms
-    vs 8.8 for round 3's "triton"; Pi0.5 8.0 vs 9.2); else cuBLAS ("torch")."""
-    del adarms, compiled  # round 3's exception (cuBLAS for Pi0.5 under compile) no longer wins
+    vs 8.8 for round 3's "triton"; Pi0.5 8.0 vs 9.2; round 3's cuBLAS exception for Pi0.5 under
+    compile no longer wins); else cuBLAS ("torch")."""
     if kind != "auto":
         return kind
     return "chain" if device.type == "cuda" and HAVE_TRITON else "torch"
@@ -410,7 +410,7 @@ class FastPi0:
         self._exp_fused_fn = _expert_layer_fused
         if expert_gemm not in (*GEMM_KINDS, "auto"):
             raise ValueError(f"expert_gemm: expected one of {(*GEMM_KINDS, 'auto')}, got {expert_gemm!r}")
-        expert_gemm = resolve_gemm(expert_gemm, model.device, model.cfg.adarms, compile)
+        expert_gemm = resolve_gemm(expert_gemm, model.device)
         if expert_gemm != "torch" and not HAVE_TRITON:
             raise ValueError(f"expert_gemm={expert_gemm!r} needs triton (pip install triton); use 'torch'")
         self.expert_gemm = expert_gemm
