@@ -391,3 +391,105 @@ def test_programmatic_dependent_launch_needs_a_hopper_gpu():
     with pytest.raises(ValueError, match="expert_pdl"):
         FastPi0(model, expert_gemm="triton", expert_pdl=True)
     assert not FastPi0(model, expert_gemm="chain").expert_pdl
+
+
+# ---- float8 weights -------------------------------------------------------------------------------
+def _fp8(n, k, seed):
+    from kvreuse.model.skinny_gemm import quantize_fp8
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * torch.rand(n, 1) * 3
+    q, scale = quantize_fp8(w)
+    return w, q, scale, q.float() * scale[:, None]  # the (N, K) weight it stands for
+
+
+def test_fp8_quantization_error_is_within_e4m3_rounding():
+    w, q, scale, deq = _fp8(40, 64, 0)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (40,)
+    assert torch.allclose(deq.abs().amax(1), w.abs().amax(1))  # each row's largest entry maps to 448 exactly
+    # 3 mantissa bits: half an ulp is 2^-4 of the value; below e4m3's normal range (2^-6 x scale) 2^-10 x scale.
+    err = (deq - w).abs()
+    assert (err <= torch.maximum(w.abs() / 16, scale[:, None] * 2**-10) * 1.0001).all()
+    assert err.max() > 0  # it is a lossy format: the test would notice a silent bf16 passthrough
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("epilogue", ["plain", "gated+bias+residual"])
+def test_fp8_weights_compute_the_dequantized_product(epilogue, split_k, dtype):
+    gated = "gated" in epilogue
+    k, n = 96, 64
+    _, q, scale, deq = _fp8(n, k, 3)
+    x, _, bias, residual = _data((2, 5), k, n, dtype, n_out=n // 2 if gated else n, seed=4)
+    kw = dict(bias=bias, residual=residual) if gated else {}
+    out = skinny_linear(x, q.t(), w_scale=scale, gated_gelu=gated, split_k=split_k, block_n=16, block_k=32, **kw)
+    _check(out, _ref(x, deq.t(), gated=gated, **kw), dtype)
+
+
+def test_fp8_norm_and_qkv_paths():
+    from kvreuse.model.skinny_gemm import fused_qkv
+
+    # residual product + norm
+    _, q, scale, deq = _fp8(48, 64, 5)
+    x, _, _, residual = _data((7,), 64, 48, torch.bfloat16, seed=6)
+    nw = torch.rand(48) + 0.5
+    out, normed = skinny_linear(x, q.t(), residual=residual, norm=RowNorm(1e-6, nw), w_scale=scale, block_n=16)
+    ref = _ref(x, deq.t(), residual=residual)
+    _check(out, ref, torch.bfloat16)
+    _check(normed, _rms(out.float(), 1e-6) * nw, torch.bfloat16)
+    # fused QKV + rotary + cache write: 2 heads + 2 x 1 KV head of 32
+    _, q, scale, deq = _fp8(4 * 32, 64, 7)
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    cos, sin = torch.ones(5, 16), torch.zeros(5, 16)  # position 0: no rotation
+    kb, vb = torch.zeros(1, 5, 1, 32, dtype=torch.bfloat16), torch.zeros(1, 5, 1, 32, dtype=torch.bfloat16)
+    qo = fused_qkv(x, q.t(), kb, vb, 0, cos, sin, 2, 1, w_scale=scale, block_n=16, block_k=32)
+    y = (x.float() @ deq.t()).view(1, 5, 4, 32)
+    _check(qo, y[:, :, :2], torch.bfloat16)
+    _check(kb, y[:, :, 2:3], torch.bfloat16)
+    _check(vb, y[:, :, 3:], torch.bfloat16)
+
+
+def test_fp8_weights_and_scales_go_together():
+    _, q, scale, deq = _fp8(16, 32, 9)
+    x = torch.randn(3, 32).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="w_scale"):
+        skinny_linear(x, q.t())  # fp8 without scales
+    with pytest.raises(ValueError, match="w_scale"):
+        skinny_linear(x, deq.t().to(torch.bfloat16).contiguous(), w_scale=scale)  # scales without fp8
+    with pytest.raises(ValueError, match="w_scale must be float32"):
+        skinny_linear(x, q.t(), w_scale=scale[:8])
+
+
+@pytest.mark.parametrize("name", ["tiny-pi0", "tiny-pi05"])
+@torch.no_grad()
+def test_fast_runtime_with_fp8_expert_is_the_model_with_fp8_rounded_weights(name):
+    """FastPi0(expert_fp8=True) computes exactly what the eager model computes once its expert's
+    matrices are replaced by their fp8 round trip (so the wiring, scales included, is right), and
+    differs from the unrounded model (so fp8 is really used). Batches over 64 suffix rows leave
+    the chain and keep the unrounded weights."""
+    import copy
+
+    from kvreuse.bench import build_random, rel_err, synthetic_obs
+    from kvreuse.model import preset
+    from kvreuse.model.fast import FastPi0
+    from kvreuse.model.skinny_gemm import quantize_fp8
+
+    cfg = preset(name)
+    model = build_random(cfg, "cpu", dtype=torch.float32, seed=0)
+    fast = FastPi0(model, expert_gemm="chain", expert_fp8=True)
+    rounded = copy.deepcopy(model)
+    for layer in rounded.expert.layers:
+        for lin in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
+            q, s = quantize_fp8(lin.weight)
+            lin.weight.copy_(q.float() * s[:, None])
+    g = torch.Generator().manual_seed(1)
+    obs = synthetic_obs(cfg, 1, "cpu", g)
+    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    out = fast.sample_actions(obs, noise)
+    assert rel_err(out, rounded.sample_actions(obs, noise)) < 3e-5
+    assert rel_err(out, model.sample_actions(obs, noise)) > 3e-4
+    big = 64 // cfg.suffix_len + 1
+    obs = synthetic_obs(cfg, big, "cpu", g)
+    noise = torch.randn(big, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    assert rel_err(fast.sample_actions(obs, noise), model.sample_actions(obs, noise)) < 1e-4
+    with pytest.raises(ValueError, match="expert_fp8"):
+        FastPi0(model, expert_gemm="torch", expert_fp8=True)
