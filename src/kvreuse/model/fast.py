@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from .kernels import HAVE_TRITON, mqa_attention, pdl_supported
 from .layer_norm import add_layer_norm, add_layer_norm_reference
 from .layers import NEG_INF, sincos_time
 from .pi0 import Pi0Model
-from .skinny_gemm import RowNorm, fused_qkv, quantize_fp8, skinny_linear
+from .skinny_gemm import RowNorm, fused_qkv, skinny_linear
 
 
 # ---- fused weights ------------------------------------------------------------------------------
@@ -47,7 +47,6 @@ class _GemmaW:
     post_norm: torch.Tensor | None
     gate_up: torch.Tensor  # (2 M, W)
     down_t: torch.Tensor  # (M, W)
-    scales: tuple[torch.Tensor, ...] | None = None  # fp8 weights: per-output scales of qkv, o, gate_up, down
 
 
 @dataclass
@@ -83,18 +82,6 @@ def _fuse_gemma(stack) -> list[_GemmaW]:
                 down_t=layer.down.weight.t(),
             )
         )
-    return out
-
-
-def _fp8_weights(stack: list[_GemmaW]) -> list[_GemmaW]:
-    """The four matrices of every layer as float8 e4m3 with per-output-column scales
-    (skinny_gemm.quantize_fp8), for the chain kernels: half the bytes to stream per Euler step."""
-    out = []
-    for w in stack:
-        (qkv, s_qkv), (o, s_o), (gu, s_gu), (dn, s_dn) = (
-            quantize_fp8(m) for m in (w.qkv, w.o_t.t(), w.gate_up, w.down_t.t())
-        )
-        out.append(replace(w, qkv=qkv, o_t=o.t(), gate_up=gu, down_t=dn.t(), scales=(s_qkv, s_o, s_gu, s_dn)))
     return out
 
 
@@ -291,21 +278,18 @@ def _expert_layer_fused(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos_
 
 def _expert_layer_chain(x, xn, qkv_w, o_t, post_norm, gate_up, down_t, cos_h, sin_h, bias, k_buf, v_buf,
                         start: int, heads: int, kv_heads: int, eps: float, cond=None, next_norm: RowNorm | None = None,
-                        pdl: bool = False, scales=None):
+                        pdl: bool = False):
     """The fused layer as 8 Triton kernels and no torch op: takes the input x and its normed copy
     xn (this layer's input norm already applied) and returns (output, output under `next_norm`:
     the next layer's input norm or the final one). Both norms come out of the residual products'
     reduce kernels. With pdl, each kernel's launch and weight prefetch overlap the previous
-    kernel (a torch op in between would serialise them again). scales: fp8 weights' per-output
-    scales (qkv, o, gate_up, down), see _fp8_weights."""
+    kernel (a torch op in between would serialise them again)."""
     _, _, g1, s2, b2, g2 = (None,) * 6 if cond is None else cond
-    s_qkv, s_o, s_gu, s_dn = (None,) * 4 if scales is None else scales
-    q = fused_qkv(xn, qkv_w.t(), k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads, pdl=pdl, w_scale=s_qkv)
+    q = fused_qkv(xn, qkv_w.t(), k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads, pdl=pdl)
     attn = mqa_attention(q, k_buf, v_buf, bias[:, 0, :: heads // kv_heads], pdl=pdl)
-    x, h = skinny_linear(attn, o_t, residual=x, col_scale=_flat(g1), norm=RowNorm(eps, post_norm, s2, b2), pdl=pdl,
-                         w_scale=s_o)
-    act = skinny_linear(h, gate_up.t(), gated_gelu=True, pdl=pdl, w_scale=s_gu)
-    return skinny_linear(act, down_t, residual=x, col_scale=_flat(g2), norm=next_norm, pdl=pdl, w_scale=s_dn)
+    x, h = skinny_linear(attn, o_t, residual=x, col_scale=_flat(g1), norm=RowNorm(eps, post_norm, s2, b2), pdl=pdl)
+    act = skinny_linear(h, gate_up.t(), gated_gelu=True, pdl=pdl)
+    return skinny_linear(act, down_t, residual=x, col_scale=_flat(g2), norm=next_norm, pdl=pdl)
 
 
 # ---- static buffers and graphs -------------------------------------------------------------------
@@ -387,7 +371,6 @@ class FastPi0:
         compile_mode: str | None = None,
         expert_gemm: str = "auto",
         expert_pdl: bool | None = None,
-        expert_fp8: bool = False,
         fused_layer_norm: bool | None = None,
         prefix_attn: str = "auto",
         expert_attn: str = "auto",
@@ -436,12 +419,6 @@ class FastPi0:
         if expert_pdl and not can_pdl:
             raise ValueError("expert_pdl=True needs expert_gemm='chain' on an sm_90+ GPU with Triton >= 3.4")
         self.expert_pdl = can_pdl if expert_pdl is None else bool(expert_pdl)
-        # fp8 expert weights (opt-in: changes the numbers, see docs/PERFORMANCE.md round 5).
-        if expert_fp8 and expert_gemm != "chain":
-            raise ValueError(f"expert_fp8=True needs expert_gemm='chain' (the Triton chain); got {expert_gemm!r}")
-        self.expert_fp8 = bool(expert_fp8)
-        with torch.no_grad():  # (batches over 64 suffix rows leave the chain: they keep self.exp)
-            self._chain_w = _fp8_weights(self.exp) if expert_fp8 else self.exp
         # SigLIP's residual adds + LayerNorms as one Triton kernel each: None = on CUDA with Triton.
         auto_ln = model.device.type == "cuda" and HAVE_TRITON
         self.fused_ln = auto_ln if fused_layer_norm is None else bool(fused_layer_norm)
@@ -635,11 +612,11 @@ class FastPi0:
 
         first = norm_of(0)
         hn = _norm(h, first.weight, ex.eps, first.scale1p, first.shift)
-        for li, w in enumerate(self._chain_w):
+        for li, w in enumerate(self.exp):
             h, hn = _expert_layer_chain(
                 h, hn, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos_h, sin_h, bias, st.k[li], st.v[li], t,
                 ex.num_heads, ex.num_kv_heads, ex.eps, per_layer[li] if per_layer else None, norm_of(li + 1),
-                self.expert_pdl, w.scales,
+                self.expert_pdl,
             )
         return hn
 

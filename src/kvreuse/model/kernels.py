@@ -78,31 +78,23 @@ def _build() -> tuple:
         sv_b, sv_t, sv_h,
         sb_b, sb_r, sb_t,
         HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
-        PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SCALE_LOG2: tl.constexpr,
     ):
+        _pdl_enter(PDL)
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(2)
         b, rows, row_ok, tok, head = _rows(pid_bh, tl.program_id(1), M, G, HKV, BLOCK_M)
         kvh = pid_bh % HKV
         d = tl.arange(0, D)
-        lo = pid_s * keys_per_split
-        hi = tl.minimum(lo + keys_per_split, T)
-        k_base = k_ptr + b * sk_b + kvh * sk_h
-        v_base = v_ptr + b * sv_b + kvh * sv_h
-        if PREFETCH:  # the first row tile of each key split asks L2 for its keys while the QKV kernel runs
-            if tl.program_id(1) == 0:  # (L2 is where writes land, so lines the QKV kernel writes stay right)
-                lines = tl.arange(0, LINES) * LINE  # one address per 128-byte line of a key's row
-                for start in range(lo, hi, BLOCK_N):
-                    n = start + tl.arange(0, BLOCK_N)
-                    ok = (n < hi)[:, None] & (lines < D)[None, :]
-                    _prefetch_l2(k_base + n[:, None] * sk_t + lines[None, :], ok, k_base)
-                    _prefetch_l2(v_base + n[:, None] * sv_t + lines[None, :], ok, v_base)
-        _pdl_enter(PDL)
         q = tl.load(
             q_ptr + b * sq_b + tok[:, None] * sq_r + head[:, None] * sq_h + d[None, :],
             mask=row_ok[:, None], other=0.0,
         )
+
+        lo = pid_s * keys_per_split
+        hi = tl.minimum(lo + keys_per_split, T)
+        k_base = k_ptr + b * sk_b + kvh * sk_h
+        v_base = v_ptr + b * sv_b + kvh * sv_h
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -240,7 +232,6 @@ def mqa_attention(
     combine_warps: int = 4,
     scale: float | None = None,
     pdl: bool = False,
-    prefetch: bool = False,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v with fp32 softmax and accumulation (P is cast to v's dtype
     for the second matmul, as in flash attention).
@@ -265,8 +256,7 @@ def mqa_attention(
     ~180 registers, no spills, 104 KiB shared memory; 64/64 spills, and 64/64 with 3 stages
     needs 256 KiB of shared memory (more than an H100 has).
 
-    pdl: launch both kernels with programmatic dependent launch (see pdl_supported; sm_90+);
-    prefetch (with pdl): the split kernel first asks L2 for its K/V range, before it waits.
+    pdl: launch both kernels with programmatic dependent launch (see pdl_supported; sm_90+).
     """
     if not HAVE_TRITON:
         raise RuntimeError("mqa_attention needs triton (pip install triton); use the PyTorch attention path instead")
@@ -331,7 +321,6 @@ def mqa_attention(
         v.stride(0), v.stride(1), v.stride(2),
         sb[0], sb[1], sb[2],
         HAS_BIAS=bias is not None, DIRECT=direct, DOT_F32=_dot_f32(split_kernel, q.dtype), PDL=pdl,
-        PREFETCH=pdl and prefetch, LINE=128 // k.element_size(), LINES=max(1, d * k.element_size() // 128),
         BLOCK_M=block_m, BLOCK_N=block_n, D=d,
         SCALE_LOG2=scale * _LOG2E,  # constexpr: a float argument becomes fp64 under inductor
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),

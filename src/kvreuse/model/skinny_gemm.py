@@ -48,8 +48,7 @@ tl = None
 _KERNELS: tuple | None = None
 
 __all__ = [
-    "FP8", "HAVE_TRITON", "RowNorm", "SkinnyConfig", "default_config", "expert_shapes", "fused_qkv", "quantize_fp8",
-    "skinny_linear", "split_plan",
+    "HAVE_TRITON", "RowNorm", "SkinnyConfig", "default_config", "expert_shapes", "fused_qkv", "skinny_linear", "split_plan",
 ]
 
 MAX_M = 64
@@ -104,8 +103,8 @@ def _build() -> tuple:
                 wt = tl.load(w_base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
             if DOT_F32:  # interpreter only (see kernels._dot_f32)
                 acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32))
-            else:  # fp8 weights are widened here, in registers (a no-op for bf16)
-                acc += tl.dot(xt, wt.to(xt.dtype))
+            else:
+                acc += tl.dot(xt, wt)
             if DUAL:
                 if EVEN_K and EVEN_N:
                     ut = tl.load(u_base + k[:, None] * stride_wk)
@@ -114,7 +113,7 @@ def _build() -> tuple:
                 if DOT_F32:
                     acc2 += tl.dot(xt.to(tl.float32), ut.to(tl.float32))
                 else:
-                    acc2 += tl.dot(xt, ut.to(xt.dtype))
+                    acc2 += tl.dot(xt, ut)
         return acc, acc2
 
     @triton.jit
@@ -147,11 +146,11 @@ def _build() -> tuple:
 
     @triton.jit
     def _gemm_kernel(
-        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, gate_ptr, ws_ptr,
+        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, gate_ptr,
         M, K, N_OUT, N_W, k_per_split,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_b, stride_g, stride_rm, stride_rn, stride_om,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
-        DIRECT: tl.constexpr, HAS_WS: tl.constexpr,
+        DIRECT: tl.constexpr,
         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
         LINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -174,10 +173,6 @@ def _build() -> tuple:
             stride_xm, stride_xk, stride_wk, stride_wn,
             GATED, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-        if HAS_WS:  # fp8 weights: per-column scales (linear, so partial sums may be scaled too)
-            acc *= tl.load(ws_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            if GATED:
-                acc_up *= tl.load(ws_ptr + N_OUT + cols, mask=col_ok, other=0.0)[None, :]
 
         if DIRECT:
             _epilogue(
@@ -237,12 +232,12 @@ def _build() -> tuple:
 
     @triton.jit
     def _qkv_kernel(
-        x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, ws_ptr,
+        x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
         M, K, R, start, H, HKV, N_HALF,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_b,
         sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, D: tl.constexpr,
-        HAS_WS: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
+        PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Fused QKV product + rotary + K/V cache write. Programs own BLOCK_N "half
@@ -265,9 +260,6 @@ def _build() -> tuple:
             stride_xm, stride_xk, stride_wk, stride_wn,
             True, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-        if HAS_WS:
-            acc *= tl.load(ws_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            acc2 *= tl.load(ws_ptr + cols + HALF, mask=col_ok, other=0.0)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             acc2 += tl.load(bias_ptr + (cols + HALF) * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -390,34 +382,14 @@ def _check_vec(name: str, v: torch.Tensor | None, n: int) -> None:
         raise ValueError(f"{name} must be ({n},); got {tuple(v.shape)}")
 
 
-FP8 = torch.float8_e4m3fn
-_FP8_MAX = 448.0
-
-
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An nn.Linear weight (N, K) as float8 e4m3 (N, K) and float32 scales (N,), one per output
-    column: weight ~ q * scale[:, None], scale = max |row| / 448 (e4m3's largest value). Pass
-    q.t() and scale as skinny_linear / fused_qkv's w and w_scale."""
-    if weight.dim() != 2:
-        raise ValueError(f"expected an (N, K) weight; got {tuple(weight.shape)}")
-    w = weight.float()
-    scale = (w.abs().amax(1) / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    return (w / scale[:, None]).to(FP8), scale
-
-
-def _rows_of(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None) -> int:
-    """M, after checking x (..., K) against w (K, N) (and fp8 w against its (N,) scales)."""
+def _rows_of(x: torch.Tensor, w: torch.Tensor) -> int:
+    """M, after checking x (..., K) against w (K, N)."""
     if x.dim() < 1 or w.dim() != 2:
         raise ValueError(f"expected x (..., K) and w (K, N); got {tuple(x.shape)}, {tuple(w.shape)}")
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"x's last dim {x.shape[-1]} != w's rows {w.shape[0]} (w is (K, N); pass W.t() for nn.Linear)")
-    if (w.dtype == FP8) != (w_scale is not None):
-        raise ValueError(f"w_scale goes with float8_e4m3fn weights and only with them; got w {w.dtype}, "
-                         f"w_scale {'given' if w_scale is not None else 'None'}")
-    if w.dtype != FP8 and x.dtype != w.dtype:
+    if x.dtype != w.dtype:
         raise ValueError(f"x and w dtypes differ: {x.dtype}, {w.dtype}")
-    if w_scale is not None and (w_scale.shape != (w.shape[1],) or w_scale.dtype != torch.float32):
-        raise ValueError(f"w_scale must be float32 ({w.shape[1]},); got {w_scale.dtype} {tuple(w_scale.shape)}")
     m = math.prod(x.shape[:-1])
     if m > MAX_M:
         raise ValueError(f"skinny kernels take at most {MAX_M} rows; got {m} (use torch.matmul)")
@@ -440,7 +412,6 @@ def skinny_linear(
     norm: RowNorm | None = None,
     pdl: bool = False,
     prefetch: bool = False,
-    w_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x @ w (+ bias) (+ residual) for few rows, in x.dtype with fp32 accumulation.
 
@@ -466,12 +437,9 @@ def skinny_linear(
     launch while the previous kernel runs and wait for it on the GPU; with prefetch, the main
     kernel first asks L2 for its weight slice (measured slower for these split-K products on an
     H200, so off by default; fused_qkv keeps it on).
-
-    w_scale (N,) float32: w is float8_e4m3fn (see quantize_fp8), widened to x's dtype in registers;
-    column n of the product is scaled by w_scale[n] before the epilogue. Halves the bytes streamed.
     """
     gemm_kernel, reduce_kernel, _ = _kernels()
-    m = _rows_of(x, w, w_scale)
+    m = _rows_of(x, w)
     k, n_w = w.shape
     lead = x.shape[:-1]
     if gated_gelu and n_w % 2:
@@ -526,10 +494,10 @@ def skinny_linear(
         res2.stride(0), res2.stride(1), out2.stride(0),
     )
     gemm_kernel[(-(-n_out // bn), splits)](
-        x2, w, bias_t, res2, out2, part, gate_t, w_scale if w_scale is not None else out2,
+        x2, w, bias_t, res2, out2, part, gate_t,
         m, k, n_out, n_w, k_per_split,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *strides,
-        DIRECT=direct, HAS_WS=w_scale is not None, EVEN_K=k % bk == 0, EVEN_N=n_out % bn == 0,
+        DIRECT=direct, EVEN_K=k % bk == 0, EVEN_N=n_out % bn == 0,
         DOT_F32=_dot_f32(gemm_kernel, x.dtype), PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps, num_stages=num_stages, **common, **pdl_kwargs(pdl),
@@ -569,7 +537,6 @@ def fused_qkv(
     num_stages: int = 4,
     pdl: bool = False,
     prefetch: bool = True,
-    w_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One kernel for a Gemma attention block's input side after its norm, for few rows: the fused
     [q | k | v] product (+ bias (N,)), rotate-half rotary on q and k, and the K/V write into the
@@ -580,10 +547,10 @@ def fused_qkv(
     [start, start + R) are written. cos / sin: (B * R, D / 2) float32 tables of the rows' positions
     (cos and sin of position x inverse frequency). Same numbers as linear -> rope in fp32,
     rounded once. pdl / prefetch: as in skinny_linear (the weight prefetch took this kernel from
-    6.2 to 4.7 us on an H200 under PDL). w_scale: float8 weights, as in skinny_linear.
+    6.2 to 4.7 us on an H200 under PDL).
     """
     _, _, qkv_kernel = _kernels()
-    m = _rows_of(x, w, w_scale)
+    m = _rows_of(x, w)
     if x.dim() != 3:
         raise ValueError(f"x must be (B, R, K); got {tuple(x.shape)}")
     b, r, k = x.shape
@@ -611,12 +578,12 @@ def fused_qkv(
     x2 = x.reshape(m, k)
     qkv_kernel[(-(-n_half // bn),)](
         x2, w, bias if bias is not None else q,
-        cos, sin, q, k_buf, v_buf, w_scale if w_scale is not None else q,
+        cos, sin, q, k_buf, v_buf,
         m, k, r, start, heads, kv_heads, n_half,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
         k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
         HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, EVEN_N=n_half % bn == 0,
-        DOT_F32=_dot_f32(qkv_kernel, x.dtype), D=d, HAS_WS=w_scale is not None, PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
+        DOT_F32=_dot_f32(qkv_kernel, x.dtype), D=d, PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
         BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
