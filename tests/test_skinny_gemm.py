@@ -190,7 +190,7 @@ def test_bad_inputs_and_missing_triton(monkeypatch):
     with pytest.raises(ValueError, match="last dim"):
         skinny_linear(x, w.t())
     with pytest.raises(ValueError, match="dtypes"):
-        skinny_linear(x, w.to(torch.bfloat16))
+        skinny_linear(x.to(torch.bfloat16), w)
     with pytest.raises(ValueError, match="even number"):
         skinny_linear(x, w[:, :47], gated_gelu=True)
     with pytest.raises(ValueError, match="bias"):
@@ -212,8 +212,10 @@ def test_bad_inputs_and_missing_triton(monkeypatch):
 def test_fast_runtime_with_fused_expert_matches_eager(name, gemm, monkeypatch):
     """FastPi0(expert_gemm="fused" / "triton" / "chain") runs every expert layer through
     fused_qkv (QKV, rotary, cache write) and skinny_linear (gate/up + GELU) [+ skinny residual
-    products; chain: which also return the next norm] and still computes the eager model's
-    actions; batches over 64 suffix rows fall back to cuBLAS."""
+    products; chain: which also return the next norm, and the per-step input / output projections
+    (Pi0: folded input + silu, time MLP out + layer-0 norm; Pi0.5: input + adaptive norm) and the
+    Euler update] and still computes the eager model's actions; batches over 64 suffix rows fall
+    back to cuBLAS."""
     from kvreuse.bench import build_random, rel_err, synthetic_obs
     from kvreuse.model import fast as fast_mod
     from kvreuse.model import preset
@@ -226,8 +228,9 @@ def test_fast_runtime_with_fused_expert_matches_eager(name, gemm, monkeypatch):
     model = build_random(cfg, "cpu", dtype=torch.float32, seed=0)
     fast = fast_mod.FastPi0(model, expert_gemm=gemm)
     g = torch.Generator().manual_seed(1)
-    per_step = (2 if gemm == "fused" else 4) * cfg.expert.depth
-    for batch in (2, 64 // cfg.suffix_len + 1):  # fused (<= 64 rows), then the cuBLAS fallback
+    glue = (2 if cfg.adarms else 3) if gemm == "chain" else 0
+    per_step = (2 if gemm == "fused" else 4) * cfg.expert.depth + glue
+    for batch in (1, 2, 64 // cfg.suffix_len + 1):  # fused (<= 64 rows), then the cuBLAS fallback
         calls.clear()
         obs = synthetic_obs(cfg, batch, "cpu", g)
         noise = torch.randn(batch, cfg.chunk_size, cfg.max_action_dim, generator=g)
@@ -241,7 +244,10 @@ def test_fast_runtime_with_fused_expert_matches_eager(name, gemm, monkeypatch):
             assert sum(bool(k.get("gated_gelu")) for _, k in calls) == cfg.expert.depth * cfg.num_steps
             # chain: both residual products hand back the following norm (the last one the final norm)
             normed = sum(k.get("norm") is not None for _, k in calls)
-            assert normed == (2 * cfg.expert.depth * cfg.num_steps if gemm == "chain" else 0)
+            assert normed == ((2 * cfg.expert.depth + 1) * cfg.num_steps if gemm == "chain" else 0)
+            if gemm == "chain":  # Euler update in place; Pi0's folded input projection ends in silu
+                assert sum(k.get("out") is k.get("residual") is not None for _, k in calls) == cfg.num_steps
+                assert sum(bool(k.get("silu")) for _, k in calls) == (0 if cfg.adarms else cfg.num_steps)
     assert not fast.expert_pdl  # no programmatic dependent launch off the GPU (nor in the interpreter)
 
 
@@ -391,3 +397,55 @@ def test_programmatic_dependent_launch_needs_a_hopper_gpu():
     with pytest.raises(ValueError, match="expert_pdl"):
         FastPi0(model, expert_gemm="triton", expert_pdl=True)
     assert not FastPi0(model, expert_gemm="chain").expert_pdl
+
+
+# ---- the denoise loop's own products: silu, float32 inputs, caller-given outputs -------------------
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_silu_epilogue_and_float32_input_rounded_to_the_weights_dtype(split_k):
+    x, w, bias, _ = _data((6,), 64, 48, torch.float32, seed=11)
+    wb = w.to(torch.bfloat16)
+    kw = dict(bias=bias, silu=True, split_k=split_k, block_n=16, block_k=32)
+    # x already on the bf16 grid: exactly the bf16 product (float32 sums), then silu
+    xb = x.to(torch.bfloat16).float()
+    out = skinny_linear(xb, wb, **kw)
+    assert out.dtype == torch.float32  # x's dtype unless out= says otherwise
+    ref = F.silu(xb @ wb.float() + bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # any float32 x: within one bf16 step of each x element (the interpreter truncates, the GPU rounds)
+    pre = skinny_linear(x, wb, bias=bias, split_k=split_k, block_n=16, block_k=32)
+    exact = x @ wb.float() + bias
+    assert ((pre - exact).abs() <= 2**-7 * (x.abs() @ wb.float().abs()) + 1e-5).all()
+    assert (pre - exact).abs().max() > 0  # x really went through bf16
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_outputs_into_caller_buffers_and_in_place_residual(split_k):
+    x, w, bias, _ = _data((1, 5), 64, 32, torch.bfloat16, seed=12)
+    # rows 1.. of a (1, 6, 32) buffer: one row stride; row 0 must survive
+    buf, nbuf = torch.full((1, 6, 32), 7.0, dtype=torch.bfloat16), torch.full((1, 6, 32), 7.0, dtype=torch.bfloat16)
+    nw = torch.rand(32) + 0.5
+    out, normed = skinny_linear(x, w, bias=bias, norm=RowNorm(1e-6, nw), out=buf[:, 1:], normed_out=nbuf[:, 1:],
+                                split_k=split_k, block_n=16, block_k=32)
+    assert out.data_ptr() == buf[:, 1:].data_ptr() and normed.data_ptr() == nbuf[:, 1:].data_ptr()
+    ref = _ref(x, w, bias)
+    _check(buf[:, 1:], ref, torch.bfloat16)
+    _check(nbuf[:, 1:], _rms(buf[:, 1:].float(), 1e-6) * nw, torch.bfloat16)
+    assert (buf[:, 0] == 7).all() and (nbuf[:, 0] == 7).all()
+    # Euler-style update: x32 += step * (h @ w + bias), in place, float32 out of bf16 products
+    x32 = torch.randn(1, 5, 32)
+    before = x32.clone()
+    step = torch.full((32,), -0.1)
+    skinny_linear(x, w, bias=bias, col_scale=step, residual=x32, out=x32, split_k=split_k, block_n=16, block_k=32)
+    torch.testing.assert_close(x32, before + step * ref, rtol=1e-5, atol=1e-5)
+
+
+def test_output_buffers_are_checked():
+    x, w, _, _ = _data((2, 5), 64, 32, torch.bfloat16)
+    with pytest.raises(ValueError, match="out must be"):
+        skinny_linear(x, w, out=torch.empty(2, 5, 31, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="one stride"):  # rows 1.. of a batch-2 buffer: two strides
+        skinny_linear(x, w, out=torch.empty(2, 6, 32, dtype=torch.bfloat16)[:, 1:])
+    with pytest.raises(ValueError, match="normed_out= needs norm"):
+        skinny_linear(x, w, normed_out=torch.empty(2, 5, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="pick one"):
+        skinny_linear(x, torch.cat([w, w], 1), gated_gelu=True, silu=True)
+    with pytest.raises(ValueError, match="dtypes differ"):  # only float32 x may meet a narrower w
+        skinny_linear(x, w.float())

@@ -403,6 +403,7 @@ class FastPi0:
             self._at_w_t = w[:, ew:]  # acts on the time embedding: folded into per-step tables
         self._statics: dict[int, _Static] = {}
         self._tables: dict[int, list] = {}
+        self._glue: dict[int, tuple] = {}
         self._siglip_fn = _siglip_layer
         self._lm_fn = _lm_layer
         self._qkv_fn = _gemma_qkv
@@ -419,6 +420,15 @@ class FastPi0:
         if expert_pdl and not can_pdl:
             raise ValueError("expert_pdl=True needs expert_gemm='chain' on an sm_90+ GPU with Triton >= 3.4")
         self.expert_pdl = can_pdl if expert_pdl is None else bool(expert_pdl)
+        if expert_gemm == "chain":  # the per-step projections as skinny products, w as (K, N) views
+            with torch.no_grad():
+                self._w_in_t = model.action_in_proj.weight.t()
+                self._w_out_t = model.action_out_proj.weight.t()
+                if not cfg.adarms:
+                    self._w_mlp_out_t = model.action_time_mlp_out.weight.t()
+                    # action_time_mlp_in's action half after action_in_proj, as one (A, W) product
+                    fold = self._at_w_a_t.float().t() @ model.action_in_proj.weight.float()
+                    self._w_fold_t = fold.to(model.dtype).t()
         # SigLIP's residual adds + LayerNorms as one Triton kernel each: None = on CUDA with Triton.
         auto_ln = model.device.type == "cuda" and HAVE_TRITON
         self.fused_ln = auto_ln if fused_layer_norm is None else bool(fused_layer_norm)
@@ -572,6 +582,8 @@ class FastPi0:
         if not cfg.state_in_prompt:
             suffix = torch.empty(b, s, ex.width, dtype=dt, device=st.valid.device)
             suffix[:, 0].copy_(F.linear(st.state.to(dt), m.state_proj.weight, m.state_proj.bias))
+        if chain:
+            return self._denoise_chain(st, steps, tables, cos_h, sin_h, bias)
         x = st.noise.clone()
         step = -1.0 / steps
         for i in range(steps):
@@ -584,25 +596,76 @@ class FastPi0:
                 at = torch.addmm(tables[i], a.reshape(-1, ex.width), self._at_w_a_t).view(b, c, ex.width)
                 suffix[:, 1:].copy_(F.linear(F.silu(at), m.action_time_mlp_out.weight, m.action_time_mlp_out.bias))
                 h = suffix
-            if chain:  # comes back final-normed (the last layer's reduce kernel applied the norm)
-                h = self._chain(h, st, per_layer, tables[i], cos_h, sin_h, bias)[:, -c:]
-            else:
-                for li, w in enumerate(self.exp):
-                    args = (h, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t)
-                    kw = dict(k_buf=st.k[li], v_buf=st.v[li], start=t, heads=ex.num_heads, kv_heads=ex.num_kv_heads,
-                              eps=ex.eps, cond=per_layer[li] if per_layer is not None else None, attn=self.expert_attn)
-                    if use_fused:
-                        h = self._exp_fused_fn(*args, cos_h, sin_h, bias, gemm=self.expert_gemm, **kw)
-                    else:
-                        h = self._exp_fn(*args, cos, sin, bias, **kw)
-                h = h[:, -c:]
-                h = _ada_norm(h, ex.eps, f_s, f_b) if cfg.adarms else F.rms_norm(h, (ex.width,), self.exp_final, ex.eps)
+            for li, w in enumerate(self.exp):
+                args = (h, w.in_norm, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t)
+                kw = dict(k_buf=st.k[li], v_buf=st.v[li], start=t, heads=ex.num_heads, kv_heads=ex.num_kv_heads,
+                          eps=ex.eps, cond=per_layer[li] if per_layer is not None else None, attn=self.expert_attn)
+                if use_fused:
+                    h = self._exp_fused_fn(*args, cos_h, sin_h, bias, gemm=self.expert_gemm, **kw)
+                else:
+                    h = self._exp_fn(*args, cos, sin, bias, **kw)
+            h = h[:, -c:]
+            h = _ada_norm(h, ex.eps, f_s, f_b) if cfg.adarms else F.rms_norm(h, (ex.width,), self.exp_final, ex.eps)
             v = F.linear(h, m.action_out_proj.weight, m.action_out_proj.bias)
             x.add_(v, alpha=step)
         return x
 
-    def _chain(self, h, st: _Static, per_layer, table, cos_h, sin_h, bias):
-        """The expert stack through _expert_layer_chain; returns the final-normed output."""
+    def _chain_glue(self, steps: int) -> tuple:
+        """Per step count, for _denoise_chain: Pi0's per-step bias of the folded input projection
+        (time half of action_time_mlp_in + its action half applied to action_in_proj's bias), and
+        the Euler step as a column scale."""
+        if steps not in self._glue:
+            m, dt = self.model, self.model.dtype
+            step = torch.full((self.cfg.max_action_dim,), -1.0 / steps, device=m.device)
+            biases = None
+            if not self.cfg.adarms:
+                with torch.no_grad():
+                    b_in = self._at_w_a_t.float().t() @ m.action_in_proj.bias.float()
+                    biases = [(tb.float().reshape(-1) + b_in).to(dt) for tb in self._step_tables(steps)]
+            self._glue[steps] = (biases, step)
+        return self._glue[steps]
+
+    def _denoise_chain(self, st: _Static, steps: int, tables, cos_h, sin_h, bias) -> torch.Tensor:
+        """The Euler loop for batch 1 with every op a Triton kernel (PDL chains them all): per step
+        an input kernel or two, the layer chain, and the output projection + Euler update into x.
+        Pi0: silu(x @ (W_a W_in)^T + bias_i) (action_in_proj folded into action_time_mlp_in),
+        then action_time_mlp_out writing suffix rows 1.. and their layer-0 norm; the state row and
+        its norm are set once per call. Pi0.5: action_in_proj with layer 0's adaptive norm."""
+        cfg, m, ex = self.cfg, self.model, self.cfg.expert
+        c, s, dt, pdl = cfg.chunk_size, cfg.suffix_len, m.dtype, self.expert_pdl
+        biases, step = self._chain_glue(steps)
+        x = st.noise.clone()
+        b = x.shape[0]
+        h = torch.empty(b, s, ex.width, dtype=dt, device=x.device)
+        hn = torch.empty_like(h)
+        if not cfg.adarms:
+            state = F.linear(st.state.to(dt), m.state_proj.weight, m.state_proj.bias)
+            h[:, 0].copy_(state)
+            hn[:, 0].copy_(_norm(state, self.exp[0].in_norm, ex.eps))
+            at = torch.empty(b, c, ex.width, dtype=dt, device=x.device)
+        for i in range(steps):
+            per_layer = tables[i][0] if cfg.adarms else None
+            if cfg.adarms:
+                skinny_linear(x, self._w_in_t, bias=m.action_in_proj.bias, out=h, normed_out=hn, pdl=pdl,
+                              norm=RowNorm(ex.eps, None, *per_layer[0][:2]))
+            else:
+                skinny_linear(x, self._w_fold_t, bias=biases[i], silu=True, out=at, pdl=pdl)
+                norm0 = RowNorm(ex.eps, self.exp[0].in_norm)
+                if b == 1:  # rows 1.. of h are one stride apart: written in place
+                    skinny_linear(at, self._w_mlp_out_t, bias=m.action_time_mlp_out.bias, out=h[:, 1:], norm=norm0,
+                                  normed_out=hn[:, 1:], pdl=pdl)
+                else:  # (tiny configs only: the chain takes <= 64 suffix rows)
+                    a, an = skinny_linear(at, self._w_mlp_out_t, bias=m.action_time_mlp_out.bias, norm=norm0)
+                    h[:, 1:].copy_(a)
+                    hn[:, 1:].copy_(an)
+            out = self._chain(h, hn, st, per_layer, tables[i], cos_h, sin_h, bias)  # final-normed
+            skinny_linear(out[:, -c:], self._w_out_t, bias=m.action_out_proj.bias, col_scale=step, residual=x,
+                          out=x, pdl=pdl)
+        return x
+
+    def _chain(self, h, hn, st: _Static, per_layer, table, cos_h, sin_h, bias):
+        """The expert stack through _expert_layer_chain from h and its layer-0 norm hn; returns the
+        final-normed output."""
         ex, t = self.cfg.expert, self.cfg.prefix_len
 
         def norm_of(li: int) -> RowNorm:  # layer li's input norm; li = depth: the final norm
@@ -610,8 +673,6 @@ class FastPi0:
                 return RowNorm(ex.eps, None, table[1], table[2]) if per_layer else RowNorm(ex.eps, self.exp_final)
             return RowNorm(ex.eps, self.exp[li].in_norm, *(per_layer[li][:2] if per_layer else ()))
 
-        first = norm_of(0)
-        hn = _norm(h, first.weight, ex.eps, first.scale1p, first.shift)
         for li, w in enumerate(self.exp):
             h, hn = _expert_layer_chain(
                 h, hn, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos_h, sin_h, bias, st.k[li], st.v[li], t,

@@ -97,6 +97,7 @@ def _build() -> tuple:
                 xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None], other=0.0)
             else:
                 xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+            xt = xt.to(w_ptr.dtype.element_ty)  # float32 x with bf16 w: rounded as F.linear(x.to(w.dtype))
             if EVEN_K and EVEN_N:
                 wt = tl.load(w_base + k[:, None] * stride_wk)
             else:
@@ -121,9 +122,10 @@ def _build() -> tuple:
         acc, acc_up, rows, cols, row_ok, col_ok, F,
         bias_ptr, stride_b, gate_ptr, stride_g, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
+        SILU: tl.constexpr,
     ):
-        """bias, gelu_tanh(gate) * up, column gate, residual, all in fp32; store in out's dtype
-        and return the fp32 values. For GATED, acc / acc_up are the gate / up columns `cols` /
+        """bias, gelu_tanh(gate) * up or silu, column gate, residual, all in fp32; store in out's
+        dtype and return the fp32 values. For GATED, acc / acc_up are the gate / up columns `cols` /
         F + `cols` (acc_up is unused otherwise)."""
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -135,6 +137,8 @@ def _build() -> tuple:
             # The clamp keeps exp finite (g * ~0 either way for very negative g).
             z2 = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
             acc = acc / (1.0 + tl.exp(tl.minimum(-z2, 80.0))) * acc_up
+        if SILU:
+            acc = acc / (1.0 + tl.exp(tl.minimum(-acc, 80.0)))
         if HAS_GATE:  # Pi0.5's gated residual: x + gate * (a @ w)
             acc *= tl.load(gate_ptr + cols * stride_g, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
@@ -150,7 +154,7 @@ def _build() -> tuple:
         M, K, N_OUT, N_W, k_per_split,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_b, stride_g, stride_rm, stride_rn, stride_om,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
-        DIRECT: tl.constexpr,
+        SILU: tl.constexpr, DIRECT: tl.constexpr,
         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
         LINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -178,7 +182,7 @@ def _build() -> tuple:
             _epilogue(
                 acc, acc_up, rows, cols, row_ok, col_ok, N_OUT,
                 bias_ptr, stride_b, gate_ptr, stride_g, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
-                HAS_BIAS, HAS_RES, GATED, HAS_GATE,
+                HAS_BIAS, HAS_RES, GATED, HAS_GATE, SILU,
             )
         else:
             # part: (splits, M, N_W) fp32, contiguous; gated up columns at F + n.
@@ -194,7 +198,7 @@ def _build() -> tuple:
         M, N_OUT, N_W, S, ROWS_PER_TABLE,
         stride_b, stride_g, stride_rm, stride_rn, stride_om, stride_nm,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
-        NORM: tl.constexpr, NORM_W: tl.constexpr, ADA: tl.constexpr, EPS: tl.constexpr, PDL: tl.constexpr,
+        SILU: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr, ADA: tl.constexpr, EPS: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Sums the split partials, runs the epilogue; NORM (programs own whole rows): also
@@ -216,7 +220,7 @@ def _build() -> tuple:
         y = _epilogue(
             acc, acc_up, rows, cols, row_ok, col_ok, N_OUT,
             bias_ptr, stride_b, gate_ptr, stride_g, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
-            HAS_BIAS, HAS_RES, GATED, HAS_GATE,
+            HAS_BIAS, HAS_RES, GATED, HAS_GATE, SILU,
         )
         if NORM:  # the norm of what was stored (rounded to out's dtype), as the next op would see it
             y = tl.where(mask, y.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
@@ -382,18 +386,35 @@ def _check_vec(name: str, v: torch.Tensor | None, n: int) -> None:
         raise ValueError(f"{name} must be ({n},); got {tuple(v.shape)}")
 
 
-def _rows_of(x: torch.Tensor, w: torch.Tensor) -> int:
-    """M, after checking x (..., K) against w (K, N)."""
+def _rows_of(x: torch.Tensor, w: torch.Tensor, widen_ok: bool = False) -> int:
+    """M, after checking x (..., K) against w (K, N); widen_ok: x may also be float32."""
     if x.dim() < 1 or w.dim() != 2:
         raise ValueError(f"expected x (..., K) and w (K, N); got {tuple(x.shape)}, {tuple(w.shape)}")
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"x's last dim {x.shape[-1]} != w's rows {w.shape[0]} (w is (K, N); pass W.t() for nn.Linear)")
-    if x.dtype != w.dtype:
+    if x.dtype != w.dtype and not (widen_ok and x.dtype == torch.float32):
         raise ValueError(f"x and w dtypes differ: {x.dtype}, {w.dtype}")
     m = math.prod(x.shape[:-1])
     if m > MAX_M:
         raise ValueError(f"skinny kernels take at most {MAX_M} rows; got {m} (use torch.matmul)")
     return m
+
+
+def _given(name: str, t: torch.Tensor, shape: tuple, m: int, x: torch.Tensor) -> torch.Tensor:
+    """Check a caller's output buffer: the output's shape, a unit last stride, one row stride."""
+    if t.shape != shape or t.device != x.device or not t.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor of shape {shape} on {x.device}; got {t.dtype} {tuple(t.shape)}")
+    if t.numel() and (t.stride(-1) != 1 or not _one_row_stride(t, m)):
+        raise ValueError(f"{name} needs a unit last stride and rows one stride apart; got strides {t.stride()}")
+    return t
+
+
+def _one_row_stride(t: torch.Tensor, m: int) -> bool:
+    try:
+        t.view(m, t.shape[-1])
+    except RuntimeError:
+        return False
+    return True
 
 
 def skinny_linear(
@@ -412,6 +433,9 @@ def skinny_linear(
     norm: RowNorm | None = None,
     pdl: bool = False,
     prefetch: bool = False,
+    silu: bool = False,
+    out: torch.Tensor | None = None,
+    normed_out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x @ w (+ bias) (+ residual) for few rows, in x.dtype with fp32 accumulation.
 
@@ -437,13 +461,22 @@ def skinny_linear(
     launch while the previous kernel runs and wait for it on the GPU; with prefetch, the main
     kernel first asks L2 for its weight slice (measured slower for these split-K products on an
     H200, so off by default; fused_qkv keeps it on).
+
+    silu: silu(x @ w + bias) before the column scale and residual. x may be float32 with a bf16 /
+    fp16 w: its tiles are rounded to w's dtype in registers (as F.linear(x.to(w.dtype)) would).
+    out / normed_out: write the result (the norm) into these (the output's shape, any float dtype,
+    unit last stride, rows reachable with one row stride: e.g. buf[:, 1:] of a batch-1 buffer)
+    instead of new tensors in x's dtype; out may be the residual itself (updated in place: each
+    element is read and written by the same program).
     """
     gemm_kernel, reduce_kernel, _ = _kernels()
-    m = _rows_of(x, w)
+    m = _rows_of(x, w, widen_ok=True)
     k, n_w = w.shape
     lead = x.shape[:-1]
     if gated_gelu and n_w % 2:
         raise ValueError(f"gated_gelu needs an even number of columns [gate | up]; got {n_w}")
+    if gated_gelu and silu:
+        raise ValueError("gated_gelu and silu are two activations; pick one")
     n_out = n_w // 2 if gated_gelu else n_w
     out_shape = (*lead, n_out)
     _check_vec("bias", bias, n_w)
@@ -467,8 +500,11 @@ def skinny_linear(
         if tables and (tables[0].shape != tables[1].shape or m % tables[0].shape[0]):
             raise ValueError(f"norm tables must be (B, {n_out}) with B dividing the {m} rows")
 
-    out = torch.empty(out_shape, device=x.device, dtype=x.dtype)
-    normed = torch.empty_like(out) if norm is not None else None
+    if normed_out is not None and norm is None:
+        raise ValueError("normed_out= needs norm=")
+    out = _given("out", out, out_shape, m, x) if out is not None else torch.empty(out_shape, device=x.device, dtype=x.dtype)
+    normed = None if norm is None else (
+        _given("normed_out", normed_out, out_shape, m, x) if normed_out is not None else torch.empty_like(out))
     if m == 0 or n_out == 0:
         return out if norm is None else (out, normed)
     x2 = x.reshape(m, k)  # a view where the strides allow it
@@ -487,7 +523,7 @@ def skinny_linear(
     block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot needs >= 16 rows
 
     common = {"HAS_BIAS": bias is not None, "HAS_RES": residual is not None, "GATED": gated_gelu,
-              "HAS_GATE": col_scale is not None}
+              "HAS_GATE": col_scale is not None, "SILU": silu}
     strides = (
         bias_t.stride(0) if bias is not None else 0,
         gate_t.stride(0) if col_scale is not None else 0,
@@ -498,7 +534,7 @@ def skinny_linear(
         m, k, n_out, n_w, k_per_split,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *strides,
         DIRECT=direct, EVEN_K=k % bk == 0, EVEN_N=n_out % bn == 0,
-        DOT_F32=_dot_f32(gemm_kernel, x.dtype), PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
+        DOT_F32=_dot_f32(gemm_kernel, w.dtype), PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps, num_stages=num_stages, **common, **pdl_kwargs(pdl),
     )
