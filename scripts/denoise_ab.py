@@ -42,7 +42,7 @@ def round4_loop(self, st, steps, tables, cos_h, sin_h, bias):
 def main(name="pi0", rounds=5, iters=30):
     cfg = preset(name)
     model = build_random(cfg, "cuda")
-    obs = synthetic_obs(cfg, 1, "cuda", torch.Generator(device="cuda").manual_seed(0))
+    obs = synthetic_obs(cfg, 1, "cuda", torch.Generator().manual_seed(0))
     noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, device="cuda")
     a, b = FastPi0(model), FastPi0(model)
     b._denoise_chain = types.MethodType(round4_loop, b)
