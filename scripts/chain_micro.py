@@ -71,6 +71,19 @@ ops = {
     "down+norm": lambda li, p, **kw: skinny_linear(act_in, layers[li]["down_t"], residual=x0, norm=RowNorm(1e-6, layers[li]["in_norm"]), pdl=p, **kw),
 }
 fused_q = rn(1, R, H, D, scale=1.0)
+real_skinny = fast_mod.skinny_linear
+variants = [("off", 0, False), ("pdl", 1, False), ("pdl all-prefetch", 1, True)]
+print(torch.cuda.get_device_name(), torch.__version__)
+ref = None
+for name, p, pf in variants:
+    fast_mod.skinny_linear = functools.partial(real_skinny, prefetch=True) if pf else real_skinny
+    ms, out = timed(chain(p))
+    ref = out.clone() if ref is None else ref
+    same = torch.equal(out, ref)
+    print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer) same={same}", flush=True)
+fast_mod.skinny_linear = real_skinny
+if os.environ.get("SWEEP", "1") != "1":
+    raise SystemExit
 
 
 def sweep(op, grid, pdls=(0, 1)):
@@ -81,27 +94,6 @@ def sweep(op, grid, pdls=(0, 1)):
                 print(f"{op:<10} pdl={p} {kw} {t / 180 * 1e3:5.2f} us", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"{op:<10} pdl={p} {kw} FAILED {type(e).__name__}: {str(e)[:120]}", flush=True)
-
-
-real_skinny = fast_mod.skinny_linear
-# (name, pdl, L2 prefetch in every product, first weight block loaded before the PDL wait)
-variants = [("off", 0, False, False), ("pdl", 1, False, False), ("pdl all-prefetch", 1, True, False),
-            ("pdl preload", 1, False, True)]
-print(torch.cuda.get_device_name(), torch.__version__)
-ref = None
-for name, p, pf, pre in variants:
-    fast_mod.skinny_linear = functools.partial(real_skinny, prefetch=True) if pf else real_skinny
-    sg.PRELOAD = pre
-    ms, out = timed(chain(p))
-    ref = out.clone() if ref is None else ref
-    same = torch.equal(out, ref)
-    print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer) same={same}", flush=True)
-fast_mod.skinny_linear, sg.PRELOAD = real_skinny, False
-for op in [o for o in ops if o != "attn"]:  # the weight preload kernel by kernel (qkv: with and without its L2 prefetch)
-    sweep(op, [dict(preload=pre, **({"prefetch": pf} if op == "qkv" else {})) for pre in (False, True)
-               for pf in ((False, True) if op == "qkv" else (None,))], (1,))
-if os.environ.get("SWEEP", "1") != "1":
-    raise SystemExit
 
 
 sg.NORM_ROWS = int(os.environ.get("NORM_ROWS", "1"))

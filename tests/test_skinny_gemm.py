@@ -449,20 +449,3 @@ def test_output_buffers_are_checked():
         skinny_linear(x, torch.cat([w, w], 1), gated_gelu=True, silu=True)
     with pytest.raises(ValueError, match="dtypes differ"):  # only float32 x may meet a narrower w
         skinny_linear(x, w.float())
-
-
-@pytest.mark.parametrize("k,split_k", [(96, 1), (96, 3), (80, 2)])  # K % block_k == 0, != 0
-@pytest.mark.parametrize("gated", [False, True])
-def test_preloaded_first_weight_block_gives_the_same_numbers(gated, k, split_k):
-    """preload=True (what PDL launches do before their wait) peels the first K block off the loop
-    with its weight tiles loaded up front: bit-identical to the plain loop."""
-    from kvreuse.model.skinny_gemm import fused_qkv
-
-    x, w, bias, _ = _data((7,), k, 64, torch.bfloat16, seed=13)
-    kw = dict(bias=bias, gated_gelu=gated, split_k=split_k, block_n=16, block_k=32)
-    assert torch.equal(skinny_linear(x, w, preload=True, **kw), skinny_linear(x, w, preload=False, **kw))
-    cos, sin = torch.rand(7, 8), torch.rand(7, 8)
-    bufs = [torch.zeros(1, 7, 1, 16, dtype=torch.bfloat16) for _ in range(4)]
-    q1 = fused_qkv(x[None], w[:, :64], bufs[0], bufs[1], 0, cos, sin, 2, 1, block_k=32, preload=True)
-    q2 = fused_qkv(x[None], w[:, :64], bufs[2], bufs[3], 0, cos, sin, 2, 1, block_k=32, preload=False)
-    assert torch.equal(q1, q2) and torch.equal(bufs[0], bufs[2]) and torch.equal(bufs[1], bufs[3])

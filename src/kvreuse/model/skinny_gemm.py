@@ -56,7 +56,7 @@ MAX_M = 64
 
 def _build() -> tuple:
     """Import triton and define the kernels, once."""
-    global triton, tl, _KERNELS, _mainloop, _epilogue, _prefetch_w, _pdl_enter, _prefetch_l2, _load_w, _mma  # helpers
+    global triton, tl, _KERNELS, _mainloop, _epilogue, _prefetch_w, _pdl_enter, _prefetch_l2  # helpers: module globals
     if _KERNELS is not None:
         return _KERNELS
     import triton
@@ -75,33 +75,15 @@ def _build() -> tuple:
             _prefetch_l2(w_ptr + cols[:, None] * stride_wn + k[None, :], col_ok[:, None] & (k < k_hi)[None, :], w_ptr)
 
     @triton.jit
-    def _load_w(base, k, K, col_ok, stride_wk, EVEN: tl.constexpr):
-        """A (BLOCK_K, BLOCK_N) weight tile: rows k of the columns at base."""
-        if EVEN:
-            t = tl.load(base + k[:, None] * stride_wk)
-        else:
-            t = tl.load(base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
-        return t
-
-    @triton.jit
-    def _mma(acc, xt, wt, DOT_F32: tl.constexpr):
-        if DOT_F32:  # interpreter only (see kernels._dot_f32)
-            acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32))
-        else:
-            acc += tl.dot(xt, wt)
-        return acc
-
-    @triton.jit
     def _mainloop(
         x_ptr, w_ptr, rows, row_ok, cols, cols2, col_ok, k_lo, k_hi, K,
-        stride_xm, stride_xk, stride_wk, stride_wn, w0, u0,
-        PRELOAD: tl.constexpr, DUAL: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-        DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        stride_xm, stride_xk, stride_wk, stride_wn,
+        DUAL: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """fp32 sums x[:, k_lo:k_hi] @ w[k_lo:k_hi, cols] (and @ w[.., cols2] when DUAL). PRELOAD:
-        w0 (u0) are the first K block's weight tiles, loaded by the caller before its PDL wait.
-        The x tile feeds the dot and nothing else: a variant that also summed its squares (a fused
-        RMS norm) was miscompiled for some tilings on an H200 with Triton 3.6 (wrong sums), and one
+        """fp32 sums x[:, k_lo:k_hi] @ w[k_lo:k_hi, cols] (and @ w[.., cols2] when DUAL). The x
+        tile feeds the dot and nothing else: a variant that also summed its squares (a fused RMS
+        norm) was miscompiled for some tilings on an H200 with Triton 3.6 (wrong sums), and one
         that scaled it first ran at half speed (docs/PERFORMANCE.md, round 3)."""
         kk = tl.arange(0, BLOCK_K)
         x_base = x_ptr + rows[:, None] * stride_xm
@@ -109,28 +91,30 @@ def _build() -> tuple:
         u_base = w_ptr + cols2[None, :] * stride_wn
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        start = k_lo
-        if PRELOAD:
-            k = k_lo + kk
-            if EVEN_K:
-                xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None], other=0.0)
-            else:
-                xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
-            xt = xt.to(w_ptr.dtype.element_ty)
-            acc = _mma(acc, xt, w0, DOT_F32)
-            if DUAL:
-                acc2 = _mma(acc2, xt, u0, DOT_F32)
-            start = k_lo + BLOCK_K
-        for k0 in range(start, k_hi, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + kk
             if EVEN_K:
                 xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None], other=0.0)
             else:
                 xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
             xt = xt.to(w_ptr.dtype.element_ty)  # float32 x with bf16 w: rounded as F.linear(x.to(w.dtype))
-            acc = _mma(acc, xt, _load_w(w_base, k, K, col_ok, stride_wk, EVEN_K and EVEN_N), DOT_F32)
+            if EVEN_K and EVEN_N:
+                wt = tl.load(w_base + k[:, None] * stride_wk)
+            else:
+                wt = tl.load(w_base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
+            if DOT_F32:  # interpreter only (see kernels._dot_f32)
+                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32))
+            else:
+                acc += tl.dot(xt, wt)
             if DUAL:
-                acc2 = _mma(acc2, xt, _load_w(u_base, k, K, col_ok, stride_wk, EVEN_K and EVEN_N), DOT_F32)
+                if EVEN_K and EVEN_N:
+                    ut = tl.load(u_base + k[:, None] * stride_wk)
+                else:
+                    ut = tl.load(u_base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
+                if DOT_F32:
+                    acc2 += tl.dot(xt.to(tl.float32), ut.to(tl.float32))
+                else:
+                    acc2 += tl.dot(xt, ut)
         return acc, acc2
 
     @triton.jit
@@ -170,7 +154,7 @@ def _build() -> tuple:
         M, K, N_OUT, N_W, k_per_split,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_b, stride_g, stride_rm, stride_rn, stride_om,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
-        SILU: tl.constexpr, DIRECT: tl.constexpr, PRELOAD: tl.constexpr,
+        SILU: tl.constexpr, DIRECT: tl.constexpr,
         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
         LINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -186,20 +170,12 @@ def _build() -> tuple:
             _prefetch_w(w_ptr, cols, col_ok, k_lo, k_hi, stride_wn, LINE)
             if GATED:
                 _prefetch_w(w_ptr, cols + N_OUT, col_ok, k_lo, k_hi, stride_wn, LINE)
-        w0 = 0.0
-        u0 = 0.0
-        if PRELOAD:  # the first weight tiles (read-only) come in while the previous kernel finishes
-            w0 = _load_w(w_ptr + cols[None, :] * stride_wn, k_lo + tl.arange(0, BLOCK_K), K, col_ok, stride_wk,
-                         EVEN_K and EVEN_N)
-            if GATED:
-                u0 = _load_w(w_ptr + (cols + N_OUT)[None, :] * stride_wn, k_lo + tl.arange(0, BLOCK_K), K, col_ok,
-                             stride_wk, EVEN_K and EVEN_N)
         _pdl_enter(PDL)
         # Up columns: F = N_OUT further (only read when GATED).
         acc, acc_up = _mainloop(
             x_ptr, w_ptr, rows, row_ok, cols, cols + N_OUT, col_ok, k_lo, k_hi, K,
-            stride_xm, stride_xk, stride_wk, stride_wn, w0, u0,
-            PRELOAD, GATED, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
+            stride_xm, stride_xk, stride_wk, stride_wn,
+            GATED, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
         )
 
         if DIRECT:
@@ -265,7 +241,7 @@ def _build() -> tuple:
         stride_xm, stride_xk, stride_wk, stride_wn, stride_b,
         sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, D: tl.constexpr,
-        PDL: tl.constexpr, PREFETCH: tl.constexpr, PRELOAD: tl.constexpr, LINE: tl.constexpr,
+        PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Fused QKV product + rotary + K/V cache write. Programs own BLOCK_N "half
@@ -282,17 +258,11 @@ def _build() -> tuple:
         if PREFETCH:
             _prefetch_w(w_ptr, cols, col_ok, 0, K, stride_wn, LINE)
             _prefetch_w(w_ptr, cols + HALF, col_ok, 0, K, stride_wn, LINE)
-        w0 = 0.0
-        u0 = 0.0
-        if PRELOAD:
-            w0 = _load_w(w_ptr + cols[None, :] * stride_wn, tl.arange(0, BLOCK_K), K, col_ok, stride_wk, EVEN_K and EVEN_N)
-            u0 = _load_w(w_ptr + (cols + HALF)[None, :] * stride_wn, tl.arange(0, BLOCK_K), K, col_ok, stride_wk,
-                         EVEN_K and EVEN_N)
         _pdl_enter(PDL)
         acc, acc2 = _mainloop(
             x_ptr, w_ptr, rows, row_ok, cols, cols + HALF, col_ok, 0, K, K,
-            stride_xm, stride_xk, stride_wk, stride_wn, w0, u0,
-            PRELOAD, True, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
+            stride_xm, stride_xk, stride_wk, stride_wn,
+            True, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
         )
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -345,13 +315,6 @@ def _prefetches(w: torch.Tensor, pdl: bool, prefetch: bool) -> bool:
     return pdl and prefetch and w.stride(0) == 1
 
 
-def _preloads(pdl: bool, preload: bool | None) -> bool:
-    """Load the first K block's weight tiles before the PDL wait? (None: PRELOAD, with pdl only;
-    asked for without pdl, the first block is simply peeled off the loop.)"""
-    return pdl and PRELOAD if preload is None else preload
-
-
-PRELOAD = False
 NORM_ROWS = 1  # rows per program of the reduce kernel when it normalises (1: 6.4 us, 2: 8.1, 4: 8.9 for Wo)
 
 
@@ -470,7 +433,6 @@ def skinny_linear(
     norm: RowNorm | None = None,
     pdl: bool = False,
     prefetch: bool = False,
-    preload: bool | None = None,
     silu: bool = False,
     out: torch.Tensor | None = None,
     normed_out: torch.Tensor | None = None,
@@ -498,8 +460,7 @@ def skinny_linear(
     no kernel. pdl: programmatic dependent launch (kernels.pdl_supported; sm_90+): the kernels
     launch while the previous kernel runs and wait for it on the GPU; with prefetch, the main
     kernel first asks L2 for its weight slice (measured slower for these split-K products on an
-    H200, so off by default; fused_qkv keeps it on). preload (None: the module's PRELOAD, with
-    pdl): the first K block's weight tiles are loaded into registers before the wait.
+    H200, so off by default; fused_qkv keeps it on).
 
     silu: silu(x @ w + bias) before the column scale and residual. x may be float32 with a bf16 /
     fp16 w: its tiles are rounded to w's dtype in registers (as F.linear(x.to(w.dtype)) would).
@@ -572,7 +533,7 @@ def skinny_linear(
         x2, w, bias_t, res2, out2, part, gate_t,
         m, k, n_out, n_w, k_per_split,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *strides,
-        DIRECT=direct, PRELOAD=_preloads(pdl, preload), EVEN_K=k % bk == 0, EVEN_N=n_out % bn == 0,
+        DIRECT=direct, EVEN_K=k % bk == 0, EVEN_N=n_out % bn == 0,
         DOT_F32=_dot_f32(gemm_kernel, w.dtype), PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps, num_stages=num_stages, **common, **pdl_kwargs(pdl),
@@ -612,7 +573,6 @@ def fused_qkv(
     num_stages: int = 4,
     pdl: bool = False,
     prefetch: bool = True,
-    preload: bool | None = None,
 ) -> torch.Tensor:
     """One kernel for a Gemma attention block's input side after its norm, for few rows: the fused
     [q | k | v] product (+ bias (N,)), rotate-half rotary on q and k, and the K/V write into the
@@ -659,8 +619,7 @@ def fused_qkv(
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
         k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
         HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, EVEN_N=n_half % bn == 0,
-        DOT_F32=_dot_f32(qkv_kernel, x.dtype), D=d, PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch),
-        PRELOAD=_preloads(pdl, preload), LINE=_line(w),
+        DOT_F32=_dot_f32(qkv_kernel, x.dtype), D=d, PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
         BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
