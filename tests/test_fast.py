@@ -158,6 +158,19 @@ def test_bench_check_runs_on_cpu():
         bench("pi0", 1, 2, 3, 8, 1, 0, False, 2e-2, None, False, False, False, 0.25, None, False, False, 0)
 
 
+def test_speedup_notes_name_every_fast_configuration():
+    """Ratios against lerobot / eager are given for the plain and the compiled fast path alike
+    (round 5: the note used to divide by the uncompiled path only)."""
+    from kvreuse.bench import Report, Stat, _speedups
+
+    rep = Report("pi0", "gpu", {})
+    rep.add("fast", "full inference", Stat(15.0, 14.0, 16.0, 10))
+    rep.add("fast", "denoise alone = reuse hit", Stat(7.0, 6.0, 8.0, 10))
+    assert _speedups(rep, 60.0) == "fast is 4.0x faster"
+    rep.add("fast+compile", "full inference", Stat(12.0, 11.0, 13.0, 10))
+    assert _speedups(rep, 60.0) == "fast is 4.0x faster; fast+compile is 5.0x faster"
+
+
 @pytest.mark.parametrize("mode", ["full", "vision_only", "state_only", "layer_wise", "partial"])
 @torch.no_grad()
 def test_reuse_policy_runs_on_fast_model(mode):

@@ -458,7 +458,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
                 with torch.no_grad():
                     fn = lerobot_call(lr, variant, cfg, obs, noise)
                     le = tm(fn, max(3, iters // 5))
-                rep.add("lerobot", "eager full inference", le, f"fast is {le.median / full_fast.median:.1f}x faster")
+                rep.add("lerobot", "eager full inference", le, _speedups(rep, le.median))
                 if lerobot_compile:
                     t0 = time.perf_counter()
                     lr.sample_actions = torch.compile(lr.sample_actions)
@@ -470,7 +470,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
                         tc = time.perf_counter() - t0
                         lc = tm(fn, max(3, iters // 5))
                     rep.add("lerobot", "torch.compile full inference", lc,
-                            f"compile {tc:.0f} s; fast is {lc.median / full_fast.median:.1f}x faster")
+                            f"compile {tc:.0f} s; {_speedups(rep, lc.median)}")
                 else:
                     rep.notes.append("lerobot torch.compile not timed (--lerobot-compile; its compile takes minutes)")
                 del lr
@@ -478,6 +478,12 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
                 rep.notes.append(f"lerobot failed: {type(exc).__name__}: {str(exc)[:300]}")
             torch.cuda.empty_cache()
     return rep
+
+
+def _speedups(rep: Report, other_ms: float) -> str:
+    """How much faster than other_ms each fast configuration's full inference ran."""
+    full = {s: st.median for s, n, st, _ in rep.rows if n == "full inference" and s in ("fast", "fast+compile")}
+    return "; ".join(f"{s} is {other_ms / ms:.1f}x faster" for s, ms in full.items())
 
 
 def _profile(model, obs, noise, path, device, **fast_kw):
