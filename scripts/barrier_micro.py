@@ -6,7 +6,8 @@ steps) of the same per-program work two ways, each in one CUDA graph:
   persistent one launch, grid = SMs (all resident), a grid-wide barrier (atomic counter, release /
              acquire at GPU scope) between phases.
 Work per program and phase: none, or streaming WORK bf16 elements (32 KB: a Wo-sized product over
-132 SMs) from a 256 MB buffer (no L2 reuse), with the result feeding the next phase.
+132 SMs) from a 256 MB buffer (no L2 reuse), with the result feeding the next phase, loaded in
+CHUNKS of 2048 / 8192 / 16384 elements (how much a program has in flight at once).
 Usage (one sm_90 GPU): PYTHONPATH=src python3 scripts/barrier_micro.py"""
 
 import torch
@@ -19,7 +20,6 @@ from kvreuse.model.kernels import pdl_kwargs
 
 kernels._build()
 _pdl_enter = kernels._pdl_enter
-CHUNK = 2048
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _persistent_kernel(buf_ptr, out_ptr, ctr_ptr, N, P, WORK: tl.constexpr, CHUN
         _grid_barrier(ctr_ptr, (phase + 1) * n)
 
 
-def compare(work: int, sms: int, buf: torch.Tensor, phases: int) -> None:
+def compare(work: int, sms: int, buf: torch.Tensor, phases: int, chunk: int) -> None:
     p = max(1, buf.numel() // (sms * max(work, 1)))
     out = torch.zeros(sms, device="cuda")
     out2 = torch.zeros(2 * sms, device="cuda")
@@ -71,17 +71,17 @@ def compare(work: int, sms: int, buf: torch.Tensor, phases: int) -> None:
 
     def chained():
         for i in range(phases):
-            _phase_kernel[(sms,)](buf, out, i, p, WORK=work, CHUNK=CHUNK, PDL=True, num_warps=4, **pdl_kwargs(True))
+            _phase_kernel[(sms,)](buf, out, i, p, WORK=work, CHUNK=chunk, PDL=True, num_warps=4, **pdl_kwargs(True))
         return out
 
     def persistent():
         ctr.zero_()
-        _persistent_kernel[(sms,)](buf, out2, ctr, phases, p, WORK=work, CHUNK=CHUNK, num_warps=4)
+        _persistent_kernel[(sms,)](buf, out2, ctr, phases, p, WORK=work, CHUNK=chunk, num_warps=4)
         return out2
 
     for name, fn in (("kernels", chained), ("persistent", persistent)):
         us = _time_us(fn, reps=1, trials=10)
-        print(f"work {work * 2 // 1024:>3} KB/program  {name:<10} {us / 1e3:8.3f} ms for {phases} phases "
+        print(f"work {work * 2 // 1024:>3} KB/program chunk {chunk:>5}  {name:<10} {us / 1e3:8.3f} ms for {phases} phases "
               f"= {us / phases:6.2f} us per phase", flush=True)
 
 
@@ -89,8 +89,9 @@ def main(phases=1440):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(torch.cuda.get_device_name(), "SMs", sms, "triton", triton.__version__)
     buf = torch.randn(128 * 1024 * 1024, device="cuda").to(torch.bfloat16)  # 256 MB
-    for work in (0, 16384):
-        compare(work, sms, buf, phases)
+    compare(0, sms, buf, phases, 2048)
+    for chunk in (2048, 8192, 16384):
+        compare(16384, sms, buf, phases, chunk)
 
 
 if __name__ == "__main__":
