@@ -71,6 +71,16 @@ ops = {
     "down+norm": lambda li, p, **kw: skinny_linear(act_in, layers[li]["down_t"], residual=x0, norm=RowNorm(1e-6, layers[li]["in_norm"]), pdl=p, **kw),
 }
 fused_q = rn(1, R, H, D, scale=1.0)
+def sweep(op, grid, pdls=(0, 1)):
+    for kw in grid:
+        for p in pdls:
+            try:
+                t, _ = timed(repeat(ops[op], p, **kw))
+                print(f"{op:<10} pdl={p} {kw} {t / 180 * 1e3:5.2f} us", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"{op:<10} pdl={p} {kw} FAILED {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+
 real_skinny = fast_mod.skinny_linear
 variants = [("off", 0, False), ("pdl", 1, False), ("pdl all-prefetch", 1, True)]
 print(torch.cuda.get_device_name(), torch.__version__)
@@ -82,18 +92,17 @@ for name, p, pf in variants:
     same = torch.equal(out, ref)
     print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer) same={same}", flush=True)
 fast_mod.skinny_linear = real_skinny
+if os.environ.get("SWEEP", "1") == "stages":  # round 5: more weight bytes in flight per program
+    one = (1,)
+    for op in ("o+norm", "down+norm"):
+        sweep(op, [dict(num_stages=st, block_k=bk, num_warps=nw) for bk in (128, 64) for st in (3, 4, 5, 6, 8)
+                   for nw in (4, 8)], one)
+    sweep("gate_up", [dict(num_stages=st, block_k=bk) for bk, st in ((128, 4), (128, 5), (128, 6), (64, 6), (64, 8))], one)
+    sweep("qkv", [dict(num_stages=st, block_k=bk) for bk, st in ((64, 4), (64, 6), (64, 8), (128, 4), (128, 5))], one)
+    raise SystemExit
 if os.environ.get("SWEEP", "1") != "1":
     raise SystemExit
 
-
-def sweep(op, grid, pdls=(0, 1)):
-    for kw in grid:
-        for p in pdls:
-            try:
-                t, _ = timed(repeat(ops[op], p, **kw))
-                print(f"{op:<10} pdl={p} {kw} {t / 180 * 1e3:5.2f} us", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"{op:<10} pdl={p} {kw} FAILED {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
 sg.NORM_ROWS = int(os.environ.get("NORM_ROWS", "1"))
