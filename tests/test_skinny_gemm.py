@@ -160,13 +160,14 @@ def test_default_config_fills_the_gpu():
         cfg = default_config(m, k, n_out, gated, 132)
         programs.append(-(-n_out // cfg.block_n) * cfg.split_k)
     assert programs == [160, 128, 128, 128]  # gate/up: 128 tiles of 32 (x2) columns, one split
-    assert default_config(51, 2048, 1024, False, 132)[:3] == (32, 128, 4)  # Wo: 32 tiles x 4 splits
-    assert default_config(51, 1024, 4096, True, 132).num_stages == 4
+    assert default_config(51, 2048, 1024, False, 132)[:3] == (32, 64, 4)  # Wo: 32 tiles x 4 splits
+    assert default_config(51, 1024, 4096, True, 132).num_stages == 8
     # Enough column tiles already: no split; at most one split per K block; given values win.
     assert default_config(51, 1024, 16384, False, 132).split_k == 1
     assert default_config(51, 1024, 1600, False, 132).split_k == 3  # 50 tiles: 150 programs, not 100
-    assert default_config(51, 256, 64, False, 132).split_k == 2
-    assert default_config(51, 1024, 2560, False, 132, block_n=32, split_k=5) == (32, 128, 5, 4, 3)
+    assert default_config(51, 256, 64, False, 132).split_k == 4  # 2 tiles; 4 K blocks of 64
+    assert default_config(51, 256, 64, False, 132, block_k=128).split_k == 2
+    assert default_config(51, 1024, 2560, False, 132, block_n=32, split_k=5) == (32, 64, 5, 4, 8)
 
 
 def test_split_plan_launches_no_empty_split():

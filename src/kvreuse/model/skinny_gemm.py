@@ -334,23 +334,25 @@ def default_config(
 ) -> SkinnyConfig:
     """Tiling for an (m x k) @ (k x n_out [x 2 if gated]) product; given values are kept.
 
-    block_n 32, block_k 128, 4 warps; 3 stages (4 gated: its stage holds two weight tiles) and
-    split_k = round(sm_count / column tiles), at most one split per K block, so that ~1 program
-    per SM streams its slice of w. For the expert on 132 SMs: Wo and down 32 tiles x 4 splits,
-    gate/up 128 x 1. Round-4 H200 tune, 180 calls back to back in a CUDA graph
-    (scripts/chain_micro.py, docs/PERFORMANCE.md): gate/up + GELU 6.6 us (round 3's 32 x 64 x 3
-    stages: 9.1), Wo + norm 5.7 us (64-column tiles x 8 splits: 6.4).
+    block_n 32, block_k 64, 4 warps, 8 stages, and split_k = round(sm_count / column tiles), at
+    most one split per K block, so that ~1 program per SM streams its slice of w. For the expert
+    on 132 SMs: Wo and down 32 tiles x 4 splits, gate/up 128 x 1. The 8 stages keep most of a
+    program's weight slice in flight at once, which is what these latency-bound products need
+    (round 5; scripts/barrier_micro.py: 32 KB per program streams in 3.2 us loaded at once, 6.1 us
+    in 4 KB steps). H200, 180 calls back to back in a CUDA graph (scripts/chain_micro.py
+    SWEEP=stages, docs/PERFORMANCE.md round 5), round 4's 128-deep steps x 3 (gated 4) stages ->
+    these: Wo + norm 5.72 -> 5.40 us, down + norm 7.56 -> 6.64, gate/up + GELU 6.54 -> 6.31.
     """
     del m  # all rows live in one program; kept in the signature for tuning tables keyed on shape
     block_n = 32 if block_n is None else block_n
-    block_k = 128 if block_k is None else block_k
+    block_k = 64 if block_k is None else block_k
     tiles = -(-n_out // block_n)
     k_blocks = max(1, -(-k // block_k))
     if split_k is None:
         split_k = max(1, min(k_blocks, round(sm_count / tiles)))
-    # 4 warps (one warpgroup: wgmma on sm_90). Shared memory per stage: a 64 x 128 x tile plus
-    # one (two gated) 128 x 32 w tiles, 24 (32) KiB: 72 (128) KiB in all.
-    return SkinnyConfig(block_n, block_k, split_k, 4, 4 if gated else 3)
+    # 4 warps (one warpgroup: wgmma on sm_90). Shared memory per stage: a 64 x 64 x tile plus
+    # one (two gated) 64 x 32 w tiles, 12 (16) KiB: 96 (128) KiB in all.
+    return SkinnyConfig(block_n, block_k, split_k, 4, 8)
 
 
 def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -570,7 +572,7 @@ def fused_qkv(
     block_n: int | None = None,
     block_k: int = 64,
     num_warps: int = 4,
-    num_stages: int = 4,
+    num_stages: int = 6,
     pdl: bool = False,
     prefetch: bool = True,
 ) -> torch.Tensor:
@@ -609,7 +611,7 @@ def fused_qkv(
     if m == 0:
         return q
     n_half = n_w // 2
-    bn = block_n or 16  # H200 tunes (round 3, 4): 16 x 64 tiles, 4 warps, 4 stages, 80 programs
+    bn = block_n or 16  # H200 tunes (rounds 3-5): 16 x 64 tiles, 4 warps, 6 stages (4: 4.63 us), 80 programs
     bk = block_k
     x2 = x.reshape(m, k)
     qkv_kernel[(-(-n_half // bn),)](
