@@ -100,6 +100,12 @@ if os.environ.get("SWEEP", "1") == "stages":  # round 5: more weight bytes in fl
     sweep("gate_up", [dict(num_stages=st, block_k=bk) for bk, st in ((128, 4), (128, 5), (128, 6), (64, 6), (64, 8))], one)
     sweep("qkv", [dict(num_stages=st, block_k=bk) for bk, st in ((64, 4), (64, 6), (64, 8), (128, 4), (128, 5))], one)
     raise SystemExit
+if os.environ.get("SWEEP", "1") == "attn":  # round 5: attention stages / splits after the unrolled combine
+    sweep("attn", [dict(num_stages=st, block_m=bm, block_n=bn, num_splits=ns) for bm, bn, ns in
+                   ((16, 64, 5), (16, 64, 10), (16, 32, 10), (32, 64, 5)) for st in (2, 3, 4)], (1,))
+    for op in ("o+norm", "down+norm"):
+        sweep(op, [{}], (1,))
+    raise SystemExit
 if os.environ.get("SWEEP", "1") != "1":
     raise SystemExit
 

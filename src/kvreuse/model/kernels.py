@@ -146,8 +146,8 @@ def _build() -> tuple:
     @triton.jit
     def _combine_kernel(
         part_ptr, stat_ptr, out_ptr,
-        R, M, G, HKV, S,
-        PDL: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr,
+        R, M, G, HKV,
+        S: tl.constexpr, PDL: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr,
     ):
         _pdl_enter(PDL)
         pid_bh = tl.program_id(0)
@@ -156,14 +156,14 @@ def _build() -> tuple:
         l_off = tl.num_programs(0) * S * M  # the sums follow the maxima in `stat`
 
         m_g = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        for s in range(S):
+        for s in tl.static_range(S):  # unrolled (S is a constexpr): all splits' loads in flight at once
             m_s = tl.load(stat_ptr + (pid_bh * S + s) * M + rows, mask=row_ok, other=float("-inf"))
             m_g = tl.maximum(m_g, m_s)
         # A split whose keys were all masked has max -inf (or ~ -1.4e30): weight exactly 0.
         m_g = tl.where(m_g == float("-inf"), 0.0, m_g)
         l_g = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-        for s in range(S):
+        for s in tl.static_range(S):
             slot = pid_bh * S + s
             m_s = tl.load(stat_ptr + slot * M + rows, mask=row_ok, other=float("-inf"))
             l_s = tl.load(stat_ptr + l_off + slot * M + rows, mask=row_ok, other=0.0)
@@ -327,7 +327,7 @@ def mqa_attention(
     )
     if not direct:
         combine_kernel[(b * hkv, triton.cdiv(m, combine_rows))](
-            part, stat, out, r, m, g, hkv, splits,
-            PDL=pdl, BLOCK_R=combine_rows, D=d, num_warps=combine_warps, **pdl_kwargs(pdl),
+            part, stat, out, r, m, g, hkv,
+            S=splits, PDL=pdl, BLOCK_R=combine_rows, D=d, num_warps=combine_warps, **pdl_kwargs(pdl),
         )
     return out

@@ -195,8 +195,9 @@ def _build() -> tuple:
     @triton.jit
     def _reduce_kernel(
         part_ptr, bias_ptr, res_ptr, out_ptr, gate_ptr, nw_ptr, ns_ptr, nb_ptr, normed_ptr,
-        M, N_OUT, N_W, S, ROWS_PER_TABLE,
+        M, N_OUT, N_W, ROWS_PER_TABLE,
         stride_b, stride_g, stride_rm, stride_rn, stride_om, stride_nm,
+        S: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
         SILU: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr, ADA: tl.constexpr, EPS: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -213,7 +214,7 @@ def _build() -> tuple:
         p = part_ptr + rows[:, None] * N_W + cols[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for s in range(S):
+        for s in tl.static_range(S):  # unrolled: every split's partial is in flight at once
             acc += tl.load(p + s * M * N_W, mask=mask, other=0.0)
             if GATED:
                 acc_up += tl.load(p + s * M * N_W + N_OUT, mask=mask, other=0.0)
@@ -549,8 +550,8 @@ def skinny_linear(
     ns, nb = tables or (out2, out2)
     reduce_kernel[(-(-m // red_m), -(-n_out // red_n))](
         part, bias_t, res2, out2, gate_t, nw, ns, nb, normed2,
-        m, n_out, n_w, splits, m // ns.shape[0] if tables else 1,
-        *strides, normed2.stride(0),
+        m, n_out, n_w, m // ns.shape[0] if tables else 1,
+        *strides, normed2.stride(0), S=splits,
         NORM=norm is not None, NORM_W=nw is not out2, ADA=bool(tables), EPS=norm.eps if norm is not None else 0.0,
         PDL=pdl, BLOCK_M=red_m, BLOCK_N=red_n, num_warps=4, **common, **pdl_kwargs(pdl),
     )
