@@ -106,6 +106,14 @@ if os.environ.get("SWEEP", "1") == "attn":  # round 5: attention stages / splits
     for op in ("o+norm", "down+norm"):
         sweep(op, [{}], (1,))
     raise SystemExit
+if os.environ.get("SWEEP", "1") == "splits":  # round 5: two programs per SM (smaller K slices) vs one
+    for op in ("o+norm", "down+norm"):
+        sweep(op, [dict(split_k=sk, num_stages=st, block_n=bn) for bn, sk, st in
+                   ((32, 4, 8), (32, 8, 4), (32, 8, 8), (16, 4, 8), (16, 8, 4), (64, 8, 4), (64, 8, 8))], (1,))
+    sweep("gate_up", [dict(block_n=bn, num_stages=st, split_k=sk) for bn, st, sk in
+                      ((32, 8, 1), (16, 8, 1), (32, 4, 2), (32, 8, 2), (64, 8, 2))], (1,))
+    sweep("qkv", [dict(block_n=bn, num_stages=st) for bn, st in ((16, 6), (8, 6), (16, 8), (32, 6))], (1,))
+    raise SystemExit
 if os.environ.get("SWEEP", "1") != "1":
     raise SystemExit
 
