@@ -114,6 +114,13 @@ if os.environ.get("SWEEP", "1") == "splits":  # round 5: two programs per SM (sm
                       ((32, 8, 1), (16, 8, 1), (32, 4, 2), (32, 8, 2), (64, 8, 2))], (1,))
     sweep("qkv", [dict(block_n=bn, num_stages=st) for bn, st in ((16, 6), (8, 6), (16, 8), (32, 6))], (1,))
     raise SystemExit
+if os.environ.get("SWEEP", "1") == "more":  # round 5: one attention step per program, warps, QKV prefetch
+    sweep("attn", [dict(num_stages=st, block_m=16, block_n=bn, num_splits=ns, num_warps=nw, combine_rows=cr)
+                   for bn, ns, st, nw, cr in ((64, 5, 2, 8, 8), (128, 5, 1, 8, 8), (64, 5, 2, 4, 8), (64, 5, 2, 8, 4),
+                                               (64, 5, 2, 8, 16), (128, 5, 1, 4, 8))], (1,))
+    sweep("qkv", [dict(prefetch=pf, num_stages=st) for pf, st in ((True, 6), (False, 6), (False, 8))], (1,))
+    sweep("gate_up", [dict(num_warps=nw, num_stages=st) for nw, st in ((4, 8), (8, 8), (8, 6))], (1,))
+    raise SystemExit
 if os.environ.get("SWEEP", "1") != "1":
     raise SystemExit
 
