@@ -579,11 +579,11 @@ class FastPi0:
         bias[:, :, :t].masked_fill_(~st.valid[:, None, :], NEG_INF)
         bias[:, :, t:].masked_fill_(~seen[None], NEG_INF)
         bias = bias[:, :, None].expand(b, s, g, t + s).reshape(b, 1, s * g, t + s)  # rows in (token, head) order
+        if chain:
+            return self._denoise_chain(st, steps, tables, cos_h, sin_h, bias)
         if not cfg.state_in_prompt:
             suffix = torch.empty(b, s, ex.width, dtype=dt, device=st.valid.device)
             suffix[:, 0].copy_(F.linear(st.state.to(dt), m.state_proj.weight, m.state_proj.bias))
-        if chain:
-            return self._denoise_chain(st, steps, tables, cos_h, sin_h, bias)
         x = st.noise.clone()
         step = -1.0 / steps
         for i in range(steps):

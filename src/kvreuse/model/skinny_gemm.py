@@ -199,8 +199,8 @@ def _build() -> tuple:
         stride_b, stride_g, stride_rm, stride_rn, stride_om, stride_nm,
         S: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
-        SILU: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr, ADA: tl.constexpr, EPS: tl.constexpr, PDL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        SILU: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr, ADA: tl.constexpr, EPS: tl.constexpr,
+        PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Sums the split partials, runs the epilogue; NORM (programs own whole rows): also
         writes RMSNorm(out) of the rounded output, times weight (NORM_W) or Pi0.5's adaptive
