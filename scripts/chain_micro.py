@@ -121,6 +121,13 @@ if os.environ.get("SWEEP", "1") == "more":  # round 5: one attention step per pr
     sweep("qkv", [dict(prefetch=pf, num_stages=st) for pf, st in ((True, 6), (False, 6), (False, 8))], (1,))
     sweep("gate_up", [dict(num_warps=nw, num_stages=st) for nw, st in ((4, 8), (8, 8), (8, 6))], (1,))
     raise SystemExit
+if os.environ.get("SWEEP", "1") == "bias":  # round 5: what the attention's per-row mask costs
+    ops["attn-keybias"] = lambda li, p, **kw: mqa_attention(fused_q, kb[li], vb[li], bias[:, 0, :1].expand(1, R, T + R),
+                                                            pdl=p, **kw)
+    ops["attn-nobias"] = lambda li, p, **kw: mqa_attention(fused_q, kb[li], vb[li], None, pdl=p, **kw)
+    for op in ("attn", "attn-keybias", "attn-nobias"):
+        sweep(op, [{}], (1,))
+    raise SystemExit
 if os.environ.get("SWEEP", "1") != "1":
     raise SystemExit
 
