@@ -127,8 +127,6 @@ if os.environ.get("SWEEP", "1") == "bias":  # round 5: what the attention's per-
     ops["attn-nobias"] = lambda li, p, **kw: mqa_attention(fused_q, kb[li], vb[li], None, pdl=p, **kw)
     for op in ("attn", "attn-keybias", "attn-nobias"):
         sweep(op, [{}], (1,))
-    # (round 5 also tried here: the mask loaded before vs after the first dot, now always before,
-    # and the key loop unrolled for <= 4 steps, slower: h200_r5_bias2_micro.log)
     raise SystemExit
 if os.environ.get("SWEEP", "1") != "1":
     raise SystemExit

@@ -39,7 +39,7 @@ _LOG2E = 1.4426950408889634
 
 def _build() -> tuple:
     """Import triton and define the two kernels (and the helpers skinny_gemm shares), once."""
-    global triton, tl, _KERNELS, _rows, _prefetch_l2, _pdl_enter, _attn_step  # kernels find helpers among the globals
+    global triton, tl, _KERNELS, _rows, _prefetch_l2, _pdl_enter  # kernels find helpers among the module globals
     if _KERNELS is not None:
         return _KERNELS
     import triton
@@ -70,41 +70,6 @@ def _build() -> tuple:
         return pid_bh // HKV, rows, rows < M, rows // G, (pid_bh % HKV) * G + rows % G
 
     @triton.jit
-    def _attn_step(
-        q, k_base, v_base, bias_base, start, hi, row_ok, d, m_i, l_i, acc, sk_t, sv_t, sb_t,
-        HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_LOG2: tl.constexpr,
-    ):
-        """One BLOCK_N-key step of the online softmax: returns the updated (m_i, l_i, acc)."""
-        n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < hi
-        if HAS_BIAS:  # issued with K, before the dot (after it: 9.2 vs 8.1 us a layer, round 5)
-            bias = tl.load(bias_base + n[None, :] * sb_t, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        k = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=n_ok[:, None], other=0.0)
-        if DOT_F32:  # interpreter only (see _dot_f32): same products, exact in fp32
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * SCALE_LOG2  # log2 units: exp2 below
-        if HAS_BIAS:
-            # Clamp first: -2.38e38 * log2(e) overflows to -inf. -1e30 still underflows
-            # exp2 to exactly 0 next to any unmasked key.
-            s += tl.maximum(bias.to(tl.float32), -1.0e30) * 1.4426950408889634
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no key so far keeps m = -inf; exp2(-inf - 0) = 0 instead of NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=n_ok[:, None], other=0.0)
-        p = p.to(v.dtype)  # P is rounded to v's dtype on either path
-        if DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float32), v.to(tl.float32))
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, v)
-        return m_new, l_i, acc
-
-    @triton.jit
     def _split_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, part_ptr, stat_ptr, out_ptr,
         R, T, M, G, HKV, S, keys_per_split,
@@ -130,15 +95,40 @@ def _build() -> tuple:
         hi = tl.minimum(lo + keys_per_split, T)
         k_base = k_ptr + b * sk_b + kvh * sk_h
         v_base = v_ptr + b * sv_b + kvh * sv_h
-        bias_base = bias_ptr + b * sb_b + tok[:, None] * sb_r
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         for start in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _attn_step(
-                q, k_base, v_base, bias_base, start, hi, row_ok, d, m_i, l_i, acc, sk_t, sv_t, sb_t,
-                HAS_BIAS, DOT_F32, BLOCK_N, SCALE_LOG2,
-            )
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < hi
+            k = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=n_ok[:, None], other=0.0)
+            if DOT_F32:  # interpreter only (see _dot_f32): same products, exact in fp32
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * SCALE_LOG2  # log2 units: exp2 below
+            if HAS_BIAS:
+                bias = tl.load(
+                    bias_ptr + b * sb_b + tok[:, None] * sb_r + n[None, :] * sb_t,
+                    mask=row_ok[:, None] & n_ok[None, :], other=0.0,
+                ).to(tl.float32)
+                # Clamp first: -2.38e38 * log2(e) overflows to -inf. -1e30 still underflows
+                # exp2 to exactly 0 next to any unmasked key.
+                s += tl.maximum(bias, -1.0e30) * 1.4426950408889634
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with no key so far keeps m = -inf; exp2(-inf - 0) = 0 instead of NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=n_ok[:, None], other=0.0)
+            p = p.to(v.dtype)  # P is rounded to v's dtype on either path
+            if DOT_F32:
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float32), v.to(tl.float32))
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p, v)
+            m_i = m_new
 
         if DIRECT:
             # One split: normalise here and skip the combine kernel. Output (B, R, H*D) contiguous.
@@ -259,8 +249,7 @@ def mqa_attention(
     kernel), combine_rows / combine_warps (combine kernel) are tuning knobs. Defaults: the H200
     tunes (scripts/attn_tune.py). Pi0's expert shape (R*H = 408, T = 611, D = 256): 16-row x
     64-key tiles, 8 warps, 26 row tiles x 5 splits = 130 programs, 9.9 us (32-row tiles: 10.9);
-    round 5 (combine's split loop unrolled, 4 rows per combine program, the mask loaded with K):
-    8.1 us with PDL.
+    round 5 (combine's split loop unrolled, 4 rows per combine program): 9.2 us with PDL.
     From 1024 query rows on (the prefix LM: R*H = 4480, T = 560): 64-row tiles, 4 warps, one
     split (70 programs, no combine): 20.7 us, vs 50 us for SDPA (cuDNN) on the same shape
     (2 or 3 splits: 22-24 us).
