@@ -1,6 +1,7 @@
 """Micro-benchmark of the expert's "chain" layer kernels in CUDA graphs: PDL off / on, L2 weight
-prefetch in every product or only in fused_qkv, then (SWEEP=1, default) tiling sweeps per kernel
-with NORM_ROWS=1. Pi0 expert shapes, random weights; `same` = bit-identical to the first variant.
+prefetch in every product or only in fused_qkv, then (SWEEP=1, default) round 4's tiling sweeps
+per kernel with NORM_ROWS=1, or one of round 5's (SWEEP=stages|attn|splits|more|bias), or none
+(SWEEP=0). Pi0 expert shapes, random weights; `same` = bit-identical to the first variant.
 Usage (one sm_90 GPU): PYTHONPATH=src python3 scripts/chain_micro.py"""
 
 import functools
@@ -71,6 +72,11 @@ ops = {
     "down+norm": lambda li, p, **kw: skinny_linear(act_in, layers[li]["down_t"], residual=x0, norm=RowNorm(1e-6, layers[li]["in_norm"]), pdl=p, **kw),
 }
 fused_q = rn(1, R, H, D, scale=1.0)
+ops["attn-keybias"] = lambda li, p, **kw: mqa_attention(fused_q, kb[li], vb[li], bias[:, 0, :1].expand(1, R, T + R),
+                                                        pdl=p, **kw)  # one mask row for every token
+ops["attn-nobias"] = lambda li, p, **kw: mqa_attention(fused_q, kb[li], vb[li], None, pdl=p, **kw)
+
+
 def sweep(op, grid, pdls=(0, 1)):
     for kw in grid:
         for p in pdls:
@@ -92,46 +98,41 @@ for name, p, pf in variants:
     same = torch.equal(out, ref)
     print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer) same={same}", flush=True)
 fast_mod.skinny_linear = real_skinny
-if os.environ.get("SWEEP", "1") == "stages":  # round 5: more weight bytes in flight per program
-    one = (1,)
-    for op in ("o+norm", "down+norm"):
-        sweep(op, [dict(num_stages=st, block_k=bk, num_warps=nw) for bk in (128, 64) for st in (3, 4, 5, 6, 8)
-                   for nw in (4, 8)], one)
-    sweep("gate_up", [dict(num_stages=st, block_k=bk) for bk, st in ((128, 4), (128, 5), (128, 6), (64, 6), (64, 8))], one)
-    sweep("qkv", [dict(num_stages=st, block_k=bk) for bk, st in ((64, 4), (64, 6), (64, 8), (128, 4), (128, 5))], one)
+# Round 5 (SWEEP=<name>; docs/PERFORMANCE.md): (op, tilings) pairs, each timed with PDL.
+ROUND5 = {
+    "stages": [  # more weight bytes in flight per program
+        *((op, [dict(num_stages=st, block_k=bk, num_warps=nw) for bk in (128, 64) for st in (3, 4, 5, 6, 8)
+                for nw in (4, 8)]) for op in ("o+norm", "down+norm")),
+        ("gate_up", [dict(num_stages=st, block_k=bk) for bk, st in ((128, 4), (128, 5), (128, 6), (64, 6), (64, 8))]),
+        ("qkv", [dict(num_stages=st, block_k=bk) for bk, st in ((64, 4), (64, 6), (64, 8), (128, 4), (128, 5))]),
+    ],
+    "attn": [  # attention stages / splits after the unrolled combine
+        ("attn", [dict(num_stages=st, block_m=bm, block_n=bn, num_splits=ns) for bm, bn, ns in
+                  ((16, 64, 5), (16, 64, 10), (16, 32, 10), (32, 64, 5)) for st in (2, 3, 4)]),
+        ("o+norm", [{}]), ("down+norm", [{}]),
+    ],
+    "splits": [  # two programs per SM (smaller K slices) vs one
+        *((op, [dict(split_k=sk, num_stages=st, block_n=bn) for bn, sk, st in
+                ((32, 4, 8), (32, 8, 4), (32, 8, 8), (16, 4, 8), (16, 8, 4), (64, 8, 4), (64, 8, 8))])
+          for op in ("o+norm", "down+norm")),
+        ("gate_up", [dict(block_n=bn, num_stages=st, split_k=sk) for bn, st, sk in
+                     ((32, 8, 1), (16, 8, 1), (32, 4, 2), (32, 8, 2), (64, 8, 2))]),
+        ("qkv", [dict(block_n=bn, num_stages=st) for bn, st in ((16, 6), (8, 6), (16, 8), (32, 6))]),
+    ],
+    "more": [  # one attention step per program, warps, combine rows, QKV prefetch
+        ("attn", [dict(num_stages=st, block_m=16, block_n=bn, num_splits=ns, num_warps=nw, combine_rows=cr)
+                  for bn, ns, st, nw, cr in ((64, 5, 2, 8, 8), (128, 5, 1, 8, 8), (64, 5, 2, 4, 8), (64, 5, 2, 8, 4),
+                                              (64, 5, 2, 8, 16), (128, 5, 1, 4, 8))]),
+        ("qkv", [dict(prefetch=pf, num_stages=st) for pf, st in ((True, 6), (False, 6), (False, 8))]),
+        ("gate_up", [dict(num_warps=nw, num_stages=st) for nw, st in ((4, 8), (8, 8), (8, 6))]),
+    ],
+    "bias": [("attn", [{}]), ("attn-keybias", [{}]), ("attn-nobias", [{}])],  # what the per-row mask costs
+}
+mode = os.environ.get("SWEEP", "1")
+for op, grid in ROUND5.get(mode, []):
+    sweep(op, grid, (1,))
+if mode != "1":
     raise SystemExit
-if os.environ.get("SWEEP", "1") == "attn":  # round 5: attention stages / splits after the unrolled combine
-    sweep("attn", [dict(num_stages=st, block_m=bm, block_n=bn, num_splits=ns) for bm, bn, ns in
-                   ((16, 64, 5), (16, 64, 10), (16, 32, 10), (32, 64, 5)) for st in (2, 3, 4)], (1,))
-    for op in ("o+norm", "down+norm"):
-        sweep(op, [{}], (1,))
-    raise SystemExit
-if os.environ.get("SWEEP", "1") == "splits":  # round 5: two programs per SM (smaller K slices) vs one
-    for op in ("o+norm", "down+norm"):
-        sweep(op, [dict(split_k=sk, num_stages=st, block_n=bn) for bn, sk, st in
-                   ((32, 4, 8), (32, 8, 4), (32, 8, 8), (16, 4, 8), (16, 8, 4), (64, 8, 4), (64, 8, 8))], (1,))
-    sweep("gate_up", [dict(block_n=bn, num_stages=st, split_k=sk) for bn, st, sk in
-                      ((32, 8, 1), (16, 8, 1), (32, 4, 2), (32, 8, 2), (64, 8, 2))], (1,))
-    sweep("qkv", [dict(block_n=bn, num_stages=st) for bn, st in ((16, 6), (8, 6), (16, 8), (32, 6))], (1,))
-    raise SystemExit
-if os.environ.get("SWEEP", "1") == "more":  # round 5: one attention step per program, warps, QKV prefetch
-    sweep("attn", [dict(num_stages=st, block_m=16, block_n=bn, num_splits=ns, num_warps=nw, combine_rows=cr)
-                   for bn, ns, st, nw, cr in ((64, 5, 2, 8, 8), (128, 5, 1, 8, 8), (64, 5, 2, 4, 8), (64, 5, 2, 8, 4),
-                                               (64, 5, 2, 8, 16), (128, 5, 1, 4, 8))], (1,))
-    sweep("qkv", [dict(prefetch=pf, num_stages=st) for pf, st in ((True, 6), (False, 6), (False, 8))], (1,))
-    sweep("gate_up", [dict(num_warps=nw, num_stages=st) for nw, st in ((4, 8), (8, 8), (8, 6))], (1,))
-    raise SystemExit
-if os.environ.get("SWEEP", "1") == "bias":  # round 5: what the attention's per-row mask costs
-    ops["attn-keybias"] = lambda li, p, **kw: mqa_attention(fused_q, kb[li], vb[li], bias[:, 0, :1].expand(1, R, T + R),
-                                                            pdl=p, **kw)
-    ops["attn-nobias"] = lambda li, p, **kw: mqa_attention(fused_q, kb[li], vb[li], None, pdl=p, **kw)
-    for op in ("attn", "attn-keybias", "attn-nobias"):
-        sweep(op, [{}], (1,))
-    raise SystemExit
-if os.environ.get("SWEEP", "1") != "1":
-    raise SystemExit
-
-
 
 sg.NORM_ROWS = int(os.environ.get("NORM_ROWS", "1"))
 one = (1,)
