@@ -87,17 +87,20 @@ def sweep(op, grid, pdls=(0, 1)):
                 print(f"{op:<10} pdl={p} {kw} FAILED {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
-real_skinny = fast_mod.skinny_linear
-variants = [("off", 0, False), ("pdl", 1, False), ("pdl all-prefetch", 1, True)]
+real_skinny, real_attn = fast_mod.skinny_linear, fast_mod.mqa_attention
+# (name, pdl, L2 prefetch in every product, attention without its mask: a timing bound, wrong numbers)
+variants = [("off", 0, False, False), ("pdl", 1, False, False), ("pdl all-prefetch", 1, True, False),
+            ("pdl no-mask (bound)", 1, False, True)]
 print(torch.cuda.get_device_name(), torch.__version__)
 ref = None
-for name, p, pf in variants:
+for name, p, pf, nomask in variants:
     fast_mod.skinny_linear = functools.partial(real_skinny, prefetch=True) if pf else real_skinny
+    fast_mod.mqa_attention = (lambda q, k, v, b, **kw: real_attn(q, k, v, None, **kw)) if nomask else real_attn
     ms, out = timed(chain(p))
     ref = out.clone() if ref is None else ref
     same = torch.equal(out, ref)
     print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer) same={same}", flush=True)
-fast_mod.skinny_linear = real_skinny
+fast_mod.skinny_linear, fast_mod.mqa_attention = real_skinny, real_attn
 # Round 5 (SWEEP=<name>; docs/PERFORMANCE.md): (op, tilings) pairs, each timed with PDL.
 ROUND5 = {
     "stages": [  # more weight bytes in flight per program
