@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=611)  # Pi0, 2 cameras: 560 prefix + 51 suffix
     ap.add_argument("--queries", type=int, default=51)
     ap.add_argument("--prefix", action="store_true", help="560 queries x 560 keys, bigger row tiles")
+    ap.add_argument("--mask-bound", action="store_true",
+                    help="only the default tiling with its per-row mask, a stride-0 (per-key) mask and none (a bound)")
     a = ap.parse_args()
     if a.prefix:
         a.keys = a.queries = 560
@@ -61,6 +63,11 @@ def main() -> None:
     folded = bias[:, None, :, None, :].expand(1, 1, r, h, t).reshape(1, 1, r * h, t)
     ref = _mqa(q.float(), k.float(), v.float(), folded, "math")
     print(f"{torch.cuda.get_device_name()}  q {tuple(q.shape)}  k/v {tuple(k.shape)}  bf16")
+    if a.mask_bound:  # round 5: what the mask costs the Triton kernel (no PDL here)
+        for name, b in (("per-row mask", bias), ("per-key mask, stride 0", bias[:, :1].expand_as(bias)),
+                        ("no mask (bound, wrong numbers)", None)):
+            print(f"| default tiling, {name} | {_time_us(lambda b=b: mqa_attention(q, k, v, b)):.1f} |")
+        return
     print("| config | us / call | max abs diff vs fp32 math |\n|---|---|---|")
     for kind in ("fp32", "sdpa", "efficient", "cudnn"):
         try:
