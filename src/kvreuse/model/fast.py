@@ -11,8 +11,9 @@
   Euler steps) and each reuse update; optionally the layer functions go through torch.compile
   (inductor fuses the elementwise work between the matmuls),
 - on CUDA with Triton: Triton attention (prefix and expert), the expert layer as a chain of Triton
-  kernels with programmatic dependent launch on sm_90 (`expert_gemm="chain"`), SigLIP's residual
-  adds + LayerNorms as one kernel each (docs/PERFORMANCE.md, round 4).
+  kernels with programmatic dependent launch on sm_90 (`expert_gemm="chain"`; since round 5 each
+  Euler step's projections and update too, so the whole denoise is one chain), SigLIP's residual
+  adds + LayerNorms as one kernel each (docs/PERFORMANCE.md, rounds 4-5).
 
 The API matches `Pi0Model` (encode_prefix / denoise / sample_actions / update_prefix /
 update_prefix_layers) and the caches are ordinary `PrefixCache`s: encode_prefix returns copies
