@@ -91,6 +91,8 @@ real_skinny, real_attn = fast_mod.skinny_linear, fast_mod.mqa_attention
 # (name, pdl, L2 prefetch in every product, attention without its mask: a timing bound, wrong numbers)
 variants = [("off", 0, False, False), ("pdl", 1, False, False), ("pdl all-prefetch", 1, True, False),
             ("pdl no-mask (bound)", 1, False, True)]
+if os.environ.get("ATTN_SPLITS"):  # the chain with the attention's key splits fixed (default: 5 for Pi0)
+    real_attn = functools.partial(real_attn, num_splits=int(os.environ["ATTN_SPLITS"]))
 print(torch.cuda.get_device_name(), torch.__version__)
 ref = None
 for name, p, pf, nomask in variants:
@@ -130,6 +132,7 @@ ROUND5 = {
         ("gate_up", [dict(num_warps=nw, num_stages=st) for nw, st in ((4, 8), (8, 8), (8, 6))]),
     ],
     "bias": [("attn", [{}]), ("attn-keybias", [{}]), ("attn-nobias", [{}])],  # what the per-row mask costs
+    "asplits": [("attn", [dict(num_splits=ns) for ns in (3, 4, 5, 6)])],  # key splits, after the cheaper combine
 }
 mode = os.environ.get("SWEEP", "1")
 for op, grid in ROUND5.get(mode, []):
