@@ -1,7 +1,8 @@
 """Micro-benchmark of the expert's "chain" layer kernels in CUDA graphs: PDL off / on, L2 weight
 prefetch in every product or only in fused_qkv, then (SWEEP=1, default) round 4's tiling sweeps
-per kernel with NORM_ROWS=1, or one of round 5's (SWEEP=stages|attn|splits|more|bias), or none
-(SWEEP=0). Pi0 expert shapes, random weights; `same` = bit-identical to the first variant.
+per kernel with NORM_ROWS=1, or one of round 5's (SWEEP=stages|attn|splits|more|bias|asplits), or
+none (SWEEP=0). ATTN_SPLITS=n fixes the chain's attention key splits. Pi0 expert shapes, random
+weights; `same` = bit-identical to the first variant.
 Usage (one sm_90 GPU): PYTHONPATH=src python3 scripts/chain_micro.py"""
 
 import functools
