@@ -640,18 +640,18 @@ class FastPi0:
         h = torch.empty(b, s, ex.width, dtype=dt, device=x.device)
         hn = torch.empty_like(h)
         if not cfg.adarms:
+            norm0 = self._in_norm(0, None, None)
             state = F.linear(st.state.to(dt), m.state_proj.weight, m.state_proj.bias)
             h[:, 0].copy_(state)
-            hn[:, 0].copy_(_norm(state, self.exp[0].in_norm, ex.eps))
+            hn[:, 0].copy_(_norm(state, norm0.weight, ex.eps))
             at = torch.empty(b, c, ex.width, dtype=dt, device=x.device)
         for i in range(steps):
             per_layer = tables[i][0] if cfg.adarms else None
             if cfg.adarms:
                 skinny_linear(x, self._w_in_t, bias=m.action_in_proj.bias, out=h, normed_out=hn, pdl=pdl,
-                              norm=RowNorm(ex.eps, None, *per_layer[0][:2]))
+                              norm=self._in_norm(0, per_layer, tables[i]))
             else:
                 skinny_linear(x, self._w_fold_t, bias=biases[i], silu=True, out=at, pdl=pdl)
-                norm0 = RowNorm(ex.eps, self.exp[0].in_norm)
                 if b == 1:  # rows 1.. of h are one stride apart: written in place
                     skinny_linear(at, self._w_mlp_out_t, bias=m.action_time_mlp_out.bias, out=h[:, 1:], norm=norm0,
                                   normed_out=hn[:, 1:], pdl=pdl)
@@ -664,21 +664,23 @@ class FastPi0:
                           out=x, pdl=pdl)
         return x
 
+    def _in_norm(self, li: int, per_layer, table) -> RowNorm:
+        """Expert layer li's input norm (li = depth: the final norm); Pi0.5's adaptive ones come
+        from the step's tables (per_layer, table = _step_tables(...)[i])."""
+        eps = self.cfg.expert.eps
+        if li == len(self.exp):
+            return RowNorm(eps, None, table[1], table[2]) if per_layer else RowNorm(eps, self.exp_final)
+        return RowNorm(eps, self.exp[li].in_norm, *(per_layer[li][:2] if per_layer else ()))
+
     def _chain(self, h, hn, st: _Static, per_layer, table, cos_h, sin_h, bias):
         """The expert stack through _expert_layer_chain from h and its layer-0 norm hn; returns the
         final-normed output."""
         ex, t = self.cfg.expert, self.cfg.prefix_len
-
-        def norm_of(li: int) -> RowNorm:  # layer li's input norm; li = depth: the final norm
-            if li == len(self.exp):
-                return RowNorm(ex.eps, None, table[1], table[2]) if per_layer else RowNorm(ex.eps, self.exp_final)
-            return RowNorm(ex.eps, self.exp[li].in_norm, *(per_layer[li][:2] if per_layer else ()))
-
         for li, w in enumerate(self.exp):
             h, hn = _expert_layer_chain(
                 h, hn, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos_h, sin_h, bias, st.k[li], st.v[li], t,
-                ex.num_heads, ex.num_kv_heads, ex.eps, per_layer[li] if per_layer else None, norm_of(li + 1),
-                self.expert_pdl,
+                ex.num_heads, ex.num_kv_heads, ex.eps, per_layer[li] if per_layer else None,
+                self._in_norm(li + 1, per_layer, table), self.expert_pdl,
             )
         return hn
 

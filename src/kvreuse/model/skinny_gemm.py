@@ -56,7 +56,7 @@ MAX_M = 64
 
 def _build() -> tuple:
     """Import triton and define the kernels, once."""
-    global triton, tl, _KERNELS, _mainloop, _epilogue, _prefetch_w, _pdl_enter, _prefetch_l2  # helpers: module globals
+    global triton, tl, _KERNELS, _mainloop, _epilogue, _prefetch_w, _pdl_enter, _prefetch_l2, _load_w, _mma  # helpers
     if _KERNELS is not None:
         return _KERNELS
     import triton
@@ -98,24 +98,27 @@ def _build() -> tuple:
             else:
                 xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
             xt = xt.to(w_ptr.dtype.element_ty)  # float32 x with bf16 w: rounded as F.linear(x.to(w.dtype))
-            if EVEN_K and EVEN_N:
-                wt = tl.load(w_base + k[:, None] * stride_wk)
-            else:
-                wt = tl.load(w_base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
-            if DOT_F32:  # interpreter only (see kernels._dot_f32)
-                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32))
-            else:
-                acc += tl.dot(xt, wt)
+            acc = _mma(acc, xt, _load_w(w_base, k, K, col_ok, stride_wk, EVEN_K and EVEN_N), DOT_F32)
             if DUAL:
-                if EVEN_K and EVEN_N:
-                    ut = tl.load(u_base + k[:, None] * stride_wk)
-                else:
-                    ut = tl.load(u_base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
-                if DOT_F32:
-                    acc2 += tl.dot(xt.to(tl.float32), ut.to(tl.float32))
-                else:
-                    acc2 += tl.dot(xt, ut)
+                acc2 = _mma(acc2, xt, _load_w(u_base, k, K, col_ok, stride_wk, EVEN_K and EVEN_N), DOT_F32)
         return acc, acc2
+
+    @triton.jit
+    def _load_w(base, k, K, col_ok, stride_wk, EVEN: tl.constexpr):
+        """The (BLOCK_K, BLOCK_N) weight tile of rows k of the columns at base."""
+        if EVEN:
+            t = tl.load(base + k[:, None] * stride_wk)
+        else:
+            t = tl.load(base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
+        return t
+
+    @triton.jit
+    def _mma(acc, xt, wt, DOT_F32: tl.constexpr):
+        if DOT_F32:  # interpreter only (see kernels._dot_f32)
+            acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32))
+        else:
+            acc += tl.dot(xt, wt)
+        return acc
 
     @triton.jit
     def _epilogue(
