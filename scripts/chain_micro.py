@@ -43,7 +43,7 @@ def timed(fn):
     return us / 1e3, out
 
 
-def chain(pdl, l2_next=False):
+def chain(pdl):
     def fn():
         h = x0.clone()
         hn = torch.nn.functional.rms_norm(h, (W,), layers[0]["in_norm"], 1e-6)
@@ -51,8 +51,7 @@ def chain(pdl, l2_next=False):
             for li, w in enumerate(layers):
                 nxt = RowNorm(1e-6, layers[(li + 1) % L]["in_norm"])
                 h, hn = _expert_layer_chain(h, hn, w["qkv"], w["o_t"], w["post_norm"], w["gate_up"], w["down_t"],
-                                            cos, sin, bias, kb[li], vb[li], T, H, 1, 1e-6, None, nxt, pdl,
-                                            layers[(li + 1) % L]["qkv"], l2_next)
+                                            cos, sin, bias, kb[li], vb[li], T, H, 1, 1e-6, None, nxt, pdl)
         return hn
     return fn
 
@@ -93,7 +92,7 @@ def sweep(op, grid, pdls=(0, 1)):
 real_skinny, real_attn = fast_mod.skinny_linear, fast_mod.mqa_attention
 # (name, pdl, L2 prefetch in every product, attention without its mask: a timing bound, wrong numbers)
 variants = [("off", 0, False, False), ("pdl", 1, False, False), ("pdl all-prefetch", 1, True, False),
-            ("pdl no-mask (bound)", 1, False, True), ("pdl l2-next", 1, False, False)]
+            ("pdl no-mask (bound)", 1, False, True)]
 if os.environ.get("ATTN_SPLITS"):  # the chain with the attention's key splits fixed (default: 5 for Pi0)
     real_attn = functools.partial(real_attn, num_splits=int(os.environ["ATTN_SPLITS"]))
 print(torch.cuda.get_device_name(), torch.__version__)
@@ -101,7 +100,7 @@ ref = None
 for name, p, pf, nomask in variants:
     fast_mod.skinny_linear = functools.partial(real_skinny, prefetch=True) if pf else real_skinny
     fast_mod.mqa_attention = (lambda q, k, v, b, **kw: real_attn(q, k, v, None, **kw)) if nomask else real_attn
-    ms, out = timed(chain(p, l2_next="l2-next" in name))
+    ms, out = timed(chain(p))
     ref = out.clone() if ref is None else ref
     same = torch.equal(out, ref)
     print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer) same={same}", flush=True)

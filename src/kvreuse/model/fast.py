@@ -279,21 +279,17 @@ def _expert_layer_fused(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos_
 
 def _expert_layer_chain(x, xn, qkv_w, o_t, post_norm, gate_up, down_t, cos_h, sin_h, bias, k_buf, v_buf,
                         start: int, heads: int, kv_heads: int, eps: float, cond=None, next_norm: RowNorm | None = None,
-                        pdl: bool = False, next_qkv=None, l2_next: bool = False):
+                        pdl: bool = False):
     """The fused layer as 8 Triton kernels and no torch op: takes the input x and its normed copy
     xn (this layer's input norm already applied) and returns (output, output under `next_norm`:
     the next layer's input norm or the final one). Both norms come out of the residual products'
     reduce kernels. With pdl, each kernel's launch and weight prefetch overlap the previous
-    kernel (a torch op in between would serialise them again). l2_next: each kernel also asks L2
-    for the weights of a kernel two or three launches later (QKV: Wo; attention: gate/up; Wo:
-    down; gate/up: next_qkv, the next layer's), so that their loads hit L2 (round 6)."""
+    kernel (a torch op in between would serialise them again)."""
     _, _, g1, s2, b2, g2 = (None,) * 6 if cond is None else cond
-    nxt = (o_t, gate_up, down_t, next_qkv) if l2_next else (None,) * 4
-    q = fused_qkv(xn, qkv_w.t(), k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads, pdl=pdl, l2_next=nxt[0])
-    attn = mqa_attention(q, k_buf, v_buf, bias[:, 0, :: heads // kv_heads], pdl=pdl, l2_next=nxt[1])
-    x, h = skinny_linear(attn, o_t, residual=x, col_scale=_flat(g1), norm=RowNorm(eps, post_norm, s2, b2), pdl=pdl,
-                         l2_next=nxt[2])
-    act = skinny_linear(h, gate_up.t(), gated_gelu=True, pdl=pdl, l2_next=nxt[3])
+    q = fused_qkv(xn, qkv_w.t(), k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads, pdl=pdl)
+    attn = mqa_attention(q, k_buf, v_buf, bias[:, 0, :: heads // kv_heads], pdl=pdl)
+    x, h = skinny_linear(attn, o_t, residual=x, col_scale=_flat(g1), norm=RowNorm(eps, post_norm, s2, b2), pdl=pdl)
+    act = skinny_linear(h, gate_up.t(), gated_gelu=True, pdl=pdl)
     return skinny_linear(act, down_t, residual=x, col_scale=_flat(g2), norm=next_norm, pdl=pdl)
 
 
