@@ -1,8 +1,8 @@
 """Micro-benchmark of the expert's "chain" layer kernels in CUDA graphs: PDL off / on, L2 weight
 prefetch in every product or only in fused_qkv, then (SWEEP=1, default) round 4's tiling sweeps
 per kernel with NORM_ROWS=1, or one of round 5's (SWEEP=stages|attn|splits|more|bias|asplits), or
-none (SWEEP=0), or round 6's bounds for removing the reduce / combine kernels (SWEEP=bound) or its in-kernel attention
-combine (SWEEP=combine). ATTN_SPLITS=n fixes the chain's attention key splits. Pi0 expert shapes, random
+none (SWEEP=0), or round 6's bounds for removing the reduce / combine kernels (SWEEP=bound).
+ ATTN_SPLITS=n fixes the chain's attention key splits. Pi0 expert shapes, random
 weights; `same` = bit-identical to the first variant.
 Usage (one sm_90 GPU): PYTHONPATH=src python3 scripts/chain_micro.py"""
 
@@ -93,7 +93,7 @@ def sweep(op, grid, pdls=(0, 1)):
 real_skinny, real_attn = fast_mod.skinny_linear, fast_mod.mqa_attention
 # (name, pdl, L2 prefetch in every product, attention without its mask: a timing bound, wrong numbers)
 variants = [("off", 0, False, False), ("pdl", 1, False, False), ("pdl all-prefetch", 1, True, False),
-            ("pdl no-mask (bound)", 1, False, True), ("pdl last-combines", 1, False, False)]
+            ("pdl no-mask (bound)", 1, False, True)]
 if os.environ.get("ATTN_SPLITS"):  # the chain with the attention's key splits fixed (default: 5 for Pi0)
     real_attn = functools.partial(real_attn, num_splits=int(os.environ["ATTN_SPLITS"]))
 print(torch.cuda.get_device_name(), torch.__version__)
@@ -101,8 +101,6 @@ ref = None
 for name, p, pf, nomask in variants:
     fast_mod.skinny_linear = functools.partial(real_skinny, prefetch=True) if pf else real_skinny
     fast_mod.mqa_attention = (lambda q, k, v, b, **kw: real_attn(q, k, v, None, **kw)) if nomask else real_attn
-    if name == "pdl last-combines":  # round 6: no combine kernel, the last split of a row tile combines
-        fast_mod.mqa_attention = functools.partial(real_attn, last_combines=True)
     ms, out = timed(chain(p))
     ref = out.clone() if ref is None else ref
     same = torch.equal(out, ref)
@@ -171,8 +169,6 @@ ROUND5 = {
     ],
     "bias": [("attn", [{}]), ("attn-keybias", [{}]), ("attn-nobias", [{}])],  # what the per-row mask costs
     "asplits": [("attn", [dict(num_splits=ns) for ns in (3, 4, 5, 6)])],  # key splits, after the cheaper combine
-    "combine": [("attn", [{}, *(dict(last_combines=True, num_splits=ns, block_n=bn, num_stages=st)  # round 6
-                                for ns, bn, st in ((5, 64, 2), (10, 64, 2), (10, 32, 2), (20, 32, 1), (3, 64, 2)))])],
 }
 mode = os.environ.get("SWEEP", "1")
 for op, grid in ROUND5.get(mode, []):

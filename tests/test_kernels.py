@@ -79,22 +79,6 @@ def test_splits_with_a_fully_masked_split(dtype, num_splits):
     _check(out, _ref(q, k, v, bias), dtype)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 7])
-def test_last_split_combines_like_the_combine_kernel(num_splits):
-    """last_combines: the last split program of a row tile combines it; same numbers as the combine
-    kernel, and again on a second call (the arrival counts are reset by their finisher)."""
-    b, r, h, d, t = 2, 5, 4, 32, 37
-    q, k, v = _qkv(b, r, h, d, t, torch.bfloat16)
-    bias = torch.zeros(b, r, t)
-    bias[:, :, 16:32] = NEG  # a fully masked split (3 splits)
-    two = mqa_attention(q, k, v, bias, num_splits, block_m=16, block_n=16)
-    for _ in range(2):
-        one = mqa_attention(q, k, v, bias, num_splits, block_m=16, block_n=16, last_combines=True)
-        assert torch.equal(one, two)
-    assert int(kernels._tile_counts(q.device, 1).abs().sum()) == 0
-    _check(one, _ref(q, k, v, bias), torch.bfloat16)
-
-
 @pytest.mark.parametrize("neg", [NEG, -1e30, float("-inf")])
 def test_masked_keys_contribute_exactly_zero(neg):
     b, r, h, d, t = 2, 5, 4, 32, 37

@@ -39,7 +39,7 @@ _LOG2E = 1.4426950408889634
 
 def _build() -> tuple:
     """Import triton and define the two kernels (and the helpers skinny_gemm shares), once."""
-    global triton, tl, _KERNELS, _rows, _prefetch_l2, _pdl_enter, _combine_rows  # kernels find helpers among the module globals
+    global triton, tl, _KERNELS, _rows, _prefetch_l2, _pdl_enter  # kernels find helpers among the module globals
     if _KERNELS is not None:
         return _KERNELS
     import triton
@@ -71,14 +71,13 @@ def _build() -> tuple:
 
     @triton.jit
     def _split_kernel(
-        q_ptr, k_ptr, v_ptr, bias_ptr, part_ptr, stat_ptr, out_ptr, count_ptr,
+        q_ptr, k_ptr, v_ptr, bias_ptr, part_ptr, stat_ptr, out_ptr,
         R, T, M, G, HKV, S, keys_per_split,
         sq_b, sq_r, sq_h,
         sk_b, sk_t, sk_h,
         sv_b, sv_t, sv_h,
         sb_b, sb_r, sb_t,
         HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
-        LAST_COMBINES: tl.constexpr, SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SCALE_LOG2: tl.constexpr,
     ):
         _pdl_enter(PDL)
@@ -143,45 +142,6 @@ def _build() -> tuple:
             tl.store(part_ptr + (slot * M + rows[:, None]) * D + d[None, :], acc, mask=row_ok[:, None])
             tl.store(stat_ptr + slot * M + rows, m_i, mask=row_ok)
             tl.store(stat_ptr + tl.num_programs(0) * S * M + slot * M + rows, l_i, mask=row_ok)
-            if LAST_COMBINES:
-                # The last split of this row tile to finish combines all of them (no combine kernel).
-                # The barrier orders every thread's stores before the (gpu-scope, acq_rel) count.
-                tl.debug_barrier()
-                tile = pid_bh * tl.num_programs(1) + tl.program_id(1)
-                if tl.atomic_add(count_ptr + tile, 1) == SPLITS - 1:
-                    _combine_rows(part_ptr, stat_ptr, out_ptr, pid_bh, b, rows, row_ok, tok, head,
-                                  R, M, G, HKV, SPLITS, ".cg", D)
-                    tl.store(count_ptr + tile, 0)  # ready for the next call
-
-    @triton.jit
-    def _combine_rows(part_ptr, stat_ptr, out_ptr, pid_bh, b, rows, row_ok, tok, head, R, M, G, HKV,
-                      S: tl.constexpr, CACHE: tl.constexpr, D: tl.constexpr):
-        """Rescale the S splits' partials of these rows to a common max, sum, normalise and write
-        the output rows (in out's dtype, laid out (B, R, H * D)). CACHE: the partials' load cache
-        modifier (".cg", L2 only, when other programs of the same kernel wrote them)."""
-        d = tl.arange(0, D)
-        l_off = tl.num_programs(0) * S * M  # the sums follow the maxima in `stat`
-        m_g = tl.full(rows.shape, float("-inf"), tl.float32)
-        for s in tl.static_range(S):  # unrolled (S is a constexpr): all splits' loads in flight at once
-            m_s = tl.load(stat_ptr + (pid_bh * S + s) * M + rows, mask=row_ok, other=float("-inf"), cache_modifier=CACHE)
-            m_g = tl.maximum(m_g, m_s)
-        # A split whose keys were all masked has max -inf (or ~ -1.4e30): weight exactly 0.
-        m_g = tl.where(m_g == float("-inf"), 0.0, m_g)
-        l_g = tl.zeros(rows.shape, dtype=tl.float32)
-        acc = tl.zeros([rows.shape[0], D], dtype=tl.float32)
-        for s in tl.static_range(S):
-            slot = pid_bh * S + s
-            m_s = tl.load(stat_ptr + slot * M + rows, mask=row_ok, other=float("-inf"), cache_modifier=CACHE)
-            l_s = tl.load(stat_ptr + l_off + slot * M + rows, mask=row_ok, other=0.0, cache_modifier=CACHE)
-            w = tl.exp2(m_s - m_g)
-            l_g += w * l_s
-            a = tl.load(part_ptr + (slot * M + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0,
-                        cache_modifier=CACHE)
-            acc += a * w[:, None]
-        l_g = tl.where(l_g > 0.0, l_g, 1.0)
-        o = acc / l_g[:, None]
-        o_off = (b * R + tok[:, None]) * (HKV * G * D) + head[:, None] * D + d[None, :]
-        tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _combine_kernel(
@@ -192,7 +152,29 @@ def _build() -> tuple:
         _pdl_enter(PDL)
         pid_bh = tl.program_id(0)
         b, rows, row_ok, tok, head = _rows(pid_bh, tl.program_id(1), M, G, HKV, BLOCK_R)
-        _combine_rows(part_ptr, stat_ptr, out_ptr, pid_bh, b, rows, row_ok, tok, head, R, M, G, HKV, S, "", D)
+        d = tl.arange(0, D)
+        l_off = tl.num_programs(0) * S * M  # the sums follow the maxima in `stat`
+
+        m_g = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for s in tl.static_range(S):  # unrolled (S is a constexpr): all splits' loads in flight at once
+            m_s = tl.load(stat_ptr + (pid_bh * S + s) * M + rows, mask=row_ok, other=float("-inf"))
+            m_g = tl.maximum(m_g, m_s)
+        # A split whose keys were all masked has max -inf (or ~ -1.4e30): weight exactly 0.
+        m_g = tl.where(m_g == float("-inf"), 0.0, m_g)
+        l_g = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+        for s in tl.static_range(S):
+            slot = pid_bh * S + s
+            m_s = tl.load(stat_ptr + slot * M + rows, mask=row_ok, other=float("-inf"))
+            l_s = tl.load(stat_ptr + l_off + slot * M + rows, mask=row_ok, other=0.0)
+            w = tl.exp2(m_s - m_g)
+            l_g += w * l_s
+            a = tl.load(part_ptr + (slot * M + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0)
+            acc += a * w[:, None]
+        l_g = tl.where(l_g > 0.0, l_g, 1.0)
+        o = acc / l_g[:, None]
+        o_off = (b * R + tok[:, None]) * (HKV * G * D) + head[:, None] * D + d[None, :]
+        tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     _KERNELS = (_split_kernel, _combine_kernel)
     return _KERNELS
@@ -223,21 +205,6 @@ def pdl_kwargs(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
-_COUNTS: dict[tuple, torch.Tensor] = {}
-
-
-def _tile_counts(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counts for mqa_attention(last_combines=True), one buffer per device
-    and stream (kernels on one stream run one after another, so they can share it; each count is
-    back at 0 when its kernel ends). Grown as needed, never shrunk."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _COUNTS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
-
-
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -265,7 +232,6 @@ def mqa_attention(
     combine_warps: int = 4,
     scale: float | None = None,
     pdl: bool = False,
-    last_combines: bool = False,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v with fp32 softmax and accumulation (P is cast to v's dtype
     for the second matmul, as in flash attention).
@@ -292,9 +258,6 @@ def mqa_attention(
     needs 256 KiB of shared memory (more than an H100 has).
 
     pdl: launch both kernels with programmatic dependent launch (see pdl_supported; sm_90+).
-    last_combines: no combine kernel; the last split program of each row tile to finish (an atomic
-    count per tile, in a per-device, per-stream buffer that the finisher resets) combines that
-    tile. Calls must not run concurrently on one stream's buffer (they cannot: one stream).
     """
     if not HAVE_TRITON:
         raise RuntimeError("mqa_attention needs triton (pip install triton); use the PyTorch attention path instead")
@@ -351,21 +314,19 @@ def mqa_attention(
         num_warps = 4 if big and block_m <= 64 else 8 if d * block_m >= 4096 else 4
     scale = 1.0 / math.sqrt(d) if scale is None else scale
 
-    fused = last_combines and not direct
-    counts = _tile_counts(q.device, b * hkv * tiles) if fused else out  # unused unless fused
     split_kernel[(b * hkv, tiles, splits)](
-        q, k, v, bias_t, part, stat, out, counts,
+        q, k, v, bias_t, part, stat, out,
         r, t, m, g, hkv, splits, keys_per_split,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         sb[0], sb[1], sb[2],
         HAS_BIAS=bias is not None, DIRECT=direct, DOT_F32=_dot_f32(split_kernel, q.dtype), PDL=pdl,
-        LAST_COMBINES=fused, SPLITS=splits if fused else 1, BLOCK_M=block_m, BLOCK_N=block_n, D=d,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=d,
         SCALE_LOG2=scale * _LOG2E,  # constexpr: a float argument becomes fp64 under inductor
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
-    if not direct and not fused:
+    if not direct:
         combine_kernel[(b * hkv, triton.cdiv(m, combine_rows))](
             part, stat, out, r, m, g, hkv,
             S=splits, PDL=pdl, BLOCK_R=combine_rows, D=d, num_warps=combine_warps, **pdl_kwargs(pdl),
