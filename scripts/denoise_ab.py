@@ -1,11 +1,12 @@
 """In-process A/B of the reuse hit (FastPi0.denoise, CUDA graphs). `glue` (default): the chain's
 per-step glue, A = the current loop (input / output projections and the Euler update as skinny PDL
 kernels), B = round 4's loop (the same layer chain between torch ops). `l2`: A = the default
-(round 6's L2 weight prefetches, fast.L2_PLAN), B = FastPi0(expert_l2_next=False). Separate
-processes (or FastPi0 instances built apart) differ by ~0.2 ms on an H200, so the two alternate
-here, 5 rounds each.
+(round 6's L2 weight prefetches, fast.L2_PLAN), B = a shallow copy of the same FastPi0 (same
+weights and buffers, own graphs) with expert_l2_next=False. Separate processes (or FastPi0
+instances built apart) differ by ~0.2 ms on an H200, so the two alternate here, 5 rounds each.
 Usage (one CUDA GPU): PYTHONPATH=src python3 scripts/denoise_ab.py [pi0|pi05] [glue|l2]"""
 
+import copy
 import statistics
 import sys
 import types
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from kvreuse.bench import build_random, synthetic_obs
 from kvreuse.model import preset
-from kvreuse.model.fast import FastPi0, _norm
+from kvreuse.model.fast import FastPi0, _Graphs, _norm
 
 
 def round4_loop(self, st, steps, tables, cos_h, sin_h, bias):
@@ -46,9 +47,13 @@ def main(name="pi0", what="glue", rounds=5, iters=30):
     model = build_random(cfg, "cuda")
     obs = synthetic_obs(cfg, 1, "cuda", torch.Generator().manual_seed(0))
     noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, device="cuda")
-    a, b = FastPi0(model), FastPi0(model, expert_l2_next=what != "l2")
+    a = FastPi0(model)
     if what == "glue":
+        b = FastPi0(model)
         b._denoise_chain = types.MethodType(round4_loop, b)
+    else:  # the same instance and buffers, its own graphs: only the prefetches differ
+        b = copy.copy(a)
+        b.graphs, b.expert_l2_next = _Graphs(a.use_graphs), False
     print(torch.cuda.get_device_name(), name, "expert:", a.expert_gemm, "pdl:", a.expert_pdl)
     cache = a.encode_prefix(obs)
     ya, yb = a.denoise(cache, obs, noise), b.denoise(cache, obs, noise)
