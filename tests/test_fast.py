@@ -7,6 +7,8 @@ are GPU-only (checked there by `kvreuse bench --check`).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -53,6 +55,16 @@ def test_split_api_is_sample_actions_bit_for_bit(setup):
     cache = fast.encode_prefix(obs)
     fast.encode_prefix(obs2)  # overwrites the static buffers: the returned cache must not care
     assert torch.equal(fast.denoise(cache, obs, noise), a)
+
+
+@torch.no_grad()
+def test_shallow_copy_shares_weights_and_runs(setup):
+    """copy.copy works (scripts/denoise_ab.py A/Bs a copy with its own graphs) and delegates to
+    the same model; before, __getattr__ raised KeyError on the empty copy."""
+    _, model, fast, obs, _, noise = setup
+    twin = copy.copy(fast)
+    assert twin.model is model and twin.exp is fast.exp and twin.cfg is fast.cfg
+    assert torch.equal(twin.sample_actions(obs, noise), fast.sample_actions(obs, noise))
 
 
 @torch.no_grad()

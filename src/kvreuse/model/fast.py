@@ -464,6 +464,8 @@ class FastPi0:
         return self
 
     def __getattr__(self, name):  # cfg-level helpers (spans, make_noise, dtype, device, ...)
+        if "model" not in self.__dict__:  # mid-construction or mid-copy: nothing to delegate to yet
+            raise AttributeError(name)
         return getattr(self.__dict__["model"], name)
 
     # ---- static state ----------------------------------------------------------------------
