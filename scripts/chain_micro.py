@@ -1,10 +1,9 @@
 """Micro-benchmark of the expert's "chain" layer kernels in CUDA graphs: PDL off / on, L2 weight
 prefetch in every product or only in fused_qkv, then (SWEEP=1, default) round 4's tiling sweeps
 per kernel with NORM_ROWS=1, or one of round 5's (SWEEP=stages|attn|splits|more|bias|asplits), or
-none (SWEEP=0), or round 6's bounds for removing the reduce / combine kernels (SWEEP=bound) or its
-L2 prefetch plans (SWEEP=l2; variant `pdl l2-next` = fast.L2_PLAN).
- ATTN_SPLITS=n fixes the chain's attention key splits. Pi0 expert shapes, random
-weights; `same` = bit-identical to the first variant.
+none (SWEEP=0), or round 6's bounds (SWEEP=bound: without the reduce / combine kernels, and with
+one layer's weights in all 18 so that they stay in L2). ATTN_SPLITS=n fixes the chain's attention
+key splits. Pi0 expert shapes, random weights; `same` = bit-identical to the first variant.
 Usage (one sm_90 GPU): PYTHONPATH=src python3 scripts/chain_micro.py"""
 
 import functools
@@ -45,16 +44,16 @@ def timed(fn):
     return us / 1e3, out
 
 
-def chain(pdl, l2_next=False):
+def chain(pdl, same_weights=False):
     def fn():
         h = x0.clone()
         hn = torch.nn.functional.rms_norm(h, (W,), layers[0]["in_norm"], 1e-6)
         for _ in range(STEPS):
             for li, w in enumerate(layers):
+                w = layers[0] if same_weights else w  # one layer's 35 MB, L2-resident: a bound
                 nxt = RowNorm(1e-6, layers[(li + 1) % L]["in_norm"])
                 h, hn = _expert_layer_chain(h, hn, w["qkv"], w["o_t"], w["post_norm"], w["gate_up"], w["down_t"],
-                                            cos, sin, bias, kb[li], vb[li], T, H, 1, 1e-6, None, nxt, pdl,
-                                            layers[(li + 1) % L]["qkv"], l2_next)
+                                            cos, sin, bias, kb[li], vb[li], T, H, 1, 1e-6, None, nxt, pdl)
         return hn
     return fn
 
@@ -95,7 +94,7 @@ def sweep(op, grid, pdls=(0, 1)):
 real_skinny, real_attn = fast_mod.skinny_linear, fast_mod.mqa_attention
 # (name, pdl, L2 prefetch in every product, attention without its mask: a timing bound, wrong numbers)
 variants = [("off", 0, False, False), ("pdl", 1, False, False), ("pdl all-prefetch", 1, True, False),
-            ("pdl no-mask (bound)", 1, False, True), ("pdl l2-next", 1, False, False)]
+            ("pdl no-mask (bound)", 1, False, True)]
 if os.environ.get("ATTN_SPLITS"):  # the chain with the attention's key splits fixed (default: 5 for Pi0)
     real_attn = functools.partial(real_attn, num_splits=int(os.environ["ATTN_SPLITS"]))
 print(torch.cuda.get_device_name(), torch.__version__)
@@ -103,22 +102,11 @@ ref = None
 for name, p, pf, nomask in variants:
     fast_mod.skinny_linear = functools.partial(real_skinny, prefetch=True) if pf else real_skinny
     fast_mod.mqa_attention = (lambda q, k, v, b, **kw: real_attn(q, k, v, None, **kw)) if nomask else real_attn
-    ms, out = timed(chain(p, l2_next="l2-next" in name))
+    ms, out = timed(chain(p))
     ref = out.clone() if ref is None else ref
     same = torch.equal(out, ref)
     print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer) same={same}", flush=True)
 fast_mod.skinny_linear, fast_mod.mqa_attention = real_skinny, real_attn
-if os.environ.get("SWEEP") == "l2":  # round 6: which later weights QKV, attention, Wo, gate/up prefetch (l2_next)
-    real_plan = fast_mod.L2_PLAN
-    for plan in (real_plan, (None, "o", "down", "next_qkv"), ("o", None, "down", None), ("o", None, None, "next_qkv"),
-                 ("o", "gate_up", "down", "next_qkv"), ("o", None, "gate_up", "next_qkv"), real_plan):
-        fast_mod.L2_PLAN = plan
-        ms, out = timed(chain(1, l2_next=True))
-        print(f"l2-next {plan} chain {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer) same={torch.equal(out, ref)}",
-              flush=True)
-    fast_mod.L2_PLAN = real_plan
-
-
 class _Skip:
     """A kernel stand-in whose launches do nothing (timing bounds only)."""
 
@@ -143,11 +131,12 @@ if os.environ.get("SWEEP") == "bound":  # round 6: what removing the reduce / co
         ("no reduce (bound)", True, False, real_skinny), ("no combine (bound)", False, True, real_skinny),
         ("neither (bound)", True, True, real_skinny), ("unsplit bn32 no norm", False, False, _unsplit(32)),
         ("unsplit bn16 no norm", False, False, _unsplit(16)), ("baseline again", False, False, real_skinny),
+        ("L2-resident weights", False, False, real_skinny),
     ):
         skin._KERNELS = (real_s[0], _Skip(), real_s[2]) if no_reduce else real_s
         kern._KERNELS = (real_k[0], _Skip()) if no_combine else real_k
         fast_mod.skinny_linear = lin
-        ms, _ = timed(chain(1))
+        ms, _ = timed(chain(1, same_weights=name == "L2-resident weights"))
         print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer)", flush=True)
     skin._KERNELS, kern._KERNELS, fast_mod.skinny_linear = real_s, real_k, real_skinny
 # Round 5 (SWEEP=<name>; docs/PERFORMANCE.md): (op, tilings) pairs, each timed with PDL.

@@ -1,12 +1,9 @@
-"""In-process A/B of the reuse hit (FastPi0.denoise, CUDA graphs). `glue` (default): the chain's
-per-step glue, A = the current loop (input / output projections and the Euler update as skinny PDL
-kernels), B = round 4's loop (the same layer chain between torch ops). `l2`: A = the default
-(round 6's L2 weight prefetches, fast.L2_PLAN), B = a shallow copy of the same FastPi0 (same
-weights and buffers, own graphs) with expert_l2_next=False. Separate processes (or FastPi0
+"""In-process A/B of the reuse hit (FastPi0.denoise, CUDA graphs) for the chain's per-step glue:
+A = the current loop (input / output projections and the Euler update as skinny PDL kernels),
+B = round 4's loop (the same layer chain between torch ops). Separate processes (or FastPi0
 instances built apart) differ by ~0.2 ms on an H200, so the two alternate here, 5 rounds each.
-Usage (one CUDA GPU): PYTHONPATH=src python3 scripts/denoise_ab.py [pi0|pi05] [glue|l2]"""
+Usage (one CUDA GPU): PYTHONPATH=src python3 scripts/denoise_ab.py [pi0|pi05]"""
 
-import copy
 import statistics
 import sys
 import types
@@ -16,7 +13,7 @@ import torch.nn.functional as F
 
 from kvreuse.bench import build_random, synthetic_obs
 from kvreuse.model import preset
-from kvreuse.model.fast import FastPi0, _Graphs, _norm
+from kvreuse.model.fast import FastPi0, _norm
 
 
 def round4_loop(self, st, steps, tables, cos_h, sin_h, bias):
@@ -42,23 +39,18 @@ def round4_loop(self, st, steps, tables, cos_h, sin_h, bias):
     return x
 
 
-def main(name="pi0", what="glue", rounds=5, iters=30):
+def main(name="pi0", rounds=5, iters=30):
     cfg = preset(name)
     model = build_random(cfg, "cuda")
     obs = synthetic_obs(cfg, 1, "cuda", torch.Generator().manual_seed(0))
     noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, device="cuda")
-    a = FastPi0(model)
-    if what == "glue":
-        b = FastPi0(model)
-        b._denoise_chain = types.MethodType(round4_loop, b)
-    else:  # the same instance and buffers, its own graphs: only the prefetches differ
-        b = copy.copy(a)
-        b.graphs, b.expert_l2_next = _Graphs(a.use_graphs), False
+    a, b = FastPi0(model), FastPi0(model)
+    b._denoise_chain = types.MethodType(round4_loop, b)
     print(torch.cuda.get_device_name(), name, "expert:", a.expert_gemm, "pdl:", a.expert_pdl)
     cache = a.encode_prefix(obs)
     ya, yb = a.denoise(cache, obs, noise), b.denoise(cache, obs, noise)
     print(f"A vs B actions: rel. L2 {((ya - yb).norm() / yb.norm()).item():.2e}")
-    times = {"A (skinny glue)": [], "B (round-4 glue)": []} if what == "glue" else {"A (L2 prefetch)": [], "B (none)": []}
+    times = {"A (skinny glue)": [], "B (round-4 glue)": []}
     for _ in range(rounds):
         for v, fp in zip(times.values(), (a, b), strict=True):
             ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
@@ -73,4 +65,4 @@ def main(name="pi0", what="glue", rounds=5, iters=30):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:2])

@@ -238,11 +238,3 @@ def test_prefix_sized_query_sets_take_big_row_tiles(monkeypatch):
     _check(out, _ref(q, k, v, bias), torch.float32)
     assert [(name, grid) for name, grid, _ in seen] == [("split", (1, 17, 1))]  # 1040 / 64 -> 17 row tiles
     assert seen[0][2]["BLOCK_M"] == 64 and seen[0][2]["num_warps"] == 4
-
-
-def test_l2_span_is_a_gpu_pdl_hint_only():
-    """l2_next prefetches only dense, aligned GPU tensors under PDL; anything else means no prefetch."""
-    w = torch.zeros(64, 32)
-    assert kernels.l2_span(None, True) == (None, 0)
-    assert kernels.l2_span(w, False) == (None, 0)
-    assert kernels.l2_span(w.t(), True) == (None, 0)  # a CPU tensor: nothing to prefetch

@@ -327,8 +327,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         fast = FastPi0(model, compile=use_compile, compile_mode=compile_mode if use_compile else None,
                        prefix_attn=attn[0], expert_attn=attn[1], expert_gemm=expert_gemm, expert_pdl=expert_pdl,
                        fused_layer_norm=fused_layer_norm)
-        rep.config["expert"] = f"{fast.expert_gemm}{' +pdl' if fast.expert_pdl else ''}" + (
-            " +l2" if fast.expert_pdl and fast.expert_l2_next else "")
+        rep.config["expert"] = f"{fast.expert_gemm}{' +pdl' if fast.expert_pdl else ''}"
         rep.config["vision_ln"] = "triton" if fast.fused_ln else "torch"
         out = fast.sample_actions(obs, noise)
         cache = fast.encode_prefix(obs)

@@ -277,29 +277,19 @@ def _expert_layer_fused(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos_
     return _residual_product(x, act, down_t, g2, gemm)
 
 
-# Round 6: the later weights that the chain's QKV, attention, Wo and gate/up kernels ask L2 for before
-# their PDL wait (None: none). Prefetching gate/up's 16.8 MB from any of them lost (docs/PERFORMANCE.md).
-L2_PLAN: tuple[str | None, ...] = ("o", None, "down", "next_qkv")
-
-
 def _expert_layer_chain(x, xn, qkv_w, o_t, post_norm, gate_up, down_t, cos_h, sin_h, bias, k_buf, v_buf,
                         start: int, heads: int, kv_heads: int, eps: float, cond=None, next_norm: RowNorm | None = None,
-                        pdl: bool = False, next_qkv=None, l2_next: bool = False):
+                        pdl: bool = False):
     """The fused layer as 8 Triton kernels and no torch op: takes the input x and its normed copy
     xn (this layer's input norm already applied) and returns (output, output under `next_norm`:
     the next layer's input norm or the final one). Both norms come out of the residual products'
     reduce kernels. With pdl, each kernel's launch and weight prefetch overlap the previous
-    kernel (a torch op in between would serialise them again). l2_next: kernels also ask L2 for
-    the weights of a kernel two or three launches later, as L2_PLAN says (next_qkv: the next
-    layer's QKV weight), so that those loads hit L2 (round 6)."""
+    kernel (a torch op in between would serialise them again)."""
     _, _, g1, s2, b2, g2 = (None,) * 6 if cond is None else cond
-    by_name = {"o": o_t, "gate_up": gate_up, "down": down_t, "next_qkv": next_qkv, None: None}
-    nxt = tuple(by_name[n] for n in L2_PLAN) if l2_next else (None,) * 4
-    q = fused_qkv(xn, qkv_w.t(), k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads, pdl=pdl, l2_next=nxt[0])
-    attn = mqa_attention(q, k_buf, v_buf, bias[:, 0, :: heads // kv_heads], pdl=pdl, l2_next=nxt[1])
-    x, h = skinny_linear(attn, o_t, residual=x, col_scale=_flat(g1), norm=RowNorm(eps, post_norm, s2, b2), pdl=pdl,
-                         l2_next=nxt[2])
-    act = skinny_linear(h, gate_up.t(), gated_gelu=True, pdl=pdl, l2_next=nxt[3])
+    q = fused_qkv(xn, qkv_w.t(), k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads, pdl=pdl)
+    attn = mqa_attention(q, k_buf, v_buf, bias[:, 0, :: heads // kv_heads], pdl=pdl)
+    x, h = skinny_linear(attn, o_t, residual=x, col_scale=_flat(g1), norm=RowNorm(eps, post_norm, s2, b2), pdl=pdl)
+    act = skinny_linear(h, gate_up.t(), gated_gelu=True, pdl=pdl)
     return skinny_linear(act, down_t, residual=x, col_scale=_flat(g2), norm=next_norm, pdl=pdl)
 
 
@@ -382,7 +372,6 @@ class FastPi0:
         compile_mode: str | None = None,
         expert_gemm: str = "auto",
         expert_pdl: bool | None = None,
-        expert_l2_next: bool = True,
         fused_layer_norm: bool | None = None,
         prefix_attn: str = "auto",
         expert_attn: str = "auto",
@@ -432,7 +421,6 @@ class FastPi0:
         if expert_pdl and not can_pdl:
             raise ValueError("expert_pdl=True needs expert_gemm='chain' on an sm_90+ GPU with Triton >= 3.4")
         self.expert_pdl = can_pdl if expert_pdl is None else bool(expert_pdl)
-        self.expert_l2_next = expert_l2_next  # L2_PLAN's weight prefetches (with PDL only)
         if expert_gemm == "chain":  # the per-step projections as skinny products, w as (K, N) views
             with torch.no_grad():
                 self._w_in_t = model.action_in_proj.weight.t()
@@ -689,13 +677,12 @@ class FastPi0:
     def _chain(self, h, hn, st: _Static, per_layer, table, cos_h, sin_h, bias):
         """The expert stack through _expert_layer_chain from h and its layer-0 norm hn; returns the
         final-normed output."""
-        ex, t, n = self.cfg.expert, self.cfg.prefix_len, len(self.exp)
+        ex, t = self.cfg.expert, self.cfg.prefix_len
         for li, w in enumerate(self.exp):
             h, hn = _expert_layer_chain(
                 h, hn, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos_h, sin_h, bias, st.k[li], st.v[li], t,
                 ex.num_heads, ex.num_kv_heads, ex.eps, per_layer[li] if per_layer else None,
                 self._in_norm(li + 1, per_layer, table), self.expert_pdl,
-                self.exp[(li + 1) % n].qkv, self.expert_l2_next,  # the last layer: the next step's first
             )
         return hn
 

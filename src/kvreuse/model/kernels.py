@@ -39,7 +39,7 @@ _LOG2E = 1.4426950408889634
 
 def _build() -> tuple:
     """Import triton and define the two kernels (and the helpers skinny_gemm shares), once."""
-    global triton, tl, _KERNELS, _rows, _prefetch_l2, _prefetch_next, _pdl_enter  # kernels find helpers among the module globals
+    global triton, tl, _KERNELS, _rows, _prefetch_l2, _pdl_enter  # kernels find helpers among the module globals
     if _KERNELS is not None:
         return _KERNELS
     import triton
@@ -63,24 +63,6 @@ def _build() -> tuple:
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [p], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _prefetch_next(next_ptr, n_bytes):
-        """This program's share of an L2 prefetch of n_bytes (a multiple of 16) from next_ptr (16-byte
-        aligned; a later kernel's weights). The bytes are split evenly over the grid's programs and
-        128 lanes each, and every lane asks for its run with one TMA bulk prefetch
-        (cp.async.bulk.prefetch.L2, sm_90). One instruction per thread: prefetching line by line
-        (~1000 instructions per SM) cost more than it saved (round 6)."""
-        pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
-        nprog = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        units = n_bytes // 16
-        per_lane = tl.cdiv(tl.cdiv(units, nprog), 128)  # 16-byte units
-        lo = tl.minimum((pid * 128 + tl.arange(0, 128)).to(tl.int64) * per_lane, units)
-        size = ((tl.minimum(lo + per_lane, units) - lo) * 16).to(tl.int32)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred q; setp.ne.s32 q, $2, 0; @q cp.async.bulk.prefetch.L2.global [$1], $2; } // $0",
-            "=r,l,r", [next_ptr.to(tl.pointer_type(tl.uint8)) + lo * 16, size], dtype=tl.int32, is_pure=False, pack=1,
-        )
-
-    @triton.jit
     def _rows(pid_bh, pid_r, M, G, HKV, BLOCK: tl.constexpr):
         """Query rows of this program: rows are (token, head-in-group) pairs of KV head pid_bh % HKV
         of batch row pid_bh // HKV."""
@@ -89,17 +71,15 @@ def _build() -> tuple:
 
     @triton.jit
     def _split_kernel(
-        q_ptr, k_ptr, v_ptr, bias_ptr, part_ptr, stat_ptr, out_ptr, next_ptr,
-        R, T, M, G, HKV, S, keys_per_split, next_bytes,
+        q_ptr, k_ptr, v_ptr, bias_ptr, part_ptr, stat_ptr, out_ptr,
+        R, T, M, G, HKV, S, keys_per_split,
         sq_b, sq_r, sq_h,
         sk_b, sk_t, sk_h,
         sv_b, sv_t, sv_h,
         sb_b, sb_r, sb_t,
         HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
-        NEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SCALE_LOG2: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SCALE_LOG2: tl.constexpr,
     ):
-        if NEXT:
-            _prefetch_next(next_ptr, next_bytes)
         _pdl_enter(PDL)
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(2)
@@ -225,17 +205,6 @@ def pdl_kwargs(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
-def l2_span(t: torch.Tensor | None, pdl: bool) -> tuple[torch.Tensor | None, int]:
-    """(t, bytes to prefetch) for a kernel's l2_next, a hint: the bytes of a dense tensor
-    (contiguous, or the transpose of a contiguous matrix, like the W.t() weights) starting 16-byte
-    aligned on a GPU; 0 (no prefetch) for anything else, and without PDL (nothing to overlap)."""
-    if t is None or not pdl or t.numel() == 0 or t.device.type != "cuda" or t.data_ptr() % 16:
-        return None, 0
-    if not (t.is_contiguous() or (t.dim() == 2 and t.t().is_contiguous())):
-        return None, 0
-    return t, t.numel() * t.element_size() // 16 * 16
-
-
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -263,7 +232,6 @@ def mqa_attention(
     combine_warps: int = 4,
     scale: float | None = None,
     pdl: bool = False,
-    l2_next: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v with fp32 softmax and accumulation (P is cast to v's dtype
     for the second matmul, as in flash attention).
@@ -290,8 +258,6 @@ def mqa_attention(
     needs 256 KiB of shared memory (more than an H100 has).
 
     pdl: launch both kernels with programmatic dependent launch (see pdl_supported; sm_90+).
-    l2_next: a dense tensor (a later kernel's weights) that the split kernel's programs ask L2 for
-    before their PDL wait (see l2_span; with pdl only, ignored otherwise).
     """
     if not HAVE_TRITON:
         raise RuntimeError("mqa_attention needs triton (pip install triton); use the PyTorch attention path instead")
@@ -348,16 +314,15 @@ def mqa_attention(
         num_warps = 4 if big and block_m <= 64 else 8 if d * block_m >= 4096 else 4
     scale = 1.0 / math.sqrt(d) if scale is None else scale
 
-    nxt, n_next = l2_span(l2_next, pdl)
     split_kernel[(b * hkv, tiles, splits)](
-        q, k, v, bias_t, part, stat, out, nxt if n_next else q,
-        r, t, m, g, hkv, splits, keys_per_split, n_next,
+        q, k, v, bias_t, part, stat, out,
+        r, t, m, g, hkv, splits, keys_per_split,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         sb[0], sb[1], sb[2],
         HAS_BIAS=bias is not None, DIRECT=direct, DOT_F32=_dot_f32(split_kernel, q.dtype), PDL=pdl,
-        NEXT=n_next > 0, BLOCK_M=block_m, BLOCK_N=block_n, D=d,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=d,
         SCALE_LOG2=scale * _LOG2E,  # constexpr: a float argument becomes fp64 under inductor
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )

@@ -56,14 +56,14 @@ MAX_M = 64
 
 def _build() -> tuple:
     """Import triton and define the kernels, once."""
-    global triton, tl, _KERNELS, _mainloop, _epilogue, _prefetch_w, _pdl_enter, _prefetch_l2, _prefetch_next, _load_w, _mma  # helpers
+    global triton, tl, _KERNELS, _mainloop, _epilogue, _prefetch_w, _pdl_enter, _prefetch_l2, _load_w, _mma  # helpers
     if _KERNELS is not None:
         return _KERNELS
     import triton
     import triton.language as tl
 
     kernels._build()
-    _pdl_enter, _prefetch_l2, _prefetch_next = kernels._pdl_enter, kernels._prefetch_l2, kernels._prefetch_next
+    _pdl_enter, _prefetch_l2 = kernels._pdl_enter, kernels._prefetch_l2
 
     @triton.jit
     def _prefetch_w(w_ptr, cols, col_ok, k_lo, k_hi, stride_wn, LINE: tl.constexpr):
@@ -153,17 +153,14 @@ def _build() -> tuple:
 
     @triton.jit
     def _gemm_kernel(
-        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, gate_ptr, next_ptr,
-        M, K, N_OUT, N_W, k_per_split, next_bytes,
+        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, gate_ptr,
+        M, K, N_OUT, N_W, k_per_split,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_b, stride_g, stride_rm, stride_rn, stride_om,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
         SILU: tl.constexpr, DIRECT: tl.constexpr,
         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-        NEXT: tl.constexpr, LINE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        LINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        if NEXT:
-            _prefetch_next(next_ptr, next_bytes)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = tl.arange(0, BLOCK_M)
@@ -243,12 +240,12 @@ def _build() -> tuple:
 
     @triton.jit
     def _qkv_kernel(
-        x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, next_ptr,
-        M, K, R, start, H, HKV, N_HALF, next_bytes,
+        x_ptr, w_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
+        M, K, R, start, H, HKV, N_HALF,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_b,
         sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, D: tl.constexpr,
-        PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, NEXT: tl.constexpr,
+        PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Fused QKV product + rotary + K/V cache write. Programs own BLOCK_N "half
@@ -265,8 +262,6 @@ def _build() -> tuple:
         if PREFETCH:
             _prefetch_w(w_ptr, cols, col_ok, 0, K, stride_wn, LINE)
             _prefetch_w(w_ptr, cols + HALF, col_ok, 0, K, stride_wn, LINE)
-        if NEXT:
-            _prefetch_next(next_ptr, next_bytes)
         _pdl_enter(PDL)
         acc, acc2 = _mainloop(
             x_ptr, w_ptr, rows, row_ok, cols, cols + HALF, col_ok, 0, K, K,
@@ -447,7 +442,6 @@ def skinny_linear(
     silu: bool = False,
     out: torch.Tensor | None = None,
     normed_out: torch.Tensor | None = None,
-    l2_next: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x @ w (+ bias) (+ residual) for few rows, in x.dtype with fp32 accumulation.
 
@@ -480,10 +474,6 @@ def skinny_linear(
     unit last stride, rows reachable with one row stride: e.g. buf[:, 1:] of a batch-1 buffer)
     instead of new tensors in x's dtype; out may be the residual itself (updated in place: each
     element is read and written by the same program).
-
-    l2_next: a dense tensor (a later kernel's weights) that the main kernel's programs ask L2 for,
-    split between them, before their PDL wait, so that its loads later hit L2 (with pdl only;
-    kernels.l2_span).
     """
     gemm_kernel, reduce_kernel, _ = _kernels()
     m = _rows_of(x, w, widen_ok=True)
@@ -545,14 +535,13 @@ def skinny_linear(
         gate_t.stride(0) if col_scale is not None else 0,
         res2.stride(0), res2.stride(1), out2.stride(0),
     )
-    nxt, n_next = kernels.l2_span(l2_next, pdl)
     gemm_kernel[(-(-n_out // bn), splits)](
-        x2, w, bias_t, res2, out2, part, gate_t, nxt if n_next else w,
-        m, k, n_out, n_w, k_per_split, n_next,
+        x2, w, bias_t, res2, out2, part, gate_t,
+        m, k, n_out, n_w, k_per_split,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *strides,
         DIRECT=direct, EVEN_K=k % bk == 0, EVEN_N=n_out % bn == 0,
         DOT_F32=_dot_f32(gemm_kernel, w.dtype), PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
-        NEXT=n_next > 0, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps, num_stages=num_stages, **common, **pdl_kwargs(pdl),
     )
     if direct:
@@ -590,7 +579,6 @@ def fused_qkv(
     num_stages: int = 6,
     pdl: bool = False,
     prefetch: bool = True,
-    l2_next: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One kernel for a Gemma attention block's input side after its norm, for few rows: the fused
     [q | k | v] product (+ bias (N,)), rotate-half rotary on q and k, and the K/V write into the
@@ -601,7 +589,7 @@ def fused_qkv(
     [start, start + R) are written. cos / sin: (B * R, D / 2) float32 tables of the rows' positions
     (cos and sin of position x inverse frequency). Same numbers as linear -> rope in fp32,
     rounded once. pdl / prefetch: as in skinny_linear (the weight prefetch took this kernel from
-    6.2 to 4.7 us on an H200 under PDL). l2_next: as in skinny_linear.
+    6.2 to 4.7 us on an H200 under PDL).
     """
     _, _, qkv_kernel = _kernels()
     m = _rows_of(x, w)
@@ -630,16 +618,15 @@ def fused_qkv(
     bn = block_n or 16  # H200 tunes (rounds 3-5): 16 x 64 tiles, 4 warps, 6 stages (4: 4.63 us), 80 programs
     bk = block_k
     x2 = x.reshape(m, k)
-    nxt, n_next = kernels.l2_span(l2_next, pdl)
     qkv_kernel[(-(-n_half // bn),)](
         x2, w, bias if bias is not None else q,
-        cos, sin, q, k_buf, v_buf, nxt if n_next else w,
-        m, k, r, start, heads, kv_heads, n_half, n_next,
+        cos, sin, q, k_buf, v_buf,
+        m, k, r, start, heads, kv_heads, n_half,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
         k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
         HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, EVEN_N=n_half % bn == 0,
         DOT_F32=_dot_f32(qkv_kernel, x.dtype), D=d, PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
-        NEXT=n_next > 0, BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     return q
