@@ -58,10 +58,10 @@ def chain(pdl, same_weights=False):
     return fn
 
 
-def repeat(op, pdl, n=180, **kw):
+def repeat(op, pdl, n=180, one_layer=False, **kw):
     def fn():
         for i in range(n):
-            out = op(i % L, pdl, **kw)
+            out = op(0 if one_layer else i % L, pdl, **kw)
         return out
     return fn
 
@@ -139,6 +139,10 @@ if os.environ.get("SWEEP") == "bound":  # round 6: what removing the reduce / co
         ms, _ = timed(chain(1, same_weights=name == "L2-resident weights"))
         print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer)", flush=True)
     skin._KERNELS, kern._KERNELS, fast_mod.skinny_linear = real_s, real_k, real_skinny
+    for op in ("qkv", "attn", "o+norm", "gate_up", "down+norm"):  # each kernel: 18 layers' weights vs one's
+        t18, _ = timed(repeat(ops[op], 1))
+        t1, _ = timed(repeat(ops[op], 1, one_layer=True))
+        print(f"{op:<10} pdl=1 18 layers {t18 / 180 * 1e3:5.2f} us, one layer (L2) {t1 / 180 * 1e3:5.2f} us", flush=True)
 # Round 5 (SWEEP=<name>; docs/PERFORMANCE.md): (op, tilings) pairs, each timed with PDL.
 ROUND5 = {
     "stages": [  # more weight bytes in flight per program
