@@ -46,10 +46,12 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=611)  # Pi0, 2 cameras: 560 prefix + 51 suffix
     ap.add_argument("--queries", type=int, default=51)
     ap.add_argument("--prefix", action="store_true", help="560 queries x 560 keys, bigger row tiles")
+    ap.add_argument("--prefix-small", action="store_true",
+                    help="the prefix shape with 16 / 32-row tiles, one split (round 6: 64-row tiles fill only 70 SMs)")
     ap.add_argument("--mask-bound", action="store_true",
                     help="only the default tiling with its per-row mask, a stride-0 (per-key) mask and none (a bound)")
     a = ap.parse_args()
-    if a.prefix:
+    if a.prefix or a.prefix_small:
         a.keys = a.queries = 560
     dev, dt = "cuda", torch.bfloat16
     h, d, r, t = 8, 256, a.queries, a.keys
@@ -80,6 +82,8 @@ def main() -> None:
     grid = itertools.product((16, 32), (32, 64), (None, 1, 2, 3, 4, 6, 10), (4, 8), (2,), (8, 32))
     if a.prefix:  # round 4: thousands of query rows, so bigger row tiles and few splits
         grid = itertools.product((64, 128), (32, 64), (1, 2, 3), (4, 8), (2, 3), (8,))
+    if a.prefix_small:
+        grid = [(64, 64, 1, 4, 2, 8), *itertools.product((16, 32), (32, 64), (1,), (4, 8), (2, 3), (8,))]
     for bm, bn, splits, warps, stages, crows in grid:
         if splits == 1 and crows != 8:
             continue  # no combine kernel with one split
