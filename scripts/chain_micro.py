@@ -107,6 +107,8 @@ for name, p, pf, nomask in variants:
     same = torch.equal(out, ref)
     print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer) same={same}", flush=True)
 fast_mod.skinny_linear, fast_mod.mqa_attention = real_skinny, real_attn
+
+
 class _Skip:
     """A kernel stand-in whose launches do nothing (timing bounds only)."""
 
@@ -146,17 +148,18 @@ if os.environ.get("SWEEP") == "bound":  # round 6: what removing the reduce / co
     # Fewer rows, same weights: what re-reading the activations (every column tile reads all of x) costs.
     for rows in (32, 16):
         few = {
-            "qkv": lambda li, p, r=rows: fused_qkv(x0[:, :r], layers[li]["qkv"].t(), kb[li], vb[li], T, cos[:r], sin[:r],
-                                           H, 1, pdl=p),
-            "o+norm": lambda li, p, r=rows: skinny_linear(a_in[:, :r], layers[li]["o_t"], residual=x0[:, :r],
-                                                  norm=RowNorm(1e-6, layers[li]["post_norm"]), pdl=p),
+            "qkv": lambda li, p, r=rows: fused_qkv(
+                x0[:, :r], layers[li]["qkv"].t(), kb[li], vb[li], T, cos[:r], sin[:r], H, 1, pdl=p),
+            "o+norm": lambda li, p, r=rows: skinny_linear(
+                a_in[:, :r], layers[li]["o_t"], residual=x0[:, :r], norm=RowNorm(1e-6, layers[li]["post_norm"]), pdl=p),
             "gate_up": lambda li, p, r=rows: skinny_linear(x0[:, :r], layers[li]["gate_up"].t(), gated_gelu=True, pdl=p),
-            "down+norm": lambda li, p, r=rows: skinny_linear(act_in[:, :r], layers[li]["down_t"], residual=x0[:, :r],
-                                                     norm=RowNorm(1e-6, layers[li]["in_norm"]), pdl=p),
+            "down+norm": lambda li, p, r=rows: skinny_linear(
+                act_in[:, :r], layers[li]["down_t"], residual=x0[:, :r], norm=RowNorm(1e-6, layers[li]["in_norm"]), pdl=p),
         }
         for op, fn in few.items():
             t18, _ = timed(repeat(fn, 1))
             print(f"{op:<10} pdl=1 {rows} rows (x {rows}/{R}) {t18 / 180 * 1e3:5.2f} us", flush=True)
+
 # Round 5 (SWEEP=<name>; docs/PERFORMANCE.md): (op, tilings) pairs, each timed with PDL.
 ROUND5 = {
     "stages": [  # more weight bytes in flight per program

@@ -59,8 +59,8 @@ def test_split_api_is_sample_actions_bit_for_bit(setup):
 
 @torch.no_grad()
 def test_shallow_copy_shares_weights_and_runs(setup):
-    """copy.copy works (scripts/denoise_ab.py A/Bs a copy with its own graphs) and delegates to
-    the same model; before, __getattr__ raised KeyError on the empty copy."""
+    """copy.copy works and delegates to the same model (round 6 A/B'd such a copy, given its own
+    graphs, against the original); before, __getattr__ raised KeyError on the empty copy."""
     _, model, fast, obs, _, noise = setup
     twin = copy.copy(fast)
     assert twin.model is model and twin.exp is fast.exp and twin.cfg is fast.cfg
