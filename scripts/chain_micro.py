@@ -162,35 +162,6 @@ if os.environ.get("SWEEP") == "bound":  # round 6: what removing the reduce / co
 
 
 
-def _by_shape(cfgs):
-    """skinny_linear with per-product kwargs: cfgs maps "o" / "gate_up" / "down" to kwargs."""
-    def lin(x, w, **kw):
-        name = "gate_up" if kw.get("gated_gelu") else {H * D: "o", F: "down"}.get(x.shape[-1])
-        return real_skinny(x, w, **kw, **cfgs.get(name, {}))
-    return lin
-
-
-if os.environ.get("SWEEP") == "oneshot":  # round 6: each program's whole weight slice loaded before the PDL wait
-    one = dict(oneshot=True)
-    grids = {
-        "o+norm": [dict(block_k=bk, split_k=2048 // bk, block_n=bn, num_warps=nw, **one)
-                   for bk, bn in ((256, 32), (512, 32), (128, 32), (256, 16), (256, 64)) for nw in (4, 8)],
-        "down+norm": [dict(block_k=bk, split_k=4096 // bk, block_n=bn, num_warps=nw, **one)
-                      for bk, bn in ((256, 32), (512, 32), (256, 64), (512, 16), (1024, 16)) for nw in (4, 8)],
-        "gate_up": [dict(block_k=bk, split_k=1024 // bk, block_n=bn, num_warps=nw, **one)
-                    for bk, bn in ((256, 32), (256, 64), (512, 32), (1024, 16), (512, 16)) for nw in (4, 8)],
-    }
-    for op, grid in grids.items():
-        sweep(op, [{}, *grid], (1,))
-    o8, d16, g4 = (dict(block_k=256, split_k=s_, block_n=32, num_warps=8, **one) for s_ in (8, 16, 4))
-    for name, cfgs in (("oneshot o", {"o": o8}), ("oneshot down", {"down": d16}), ("oneshot gate_up", {"gate_up": g4}),
-                       ("oneshot all three", {"o": o8, "down": d16, "gate_up": g4})):
-        fast_mod.skinny_linear = _by_shape(cfgs)
-        ms, out = timed(chain(1))
-        print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer) "
-              f"vs pdl: max diff {(out.float() - ref.float()).abs().max().item():.2e}", flush=True)
-    fast_mod.skinny_linear = real_skinny
-
 # Round 5 (SWEEP=<name>; docs/PERFORMANCE.md): (op, tilings) pairs, each timed with PDL.
 ROUND5 = {
     "stages": [  # more weight bytes in flight per program

@@ -160,7 +160,6 @@ def _build() -> tuple:
         SILU: tl.constexpr, DIRECT: tl.constexpr,
         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
         LINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        ONESHOT: tl.constexpr = False,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -174,27 +173,13 @@ def _build() -> tuple:
             _prefetch_w(w_ptr, cols, col_ok, k_lo, k_hi, stride_wn, LINE)
             if GATED:
                 _prefetch_w(w_ptr, cols + N_OUT, col_ok, k_lo, k_hi, stride_wn, LINE)
-        if ONESHOT:  # the program's whole weight slice (k_per_split == BLOCK_K) in registers before the wait
-            k = k_lo + tl.arange(0, BLOCK_K)
-            wt = _load_w(w_ptr + cols[None, :] * stride_wn, k, K, col_ok, stride_wk, EVEN_K and EVEN_N)
-            wu = wt
-            if GATED:
-                wu = _load_w(w_ptr + (cols + N_OUT)[None, :] * stride_wn, k, K, col_ok, stride_wk, EVEN_K and EVEN_N)
-            _pdl_enter(PDL)
-            xt = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-                         mask=row_ok[:, None] & (k < K)[None, :], other=0.0).to(w_ptr.dtype.element_ty)
-            acc = _mma(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), xt, wt, DOT_F32)
-            acc_up = acc
-            if GATED:
-                acc_up = _mma(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), xt, wu, DOT_F32)
-        else:
-            _pdl_enter(PDL)
-            # Up columns: F = N_OUT further (only read when GATED).
-            acc, acc_up = _mainloop(
-                x_ptr, w_ptr, rows, row_ok, cols, cols + N_OUT, col_ok, k_lo, k_hi, K,
-                stride_xm, stride_xk, stride_wk, stride_wn,
-                GATED, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
-            )
+        _pdl_enter(PDL)
+        # Up columns: F = N_OUT further (only read when GATED).
+        acc, acc_up = _mainloop(
+            x_ptr, w_ptr, rows, row_ok, cols, cols + N_OUT, col_ok, k_lo, k_hi, K,
+            stride_xm, stride_xk, stride_wk, stride_wn,
+            GATED, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
 
         if DIRECT:
             _epilogue(
@@ -457,7 +442,6 @@ def skinny_linear(
     silu: bool = False,
     out: torch.Tensor | None = None,
     normed_out: torch.Tensor | None = None,
-    oneshot: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x @ w (+ bias) (+ residual) for few rows, in x.dtype with fp32 accumulation.
 
@@ -540,8 +524,6 @@ def skinny_linear(
     num_stages = cfg.num_stages if num_stages is None else num_stages
     bn, bk = cfg.block_n, cfg.block_k
     k_per_split, splits = split_plan(k, bk, cfg.split_k)
-    if oneshot and k_per_split != bk:
-        raise ValueError(f"oneshot needs one K block per split: block_k {bk} vs {k_per_split} per split")
     direct = splits == 1 and norm is None
     part = out2 if direct else torch.empty(splits, m, n_w, device=x.device, dtype=torch.float32)
     block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot needs >= 16 rows
@@ -559,7 +541,7 @@ def skinny_linear(
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *strides,
         DIRECT=direct, EVEN_K=k % bk == 0, EVEN_N=n_out % bn == 0,
         DOT_F32=_dot_f32(gemm_kernel, w.dtype), PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, ONESHOT=oneshot,
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps, num_stages=num_stages, **common, **pdl_kwargs(pdl),
     )
     if direct:
