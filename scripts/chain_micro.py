@@ -160,8 +160,6 @@ if os.environ.get("SWEEP") == "bound":  # round 6: what removing the reduce / co
             t18, _ = timed(repeat(fn, 1))
             print(f"{op:<10} pdl=1 {rows} rows (x {rows}/{R}) {t18 / 180 * 1e3:5.2f} us", flush=True)
 
-
-
 # Round 5 (SWEEP=<name>; docs/PERFORMANCE.md): (op, tilings) pairs, each timed with PDL.
 ROUND5 = {
     "stages": [  # more weight bytes in flight per program
