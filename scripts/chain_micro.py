@@ -145,21 +145,6 @@ if os.environ.get("SWEEP") == "bound":  # round 6: what removing the reduce / co
         t18, _ = timed(repeat(ops[op], 1))
         t1, _ = timed(repeat(ops[op], 1, one_layer=True))
         print(f"{op:<10} pdl=1 18 layers {t18 / 180 * 1e3:5.2f} us, one layer (L2) {t1 / 180 * 1e3:5.2f} us", flush=True)
-    # Every column tile re-reads all of x from L2. With a row stride of 0 (all 51 rows one row: wrong
-    # numbers), x comes from L1 after its first row: a bound on what those re-reads cost.
-    one_row = {
-        "qkv": lambda li, p: fused_qkv(x0[:, :1].expand(1, R, W), layers[li]["qkv"].t(), kb[li], vb[li], T, cos, sin,
-                                       H, 1, pdl=p),
-        "o+norm": lambda li, p: skinny_linear(a_in[:, :1].expand(1, R, H * D), layers[li]["o_t"], residual=x0,
-                                              norm=RowNorm(1e-6, layers[li]["post_norm"]), pdl=p),
-        "gate_up": lambda li, p: skinny_linear(x0[:, :1].expand(1, R, W), layers[li]["gate_up"].t(), gated_gelu=True,
-                                               pdl=p),
-        "down+norm": lambda li, p: skinny_linear(act_in[:, :1].expand(1, R, F), layers[li]["down_t"], residual=x0,
-                                                 norm=RowNorm(1e-6, layers[li]["in_norm"]), pdl=p),
-    }
-    for op, fn in one_row.items():
-        t18, _ = timed(repeat(fn, 1))
-        print(f"{op:<10} pdl=1 x row stride 0 (bound) {t18 / 180 * 1e3:5.2f} us", flush=True)
     # Fewer rows, same weights: what re-reading the activations (every column tile reads all of x) costs.
     for rows in (32, 16):
         few = {
