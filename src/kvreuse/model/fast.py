@@ -105,13 +105,18 @@ def _siglip_layer(x, y, ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc1_
     is still pending (None for the first layer); returns (x', y') summing to the layer's output,
     so that every residual add meets the LayerNorm after it: fused_ln does both in one Triton
     kernel (layer_norm.add_layer_norm), else torch ops."""
-    add_ln = add_layer_norm if fused_ln else add_layer_norm_reference
+    add_ln = _add_ln(fused_ln)
     n, p, w = x.shape
     x, h = add_ln(x, y, ln1_w, ln1_b, eps)
     q, k, v = F.linear(h, qkv_w, qkv_b).view(n, p, 3, heads, w // heads).unbind(2)
     a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     x, h = add_ln(x, F.linear(a.transpose(1, 2).reshape(n, p, w), o_w, o_b), ln2_w, ln2_b, eps)
     return x, F.linear(F.gelu(F.linear(h, fc1_w, fc1_b), approximate="tanh"), fc2_w, fc2_b)
+
+
+def _add_ln(fused: bool):
+    """SigLIP's residual add + LayerNorm: the Triton kernel or the same in torch ops."""
+    return add_layer_norm if fused else add_layer_norm_reference
 
 
 def _rope_tables(positions: torch.Tensor, d: int, base: float):
@@ -506,19 +511,17 @@ class FastPi0:
         m = self.model.vision
         # The patch embedding as one GEMM over the unfolded patches: cuDNN ran this stride-14 conv
         # in ~87 us on an H200, vs ~18 us for this (scripts/patch_embed_ab.py, round 6).
-        ps, img = vc.patch_size, st.images[: n * b]
-        g = img.shape[-1] // ps
-        patches = img.unflatten(2, (g, ps)).unflatten(4, (g, ps)).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3 * ps * ps)
-        x = F.linear(patches, m.patch_embed.weight.reshape(vc.width, -1), m.patch_embed.bias)
-        x = x.view(n * b, g * g, vc.width) + m.pos_embed.weight[None]
+        ps, g = vc.patch_size, vc.grid
+        patches = st.images[: n * b].unflatten(2, (g, ps)).unflatten(4, (g, ps)).permute(0, 2, 4, 1, 3, 5)
+        x = F.linear(patches.reshape(-1, 3 * ps * ps), m.patch_embed.weight.reshape(vc.width, -1), m.patch_embed.bias)
+        x = x.view(n * b, vc.num_patches, vc.width) + m.pos_embed.weight[None]
         y = None  # the pending residual (see _siglip_layer)
         for w in self.vis:
             x, y = self._siglip_fn(
                 x, y, w.ln1_w, w.ln1_b, w.qkv_w, w.qkv_b, w.o_w, w.o_b, w.ln2_w, w.ln2_b,
                 w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b, vc.num_heads, vc.eps, self.fused_ln,
             )
-        add_ln = add_layer_norm if self.fused_ln else add_layer_norm_reference
-        x = add_ln(x, y, m.post_ln.weight, m.post_ln.bias, vc.eps)[1]
+        x = _add_ln(self.fused_ln)(x, y, m.post_ln.weight, m.post_ln.bias, vc.eps)[1]
         return F.linear(x, self.model.projector.weight, self.model.projector.bias)
 
     def _text_and_masks(self, st: _Static):
