@@ -1,0 +1,158 @@
+"""Round 7: the persistent CUDA kernel for the expert's layer chain (kvreuse.model.megakernel)
+against a float32 torch reference of the same layers (correctness) and against the Triton chain
+FastPi0 runs today (time), at Pi0's full-size expert shapes with random weights.
+
+    PYTHONPATH=src python3 scripts/megakernel_ab.py            # one sm_90 GPU with nvcc
+    NSTAGES=6,8,10 ... to compare ring depths
+
+Prints: max |diff| / max |x| after 18 layers (one Euler step's stack) and the median ms of 10
+steps x 18 layers for both, timed with CUDA events over repeated launches."""
+
+import math
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from kvreuse.model.fast import _expert_layer_chain
+from kvreuse.model.megakernel import ExpertChain
+from kvreuse.model.skinny_gemm import RowNorm
+
+dev, dt = "cuda", torch.bfloat16
+L, W, FF, H, D, T, R, STEPS = 18, 1024, 4096, 8, 256, 560, 51, 10
+EPS = 1e-6
+g = torch.Generator(device=dev).manual_seed(0)
+
+
+def rn(*s, scale=0.02):
+    return (torch.randn(*s, device=dev, generator=g) * scale).to(dt)
+
+
+layers = [dict(qkv=rn((H + 2) * D, W), o=rn(W, H * D), gate_up=rn(2 * FF, W), down=rn(W, FF),
+               in_norm=(1 + rn(W)).float(), post_norm=(1 + rn(W)).float()) for _ in range(L)]
+kp = rn(L, T, D, scale=1.0)
+vp = rn(L, T, D, scale=1.0)
+pos = torch.arange(T, T + R, device=dev, dtype=torch.float32)
+inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D)
+ang = pos[:, None] * inv
+cos_h, sin_h = ang.cos().contiguous(), ang.sin().contiguous()
+bias = torch.zeros(R, T + R, device=dev)
+bias[0, T + 1:] = float("-inf")  # Pi0's state token sees the prefix and itself only
+x0 = rn(R, W, scale=1.0).float()
+
+
+PHASES = ("norm", "qkv", "attn", "combine", "wo", "norm2", "gate_up", "down")
+
+
+def rms(x, w):
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w).to(dt)
+
+
+def reference(x, steps):
+    """float32 math with bf16 rounding where the kernel rounds (normed inputs, q/k/v, P, outputs)."""
+    x = x.clone()
+    kc = torch.cat([kp, torch.zeros(L, R, D, device=dev, dtype=dt)], 1)
+    vc = kc.clone()
+    vc[:, :T] = vp
+    for _ in range(steps):
+        for li, w in enumerate(layers):
+            qkv = rms(x, w["in_norm"]).float() @ w["qkv"].float().t()
+            qkv = qkv.view(R, H + 2, D)
+            a, b = qkv[..., : D // 2], qkv[..., D // 2:]
+            c, s = cos_h[:, None], sin_h[:, None]
+            rot = torch.cat([a * c - b * s, b * c + a * s], -1)
+            qkv = torch.cat([rot[:, : H + 1], qkv[:, H + 1:]], 1).to(dt)
+            kc[li, T:], vc[li, T:] = qkv[:, H], qkv[:, H + 1]
+            sc = torch.einsum("rhd,kd->hrk", qkv[:, :H].float(), kc[li].float()) / math.sqrt(D) + bias
+            p = torch.softmax(sc, -1)
+            ao = torch.einsum("hrk,kd->rhd", p.to(dt).float(), vc[li].float()).reshape(R, H * D).to(dt)
+            x = x + ao.float() @ w["o"].float().t()
+            gu = rms(x, w["post_norm"]).float() @ w["gate_up"].float().t()
+            act = (F.gelu(gu[:, :FF], approximate="tanh") * gu[:, FF:]).to(dt)
+            x = x + act.float() @ w["down"].float().t()
+    return x
+
+
+def events_ms(fn, trials=20):
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(trials):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out)
+
+
+print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+ref = reference(x0, 1)
+scale = ref.abs().max().item()
+
+
+def megakernel(nstage, defines=(), pad=8):
+    ec = ExpertChain(layers, T, R, EPS, nstage, defines, pad)
+    ec.set_inputs(kp, vp, bias, cos_h, sin_h)
+    out = ec.run(x0, 1).clone()
+    torch.cuda.synchronize()
+    err = (out - ref).abs().max().item() / scale
+    print(f"megakernel nstage={nstage} pad={pad} {defines}: 18 layers, max|diff|/max|x| = {err:.3e} (max|x| {scale:.2f})",
+          flush=True)
+    if not defines and not err < 2e-2:
+        print("MISMATCH", flush=True)
+        raise SystemExit(1)
+    ms = events_ms(lambda: ec.run(x0, STEPS))
+    print(f"megakernel nstage={nstage}: {STEPS} x {L} layers {ms:.3f} ms ({ms / (STEPS * L) * 1e3:.1f} us/layer)",
+          flush=True)
+    prof = torch.zeros(8, dtype=torch.int64, device=dev)
+    ec.run(x0, STEPS, prof=prof)
+    torch.cuda.synchronize()
+    cyc = prof.double()
+    share = " ".join(f"{n} {ms * 1e3 * c / cyc.sum().item() / (STEPS * L):.2f}" for n, c in zip(PHASES, cyc.tolist(), strict=True))
+    print(f"  per layer-step, us by phase incl. its barrier (block 0's clock, scaled to the total): {share}", flush=True)
+    bms = events_ms(lambda: ec.run(x0, STEPS, barriers_only=True))
+    print(f"  bound: barriers only (8 per layer-step) {bms:.3f} ms ({bms / (STEPS * L * 8) * 1e3:.2f} us/barrier)",
+          flush=True)
+
+
+for nstage in [int(s) for s in os.environ.get("NSTAGES", "10").split(",")]:
+    for pad in [int(s) for s in os.environ.get("PADS", "8").split(",")]:
+        megakernel(nstage, pad=pad)
+for bound in filter(None, os.environ.get("BOUNDS", "").split(",")):  # e.g. SAME_LAYER,NO_MMA
+    megakernel(10, tuple(bound.split("+")))
+
+# The Triton chain on the same weights (FastPi0's default expert path), PDL on, one CUDA graph.
+kb = [torch.cat([kp[i], torch.zeros(R, D, device=dev, dtype=dt)])[None, :, None] for i in range(L)]
+vb = [torch.cat([vp[i], torch.zeros(R, D, device=dev, dtype=dt)])[None, :, None] for i in range(L)]
+tb = bias[None, None].repeat_interleave(H, 2).reshape(1, 1, R * H, T + R).to(dt)  # rows in (token, head) order
+tl = [dict(qkv=w["qkv"], o_t=w["o"].t(), gate_up=w["gate_up"], down_t=w["down"].t(), in_norm=w["in_norm"].to(dt),
+           post_norm=w["post_norm"].to(dt)) for w in layers]
+
+
+def chain(steps):
+    def fn():
+        h = x0[None].to(dt)
+        hn = F.rms_norm(h, (W,), tl[0]["in_norm"], EPS)
+        for _ in range(steps):
+            for li, w in enumerate(tl):
+                nxt = RowNorm(EPS, tl[(li + 1) % L]["in_norm"])
+                h, hn = _expert_layer_chain(h, hn, w["qkv"], w["o_t"], w["post_norm"], w["gate_up"], w["down_t"],
+                                            cos_h, sin_h, tb, kb[li], vb[li], T, H, 1, EPS, None, nxt, True)
+        return h
+    return fn
+
+
+one = chain(1)()
+terr = (one[0].float() - ref).abs().max().item() / scale
+print(f"triton chain: 18 layers, max|diff|/max|x| = {terr:.3e} (bf16 residual stream)", flush=True)
+fn = chain(STEPS)
+fn()
+torch.cuda.synchronize()
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    fn()
+ms = events_ms(graph.replay)
+print(f"triton chain: {STEPS} x {L} layers {ms:.3f} ms ({ms / (STEPS * L) * 1e3:.1f} us/layer)", flush=True)

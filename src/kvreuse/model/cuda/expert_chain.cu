@@ -1,0 +1,423 @@
+// A persistent kernel for the action expert's layer chain (Pi0, batch 1, <= 64 suffix rows):
+// every Euler step's 18 layers run in ONE launch with one block per SM and grid barriers between
+// the phases. Why: the Triton chain (one kernel per product) spends ~27 us per layer-step in
+// per-kernel latency (docs/PERFORMANCE.md, round 6). Here each block streams its whole share of
+// the weights as one "tape" through a ring of shared-memory slots with cp.async, so the next
+// phase's weights are already in flight while the block waits at a grid barrier.
+//
+// Phases per layer: norm -> QKV (+ rotary, K/V write) -> attention partials (head x key split)
+// -> combine -> Wo (+ residual, fp32 atomics) -> norm -> gate/up (+ gelu_tanh(g) * u) -> down
+// (+ residual). The residual stream x is float32 (64 rows, rows >= R unused).
+//
+// Weight slots: 16 output columns x 512 inputs (+ 8 pad, against bank conflicts), packed on the
+// host in each block's consumption order (kvreuse.model.megakernel.pack_weights). Work items:
+//   QKV     80 items: head slot hs = i / 8 (8 q, k, v), dims [16u, 16u+16) and the rotary partners
+//           [128 + 16u, ...), u = i % 8; K = 1024 in 2 slots each -> 4 slots.
+//   Wo     128 items: 32 output columns (32 n-ranges) x 512 of K = 2048 (4 k-slices) -> 2 slots.
+//   gate/up 128 items: gate columns [32i, 32i+32) and the same up columns, K = 1024 -> 8 slots.
+//   down   128 items: 64 output columns (16 n-ranges) x 512 of K = 4096 (8 k-slices) -> 4 slots.
+// Build: nvcc -O3 -arch=sm_90 -shared -Xcompiler -fPIC (kvreuse.model.megakernel.build).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#include <math.h>
+
+using namespace nvcuda;
+typedef __nv_bfloat16 bf16;
+
+constexpr int ROWS = 64;          // padded suffix rows
+constexpr int W = 1024;           // expert width
+constexpr int H = 8;              // query heads (one K/V head)
+constexpr int D = 256;            // head dim
+constexpr int F = 4096;           // MLP width
+constexpr int SLOT_K = 512;
+#ifndef SLOT_PAD
+#define SLOT_PAD 8
+#endif
+constexpr int SLOT_LD = SLOT_K + SLOT_PAD;  // padded against smem bank conflicts
+constexpr int SLOT_ELEMS = 16 * SLOT_LD;
+constexpr int SLOT_BYTES = SLOT_ELEMS * 2;  // 16640
+constexpr int SLOT_CHUNKS = SLOT_BYTES / 16;
+#ifndef NSTAGE
+#define NSTAGE 10
+#endif
+constexpr int THREADS = 256;
+constexpr int KEYS = 48;          // keys per attention split
+constexpr int N_QKV = 80, N_ITEMS = 128;
+constexpr int SLOTS_QKV = 4, SLOTS_REST = 2 + 8 + 4;
+constexpr int SCRATCH_BYTES = 8 * 4 * 256 * 4;  // 8 warps x 4 groups x 16x16 fp32
+constexpr int SMEM_BYTES = NSTAGE * SLOT_BYTES + SCRATCH_BYTES;
+
+struct Params {
+  const bf16* tape;        // [layers][layer_slots][SLOT_ELEMS]
+  const float* in_norm;    // [layers][W], (1 + w)
+  const float* post_norm;  // [layers][W]
+  const float* cosb;       // [R][D/2]
+  const float* sinb;       // [R][D/2]
+  const float* bias;       // [ROWS][nkp] additive mask
+  float* x;                // [ROWS][W]
+  bf16* xn;                // [ROWS][W]
+  bf16* q;                 // [ROWS][H*D]
+  bf16* kc;                // [layers][nkp][D]
+  bf16* vc;                // [layers][nkp][D]
+  float* opart;            // [H][nsplit][ROWS][D]
+  float* ml;               // [H][nsplit][ROWS][2]
+  bf16* ao;                // [ROWS][H*D]
+  bf16* act;               // [ROWS][F]
+  unsigned* bar;           // grid barrier counter (zeroed before the launch)
+  unsigned long long* prof;  // optional [8]: block 0's clock64 cycles per phase (incl. its barrier)
+  int layers, steps, rows, T, nsplit, nkp, nblocks;
+  int barriers_only;       // a timing bound: every phase skipped, only the grid barriers run
+  float eps;
+};
+
+__device__ __forceinline__ void cp_async16(void* s, const void* g) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(s);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(g));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ void cp_wait_n(int n) {  // wait_group takes an immediate
+  switch (n) {
+    case 0: cp_wait<0>(); break; case 1: cp_wait<1>(); break; case 2: cp_wait<2>(); break;
+    case 3: cp_wait<3>(); break; case 4: cp_wait<4>(); break; case 5: cp_wait<5>(); break;
+    case 6: cp_wait<6>(); break; case 7: cp_wait<7>(); break; case 8: cp_wait<8>(); break;
+    case 9: cp_wait<9>(); break; default: cp_wait<10>(); break;
+  }
+}
+
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Cooperative-groups style grid barrier on a monotonically increasing counter.
+__device__ void grid_sync(unsigned* bar, unsigned& target, int nblocks) {
+  __syncthreads();
+  target += nblocks;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(bar, 1u);
+    while (ld_acquire(bar) < target) {
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// The block's weight tape: slot i of the whole launch is slot (i % n) of layer (i / n) % layers.
+struct Tape {
+  const bf16* base;  // this block's first slot in layer 0
+  long long layer_stride, issued, consumed, total;
+  int n, layers;
+  bf16* ring;
+
+  __device__ void issue_one() {
+    if (issued < total) {
+      long long ls = issued / n;
+      int j = (int)(issued - ls * n);
+      const char* src = (const char*)(base + ((ls % layers) * layer_stride + (long long)j * SLOT_ELEMS));
+      char* dst = (char*)(ring + (issued % NSTAGE) * SLOT_ELEMS);
+      for (int c = threadIdx.x; c < SLOT_CHUNKS; c += THREADS) cp_async16(dst + 16 * c, src + 16 * c);
+    }
+    cp_commit();  // one group per slot, empty past the end: the counting stays uniform
+    issued++;
+  }
+  __device__ void fill() {
+    while (issued < consumed + NSTAGE) issue_one();
+  }
+  __device__ void acquire(int g) {  // slots [consumed, consumed + g) landed, for every thread
+    cp_wait_n((int)(issued - (consumed + g)));
+    __syncthreads();
+  }
+  __device__ void release(int g) {
+    consumed += g;
+    __syncthreads();  // nobody reads the released slots any more
+    fill();
+  }
+  __device__ const bf16* slot(int g) const { return ring + ((consumed + g) % NSTAGE) * SLOT_ELEMS; }
+};
+
+__device__ __forceinline__ float gelu_tanh(float g) {
+  return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+}
+
+// One item's product: out[64, 16G] = A[64, k0 : k0 + 512 KS] @ slots^T. Warp w takes rows
+// 16 (w & 3) and the (w >> 2) half of each slot's 512 inputs; the two halves meet in scratch.
+template <int G, int KS>
+__device__ void item_product(Tape& tp, float* scratch, const bf16* A, int lda, int k0) {
+  const int warp = threadIdx.x >> 5, mt = warp & 3, kh = warp >> 2;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[G];
+#pragma unroll
+  for (int g = 0; g < G; g++) wmma::fill_fragment(acc[g], 0.f);
+  for (int ks = 0; ks < KS; ks++) {
+    // The activations' 16 fragments first (all loads in flight at once), then wait for the weights.
+    const bf16* ap = A + (mt * 16) * lda + k0 + ks * SLOT_K + kh * 256;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af[16];
+#pragma unroll
+    for (int j = 0; j < 16; j++) wmma::load_matrix_sync(af[j], ap + 16 * j, lda);
+    tp.acquire(G);
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+#pragma unroll
+      for (int g = 0; g < G; g++) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bfr;
+        wmma::load_matrix_sync(bfr, tp.slot(g) + kh * 256 + 16 * j, SLOT_LD);
+#ifndef NO_MMA  // a bound: loads without the tensor-core work
+        wmma::mma_sync(acc[g], af[j], bfr, acc[g]);
+#else
+        if (j == 15) wmma::mma_sync(acc[g], af[j], bfr, acc[g]);
+#endif
+      }
+    }
+    tp.release(G);
+  }
+#pragma unroll
+  for (int g = 0; g < G; g++) wmma::store_matrix_sync(scratch + (warp * G + g) * 256, acc[g], 16, wmma::mem_row_major);
+  __syncthreads();
+}
+
+// The finished product at (row r, column c of the item): the two input halves summed.
+template <int G>
+__device__ __forceinline__ float item_out(const float* scratch, int r, int c) {
+  int mt = r >> 4, rr = r & 15, g = c >> 4, cc = c & 15;
+  return scratch[(mt * G + g) * 256 + rr * 16 + cc] + scratch[((mt + 4) * G + g) * 256 + rr * 16 + cc];
+}
+
+__device__ void norm_phase(const Params& p, const float* w) {
+  __shared__ float red[THREADS / 32];
+  int r = blockIdx.x;
+  if (r >= p.rows) return;
+  float4 v = reinterpret_cast<const float4*>(p.x + r * W)[threadIdx.x];
+  float ss = v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+  for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float tot = 0.f;
+#pragma unroll
+  for (int i = 0; i < THREADS / 32; i++) tot += red[i];
+  float rs = rsqrtf(tot / W + p.eps);
+  float4 g = reinterpret_cast<const float4*>(w)[threadIdx.x];
+  bf16* out = p.xn + r * W + threadIdx.x * 4;
+  out[0] = __float2bfloat16(v.x * rs * g.x);
+  out[1] = __float2bfloat16(v.y * rs * g.y);
+  out[2] = __float2bfloat16(v.z * rs * g.z);
+  out[3] = __float2bfloat16(v.w * rs * g.w);
+  __syncthreads();  // red is reused by the next norm
+}
+
+__device__ void qkv_phase(const Params& p, Tape& tp, float* scratch, int layer) {
+  int i = blockIdx.x;
+  item_product<2, 2>(tp, scratch, p.xn, W, 0);
+  int hs = i / 8, u = i % 8;
+  bf16* kc = p.kc + (long long)layer * p.nkp * D;
+  bf16* vc = p.vc + (long long)layer * p.nkp * D;
+  for (int e = threadIdx.x; e < ROWS * 16; e += THREADS) {
+    int r = e >> 4, cc = e & 15;
+    if (r >= p.rows) continue;
+    float a = item_out<2>(scratch, r, cc), b = item_out<2>(scratch, r, 16 + cc);
+    int d = 16 * u + cc;
+    if (hs < H + 1) {  // rotate-half rotary on q and k
+      float c = p.cosb[r * (D / 2) + d], s = p.sinb[r * (D / 2) + d];
+      float o1 = a * c - b * s, o2 = b * c + a * s;
+      a = o1;
+      b = o2;
+    }
+    bf16* dst = hs < H ? p.q + r * (H * D) + hs * D : (hs == H ? kc : vc) + (p.T + r) * D;
+    dst[d] = __float2bfloat16(a);
+    dst[d + D / 2] = __float2bfloat16(b);
+  }
+  __syncthreads();
+}
+
+__device__ void attn_phase(const Params& p, float* scratch, int layer) {
+  int h = blockIdx.x / p.nsplit, sp = blockIdx.x % p.nsplit;
+  const int warp = threadIdx.x >> 5;
+  float* S = scratch;                                     // [64][KEYS] fp32
+  bf16* P = reinterpret_cast<bf16*>(scratch + ROWS * KEYS);  // [64][KEYS]
+  const bf16* kc = p.kc + ((long long)layer * p.nkp + sp * KEYS) * D;
+  const bf16* vc = p.vc + ((long long)layer * p.nkp + sp * KEYS) * D;
+  for (int t = warp; t < 4 * (KEYS / 16); t += 8) {
+    int mt = t / (KEYS / 16), nt = t % (KEYS / 16);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+    for (int j = 0; j < D / 16; j++) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bfr;
+      wmma::load_matrix_sync(af, p.q + (mt * 16) * (H * D) + h * D + 16 * j, H * D);
+      wmma::load_matrix_sync(bfr, kc + (nt * 16) * D + 16 * j, D);
+      wmma::mma_sync(acc, af, bfr, acc);
+    }
+    wmma::store_matrix_sync(S + mt * 16 * KEYS + nt * 16, acc, KEYS, wmma::mem_row_major);
+  }
+  __syncthreads();
+  {  // softmax pieces: 4 threads per row, 12 keys each
+    int r = threadIdx.x >> 2, sub = threadIdx.x & 3;
+    const float scale = rsqrtf((float)D);
+    float sc[KEYS / 4];
+    float m = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < KEYS / 4; k++) {
+      int key = sub * (KEYS / 4) + k;
+      sc[k] = S[r * KEYS + key] * scale + p.bias[r * p.nkp + sp * KEYS + key];
+      m = fmaxf(m, sc[k]);
+    }
+    m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
+    float mu = m == -INFINITY ? 0.f : m, l = 0.f;
+#pragma unroll
+    for (int k = 0; k < KEYS / 4; k++) {
+      float e = __expf(sc[k] - mu);
+      l += e;
+      P[r * KEYS + sub * (KEYS / 4) + k] = __float2bfloat16(e);
+    }
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    if (sub == 0) {
+      float* o = p.ml + (((long long)h * p.nsplit + sp) * ROWS + r) * 2;
+      o[0] = m;
+      o[1] = l;
+    }
+  }
+  __syncthreads();
+  float* op = p.opart + ((long long)h * p.nsplit + sp) * ROWS * D;
+#pragma unroll 2
+  for (int t = warp; t < 4 * (D / 16); t += 8) {
+    int mt = t / (D / 16), nt = t % (D / 16);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+    for (int j = 0; j < KEYS / 16; j++) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bfr;
+      wmma::load_matrix_sync(af, P + mt * 16 * KEYS + 16 * j, KEYS);
+      wmma::load_matrix_sync(bfr, vc + (16 * j) * D + nt * 16, D);
+      wmma::mma_sync(acc, af, bfr, acc);
+    }
+    wmma::store_matrix_sync(op + (mt * 16) * D + nt * 16, acc, D, wmma::mem_row_major);
+  }
+  __syncthreads();
+}
+
+__device__ void combine_phase(const Params& p) {
+  int gw = blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  for (int pair = gw; pair < p.rows * H; pair += p.nblocks * (THREADS / 32)) {
+    int r = pair / H, h = pair % H;
+    // Lane s holds split s's (max, sum); splits <= 32.
+    float ms = -INFINITY, ls = 0.f;
+    if (lane < p.nsplit) {
+      const float* ml = p.ml + (((long long)h * p.nsplit + lane) * ROWS + r) * 2;
+      ms = ml[0];
+      ls = ml[1];
+    }
+    float M = ms;
+    for (int o = 16; o; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffff, M, o));
+    float ws = ms == -INFINITY ? 0.f : __expf(ms - M), L = ws * ls;
+    for (int o = 16; o; o >>= 1) L += __shfl_xor_sync(0xffffffff, L, o);
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll 4
+    for (int s = 0; s < p.nsplit; s++) {
+      float w = __shfl_sync(0xffffffff, ws, s);
+      const float4* o = reinterpret_cast<const float4*>(p.opart + (((long long)h * p.nsplit + s) * ROWS + r) * D + lane * 8);
+      float4 a = o[0], b = o[1];
+      acc[0] += w * a.x; acc[1] += w * a.y; acc[2] += w * a.z; acc[3] += w * a.w;
+      acc[4] += w * b.x; acc[5] += w * b.y; acc[6] += w * b.z; acc[7] += w * b.w;
+    }
+    float inv = 1.f / L;
+    bf16* dst = p.ao + r * (H * D) + h * D + lane * 8;
+#pragma unroll
+    for (int k = 0; k < 8; k++) dst[k] = __float2bfloat16(acc[k] * inv);
+  }
+}
+
+template <int G, int KS>
+__device__ void residual_phase(const Params& p, Tape& tp, float* scratch, const bf16* A, int lda, int n0, int k0) {
+  item_product<G, KS>(tp, scratch, A, lda, k0);
+  for (int e = threadIdx.x; e < ROWS * 16 * G; e += THREADS) {
+    int r = e / (16 * G), c = e % (16 * G);
+    if (r < p.rows) atomicAdd(p.x + r * W + n0 + c, item_out<G>(scratch, r, c));
+  }
+  __syncthreads();
+}
+
+__device__ void gate_up_phase(const Params& p, Tape& tp, float* scratch) {
+  int i = blockIdx.x;
+  item_product<4, 2>(tp, scratch, p.xn, W, 0);
+  for (int e = threadIdx.x; e < ROWS * 32; e += THREADS) {
+    int r = e >> 5, c = e & 31;
+    if (r >= p.rows) continue;
+    float g = item_out<4>(scratch, r, c), u = item_out<4>(scratch, r, 32 + c);
+    p.act[r * F + 32 * i + c] = __float2bfloat16(gelu_tanh(g) * u);
+  }
+  __syncthreads();
+}
+
+__global__ void __launch_bounds__(THREADS, 1) expert_chain_kernel(Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* ring = reinterpret_cast<bf16*>(smem);
+  float* scratch = reinterpret_cast<float*>(smem + NSTAGE * SLOT_BYTES);
+  const int b = blockIdx.x;
+  const int n = (b < N_QKV ? SLOTS_QKV : 0) + (b < N_ITEMS ? SLOTS_REST : 0);
+  const long long start = (long long)min(b, N_QKV) * SLOTS_QKV + (long long)min(b, N_ITEMS) * SLOTS_REST;
+#ifdef SAME_LAYER  // a bound: every layer streams layer 0's weights, which stay in L2
+  const long long stride = 0;
+#else
+  const long long stride = ((long long)N_QKV * SLOTS_QKV + (long long)N_ITEMS * SLOTS_REST) * SLOT_ELEMS;
+#endif
+  Tape tp{p.tape + start * SLOT_ELEMS, stride, 0, 0,
+          n && !p.barriers_only ? (long long)p.steps * p.layers * n : 0, n ? n : 1, p.layers, ring};
+  tp.fill();
+  unsigned target = 0;
+  const bool item = b < N_ITEMS, run = !p.barriers_only;
+  const bool prof = p.prof && b == 0 && threadIdx.x == 0;
+  long long t0 = clock64();
+  auto sync = [&](int phase) {
+    grid_sync(p.bar, target, p.nblocks);
+    if (prof) {
+      long long t1 = clock64();
+      p.prof[phase] += (unsigned long long)(t1 - t0);
+      t0 = t1;
+    }
+  };
+  for (int step = 0; step < p.steps; step++) {
+    for (int l = 0; l < p.layers; l++) {
+      if (run) norm_phase(p, p.in_norm + l * W);
+      sync(0);
+      if (run && b < N_QKV) qkv_phase(p, tp, scratch, l);
+      sync(1);
+      if (run && b < H * p.nsplit) attn_phase(p, scratch, l);
+      sync(2);
+      if (run) combine_phase(p);
+      sync(3);
+      if (run && item) residual_phase<2, 1>(p, tp, scratch, p.ao, H * D, 32 * (b % 32), SLOT_K * (b / 32));
+      sync(4);
+      if (run) norm_phase(p, p.post_norm + l * W);
+      sync(5);
+      if (run && item) gate_up_phase(p, tp, scratch);
+      sync(6);
+      if (run && item) residual_phase<4, 1>(p, tp, scratch, p.act, F, 64 * (b % 16), SLOT_K * (b / 16));
+      sync(7);
+    }
+  }
+  cp_wait<0>();
+}
+
+extern "C" int expert_chain_smem_bytes() { return SMEM_BYTES; }
+
+// Returns a cudaError_t; the launch is cooperative, so all blocks are resident or it fails.
+extern "C" int expert_chain_launch(const Params* p, void* stream) {
+  static bool attr = false;
+  if (!attr) {
+    cudaError_t e = cudaFuncSetAttribute(expert_chain_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+    if (e != cudaSuccess) return (int)e;
+    attr = true;
+  }
+  if (p->nblocks < N_ITEMS || p->nblocks < H * p->nsplit) return (int)cudaErrorInvalidValue;
+  Params local = *p;
+  void* args[] = {&local};
+  return (int)cudaLaunchCooperativeKernel((void*)expert_chain_kernel, dim3(p->nblocks), dim3(THREADS), args,
+                                          SMEM_BYTES, (cudaStream_t)stream);
+}
