@@ -3,7 +3,12 @@ against a float32 torch reference of the same layers (correctness) and against t
 FastPi0 runs today (time), at Pi0's full-size expert shapes with random weights.
 
     PYTHONPATH=src python3 scripts/megakernel_ab.py            # one sm_90 GPU with nvcc
-    NSTAGES=6,8,10 ... to compare ring depths
+    NSTAGES=8,10 PADS=8,16 ...                                 # ring depths, slot row padding
+    BOUNDS=SAME_LAYER,NO_MMA,SAME_LAYER+NO_MMA,A_BATCH=4 ...   # compile-time variants (.cu)
+
+SAME_LAYER: every layer streams layer 0's weights (L2-resident; wrong numbers). NO_MMA: the
+products skip their tensor-core work (and so the compiler drops the loads that only fed it).
+A_BATCH: activation fragments loaded 16 (default) / 8 / 4 at a time.
 
 Prints: max |diff| / max |x| after 18 layers (one Euler step's stack) and the median ms of 10
 steps x 18 layers for both, timed with CUDA events over repeated launches."""

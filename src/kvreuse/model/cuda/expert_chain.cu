@@ -9,7 +9,7 @@
 // -> combine -> Wo (+ residual, fp32 atomics) -> norm -> gate/up (+ gelu_tanh(g) * u) -> down
 // (+ residual). The residual stream x is float32 (64 rows, rows >= R unused).
 //
-// Weight slots: 16 output columns x 512 inputs (+ 8 pad, against bank conflicts), packed on the
+// Weight slots: 16 output columns x 512 inputs (+ SLOT_PAD, against bank conflicts), packed on the
 // host in each block's consumption order (kvreuse.model.megakernel.pack_weights). Work items:
 //   QKV     80 items: head slot hs = i / 8 (8 q, k, v), dims [16u, 16u+16) and the rotary partners
 //           [128 + 16u, ...), u = i % 8; K = 1024 in 2 slots each -> 4 slots.
@@ -40,6 +40,9 @@ constexpr int SLOT_BYTES = SLOT_ELEMS * 2;  // 16640
 constexpr int SLOT_CHUNKS = SLOT_BYTES / 16;
 #ifndef NSTAGE
 #define NSTAGE 10
+#endif
+#ifndef A_BATCH
+#define A_BATCH 16
 #endif
 constexpr int THREADS = 256;
 constexpr int KEYS = 48;          // keys per attention split
@@ -153,18 +156,25 @@ __device__ void item_product(Tape& tp, float* scratch, const bf16* A, int lda, i
 #pragma unroll
   for (int g = 0; g < G; g++) wmma::fill_fragment(acc[g], 0.f);
   for (int ks = 0; ks < KS; ks++) {
-    // The activations' 16 fragments first (all loads in flight at once), then wait for the weights.
     const bf16* ap = A + (mt * 16) * lda + k0 + ks * SLOT_K + kh * 256;
+#if A_BATCH == 16  // the activations' 16 fragments first (all loads in flight), then the weights
     wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af[16];
 #pragma unroll
     for (int j = 0; j < 16; j++) wmma::load_matrix_sync(af[j], ap + 16 * j, lda);
     tp.acquire(G);
+#else
+    tp.acquire(G);
+#endif
+    const bf16* bp[G];
+#pragma unroll
+    for (int g = 0; g < G; g++) bp[g] = tp.slot(g) + kh * 256;
+#if A_BATCH == 16
 #pragma unroll
     for (int j = 0; j < 16; j++) {
 #pragma unroll
       for (int g = 0; g < G; g++) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bfr;
-        wmma::load_matrix_sync(bfr, tp.slot(g) + kh * 256 + 16 * j, SLOT_LD);
+        wmma::load_matrix_sync(bfr, bp[g] + 16 * j, SLOT_LD);
 #ifndef NO_MMA  // a bound: loads without the tensor-core work
         wmma::mma_sync(acc[g], af[j], bfr, acc[g]);
 #else
@@ -172,6 +182,23 @@ __device__ void item_product(Tape& tp, float* scratch, const bf16* A, int lda, i
 #endif
       }
     }
+#else  // A_BATCH fragments at a time, fewer registers
+#pragma unroll 1
+    for (int j0 = 0; j0 < 16; j0 += A_BATCH) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af[A_BATCH];
+#pragma unroll
+      for (int j = 0; j < A_BATCH; j++) wmma::load_matrix_sync(af[j], ap + 16 * (j0 + j), lda);
+#pragma unroll
+      for (int j = 0; j < A_BATCH; j++) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bfr;
+          wmma::load_matrix_sync(bfr, bp[g] + 16 * (j0 + j), SLOT_LD);
+          wmma::mma_sync(acc[g], af[j], bfr, acc[g]);
+        }
+      }
+    }
+#endif
     tp.release(G);
   }
 #pragma unroll
