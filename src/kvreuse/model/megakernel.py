@@ -31,7 +31,7 @@ class _Params(ctypes.Structure):
         "layers", "steps", "rows", "T", "nsplit", "nkp", "nblocks", "barriers_only")] + [("eps", ctypes.c_float)]
 
 
-def build(nstage: int = 10, defines: tuple[str, ...] = (), cache: Path | None = None) -> ctypes.CDLL:
+def build(nstage: int = 8, defines: tuple[str, ...] = (), cache: Path | None = None) -> ctypes.CDLL:
     """Compile (once per source and options) and load the kernel library. defines: extra -D
     switches (the timing bounds of scripts/megakernel_ab.py)."""
     src = SRC.read_bytes()
@@ -73,7 +73,7 @@ class ExpertChain:
     prefix: int
     rows: int
     eps: float = 1e-6
-    nstage: int = 10
+    nstage: int = 8
     defines: tuple[str, ...] = ()
     pad: int = 8  # slot row padding (elements), against shared-memory bank conflicts
 

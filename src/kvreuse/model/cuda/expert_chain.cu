@@ -39,17 +39,25 @@ constexpr int SLOT_ELEMS = 16 * SLOT_LD;
 constexpr int SLOT_BYTES = SLOT_ELEMS * 2;  // 16640
 constexpr int SLOT_CHUNKS = SLOT_BYTES / 16;
 #ifndef NSTAGE
-#define NSTAGE 10
-#endif
-#ifndef A_BATCH
-#define A_BATCH 16
+#define NSTAGE 8
 #endif
 constexpr int THREADS = 256;
 constexpr int KEYS = 48;          // keys per attention split
 constexpr int N_QKV = 80, N_ITEMS = 128;
 constexpr int SLOTS_QKV = 4, SLOTS_REST = 2 + 8 + 4;
-constexpr int SCRATCH_BYTES = 8 * 4 * 256 * 4;  // 8 warps x 4 groups x 16x16 fp32
-constexpr int SMEM_BYTES = NSTAGE * SLOT_BYTES + SCRATCH_BYTES;
+// Shared memory: the weight ring, then a region U that each phase uses its own way:
+//   products: the item's activations [64][A_LD] bf16; once the products are done, the same bytes
+//             are the scratch where warps' partial 16x16 tiles meet (8 warps x 4 groups, fp32);
+//   attention: q [64][QK_LD], K [48][QK_LD] (later P [64][KEYS]), V [48][QK_LD], S [64][KEYS] fp32.
+constexpr int A_LD = SLOT_K + 8;
+constexpr int A_BYTES = ROWS * A_LD * 2;
+constexpr int SCRATCH_BYTES = 8 * 4 * 256 * 4;
+constexpr int QK_LD = D + 8;
+constexpr int Q_BYTES = ROWS * QK_LD * 2, KV_BYTES = KEYS * QK_LD * 2;
+constexpr int U_BYTES = Q_BYTES + 2 * KV_BYTES + ROWS * KEYS * 4;
+static_assert(A_BYTES <= U_BYTES && SCRATCH_BYTES <= A_BYTES, "U holds every phase's data");
+constexpr int SMEM_BYTES = NSTAGE * SLOT_BYTES + U_BYTES;
+static_assert(SMEM_BYTES + 16 <= 232448, "over the 227 KB of shared memory a block may have");
 
 struct Params {
   const bf16* tape;        // [layers][layer_slots][SLOT_ELEMS]
@@ -147,58 +155,78 @@ __device__ __forceinline__ float gelu_tanh(float g) {
   return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
 }
 
-// One item's product: out[64, 16G] = A[64, k0 : k0 + 512 KS] @ slots^T. Warp w takes rows
-// 16 (w & 3) and the (w >> 2) half of each slot's 512 inputs; the two halves meet in scratch.
+// Activations produced by other blocks in the previous phase are staged in shared memory by TMA
+// bulk copies (one per row, issued by warp 0) that complete on an mbarrier: no registers, no L1
+// (whose lines could be stale), and apart from the weight ring's cp.async groups.
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(bar)));
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::);
+}
+struct Stage {
+  unsigned long long* bar;
+  unsigned phase;
+  // Warp 0 only: copy `rows` rows of `bytes` each; all of one wait() go to one expect_tx.
+  __device__ void begin(unsigned total) {
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    if (threadIdx.x == 0)
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(total) : "memory");
+    __syncwarp();
+  }
+  __device__ void rows(void* dst, int dst_ld, const void* src, int src_ld, int n, int bytes) {
+    for (int r = threadIdx.x; r < n; r += 32)
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                   ::"r"(smem_u32((char*)dst + r * dst_ld)), "l"((const char*)src + (long long)r * src_ld), "r"(bytes),
+                   "r"(smem_u32(bar)) : "memory");
+  }
+  __device__ void wait() {  // every thread
+    unsigned ok = 0;
+    while (!ok)
+      asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                   : "=r"(ok) : "r"(smem_u32(bar)), "r"(phase) : "memory");
+    phase ^= 1;
+  }
+};
+
+// One item's product: out[64, 16G] = A[64, k0 : k0 + 512 KS] @ slots^T. Per 512 inputs the block
+// stages A's rows in shared memory (loads issued before waiting for the weights); warp w takes
+// rows 16 (w & 3) and the (w >> 2) half of the inputs; the two halves meet in scratch. Rows >= R
+// of the staging area hold stale data: they only reach output rows that are never written.
 template <int G, int KS>
-__device__ void item_product(Tape& tp, float* scratch, const bf16* A, int lda, int k0) {
+__device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char* U, const bf16* A, int lda, int k0) {
+  bf16* As = reinterpret_cast<bf16*>(U);
+  float* scratch = reinterpret_cast<float*>(U);  // after the last release's barrier
   const int warp = threadIdx.x >> 5, mt = warp & 3, kh = warp >> 2;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[G];
 #pragma unroll
   for (int g = 0; g < G; g++) wmma::fill_fragment(acc[g], 0.f);
   for (int ks = 0; ks < KS; ks++) {
-    const bf16* ap = A + (mt * 16) * lda + k0 + ks * SLOT_K + kh * 256;
-#if A_BATCH == 16  // the activations' 16 fragments first (all loads in flight), then the weights
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af[16];
-#pragma unroll
-    for (int j = 0; j < 16; j++) wmma::load_matrix_sync(af[j], ap + 16 * j, lda);
+    if (threadIdx.x < 32) {  // the staging area is free: a barrier separates it from its last reader
+      st.begin(p.rows * SLOT_K * 2);
+      st.rows(As, A_LD * 2, A + k0 + ks * SLOT_K, lda * 2, p.rows, SLOT_K * 2);
+    }
     tp.acquire(G);
-#else
-    tp.acquire(G);
-#endif
+    st.wait();
+    const bf16* ap = As + (mt * 16) * A_LD + kh * 256;
     const bf16* bp[G];
 #pragma unroll
     for (int g = 0; g < G; g++) bp[g] = tp.slot(g) + kh * 256;
-#if A_BATCH == 16
-#pragma unroll
+#pragma unroll 4
     for (int j = 0; j < 16; j++) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af;
+      wmma::load_matrix_sync(af, ap + 16 * j, A_LD);
 #pragma unroll
       for (int g = 0; g < G; g++) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bfr;
         wmma::load_matrix_sync(bfr, bp[g] + 16 * j, SLOT_LD);
 #ifndef NO_MMA  // a bound: loads without the tensor-core work
-        wmma::mma_sync(acc[g], af[j], bfr, acc[g]);
+        wmma::mma_sync(acc[g], af, bfr, acc[g]);
 #else
-        if (j == 15) wmma::mma_sync(acc[g], af[j], bfr, acc[g]);
+        if (j == 15) wmma::mma_sync(acc[g], af, bfr, acc[g]);
 #endif
       }
     }
-#else  // A_BATCH fragments at a time, fewer registers
-#pragma unroll 1
-    for (int j0 = 0; j0 < 16; j0 += A_BATCH) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af[A_BATCH];
-#pragma unroll
-      for (int j = 0; j < A_BATCH; j++) wmma::load_matrix_sync(af[j], ap + 16 * (j0 + j), lda);
-#pragma unroll
-      for (int j = 0; j < A_BATCH; j++) {
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bfr;
-          wmma::load_matrix_sync(bfr, bp[g] + 16 * (j0 + j), SLOT_LD);
-          wmma::mma_sync(acc[g], af[j], bfr, acc[g]);
-        }
-      }
-    }
-#endif
     tp.release(G);
   }
 #pragma unroll
@@ -213,8 +241,7 @@ __device__ __forceinline__ float item_out(const float* scratch, int r, int c) {
   return scratch[(mt * G + g) * 256 + rr * 16 + cc] + scratch[((mt + 4) * G + g) * 256 + rr * 16 + cc];
 }
 
-__device__ void norm_phase(const Params& p, const float* w) {
-  __shared__ float red[THREADS / 32];
+__device__ void norm_phase(const Params& p, const float* w, float* red) {
   int r = blockIdx.x;
   if (r >= p.rows) return;
   float4 v = reinterpret_cast<const float4*>(p.x + r * W)[threadIdx.x];
@@ -235,9 +262,10 @@ __device__ void norm_phase(const Params& p, const float* w) {
   __syncthreads();  // red is reused by the next norm
 }
 
-__device__ void qkv_phase(const Params& p, Tape& tp, float* scratch, int layer) {
+__device__ void qkv_phase(const Params& p, Tape& tp, Stage& st, unsigned char* U, int layer) {
   int i = blockIdx.x;
-  item_product<2, 2>(tp, scratch, p.xn, W, 0);
+  item_product<2, 2>(p, tp, st, U, p.xn, W, 0);
+  const float* scratch = reinterpret_cast<const float*>(U);
   int hs = i / 8, u = i % 8;
   bf16* kc = p.kc + (long long)layer * p.nkp * D;
   bf16* vc = p.vc + (long long)layer * p.nkp * D;
@@ -259,29 +287,40 @@ __device__ void qkv_phase(const Params& p, Tape& tp, float* scratch, int layer) 
   __syncthreads();
 }
 
-__device__ void attn_phase(const Params& p, float* scratch, int layer) {
+// Attention partials of (head h, key split sp): q, K and V staged in shared memory first.
+__device__ void attn_phase(const Params& p, Stage& st, unsigned char* U, int layer) {
   int h = blockIdx.x / p.nsplit, sp = blockIdx.x % p.nsplit;
   const int warp = threadIdx.x >> 5;
-  float* S = scratch;                                     // [64][KEYS] fp32
-  bf16* P = reinterpret_cast<bf16*>(scratch + ROWS * KEYS);  // [64][KEYS]
+  bf16* qs = reinterpret_cast<bf16*>(U);
+  bf16* ks = reinterpret_cast<bf16*>(U + Q_BYTES);
+  bf16* vs = reinterpret_cast<bf16*>(U + Q_BYTES + KV_BYTES);
+  float* S = reinterpret_cast<float*>(U + Q_BYTES + 2 * KV_BYTES);  // [64][KEYS]
+  bf16* P = ks;                                                      // [64][KEYS], once K is used
   const bf16* kc = p.kc + ((long long)layer * p.nkp + sp * KEYS) * D;
   const bf16* vc = p.vc + ((long long)layer * p.nkp + sp * KEYS) * D;
+  if (threadIdx.x < 32) {
+    st.begin((p.rows + 2 * KEYS) * D * 2);
+    st.rows(qs, QK_LD * 2, p.q + h * D, H * D * 2, p.rows, D * 2);
+    st.rows(ks, QK_LD * 2, kc, D * 2, KEYS, D * 2);
+    st.rows(vs, QK_LD * 2, vc, D * 2, KEYS, D * 2);
+  }
+  st.wait();
   for (int t = warp; t < 4 * (KEYS / 16); t += 8) {
     int mt = t / (KEYS / 16), nt = t % (KEYS / 16);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
     wmma::fill_fragment(acc, 0.f);
-#pragma unroll
+#pragma unroll 4
     for (int j = 0; j < D / 16; j++) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bfr;
-      wmma::load_matrix_sync(af, p.q + (mt * 16) * (H * D) + h * D + 16 * j, H * D);
-      wmma::load_matrix_sync(bfr, kc + (nt * 16) * D + 16 * j, D);
+      wmma::load_matrix_sync(af, qs + (mt * 16) * QK_LD + 16 * j, QK_LD);
+      wmma::load_matrix_sync(bfr, ks + (nt * 16) * QK_LD + 16 * j, QK_LD);
       wmma::mma_sync(acc, af, bfr, acc);
     }
     wmma::store_matrix_sync(S + mt * 16 * KEYS + nt * 16, acc, KEYS, wmma::mem_row_major);
   }
   __syncthreads();
-  {  // softmax pieces: 4 threads per row, 12 keys each
+  {  // softmax pieces: 4 threads per row, 12 keys each; P overwrites K
     int r = threadIdx.x >> 2, sub = threadIdx.x & 3;
     const float scale = rsqrtf((float)D);
     float sc[KEYS / 4];
@@ -311,7 +350,6 @@ __device__ void attn_phase(const Params& p, float* scratch, int layer) {
   }
   __syncthreads();
   float* op = p.opart + ((long long)h * p.nsplit + sp) * ROWS * D;
-#pragma unroll 2
   for (int t = warp; t < 4 * (D / 16); t += 8) {
     int mt = t / (D / 16), nt = t % (D / 16);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -321,7 +359,7 @@ __device__ void attn_phase(const Params& p, float* scratch, int layer) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bfr;
       wmma::load_matrix_sync(af, P + mt * 16 * KEYS + 16 * j, KEYS);
-      wmma::load_matrix_sync(bfr, vc + (16 * j) * D + nt * 16, D);
+      wmma::load_matrix_sync(bfr, vs + (16 * j) * QK_LD + nt * 16, QK_LD);
       wmma::mma_sync(acc, af, bfr, acc);
     }
     wmma::store_matrix_sync(op + (mt * 16) * D + nt * 16, acc, D, wmma::mem_row_major);
@@ -361,8 +399,10 @@ __device__ void combine_phase(const Params& p) {
 }
 
 template <int G, int KS>
-__device__ void residual_phase(const Params& p, Tape& tp, float* scratch, const bf16* A, int lda, int n0, int k0) {
-  item_product<G, KS>(tp, scratch, A, lda, k0);
+__device__ void residual_phase(const Params& p, Tape& tp, Stage& st, unsigned char* U, const bf16* A, int lda, int n0,
+                               int k0) {
+  item_product<G, KS>(p, tp, st, U, A, lda, k0);
+  const float* scratch = reinterpret_cast<const float*>(U);
   for (int e = threadIdx.x; e < ROWS * 16 * G; e += THREADS) {
     int r = e / (16 * G), c = e % (16 * G);
     if (r < p.rows) atomicAdd(p.x + r * W + n0 + c, item_out<G>(scratch, r, c));
@@ -370,9 +410,10 @@ __device__ void residual_phase(const Params& p, Tape& tp, float* scratch, const 
   __syncthreads();
 }
 
-__device__ void gate_up_phase(const Params& p, Tape& tp, float* scratch) {
+__device__ void gate_up_phase(const Params& p, Tape& tp, Stage& st, unsigned char* U) {
   int i = blockIdx.x;
-  item_product<4, 2>(tp, scratch, p.xn, W, 0);
+  item_product<4, 2>(p, tp, st, U, p.xn, W, 0);
+  const float* scratch = reinterpret_cast<const float*>(U);
   for (int e = threadIdx.x; e < ROWS * 32; e += THREADS) {
     int r = e >> 5, c = e & 31;
     if (r >= p.rows) continue;
@@ -385,7 +426,12 @@ __device__ void gate_up_phase(const Params& p, Tape& tp, float* scratch) {
 __global__ void __launch_bounds__(THREADS, 1) expert_chain_kernel(Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* ring = reinterpret_cast<bf16*>(smem);
-  float* scratch = reinterpret_cast<float*>(smem + NSTAGE * SLOT_BYTES);
+  unsigned char* U = smem + NSTAGE * SLOT_BYTES;
+  float* red = reinterpret_cast<float*>(U);
+  __shared__ unsigned long long stage_bar;
+  if (threadIdx.x == 0) mbar_init(&stage_bar);
+  __syncthreads();
+  Stage st{&stage_bar, 0};
   const int b = blockIdx.x;
   const int n = (b < N_QKV ? SLOTS_QKV : 0) + (b < N_ITEMS ? SLOTS_REST : 0);
   const long long start = (long long)min(b, N_QKV) * SLOTS_QKV + (long long)min(b, N_ITEMS) * SLOTS_REST;
@@ -411,21 +457,21 @@ __global__ void __launch_bounds__(THREADS, 1) expert_chain_kernel(Params p) {
   };
   for (int step = 0; step < p.steps; step++) {
     for (int l = 0; l < p.layers; l++) {
-      if (run) norm_phase(p, p.in_norm + l * W);
+      if (run) norm_phase(p, p.in_norm + l * W, red);
       sync(0);
-      if (run && b < N_QKV) qkv_phase(p, tp, scratch, l);
+      if (run && b < N_QKV) qkv_phase(p, tp, st, U, l);
       sync(1);
-      if (run && b < H * p.nsplit) attn_phase(p, scratch, l);
+      if (run && b < H * p.nsplit) attn_phase(p, st, U, l);
       sync(2);
       if (run) combine_phase(p);
       sync(3);
-      if (run && item) residual_phase<2, 1>(p, tp, scratch, p.ao, H * D, 32 * (b % 32), SLOT_K * (b / 32));
+      if (run && item) residual_phase<2, 1>(p, tp, st, U, p.ao, H * D, 32 * (b % 32), SLOT_K * (b / 32));
       sync(4);
-      if (run) norm_phase(p, p.post_norm + l * W);
+      if (run) norm_phase(p, p.post_norm + l * W, red);
       sync(5);
-      if (run && item) gate_up_phase(p, tp, scratch);
+      if (run && item) gate_up_phase(p, tp, st, U);
       sync(6);
-      if (run && item) residual_phase<4, 1>(p, tp, scratch, p.act, F, 64 * (b % 16), SLOT_K * (b / 16));
+      if (run && item) residual_phase<4, 1>(p, tp, st, U, p.act, F, 64 * (b % 16), SLOT_K * (b / 16));
       sync(7);
     }
   }
