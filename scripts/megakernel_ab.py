@@ -111,12 +111,16 @@ def megakernel(nstage, defines=(), pad=8):
     ms = events_ms(lambda: ec.run(x0, STEPS))
     print(f"megakernel nstage={nstage}: {STEPS} x {L} layers {ms:.3f} ms ({ms / (STEPS * L) * 1e3:.1f} us/layer)",
           flush=True)
-    prof = torch.zeros(8, dtype=torch.int64, device=dev)
+    prof = torch.zeros(16, dtype=torch.int64, device=dev)
     ec.run(x0, STEPS, prof=prof)
     torch.cuda.synchronize()
-    cyc = prof.double()
+    cyc = prof[:8].double()
     share = " ".join(f"{n} {ms * 1e3 * c / cyc.sum().item() / (STEPS * L):.2f}" for n, c in zip(PHASES, cyc.tolist(), strict=True))
     print(f"  per layer-step, us by phase incl. its barrier (block 0's clock, scaled to the total): {share}", flush=True)
+    us = ms * 1e3 / cyc.sum().item() / (STEPS * L)
+    inner = prof[8:11].double().tolist()
+    print("  inside block 0's 4 products per layer-step, us: waiting for weights {:.2f}, for the staged activations "
+          "{:.2f}, tensor-core loop {:.2f}".format(*(c * us for c in inner)), flush=True)
     bms = events_ms(lambda: ec.run(x0, STEPS, barriers_only=True))
     print(f"  bound: barriers only (8 per layer-step) {bms:.3f} ms ({bms / (STEPS * L * 8) * 1e3:.2f} us/barrier)",
           flush=True)

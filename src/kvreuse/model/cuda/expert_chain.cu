@@ -76,7 +76,9 @@ struct Params {
   bf16* ao;                // [ROWS][H*D]
   bf16* act;               // [ROWS][F]
   unsigned* bar;           // grid barrier counter (zeroed before the launch)
-  unsigned long long* prof;  // optional [8]: block 0's clock64 cycles per phase (incl. its barrier)
+  unsigned long long* prof;  // optional [16]: block 0's clock64 cycles per phase (incl. its barrier),
+                             // then inside the products: [8] weights wait, [9] staging wait,
+                             // [10] tensor-core loop, [11] scratch + epilogue
   int layers, steps, rows, T, nsplit, nkp, nblocks;
   int barriers_only;       // a timing bound: every phase skipped, only the grid barriers run
   float eps;
@@ -202,12 +204,19 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
 #pragma unroll
   for (int g = 0; g < G; g++) wmma::fill_fragment(acc[g], 0.f);
   for (int ks = 0; ks < KS; ks++) {
+#ifndef NO_STAGE  // a bound: products over whatever the staging area holds (wrong numbers)
     if (threadIdx.x < 32) {  // the staging area is free: a barrier separates it from its last reader
       st.begin(p.rows * SLOT_K * 2);
       st.rows(As, A_LD * 2, A + k0 + ks * SLOT_K, lda * 2, p.rows, SLOT_K * 2);
     }
+#endif
+    long long c0 = clock64();
     tp.acquire(G);
+    long long c1 = clock64();
+#ifndef NO_STAGE
     st.wait();
+#endif
+    long long c2 = clock64();
     const bf16* ap = As + (mt * 16) * A_LD + kh * 256;
     const bf16* bp[G];
 #pragma unroll
@@ -228,6 +237,12 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
       }
     }
     tp.release(G);
+    if (p.prof && blockIdx.x == 0 && threadIdx.x == 0) {
+      long long c3 = clock64();
+      atomicAdd(p.prof + 8, (unsigned long long)(c1 - c0));
+      atomicAdd(p.prof + 9, (unsigned long long)(c2 - c1));
+      atomicAdd(p.prof + 10, (unsigned long long)(c3 - c2));
+    }
   }
 #pragma unroll
   for (int g = 0; g < G; g++) wmma::store_matrix_sync(scratch + (warp * G + g) * 256, acc[g], 16, wmma::mem_row_major);
