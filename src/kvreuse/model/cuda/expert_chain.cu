@@ -51,7 +51,7 @@ constexpr int SLOTS_QKV = 4, SLOTS_REST = 2 + 8 + 4;
 //   attention: q [64][QK_LD], K [48][QK_LD] (later P [64][KEYS]), V [48][QK_LD], S [64][KEYS] fp32.
 constexpr int A_LD = SLOT_K + 8;
 constexpr int A_BYTES = ROWS * A_LD * 2;
-constexpr int SCRATCH_BYTES = 8 * 4 * 256 * 4;
+constexpr int SCRATCH_BYTES = 8 * 8 * 256 * 4;
 constexpr int QK_LD = D + 8;
 constexpr int Q_BYTES = ROWS * QK_LD * 2, KV_BYTES = KEYS * QK_LD * 2;
 constexpr int U_BYTES = Q_BYTES + 2 * KV_BYTES + ROWS * KEYS * 4;
@@ -192,17 +192,26 @@ struct Stage {
 };
 
 // One item's product: out[64, 16G] = A[64, k0 : k0 + 512 KS] @ slots^T. Per 512 inputs the block
-// stages A's rows in shared memory (loads issued before waiting for the weights); warp w takes
-// rows 16 (w & 3) and the (w >> 2) half of the inputs; the two halves meet in scratch. Rows >= R
-// of the staging area hold stale data: they only reach output rows that are never written.
+// stages A's rows in shared memory (TMA, issued before waiting for the weights); each warp takes
+// all 64 rows x 32 columns (two slots) over a part of the inputs, and the parts meet in scratch
+// (8 warps x 8 tiles = 64 KB, over the staging area). Rows >= R of the staging area hold stale
+// data: they only reach output rows that are never written.
 template <int G, int KS>
 __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char* U, const bf16* A, int lda, int k0) {
   bf16* As = reinterpret_cast<bf16*>(U);
   float* scratch = reinterpret_cast<float*>(U);  // after the last release's barrier
-  const int warp = threadIdx.x >> 5, mt = warp & 3, kh = warp >> 2;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[G];
+  const int warp = threadIdx.x >> 5;
+#ifdef SMALL_TILE
+  const int mt = warp & 3, kh = warp >> 2;
+  constexpr int NACC = G;
+#else
+  // Warp w: column pair cg (groups 2cg, 2cg+1) x input part kp of KP; all 64 rows.
+  constexpr int NCG = G / 2, KP = 8 / NCG, NACC = 8;
+  const int cg = warp % NCG, kp = warp / NCG;
+#endif
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NACC];
 #pragma unroll
-  for (int g = 0; g < G; g++) wmma::fill_fragment(acc[g], 0.f);
+  for (int g = 0; g < NACC; g++) wmma::fill_fragment(acc[g], 0.f);
   for (int ks = 0; ks < KS; ks++) {
 #ifndef NO_STAGE  // a bound: products over whatever the staging area holds (wrong numbers)
     if (threadIdx.x < 32) {  // the staging area is free: a barrier separates it from its last reader
@@ -217,6 +226,7 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
     st.wait();
 #endif
     long long c2 = clock64();
+#ifdef SMALL_TILE  // round-7 first version: 16 x 16 warp tiles, B fragments loaded by 4 warps
     const bf16* ap = As + (mt * 16) * A_LD + kh * 256;
     const bf16* bp[G];
 #pragma unroll
@@ -229,13 +239,28 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
       for (int g = 0; g < G; g++) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bfr;
         wmma::load_matrix_sync(bfr, bp[g] + 16 * j, SLOT_LD);
-#ifndef NO_MMA  // a bound: loads without the tensor-core work
         wmma::mma_sync(acc[g], af, bfr, acc[g]);
-#else
-        if (j == 15) wmma::mma_sync(acc[g], af, bfr, acc[g]);
-#endif
       }
     }
+#else  // 64 x 32 warp tiles: 4 A + 2 B fragments per 8 products
+    const int k_lo = kp * (SLOT_K / KP);
+    const bf16* b0 = tp.slot(2 * cg) + k_lo;
+    const bf16* b1 = tp.slot(2 * cg + 1) + k_lo;
+    const bf16* a0 = As + k_lo;
+#pragma unroll 2
+    for (int j = 0; j < SLOT_K / KP / 16; j++) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> f0, f1;
+      wmma::load_matrix_sync(f0, b0 + 16 * j, SLOT_LD);
+      wmma::load_matrix_sync(f1, b1 + 16 * j, SLOT_LD);
+#pragma unroll
+      for (int m = 0; m < 4; m++) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af;
+        wmma::load_matrix_sync(af, a0 + (m * 16) * A_LD + 16 * j, A_LD);
+        wmma::mma_sync(acc[2 * m], af, f0, acc[2 * m]);
+        wmma::mma_sync(acc[2 * m + 1], af, f1, acc[2 * m + 1]);
+      }
+    }
+#endif
     tp.release(G);
     if (p.prof && blockIdx.x == 0 && threadIdx.x == 0) {
       long long c3 = clock64();
@@ -245,15 +270,24 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
     }
   }
 #pragma unroll
-  for (int g = 0; g < G; g++) wmma::store_matrix_sync(scratch + (warp * G + g) * 256, acc[g], 16, wmma::mem_row_major);
+  for (int g = 0; g < NACC; g++) wmma::store_matrix_sync(scratch + (warp * NACC + g) * 256, acc[g], 16, wmma::mem_row_major);
   __syncthreads();
 }
 
-// The finished product at (row r, column c of the item): the two input halves summed.
+// The finished product at (row r, column c of the item): the warps' input parts summed.
 template <int G>
 __device__ __forceinline__ float item_out(const float* scratch, int r, int c) {
   int mt = r >> 4, rr = r & 15, g = c >> 4, cc = c & 15;
+#ifdef SMALL_TILE
   return scratch[(mt * G + g) * 256 + rr * 16 + cc] + scratch[((mt + 4) * G + g) * 256 + rr * 16 + cc];
+#else
+  constexpr int NCG = G / 2, KP = 8 / NCG;
+  const int cg = g >> 1, tile = 2 * mt + (g & 1);
+  float v = 0.f;
+#pragma unroll
+  for (int kp = 0; kp < KP; kp++) v += scratch[((kp * NCG + cg) * 8 + tile) * 256 + rr * 16 + cc];
+  return v;
+#endif
 }
 
 __device__ void norm_phase(const Params& p, const float* w, float* red) {
