@@ -4,10 +4,11 @@ FastPi0 runs today (time), at Pi0's full-size expert shapes with random weights.
 
     PYTHONPATH=src python3 scripts/megakernel_ab.py            # one sm_90 GPU with nvcc
     NSTAGES=6,8 PADS=8,16 ...                                  # ring depths, slot row padding
-    BOUNDS=SAME_LAYER,NO_MMA,SAME_LAYER+NO_MMA ...             # compile-time variants (.cu)
+    BOUNDS=SMALL_TILE,SAME_LAYER,NO_STAGE ...                  # compile-time variants (.cu)
 
-SAME_LAYER: every layer streams layer 0's weights (L2-resident; wrong numbers). NO_MMA: the
-products skip their tensor-core work (and so the compiler drops the loads that only fed it).
+SMALL_TILE: the first version's 16 x 16 warp tiles. SAME_LAYER: every layer streams layer 0's
+weights, which stay in L2 (wrong numbers). NO_STAGE: the products skip staging their activations
+(wrong numbers). (Round 7's first log also has NO_MMA, from commit 6a55770's code.)
 
 Prints: max |diff| / max |x| after 18 layers (one Euler step's stack) and the median ms of 10
 steps x 18 layers for both, timed with CUDA events over repeated launches."""
