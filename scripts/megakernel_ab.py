@@ -8,7 +8,7 @@ FastPi0 runs today (time), at Pi0's full-size expert shapes with random weights.
 
 SMALL_TILE: the first version's 16 x 16 warp tiles. SAME_LAYER: every layer streams layer 0's
 weights, which stay in L2 (wrong numbers). NO_STAGE: the products skip staging their activations
-(wrong numbers). (Round 7's first log also has NO_MMA, from commit 6a55770's code.)
+(wrong numbers). NO_GFENCE: no fence.proxy.async.global before the TMA staging. (Round 7's first log also has NO_MMA, from commit 6a55770's code.)
 
 Prints: max |diff| / max |x| after 18 layers (one Euler step's stack) and the median ms of 10
 steps x 18 layers for both, timed with CUDA events over repeated launches."""
@@ -122,6 +122,9 @@ def megakernel(nstage, defines=(), pad=8):
     inner = prof[8:11].double().tolist()
     print("  inside block 0's 4 products per layer-step, us: waiting for weights {:.2f}, for the staged activations "
           "{:.2f}, tensor-core loop {:.2f}".format(*(c * us for c in inner)), flush=True)
+    att = prof[11:15].double().tolist()
+    print("  inside block 0's attention per layer-step, us: staging wait {:.2f}, q k^T {:.2f}, softmax {:.2f}, "
+          "P v + partial stores {:.2f}".format(*(c * us for c in att)), flush=True)
     bms = events_ms(lambda: ec.run(x0, STEPS, barriers_only=True))
     print(f"  bound: barriers only (8 per layer-step) {bms:.3f} ms ({bms / (STEPS * L * 8) * 1e3:.2f} us/barrier)",
           flush=True)

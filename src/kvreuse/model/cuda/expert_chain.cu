@@ -78,7 +78,8 @@ struct Params {
   unsigned* bar;           // grid barrier counter (zeroed before the launch)
   unsigned long long* prof;  // optional [16]: block 0's clock64 cycles per phase (incl. its barrier),
                              // then inside the products: [8] weights wait, [9] staging wait,
-                             // [10] tensor-core loop, [11] scratch + epilogue
+                             // [10] tensor-core loop; in the attention: [11] staging wait,
+                             // [12] q k^T, [13] softmax, [14] P v + partial stores
   int layers, steps, rows, T, nsplit, nkp, nblocks;
   int barriers_only;       // a timing bound: every phase skipped, only the grid barriers run
   float eps;
@@ -170,7 +171,9 @@ struct Stage {
   unsigned phase;
   // Warp 0 only: copy `rows` rows of `bytes` each; all of one wait() go to one expect_tx.
   __device__ void begin(unsigned total) {
+#ifndef NO_GFENCE  // a variant: trust the grid barrier's fences alone for the TMA reads of global data
     asm volatile("fence.proxy.async.global;\n" ::: "memory");
+#endif
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     if (threadIdx.x == 0)
       asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(total) : "memory");
@@ -353,7 +356,10 @@ __device__ void attn_phase(const Params& p, Stage& st, unsigned char* U, int lay
     st.rows(ks, QK_LD * 2, kc, D * 2, KEYS, D * 2);
     st.rows(vs, QK_LD * 2, vc, D * 2, KEYS, D * 2);
   }
+  const bool prof = p.prof && blockIdx.x == 0 && threadIdx.x == 0;
+  long long c0 = clock64();
   st.wait();
+  long long c1 = clock64();
   for (int t = warp; t < 4 * (KEYS / 16); t += 8) {
     int mt = t / (KEYS / 16), nt = t % (KEYS / 16);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -369,6 +375,7 @@ __device__ void attn_phase(const Params& p, Stage& st, unsigned char* U, int lay
     wmma::store_matrix_sync(S + mt * 16 * KEYS + nt * 16, acc, KEYS, wmma::mem_row_major);
   }
   __syncthreads();
+  long long c2 = clock64();
   {  // softmax pieces: 4 threads per row, 12 keys each; P overwrites K
     int r = threadIdx.x >> 2, sub = threadIdx.x & 3;
     const float scale = rsqrtf((float)D);
@@ -398,6 +405,7 @@ __device__ void attn_phase(const Params& p, Stage& st, unsigned char* U, int lay
     }
   }
   __syncthreads();
+  long long c3 = clock64();
   float* op = p.opart + ((long long)h * p.nsplit + sp) * ROWS * D;
   for (int t = warp; t < 4 * (D / 16); t += 8) {
     int mt = t / (D / 16), nt = t % (D / 16);
@@ -414,6 +422,13 @@ __device__ void attn_phase(const Params& p, Stage& st, unsigned char* U, int lay
     wmma::store_matrix_sync(op + (mt * 16) * D + nt * 16, acc, D, wmma::mem_row_major);
   }
   __syncthreads();
+  if (prof) {
+    long long c4 = clock64();
+    p.prof[11] += (unsigned long long)(c1 - c0);
+    p.prof[12] += (unsigned long long)(c2 - c1);
+    p.prof[13] += (unsigned long long)(c3 - c2);
+    p.prof[14] += (unsigned long long)(c4 - c3);
+  }
 }
 
 __device__ void combine_phase(const Params& p) {
