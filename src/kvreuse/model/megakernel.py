@@ -93,14 +93,15 @@ class ExpertChain:
         f32, bf = dict(device=dev, dtype=torch.float32), dict(device=dev, dtype=torch.bfloat16)
         n = len(self.layers)
         self.x = torch.zeros(ROWS, W, **f32)
-        self.xn = torch.zeros(ROWS, W, **bf)
-        self.q = torch.zeros(ROWS, H * D, **bf)
-        self.kc = torch.zeros(n, self.nkp, D, **bf)
-        self.vc = torch.zeros(n, self.nkp, D, **bf)
+        # Activations tiled [K/16][64 rows][16]; K/V [key/16][D/16][16][16] (see the .cu header).
+        self.xn = torch.zeros(W // 16, ROWS, 16, **bf)
+        self.q = torch.zeros(H, D // 16, ROWS, 16, **bf)
+        self.kc = torch.zeros(n, self.nkp // 16, D // 16, 16, 16, **bf)
+        self.vc = torch.zeros_like(self.kc)
         self.opart = torch.zeros(H, self.nsplit, ROWS, D, **f32)
         self.ml = torch.zeros(H, self.nsplit, ROWS, 2, **f32)
-        self.ao = torch.zeros(ROWS, H * D, **bf)
-        self.act = torch.zeros(ROWS, F, **bf)
+        self.ao = torch.zeros(H * D // 16, ROWS, 16, **bf)
+        self.act = torch.zeros(F // 16, ROWS, 16, **bf)
         self.bias = torch.full((ROWS, self.nkp), float("-inf"), **f32)
         self.cos = torch.zeros(self.rows, D // 2, **f32)
         self.sin = torch.zeros(self.rows, D // 2, **f32)
@@ -110,8 +111,10 @@ class ExpertChain:
         """k/v_prefix: (layers, prefix, D); bias: (rows, prefix + rows) additive mask; cos_h /
         sin_h: (rows, D/2) rotary tables (as fused_qkv's)."""
         t, r = self.prefix, self.rows
-        self.kc[:, :t].copy_(k_prefix)
-        self.vc[:, :t].copy_(v_prefix)
+        for buf, src in ((self.kc, k_prefix), (self.vc, v_prefix)):
+            rows = torch.zeros(buf.shape[0], self.nkp, D, dtype=buf.dtype, device=buf.device)
+            rows[:, :t] = src
+            buf.copy_(rows.view(-1, self.nkp // 16, 16, D // 16, 16).transpose(2, 3))
         self.bias.fill_(float("-inf"))
         self.bias[:r, : t + r].copy_(bias)
         self.bias[r:, :t] = 0.0  # padding rows: finite, never read back

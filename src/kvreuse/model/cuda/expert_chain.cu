@@ -46,14 +46,15 @@ constexpr int KEYS = 48;          // keys per attention split
 constexpr int N_QKV = 80, N_ITEMS = 128;
 constexpr int SLOTS_QKV = 4, SLOTS_REST = 2 + 8 + 4;
 // Shared memory: the weight ring, then a region U that each phase uses its own way:
-//   products: the item's activations [64][A_LD] bf16; once the products are done, the same bytes
-//             are the scratch where warps' partial 16x16 tiles meet (8 warps x 4 groups, fp32);
-//   attention: q [64][QK_LD], K [48][QK_LD] (later P [64][KEYS]), V [48][QK_LD], S [64][KEYS] fp32.
-constexpr int A_LD = SLOT_K + 8;
-constexpr int A_BYTES = ROWS * A_LD * 2;
+//   products: the item's 512-input slab of activations (tiled, below); once the products are done,
+//             the same bytes are the scratch where warps' partial 16x16 tiles meet (64 KB);
+//   attention: q (tiled), K and V chunks (K/V tiles; P [64][KEYS] over K once used), S [64][KEYS].
+// Activations (xn, q per head, ao, act) live in global memory as [K/16][64 rows][16], so a slab
+// is one contiguous block (one TMA copy) and every 16x16 fragment is 512 contiguous bytes (ldm 16).
+// The K/V cache is [key/16][D/16][16 keys][16 dims] per layer, for the same reasons.
+constexpr int A_BYTES = ROWS * SLOT_K * 2;
 constexpr int SCRATCH_BYTES = 8 * 8 * 256 * 4;
-constexpr int QK_LD = D + 8;
-constexpr int Q_BYTES = ROWS * QK_LD * 2, KV_BYTES = KEYS * QK_LD * 2;
+constexpr int Q_BYTES = ROWS * D * 2, KV_BYTES = KEYS * D * 2;
 constexpr int U_BYTES = Q_BYTES + 2 * KV_BYTES + ROWS * KEYS * 4;
 static_assert(A_BYTES <= U_BYTES && SCRATCH_BYTES <= A_BYTES, "U holds every phase's data");
 constexpr int SMEM_BYTES = NSTAGE * SLOT_BYTES + U_BYTES;
@@ -67,14 +68,14 @@ struct Params {
   const float* sinb;       // [R][D/2]
   const float* bias;       // [ROWS][nkp] additive mask
   float* x;                // [ROWS][W]
-  bf16* xn;                // [ROWS][W]
-  bf16* q;                 // [ROWS][H*D]
-  bf16* kc;                // [layers][nkp][D]
-  bf16* vc;                // [layers][nkp][D]
+  bf16* xn;                // [W/16][ROWS][16]
+  bf16* q;                 // [H][D/16][ROWS][16]
+  bf16* kc;                // [layers][nkp/16][D/16][16][16]
+  bf16* vc;                // [layers][nkp/16][D/16][16][16]
   float* opart;            // [H][nsplit][ROWS][D]
   float* ml;               // [H][nsplit][ROWS][2]
-  bf16* ao;                // [ROWS][H*D]
-  bf16* act;               // [ROWS][F]
+  bf16* ao;                // [H*D/16][ROWS][16]
+  bf16* act;               // [F/16][ROWS][16]
   unsigned* bar;           // grid barrier counter (zeroed before the launch)
   unsigned long long* prof;  // optional [16]: block 0's clock64 cycles per phase (incl. its barrier),
                              // then inside the products: [8] weights wait, [9] staging wait,
@@ -154,13 +155,19 @@ struct Tape {
   __device__ const bf16* slot(int g) const { return ring + ((consumed + g) % NSTAGE) * SLOT_ELEMS; }
 };
 
+__device__ __forceinline__ int tiled(int r, int c) { return ((c >> 4) * ROWS + r) * 16 + (c & 15); }
+__device__ __forceinline__ int kv_tiled(int key, int d) {
+  return (((key >> 4) * (D / 16) + (d >> 4)) * 16 + (key & 15)) * 16 + (d & 15);
+}
+
 __device__ __forceinline__ float gelu_tanh(float g) {
   return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
 }
 
 // Activations produced by other blocks in the previous phase are staged in shared memory by TMA
-// bulk copies (one per row, issued by warp 0) that complete on an mbarrier: no registers, no L1
-// (whose lines could be stale), and apart from the weight ring's cp.async groups.
+// bulk copies (one per contiguous block: a copy costs ~35 ns to issue, so not one per row) that
+// complete on an mbarrier: no registers, no L1 (whose lines could be stale), and apart from the
+// weight ring's cp.async groups.
 __device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void mbar_init(unsigned long long* bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(bar)));
@@ -169,7 +176,7 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar) {
 struct Stage {
   unsigned long long* bar;
   unsigned phase;
-  // Warp 0 only: copy `rows` rows of `bytes` each; all of one wait() go to one expect_tx.
+  // Warp 0 only: copy n blocks of `bytes` each; all of one wait() go to one expect_tx.
   __device__ void begin(unsigned total) {
 #ifndef NO_GFENCE  // a variant: trust the grid barrier's fences alone for the TMA reads of global data
     asm volatile("fence.proxy.async.global;\n" ::: "memory");
@@ -200,26 +207,21 @@ struct Stage {
 // (8 warps x 8 tiles = 64 KB, over the staging area). Rows >= R of the staging area hold stale
 // data: they only reach output rows that are never written.
 template <int G, int KS>
-__device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char* U, const bf16* A, int lda, int k0) {
+__device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char* U, const bf16* A, int k0) {
   bf16* As = reinterpret_cast<bf16*>(U);
   float* scratch = reinterpret_cast<float*>(U);  // after the last release's barrier
   const int warp = threadIdx.x >> 5;
-#ifdef SMALL_TILE
-  const int mt = warp & 3, kh = warp >> 2;
-  constexpr int NACC = G;
-#else
   // Warp w: column pair cg (groups 2cg, 2cg+1) x input part kp of KP; all 64 rows.
   constexpr int NCG = G / 2, KP = 8 / NCG, NACC = 8;
   const int cg = warp % NCG, kp = warp / NCG;
-#endif
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NACC];
 #pragma unroll
   for (int g = 0; g < NACC; g++) wmma::fill_fragment(acc[g], 0.f);
   for (int ks = 0; ks < KS; ks++) {
 #ifndef NO_STAGE  // a bound: products over whatever the staging area holds (wrong numbers)
     if (threadIdx.x < 32) {  // the staging area is free: a barrier separates it from its last reader
-      st.begin(p.rows * SLOT_K * 2);
-      st.rows(As, A_LD * 2, A + k0 + ks * SLOT_K, lda * 2, p.rows, SLOT_K * 2);
+      st.begin(A_BYTES);
+      st.rows(As, 0, A + (k0 + ks * SLOT_K) / 16 * (ROWS * 16), 0, 1, A_BYTES);
     }
 #endif
     long long c0 = clock64();
@@ -229,27 +231,10 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
     st.wait();
 #endif
     long long c2 = clock64();
-#ifdef SMALL_TILE  // round-7 first version: 16 x 16 warp tiles, B fragments loaded by 4 warps
-    const bf16* ap = As + (mt * 16) * A_LD + kh * 256;
-    const bf16* bp[G];
-#pragma unroll
-    for (int g = 0; g < G; g++) bp[g] = tp.slot(g) + kh * 256;
-#pragma unroll 4
-    for (int j = 0; j < 16; j++) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af;
-      wmma::load_matrix_sync(af, ap + 16 * j, A_LD);
-#pragma unroll
-      for (int g = 0; g < G; g++) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bfr;
-        wmma::load_matrix_sync(bfr, bp[g] + 16 * j, SLOT_LD);
-        wmma::mma_sync(acc[g], af, bfr, acc[g]);
-      }
-    }
-#else  // 64 x 32 warp tiles: 4 A + 2 B fragments per 8 products
     const int k_lo = kp * (SLOT_K / KP);
     const bf16* b0 = tp.slot(2 * cg) + k_lo;
     const bf16* b1 = tp.slot(2 * cg + 1) + k_lo;
-    const bf16* a0 = As + k_lo;
+    const bf16* a0 = As + k_lo / 16 * (ROWS * 16);
 #pragma unroll 2
     for (int j = 0; j < SLOT_K / KP / 16; j++) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> f0, f1;
@@ -258,12 +243,11 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
 #pragma unroll
       for (int m = 0; m < 4; m++) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af;
-        wmma::load_matrix_sync(af, a0 + (m * 16) * A_LD + 16 * j, A_LD);
+        wmma::load_matrix_sync(af, a0 + j * (ROWS * 16) + m * 256, 16);
         wmma::mma_sync(acc[2 * m], af, f0, acc[2 * m]);
         wmma::mma_sync(acc[2 * m + 1], af, f1, acc[2 * m + 1]);
       }
     }
-#endif
     tp.release(G);
     if (p.prof && blockIdx.x == 0 && threadIdx.x == 0) {
       long long c3 = clock64();
@@ -281,16 +265,12 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
 template <int G>
 __device__ __forceinline__ float item_out(const float* scratch, int r, int c) {
   int mt = r >> 4, rr = r & 15, g = c >> 4, cc = c & 15;
-#ifdef SMALL_TILE
-  return scratch[(mt * G + g) * 256 + rr * 16 + cc] + scratch[((mt + 4) * G + g) * 256 + rr * 16 + cc];
-#else
   constexpr int NCG = G / 2, KP = 8 / NCG;
   const int cg = g >> 1, tile = 2 * mt + (g & 1);
   float v = 0.f;
 #pragma unroll
   for (int kp = 0; kp < KP; kp++) v += scratch[((kp * NCG + cg) * 8 + tile) * 256 + rr * 16 + cc];
   return v;
-#endif
 }
 
 __device__ void norm_phase(const Params& p, const float* w, float* red) {
@@ -306,7 +286,7 @@ __device__ void norm_phase(const Params& p, const float* w, float* red) {
   for (int i = 0; i < THREADS / 32; i++) tot += red[i];
   float rs = rsqrtf(tot / W + p.eps);
   float4 g = reinterpret_cast<const float4*>(w)[threadIdx.x];
-  bf16* out = p.xn + r * W + threadIdx.x * 4;
+  bf16* out = p.xn + tiled(r, threadIdx.x * 4);
   out[0] = __float2bfloat16(v.x * rs * g.x);
   out[1] = __float2bfloat16(v.y * rs * g.y);
   out[2] = __float2bfloat16(v.z * rs * g.z);
@@ -316,11 +296,12 @@ __device__ void norm_phase(const Params& p, const float* w, float* red) {
 
 __device__ void qkv_phase(const Params& p, Tape& tp, Stage& st, unsigned char* U, int layer) {
   int i = blockIdx.x;
-  item_product<2, 2>(p, tp, st, U, p.xn, W, 0);
+  item_product<2, 2>(p, tp, st, U, p.xn, 0);
   const float* scratch = reinterpret_cast<const float*>(U);
   int hs = i / 8, u = i % 8;
   bf16* kc = p.kc + (long long)layer * p.nkp * D;
   bf16* vc = p.vc + (long long)layer * p.nkp * D;
+  bf16* q = p.q + hs * D * ROWS;
   for (int e = threadIdx.x; e < ROWS * 16; e += THREADS) {
     int r = e >> 4, cc = e & 15;
     if (r >= p.rows) continue;
@@ -332,9 +313,14 @@ __device__ void qkv_phase(const Params& p, Tape& tp, Stage& st, unsigned char* U
       a = o1;
       b = o2;
     }
-    bf16* dst = hs < H ? p.q + r * (H * D) + hs * D : (hs == H ? kc : vc) + (p.T + r) * D;
-    dst[d] = __float2bfloat16(a);
-    dst[d + D / 2] = __float2bfloat16(b);
+    if (hs < H) {
+      q[tiled(r, d)] = __float2bfloat16(a);
+      q[tiled(r, d + D / 2)] = __float2bfloat16(b);
+    } else {
+      bf16* c = hs == H ? kc : vc;
+      c[kv_tiled(p.T + r, d)] = __float2bfloat16(a);
+      c[kv_tiled(p.T + r, d + D / 2)] = __float2bfloat16(b);
+    }
   }
   __syncthreads();
 }
@@ -348,13 +334,13 @@ __device__ void attn_phase(const Params& p, Stage& st, unsigned char* U, int lay
   bf16* vs = reinterpret_cast<bf16*>(U + Q_BYTES + KV_BYTES);
   float* S = reinterpret_cast<float*>(U + Q_BYTES + 2 * KV_BYTES);  // [64][KEYS]
   bf16* P = ks;                                                      // [64][KEYS], once K is used
-  const bf16* kc = p.kc + ((long long)layer * p.nkp + sp * KEYS) * D;
+  const bf16* kc = p.kc + ((long long)layer * p.nkp + sp * KEYS) * D;  // KEYS / 16 whole key tiles
   const bf16* vc = p.vc + ((long long)layer * p.nkp + sp * KEYS) * D;
   if (threadIdx.x < 32) {
-    st.begin((p.rows + 2 * KEYS) * D * 2);
-    st.rows(qs, QK_LD * 2, p.q + h * D, H * D * 2, p.rows, D * 2);
-    st.rows(ks, QK_LD * 2, kc, D * 2, KEYS, D * 2);
-    st.rows(vs, QK_LD * 2, vc, D * 2, KEYS, D * 2);
+    st.begin(Q_BYTES + 2 * KV_BYTES);
+    st.rows(qs, 0, p.q + h * D * ROWS, 0, 1, Q_BYTES);
+    st.rows(ks, 0, kc, 0, 1, KV_BYTES);
+    st.rows(vs, 0, vc, 0, 1, KV_BYTES);
   }
   const bool prof = p.prof && blockIdx.x == 0 && threadIdx.x == 0;
   long long c0 = clock64();
@@ -368,8 +354,8 @@ __device__ void attn_phase(const Params& p, Stage& st, unsigned char* U, int lay
     for (int j = 0; j < D / 16; j++) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bfr;
-      wmma::load_matrix_sync(af, qs + (mt * 16) * QK_LD + 16 * j, QK_LD);
-      wmma::load_matrix_sync(bfr, ks + (nt * 16) * QK_LD + 16 * j, QK_LD);
+      wmma::load_matrix_sync(af, qs + j * (ROWS * 16) + mt * 256, 16);
+      wmma::load_matrix_sync(bfr, ks + (nt * (D / 16) + j) * 256, 16);
       wmma::mma_sync(acc, af, bfr, acc);
     }
     wmma::store_matrix_sync(S + mt * 16 * KEYS + nt * 16, acc, KEYS, wmma::mem_row_major);
@@ -416,7 +402,7 @@ __device__ void attn_phase(const Params& p, Stage& st, unsigned char* U, int lay
       wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> af;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bfr;
       wmma::load_matrix_sync(af, P + mt * 16 * KEYS + 16 * j, KEYS);
-      wmma::load_matrix_sync(bfr, vs + (16 * j) * QK_LD + nt * 16, QK_LD);
+      wmma::load_matrix_sync(bfr, vs + (j * (D / 16) + nt) * 256, 16);
       wmma::mma_sync(acc, af, bfr, acc);
     }
     wmma::store_matrix_sync(op + (mt * 16) * D + nt * 16, acc, D, wmma::mem_row_major);
@@ -456,16 +442,15 @@ __device__ void combine_phase(const Params& p) {
       acc[4] += w * b.x; acc[5] += w * b.y; acc[6] += w * b.z; acc[7] += w * b.w;
     }
     float inv = 1.f / L;
-    bf16* dst = p.ao + r * (H * D) + h * D + lane * 8;
+    bf16* dst = p.ao + tiled(r, h * D + lane * 8);
 #pragma unroll
     for (int k = 0; k < 8; k++) dst[k] = __float2bfloat16(acc[k] * inv);
   }
 }
 
 template <int G, int KS>
-__device__ void residual_phase(const Params& p, Tape& tp, Stage& st, unsigned char* U, const bf16* A, int lda, int n0,
-                               int k0) {
-  item_product<G, KS>(p, tp, st, U, A, lda, k0);
+__device__ void residual_phase(const Params& p, Tape& tp, Stage& st, unsigned char* U, const bf16* A, int n0, int k0) {
+  item_product<G, KS>(p, tp, st, U, A, k0);
   const float* scratch = reinterpret_cast<const float*>(U);
   for (int e = threadIdx.x; e < ROWS * 16 * G; e += THREADS) {
     int r = e / (16 * G), c = e % (16 * G);
@@ -476,13 +461,13 @@ __device__ void residual_phase(const Params& p, Tape& tp, Stage& st, unsigned ch
 
 __device__ void gate_up_phase(const Params& p, Tape& tp, Stage& st, unsigned char* U) {
   int i = blockIdx.x;
-  item_product<4, 2>(p, tp, st, U, p.xn, W, 0);
+  item_product<4, 2>(p, tp, st, U, p.xn, 0);
   const float* scratch = reinterpret_cast<const float*>(U);
   for (int e = threadIdx.x; e < ROWS * 32; e += THREADS) {
     int r = e >> 5, c = e & 31;
     if (r >= p.rows) continue;
     float g = item_out<4>(scratch, r, c), u = item_out<4>(scratch, r, 32 + c);
-    p.act[r * F + 32 * i + c] = __float2bfloat16(gelu_tanh(g) * u);
+    p.act[tiled(r, 32 * i + c)] = __float2bfloat16(gelu_tanh(g) * u);
   }
   __syncthreads();
 }
@@ -529,13 +514,13 @@ __global__ void __launch_bounds__(THREADS, 1) expert_chain_kernel(Params p) {
       sync(2);
       if (run) combine_phase(p);
       sync(3);
-      if (run && item) residual_phase<2, 1>(p, tp, st, U, p.ao, H * D, 32 * (b % 32), SLOT_K * (b / 32));
+      if (run && item) residual_phase<2, 1>(p, tp, st, U, p.ao, 32 * (b % 32), SLOT_K * (b / 32));
       sync(4);
       if (run) norm_phase(p, p.post_norm + l * W, red);
       sync(5);
       if (run && item) gate_up_phase(p, tp, st, U);
       sync(6);
-      if (run && item) residual_phase<4, 1>(p, tp, st, U, p.act, F, 64 * (b % 16), SLOT_K * (b / 16));
+      if (run && item) residual_phase<4, 1>(p, tp, st, U, p.act, 64 * (b % 16), SLOT_K * (b / 16));
       sync(7);
     }
   }
