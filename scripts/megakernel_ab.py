@@ -8,7 +8,8 @@ FastPi0 runs today (time), at Pi0's full-size expert shapes with random weights.
 
 SMALL_TILE: the first version's 16 x 16 warp tiles. SAME_LAYER: every layer streams layer 0's
 weights, which stay in L2 (wrong numbers). NO_STAGE: the products skip staging their activations
-(wrong numbers). NO_GFENCE: no fence.proxy.async.global before the TMA staging. (Round 7's first log also has NO_MMA, from commit 6a55770's code.)
+(wrong numbers). NO_GFENCE: no fence.proxy.async.global before the TMA staging. FULL_UNROLL: the
+products' fragment loop fully unrolled. (Round 7's first log also has NO_MMA, from commit 6a55770's code.)
 
 Prints: max |diff| / max |x| after 18 layers (one Euler step's stack) and the median ms of 10
 steps x 18 layers for both, timed with CUDA events over repeated launches."""

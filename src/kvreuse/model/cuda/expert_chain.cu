@@ -29,7 +29,6 @@ constexpr int ROWS = 64;          // padded suffix rows
 constexpr int W = 1024;           // expert width
 constexpr int H = 8;              // query heads (one K/V head)
 constexpr int D = 256;            // head dim
-constexpr int F = 4096;           // MLP width
 constexpr int SLOT_K = 512;
 #ifndef SLOT_PAD
 #define SLOT_PAD 8
@@ -235,7 +234,11 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
     const bf16* b0 = tp.slot(2 * cg) + k_lo;
     const bf16* b1 = tp.slot(2 * cg + 1) + k_lo;
     const bf16* a0 = As + k_lo / 16 * (ROWS * 16);
+#ifdef FULL_UNROLL  // a variant: every fragment load of the part hoistable
+#pragma unroll
+#else
 #pragma unroll 2
+#endif
     for (int j = 0; j < SLOT_K / KP / 16; j++) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> f0, f1;
       wmma::load_matrix_sync(f0, b0 + 16 * j, SLOT_LD);
