@@ -4,12 +4,12 @@ FastPi0 runs today (time), at Pi0's full-size expert shapes with random weights.
 
     PYTHONPATH=src python3 scripts/megakernel_ab.py            # one sm_90 GPU with nvcc
     NSTAGES=6,8 PADS=8,16 ...                                  # ring depths, slot row padding
-    BOUNDS=SMALL_TILE,SAME_LAYER,NO_STAGE ...                  # compile-time variants (.cu)
+    BOUNDS=SAME_LAYER,NO_STAGE,NO_GFENCE,FULL_UNROLL ...       # compile-time variants (.cu)
 
-SMALL_TILE: the first version's 16 x 16 warp tiles. SAME_LAYER: every layer streams layer 0's
-weights, which stay in L2 (wrong numbers). NO_STAGE: the products skip staging their activations
-(wrong numbers). NO_GFENCE: no fence.proxy.async.global before the TMA staging. FULL_UNROLL: the
-products' fragment loop fully unrolled. (Round 7's first log also has NO_MMA, from commit 6a55770's code.)
+SAME_LAYER: every layer streams layer 0's weights, which stay in L2 (wrong numbers). NO_STAGE: the
+products skip staging their activations (wrong numbers). NO_GFENCE: no fence.proxy.async.global
+before the TMA staging. FULL_UNROLL: the products' fragment loop fully unrolled. (Earlier
+versions' variants -- NO_MMA, A_BATCH, SMALL_TILE -- are in the round-7 logs and git history.)
 
 Prints: max |diff| / max |x| after 18 layers (one Euler step's stack) and the median ms of 10
 steps x 18 layers for both, timed with CUDA events over repeated launches."""
