@@ -164,9 +164,9 @@ __device__ __forceinline__ float gelu_tanh(float g) {
 }
 
 // Activations produced by other blocks in the previous phase are staged in shared memory by TMA
-// bulk copies (one per contiguous block: a copy costs ~35 ns to issue, so not one per row) that
-// complete on an mbarrier: no registers, no L1 (whose lines could be stale), and apart from the
-// weight ring's cp.async groups.
+// bulk copies that complete on an mbarrier: no registers, no L1 (whose lines could be stale), and
+// apart from the weight ring's cp.async groups. One copy per contiguous block, not per row: each
+// copy has a cost of its own (~20 ns, round 7).
 __device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void mbar_init(unsigned long long* bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(bar)));
