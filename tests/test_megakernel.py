@@ -2,6 +2,7 @@
 kernel's blocks consume, in their order (expert_chain.cu's header). The kernel itself needs an
 sm_90 GPU and nvcc (scripts/megakernel_ab.py checks it there against float32 math)."""
 
+import pytest
 import torch
 
 from kvreuse.model.megakernel import D, F, H, N_ITEMS, N_QKV, W, pack_layer
@@ -47,3 +48,9 @@ def test_tape_layout():
     assert torch.equal(tape[s, :, :512], o[544:560, 1024:1536])
     # down item 81: column range 1 (64..127), k-slice 5.
     assert torch.equal(tape[s + 10, :, :512], down[64:80, 2560:3072])
+
+
+def test_pack_rejects_other_shapes():
+    qkv, o, gu, down = _weights()
+    with pytest.raises(ValueError, match="gate_up weight is"):
+        pack_layer(qkv, o, gu[:-16], down)

@@ -1,5 +1,6 @@
 """Host side of `cuda/expert_chain.cu`, the persistent CUDA kernel for the action expert's layer
-chain (an experiment of round 7, docs/PERFORMANCE.md; not used by FastPi0 yet). Optional: built
+chain (an experiment of round 7, docs/PERFORMANCE.md: correct, slower than the Triton chain, so
+FastPi0 does not use it). Optional: built
 on demand with nvcc on an sm_90 GPU machine; nothing here runs on CPU machines or in CI, which have
 neither. The kernel is loaded with ctypes (plain extern "C" entry points), so no torch headers or
 ninja are needed to build it.
@@ -55,6 +56,10 @@ def build(nstage: int = 8, defines: tuple[str, ...] = (), cache: Path | None = N
 def pack_layer(qkv: torch.Tensor, o: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, pad: int = 8) -> torch.Tensor:
     """One layer's weights (nn.Linear layout: (out, in)) -> its slots in the blocks' consumption
     order (see the .cu file's header): (slots, 16, 512 + pad), the pad columns zero."""
+    for name, w, shape in (("qkv", qkv, ((H + 2) * D, W)), ("o", o, (W, H * D)), ("gate_up", gate_up, (2 * F, W)),
+                           ("down", down, (W, F))):
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{name} weight is {tuple(w.shape)}; this kernel takes Pi0's expert shape {shape}")
     q = qkv.view(H + 2, 2, 8, 16, 2, SLOT_K).permute(0, 2, 4, 1, 3, 5).reshape(N_QKV, 4, 16, SLOT_K)
     wo = o.view(32, 2, 16, 4, SLOT_K).permute(3, 0, 1, 2, 4).reshape(N_ITEMS, 2, 16, SLOT_K)
     gu = gate_up.view(2, N_ITEMS, 2, 16, 2, SLOT_K).permute(1, 4, 0, 2, 3, 5).reshape(N_ITEMS, 8, 16, SLOT_K)
@@ -88,7 +93,7 @@ class ExpertChain:
         keys = self.prefix + self.rows
         self.nsplit = -(-keys // KEYS)
         self.nkp = self.nsplit * KEYS
-        if self.nblocks < max(N_ITEMS, H * self.nsplit) or self.rows > ROWS:
+        if self.nblocks < max(N_ITEMS, H * self.nsplit) or not 0 < self.rows <= ROWS:
             raise ValueError(f"{self.nblocks} SMs, {keys} keys, {self.rows} rows: beyond this kernel's shapes")
         f32, bf = dict(device=dev, dtype=torch.float32), dict(device=dev, dtype=torch.bfloat16)
         n = len(self.layers)
@@ -124,8 +129,8 @@ class ExpertChain:
     def run(self, x: torch.Tensor, steps: int = 1, prof: torch.Tensor | None = None,
             barriers_only: bool = False) -> torch.Tensor:
         """x: (rows, W) input of layer 0 -> the residual stream after steps x layers (float32).
-        prof: an int64 (8,) tensor that block 0 adds its clock cycles per phase to (incl. the
-        phase's barrier). barriers_only: a timing bound that skips every phase (wrong numbers)."""
+        prof: an int64 (16,) tensor that block 0 adds its clock cycles to: per phase (incl. its
+        barrier), then inside the products and the attention (expert_chain.cu's Params). barriers_only: a timing bound that skips every phase (wrong numbers)."""
         self.x.zero_()
         self.x[: self.rows].copy_(x)
         self.bar.zero_()

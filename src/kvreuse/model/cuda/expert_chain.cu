@@ -3,14 +3,15 @@
 // the phases. Why: the Triton chain (one kernel per product) spends ~27 us per layer-step in
 // per-kernel latency (docs/PERFORMANCE.md, round 6). Here each block streams its whole share of
 // the weights as one "tape" through a ring of shared-memory slots with cp.async, so the next
-// phase's weights are already in flight while the block waits at a grid barrier.
+// phase's weights are already in flight while the block waits at a grid barrier. Measured in
+// round 7 (docs/PERFORMANCE.md): correct, but slower than the Triton chain; kept as an experiment.
 //
 // Phases per layer: norm -> QKV (+ rotary, K/V write) -> attention partials (head x key split)
 // -> combine -> Wo (+ residual, fp32 atomics) -> norm -> gate/up (+ gelu_tanh(g) * u) -> down
 // (+ residual). The residual stream x is float32 (64 rows, rows >= R unused).
 //
 // Weight slots: 16 output columns x 512 inputs (+ SLOT_PAD, against bank conflicts), packed on the
-// host in each block's consumption order (kvreuse.model.megakernel.pack_weights). Work items:
+// host in each block's consumption order (kvreuse.model.megakernel.pack_layer). Work items:
 //   QKV     80 items: head slot hs = i / 8 (8 q, k, v), dims [16u, 16u+16) and the rotary partners
 //           [128 + 16u, ...), u = i % 8; K = 1024 in 2 slots each -> 4 slots.
 //   Wo     128 items: 32 output columns (32 n-ranges) x 512 of K = 2048 (4 k-slices) -> 2 slots.
