@@ -5,7 +5,7 @@ sm_90 GPU and nvcc (scripts/megakernel_ab.py checks it there against float32 mat
 import pytest
 import torch
 
-from kvreuse.model.megakernel import D, F, H, N_ITEMS, N_QKV, W, pack_layer
+from kvreuse.model.megakernel import N_ITEMS, N_QKV, D, F, H, W, pack_layer
 
 SLOTS_QKV, SLOTS_REST = 4, 14
 
