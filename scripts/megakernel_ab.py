@@ -8,7 +8,8 @@ FastPi0 runs today (time), at Pi0's full-size expert shapes with random weights.
 
 SAME_LAYER: every layer streams layer 0's weights, which stay in L2 (wrong numbers). NO_STAGE: the
 products skip staging their activations (wrong numbers). NO_GFENCE: no fence.proxy.async.global
-before the TMA staging. FULL_UNROLL: the products' fragment loop fully unrolled. (Earlier
+before the TMA staging. FULL_UNROLL: the products' fragment loop fully unrolled. WGMMA: the
+products on wgmma (operands from shared memory; LBO_SBO_SWAP: its descriptor's strides swapped). (Earlier
 versions' variants -- NO_MMA, A_BATCH, SMALL_TILE -- are in the round-7 logs and git history.)
 
 Prints: max |diff| / max |x| after 18 layers (one Euler step's stack) and the median ms of 10
@@ -48,6 +49,7 @@ bias[0, T + 1:] = float("-inf")  # Pi0's state token sees the prefix and itself 
 x0 = rn(R, W, scale=1.0).float()
 
 
+WRONG = {"SAME_LAYER", "NO_STAGE"}  # timing bounds that compute wrong numbers on purpose
 PHASES = ("norm", "qkv", "attn", "combine", "wo", "norm2", "gate_up", "down")
 
 
@@ -107,7 +109,7 @@ def megakernel(nstage, defines=(), pad=8):
     err = (out - ref).abs().max().item() / scale
     print(f"megakernel nstage={nstage} pad={pad} {defines}: 18 layers, max|diff|/max|x| = {err:.3e} (max|x| {scale:.2f})",
           flush=True)
-    if not defines and not err < 2e-2:
+    if not WRONG.intersection(defines) and not err < 2e-2:
         print("MISMATCH", flush=True)
         raise SystemExit(1)
     ms = events_ms(lambda: ec.run(x0, STEPS))

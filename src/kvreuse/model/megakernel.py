@@ -43,7 +43,7 @@ def build(nstage: int = 8, defines: tuple[str, ...] = (), cache: Path | None = N
     if not lib.exists():
         nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
         tmp = lib.with_suffix(".tmp.so")
-        cmd = [str(nvcc), "-O3", "-arch=sm_90", "-shared", "-Xcompiler", "-fPIC", f"-DNSTAGE={nstage}",
+        cmd = [str(nvcc), "-O3", "-gencode", "arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC", f"-DNSTAGE={nstage}",
                *(f"-D{d}" for d in defines), "-o", str(tmp), str(SRC)]
         subprocess.run(cmd, check=True)
         tmp.rename(lib)
@@ -53,9 +53,11 @@ def build(nstage: int = 8, defines: tuple[str, ...] = (), cache: Path | None = N
     return dll
 
 
-def pack_layer(qkv: torch.Tensor, o: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, pad: int = 8) -> torch.Tensor:
+def pack_layer(qkv: torch.Tensor, o: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, pad: int = 8,
+               core: bool = False) -> torch.Tensor:
     """One layer's weights (nn.Linear layout: (out, in)) -> its slots in the blocks' consumption
-    order (see the .cu file's header): (slots, 16, 512 + pad), the pad columns zero."""
+    order (see the .cu file's header): (slots, 16, 512 + pad), the pad columns zero; with core
+    (the WGMMA build), each slot as wgmma's 8 x 8 core matrices instead: (slots, 64, 16, 8)."""
     for name, w, shape in (("qkv", qkv, ((H + 2) * D, W)), ("o", o, (W, H * D)), ("gate_up", gate_up, (2 * F, W)),
                            ("down", down, (W, F))):
         if tuple(w.shape) != shape:
@@ -65,7 +67,10 @@ def pack_layer(qkv: torch.Tensor, o: torch.Tensor, gate_up: torch.Tensor, down: 
     gu = gate_up.view(2, N_ITEMS, 2, 16, 2, SLOT_K).permute(1, 4, 0, 2, 3, 5).reshape(N_ITEMS, 8, 16, SLOT_K)
     dn = down.view(16, 4, 16, 8, SLOT_K).permute(3, 0, 1, 2, 4).reshape(N_ITEMS, 4, 16, SLOT_K)
     per_block = [torch.cat(([q[b]] if b < N_QKV else []) + [wo[b], gu[b], dn[b]]) for b in range(N_ITEMS)]
-    return torch.nn.functional.pad(torch.cat(per_block), (0, pad)).contiguous()
+    slots = torch.cat(per_block)
+    if core:
+        return slots.view(-1, 16, SLOT_K // 8, 8).transpose(1, 2).contiguous()
+    return torch.nn.functional.pad(slots, (0, pad)).contiguous()
 
 
 @dataclass
@@ -86,8 +91,12 @@ class ExpertChain:
         dev = self.layers[0]["qkv"].device
         props = torch.cuda.get_device_properties(dev)
         self.nblocks = props.multi_processor_count
+        core = "WGMMA" in self.defines  # wgmma reads unpadded core-matrix slots
+        if core:
+            self.pad = 0
         self.lib = build(self.nstage, (*self.defines, f"SLOT_PAD={self.pad}"))
-        self.tape = torch.stack([pack_layer(l["qkv"], l["o"], l["gate_up"], l["down"], self.pad) for l in self.layers])
+        self.tape = torch.stack([pack_layer(l["qkv"], l["o"], l["gate_up"], l["down"], self.pad, core)
+                                 for l in self.layers])
         self.in_norm = torch.stack([l["in_norm"].float() for l in self.layers]).contiguous()
         self.post_norm = torch.stack([l["post_norm"].float() for l in self.layers]).contiguous()
         keys = self.prefix + self.rows

@@ -17,7 +17,7 @@
 //   Wo     128 items: 32 output columns (32 n-ranges) x 512 of K = 2048 (4 k-slices) -> 2 slots.
 //   gate/up 128 items: gate columns [32i, 32i+32) and the same up columns, K = 1024 -> 8 slots.
 //   down   128 items: 64 output columns (16 n-ranges) x 512 of K = 4096 (8 k-slices) -> 4 slots.
-// Build: nvcc -O3 -arch=sm_90 -shared -Xcompiler -fPIC (kvreuse.model.megakernel.build).
+// Build: nvcc -O3 -gencode arch=compute_90a,code=sm_90a -shared -Xcompiler -fPIC (megakernel.build).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -145,6 +145,9 @@ struct Tape {
   }
   __device__ void acquire(int g) {  // slots [consumed, consumed + g) landed, for every thread
     cp_wait_n((int)(issued - (consumed + g)));
+#ifdef WGMMA  // cp.async wrote through the generic proxy; wgmma reads through the async one
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
     __syncthreads();
   }
   __device__ void release(int g) {
@@ -156,6 +159,11 @@ struct Tape {
 };
 
 __device__ __forceinline__ int tiled(int r, int c) { return ((c >> 4) * ROWS + r) * 16 + (c & 15); }
+#ifdef WGMMA  // the products' activations in wgmma's core matrices: [K/8][64 rows][8]
+__device__ __forceinline__ int atile(int r, int c) { return ((c >> 3) * ROWS + r) * 8 + (c & 7); }
+#else
+__device__ __forceinline__ int atile(int r, int c) { return tiled(r, c); }
+#endif
 __device__ __forceinline__ int kv_tiled(int key, int d) {
   return (((key >> 4) * (D / 16) + (d >> 4)) * 16 + (key & 15)) * 16 + (d & 15);
 }
@@ -201,6 +209,27 @@ struct Stage {
   }
 };
 
+#ifdef WGMMA
+// wgmma (sm_90a): both operands read from shared memory by the tensor cores. K-major, no swizzle:
+// 8 x 8 core matrices of 128 contiguous bytes; LBO = the byte step between core matrices along K,
+// SBO = along M / N (LBO_SBO_SWAP swaps the two, in case the descriptor reads them the other way).
+__device__ __forceinline__ unsigned long long gdesc(const void* smem, unsigned lbo, unsigned sbo) {
+#ifdef LBO_SBO_SWAP
+  unsigned t = lbo; lbo = sbo; sbo = t;
+#endif
+  unsigned long long a = smem_u32(smem);
+  return ((a & 0x3FFFF) >> 4) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
+         ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32);
+}
+__device__ __forceinline__ void wgmma_16(float (&d)[8], unsigned long long da, unsigned long long db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(da), "l"(db));
+}
+#endif
+
 // One item's product: out[64, 16G] = A[64, k0 : k0 + 512 KS] @ slots^T. Per 512 inputs the block
 // stages A's rows in shared memory (TMA, issued before waiting for the weights); each warp takes
 // all 64 rows x 32 columns (two slots) over a part of the inputs, and the parts meet in scratch
@@ -211,12 +240,22 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
   bf16* As = reinterpret_cast<bf16*>(U);
   float* scratch = reinterpret_cast<float*>(U);  // after the last release's barrier
   const int warp = threadIdx.x >> 5;
+#ifdef WGMMA
+  // Warpgroup wg (4 warps) takes the wg-th half of each slab's 32 k16 steps; all 64 rows, G slots.
+  const int wg = warp >> 2;
+  float d[G][8];
+#pragma unroll
+  for (int g = 0; g < G; g++)
+#pragma unroll
+    for (int i = 0; i < 8; i++) d[g][i] = 0.f;
+#else
   // Warp w: column pair cg (groups 2cg, 2cg+1) x input part kp of KP; all 64 rows.
   constexpr int NCG = G / 2, KP = 8 / NCG, NACC = 8;
   const int cg = warp % NCG, kp = warp / NCG;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NACC];
 #pragma unroll
   for (int g = 0; g < NACC; g++) wmma::fill_fragment(acc[g], 0.f);
+#endif
   for (int ks = 0; ks < KS; ks++) {
 #ifndef NO_STAGE  // a bound: products over whatever the staging area holds (wrong numbers)
     if (threadIdx.x < 32) {  // the staging area is free: a barrier separates it from its last reader
@@ -231,6 +270,18 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
     st.wait();
 #endif
     long long c2 = clock64();
+#ifdef WGMMA
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll 4
+    for (int j = 0; j < 16; j++) {
+      const int kk = wg * 16 + j;  // k16 step within the slab: two k8 core-matrix columns
+      unsigned long long da = gdesc(As + kk * 2 * (ROWS * 8), ROWS * 16, 128);
+#pragma unroll
+      for (int g = 0; g < G; g++) wgmma_16(d[g], da, gdesc(tp.slot(g) + kk * 2 * 128, 256, 128));
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#else
     const int k_lo = kp * (SLOT_K / KP);
     const bf16* b0 = tp.slot(2 * cg) + k_lo;
     const bf16* b1 = tp.slot(2 * cg + 1) + k_lo;
@@ -252,6 +303,7 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
         wmma::mma_sync(acc[2 * m + 1], af, f1, acc[2 * m + 1]);
       }
     }
+#endif
     tp.release(G);
     if (p.prof && blockIdx.x == 0 && threadIdx.x == 0) {
       long long c3 = clock64();
@@ -260,14 +312,35 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
       atomicAdd(p.prof + 10, (unsigned long long)(c3 - c2));
     }
   }
+#ifdef WGMMA
+  {  // accumulator fragment: rows 16 (warp % 4) + lane / 4 (+ 8), columns 8 i + 2 (lane % 4) (+ 1)
+    const int lane = threadIdx.x & 31, row = 16 * (warp & 3) + (lane >> 2), col = 2 * (lane & 3);
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+      float* o = scratch + (wg * G + g) * (ROWS * 16);
+#pragma unroll
+      for (int i = 0; i < 2; i++) {
+        o[row * 16 + 8 * i + col] = d[g][4 * i];
+        o[row * 16 + 8 * i + col + 1] = d[g][4 * i + 1];
+        o[(row + 8) * 16 + 8 * i + col] = d[g][4 * i + 2];
+        o[(row + 8) * 16 + 8 * i + col + 1] = d[g][4 * i + 3];
+      }
+    }
+  }
+#else
 #pragma unroll
   for (int g = 0; g < NACC; g++) wmma::store_matrix_sync(scratch + (warp * NACC + g) * 256, acc[g], 16, wmma::mem_row_major);
+#endif
   __syncthreads();
 }
 
 // The finished product at (row r, column c of the item): the warps' input parts summed.
 template <int G>
 __device__ __forceinline__ float item_out(const float* scratch, int r, int c) {
+#ifdef WGMMA
+  const int g = c >> 4;
+  return scratch[g * (ROWS * 16) + r * 16 + (c & 15)] + scratch[(G + g) * (ROWS * 16) + r * 16 + (c & 15)];
+#else
   int mt = r >> 4, rr = r & 15, g = c >> 4, cc = c & 15;
   constexpr int NCG = G / 2, KP = 8 / NCG;
   const int cg = g >> 1, tile = 2 * mt + (g & 1);
@@ -275,6 +348,7 @@ __device__ __forceinline__ float item_out(const float* scratch, int r, int c) {
 #pragma unroll
   for (int kp = 0; kp < KP; kp++) v += scratch[((kp * NCG + cg) * 8 + tile) * 256 + rr * 16 + cc];
   return v;
+#endif
 }
 
 __device__ void norm_phase(const Params& p, const float* w, float* red) {
@@ -290,7 +364,7 @@ __device__ void norm_phase(const Params& p, const float* w, float* red) {
   for (int i = 0; i < THREADS / 32; i++) tot += red[i];
   float rs = rsqrtf(tot / W + p.eps);
   float4 g = reinterpret_cast<const float4*>(w)[threadIdx.x];
-  bf16* out = p.xn + tiled(r, threadIdx.x * 4);
+  bf16* out = p.xn + atile(r, threadIdx.x * 4);
   out[0] = __float2bfloat16(v.x * rs * g.x);
   out[1] = __float2bfloat16(v.y * rs * g.y);
   out[2] = __float2bfloat16(v.z * rs * g.z);
@@ -446,7 +520,7 @@ __device__ void combine_phase(const Params& p) {
       acc[4] += w * b.x; acc[5] += w * b.y; acc[6] += w * b.z; acc[7] += w * b.w;
     }
     float inv = 1.f / L;
-    bf16* dst = p.ao + tiled(r, h * D + lane * 8);
+    bf16* dst = p.ao + atile(r, h * D + lane * 8);
 #pragma unroll
     for (int k = 0; k < 8; k++) dst[k] = __float2bfloat16(acc[k] * inv);
   }
@@ -471,7 +545,7 @@ __device__ void gate_up_phase(const Params& p, Tape& tp, Stage& st, unsigned cha
     int r = e >> 5, c = e & 31;
     if (r >= p.rows) continue;
     float g = item_out<4>(scratch, r, c), u = item_out<4>(scratch, r, 32 + c);
-    p.act[tiled(r, 32 * i + c)] = __float2bfloat16(gelu_tanh(g) * u);
+    p.act[atile(r, 32 * i + c)] = __float2bfloat16(gelu_tanh(g) * u);
   }
   __syncthreads();
 }
