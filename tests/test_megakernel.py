@@ -54,3 +54,19 @@ def test_pack_rejects_other_shapes():
     qkv, o, gu, down = _weights()
     with pytest.raises(ValueError, match="gate_up weight is"):
         pack_layer(qkv, o, gu[:-16], down)
+
+
+def test_core_tape_layout():
+    """The WGMMA build's slots: per k-slice, all of the item's columns as [inputs / 8][16 G][8]."""
+    qkv, o, gu, down = _weights()
+    tape = pack_layer(qkv, o, gu, down, core=True).view(-1, 8192)
+    # Block 3's gate/up item (G = 4, 2 k-slices): slot 1 of k-slice 0 holds inputs 128..255 of
+    # columns gate 96..127 then up 96..127; core column c, row n = element [c][n][:] of the slot.
+    s = _start(3) + SLOTS_QKV + 2 + 1
+    cols = torch.cat([gu[96:128], gu[F + 96 : F + 128]])  # (64, 1024)
+    want = cols[:, 128:256].reshape(64, 16, 8).transpose(0, 1)  # (16 core columns, 64 rows, 8)
+    assert torch.equal(tape[s].view(16, 64, 8), want)
+    # Block 5's QKV item (G = 2), k-slice 1, slot 0: inputs 512..767 of dims 80..95 and 208..223.
+    s = _start(5) + 2
+    cols = torch.cat([qkv[80:96], qkv[208:224]])
+    assert torch.equal(tape[s].view(32, 32, 8), cols[:, 512:768].reshape(32, 32, 8).transpose(0, 1))

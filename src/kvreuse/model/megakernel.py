@@ -66,11 +66,22 @@ def pack_layer(qkv: torch.Tensor, o: torch.Tensor, gate_up: torch.Tensor, down: 
     wo = o.view(32, 2, 16, 4, SLOT_K).permute(3, 0, 1, 2, 4).reshape(N_ITEMS, 2, 16, SLOT_K)
     gu = gate_up.view(2, N_ITEMS, 2, 16, 2, SLOT_K).permute(1, 4, 0, 2, 3, 5).reshape(N_ITEMS, 8, 16, SLOT_K)
     dn = down.view(16, 4, 16, 8, SLOT_K).permute(3, 0, 1, 2, 4).reshape(N_ITEMS, 4, 16, SLOT_K)
+    if core:  # a slot = all 16 G columns of the item x 512 / G inputs, as [inputs / 8][16 G][8]
+        q, wo, gu, dn = _core(q, 2), _core(wo, 2), _core(gu, 4), _core(dn, 4)
     per_block = [torch.cat(([q[b]] if b < N_QKV else []) + [wo[b], gu[b], dn[b]]) for b in range(N_ITEMS)]
     slots = torch.cat(per_block)
     if core:
-        return slots.view(-1, 16, SLOT_K // 8, 8).transpose(1, 2).contiguous()
+        return slots.contiguous()
     return torch.nn.functional.pad(slots, (0, pad)).contiguous()
+
+
+def _core(t: torch.Tensor, g: int) -> torch.Tensor:
+    """(items, KS x G slots, 16, 512) in (ks, g) order -> the WGMMA build's slots: per ks, G slots
+    of (512 / G) / 8 core-matrix columns of 16 G rows x 8 inputs."""
+    items, n, _, _ = t.shape
+    ks = n // g
+    cols = t.view(items, ks, g * 16, SLOT_K)  # the G groups' columns side by side, in group order
+    return cols.view(items, ks, g * 16, g, SLOT_K // g // 8, 8).permute(0, 1, 3, 4, 2, 5).reshape(items, n, -1)
 
 
 @dataclass

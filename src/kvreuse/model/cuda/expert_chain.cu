@@ -221,11 +221,25 @@ __device__ __forceinline__ unsigned long long gdesc(const void* smem, unsigned l
   return ((a & 0x3FFFF) >> 4) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
          ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32);
 }
-__device__ __forceinline__ void wgmma_16(float (&d)[8], unsigned long long da, unsigned long long db) {
+__device__ __forceinline__ void wgmma_n(float (&d)[16], unsigned long long da, unsigned long long db) {  // N = 32
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, "
+      "%13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(da), "l"(db));
+}
+__device__ __forceinline__ void wgmma_n(float (&d)[32], unsigned long long da, unsigned long long db) {  // N = 64
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, "
+      "%13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, "
+      "1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(da), "l"(db));
 }
 #endif
@@ -241,13 +255,13 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
   float* scratch = reinterpret_cast<float*>(U);  // after the last release's barrier
   const int warp = threadIdx.x >> 5;
 #ifdef WGMMA
-  // Warpgroup wg (4 warps) takes the wg-th half of each slab's 32 k16 steps; all 64 rows, G slots.
+  // In this build a slot holds all 16 G columns of the item for 512 / G inputs, so one wgmma of
+  // N = 16 G covers the item; warpgroup wg takes slots [wg G/2, (wg + 1) G/2) of each slab.
   const int wg = warp >> 2;
-  float d[G][8];
+  constexpr int N = 16 * G, SK = SLOT_K / G;  // columns; inputs per slot
+  float d[N / 2];
 #pragma unroll
-  for (int g = 0; g < G; g++)
-#pragma unroll
-    for (int i = 0; i < 8; i++) d[g][i] = 0.f;
+  for (int i = 0; i < N / 2; i++) d[i] = 0.f;
 #else
   // Warp w: column pair cg (groups 2cg, 2cg+1) x input part kp of KP; all 64 rows.
   constexpr int NCG = G / 2, KP = 8 / NCG, NACC = 8;
@@ -272,12 +286,15 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
     long long c2 = clock64();
 #ifdef WGMMA
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll 4
-    for (int j = 0; j < 16; j++) {
-      const int kk = wg * 16 + j;  // k16 step within the slab: two k8 core-matrix columns
-      unsigned long long da = gdesc(As + kk * 2 * (ROWS * 8), ROWS * 16, 128);
 #pragma unroll
-      for (int g = 0; g < G; g++) wgmma_16(d[g], da, gdesc(tp.slot(g) + kk * 2 * 128, 256, 128));
+    for (int si = 0; si < G / 2; si++) {
+      const int sl = wg * (G / 2) + si;
+      const bf16* b = tp.slot(sl);
+#pragma unroll 4
+      for (int j = 0; j < SK / 16; j++) {
+        const int kk = sl * (SK / 16) + j;  // k16 step within the slab: two k8 core-matrix columns
+        wgmma_n(d, gdesc(As + kk * 2 * (ROWS * 8), ROWS * 16, 128), gdesc(b + j * 2 * (N * 8), N * 16, 128));
+      }
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
@@ -315,16 +332,13 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
 #ifdef WGMMA
   {  // accumulator fragment: rows 16 (warp % 4) + lane / 4 (+ 8), columns 8 i + 2 (lane % 4) (+ 1)
     const int lane = threadIdx.x & 31, row = 16 * (warp & 3) + (lane >> 2), col = 2 * (lane & 3);
+    float* o = scratch + wg * (ROWS * N);
 #pragma unroll
-    for (int g = 0; g < G; g++) {
-      float* o = scratch + (wg * G + g) * (ROWS * 16);
-#pragma unroll
-      for (int i = 0; i < 2; i++) {
-        o[row * 16 + 8 * i + col] = d[g][4 * i];
-        o[row * 16 + 8 * i + col + 1] = d[g][4 * i + 1];
-        o[(row + 8) * 16 + 8 * i + col] = d[g][4 * i + 2];
-        o[(row + 8) * 16 + 8 * i + col + 1] = d[g][4 * i + 3];
-      }
+    for (int i = 0; i < N / 8; i++) {
+      o[row * N + 8 * i + col] = d[4 * i];
+      o[row * N + 8 * i + col + 1] = d[4 * i + 1];
+      o[(row + 8) * N + 8 * i + col] = d[4 * i + 2];
+      o[(row + 8) * N + 8 * i + col + 1] = d[4 * i + 3];
     }
   }
 #else
@@ -338,8 +352,7 @@ __device__ void item_product(const Params& p, Tape& tp, Stage& st, unsigned char
 template <int G>
 __device__ __forceinline__ float item_out(const float* scratch, int r, int c) {
 #ifdef WGMMA
-  const int g = c >> 4;
-  return scratch[g * (ROWS * 16) + r * 16 + (c & 15)] + scratch[(G + g) * (ROWS * 16) + r * 16 + (c & 15)];
+  return scratch[r * 16 * G + c] + scratch[ROWS * 16 * G + r * 16 * G + c];
 #else
   int mt = r >> 4, rr = r & 15, g = c >> 4, cc = c & 15;
   constexpr int NCG = G / 2, KP = 8 / NCG;
