@@ -17,6 +17,9 @@
 //   Wo     128 items: 32 output columns (32 n-ranges) x 512 of K = 2048 (4 k-slices) -> 2 slots.
 //   gate/up 128 items: gate columns [32i, 32i+32) and the same up columns, K = 1024 -> 8 slots.
 //   down   128 items: 64 output columns (16 n-ranges) x 512 of K = 4096 (8 k-slices) -> 4 slots.
+// Products: WMMA (mma.sync) by default; -DWGMMA puts them on sm_90a wgmma instead (activations
+// and weight slots then packed as 8 x 8 core matrices, a slot holding all of an item's columns for
+// 512 / G of its inputs; pack_layer(core=True)).
 // Build: nvcc -O3 -gencode arch=compute_90a,code=sm_90a -shared -Xcompiler -fPIC (megakernel.build).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
