@@ -39,7 +39,7 @@ constexpr int SLOT_K = 512;
 #endif
 constexpr int SLOT_LD = SLOT_K + SLOT_PAD;  // padded against smem bank conflicts
 constexpr int SLOT_ELEMS = 16 * SLOT_LD;
-constexpr int SLOT_BYTES = SLOT_ELEMS * 2;  // 16640
+constexpr int SLOT_BYTES = SLOT_ELEMS * 2;  // 16640 (16384 unpadded, the WGMMA build)
 constexpr int SLOT_CHUNKS = SLOT_BYTES / 16;
 #ifndef NSTAGE
 #define NSTAGE 8
@@ -50,10 +50,11 @@ constexpr int N_QKV = 80, N_ITEMS = 128;
 constexpr int SLOTS_QKV = 4, SLOTS_REST = 2 + 8 + 4;
 // Shared memory: the weight ring, then a region U that each phase uses its own way:
 //   products: the item's 512-input slab of activations (tiled, below); once the products are done,
-//             the same bytes are the scratch where warps' partial 16x16 tiles meet (64 KB);
+//             the same bytes are the scratch where the warps' partial sums meet (<= 64 KB);
 //   attention: q (tiled), K and V chunks (K/V tiles; P [64][KEYS] over K once used), S [64][KEYS].
 // Activations (xn, q per head, ao, act) live in global memory as [K/16][64 rows][16], so a slab
-// is one contiguous block (one TMA copy) and every 16x16 fragment is 512 contiguous bytes (ldm 16).
+// is one contiguous block (one TMA copy) and every 16x16 fragment is 512 contiguous bytes (ldm 16);
+// the WGMMA build keeps the products' activations (xn, ao, act) as [K/8][64 rows][8] instead.
 // The K/V cache is [key/16][D/16][16 keys][16 dims] per layer, for the same reasons.
 constexpr int A_BYTES = ROWS * SLOT_K * 2;
 constexpr int SCRATCH_BYTES = 8 * 8 * 256 * 4;
@@ -187,7 +188,8 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar) {
 struct Stage {
   unsigned long long* bar;
   unsigned phase;
-  // Warp 0 only: copy n blocks of `bytes` each; all of one wait() go to one expect_tx.
+  // Warp 0 only: begin(total bytes), then rows(...) copies n blocks of `bytes` each (dst_ld /
+  // src_ld bytes apart); everything before one wait() goes to one expect_tx.
   __device__ void begin(unsigned total) {
 #ifndef NO_GFENCE  // a variant: trust the grid barrier's fences alone for the TMA reads of global data
     asm volatile("fence.proxy.async.global;\n" ::: "memory");
