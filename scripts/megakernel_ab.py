@@ -9,11 +9,12 @@ FastPi0 runs today (time), at Pi0's full-size expert shapes with random weights.
 SAME_LAYER: every layer streams layer 0's weights, which stay in L2 (wrong numbers). NO_STAGE: the
 products skip staging their activations (wrong numbers). NO_GFENCE: no fence.proxy.async.global
 before the TMA staging. FULL_UNROLL: the products' fragment loop fully unrolled. WGMMA: the
-products on wgmma (operands from shared memory; LBO_SBO_SWAP: its descriptor's strides swapped). (Earlier
+products on wgmma (operands from shared memory). (Earlier
 versions' variants -- NO_MMA, A_BATCH, SMALL_TILE -- are in the round-7 logs and git history.)
 
 Prints: max |diff| / max |x| after 18 layers (one Euler step's stack) and the median ms of 10
-steps x 18 layers for both, timed with CUDA events over repeated launches."""
+steps x 18 layers for both: the kernel timed with CUDA events around its (cooperative) launches,
+the Triton chain with attn_tune._time_us (one CUDA graph per call, as the other tuning scripts)."""
 
 import math
 import os
@@ -21,8 +22,10 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from attn_tune import _time_us  # same CUDA-graph timing
 
-from kvreuse.model.fast import _expert_layer_chain
+from kvreuse.model.fast import _expert_layer_chain, _norm, _rope_tables
+from kvreuse.model.layers import rope
 from kvreuse.model.megakernel import ExpertChain
 from kvreuse.model.skinny_gemm import RowNorm
 
@@ -40,10 +43,9 @@ layers = [dict(qkv=rn((H + 2) * D, W), o=rn(W, H * D), gate_up=rn(2 * FF, W), do
                in_norm=(1 + rn(W)).float(), post_norm=(1 + rn(W)).float()) for _ in range(L)]
 kp = rn(L, T, D, scale=1.0)
 vp = rn(L, T, D, scale=1.0)
-pos = torch.arange(T, T + R, device=dev, dtype=torch.float32)
-inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D)
-ang = pos[:, None] * inv
-cos_h, sin_h = ang.cos().contiguous(), ang.sin().contiguous()
+pos = torch.arange(T, T + R, device=dev)[None]
+cos, sin = _rope_tables(pos, D, 10000.0)
+cos_h, sin_h = cos[0, :, 0, : D // 2].contiguous(), sin[0, :, 0, D // 2:].contiguous()  # as FastPi0 passes them
 bias = torch.zeros(R, T + R, device=dev)
 bias[0, T + 1:] = float("-inf")  # Pi0's state token sees the prefix and itself only
 x0 = rn(R, W, scale=1.0).float()
@@ -51,10 +53,6 @@ x0 = rn(R, W, scale=1.0).float()
 
 WRONG = {"SAME_LAYER", "NO_STAGE"}  # timing bounds that compute wrong numbers on purpose
 PHASES = ("norm", "qkv", "attn", "combine", "wo", "norm2", "gate_up", "down")
-
-
-def rms(x, w):
-    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w).to(dt)
 
 
 def reference(x, steps):
@@ -65,24 +63,21 @@ def reference(x, steps):
     vc[:, :T] = vp
     for _ in range(steps):
         for li, w in enumerate(layers):
-            qkv = rms(x, w["in_norm"]).float() @ w["qkv"].float().t()
-            qkv = qkv.view(R, H + 2, D)
-            a, b = qkv[..., : D // 2], qkv[..., D // 2:]
-            c, s = cos_h[:, None], sin_h[:, None]
-            rot = torch.cat([a * c - b * s, b * c + a * s], -1)
-            qkv = torch.cat([rot[:, : H + 1], qkv[:, H + 1:]], 1).to(dt)
+            qkv = (_norm(x, w["in_norm"], EPS).to(dt).float() @ w["qkv"].float().t()).view(R, H + 2, D)
+            qkv = torch.cat([rope(qkv[None, :, : H + 1], pos, 10000.0)[0], qkv[:, H + 1:]], 1).to(dt)
             kc[li, T:], vc[li, T:] = qkv[:, H], qkv[:, H + 1]
             sc = torch.einsum("rhd,kd->hrk", qkv[:, :H].float(), kc[li].float()) / math.sqrt(D) + bias
             p = torch.softmax(sc, -1)
             ao = torch.einsum("hrk,kd->rhd", p.to(dt).float(), vc[li].float()).reshape(R, H * D).to(dt)
             x = x + ao.float() @ w["o"].float().t()
-            gu = rms(x, w["post_norm"]).float() @ w["gate_up"].float().t()
+            gu = _norm(x, w["post_norm"], EPS).to(dt).float() @ w["gate_up"].float().t()
             act = (F.gelu(gu[:, :FF], approximate="tanh") * gu[:, FF:]).to(dt)
             x = x + act.float() @ w["down"].float().t()
     return x
 
 
 def events_ms(fn, trials=20):
+    """Median ms of fn between CUDA events: the kernel's cooperative launch stays out of CUDA graphs."""
     fn()
     torch.cuda.synchronize()
     out = []
@@ -139,7 +134,7 @@ for nstage in [int(s) for s in os.environ.get("NSTAGES", "8").split(",")]:
 for bound in filter(None, os.environ.get("BOUNDS", "").split(",")):  # e.g. SAME_LAYER,NO_MMA
     megakernel(8, tuple(bound.split("+")))
 
-# The Triton chain on the same weights (FastPi0's default expert path), PDL on, one CUDA graph.
+# The Triton chain on the same weights (FastPi0's default expert path), PDL on.
 kb = [torch.cat([kp[i], torch.zeros(R, D, device=dev, dtype=dt)])[None, :, None] for i in range(L)]
 vb = [torch.cat([vp[i], torch.zeros(R, D, device=dev, dtype=dt)])[None, :, None] for i in range(L)]
 tb = bias[None, None].repeat_interleave(H, 2).reshape(1, 1, R * H, T + R).to(dt)  # rows in (token, head) order
@@ -163,11 +158,5 @@ def chain(steps):
 one = chain(1)()
 terr = (one[0].float() - ref).abs().max().item() / scale
 print(f"triton chain: 18 layers, max|diff|/max|x| = {terr:.3e} (bf16 residual stream)", flush=True)
-fn = chain(STEPS)
-fn()
-torch.cuda.synchronize()
-graph = torch.cuda.CUDAGraph()
-with torch.cuda.graph(graph):
-    fn()
-ms = events_ms(graph.replay)
+ms = _time_us(chain(STEPS), reps=1, trials=20) / 1e3
 print(f"triton chain: {STEPS} x {L} layers {ms:.3f} ms ({ms / (STEPS * L) * 1e3:.1f} us/layer)", flush=True)

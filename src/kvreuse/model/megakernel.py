@@ -96,18 +96,16 @@ class ExpertChain:
     eps: float = 1e-6
     nstage: int = 8
     defines: tuple[str, ...] = ()
-    pad: int = 8  # slot row padding (elements), against shared-memory bank conflicts
+    pad: int = 8  # slot row padding (elements), against shared-memory bank conflicts; none with WGMMA
 
     def __post_init__(self):
         dev = self.layers[0]["qkv"].device
         props = torch.cuda.get_device_properties(dev)
         self.nblocks = props.multi_processor_count
         core = "WGMMA" in self.defines  # wgmma reads unpadded core-matrix slots
-        if core:
-            self.pad = 0
-        self.lib = build(self.nstage, (*self.defines, f"SLOT_PAD={self.pad}"))
-        self.tape = torch.stack([pack_layer(l["qkv"], l["o"], l["gate_up"], l["down"], self.pad, core)
-                                 for l in self.layers])
+        pad = 0 if core else self.pad
+        self.lib = build(self.nstage, (*self.defines, f"SLOT_PAD={pad}"))
+        self.tape = torch.stack([pack_layer(l["qkv"], l["o"], l["gate_up"], l["down"], pad, core) for l in self.layers])
         self.in_norm = torch.stack([l["in_norm"].float() for l in self.layers]).contiguous()
         self.post_norm = torch.stack([l["post_norm"].float() for l in self.layers]).contiguous()
         keys = self.prefix + self.rows

@@ -217,11 +217,8 @@ struct Stage {
 #ifdef WGMMA
 // wgmma (sm_90a): both operands read from shared memory by the tensor cores. K-major, no swizzle:
 // 8 x 8 core matrices of 128 contiguous bytes; LBO = the byte step between core matrices along K,
-// SBO = along M / N (LBO_SBO_SWAP swaps the two, in case the descriptor reads them the other way).
+// SBO = along M / N (the other reading gives NaNs: measured in round 7).
 __device__ __forceinline__ unsigned long long gdesc(const void* smem, unsigned lbo, unsigned sbo) {
-#ifdef LBO_SBO_SWAP
-  unsigned t = lbo; lbo = sbo; sbo = t;
-#endif
   unsigned long long a = smem_u32(smem);
   return ((a & 0x3FFFF) >> 4) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
          ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32);
@@ -622,8 +619,6 @@ __global__ void __launch_bounds__(THREADS, 1) expert_chain_kernel(Params p) {
   }
   cp_wait<0>();
 }
-
-extern "C" int expert_chain_smem_bytes() { return SMEM_BYTES; }
 
 // Returns a cudaError_t; the launch is cooperative, so all blocks are resident or it fails.
 extern "C" int expert_chain_launch(const Params* p, void* stream) {
