@@ -417,6 +417,8 @@ def test_silu_epilogue_and_float32_input_rounded_to_the_weights_dtype(split_k):
     exact = x @ wb.float() + bias
     assert ((pre - exact).abs() <= 2**-7 * (x.abs() @ wb.float().abs()) + 1e-5).all()
     assert (pre - exact).abs().max() > 0  # x really went through bf16
+
+
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_outputs_into_caller_buffers_and_in_place_residual(split_k):
     x, w, bias, _ = _data((1, 5), 64, 32, torch.bfloat16, seed=12)
