@@ -227,3 +227,48 @@ def test_attention_kind_auto_and_bad_kind():
 def test_bad_compile_mode_is_refused():
     with pytest.raises(ValueError, match="compile_mode"):
         FastPi0(_model("tiny-pi0"), compile=True, compile_mode="fastest")
+
+
+class _FakeTorchTensorRT:
+    """Stands in for torch_tensorrt (not installed anywhere we test): compile() records its
+    arguments and returns the module, so the wiring of FastPi0(vision_trt=True) runs on CPU."""
+
+    def __init__(self):
+        self.calls = []
+
+    def compile(self, module, **kw):
+        self.calls.append((module, kw))
+        return module
+
+
+@torch.no_grad()
+def test_vision_trt_wiring_with_a_stand_in(monkeypatch):
+    import sys
+
+    fake = _FakeTorchTensorRT()
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", fake)
+    cfg = preset("tiny-pi0")
+    model = _model("tiny-pi0")
+    g = torch.Generator().manual_seed(5)
+    obs = synthetic_obs(cfg, 2, "cpu", g)
+    noise = torch.randn(2, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    ref = FastPi0(model).sample_actions(obs, noise)
+    fast = FastPi0(model, vision_trt=True)
+    assert rel_err(fast.sample_actions(obs, noise), ref) < 1e-5
+    fast.sample_actions(obs, noise)  # same shape: the engine is reused, not rebuilt
+    cam = cfg.cameras[0]
+    assert rel_err(fast.embed_image(obs.images[cam]), model.embed_image(obs.images[cam])) < 1e-5
+    n_cams = len(cfg.cameras)
+    shapes = [tuple(kw["inputs"][0].shape) for _, kw in fake.calls]
+    size = cfg.vision.image_size
+    assert shapes == [(n_cams * 2, 3, size, size), (2, 3, size, size)]  # all cameras batched; then one
+    assert all(kw["ir"] == "dynamo" and kw["enabled_precisions"] == {model.dtype} for _, kw in fake.calls)
+    assert set(fast.trt_vision.engines) == set(shapes)
+
+
+def test_vision_trt_without_torch_tensorrt_says_so(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # makes `import torch_tensorrt` fail
+    with pytest.raises(ValueError, match="torch_tensorrt"):
+        FastPi0(_model("tiny-pi0"), vision_trt=True)

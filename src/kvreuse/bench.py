@@ -236,6 +236,7 @@ def run_bench(
     expert_gemm: str = "auto",
     expert_pdl: bool | None = None,
     fused_layer_norm: bool | None = None,
+    vision_trt: bool = False,
 ) -> None:
     """Time the fast runtime at full size (random weights unless --checkpoint) and compare it
     with the eager model and, when importable, lerobot's PI0Pytorch / PI05Pytorch.
@@ -250,11 +251,12 @@ def run_bench(
     layer as Triton kernels, norms inside the reduce kernels); auto picks per docs/PERFORMANCE.md;
     --expert-pdl: programmatic dependent launch for the chain (default: where supported);
     --fused-layer-norm: SigLIP's residual add + LayerNorm as one Triton kernel (default: on CUDA);
+    --vision-trt: the vision tower as TensorRT engines (needs torch_tensorrt; untested);
     --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
     rep = bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager,
                 reuse, partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn, expert_attn,
                 variants, reuse_eager, profile, compile_mode=compile_mode, expert_gemm=expert_gemm,
-                expert_pdl=expert_pdl, fused_layer_norm=fused_layer_norm)
+                expert_pdl=expert_pdl, fused_layer_norm=fused_layer_norm, vision_trt=vision_trt)
     print()
     print(rep.table())
     if json_out:
@@ -272,7 +274,7 @@ def run_bench(
 def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager, reuse,
           partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="auto", expert_attn="auto",
           variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="auto",
-          expert_pdl=None, fused_layer_norm=None) -> Report:
+          expert_pdl=None, fused_layer_norm=None, vision_trt=False) -> Report:
     from .model import preset as get_preset
     from .model.fast import FastPi0, resolve_attn
 
@@ -326,9 +328,11 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         t0 = time.perf_counter()
         fast = FastPi0(model, compile=use_compile, compile_mode=compile_mode if use_compile else None,
                        prefix_attn=attn[0], expert_attn=attn[1], expert_gemm=expert_gemm, expert_pdl=expert_pdl,
-                       fused_layer_norm=fused_layer_norm)
+                       fused_layer_norm=fused_layer_norm, vision_trt=vision_trt)
         rep.config["expert"] = f"{fast.expert_gemm}{' +pdl' if fast.expert_pdl else ''}"
         rep.config["vision_ln"] = "triton" if fast.fused_ln else "torch"
+        if fast.trt_vision is not None:
+            rep.config["vision"] = "tensorrt (untested path)"
         out = fast.sample_actions(obs, noise)
         cache = fast.encode_prefix(obs)
         fast.denoise(cache, obs, noise)
@@ -412,7 +416,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         try:
             _profile(model, obs, noise, profile, device, prefix_attn=prefix_attn, expert_attn=expert_attn,
                      expert_gemm=expert_gemm, expert_pdl=expert_pdl, compile=compile,
-                     compile_mode=compile_mode if compile else None)
+                     compile_mode=compile_mode if compile else None, vision_trt=vision_trt)
             rep.notes.append(f"kernel profile of one full inference (no graphs, compile={compile}) written to {profile}")
         except Exception as exc:
             rep.notes.append(f"profile failed: {type(exc).__name__}: {str(exc)[:200]}")

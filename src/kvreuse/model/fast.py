@@ -37,6 +37,7 @@ from .layer_norm import add_layer_norm, add_layer_norm_reference
 from .layers import NEG_INF, sincos_time
 from .pi0 import Pi0Model
 from .skinny_gemm import RowNorm, fused_qkv, skinny_linear
+from .vision_trt import TrtVision
 
 
 # ---- fused weights ------------------------------------------------------------------------------
@@ -380,6 +381,7 @@ class FastPi0:
         fused_layer_norm: bool | None = None,
         prefix_attn: str = "auto",
         expert_attn: str = "auto",
+        vision_trt: bool = False,
     ):
         for name, kind in (("prefix_attn", prefix_attn), ("expert_attn", expert_attn)):
             if kind not in (*ATTN_KINDS, "auto"):
@@ -396,6 +398,8 @@ class FastPi0:
             raise ValueError("graphs=True needs the model on a CUDA device")
         self.graphs = _Graphs(self.use_graphs)
         self.compiled = compile
+        # Optional TensorRT engines for SigLIP + projector (untested: see vision_trt.py).
+        self.trt_vision = TrtVision(model.vision, model.projector, model.dtype) if vision_trt else None
         with torch.no_grad():
             self.vis = _fuse_siglip(model.vision)
             self.llm = _fuse_gemma(model.llm)
@@ -710,7 +714,7 @@ class FastPi0:
         for i, e in given.items():
             st.embeds[:, i * p : (i + 1) * p].copy_(e)
         if run:
-            x = self.graphs.run(("vision", b, len(run)), lambda: self._vision(st, len(run)))
+            x = self._vision_out(st, b, len(run))
             for j, i in enumerate(run):
                 st.embeds[:, i * p : (i + 1) * p].copy_(x[j * b : (j + 1) * b])
 
@@ -720,7 +724,14 @@ class FastPi0:
         b = images.shape[0]
         st = self._static(b)
         st.images[:b].copy_(images)
-        return self.graphs.run(("vision", b, 1), lambda: self._vision(st, 1)).clone()
+        return self._vision_out(st, b, 1).clone()
+
+    def _vision_out(self, st: _Static, b: int, n: int) -> torch.Tensor:
+        """The first n cameras' images of st.images through the vision tower: a TensorRT engine
+        when vision_trt is on, else the captured graph of `_vision`."""
+        if self.trt_vision is not None:
+            return self.trt_vision(st.images[: n * b])
+        return self.graphs.run(("vision", b, n), lambda: self._vision(st, n))
 
     def _export(self, st: _Static, obs, spans, call_index, keep_hidden, embeds=None, hidden=None):
         t = self.cfg.prefix_len
