@@ -1,0 +1,73 @@
+"""Does the latency-bound denoise chain overlap with the compute-bound prefix LM on one GPU?
+
+A bound, not a feature: replays FastPi0's captured prefix-LM graph and denoise graph at the same
+time on two streams (they share buffers, so the numbers they compute are garbage; only time is
+measured) and compares with each alone and both back to back. If together ~= the longer one,
+running Euler step 1 layer by layer behind the prefix LM (it needs only layer l's prefix K/V)
+could hide up to one step of the denoise in a full inference; if together ~= the sum, it cannot.
+Usage (one CUDA GPU): PYTHONPATH=src python3 scripts/overlap_probe.py [pi0|pi05] [compile 1|0] [cameras, default 2]"""
+
+import statistics
+import sys
+
+import torch
+
+from kvreuse.bench import build_random, synthetic_obs
+from kvreuse.model import preset
+from kvreuse.model.fast import FastPi0
+
+
+def timed(fn, iters=30):
+    """Median ms per call, CUDA events around each call and a sync after it (as kvreuse bench)."""
+    for _ in range(3):
+        fn()
+    out = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e))
+    return statistics.median(out)
+
+
+def main(name="pi0", compile="1", cameras="2"):
+    cfg = preset(name)
+    cfg = cfg.replace(cameras=tuple(f"cam{i}" for i in range(int(cameras))))  # as kvreuse bench
+    model = build_random(cfg, "cuda")
+    obs = synthetic_obs(cfg, 1, "cuda", torch.Generator().manual_seed(0))
+    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, device="cuda")
+    fast = FastPi0(model, compile=compile == "1")
+    fast.sample_actions(obs, noise)  # captures the vision, prefix and denoise graphs
+    graphs = fast.graphs.graphs
+    prefix = graphs[("prefix", 1, ())][0]
+    denoise = graphs[("denoise", 1, cfg.num_steps)][0]
+    print(torch.cuda.get_device_name(), name, "cameras:", cameras, "compile:", fast.compiled, "expert:", fast.expert_gemm, "pdl:", fast.expert_pdl)
+
+    main_s = torch.cuda.current_stream()
+    lo, hi = torch.cuda.Stream(), torch.cuda.Stream(priority=-1)  # -1: higher priority
+
+    def together(side):
+        side.wait_stream(main_s)
+        prefix.replay()
+        with torch.cuda.stream(side):
+            denoise.replay()
+        main_s.wait_stream(side)
+
+    rows = {
+        "prefix LM alone": prefix.replay,
+        "denoise alone": denoise.replay,
+        "back to back": lambda: (prefix.replay(), denoise.replay()),
+        "together (same priority)": lambda: together(lo),
+        "together (denoise high priority)": lambda: together(hi),
+    }
+    res = {k: timed(f) for k, f in rows.items()}
+    for k, v in res.items():
+        print(f"{k:<34} {v:7.3f} ms")
+    hidden = res["back to back"] - res["together (denoise high priority)"]
+    print(f"hidden by running together: {hidden:.3f} ms of the denoise's {res['denoise alone']:.3f}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
