@@ -272,3 +272,26 @@ def test_vision_trt_without_torch_tensorrt_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # makes `import torch_tensorrt` fail
     with pytest.raises(ValueError, match="torch_tensorrt"):
         FastPi0(_model("tiny-pi0"), vision_trt=True)
+
+
+@torch.no_grad()
+def test_sample_actions_runs_step0_layer_by_layer_behind_the_prefix():
+    """With overlap (the default), Euler step 0's expert layer li is issued right after the
+    prefix LM's layer li (on CUDA on a second stream; here in that order), and the actions equal
+    the back-to-back path even when the buffers hold another observation's K/V beforehand."""
+    cfg = preset("tiny-pi0")
+    model = _model("tiny-pi0")
+    g = torch.Generator().manual_seed(7)
+    obs, other = synthetic_obs(cfg, 1, "cpu", g), synthetic_obs(cfg, 1, "cpu", g)
+    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    ref = FastPi0(model, overlap=False).sample_actions(obs, noise)
+    fast = FastPi0(model)
+    fast.encode_prefix(other)  # stale K/V in the buffers: an expert layer run too early would read them
+    order = []
+    for name, tag in (("_lm_fn", "lm"), ("_qkv_fn", "lm"), ("_exp_fn", "exp")):
+        real = getattr(fast, name)
+        setattr(fast, name, lambda *a, real=real, tag=tag, **k: order.append(tag) or real(*a, **k))
+    assert torch.equal(fast.sample_actions(obs, noise), ref)
+    depth = cfg.llm.depth
+    assert order[: 2 * depth] == ["lm", "exp"] * depth
+    assert order[2 * depth :] == ["exp"] * depth * (cfg.num_steps - 1)
