@@ -8,7 +8,8 @@
   that depends on t alone (Pi0's time half of action_time_mlp_in, Pi0.5's whole adaptive-RMSNorm
   conditioning of every layer) is computed once per step count, not per call,
 - on CUDA, one CUDA graph per shape for the vision tower, the prefix LM, the denoise loop (all
-  Euler steps) and each reuse update; optionally the layer functions go through torch.compile
+  Euler steps), prefix + denoise for sample_actions (Euler step 0 on a second stream, each expert
+  layer starting once the prefix's layer has written its K/V) and each reuse update; optionally the layer functions go through torch.compile
   (inductor fuses the elementwise work between the matmuls),
 - on CUDA with Triton: Triton attention (prefix and expert), the expert layer as a chain of Triton
   kernels with programmatic dependent launch on sm_90 (`expert_gemm="chain"`; since round 5 each
