@@ -277,7 +277,7 @@ def test_vision_trt_without_torch_tensorrt_says_so(monkeypatch):
 @torch.no_grad()
 def test_sample_actions_runs_step0_layer_by_layer_behind_the_prefix():
     """With overlap (the default), Euler step 0's expert layer li is issued right after the
-    prefix LM's layer li (on CUDA on a second stream; here in that order), and the actions equal
+    prefix LM's layer li wrote its K/V (on CUDA on a second stream; here in that order), and the actions equal
     the back-to-back path even when the buffers hold another observation's K/V beforehand."""
     cfg = preset("tiny-pi0")
     model = _model("tiny-pi0")
@@ -288,10 +288,10 @@ def test_sample_actions_runs_step0_layer_by_layer_behind_the_prefix():
     fast = FastPi0(model)
     fast.encode_prefix(other)  # stale K/V in the buffers: an expert layer run too early would read them
     order = []
-    for name, tag in (("_lm_fn", "lm"), ("_qkv_fn", "lm"), ("_exp_fn", "exp")):
+    for name, tag in (("_qkv_fn", "kv"), ("_lm_rest_fn", "rest"), ("_exp_fn", "exp")):
         real = getattr(fast, name)
         setattr(fast, name, lambda *a, real=real, tag=tag, **k: order.append(tag) or real(*a, **k))
     assert torch.equal(fast.sample_actions(obs, noise), ref)
-    depth = cfg.llm.depth
-    assert order[: 2 * depth] == ["lm", "exp"] * depth
-    assert order[2 * depth :] == ["exp"] * depth * (cfg.num_steps - 1)
+    depth = cfg.llm.depth  # each step-0 expert layer right after the prefix layer's K/V
+    assert order[: 3 * depth - 1] == ["kv", "exp", "rest"] * (depth - 1) + ["kv", "exp"]
+    assert order[3 * depth - 1 :] == ["exp"] * depth * (cfg.num_steps - 1)
