@@ -295,3 +295,32 @@ def test_sample_actions_runs_step0_layer_by_layer_behind_the_prefix():
     depth = cfg.llm.depth  # each step-0 expert layer right after the prefix layer's K/V
     assert order[: 3 * depth - 1] == ["kv", "exp", "rest"] * (depth - 1) + ["kv", "exp"]
     assert order[3 * depth - 1 :] == ["exp"] * depth * (cfg.num_steps - 1)
+
+
+@torch.no_grad()
+def test_reuse_off_policy_is_sample_actions_to_the_bit_and_embeds_in_one_pass():
+    """ReusePolicy's refresh embeds its cameras through `embed_images`, one batched pass on
+    FastPi0: the very pass sample_actions runs, so reuse off gives its actions bit for bit."""
+    from kvreuse.reuse.config import ReuseConfig
+    from kvreuse.reuse.policy import ReusePolicy
+
+    cfg = preset("tiny-pi0")
+    model = _model("tiny-pi0")
+    g = torch.Generator().manual_seed(9)
+    obs = synthetic_obs(cfg, 1, "cpu", g)
+    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    fast = FastPi0(model)
+    passes = []
+    real = fast._vision_out
+    fast._vision_out = lambda st, b, n: passes.append(n) or real(st, b, n)
+    emb = fast.embed_images(dict(obs.images))
+    assert passes == [len(cfg.cameras)] and list(emb) == list(cfg.cameras)
+    cache = fast.encode_prefix(obs)
+    p = cfg.vision.num_patches
+    for i, cam in enumerate(cfg.cameras):
+        assert torch.equal(emb[cam], cache.embeds[:, i * p : (i + 1) * p])
+        assert rel_err(emb[cam], model.embed_image(obs.images[cam])) < 1e-5
+    passes.clear()
+    out, rec = ReusePolicy(fast, ReuseConfig()).infer(obs, noise)
+    assert passes == [len(cfg.cameras)] and rec.decision == "refresh"
+    assert torch.equal(out, fast.sample_actions(obs, noise))

@@ -277,6 +277,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
           expert_pdl=None, fused_layer_norm=None, vision_trt=False) -> Report:
     from .model import preset as get_preset
     from .model.fast import FastPi0, resolve_attn
+    from .reuse.config import ReuseConfig
+    from .reuse.policy import ReusePolicy
 
     for name, v in (("batch", batch), ("cameras", cameras), ("steps", steps), ("chunk", chunk), ("iters", iters)):
         if v < 1:
@@ -350,6 +352,14 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
             fast.overlap = False
             rep.add(tag, "full inference, no overlap", tm(lambda: fast.sample_actions(obs, noise)))
             fast.overlap = True
+        # What `kvreuse eval` / `serve` run per call with reuse off: the reuse layer's refresh path
+        # (vision per camera, encode_prefix, denoise, its signal references and timing syncs).
+        pol, recs = ReusePolicy(fast, ReuseConfig()), []
+        st_pol = tm(lambda: recs.append(pol.infer(obs, noise)[1]))
+        recs = recs[-iters:]  # the timed calls, not the warm-up (whose first call captures graphs)
+        parts = {k: sum(r.timings[k] for r in recs) / len(recs) for k in ("vision", "prefix", "denoise", "total")}
+        rep.add(tag, "ReusePolicy.infer, reuse off", st_pol,
+                "its records, mean ms: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
         st = fast._static(batch)
         rep.add(tag, "vision (all cameras)", tm(lambda: fast._embed(st, obs, {})))
         rep.add(tag, f"prefix LM (text + {cfg.llm.depth} layers)",

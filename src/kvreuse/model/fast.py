@@ -777,6 +777,22 @@ class FastPi0:
         st.images[:b].copy_(images)
         return self._vision_out(st, b, 1).clone()
 
+    @torch.no_grad()
+    def embed_images(self, images: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`embed_image` of several cameras (name -> (B, 3, H, W)) in one batched pass through
+        the vision tower, in the model's camera order: for all cameras this is the pass that
+        sample_actions / encode_prefix run, so the embeddings are the same to the bit."""
+        self._check_cams(tuple(images))
+        cams = [c for c in self.cfg.cameras if c in images]
+        if not cams:
+            return {}
+        b = images[cams[0]].shape[0]
+        st = self._static(b)
+        for j, cam in enumerate(cams):
+            st.images[j * b : (j + 1) * b].copy_(images[cam])
+        x = self._vision_out(st, b, len(cams))
+        return {cam: x[j * b : (j + 1) * b].clone() for j, cam in enumerate(cams)}
+
     def _vision_out(self, st: _Static, b: int, n: int) -> torch.Tensor:
         """The first n cameras' images of st.images through the vision tower: a TensorRT engine
         when vision_trt is on, else the captured graph of `_vision`."""

@@ -57,6 +57,11 @@ class Pi0Model(nn.Module):
         """(B, 3, H, W) in [-1, 1] -> (B, patches, llm width). Image features are not scaled."""
         return self.projector(self.vision(images.to(self.dtype)))
 
+    def embed_images(self, images: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`embed_image` of several cameras (name -> (B, 3, H, W)), one at a time as
+        `encode_prefix` runs them (FastPi0 batches them in one pass)."""
+        return {cam: self.embed_image(x) for cam, x in images.items()}
+
     def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.llm.embed(tokens) * math.sqrt(self.cfg.llm.width)
 
