@@ -3,8 +3,13 @@
     invalidation -> signals -> gate -> mode plan -> execute (vision, prefix) -> denoise -> record
 
 With the `never` gate every call is a full refresh through exactly the operations of
-`Pi0Model.sample_actions` (vision tower per camera, encode_prefix, denoise), so actions are
+`Pi0Model.sample_actions` (vision tower, encode_prefix, denoise; `embed_images` runs the cameras
+as the model's sample_actions does: one at a time on Pi0Model, batched on FastPi0), so actions are
 bit-identical to it for the same observation and noise (design invariant 1).
+
+Per-part times (vision, prefix, denoise) come from CUDA events on a GPU, read once after the
+call's final sync, so the host queues each part while the GPU runs the previous one; `total` is
+wall-clock from the call's start to that sync. On the CPU all are wall-clock.
 
 Bookkeeping per cached prefix token: the call index and time its K/V were computed (`births`).
 Age = age of the oldest valid K/V row; `mixed` = rows of more than one call (or layer-wise
@@ -26,6 +31,29 @@ from .gates import Decision, make_gate
 from .modes import Plan, plan_refresh, plan_reuse
 from .records import ReuseStats, StepRecord
 from .signals import PhaseCues, Reference, Signals, camera_ref, measure, patchify, phase_cues
+
+
+class _Parts:
+    """Start/end marks of a call's parts: CUDA events (no host sync) or perf_counter."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.spans: list[tuple[str, object, object]] = []
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def add(self, part: str, start) -> None:
+        self.spans.append((part, start, self.mark()))
+
+    def resolve(self, timings: dict) -> None:
+        """Add each span's ms to timings[part]; on CUDA only after a sync past the last mark."""
+        for part, a, b in self.spans:
+            timings[part] += a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
 class ReusePolicy:
@@ -99,6 +127,7 @@ class ReusePolicy:
         self.call_index += 1
         now = time.monotonic()
         timings = {"signals": 0.0, "vision": 0.0, "prefix": 0.0, "denoise": 0.0}
+        self._parts = parts = _Parts(model.device.type == "cuda")
         self._passes = 0  # vision-tower camera passes this call (signals + plan)
         sig = Signals()
 
@@ -119,23 +148,24 @@ class ReusePolicy:
             if cfg.synchronized and plan.kind in ("tokens", "layers"):
                 plan = Plan("all", note=f"synchronized: {plan.note} -> refresh every span")
 
-        self._execute(plan, obs, sig, call, now, raw_shapes, timings)
-        if plan.kind != "none":  # one device->host copy per new cache, not one per use of it
-            self.valid_rows = self.cache.mask.any(0).cpu()
+        self._execute(plan, obs, sig, call, now, raw_shapes)
 
         dobs, state_source = obs, "prefix"
         if not mc.state_in_prompt:
             state_source = "fresh"
             if cfg.synchronized and plan.kind == "none":
                 dobs, state_source = replace(obs, state=self.ref.state), "snapshot"
-        t = self._sync()
+        t = parts.mark()
         out = model.denoise(self.cache, dobs, noise)
-        timings["denoise"] = (self._sync() - t) * 1e3
+        parts.add("denoise", t)
+        if plan.kind != "none":  # one device->host copy per new cache, not one per use of it
+            self.valid_rows = self.cache.mask.any(0).cpu()  # (after the denoise is queued)
         if "phase" in self.needs:
             self.phase = phase_cues(out, cfg, mc.action_dim)
 
         mixed = self.layer_mixed or len(torch.unique(self.births[self.valid_rows])) > 1
         timings["total"] = (self._sync() - t_start) * 1e3
+        parts.resolve(timings)
         reused = decision.reuse and plan.kind != "all"
         rec = StepRecord(
             decision="reuse" if reused else "refresh",
@@ -157,10 +187,10 @@ class ReusePolicy:
         cfg = self.config
         fresh = None
         if "image" in self.needs and cfg.image_metric == "siglip":
-            t = self._sync()
+            t = self._parts.mark()
             fresh = self.model.embed_images({c: obs.images[c] for c, m in obs.image_masks.items() if bool(m.any())})
             self._passes += len(fresh)
-            timings["vision"] += (self._sync() - t) * 1e3
+            self._parts.add("vision", t)
         t = time.perf_counter()
         sig = measure(
             obs, self.ref, cfg, self.needs, self.model.cfg.vision.patch_size, self.model.cfg.state_dim, fresh
@@ -169,28 +199,28 @@ class ReusePolicy:
         timings["signals"] = (time.perf_counter() - t) * 1e3
         return sig
 
-    def _vision(self, obs: Observation, cams, sig: Signals, timings: dict) -> dict[str, torch.Tensor]:
+    def _vision(self, obs: Observation, cams, sig: Signals) -> dict[str, torch.Tensor]:
         """Image embeddings of `cams`, reusing the ones the siglip signal already computed."""
-        t = self._sync()
+        t = self._parts.mark()
         todo = [c for c in cams if c not in sig.fresh_embeds]
         new = self.model.embed_images({c: obs.images[c] for c in todo})  # one pass on FastPi0
         out = {c: sig.fresh_embeds[c] if c in sig.fresh_embeds else new[c] for c in cams}
         self._passes += len(todo)
-        timings["vision"] += (self._sync() - t) * 1e3
+        self._parts.add("vision", t)
         return out
 
-    def _execute(self, plan: Plan, obs: Observation, sig: Signals, call: int, now: float, raw_shapes, timings) -> None:
+    def _execute(self, plan: Plan, obs: Observation, sig: Signals, call: int, now: float, raw_shapes) -> None:
         model, mc, cfg = self.model, self.model.cfg, self.config
         patch = mc.vision.patch_size
         if plan.kind == "none":
             return
         snap = new_snapshot_id()
         if plan.kind == "all":
-            embeds = self._vision(obs, mc.cameras, sig, timings)
-            t = self._sync()
+            embeds = self._vision(obs, mc.cameras, sig)
+            t = self._parts.mark()
             keep = (self.split,) if self.split is not None else ()
             self.cache = model.encode_prefix(obs, snapshot=snap, call_index=call, keep_hidden=keep, image_embeds=embeds)
-            timings["prefix"] = (self._sync() - t) * 1e3
+            self._parts.add("prefix", t)
             T = self.cache.length
             self.births = torch.full((T,), call, dtype=torch.long)
             self.birth_times = torch.full((T,), now, dtype=torch.float64)
@@ -206,12 +236,12 @@ class ReusePolicy:
             )
             return
 
-        embeds = self._vision(obs, plan.run_cameras, sig, timings)
+        embeds = self._vision(obs, plan.run_cameras, sig)
         names = plan.refreshed
         if plan.kind == "tokens" and bool(plan.recompute.all()):
             names = tuple(sp.name for sp in self.cache.spans)
         spans = self.cache.with_spans(**{name: snap for name in names})
-        t = self._sync()
+        t = self._parts.mark()
         if plan.kind == "tokens":
             pobs = obs
             if plan.prompt_from_cache:
@@ -231,7 +261,7 @@ class ReusePolicy:
                 self.cache, obs, self.split, plan.run_cameras, spans, call, image_embeds=embeds
             )
             self.layer_mixed = True
-        timings["prefix"] = (self._sync() - t) * 1e3
+        self._parts.add("prefix", t)
         if plan.kind == "tokens":
             self._update_ref(plan, obs, embeds)
 
