@@ -353,7 +353,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
             rep.add(tag, "full inference, no overlap", tm(lambda: fast.sample_actions(obs, noise)))
             fast.overlap = True
         # What `kvreuse eval` / `serve` run per call with reuse off: the reuse layer's refresh path
-        # (vision per camera, encode_prefix, denoise, its signal references and timing syncs).
+        # (one vision pass, encode_prefix, denoise, its signal references and bookkeeping).
         pol, recs = ReusePolicy(fast, ReuseConfig()), []
         st_pol = tm(lambda: recs.append(pol.infer(obs, noise)[1]))
         recs = recs[-iters:]  # the timed calls, not the warm-up (whose first call captures graphs)
