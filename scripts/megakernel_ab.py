@@ -18,12 +18,12 @@ the Triton chain with attn_tune._time_us (one CUDA graph per call, as the other 
 
 import math
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 from attn_tune import _time_us  # same CUDA-graph timing
 
+from kvreuse.bench import time_fn
 from kvreuse.model.fast import _expert_layer_chain, _norm, _rope_tables
 from kvreuse.model.layers import rope
 from kvreuse.model.megakernel import ExpertChain
@@ -76,21 +76,6 @@ def reference(x, steps):
     return x
 
 
-def events_ms(fn, trials=20):
-    """Median ms of fn between CUDA events: the kernel's cooperative launch stays out of CUDA graphs."""
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(trials):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
-
-
 print(torch.cuda.get_device_name(), torch.__version__, flush=True)
 ref = reference(x0, 1)
 scale = ref.abs().max().item()
@@ -107,7 +92,7 @@ def megakernel(nstage, defines=(), pad=8):
     if not WRONG.intersection(defines) and not err < 2e-2:
         print("MISMATCH", flush=True)
         raise SystemExit(1)
-    ms = events_ms(lambda: ec.run(x0, STEPS))
+    ms = time_fn(lambda: ec.run(x0, STEPS), 20, 1, "cuda").median  # the cooperative launch stays out of graphs
     print(f"megakernel nstage={nstage}: {STEPS} x {L} layers {ms:.3f} ms ({ms / (STEPS * L) * 1e3:.1f} us/layer)",
           flush=True)
     prof = torch.zeros(16, dtype=torch.int64, device=dev)
@@ -123,7 +108,7 @@ def megakernel(nstage, defines=(), pad=8):
     att = prof[11:15].double().tolist()
     print("  inside block 0's attention per layer-step, us: staging wait {:.2f}, q k^T {:.2f}, softmax {:.2f}, "
           "P v + partial stores {:.2f}".format(*(c * us for c in att)), flush=True)
-    bms = events_ms(lambda: ec.run(x0, STEPS, barriers_only=True))
+    bms = time_fn(lambda: ec.run(x0, STEPS, barriers_only=True), 20, 1, "cuda").median
     print(f"  bound: barriers only (8 per layer-step) {bms:.3f} ms ({bms / (STEPS * L * 8) * 1e3:.2f} us/barrier)",
           flush=True)
 

@@ -7,29 +7,13 @@ running Euler step 1 layer by layer behind the prefix LM (it needs only layer l'
 could hide up to one step of the denoise in a full inference; if together ~= the sum, it cannot.
 Usage (one CUDA GPU): PYTHONPATH=src python3 scripts/overlap_probe.py [pi0|pi05] [compile 1|0] [cameras, default 2]"""
 
-import statistics
 import sys
 
 import torch
 
-from kvreuse.bench import build_random, synthetic_obs
+from kvreuse.bench import build_random, synthetic_obs, time_fn
 from kvreuse.model import preset
 from kvreuse.model.fast import FastPi0
-
-
-def timed(fn, iters=30):
-    """Median ms per call, CUDA events around each call and a sync after it (as kvreuse bench)."""
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    return statistics.median(out)
 
 
 def main(name="pi0", compile="1", cameras="2"):
@@ -62,7 +46,7 @@ def main(name="pi0", compile="1", cameras="2"):
         "together (same priority)": lambda: together(lo),
         "together (denoise high priority)": lambda: together(hi),
     }
-    res = {k: timed(f) for k, f in rows.items()}
+    res = {k: time_fn(f, 30, 3, "cuda").median for k, f in rows.items()}  # events around each call, as the bench
     for k, v in res.items():
         print(f"{k:<34} {v:7.3f} ms")
     hidden = res["back to back"] - res["together (denoise high priority)"]

@@ -587,32 +587,29 @@ class FastPi0:
         (scripts/overlap_probe.py measured ~0.8 ms of room beside the prefix LM on an H200).
         Each stream runs the same kernels on the same inputs as encode_prefix + denoise, so the
         actions are bit-identical to the split API. On the CPU the same interleaving runs in order."""
-        cuda = st.k.is_cuda
         self._text_and_masks(st)
         layers = self._lm_layers(st, st.embeds, 0, ())
-        if not cuda:
+        if not st.k.is_cuda:
             x = self._denoise_body(st, steps, lambda li: next(layers))
-            for _ in layers:  # nothing left when the expert is as deep as the LM (Pi0 / Pi0.5)
-                pass
-            return x
-        main = torch.cuda.current_stream()
-        if self._side is None:
-            self._side = torch.cuda.Stream(device=st.k.device)
-        side = self._side
+        else:
+            main = torch.cuda.current_stream()
+            if self._side is None:
+                self._side = torch.cuda.Stream(device=st.k.device)
+            side = self._side
 
-        def before_layer(li: int) -> None:  # called on the side stream
-            with torch.cuda.stream(main):
-                next(layers)
-                done = torch.cuda.Event()
-                done.record(main)
-            side.wait_event(done)
+            def before_layer(li: int) -> None:  # called on the side stream
+                with torch.cuda.stream(main):
+                    next(layers)
+                    done = torch.cuda.Event()
+                    done.record(main)
+                side.wait_event(done)
 
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            x = self._denoise_body(st, steps, before_layer)
-        for _ in layers:
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                x = self._denoise_body(st, steps, before_layer)
+            main.wait_stream(side)
+        for _ in layers:  # nothing left when the expert is as deep as the LM (Pi0 / Pi0.5)
             pass
-        main.wait_stream(side)
         return x
 
     def _denoise_body(self, st: _Static, steps: int, before_layer=None):

@@ -44,7 +44,6 @@ class TrtVision:
     def __init__(self, vision: nn.Module, projector: nn.Module, dtype: torch.dtype):
         self.trt = load_torch_tensorrt()
         self.tower = _Tower(vision, projector, dtype).eval()
-        self.dtype = dtype
         self.engines: dict[tuple[int, ...], object] = {}
         self.build_s = 0.0  # engine build time, part of the warm-up
 
@@ -55,7 +54,7 @@ class TrtVision:
         if engine is None:
             t0 = time.perf_counter()
             engine = self.engines[key] = self.trt.compile(
-                self.tower, ir="dynamo", inputs=[images.clone()], enabled_precisions={self.dtype}
+                self.tower, ir="dynamo", inputs=[images.clone()], enabled_precisions={self.tower.dtype}
             )
             self.build_s += time.perf_counter() - t0
         return engine(images)
