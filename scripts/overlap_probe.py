@@ -22,7 +22,7 @@ def main(name="pi0", compile="1", cameras="2"):
     model = build_random(cfg, "cuda")
     obs = synthetic_obs(cfg, 1, "cuda", torch.Generator().manual_seed(0))
     noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, device="cuda")
-    fast = FastPi0(model, compile=compile == "1")
+    fast = FastPi0(model, compile=compile == "1", overlap=False)  # separate prefix and denoise graphs
     fast.sample_actions(obs, noise)  # captures the vision, prefix and denoise graphs
     graphs = fast.graphs.graphs
     prefix = graphs[("prefix", 1, ())][0]
