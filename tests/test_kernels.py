@@ -238,33 +238,3 @@ def test_prefix_sized_query_sets_take_big_row_tiles(monkeypatch):
     _check(out, _ref(q, k, v, bias), torch.float32)
     assert [(name, grid) for name, grid, _ in seen] == [("split", (1, 17, 1))]  # 1040 / 64 -> 17 row tiles
     assert seen[0][2]["BLOCK_M"] == 64 and seen[0][2]["num_warps"] == 4
-
-
-def test_cache_hints_reach_the_kernels_and_keep_the_results():
-    """Eviction hints are launch-time constexprs: the attention and the fused QKV kernel compile and
-    give the same values with them; an unknown hint is refused by name."""
-    from kvreuse.model.skinny_gemm import fused_qkv
-
-    q, k, v = _qkv(1, 5, 4, 32, 40, torch.bfloat16)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 5, 64, generator=g).to(torch.bfloat16)
-    w = (torch.randn(64, (4 + 2) * 32, generator=g) * 0.1).to(torch.bfloat16)
-    ang = torch.rand(5, 16, generator=g)
-    cos, sin = ang.cos(), ang.sin()
-
-    def run():
-        kc, vc = torch.zeros(1, 8, 1, 32, dtype=torch.bfloat16), torch.zeros(1, 8, 1, 32, dtype=torch.bfloat16)
-        qo = fused_qkv(x, w, kc, vc, 3, cos, sin, 4, 1)
-        return mqa_attention(q, k, v, None, num_splits=3), qo, kc, vc
-
-    ref = run()
-    old = kernels.cache_hints(weights="evict_first", kv="evict_last")
-    try:
-        assert kernels.hint_kwargs("w", "kv") == {"EVICT_W": "evict_first", "EVICT_KV": "evict_last"}
-        for a, b in zip(run(), ref, strict=True):
-            assert torch.equal(a, b)
-        with pytest.raises(ValueError, match="evict_sometimes"):
-            kernels.cache_hints(kv="evict_sometimes")
-    finally:
-        kernels.cache_hints(**{"weights": old["w"], "kv": old["kv"]})
-    assert kernels.hint_kwargs("w", "kv") == {"EVICT_W": "", "EVICT_KV": ""}

@@ -32,13 +32,7 @@ triton = None  # set by _build(); the kernel bodies look `tl` up in these module
 tl = None
 _KERNELS: tuple | None = None
 
-__all__ = ["HAVE_TRITON", "cache_hints", "default_num_splits", "mqa_attention", "pdl_supported"]
-
-# L2 eviction hints of the Triton kernels' loads, read when a kernel is launched (so a CUDA graph
-# keeps the hints it was captured with): "w" = the expert products' weight tiles, "kv" = K/V
-# (attention loads, the QKV kernel's K/V writes). "" = the hardware default.
-_HINTS = {"w": "", "kv": ""}
-_POLICIES = ("", "evict_first", "evict_last", "evict_normal")
+__all__ = ["HAVE_TRITON", "default_num_splits", "mqa_attention", "pdl_supported"]
 
 _LOG2E = 1.4426950408889634
 
@@ -85,7 +79,6 @@ def _build() -> tuple:
         sb_b, sb_r, sb_t,
         HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SCALE_LOG2: tl.constexpr,
-        EVICT_KV: tl.constexpr,
     ):
         _pdl_enter(PDL)
         pid_bh = tl.program_id(0)
@@ -108,7 +101,7 @@ def _build() -> tuple:
         for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n < hi
-            k = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=n_ok[:, None], other=0.0, eviction_policy=EVICT_KV)
+            k = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=n_ok[:, None], other=0.0)
             if DOT_F32:  # interpreter only (see _dot_f32): same products, exact in fp32
                 s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
             else:
@@ -129,7 +122,7 @@ def _build() -> tuple:
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=n_ok[:, None], other=0.0, eviction_policy=EVICT_KV)
+            v = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=n_ok[:, None], other=0.0)
             p = p.to(v.dtype)  # P is rounded to v's dtype on either path
             if DOT_F32:
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.float32), v.to(tl.float32))
@@ -185,22 +178,6 @@ def _build() -> tuple:
 
     _KERNELS = (_split_kernel, _combine_kernel)
     return _KERNELS
-
-
-def cache_hints(weights: str | None = None, kv: str | None = None) -> dict[str, str]:
-    """Set the eviction hints for kernels launched from now on (None: keep); returns the old ones."""
-    old = dict(_HINTS)
-    for key, val in (("w", weights), ("kv", kv)):
-        if val is not None:
-            if val not in _POLICIES:
-                raise ValueError(f"eviction hint {val!r} is not one of {_POLICIES}")
-            _HINTS[key] = val
-    return old
-
-
-def hint_kwargs(*names: str) -> dict[str, str]:
-    """Constexpr launch arguments EVICT_W / EVICT_KV for the named hints."""
-    return {f"EVICT_{n.upper()}": _HINTS[n] for n in names}
 
 
 def _dot_f32(kernel, dtype: torch.dtype) -> bool:
@@ -347,7 +324,6 @@ def mqa_attention(
         HAS_BIAS=bias is not None, DIRECT=direct, DOT_F32=_dot_f32(split_kernel, q.dtype), PDL=pdl,
         BLOCK_M=block_m, BLOCK_N=block_n, D=d,
         SCALE_LOG2=scale * _LOG2E,  # constexpr: a float argument becomes fp64 under inductor
-        **hint_kwargs("kv"),
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     if not direct:

@@ -79,7 +79,7 @@ def _build() -> tuple:
         x_ptr, w_ptr, rows, row_ok, cols, cols2, col_ok, k_lo, k_hi, K,
         stride_xm, stride_xk, stride_wk, stride_wn,
         DUAL: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVICT_W: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """fp32 sums x[:, k_lo:k_hi] @ w[k_lo:k_hi, cols] (and @ w[.., cols2] when DUAL). The x
         tile feeds the dot and nothing else: a variant that also summed its squares (a fused RMS
@@ -98,21 +98,18 @@ def _build() -> tuple:
             else:
                 xt = tl.load(x_base + k[None, :] * stride_xk, mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
             xt = xt.to(w_ptr.dtype.element_ty)  # float32 x with bf16 w: rounded as F.linear(x.to(w.dtype))
-            acc = _mma(acc, xt, _load_w(w_base, k, K, col_ok, stride_wk, EVEN_K and EVEN_N, EVICT_W), DOT_F32)
+            acc = _mma(acc, xt, _load_w(w_base, k, K, col_ok, stride_wk, EVEN_K and EVEN_N), DOT_F32)
             if DUAL:
-                acc2 = _mma(acc2, xt, _load_w(u_base, k, K, col_ok, stride_wk, EVEN_K and EVEN_N, EVICT_W), DOT_F32)
+                acc2 = _mma(acc2, xt, _load_w(u_base, k, K, col_ok, stride_wk, EVEN_K and EVEN_N), DOT_F32)
         return acc, acc2
 
     @triton.jit
-    def _load_w(base, k, K, col_ok, stride_wk, EVEN: tl.constexpr, EVICT: tl.constexpr):
-        """The (BLOCK_K, BLOCK_N) weight tile of rows k of the columns at base (EVICT: the load's
-        eviction_policy, see kernels.cache_hints)."""
+    def _load_w(base, k, K, col_ok, stride_wk, EVEN: tl.constexpr):
+        """The (BLOCK_K, BLOCK_N) weight tile of rows k of the columns at base."""
         if EVEN:
-            t = tl.load(base + k[:, None] * stride_wk, eviction_policy=EVICT)
+            t = tl.load(base + k[:, None] * stride_wk)
         else:
-            t = tl.load(
-                base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0, eviction_policy=EVICT
-            )
+            t = tl.load(base + k[:, None] * stride_wk, mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
         return t
 
     @triton.jit
@@ -163,7 +160,6 @@ def _build() -> tuple:
         SILU: tl.constexpr, DIRECT: tl.constexpr,
         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
         LINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVICT_W: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -182,7 +178,7 @@ def _build() -> tuple:
         acc, acc_up = _mainloop(
             x_ptr, w_ptr, rows, row_ok, cols, cols + N_OUT, col_ok, k_lo, k_hi, K,
             stride_xm, stride_xk, stride_wk, stride_wn,
-            GATED, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K, EVICT_W,
+            GATED, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
         )
 
         if DIRECT:
@@ -250,7 +246,7 @@ def _build() -> tuple:
         sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, D: tl.constexpr,
         PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVICT_W: tl.constexpr, EVICT_KV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Fused QKV product + rotary + K/V cache write. Programs own BLOCK_N "half
         columns" j over the (H + 2 Hkv) heads: dims i and i + D/2 of head j // (D/2), i = j % (D/2),
@@ -270,7 +266,7 @@ def _build() -> tuple:
         acc, acc2 = _mainloop(
             x_ptr, w_ptr, rows, row_ok, cols, cols + HALF, col_ok, 0, K, K,
             stride_xm, stride_xk, stride_wk, stride_wn,
-            True, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K, EVICT_W,
+            True, EVEN_K, EVEN_N, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K,
         )
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -289,8 +285,8 @@ def _build() -> tuple:
         kp = k_ptr + bt[:, None] * sk_b + tk[:, None] * sk_t + (head - H)[None, :] * sk_h + i[None, :]
         vp = v_ptr + bt[:, None] * sv_b + tk[:, None] * sv_t + (head - H - HKV)[None, :] * sv_h + i[None, :]
         p = tl.where((head < H)[None, :], qp, tl.where(rot, kp, vp))
-        tl.store(p, o1.to(q_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT_KV)
-        tl.store(p + HALF, o2.to(q_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT_KV)
+        tl.store(p, o1.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(p + HALF, o2.to(q_ptr.dtype.element_ty), mask=mask)
 
     _KERNELS = (_gemm_kernel, _reduce_kernel, _qkv_kernel)
     return _KERNELS
@@ -544,7 +540,7 @@ def skinny_linear(
         m, k, n_out, n_w, k_per_split,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *strides,
         DIRECT=direct, EVEN_K=k % bk == 0, EVEN_N=n_out % bn == 0,
-        DOT_F32=_dot_f32(gemm_kernel, w.dtype), PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w), **kernels.hint_kwargs("w"),
+        DOT_F32=_dot_f32(gemm_kernel, w.dtype), PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps, num_stages=num_stages, **common, **pdl_kwargs(pdl),
     )
@@ -629,7 +625,7 @@ def fused_qkv(
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
         k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
         HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, EVEN_N=n_half % bn == 0,
-        DOT_F32=_dot_f32(qkv_kernel, x.dtype), D=d, PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w), **kernels.hint_kwargs("w", "kv"),
+        DOT_F32=_dot_f32(qkv_kernel, x.dtype), D=d, PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
         BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
