@@ -183,6 +183,22 @@ def test_speedup_notes_name_every_fast_configuration():
     assert _speedups(rep, 60.0) == "fast is 4.0x faster; fast+compile is 5.0x faster"
 
 
+def test_side_by_side_alternates_rounds_and_pairs_them():
+    """Beside lerobot, each round times ours then theirs (so drift meets both) and keeps them paired."""
+    from kvreuse.bench import Stat, side_by_side
+
+    calls = []
+
+    def timer(fn, n):
+        calls.append((fn(), n))
+        return Stat(float(len(calls)), 0.0, 0.0, n)
+
+    rounds = side_by_side(lambda: "ours", lambda: "theirs", 3, 30, 10, timer)
+    assert calls == [("ours", 30), ("theirs", 10)] * 3
+    assert [(o.median, t.median) for o, t in rounds] == [(1.0, 2.0), (3.0, 4.0), (5.0, 6.0)]
+    assert side_by_side(lambda: 0, lambda: 0, 0, 1, 1, timer) == []
+
+
 @pytest.mark.parametrize("mode", ["full", "vision_only", "state_only", "layer_wise", "partial"])
 @torch.no_grad()
 def test_reuse_policy_runs_on_fast_model(mode):
