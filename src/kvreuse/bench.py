@@ -226,6 +226,7 @@ def run_bench(
     lerobot: bool = True,
     lerobot_compile: bool = False,
     lerobot_rounds: int = 3,
+    lerobot_compile_mode: str = "max-autotune",
     json_out: str | None = None,
     seed: int = 0,
     prefix_attn: str = "auto",
@@ -253,6 +254,9 @@ def run_bench(
     --expert-pdl: programmatic dependent launch for the chain (default: where supported);
     --fused-layer-norm: SigLIP's residual add + LayerNorm as one Triton kernel (default: on CUDA);
     --vision-trt: the vision tower as TensorRT engines (needs torch_tensorrt; untested);
+    --lerobot-compile-mode: torch.compile mode for lerobot (default: what lerobot's own
+    compile_model=True uses, PI0Config.compile_mode = "max-autotune", with CUDA graphs; "default"
+    is what rounds 1-8 of docs/PERFORMANCE.md compared against);
     --lerobot-rounds: after lerobot's compiled timing, this many rounds alternating our fastest
     path and lerobot compiled in the same process, with each round's ratio;
     --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
@@ -260,7 +264,7 @@ def run_bench(
                 reuse, partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn, expert_attn,
                 variants, reuse_eager, profile, compile_mode=compile_mode, expert_gemm=expert_gemm,
                 expert_pdl=expert_pdl, fused_layer_norm=fused_layer_norm, vision_trt=vision_trt,
-                lerobot_rounds=lerobot_rounds)
+                lerobot_rounds=lerobot_rounds, lerobot_compile_mode=lerobot_compile_mode)
     print()
     print(rep.table())
     if json_out:
@@ -278,7 +282,8 @@ def run_bench(
 def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager, reuse,
           partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="auto", expert_attn="auto",
           variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="auto",
-          expert_pdl=None, fused_layer_norm=None, vision_trt=False, lerobot_rounds=3) -> Report:
+          expert_pdl=None, fused_layer_norm=None, vision_trt=False, lerobot_rounds=3,
+          lerobot_compile_mode="max-autotune") -> Report:
     from .model import preset as get_preset
     from .model.fast import FastPi0, resolve_attn
     from .reuse.config import ReuseConfig
@@ -492,7 +497,10 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
                 rep.add("lerobot", "eager full inference", le, _speedups(rep, le.median))
                 if lerobot_compile:
                     t0 = time.perf_counter()
-                    lr.sample_actions = torch.compile(lr.sample_actions)
+                    # As lerobot's PI0Pytorch / PI05Pytorch do with config.compile_model (0.6.1).
+                    precision = torch.get_float32_matmul_precision()
+                    torch.set_float32_matmul_precision("high")
+                    lr.sample_actions = torch.compile(lr.sample_actions, mode=lerobot_compile_mode)
                     with torch.no_grad():
                         fn = lerobot_call(lr, variant, cfg, obs, noise)
                         fn()
@@ -500,18 +508,19 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
                         _sync(device)
                         tc = time.perf_counter() - t0
                         lc = tm(fn, max(3, iters // 5))
-                    rep.add("lerobot", "torch.compile full inference", lc,
+                    torch.set_float32_matmul_precision(precision)  # (our graphs are captured already)
+                    rep.add("lerobot", f"compile {lerobot_compile_mode} full inference", lc,
                             f"compile {tc:.0f} s; {_speedups(rep, lc.median)}")
                     tag, fp = ours
                     with torch.no_grad():
                         rounds = side_by_side(lambda: fp.sample_actions(obs, noise), fn, lerobot_rounds, iters,
                                               max(10, iters // 2), tm)
                     for i, (o, t) in enumerate(rounds):
-                        rep.add("lerobot", f"round {i + 1}: torch.compile", t,
+                        rep.add("lerobot", f"round {i + 1}: compile {lerobot_compile_mode}", t,
                                 f"{tag} {o.median:.2f} ms (p10 {o.p10:.2f}) in the same round: {t.median / o.median:.2f}x")
                     if rounds:
                         r = sorted(t.median / o.median for o, t in rounds)
-                        rep.notes.append(f"lerobot compiled vs {tag}, {len(r)} alternating rounds: ratio of medians "
+                        rep.notes.append(f"lerobot compiled ({lerobot_compile_mode}) vs {tag}, {len(r)} alternating rounds: ratio of medians "
                                          f"{', '.join(f'{x:.2f}' for x in r)} (lowest {r[0]:.2f}x)")
                 else:
                     rep.notes.append("lerobot torch.compile not timed (--lerobot-compile; its compile takes minutes)")
