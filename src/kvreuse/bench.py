@@ -496,32 +496,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
                     le = tm(fn, max(3, iters // 5))
                 rep.add("lerobot", "eager full inference", le, _speedups(rep, le.median))
                 if lerobot_compile:
-                    t0 = time.perf_counter()
-                    # As lerobot's PI0Pytorch / PI05Pytorch do with config.compile_model (0.6.1).
-                    precision = torch.get_float32_matmul_precision()
-                    torch.set_float32_matmul_precision("high")
-                    lr.sample_actions = torch.compile(lr.sample_actions, mode=lerobot_compile_mode)
-                    with torch.no_grad():
-                        fn = lerobot_call(lr, variant, cfg, obs, noise)
-                        fn()
-                        fn()
-                        _sync(device)
-                        tc = time.perf_counter() - t0
-                        lc = tm(fn, max(3, iters // 5))
-                    torch.set_float32_matmul_precision(precision)  # (our graphs are captured already)
-                    rep.add("lerobot", f"compile {lerobot_compile_mode} full inference", lc,
-                            f"compile {tc:.0f} s; {_speedups(rep, lc.median)}")
-                    tag, fp = ours
-                    with torch.no_grad():
-                        rounds = side_by_side(lambda: fp.sample_actions(obs, noise), fn, lerobot_rounds, iters,
-                                              max(10, iters // 2), tm)
-                    for i, (o, t) in enumerate(rounds):
-                        rep.add("lerobot", f"round {i + 1}: compile {lerobot_compile_mode}", t,
-                                f"{tag} {o.median:.2f} ms (p10 {o.p10:.2f}) in the same round: {t.median / o.median:.2f}x")
-                    if rounds:
-                        r = sorted(t.median / o.median for o, t in rounds)
-                        rep.notes.append(f"lerobot compiled ({lerobot_compile_mode}) vs {tag}, {len(r)} alternating rounds: ratio of medians "
-                                         f"{', '.join(f'{x:.2f}' for x in r)} (lowest {r[0]:.2f}x)")
+                    _lerobot_compiled(rep, lr, variant, cfg, obs, noise, ours, lerobot_compile_mode, lerobot_rounds,
+                                      iters, tm, device)
                 else:
                     rep.notes.append("lerobot torch.compile not timed (--lerobot-compile; its compile takes minutes)")
                 del lr
@@ -529,6 +505,39 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
                 rep.notes.append(f"lerobot failed: {type(exc).__name__}: {str(exc)[:300]}")
             torch.cuda.empty_cache()
     return rep
+
+
+def _lerobot_compiled(rep: Report, lr, variant, cfg, obs, noise, ours, mode: str, n_rounds: int, iters: int, tm,
+                      device) -> None:
+    """lerobot compiled as its own config.compile_model does (0.6.1: fp32 matmul precision "high",
+    torch.compile(sample_actions, mode=compile_mode)), timed, then alternating rounds beside ours.
+    The precision stays "high" until the rounds are done: dynamo guards on it, so restoring it
+    earlier would recompile lerobot inside the first round."""
+    t0 = time.perf_counter()
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        lr.sample_actions = torch.compile(lr.sample_actions, mode=mode)
+        with torch.no_grad():
+            fn = lerobot_call(lr, variant, cfg, obs, noise)
+            fn()
+            fn()
+            _sync(device)
+            tc = time.perf_counter() - t0
+            lc = tm(fn, max(3, iters // 5))
+        rep.add("lerobot", f"compile {mode} full inference", lc, f"compile {tc:.0f} s; {_speedups(rep, lc.median)}")
+        tag, fp = ours
+        with torch.no_grad():
+            rounds = side_by_side(lambda: fp.sample_actions(obs, noise), fn, n_rounds, iters, max(10, iters // 2), tm)
+        for i, (o, t) in enumerate(rounds):
+            rep.add("lerobot", f"round {i + 1}: compile {mode}", t,
+                    f"{tag} {o.median:.2f} ms (p10 {o.p10:.2f}) in the same round: {t.median / o.median:.2f}x")
+        if rounds:
+            r = sorted(t.median / o.median for o, t in rounds)
+            rep.notes.append(f"lerobot compiled ({mode}) vs {tag}, {len(r)} alternating rounds: ratio of medians "
+                             f"{', '.join(f'{x:.2f}' for x in r)} (lowest {r[0]:.2f}x)")
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def side_by_side(ours, theirs, rounds: int, n_ours: int, n_theirs: int, timer) -> list[tuple[Stat, Stat]]:
