@@ -255,8 +255,9 @@ def run_bench(
     --fused-layer-norm: SigLIP's residual add + LayerNorm as one Triton kernel (default: on CUDA);
     --vision-trt: the vision tower as TensorRT engines (needs torch_tensorrt; untested);
     --lerobot-compile-mode: torch.compile mode for lerobot (default: what lerobot's own
-    compile_model=True uses, PI0Config.compile_mode = "max-autotune", with CUDA graphs; "default"
-    is what rounds 1-8 of docs/PERFORMANCE.md compared against);
+    compile_model=True uses, PI0Config.compile_mode = "max-autotune", with CUDA graphs; its compile
+    ran over 8 minutes on an H100; "default" is what rounds 1-8 of docs/PERFORMANCE.md compared
+    against);
     --lerobot-rounds: after lerobot's compiled timing, this many rounds alternating our fastest
     path and lerobot compiled in the same process, with each round's ratio;
     --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
