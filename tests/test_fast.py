@@ -183,6 +183,41 @@ def test_speedup_notes_name_every_fast_configuration():
     assert _speedups(rep, 60.0) == "fast is 4.0x faster; fast+compile is 5.0x faster"
 
 
+def test_lerobot_is_compiled_as_lerobot_does_and_keeps_its_precision_through_the_rounds(monkeypatch):
+    """lerobot's compile_model path: fp32 matmul precision "high" and torch.compile(mode=...). The
+    precision must hold for every lerobot call, rounds included (dynamo guards on it: restoring it
+    early recompiled lerobot inside round 1 on the H100), and come back afterwards."""
+    from kvreuse import bench as bm
+
+    cfg = preset("tiny-pi0")
+    obs = synthetic_obs(cfg, 1, "cpu", torch.Generator().manual_seed(0))
+    seen, modes = [], []
+
+    class FakeLerobot:
+        def sample_actions(self, *args, noise=None):
+            seen.append(torch.get_float32_matmul_precision())
+
+    class Ours:
+        def sample_actions(self, obs, noise):
+            return None
+
+    def fake_compile(fn, mode=None):
+        modes.append(mode)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    before = torch.get_float32_matmul_precision()
+    rep = bm.Report("tiny-pi0", "cpu", {})
+    rep.add("fast", "full inference", bm.Stat(1.0, 1.0, 1.0, 1))
+    tm = lambda fn, n: bm.time_fn(fn, n, 0, "cpu")  # noqa: E731
+    bm._lerobot_compiled(rep, FakeLerobot(), "pi0", cfg, obs, None, ("fast", Ours()), "max-autotune", 2, 3, tm, "cpu")
+    assert modes == ["max-autotune"]
+    assert len(seen) == 2 + 3 + 2 * 10 and set(seen) == {"high"}  # 2 warm-up, 3 timed, 2 rounds of 10
+    assert torch.get_float32_matmul_precision() == before
+    names = [n for _, n, _, _ in rep.rows]
+    assert "compile max-autotune full inference" in names and "round 2: compile max-autotune" in names
+
+
 def test_side_by_side_alternates_rounds_and_pairs_them():
     """Beside lerobot, each round times ours then theirs (so drift meets both) and keeps them paired."""
     from kvreuse.bench import Stat, side_by_side
