@@ -362,8 +362,8 @@ def test_reuse_off_policy_is_sample_actions_to_the_bit_and_embeds_in_one_pass():
     noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
     fast = FastPi0(model)
     passes = []
-    real = fast._vision_out
-    fast._vision_out = lambda st, b, n: passes.append(n) or real(st, b, n)
+    real = fast._vision_of
+    fast._vision_of = lambda st, images: passes.append(len(images)) or real(st, images)
     emb = fast.embed_images(dict(obs.images))
     assert passes == [len(cfg.cameras)] and list(emb) == list(cfg.cameras)
     cache = fast.encode_prefix(obs)

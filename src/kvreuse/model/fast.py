@@ -503,11 +503,8 @@ class FastPi0:
         return tables
 
     # ---- inputs ----------------------------------------------------------------------------
-    def _load_obs(self, st: _Static, obs: Observation, cameras: tuple[str, ...]) -> None:
+    def _load_obs(self, st: _Static, obs: Observation) -> None:
         self.model._check(obs)
-        b = st.image_masks.shape[0]
-        for j, cam in enumerate(cameras):
-            st.images[j * b : (j + 1) * b].copy_(obs.images[cam])
         st.image_masks.copy_(torch.stack([obs.image_masks[c] for c in self.cfg.cameras], 1))
         st.tokens.copy_(obs.tokens)
         st.token_mask.copy_(obs.token_mask)
@@ -757,22 +754,19 @@ class FastPi0:
         supplied), the other cameras through the vision tower in one batched pass."""
         given = {i: given[c] for i, c in enumerate(self.cfg.cameras) if c in given} if given else {}
         run = tuple(i for i in range(len(self.cfg.cameras)) if i not in given)
-        self._load_obs(st, obs, tuple(self.cfg.cameras[i] for i in run))
+        self._load_obs(st, obs)
         p, b = self.cfg.vision.num_patches, obs.batch_size
         for i, e in given.items():
             st.embeds[:, i * p : (i + 1) * p].copy_(e)
         if run:
-            x = self._vision_out(st, b, len(run))
+            x = self._vision_of(st, [obs.images[self.cfg.cameras[i]] for i in run])
             for j, i in enumerate(run):
                 st.embeds[:, i * p : (i + 1) * p].copy_(x[j * b : (j + 1) * b])
 
     @torch.no_grad()
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, patches, llm width), like `Pi0Model.embed_image`."""
-        b = images.shape[0]
-        st = self._static(b)
-        st.images[:b].copy_(images)
-        return self._vision_out(st, b, 1).clone()
+        return self._vision_of(self._static(images.shape[0]), [images]).clone()
 
     @torch.no_grad()
     def embed_images(self, images: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -784,15 +778,15 @@ class FastPi0:
         if not cams:
             return {}
         b = images[cams[0]].shape[0]
-        st = self._static(b)
-        for j, cam in enumerate(cams):
-            st.images[j * b : (j + 1) * b].copy_(images[cam])
-        x = self._vision_out(st, b, len(cams))
+        x = self._vision_of(self._static(b), [images[cam] for cam in cams])
         return {cam: x[j * b : (j + 1) * b].clone() for j, cam in enumerate(cams)}
 
-    def _vision_out(self, st: _Static, b: int, n: int) -> torch.Tensor:
-        """The first n cameras' images of st.images through the vision tower: a TensorRT engine
-        when vision_trt is on, else the captured graph of `_vision`."""
+    def _vision_of(self, st: _Static, images: list[torch.Tensor]) -> torch.Tensor:
+        """Cameras' (B, 3, H, W) images, camera-major into st.images, through the vision tower in
+        one pass: a TensorRT engine when vision_trt is on, else the captured graph of `_vision`."""
+        b, n = images[0].shape[0], len(images)
+        for j, x in enumerate(images):
+            st.images[j * b : (j + 1) * b].copy_(x)
         if self.trt_vision is not None:
             return self.trt_vision(st.images[: n * b])
         return self.graphs.run(("vision", b, n), lambda: self._vision(st, n))
