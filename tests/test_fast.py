@@ -375,3 +375,43 @@ def test_reuse_off_policy_is_sample_actions_to_the_bit_and_embeds_in_one_pass():
     out, rec = ReusePolicy(fast, ReuseConfig()).infer(obs, noise)
     assert passes == [len(cfg.cameras)] and rec.decision == "refresh"
     assert torch.equal(out, fast.sample_actions(obs, noise))
+
+
+def test_graph_capture_gets_cublas_workspaces_of_its_own(monkeypatch):
+    """cuBLAS workspaces are cleared after the warm-up runs and again after capture, so a graph
+    captures fresh ones allocated in its own pool and shares them with nobody (torch.compile's
+    CUDA graphs clear them on every recording; a shared one freed under a live graph faulted the
+    bench's rounds beside lerobot). torch.cuda is faked: this runs on the CPU."""
+    import contextlib
+    import types
+
+    import kvreuse.model.fast as fm
+
+    log = []
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    @contextlib.contextmanager
+    def capture(graph):
+        log.append("capture")
+        yield
+
+    fake = types.SimpleNamespace(
+        Stream=lambda: types.SimpleNamespace(wait_stream=lambda s: None),
+        current_stream=lambda: types.SimpleNamespace(wait_stream=lambda s: None),
+        stream=lambda s: contextlib.nullcontext(),
+        CUDAGraph=Graph,
+        graph=capture,
+        synchronize=lambda: None,
+    )
+    monkeypatch.setattr(fm.torch, "cuda", fake)
+    monkeypatch.setattr(fm, "_clear_cublas_workspaces", lambda: log.append("clear"))
+    graphs = fm._Graphs(True)
+    out = graphs.run("k", lambda: log.append("fn") or "out")
+    assert out == "out"
+    assert log == ["fn", "fn", "clear", "capture", "fn", "clear", "replay"]
+    log.clear()
+    graphs.run("k", lambda: log.append("fn"))  # captured once: replays only, no clearing
+    assert log == ["replay"]

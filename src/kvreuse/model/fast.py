@@ -331,6 +331,10 @@ class _Static:
         return self.hidden[layer]
 
 
+def _clear_cublas_workspaces() -> None:
+    torch._C._cuda_clearCublasWorkspaces()
+
+
 class _Graphs:
     """Runs a zero-argument function over static buffers: on CUDA captured once per key as a
     CUDA graph (after two warm-up runs, which also trigger any compilation) and replayed."""
@@ -353,8 +357,18 @@ class _Graphs:
                     fn()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            # cuBLAS keeps one workspace per (handle, stream), and a graph bakes in the address of
+            # the one it captured with. Whoever clears those workspaces frees that block while
+            # the graph still writes to it: torch.compile's CUDA graphs (mode "reduce-overhead" /
+            # "max-autotune", lerobot's default) do so on every recording, and the bench's rounds
+            # beside lerobot then faulted ("unspecified launch failure"; scripts/graph_mix.py).
+            # Cleared before capture, the workspaces are allocated anew inside this graph's own
+            # pool; cleared after, nothing else shares them, so a later clear frees the block back
+            # into that pool, which stays this graph's for its lifetime.
+            _clear_cublas_workspaces()
             with torch.cuda.graph(graph):
                 out = fn()
+            _clear_cublas_workspaces()
             g = self.graphs[key] = (graph, out)
             torch.cuda.synchronize()
             self.capture_s += time.perf_counter() - t0

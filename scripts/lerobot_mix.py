@@ -1,0 +1,67 @@
+"""Where do the bench's alternating rounds beside lerobot compiled with CUDA graphs fault? (They
+faulted with "unspecified launch failure" in rounds 9 and 10; scripts/graph_mix.py finds no fault
+with a small reduce-overhead MLP in lerobot's place.) One process, as in the bench: our FastPi0
+variants are built and captured first, then lerobot is compiled; then stages from the least to
+the most suspect, each alternating one of ours with lerobot, stop at the first fault (it poisons
+the CUDA context):
+  1. lerobot alone, in rounds;  2. ours without CUDA graphs;  3. ours with graphs, no PDL, no
+  overlap;  4. ours as the bench runs it.
+
+    PYTHONPATH=src:<lerobot site> python3 scripts/lerobot_mix.py [pi0|pi05] [mode]
+"""
+
+import sys
+import time
+
+import torch
+
+from kvreuse.bench import build_lerobot, build_random, lerobot_call, synthetic_obs, time_fn
+from kvreuse.model import preset
+from kvreuse.model.fast import FastPi0
+
+
+def main() -> None:
+    variant = sys.argv[1] if len(sys.argv) > 1 else "pi0"
+    mode = sys.argv[2] if len(sys.argv) > 2 else "reduce-overhead"
+    cfg = preset(variant).replace(cameras=("cam0", "cam1"))
+    model = build_random(cfg, "cuda")
+    g = torch.Generator().manual_seed(1)
+    obs = synthetic_obs(cfg, 1, "cuda", g)
+    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g).to("cuda")
+    ours = {
+        "no graphs": FastPi0(model, graphs=False),
+        "graphs, no PDL, no overlap": FastPi0(model, expert_pdl=False, overlap=False),
+        "as the bench runs it": FastPi0(model),
+    }
+    with torch.no_grad():
+        for f in ours.values():
+            time_fn(lambda f=f: f.sample_actions(obs, noise), 3, 2, "cuda")
+    lr = build_lerobot(variant, cfg, "cuda")
+    torch.set_float32_matmul_precision("high")  # as lerobot's compile_model does
+    lr.sample_actions = torch.compile(lr.sample_actions, mode=mode)
+    theirs = lerobot_call(lr, variant, cfg, obs, noise)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        theirs()
+        theirs()
+        torch.cuda.synchronize()
+        print(f"[lerobot_mix] {variant} lerobot compiled ({mode}) in {time.perf_counter() - t0:.0f} s; "
+              f"{time_fn(theirs, 10, 2, 'cuda').median:.2f} ms", flush=True)
+        stages = [("lerobot alone", None)] + [(name, f) for name, f in ours.items()]
+        for name, f in stages:
+            try:
+                for _ in range(3):
+                    if f is not None:
+                        o = time_fn(lambda f=f: f.sample_actions(obs, noise), 10, 2, "cuda").median
+                    t = time_fn(theirs, 10, 2, "cuda").median
+                    torch.cuda.synchronize()
+                print(f"[lerobot_mix] stage {name!r}: OK (last round: lerobot {t:.2f} ms"
+                      + (f", ours {o:.2f} ms)" if f is not None else ")"), flush=True)
+            except Exception as exc:  # the finding is where it fails
+                print(f"[lerobot_mix] stage {name!r}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                      flush=True)
+                return
+
+
+if __name__ == "__main__":
+    main()
