@@ -183,10 +183,11 @@ def test_speedup_notes_name_every_fast_configuration():
     assert _speedups(rep, 60.0) == "fast is 4.0x faster; fast+compile is 5.0x faster"
 
 
-def test_lerobot_is_compiled_as_lerobot_does_and_keeps_its_precision_through_the_rounds(monkeypatch):
+def test_lerobot_is_compiled_as_lerobot_does_and_keeps_its_precision_through_the_rounds(monkeypatch, capsys):
     """lerobot's compile_model path: fp32 matmul precision "high" and torch.compile(mode=...). The
     precision must hold for every lerobot call, rounds included (dynamo guards on it: restoring it
-    early recompiled lerobot inside round 1 on the H100), and come back afterwards."""
+    early would recompile lerobot inside round 1), and come back afterwards. The long compile is
+    announced before it starts."""
     from kvreuse import bench as bm
 
     cfg = preset("tiny-pi0")
@@ -212,6 +213,9 @@ def test_lerobot_is_compiled_as_lerobot_does_and_keeps_its_precision_through_the
     tm = lambda fn, n: bm.time_fn(fn, n, 0, "cpu")  # noqa: E731
     bm._lerobot_compiled(rep, FakeLerobot(), "pi0", cfg, obs, None, ("fast", Ours()), "max-autotune", 2, 3, tm, "cpu")
     assert modes == ["max-autotune"]
+    out = capsys.readouterr().out.splitlines()
+    said = next(i for i, line in enumerate(out) if "compiling pi0 with torch.compile(mode='max-autotune')" in line)
+    assert said < next(i for i, line in enumerate(out) if "compile max-autotune full inference" in line)
     assert len(seen) == 2 + 3 + 2 * 10 and set(seen) == {"high"}  # 2 warm-up, 3 timed, 2 rounds of 10
     assert torch.get_float32_matmul_precision() == before
     names = [n for _, n, _, _ in rep.rows]

@@ -514,6 +514,9 @@ def _lerobot_compiled(rep: Report, lr, variant, cfg, obs, noise, ours, mode: str
     torch.compile(sample_actions, mode=compile_mode)), timed, then alternating rounds beside ours.
     The precision stays "high" until the rounds are done: dynamo guards on it, so restoring it
     earlier would recompile lerobot inside the first round."""
+    # Long and silent otherwise: say what runs and what it costs (docs/PERFORMANCE.md, round 10).
+    print(f"  [lerobot] compiling {variant} with torch.compile(mode={mode!r}): minutes; max-autotune (lerobot's "
+          "own) did not finish in 19 min on an H100, reduce-overhead (the same CUDA graphs) took 4-5 min", flush=True)
     t0 = time.perf_counter()
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
