@@ -11,7 +11,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from kvreuse.bench import build_random, synthetic_obs
+from kvreuse.bench import build_random, random_inputs
 from kvreuse.model import preset
 from kvreuse.model.fast import FastPi0, _norm
 
@@ -42,8 +42,7 @@ def round4_loop(self, st, steps, tables, cos_h, sin_h, bias):
 def main(name="pi0", rounds=5, iters=30):
     cfg = preset(name)
     model = build_random(cfg, "cuda")
-    obs = synthetic_obs(cfg, 1, "cuda", torch.Generator().manual_seed(0))
-    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, device="cuda")
+    obs, noise = random_inputs(cfg, 1, "cuda")
     a, b = FastPi0(model), FastPi0(model)
     b._denoise_chain = types.MethodType(round4_loop, b)
     print(torch.cuda.get_device_name(), name, "expert:", a.expert_gemm, "pdl:", a.expert_pdl)

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from kvreuse.bench import build_random, synthetic_obs, time_fn
+from kvreuse.bench import build_random, random_inputs, time_fn
 from kvreuse.model import preset
 from kvreuse.model import fast as fast_mod
 from kvreuse.model.fast import FastPi0
@@ -36,9 +36,7 @@ def main() -> None:
         fast_mod._clear_cublas_workspaces = lambda: None
     cfg = preset("pi0").replace(cameras=("cam0", "cam1"))
     model = build_random(cfg, "cuda")
-    g = torch.Generator().manual_seed(1)
-    obs = synthetic_obs(cfg, 1, "cuda", g)
-    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g).to("cuda")
+    obs, noise = random_inputs(cfg, 1, "cuda", 1)
     kw = dict(expert_pdl=opt["pdl"] == "1", overlap=opt["overlap"] == "1", compile=opt["compile"] == "1")
     first = None
     if opt["other"] == "clear":  # the bench's order: an instance captured, then dropped

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from kvreuse.bench import build_lerobot, build_random, lerobot_call, synthetic_obs, time_fn
+from kvreuse.bench import build_lerobot, build_random, lerobot_call, random_inputs, time_fn
 from kvreuse.model import preset
 from kvreuse.model.fast import FastPi0
 
@@ -25,9 +25,7 @@ def main() -> None:
     mode = sys.argv[2] if len(sys.argv) > 2 else "reduce-overhead"
     cfg = preset(variant).replace(cameras=("cam0", "cam1"))
     model = build_random(cfg, "cuda")
-    g = torch.Generator().manual_seed(1)
-    obs = synthetic_obs(cfg, 1, "cuda", g)
-    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g).to("cuda")
+    obs, noise = random_inputs(cfg, 1, "cuda", 1)
     ours = {
         "no graphs": FastPi0(model, graphs=False),
         "graphs, no PDL, no overlap": FastPi0(model, expert_pdl=False, overlap=False),

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from kvreuse.bench import build_random, synthetic_obs
+from kvreuse.bench import build_random, random_inputs
 from kvreuse.model import preset
 from kvreuse.model.fast import FastPi0, _Graphs
 
@@ -19,8 +19,7 @@ def main(name="pi0", compile="1", rounds=5, iters=30):
     cfg = preset(name)
     cfg = cfg.replace(cameras=("cam0", "cam1"))  # as kvreuse bench
     model = build_random(cfg, "cuda")
-    obs = synthetic_obs(cfg, 1, "cuda", torch.Generator().manual_seed(0))
-    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, device="cuda")
+    obs, noise = random_inputs(cfg, 1, "cuda")
     base = FastPi0(model, compile=compile == "1")
     variants = {}
     for tag, overlap, priority in (("prefix then denoise", False, None), ("step 0 beside, normal priority", True, 0),

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from kvreuse.bench import build_random, synthetic_obs, time_fn
+from kvreuse.bench import build_random, random_inputs, time_fn
 from kvreuse.model import preset
 from kvreuse.model.fast import FastPi0
 
@@ -20,8 +20,7 @@ def main(name="pi0", compile="1", cameras="2"):
     cfg = preset(name)
     cfg = cfg.replace(cameras=tuple(f"cam{i}" for i in range(int(cameras))))  # as kvreuse bench
     model = build_random(cfg, "cuda")
-    obs = synthetic_obs(cfg, 1, "cuda", torch.Generator().manual_seed(0))
-    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, device="cuda")
+    obs, noise = random_inputs(cfg, 1, "cuda")
     fast = FastPi0(model, compile=compile == "1", overlap=False)  # separate prefix and denoise graphs
     fast.sample_actions(obs, noise)  # captures the vision, prefix and denoise graphs
     graphs = fast.graphs.graphs

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from kvreuse.bench import build_random, synthetic_obs
+from kvreuse.bench import build_random, random_inputs
 from kvreuse.model import preset
 from kvreuse.model.fast import FastPi0
 from kvreuse.reuse.config import ReuseConfig
@@ -39,8 +39,7 @@ def wall_ms(fn, n=30):
 def main(name="pi0", n=30):
     cfg = preset(name).replace(cameras=("cam0", "cam1"))  # as kvreuse bench
     model = build_random(cfg, "cuda")
-    obs = synthetic_obs(cfg, 1, "cuda", torch.Generator().manual_seed(0))
-    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, device="cuda")
+    obs, noise = random_inputs(cfg, 1, "cuda")
     fast = FastPi0(model, compile=True)
     pol = ReusePolicy(fast, ReuseConfig())
     print(torch.cuda.get_device_name(), name)

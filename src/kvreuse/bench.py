@@ -41,6 +41,13 @@ def synthetic_obs(cfg, batch: int, device, generator: torch.Generator | None = N
     )
 
 
+def random_inputs(cfg, batch: int, device, seed: int = 0):
+    """The bench's inputs: a synthetic Observation and the initial noise, from one generator."""
+    g = torch.Generator().manual_seed(seed)
+    obs = synthetic_obs(cfg, batch, device, g)
+    return obs, torch.randn(batch, cfg.chunk_size, cfg.max_action_dim, generator=g).to(device)
+
+
 def build_random(cfg, device, dtype=torch.bfloat16, seed: int = 0):
     """A Pi0Model with random weights made directly on `device` in `dtype` (never 3B params on
     the CPU). RMSNorm weights are drawn too (they init to zero) so (1 + w) is exercised."""
@@ -323,9 +330,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         model = build_random(cfg, device, seed=seed)
     _sync(device)
     rep.notes.append(f"model built in {time.perf_counter() - t_build:.1f} s ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params)")
-    g = torch.Generator().manual_seed(seed + 1)
-    obs = synthetic_obs(cfg, batch, device, g)
-    noise = torch.randn(batch, cfg.chunk_size, cfg.max_action_dim, generator=g).to(device)
+    obs, noise = random_inputs(cfg, batch, device, seed + 1)
     tm = lambda fn, n=iters: time_fn(fn, n, warmup, device)  # noqa: E731
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
