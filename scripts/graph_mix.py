@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from kvreuse.bench import build_random, random_inputs, time_fn
+from kvreuse.bench import build_random, random_inputs, side_by_side, time_fn
 from kvreuse.model import preset
 from kvreuse.model import fast as fast_mod
 from kvreuse.model.fast import FastPi0
@@ -62,13 +62,10 @@ def main() -> None:
         theirs = lambda: step(x)  # noqa: E731
         time_fn(theirs, 10, 3, "cuda")
     try:
-        with torch.no_grad():
-            for _ in range(int(opt["rounds"])):
-                pair = (ours, theirs) if opt["first"] == "ours" else (theirs, ours)
-                for fn in pair:
-                    if fn is not None:
-                        time_fn(fn, 10, 2, "cuda")
-                torch.cuda.synchronize()
+        other = theirs or (lambda: None)
+        pair = (ours, other) if opt["first"] == "ours" else (other, ours)
+        with torch.no_grad():  # the bench's alternation
+            side_by_side(*pair, int(opt["rounds"]), 10, 10, lambda fn, n: time_fn(fn, n, 2, "cuda"))
         same = torch.equal(fast.sample_actions(obs, noise), ref)
         if opt["other"] == "clear":
             same &= all(bool((j == 7.0).all()) for j in junk)  # nor did our replays write into others' memory

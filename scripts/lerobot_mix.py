@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from kvreuse.bench import build_lerobot, build_random, lerobot_call, random_inputs, time_fn
+from kvreuse.bench import build_lerobot, build_random, lerobot_call, random_inputs, side_by_side, time_fn
 from kvreuse.model import preset
 from kvreuse.model.fast import FastPi0
 
@@ -45,14 +45,12 @@ def main() -> None:
         torch.cuda.synchronize()
         print(f"[lerobot_mix] {variant} lerobot compiled ({mode}) in {time.perf_counter() - t0:.0f} s; "
               f"{time_fn(theirs, 10, 2, 'cuda').median:.2f} ms", flush=True)
+        timer = lambda fn, n: time_fn(fn, n, 2, "cuda")  # noqa: E731
         stages = [("lerobot alone", None)] + [(name, f) for name, f in ours.items()]
         for name, f in stages:
             try:
-                for _ in range(3):
-                    if f is not None:
-                        o = time_fn(lambda f=f: f.sample_actions(obs, noise), 10, 2, "cuda").median
-                    t = time_fn(theirs, 10, 2, "cuda").median
-                    torch.cuda.synchronize()
+                mine = (lambda f=f: f.sample_actions(obs, noise)) if f is not None else (lambda: None)
+                o, t = (x.median for x in side_by_side(mine, theirs, 3, 10, 10, timer)[-1])  # the bench's alternation
                 print(f"[lerobot_mix] stage {name!r}: OK (last round: lerobot {t:.2f} ms"
                       + (f", ours {o:.2f} ms)" if f is not None else ")"), flush=True)
             except Exception as exc:  # the finding is where it fails
