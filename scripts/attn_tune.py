@@ -5,6 +5,7 @@ is in the runtime. Prints one row per configuration (median us per call, max |di
 
     python scripts/attn_tune.py [--keys 611] [--queries 51]
     python scripts/attn_tune.py --prefix     # the prefix LM's shape (560 x 560) and a grid for it
+    python scripts/attn_tune.py --siglip     # SigLIP's attention (2 images x 16 heads x 256 x 72) per SDPA backend
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ def main() -> None:
                     help="the prefix shape with 16 / 32-row tiles, one split (round 6: 64-row tiles fill only 70 SMs)")
     ap.add_argument("--mask-bound", action="store_true",
                     help="only the default tiling with its per-row mask, a stride-0 (per-key) mask and none (a bound)")
+    ap.add_argument("--siglip", action="store_true", help="SigLIP's attention under each SDPA backend")
     a = ap.parse_args()
+    if a.siglip:
+        return siglip()
     if a.prefix or a.prefix_small:
         a.keys = a.queries = 560
     dev, dt = "cuda", torch.bfloat16
@@ -93,6 +97,30 @@ def main() -> None:
         try:
             print(f"| {name} | {_time_us(fn):.1f} | {(fn().float() - ref).abs().max():.2e} |")
         except Exception as exc:  # out of shared memory / registers for some tiles
+            print(f"| {name} | failed: {type(exc).__name__}: {str(exc)[:80]} | |")
+
+
+def siglip(n: int = 2, p: int = 256, heads: int = 16, d: int = 72) -> None:
+    """SigLIP's attention as FastPi0's `_siglip_layer` calls it (views of one fused QKV output,
+    no mask), under each SDPA backend; PyTorch's own pick is "sdpa"."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qkv = torch.randn(n, p, 3, heads, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (x.transpose(1, 2) for x in qkv.unbind(2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    print(f"{torch.cuda.get_device_name()}  SigLIP attention q {tuple(q.shape)} bf16")
+    print("| backend | us / call | max abs diff vs fp32 |\n|---|---|---|")
+    backends = {"sdpa": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    for name, backend in backends.items():
+        def fn(backend=backend):
+            if backend is None:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        try:
+            print(f"| {name} | {_time_us(fn):.1f} | {(fn().float() - ref).abs().max():.2e} |")
+        except Exception as exc:  # a backend can refuse the shape
             print(f"| {name} | failed: {type(exc).__name__}: {str(exc)[:80]} | |")
 
 

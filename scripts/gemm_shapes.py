@@ -1,31 +1,63 @@
-"""Times the prefix's dense products (SigLIP over 2 x 256 patches, Gemma-2B over 560 tokens) with
-F.linear in CUDA graphs, under cuBLAS and cuBLASLt, and prints TFLOP/s per shape: where the
-vision tower and prefix LM stand against the card's peak. Usage: PYTHONPATH=src python3 scripts/gemm_shapes.py"""
+"""Times the prefix's dense products (SigLIP over 2 x 256 patches, Gemma-2B over 560 tokens) as
+FastPi0 runs them, in CUDA graphs, and prints TFLOP/s per shape: where the vision tower and
+prefix LM stand against the card's peak, and whether another weight layout or BLAS library
+would serve a shape better.
+
+Each shape runs once per layer over that many distinct weight copies (27 SigLIP / 18 Gemma
+layers), as in a pass, so that weights that fit in L2 are not re-read from it every call.
+Layouts: "nk" is the (N, K) nn.Linear weight FastPi0 keeps (F.linear / addmm on its .t() view);
+"kn" a (K, N) contiguous copy made at load time (addmm / mm on it); for SigLIP's biased products
+also "nk-nobias" (the bias left to a later kernel). Gemma's O and down carry the residual in the
+addmm, as in FastPi0. Usage: PYTHONPATH=src python3 scripts/gemm_shapes.py"""
 
 import torch
-import torch.nn.functional as F
 from attn_tune import _time_us  # same CUDA-graph timing
 
 dev, dt = "cuda", torch.bfloat16
-SHAPES = {  # name: (M, K, N, bias)
-    "siglip qkv": (512, 1152, 3456, True), "siglip o": (512, 1152, 1152, True),
-    "siglip fc1": (512, 1152, 4304, True), "siglip fc2": (512, 4304, 1152, True),
-    "lm qkv": (560, 2048, 2560, False), "lm o": (560, 2048, 2048, False),
-    "lm gate_up": (560, 2048, 32768, False), "lm down": (560, 16384, 2048, False),
+SHAPES = {  # name: (M, K, N, epilogue) with epilogue None, "bias" (a (N,) vector) or "res" (an (M, N) residual)
+    "siglip qkv": (512, 1152, 3456, "bias"), "siglip o": (512, 1152, 1152, "bias"),
+    "siglip fc1": (512, 1152, 4304, "bias"), "siglip fc2": (512, 4304, 1152, "bias"),
+    "lm qkv": (560, 2048, 2560, None), "lm o": (560, 2048, 2048, "res"),
+    "lm gate_up": (560, 2048, 32768, None), "lm down": (560, 16384, 2048, "res"),
 }
 LAYERS = {"siglip": 27, "lm": 18}
 
 
-print(torch.cuda.get_device_name(), torch.__version__)
-for lib in ("cublas", "cublaslt"):
-    torch.backends.cuda.preferred_blas_library(lib)
-    total = {k: 0.0 for k in LAYERS}
-    for name, (m, k, n, has_b) in SHAPES.items():
-        x = torch.randn(m, k, device=dev, dtype=dt)
-        w = torch.randn(n, k, device=dev, dtype=dt) * 0.02
-        b = torch.randn(n, device=dev, dtype=dt) if has_b else None
-        us = _time_us(lambda x=x, w=w, b=b: F.linear(x, w, b))
+def product(x, w_nk, w_kn, c, layout: str):
+    """x @ W^T (+ c) through the given layout; c: bias (N,), residual (M, N) or None."""
+    if layout == "nk-nobias":
+        return x @ w_nk.t()
+    w = w_nk.t() if layout == "nk" else w_kn
+    return x @ w if c is None else torch.addmm(c, x, w)
+
+
+def per_layer_us(x, ws, wts, c, layout: str) -> float:
+    """Median us per layer of one pass (each layer's weights once) in a CUDA graph."""
+    return _time_us(lambda: [product(x, w, wt, c, layout) for w, wt in zip(ws, wts, strict=True)], reps=1) / len(ws)
+
+
+def main() -> None:
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    total: dict[tuple, float] = {}
+    for name, (m, k, n, epi) in SHAPES.items():
         part = name.split()[0]
-        total[part] += us * LAYERS[part]
-        print(f"{lib:<9} {name:<12} {m}x{k}x{n}  {us:7.1f} us  {2 * m * k * n / us / 1e6:6.0f} TFLOP/s", flush=True)
-    print(f"{lib:<9} per pass: " + ", ".join(f"{k} products {v / 1e3:.2f} ms" for k, v in total.items()), flush=True)
+        layers = LAYERS[part]
+        x = torch.randn(m, k, device=dev, dtype=dt)
+        ws = [torch.randn(n, k, device=dev, dtype=dt) * 0.02 for _ in range(layers)]
+        wts = [w.t().contiguous() for w in ws]
+        c = None if epi is None else torch.randn(*((n,) if epi == "bias" else (m, n)), device=dev, dtype=dt)
+        layouts = ("nk", "kn") + (("nk-nobias",) if epi == "bias" else ())
+        for lib in ("cublas", "cublaslt"):
+            torch.backends.cuda.preferred_blas_library(lib)
+            for lay in layouts:
+                us = per_layer_us(x, ws, wts, c, lay)
+                total[(lib, lay, part)] = total.get((lib, lay, part), 0.0) + us * layers
+                print(f"{lib:<9} {lay:<9} {name:<11} {m}x{k}x{n}  {us:7.1f} us  {2 * m * k * n / us / 1e6:6.0f} TFLOP/s",
+                      flush=True)
+        del ws, wts
+    for (lib, lay, part), us in sorted(total.items()):
+        print(f"per pass: {lib:<9} {lay:<9} {part} products {us / 1e3:.3f} ms (nobias: SigLIP shapes only)")
+
+
+if __name__ == "__main__":
+    main()
