@@ -1,14 +1,14 @@
-"""Times the prefix's dense products (SigLIP over 2 x 256 patches, Gemma-2B over 560 tokens) as
-FastPi0 runs them, in CUDA graphs, and prints TFLOP/s per shape: where the vision tower and
-prefix LM stand against the card's peak, and whether another weight layout or BLAS library
-would serve a shape better.
+"""Times the prefix's dense products (SigLIP over 2 x 256 patches, Gemma-2B over 560 tokens) in
+CUDA graphs and prints TFLOP/s per shape: where the vision tower and prefix LM stand against the
+card's peak, and whether another weight layout or BLAS library would serve a shape better.
 
 Each shape runs once per layer over that many distinct weight copies (27 SigLIP / 18 Gemma
 layers), as in a pass, so that weights that fit in L2 are not re-read from it every call.
-Layouts: "nk" is the (N, K) nn.Linear weight FastPi0 keeps (F.linear / addmm on its .t() view);
-"kn" a (K, N) contiguous copy made at load time (addmm / mm on it); for SigLIP's biased products
-also "nk-nobias" (the bias left to a later kernel). Gemma's O and down carry the residual in the
-addmm, as in FastPi0. Usage: PYTHONPATH=src python3 scripts/gemm_shapes.py"""
+Layouts: "nk" is the (N, K) nn.Linear weight (F.linear / addmm on its .t() view), "kn" a (K, N)
+contiguous copy made at load time (addmm / mm on it); FastPi0 keeps "nk" for all of them but
+SigLIP's fc2 (round 11). For SigLIP's biased products also "nk-nobias" (the bias left to a later
+kernel). Gemma's O and down carry the residual in the addmm, as in FastPi0.
+Usage: PYTHONPATH=src python3 scripts/gemm_shapes.py"""
 
 import torch
 from attn_tune import _time_us  # same CUDA-graph timing
@@ -52,8 +52,8 @@ def main() -> None:
             for lay in layouts:
                 us = per_layer_us(x, ws, wts, c, lay)
                 total[(lib, lay, part)] = total.get((lib, lay, part), 0.0) + us * layers
-                print(f"{lib:<9} {lay:<9} {name:<11} {m}x{k}x{n}  {us:7.1f} us  {2 * m * k * n / us / 1e6:6.0f} TFLOP/s",
-                      flush=True)
+                tflops = 2 * m * k * n / us / 1e6
+                print(f"{lib:<9} {lay:<9} {name:<11} {m}x{k}x{n}  {us:7.1f} us  {tflops:6.0f} TFLOP/s", flush=True)
         del ws, wts
     for (lib, lay, part), us in sorted(total.items()):
         print(f"per pass: {lib:<9} {lay:<9} {part} products {us / 1e3:.3f} ms (nobias: SigLIP shapes only)")

@@ -96,7 +96,8 @@ def _fuse_siglip(vision) -> list[_SiglipW]:
             l.ln1.weight, l.ln1.bias,
             torch.cat([l.q.weight, l.k.weight, l.v.weight]).contiguous(),
             torch.cat([l.q.bias, l.k.bias, l.v.bias]).contiguous(),
-            l.o.weight, l.o.bias, l.ln2.weight, l.ln2.bias, l.fc1.weight, l.fc1.bias, l.fc2.weight.t().contiguous(), l.fc2.bias,
+            l.o.weight, l.o.bias, l.ln2.weight, l.ln2.bias, l.fc1.weight, l.fc1.bias,
+            l.fc2.weight.t().contiguous(), l.fc2.bias,
         )
         for l in vision.layers
     ]
