@@ -1,6 +1,8 @@
 """SigLIP's fc1 + GELU (512 x 1152 @ 1152 x 4304, bf16) as cuBLAS + a separate GELU kernel vs
 cuBLASLt's bias + GELU epilogue (torch._addmm_activation), and which GELU the epilogue computes
-(max difference against the tanh and the erf form). docs/PERFORMANCE.md round 5: not adopted.
+(max difference against the tanh and the erf form; in bf16 that cannot tell them apart, the
+float32 check in scripts/vision_ab.py can). docs/PERFORMANCE.md: not adopted in round 5,
+adopted on CUDA in round 11.
 Usage (one CUDA GPU): PYTHONPATH=src python3 scripts/gelu_epilogue.py"""
 
 import torch

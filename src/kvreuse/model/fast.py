@@ -105,19 +105,24 @@ def _fuse_siglip(vision) -> list[_SiglipW]:
 
 # ---- layer functions (tensors in, tensors out: one torch.compile serves every layer) ------------
 def _siglip_layer(x, y, ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_t, fc2_b,
-                  heads: int, eps: float, fused_ln: bool = False):
+                  heads: int, eps: float, fused_ln: bool = False, gelu_epilogue: bool = False):
     """One SigLIP layer over x + y, where y is the previous layer's MLP output whose residual add
     is still pending (None for the first layer); returns (x', y') summing to the layer's output,
     so that every residual add meets the LayerNorm after it: fused_ln does both in one Triton
-    kernel (layer_norm.add_layer_norm), else torch ops."""
+    kernel (layer_norm.add_layer_norm), else torch ops. gelu_epilogue (CUDA only): fc1's bias and
+    GELU in cuBLASLt's epilogue, which is tanh GELU on CUDA (torch's own decomposition of
+    _addmm_activation says so) but erf GELU on the CPU, hence not used there."""
     add_ln = _add_ln(fused_ln)
     n, p, w = x.shape
     x, h = add_ln(x, y, ln1_w, ln1_b, eps)
     q, k, v = F.linear(h, qkv_w, qkv_b).view(n, p, 3, heads, w // heads).unbind(2)
     a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     x, h = add_ln(x, F.linear(a.transpose(1, 2).reshape(n, p, w), o_w, o_b), ln2_w, ln2_b, eps)
-    a = F.gelu(F.linear(h, fc1_w, fc1_b), approximate="tanh")
-    return x, torch.addmm(fc2_b, a.view(n * p, -1), fc2_t).view(n, p, w)
+    if gelu_epilogue:
+        a = torch._addmm_activation(fc1_b, h.reshape(n * p, w), fc1_w.t(), use_gelu=True)
+    else:
+        a = F.gelu(F.linear(h, fc1_w, fc1_b), approximate="tanh").view(n * p, -1)
+    return x, torch.addmm(fc2_b, a, fc2_t).view(n, p, w)
 
 
 def _add_ln(fused: bool):
@@ -464,6 +469,9 @@ class FastPi0:
         # SigLIP's residual adds + LayerNorms as one Triton kernel each: None = on CUDA with Triton.
         auto_ln = model.device.type == "cuda" and HAVE_TRITON
         self.fused_ln = auto_ln if fused_layer_norm is None else bool(fused_layer_norm)
+        # SigLIP's fc1 bias + GELU in the product's epilogue: CUDA only (see _siglip_layer); one
+        # kernel less per layer (round 11). An attribute so that scripts/vision_ab.py can A/B it.
+        self.gelu_epilogue = model.device.type == "cuda"
         if self.fused_ln and not HAVE_TRITON:
             raise ValueError("fused_layer_norm=True needs triton (pip install triton)")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
@@ -543,7 +551,7 @@ class FastPi0:
         for w in self.vis:
             x, y = self._siglip_fn(
                 x, y, w.ln1_w, w.ln1_b, w.qkv_w, w.qkv_b, w.o_w, w.o_b, w.ln2_w, w.ln2_b,
-                w.fc1_w, w.fc1_b, w.fc2_t, w.fc2_b, vc.num_heads, vc.eps, self.fused_ln,
+                w.fc1_w, w.fc1_b, w.fc2_t, w.fc2_b, vc.num_heads, vc.eps, self.fused_ln, self.gelu_epilogue,
             )
         x = _add_ln(self.fused_ln)(x, y, m.post_ln.weight, m.post_ln.bias, vc.eps)[1]
         return F.linear(x, self.model.projector.weight, self.model.projector.bias)
