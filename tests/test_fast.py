@@ -132,6 +132,22 @@ def test_embed_image_and_supplied_embeds(setup):
 
 
 @torch.no_grad()
+def test_gelu_epilogue_path_computes_the_vision_tower():
+    """The CUDA-only fc1 bias + GELU epilogue path, run here on the CPU, where
+    torch._addmm_activation computes erf GELU instead of SigLIP's tanh GELU: the embeddings then
+    differ by the two GELUs' difference (so the path ran), not more (so its shapes and weight
+    layout are right)."""
+    model = _model("tiny-pi0")
+    cfg = model.cfg
+    fast = FastPi0(model)
+    assert not fast.gelu_epilogue  # off on the CPU
+    fast.gelu_epilogue = True
+    img = synthetic_obs(cfg, 2, "cpu", torch.Generator().manual_seed(3)).images[cfg.cameras[0]]
+    err = rel_err(fast.embed_image(img), model.embed_image(img))
+    assert 1e-5 < err < 1e-3, err
+
+
+@torch.no_grad()
 def test_bf16_fast_within_bf16_noise():
     cfg = preset("tiny-pi05")
     m32 = _model("tiny-pi05")
