@@ -8,7 +8,10 @@ Layouts: "nk" is the (N, K) nn.Linear weight (F.linear / addmm on its .t() view)
 contiguous copy made at load time (addmm / mm on it); FastPi0 keeps "nk" for all of them but
 SigLIP's fc2 (round 11). For SigLIP's biased products also "nk-nobias" (the bias left to a later
 kernel). Gemma's O and down carry the residual in the addmm, as in FastPi0.
-Usage: PYTHONPATH=src python3 scripts/gemm_shapes.py"""
+Usage: PYTHONPATH=src python3 scripts/gemm_shapes.py [M ...]
+With row counts M, only Gemma's products, at each M (Pi0: 560 prefix tokens, Pi0.5: 712)."""
+
+import sys
 
 import torch
 from attn_tune import _time_us  # same CUDA-graph timing
@@ -36,12 +39,19 @@ def per_layer_us(x, ws, wts, c, layout: str) -> float:
     return _time_us(lambda: [product(x, w, wt, c, layout) for w, wt in zip(ws, wts, strict=True)], reps=1) / len(ws)
 
 
+def lm_shapes(m: int) -> dict:
+    """Gemma's products over m prefix tokens."""
+    return {f"lm {name.split()[1]} M={m}": (m, k, n, epi)
+            for name, (_, k, n, epi) in SHAPES.items() if name.startswith("lm")}
+
+
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     total: dict[tuple, float] = {}
-    for name, (m, k, n, epi) in SHAPES.items():
-        part = name.split()[0]
-        layers = LAYERS[part]
+    shapes = SHAPES if len(sys.argv) < 2 else {k: v for m in map(int, sys.argv[1:]) for k, v in lm_shapes(m).items()}
+    for name, (m, k, n, epi) in shapes.items():
+        layers = LAYERS[name.split()[0]]
+        part = name.split()[0] + "".join(f" {w}" for w in name.split() if w.startswith("M="))  # per M
         x = torch.randn(m, k, device=dev, dtype=dt)
         ws = [torch.randn(n, k, device=dev, dtype=dt) * 0.02 for _ in range(layers)]
         wts = [w.t().contiguous() for w in ws]
@@ -53,7 +63,7 @@ def main() -> None:
                 us = per_layer_us(x, ws, wts, c, lay)
                 total[(lib, lay, part)] = total.get((lib, lay, part), 0.0) + us * layers
                 tflops = 2 * m * k * n / us / 1e6
-                print(f"{lib:<9} {lay:<9} {name:<11} {m}x{k}x{n}  {us:7.1f} us  {tflops:6.0f} TFLOP/s", flush=True)
+                print(f"{lib:<9} {lay:<9} {name:<17} {m}x{k}x{n}  {us:7.1f} us  {tflops:6.0f} TFLOP/s", flush=True)
         del ws, wts
     for (lib, lay, part), us in sorted(total.items()):
         print(f"per pass: {lib:<9} {lay:<9} {part} products {us / 1e3:.3f} ms (nobias: SigLIP shapes only)")
