@@ -35,5 +35,6 @@ def main() -> None:
             sweep_one(variant, n)
             torch.cuda.empty_cache()
 
+
 if __name__ == "__main__":
     main()
