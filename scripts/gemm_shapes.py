@@ -7,7 +7,12 @@ layers), as in a pass, so that weights that fit in L2 are not re-read from it ev
 Layouts: "nk" is the (N, K) nn.Linear weight (F.linear / addmm on its .t() view), "kn" a (K, N)
 contiguous copy made at load time (addmm / mm on it); FastPi0 keeps "nk" for all of them but
 SigLIP's fc2 (round 11). For SigLIP's biased products also "nk-nobias" (the bias left to a later
-kernel). Gemma's O and down carry the residual in the addmm, as in FastPi0.
+kernel); for the others also "nk-1dbias": addmm with a zero (N,) bias (and a residual added
+after it). torch appears to send a 1-D-bias addmm through cuBLASLt's bias epilogue whatever the
+preferred library: round 11's SigLIP rows took the same time under either library with their
+bias, and not without it. So this would be a way to pick cuBLASLt for one product; it was added
+after round 11's runs and has not been run yet. Gemma's O and down carry the residual in the
+addmm, as in FastPi0.
 Usage: PYTHONPATH=src python3 scripts/gemm_shapes.py [M ...]
 With row counts M, only Gemma's products, at each M (Pi0: 560 prefix tokens, Pi0.5: 712)."""
 
@@ -30,6 +35,9 @@ def product(x, w_nk, w_kn, c, layout: str):
     """x @ W^T (+ c) through the given layout; c: bias (N,), residual (M, N) or None."""
     if layout == "nk-nobias":
         return x @ w_nk.t()
+    if layout == "nk-1dbias":
+        y = torch.addmm(x.new_zeros(w_nk.shape[0]), x, w_nk.t())
+        return y if c is None else y + c
     w = w_nk.t() if layout == "nk" else w_kn
     return x @ w if c is None else torch.addmm(c, x, w)
 
@@ -56,7 +64,7 @@ def main() -> None:
         ws = [torch.randn(n, k, device=dev, dtype=dt) * 0.02 for _ in range(layers)]
         wts = [w.t().contiguous() for w in ws]
         c = None if epi is None else torch.randn(*((n,) if epi == "bias" else (m, n)), device=dev, dtype=dt)
-        layouts = ("nk", "kn") + (("nk-nobias",) if epi == "bias" else ())
+        layouts = ("nk", "kn") + (("nk-nobias",) if epi == "bias" else ("nk-1dbias",))
         for lib in ("cublas", "cublaslt"):
             torch.backends.cuda.preferred_blas_library(lib)
             for lay in layouts:
@@ -66,7 +74,7 @@ def main() -> None:
                 print(f"{lib:<9} {lay:<9} {name:<17} {m}x{k}x{n}  {us:7.1f} us  {tflops:6.0f} TFLOP/s", flush=True)
         del ws, wts
     for (lib, lay, part), us in sorted(total.items()):
-        print(f"per pass: {lib:<9} {lay:<9} {part} products {us / 1e3:.3f} ms (nobias: SigLIP shapes only)")
+        print(f"per pass: {lib:<9} {lay:<9} {part} products {us / 1e3:.3f} ms (nobias / 1dbias: some shapes only)")
 
 
 if __name__ == "__main__":
