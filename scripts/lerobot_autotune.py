@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from kvreuse.bench import build_lerobot, build_random, lerobot_call, random_inputs, side_by_side, time_fn
+from kvreuse.bench import build_lerobot, build_random, compile_lerobot, random_inputs, side_by_side, time_fn
 from kvreuse.model import preset
 from kvreuse.model.fast import FastPi0
 
@@ -34,16 +34,9 @@ def main() -> None:
     obs, noise = random_inputs(cfg, 1, "cuda", 1)  # the bench's seed + 1
     timer = lambda fn, n: time_fn(fn, n, 5, "cuda")  # noqa: E731
 
-    lr = build_lerobot(variant, cfg, "cuda")
-    torch.set_float32_matmul_precision("high")  # as lerobot's compile_model does
-    lr.sample_actions = torch.compile(lr.sample_actions, mode=mode)
-    theirs = lerobot_call(lr, variant, cfg, obs, noise)
-    t0 = time.perf_counter()
+    theirs, tc = compile_lerobot(build_lerobot(variant, cfg, "cuda"), variant, cfg, obs, noise, mode, "cuda")
     with torch.no_grad():
-        theirs()
-        theirs()
-        torch.cuda.synchronize()
-        say(f"lerobot compiled in {time.perf_counter() - t0:.0f} s (this run; earlier runs may have filled the cache)")
+        say(f"lerobot compiled in {tc:.0f} s (this run; earlier runs may have filled the cache)")
         st = timer(theirs, 30)
         say(f"lerobot compiled ({mode}): median {st.median:.2f} ms (p10 {st.p10:.2f}, p90 {st.p90:.2f})")
 

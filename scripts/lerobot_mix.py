@@ -11,11 +11,10 @@ the CUDA context):
 """
 
 import sys
-import time
 
 import torch
 
-from kvreuse.bench import build_lerobot, build_random, lerobot_call, random_inputs, side_by_side, time_fn
+from kvreuse.bench import build_lerobot, build_random, compile_lerobot, random_inputs, side_by_side, time_fn
 from kvreuse.model import preset
 from kvreuse.model.fast import FastPi0
 
@@ -34,16 +33,9 @@ def main() -> None:
     with torch.no_grad():
         for f in ours.values():
             time_fn(lambda f=f: f.sample_actions(obs, noise), 3, 2, "cuda")
-    lr = build_lerobot(variant, cfg, "cuda")
-    torch.set_float32_matmul_precision("high")  # as lerobot's compile_model does
-    lr.sample_actions = torch.compile(lr.sample_actions, mode=mode)
-    theirs = lerobot_call(lr, variant, cfg, obs, noise)
-    t0 = time.perf_counter()
+    theirs, tc = compile_lerobot(build_lerobot(variant, cfg, "cuda"), variant, cfg, obs, noise, mode, "cuda")
     with torch.no_grad():
-        theirs()
-        theirs()
-        torch.cuda.synchronize()
-        print(f"[lerobot_mix] {variant} lerobot compiled ({mode}) in {time.perf_counter() - t0:.0f} s; "
+        print(f"[lerobot_mix] {variant} lerobot compiled ({mode}) in {tc:.0f} s; "
               f"{time_fn(theirs, 10, 2, 'cuda').median:.2f} ms", flush=True)
         timer = lambda fn, n: time_fn(fn, n, 2, "cuda")  # noqa: E731
         stages = [("lerobot alone", None)] + [(name, f) for name, f in ours.items()]

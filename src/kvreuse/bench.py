@@ -522,17 +522,10 @@ def _lerobot_compiled(rep: Report, lr, variant, cfg, obs, noise, ours, mode: str
     # Long and silent otherwise: say what runs and what it costs (docs/PERFORMANCE.md, round 10).
     print(f"  [lerobot] compiling {variant} with torch.compile(mode={mode!r}): minutes; max-autotune (lerobot's "
           "own) did not finish in 19 min on an H100, reduce-overhead (the same CUDA graphs) took 4-5 min", flush=True)
-    t0 = time.perf_counter()
     precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
     try:
-        lr.sample_actions = torch.compile(lr.sample_actions, mode=mode)
+        fn, tc = compile_lerobot(lr, variant, cfg, obs, noise, mode, device)
         with torch.no_grad():
-            fn = lerobot_call(lr, variant, cfg, obs, noise)
-            fn()
-            fn()
-            _sync(device)
-            tc = time.perf_counter() - t0
             lc = tm(fn, max(3, iters // 5))
         rep.add("lerobot", f"compile {mode} full inference", lc, f"compile {tc:.0f} s; {_speedups(rep, lc.median)}")
         tag, fp = ours
@@ -547,6 +540,21 @@ def _lerobot_compiled(rep: Report, lr, variant, cfg, obs, noise, ours, mode: str
                              f"{', '.join(f'{x:.2f}' for x in r)} (lowest {r[0]:.2f}x)")
     finally:
         torch.set_float32_matmul_precision(precision)
+
+
+def compile_lerobot(lr, variant: str, cfg, obs, noise, mode: str, device):
+    """lerobot compiled as its own config.compile_model does (0.6.1: fp32 matmul precision "high",
+    left set for the caller to restore, and torch.compile(sample_actions, mode=mode)), then called
+    twice so that the compile (and any CUDA-graph recording) is done. -> (the call, seconds taken)."""
+    t0 = time.perf_counter()
+    torch.set_float32_matmul_precision("high")
+    lr.sample_actions = torch.compile(lr.sample_actions, mode=mode)
+    fn = lerobot_call(lr, variant, cfg, obs, noise)
+    with torch.no_grad():
+        fn()
+        fn()
+    _sync(device)
+    return fn, time.perf_counter() - t0
 
 
 def side_by_side(ours, theirs, rounds: int, n_ours: int, n_theirs: int, timer) -> list[tuple[Stat, Stat]]:
