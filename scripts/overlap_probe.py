@@ -24,7 +24,7 @@ def main(name="pi0", compile="1", cameras="2"):
     fast = FastPi0(model, compile=compile == "1", overlap=False)  # separate prefix and denoise graphs
     fast.sample_actions(obs, noise)  # captures the vision, prefix and denoise graphs
     graphs = fast.graphs.graphs
-    prefix = graphs[("prefix", 1, ())][0]
+    prefix = graphs[("prefix", 1, (), fast.prefix_rows(obs.token_mask))][0]
     denoise = graphs[("denoise", 1, cfg.num_steps)][0]
     print(torch.cuda.get_device_name(), name, "cameras:", cameras, "compile:", fast.compiled, "expert:", fast.expert_gemm, "pdl:", fast.expert_pdl)
 

@@ -17,12 +17,13 @@ from kvreuse.model.fast import FastPi0
 
 def sweep_one(variant: str, n: int) -> None:
     cfg = preset(variant).replace(cameras=("cam0", "cam1"), max_token_len=n)
-    fast = FastPi0(build_random(cfg, "cuda"), compile=True)
+    # every slot computed, as in round 11 (scripts/prompt_ab.py times the prompt buckets since)
+    fast = FastPi0(build_random(cfg, "cuda"), compile=True, prompt_bucket=0, lm_down_tune=False)
     obs, noise = random_inputs(cfg, 1, "cuda", 1)
     st = fast._static(1)
     with torch.no_grad():
         full = time_fn(lambda: fast.sample_actions(obs, noise), 30, 5, "cuda")
-        lm = time_fn(lambda: fast.graphs.run(("prefix", 1, ()), lambda: fast._prefix_full(st, ())), 30, 5, "cuda")
+        lm = time_fn(lambda: fast._prefix_graph(st, (), cfg.prefix_len), 30, 5, "cuda")
     print(f"{variant} prompt {n:3d} (prefix {cfg.prefix_len} tokens): full inference {full.median:.2f} ms "
           f"(p10 {full.p10:.2f}), prefix LM {lm.median:.2f} ms (p10 {lm.p10:.2f})", flush=True)
 

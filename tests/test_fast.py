@@ -14,6 +14,7 @@ import torch
 
 from kvreuse.bench import bench, build_random, rel_err, synthetic_obs
 from kvreuse.model import Pi0Model, preset
+from kvreuse.model import fast as fast_mod
 from kvreuse.model.fast import FastPi0, _bucket
 
 torch.set_num_threads(1)
@@ -21,6 +22,14 @@ torch.set_num_threads(1)
 
 def _model(name: str, dtype=torch.float32) -> Pi0Model:
     return build_random(preset(name), "cpu", dtype=dtype, seed=0)
+
+
+def _valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A cache tensor's rows of valid tokens, the others zeroed: K/V (L, B, T, ...) or hidden
+    (B, T, W) against the (B, T) mask. FastPi0 skips the prompt's padding past its bucket
+    (prefix_rows), so the eager model's padded rows are the only ones it does not reproduce."""
+    m = mask if x.dim() == 3 else mask[None]
+    return x * m.reshape(*m.shape, *(1,) * (x.dim() - m.dim()))
 
 
 @pytest.fixture(scope="module", params=["tiny-pi0", "tiny-pi05"])
@@ -43,7 +52,7 @@ def test_fast_equals_eager_fp32(setup):
     assert rel_err(out, ref) < 1e-5
     pe, pf = model.encode_prefix(obs, keep_hidden=(1,)), fast.encode_prefix(obs, keep_hidden=(1,))
     for a, b in ((pf.k, pe.k), (pf.v, pe.v), (pf.embeds, pe.embeds), (pf.hidden[1], pe.hidden[1])):
-        assert a.shape == b.shape and rel_err(a, b) < 1e-5
+        assert a.shape == b.shape and rel_err(_valid(a, pe.mask), _valid(b, pe.mask)) < 1e-5
     assert torch.equal(pf.mask, pe.mask) and torch.equal(pf.positions, pe.positions)
     assert [(s.name, s.start, s.end) for s in pf.spans] == [(s.name, s.start, s.end) for s in pe.spans]
 
@@ -111,12 +120,14 @@ def test_updates_match_eager(setup):
     for r, cams in ((rec, cam1), (torch.ones(t, dtype=torch.bool), cfg.cameras), (~rec, ())):
         ue = model.update_prefix(base_e, obs2, r, cams, base_e.spans, 1)
         uf = fast.update_prefix(base_f, obs2, r, cams, base_f.spans, 1)
-        assert rel_err(uf.k, ue.k) < 1e-5 and rel_err(uf.v, ue.v) < 1e-5
+        assert rel_err(_valid(uf.k, ue.mask), _valid(ue.k, ue.mask)) < 1e-5
+        assert rel_err(_valid(uf.v, ue.mask), _valid(ue.v, ue.mask)) < 1e-5
         assert rel_err(uf.embeds, ue.embeds) < 1e-5 and sorted(uf.hidden) == sorted(ue.hidden)
     fresh = {cfg.cameras[0]: model.embed_image(obs2.images[cfg.cameras[0]])}
     le = model.update_prefix_layers(base_e, obs2, 2, cfg.cameras, base_e.spans, 1, image_embeds=fresh)
     lf = fast.update_prefix_layers(base_f, obs2, 2, cfg.cameras, base_f.spans, 1, image_embeds=fresh)
-    assert rel_err(lf.k, le.k) < 1e-5 and rel_err(lf.v, le.v) < 1e-5
+    assert rel_err(_valid(lf.k, le.mask), _valid(le.k, le.mask)) < 1e-5
+    assert rel_err(_valid(lf.v, le.mask), _valid(le.v, le.mask)) < 1e-5
     assert torch.equal(lf.k[:2], base_f.k[:2])  # lower layers reused as they were
 
 
@@ -128,7 +139,7 @@ def test_embed_image_and_supplied_embeds(setup):
     assert rel_err(e, model.embed_image(obs.images[cam])) < 1e-5
     ref = model.encode_prefix(obs, image_embeds={cam: e})
     got = fast.encode_prefix(obs, image_embeds={cam: e})
-    assert rel_err(got.k, ref.k) < 1e-5
+    assert rel_err(_valid(got.k, ref.mask), _valid(ref.k, ref.mask)) < 1e-5
 
 
 @torch.no_grad()
@@ -175,6 +186,76 @@ def test_bad_input(setup):
 
 def test_bucket():
     assert [_bucket(r, 1000) for r in (0, 1, 64, 65, 300, 999)] == [0, 64, 64, 128, 512, 1000]
+
+
+@torch.no_grad()
+def test_prefix_rows_rounds_the_prompt_up_to_a_bucket():
+    model = _model("tiny-pi05")
+    cfg = model.cfg
+    n, t = cfg.max_token_len, cfg.prefix_len  # 96 prompt slots
+
+    def rows(bucket, *lasts):  # the batch's prompts end at these slots
+        mask = torch.zeros(len(lasts), n, dtype=torch.bool)
+        for b, last in enumerate(lasts):
+            mask[b, :last] = True
+        return FastPi0(model, prompt_bucket=bucket).prefix_rows(mask)
+
+    assert rows(32, 10) == t - n + 32 and rows(32, 32) == t - n + 32 and rows(32, 33) == t - n + 64
+    assert rows(32, 10, 70) == t - n + 96 == t  # the batch's longest prompt decides
+    assert rows(32, 0) == t - n + 32 and rows(64, 90) == t  # capped at every slot
+    assert rows(0, 10) == t and rows(96, 10) == t  # off
+    hole = torch.zeros(1, n, dtype=torch.bool)
+    hole[0, [0, 40]] = True  # a gap in the mask: the last valid slot decides
+    assert FastPi0(model, prompt_bucket=16).prefix_rows(hole) == t - n + 48
+    with pytest.raises(ValueError, match="prompt_bucket"):
+        FastPi0(model, prompt_bucket=-1)
+
+
+@torch.no_grad()
+def test_prompt_bucket_skips_the_padding_and_keeps_the_actions():
+    """Prompts of several lengths in turn: the trimmed pass gives the eager actions each time,
+    rows past the bucket are not computed (still zero in a fresh instance), and a longer prompt's
+    rows left over from an earlier call change nothing."""
+    model = _model("tiny-pi05")
+    cfg = model.cfg
+    n, t = cfg.max_token_len, cfg.prefix_len
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    short, long = (synthetic_obs(cfg, 1, "cpu", g, prompt_tokens=k) for k in (12, 90))
+    fast = FastPi0(model, prompt_bucket=16)
+    cache = fast.encode_prefix(short)
+    assert fast.prefix_rows(short.token_mask) == t - n + 16
+    assert cache.k[:, :, t - n + 16 :].abs().sum() == 0 and cache.k[:, :, : t - n + 12].abs().sum() > 0
+    for obs in (short, long, short):
+        ref = model.sample_actions(obs, noise)
+        assert rel_err(fast.sample_actions(obs, noise), ref) < 1e-5
+        assert rel_err(fast.denoise(fast.encode_prefix(obs), obs, noise), ref) < 1e-5
+
+
+@torch.no_grad()
+def test_lm_down_product_through_padded_rows_computes_the_same():
+    """The cuBLASLt route of the prefix LM's down product (_lt_residual over rows padded with
+    zeros), forced on the CPU where no route is timed: same actions and caches as the eager model."""
+    model = _model("tiny-pi0")
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(6)
+    obs = synthetic_obs(cfg, 2, "cpu", g)
+    noise = torch.randn(2, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    fast = FastPi0(model)
+    assert not fast.lm_down_tune and fast._down_rows(2 * cfg.prefix_len) == 0  # not timed on the CPU
+    m = 2 * fast.prefix_rows(obs.token_mask)
+    fast.down_routes[m] = -(-m // 128) * 128
+    assert fast.down_routes[m] > m
+    calls = []
+    real = fast_mod._lt_residual
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fast_mod, "_lt_residual", lambda *a: calls.append(a[1].shape) or real(*a))
+        out = fast.sample_actions(obs, noise)
+        cache = fast.encode_prefix(obs)
+    assert calls and all(shape[0] == fast.down_routes[m] for shape in calls)
+    assert rel_err(out, model.sample_actions(obs, noise)) < 1e-5
+    ref = model.encode_prefix(obs)
+    assert rel_err(_valid(cache.k, ref.mask), _valid(ref.k, ref.mask)) < 1e-5
 
 
 def test_bench_check_runs_on_cpu():

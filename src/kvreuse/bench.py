@@ -41,10 +41,10 @@ def synthetic_obs(cfg, batch: int, device, generator: torch.Generator | None = N
     )
 
 
-def random_inputs(cfg, batch: int, device, seed: int = 0):
+def random_inputs(cfg, batch: int, device, seed: int = 0, prompt_tokens: int | None = None):
     """The bench's inputs: a synthetic Observation and the initial noise, from one generator."""
     g = torch.Generator().manual_seed(seed)
-    obs = synthetic_obs(cfg, batch, device, g)
+    obs = synthetic_obs(cfg, batch, device, g, prompt_tokens)
     return obs, torch.randn(batch, cfg.chunk_size, cfg.max_action_dim, generator=g).to(device)
 
 
@@ -246,6 +246,9 @@ def run_bench(
     expert_pdl: bool | None = None,
     fused_layer_norm: bool | None = None,
     vision_trt: bool = False,
+    prompt_tokens: int | None = None,
+    prompt_bucket: int = 64,
+    lm_down_tune: bool | None = None,
 ) -> None:
     """Time the fast runtime at full size (random weights unless --checkpoint) and compare it
     with the eager model and, when importable, lerobot's PI0Pytorch / PI05Pytorch.
@@ -261,6 +264,11 @@ def run_bench(
     --expert-pdl: programmatic dependent launch for the chain (default: where supported);
     --fused-layer-norm: SigLIP's residual add + LayerNorm as one Triton kernel (default: on CUDA);
     --vision-trt: the vision tower as TensorRT engines (needs torch_tensorrt; untested);
+    --prompt-tokens: valid tokens of the synthetic prompt (default two thirds of the slots);
+    --prompt-bucket: the fast path runs the prompt up to its last valid token rounded up to a
+    multiple of this many slots (0: every slot, as before round 12);
+    --lm-down-tune: time cuBLAS against cuBLASLt over padded rows for the prefix LM's down
+    product and keep the faster (default: on CUDA);
     --lerobot-compile-mode: torch.compile mode for lerobot (default: what lerobot's own
     compile_model=True uses, PI0Config.compile_mode = "max-autotune", with CUDA graphs; its compile
     ran over 8 minutes on an H100; "default" is what rounds 1-8 of docs/PERFORMANCE.md compared
@@ -272,7 +280,8 @@ def run_bench(
                 reuse, partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn, expert_attn,
                 variants, reuse_eager, profile, compile_mode=compile_mode, expert_gemm=expert_gemm,
                 expert_pdl=expert_pdl, fused_layer_norm=fused_layer_norm, vision_trt=vision_trt,
-                lerobot_rounds=lerobot_rounds, lerobot_compile_mode=lerobot_compile_mode)
+                lerobot_rounds=lerobot_rounds, lerobot_compile_mode=lerobot_compile_mode,
+                prompt_tokens=prompt_tokens, prompt_bucket=prompt_bucket, lm_down_tune=lm_down_tune)
     print()
     print(rep.table())
     if json_out:
@@ -291,7 +300,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
           partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="auto", expert_attn="auto",
           variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="auto",
           expert_pdl=None, fused_layer_norm=None, vision_trt=False, lerobot_rounds=3,
-          lerobot_compile_mode="max-autotune") -> Report:
+          lerobot_compile_mode="max-autotune", prompt_tokens=None, prompt_bucket=64, lm_down_tune=None) -> Report:
     from .model import preset as get_preset
     from .model.fast import FastPi0, resolve_attn
     from .reuse.config import ReuseConfig
@@ -330,7 +339,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         model = build_random(cfg, device, seed=seed)
     _sync(device)
     rep.notes.append(f"model built in {time.perf_counter() - t_build:.1f} s ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params)")
-    obs, noise = random_inputs(cfg, batch, device, seed + 1)
+    obs, noise = random_inputs(cfg, batch, device, seed + 1, prompt_tokens)
+    rep.config["prompt_tokens"] = int(obs.token_mask[0].sum())
     tm = lambda fn, n=iters: time_fn(fn, n, warmup, device)  # noqa: E731
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -345,7 +355,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         t0 = time.perf_counter()
         fast = FastPi0(model, compile=use_compile, compile_mode=compile_mode if use_compile else None,
                        prefix_attn=attn[0], expert_attn=attn[1], expert_gemm=expert_gemm, expert_pdl=expert_pdl,
-                       fused_layer_norm=fused_layer_norm, vision_trt=vision_trt)
+                       fused_layer_norm=fused_layer_norm, vision_trt=vision_trt, prompt_bucket=prompt_bucket,
+                       lm_down_tune=lm_down_tune)
         rep.config["expert"] = f"{fast.expert_gemm}{' +pdl' if fast.expert_pdl else ''}"
         rep.config["vision_ln"] = "triton" if fast.fused_ln else "torch"
         if fast.trt_vision is not None:
@@ -376,9 +387,12 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         rep.add(tag, "ReusePolicy.infer, reuse off", st_pol,
                 "its records, mean ms: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
         st = fast._static(batch)
+        rows = fast.prefix_rows(obs.token_mask)
+        rep.config["prefix_rows"] = rows
+        rep.config["lm_down"] = {m: (f"cublaslt over {r} rows" if r else "addmm, BLAS default") for m, r in fast.down_routes.items()}
         rep.add(tag, "vision (all cameras)", tm(lambda: fast._embed(st, obs, {})))
-        rep.add(tag, f"prefix LM (text + {cfg.llm.depth} layers)",
-                tm(lambda: fast.graphs.run(("prefix", batch, ()), lambda: fast._prefix_full(st, ()))))
+        rep.add(tag, f"prefix LM (text + {cfg.llm.depth} layers)", tm(lambda: fast._prefix_graph(st, (), rows)),
+                f"{rows} of {cfg.prefix_len} rows")
         rep.add(tag, "encode_prefix (public, copies out)", tm(lambda: fast.encode_prefix(obs)))
         rep.add(tag, "denoise alone = reuse hit", tm(lambda: fast.denoise(cache, obs, noise)))
         return fast, out
@@ -432,7 +446,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         tag = f"attn {pa}/{ea}"
         try:
             t0 = time.perf_counter()
-            fv = FastPi0(model, prefix_attn=pa, expert_attn=ea)
+            fv = FastPi0(model, prefix_attn=pa, expert_attn=ea, prompt_bucket=prompt_bucket, lm_down_tune=lm_down_tune)
             out_v = fv.sample_actions(obs, noise)
             cache_v = fv.encode_prefix(obs)
             stv = fv._static(batch)
@@ -440,7 +454,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
             if check:
                 note += f"; vs float32 {rel_err(out_v, out32):.2e}"
             rep.add(tag, "full inference", tm(lambda: fv.sample_actions(obs, noise)), note)
-            rep.add(tag, "prefix LM", tm(lambda: fv.graphs.run(("prefix", batch, ()), lambda: fv._prefix_full(stv, ()))))
+            rows_v = fv.prefix_rows(obs.token_mask)
+            rep.add(tag, "prefix LM", tm(lambda: fv._prefix_graph(stv, (), rows_v)))
             rep.add(tag, "denoise alone", tm(lambda: fv.denoise(cache_v, obs, noise)))
             fv = cache_v = None  # free the variant's buffers before the next one
         except Exception as exc:

@@ -250,13 +250,23 @@ def _residual_product(x, a, w_t, gate, gemm: str = "torch"):
     return torch.addmm(x.reshape(-1, x.shape[-1]), a.reshape(-1, a.shape[-1]), w_t).view(x.shape)
 
 
-def _gemma_finish(x, attn, o_t, post_norm, gate_up, down_t, eps: float, gate1=None, scale1p=None, shift=None, gate2=None):
-    """Output projection + residual, gated GELU MLP + residual (Pi0.5: gated residuals)."""
+def _gemma_act(x, attn, o_t, post_norm, gate_up, eps: float, gate1=None, scale1p=None, shift=None, rows: int = 0):
+    """Output projection + residual, norm, gate/up and gated GELU: returns (x, the down product's
+    input). With rows, that input comes flat as (rows, M), zero rows after x's (see _lt_residual)."""
     x = _residual_product(x, attn, o_t, gate1)
     h = _norm(x, post_norm, eps, scale1p, shift)
     m = gate_up.shape[0] // 2
     gu = F.linear(h, gate_up)
-    return _residual_product(x, F.gelu(gu[..., :m], approximate="tanh") * gu[..., m:], down_t, gate2)
+    act = F.gelu(gu[..., :m], approximate="tanh") * gu[..., m:]
+    if rows:  # under compile the padding is written by the same kernel as the GELU
+        act = F.pad(act.reshape(-1, m), (0, 0, 0, rows - x.shape[0] * x.shape[1]))
+    return x, act
+
+
+def _gemma_finish(x, attn, o_t, post_norm, gate_up, down_t, eps: float, gate1=None, scale1p=None, shift=None, gate2=None):
+    """Output projection + residual, gated GELU MLP + residual (Pi0.5: gated residuals)."""
+    x, act = _gemma_act(x, attn, o_t, post_norm, gate_up, eps, gate1, scale1p, shift)
+    return _residual_product(x, act, down_t, gate2)
 
 
 def _lm_rest(x, q, o_t, post_norm, gate_up, down_t, bias, k_buf, v_buf, eps: float, attn: str = "sdpa"):
@@ -264,6 +274,35 @@ def _lm_rest(x, q, o_t, post_norm, gate_up, down_t, bias, k_buf, v_buf, eps: flo
     layer's (B, T, Hkv, D) prefix K/V), output projection, MLP. Apart from the QKV part so that
     other work can start once the K/V are written (FastPi0._sample_body)."""
     return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, post_norm, gate_up, down_t, eps)
+
+
+def _lm_act(x, q, o_t, post_norm, gate_up, bias, k_buf, v_buf, eps: float, attn: str, rows: int):
+    """`_lm_rest` up to the down product, whose input comes padded to `rows` (see _lt_residual)."""
+    return _gemma_act(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, post_norm, gate_up, eps, rows=rows)
+
+
+def _lt_residual(x, act, down_t, zero):
+    """x + act @ down_t, act (rows >= x's rows, M) flat and zero-padded. The zero (N,) bias makes
+    torch run the product through cuBLASLt's bias epilogue, whatever BLAS library is preferred:
+    for some row counts its kernel is much faster than cuBLAS's pick (Pi0.5's 712 rows on an H100:
+    ~78 us over 768 padded rows vs ~110; scripts/gemm_shapes.py, round 12). Never compiled:
+    inductor may split a bias addmm into a product and an add, which would lose that route."""
+    m = x.shape[0] * x.shape[1]
+    return x + torch.addmm(zero, act, down_t)[:m].view(x.shape)
+
+
+def _median_ms(fn, reps: int = 7) -> float:
+    """Median CUDA-event time of fn (for kernels long enough that their launches hide)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[reps // 2]
 
 
 def _expert_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_buf, v_buf, start: int,
@@ -407,6 +446,8 @@ class FastPi0:
         expert_attn: str = "auto",
         vision_trt: bool = False,
         overlap: bool = True,
+        prompt_bucket: int = 64,
+        lm_down_tune: bool | None = None,
     ):
         for name, kind in (("prefix_attn", prefix_attn), ("expert_attn", expert_attn)):
             if kind not in (*ATTN_KINDS, "auto"):
@@ -424,6 +465,13 @@ class FastPi0:
         self.graphs = _Graphs(self.use_graphs)
         self.compiled = compile
         self.overlap = overlap  # sample_actions: Euler step 0 beside the prefix LM (_sample_body)
+        if prompt_bucket < 0:
+            raise ValueError(f"prompt_bucket: expected >= 0 (0 = always every prompt slot), got {prompt_bucket}")
+        self.prompt_bucket = prompt_bucket  # see prefix_rows
+        # The prefix LM's down product: cuBLAS's pick or cuBLASLt over padded rows, whichever
+        # times faster on this card for each row count (_down_rows); None = on CUDA.
+        self.lm_down_tune = (model.device.type == "cuda") if lm_down_tune is None else bool(lm_down_tune)
+        self.down_routes: dict[int, int] = {}  # prefix-LM rows -> padded rows through cuBLASLt (0: cuBLAS)
         self._side: torch.cuda.Stream | None = None
         # Optional TensorRT engines for SigLIP + projector (untested: see vision_trt.py).
         self.trt_vision = TrtVision(model.vision, model.projector, model.dtype) if vision_trt else None
@@ -432,6 +480,7 @@ class FastPi0:
             self.llm = _fuse_gemma(model.llm)
             self.exp = _fuse_gemma(model.expert)
             self.llm_final = None
+            self._zero_w = torch.zeros(cfg.llm.width, dtype=model.dtype, device=model.device)  # see _lt_residual
             self.exp_final = _one_plus(model.expert.norm)
         if cfg.state_in_prompt is False:
             ew = cfg.expert.width
@@ -443,6 +492,7 @@ class FastPi0:
         self._glue: dict[int, tuple] = {}
         self._siglip_fn = _siglip_layer
         self._lm_rest_fn = _lm_rest
+        self._lm_act_fn = _lm_act
         self._qkv_fn = _gemma_qkv
         self._exp_fn = _expert_layer
         self._exp_fused_fn = _expert_layer_fused
@@ -480,10 +530,15 @@ class FastPi0:
             # "max-autotune-no-cudagraphs" lets inductor time Triton GEMM templates against cuBLAS
             # for the 51-row expert products (graphs are captured here, not by inductor).
             opts = dict(dynamic=False, mode=compile_mode)
+            # One compiled entry per row count: prompt buckets (prefix_rows) and partial-update
+            # buckets (_bucket) together can pass dynamo's default limit of 8 per function, after
+            # which it would silently run those shapes uncompiled.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
             if not self.fused_ln:  # with the fused add + LayerNorm, eager SigLIP measured faster (2.0 vs 2.1 ms)
                 self._siglip_fn = torch.compile(_siglip_layer, **opts)
             self._qkv_fn = torch.compile(_gemma_qkv, **opts)
             self._lm_rest_fn = torch.compile(_lm_rest, **opts)
+            self._lm_act_fn = torch.compile(_lm_act, **opts)
             self._exp_fn = torch.compile(_expert_layer, **opts)
             self._exp_fused_fn = torch.compile(_expert_layer_fused, **opts)
 
@@ -581,29 +636,83 @@ class FastPi0:
     def _lm_layers(self, st: _Static, x: torch.Tensor, start: int, keep_hidden: tuple[int, ...], idx=None):
         """`_lm` one layer at a time: issues layer i's QKV part, yields i (its K/V are then queued
         for st.k[i] / st.v[i]), then issues the rest of the layer, so that a caller can start work
-        that needs those K/V in between."""
-        lm, t = self.cfg.llm, self.cfg.prefix_len
+        that needs those K/V in between. Without idx, x may be the first rows of the prefix only
+        (prefix_rows): the rows after it are masked padding, left as they were."""
+        lm = self.cfg.llm
+        t = self.cfg.prefix_len if idx is not None else x.shape[1]
         g = lm.num_heads // lm.num_kv_heads
-        pos = st.positions if idx is None else st.positions[:, idx]
+        pos = st.positions[:, :t] if idx is None else st.positions[:, idx]
         cos, sin = _rope_tables(pos, lm.head_dim, self.cfg.rope_base)
-        bias = self._prefix_bias(st.valid, x.shape[1] * g)
+        bias = self._prefix_bias(st.valid[:, :t], x.shape[1] * g)
         n = lm.depth
+        down = self._down_rows(x.shape[0] * x.shape[1])
         for i in range(start, n):
             if i in keep_hidden:
-                st.hidden_buf(i).copy_(x)
+                st.hidden_buf(i)[:, : x.shape[1]].copy_(x)
             w = self.llm[i]
             k_out, v_out = st.k[i, :, :t], st.v[i, :, :t]
             q = self._qkv_fn(x, w.in_norm, w.qkv, cos, sin, k_out, v_out, 0, idx, lm.num_heads, lm.num_kv_heads, lm.eps)
             yield i
-            if i < n - 1:  # the last layer's output is never used: its K/V are enough
+            if i == n - 1:  # the last layer's output is never used: its K/V are enough
+                break
+            if down:
+                x, act = self._lm_act_fn(x, q, w.o_t, w.post_norm, w.gate_up, bias, k_out, v_out, lm.eps,
+                                         self.prefix_attn, down)
+                x = _lt_residual(x, act, w.down_t, self._zero_w)
+            else:
                 x = self._lm_rest_fn(x, q, w.o_t, w.post_norm, w.gate_up, w.down_t, bias, k_out, v_out, lm.eps,
                                      self.prefix_attn)
 
-    def _prefix_full(self, st: _Static, keep_hidden: tuple[int, ...]):
-        self._text_and_masks(st)
-        return self._lm(st, st.embeds, 0, keep_hidden)
+    def _down_rows(self, m: int) -> int:
+        """How the prefix LM's down product runs over m rows: 0 = addmm with the residual
+        (cuBLAS's pick), else through cuBLASLt (_lt_residual) over that many rows (m, or m padded
+        to a multiple of 128). Timed once per m on this card over the real weights, before any
+        graph of that shape is captured; kept only when >= 3% faster than cuBLAS's pick."""
+        if m not in self.down_routes:
+            self.down_routes[m] = self._pick_down_rows(m) if self.lm_down_tune else 0
+        return self.down_routes[m]
 
-    def _sample_body(self, st: _Static, steps: int):
+    def _pick_down_rows(self, m: int) -> int:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"FastPi0: the down-product route for {m} rows must be timed before capture")
+        ws = [w.down_t for w in self.llm]
+        g = torch.Generator(ws[0].device).manual_seed(0)  # leaves the global RNG (noise) alone
+        kw = dict(dtype=self.model.dtype, device=ws[0].device, generator=g)
+        act = torch.randn(-(-m // 128) * 128, ws[0].shape[0], **kw)
+        x = torch.randn(1, m, self.cfg.llm.width, **kw)
+        plain = _median_ms(lambda: [_residual_product(x, act[None, :m], wt, None) for wt in ws])
+        best, route = plain / 1.03, 0
+        for rows in dict.fromkeys((m, act.shape[0])):
+            ms = _median_ms(lambda rows=rows: [_lt_residual(x, act[:rows], wt, self._zero_w) for wt in ws])
+            if ms < best:
+                best, route = ms, rows
+        return route
+
+    def prefix_rows(self, token_mask: torch.Tensor) -> int:
+        """How many prefix rows the LM runs for this prompt: the image tokens and the prompt up to
+        its last valid token over the batch, rounded up to a multiple of `prompt_bucket` slots
+        (one captured graph per bucket), at most all `max_token_len`. The rows after it are
+        padding, masked for every query; their K/V are left as they were (finite, never
+        attended), so caches differ from the eager model's there only. Pi0.5's 200 prompt slots
+        cost ~1 ms of prefix LM on an H100 against 128 (docs/PERFORMANCE.md, rounds 11-12).
+        Reads the mask on the host: a device sync when it lives on the GPU."""
+        n, q = self.cfg.max_token_len, self.prompt_bucket
+        if q == 0 or q >= n:
+            return self.cfg.prefix_len
+        used = token_mask.any(0)
+        last = int((used * torch.arange(1, n + 1, device=used.device)).max())
+        return self.cfg.prefix_len - n + min(n, max(q, -(-last // q) * q))
+
+    def _prefix_full(self, st: _Static, keep_hidden: tuple[int, ...], rows: int | None = None):
+        self._text_and_masks(st)
+        return self._lm(st, st.embeds[:, :rows], 0, keep_hidden)
+
+    def _prefix_graph(self, st: _Static, keep_hidden: tuple[int, ...], rows: int):
+        """The prefix LM's captured graph over `rows` prefix rows (see prefix_rows)."""
+        b = st.valid.shape[0]
+        return self.graphs.run(("prefix", b, keep_hidden, rows), lambda: self._prefix_full(st, keep_hidden, rows))
+
+    def _sample_body(self, st: _Static, steps: int, rows: int | None = None):
         """Prefix LM and denoise in one body, Euler step 0 trailing the prefix layer by layer:
         expert layer li of step 0 needs only the prefix's layer-li K/V, so on CUDA it runs on a
         second stream as soon as those are written, beside the prefix's later layers
@@ -611,7 +720,7 @@ class FastPi0:
         Each stream runs the same kernels on the same inputs as encode_prefix + denoise, so the
         actions are bit-identical to the split API. On the CPU the same interleaving runs in order."""
         self._text_and_masks(st)
-        layers = self._lm_layers(st, st.embeds, 0, ())
+        layers = self._lm_layers(st, st.embeds[:, :rows], 0, ())
         if not st.k.is_cuda:
             x = self._denoise_body(st, steps, lambda li: next(layers))
         else:
@@ -845,8 +954,7 @@ class FastPi0:
 
     def _encode(self, st, obs, keep_hidden=(), image_embeds=None):
         self._embed(st, obs, image_embeds)
-        kh = tuple(sorted(keep_hidden))
-        self.graphs.run(("prefix", obs.batch_size, kh), lambda: self._prefix_full(st, kh))
+        self._prefix_graph(st, tuple(sorted(keep_hidden)), self.prefix_rows(obs.token_mask))
 
     @torch.no_grad()
     def denoise(self, prefix: PrefixCache, obs: Observation, noise: torch.Tensor, steps: int | None = None):
@@ -882,9 +990,11 @@ class FastPi0:
             self._encode(st, obs)
             return self._denoise(st, obs, noise, steps)
         steps = steps or self.cfg.num_steps
-        self._embed(st, obs, None)
+        self._embed(st, obs, None)  # checks obs first
+        rows = self.prefix_rows(obs.token_mask)
         self._denoise_inputs(st, obs, noise)
-        return self.graphs.run(("sample", obs.batch_size, steps), lambda: self._sample_body(st, steps)).clone()
+        key = ("sample", obs.batch_size, steps, rows)
+        return self.graphs.run(key, lambda: self._sample_body(st, steps, rows)).clone()
 
     # ---- reuse updates -----------------------------------------------------------------------
     def _given_embeds(self, cache: PrefixCache, run_cameras, fresh) -> dict[str, torch.Tensor]:
@@ -911,7 +1021,7 @@ class FastPi0:
         t = self.cfg.prefix_len
         if bool(recompute.all()):  # exactly encode_prefix, keeping the same hidden layers
             kh = tuple(sorted(cache.hidden))
-            self.graphs.run(("prefix", obs.batch_size, kh), lambda: self._prefix_full(st, kh))
+            self._prefix_graph(st, kh, self.prefix_rows(obs.token_mask))
             return self._export(st, obs, spans, call_index, kh)
         idx = recompute.nonzero().squeeze(-1)
         r = idx.numel()
