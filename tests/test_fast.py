@@ -478,6 +478,42 @@ def test_reuse_off_policy_is_sample_actions_to_the_bit_and_embeds_in_one_pass():
     assert torch.equal(out, fast.sample_actions(obs, noise))
 
 
+@torch.no_grad()
+def test_sample_with_prefix_is_encode_prefix_plus_denoise(setup):
+    """The refresh in one call (the overlapped sample graph, then the cache copied out) gives the
+    split calls' actions and cache bit for bit, hidden states included; the eager model's
+    version is the two calls."""
+    cfg, model, fast, obs, obs2, noise = setup
+    for m in (fast, FastPi0(model, overlap=False), model):
+        out, cache = m.sample_with_prefix(obs, noise, keep_hidden=(2,), call_index=4, snapshot=7)
+        ref = m.encode_prefix(obs, keep_hidden=(2,))
+        m.encode_prefix(obs2)  # the returned cache is the caller's, whatever runs next
+        assert torch.equal(out, m.denoise(ref, obs, noise)) and torch.equal(out, m.sample_actions(obs, noise))
+        for a, b in ((cache.k, ref.k), (cache.v, ref.v), (cache.hidden[2], ref.hidden[2]), (cache.mask, ref.mask),
+                     (cache.embeds, ref.embeds), (cache.positions, ref.positions)):
+            assert torch.equal(_valid(a, ref.mask) if a.dim() > 2 else a, _valid(b, ref.mask) if b.dim() > 2 else b)
+        assert cache.call_index == 4 and {s.snapshot for s in cache.spans} == {7}
+
+
+@torch.no_grad()
+def test_reuse_policy_refreshes_through_sample_with_prefix_on_fast():
+    """A full refresh on FastPi0 (overlap on) is one sample_with_prefix, timed as "sample"; on
+    the eager model, encode_prefix then denoise, timed apart. Both give sample_actions' actions."""
+    from kvreuse.reuse.config import ReuseConfig
+    from kvreuse.reuse.policy import ReusePolicy
+
+    cfg = preset("tiny-pi05")
+    model = _model("tiny-pi05")
+    g = torch.Generator().manual_seed(10)
+    obs = synthetic_obs(cfg, 1, "cpu", g)
+    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    for m, one_call in ((FastPi0(model), True), (FastPi0(model, overlap=False), False), (model, False)):
+        out, rec = ReusePolicy(m, ReuseConfig(mode="layer_wise")).infer(obs, noise)
+        assert rec.decision == "refresh" and torch.equal(out, m.sample_actions(obs, noise))
+        assert (rec.timings["sample"] > 0) == one_call and (rec.timings["prefix"] > 0) != one_call
+        assert (rec.timings["denoise"] > 0) != one_call
+
+
 def test_graph_capture_gets_cublas_workspaces_of_its_own(monkeypatch):
     """cuBLAS workspaces are cleared after the warm-up runs and again after capture, so a graph
     captures fresh ones allocated in its own pool and shares them with nobody (torch.compile's

@@ -383,7 +383,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         pol, recs = ReusePolicy(fast, ReuseConfig()), []
         st_pol = tm(lambda: recs.append(pol.infer(obs, noise)[1]))
         recs = recs[-iters:]  # the timed calls, not the warm-up (whose first call captures graphs)
-        parts = {k: sum(r.timings[k] for r in recs) / len(recs) for k in ("vision", "prefix", "denoise", "total")}
+        parts = {k: sum(r.timings[k] for r in recs) / len(recs) for k in ("vision", "prefix", "denoise", "sample", "total")}
         rep.add(tag, "ReusePolicy.infer, reuse off", st_pol,
                 "its records, mean ms: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
         st = fast._static(batch)

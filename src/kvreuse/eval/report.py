@@ -32,7 +32,7 @@ class Row:
     errors: int
     ci: tuple[float, float]
     lat: Latency
-    parts: dict[str, float]  # mean ms of vision / prefix / denoise where recorded
+    parts: dict[str, float]  # mean ms per call of vision / prefix / denoise / sample where recorded
     reuse_rate: float
     mixed_rate: float
     speedup: float
@@ -97,7 +97,7 @@ def _row(gname, s, task, sel, base_sel, b_lat: Latency) -> Row:
     k = sum(e["status"] == "success" for e in fin)
     lat = latency(_calls(sel))
     parts = {}
-    for p in ("vision", "prefix", "denoise"):
+    for p in ("vision", "prefix", "denoise", "sample"):
         ms = _calls(sel, p)
         if ms:
             parts[p] = sum(ms) / len(ms)
@@ -181,7 +181,7 @@ def markdown(rows: list[Row]) -> str:
 CSV_FIELDS = (
     "group", "setting", "task", "is_baseline", "n", "successes", "success_rate", "ci_low", "ci_high",
     "errors", "lat_mean_ms", "lat_p50_ms", "lat_p95_ms", "hz", "vision_ms", "prefix_ms", "denoise_ms",
-    "reuse_rate", "mixed_rate", "speedup", "paired_n", "only_baseline", "only_setting", "diff",
+    "sample_ms", "reuse_rate", "mixed_rate", "speedup", "paired_n", "only_baseline", "only_setting", "diff",
     "diff_ci_low", "diff_ci_high", "p_mcnemar",
 )
 
@@ -197,7 +197,8 @@ def write_csv(rows: list[Row], path: str | Path) -> Path:
             w.writerow([
                 r.group, r.setting, r.task, int(r.is_baseline), r.n, r.successes, r.rate, r.ci[0], r.ci[1],
                 r.errors, r.lat.mean, r.lat.p50, r.lat.p95, r.lat.hz, r.parts.get("vision", ""),
-                r.parts.get("prefix", ""), r.parts.get("denoise", ""), r.reuse_rate, r.mixed_rate, r.speedup,
+                r.parts.get("prefix", ""), r.parts.get("denoise", ""), r.parts.get("sample", ""), r.reuse_rate,
+                r.mixed_rate, r.speedup,
                 pr.n if pr else "", pr.only_base if pr else "", pr.only_setting if pr else "",
                 pr.diff if pr else "", r.diff_ci[0] if r.diff_ci else "", r.diff_ci[1] if r.diff_ci else "",
                 pr.p_value if pr else "",

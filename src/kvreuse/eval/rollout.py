@@ -25,7 +25,7 @@ from ..envs.base import EpisodeEnv
 from .stats import latency
 
 STATUSES = ("success", "failure", "error")
-TIMING_PARTS = ("total", "vision", "prefix", "denoise")
+TIMING_PARTS = ("total", "vision", "prefix", "denoise", "sample")  # see reuse/policy.py
 
 
 @dataclass

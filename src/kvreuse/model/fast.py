@@ -712,7 +712,7 @@ class FastPi0:
         b = st.valid.shape[0]
         return self.graphs.run(("prefix", b, keep_hidden, rows), lambda: self._prefix_full(st, keep_hidden, rows))
 
-    def _sample_body(self, st: _Static, steps: int, rows: int | None = None):
+    def _sample_body(self, st: _Static, steps: int, rows: int | None = None, keep_hidden: tuple[int, ...] = ()):
         """Prefix LM and denoise in one body, Euler step 0 trailing the prefix layer by layer:
         expert layer li of step 0 needs only the prefix's layer-li K/V, so on CUDA it runs on a
         second stream as soon as those are written, beside the prefix's later layers
@@ -720,7 +720,7 @@ class FastPi0:
         Each stream runs the same kernels on the same inputs as encode_prefix + denoise, so the
         actions are bit-identical to the split API. On the CPU the same interleaving runs in order."""
         self._text_and_masks(st)
-        layers = self._lm_layers(st, st.embeds[:, :rows], 0, ())
+        layers = self._lm_layers(st, st.embeds[:, :rows], 0, keep_hidden)
         if not st.k.is_cuda:
             x = self._denoise_body(st, steps, lambda li: next(layers))
         else:
@@ -884,12 +884,15 @@ class FastPi0:
         if unknown:
             raise ValueError(f"run_cameras: unknown camera(s) {unknown}; model cameras: {list(self.cfg.cameras)}")
 
-    def _embed(self, st: _Static, obs: Observation, given: dict[str, torch.Tensor] | None):
+    def _embed(self, st: _Static, obs: Observation, given: dict[str, torch.Tensor] | None) -> int:
         """Fill st.embeds' camera slots: the `given` embeddings by camera name (reused or
-        supplied), the other cameras through the vision tower in one batched pass."""
+        supplied), the other cameras through the vision tower in one batched pass. Returns
+        prefix_rows, read before the vision pass is queued so that its host sync waits for
+        nothing of this call."""
         given = {i: given[c] for i, c in enumerate(self.cfg.cameras) if c in given} if given else {}
         run = tuple(i for i in range(len(self.cfg.cameras)) if i not in given)
         self._load_obs(st, obs)
+        rows = self.prefix_rows(obs.token_mask)
         p, b = self.cfg.vision.num_patches, obs.batch_size
         for i, e in given.items():
             st.embeds[:, i * p : (i + 1) * p].copy_(e)
@@ -897,6 +900,7 @@ class FastPi0:
             x = self._vision_of(st, [obs.images[self.cfg.cameras[i]] for i in run])
             for j, i in enumerate(run):
                 st.embeds[:, i * p : (i + 1) * p].copy_(x[j * b : (j + 1) * b])
+        return rows
 
     @torch.no_grad()
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -953,8 +957,7 @@ class FastPi0:
         return self._export(st, obs, spans, call_index, tuple(keep_hidden))
 
     def _encode(self, st, obs, keep_hidden=(), image_embeds=None):
-        self._embed(st, obs, image_embeds)
-        self._prefix_graph(st, tuple(sorted(keep_hidden)), self.prefix_rows(obs.token_mask))
+        self._prefix_graph(st, tuple(sorted(keep_hidden)), self._embed(st, obs, image_embeds))
 
     @torch.no_grad()
     def denoise(self, prefix: PrefixCache, obs: Observation, noise: torch.Tensor, steps: int | None = None):
@@ -989,12 +992,42 @@ class FastPi0:
         if not self.overlap:
             self._encode(st, obs)
             return self._denoise(st, obs, noise, steps)
+        return self._sample(st, obs, noise, steps, (), None)
+
+    def _sample(self, st, obs, noise, steps, keep_hidden: tuple[int, ...], image_embeds):
+        """Vision (cameras not in image_embeds), then the prefix and denoise graph with Euler
+        step 0 beside the prefix LM; the actions as a new tensor."""
         steps = steps or self.cfg.num_steps
-        self._embed(st, obs, None)  # checks obs first
-        rows = self.prefix_rows(obs.token_mask)
+        rows = self._embed(st, obs, image_embeds)
         self._denoise_inputs(st, obs, noise)
-        key = ("sample", obs.batch_size, steps, rows)
-        return self.graphs.run(key, lambda: self._sample_body(st, steps, rows)).clone()
+        key = ("sample", obs.batch_size, steps, rows, keep_hidden)
+        return self.graphs.run(key, lambda: self._sample_body(st, steps, rows, keep_hidden)).clone()
+
+    @torch.no_grad()
+    def sample_with_prefix(
+        self,
+        obs: Observation,
+        noise: torch.Tensor,
+        *,
+        snapshot: int | None = None,
+        call_index: int = 0,
+        keep_hidden: tuple[int, ...] = (),
+        image_embeds: dict[str, torch.Tensor] | None = None,
+        steps: int | None = None,
+    ) -> tuple[torch.Tensor, PrefixCache]:
+        """`Pi0Model.sample_with_prefix`: the actions and the prefix cache of encode_prefix +
+        denoise, through the sample_actions graph (Euler step 0 beside the prefix LM when
+        `overlap`), the cache copied out after it: what a reuse policy's full refresh runs
+        (~0.5 ms less than the two calls on an H100, docs/PERFORMANCE.md round 12)."""
+        st = self._static(obs.batch_size)
+        kh = tuple(sorted(keep_hidden))
+        if not self.overlap:
+            self._encode(st, obs, kh, image_embeds)
+            x = self._denoise(st, obs, noise, steps)
+        else:
+            x = self._sample(st, obs, noise, steps, kh, image_embeds)
+        spans = self.model.spans(obs, new_snapshot_id() if snapshot is None else snapshot)
+        return x, self._export(st, obs, spans, call_index, kh)
 
     # ---- reuse updates -----------------------------------------------------------------------
     def _given_embeds(self, cache: PrefixCache, run_cameras, fresh) -> dict[str, torch.Tensor]:
@@ -1017,11 +1050,11 @@ class FastPi0:
         through the LM (their count padded up to a graph bucket with repeats of the last one;
         a repeated token computes the same K/V, so the result is unchanged)."""
         st = self._static(obs.batch_size)
-        self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds))
+        rows = self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds))
         t = self.cfg.prefix_len
         if bool(recompute.all()):  # exactly encode_prefix, keeping the same hidden layers
             kh = tuple(sorted(cache.hidden))
-            self._prefix_graph(st, kh, self.prefix_rows(obs.token_mask))
+            self._prefix_graph(st, kh, rows)
             return self._export(st, obs, spans, call_index, kh)
         idx = recompute.nonzero().squeeze(-1)
         r = idx.numel()

@@ -181,8 +181,8 @@ def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:
     full_tl = cfg.prefix_len * cfg.llm.depth
     rows = [
         "| setting | reuse rate | vision passes / call | prefix token-layers vs baseline | vision ms | prefix ms "
-        "| denoise ms | total ms | action cos (mean / min) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| denoise ms | sample ms | total ms | action cos (mean / min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in ("baseline",) + MODES:
         rc = ReuseConfig() if mode == "baseline" else reuse.replace(mode=mode)
@@ -203,6 +203,7 @@ def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:
         tl = float(np.mean([r.cost["lm_token_layers"] for r in recs])) / full_tl
         rows.append(
             f"| {rc.label()} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {mean('vision'):.2f} | "
-            f"{mean('prefix'):.2f} | {mean('denoise'):.2f} | {mean('total'):.2f} | {s['cos_mean']:.5f} / {s['cos_min']:.5f} |"
+            f"{mean('prefix'):.2f} | {mean('denoise'):.2f} | {mean('sample'):.2f} | {mean('total'):.2f} | "
+            f"{s['cos_mean']:.5f} / {s['cos_min']:.5f} |"
         )
     return "\n".join(rows)

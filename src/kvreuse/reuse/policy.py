@@ -4,12 +4,15 @@
 
 With the `never` gate every call is a full refresh through exactly the operations of
 `Pi0Model.sample_actions` (vision tower, encode_prefix, denoise; `embed_images` runs the cameras
-as the model's sample_actions does: one at a time on Pi0Model, batched on FastPi0), so actions are
-bit-identical to it for the same observation and noise (design invariant 1).
+as the model's sample_actions does: one at a time on Pi0Model, batched on FastPi0; on FastPi0
+with `overlap`, sample_with_prefix runs the prefix and the denoise as sample_actions does), so
+actions are bit-identical to it for the same observation and noise (design invariant 1).
 
-Per-part times (vision, prefix, denoise) come from CUDA events on a GPU, read once after the
-call's final sync, so the host queues each part while the GPU runs the previous one; `total` is
-wall-clock from the call's start to that sync. On the CPU all are wall-clock.
+Per-part times (vision, prefix, denoise; "sample" for a full refresh through
+sample_with_prefix, whose prefix LM and denoise overlap and cannot be timed apart) come from
+CUDA events on a GPU, read once after the call's final sync, so the host queues each part while
+the GPU runs the previous one; `total` is wall-clock from the call's start to that sync. On the
+CPU all are wall-clock.
 
 Bookkeeping per cached prefix token: the call index and time its K/V were computed (`births`).
 Age = age of the oldest valid K/V row; `mixed` = rows of more than one call (or layer-wise
@@ -126,7 +129,7 @@ class ReusePolicy:
         call = self.call_index
         self.call_index += 1
         now = time.monotonic()
-        timings = {"signals": 0.0, "vision": 0.0, "prefix": 0.0, "denoise": 0.0}
+        timings = {"signals": 0.0, "vision": 0.0, "prefix": 0.0, "denoise": 0.0, "sample": 0.0}
         self._parts = parts = _Parts(model.device.type == "cuda")
         self._passes = 0  # vision-tower camera passes this call (signals + plan)
         sig = Signals()
@@ -148,16 +151,17 @@ class ReusePolicy:
             if cfg.synchronized and plan.kind in ("tokens", "layers"):
                 plan = Plan("all", note=f"synchronized: {plan.note} -> refresh every span")
 
-        self._execute(plan, obs, sig, call, now, raw_shapes)
+        out = self._execute(plan, obs, sig, call, now, raw_shapes, noise)
 
         dobs, state_source = obs, "prefix"
         if not mc.state_in_prompt:
             state_source = "fresh"
             if cfg.synchronized and plan.kind == "none":
                 dobs, state_source = replace(obs, state=self.ref.state), "snapshot"
-        t = parts.mark()
-        out = model.denoise(self.cache, dobs, noise)
-        parts.add("denoise", t)
+        if out is None:  # (a full refresh on an overlapping model has denoised already)
+            t = parts.mark()
+            out = model.denoise(self.cache, dobs, noise)
+            parts.add("denoise", t)
         if plan.kind != "none":  # one device->host copy per new cache, not one per use of it
             self.valid_rows = self.cache.mask.any(0).cpu()  # (after the denoise is queued)
         if "phase" in self.needs:
@@ -209,18 +213,29 @@ class ReusePolicy:
         self._parts.add("vision", t)
         return out
 
-    def _execute(self, plan: Plan, obs: Observation, sig: Signals, call: int, now: float, raw_shapes) -> None:
+    def _execute(
+        self, plan: Plan, obs: Observation, sig: Signals, call: int, now: float, raw_shapes, noise: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Runs the plan's vision and prefix work. A full refresh on a model that overlaps the
+        prefix with the denoise (FastPi0's `overlap`) runs both through sample_with_prefix, timed
+        as the part "sample", and returns the actions; otherwise None (the caller denoises)."""
         model, mc, cfg = self.model, self.model.cfg, self.config
         patch = mc.vision.patch_size
         if plan.kind == "none":
-            return
+            return None
         snap = new_snapshot_id()
+        out = None
         if plan.kind == "all":
             embeds = self._vision(obs, mc.cameras, sig)
             t = self._parts.mark()
-            keep = (self.split,) if self.split is not None else ()
-            self.cache = model.encode_prefix(obs, snapshot=snap, call_index=call, keep_hidden=keep, image_embeds=embeds)
-            self._parts.add("prefix", t)
+            kw = dict(snapshot=snap, call_index=call, keep_hidden=(self.split,) if self.split is not None else (),
+                      image_embeds=embeds)
+            if getattr(model, "overlap", False):
+                out, self.cache = model.sample_with_prefix(obs, noise, **kw)
+                self._parts.add("sample", t)
+            else:
+                self.cache = model.encode_prefix(obs, **kw)
+                self._parts.add("prefix", t)
             T = self.cache.length
             self.births = torch.full((T,), call, dtype=torch.long)
             self.birth_times = torch.full((T,), now, dtype=torch.float64)
@@ -234,7 +249,7 @@ class ReusePolicy:
                 dtype=model.dtype,
                 device=obs.device,
             )
-            return
+            return out
 
         embeds = self._vision(obs, plan.run_cameras, sig)
         names = plan.refreshed
@@ -264,6 +279,7 @@ class ReusePolicy:
         self._parts.add("prefix", t)
         if plan.kind == "tokens":
             self._update_ref(plan, obs, embeds)
+        return None
 
     def _update_ref(self, plan: Plan, obs: Observation, embeds: dict) -> None:
         """Move the signal references of recomputed tokens to the new observation."""
