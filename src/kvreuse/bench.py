@@ -247,7 +247,7 @@ def run_bench(
     fused_layer_norm: bool | None = None,
     vision_trt: bool = False,
     prompt_tokens: int | None = None,
-    prompt_bucket: int = 64,
+    prompt_bucket: int | None = None,
     lm_down_tune: bool | None = None,
 ) -> None:
     """Time the fast runtime at full size (random weights unless --checkpoint) and compare it
@@ -266,7 +266,8 @@ def run_bench(
     --vision-trt: the vision tower as TensorRT engines (needs torch_tensorrt; untested);
     --prompt-tokens: valid tokens of the synthetic prompt (default two thirds of the slots);
     --prompt-bucket: the fast path runs the prompt up to its last valid token rounded up to a
-    multiple of this many slots (0: every slot, as before round 12);
+    multiple of this many slots (0: every slot, as before round 12; default: FastPi0's, 32 slots
+    for prompts of >= 128 slots (Pi0.5), else 64);
     --lm-down-tune: time cuBLAS against cuBLASLt over padded rows for the prefix LM's down
     product and keep the faster (default: on CUDA);
     --lerobot-compile-mode: torch.compile mode for lerobot (default: what lerobot's own
@@ -300,7 +301,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
           partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="auto", expert_attn="auto",
           variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="auto",
           expert_pdl=None, fused_layer_norm=None, vision_trt=False, lerobot_rounds=3,
-          lerobot_compile_mode="max-autotune", prompt_tokens=None, prompt_bucket=64, lm_down_tune=None) -> Report:
+          lerobot_compile_mode="max-autotune", prompt_tokens=None, prompt_bucket=None, lm_down_tune=None) -> Report:
     from .model import preset as get_preset
     from .model.fast import FastPi0, resolve_attn
     from .reuse.config import ReuseConfig

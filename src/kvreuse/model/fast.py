@@ -446,7 +446,7 @@ class FastPi0:
         expert_attn: str = "auto",
         vision_trt: bool = False,
         overlap: bool = True,
-        prompt_bucket: int = 64,
+        prompt_bucket: int | None = None,
         lm_down_tune: bool | None = None,
     ):
         for name, kind in (("prefix_attn", prefix_attn), ("expert_attn", expert_attn)):
@@ -465,6 +465,11 @@ class FastPi0:
         self.graphs = _Graphs(self.use_graphs)
         self.compiled = compile
         self.overlap = overlap  # sample_actions: Euler step 0 beside the prefix LM (_sample_body)
+        if prompt_bucket is None:
+            # Measured on an H100 (docs/PERFORMANCE.md round 12): 32-slot buckets ran Pi0.5's
+            # bench prompt (200 slots) 0.3 ms faster than 64; Pi0's 48 slots trimmed to 32 ran its
+            # prefix LM slower (544 rows are an awkward shape for cuBLAS), so they stay whole.
+            prompt_bucket = 32 if cfg.max_token_len >= 128 else 64
         if prompt_bucket < 0:
             raise ValueError(f"prompt_bucket: expected >= 0 (0 = always every prompt slot), got {prompt_bucket}")
         self.prompt_bucket = prompt_bucket  # see prefix_rows
@@ -952,9 +957,15 @@ class FastPi0:
         image_embeds: dict[str, torch.Tensor] | None = None,
     ) -> PrefixCache:
         st = self._static(obs.batch_size)
+        spans = self._spans(obs, snapshot)
         self._encode(st, obs, keep_hidden, image_embeds)
-        spans = self.model.spans(obs, new_snapshot_id() if snapshot is None else snapshot)
         return self._export(st, obs, spans, call_index, tuple(keep_hidden))
+
+    def _spans(self, obs: Observation, snapshot: int | None):
+        """The cache's spans, before any graph is queued: Pi0.5's read the state tokens' start on
+        the host (a device sync), which after the graph would leave the GPU idle while the host
+        copies the cache out and the caller does its bookkeeping."""
+        return self.model.spans(obs, new_snapshot_id() if snapshot is None else snapshot)
 
     def _encode(self, st, obs, keep_hidden=(), image_embeds=None):
         self._prefix_graph(st, tuple(sorted(keep_hidden)), self._embed(st, obs, image_embeds))
@@ -1021,12 +1032,12 @@ class FastPi0:
         (~0.5 ms less than the two calls on an H100, docs/PERFORMANCE.md round 12)."""
         st = self._static(obs.batch_size)
         kh = tuple(sorted(keep_hidden))
+        spans = self._spans(obs, snapshot)
         if not self.overlap:
             self._encode(st, obs, kh, image_embeds)
             x = self._denoise(st, obs, noise, steps)
         else:
             x = self._sample(st, obs, noise, steps, kh, image_embeds)
-        spans = self.model.spans(obs, new_snapshot_id() if snapshot is None else snapshot)
         return x, self._export(st, obs, spans, call_index, kh)
 
     # ---- reuse updates -----------------------------------------------------------------------
