@@ -384,13 +384,15 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         pol, recs = ReusePolicy(fast, ReuseConfig()), []
         st_pol = tm(lambda: recs.append(pol.infer(obs, noise)[1]))
         recs = recs[-iters:]  # the timed calls, not the warm-up (whose first call captures graphs)
-        parts = {k: sum(r.timings[k] for r in recs) / len(recs) for k in ("vision", "prefix", "denoise", "sample", "total")}
+        parts = {k: sum(r.timings[k] for r in recs) / len(recs)
+                 for k in ("vision", "prefix", "denoise", "sample", "total")}
         rep.add(tag, "ReusePolicy.infer, reuse off", st_pol,
                 "its records, mean ms: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
         st = fast._static(batch)
         rows = fast.prefix_rows(obs.token_mask)
         rep.config["prefix_rows"] = rows
-        rep.config["lm_down"] = {m: (f"cublaslt over {r} rows" if r else "addmm, BLAS default") for m, r in fast.down_routes.items()}
+        rep.config["lm_down"] = {m: (f"cublaslt over {r} rows" if r else "addmm, BLAS default")
+                                 for m, r in fast.down_routes.items()}
         rep.add(tag, "vision (all cameras)", tm(lambda: fast._embed(st, obs, {})))
         rep.add(tag, f"prefix LM (text + {cfg.llm.depth} layers)", tm(lambda: fast._prefix_graph(st, (), rows)),
                 f"{rows} of {cfg.prefix_len} rows")
@@ -447,7 +449,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         tag = f"attn {pa}/{ea}"
         try:
             t0 = time.perf_counter()
-            fv = FastPi0(model, prefix_attn=pa, expert_attn=ea, prompt_bucket=prompt_bucket, lm_down_tune=lm_down_tune)
+            fv = FastPi0(model, prefix_attn=pa, expert_attn=ea, prompt_bucket=prompt_bucket,
+                         lm_down_tune=lm_down_tune)
             out_v = fv.sample_actions(obs, noise)
             cache_v = fv.encode_prefix(obs)
             stv = fv._static(batch)
