@@ -261,6 +261,17 @@ def test_lm_down_product_through_padded_rows_computes_the_same():
     assert rel_err(_valid(cache.k, ref.mask), _valid(ref.k, ref.mask)) < 1e-5
 
 
+def test_down_route_keeps_the_fastest_only_when_clearly_faster(monkeypatch):
+    """_pick_down_rows times cuBLAS's addmm, then the 1-D-bias route over m and over m padded to
+    128 rows, and keeps a route only if it beats the first by 3% (timer faked: CUDA only)."""
+    fast = FastPi0(_model("tiny-pi0"))
+    m = 200  # padded: 256
+    for times, want in (([10.0, 9.8, 8.0], 256), ([10.0, 9.0, 9.5], 200), ([10.0, 9.8, 9.75], 0)):
+        it = iter(times)
+        monkeypatch.setattr(fast_mod, "_median_ms", lambda fn, it=it: (fn(), next(it))[1])
+        assert fast._pick_down_rows(m) == want
+
+
 def test_bench_check_runs_on_cpu():
     rep = bench("tiny-pi0", 1, 2, 3, 8, 1, 0, True, 2e-2, None, False, False, True, 0.25, None, False, False, 0)
     assert rep.ok and rep.check["ok"]

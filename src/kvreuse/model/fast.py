@@ -678,9 +678,9 @@ class FastPi0:
         return self.down_routes[m]
 
     def _pick_down_rows(self, m: int) -> int:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"FastPi0: the down-product route for {m} rows must be timed before capture")
         ws = [w.down_t for w in self.llm]
+        if ws[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"FastPi0: the down-product route for {m} rows must be timed before capture")
         g = torch.Generator(ws[0].device).manual_seed(0)  # leaves the global RNG (noise) alone
         kw = dict(dtype=self.model.dtype, device=ws[0].device, generator=g)
         act = torch.randn(-(-m // 128) * 128, ws[0].shape[0], **kw)
