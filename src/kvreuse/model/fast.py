@@ -11,13 +11,17 @@
   Euler steps), prefix + denoise for sample_actions (Euler step 0 on a second stream, each expert
   layer starting once the prefix's layer has written its K/V) and each reuse update; optionally the layer functions go through torch.compile
   (inductor fuses the elementwise work between the matmuls),
+- the prompt computed only up to its last valid token, rounded up to a bucket of slots
+  (`prefix_rows`), and, on CUDA, the prefix LM's down product through whichever of cuBLAS and
+  cuBLASLt (over rows padded to 128) timed faster for that row count (`_down_rows`),
 - on CUDA with Triton: Triton attention (prefix and expert), the expert layer as a chain of Triton
   kernels with programmatic dependent launch on sm_90 (`expert_gemm="chain"`; since round 5 each
   Euler step's projections and update too, so the whole denoise is one chain), SigLIP's residual
   adds + LayerNorms as one kernel each (docs/PERFORMANCE.md, rounds 4-5).
 
-The API matches `Pi0Model` (encode_prefix / denoise / sample_actions / update_prefix /
-update_prefix_layers) and the caches are ordinary `PrefixCache`s: encode_prefix returns copies
+The API matches `Pi0Model` (encode_prefix / denoise / sample_actions / sample_with_prefix /
+update_prefix / update_prefix_layers) and the caches are ordinary `PrefixCache`s (their masked
+rows past the prompt's bucket aside, which the eager model fills): encode_prefix returns copies
 the caller owns, denoise copies the prefix K/V into its buffer once per call (never per Euler
 step) and never writes the caller's cache. Everything else is delegated to the eager model.
 """
