@@ -38,6 +38,16 @@ def wall_ms(fn, n=30):
     return statistics.median(wall), statistics.median(ev)
 
 
+class _Checked(ReusePolicy):
+    """The never gate as before round 12's last change: the invalidation checks run first (their
+    result is not used; the never gate refreshes whatever they say)."""
+
+    def infer(self, obs, noise, raw_shapes=None, started=None):
+        if self.cache is not None:
+            self.invalid_reason(obs, raw_shapes, self.call_index, time.monotonic())
+        return super().infer(obs, noise, raw_shapes, started)
+
+
 def gpu_gaps(tag: str, fn, min_us: float = 10.0) -> None:
     """GPU idle time inside one call: from the first to the last kernel / copy of the call, the
     gaps between consecutive device activities (overlapping streams merged)."""
@@ -75,10 +85,12 @@ def main(name="pi0", n=30):
     obs, noise = random_inputs(cfg, 1, "cuda")
     fast = FastPi0(model, compile=True)
     pol = ReusePolicy(fast, ReuseConfig())
+    old = _Checked(fast, ReuseConfig())
     print(torch.cuda.get_device_name(), name)
     for _ in range(2):  # alternate, in case the card's state drifts
         for tag, fn in (("sample_actions", lambda: fast.sample_actions(obs, noise)),
-                        ("ReusePolicy.infer, reuse off", lambda: pol.infer(obs, noise))):
+                        ("ReusePolicy.infer, reuse off", lambda: pol.infer(obs, noise)),
+                        ("  same, invalidation checked", lambda: old.infer(obs, noise))):
             w, e = wall_ms(fn)
             print(f"{tag:<30} median {w:7.3f} ms wall-clock, {e:7.3f} ms CUDA events")
     for tag, fn in (("sample_actions", lambda: fast.sample_actions(obs, noise)),

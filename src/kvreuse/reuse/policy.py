@@ -134,7 +134,9 @@ class ReusePolicy:
         self._passes = 0  # vision-tower camera passes this call (signals + plan)
         sig = Signals()
 
-        invalid = self.invalid_reason(obs, raw_shapes, call, now)
+        # The never gate refreshes every call whatever the cache, so the invalidation checks (two
+        # device syncs on the camera masks among them) would only delay the call's first launch.
+        invalid = self.invalid_reason(obs, raw_shapes, call, now) if cfg.enabled else None
         if invalid is not None:
             decision = Decision(False, invalid)
         elif not cfg.enabled:
