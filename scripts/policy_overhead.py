@@ -4,6 +4,7 @@ beside the medians of both, and where the GPU sits idle inside one call of each 
 kernel and copy timeline: every gap over 10 us, with the work on either side).
 Usage: PYTHONPATH=src python3 scripts/policy_overhead.py [pi0|pi05]"""
 
+import copy
 import cProfile
 import io
 import pstats
@@ -86,11 +87,15 @@ def main(name="pi0", n=30):
     fast = FastPi0(model, compile=True)
     pol = ReusePolicy(fast, ReuseConfig())
     old = _Checked(fast, ReuseConfig())
+    unprepared = copy.copy(fast)  # same weights, buffers and graphs; prepare() does nothing
+    unprepared.prepare = lambda obs: None
+    late = ReusePolicy(unprepared, ReuseConfig())
     print(torch.cuda.get_device_name(), name)
     for _ in range(2):  # alternate, in case the card's state drifts
         for tag, fn in (("sample_actions", lambda: fast.sample_actions(obs, noise)),
                         ("ReusePolicy.infer, reuse off", lambda: pol.infer(obs, noise)),
-                        ("  same, invalidation checked", lambda: old.infer(obs, noise))):
+                        ("  same, invalidation checked", lambda: old.infer(obs, noise)),
+                        ("  same, no prepare()", lambda: late.infer(obs, noise))):
             w, e = wall_ms(fn)
             print(f"{tag:<30} median {w:7.3f} ms wall-clock, {e:7.3f} ms CUDA events")
     for tag, fn in (("sample_actions", lambda: fast.sample_actions(obs, noise)),

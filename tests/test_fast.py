@@ -522,10 +522,52 @@ def test_reuse_policy_refreshes_through_sample_with_prefix_on_fast():
     obs = synthetic_obs(cfg, 1, "cpu", g)
     noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
     for m, one_call in ((FastPi0(model), True), (FastPi0(model, overlap=False), False), (model, False)):
+        order = []
+        if isinstance(m, FastPi0):  # its host reads come before the vision pass is queued
+            for name in ("prepare", "embed_images"):
+                real = getattr(m, name)
+                setattr(m, name, lambda *a, real=real, name=name, **k: order.append(name) or real(*a, **k))
         out, rec = ReusePolicy(m, ReuseConfig(mode="layer_wise")).infer(obs, noise)
+        assert order == (["prepare", "embed_images"] if isinstance(m, FastPi0) else [])
         assert rec.decision == "refresh" and torch.equal(out, m.sample_actions(obs, noise))
         assert (rec.timings["sample"] > 0) == one_call and (rec.timings["prefix"] > 0) != one_call
         assert (rec.timings["denoise"] > 0) != one_call
+
+
+@torch.no_grad()
+def test_prepare_reads_the_host_values_once_and_only_for_that_observation(monkeypatch):
+    """FastPi0.prepare(obs) reads the spans and the prompt's rows ahead; the next call on the same
+    obs uses them (same actions and cache) instead of reading again, once; a changed mask or
+    another observation is never served from them."""
+    model = _model("tiny-pi05")
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(11)
+    obs = synthetic_obs(cfg, 1, "cpu", g, prompt_tokens=20)
+    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    fast = FastPi0(model, prompt_bucket=16)
+    ref_out, ref_cache = fast.sample_with_prefix(obs, noise)
+    reads = []
+    real_rows, real_spans = fast.prefix_rows, model.spans
+    monkeypatch.setattr(fast, "prefix_rows", lambda m: reads.append("rows") or real_rows(m))
+    monkeypatch.setattr(model, "spans", lambda o, snap: reads.append("spans") or real_spans(o, snap))
+    fast.prepare(obs)
+    assert sorted(reads) == ["rows", "spans"]
+    reads.clear()
+    out, cache = fast.sample_with_prefix(obs, noise, snapshot=5)
+    assert reads == [] and torch.equal(out, ref_out) and torch.equal(cache.k, ref_cache.k)
+    assert [(s.name, s.start, s.end, s.snapshot) for s in cache.spans] == [
+        (s.name, s.start, s.end, 5) for s in ref_cache.spans]
+    fast.sample_with_prefix(obs, noise)  # used once: read again
+    assert sorted(reads) == ["rows", "spans"]
+    fast.prepare(obs)
+    obs.token_mask[:, :40] = True  # changed in place after prepare: not trusted
+    ref = model.sample_actions(obs, noise)
+    reads.clear()
+    assert rel_err(fast.sample_actions(obs, noise), ref) < 1e-5
+    assert reads == ["rows"]
+    pi0 = FastPi0(_model("tiny-pi0"))  # no state in the prompt, one bucket: nothing to read ahead
+    pi0.prepare(synthetic_obs(pi0.cfg, 1, "cpu", g))
+    assert pi0.__dict__.get("_prepared") is None
 
 
 def test_graph_capture_gets_cublas_workspaces_of_its_own(monkeypatch):

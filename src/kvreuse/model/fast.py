@@ -28,6 +28,7 @@ step) and never writes the caller's cache. Everything else is delegated to the e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -901,7 +902,8 @@ class FastPi0:
         given = {i: given[c] for i, c in enumerate(self.cfg.cameras) if c in given} if given else {}
         run = tuple(i for i in range(len(self.cfg.cameras)) if i not in given)
         self._load_obs(st, obs)
-        rows = self.prefix_rows(obs.token_mask)
+        p = self._prepared_for(obs, consume=True)
+        rows = p[2] if p is not None else self.prefix_rows(obs.token_mask)
         p, b = self.cfg.vision.num_patches, obs.batch_size
         for i, e in given.items():
             st.embeds[:, i * p : (i + 1) * p].copy_(e)
@@ -965,11 +967,40 @@ class FastPi0:
         self._encode(st, obs, keep_hidden, image_embeds)
         return self._export(st, obs, spans, call_index, tuple(keep_hidden))
 
+    def prepare(self, obs: Observation) -> None:
+        """Read on the host now what a call on this very `obs` needs there: Pi0.5's state-span
+        start and the prompt's rows (prefix_rows), each a device sync. A caller that queues
+        other device work for obs first (ReusePolicy's vision pass) calls this before it, so
+        that those syncs do not wait for that work and leave the GPU idle behind it. Used once, by
+        the next call that embeds obs, and only while obs's masks are unchanged. Nothing to do
+        where neither reads the device (Pi0's spans; prompts of one bucket)."""
+        n, q = self.cfg.max_token_len, self.prompt_bucket
+        if not self.cfg.state_in_prompt and not 0 < q < n:
+            self._prepared = None
+            return
+        self._prepared = (obs, self.model.spans(obs, 0), self.prefix_rows(obs.token_mask), self._versions(obs))
+
+    @staticmethod
+    def _versions(obs: Observation) -> tuple[int, int]:
+        return obs.token_mask._version, obs.state_token_mask._version
+
+    def _prepared_for(self, obs: Observation, consume: bool = False):
+        p = self.__dict__.get("_prepared")
+        if p is None or p[0] is not obs or p[3] != self._versions(obs):
+            return None
+        if consume:
+            self._prepared = None
+        return p
+
     def _spans(self, obs: Observation, snapshot: int | None):
         """The cache's spans, before any graph is queued: Pi0.5's read the state tokens' start on
         the host (a device sync), which after the graph would leave the GPU idle while the host
         copies the cache out and the caller does its bookkeeping."""
-        return self.model.spans(obs, new_snapshot_id() if snapshot is None else snapshot)
+        snapshot = new_snapshot_id() if snapshot is None else snapshot
+        p = self._prepared_for(obs)
+        if p is not None:
+            return tuple(dataclasses.replace(s, snapshot=snapshot) for s in p[1])
+        return self.model.spans(obs, snapshot)
 
     def _encode(self, st, obs, keep_hidden=(), image_embeds=None):
         self._prefix_graph(st, tuple(sorted(keep_hidden)), self._embed(st, obs, image_embeds))

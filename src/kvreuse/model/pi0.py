@@ -245,6 +245,10 @@ class Pi0Model(nn.Module):
         noise = self.make_noise(obs.batch_size) if noise is None else noise
         return self.denoise(self.encode_prefix(obs), obs, noise, steps)
 
+    def prepare(self, obs: Observation) -> None:
+        """Nothing to read ahead here (FastPi0.prepare reads host-side values before a caller
+        queues device work)."""
+
     @torch.no_grad()
     def sample_with_prefix(
         self,

@@ -225,6 +225,7 @@ class ReusePolicy:
         patch = mc.vision.patch_size
         if plan.kind == "none":
             return None
+        model.prepare(obs)  # FastPi0: its host syncs for obs now, not behind the vision pass
         snap = new_snapshot_id()
         out = None
         if plan.kind == "all":
