@@ -565,6 +565,9 @@ def test_prepare_reads_the_host_values_once_and_only_for_that_observation(monkey
     reads.clear()
     assert rel_err(fast.sample_actions(obs, noise), ref) < 1e-5
     assert reads == ["rows"]
+    fast.prepare(obs)
+    obs.token_mask = obs.token_mask.clone()  # replaced: not trusted either
+    assert fast._prepared_for(obs) is None
     pi0 = FastPi0(_model("tiny-pi0"))  # no state in the prompt, one bucket: nothing to read ahead
     pi0.prepare(synthetic_obs(pi0.cfg, 1, "cpu", g))
     assert pi0.__dict__.get("_prepared") is None

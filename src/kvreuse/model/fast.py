@@ -981,12 +981,17 @@ class FastPi0:
         self._prepared = (obs, self.model.spans(obs, 0), self.prefix_rows(obs.token_mask), self._versions(obs))
 
     @staticmethod
-    def _versions(obs: Observation) -> tuple[int, int]:
-        return obs.token_mask._version, obs.state_token_mask._version
+    def _versions(obs: Observation) -> tuple:
+        """The masks prepare() read, as objects and versions: a mask replaced or written in place
+        since then is not served from it."""
+        return (obs.token_mask, obs.state_token_mask), (obs.token_mask._version, obs.state_token_mask._version)
 
     def _prepared_for(self, obs: Observation, consume: bool = False):
         p = self.__dict__.get("_prepared")
-        if p is None or p[0] is not obs or p[3] != self._versions(obs):
+        if p is None or p[0] is not obs:
+            return None
+        (tm, sm), versions = p[3]
+        if tm is not obs.token_mask or sm is not obs.state_token_mask or versions != self._versions(obs)[1]:
             return None
         if consume:
             self._prepared = None
