@@ -297,17 +297,10 @@ def _lt_residual(x, act, down_t, zero):
 
 
 def _median_ms(fn, reps: int = 7) -> float:
-    """Median CUDA-event time of fn (for kernels long enough that their launches hide)."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[reps // 2]
+    """Median CUDA-event time of fn after one warm-up call (the bench's timer)."""
+    from ..bench import time_fn  # (bench imports this module lazily too)
+
+    return time_fn(fn, reps, 1, "cuda").median
 
 
 def _expert_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, bias, k_buf, v_buf, start: int,
@@ -894,16 +887,19 @@ class FastPi0:
         if unknown:
             raise ValueError(f"run_cameras: unknown camera(s) {unknown}; model cameras: {list(self.cfg.cameras)}")
 
-    def _embed(self, st: _Static, obs: Observation, given: dict[str, torch.Tensor] | None) -> int:
+    def _embed(self, st: _Static, obs: Observation, given: dict[str, torch.Tensor] | None,
+               want_rows: bool = True) -> int | None:
         """Fill st.embeds' camera slots: the `given` embeddings by camera name (reused or
         supplied), the other cameras through the vision tower in one batched pass. Returns
-        prefix_rows, read before the vision pass is queued so that its host sync waits for
-        nothing of this call."""
+        prefix_rows (None without want_rows: the partial updates run every row), read before
+        the vision pass is queued so that its host sync waits for nothing of this call."""
         given = {i: given[c] for i, c in enumerate(self.cfg.cameras) if c in given} if given else {}
         run = tuple(i for i in range(len(self.cfg.cameras)) if i not in given)
         self._load_obs(st, obs)
-        p = self._prepared_for(obs, consume=True)
-        rows = p[2] if p is not None else self.prefix_rows(obs.token_mask)
+        prep = self._prepared_for(obs, consume=True)
+        rows = None
+        if want_rows:
+            rows = prep[2] if prep is not None else self.prefix_rows(obs.token_mask)
         p, b = self.cfg.vision.num_patches, obs.batch_size
         for i, e in given.items():
             st.embeds[:, i * p : (i + 1) * p].copy_(e)
@@ -1101,9 +1097,10 @@ class FastPi0:
         through the LM (their count padded up to a graph bucket with repeats of the last one;
         a repeated token computes the same K/V, so the result is unchanged)."""
         st = self._static(obs.batch_size)
-        rows = self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds))
+        full = bool(recompute.all())  # exactly encode_prefix then, keeping the same hidden layers
+        rows = self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds), want_rows=full)
         t = self.cfg.prefix_len
-        if bool(recompute.all()):  # exactly encode_prefix, keeping the same hidden layers
+        if full:
             kh = tuple(sorted(cache.hidden))
             self._prefix_graph(st, kh, rows)
             return self._export(st, obs, spans, call_index, kh)
@@ -1141,7 +1138,7 @@ class FastPi0:
         if split not in cache.hidden:
             raise ValueError(f"layer-wise reuse at split {split} needs a cache encoded with keep_hidden=({split},)")
         st = self._static(obs.batch_size)
-        self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds))
+        self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds), want_rows=False)
         st.k[:, :, : self.cfg.prefix_len].copy_(cache.k)
         st.v[:, :, : self.cfg.prefix_len].copy_(cache.v)
         st.old_embeds.copy_(cache.embeds)
