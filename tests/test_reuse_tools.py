@@ -89,6 +89,18 @@ def test_compare_deterministic_catches_a_difference(monkeypatch):
     assert checks[0].identical and not checks[1].identical and checks[1].max_abs_diff > 0
 
 
+def test_never_gate_builds_no_reference_and_reads_valid_rows_on_demand():
+    """Reuse off compares nothing with a signal reference and reads the cache's valid rows (a host
+    sync on a GPU) only when asked; what it reads then is the cache's own mask."""
+    m, tf = model_and_tf("pi05")
+    pol = Policy(m, tf, reuse=ReuseConfig())
+    for seed in range(2):
+        _, rec = pol.infer(raw_obs(np.random.default_rng(seed)))
+        run = pol.runner
+        assert run.ref is None and not rec.mixed and run._valid_rows is None
+    assert torch.equal(run.valid_rows, run.cache.mask.any(0).cpu())
+
+
 def test_fork_shares_the_model_not_the_cache():
     m, tf = model_and_tf("pi0")
     a = Policy(m, tf, reuse=ReuseConfig(gate="always"))

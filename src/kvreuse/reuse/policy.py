@@ -77,12 +77,21 @@ class ReusePolicy:
         self.ref: Reference | None = None
         self.births: torch.Tensor | None = None  # (T,) call index of each row's K/V
         self.birth_times: torch.Tensor | None = None  # (T,) monotonic seconds
-        self.valid_rows: torch.Tensor | None = None  # (T,) CPU: rows valid in any batch row
+        self._valid_rows: torch.Tensor | None = None  # see valid_rows
         self.layer_mixed = False
+        self.mixed = False  # the cache's K/V combine more than one observation
         self.phase: PhaseCues | None = None
         self.call_index = 0
 
     # ---- bookkeeping ------------------------------------------------------------------------
+    @property
+    def valid_rows(self) -> torch.Tensor | None:
+        """(T,) CPU bool: the cache's rows valid in any batch row. Read from the device when first
+        needed (a host sync), once per cache: a full refresh, the never gate's every call, needs it
+        only if a later call reuses the cache."""
+        if self._valid_rows is None and self.cache is not None:
+            self._valid_rows = self.cache.mask.any(0).cpu()
+        return self._valid_rows
     def _sync(self) -> float:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
@@ -164,12 +173,14 @@ class ReusePolicy:
             t = parts.mark()
             out = model.denoise(self.cache, dobs, noise)
             parts.add("denoise", t)
-        if plan.kind != "none":  # one device->host copy per new cache, not one per use of it
-            self.valid_rows = self.cache.mask.any(0).cpu()  # (after the denoise is queued)
+        if plan.kind != "none":
+            self._valid_rows = None
+            # A full refresh gives every row the same birth; a partial or layer-wise one may not.
+            self.mixed = plan.kind != "all" and (
+                self.layer_mixed or len(torch.unique(self.births[self.valid_rows])) > 1)  # (denoise queued)
         if "phase" in self.needs:
             self.phase = phase_cues(out, cfg, mc.action_dim)
 
-        mixed = self.layer_mixed or len(torch.unique(self.births[self.valid_rows])) > 1
         timings["total"] = (self._sync() - t_start) * 1e3
         parts.resolve(timings)
         reused = decision.reuse and plan.kind != "all"
@@ -179,7 +190,7 @@ class ReusePolicy:
             reason=f"{decision.reason}; {plan.note}",
             signals=sig.to_dict(),
             snapshots=tuple(s.snapshot for s in self.cache.spans),
-            mixed=mixed,
+            mixed=self.mixed,
             timings=timings,
             plan=plan.kind,
             cost={**plan.cost(mc, self.split), "vision_cameras": self._passes},
@@ -243,6 +254,9 @@ class ReusePolicy:
             self.births = torch.full((T,), call, dtype=torch.long)
             self.birth_times = torch.full((T,), now, dtype=torch.float64)
             self.layer_mixed = False
+            if not cfg.enabled:  # the never gate compares nothing with it: no reference to build
+                self.ref = None  # (its copies would queue behind the graph and delay the call's end)
+                return out
             self.ref = Reference(
                 cameras={c: camera_ref(obs.images[c], cfg, patch, embeds[c]) for c in mc.cameras},
                 image_masks={c: m.clone() for c, m in obs.image_masks.items()},
