@@ -1,0 +1,60 @@
+"""A/B of round 13's two full-inference changes, one process, one card, FastPi0s (compile on, as
+the bench) over one model, timed in turn round after round (sample_actions, the bench's "full"):
+- "round 12": the observation's masks and tokens copied in before the vision pass is queued;
+- "vision first": the vision pass queued first (FastPi0._embed now), SigLIP's attention SDPA;
+- "triton vision": also SigLIP's attention through kernels.mqa_attention (vision_attn="triton").
+Actions are compared with round 12's (bit-identical for "vision first"; the Triton attention
+rounds differently in bf16).
+
+    PYTHONPATH=src python3 scripts/sample_ab.py [pi0|pi05] [rounds]
+"""
+
+import sys
+
+import torch
+
+from kvreuse.bench import build_random, random_inputs, rel_err, time_fn
+from kvreuse.model import preset
+from kvreuse.model.fast import FastPi0
+
+
+class _Round12(FastPi0):
+    def _embed(self, st, obs, given, want_rows=True):
+        """Round 12's order: masks and tokens, then the vision pass."""
+        given = {i: given[c] for i, c in enumerate(self.cfg.cameras) if c in given} if given else {}
+        run = tuple(i for i in range(len(self.cfg.cameras)) if i not in given)
+        self.model._check(obs)
+        self._load_obs(st, obs)
+        prep = self._prepared_for(obs, consume=True)
+        rows = (prep[2] if prep is not None else self.prefix_rows(obs.token_mask)) if want_rows else None
+        p, b = self.cfg.vision.num_patches, obs.batch_size
+        for i, e in given.items():
+            st.embeds[:, i * p : (i + 1) * p].copy_(e)
+        if run:
+            x = self._vision_of(st, [obs.images[self.cfg.cameras[i]] for i in run])
+            for j, i in enumerate(run):
+                st.embeds[:, i * p : (i + 1) * p].copy_(x[j * b : (j + 1) * b])
+        return rows
+
+
+def main() -> None:
+    variant = sys.argv[1] if len(sys.argv) > 1 else "pi0"
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    print(torch.cuda.get_device_name(), torch.__version__, variant, flush=True)
+    cfg = preset(variant).replace(cameras=("cam0", "cam1"))  # as kvreuse bench
+    model = build_random(cfg, "cuda")
+    obs, noise = random_inputs(cfg, 1, "cuda")
+    fast = {"round 12": _Round12(model, compile=True), "vision first": FastPi0(model, compile=True),
+            "triton vision": FastPi0(model, compile=True, vision_attn="triton")}
+    with torch.no_grad():
+        outs = {k: f.sample_actions(obs, noise) for k, f in fast.items()}
+        print("actions vs round 12: " + ", ".join(
+            f"{k} {rel_err(o, outs['round 12']):.2e}" for k, o in outs.items() if k != "round 12"), flush=True)
+        for r in range(rounds):  # in turn, so that drift between rounds meets all of them
+            st = {k: time_fn(lambda f=f: f.sample_actions(obs, noise), 30, 3, "cuda") for k, f in fast.items()}
+            print(f"round {r + 1}: " + " | ".join(f"{k} {s.median:.3f} ms (p10 {s.p10:.3f})" for k, s in st.items()),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
