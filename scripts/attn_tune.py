@@ -102,45 +102,25 @@ def main() -> None:
 
 def siglip(n: int = 2, p: int = 256, heads: int = 16, d: int = 72) -> None:
     """SigLIP's attention as FastPi0's `_siglip_layer` calls it (views of one fused QKV output,
-    no mask, the result as (n, p, heads * d) for the output product), under each SDPA backend
-    (PyTorch's own pick is "sdpa"; each includes the transpose back, a copy) and as
-    kernels.mqa_attention per tiling (no transposes: it writes (n, p, heads * d) itself)."""
+    no mask), under each SDPA backend; PyTorch's own pick is "sdpa"."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kvreuse.model.fast import SIGLIP_ATTN_TILES
-    from kvreuse.model.kernels import mqa_attention
-
     qkv = torch.randn(n, p, 3, heads, d, device="cuda", dtype=torch.bfloat16)
-    q4, k4, v4 = qkv.unbind(2)  # (n, p, heads, d) views, as in _siglip_layer
-    q, k, v = (x.transpose(1, 2) for x in (q4, k4, v4))
+    q, k, v = (x.transpose(1, 2) for x in qkv.unbind(2))
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    ref = ref.transpose(1, 2).reshape(n, p, heads * d)
     print(f"{torch.cuda.get_device_name()}  SigLIP attention q {tuple(q.shape)} bf16")
-    print(f"FastPi0's tiles: {SIGLIP_ATTN_TILES}")
-    print("| kernel | us / call | max abs diff vs fp32 |\n|---|---|---|")
+    print("| backend | us / call | max abs diff vs fp32 |\n|---|---|---|")
     backends = {"sdpa": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    variants = {}
     for name, backend in backends.items():
         def fn(backend=backend):
             if backend is None:
-                o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            else:
-                with sdpa_kernel(backend):
-                    o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            return o.transpose(1, 2).reshape(n, p, heads * d)
-        variants[name] = fn
-    for bm in (16, 32, 64):
-        for bn in (32, 64):
-            for splits in (1, 2):
-                for warps in (4, 8):
-                    tiles = dict(num_splits=splits, block_m=bm, block_n=bn, num_warps=warps)
-                    variants[f"triton {bm}x{bn} s{splits} w{warps}"] = (
-                        lambda t=tiles: mqa_attention(q4, k4, v4, None, **t))
-    for name, fn in variants.items():
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
         try:
-            print(f"| {name} | {_time_us(fn):.1f} | {(fn().float() - ref).abs().max():.2e} |", flush=True)
-        except Exception as exc:  # a backend can refuse the shape; a tiling can need too much memory
+            print(f"| {name} | {_time_us(fn):.1f} | {(fn().float() - ref).abs().max():.2e} |")
+        except Exception as exc:  # a backend can refuse the shape
             print(f"| {name} | failed: {type(exc).__name__}: {str(exc)[:80]} | |")
 
 

@@ -1,10 +1,9 @@
-"""A/B of round 13's two full-inference changes, one process, one card, FastPi0s (compile on, as
-the bench) over one model, timed in turn round after round (sample_actions, the bench's "full"):
+"""A/B of round 13's full-inference change, one process, one card, FastPi0s (compile on, as the
+bench) over one model, timed in turn round after round (sample_actions, the bench's "full"):
 - "round 12": the observation's masks and tokens copied in before the vision pass is queued;
-- "vision first": the vision pass queued first (FastPi0._embed now), SigLIP's attention SDPA;
-- "triton vision": also SigLIP's attention through kernels.mqa_attention (vision_attn="triton").
-Actions are compared with round 12's (bit-identical for "vision first"; the Triton attention
-rounds differently in bf16).
+- "vision first": the vision pass queued first (FastPi0._embed now).
+Actions are compared with round 12's (bit-identical). Commit 1d6bab8's version also timed
+SigLIP's attention through kernels.mqa_attention ("triton vision", not kept).
 
     PYTHONPATH=src python3 scripts/sample_ab.py [pi0|pi05] [rounds]
 """
@@ -44,8 +43,7 @@ def main() -> None:
     cfg = preset(variant).replace(cameras=("cam0", "cam1"))  # as kvreuse bench
     model = build_random(cfg, "cuda")
     obs, noise = random_inputs(cfg, 1, "cuda")
-    fast = {"round 12": _Round12(model, compile=True), "vision first": FastPi0(model, compile=True),
-            "triton vision": FastPi0(model, compile=True, vision_attn="triton")}
+    fast = {"round 12": _Round12(model, compile=True), "vision first": FastPi0(model, compile=True)}
     with torch.no_grad():
         outs = {k: f.sample_actions(obs, noise) for k, f in fast.items()}
         print("actions vs round 12: " + ", ".join(

@@ -110,36 +110,25 @@ def _fuse_siglip(vision) -> list[_SiglipW]:
 
 # ---- layer functions (tensors in, tensors out: one torch.compile serves every layer) ------------
 def _siglip_layer(x, y, ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_t, fc2_b,
-                  heads: int, eps: float, fused_ln: bool = False, gelu_epilogue: bool = False, attn: str = "sdpa",
-                  tiles: dict | None = None):
+                  heads: int, eps: float, fused_ln: bool = False, gelu_epilogue: bool = False):
     """One SigLIP layer over x + y, where y is the previous layer's MLP output whose residual add
     is still pending (None for the first layer); returns (x', y') summing to the layer's output,
     so that every residual add meets the LayerNorm after it: fused_ln does both in one Triton
     kernel (layer_norm.add_layer_norm), else torch ops. gelu_epilogue (CUDA only): fc1's bias and
     GELU in cuBLASLt's epilogue, which is tanh GELU on CUDA (torch's own decomposition of
-    _addmm_activation says so) but erf GELU on the CPU, hence not used there. attn "triton":
-    kernels.mqa_attention on the (n, p, heads, d) views with `tiles` (its tuning knobs), writing
-    (n, p, w) directly (no head transposes, no copy); "sdpa": PyTorch's pick."""
+    _addmm_activation says so) but erf GELU on the CPU, hence not used there. (The attention
+    through kernels.mqa_attention instead of PyTorch's pick, cuDNN, ran slower: round 13.)"""
     add_ln = _add_ln(fused_ln)
     n, p, w = x.shape
     x, h = add_ln(x, y, ln1_w, ln1_b, eps)
     q, k, v = F.linear(h, qkv_w, qkv_b).view(n, p, 3, heads, w // heads).unbind(2)
-    if attn == "triton":
-        a = mqa_attention(q, k, v, None, **(tiles or SIGLIP_ATTN_TILES))
-    else:
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        a = a.transpose(1, 2).reshape(n, p, w)
-    x, h = add_ln(x, F.linear(a, o_w, o_b), ln2_w, ln2_b, eps)
+    a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    x, h = add_ln(x, F.linear(a.transpose(1, 2).reshape(n, p, w), o_w, o_b), ln2_w, ln2_b, eps)
     if gelu_epilogue:
         a = torch._addmm_activation(fc1_b, h.reshape(n * p, w), fc1_w.t(), use_gelu=True)
     else:
         a = F.gelu(F.linear(h, fc1_w, fc1_b), approximate="tanh").view(n * p, -1)
     return x, torch.addmm(fc2_b, a, fc2_t).view(n, p, w)
-
-
-# SigLIP's attention through kernels.mqa_attention (vision_attn="triton"): 2 images x 16 heads x
-# 256 tokens, head dim 72 in 128-wide tiles; set from scripts/attn_tune.py --siglip.
-SIGLIP_ATTN_TILES = dict(num_splits=1, block_m=64, block_n=64, num_warps=4)
 
 
 def _add_ln(fused: bool):
@@ -454,7 +443,6 @@ class FastPi0:
         fused_layer_norm: bool | None = None,
         prefix_attn: str = "auto",
         expert_attn: str = "auto",
-        vision_attn: str = "sdpa",
         vision_trt: bool = False,
         overlap: bool = True,
         prompt_bucket: int | None = None,
@@ -466,12 +454,6 @@ class FastPi0:
         prefix_attn = resolve_attn(prefix_attn, model.device, expert=False)
         expert_attn = resolve_attn(expert_attn, model.device, expert=True)
         self.prefix_attn, self.expert_attn = prefix_attn, expert_attn
-        if vision_attn not in ("sdpa", "triton"):
-            raise ValueError(f"vision_attn: expected 'sdpa' or 'triton', got {vision_attn!r}")
-        if vision_attn == "triton" and not HAVE_TRITON:
-            raise ValueError("vision_attn='triton' needs triton (pip install triton)")
-        self.vision_attn = vision_attn  # SigLIP's attention (see _siglip_layer)
-        self.vision_tiles = dict(SIGLIP_ATTN_TILES)  # its Triton tiling (scripts/vision_ab.py varies it)
         if model.training:
             raise ValueError("FastPi0 needs a model in eval mode (call model.eval())")
         self.model = model
@@ -629,7 +611,6 @@ class FastPi0:
             x, y = self._siglip_fn(
                 x, y, w.ln1_w, w.ln1_b, w.qkv_w, w.qkv_b, w.o_w, w.o_b, w.ln2_w, w.ln2_b,
                 w.fc1_w, w.fc1_b, w.fc2_t, w.fc2_b, vc.num_heads, vc.eps, self.fused_ln, self.gelu_epilogue,
-                self.vision_attn, self.vision_tiles,
             )
         x = _add_ln(self.fused_ln)(x, y, m.post_ln.weight, m.post_ln.bias, vc.eps)[1]
         return F.linear(x, self.model.projector.weight, self.model.projector.bias)

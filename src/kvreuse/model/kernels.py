@@ -79,23 +79,16 @@ def _build() -> tuple:
         sb_b, sb_r, sb_t,
         HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SCALE_LOG2: tl.constexpr,
-        DP: tl.constexpr,
     ):
         _pdl_enter(PDL)
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(2)
         b, rows, row_ok, tok, head = _rows(pid_bh, tl.program_id(1), M, G, HKV, BLOCK_M)
         kvh = pid_bh % HKV
-        # DP: D padded to a power of two for the tiles (SigLIP's 72 -> 128); the padded lanes
-        # load zeros and are never stored. Unpadded (DP == D), the masks are as they always were.
-        d = tl.arange(0, DP)
-        if DP == D:
-            row_mask = row_ok[:, None]
-        else:
-            row_mask = row_ok[:, None] & (d[None, :] < D)
+        d = tl.arange(0, D)
         q = tl.load(
             q_ptr + b * sq_b + tok[:, None] * sq_r + head[:, None] * sq_h + d[None, :],
-            mask=row_mask, other=0.0,
+            mask=row_ok[:, None], other=0.0,
         )
 
         lo = pid_s * keys_per_split
@@ -104,15 +97,11 @@ def _build() -> tuple:
         v_base = v_ptr + b * sv_b + kvh * sv_h
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n < hi
-            if DP == D:
-                key_mask = n_ok[:, None]
-            else:
-                key_mask = n_ok[:, None] & (d[None, :] < D)
-            k = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=key_mask, other=0.0)
+            k = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=n_ok[:, None], other=0.0)
             if DOT_F32:  # interpreter only (see _dot_f32): same products, exact in fp32
                 s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
             else:
@@ -133,7 +122,7 @@ def _build() -> tuple:
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=key_mask, other=0.0)
+            v = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=n_ok[:, None], other=0.0)
             p = p.to(v.dtype)  # P is rounded to v's dtype on either path
             if DOT_F32:
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.float32), v.to(tl.float32))
@@ -146,11 +135,11 @@ def _build() -> tuple:
             l_safe = tl.where(l_i > 0.0, l_i, 1.0)
             o = acc / l_safe[:, None]
             o_off = (b * R + tok[:, None]) * (HKV * G * D) + head[:, None] * D + d[None, :]
-            tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=row_mask)
+            tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         else:
             # Partials: part (B*Hkv, S, M, D), stat (2, B*Hkv, S, M) = (max, sum) in log2 units.
             slot = pid_bh * S + pid_s
-            tl.store(part_ptr + (slot * M + rows[:, None]) * D + d[None, :], acc, mask=row_mask)
+            tl.store(part_ptr + (slot * M + rows[:, None]) * D + d[None, :], acc, mask=row_ok[:, None])
             tl.store(stat_ptr + slot * M + rows, m_i, mask=row_ok)
             tl.store(stat_ptr + tl.num_programs(0) * S * M + slot * M + rows, l_i, mask=row_ok)
 
@@ -158,16 +147,12 @@ def _build() -> tuple:
     def _combine_kernel(
         part_ptr, stat_ptr, out_ptr,
         R, M, G, HKV,
-        S: tl.constexpr, PDL: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+        S: tl.constexpr, PDL: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr,
     ):
         _pdl_enter(PDL)
         pid_bh = tl.program_id(0)
         b, rows, row_ok, tok, head = _rows(pid_bh, tl.program_id(1), M, G, HKV, BLOCK_R)
-        d = tl.arange(0, DP)
-        if DP == D:
-            row_mask = row_ok[:, None]
-        else:
-            row_mask = row_ok[:, None] & (d[None, :] < D)
+        d = tl.arange(0, D)
         l_off = tl.num_programs(0) * S * M  # the sums follow the maxima in `stat`
 
         m_g = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -177,19 +162,19 @@ def _build() -> tuple:
         # A split whose keys were all masked has max -inf (or ~ -1.4e30): weight exactly 0.
         m_g = tl.where(m_g == float("-inf"), 0.0, m_g)
         l_g = tl.zeros([BLOCK_R], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_R, DP], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
         for s in tl.static_range(S):
             slot = pid_bh * S + s
             m_s = tl.load(stat_ptr + slot * M + rows, mask=row_ok, other=float("-inf"))
             l_s = tl.load(stat_ptr + l_off + slot * M + rows, mask=row_ok, other=0.0)
             w = tl.exp2(m_s - m_g)
             l_g += w * l_s
-            a = tl.load(part_ptr + (slot * M + rows[:, None]) * D + d[None, :], mask=row_mask, other=0.0)
+            a = tl.load(part_ptr + (slot * M + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0)
             acc += a * w[:, None]
         l_g = tl.where(l_g > 0.0, l_g, 1.0)
         o = acc / l_g[:, None]
         o_off = (b * R + tok[:, None]) * (HKV * G * D) + head[:, None] * D + d[None, :]
-        tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     _KERNELS = (_split_kernel, _combine_kernel)
     return _KERNELS
@@ -252,8 +237,7 @@ def mqa_attention(
     for the second matmul, as in flash attention).
 
     q (B, R, H, D); k, v (B, T, Hkv, D) with H % Hkv == 0 (Pi0: Hkv = 1); any strides as long as
-    the last dim is contiguous (views of a bigger K/V buffer are fine). D: a multiple of 8, >= 16;
-    tiles are D padded to a power of two (SigLIP's 72 -> 128), the padding loaded as zeros.
+    the last dim is contiguous (views of a bigger K/V buffer are fine). D: a power of two >= 16.
     bias: (B, R, T) additive (anything broadcastable to it, e.g. stride-0 expands; any float dtype),
     shared by the heads of a token; masked keys get a large negative (-2.38e38, -1e30, -inf) and
     contribute exactly 0 as long as the row has an unmasked key. None: no mask.
@@ -291,9 +275,8 @@ def mqa_attention(
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if h % hkv:
         raise ValueError(f"query heads {h} not a multiple of KV heads {hkv}")
-    if d < 16 or d % 8:
-        raise ValueError(f"head dim {d} must be a multiple of 8, >= 16")
-    dp = 1 << (d - 1).bit_length()  # the tiles' width: d padded to a power of two (masked lanes)
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head dim {d} must be a power of two >= 16")
     g = h // hkv
     m = r * g  # query rows per KV head
     big = m >= 1024
@@ -328,7 +311,7 @@ def mqa_attention(
     if num_warps is None:
         # A BLOCK_M x D fp32 accumulator of 8192+ elements spills with 4 warps (sm_90 cubins);
         # 16 x 256 tiles also ran faster with 8 (H200 tune).
-        num_warps = 4 if big and block_m <= 64 else 8 if dp * block_m >= 4096 else 4
+        num_warps = 4 if big and block_m <= 64 else 8 if d * block_m >= 4096 else 4
     scale = 1.0 / math.sqrt(d) if scale is None else scale
 
     split_kernel[(b * hkv, tiles, splits)](
@@ -339,14 +322,13 @@ def mqa_attention(
         v.stride(0), v.stride(1), v.stride(2),
         sb[0], sb[1], sb[2],
         HAS_BIAS=bias is not None, DIRECT=direct, DOT_F32=_dot_f32(split_kernel, q.dtype), PDL=pdl,
-        BLOCK_M=block_m, BLOCK_N=block_n, D=d, DP=dp,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=d,
         SCALE_LOG2=scale * _LOG2E,  # constexpr: a float argument becomes fp64 under inductor
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     if not direct:
         combine_kernel[(b * hkv, triton.cdiv(m, combine_rows))](
             part, stat, out, r, m, g, hkv,
-            S=splits, PDL=pdl, BLOCK_R=combine_rows, D=d, DP=dp, num_warps=combine_warps,
-            **pdl_kwargs(pdl),
+            S=splits, PDL=pdl, BLOCK_R=combine_rows, D=d, num_warps=combine_warps, **pdl_kwargs(pdl),
         )
     return out
