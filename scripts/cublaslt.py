@@ -22,6 +22,7 @@ DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8
 EPILOGUE_DEFAULT, EPILOGUE_BIAS, EPILOGUE_GELU_BIAS = 1, 4, 36
 PREF_MAX_WORKSPACE_BYTES = 1
 ALGO_CONFIG = {"id": 0, "tile": 1, "splitk": 2, "reduction": 3, "swizzle": 4, "custom": 5, "stages": 6}
+REDUCTION_INPLACE, REDUCTION_COMPUTE_TYPE = 1, 2
 WORKSPACE = 32 << 20
 
 
@@ -123,6 +124,25 @@ class LtProduct:
                                             res, ctypes.byref(got)), "MatmulAlgoGetHeuristic")
         L.cublasLtMatmulPreferenceDestroy(pref)
         return [res[i].algo for i in range(got.value) if res[i].state == 0]
+
+    def variants(self, algo: Algo, splits=(1, 2, 3, 4, 6, 8), swizzles=(0, 1)) -> list[Algo]:
+        """`algo` with other split-K counts (each reduction scheme), CTA swizzles: the copies
+        cuBLASLt accepts for this shape (cublasLtMatmulAlgoCheck) within the workspace."""
+        L, out = lib(), []
+        for k in splits:
+            for red in ((0,) if k == 1 else (REDUCTION_INPLACE, REDUCTION_COMPUTE_TYPE)):
+                for sw in swizzles:
+                    a = Algo()
+                    ctypes.memmove(ctypes.byref(a), ctypes.byref(algo), ctypes.sizeof(Algo))
+                    ok = all(L.cublasLtMatmulAlgoConfigSetAttribute(
+                        ctypes.byref(a), ALGO_CONFIG[name], ctypes.byref(ctypes.c_uint32(v)), 4) == 0
+                        for name, v in (("splitk", k), ("reduction", red), ("swizzle", sw)))
+                    res = _Heuristic()
+                    if ok and L.cublasLtMatmulAlgoCheck(self._handle, self.desc, self.a, self.b, self.d, self.d,
+                                                        ctypes.byref(a), ctypes.byref(res)) == 0 \
+                            and res.workspace <= WORKSPACE:
+                        out.append(a)
+        return out
 
     @staticmethod
     def describe(algo: Algo) -> dict:

@@ -3,7 +3,9 @@ SigLIP / Gemma product as FastPi0 runs it (bias, GELU epilogue, residual, weight
 torch's call and every algorithm cuBLASLt's heuristic lists (scripts/cublaslt.py; it offered 7-8 per shape on an H100),
 each over that many distinct weight copies as in a pass (27 SigLIP / 18 Gemma layers) in a CUDA
 graph, and checks each algorithm's output against torch's.
-Usage: PYTHONPATH=src:scripts python3 scripts/lt_algos.py [M ...]   (Gemma's row counts; 560 672)"""
+--search: each listed algorithm also with split-K counts 1-8 (both reduction schemes) and CTA
+swizzling on and off, where cuBLASLt accepts the combination (cublasLtMatmulAlgoCheck).
+Usage: PYTHONPATH=src:scripts python3 scripts/lt_algos.py [M ...] [--search]   (Gemma's rows; 560 672)"""
 
 import functools
 import operator
@@ -18,6 +20,7 @@ import cublaslt as lt
 from cublaslt import LtProduct, Shape
 
 dev, dt = "cuda", torch.bfloat16
+SEARCH = False  # --search
 
 
 def check_header() -> None:
@@ -35,7 +38,11 @@ def check_header() -> None:
             "CUBLASLT_EPILOGUE_GELU_BIAS": lt.EPILOGUE_GELU_BIAS,
             "CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES": lt.PREF_MAX_WORKSPACE_BYTES,
             "CUBLASLT_ALGO_CONFIG_SPLITK_NUM": lt.ALGO_CONFIG["splitk"],
-            "CUBLASLT_ALGO_CONFIG_STAGES_ID": lt.ALGO_CONFIG["stages"]}
+            "CUBLASLT_ALGO_CONFIG_STAGES_ID": lt.ALGO_CONFIG["stages"],
+            "CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME": lt.ALGO_CONFIG["reduction"],
+            "CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING": lt.ALGO_CONFIG["swizzle"],
+            "CUBLASLT_REDUCTION_SCHEME_INPLACE": lt.REDUCTION_INPLACE,
+            "CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE": lt.REDUCTION_COMPUTE_TYPE}
     def value(name: str) -> int | None:  # a number, or names OR-ed together (GELU_BIAS = GELU | BIAS)
         m = re.search(rf"\b{re.escape(name)}\s*=\s*([^,\n/]+)", text)
         if m is None:
@@ -82,7 +89,10 @@ def measure(name: str, s: Shape, layers: int) -> float:
     p = LtProduct(s)
     out = torch.empty(s.m, s.n, device=dev, dtype=dt)
     rows = []
-    for i, a in enumerate(p.algos(32)):
+    algos = p.algos(32)
+    if SEARCH:  # each listed algorithm with other split-K counts and swizzles too
+        algos = [v for a in algos for v in p.variants(a)]
+    for i, a in enumerate(algos):
         try:
             p.run(x, ws[0], out, a, bias, res)
             torch.cuda.synchronize()
@@ -95,7 +105,8 @@ def measure(name: str, s: Shape, layers: int) -> float:
     rows.sort(key=lambda r: r[0])
     flops = 2 * s.m * s.k * s.n
     print(f"{name:<18} {s.m}x{s.k}x{s.n} {s.w_layout} {s.epilogue}{' +res' if s.residual else ''}: "
-          f"torch {t_torch:6.1f} us ({flops / t_torch / 1e6:4.0f} TFLOP/s); {len(rows)} cuBLASLt algos", flush=True)
+          f"torch {t_torch:6.1f} us ({flops / t_torch / 1e6:4.0f} TFLOP/s); {len(rows)} cuBLASLt algos timed",
+          flush=True)
     for us, i, err, d in rows[:4]:
         print(f"    #{i:<2} {us:6.1f} us ({flops / us / 1e6:4.0f} TFLOP/s) err {err:.1e} {d}")
     if not rows or rows[0][0] >= t_torch or rows[0][2] >= 2e-2:
@@ -108,7 +119,9 @@ def measure(name: str, s: Shape, layers: int) -> float:
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     check_header()
-    rows = [int(a) for a in sys.argv[1:]] or [560, 672]
+    global SEARCH
+    SEARCH = "--search" in sys.argv
+    rows = [int(a) for a in sys.argv[1:] if a.isdigit()] or [560, 672]
     shapes = {**SIGLIP, **{k: v for m in rows for k, v in gemma(m).items()}}
     saved = sum(measure(name, s, 27 if name.startswith("siglip") else 18) for name, s in shapes.items())
     print(f"sum of per-pass savings over the shapes above (each M counted): {saved:.0f} us")

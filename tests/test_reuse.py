@@ -7,6 +7,7 @@ images with 16 patches per camera) so the whole file runs in well under a minute
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -109,7 +110,7 @@ def _rotating_stream(m, n_steps: int, theta: float, seed: int) -> list[Observati
     out = []
     for t in range(n_steps):
         y = math.cos(t * theta) * up(u) + math.sin(t * theta) * up(v)
-        out.append(Observation(**{**base.__dict__, "images": {"base": y, "wrist": y.clone()}}))
+        out.append(replace(base, images={"base": y, "wrist": y.clone()}))
     return out
 
 

@@ -196,3 +196,24 @@ def test_robot_to_unknown_model_camera_and_unknown_robot():
         RobotTransform(preset("tiny-pi0"), ByteTokenizer(), None, spec)
     with pytest.raises(ValueError, match="unknown robot 'nope'"):
         robot_spec("nope")
+
+
+def test_masks_moved_by_to_are_read_back_from_their_host_copy():
+    """Observation.to keeps the CPU masks it moved, so the model reads them without touching the
+    device (meta here stands in for a GPU: reading it back would fail); a mask changed since is
+    read from the device instead."""
+    from kvreuse.bench import synthetic_obs
+
+    cfg = preset("tiny-pi05")
+    cpu = synthetic_obs(cfg, 2, "cpu", torch.Generator().manual_seed(0))
+    dev = cpu.to("meta")
+    assert dev.token_mask.is_meta
+    for name in ("token_mask", "state_token_mask"):
+        assert dev.host_mask(name) is getattr(cpu, name)
+    assert cpu.host_mask("token_mask") is cpu.token_mask  # already on the host
+    dev.token_mask[:, 0] = True  # written in place after the move: the host copy is stale
+    with pytest.raises(NotImplementedError):  # so it is read from the "device"
+        dev.host_mask("token_mask")
+    cpu.state_token_mask[:, 0] = True  # the source changed
+    with pytest.raises(NotImplementedError):
+        dev.host_mask("state_token_mask")

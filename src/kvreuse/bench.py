@@ -27,18 +27,17 @@ def synthetic_obs(cfg, batch: int, device, generator: torch.Generator | None = N
     g = generator
     n, size = cfg.max_token_len, cfg.vision.image_size
     used = min(n, prompt_tokens if prompt_tokens is not None else max(1, (2 * n) // 3))
-    images = {c: (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device) for c in cfg.cameras}
-    masks = {c: torch.ones(batch, dtype=torch.bool, device=device) for c in cfg.cameras}
+    images = {c: torch.rand(batch, 3, size, size, generator=g) * 2 - 1 for c in cfg.cameras}
+    masks = {c: torch.ones(batch, dtype=torch.bool) for c in cfg.cameras}
     token_mask = torch.zeros(batch, n, dtype=torch.bool)
     token_mask[:, :used] = True
     state_tokens = torch.zeros(batch, n, dtype=torch.bool)
     if cfg.state_in_prompt:
         state_tokens[:, used // 2 : used] = True
     tokens = torch.randint(0, cfg.vocab_size, (batch, n), generator=g) * token_mask
-    return Observation(
-        images, masks, torch.randn(batch, cfg.max_state_dim, generator=g).to(device), tokens.to(device),
-        token_mask.to(device), state_tokens.to(device), ("benchmark",) * batch,
-    )
+    obs = Observation(images, masks, torch.randn(batch, cfg.max_state_dim, generator=g), tokens, token_mask,
+                      state_tokens, ("benchmark",) * batch)
+    return obs.to(device)  # as the transforms do (see Observation.host_mask)
 
 
 def random_inputs(cfg, batch: int, device, seed: int = 0, prompt_tokens: int | None = None):

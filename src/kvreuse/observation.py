@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,6 +18,10 @@ class Observation:
     state_token_mask: (B, max_token_len) bool, True on the tokens that spell the state
         (Pi0.5 only; all False for Pi0). Lets reuse modes treat the state span apart.
     prompt: the task text per batch row (identity for cache invalidation; state excluded).
+
+    The model reads the two token masks on the host (where the prompt ends, where the state
+    starts): `host_mask` serves them from the CPU tensors `to()` copied them from, so that an
+    observation moved to a GPU that way costs no device read for them.
     """
 
     images: dict[str, torch.Tensor]
@@ -27,6 +31,8 @@ class Observation:
     token_mask: torch.Tensor
     state_token_mask: torch.Tensor
     prompt: tuple[str, ...]
+    # mask name -> (device tensor, its version, CPU source, its version), set by to()
+    _host: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -42,7 +48,7 @@ class Observation:
         def mv(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
-        return replace(
+        out = replace(
             self,
             images={k: mv(v) for k, v in self.images.items()},
             image_masks={k: mv(v) for k, v in self.image_masks.items()},
@@ -51,3 +57,25 @@ class Observation:
             token_mask=mv(self.token_mask),
             state_token_mask=mv(self.state_token_mask),
         )
+        for name in ("token_mask", "state_token_mask"):
+            src, dst = getattr(self, name), getattr(out, name)
+            if src.device.type == "cpu" and dst is not src:
+                out._host[name] = (dst, _version(dst), src, _version(src))
+        return out
+
+    def host_mask(self, name: str) -> torch.Tensor:
+        """`token_mask` or `state_token_mask` on the CPU: the tensor to() copied it from while
+        neither has changed since, else read from the device (a sync on a GPU)."""
+        t = getattr(self, name)
+        h = self._host.get(name)
+        if h is not None and h[0] is t and h[1] is not None and h[1] == _version(t) and h[3] == _version(h[2]):
+            return h[2]
+        return t.cpu()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter; None where torch keeps none (inference tensors)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None

@@ -699,13 +699,19 @@ class FastPi0:
         padding, masked for every query; their K/V are left as they were (finite, never
         attended), so caches differ from the eager model's there only. Pi0.5's 200 prompt slots
         cost ~1 ms of prefix LM on an H100 against 128 (docs/PERFORMANCE.md, rounds 11-12).
-        Reads the mask on the host: a device sync when it lives on the GPU."""
+        Reads the mask on the host: a device sync when it lives on the GPU (see _rows_of)."""
         n, q = self.cfg.max_token_len, self.prompt_bucket
         if q == 0 or q >= n:
             return self.cfg.prefix_len
         used = token_mask.any(0)
         last = int((used * torch.arange(1, n + 1, device=used.device)).max())
         return self.cfg.prefix_len - n + min(n, max(q, -(-last // q) * q))
+
+    def _rows_of(self, obs: Observation) -> int:
+        """prefix_rows of obs's prompt, its mask read on the host only where the bucket needs it
+        (Observation.host_mask: no device read for an observation moved there by to())."""
+        n, q = self.cfg.max_token_len, self.prompt_bucket
+        return self.cfg.prefix_len if q == 0 or q >= n else self.prefix_rows(obs.host_mask("token_mask"))
 
     def _prefix_full(self, st: _Static, keep_hidden: tuple[int, ...], rows: int | None = None):
         self._text_and_masks(st)
@@ -900,7 +906,7 @@ class FastPi0:
         prep = self._prepared_for(obs, consume=True)
         rows = None
         if want_rows:
-            rows = prep[2] if prep is not None else self.prefix_rows(obs.token_mask)
+            rows = prep[2] if prep is not None else self._rows_of(obs)
         p, b = self.cfg.vision.num_patches, obs.batch_size
         # The vision pass first: it needs nothing else of obs, and the GPU runs it while the host
         # queues the rest (each small copy queued before it would leave the GPU waiting on the host).
@@ -968,7 +974,8 @@ class FastPi0:
 
     def prepare(self, obs: Observation) -> None:
         """Read on the host now what a call on this very `obs` needs there: Pi0.5's state-span
-        start and the prompt's rows (prefix_rows), each a device sync. A caller that queues
+        start and the prompt's rows (prefix_rows), each a device sync unless obs came to the GPU
+        through Observation.to (host_mask). A caller that queues
         other device work for obs first (ReusePolicy's vision pass) calls this before it, so
         that those syncs do not wait for that work and leave the GPU idle behind it. Used once, by
         the next call that embeds obs, and only while obs's masks are unchanged. Nothing to do
@@ -977,7 +984,7 @@ class FastPi0:
         if not self.cfg.state_in_prompt and not 0 < q < n:
             self._prepared = None
             return
-        self._prepared = (obs, self.model.spans(obs, 0), self.prefix_rows(obs.token_mask), self._versions(obs))
+        self._prepared = (obs, self.model.spans(obs, 0), self._rows_of(obs), self._versions(obs))
 
     @staticmethod
     def _versions(obs: Observation) -> tuple:

@@ -72,7 +72,7 @@ class Pi0Model(nn.Module):
         out = [Span(cam, "camera", i * p, (i + 1) * p, snapshot) for i, cam in enumerate(self.cfg.cameras)]
         t0 = len(self.cfg.cameras) * p
         t1 = t0 + self.cfg.max_token_len
-        st = obs.state_token_mask
+        st = obs.host_mask("state_token_mask") if self.cfg.state_in_prompt else None
         if self.cfg.state_in_prompt and bool(st.any()):
             # Everything from the first state token on can shift when the state's token count
             # changes, so the state span runs to the end of the prompt region.
