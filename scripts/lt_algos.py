@@ -1,8 +1,8 @@
 """Does cuBLASLt have a faster algorithm than torch's pick for the prefix's products? For each
 SigLIP / Gemma product as FastPi0 runs it (bias, GELU epilogue, residual, weight layout), times
-torch's call and every algorithm cuBLASLt's heuristic lists (scripts/cublaslt.py; it offered 7-8 per shape on an H100),
-each over that many distinct weight copies as in a pass (27 SigLIP / 18 Gemma layers) in a CUDA
-graph, and checks each algorithm's output against torch's.
+torch's call and every algorithm cuBLASLt's heuristic lists (kvreuse.model.cublaslt; 7-8 per
+shape on an H100), each over that many distinct weight copies as in a pass (27 SigLIP / 18 Gemma
+layers) in a CUDA graph, and checks each algorithm's output against torch's.
 --search: each listed algorithm also with split-K counts 1-8 (both reduction schemes) and CTA
 swizzling on and off, where cuBLASLt accepts the combination (cublasLtMatmulAlgoCheck).
 Usage: PYTHONPATH=src:scripts python3 scripts/lt_algos.py [M ...] [--search]   (Gemma's rows; 560 672)"""
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from attn_tune import _time_us
 
-import cublaslt as lt
-from cublaslt import LtProduct, Shape
+from kvreuse.model import cublaslt as lt
+from kvreuse.model.cublaslt import LtProduct, Shape
 
 dev, dt = "cuda", torch.bfloat16
 SEARCH = False  # --search
@@ -88,20 +88,18 @@ def measure(name: str, s: Shape, layers: int) -> float:
     t_torch = _time_us(lambda: [torch_product(s, x, w, bias, res) for w in ws], reps=1) / layers
     p = LtProduct(s)
     out = torch.empty(s.m, s.n, device=dev, dtype=dt)
+    ws_buf = torch.empty(lt.MAX_WORKSPACE, dtype=torch.uint8, device=dev)
     rows = []
-    algos = p.algos(32)
-    if SEARCH:  # each listed algorithm with other split-K counts and swizzles too
-        algos = [v for a in algos for v in p.variants(a)]
-    for i, a in enumerate(algos):
+    for i, c in enumerate(p.configs(32, search=SEARCH)):
         try:
-            p.run(x, ws[0], out, a, bias, res)
+            p.run(x, ws[0], out, c, ws_buf, bias, res)
             torch.cuda.synchronize()
             err = float((out.float() - ref).abs().max() / ref.abs().max())
-            us = _time_us(lambda a=a: [p.run(x, w, out, a, bias, res) for w in ws], reps=1) / layers
-        except RuntimeError as e:  # an algorithm the heuristic lists but that will not run
+            us = _time_us(lambda c=c: [p.run(x, w, out, c, ws_buf, bias, res) for w in ws], reps=1) / layers
+        except RuntimeError as e:  # a configuration cuBLASLt lists but that will not run
             print(f"  algo {i}: {e}")
             continue
-        rows.append((us, i, err, p.describe(a)))
+        rows.append((us, i, err, c.describe()))
     rows.sort(key=lambda r: r[0])
     flops = 2 * s.m * s.k * s.n
     print(f"{name:<18} {s.m}x{s.k}x{s.n} {s.w_layout} {s.epilogue}{' +res' if s.residual else ''}: "

@@ -261,6 +261,37 @@ def test_lm_down_product_through_padded_rows_computes_the_same():
     assert rel_err(_valid(cache.k, ref.mask), _valid(ref.k, ref.mask)) < 1e-5
 
 
+@torch.no_grad()
+def test_down_product_through_a_cublaslt_configuration_route():
+    """The route that runs the prefix LM's down product through one of cuBLASLt's configurations
+    (_LtDown; GPU only) gets the unpadded rows and the residual: here a stand-in computes the
+    same product with torch, and the actions and caches stay the eager model's."""
+    model = _model("tiny-pi05")
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(7)
+    obs = synthetic_obs(cfg, 2, "cpu", g)
+    noise = torch.randn(2, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    fast = FastPi0(model)
+    shapes = []
+
+    class TorchLt(fast_mod._LtDown):
+        def __call__(self, x, act, down_t):
+            m = x.shape[0] * x.shape[1]
+            shapes.append((tuple(x.shape), act.shape[0]))
+            return x + (act[:m] @ down_t).view(x.shape)
+
+    assert not fast_mod.cublaslt.available()  # no CUDA here: no configuration to time
+    assert fast_mod._LtDown.candidates(torch.zeros(1, 4, 8), torch.zeros(4, 16), torch.zeros(16, 8)) == []
+    m = 2 * fast.prefix_rows(obs.token_mask)
+    fast.down_routes[m] = TorchLt(None, None, torch.empty(0))
+    out = fast.sample_actions(obs, noise)
+    cache = fast.encode_prefix(obs)
+    assert shapes and all(b * r == m and rows == m for (b, r, _), rows in shapes)
+    assert rel_err(out, model.sample_actions(obs, noise)) < 1e-5
+    ref = model.encode_prefix(obs)
+    assert rel_err(_valid(cache.k, ref.mask), _valid(ref.k, ref.mask)) < 1e-5
+
+
 def test_down_route_keeps_the_fastest_only_when_clearly_faster(monkeypatch):
     """_pick_down_rows times cuBLAS's addmm, then the 1-D-bias route over m and over m padded to
     128 rows, and keeps a route only if it beats the first by 3% (timer faked: CUDA only)."""

@@ -390,8 +390,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         st = fast._static(batch)
         rows = fast.prefix_rows(obs.token_mask)
         rep.config["prefix_rows"] = rows
-        rep.config["lm_down"] = {m: (f"cublaslt over {r} rows" if r else "addmm, BLAS default")
-                                 for m, r in fast.down_routes.items()}
+        rep.config["lm_down"] = {m: (repr(r) if not isinstance(r, int) else f"cublaslt over {r} rows" if r
+                                     else "addmm, BLAS default") for m, r in fast.down_routes.items()}
         rep.add(tag, "vision (all cameras)", tm(lambda: fast._embed(st, obs, {})))
         rep.add(tag, f"prefix LM (text + {cfg.llm.depth} layers)", tm(lambda: fast._prefix_graph(st, (), rows)),
                 f"{rows} of {cfg.prefix_len} rows")

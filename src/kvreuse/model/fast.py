@@ -12,8 +12,9 @@
   layer starting once the prefix's layer has written its K/V) and each reuse update; optionally the layer functions go through torch.compile
   (inductor fuses the elementwise work between the matmuls),
 - the prompt computed only up to its last valid token, rounded up to a bucket of slots
-  (`prefix_rows`), and, on CUDA, the prefix LM's down product through whichever of cuBLAS and
-  cuBLASLt (over rows padded to 128) timed faster for that row count (`_down_rows`),
+  (`prefix_rows`), and, on CUDA, the prefix LM's down product through whichever of cuBLAS,
+  torch's cuBLASLt pick (over rows padded to 128) and cuBLASLt's other configurations
+  (`kvreuse.model.cublaslt`) timed fastest for that row count (`_down_rows`),
 - on CUDA with Triton: Triton attention (prefix and expert), the expert layer as a chain of Triton
   kernels with programmatic dependent launch on sm_90 (`expert_gemm="chain"`; since round 5 each
   Euler step's projections and update too, so the whole denoise is one chain), SigLIP's residual
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 from ..cache import PrefixCache, Span, new_snapshot_id
 from ..observation import Observation
+from . import cublaslt
 from .kernels import HAVE_TRITON, mqa_attention, pdl_supported
 from .layer_norm import add_layer_norm, add_layer_norm_reference
 from .layers import NEG_INF, sincos_time
@@ -428,6 +430,57 @@ def _bucket(r: int, total: int) -> int:
     return min(total, max(64, 1 << (r - 1).bit_length())) if r > 0 else 0
 
 
+class _LtDown:
+    """The prefix LM's down product with its residual, x + act @ down_t, through one cuBLASLt
+    configuration that torch does not reach (kvreuse.model.cublaslt): on an H100, Pi0's 560 rows
+    at split-K 2 reduced in place took 59 us against cuBLAS's 68 (round 13). act: (>= m, M) flat,
+    its first m rows used; x (B, R, W) with B * R = m. `workspace`: a device buffer of at least
+    cfg.workspace bytes (the candidates share one while they are timed; own() gives the kept
+    route a buffer of its own)."""
+
+    def __init__(self, prod, cfg, workspace: torch.Tensor):
+        self.prod, self.cfg, self.workspace = prod, cfg, workspace
+
+    def own(self) -> "_LtDown":
+        self.workspace = torch.empty(max(self.cfg.workspace, 1), dtype=torch.uint8, device=self.workspace.device)
+        return self
+
+    def __call__(self, x, act, down_t):
+        m = x.shape[0] * x.shape[1]
+        out = torch.empty_like(x)
+        self.prod.run(act[:m], down_t.t(), out.view(m, -1), self.cfg, self.workspace, residual=x.reshape(m, -1))
+        return out
+
+    def __repr__(self) -> str:
+        return f"cuBLASLt {self.cfg.describe()}"
+
+    @staticmethod
+    def candidates(x, act, down_t) -> list["_LtDown"]:
+        """Every configuration cuBLASLt offers for this product (its heuristic's, each with other
+        split-K counts and swizzles) that computes what torch does here: none where cuBLASLt
+        cannot be reached."""
+        if not cublaslt.available():
+            return []
+        m, (k, n) = x.shape[0] * x.shape[1], down_t.shape
+        try:
+            prod = cublaslt.LtProduct(cublaslt.Shape(m, k, n, residual=True))
+            configs = prod.configs(search=True)
+        except RuntimeError:  # a library that refuses the shape or the descriptors: torch's routes only
+            return []
+        ref = _residual_product(x, act[None], down_t, None).float()
+        scratch = torch.empty(cublaslt.MAX_WORKSPACE, dtype=torch.uint8, device=x.device)
+        out = []
+        for cfg in configs:
+            lt = _LtDown(prod, cfg, scratch)
+            try:
+                got = lt(x, act, down_t).float()
+            except RuntimeError:
+                continue
+            if float((got - ref).abs().max()) <= 1e-2 * float(ref.abs().max()):
+                out.append(lt)
+        return out
+
+
 class FastPi0:
     """Fast drop-in for `Pi0Model` at inference (see the module docstring)."""
 
@@ -472,10 +525,12 @@ class FastPi0:
         if prompt_bucket < 0:
             raise ValueError(f"prompt_bucket: expected >= 0 (0 = always every prompt slot), got {prompt_bucket}")
         self.prompt_bucket = prompt_bucket  # see prefix_rows
-        # The prefix LM's down product: cuBLAS's pick or cuBLASLt over padded rows, whichever
-        # times faster on this card for each row count (_down_rows); None = on CUDA.
+        # The prefix LM's down product: cuBLAS's pick, cuBLASLt's over padded rows or one of
+        # cuBLASLt's other configurations, whichever times fastest on this card for each row
+        # count (_down_rows); None = on CUDA.
         self.lm_down_tune = (model.device.type == "cuda") if lm_down_tune is None else bool(lm_down_tune)
-        self.down_routes: dict[int, int] = {}  # prefix-LM rows -> padded rows through cuBLASLt (0: cuBLAS)
+        # prefix-LM rows -> 0 (cuBLAS), padded rows through torch's cuBLASLt pick, or an _LtDown
+        self.down_routes: dict[int, int | _LtDown] = {}
         self._side: torch.cuda.Stream | None = None
         # Optional TensorRT engines for SigLIP + projector (untested: see vision_trt.py).
         self.trt_vision = TrtVision(model.vision, model.projector, model.dtype) if vision_trt else None
@@ -659,7 +714,11 @@ class FastPi0:
             yield i
             if i == n - 1:  # the last layer's output is never used: its K/V are enough
                 break
-            if down:
+            if isinstance(down, _LtDown):
+                x, act = self._lm_act_fn(x, q, w.o_t, w.post_norm, w.gate_up, bias, k_out, v_out, lm.eps,
+                                         self.prefix_attn, x.shape[0] * x.shape[1])
+                x = down(x, act, w.down_t)
+            elif down:
                 x, act = self._lm_act_fn(x, q, w.o_t, w.post_norm, w.gate_up, bias, k_out, v_out, lm.eps,
                                          self.prefix_attn, down)
                 x = _lt_residual(x, act, w.down_t, self._zero_w)
@@ -667,11 +726,13 @@ class FastPi0:
                 x = self._lm_rest_fn(x, q, w.o_t, w.post_norm, w.gate_up, w.down_t, bias, k_out, v_out, lm.eps,
                                      self.prefix_attn)
 
-    def _down_rows(self, m: int) -> int:
+    def _down_rows(self, m: int) -> int | _LtDown:
         """How the prefix LM's down product runs over m rows: 0 = addmm with the residual
-        (cuBLAS's pick), else through cuBLASLt (_lt_residual) over that many rows (m, or m padded
-        to a multiple of 128). Timed once per m on this card over the real weights, before any
-        graph of that shape is captured; kept only when >= 3% faster than cuBLAS's pick."""
+        (cuBLAS's pick); rows = through torch's cuBLASLt pick (_lt_residual) over that many rows
+        (m, or m padded to a multiple of 128); an _LtDown = one of cuBLASLt's other
+        configurations (kvreuse.model.cublaslt), the residual in the product. Timed once per m on
+        this card over the real weights, before any graph of that shape is captured; another
+        route is kept only when >= 3% faster than cuBLAS's pick."""
         if m not in self.down_routes:
             self.down_routes[m] = self._pick_down_rows(m) if self.lm_down_tune else 0
         return self.down_routes[m]
@@ -690,7 +751,11 @@ class FastPi0:
             ms = _median_ms(lambda rows=rows: [_lt_residual(x, act[:rows], wt, self._zero_w) for wt in ws])
             if ms < best:
                 best, route = ms, rows
-        return route
+        for lt in _LtDown.candidates(x, act[:m], ws[0]):
+            ms = _median_ms(lambda lt=lt: [lt(x, act, wt) for wt in ws])
+            if ms < best:
+                best, route = ms, lt
+        return route.own() if isinstance(route, _LtDown) else route
 
     def prefix_rows(self, token_mask: torch.Tensor) -> int:
         """How many prefix rows the LM runs for this prompt: the image tokens and the prompt up to

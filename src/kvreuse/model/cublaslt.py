@@ -1,7 +1,11 @@
-"""cuBLASLt through ctypes: the heuristic's list of algorithms for one product shape, and the
-product run with a chosen one. torch reaches cuBLASLt only through its default pick per shape
-(round 11-12 measured that pick); this lists the others so that a shape's fastest can be timed
-and kept (scripts/lt_algos.py). GPU only; the library is the libcublasLt torch itself loaded.
+"""cuBLASLt through ctypes, for a product whose fastest cuBLASLt configuration torch does not
+reach: torch runs cuBLAS's pick, or cuBLASLt's heuristic's first pick with a default workspace.
+For one product shape this lists the heuristic's algorithms (and, with `search`, each with other
+split-K counts, reduction schemes and CTA swizzles that cuBLASLt accepts), and runs the product
+with one of them on the current stream, capturable in a CUDA graph. FastPi0 times these against
+torch's routes for the prefix LM's down product and keeps one only where it is faster and gives
+torch's result (docs/PERFORMANCE.md, round 13). GPU only: the library is the libcublasLt that
+torch's CUDA library links, found among the process's mapped files.
 
 Row-major y (M, N) = x (M, K) @ W^T (+ bias (N,)) (+ residual (M, N)), W stored (N, K) ("nk", an
 nn.Linear weight) or (K, N) ("kn"), is the column-major product y^T = op(W) x^T that cuBLASLt
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-# cublasLt.h / library_types.h values (scripts/lt_algos.py checks them against the header).
+# cublasLt.h / library_types.h values (scripts/lt_algos.py checks them against the card's header).
 CUDA_R_32F, CUDA_R_16BF = 0, 14
 CUBLAS_COMPUTE_32F = 68
 OP_N, OP_T = 0, 1
@@ -23,7 +27,7 @@ EPILOGUE_DEFAULT, EPILOGUE_BIAS, EPILOGUE_GELU_BIAS = 1, 4, 36
 PREF_MAX_WORKSPACE_BYTES = 1
 ALGO_CONFIG = {"id": 0, "tile": 1, "splitk": 2, "reduction": 3, "swizzle": 4, "custom": 5, "stages": 6}
 REDUCTION_INPLACE, REDUCTION_COMPUTE_TYPE = 1, 2
-WORKSPACE = 32 << 20
+MAX_WORKSPACE = 32 << 20  # bytes a configuration may ask for
 
 
 class Algo(ctypes.Structure):
@@ -35,25 +39,32 @@ class _Heuristic(ctypes.Structure):
                 ("waves", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
 
 
-def _loaded_lib() -> ctypes.CDLL:
-    """The libcublasLt mapped into this process by torch's CUDA library (which links it)."""
-    a = torch.ones(8, 8, device="cuda", dtype=torch.bfloat16)
-    (a @ a).sum().item()
-    with open("/proc/self/maps") as f:
-        paths = sorted({ln.split()[-1] for ln in f if "libcublasLt.so" in ln})
-    if not paths:
-        raise RuntimeError("cublaslt: torch has not loaded libcublasLt")
-    return ctypes.CDLL(paths[0])
-
-
 _LIB: ctypes.CDLL | None = None
 
 
 def lib() -> ctypes.CDLL:
+    """The libcublasLt mapped into this process (torch's CUDA library links it)."""
     global _LIB
     if _LIB is None:
-        _LIB = _loaded_lib()
+        a = torch.ones(8, 8, device="cuda", dtype=torch.bfloat16)
+        (a @ a).sum().item()  # CUDA and its BLAS libraries loaded
+        with open("/proc/self/maps") as f:
+            paths = sorted({ln.split()[-1] for ln in f if "libcublasLt.so" in ln})
+        if not paths:
+            raise RuntimeError("cublaslt: no libcublasLt mapped into this process")
+        _LIB = ctypes.CDLL(paths[0])
     return _LIB
+
+
+def available() -> bool:
+    """Whether cuBLASLt can be reached here (a CUDA device and its library found)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        lib()
+        return True
+    except (OSError, RuntimeError):
+        return False
 
 
 def _ok(status: int, what: str) -> None:
@@ -71,12 +82,29 @@ class Shape:
     residual: bool = False  # + an (M, N) residual (C, beta 1)
 
 
+@dataclass
+class Config:
+    """One algorithm configuration for a product shape and the workspace it needs (bytes)."""
+
+    algo: Algo
+    workspace: int
+
+    def describe(self) -> dict:
+        """Its settings (id, tile, split-K, ...) as cuBLASLt reports them."""
+        out = {}
+        for name, attr in ALGO_CONFIG.items():
+            v, n = ctypes.c_uint32(0), ctypes.c_size_t(0)
+            if lib().cublasLtMatmulAlgoConfigGetAttribute(ctypes.byref(self.algo), attr, ctypes.byref(v),
+                                                          ctypes.sizeof(v), ctypes.byref(n)) == 0:
+                out[name] = v.value
+        return out
+
+
 class LtProduct:
-    """One product shape's descriptors; `algos()` lists the heuristic's choices, `run` computes
-    with one of them on the current stream (capturable in a CUDA graph: fixed workspace)."""
+    """One product shape's cuBLASLt descriptors: `configs()` lists what may run it, `run`
+    computes it with one of them on the current stream."""
 
     _handle = None
-    _workspace: torch.Tensor | None = None
 
     def __init__(self, shape: Shape):
         self.shape, L = shape, lib()
@@ -84,12 +112,10 @@ class LtProduct:
             h = ctypes.c_void_p()
             _ok(L.cublasLtCreate(ctypes.byref(h)), "cublasLtCreate")
             LtProduct._handle = h
-            LtProduct._workspace = torch.empty(WORKSPACE, dtype=torch.uint8, device="cuda")
         s = shape
         self.desc = ctypes.c_void_p()
         _ok(L.cublasLtMatmulDescCreate(ctypes.byref(self.desc), CUBLAS_COMPUTE_32F, CUDA_R_32F), "MatmulDescCreate")
-        ta = ctypes.c_int32(OP_T if s.w_layout == "nk" else OP_N)
-        self._set(DESC_TRANSA, ta)
+        self._set(DESC_TRANSA, ctypes.c_int32(OP_T if s.w_layout == "nk" else OP_N))
         self._set(DESC_TRANSB, ctypes.c_int32(OP_N))
         epi = {"none": EPILOGUE_DEFAULT, "bias": EPILOGUE_BIAS, "gelu_bias": EPILOGUE_GELU_BIAS}[s.epilogue]
         self._set(DESC_EPILOGUE, ctypes.c_int32(epi))
@@ -110,24 +136,26 @@ class LtProduct:
                                              ctypes.c_uint64(cols), ctypes.c_int64(rows)), "MatrixLayoutCreate")
         return lay
 
-    def algos(self, count: int = 32) -> list[Algo]:
-        """Up to `count` algorithms the heuristic offers for this shape, its best guess first."""
+    def configs(self, count: int = 32, search: bool = False) -> list[Config]:
+        """The heuristic's algorithms for this shape (up to `count`, its best guess first); with
+        search, each also at split-K 1-8 (both reduction schemes) and CTA swizzling on and off,
+        where cuBLASLt accepts the combination within MAX_WORKSPACE."""
         L = lib()
         pref = ctypes.c_void_p()
         _ok(L.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "MatmulPreferenceCreate")
-        ws = ctypes.c_uint64(WORKSPACE)
+        ws = ctypes.c_uint64(MAX_WORKSPACE)
         _ok(L.cublasLtMatmulPreferenceSetAttribute(pref, PREF_MAX_WORKSPACE_BYTES, ctypes.byref(ws),
                                                     ctypes.sizeof(ws)), "MatmulPreferenceSetAttribute")
         res = (_Heuristic * count)()
         got = ctypes.c_int(0)
-        _ok(L.cublasLtMatmulAlgoGetHeuristic(self._handle, self.desc, self.a, self.b, self.d, self.d, pref, count,
-                                            res, ctypes.byref(got)), "MatmulAlgoGetHeuristic")
+        status = L.cublasLtMatmulAlgoGetHeuristic(self._handle, self.desc, self.a, self.b, self.d, self.d, pref,
+                                                  count, res, ctypes.byref(got))
         L.cublasLtMatmulPreferenceDestroy(pref)
-        return [res[i].algo for i in range(got.value) if res[i].state == 0]
+        _ok(status, "MatmulAlgoGetHeuristic")
+        found = [Config(res[i].algo, res[i].workspace) for i in range(got.value) if res[i].state == 0]
+        return [v for c in found for v in self._variants(c.algo)] if search else found
 
-    def variants(self, algo: Algo, splits=(1, 2, 3, 4, 6, 8), swizzles=(0, 1)) -> list[Algo]:
-        """`algo` with other split-K counts (each reduction scheme), CTA swizzles: the copies
-        cuBLASLt accepts for this shape (cublasLtMatmulAlgoCheck) within the workspace."""
+    def _variants(self, algo: Algo, splits=(1, 2, 3, 4, 6, 8), swizzles=(0, 1)) -> list[Config]:
         L, out = lib(), []
         for k in splits:
             for red in ((0,) if k == 1 else (REDUCTION_INPLACE, REDUCTION_COMPUTE_TYPE)):
@@ -140,25 +168,18 @@ class LtProduct:
                     res = _Heuristic()
                     if ok and L.cublasLtMatmulAlgoCheck(self._handle, self.desc, self.a, self.b, self.d, self.d,
                                                         ctypes.byref(a), ctypes.byref(res)) == 0 \
-                            and res.workspace <= WORKSPACE:
-                        out.append(a)
+                            and res.workspace <= MAX_WORKSPACE:
+                        out.append(Config(a, res.workspace))
         return out
 
-    @staticmethod
-    def describe(algo: Algo) -> dict:
-        """The algorithm's configuration (id, tile, split-K, ...) as cuBLASLt reports it."""
-        out = {}
-        for name, attr in ALGO_CONFIG.items():
-            v, n = ctypes.c_uint32(0), ctypes.c_size_t(0)
-            if lib().cublasLtMatmulAlgoConfigGetAttribute(ctypes.byref(algo), attr, ctypes.byref(v),
-                                                          ctypes.sizeof(v), ctypes.byref(n)) == 0:
-                out[name] = v.value
-        return out
-
-    def run(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, algo: Algo,
+    def run(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: Config, workspace: torch.Tensor,
             bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """out = x @ W^T (+ bias) (+ residual); all bf16, contiguous, on the current device."""
+        """out = x @ W^T (+ bias) (+ residual): bf16, contiguous, on the current device;
+        `workspace` a device buffer of at least cfg.workspace bytes, used by nothing else
+        meanwhile."""
         s = self.shape
+        if not all(t.is_contiguous() for t in (x, w, out)) or (residual is not None and not residual.is_contiguous()):
+            raise ValueError("cublaslt: operands must be contiguous")
         if s.epilogue != "none":
             self._set(DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
         c = residual if s.residual else out
@@ -166,6 +187,6 @@ class LtProduct:
         _ok(lib().cublasLtMatmul(
             self._handle, self.desc, ctypes.byref(self.alpha), ctypes.c_void_p(w.data_ptr()), self.a,
             ctypes.c_void_p(x.data_ptr()), self.b, ctypes.byref(self.beta), ctypes.c_void_p(c.data_ptr()), self.d,
-            ctypes.c_void_p(out.data_ptr()), self.d, ctypes.byref(algo),
-            ctypes.c_void_p(self._workspace.data_ptr()), ctypes.c_size_t(WORKSPACE), stream), "cublasLtMatmul")
+            ctypes.c_void_p(out.data_ptr()), self.d, ctypes.byref(cfg.algo),
+            ctypes.c_void_p(workspace.data_ptr()), ctypes.c_size_t(workspace.numel()), stream), "cublasLtMatmul")
         return out
