@@ -235,43 +235,42 @@ def test_prompt_bucket_skips_the_padding_and_keeps_the_actions():
         assert rel_err(fast.denoise(fast.encode_prefix(obs), obs, noise), ref) < 1e-5
 
 
-@torch.no_grad()
-def test_lm_down_product_through_padded_rows_computes_the_same():
-    """The cuBLASLt route of the prefix LM's down product (_lt_residual over rows padded with
-    zeros), forced on the CPU where no route is timed: same actions and caches as the eager model."""
-    model = _model("tiny-pi0")
+def _run_down_route(variant: str, seed: int, route) -> int:
+    """Sets FastPi0's down-product route for this observation's rows to route(m) (m = its rows),
+    runs sample_actions and encode_prefix through it and checks both against the eager model's
+    (valid cache rows). Returns m."""
+    model = _model(variant)
     cfg = model.cfg
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator().manual_seed(seed)
     obs = synthetic_obs(cfg, 2, "cpu", g)
     noise = torch.randn(2, cfg.chunk_size, cfg.max_action_dim, generator=g)
     fast = FastPi0(model)
     assert not fast.lm_down_tune and fast._down_rows(2 * cfg.prefix_len) == 0  # not timed on the CPU
     m = 2 * fast.prefix_rows(obs.token_mask)
-    fast.down_routes[m] = -(-m // 128) * 128
-    assert fast.down_routes[m] > m
+    fast.down_routes[m] = route(m)
+    with torch.no_grad():
+        out, cache = fast.sample_actions(obs, noise), fast.encode_prefix(obs)
+        assert rel_err(out, model.sample_actions(obs, noise)) < 1e-5
+        ref = model.encode_prefix(obs)
+    assert rel_err(_valid(cache.k, ref.mask), _valid(ref.k, ref.mask)) < 1e-5
+    return m
+
+
+def test_lm_down_product_through_padded_rows_computes_the_same(monkeypatch):
+    """The cuBLASLt route of the prefix LM's down product (_lt_residual over rows padded with
+    zeros), forced on the CPU where no route is timed: same actions and caches as the eager model."""
     calls = []
     real = fast_mod._lt_residual
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fast_mod, "_lt_residual", lambda *a: calls.append(a[1].shape) or real(*a))
-        out = fast.sample_actions(obs, noise)
-        cache = fast.encode_prefix(obs)
-    assert calls and all(shape[0] == fast.down_routes[m] for shape in calls)
-    assert rel_err(out, model.sample_actions(obs, noise)) < 1e-5
-    ref = model.encode_prefix(obs)
-    assert rel_err(_valid(cache.k, ref.mask), _valid(ref.k, ref.mask)) < 1e-5
+    monkeypatch.setattr(fast_mod, "_lt_residual", lambda *a: calls.append(a[1].shape) or real(*a))
+    m = _run_down_route("tiny-pi0", 6, lambda m: -(-m // 128) * 128)
+    assert -(-m // 128) * 128 > m
+    assert calls and all(shape[0] == -(-m // 128) * 128 for shape in calls)
 
 
-@torch.no_grad()
 def test_down_product_through_a_cublaslt_configuration_route():
     """The route that runs the prefix LM's down product through one of cuBLASLt's configurations
     (_LtDown; GPU only) gets the unpadded rows and the residual: here a stand-in computes the
     same product with torch, and the actions and caches stay the eager model's."""
-    model = _model("tiny-pi05")
-    cfg = model.cfg
-    g = torch.Generator().manual_seed(7)
-    obs = synthetic_obs(cfg, 2, "cpu", g)
-    noise = torch.randn(2, cfg.chunk_size, cfg.max_action_dim, generator=g)
-    fast = FastPi0(model)
     shapes = []
 
     class TorchLt(fast_mod._LtDown):
@@ -282,14 +281,8 @@ def test_down_product_through_a_cublaslt_configuration_route():
 
     assert not fast_mod.cublaslt.available()  # no CUDA here: no configuration to time
     assert fast_mod._LtDown.candidates(torch.zeros(1, 4, 8), torch.zeros(4, 16), torch.zeros(16, 8)) == []
-    m = 2 * fast.prefix_rows(obs.token_mask)
-    fast.down_routes[m] = TorchLt(None, None, torch.empty(0))
-    out = fast.sample_actions(obs, noise)
-    cache = fast.encode_prefix(obs)
+    m = _run_down_route("tiny-pi05", 7, lambda m: TorchLt(None, None, torch.empty(0)))
     assert shapes and all(b * r == m and rows == m for (b, r, _), rows in shapes)
-    assert rel_err(out, model.sample_actions(obs, noise)) < 1e-5
-    ref = model.encode_prefix(obs)
-    assert rel_err(_valid(cache.k, ref.mask), _valid(ref.k, ref.mask)) < 1e-5
 
 
 def test_down_route_keeps_the_fastest_only_when_clearly_faster(monkeypatch):
