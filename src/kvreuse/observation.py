@@ -60,7 +60,7 @@ class Observation:
         for name in ("token_mask", "state_token_mask"):
             src, dst = getattr(self, name), getattr(out, name)
             if src.device.type == "cpu" and dst is not src:
-                out._host[name] = (dst, _version(dst), src, _version(src))
+                out._host[name] = (dst, version(dst), src, version(src))
         return out
 
     def host_mask(self, name: str) -> torch.Tensor:
@@ -68,12 +68,12 @@ class Observation:
         neither has changed since, else read from the device (a sync on a GPU)."""
         t = getattr(self, name)
         h = self._host.get(name)
-        if h is not None and h[0] is t and h[1] is not None and h[1] == _version(t) and h[3] == _version(h[2]):
+        if h is not None and h[0] is t and None not in (h[1], h[3]) and (h[1], h[3]) == (version(t), version(h[2])):
             return h[2]
         return t.cpu()
 
 
-def _version(t: torch.Tensor) -> int | None:
+def version(t: torch.Tensor) -> int | None:
     """The tensor's in-place write counter; None where torch keeps none (inference tensors)."""
     try:
         return t._version

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import PrefixCache, Span, new_snapshot_id
-from ..observation import Observation
+from ..observation import Observation, version
 from . import cublaslt
 from .kernels import HAVE_TRITON, mqa_attention, pdl_supported
 from .layer_norm import add_layer_norm, add_layer_norm_reference
@@ -1055,7 +1055,7 @@ class FastPi0:
     def _versions(obs: Observation) -> tuple:
         """The masks prepare() read, as objects and versions: a mask replaced or written in place
         since then is not served from it."""
-        return (obs.token_mask, obs.state_token_mask), (obs.token_mask._version, obs.state_token_mask._version)
+        return (obs.token_mask, obs.state_token_mask), (version(obs.token_mask), version(obs.state_token_mask))
 
     def _prepared_for(self, obs: Observation, consume: bool = False):
         p = self.__dict__.get("_prepared")
