@@ -16,6 +16,7 @@ from kvreuse.bench import bench, build_random, rel_err, synthetic_obs
 from kvreuse.model import Pi0Model, preset
 from kvreuse.model import fast as fast_mod
 from kvreuse.model.fast import FastPi0, _bucket
+from kvreuse.observation import Observation
 
 torch.set_num_threads(1)
 
@@ -560,9 +561,11 @@ def test_reuse_policy_refreshes_through_sample_with_prefix_on_fast():
 
 @torch.no_grad()
 def test_prepare_reads_the_host_values_once_and_only_for_that_observation(monkeypatch):
-    """FastPi0.prepare(obs) reads the spans and the prompt's rows ahead; the next call on the same
-    obs uses them (same actions and cache) instead of reading again, once; a changed mask or
-    another observation is never served from them."""
+    """FastPi0.prepare(obs) reads the spans and the prompt's rows ahead where that reads the
+    device (masks on a GPU without host copies: simulated here); the next call on the same obs
+    uses them (same actions and cache) instead of reading again, once; a changed mask or another
+    observation is never served from them. Masks on the host are not read ahead: the call reads
+    them while the GPU runs its vision pass."""
     model = _model("tiny-pi05")
     cfg = model.cfg
     g = torch.Generator().manual_seed(11)
@@ -574,6 +577,9 @@ def test_prepare_reads_the_host_values_once_and_only_for_that_observation(monkey
     real_rows, real_spans = fast.prefix_rows, model.spans
     monkeypatch.setattr(fast, "prefix_rows", lambda m: reads.append("rows") or real_rows(m))
     monkeypatch.setattr(model, "spans", lambda o, snap: reads.append("spans") or real_spans(o, snap))
+    fast.prepare(obs)
+    assert reads == [] and fast._prepared is None  # host masks: nothing to read ahead
+    monkeypatch.setattr(Observation, "on_host", lambda self, name: False)  # as if on a GPU
     fast.prepare(obs)
     assert sorted(reads) == ["rows", "spans"]
     reads.clear()

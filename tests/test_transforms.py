@@ -209,9 +209,10 @@ def test_masks_moved_by_to_are_read_back_from_their_host_copy():
     dev = cpu.to("meta")
     assert dev.token_mask.is_meta
     for name in ("token_mask", "state_token_mask"):
-        assert dev.host_mask(name) is getattr(cpu, name)
-    assert cpu.host_mask("token_mask") is cpu.token_mask  # already on the host
+        assert dev.on_host(name) and dev.host_mask(name) is getattr(cpu, name)
+    assert cpu.on_host("token_mask") and cpu.host_mask("token_mask") is cpu.token_mask  # already on the host
     dev.token_mask[:, 0] = True  # written in place after the move: the host copy is stale
+    assert not dev.on_host("token_mask")
     with pytest.raises(NotImplementedError):  # so it is read from the "device"
         dev.host_mask("token_mask")
     cpu.state_token_mask[:, 0] = True  # the source changed

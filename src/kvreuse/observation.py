@@ -67,10 +67,16 @@ class Observation:
         """`token_mask` or `state_token_mask` on the CPU: the tensor to() copied it from while
         neither has changed since, else read from the device (a sync on a GPU)."""
         t = getattr(self, name)
+        return self._host[name][2] if self._host_copy_valid(name) else t.cpu()
+
+    def on_host(self, name: str) -> bool:
+        """Whether host_mask(name) reads no device: the mask is on the CPU or has a valid host copy."""
+        return getattr(self, name).device.type == "cpu" or self._host_copy_valid(name)
+
+    def _host_copy_valid(self, name: str) -> bool:
         h = self._host.get(name)
-        if h is not None and h[0] is t and None not in (h[1], h[3]) and (h[1], h[3]) == (version(t), version(h[2])):
-            return h[2]
-        return t.cpu()
+        return (h is not None and h[0] is getattr(self, name) and None not in (h[1], h[3])
+                and (h[1], h[3]) == (version(h[0]), version(h[2])))
 
 
 def version(t: torch.Tensor) -> int | None:

@@ -963,19 +963,22 @@ class FastPi0:
                want_rows: bool = True) -> int | None:
         """Fill st.embeds' camera slots: the `given` embeddings by camera name (reused or
         supplied), the other cameras through the vision tower in one batched pass. Returns
-        prefix_rows (None without want_rows: the partial updates run every row), read before
-        the vision pass is queued so that its host sync waits for nothing of this call."""
+        prefix_rows (None without want_rows: the partial updates run every row). The vision pass
+        is queued first: it needs nothing else of obs, and the GPU runs it while the host does the
+        rest (queued before it, each small copy and host read would leave the GPU waiting). Only
+        a prompt mask that must be read from the device is read before it, so that its sync
+        waits for nothing of this call."""
         given = {i: given[c] for i, c in enumerate(self.cfg.cameras) if c in given} if given else {}
         run = tuple(i for i in range(len(self.cfg.cameras)) if i not in given)
         self.model._check(obs)
         prep = self._prepared_for(obs, consume=True)
-        rows = None
-        if want_rows:
-            rows = prep[2] if prep is not None else self._rows_of(obs)
+        rows = prep[2] if want_rows and prep is not None else None
+        if want_rows and rows is None and not obs.on_host("token_mask"):
+            rows = self._rows_of(obs)
         p, b = self.cfg.vision.num_patches, obs.batch_size
-        # The vision pass first: it needs nothing else of obs, and the GPU runs it while the host
-        # queues the rest (each small copy queued before it would leave the GPU waiting on the host).
         x = self._vision_of(st, [obs.images[self.cfg.cameras[i]] for i in run]) if run else None
+        if want_rows and rows is None:
+            rows = self._rows_of(obs)  # from the mask's host copy, while the GPU runs the vision pass
         self._load_obs(st, obs)
         for i, e in given.items():
             st.embeds[:, i * p : (i + 1) * p].copy_(e)
@@ -1033,20 +1036,22 @@ class FastPi0:
         image_embeds: dict[str, torch.Tensor] | None = None,
     ) -> PrefixCache:
         st = self._static(obs.batch_size)
-        spans = self._spans(obs, snapshot)
+        spans = self._spans_early(obs, snapshot)
         self._encode(st, obs, keep_hidden, image_embeds)
-        return self._export(st, obs, spans, call_index, tuple(keep_hidden))
+        return self._export(st, obs, spans or self._spans(obs, snapshot), call_index, tuple(keep_hidden))
 
     def prepare(self, obs: Observation) -> None:
         """Read on the host now what a call on this very `obs` needs there: Pi0.5's state-span
-        start and the prompt's rows (prefix_rows), each a device sync unless obs came to the GPU
-        through Observation.to (host_mask). A caller that queues
+        start and the prompt's rows (prefix_rows), each a device sync. A caller that queues
         other device work for obs first (ReusePolicy's vision pass) calls this before it, so
         that those syncs do not wait for that work and leave the GPU idle behind it. Used once, by
         the next call that embeds obs, and only while obs's masks are unchanged. Nothing to do
-        where neither reads the device (Pi0's spans; prompts of one bucket)."""
+        where neither reads the device (Pi0's spans; prompts of one bucket; masks whose host
+        copies Observation.to kept, read later while the GPU runs the vision pass)."""
         n, q = self.cfg.max_token_len, self.prompt_bucket
-        if not self.cfg.state_in_prompt and not 0 < q < n:
+        needs = ("state_token_mask",) if self.cfg.state_in_prompt else ()
+        needs += ("token_mask",) if 0 < q < n else ()
+        if all(obs.on_host(name) for name in needs):
             self._prepared = None
             return
         self._prepared = (obs, self.model.spans(obs, 0), self._rows_of(obs), self._versions(obs))
@@ -1067,6 +1072,11 @@ class FastPi0:
         if consume:
             self._prepared = None
         return p
+
+    def _spans_early(self, obs: Observation, snapshot: int | None):
+        """The spans before any graph is queued where they read the device (see _spans), else
+        None: from host copies of the masks they are read once the graphs are queued."""
+        return None if obs.on_host("state_token_mask") else self._spans(obs, snapshot)
 
     def _spans(self, obs: Observation, snapshot: int | None):
         """The cache's spans, before any graph is queued: Pi0.5's read the state tokens' start on
@@ -1143,13 +1153,13 @@ class FastPi0:
         (~0.5 ms less than the two calls on an H100, docs/PERFORMANCE.md round 12)."""
         st = self._static(obs.batch_size)
         kh = tuple(sorted(keep_hidden))
-        spans = self._spans(obs, snapshot)
+        spans = self._spans_early(obs, snapshot)
         if not self.overlap:
             self._encode(st, obs, kh, image_embeds)
             x = self._denoise(st, obs, noise, steps)
         else:
             x = self._sample(st, obs, noise, steps, kh, image_embeds)
-        return x, self._export(st, obs, spans, call_index, kh)
+        return x, self._export(st, obs, spans or self._spans(obs, snapshot), call_index, kh)
 
     # ---- reuse updates -----------------------------------------------------------------------
     def _given_embeds(self, cache: PrefixCache, run_cameras, fresh) -> dict[str, torch.Tensor]:
