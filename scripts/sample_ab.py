@@ -6,7 +6,8 @@ sample_with_prefix, a reuse policy's full refresh, which also reads Pi0.5's span
   spans still read on the host before it (commit db97aa0);
 - "now": those host reads too after the vision pass is queued, where the masks' host copies
   (Observation.to) make them free of device reads.
-Actions are compared with round 12's (bit-identical). Commit 1d6bab8's version also timed
+Actions are compared with round 12's (bit-identical). The logged runs used commit 8f736cd's
+version, which spelled out db97aa0's _embed in full. Commit 1d6bab8's version also timed
 SigLIP's attention through kernels.mqa_attention ("triton vision", not kept).
 
     PYTHONPATH=src python3 scripts/sample_ab.py [pi0|pi05] [rounds]
@@ -45,20 +46,12 @@ class _Round12(FastPi0):
 
 class _HostReadsFirst(FastPi0):
     def _embed(self, st, obs, given, want_rows=True):
-        """Commit db97aa0's order: the prompt's rows, the vision pass, then masks and tokens."""
-        given = {i: given[c] for i, c in enumerate(self.cfg.cameras) if c in given} if given else {}
-        run = tuple(i for i in range(len(self.cfg.cameras)) if i not in given)
-        self.model._check(obs)
-        prep = self._prepared_for(obs, consume=True)
-        rows = (prep[2] if prep is not None else self._rows_of(obs)) if want_rows else None
-        p, b = self.cfg.vision.num_patches, obs.batch_size
-        x = self._vision_of(st, [obs.images[self.cfg.cameras[i]] for i in run]) if run else None
-        self._load_obs(st, obs)
-        for i, e in given.items():
-            st.embeds[:, i * p : (i + 1) * p].copy_(e)
-        for j, i in enumerate(run):
-            st.embeds[:, i * p : (i + 1) * p].copy_(x[j * b : (j + 1) * b])
-        return rows
+        """Commit db97aa0's order: the prompt's rows read first (served to _embed as prepare()
+        serves them; the spans were read before, by _spans_early), then the vision pass, then
+        masks and tokens."""
+        if want_rows and self._prepared_for(obs) is None:
+            self._prepared = (obs, None, self._rows_of(obs), self._versions(obs))
+        return super()._embed(st, obs, given, want_rows)
 
     def _spans_early(self, obs, snapshot):
         return self._spans(obs, snapshot)
