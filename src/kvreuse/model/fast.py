@@ -1079,9 +1079,10 @@ class FastPi0:
         return None if obs.on_host("state_token_mask") else self._spans(obs, snapshot)
 
     def _spans(self, obs: Observation, snapshot: int | None):
-        """The cache's spans, before any graph is queued: Pi0.5's read the state tokens' start on
-        the host (a device sync), which after the graph would leave the GPU idle while the host
-        copies the cache out and the caller does its bookkeeping."""
+        """The cache's spans (from prepare() when it read them). Pi0.5's read where the state
+        tokens start on the host: with a device sync for a mask without a host copy, which after
+        the graph would leave the GPU idle while the host copies the cache out and the caller
+        does its bookkeeping; hence _spans_early."""
         snapshot = new_snapshot_id() if snapshot is None else snapshot
         p = self._prepared_for(obs)
         if p is not None:
