@@ -267,8 +267,8 @@ def run_bench(
     --prompt-bucket: the fast path runs the prompt up to its last valid token rounded up to a
     multiple of this many slots (0: every slot, as before round 12; default: FastPi0's, 32 slots
     for prompts of >= 128 slots (Pi0.5), else 64);
-    --lm-down-tune: time cuBLAS against cuBLASLt over padded rows for the prefix LM's down
-    product and keep the faster (default: on CUDA);
+    --lm-down-tune: time cuBLAS against cuBLASLt (torch's pick over padded rows, and cuBLASLt's
+    other configurations) for the prefix LM's down product and keep the fastest (default: on CUDA);
     --lerobot-compile-mode: torch.compile mode for lerobot (default: what lerobot's own
     compile_model=True uses, PI0Config.compile_mode = "max-autotune", with CUDA graphs; its compile
     ran over 8 minutes on an H100; "default" is what rounds 1-8 of docs/PERFORMANCE.md compared
@@ -388,7 +388,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         rep.add(tag, "ReusePolicy.infer, reuse off", st_pol,
                 "its records, mean ms: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
         st = fast._static(batch)
-        rows = fast.prefix_rows(obs.token_mask)
+        rows = fast._rows_of(obs)
         rep.config["prefix_rows"] = rows
         rep.config["lm_down"] = {m: (repr(r) if not isinstance(r, int) else f"cublaslt over {r} rows" if r
                                      else "addmm, BLAS default") for m, r in fast.down_routes.items()}
@@ -457,7 +457,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
             if check:
                 note += f"; vs float32 {rel_err(out_v, out32):.2e}"
             rep.add(tag, "full inference", tm(lambda: fv.sample_actions(obs, noise)), note)
-            rows_v = fv.prefix_rows(obs.token_mask)
+            rows_v = fv._rows_of(obs)
             rep.add(tag, "prefix LM", tm(lambda: fv._prefix_graph(stv, (), rows_v)))
             rep.add(tag, "denoise alone", tm(lambda: fv.denoise(cache_v, obs, noise)))
             fv = cache_v = None  # free the variant's buffers before the next one

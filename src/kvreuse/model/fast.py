@@ -714,14 +714,12 @@ class FastPi0:
             yield i
             if i == n - 1:  # the last layer's output is never used: its K/V are enough
                 break
-            if isinstance(down, _LtDown):
+            if down:  # the down product outside the compiled function: its input flat, over `rows` rows
+                lt = isinstance(down, _LtDown)
+                rows = x.shape[0] * x.shape[1] if lt else down
                 x, act = self._lm_act_fn(x, q, w.o_t, w.post_norm, w.gate_up, bias, k_out, v_out, lm.eps,
-                                         self.prefix_attn, x.shape[0] * x.shape[1])
-                x = down(x, act, w.down_t)
-            elif down:
-                x, act = self._lm_act_fn(x, q, w.o_t, w.post_norm, w.gate_up, bias, k_out, v_out, lm.eps,
-                                         self.prefix_attn, down)
-                x = _lt_residual(x, act, w.down_t, self._zero_w)
+                                         self.prefix_attn, rows)
+                x = down(x, act, w.down_t) if lt else _lt_residual(x, act, w.down_t, self._zero_w)
             else:
                 x = self._lm_rest_fn(x, q, w.o_t, w.post_norm, w.gate_up, w.down_t, bias, k_out, v_out, lm.eps,
                                      self.prefix_attn)
@@ -737,7 +735,7 @@ class FastPi0:
             self.down_routes[m] = self._pick_down_rows(m) if self.lm_down_tune else 0
         return self.down_routes[m]
 
-    def _pick_down_rows(self, m: int) -> int:
+    def _pick_down_rows(self, m: int) -> int | _LtDown:
         ws = [w.down_t for w in self.llm]
         if ws[0].is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"FastPi0: the down-product route for {m} rows must be timed before capture")
