@@ -137,6 +137,22 @@ def test_strided_views_and_broadcast_bias():
     _check(out, _ref(q, k, v, bias), torch.float32)
 
 
+def test_per_key_bias_is_read_as_a_vector_with_the_tile_results():
+    # A stride-0 row axis (the prefix LM's padding mask) takes the kernel's vector path; the
+    # same values made dense take the tile path. Different holes per batch row, bf16, 3 splits.
+    b, r, h, d, t = 2, 9, 4, 32, 45
+    q, k, v = _qkv(b, r, h, d, t, torch.bfloat16, seed=6)
+    per_key = torch.zeros(b, t)
+    per_key[0, 5:11] = NEG
+    per_key[1, 30:] = NEG
+    view = per_key[:, None, :].expand(b, r, t)
+    assert view.stride(1) == 0
+    out = mqa_attention(q, k, v, view, 3, block_m=16, block_n=16)
+    dense = mqa_attention(q, k, v, view.contiguous(), 3, block_m=16, block_n=16)
+    assert torch.equal(out, dense)
+    _check(out, _ref(q, k, v, view), torch.bfloat16)
+
+
 def test_grouped_kv_heads_and_no_bias():
     b, r, h, d, t = 2, 5, 4, 32, 37
     q, k, v = _qkv(b, r, h, d, t, torch.float32, hkv=2, seed=4)

@@ -684,7 +684,9 @@ class FastPi0:
 
     def _prefix_bias(self, valid: torch.Tensor, rows: int):
         bias = torch.zeros(valid.shape, dtype=self._bias_dtype(self.prefix_attn), device=valid.device).masked_fill(~valid, NEG_INF)
-        return bias[:, None, None, :].expand(-1, 1, rows, -1).contiguous()  # some SDPA kernels want dense masks
+        bias = bias[:, None, None, :].expand(-1, 1, rows, -1)
+        # Some SDPA kernels want dense masks; the Triton kernel reads a stride-0 one per key.
+        return bias if self.prefix_attn == "triton" else bias.contiguous()
 
     def _lm(self, st: _Static, x: torch.Tensor, start: int, keep_hidden: tuple[int, ...], idx=None):
         """Prefix LM layers [start, depth) over x: all tokens (idx None) or the tokens at idx,

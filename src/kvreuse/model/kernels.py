@@ -77,7 +77,7 @@ def _build() -> tuple:
         sk_b, sk_t, sk_h,
         sv_b, sv_t, sv_h,
         sb_b, sb_r, sb_t,
-        HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+        HAS_BIAS: tl.constexpr, KEY_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SCALE_LOG2: tl.constexpr,
     ):
         _pdl_enter(PDL)
@@ -108,10 +108,13 @@ def _build() -> tuple:
                 s = tl.dot(q, tl.trans(k))
             s = s * SCALE_LOG2  # log2 units: exp2 below
             if HAS_BIAS:
-                bias = tl.load(
-                    bias_ptr + b * sb_b + tok[:, None] * sb_r + n[None, :] * sb_t,
-                    mask=row_ok[:, None] & n_ok[None, :], other=0.0,
-                ).to(tl.float32)
+                if KEY_BIAS:  # one bias per key, shared by every row: a vector, not a tile
+                    bias = tl.load(bias_ptr + b * sb_b + n * sb_t, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                else:
+                    bias = tl.load(
+                        bias_ptr + b * sb_b + tok[:, None] * sb_r + n[None, :] * sb_t,
+                        mask=row_ok[:, None] & n_ok[None, :], other=0.0,
+                    ).to(tl.float32)
                 # Clamp first: -2.38e38 * log2(e) overflows to -inf. -1e30 still underflows
                 # exp2 to exactly 0 next to any unmasked key.
                 s += tl.maximum(bias, -1.0e30) * 1.4426950408889634
@@ -240,7 +243,9 @@ def mqa_attention(
     the last dim is contiguous (views of a bigger K/V buffer are fine). D: a power of two >= 16.
     bias: (B, R, T) additive (anything broadcastable to it, e.g. stride-0 expands; any float dtype),
     shared by the heads of a token; masked keys get a large negative (-2.38e38, -1e30, -inf) and
-    contribute exactly 0 as long as the row has an unmasked key. None: no mask.
+    contribute exactly 0 as long as the row has an unmasked key. None: no mask. A bias whose row
+    stride is 0 (one value per key, as the prefix LM's padding mask) is read as a vector per key
+    block instead of a rows x keys tile.
     Returns (B, R, H*D) in q.dtype. scale defaults to 1/sqrt(D). (float32 inputs: tl.dot's
     default precision on the GPU is TF32.)
 
@@ -321,7 +326,7 @@ def mqa_attention(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         sb[0], sb[1], sb[2],
-        HAS_BIAS=bias is not None, DIRECT=direct, DOT_F32=_dot_f32(split_kernel, q.dtype), PDL=pdl,
+        HAS_BIAS=bias is not None, KEY_BIAS=sb[1] == 0, DIRECT=direct, DOT_F32=_dot_f32(split_kernel, q.dtype), PDL=pdl,
         BLOCK_M=block_m, BLOCK_N=block_n, D=d,
         SCALE_LOG2=scale * _LOG2E,  # constexpr: a float argument becomes fp64 under inductor
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
