@@ -118,11 +118,11 @@ def main() -> None:
         ref = F.gelu(gu[:, :FF], approximate="tanh") * gu[:, FF:]
         out = torch.empty(m, FF, device=dev, dtype=dt)
 
-        def cublas():
+        def cublas(x=x):
             y = F.linear(x, w)
             return F.gelu(y[:, :FF], approximate="tanh") * y[:, FF:]
 
-        def cublas_only():
+        def cublas_only(x=x):
             return F.linear(x, w)
 
         print(f"\n{m} rows x {K} -> 2 x {FF}\n| route | us / call | max abs diff vs fp32 |\n|---|---|---|")
@@ -133,7 +133,7 @@ def main() -> None:
             for bm, bn, bk, warps, stages in GRID[kind]:
                 name = f"triton {kind} {bm}x{bn}x{bk} w{warps} s{stages}"
                 try:
-                    call = lambda fn=fn, c=(bm, bn, bk, warps, stages): fn(x, w, out, *c)
+                    call = lambda fn=fn, c=(bm, bn, bk, warps, stages), x=x, out=out: fn(x, w, out, *c)
                     err = (call().float() - ref).abs().max().item()
                     print(f"| {name} | {_time_us(call):.1f} | {err:.2e} |", flush=True)
                 except Exception as exc:  # shared memory / registers, or no TMA support
