@@ -254,3 +254,84 @@ def test_prefix_sized_query_sets_take_big_row_tiles(monkeypatch):
     _check(out, _ref(q, k, v, bias), torch.float32)
     assert [(name, grid) for name, grid, _ in seen] == [("split", (1, 17, 1))]  # 1040 / 64 -> 17 row tiles
     assert seen[0][2]["BLOCK_M"] == 64 and seen[0][2]["num_warps"] == 4
+
+
+def _rope_ref(qkv, cos_h, sin_h, heads, kv_heads, d):
+    """What the runtime's torch path (_gemma_qkv) computes: rotate-half rotary on q and k in
+    fp32, rounded once; v as it is."""
+    b, r, _ = qkv.shape
+    x = qkv.view(b, r, heads + 2 * kv_heads, d).float()
+    c = cos_h.view(b, r, 1, d // 2).repeat(1, 1, 1, 2)
+    s = sin_h.view(b, r, 1, d // 2)
+    s = torch.cat([-s, s], -1)
+    rot = x * c + x.roll(d // 2, -1) * s
+    out = torch.where(torch.arange(heads + 2 * kv_heads)[None, None, :, None] < heads + kv_heads, rot, x)
+    out = out.to(qkv.dtype)
+    return out[:, :, :heads], out[:, :, heads : heads + kv_heads], out[:, :, heads + kv_heads :]
+
+
+@pytest.mark.parametrize("with_idx", [False, True])
+def test_rope_scatter_rotates_q_and_k_and_writes_the_cache_rows(with_idx):
+    from kvreuse.model.rope_scatter import rope_scatter
+
+    b, r, heads, kv_heads, d, t = 2, 13, 4, 2, 16, 40
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(b, r, (heads + 2 * kv_heads) * d, generator=g).to(torch.bfloat16)
+    ang = torch.rand(b * r, d // 2, generator=g) * 6
+    cos_h, sin_h = ang.cos(), ang.sin()
+    k_buf = torch.zeros(b, t, kv_heads, d, dtype=torch.bfloat16)
+    v_buf = torch.zeros_like(k_buf)
+    idx = torch.randperm(t, generator=g)[:r] if with_idx else None
+    start = 5
+    q = rope_scatter(qkv, cos_h, sin_h, k_buf, v_buf, start, idx, heads, kv_heads, block_m=8)
+    q_ref, k_ref, v_ref = _rope_ref(qkv, cos_h, sin_h, heads, kv_heads, d)
+    rows = idx if with_idx else torch.arange(start, start + r)
+    # fp32 math rounded once, as the torch path: at most one bf16 step apart (fp32 order / FMA)
+    torch.testing.assert_close(q, q_ref, atol=1e-6, rtol=2**-7)
+    torch.testing.assert_close(k_buf[:, rows], k_ref, atol=1e-6, rtol=2**-7)
+    assert torch.equal(v_buf[:, rows], v_ref)
+    untouched = torch.ones(t, dtype=torch.bool)
+    untouched[rows] = False
+    assert not k_buf[:, untouched].any() and not v_buf[:, untouched].any()
+
+
+def test_rope_scatter_refuses_bad_shapes():
+    from kvreuse.model.rope_scatter import rope_scatter
+
+    qkv = torch.zeros(1, 4, 6 * 16)
+    tab = torch.zeros(4, 8)
+    k = torch.zeros(1, 10, 1, 16)
+    with pytest.raises(ValueError, match="columns"):
+        rope_scatter(qkv, tab, tab, k, k.clone(), 0, None, 5, 1)  # 5 + 2 heads != 6
+    with pytest.raises(ValueError, match="float32"):
+        rope_scatter(qkv, tab.double(), tab, k, k.clone(), 0, None, 4, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        rope_scatter(qkv, tab, tab, k, k.clone(), 8, None, 4, 1)
+
+
+@pytest.mark.parametrize("name", ["tiny-pi0", "tiny-pi05"])
+@torch.no_grad()
+def test_fast_runtime_with_the_rope_kernel_matches_eager(name):
+    """FastPi0(rope_kernel=True): the prefix LM's rotary and K/V writes through rope_scatter, for
+    a full prefix and a partial update (cache rows by index)."""
+    from kvreuse.bench import build_random, rel_err, synthetic_obs
+    from kvreuse.model import preset
+    from kvreuse.model.fast import FastPi0
+
+    cfg = preset(name)
+    model = build_random(cfg, "cpu", dtype=torch.float32, seed=0)
+    g = torch.Generator().manual_seed(1)
+    obs, obs2 = synthetic_obs(cfg, 2, "cpu", g), synthetic_obs(cfg, 2, "cpu", g)
+    noise = torch.randn(2, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    fast = FastPi0(model, rope_kernel=True)
+    assert fast.rope_kernel and not FastPi0(model).rope_kernel  # auto: CUDA only
+    assert rel_err(fast.sample_actions(obs, noise), model.sample_actions(obs, noise)) < 1e-5
+    base_e, base_f = model.encode_prefix(obs), fast.encode_prefix(obs)
+    valid = base_e.mask[None, :, :, None, None]
+    assert rel_err(base_f.k * valid, base_e.k * valid) < 1e-5
+    rec = torch.zeros(cfg.prefix_len, dtype=torch.bool)
+    rec[3:9] = True
+    ue = model.update_prefix(base_e, obs2, rec, cfg.cameras, base_e.spans, 1)
+    uf = fast.update_prefix(base_f, obs2, rec, cfg.cameras, base_f.spans, 1)
+    valid = ue.mask[None, :, :, None, None]
+    assert rel_err(uf.k * valid, ue.k * valid) < 1e-5 and rel_err(uf.v * valid, ue.v * valid) < 1e-5

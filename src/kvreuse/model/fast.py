@@ -18,7 +18,8 @@
 - on CUDA with Triton: Triton attention (prefix and expert), the expert layer as a chain of Triton
   kernels with programmatic dependent launch on sm_90 (`expert_gemm="chain"`; since round 5 each
   Euler step's projections and update too, so the whole denoise is one chain), SigLIP's residual
-  adds + LayerNorms as one kernel each (docs/PERFORMANCE.md, rounds 4-5).
+  adds + LayerNorms as one kernel each (docs/PERFORMANCE.md, rounds 4-5), the prefix LM's rotary
+  and K/V write as one kernel (`rope_scatter`, round 14).
 
 The API matches `Pi0Model` (encode_prefix / denoise / sample_actions / sample_with_prefix /
 update_prefix / update_prefix_layers) and the caches are ordinary `PrefixCache`s (their masked
@@ -44,6 +45,7 @@ from .kernels import HAVE_TRITON, mqa_attention, pdl_supported
 from .layer_norm import add_layer_norm, add_layer_norm_reference
 from .layers import NEG_INF, sincos_time
 from .pi0 import Pi0Model
+from .rope_scatter import rope_scatter
 from .skinny_gemm import RowNorm, fused_qkv, skinny_linear
 from .vision_trt import TrtVision
 
@@ -240,6 +242,12 @@ def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start: int, idx, heads
         k_buf.index_copy_(1, idx, k)
         v_buf.index_copy_(1, idx, v)
     return qk[:, :, :heads]
+
+
+def _norm_qkv(x, in_norm, qkv_w, eps: float):
+    """The prefix LM's norm + fused QKV product, whose rotary and K/V write then run as one
+    Triton kernel (rope_scatter) instead of the three torch.compile makes of _gemma_qkv's."""
+    return F.linear(_norm(x, in_norm, eps), qkv_w)
 
 
 def _flat(gate):
@@ -500,6 +508,7 @@ class FastPi0:
         overlap: bool = True,
         prompt_bucket: int | None = None,
         lm_down_tune: bool | None = None,
+        rope_kernel: bool | None = None,
     ):
         for name, kind in (("prefix_attn", prefix_attn), ("expert_attn", expert_attn)):
             if kind not in (*ATTN_KINDS, "auto"):
@@ -553,6 +562,7 @@ class FastPi0:
         self._lm_rest_fn = _lm_rest
         self._lm_act_fn = _lm_act
         self._qkv_fn = _gemma_qkv
+        self._norm_qkv_fn = _norm_qkv
         self._exp_fn = _expert_layer
         self._exp_fused_fn = _expert_layer_fused
         if expert_gemm not in (*GEMM_KINDS, "auto"):
@@ -581,8 +591,11 @@ class FastPi0:
         # SigLIP's fc1 bias + GELU in the product's epilogue: CUDA only (see _siglip_layer); one
         # kernel less per layer (round 11). An attribute so that scripts/vision_ab.py can A/B it.
         self.gelu_epilogue = model.device.type == "cuda"
-        if self.fused_ln and not HAVE_TRITON:
-            raise ValueError("fused_layer_norm=True needs triton (pip install triton)")
+        # The prefix LM's rotary + K/V write as one Triton kernel (rope_scatter, round 14): None =
+        # on CUDA with Triton.
+        self.rope_kernel = auto_ln if rope_kernel is None else bool(rope_kernel)
+        if (self.fused_ln or self.rope_kernel) and not HAVE_TRITON:
+            raise ValueError("fused_layer_norm=True and rope_kernel=True need triton (pip install triton)")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode: expected one of {COMPILE_MODES} or None, got {compile_mode!r}")
         if compile:
@@ -596,6 +609,7 @@ class FastPi0:
             if not self.fused_ln:  # with the fused add + LayerNorm, eager SigLIP measured faster (2.0 vs 2.1 ms)
                 self._siglip_fn = torch.compile(_siglip_layer, **opts)
             self._qkv_fn = torch.compile(_gemma_qkv, **opts)
+            self._norm_qkv_fn = torch.compile(_norm_qkv, **opts)
             self._lm_rest_fn = torch.compile(_lm_rest, **opts)
             self._lm_act_fn = torch.compile(_lm_act, **opts)
             self._exp_fn = torch.compile(_expert_layer, **opts)
@@ -704,6 +718,10 @@ class FastPi0:
         g = lm.num_heads // lm.num_kv_heads
         pos = st.positions[:, :t] if idx is None else st.positions[:, idx]
         cos, sin = _rope_tables(pos, lm.head_dim, self.cfg.rope_base)
+        if self.rope_kernel:  # rope_scatter's (rows, D/2) half tables
+            half = lm.head_dim // 2
+            cos = cos[:, :, 0, :half].reshape(-1, half).contiguous()
+            sin = sin[:, :, 0, half:].reshape(-1, half).contiguous()
         bias = self._prefix_bias(st.valid[:, :t], x.shape[1] * g)
         n = lm.depth
         down = self._down_rows(x.shape[0] * x.shape[1])
@@ -712,7 +730,12 @@ class FastPi0:
                 st.hidden_buf(i)[:, : x.shape[1]].copy_(x)
             w = self.llm[i]
             k_out, v_out = st.k[i, :, :t], st.v[i, :, :t]
-            q = self._qkv_fn(x, w.in_norm, w.qkv, cos, sin, k_out, v_out, 0, idx, lm.num_heads, lm.num_kv_heads, lm.eps)
+            if self.rope_kernel:
+                q = rope_scatter(self._norm_qkv_fn(x, w.in_norm, w.qkv, lm.eps), cos, sin, k_out, v_out, 0, idx,
+                                 lm.num_heads, lm.num_kv_heads)
+            else:
+                q = self._qkv_fn(x, w.in_norm, w.qkv, cos, sin, k_out, v_out, 0, idx, lm.num_heads,
+                                 lm.num_kv_heads, lm.eps)
             yield i
             if i == n - 1:  # the last layer's output is never used: its K/V are enough
                 break
