@@ -359,6 +359,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
                        lm_down_tune=lm_down_tune)
         rep.config["expert"] = f"{fast.expert_gemm}{' +pdl' if fast.expert_pdl else ''}"
         rep.config["vision_ln"] = "triton" if fast.fused_ln else "torch"
+        rep.config["prefix_rope"] = "triton" if fast.rope_kernel else "torch"
         if fast.trt_vision is not None:
             rep.config["vision"] = "tensorrt (untested path)"
         out = fast.sample_actions(obs, noise)
