@@ -5,6 +5,9 @@ inference (sample_actions). The actions and caches are compared (the same values
 the same scores, so they should be bit-identical).
 
     PYTHONPATH=src python3 scripts/key_bias_ab.py [pi0|pi05] [rounds] [untuned]
+
+Runs at commit 2d6a696 (the round-14 logs'): later commits build the mask in `_prefix_tables`,
+and scripts/fast_ab.py is the general A/B.
 """
 
 import sys

@@ -287,7 +287,7 @@ def test_down_product_through_a_cublaslt_configuration_route():
 
 
 def test_down_route_keeps_the_fastest_only_when_clearly_faster(monkeypatch):
-    """_pick_down_rows times cuBLAS's addmm, then the 1-D-bias route over m and over m padded to
+    """_pick_down_rows times cuBLAS's product, then the 1-D-bias route over m and over m padded to
     128 rows, and keeps a route only if it beats the first by 3% (timer faked: CUDA only)."""
     fast = FastPi0(_model("tiny-pi0"))
     m = 200  # padded: 256
@@ -479,7 +479,7 @@ def test_sample_actions_runs_step0_layer_by_layer_behind_the_prefix():
     fast = FastPi0(model)
     fast.encode_prefix(other)  # stale K/V in the buffers: an expert layer run too early would read them
     order = []
-    for name, tag in (("_qkv_fn", "kv"), ("_lm_rest_fn", "rest"), ("_exp_fn", "exp")):
+    for name, tag in (("_norm_qkv_fn", "kv"), ("_lm_rest_fn", "rest"), ("_exp_fn", "exp")):
         real = getattr(fast, name)
         setattr(fast, name, lambda *a, real=real, tag=tag, **k: order.append(tag) or real(*a, **k))
     assert torch.equal(fast.sample_actions(obs, noise), ref)

@@ -392,7 +392,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         rows = fast._rows_of(obs)
         rep.config["prefix_rows"] = rows
         rep.config["lm_down"] = {m: (repr(r) if not isinstance(r, int) else f"cublaslt over {r} rows" if r
-                                     else "addmm, BLAS default") for m, r in fast.down_routes.items()}
+                                     else "cuBLAS's pick") for m, r in fast.down_routes.items()}
         rep.add(tag, "vision (all cameras)", tm(lambda: fast._embed(st, obs, {})))
         rep.add(tag, f"prefix LM (text + {cfg.llm.depth} layers)", tm(lambda: fast._prefix_graph(st, (), rows)),
                 f"{rows} of {cfg.prefix_len} rows")

@@ -149,6 +149,41 @@ def _rope_tables(positions: torch.Tensor, d: int, base: float):
     return torch.cat([c, c], -1)[:, :, None], torch.cat([-s, s], -1)[:, :, None]
 
 
+def _half_tables(cos, sin):
+    """(B, S, 1, D) rotate-half tables -> the Triton kernels' (B * S, D/2) cos and sin."""
+    half = cos.shape[-1] // 2
+    return cos[:, :, 0, :half].reshape(-1, half).contiguous(), sin[:, :, 0, half:].reshape(-1, half).contiguous()
+
+
+def _prefix_tables(valid, positions, d: int, base: float, half: bool, bias_dtype: torch.dtype):
+    """A prefix-LM pass's rotary tables (half: the Triton kernels' layout) and its padding mask
+    as one (B, T) additive vector over the keys. Small ops that compile fuses into a few kernels
+    (eager they are ~15 launches at the start of every prefix graph)."""
+    cos, sin = _rope_tables(positions, d, base)
+    if half:
+        cos, sin = _half_tables(cos, sin)
+    return cos, sin, torch.zeros(valid.shape, dtype=bias_dtype, device=valid.device).masked_fill(~valid, NEG_INF)
+
+
+def _expert_tables(valid, s: int, g: int, d: int, base: float, state_sees_actions: bool, half: bool,
+                   bias_dtype: torch.dtype):
+    """A denoise's rotary tables for the s suffix rows after the valid prefix (half: also the
+    Triton kernels' layout) and the [prefix ; suffix] mask, (B, 1, s * g, T + s) with rows in
+    (token, head) order; Pi0's state token (state_sees_actions False) sees the prefix and itself
+    only. Compile fuses these ~25 small ops (a reuse hit's graph starts with them)."""
+    b, t = valid.shape
+    pos = valid.sum(-1, keepdim=True) + torch.arange(s, device=valid.device)[None]
+    cos, sin = _rope_tables(pos, d, base)
+    cos_h, sin_h = _half_tables(cos, sin) if half else (None, None)
+    seen = torch.ones(s, s, dtype=torch.bool, device=valid.device)
+    if not state_sees_actions:
+        seen[0, 1:] = False
+    bias = torch.zeros(b, s, t + s, dtype=bias_dtype, device=valid.device)
+    bias[:, :, :t].masked_fill_(~valid[:, None, :], NEG_INF)
+    bias[:, :, t:].masked_fill_(~seen[None], NEG_INF)
+    return cos, sin, cos_h, sin_h, bias[:, :, None].expand(b, s, g, t + s).reshape(b, 1, s * g, t + s)
+
+
 # Expert products: cuBLAS; fused Triton QKV / MLP-in (+ Triton residual products); "chain": the
 # whole layer as Triton kernels with the norms in the residual products' reduce kernels.
 GEMM_KINDS = ("torch", "fused", "triton", "chain")
@@ -228,11 +263,16 @@ def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start: int, idx, heads
     """Norm, fused QKV, rotary on q and k together; k, v written into the cache buffer rows
     [start, start + R) or, with `idx`, the rows idx. Returns rotated q (B, R, H, D).
     (Writes go through the one buffer argument: aliased buffer arguments would confuse compile.)"""
-    b, r, _ = x.shape
+    return _rope_write(F.linear(_norm(x, in_norm, eps, scale1p, shift), qkv_w), cos, sin, k_buf, v_buf, start, idx,
+                       heads, kv_heads)
+
+
+def _rope_write(qkv, cos, sin, k_buf, v_buf, start: int, idx, heads: int, kv_heads: int):
+    """_gemma_qkv after its product: rotary on q and k, k and v into the cache buffer rows."""
+    b, r, _ = qkv.shape
     d = k_buf.shape[-1]
-    qkv = F.linear(_norm(x, in_norm, eps, scale1p, shift), qkv_w)
     qk = qkv[..., : (heads + kv_heads) * d].view(b, r, heads + kv_heads, d)
-    qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin).to(x.dtype)
+    qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin).to(qkv.dtype)
     k = qk[:, :, heads:]
     v = qkv[..., (heads + kv_heads) * d :].view(b, r, kv_heads, d)
     if idx is None:
@@ -244,10 +284,15 @@ def _gemma_qkv(x, in_norm, qkv_w, cos, sin, k_buf, v_buf, start: int, idx, heads
     return qk[:, :, :heads]
 
 
-def _norm_qkv(x, in_norm, qkv_w, eps: float):
-    """The prefix LM's norm + fused QKV product, whose rotary and K/V write then run as one
-    Triton kernel (rope_scatter) instead of the three torch.compile makes of _gemma_qkv's."""
-    return F.linear(_norm(x, in_norm, eps), qkv_w)
+def _norm_qkv(x, y, in_norm, qkv_w, eps: float):
+    """The prefix LM's layer input x + y (y: the previous layer's down product, whose residual
+    add is still pending, or None), its norm and the fused QKV product: returns (x + y, qkv).
+    Under compile the add, the norm and the sum's store are one kernel; the rotary and K/V write
+    follow as rope_scatter (one Triton kernel instead of the three compile makes of them) or
+    _rope_write."""
+    if y is not None:
+        x = x + y
+    return x, F.linear(_norm(x, in_norm, eps), qkv_w)
 
 
 def _flat(gate):
@@ -266,10 +311,14 @@ def _residual_product(x, a, w_t, gate, gemm: str = "torch"):
     return torch.addmm(x.reshape(-1, x.shape[-1]), a.reshape(-1, a.shape[-1]), w_t).view(x.shape)
 
 
-def _gemma_act(x, attn, o_t, post_norm, gate_up, eps: float, gate1=None, scale1p=None, shift=None, rows: int = 0):
+def _gemma_act(x, attn, o_t, post_norm, gate_up, eps: float, gate1=None, scale1p=None, shift=None, rows: int = 0,
+               add_after: bool = False):
     """Output projection + residual, norm, gate/up and gated GELU: returns (x, the down product's
-    input). With rows, that input comes flat as (rows, M), zero rows after x's (see _lt_residual)."""
-    x = _residual_product(x, attn, o_t, gate1)
+    input). With rows, that input comes flat as (rows, M), zero rows after x's (see _lt_residual).
+    add_after (the prefix LM): the residual added after the product, not in it, so that under
+    compile the add, the norm and the sum's store are one kernel (as addmm, cuBLAS first copies
+    the residual into its output: a copy and a launch per layer)."""
+    x = x + attn @ o_t if add_after else _residual_product(x, attn, o_t, gate1)
     h = _norm(x, post_norm, eps, scale1p, shift)
     m = gate_up.shape[0] // 2
     gu = F.linear(h, gate_up)
@@ -286,25 +335,28 @@ def _gemma_finish(x, attn, o_t, post_norm, gate_up, down_t, eps: float, gate1=No
 
 
 def _lm_rest(x, q, o_t, post_norm, gate_up, down_t, bias, k_buf, v_buf, eps: float, attn: str = "sdpa"):
-    """A prefix-LM layer after `_gemma_qkv` wrote its K/V: attention over k_buf / v_buf (this
-    layer's (B, T, Hkv, D) prefix K/V), output projection, MLP. Apart from the QKV part so that
-    other work can start once the K/V are written (FastPi0._sample_body)."""
-    return _gemma_finish(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, post_norm, gate_up, down_t, eps)
+    """A prefix-LM layer after its K/V were written: attention over k_buf / v_buf (this layer's
+    (B, T, Hkv, D) prefix K/V), output projection, MLP. Apart from the QKV part so that other
+    work can start once the K/V are written (FastPi0._sample_body). Returns (x, y): the layer's
+    output is x + y, the add left to the next layer's norm kernel (_norm_qkv)."""
+    x, act = _gemma_act(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, post_norm, gate_up, eps, add_after=True)
+    return x, act @ down_t
 
 
 def _lm_act(x, q, o_t, post_norm, gate_up, bias, k_buf, v_buf, eps: float, attn: str, rows: int):
     """`_lm_rest` up to the down product, whose input comes padded to `rows` (see _lt_residual)."""
-    return _gemma_act(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, post_norm, gate_up, eps, rows=rows)
+    return _gemma_act(x, _mqa(q, k_buf, v_buf, bias, attn), o_t, post_norm, gate_up, eps, rows=rows, add_after=True)
 
 
 def _lt_residual(x, act, down_t, zero):
-    """x + act @ down_t, act (rows >= x's rows, M) flat and zero-padded. The zero (N,) bias makes
+    """act @ down_t shaped as x (the residual add is left to the next layer's norm kernel), act
+    (rows >= x's rows, M) flat and zero-padded. The zero (N,) bias makes
     torch run the product through cuBLASLt's bias epilogue, whatever BLAS library is preferred:
     for some row counts its kernel is much faster than cuBLAS's pick (Pi0.5's 712 rows on an H100:
     ~78 us over 768 padded rows vs ~110; scripts/gemm_shapes.py, round 12). Never compiled:
     inductor may split a bias addmm into a product and an add, which would lose that route."""
     m = x.shape[0] * x.shape[1]
-    return x + torch.addmm(zero, act, down_t)[:m].view(x.shape)
+    return torch.addmm(zero, act, down_t)[:m].view(x.shape)
 
 
 def _median_ms(fn, reps: int = 7) -> float:
@@ -561,8 +613,10 @@ class FastPi0:
         self._siglip_fn = _siglip_layer
         self._lm_rest_fn = _lm_rest
         self._lm_act_fn = _lm_act
-        self._qkv_fn = _gemma_qkv
         self._norm_qkv_fn = _norm_qkv
+        self._rope_fn = _rope_write
+        self._prefix_tables_fn = _prefix_tables
+        self._exp_tables_fn = _expert_tables
         self._exp_fn = _expert_layer
         self._exp_fused_fn = _expert_layer_fused
         if expert_gemm not in (*GEMM_KINDS, "auto"):
@@ -608,8 +662,10 @@ class FastPi0:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
             if not self.fused_ln:  # with the fused add + LayerNorm, eager SigLIP measured faster (2.0 vs 2.1 ms)
                 self._siglip_fn = torch.compile(_siglip_layer, **opts)
-            self._qkv_fn = torch.compile(_gemma_qkv, **opts)
             self._norm_qkv_fn = torch.compile(_norm_qkv, **opts)
+            self._rope_fn = torch.compile(_rope_write, **opts)
+            self._prefix_tables_fn = torch.compile(_prefix_tables, **opts)
+            self._exp_tables_fn = torch.compile(_expert_tables, **opts)
             self._lm_rest_fn = torch.compile(_lm_rest, **opts)
             self._lm_act_fn = torch.compile(_lm_act, **opts)
             self._exp_fn = torch.compile(_expert_layer, **opts)
@@ -696,12 +752,6 @@ class FastPi0:
     def _bias_dtype(self, kind: str):
         return torch.float32 if kind in ("fp32", "triton") else self.model.dtype
 
-    def _prefix_bias(self, valid: torch.Tensor, rows: int):
-        bias = torch.zeros(valid.shape, dtype=self._bias_dtype(self.prefix_attn), device=valid.device).masked_fill(~valid, NEG_INF)
-        bias = bias[:, None, None, :].expand(-1, 1, rows, -1)
-        # Some SDPA kernels want dense masks; the Triton kernel reads a stride-0 one per key.
-        return bias if self.prefix_attn == "triton" else bias.contiguous()
-
     def _lm(self, st: _Static, x: torch.Tensor, start: int, keep_hidden: tuple[int, ...], idx=None):
         """Prefix LM layers [start, depth) over x: all tokens (idx None) or the tokens at idx,
         attending over the buffer's cached K/V of the others. K/V land in st.k / st.v."""
@@ -717,25 +767,24 @@ class FastPi0:
         t = self.cfg.prefix_len if idx is not None else x.shape[1]
         g = lm.num_heads // lm.num_kv_heads
         pos = st.positions[:, :t] if idx is None else st.positions[:, idx]
-        cos, sin = _rope_tables(pos, lm.head_dim, self.cfg.rope_base)
-        if self.rope_kernel:  # rope_scatter's (rows, D/2) half tables
-            half = lm.head_dim // 2
-            cos = cos[:, :, 0, :half].reshape(-1, half).contiguous()
-            sin = sin[:, :, 0, half:].reshape(-1, half).contiguous()
-        bias = self._prefix_bias(st.valid[:, :t], x.shape[1] * g)
+        cos, sin, key_bias = self._prefix_tables_fn(st.valid[:, :t], pos, lm.head_dim, self.cfg.rope_base,
+                                                    self.rope_kernel, self._bias_dtype(self.prefix_attn))
+        bias = key_bias[:, None, None, :].expand(-1, 1, x.shape[1] * g, -1)
+        # Some SDPA kernels want dense masks; the Triton kernel reads a stride-0 one per key.
+        bias = bias if self.prefix_attn == "triton" else bias.contiguous()
         n = lm.depth
         down = self._down_rows(x.shape[0] * x.shape[1])
+        y = None  # the previous layer's down product, its residual add pending (see _norm_qkv)
         for i in range(start, n):
             if i in keep_hidden:
+                if y is not None:
+                    x, y = x + y, None
                 st.hidden_buf(i)[:, : x.shape[1]].copy_(x)
             w = self.llm[i]
             k_out, v_out = st.k[i, :, :t], st.v[i, :, :t]
-            if self.rope_kernel:
-                q = rope_scatter(self._norm_qkv_fn(x, w.in_norm, w.qkv, lm.eps), cos, sin, k_out, v_out, 0, idx,
-                                 lm.num_heads, lm.num_kv_heads)
-            else:
-                q = self._qkv_fn(x, w.in_norm, w.qkv, cos, sin, k_out, v_out, 0, idx, lm.num_heads,
-                                 lm.num_kv_heads, lm.eps)
+            x, qkv = self._norm_qkv_fn(x, y, w.in_norm, w.qkv, lm.eps)
+            rope = rope_scatter if self.rope_kernel else self._rope_fn
+            q = rope(qkv, cos, sin, k_out, v_out, 0, idx, lm.num_heads, lm.num_kv_heads)
             yield i
             if i == n - 1:  # the last layer's output is never used: its K/V are enough
                 break
@@ -744,18 +793,20 @@ class FastPi0:
                 rows = x.shape[0] * x.shape[1] if lt else down
                 x, act = self._lm_act_fn(x, q, w.o_t, w.post_norm, w.gate_up, bias, k_out, v_out, lm.eps,
                                          self.prefix_attn, rows)
-                x = down(x, act, w.down_t) if lt else _lt_residual(x, act, w.down_t, self._zero_w)
+                # cuBLASLt's configurations take the residual in their epilogue (C = x) for free
+                x, y = (down(x, act, w.down_t), None) if lt else (x, _lt_residual(x, act, w.down_t, self._zero_w))
             else:
-                x = self._lm_rest_fn(x, q, w.o_t, w.post_norm, w.gate_up, w.down_t, bias, k_out, v_out, lm.eps,
-                                     self.prefix_attn)
+                x, y = self._lm_rest_fn(x, q, w.o_t, w.post_norm, w.gate_up, w.down_t, bias, k_out, v_out, lm.eps,
+                                        self.prefix_attn)
 
     def _down_rows(self, m: int) -> int | _LtDown:
-        """How the prefix LM's down product runs over m rows: 0 = addmm with the residual
-        (cuBLAS's pick); rows = through torch's cuBLASLt pick (_lt_residual) over that many rows
-        (m, or m padded to a multiple of 128); an _LtDown = one of cuBLASLt's other
-        configurations (kvreuse.model.cublaslt), the residual in the product. Timed once per m on
-        this card over the real weights, before any graph of that shape is captured; another
-        route is kept only when >= 3% faster than cuBLAS's pick."""
+        """How the prefix LM's down product runs over m rows: 0 = cuBLAS's pick (in the compiled
+        layer); rows = through torch's cuBLASLt pick (_lt_residual) over that many rows (m, or m
+        padded to a multiple of 128); an _LtDown = one of cuBLASLt's other configurations
+        (kvreuse.model.cublaslt), the residual in the product. The first two leave the residual
+        add to the next layer's norm kernel (_norm_qkv). Timed once per m on this card over the
+        real weights, before any graph of that shape is captured; another route is kept only
+        when >= 3% faster than cuBLAS's pick."""
         if m not in self.down_routes:
             self.down_routes[m] = self._pick_down_rows(m) if self.lm_down_tune else 0
         return self.down_routes[m]
@@ -768,7 +819,7 @@ class FastPi0:
         kw = dict(dtype=self.model.dtype, device=ws[0].device, generator=g)
         act = torch.randn(-(-m // 128) * 128, ws[0].shape[0], **kw)
         x = torch.randn(1, m, self.cfg.llm.width, **kw)
-        plain = _median_ms(lambda: [_residual_product(x, act[None, :m], wt, None) for wt in ws])
+        plain = _median_ms(lambda: [act[:m] @ wt for wt in ws])
         best, route = plain / 1.03, 0
         for rows in dict.fromkeys((m, act.shape[0])):
             ms = _median_ms(lambda rows=rows: [_lt_residual(x, act[:rows], wt, self._zero_w) for wt in ws])
@@ -851,22 +902,12 @@ class FastPi0:
         b = st.valid.shape[0]
         g = ex.num_heads // ex.num_kv_heads
         tables = self._step_tables(steps)
-        # Once per call: positions, rotary tables, the [prefix ; suffix] mask, Pi0's state token.
-        pos = st.valid.sum(-1, keepdim=True) + torch.arange(s, device=st.valid.device)[None]
-        cos, sin = _rope_tables(pos, ex.head_dim, cfg.rope_base)
         use_fused = self.expert_gemm != "torch" and b * s <= 64  # skinny kernels take <= 64 rows
         chain = use_fused and self.expert_gemm == "chain"  # Triton only (attention too), no compile
-        if use_fused:
-            half = ex.head_dim // 2
-            cos_h = cos[:, :, 0, :half].reshape(b * s, half).contiguous()
-            sin_h = sin[:, :, 0, half:].reshape(b * s, half).contiguous()  # the signed table's + half
-        seen = torch.ones(s, s, dtype=torch.bool, device=st.valid.device)
-        if not cfg.state_in_prompt:
-            seen[0, 1:] = False  # the state token sees the prefix and itself only
-        bias = torch.zeros(b, s, t + s, dtype=self._bias_dtype(self.expert_attn), device=st.valid.device)
-        bias[:, :, :t].masked_fill_(~st.valid[:, None, :], NEG_INF)
-        bias[:, :, t:].masked_fill_(~seen[None], NEG_INF)
-        bias = bias[:, :, None].expand(b, s, g, t + s).reshape(b, 1, s * g, t + s)  # rows in (token, head) order
+        # Once per call: positions, rotary tables, the [prefix ; suffix] mask, Pi0's state token.
+        cos, sin, cos_h, sin_h, bias = self._exp_tables_fn(
+            st.valid, s, g, ex.head_dim, cfg.rope_base, bool(cfg.state_in_prompt), use_fused,
+            self._bias_dtype(self.expert_attn))
         if chain:
             return self._denoise_chain(st, steps, tables, cos_h, sin_h, bias, before_layer)
         if not cfg.state_in_prompt:

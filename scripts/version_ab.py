@@ -1,0 +1,72 @@
+"""A/B of the runtime at two commits in one process, one card: FastPi0 as an older commit had it
+(a copy of its package, `kvreuse_old`) against the working tree's, over one model (compile on,
+as the bench), timed in turn round after round: encode_prefix (vision + prefix LM), the denoise
+alone (= a reuse hit) and full inference (sample_actions). Prints the actions' difference and
+each instance's down-product route first.
+
+    python3 scripts/version_ab.py --make REV            # here: REV's src/kvreuse -> scripts/_ab/kvreuse_old
+    PYTHONPATH=src:scripts/_ab python3 scripts/version_ab.py pi0|pi05 ROUNDS [--tuned]
+
+Both keep cuBLAS's down product unless --tuned (see fast_ab.py). scripts/_ab is a scratch copy:
+never committed.
+"""
+
+import io
+import pathlib
+import subprocess
+import sys
+import tarfile
+
+AB = pathlib.Path(__file__).resolve().parent / "_ab"
+
+
+def make(rev: str) -> None:
+    """REV's package as kvreuse_old: its absolute `kvreuse` imports renamed."""
+    data = subprocess.run(["git", "archive", rev, "src/kvreuse"], capture_output=True, check=True).stdout
+    out = AB / "kvreuse_old"
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for m in tar.getmembers():
+            if not m.isfile() or not m.name.endswith(".py"):
+                continue
+            dst = out / pathlib.Path(m.name).relative_to("src/kvreuse")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            text = tar.extractfile(m).read().decode()
+            for a, b in (("from kvreuse.", "from kvreuse_old."), ("import kvreuse.", "import kvreuse_old.")):
+                text = text.replace(a, b)
+            dst.write_text(text)
+    print(f"{rev} -> {out}")
+
+
+def main() -> None:
+    if sys.argv[1] == "--make":
+        return make(sys.argv[2])
+    import torch
+    from kvreuse_old.model.fast import FastPi0 as OldFast
+
+    from kvreuse.bench import build_random, random_inputs, rel_err, time_fn
+    from kvreuse.model import preset
+    from kvreuse.model.fast import FastPi0
+
+    variant, rounds, tuned = sys.argv[1], int(sys.argv[2]), "--tuned" in sys.argv
+    print(torch.cuda.get_device_name(), torch.__version__, variant, flush=True)
+    cfg = preset(variant).replace(cameras=("cam0", "cam1"))  # as kvreuse bench
+    model = build_random(cfg, "cuda")
+    obs, noise = random_inputs(cfg, 1, "cuda")
+    kw = dict(compile=True, lm_down_tune=tuned)
+    fast = {"old": OldFast(model, **kw), "new": FastPi0(model, **kw)}
+    with torch.no_grad():
+        outs = [f.sample_actions(obs, noise) for f in fast.values()]
+        caches = {k: f.encode_prefix(obs) for k, f in fast.items()}
+        print(f"actions rel diff {rel_err(*outs):.2e}; down routes "
+              + " | ".join(f"{k} {f.down_routes}" for k, f in fast.items()), flush=True)
+        for r in range(rounds):  # in turn, so that drift between rounds meets both
+            for name, call in (("encode_prefix (vision + prefix LM)", lambda k, f: f.encode_prefix(obs)),
+                               ("denoise alone (reuse hit)", lambda k, f: f.denoise(caches[k], obs, noise)),
+                               ("sample_actions", lambda k, f: f.sample_actions(obs, noise))):
+                st = {k: time_fn(lambda k=k, f=f, call=call: call(k, f), 30, 3, "cuda") for k, f in fast.items()}
+                print(f"round {r + 1}, {name}: " + " | ".join(f"{k} {s.median:.3f} ms (p10 {s.p10:.3f})"
+                                                             for k, s in st.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
