@@ -5,7 +5,10 @@ shape on an H100), each over that many distinct weight copies as in a pass (27 S
 layers) in a CUDA graph, and checks each algorithm's output against torch's.
 --search: each listed algorithm also with split-K counts 1-8 (both reduction schemes) and CTA
 swizzling on and off, where cuBLASLt accepts the combination (cublasLtMatmulAlgoCheck).
-Usage: PYTHONPATH=src:scripts python3 scripts/lt_algos.py [M ...] [--search]   (Gemma's rows; 560 672)"""
+--tiles: each listed algorithm id with every tile shape and stage count it offers, at split-K 1
+and 2 (round 14; at most MAX_CONFIGS per shape, in that order). --siglip: SigLIP's products only.
+Usage: PYTHONPATH=src:scripts python3 scripts/lt_algos.py [M ...] [--search | --tiles] [--siglip]
+(M: Gemma's rows; 560 672)"""
 
 import functools
 import operator
@@ -21,6 +24,8 @@ from kvreuse.model.cublaslt import LtProduct, Shape
 
 dev, dt = "cuda", torch.bfloat16
 SEARCH = False  # --search
+TILES = False  # --tiles
+MAX_CONFIGS = 800
 
 
 def check_header() -> None:
@@ -41,6 +46,9 @@ def check_header() -> None:
             "CUBLASLT_ALGO_CONFIG_STAGES_ID": lt.ALGO_CONFIG["stages"],
             "CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME": lt.ALGO_CONFIG["reduction"],
             "CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING": lt.ALGO_CONFIG["swizzle"],
+            "CUBLASLT_ALGO_CONFIG_TILE_ID": lt.ALGO_CONFIG["tile"],
+            "CUBLASLT_ALGO_CAP_TILE_IDS": lt.ALGO_CAP["tile_ids"],
+            "CUBLASLT_ALGO_CAP_STAGES_IDS": lt.ALGO_CAP["stages_ids"],
             "CUBLASLT_REDUCTION_SCHEME_INPLACE": lt.REDUCTION_INPLACE,
             "CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE": lt.REDUCTION_COMPUTE_TYPE}
     def value(name: str) -> int | None:  # a number, or names OR-ed together (GELU_BIAS = GELU | BIAS)
@@ -90,7 +98,10 @@ def measure(name: str, s: Shape, layers: int) -> float:
     out = torch.empty(s.m, s.n, device=dev, dtype=dt)
     ws_buf = torch.empty(lt.MAX_WORKSPACE, dtype=torch.uint8, device=dev)
     rows = []
-    for i, c in enumerate(p.configs(32, search=SEARCH)):
+    configs = p.configs(32, search=SEARCH, tiles=TILES)
+    if len(configs) > MAX_CONFIGS:
+        print(f"  {len(configs)} configurations: timing the first {MAX_CONFIGS}")
+    for i, c in enumerate(configs[:MAX_CONFIGS]):
         try:
             p.run(x, ws[0], out, c, ws_buf, bias, res)
             torch.cuda.synchronize()
@@ -117,10 +128,12 @@ def measure(name: str, s: Shape, layers: int) -> float:
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     check_header()
-    global SEARCH
-    SEARCH = "--search" in sys.argv
+    global SEARCH, TILES
+    SEARCH, TILES = "--search" in sys.argv, "--tiles" in sys.argv
     rows = [int(a) for a in sys.argv[1:] if a.isdigit()] or [560, 672]
     shapes = {**SIGLIP, **{k: v for m in rows for k, v in gemma(m).items()}}
+    if "--siglip" in sys.argv:
+        shapes = SIGLIP
     saved = sum(measure(name, s, 27 if name.startswith("siglip") else 18) for name, s in shapes.items())
     print(f"sum of per-pass savings over the shapes above (each M counted): {saved:.0f} us")
 

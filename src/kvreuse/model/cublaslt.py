@@ -26,6 +26,7 @@ DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8
 EPILOGUE_DEFAULT, EPILOGUE_BIAS, EPILOGUE_GELU_BIAS = 1, 4, 36
 PREF_MAX_WORKSPACE_BYTES = 1
 ALGO_CONFIG = {"id": 0, "tile": 1, "splitk": 2, "reduction": 3, "swizzle": 4, "custom": 5, "stages": 6}
+ALGO_CAP = {"tile_ids": 6, "stages_ids": 13}  # cublasLtMatmulAlgoCapAttributes_t
 REDUCTION_INPLACE, REDUCTION_COMPUTE_TYPE = 1, 2
 MAX_WORKSPACE = 32 << 20  # bytes a configuration may ask for
 
@@ -136,10 +137,11 @@ class LtProduct:
                                              ctypes.c_uint64(cols), ctypes.c_int64(rows)), "MatrixLayoutCreate")
         return lay
 
-    def configs(self, count: int = 32, search: bool = False) -> list[Config]:
+    def configs(self, count: int = 32, search: bool = False, tiles: bool = False) -> list[Config]:
         """The heuristic's algorithms for this shape (up to `count`, its best guess first); with
         search, each also at split-K 1-8 (both reduction schemes) and CTA swizzling on and off,
-        where cuBLASLt accepts the combination within MAX_WORKSPACE."""
+        where cuBLASLt accepts the combination within MAX_WORKSPACE; with tiles, each algorithm
+        id listed with every tile shape and stage count it offers (split-K 1 and 2, no swizzle)."""
         L = lib()
         pref = ctypes.c_void_p()
         _ok(L.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "MatmulPreferenceCreate")
@@ -153,9 +155,38 @@ class LtProduct:
         L.cublasLtMatmulPreferenceDestroy(pref)
         _ok(status, "MatmulAlgoGetHeuristic")
         found = [Config(res[i].algo, res[i].workspace) for i in range(got.value) if res[i].state == 0]
+        if tiles:  # one algorithm per id (the heuristic lists an id several times with other tiles)
+            ids = {Config(c.algo, 0).describe().get("id"): c for c in found}
+            return [v for c in ids.values() for t in self._retiled(c.algo) for v in self._variants(t, (1, 2), (0,))]
         return [v for c in found for v in self._variants(c.algo)] if search else found
 
+    def _caps(self, algo: Algo, cap: str) -> list[int]:
+        """An algorithm's listed ids for one capability (tile shapes, stage counts)."""
+        L, n = lib(), ctypes.c_size_t(0)
+        if L.cublasLtMatmulAlgoCapGetAttribute(ctypes.byref(algo), ALGO_CAP[cap], None, 0, ctypes.byref(n)) != 0:
+            return []
+        buf = (ctypes.c_uint32 * max(1, n.value // 4))()
+        if L.cublasLtMatmulAlgoCapGetAttribute(ctypes.byref(algo), ALGO_CAP[cap], buf, ctypes.sizeof(buf),
+                                               ctypes.byref(n)) != 0:
+            return []
+        return list(buf)[: n.value // 4]
+
+    def _retiled(self, algo: Algo) -> list[Algo]:
+        """algo with each tile id and stage id it lists (itself where it lists none)."""
+        L, out = lib(), []
+        for tile in self._caps(algo, "tile_ids") or [None]:
+            for stages in self._caps(algo, "stages_ids") or [None]:
+                a = Algo()
+                ctypes.memmove(ctypes.byref(a), ctypes.byref(algo), ctypes.sizeof(Algo))
+                ok = all(L.cublasLtMatmulAlgoConfigSetAttribute(
+                    ctypes.byref(a), ALGO_CONFIG[name], ctypes.byref(ctypes.c_uint32(v)), 4) == 0
+                    for name, v in (("tile", tile), ("stages", stages)) if v is not None)
+                if ok:
+                    out.append(a)
+        return out
+
     def _variants(self, algo: Algo, splits=(1, 2, 3, 4, 6, 8), swizzles=(0, 1)) -> list[Config]:
+        """algo at each split-K count (both reduction schemes) and swizzle that cuBLASLt accepts."""
         L, out = lib(), []
         for k in splits:
             for red in ((0,) if k == 1 else (REDUCTION_INPLACE, REDUCTION_COMPUTE_TYPE)):
