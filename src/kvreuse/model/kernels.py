@@ -315,8 +315,12 @@ def mqa_attention(
         stat = torch.empty(2, b * hkv, splits, m, device=q.device, dtype=torch.float32)
     if num_warps is None:
         # A BLOCK_M x D fp32 accumulator of 8192+ elements spills with 4 warps (sm_90 cubins);
-        # 16 x 256 tiles also ran faster with 8 (H200 tune).
-        num_warps = 4 if big and block_m <= 64 else 8 if d * block_m >= 4096 else 4
+        # 16 x 256 tiles also ran faster with 8 (H200 tune; Pi0's 611 keys, two key blocks per
+        # split), but with 4 over three (Pi0.5's 722 and 762 keys on an H100: 9.7 vs 10.7 and 9.9
+        # vs 10.6 us; attn_tune.py, round 14). (Pi0.5's 626 keys, two blocks per split, also
+        # preferred 4 there, 8.7 vs 9.2 us: the split is not the whole story.)
+        wide = d * block_m >= 4096 and blocks_per_split <= 2
+        num_warps = 4 if big and block_m <= 64 else 8 if wide else 4
     scale = 1.0 / math.sqrt(d) if scale is None else scale
 
     split_kernel[(b * hkv, tiles, splits)](
