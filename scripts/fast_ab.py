@@ -2,18 +2,18 @@
 over one model, timed in turn round after round: encode_prefix (vision + prefix LM) and full
 inference (sample_actions). Prints the actions' and caches' differences first. Both keep
 cuBLAS's down product unless --tuned (each instance's route timer may pick another route, which
-rounds differently; round 14's key_bias_ab.py logs show it).
+rounds differently: docs/PERFORMANCE.md, round 14's per-key mask).
 
-    PYTHONPATH=src python3 scripts/fast_ab.py pi0|pi05 ROUNDS --a key=value ... --b key=value ... [--tuned]
+    PYTHONPATH=src:scripts python3 scripts/fast_ab.py pi0|pi05 ROUNDS --a key=value ... --b key=value ... [--tuned]
     e.g. scripts/fast_ab.py pi0 4 --a rope_kernel=0 --b rope_kernel=1
 """
 
 import sys
 
 import torch
+from ab_rounds import setup, time_rounds
 
-from kvreuse.bench import build_random, random_inputs, rel_err, time_fn
-from kvreuse.model import preset
+from kvreuse.bench import rel_err
 from kvreuse.model.fast import FastPi0
 
 
@@ -32,10 +32,7 @@ def main() -> None:
     variant, rounds = argv[0], int(argv[1])
     ia, ib = argv.index("--a"), argv.index("--b")
     kw_a, kw_b = _kwargs(argv[ia + 1 : ib]), _kwargs(argv[ib + 1 :])
-    print(torch.cuda.get_device_name(), torch.__version__, variant, f"A {kw_a} | B {kw_b}", flush=True)
-    cfg = preset(variant).replace(cameras=("cam0", "cam1"))  # as kvreuse bench
-    model = build_random(cfg, "cuda")
-    obs, noise = random_inputs(cfg, 1, "cuda")
+    _, model, obs, noise = setup(variant, f"A {kw_a} | B {kw_b}")
     base = dict(compile=True, lm_down_tune=tuned)
     fast = {"A": FastPi0(model, **base, **kw_a), "B": FastPi0(model, **base, **kw_b)}
     with torch.no_grad():
@@ -45,12 +42,8 @@ def main() -> None:
         print(f"actions rel diff {rel_err(*outs):.2e}; cache K rel diff {rel_err(a.k * valid, b.k * valid):.2e}, "
               f"V {rel_err(a.v * valid, b.v * valid):.2e}; down routes "
               + " | ".join(f"{k} {f.down_routes}" for k, f in fast.items()), flush=True)
-        for r in range(rounds):  # in turn, so that drift between rounds meets both
-            for name, call in (("encode_prefix (vision + prefix LM)", lambda f: f.encode_prefix(obs)),
-                               ("sample_actions", lambda f: f.sample_actions(obs, noise))):
-                st = {k: time_fn(lambda f=f, call=call: call(f), 30, 3, "cuda") for k, f in fast.items()}
-                print(f"round {r + 1}, {name}: " + " | ".join(f"{k} {s.median:.3f} ms (p10 {s.p10:.3f})"
-                                                             for k, s in st.items()), flush=True)
+        time_rounds(fast, {"encode_prefix (vision + prefix LM)": lambda k, f: f.encode_prefix(obs),
+                           "sample_actions": lambda k, f: f.sample_actions(obs, noise)}, rounds)
 
 
 if __name__ == "__main__":

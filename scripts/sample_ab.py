@@ -10,15 +10,15 @@ Actions are compared with round 12's (bit-identical). The logged runs used commi
 version, which spelled out db97aa0's _embed in full. Commit 1d6bab8's version also timed
 SigLIP's attention through kernels.mqa_attention ("triton vision", not kept).
 
-    PYTHONPATH=src python3 scripts/sample_ab.py [pi0|pi05] [rounds]
+    PYTHONPATH=src:scripts python3 scripts/sample_ab.py [pi0|pi05] [rounds]
 """
 
 import sys
 
 import torch
+from ab_rounds import setup, time_rounds
 
-from kvreuse.bench import build_random, random_inputs, rel_err, time_fn
-from kvreuse.model import preset
+from kvreuse.bench import rel_err
 from kvreuse.model.fast import FastPi0
 
 
@@ -60,22 +60,15 @@ class _HostReadsFirst(FastPi0):
 def main() -> None:
     variant = sys.argv[1] if len(sys.argv) > 1 else "pi0"
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 5
-    print(torch.cuda.get_device_name(), torch.__version__, variant, flush=True)
-    cfg = preset(variant).replace(cameras=("cam0", "cam1"))  # as kvreuse bench
-    model = build_random(cfg, "cuda")
-    obs, noise = random_inputs(cfg, 1, "cuda")
+    _, model, obs, noise = setup(variant)
     fast = {"round 12": _Round12(model, compile=True), "host reads first": _HostReadsFirst(model, compile=True),
             "now": FastPi0(model, compile=True)}
     with torch.no_grad():
         outs = {k: f.sample_actions(obs, noise) for k, f in fast.items()}
         print("actions vs round 12: " + ", ".join(
             f"{k} {rel_err(o, outs['round 12']):.2e}" for k, o in outs.items() if k != "round 12"), flush=True)
-        for r in range(rounds):  # in turn, so that drift between rounds meets all of them
-            for name, call in (("sample_actions", lambda f: f.sample_actions(obs, noise)),
-                               ("sample_with_prefix", lambda f: f.sample_with_prefix(obs, noise))):
-                st = {k: time_fn(lambda f=f, call=call: call(f), 30, 3, "cuda") for k, f in fast.items()}
-                print(f"round {r + 1}, {name}: " + " | ".join(f"{k} {s.median:.3f} ms (p10 {s.p10:.3f})"
-                                                             for k, s in st.items()), flush=True)
+        time_rounds(fast, {"sample_actions": lambda k, f: f.sample_actions(obs, noise),
+                           "sample_with_prefix": lambda k, f: f.sample_with_prefix(obs, noise)}, rounds)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ alone (= a reuse hit) and full inference (sample_actions). Prints the actions' d
 each instance's down-product route first.
 
     python3 scripts/version_ab.py --make REV            # here: REV's src/kvreuse -> scripts/_ab/kvreuse_old
-    PYTHONPATH=src:scripts/_ab python3 scripts/version_ab.py pi0|pi05 ROUNDS [--tuned]
+    PYTHONPATH=src:scripts:scripts/_ab python3 scripts/version_ab.py pi0|pi05 ROUNDS [--tuned]
 
 Both keep cuBLAS's down product unless --tuned (see fast_ab.py). scripts/_ab is a scratch copy:
 never committed.
@@ -41,17 +41,14 @@ def main() -> None:
     if sys.argv[1] == "--make":
         return make(sys.argv[2])
     import torch
+    from ab_rounds import setup, time_rounds
     from kvreuse_old.model.fast import FastPi0 as OldFast
 
-    from kvreuse.bench import build_random, random_inputs, rel_err, time_fn
-    from kvreuse.model import preset
+    from kvreuse.bench import rel_err
     from kvreuse.model.fast import FastPi0
 
     variant, rounds, tuned = sys.argv[1], int(sys.argv[2]), "--tuned" in sys.argv
-    print(torch.cuda.get_device_name(), torch.__version__, variant, flush=True)
-    cfg = preset(variant).replace(cameras=("cam0", "cam1"))  # as kvreuse bench
-    model = build_random(cfg, "cuda")
-    obs, noise = random_inputs(cfg, 1, "cuda")
+    _, model, obs, noise = setup(variant)
     kw = dict(compile=True, lm_down_tune=tuned)
     fast = {"old": OldFast(model, **kw), "new": FastPi0(model, **kw)}
     with torch.no_grad():
@@ -59,13 +56,9 @@ def main() -> None:
         caches = {k: f.encode_prefix(obs) for k, f in fast.items()}
         print(f"actions rel diff {rel_err(*outs):.2e}; down routes "
               + " | ".join(f"{k} {f.down_routes}" for k, f in fast.items()), flush=True)
-        for r in range(rounds):  # in turn, so that drift between rounds meets both
-            for name, call in (("encode_prefix (vision + prefix LM)", lambda k, f: f.encode_prefix(obs)),
-                               ("denoise alone (reuse hit)", lambda k, f: f.denoise(caches[k], obs, noise)),
-                               ("sample_actions", lambda k, f: f.sample_actions(obs, noise))):
-                st = {k: time_fn(lambda k=k, f=f, call=call: call(k, f), 30, 3, "cuda") for k, f in fast.items()}
-                print(f"round {r + 1}, {name}: " + " | ".join(f"{k} {s.median:.3f} ms (p10 {s.p10:.3f})"
-                                                             for k, s in st.items()), flush=True)
+        time_rounds(fast, {"encode_prefix (vision + prefix LM)": lambda k, f: f.encode_prefix(obs),
+                           "denoise alone (reuse hit)": lambda k, f: f.denoise(caches[k], obs, noise),
+                           "sample_actions": lambda k, f: f.sample_actions(obs, noise)}, rounds)
 
 
 if __name__ == "__main__":
