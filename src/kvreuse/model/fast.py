@@ -19,7 +19,8 @@
   kernels with programmatic dependent launch on sm_90 (`expert_gemm="chain"`; since round 5 each
   Euler step's projections and update too, so the whole denoise is one chain), SigLIP's residual
   adds + LayerNorms as one kernel each (docs/PERFORMANCE.md, rounds 4-5), the prefix LM's rotary
-  and K/V write as one kernel (`rope_scatter`, round 14).
+  and K/V write as one kernel (`rope_scatter`, round 14); under compile, the prefix LM's residual
+  adds inside its norm kernels (`_norm_qkv`, round 14).
 
 The API matches `Pi0Model` (encode_prefix / denoise / sample_actions / sample_with_prefix /
 update_prefix / update_prefix_layers) and the caches are ordinary `PrefixCache`s (their masked
@@ -318,7 +319,11 @@ def _gemma_act(x, attn, o_t, post_norm, gate_up, eps: float, gate1=None, scale1p
     add_after (the prefix LM): the residual added after the product, not in it, so that under
     compile the add, the norm and the sum's store are one kernel (as addmm, cuBLAS first copies
     the residual into its output: a copy and a launch per layer)."""
-    x = x + attn @ o_t if add_after else _residual_product(x, attn, o_t, gate1)
+    if add_after:
+        y = attn @ o_t
+        x = x + (y if gate1 is None else y * gate1)
+    else:
+        x = _residual_product(x, attn, o_t, gate1)
     h = _norm(x, post_norm, eps, scale1p, shift)
     m = gate_up.shape[0] // 2
     gu = F.linear(h, gate_up)
