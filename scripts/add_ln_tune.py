@@ -26,7 +26,7 @@ def main() -> None:
 
     def run(rows, warps):
         kernel[(-(-m // rows),)](x, y, w, b, s, h, m, n, n, n, n, n, HAS_Y=True, EPS=1e-6, ROWS=rows,
-                                 BLOCK=2048, PDL=False, num_warps=warps)
+                                 BLOCK=2048, num_warps=warps)
         return h
 
     print("| rows / program | warps | us | same as default |\n|---|---|---|---|")

@@ -115,7 +115,7 @@ def _fuse_siglip(vision) -> list[_SiglipW]:
 
 # ---- layer functions (tensors in, tensors out: one torch.compile serves every layer) ------------
 def _siglip_layer(x, y, ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_t, fc2_b,
-                  heads: int, eps: float, fused_ln: bool = False, gelu_epilogue: bool = False, pdl: bool = False):
+                  heads: int, eps: float, fused_ln: bool = False, gelu_epilogue: bool = False):
     """One SigLIP layer over x + y, where y is the previous layer's MLP output whose residual add
     is still pending (None for the first layer); returns (x', y') summing to the layer's output,
     so that every residual add meets the LayerNorm after it: fused_ln does both in one Triton
@@ -123,7 +123,7 @@ def _siglip_layer(x, y, ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc1_
     GELU in cuBLASLt's epilogue, which is tanh GELU on CUDA (torch's own decomposition of
     _addmm_activation says so) but erf GELU on the CPU, hence not used there. (The attention
     through kernels.mqa_attention instead of PyTorch's pick, cuDNN, ran slower: round 13.)"""
-    add_ln = _add_ln(fused_ln, pdl)
+    add_ln = _add_ln(fused_ln)
     n, p, w = x.shape
     x, h = add_ln(x, y, ln1_w, ln1_b, eps)
     q, k, v = F.linear(h, qkv_w, qkv_b).view(n, p, 3, heads, w // heads).unbind(2)
@@ -136,11 +136,9 @@ def _siglip_layer(x, y, ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc1_
     return x, torch.addmm(fc2_b, a, fc2_t).view(n, p, w)
 
 
-def _add_ln(fused: bool, pdl: bool = False):
+def _add_ln(fused: bool):
     """SigLIP's residual add + LayerNorm: the Triton kernel or the same in torch ops."""
-    if not fused:
-        return add_layer_norm_reference
-    return (lambda *a: add_layer_norm(*a, pdl=True)) if pdl else add_layer_norm
+    return add_layer_norm if fused else add_layer_norm_reference
 
 
 def _rope_tables(positions: torch.Tensor, d: int, base: float):
@@ -655,8 +653,6 @@ class FastPi0:
         # The prefix LM's rotary + K/V write as one Triton kernel (rope_scatter, round 14): None =
         # on CUDA with Triton.
         self.rope_kernel = auto_ln if rope_kernel is None else bool(rope_kernel)
-        # Round 14's trial, reverted after it: PDL for SigLIP's add + LayerNorm and rope_scatter.
-        self.kernel_pdl = pdl_supported(model.device)
         if (self.fused_ln or self.rope_kernel) and not HAVE_TRITON:
             raise ValueError("fused_layer_norm=True and rope_kernel=True need triton (pip install triton)")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
@@ -745,9 +741,8 @@ class FastPi0:
             x, y = self._siglip_fn(
                 x, y, w.ln1_w, w.ln1_b, w.qkv_w, w.qkv_b, w.o_w, w.o_b, w.ln2_w, w.ln2_b,
                 w.fc1_w, w.fc1_b, w.fc2_t, w.fc2_b, vc.num_heads, vc.eps, self.fused_ln, self.gelu_epilogue,
-                self.kernel_pdl,
             )
-        x = _add_ln(self.fused_ln, self.kernel_pdl)(x, y, m.post_ln.weight, m.post_ln.bias, vc.eps)[1]
+        x = _add_ln(self.fused_ln)(x, y, m.post_ln.weight, m.post_ln.bias, vc.eps)[1]
         return F.linear(x, self.model.projector.weight, self.model.projector.bias)
 
     def _text_and_masks(self, st: _Static):
@@ -793,11 +788,8 @@ class FastPi0:
             w = self.llm[i]
             k_out, v_out = st.k[i, :, :t], st.v[i, :, :t]
             x, qkv = self._norm_qkv_fn(x, y, w.in_norm, w.qkv, lm.eps)
-            if self.rope_kernel:
-                q = rope_scatter(qkv, cos, sin, k_out, v_out, 0, idx, lm.num_heads, lm.num_kv_heads,
-                                 pdl=self.kernel_pdl)
-            else:
-                q = self._rope_fn(qkv, cos, sin, k_out, v_out, 0, idx, lm.num_heads, lm.num_kv_heads)
+            rope = rope_scatter if self.rope_kernel else self._rope_fn
+            q = rope(qkv, cos, sin, k_out, v_out, 0, idx, lm.num_heads, lm.num_kv_heads)
             yield i
             if i == n - 1:  # the last layer's output is never used: its K/V are enough
                 break

@@ -15,13 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvreuse.model import kernels
-from kvreuse.model.kernels import HAVE_TRITON, pdl_kwargs
+from kvreuse.model.kernels import HAVE_TRITON
 
 triton = None  # set by _build(); the kernel body looks `tl` up in these module globals
 tl = None
 _KERNEL = None
-_pdl_enter = None
 
 __all__ = ["add_layer_norm", "add_layer_norm_reference"]
 
@@ -29,20 +27,15 @@ ROWS = 2  # rows per program (512 rows: 256 programs)
 
 
 def _build():
-    global triton, tl, _KERNEL, _pdl_enter
+    global triton, tl, _KERNEL
     if _KERNEL is not None:
         return _KERNEL
     import triton
     import triton.language as tl
 
-    kernels._build()
-    _pdl_enter = kernels._pdl_enter
-
     @triton.jit
     def _add_ln_kernel(x_ptr, y_ptr, w_ptr, b_ptr, s_ptr, h_ptr, M, N, stride_x, stride_y, stride_s, stride_h,
-                       HAS_Y: tl.constexpr, EPS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                       PDL: tl.constexpr):
-        _pdl_enter(PDL)
+                       HAS_Y: tl.constexpr, EPS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -71,7 +64,7 @@ def add_layer_norm_reference(x: torch.Tensor, y: torch.Tensor | None, weight, bi
 
 
 def add_layer_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, LayerNorm(s) * weight + bias) with s = x + y rounded to x's dtype (y None: s = x, not
     copied). x, y (..., N) with a unit last stride, same shape and dtype; weight, bias (N,).
     One kernel, no host sync (CUDA-graph capturable)."""
@@ -93,7 +86,6 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor
     s2, h2 = s.view(-1, n) if y is not None else x2, h.view(-1, n)  # (s2 unused without y)
     kernel[(triton.cdiv(m, ROWS),)](
         x2, y2, weight, bias, s2, h2, m, n, x2.stride(0), y2.stride(0), s2.stride(0), h2.stride(0),
-        HAS_Y=y is not None, EPS=eps, ROWS=ROWS, BLOCK=triton.next_power_of_2(n), PDL=pdl, num_warps=4,
-        **pdl_kwargs(pdl),
+        HAS_Y=y is not None, EPS=eps, ROWS=ROWS, BLOCK=triton.next_power_of_2(n), num_warps=4,
     )
     return s, h

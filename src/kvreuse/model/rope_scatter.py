@@ -15,35 +15,29 @@ from __future__ import annotations
 
 import torch
 
-from kvreuse.model import kernels
-from kvreuse.model.kernels import HAVE_TRITON, pdl_kwargs
+from kvreuse.model.kernels import HAVE_TRITON
 
 triton = None  # set by _build(); the kernel body looks `tl` up in these module globals
 tl = None
 _KERNEL = None
-_pdl_enter = None
 
 __all__ = ["HAVE_TRITON", "rope_scatter"]
 
 
 def _build():
-    global triton, tl, _KERNEL, _pdl_enter
+    global triton, tl, _KERNEL
     if _KERNEL is not None:
         return _KERNEL
     import triton
     import triton.language as tl
-
-    kernels._build()
-    _pdl_enter = kernels._pdl_enter
 
     @triton.jit
     def _rope_scatter_kernel(
         qkv_ptr, cos_ptr, sin_ptr, idx_ptr, q_ptr, k_ptr, v_ptr,
         M, R, start, H, HKV,
         s_qkv, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-        HAS_IDX: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr,
+        HAS_IDX: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        _pdl_enter(PDL)
         HALF: tl.constexpr = D // 2
         head = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -88,7 +82,6 @@ def rope_scatter(
     heads: int,
     kv_heads: int,
     block_m: int = 32,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """qkv (B, R, (heads + 2 kv_heads) D), unit last stride: [q | k | v] as the fused product
     gives them. cos / sin: contiguous (B * R, D / 2) float32 half tables (cos and sin of position
@@ -122,6 +115,6 @@ def rope_scatter(
         m, r, start, heads, kv_heads,
         qkv.stride(1), k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), v_buf.stride(0), v_buf.stride(1),
         v_buf.stride(2),
-        HAS_IDX=idx is not None, D=d, BLOCK_M=block_m, PDL=pdl, num_warps=4, **pdl_kwargs(pdl),
+        HAS_IDX=idx is not None, D=d, BLOCK_M=block_m, num_warps=4,
     )
     return q
