@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=611)  # Pi0, 2 cameras: 560 prefix + 51 suffix
     ap.add_argument("--queries", type=int, default=51)
     ap.add_argument("--prefix", action="store_true", help="560 queries x 560 keys, bigger row tiles")
+    ap.add_argument("--prefix-rows", type=int, default=560, help="the prefix shape's rows (Pi0.5's bench: 672)")
     ap.add_argument("--prefix-small", action="store_true",
                     help="the prefix shape with 16 / 32-row tiles, one split (round 6: 64-row tiles fill only 70 SMs)")
     ap.add_argument("--mask-bound", action="store_true",
@@ -56,7 +57,7 @@ def main() -> None:
     if a.siglip:
         return siglip()
     if a.prefix or a.prefix_small:
-        a.keys = a.queries = 560
+        a.keys = a.queries = a.prefix_rows
     dev, dt = "cuda", torch.bfloat16
     h, d, r, t = 8, 256, a.queries, a.keys
     g = torch.Generator(device=dev).manual_seed(0)
@@ -66,6 +67,10 @@ def main() -> None:
     bias = torch.zeros(1, r, t, device=dev)
     bias[:, :, t - r - 20 : t - r] = -2.3819763e38  # prompt padding
     bias[:, 0, t - r + 1 :] = -2.3819763e38  # Pi0: the state token does not see the actions
+    if a.prefix or a.prefix_small:  # since round 14: the prefix's padding mask, one value per key (stride 0)
+        bias = torch.zeros(1, 1, t, device=dev)
+        bias[..., t - 16 :] = -2.3819763e38
+        bias = bias.expand(1, r, t)
     folded = bias[:, None, :, None, :].expand(1, 1, r, h, t).reshape(1, 1, r * h, t)
     ref = _mqa(q.float(), k.float(), v.float(), folded, "math")
     print(f"{torch.cuda.get_device_name()}  q {tuple(q.shape)}  k/v {tuple(k.shape)}  bf16")
@@ -85,7 +90,7 @@ def main() -> None:
     # round-2 profile), and the combine kernel's rows per program.
     grid = itertools.product((16, 32), (32, 64), (None, 1, 2, 3, 4, 6, 10), (4, 8), (2,), (8, 32))
     if a.prefix:  # round 4: thousands of query rows, so bigger row tiles and few splits
-        grid = itertools.product((64, 128), (32, 64), (1, 2, 3), (4, 8), (2, 3), (8,))
+        grid = itertools.product((64, 128), (32, 64), (1, 2, 3), (4, 8), (2, 3), (4, 8))
     if a.prefix_small:
         grid = [(64, 64, 1, 4, 2, 8), *itertools.product((16, 32), (32, 64), (1,), (4, 8), (2, 3), (8,))]
     for bm, bn, splits, warps, stages, crows in grid:
