@@ -5,7 +5,7 @@ alone (= a reuse hit) and full inference (sample_actions). Prints the actions' d
 each instance's down-product route first.
 
     python3 scripts/version_ab.py --make REV            # here: REV's src/kvreuse -> scripts/_ab/kvreuse_old
-    PYTHONPATH=src:scripts:scripts/_ab python3 scripts/version_ab.py pi0|pi05 ROUNDS [--tuned]
+    PYTHONPATH=src:scripts:scripts/_ab python3 scripts/version_ab.py pi0|pi05 ROUNDS [--tuned] [--new-first]
 
 Both keep cuBLAS's down product unless --tuned (see fast_ab.py). scripts/_ab is a scratch copy:
 never committed.
@@ -50,7 +50,12 @@ def main() -> None:
     variant, rounds, tuned = sys.argv[1], int(sys.argv[2]), "--tuned" in sys.argv
     _, model, obs, noise = setup(variant)
     kw = dict(compile=True, lm_down_tune=tuned)
-    fast = {"old": OldFast(model, **kw), "new": FastPi0(model, **kw)}
+    # The first instance built may run its hit slower (instance_spread.py, round 14): --new-first
+    # builds the working tree's first, to see whether a difference follows the code or the order.
+    order = ("new", "old") if "--new-first" in sys.argv else ("old", "new")
+    builders = {"old": lambda: OldFast(model, **kw), "new": lambda: FastPi0(model, **kw)}
+    built = {k: builders[k]() for k in order}
+    fast = {"old": built["old"], "new": built["new"]}
     with torch.no_grad():
         outs = [f.sample_actions(obs, noise) for f in fast.values()]
         caches = {k: f.encode_prefix(obs) for k, f in fast.items()}
