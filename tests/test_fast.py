@@ -641,3 +641,30 @@ def test_graph_capture_gets_cublas_workspaces_of_its_own(monkeypatch):
     log.clear()
     graphs.run("k", lambda: log.append("fn"))  # captured once: replays only, no clearing
     assert log == ["replay"]
+
+
+@torch.no_grad()
+def test_prefix_functions_trace_whole_under_compile():
+    """The functions FastPi0 compiles around the prefix LM (round 14's pending residual and
+    tables) trace without graph breaks (fullgraph) and compute what they compute eagerly; the
+    GPU bench's --check covers inductor itself."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    b, t, w, heads, d, s = 1, 12, 16, 2, 8, 5
+    x, y = torch.randn(b, t, w, generator=g), torch.randn(b, t, w, generator=g)
+    norm, qkv_w = torch.rand(w, generator=g) + 0.5, torch.randn((heads + 2) * d, w, generator=g)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[:, -3:] = False
+    pos = valid.long().cumsum(-1) - 1
+    cases = [
+        (fast_mod._norm_qkv, (x, y, norm, qkv_w, 1e-6)),
+        (fast_mod._norm_qkv, (x, None, norm, qkv_w, 1e-6)),
+        (fast_mod._prefix_tables, (valid, pos, d, 10000.0, True, torch.float32)),
+        (fast_mod._expert_tables, (valid, s, heads, d, 10000.0, False, True, torch.float32)),
+    ]
+    for fn, args in cases:
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+        for a, e in zip(compiled(*args), fn(*args), strict=True):
+            assert (a is None and e is None) or torch.equal(a, e)
+    out, ref = fast_mod._norm_qkv(x, y, norm, qkv_w, 1e-6), fast_mod._norm_qkv(x + y, None, norm, qkv_w, 1e-6)
+    assert torch.equal(out[0], x + y) and torch.equal(out[1], ref[1])  # the pending add happens first
