@@ -319,11 +319,7 @@ def _gemma_act(x, attn, o_t, post_norm, gate_up, eps: float, gate1=None, scale1p
     add_after (the prefix LM): the residual added after the product, not in it, so that under
     compile the add, the norm and the sum's store are one kernel (as addmm, cuBLAS first copies
     the residual into its output: a copy and a launch per layer)."""
-    if add_after:
-        y = attn @ o_t
-        x = x + (y if gate1 is None else y * gate1)
-    else:
-        x = _residual_product(x, attn, o_t, gate1)
+    x = x + attn @ o_t if add_after else _residual_product(x, attn, o_t, gate1)  # (the prefix has no gates)
     h = _norm(x, post_norm, eps, scale1p, shift)
     m = gate_up.shape[0] // 2
     gu = F.linear(h, gate_up)
@@ -598,6 +594,7 @@ class FastPi0:
         # prefix-LM rows -> 0 (cuBLAS), padded rows through torch's cuBLASLt pick, or an _LtDown
         self.down_routes: dict[int, int | _LtDown] = {}
         self._side: torch.cuda.Stream | None = None
+        self._prepared: tuple | None = None  # what prepare() read ahead, for one observation
         # Optional TensorRT engines for SigLIP + projector (untested: see vision_trt.py).
         self.trt_vision = TrtVision(model.vision, model.projector, model.dtype) if vision_trt else None
         with torch.no_grad():
@@ -844,9 +841,9 @@ class FastPi0:
         attended), so caches differ from the eager model's there only. Pi0.5's 200 prompt slots
         cost ~1 ms of prefix LM on an H100 against 128 (docs/PERFORMANCE.md, rounds 11-12).
         Reads the mask on the host: a device sync when it lives on the GPU (see _rows_of)."""
-        n, q = self.cfg.max_token_len, self.prompt_bucket
-        if q == 0 or q >= n:
+        if not self._trims_prompt():
             return self.cfg.prefix_len
+        n, q = self.cfg.max_token_len, self.prompt_bucket
         used = token_mask.any(0)
         last = int((used * torch.arange(1, n + 1, device=used.device)).max())
         return self.cfg.prefix_len - n + min(n, max(q, -(-last // q) * q))
@@ -854,8 +851,11 @@ class FastPi0:
     def _rows_of(self, obs: Observation) -> int:
         """prefix_rows of obs's prompt, its mask read on the host only where the bucket needs it
         (Observation.host_mask: no device read for an observation moved there by to())."""
-        n, q = self.cfg.max_token_len, self.prompt_bucket
-        return self.cfg.prefix_len if q == 0 or q >= n else self.prefix_rows(obs.host_mask("token_mask"))
+        return self.prefix_rows(obs.host_mask("token_mask")) if self._trims_prompt() else self.cfg.prefix_len
+
+    def _trims_prompt(self) -> bool:
+        """Whether prefix_rows depends on the prompt (a bucket smaller than its slots)."""
+        return 0 < self.prompt_bucket < self.cfg.max_token_len
 
     def _prefix_full(self, st: _Static, keep_hidden: tuple[int, ...], rows: int | None = None):
         self._text_and_masks(st)
@@ -1117,9 +1117,8 @@ class FastPi0:
         the next call that embeds obs, and only while obs's masks are unchanged. Nothing to do
         where neither reads the device (Pi0's spans; prompts of one bucket; masks whose host
         copies Observation.to kept, read later while the GPU runs the vision pass)."""
-        n, q = self.cfg.max_token_len, self.prompt_bucket
         needs = ("state_token_mask",) if self.cfg.state_in_prompt else ()
-        needs += ("token_mask",) if 0 < q < n else ()
+        needs += ("token_mask",) if self._trims_prompt() else ()
         if all(obs.on_host(name) for name in needs):
             self._prepared = None
             return
@@ -1132,7 +1131,7 @@ class FastPi0:
         return (obs.token_mask, obs.state_token_mask), (version(obs.token_mask), version(obs.state_token_mask))
 
     def _prepared_for(self, obs: Observation, consume: bool = False):
-        p = self.__dict__.get("_prepared")
+        p = self._prepared
         if p is None or p[0] is not obs:
             return None
         (tm, sm), versions = p[3]

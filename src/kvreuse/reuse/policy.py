@@ -92,6 +92,7 @@ class ReusePolicy:
         if self._valid_rows is None and self.cache is not None:
             self._valid_rows = self.cache.mask.any(0).cpu()
         return self._valid_rows
+
     def _sync(self) -> float:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
