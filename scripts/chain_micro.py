@@ -2,7 +2,8 @@
 prefetch in every product or only in fused_qkv, then (SWEEP=1, default) round 4's tiling sweeps
 per kernel with NORM_ROWS=1, or one of round 5's (SWEEP=stages|attn|splits|more|bias|asplits), or
 none (SWEEP=0), or round 6's bounds (SWEEP=bound: without the reduce / combine kernels, and with
-one layer's weights in all 18 so that they stay in L2). ATTN_SPLITS=n fixes the chain's attention
+one layer's weights in all 18 so that they stay in L2); several as SWEEP=stages,splits.
+CHAIN=pdl times only the chain as FastPi0 runs it before the sweeps. ATTN_SPLITS=n fixes the chain's attention
 key splits. Pi0 expert shapes, random weights; `same` = bit-identical to the first variant.
 Usage (one sm_90 GPU): PYTHONPATH=src python3 scripts/chain_micro.py"""
 
@@ -95,6 +96,8 @@ real_skinny, real_attn = fast_mod.skinny_linear, fast_mod.mqa_attention
 # (name, pdl, L2 prefetch in every product, attention without its mask: a timing bound, wrong numbers)
 variants = [("off", 0, False, False), ("pdl", 1, False, False), ("pdl all-prefetch", 1, True, False),
             ("pdl no-mask (bound)", 1, False, True)]
+if os.environ.get("CHAIN") == "pdl":  # only the chain as FastPi0 runs it
+    variants = variants[1:2]
 if os.environ.get("ATTN_SPLITS"):  # the chain with the attention's key splits fixed (default: 5 for Pi0)
     real_attn = functools.partial(real_attn, num_splits=int(os.environ["ATTN_SPLITS"]))
 print(torch.cuda.get_device_name(), torch.__version__)
@@ -191,10 +194,11 @@ ROUND5 = {
     "bias": [("attn", [{}]), ("attn-keybias", [{}]), ("attn-nobias", [{}])],  # what the per-row mask costs
     "asplits": [("attn", [dict(num_splits=ns) for ns in (3, 4, 5, 6)])],  # key splits, after the cheaper combine
 }
-mode = os.environ.get("SWEEP", "1")
-for op, grid in ROUND5.get(mode, []):
-    sweep(op, grid, (1,))
-if mode != "1":
+modes = os.environ.get("SWEEP", "1").split(",")  # one or more, comma-separated
+for mode in modes:
+    for op, grid in ROUND5.get(mode, []):
+        sweep(op, grid, (1,))
+if "1" not in modes:
     raise SystemExit
 
 sg.NORM_ROWS = int(os.environ.get("NORM_ROWS", "1"))
