@@ -20,7 +20,7 @@ import torch
 
 from kvreuse.bench import build_random, random_inputs, side_by_side, time_fn
 from kvreuse.model import preset
-from kvreuse.model import fast as fast_mod
+from kvreuse.model import graphs as graphs_mod
 from kvreuse.model.fast import FastPi0
 
 
@@ -33,7 +33,7 @@ def main() -> None:
         opt[k] = v
     tag = " ".join(f"{k}={v}" for k, v in opt.items())
     if opt["fix"] == "0":
-        fast_mod._clear_cublas_workspaces = lambda: None
+        graphs_mod.clear_cublas_workspaces = lambda: None
     cfg = preset("pi0").replace(cameras=("cam0", "cam1"))
     model = build_random(cfg, "cuda")
     obs, noise = random_inputs(cfg, 1, "cuda", 1)

@@ -12,7 +12,8 @@ import torch
 
 from kvreuse.bench import build_random, random_inputs
 from kvreuse.model import preset
-from kvreuse.model.fast import FastPi0, _Graphs
+from kvreuse.model.fast import FastPi0
+from kvreuse.model.graphs import Graphs
 
 
 def main(name="pi0", compile="1", rounds=5, iters=30):
@@ -25,7 +26,7 @@ def main(name="pi0", compile="1", rounds=5, iters=30):
     for tag, overlap, priority in (("prefix then denoise", False, None), ("step 0 beside, normal priority", True, 0),
                                    ("step 0 beside, high priority", True, -1)):
         v = copy.copy(base)
-        v.graphs, v.overlap = _Graphs(True), overlap
+        v.graphs, v.overlap = Graphs(True), overlap
         v._side = torch.cuda.Stream(priority=priority) if overlap else None
         variants[tag] = v
     outs = {tag: v.sample_actions(obs, noise) for tag, v in variants.items()}

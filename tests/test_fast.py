@@ -302,6 +302,8 @@ def test_bench_check_runs_on_cpu():
     assert rep.ok and rep.check["ok"]
     names = {n for _, n, _, _ in rep.rows}
     assert "full inference" in names and "denoise alone = reuse hit" in names
+    hit = next(note for _, n, _, note in rep.rows if n == "ReusePolicy.infer, reuse hit (crossmodal gate)")
+    assert hit.startswith("1 of 1 reused")  # the policy's hit row times hits only
     with pytest.raises(ValueError, match="full size"):
         bench("pi0", 1, 2, 3, 8, 1, 0, False, 2e-2, None, False, False, False, 0.25, None, False, False, 0)
 
@@ -611,7 +613,7 @@ def test_graph_capture_gets_cublas_workspaces_of_its_own(monkeypatch):
     import contextlib
     import types
 
-    import kvreuse.model.fast as fm
+    import kvreuse.model.graphs as graphs_mod
 
     log = []
 
@@ -632,9 +634,9 @@ def test_graph_capture_gets_cublas_workspaces_of_its_own(monkeypatch):
         graph=capture,
         synchronize=lambda: None,
     )
-    monkeypatch.setattr(fm.torch, "cuda", fake)
-    monkeypatch.setattr(fm, "_clear_cublas_workspaces", lambda: log.append("clear"))
-    graphs = fm._Graphs(True)
+    monkeypatch.setattr(graphs_mod.torch, "cuda", fake)
+    monkeypatch.setattr(graphs_mod, "clear_cublas_workspaces", lambda: log.append("clear"))
+    graphs = graphs_mod.Graphs(True)
     out = graphs.run("k", lambda: log.append("fn") or "out")
     assert out == "out"
     assert log == ["fn", "fn", "clear", "capture", "fn", "clear", "replay"]

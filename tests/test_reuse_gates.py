@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
+from torch.overrides import TorchFunctionMode
 from hypothesis import strategies as st
 
 from kvreuse.reuse.config import ReuseConfig
@@ -220,3 +221,107 @@ def test_siglip_gate_costs_the_vision_pass_but_saves_the_prefix():
     assert pol.infer(raw)[1].reused
     rec = pol.infer(nudge(raw, np.random.default_rng(0), 0, state_delta=0.5))[1]
     assert not rec.reused and "state" in rec.reason
+
+
+class _DeviceReads(TorchFunctionMode):
+    """Counts host reads of meta tensors (meta stands in for a GPU here: each such read would be a
+    device sync there) and answers them with placeholder values; CPU tensors read normally."""
+
+    READS = {"__bool__", "__float__", "__int__", "item", "tolist", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS and any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
+            self.count += 1
+            t = args[0]
+            if name == "tolist":
+                return [0.5] * t.numel()
+            return {"__bool__": True, "equal": False, "__int__": 0}.get(name, 0.5)
+        return func(*args, **(kwargs or {}))
+
+
+def test_signals_and_phase_cues_read_the_device_once():
+    """A reuse hit decides on the host, so its signals cost one device read, not one per signal:
+    the camera masks come from the host copies Observation.to kept, every scalar comes back in one
+    transfer; the same for the phase cues read from the last action chunk."""
+    from kvreuse.bench import synthetic_obs
+    from kvreuse.model import preset
+    from kvreuse.reuse.signals import Reference, camera_ref, measure
+
+    mc = preset("tiny-pi05")
+    cfg = ReuseConfig(gate="crossmodal", patch_max_diff=0.1)
+    obs = synthetic_obs(mc, 2, "cpu", torch.Generator().manual_seed(0)).to("meta")
+    patch = mc.vision.patch_size
+    ref = Reference(
+        cameras={c: camera_ref(obs.images[c], cfg, patch) for c in obs.images},
+        image_masks={c: obs.host_mask(f"image_masks/{c}") for c in obs.image_masks},
+        state=obs.state.clone(), prompt=obs.prompt, raw_shapes=None, dtype=obs.state.dtype, device=obs.device)
+    with _DeviceReads() as reads:
+        s = measure(obs, ref, cfg, {"image", "state", "patches", "pixels"}, patch, mc.state_dim)
+    assert reads.count == 1
+    assert set(s.image_raw) == set(s.patch_unchanged) == set(s.pixels_changed) == set(obs.images)
+    assert s.state_cos == s.state_l2 == 0.5 and s.pixels_changed[next(iter(obs.images))] is True
+    with _DeviceReads() as reads:
+        cues = phase_cues(torch.zeros(2, mc.chunk_size, mc.max_action_dim, device="meta"), cfg, mc.action_dim)
+    assert reads.count == 1 and cues.variance == cues.curvature == 0.5
+
+
+def test_raw_scalars_trace_whole_and_match_eager():
+    """The common gates' signals (raw-image cosine per camera, the state's cosine and L2) are one
+    function that a GPU runs compiled: it must trace without graph breaks (fullgraph) and give
+    what eager gives, exactly 1 for an unchanged camera."""
+    from kvreuse.reuse.signals import _scalars_fn, downsample, raw_scalars
+
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.rand(2, 3, 64, 64, generator=g) * 2 - 1 for _ in range(2)]
+    smalls = [downsample(imgs[0], 8), downsample(imgs[1], 8) + 0.05]  # camera 1 has moved
+    state = torch.randn(2, 32, generator=g)
+    args = (imgs, smalls, 8, state, state + 0.01, 8)
+    eager = raw_scalars(*args)
+    traced = torch.compile(raw_scalars, backend="aot_eager", fullgraph=True, dynamic=False)(*args)
+    assert eager.shape == (4,) and eager[0] == 1.0 and eager[1] < 1.0 and 0 < eager[3] < 0.1
+    torch.testing.assert_close(traced, eager)
+    assert _scalars_fn(torch.device("cpu")) is raw_scalars  # compiled only on a GPU
+
+
+def test_scalar_graphs_copy_the_cached_side_only_when_it_changed():
+    """ScalarGraphs (a CUDA graph on a GPU; here the same static buffers without one) gives what
+    raw_scalars gives, copies the new observation every call, and the cached images and state
+    only when they are other tensors or were written since."""
+    from kvreuse.reuse.signals import ScalarGraphs, downsample, raw_scalars
+
+    class Copies(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Copies.n += getattr(func, "__name__", "") == "copy_"
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(1)
+    imgs = [torch.rand(1, 3, 32, 32, generator=g) for _ in range(2)]
+    smalls = [downsample(i, 8) for i in imgs]
+    state, ref = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)
+    sg = ScalarGraphs()
+
+    def call(images):
+        Copies.n = 0
+        with Copies():
+            out = sg(images, smalls, 8, state, ref, 8).clone()
+        torch.testing.assert_close(out, raw_scalars(images, smalls, 8, state, ref, 8))
+        return out, Copies.n
+
+    first, n = call(imgs)
+    assert n == 6 and first[0] == first[1] == 1.0  # everything copied once
+    moved = [imgs[0] + 0.5, imgs[1]]
+    out, n = call(moved)
+    assert n == 3 and out[0] < 1.0 and out[1] == 1.0  # the new images and state only
+    smalls[1].add_(0.5)  # the cache written in place: copied again
+    out, n = call(moved)
+    assert n == 4 and out[1] < 1.0
+    smalls[1] = downsample(imgs[1], 8)  # a new cached tensor (a refresh): copied
+    out, n = call(moved)
+    assert n == 4 and out[1] == 1.0

@@ -199,8 +199,8 @@ def test_robot_to_unknown_model_camera_and_unknown_robot():
 
 
 def test_masks_moved_by_to_are_read_back_from_their_host_copy():
-    """Observation.to keeps the CPU masks it moved, so the model reads them without touching the
-    device (meta here stands in for a GPU: reading it back would fail); a mask changed since is
+    """Observation.to keeps the CPU masks it moved (token, state-token and camera masks), so the
+    model and the reuse policy read them without touching the device (meta here stands in for a GPU: reading it back would fail); a mask changed since is
     read from the device instead."""
     from kvreuse.bench import synthetic_obs
 
@@ -208,8 +208,8 @@ def test_masks_moved_by_to_are_read_back_from_their_host_copy():
     cpu = synthetic_obs(cfg, 2, "cpu", torch.Generator().manual_seed(0))
     dev = cpu.to("meta")
     assert dev.token_mask.is_meta
-    for name in ("token_mask", "state_token_mask"):
-        assert dev.on_host(name) and dev.host_mask(name) is getattr(cpu, name)
+    for name in ("token_mask", "state_token_mask", *(f"image_masks/{c}" for c in cpu.image_masks)):
+        assert dev.on_host(name) and dev.host_mask(name) is cpu.mask(name)
     assert cpu.on_host("token_mask") and cpu.host_mask("token_mask") is cpu.token_mask  # already on the host
     dev.token_mask[:, 0] = True  # written in place after the move: the host copy is stale
     assert not dev.on_host("token_mask")
@@ -218,3 +218,6 @@ def test_masks_moved_by_to_are_read_back_from_their_host_copy():
     cpu.state_token_mask[:, 0] = True  # the source changed
     with pytest.raises(NotImplementedError):
         dev.host_mask("state_token_mask")
+    cam = next(iter(cpu.image_masks))
+    dev.image_masks[cam] = dev.image_masks[cam].clone()  # another tensor under the camera's name
+    assert not dev.on_host(f"image_masks/{cam}")

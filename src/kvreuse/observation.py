@@ -20,8 +20,10 @@ class Observation:
     prompt: the task text per batch row (identity for cache invalidation; state excluded).
 
     The model reads the two token masks on the host (where the prompt ends, where the state
-    starts): `host_mask` serves them from the CPU tensors `to()` copied them from, so that an
-    observation moved to a GPU that way costs no device read for them.
+    starts), and the reuse policy the camera masks (which cameras are present): `host_mask`
+    serves them from the CPU tensors `to()` copied them from, so that an observation moved to a
+    GPU that way costs no device read for them. Mask names: "token_mask", "state_token_mask",
+    "image_masks/<camera>".
     """
 
     images: dict[str, torch.Tensor]
@@ -57,25 +59,29 @@ class Observation:
             token_mask=mv(self.token_mask),
             state_token_mask=mv(self.state_token_mask),
         )
-        for name in ("token_mask", "state_token_mask"):
-            src, dst = getattr(self, name), getattr(out, name)
+        for name in ("token_mask", "state_token_mask", *(f"image_masks/{c}" for c in self.image_masks)):
+            src, dst = self.mask(name), out.mask(name)
             if src.device.type == "cpu" and dst is not src:
                 out._host[name] = (dst, version(dst), src, version(src))
         return out
 
+    def mask(self, name: str) -> torch.Tensor:
+        """The mask called `name` ("token_mask", "state_token_mask", "image_masks/<camera>")."""
+        group, _, cam = name.partition("/")
+        return self.image_masks[cam] if group == "image_masks" else getattr(self, name)
+
     def host_mask(self, name: str) -> torch.Tensor:
-        """`token_mask` or `state_token_mask` on the CPU: the tensor to() copied it from while
-        neither has changed since, else read from the device (a sync on a GPU)."""
-        t = getattr(self, name)
-        return self._host[name][2] if self._host_copy_valid(name) else t.cpu()
+        """The mask `name` on the CPU: the tensor to() copied it from while neither has changed
+        since, else read from the device (a sync on a GPU)."""
+        return self._host[name][2] if self._host_copy_valid(name) else self.mask(name).cpu()
 
     def on_host(self, name: str) -> bool:
         """Whether host_mask(name) reads no device: the mask is on the CPU or has a valid host copy."""
-        return getattr(self, name).device.type == "cpu" or self._host_copy_valid(name)
+        return self.mask(name).device.type == "cpu" or self._host_copy_valid(name)
 
     def _host_copy_valid(self, name: str) -> bool:
         h = self._host.get(name)
-        return (h is not None and h[0] is getattr(self, name) and None not in (h[1], h[3])
+        return (h is not None and h[0] is self.mask(name) and None not in (h[1], h[3])
                 and (h[1], h[3]) == (version(h[0]), version(h[2])))
 
 

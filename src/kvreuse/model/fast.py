@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from ..cache import PrefixCache, Span, new_snapshot_id
 from ..observation import Observation, version
 from . import cublaslt
+from .graphs import Graphs
 from .kernels import HAVE_TRITON, mqa_attention, pdl_supported
 from .layer_norm import add_layer_norm, add_layer_norm_reference
 from .layers import NEG_INF, sincos_time
@@ -441,51 +442,6 @@ class _Static:
         return self.hidden[layer]
 
 
-def _clear_cublas_workspaces() -> None:
-    torch._C._cuda_clearCublasWorkspaces()
-
-
-class _Graphs:
-    """Runs a zero-argument function over static buffers: on CUDA captured once per key as a
-    CUDA graph (after two warm-up runs, which also trigger any compilation) and replayed."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.graphs: dict = {}
-        self.capture_s = 0.0
-
-    def run(self, key, fn):
-        if not self.enabled:
-            return fn()
-        g = self.graphs.get(key)
-        if g is None:
-            t0 = time.perf_counter()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # cuBLAS keeps one workspace per (handle, stream), and a graph bakes in the address of
-            # the one it captured with. Whoever clears those workspaces frees that block while
-            # the graph still writes to it: torch.compile's CUDA graphs (mode "reduce-overhead" /
-            # "max-autotune", lerobot's default) do so on every recording, and the bench's rounds
-            # beside lerobot then faulted ("unspecified launch failure"; scripts/graph_mix.py).
-            # Cleared before capture, the workspaces are allocated anew inside this graph's own
-            # pool; cleared after, nothing else shares them, so a later clear frees the block back
-            # into that pool, which stays this graph's for its lifetime.
-            _clear_cublas_workspaces()
-            with torch.cuda.graph(graph):
-                out = fn()
-            _clear_cublas_workspaces()
-            g = self.graphs[key] = (graph, out)
-            torch.cuda.synchronize()
-            self.capture_s += time.perf_counter() - t0
-        g[0].replay()
-        return g[1]
-
-
 def _bucket(r: int, total: int) -> int:
     """Recompute counts are padded up to a few sizes so partial updates reuse captured graphs."""
     return min(total, max(64, 1 << (r - 1).bit_length())) if r > 0 else 0
@@ -576,7 +532,7 @@ class FastPi0:
         self.use_graphs = (model.device.type == "cuda") if graphs is None else graphs
         if self.use_graphs and model.device.type != "cuda":
             raise ValueError("graphs=True needs the model on a CUDA device")
-        self.graphs = _Graphs(self.use_graphs)
+        self.graphs = Graphs(self.use_graphs)
         self.compiled = compile
         self.overlap = overlap  # sample_actions: Euler step 0 beside the prefix LM (_sample_body)
         if prompt_bucket is None:

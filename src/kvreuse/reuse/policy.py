@@ -33,7 +33,8 @@ from .config import ReuseConfig
 from .gates import Decision, make_gate
 from .modes import Plan, plan_refresh, plan_reuse
 from .records import ReuseStats, StepRecord
-from .signals import PhaseCues, Reference, Signals, camera_ref, measure, patchify, phase_cues
+from .signals import (PhaseCues, Reference, ScalarGraphs, Signals, camera_ref, measure, patchify, phase_cues,
+                      present_cameras)
 
 
 class _Parts:
@@ -69,6 +70,8 @@ class ReusePolicy:
         mode_needs = {"partial": {"patches"}, "state_only": {"pixels"}, "layer_wise": {"pixels"}}
         self.needs = set(self.gate.needs) | mode_needs.get(self.config.mode, set())
         self.stats = ReuseStats()
+        self._scalars = ScalarGraphs()  # the common gates' signals: one graph launch on a GPU
+        self._signals_ready = False  # see _execute
         self.reset()
 
     def reset(self) -> None:
@@ -78,6 +81,7 @@ class ReusePolicy:
         self.births: torch.Tensor | None = None  # (T,) call index of each row's K/V
         self.birth_times: torch.Tensor | None = None  # (T,) monotonic seconds
         self._valid_rows: torch.Tensor | None = None  # see valid_rows
+        self._oldest: tuple[int, float] | None = None  # see age
         self.layer_mixed = False
         self.mixed = False  # the cache's K/V combine more than one observation
         self.phase: PhaseCues | None = None
@@ -99,9 +103,13 @@ class ReusePolicy:
         return time.perf_counter()
 
     def age(self, call: int, now: float) -> tuple[int, float]:
-        """(calls, seconds) since the oldest valid K/V row of the cache was computed."""
-        valid = self.valid_rows
-        return call - int(self.births[valid].min()), now - float(self.birth_times[valid].min())
+        """(calls, seconds) since the oldest valid K/V row of the cache was computed (its birth
+        is looked up once per cache: the lookup costs more host time than the rest of a hit's
+        bookkeeping)."""
+        if self._oldest is None:
+            valid = self.valid_rows
+            self._oldest = int(self.births[valid].min()), float(self.birth_times[valid].min())
+        return call - self._oldest[0], now - self._oldest[1]
 
     def invalid_reason(self, obs: Observation, raw_shapes, call: int, now: float) -> str | None:
         """Why the cache may not be reused at all, or None."""
@@ -112,8 +120,8 @@ class ReusePolicy:
             return "batch size changed"
         if obs.prompt != r.prompt:
             return "prompt changed"
-        if set(obs.image_masks) != set(r.image_masks) or any(
-            not torch.equal(obs.image_masks[c], r.image_masks[c]) for c in r.image_masks
+        if set(obs.image_masks) != set(r.image_masks) or any(  # (host copies: no device read)
+            not torch.equal(obs.host_mask(f"image_masks/{c}"), r.image_masks[c]) for c in r.image_masks
         ):
             return "camera set changed"
         if raw_shapes is not None and r.raw_shapes is not None and tuple(raw_shapes) != tuple(r.raw_shapes):
@@ -175,7 +183,7 @@ class ReusePolicy:
             out = model.denoise(self.cache, dobs, noise)
             parts.add("denoise", t)
         if plan.kind != "none":
-            self._valid_rows = None
+            self._valid_rows = self._oldest = None
             # A full refresh gives every row the same birth; a partial or layer-wise one may not.
             self.mixed = plan.kind != "all" and (
                 self.layer_mixed or len(torch.unique(self.births[self.valid_rows])) > 1)  # (denoise queued)
@@ -206,13 +214,12 @@ class ReusePolicy:
         fresh = None
         if "image" in self.needs and cfg.image_metric == "siglip":
             t = self._parts.mark()
-            fresh = self.model.embed_images({c: obs.images[c] for c, m in obs.image_masks.items() if bool(m.any())})
+            fresh = self.model.embed_images({c: obs.images[c] for c in present_cameras(obs)})
             self._passes += len(fresh)
             self._parts.add("vision", t)
         t = time.perf_counter()
-        sig = measure(
-            obs, self.ref, cfg, self.needs, self.model.cfg.vision.patch_size, self.model.cfg.state_dim, fresh
-        )
+        sig = measure(obs, self.ref, cfg, self.needs, self.model.cfg.vision.patch_size, self.model.cfg.state_dim,
+                      fresh, self._scalars)
         sig.phase = self.phase
         timings["signals"] = (time.perf_counter() - t) * 1e3
         return sig
@@ -260,13 +267,16 @@ class ReusePolicy:
                 return out
             self.ref = Reference(
                 cameras={c: camera_ref(obs.images[c], cfg, patch, embeds[c]) for c in mc.cameras},
-                image_masks={c: m.clone() for c, m in obs.image_masks.items()},
+                image_masks={c: obs.host_mask(f"image_masks/{c}").clone() for c in obs.image_masks},  # CPU
                 state=obs.state.clone(),
                 prompt=obs.prompt,
                 raw_shapes=tuple(raw_shapes) if raw_shapes is not None else None,
                 dtype=model.dtype,
                 device=obs.device,
             )
+            if not self._signals_ready:  # on a GPU the signals compile and are captured now, not in a hit
+                measure(obs, self.ref, cfg, self.needs, patch, mc.state_dim, embeds, self._scalars)
+                self._signals_ready = True
             return out
 
         embeds = self._vision(obs, plan.run_cameras, sig)

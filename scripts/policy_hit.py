@@ -1,0 +1,144 @@
+"""The reuse hit as `kvreuse eval` / `serve` run it: `ReusePolicy.infer` with a gate that reuses
+(the same observation every call, so every call after the first reuses the whole prefix),
+against the denoise alone (what `kvreuse bench` reports as the hit), one process, one card,
+compile on, timed in turn round after round. With an older commit's package beside the tree
+(`version_ab.py --make REV`), the same gates through that commit's ReusePolicy over the same
+FastPi0, so that only the policy's own work differs.
+
+    python3 scripts/version_ab.py --make REV        # optional: REV's package as kvreuse_old
+    PYTHONPATH=src:scripts:scripts/_ab python3 scripts/policy_hit.py pi0|pi05 ROUNDS
+    PYTHONPATH=src:scripts python3 scripts/policy_hit.py tiny-pi0 1     # CPU: a dry run
+    ... policy_hit.py pi0 0 --profile     # where a hit's host time goes: cProfile and torch's op table
+    ... policy_hit.py pi0 0 --launch      # the denoise's host launch time after other work
+"""
+
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+from ab_rounds import setup
+
+from kvreuse.model.fast import FastPi0
+from kvreuse.reuse.config import ReuseConfig
+from kvreuse.reuse.policy import ReusePolicy
+
+GATES = {  # gate settings under which the same observation is always reused
+    "period": dict(gate="period", period=10**9),  # no signals: the policy's bookkeeping alone
+    "threshold": dict(gate="threshold"),  # raw-image cosine per camera
+    "crossmodal": dict(gate="crossmodal"),  # + the state
+    "phase": dict(gate="phase", phase_threshold=0.0),  # + the last chunk's cues (read after the denoise)
+}
+
+
+def policies(fast, config_cls, policy_cls, tag):
+    return {f"{tag} {g}": policy_cls(fast, config_cls(**kw)) for g, kw in GATES.items()}
+
+
+def main() -> None:
+    variant, rounds = sys.argv[1], int(sys.argv[2])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a dry run of the script (tiny presets)
+    _, model, obs, noise = setup(variant, device=dev)
+    fast = FastPi0(model, compile=dev == "cuda")
+    pols = policies(fast, ReuseConfig, ReusePolicy, "new")
+    try:
+        from kvreuse_old.reuse.config import ReuseConfig as OldConfig
+        from kvreuse_old.reuse.policy import ReusePolicy as OldPolicy
+        pols = {**policies(fast, OldConfig, OldPolicy, "old"), **pols}
+    except ImportError:
+        print("no kvreuse_old beside the tree: the working tree's policy only")
+    with torch.no_grad():
+        cache = fast.encode_prefix(obs)
+        ref = fast.denoise(cache, obs, noise)
+        for name, p in pols.items():
+            p.infer(obs, noise)  # the refresh that fills the cache
+            out, rec = p.infer(obs, noise)
+            print(f"{name}: {rec.decision} ({rec.reason}); actions == denoise: {torch.equal(out, ref)}")
+    calls = {"denoise alone": lambda: fast.denoise(cache, obs, noise)}
+    calls.update({name: (lambda p=p: p.infer(obs, noise)[1]) for name, p in pols.items()})
+    with torch.no_grad():
+        for r in range(rounds):  # calls interleaved one by one, so that drift meets every entry alike
+            ms = {name: [] for name in calls}
+            recs = {name: [] for name in pols}
+            for i in range(33):
+                for name, fn in calls.items():
+                    t, out = timed(fn, dev)
+                    if i >= 3:
+                        ms[name].append(t)
+                        if name in recs:
+                            recs[name].append(out)
+            print(f"round {r + 1} (ms, median of 30): " + " | ".join(
+                f"{k} {statistics.median(v):.3f}" for k, v in ms.items()), flush=True)
+            print("   its records' signals / total (ms, median): " + " | ".join(
+                f"{k} {statistics.median(x.timings['signals'] for x in v):.3f} / "
+                f"{statistics.median(x.timings['total'] for x in v):.3f}" for k, v in recs.items()), flush=True)
+    if "--launch" in sys.argv:
+        launch(fast, cache, obs, noise)
+    if "--profile" in sys.argv:
+        profile({k: v for k, v in pols.items() if k.startswith("new")}, obs, noise)
+    for name, p in pols.items():  # every call but each policy's first must have been a hit
+        print(f"{name}: {len(p.stats)} calls, {p.stats.reuses} reused")
+
+def timed(fn, dev):
+    """(ms, fn's result): CUDA events around the call on a GPU (as kvreuse bench), else wall-clock."""
+    if dev != "cuda":
+        t = time.perf_counter()
+        out = fn()
+        return (time.perf_counter() - t) * 1e3, out
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    out = fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b), out
+
+
+def launch(fast, cache, obs, noise, n=50):
+    """Host time of fast.denoise (its copies and graph launch, no sync) after a sync and each
+    prelude: nothing, 20 small kernels, a read of one value, both."""
+    x = torch.ones(64, device="cuda")
+
+    def kernels():
+        for _ in range(20):
+            x.mul_(1.0)
+
+    preludes = {"nothing": lambda: None, "20 kernels": kernels, "one read": lambda: x.sum().tolist(),
+                "20 kernels + read": lambda: (kernels(), x.sum().tolist())}
+    with torch.no_grad():
+        for name, pre in preludes.items():
+            ts = []
+            for _ in range(n):
+                torch.cuda.synchronize()
+                pre()
+                t = time.perf_counter()
+                fast.denoise(cache, obs, noise)
+                ts.append((time.perf_counter() - t) * 1e3)
+                torch.cuda.synchronize()
+            print(f"launch after {name}: median {statistics.median(ts):.3f} ms, max {max(ts):.3f}", flush=True)
+
+
+def profile(pols, obs, noise, n=100):
+    """Per gate: cProfile of n hits (host time by function, blocking waits included), then
+    torch.profiler's CPU op table for the same hits."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
+    with torch.no_grad():
+        for name, p in pols.items():
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(n):
+                p.infer(obs, noise)
+            pr.disable()
+            print(f"== {name}: cProfile of {n} hits")
+            pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+            with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(n // 4):
+                    p.infer(obs, noise)
+            print(f"== {name}: torch ops, {n // 4} hits")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
