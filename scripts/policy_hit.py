@@ -3,7 +3,9 @@
 against the denoise alone (what `kvreuse bench` reports as the hit), one process, one card,
 compile on, timed in turn round after round. With an older commit's package beside the tree
 (`version_ab.py --make REV`), the same gates through that commit's ReusePolicy over the same
-FastPi0, so that only the policy's own work differs.
+FastPi0, so that only the policy's own work differs. "crossmodal eager" / "crossmodal compiled":
+the working tree's crossmodal gate with its raw-image and state signals as plain torch ops or as
+one torch.compile'd call instead of the CUDA graph (round 15).
 
     python3 scripts/version_ab.py --make REV        # optional: REV's package as kvreuse_old
     PYTHONPATH=src:scripts:scripts/_ab python3 scripts/policy_hit.py pi0|pi05 ROUNDS
@@ -24,6 +26,7 @@ from ab_rounds import setup
 from kvreuse.model.fast import FastPi0
 from kvreuse.reuse.config import ReuseConfig
 from kvreuse.reuse.policy import ReusePolicy
+from kvreuse.reuse.signals import _scalars_fn, raw_scalars
 
 GATES = {  # gate settings under which the same observation is always reused
     "period": dict(gate="period", period=10**9),  # no signals: the policy's bookkeeping alone
@@ -43,6 +46,10 @@ def main() -> None:
     _, model, obs, noise = setup(variant, device=dev)
     fast = FastPi0(model, compile=dev == "cuda")
     pols = policies(fast, ReuseConfig, ReusePolicy, "new")
+    for name, fn in (("eager", raw_scalars), ("compiled", _scalars_fn(torch.device(dev)))):
+        # round 15's other ways to compute the same signals: plain ops, or one compiled call
+        pols[f"new crossmodal {name}"] = p = ReusePolicy(fast, ReuseConfig(**GATES["crossmodal"]))
+        p._scalars = fn
     try:
         from kvreuse_old.reuse.config import ReuseConfig as OldConfig
         from kvreuse_old.reuse.policy import ReusePolicy as OldPolicy
