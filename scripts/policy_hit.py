@@ -12,6 +12,7 @@ one torch.compile'd call instead of the CUDA graph (round 15).
     PYTHONPATH=src:scripts python3 scripts/policy_hit.py tiny-pi0 1     # CPU: a dry run
     ... policy_hit.py pi0 0 --profile     # where a hit's host time goes: cProfile and torch's op table
     ... policy_hit.py pi0 0 --launch      # the denoise's host launch time after other work
+    ... policy_hit.py pi0 3 --modes       # the reuse modes' calls: parts and host time (below)
 """
 
 import cProfile
@@ -45,6 +46,8 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a dry run of the script (tiny presets)
     _, model, obs, noise = setup(variant, device=dev)
     fast = FastPi0(model, compile=dev == "cuda")
+    if "--modes" in sys.argv:
+        return modes(fast, obs, noise, rounds, dev)
     pols = policies(fast, ReuseConfig, ReusePolicy, "new")
     for name, fn in (("eager", raw_scalars), ("compiled", _scalars_fn(torch.device(dev)))):
         # round 15's other ways to compute the same signals: plain ops, or one compiled call
@@ -87,6 +90,50 @@ def main() -> None:
         profile({k: v for k, v in pols.items() if k.startswith("new")}, obs, noise)
     for name, p in pols.items():  # every call but each policy's first must have been a hit
         print(f"{name}: {len(p.stats)} calls, {p.stats.reuses} reused")
+
+def modes(fast, obs, noise, rounds, dev, n=30):
+    """Each reuse mode under the `always` gate, on observations that alternate between two that
+    differ in one camera's top two rows of patches: per call the records' parts (GPU time from
+    CUDA events) and total (wall-clock), medians, for the working tree's policy and, with
+    kvreuse_old beside the tree, the older commit's; then cProfile of the partial mode's calls."""
+    from dataclasses import replace
+    cam = next(iter(obs.images))
+    img = obs.images[cam].clone()
+    img[..., : 2 * fast.cfg.vision.patch_size, :] += 0.3
+    moved = replace(obs, images={**obs.images, cam: img})
+    moved._host.update(obs._host)  # the same masks, with their host copies
+    names = ("full", "vision_only", "state_only", "layer_wise", "partial")
+    pols = {f"new {m}": ReusePolicy(fast, ReuseConfig(gate="always", mode=m)) for m in names}
+    try:
+        from kvreuse_old.reuse.config import ReuseConfig as OldConfig
+        from kvreuse_old.reuse.policy import ReusePolicy as OldPolicy
+        pols.update({f"old {m}": OldPolicy(fast, OldConfig(gate="always", mode=m)) for m in names})
+    except ImportError:
+        pass
+    with torch.no_grad():
+        for r in range(rounds):  # calls interleaved one by one across the policies
+            ms = {k: [] for k in pols}
+            recs = {k: [] for k in pols}
+            for i in range(n + 4):
+                for name, p in pols.items():
+                    t, (_, rec) = timed(lambda p=p, i=i: p.infer(moved if i % 2 else obs, noise), dev)
+                    if i >= 4:
+                        ms[name].append(t)
+                        recs[name].append(rec)
+            for name in sorted(pols, key=lambda k: (k.split()[1], k)):
+                parts = {k: statistics.median(x.timings[k] for x in recs[name])
+                         for k in ("signals", "vision", "prefix", "denoise", "total")}
+                print(f"round {r + 1} {name}: call {statistics.median(ms[name]):.3f} ms; records (median): "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                      + f"; plans {sorted({x.plan for x in recs[name]})}", flush=True)
+        pr = cProfile.Profile()
+        pr.enable()
+        for i in range(100):
+            pols["new partial"].infer(moved if i % 2 else obs, noise)
+        pr.disable()
+    print("== partial: cProfile of 100 calls")
+    pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+
 
 def timed(fn, dev):
     """(ms, fn's result): CUDA events around the call on a GPU (as kvreuse bench), else wall-clock."""

@@ -227,7 +227,7 @@ class _DeviceReads(TorchFunctionMode):
     """Counts host reads of meta tensors (meta stands in for a GPU here: each such read would be a
     device sync there) and answers them with placeholder values; CPU tensors read normally."""
 
-    READS = {"__bool__", "__float__", "__int__", "item", "tolist", "equal"}
+    READS = {"__bool__", "__float__", "__int__", "item", "tolist", "equal", "cpu"}
 
     def __init__(self):
         super().__init__()
@@ -240,6 +240,8 @@ class _DeviceReads(TorchFunctionMode):
             t = args[0]
             if name == "tolist":
                 return [0.5] * t.numel()
+            if name == "cpu":  # everything "changed": the plans below recompute something
+                return torch.ones(t.shape, dtype=t.dtype)
             return {"__bool__": True, "equal": False, "__int__": 0}.get(name, 0.5)
         return func(*args, **(kwargs or {}))
 
@@ -325,3 +327,29 @@ def test_scalar_graphs_copy_the_cached_side_only_when_it_changed():
     smalls[1] = downsample(imgs[1], 8)  # a new cached tensor (a refresh): copied
     out, n = call(moved)
     assert n == 4 and out[1] == 1.0
+
+
+@pytest.mark.parametrize("mode", ["vision_only", "state_only", "layer_wise", "partial"])
+def test_reuse_plans_are_made_on_the_host_after_one_device_read(mode):
+    """What a mode's plan looks at (validity, the prompt's changes, the changed patches) comes
+    back in one transfer; the plan's recompute mask is a CPU tensor, so neither the policy nor
+    the model reads it back."""
+    from types import SimpleNamespace
+
+    from kvreuse.bench import synthetic_obs
+    from kvreuse.model import Pi0Model, preset
+    from kvreuse.reuse.modes import plan_reuse
+
+    mc = preset("tiny-pi05")
+    cpu = synthetic_obs(mc, 1, "cpu", torch.Generator().manual_seed(0))
+    obs, t = cpu.to("meta"), mc.prefix_len
+    cache = SimpleNamespace(tokens=obs.tokens, mask=torch.ones(1, t, dtype=torch.bool, device="meta"),
+                            positions=torch.zeros(1, t, dtype=torch.long, device="meta"),
+                            spans=Pi0Model.spans(SimpleNamespace(cfg=mc), cpu, 0))
+    cams = mc.cameras
+    none_changed = torch.zeros(mc.vision.num_patches, dtype=torch.bool, device="meta")
+    sig = Signals(changed_patches={c: none_changed for c in cams}, pixels_changed={c: True for c in cams})
+    with _DeviceReads() as reads:
+        plan = plan_reuse(ReuseConfig(gate="always", mode=mode), mc, cache, obs, sig)
+    assert reads.count == 1 and plan.kind != "none"
+    assert plan.recompute is None or plan.recompute.device.type == "cpu"

@@ -1205,7 +1205,8 @@ class FastPi0:
     ) -> PrefixCache:
         """`Pi0Model.update_prefix` on the fast path: only the tokens marked in `recompute` go
         through the LM (their count padded up to a graph bucket with repeats of the last one;
-        a repeated token computes the same K/V, so the result is unchanged)."""
+        a repeated token computes the same K/V, so the result is unchanged). A `recompute` on the
+        CPU, as ReusePolicy's plans give it, costs no device read."""
         st = self._static(obs.batch_size)
         full = bool(recompute.all())  # exactly encode_prefix then, keeping the same hidden layers
         rows = self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds), want_rows=full)

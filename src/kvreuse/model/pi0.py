@@ -141,7 +141,7 @@ class Pi0Model(nn.Module):
         image_embeds: dict[str, torch.Tensor] | None = None,
     ) -> PrefixCache:
         """A new cache for `obs` that recomputes only the prefix tokens marked in `recompute`
-        ((T,) bool) and keeps the cached K/V of all others. Cameras in `run_cameras` go through
+        ((T,) bool, on the CPU or the device) and keeps the cached K/V of all others. Cameras in `run_cameras` go through
         the vision tower (or take their fresh embeddings from `image_embeds`, so a caller can
         time the vision pass or reuse one it already ran); the others reuse the cached image
         embeddings. Recomputing every token is exactly `encode_prefix` (same kernels, same result)."""
@@ -149,7 +149,7 @@ class Pi0Model(nn.Module):
         if bool(recompute.all()):
             return self._cache_from(embeds, valid, obs, spans, call_index, tuple(cache.hidden))
         positions = valid.long().cumsum(-1) - 1
-        idx = recompute.nonzero().squeeze(-1)
+        idx = recompute.nonzero().squeeze(-1).to(embeds.device)
         bias = key_bias(valid, idx.numel())
         k, v = self.llm.prefix_kv_partial(
             embeds[:, idx], idx, positions[:, idx], cache.k, cache.v, bias, self.cfg.rope_base

@@ -60,10 +60,11 @@ def new_valid(obs: Observation, cfg: ModelConfig) -> torch.Tensor:
 
 def prompt_changes(
     cache: PrefixCache, obs: Observation, cfg: ModelConfig, valid: torch.Tensor
-) -> tuple[torch.Tensor, bool]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(T,) bool: prompt tokens whose id, validity or rotary position differs from the cache
     in any batch row (Pi0.5: the state is spelled in the prompt); and whether any prompt
-    token's validity or position moved (a shift). `valid` = new_valid(obs, cfg)."""
+    token's validity or position moved (a shift), a 0-d bool. Both on the cache's device.
+    `valid` = new_valid(obs, cfg)."""
     t0 = len(cfg.cameras) * cfg.vision.num_patches
     pos = valid.long().cumsum(-1) - 1
     out = torch.zeros(cfg.prefix_len, dtype=torch.bool, device=valid.device)
@@ -72,7 +73,7 @@ def prompt_changes(
     pos_diff = (pos[:, t0:] != cache.positions[:, t0:]) & valid[:, t0:]
     shift = valid_diff | pos_diff
     out[t0:] = (ids_diff | shift).any(0)
-    return out, bool(shift.any())
+    return out, shift.any()
 
 
 def region(cfg: ModelConfig, start: int, end: int, device) -> torch.Tensor:
@@ -84,16 +85,23 @@ def region(cfg: ModelConfig, start: int, end: int, device) -> torch.Tensor:
 def plan_reuse(
     cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache, obs: Observation, s: Signals
 ) -> Plan:
-    """The gate said reuse: what the mode recomputes."""
+    """The gate said reuse: what the mode recomputes. The plan is made on the host: what it
+    looks at (the new tokens' validity, the prompt's changes, each camera's changed patches) is
+    read from the device in one transfer, and its recompute mask is a CPU tensor."""
     mode = cfg.mode
     if mode in ("full", "text_fixed"):
         return Plan("none", note="whole prefix reused")
-    dev = cache.mask.device
-    t0 = len(model_cfg.cameras) * model_cfg.vision.num_patches
-    prompt = region(model_cfg, t0, model_cfg.prefix_len, dev)
+    dev = torch.device("cpu")
+    t, p = model_cfg.prefix_len, model_cfg.vision.num_patches
+    t0 = len(model_cfg.cameras) * p
+    prompt = region(model_cfg, t0, t, dev)
     valid_rows = new_valid(obs, model_cfg)
-    valid = valid_rows.any(0)
-    changed, shifted = prompt_changes(cache, obs, model_cfg, valid_rows)
+    changed, shift = prompt_changes(cache, obs, model_cfg, valid_rows)
+    patch_cams = [c for c in s.changed_patches if mode == "partial"]
+    host = torch.cat([valid_rows.any(0), changed, shift.reshape(1), *(s.changed_patches[c] for c in patch_cams)])
+    host = host.cpu()
+    valid, changed, shifted = host[:t], host[t : 2 * t], bool(host[2 * t])
+    changed_patches = dict(zip(patch_cams, host[2 * t + 1 :].split(p) if patch_cams else (), strict=True))
     prompt_spans = [sp.name for sp in cache.spans if sp.kind != "camera"]
     cams = tuple(model_cfg.cameras)
 
@@ -110,8 +118,7 @@ def plan_reuse(
         # pixels changed are recomputed (vision tower + their tokens over the cached rest).
         if not moved:
             return Plan("none", note="prompt region reused; no camera changed: nothing to recompute")
-        rec = torch.zeros(model_cfg.prefix_len, dtype=torch.bool, device=dev)
-        p = model_cfg.vision.num_patches
+        rec = torch.zeros(t, dtype=torch.bool, device=dev)
         for i, cam in enumerate(cams):
             if cam in moved:
                 rec[i * p : (i + 1) * p] = True
@@ -125,11 +132,10 @@ def plan_reuse(
         return Plan("layers", run_cameras=moved, note="lower layers reused, upper layers recomputed",
                     refreshed=tuple(sp.name for sp in cache.spans))
     if mode == "partial":
-        rec = torch.zeros(model_cfg.prefix_len, dtype=torch.bool, device=dev)
+        rec = torch.zeros(t, dtype=torch.bool, device=dev)
         run = []
-        p = model_cfg.vision.num_patches
         for i, cam in enumerate(cams):
-            ch = s.changed_patches.get(cam)
+            ch = changed_patches.get(cam)
             if ch is not None and bool(ch.any()):
                 rec[i * p : (i + 1) * p] = ch
                 run.append(cam)
@@ -137,7 +143,7 @@ def plan_reuse(
             return Plan("none", note="no patch or prompt token changed: nothing to recompute")
         rec |= prompt
         rec &= valid
-        full_cams = tuple(c for c in run if bool(s.changed_patches[c].all()))
+        full_cams = tuple(c for c in run if bool(changed_patches[c].all()))
         return _complete(Plan("tokens", rec, tuple(run), note=f"{int(rec[:t0].sum())} patch tokens + prompt recomputed",
                               refreshed=full_cams + tuple(prompt_spans)), valid)
     raise ValueError(f"reuse.mode: unknown mode {mode!r}")
@@ -158,8 +164,8 @@ def plan_refresh(cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache | 
     if cfg.mode != "text_fixed" or cache is None or cfg.synchronized or not cfg.enabled:
         return Plan("all", note="full refresh")
     text = cache.span("text")
-    keep = region(model_cfg, text.start, text.end, cache.mask.device)
-    rec = ~keep & new_valid(obs, model_cfg).any(0)
+    keep = region(model_cfg, text.start, text.end, "cpu")
+    rec = ~keep & new_valid(obs, model_cfg).any(0).cpu()  # a CPU mask, as plan_reuse makes
     refreshed = tuple(sp.name for sp in cache.spans if sp.name != "text")
     return Plan("tokens", rec, tuple(model_cfg.cameras), note="text span kept, cameras (and state) recomputed",
                 refreshed=refreshed)

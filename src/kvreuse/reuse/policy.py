@@ -82,6 +82,7 @@ class ReusePolicy:
         self.birth_times: torch.Tensor | None = None  # (T,) monotonic seconds
         self._valid_rows: torch.Tensor | None = None  # see valid_rows
         self._oldest: tuple[int, float] | None = None  # see age
+        self._ref_update: tuple | None = None  # see _execute
         self.layer_mixed = False
         self.mixed = False  # the cache's K/V combine more than one observation
         self.phase: PhaseCues | None = None
@@ -182,6 +183,9 @@ class ReusePolicy:
             t = parts.mark()
             out = model.denoise(self.cache, dobs, noise)
             parts.add("denoise", t)
+        if self._ref_update is not None:
+            self._update_ref(*self._ref_update)
+            self._ref_update = None
         if plan.kind != "none":
             self._valid_rows = self._oldest = None
             # A full refresh gives every row the same birth; a partial or layer-wise one may not.
@@ -305,8 +309,8 @@ class ReusePolicy:
             )
             self.layer_mixed = True
         self._parts.add("prefix", t)
-        if plan.kind == "tokens":
-            self._update_ref(plan, obs, embeds)
+        if plan.kind == "tokens":  # done once the denoise is queued: it needs none of it
+            self._ref_update = (plan, obs, embeds)
         return None
 
     def _update_ref(self, plan: Plan, obs: Observation, embeds: dict) -> None:
