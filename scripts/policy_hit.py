@@ -27,7 +27,7 @@ from ab_rounds import setup
 from kvreuse.model.fast import FastPi0
 from kvreuse.reuse.config import ReuseConfig
 from kvreuse.reuse.policy import ReusePolicy
-from kvreuse.reuse.signals import _scalars_fn, raw_scalars
+from kvreuse.reuse.signals import _compiled
 
 GATES = {  # gate settings under which the same observation is always reused
     "period": dict(gate="period", period=10**9),  # no signals: the policy's bookkeeping alone
@@ -49,10 +49,11 @@ def main() -> None:
     if "--modes" in sys.argv:
         return modes(fast, obs, noise, rounds, dev)
     pols = policies(fast, ReuseConfig, ReusePolicy, "new")
-    for name, fn in (("eager", raw_scalars), ("compiled", _scalars_fn(torch.device(dev)))):
+    compiled = lambda fn, fresh, cached, *s: _compiled(fn, torch.device(dev))(fresh, cached, *s)  # noqa: E731
+    for name, graphs in (("eager", None), ("compiled", compiled)):
         # round 15's other ways to compute the same signals: plain ops, or one compiled call
         pols[f"new crossmodal {name}"] = p = ReusePolicy(fast, ReuseConfig(**GATES["crossmodal"]))
-        p._scalars = fn
+        p._graphs = graphs
     try:
         from kvreuse_old.reuse.config import ReuseConfig as OldConfig
         from kvreuse_old.reuse.policy import ReusePolicy as OldPolicy

@@ -266,35 +266,48 @@ def test_signals_and_phase_cues_read_the_device_once():
         s = measure(obs, ref, cfg, {"image", "state", "patches", "pixels"}, patch, mc.state_dim)
     assert reads.count == 1
     assert set(s.image_raw) == set(s.patch_unchanged) == set(s.pixels_changed) == set(obs.images)
-    assert s.state_cos == s.state_l2 == 0.5 and s.pixels_changed[next(iter(obs.images))] is True
+    cam = next(iter(obs.images))  # the read's placeholder values are ones: everything "changed"
+    assert s.state_cos == s.state_l2 == 1.0 and s.pixels_changed[cam] is True
+    assert s.changed_patches[cam].device.type == "cpu" and bool(s.changed_patches[cam].all())
     with _DeviceReads() as reads:
         cues = phase_cues(torch.zeros(2, mc.chunk_size, mc.max_action_dim, device="meta"), cfg, mc.action_dim)
     assert reads.count == 1 and cues.variance == cues.curvature == 0.5
 
 
-def test_raw_scalars_trace_whole_and_match_eager():
-    """The common gates' signals (raw-image cosine per camera, the state's cosine and L2) are one
-    function that a GPU runs compiled: it must trace without graph breaks (fullgraph) and give
-    what eager gives, exactly 1 for an unchanged camera."""
-    from kvreuse.reuse.signals import _scalars_fn, downsample, raw_scalars
+def test_signal_functions_trace_whole_and_match_eager():
+    """The signals a GPU runs compiled inside a CUDA graph (raw-image cosine per camera, the
+    state's cosine and L2; the patch and pixel signals) must trace without graph breaks
+    (fullgraph) and give what eager gives: exactly 1 for an unchanged camera, its patches
+    unchanged."""
+    from kvreuse.reuse.signals import _compiled, downsample, patch_signals, patchify, raw_scalars
 
     g = torch.Generator().manual_seed(0)
     imgs = [torch.rand(2, 3, 64, 64, generator=g) * 2 - 1 for _ in range(2)]
-    smalls = [downsample(imgs[0], 8), downsample(imgs[1], 8) + 0.05]  # camera 1 has moved
     state = torch.randn(2, 32, generator=g)
-    args = (imgs, smalls, 8, state, state + 0.01, 8)
-    eager = raw_scalars(*args)
-    traced = torch.compile(raw_scalars, backend="aot_eager", fullgraph=True, dynamic=False)(*args)
-    assert eager.shape == (4,) and eager[0] == 1.0 and eager[1] < 1.0 and 0 < eager[3] < 0.1
-    torch.testing.assert_close(traced, eager)
-    assert _scalars_fn(torch.device("cpu")) is raw_scalars  # compiled only on a GPU
+    moved = imgs[1].clone()
+    moved[..., :16, :16] += 0.5  # one patch of camera 1, one batch row's worth twice
+    cases = [
+        (raw_scalars, [imgs[0], moved, state], [downsample(i, 8) for i in imgs] + [state + 0.01], (8, 8, True)),
+        (patch_signals, [imgs[0], moved], [patchify(i, 16) for i in imgs], (16, True, 0.999, None)),
+    ]
+    for fn, fresh, cached, consts in cases:
+        eager = fn(fresh, cached, *consts)
+        traced = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)(fresh, cached, *consts)
+        torch.testing.assert_close(traced, eager)
+        assert _compiled(fn, torch.device("cpu")) is fn  # compiled only on a GPU
+    raw = raw_scalars(*cases[0][1:3], *cases[0][3])
+    assert raw.shape == (4,) and raw[0] == 1.0 and raw[1] < 1.0 and 0 < raw[3] < 0.1
+    ps = patch_signals(*cases[1][1:3], *cases[1][3])  # per camera: any pixel, unchanged share, 16 patches
+    assert ps.shape == (2 * 18,) and ps[0] == 0.0 and ps[1] == 1.0 and not ps[2:18].any()
+    assert ps[18] == 1.0 and ps[19] == 15 / 16 and ps[20] == 1.0 and not ps[21:36].any()
+    assert patch_signals(*cases[1][1:3], 16, True, None, None).tolist() == [0.0, 1.0]  # pixels only
 
 
-def test_scalar_graphs_copy_the_cached_side_only_when_it_changed():
-    """ScalarGraphs (a CUDA graph on a GPU; here the same static buffers without one) gives what
-    raw_scalars gives, copies the new observation every call, and the cached images and state
+def test_signal_graphs_copy_the_cached_side_only_when_it_changed():
+    """SignalGraphs (a CUDA graph on a GPU; here the same static buffers without one) gives what
+    the function gives, copies the new observation every call, and the cached images and state
     only when they are other tensors or were written since."""
-    from kvreuse.reuse.signals import ScalarGraphs, downsample, raw_scalars
+    from kvreuse.reuse.signals import SignalGraphs, downsample, raw_scalars
 
     class Copies(TorchFunctionMode):
         n = 0
@@ -305,15 +318,15 @@ def test_scalar_graphs_copy_the_cached_side_only_when_it_changed():
 
     g = torch.Generator().manual_seed(1)
     imgs = [torch.rand(1, 3, 32, 32, generator=g) for _ in range(2)]
-    smalls = [downsample(i, 8) for i in imgs]
-    state, ref = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)
-    sg = ScalarGraphs()
+    cached = [downsample(i, 8) for i in imgs] + [torch.randn(1, 8, generator=g)]
+    state = torch.randn(1, 8, generator=g)
+    sg = SignalGraphs(static_off_gpu=True)
 
     def call(images):
         Copies.n = 0
         with Copies():
-            out = sg(images, smalls, 8, state, ref, 8).clone()
-        torch.testing.assert_close(out, raw_scalars(images, smalls, 8, state, ref, 8))
+            out = sg(raw_scalars, [*images, state], cached, 8, 8, True).clone()
+        torch.testing.assert_close(out, raw_scalars([*images, state], cached, 8, 8, True))
         return out, Copies.n
 
     first, n = call(imgs)
@@ -321,10 +334,10 @@ def test_scalar_graphs_copy_the_cached_side_only_when_it_changed():
     moved = [imgs[0] + 0.5, imgs[1]]
     out, n = call(moved)
     assert n == 3 and out[0] < 1.0 and out[1] == 1.0  # the new images and state only
-    smalls[1].add_(0.5)  # the cache written in place: copied again
+    cached[1].add_(0.5)  # the cache written in place: copied again
     out, n = call(moved)
     assert n == 4 and out[1] < 1.0
-    smalls[1] = downsample(imgs[1], 8)  # a new cached tensor (a refresh): copied
+    cached[1] = downsample(imgs[1], 8)  # a new cached tensor (a refresh): copied
     out, n = call(moved)
     assert n == 4 and out[1] == 1.0
 
@@ -347,7 +360,7 @@ def test_reuse_plans_are_made_on_the_host_after_one_device_read(mode):
                             positions=torch.zeros(1, t, dtype=torch.long, device="meta"),
                             spans=Pi0Model.spans(SimpleNamespace(cfg=mc), cpu, 0))
     cams = mc.cameras
-    none_changed = torch.zeros(mc.vision.num_patches, dtype=torch.bool, device="meta")
+    none_changed = torch.zeros(mc.vision.num_patches, dtype=torch.bool)  # measure gives them on the CPU
     sig = Signals(changed_patches={c: none_changed for c in cams}, pixels_changed={c: True for c in cams})
     with _DeviceReads() as reads:
         plan = plan_reuse(ReuseConfig(gate="always", mode=mode), mc, cache, obs, sig)

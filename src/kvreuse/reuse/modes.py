@@ -86,8 +86,9 @@ def plan_reuse(
     cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache, obs: Observation, s: Signals
 ) -> Plan:
     """The gate said reuse: what the mode recomputes. The plan is made on the host: what it
-    looks at (the new tokens' validity, the prompt's changes, each camera's changed patches) is
-    read from the device in one transfer, and its recompute mask is a CPU tensor."""
+    looks at on the device (the new tokens' validity, the prompt's changes) is read in one
+    transfer, the changed patches come from the signals on the CPU, and its recompute mask is a
+    CPU tensor."""
     mode = cfg.mode
     if mode in ("full", "text_fixed"):
         return Plan("none", note="whole prefix reused")
@@ -97,11 +98,9 @@ def plan_reuse(
     prompt = region(model_cfg, t0, t, dev)
     valid_rows = new_valid(obs, model_cfg)
     changed, shift = prompt_changes(cache, obs, model_cfg, valid_rows)
-    patch_cams = [c for c in s.changed_patches if mode == "partial"]
-    host = torch.cat([valid_rows.any(0), changed, shift.reshape(1), *(s.changed_patches[c] for c in patch_cams)])
-    host = host.cpu()
+    host = torch.cat([valid_rows.any(0), changed, shift.reshape(1)]).cpu()
     valid, changed, shifted = host[:t], host[t : 2 * t], bool(host[2 * t])
-    changed_patches = dict(zip(patch_cams, host[2 * t + 1 :].split(p) if patch_cams else (), strict=True))
+    changed_patches = {c: m.cpu() for c, m in s.changed_patches.items()}  # (measure gives them on the CPU)
     prompt_spans = [sp.name for sp in cache.spans if sp.kind != "camera"]
     cams = tuple(model_cfg.cameras)
 

@@ -33,7 +33,7 @@ from .config import ReuseConfig
 from .gates import Decision, make_gate
 from .modes import Plan, plan_refresh, plan_reuse
 from .records import ReuseStats, StepRecord
-from .signals import (PhaseCues, Reference, ScalarGraphs, Signals, camera_ref, measure, patchify, phase_cues,
+from .signals import (PhaseCues, Reference, SignalGraphs, Signals, camera_ref, measure, patchify, phase_cues,
                       present_cameras)
 
 
@@ -70,7 +70,7 @@ class ReusePolicy:
         mode_needs = {"partial": {"patches"}, "state_only": {"pixels"}, "layer_wise": {"pixels"}}
         self.needs = set(self.gate.needs) | mode_needs.get(self.config.mode, set())
         self.stats = ReuseStats()
-        self._scalars = ScalarGraphs()  # the common gates' signals: one graph launch on a GPU
+        self._graphs = SignalGraphs()  # the signals as CUDA graphs on a GPU (see measure)
         self._signals_ready = False  # see _execute
         self.reset()
 
@@ -223,7 +223,7 @@ class ReusePolicy:
             self._parts.add("vision", t)
         t = time.perf_counter()
         sig = measure(obs, self.ref, cfg, self.needs, self.model.cfg.vision.patch_size, self.model.cfg.state_dim,
-                      fresh, self._scalars)
+                      fresh, self._graphs)
         sig.phase = self.phase
         timings["signals"] = (time.perf_counter() - t) * 1e3
         return sig
@@ -279,7 +279,7 @@ class ReusePolicy:
                 device=obs.device,
             )
             if not self._signals_ready:  # on a GPU the signals compile and are captured now, not in a hit
-                measure(obs, self.ref, cfg, self.needs, patch, mc.state_dim, embeds, self._scalars)
+                measure(obs, self.ref, cfg, self.needs, patch, mc.state_dim, embeds, self._graphs)
                 self._signals_ready = True
             return out
 

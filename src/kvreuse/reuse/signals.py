@@ -86,7 +86,7 @@ class Signals:
     image_raw: dict[str, float] = field(default_factory=dict)  # raw downsampled cosine
     patch_unchanged: dict[str, float] = field(default_factory=dict)  # fraction of unchanged patches
     siglip: dict[str, float] = field(default_factory=dict)  # cosine of vision embeddings
-    changed_patches: dict[str, torch.Tensor] = field(default_factory=dict)  # (P,) bool, any row
+    changed_patches: dict[str, torch.Tensor] = field(default_factory=dict)  # (P,) bool on the CPU, any row
     pixels_changed: dict[str, bool] = field(default_factory=dict)  # any pixel differs from the cache's
     fresh_embeds: dict[str, torch.Tensor] = field(default_factory=dict)  # from the siglip metric
     state_cos: float | None = None
@@ -124,51 +124,74 @@ def state_signals(state: torch.Tensor, ref: torch.Tensor, state_dim: int) -> lis
     return [cos, l2]
 
 
-def raw_scalars(images: list[torch.Tensor], smalls: list[torch.Tensor], size: int, state: torch.Tensor | None,
-                ref_state: torch.Tensor | None, state_dim: int) -> torch.Tensor:
+def raw_scalars(fresh: list[torch.Tensor], cached: list[torch.Tensor], size: int, state_dim: int,
+                with_state: bool) -> torch.Tensor:
     """The raw-image cosine of each camera (min over batch rows) against its cached downsampled
-    image, then, with a state, the state's cosine and L2 (state_signals): one float32 vector, so
-    that the common gates' signals are one function (compiled on a GPU, _scalars_fn) and one read."""
-    vals = [row_cosine(downsample(img, size), small).min() for img, small in zip(images, smalls, strict=True)]
-    if state is not None:
-        vals += state_signals(state, ref_state, state_dim)
+    image, then, `with_state`, the state's cosine and L2 (state_signals): fresh = the cameras'
+    images [+ the state], cached = their downsampled references [+ the reference state]. One
+    float32 vector, so that the common gates' signals are one function and one read."""
+    n = len(fresh) - with_state
+    vals = [row_cosine(downsample(img, size), small).min() for img, small in zip(fresh[:n], cached[:n], strict=True)]
+    if with_state:
+        vals += state_signals(fresh[n], cached[n], state_dim)
     return torch.stack(vals)
 
 
-_COMPILED: dict[str, object] = {}
+def patch_signals(images: list[torch.Tensor], refs: list[torch.Tensor], patch: int, pixels: bool,
+                  threshold: float | None, max_diff: float | None) -> torch.Tensor:
+    """Per camera, against the pixels its cached K/V were computed from (refs: patchified): with
+    `pixels`, whether any pixel changed; with a `threshold`, the fraction of unchanged patches
+    (min over batch rows) and the changed-patch mask (P values, any row). One float32 vector,
+    camera by camera."""
+    out = []
+    for img, ref in zip(images, refs, strict=True):
+        pix = patchify(img, patch)
+        if pixels:
+            out.append((pix != ref).any().float().reshape(1))
+        if threshold is not None:
+            unchanged = patch_cosine(pix, ref) >= threshold
+            if max_diff is not None:
+                unchanged &= (pix - ref).abs().amax(-1) <= max_diff
+            out += [unchanged.float().mean(-1).min().reshape(1), (~unchanged).any(0).float()]
+    return torch.cat(out)
 
 
-def _scalars_fn(device: torch.device):
-    """raw_scalars as run on `device`: compiled on a GPU (a few kernels instead of ~40), eager
-    elsewhere."""
+_COMPILED: dict = {}
+
+
+def _compiled(fn, device: torch.device):
+    """fn as run on `device`: compiled on a GPU (a few kernels instead of dozens), eager elsewhere."""
     if device.type != "cuda":
-        return raw_scalars
-    if "raw" not in _COMPILED:
-        _COMPILED["raw"] = torch.compile(raw_scalars, dynamic=False, fullgraph=True)
-    return _COMPILED["raw"]
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[fn]
 
 
-class ScalarGraphs:
-    """raw_scalars over static copies of its inputs, replayed from one CUDA graph per shape on a
-    GPU. Each torch op costs ~20 us of host time on the H100 machines, a compiled call ~0.5 ms of
-    guards and launches, and a hit waits for its signals: one graph launch and the inputs' copies
-    cost least (docs/PERFORMANCE.md round 15). The new observation's images and state are copied
-    every call; the cached side (downsampled images, state) only when it is another tensor or was
-    written since (a refresh makes new ones). Off a GPU the same copies, then the eager function."""
+class SignalGraphs:
+    """A signal function fn(fresh, cached, *settings) over static copies of its inputs, replayed
+    from one CUDA graph per function, shapes and settings on a GPU (compiled first). Each torch op
+    costs ~20-35 us of host time on the H100 machines, a compiled call ~0.7 ms of guards and
+    launches, and a hit waits for its signals: one graph launch and the inputs' copies cost least
+    (docs/PERFORMANCE.md round 15). `fresh` (the new observation) is copied every call, `cached`
+    (the reference) only when it is another tensor or was written since (a refresh or a partial
+    update makes new ones). Off a GPU the function is called directly, unless `static_off_gpu`
+    (tests: the same copies, then the eager function)."""
 
-    def __init__(self):
+    def __init__(self, static_off_gpu: bool = False):
+        self.static_off_gpu = static_off_gpu
         self.graphs: Graphs | None = None
         self.static: dict[tuple, list[torch.Tensor]] = {}
         self.copied: dict[tuple, list] = {}  # per key: (tensor, version) last copied per cached slot
 
-    def __call__(self, images, smalls, size: int, state, ref_state, state_dim: int) -> torch.Tensor:
-        fresh = [*images, *([state] if state is not None else [])]
-        cached = [*smalls, *([ref_state] if state is not None else [])]
-        inputs = fresh + cached
+    def __call__(self, fn, fresh: list[torch.Tensor], cached: list[torch.Tensor], *settings) -> torch.Tensor:
+        inputs = [*fresh, *cached]
         dev = inputs[0].device
+        if dev.type != "cuda" and not self.static_off_gpu:
+            return fn(fresh, cached, *settings)
         if self.graphs is None:
             self.graphs = Graphs(dev.type == "cuda")
-        key = (size, state_dim, len(images), state is not None, *((t.shape, t.dtype, t.device) for t in inputs))
+        key = (fn, settings, len(fresh), *((t.shape, t.dtype, t.device) for t in inputs))
         if key not in self.static:
             self.static[key] = [torch.empty_like(t) for t in inputs]
             self.copied[key] = [None] * len(cached)
@@ -181,9 +204,7 @@ class ScalarGraphs:
             bufs[i].copy_(t)
             if j >= 0:
                 seen[j] = (t, version(t))
-        n = len(images)
-        st = (bufs[n], bufs[-1]) if state is not None else (None, None)
-        return self.graphs.run(key, lambda: _scalars_fn(dev)(bufs[:n], bufs[nf:nf + n], size, *st, state_dim))
+        return self.graphs.run(key, lambda: _compiled(fn, dev)(bufs[:nf], bufs[nf:], *settings))
 
 
 def phase_cues(chunk: torch.Tensor, cfg: ReuseConfig, action_dim: int) -> PhaseCues:
@@ -221,62 +242,65 @@ def measure(
     patch: int,
     state_dim: int,
     fresh_embeds: dict[str, torch.Tensor] | None = None,
-    scalars=raw_scalars,
+    graphs: SignalGraphs | None = None,
 ) -> Signals:
     """Compute the signals named in `needs` ("image", "patches", "pixels", "state"). The siglip metric
     compares `fresh_embeds` (the caller ran the vision tower; they are kept in the result so a
-    mode that recomputes cameras does not run it twice). Every scalar is computed on the
-    observation's device and read back in one transfer (one host sync on a GPU, where the gate's
-    decision has to wait for it anyway). `scalars` computes the raw-image and state signals:
-    raw_scalars, or a ScalarGraphs (what ReusePolicy passes)."""
+    mode that recomputes cameras does not run it twice). The raw-image and state signals are one
+    function (raw_scalars), the patch and pixel signals another (patch_signals), which `graphs`
+    replays from CUDA graphs (what ReusePolicy passes; None: called directly). Every value comes
+    back in one transfer (one host sync on a GPU, where the gate's decision has to wait for it
+    anyway); the changed-patch masks are CPU tensors."""
+    run = graphs or (lambda fn, fresh, cached, *settings: fn(fresh, cached, *settings))
     s = Signals(prompt_same=obs.prompt == ref.prompt)
-    want_patches = "patches" in needs or ("image" in needs and cfg.image_metric == "patch")
-    pending: dict[tuple[str, str], torch.Tensor] = {}  # (Signals field, camera) -> 0-d tensor
-    read: list[tuple[list, torch.Tensor]] = []  # (names, values) read back together at the end
     cams = present_cameras(obs)
+    want_patches = "patches" in needs or ("image" in needs and cfg.image_metric == "patch")
+    vecs: list[torch.Tensor] = []  # read back together at the end
+    parts: list[tuple[str, str, int]] = []  # (Signals field, camera, values) in vecs' order
     raw = cams if "image" in needs or "raw" in needs else []
-    if raw or "state" in needs:
-        names = [("image_raw", c) for c in raw]
-        st = (None, None)
-        if "state" in needs:
-            names += [("state_cos", ""), ("state_l2", "")]
-            st = (obs.state, ref.state)
-        read.append((names, scalars(
-            [obs.images[c] for c in raw], [ref.cameras[c].small for c in raw], cfg.downsample, *st, state_dim)))
-    for cam in cams:
-        r = ref.cameras[cam]
-        img = obs.images[cam]
-        pix = patchify(img, patch) if want_patches or "pixels" in needs else None
-        if "pixels" in needs:
-            if pix.shape != r.patches.shape:
-                s.pixels_changed[cam] = True
-            else:
-                pending["pixels_changed", cam] = (pix != r.patches).any()
-        if want_patches:
-            pc = patch_cosine(pix, r.patches)  # (B, P)
-            unchanged = pc >= cfg.patch_threshold
-            if cfg.patch_max_diff is not None:
-                unchanged &= (pix - r.patches).abs().amax(-1) <= cfg.patch_max_diff
-            pending["patch_unchanged", cam] = unchanged.float().mean(-1).min()
-            s.changed_patches[cam] = (~unchanged).any(0)
-        if "image" in needs and cfg.image_metric == "siglip":
+    with_state = "state" in needs
+    if raw or with_state:
+        fresh, cached = [obs.images[c] for c in raw], [ref.cameras[c].small for c in raw]
+        if with_state:
+            fresh, cached = [*fresh, obs.state], [*cached, ref.state]
+            parts += [("image_raw", c, 1) for c in raw] + [("state_cos", "", 1), ("state_l2", "", 1)]
+        else:
+            parts += [("image_raw", c, 1) for c in raw]
+        vecs.append(run(raw_scalars, fresh, cached, cfg.downsample, state_dim, with_state))
+    if want_patches or "pixels" in needs:
+        refs = [ref.cameras[c].patches for c in cams]
+        for c, r in zip(cams, refs, strict=True):
+            b, ch, h, w = obs.images[c].shape
+            if r.shape != (b, (h // patch) * (w // patch), ch * patch * patch):
+                raise ValueError(f"camera {c!r}: image {tuple(obs.images[c].shape)} does not match the "
+                                 f"cached patches {tuple(r.shape)}")
+            parts += [("pixels_changed", c, 1)] if "pixels" in needs else []
+            parts += [("patch_unchanged", c, 1), ("changed_patches", c, r.shape[1])] if want_patches else []
+        if cams:
+            vecs.append(run(patch_signals, [obs.images[c] for c in cams], refs, patch, "pixels" in needs,
+                            cfg.patch_threshold if want_patches else None, cfg.patch_max_diff))
+    if "image" in needs and cfg.image_metric == "siglip":
+        for cam in cams:
             e = fresh_embeds[cam]
             s.fresh_embeds[cam] = e
-            if r.siglip is not None:
-                pending["siglip", cam] = row_cosine(e, r.siglip).min()
+            if ref.cameras[cam].siglip is not None:
+                vecs.append(row_cosine(e, ref.cameras[cam].siglip).min().reshape(1))
+                parts.append(("siglip", cam, 1))
             else:
                 s.siglip[cam] = -1.0
-    if pending:
-        read.append((list(pending), torch.stack([t.float() for t in pending.values()])))
-    names = [n for ns, _ in read for n in ns]
-    values = (read[0][1] if len(read) == 1 else torch.cat([v for _, v in read])).tolist() if read else []
-    for (name, cam), v in zip(names, values, strict=True):
-        if name == "pixels_changed":
-            s.pixels_changed[cam] = bool(v)
-        elif cam:
-            getattr(s, name)[cam] = v
-        else:
-            setattr(s, name, v)
+    if vecs:
+        host = (vecs[0] if len(vecs) == 1 else torch.cat(vecs)).float().cpu()  # the one device read
+        vals, i = host.tolist(), 0
+        for name, cam, size in parts:
+            if name == "changed_patches":
+                s.changed_patches[cam] = host[i : i + size] > 0.5
+            elif name == "pixels_changed":
+                s.pixels_changed[cam] = vals[i] > 0.5
+            elif cam:
+                getattr(s, name)[cam] = vals[i]
+            else:
+                setattr(s, name, vals[i])
+            i += size
     if "image" in needs:
         src = {"raw": s.image_raw, "patch": s.patch_unchanged, "siglip": s.siglip}[cfg.image_metric]
         s.image = dict(src)
