@@ -13,6 +13,7 @@ one torch.compile'd call instead of the CUDA graph (round 15).
     ... policy_hit.py pi0 0 --profile     # where a hit's host time goes: cProfile and torch's op table
     ... policy_hit.py pi0 0 --launch      # the denoise's host launch time after other work
     ... policy_hit.py pi0 3 --modes       # the reuse modes' calls: parts and host time (below)
+    ... policy_hit.py pi0 3 --modes --old-fast   # ... the older commit's policy on its own FastPi0
 """
 
 import cProfile
@@ -47,7 +48,7 @@ def main() -> None:
     _, model, obs, noise = setup(variant, device=dev)
     fast = FastPi0(model, compile=dev == "cuda")
     if "--modes" in sys.argv:
-        return modes(fast, obs, noise, rounds, dev)
+        return modes(fast, obs, noise, rounds, dev, model)
     pols = policies(fast, ReuseConfig, ReusePolicy, "new")
     compiled = lambda fn, fresh, cached, *s: _compiled(fn, torch.device(dev))(fresh, cached, *s)  # noqa: E731
     for name, graphs in (("eager", None), ("compiled", compiled)):
@@ -92,7 +93,7 @@ def main() -> None:
     for name, p in pols.items():  # every call but each policy's first must have been a hit
         print(f"{name}: {len(p.stats)} calls, {p.stats.reuses} reused")
 
-def modes(fast, obs, noise, rounds, dev, n=30):
+def modes(fast, obs, noise, rounds, dev, model, n=30):
     """Each reuse mode under the `always` gate, on observations that alternate between two that
     differ in one camera's top two rows of patches: per call the records' parts (GPU time from
     CUDA events) and total (wall-clock), medians, for the working tree's policy and, with
@@ -108,7 +109,11 @@ def modes(fast, obs, noise, rounds, dev, n=30):
     try:
         from kvreuse_old.reuse.config import ReuseConfig as OldConfig
         from kvreuse_old.reuse.policy import ReusePolicy as OldPolicy
-        pols.update({f"old {m}": OldPolicy(fast, OldConfig(gate="always", mode=m)) for m in names})
+        old_fast = fast
+        if "--old-fast" in sys.argv:  # the older commit's FastPi0 under its policy, over the same weights
+            from kvreuse_old.model.fast import FastPi0 as OldFast
+            old_fast = OldFast(model, compile=dev == "cuda")
+        pols.update({f"old {m}": OldPolicy(old_fast, OldConfig(gate="always", mode=m)) for m in names})
     except ImportError:
         pass
     with torch.no_grad():

@@ -85,6 +85,15 @@ class Observation:
                 and (h[1], h[3]) == (version(h[0]), version(h[2])))
 
 
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on `device`. To a GPU through pinned memory, so the copy is queued
+    without a stream sync: a copy from pageable memory first waits for all the stream's queued
+    work (docs/PERFORMANCE.md round 15)."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def version(t: torch.Tensor) -> int | None:
     """The tensor's in-place write counter; None where torch keeps none (inference tensors)."""
     try:

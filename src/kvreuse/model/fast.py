@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import PrefixCache, Span, new_snapshot_id
-from ..observation import Observation, version
+from ..observation import Observation, upload, version
 from . import cublaslt
 from .graphs import Graphs
 from .kernels import HAVE_TRITON, mqa_attention, pdl_supported
@@ -1220,7 +1220,7 @@ class FastPi0:
         rb = _bucket(r, t)
         if rb not in st.idx:
             st.idx[rb] = torch.zeros(rb, dtype=torch.long, device=st.k.device)
-        st.idx[rb][:r].copy_(idx)
+        st.idx[rb][:r].copy_(upload(idx, st.k.device))
         st.idx[rb][r:].fill_(int(idx[-1]) if r else 0)
         st.k[:, :, :t].copy_(cache.k)
         st.v[:, :, :t].copy_(cache.v)

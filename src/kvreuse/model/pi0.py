@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import PrefixCache, Span, new_snapshot_id
-from ..observation import Observation
+from ..observation import Observation, upload
 from .config import ModelConfig
 from .gemma import GemmaStack
 from .layers import NEG_INF, key_bias, sincos_time
@@ -149,7 +149,7 @@ class Pi0Model(nn.Module):
         if bool(recompute.all()):
             return self._cache_from(embeds, valid, obs, spans, call_index, tuple(cache.hidden))
         positions = valid.long().cumsum(-1) - 1
-        idx = recompute.nonzero().squeeze(-1).to(embeds.device)
+        idx = upload(recompute.nonzero().squeeze(-1), embeds.device)
         bias = key_bias(valid, idx.numel())
         k, v = self.llm.prefix_kv_partial(
             embeds[:, idx], idx, positions[:, idx], cache.k, cache.v, bias, self.cfg.rope_base

@@ -28,7 +28,7 @@ import torch
 
 from ..cache import PrefixCache, new_snapshot_id
 from ..model.pi0 import Pi0Model
-from ..observation import Observation
+from ..observation import Observation, upload
 from .config import ReuseConfig
 from .gates import Decision, make_gate
 from .modes import Plan, plan_refresh, plan_reuse
@@ -325,7 +325,7 @@ class ReusePolicy:
                 r = self.ref.cameras[cam]
                 new = patchify(obs.images[cam], patch)
                 r.patches = r.patches.clone()
-                rows = rows.to(r.patches.device)
+                rows = upload(rows, r.patches.device)
                 r.patches[:, rows] = new[:, rows]
         if not plan.prompt_from_cache and (bool(plan.recompute.all()) or "state" in plan.refreshed or (
             not mc.state_in_prompt and all(c in plan.refreshed for c in mc.cameras)
