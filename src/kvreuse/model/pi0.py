@@ -141,10 +141,11 @@ class Pi0Model(nn.Module):
         image_embeds: dict[str, torch.Tensor] | None = None,
     ) -> PrefixCache:
         """A new cache for `obs` that recomputes only the prefix tokens marked in `recompute`
-        ((T,) bool, on the CPU or the device) and keeps the cached K/V of all others. Cameras in `run_cameras` go through
-        the vision tower (or take their fresh embeddings from `image_embeds`, so a caller can
-        time the vision pass or reuse one it already ran); the others reuse the cached image
-        embeddings. Recomputing every token is exactly `encode_prefix` (same kernels, same result)."""
+        ((T,) bool, on the CPU or the device) and keeps the cached K/V of all others. Cameras in
+        `run_cameras` go through the vision tower (or take their fresh embeddings from
+        `image_embeds`, so a caller can time the vision pass or reuse one it already ran); the
+        others reuse the cached image embeddings. Recomputing every token is exactly
+        `encode_prefix` (same kernels, same result)."""
         embeds, valid = self.embed_prefix(obs, self._image_embeds(cache, run_cameras, image_embeds))
         if bool(recompute.all()):
             return self._cache_from(embeds, valid, obs, spans, call_index, tuple(cache.hidden))

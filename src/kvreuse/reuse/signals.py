@@ -261,11 +261,10 @@ def measure(
     with_state = "state" in needs
     if raw or with_state:
         fresh, cached = [obs.images[c] for c in raw], [ref.cameras[c].small for c in raw]
+        parts += [("image_raw", c, 1) for c in raw]
         if with_state:
             fresh, cached = [*fresh, obs.state], [*cached, ref.state]
-            parts += [("image_raw", c, 1) for c in raw] + [("state_cos", "", 1), ("state_l2", "", 1)]
-        else:
-            parts += [("image_raw", c, 1) for c in raw]
+            parts += [("state_cos", "", 1), ("state_l2", "", 1)]
         vecs.append(run(raw_scalars, fresh, cached, cfg.downsample, state_dim, with_state))
     if want_patches or "pixels" in needs:
         refs = [ref.cameras[c].patches for c in cams]
