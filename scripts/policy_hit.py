@@ -1,6 +1,6 @@
-"""The reuse hit as `kvreuse eval` / `serve` run it: `ReusePolicy.infer` with a gate that reuses
-(the same observation every call, so every call after the first reuses the whole prefix),
-against the denoise alone (what `kvreuse bench` reports as the hit), one process, one card,
+"""Reuse as `kvreuse eval` / `serve` run it (round 15). The hit: `ReusePolicy.infer` with a
+gate that reuses (the same observation every call, so every call after the first reuses the
+whole prefix), against the denoise alone (what `kvreuse bench` reports as the hit), one process, one card,
 compile on, timed in turn round after round. With an older commit's package beside the tree
 (`version_ab.py --make REV`), the same gates through that commit's ReusePolicy over the same
 FastPi0, so that only the policy's own work differs. "crossmodal eager" / "crossmodal compiled":
