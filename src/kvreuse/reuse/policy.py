@@ -324,9 +324,10 @@ class ReusePolicy:
             elif bool(rows.any()):
                 r = self.ref.cameras[cam]
                 new = patchify(obs.images[cam], patch)
-                r.patches = r.patches.clone()
-                rows = upload(rows, r.patches.device)
-                r.patches[:, rows] = new[:, rows]
+                # Row indices, not a mask: a mask index on a GPU is a device sync, here one that
+                # would wait for the denoise queued before this.
+                idx = upload(rows.nonzero().squeeze(-1), r.patches.device)
+                r.patches = r.patches.index_copy(1, idx, new.index_select(1, idx))
         if not plan.prompt_from_cache and (bool(plan.recompute.all()) or "state" in plan.refreshed or (
             not mc.state_in_prompt and all(c in plan.refreshed for c in mc.cameras)
         )):
