@@ -11,7 +11,6 @@ one torch.compile'd call instead of the CUDA graph (round 15).
     PYTHONPATH=src:scripts:scripts/_ab python3 scripts/policy_hit.py pi0|pi05 ROUNDS
     PYTHONPATH=src:scripts python3 scripts/policy_hit.py tiny-pi0 1     # CPU: a dry run
     ... policy_hit.py pi0 0 --profile     # where a hit's host time goes: cProfile and torch's op table
-    ... policy_hit.py pi0 0 --launch      # the denoise's host launch time after other work
     ... policy_hit.py pi0 3 --modes       # the reuse modes' calls: parts and host time (below)
     ... policy_hit.py pi0 3 --modes --old-fast   # ... the older commit's policy on its own FastPi0
 """
@@ -86,8 +85,6 @@ def main() -> None:
             print("   its records' signals / total (ms, median): " + " | ".join(
                 f"{k} {statistics.median(x.timings['signals'] for x in v):.3f} / "
                 f"{statistics.median(x.timings['total'] for x in v):.3f}" for k, v in recs.items()), flush=True)
-    if "--launch" in sys.argv:
-        launch(fast, cache, obs, noise)
     if "--profile" in sys.argv:
         profile({k: v for k, v in pols.items() if k.startswith("new")}, obs, noise)
     for name, p in pols.items():  # every call but each policy's first must have been a hit
@@ -153,30 +150,6 @@ def timed(fn, dev):
     b.record()
     b.synchronize()
     return a.elapsed_time(b), out
-
-
-def launch(fast, cache, obs, noise, n=50):
-    """Host time of fast.denoise (its copies and graph launch, no sync) after a sync and each
-    prelude: nothing, 20 small kernels, a read of one value, both."""
-    x = torch.ones(64, device="cuda")
-
-    def kernels():
-        for _ in range(20):
-            x.mul_(1.0)
-
-    preludes = {"nothing": lambda: None, "20 kernels": kernels, "one read": lambda: x.sum().tolist(),
-                "20 kernels + read": lambda: (kernels(), x.sum().tolist())}
-    with torch.no_grad():
-        for name, pre in preludes.items():
-            ts = []
-            for _ in range(n):
-                torch.cuda.synchronize()
-                pre()
-                t = time.perf_counter()
-                fast.denoise(cache, obs, noise)
-                ts.append((time.perf_counter() - t) * 1e3)
-                torch.cuda.synchronize()
-            print(f"launch after {name}: median {statistics.median(ts):.3f} ms, max {max(ts):.3f}", flush=True)
 
 
 def profile(pols, obs, noise, n=100):

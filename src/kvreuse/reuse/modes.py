@@ -30,7 +30,7 @@ from .signals import Signals
 @dataclass
 class Plan:
     kind: str  # "all" | "tokens" | "layers" | "none"
-    recompute: torch.Tensor | None = None  # (T,) bool for kind "tokens"
+    recompute: torch.Tensor | None = None  # (T,) bool on the CPU for kind "tokens"
     run_cameras: tuple[str, ...] = ()
     prompt_from_cache: bool = False  # keep the cached prompt tokens (state_only)
     note: str = ""
@@ -100,7 +100,6 @@ def plan_reuse(
     changed, shift = prompt_changes(cache, obs, model_cfg, valid_rows)
     host = torch.cat([valid_rows.any(0), changed, shift.reshape(1)]).cpu()
     valid, changed, shifted = host[:t], host[t : 2 * t], bool(host[2 * t])
-    changed_patches = {c: m.cpu() for c, m in s.changed_patches.items()}  # (measure gives them on the CPU)
     prompt_spans = [sp.name for sp in cache.spans if sp.kind != "camera"]
     cams = tuple(model_cfg.cameras)
 
@@ -133,6 +132,7 @@ def plan_reuse(
     if mode == "partial":
         rec = torch.zeros(t, dtype=torch.bool, device=dev)
         run = []
+        changed_patches = {c: m.cpu() for c, m in s.changed_patches.items()}  # (measure gives them on the CPU)
         for i, cam in enumerate(cams):
             ch = changed_patches.get(cam)
             if ch is not None and bool(ch.any()):
