@@ -1,6 +1,6 @@
 """A/B of two FastPi0 settings in one process, one card: two FastPi0s (compile on, as the bench)
 over one model, timed in turn round after round: encode_prefix (vision + prefix LM) and full
-inference (sample_actions). Prints the actions' and caches' differences first. Both keep
+inference (sample_actions), and the denoise alone over each one's cache (a reuse hit). Prints the actions' and caches' differences first. Both keep
 cuBLAS's down product unless --tuned (each instance's route timer may pick another route, which
 rounds differently: docs/PERFORMANCE.md, round 14's per-key mask).
 
@@ -38,12 +38,15 @@ def main() -> None:
     with torch.no_grad():
         outs = [f.sample_actions(obs, noise) for f in fast.values()]
         a, b = (f.encode_prefix(obs) for f in fast.values())
+        caches = dict(zip(fast, (a, b), strict=True))
+        hits = [f.denoise(c, obs, noise) for f, c in zip(fast.values(), (a, b), strict=True)]
         valid = a.mask[None, :, :, None, None]
-        print(f"actions rel diff {rel_err(*outs):.2e}; cache K rel diff {rel_err(a.k * valid, b.k * valid):.2e}, "
+        print(f"actions rel diff {rel_err(*outs):.2e}, denoise {rel_err(*hits):.2e}; cache K rel diff {rel_err(a.k * valid, b.k * valid):.2e}, "
               f"V {rel_err(a.v * valid, b.v * valid):.2e}; down routes "
               + " | ".join(f"{k} {f.down_routes}" for k, f in fast.items()), flush=True)
         time_rounds(fast, {"encode_prefix (vision + prefix LM)": lambda k, f: f.encode_prefix(obs),
-                           "sample_actions": lambda k, f: f.sample_actions(obs, noise)}, rounds)
+                           "sample_actions": lambda k, f: f.sample_actions(obs, noise),
+                           "denoise (reuse hit)": lambda k, f: f.denoise(caches[k], obs, noise)}, rounds)
 
 
 if __name__ == "__main__":
