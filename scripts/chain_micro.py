@@ -4,8 +4,7 @@ per kernel with NORM_ROWS=1, or one of round 5's (SWEEP=stages|attn|splits|more|
 none (SWEEP=0), or round 6's bounds (SWEEP=bound: without the reduce / combine kernels, and with
 one layer's weights in all 18 so that they stay in L2); several as SWEEP=stages,splits.
 CHAIN=pdl times only the chain as FastPi0 runs it before the sweeps. ATTN_SPLITS=n fixes the chain's attention
-key splits. PRELOAD=0,1,2 times the chain and its attention with each preload of the prefix keys
-(round 16) in three interleaved rounds. Pi0 expert shapes, random weights; `same` = bit-identical to the first variant.
+key splits. Pi0 expert shapes, random weights; `same` = bit-identical to the first variant.
 Usage (one sm_90 GPU): PYTHONPATH=src python3 scripts/chain_micro.py"""
 
 import functools
@@ -46,7 +45,7 @@ def timed(fn):
     return us / 1e3, out
 
 
-def chain(pdl, same_weights=False, preload=0):
+def chain(pdl, same_weights=False):
     def fn():
         h = x0.clone()
         hn = torch.nn.functional.rms_norm(h, (W,), layers[0]["in_norm"], 1e-6)
@@ -55,7 +54,7 @@ def chain(pdl, same_weights=False, preload=0):
                 w = layers[0] if same_weights else w  # one layer's 35 MB, L2-resident: a bound
                 nxt = RowNorm(1e-6, layers[(li + 1) % L]["in_norm"])
                 h, hn = _expert_layer_chain(h, hn, w["qkv"], w["o_t"], w["post_norm"], w["gate_up"], w["down_t"],
-                                            cos, sin, bias, kb[li], vb[li], T, H, 1, 1e-6, None, nxt, pdl, preload)
+                                            cos, sin, bias, kb[li], vb[li], T, H, 1, 1e-6, None, nxt, pdl)
         return hn
     return fn
 
@@ -111,15 +110,6 @@ for name, p, pf, nomask in variants:
     same = torch.equal(out, ref)
     print(f"{name:<20} chain 10 x 18 layers {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer) same={same}", flush=True)
 fast_mod.skinny_linear, fast_mod.mqa_attention = real_skinny, real_attn
-
-if os.environ.get("PRELOAD"):  # round 16: the attention's prefix keys read before its PDL wait
-    pre = [int(x) for x in os.environ["PRELOAD"].split(",")]
-    for rnd in range(3):  # interleaved rounds: drift meets every variant
-        for p in pre:
-            ms, out = timed(chain(1, preload=p))
-            t, _ = timed(repeat(ops["attn"], 1, fixed_keys=T, preload=p))
-            print(f"round {rnd + 1} preload={p}: chain {ms:7.3f} ms ({ms / (STEPS * L) * 1e3:5.1f} us/layer), "
-                  f"attention alone {t / 180 * 1e3:5.2f} us, same={torch.equal(out, ref)}", flush=True)
 
 
 class _Skip:

@@ -335,31 +335,3 @@ def test_fast_runtime_with_the_rope_kernel_matches_eager(name):
     uf = fast.update_prefix(base_f, obs2, rec, cfg.cameras, base_f.spans, 1)
     valid = ue.mask[None, :, :, None, None]
     assert rel_err(uf.k * valid, ue.k * valid) < 1e-5 and rel_err(uf.v * valid, ue.v * valid) < 1e-5
-
-
-@pytest.mark.parametrize("fixed", [0, 13, 16, 30, 37])
-@pytest.mark.parametrize("key_bias", [False, True])
-def test_preloaded_prefix_keys_give_the_same_output(fixed, key_bias):
-    # preload=2 reads each split's first key block below `fixed` before the (PDL) wait and the
-    # rest after it; 13 and 30 put the fixed/suffix boundary inside a split's first block.
-    b, r, h, d, t = 2, 5, 4, 32, 37
-    q, k, v = _qkv(b, r, h, d, t, torch.bfloat16, seed=3)
-    if key_bias:
-        bias = torch.zeros(b, 1, t)
-        bias[1, :, 3:9] = NEG
-        bias = bias.expand(b, r, t)
-    else:
-        bias = torch.zeros(b, r, t)
-        bias[:, 0, 20:] = NEG
-    plain = mqa_attention(q, k, v, bias, 3, block_m=16, block_n=16)
-    pre = mqa_attention(q, k, v, bias, 3, block_m=16, block_n=16, fixed_keys=fixed, preload=2)
-    assert torch.equal(pre, plain)
-    _check(pre, _ref(q, k, v, bias), torch.bfloat16)
-
-
-def test_preload_arguments_are_checked():
-    q, k, v = _qkv(1, 2, 2, 16, 20, torch.float32)
-    with pytest.raises(ValueError, match="preload"):
-        mqa_attention(q, k, v, None, preload=3)
-    with pytest.raises(ValueError, match="fixed_keys"):
-        mqa_attention(q, k, v, None, fixed_keys=21, preload=2)

@@ -397,16 +397,15 @@ def _expert_layer_fused(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos_
 
 def _expert_layer_chain(x, xn, qkv_w, o_t, post_norm, gate_up, down_t, cos_h, sin_h, bias, k_buf, v_buf,
                         start: int, heads: int, kv_heads: int, eps: float, cond=None, next_norm: RowNorm | None = None,
-                        pdl: bool = False, preload: int = 0):
+                        pdl: bool = False):
     """The fused layer as 8 Triton kernels and no torch op: takes the input x and its normed copy
     xn (this layer's input norm already applied) and returns (output, output under `next_norm`:
     the next layer's input norm or the final one). Both norms come out of the residual products'
     reduce kernels. With pdl, each kernel's launch and weight prefetch overlap the previous
-    kernel (a torch op in between would serialise them again); preload: the attention's reads of
-    the cached prefix keys ahead of its PDL wait (kernels.mqa_attention)."""
+    kernel (a torch op in between would serialise them again)."""
     _, _, g1, s2, b2, g2 = (None,) * 6 if cond is None else cond
     q = fused_qkv(xn, qkv_w.t(), k_buf, v_buf, start, cos_h, sin_h, heads, kv_heads, pdl=pdl)
-    attn = mqa_attention(q, k_buf, v_buf, bias[:, 0, :: heads // kv_heads], pdl=pdl, fixed_keys=start, preload=preload)
+    attn = mqa_attention(q, k_buf, v_buf, bias[:, 0, :: heads // kv_heads], pdl=pdl)
     x, h = skinny_linear(attn, o_t, residual=x, col_scale=_flat(g1), norm=RowNorm(eps, post_norm, s2, b2), pdl=pdl)
     act = skinny_linear(h, gate_up.t(), gated_gelu=True, pdl=pdl)
     return skinny_linear(act, down_t, residual=x, col_scale=_flat(g2), norm=next_norm, pdl=pdl)
@@ -519,7 +518,6 @@ class FastPi0:
         prompt_bucket: int | None = None,
         lm_down_tune: bool | None = None,
         rope_kernel: bool | None = None,
-        attn_preload: int = 0,
     ):
         for name, kind in (("prefix_attn", prefix_attn), ("expert_attn", expert_attn)):
             if kind not in (*ATTN_KINDS, "auto"):
@@ -590,11 +588,6 @@ class FastPi0:
         if expert_pdl and not can_pdl:
             raise ValueError("expert_pdl=True needs expert_gemm='chain' on an sm_90+ GPU with Triton >= 3.4")
         self.expert_pdl = can_pdl if expert_pdl is None else bool(expert_pdl)
-        # The chain's attention reads cached prefix keys before its PDL wait: 0 no, 1 into L2, 2
-        # the first key block into registers (kernels.mqa_attention).
-        if attn_preload not in (0, 1, 2):
-            raise ValueError(f"attn_preload: expected 0, 1 or 2, got {attn_preload!r}")
-        self.attn_preload = attn_preload
         if expert_gemm == "chain":  # the per-step projections as skinny products, w as (K, N) views
             with torch.no_grad():
                 self._w_in_t = model.action_in_proj.weight.t()
@@ -981,7 +974,7 @@ class FastPi0:
             h, hn = _expert_layer_chain(
                 h, hn, w.qkv, w.o_t, w.post_norm, w.gate_up, w.down_t, cos_h, sin_h, bias, st.k[li], st.v[li], t,
                 ex.num_heads, ex.num_kv_heads, ex.eps, per_layer[li] if per_layer else None,
-                self._in_norm(li + 1, per_layer, table), self.expert_pdl, self.attn_preload,
+                self._in_norm(li + 1, per_layer, table), self.expert_pdl,
             )
         return hn
 

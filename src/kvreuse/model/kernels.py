@@ -39,7 +39,7 @@ _LOG2E = 1.4426950408889634
 
 def _build() -> tuple:
     """Import triton and define the two kernels (and the helpers skinny_gemm shares), once."""
-    global triton, tl, _KERNELS, _rows, _prefetch_l2, _pdl_enter, _key_bias, _attend  # kernels find helpers among the module globals
+    global triton, tl, _KERNELS, _rows, _prefetch_l2, _pdl_enter  # kernels find helpers among the module globals
     if _KERNELS is not None:
         return _KERNELS
     import triton
@@ -70,55 +70,6 @@ def _build() -> tuple:
         return pid_bh // HKV, rows, rows < M, rows // G, (pid_bh % HKV) * G + rows % G
 
     @triton.jit
-    def _key_bias(bias_ptr, b, n, n_ok, sb_b, sb_t, HAS_BIAS: tl.constexpr, KEY_BIAS: tl.constexpr):
-        """A key block's bias where it is one value per key (shared by every row), else a dummy."""
-        if HAS_BIAS and KEY_BIAS:
-            return tl.load(bias_ptr + b * sb_b + n * sb_t, mask=n_ok, other=0.0).to(tl.float32)
-        return tl.zeros_like(n).to(tl.float32)
-
-    @triton.jit
-    def _attend(q, k, v_ptrs, v_mask, v_pre, kb, bias_ptr, b, tok, row_ok, n, n_ok, sb_b, sb_r, sb_t, m_i, l_i, acc,
-                HAS_BIAS: tl.constexpr, KEY_BIAS: tl.constexpr, DOT_F32: tl.constexpr, SCALE_LOG2: tl.constexpr,
-                PRE: tl.constexpr):
-        """One key block of the online softmax: (m_i, l_i, acc) updated by keys n (K rows k, V rows
-        at v_ptrs where v_mask). PRE: v_pre holds the V rows outside v_mask and kb the key bias,
-        both read before the PDL wait; else the bias is read here."""
-        if DOT_F32:  # interpreter only (see _dot_f32): same products, exact in fp32
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * SCALE_LOG2  # log2 units: exp2 below
-        if HAS_BIAS:
-            if KEY_BIAS:  # one bias per key, shared by every row: a vector, not a tile
-                if not PRE:
-                    kb = _key_bias(bias_ptr, b, n, n_ok, sb_b, sb_t, HAS_BIAS, KEY_BIAS)
-                bias = kb[None, :]
-            else:
-                bias = tl.load(
-                    bias_ptr + b * sb_b + tok[:, None] * sb_r + n[None, :] * sb_t,
-                    mask=row_ok[:, None] & n_ok[None, :], other=0.0,
-                ).to(tl.float32)
-            # Clamp first: -2.38e38 * log2(e) overflows to -inf. -1e30 still underflows
-            # exp2 to exactly 0 next to any unmasked key.
-            s += tl.maximum(bias, -1.0e30) * 1.4426950408889634
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no key so far keeps m = -inf; exp2(-inf - 0) = 0 instead of NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-        if PRE:
-            v = tl.where(v_mask, v, v_pre)
-        p = p.to(v.dtype)  # P is rounded to v's dtype on either path
-        if DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float32), v.to(tl.float32))
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, v)
-        return m_new, l_i, acc
-
-    @triton.jit
     def _split_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, part_ptr, stat_ptr, out_ptr,
         R, T, M, G, HKV, S, keys_per_split,
@@ -128,13 +79,18 @@ def _build() -> tuple:
         sb_b, sb_r, sb_t,
         HAS_BIAS: tl.constexpr, KEY_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SCALE_LOG2: tl.constexpr,
-        FIXED, PRELOAD: tl.constexpr, LINES: tl.constexpr, LINE: tl.constexpr,
     ):
+        _pdl_enter(PDL)
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(2)
         b, rows, row_ok, tok, head = _rows(pid_bh, tl.program_id(1), M, G, HKV, BLOCK_M)
         kvh = pid_bh % HKV
         d = tl.arange(0, D)
+        q = tl.load(
+            q_ptr + b * sq_b + tok[:, None] * sq_r + head[:, None] * sq_h + d[None, :],
+            mask=row_ok[:, None], other=0.0,
+        )
+
         lo = pid_s * keys_per_split
         hi = tl.minimum(lo + keys_per_split, T)
         k_base = k_ptr + b * sk_b + kvh * sk_h
@@ -142,44 +98,40 @@ def _build() -> tuple:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        first = lo
-        if PRELOAD == 1:
-            # Keys below FIXED (the cached prefix) were written long before the kernel ahead of
-            # this one, so their lines can be asked of L2 before the PDL wait (one row tile asks).
-            if tl.program_id(1) == 0:
-                line = tl.arange(0, LINES) * LINE  # one address per 128-byte line of a row
-                for st in range(lo, tl.minimum(hi, FIXED), BLOCK_N):
-                    n = st + tl.arange(0, BLOCK_N)
-                    ok = (n < tl.minimum(hi, FIXED))[:, None]
-                    _prefetch_l2(k_base + n[:, None] * sk_t + line[None, :], ok, k_base)
-                    _prefetch_l2(v_base + n[:, None] * sv_t + line[None, :], ok, v_base)
-        if PRELOAD == 2:
-            # The split's first key block, where it is cached prefix, read before the PDL wait.
-            n = lo + tl.arange(0, BLOCK_N)
-            n_ok = n < hi
-            pre = n_ok & (n < FIXED)
-            k = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=pre[:, None], other=0.0)
-            v = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=pre[:, None], other=0.0)
-            kb = _key_bias(bias_ptr, b, n, n_ok, sb_b, sb_t, HAS_BIAS, KEY_BIAS)
-        _pdl_enter(PDL)
-        q = tl.load(
-            q_ptr + b * sq_b + tok[:, None] * sq_r + head[:, None] * sq_h + d[None, :],
-            mask=row_ok[:, None], other=0.0,
-        )
-        if PRELOAD == 2:
-            post = n_ok & (n >= FIXED)  # the suffix's keys, written by the kernel just before
-            k = tl.where(post[:, None], tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=post[:, None], other=0.0), k)
-            m_i, l_i, acc = _attend(q, k, v_base + n[:, None] * sv_t + d[None, :], post[:, None], v, kb, bias_ptr, b, tok,
-                                    row_ok, n, n_ok, sb_b, sb_r, sb_t, m_i, l_i, acc,
-                                    HAS_BIAS, KEY_BIAS, DOT_F32, SCALE_LOG2, True)
-            first = lo + BLOCK_N
-        for start in range(first, hi, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n < hi
             k = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=n_ok[:, None], other=0.0)
-            m_i, l_i, acc = _attend(q, k, v_base + n[:, None] * sv_t + d[None, :], n_ok[:, None], k, n, bias_ptr, b, tok,
-                                    row_ok, n, n_ok, sb_b, sb_r, sb_t, m_i, l_i, acc,
-                                    HAS_BIAS, KEY_BIAS, DOT_F32, SCALE_LOG2, False)
+            if DOT_F32:  # interpreter only (see _dot_f32): same products, exact in fp32
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * SCALE_LOG2  # log2 units: exp2 below
+            if HAS_BIAS:
+                if KEY_BIAS:  # one bias per key, shared by every row: a vector, not a tile
+                    bias = tl.load(bias_ptr + b * sb_b + n * sb_t, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                else:
+                    bias = tl.load(
+                        bias_ptr + b * sb_b + tok[:, None] * sb_r + n[None, :] * sb_t,
+                        mask=row_ok[:, None] & n_ok[None, :], other=0.0,
+                    ).to(tl.float32)
+                # Clamp first: -2.38e38 * log2(e) overflows to -inf. -1e30 still underflows
+                # exp2 to exactly 0 next to any unmasked key.
+                s += tl.maximum(bias, -1.0e30) * 1.4426950408889634
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with no key so far keeps m = -inf; exp2(-inf - 0) = 0 instead of NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=n_ok[:, None], other=0.0)
+            p = p.to(v.dtype)  # P is rounded to v's dtype on either path
+            if DOT_F32:
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float32), v.to(tl.float32))
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p, v)
+            m_i = m_new
 
         if DIRECT:
             # One split: normalise here and skip the combine kernel. Output (B, R, H*D) contiguous.
@@ -283,8 +235,6 @@ def mqa_attention(
     combine_warps: int = 4,
     scale: float | None = None,
     pdl: bool = False,
-    fixed_keys: int = 0,
-    preload: int = 0,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v with fp32 softmax and accumulation (P is cast to v's dtype
     for the second matmul, as in flash attention).
@@ -313,10 +263,6 @@ def mqa_attention(
     needs 256 KiB of shared memory (more than an H100 has).
 
     pdl: launch both kernels with programmatic dependent launch (see pdl_supported; sm_90+).
-    fixed_keys, preload: keys [0, fixed_keys) were written before the kernel ahead of this call
-    (the expert's cached prefix; the suffix's keys come from the QKV kernel just before), so a
-    PDL launch may read them before its wait: preload=1 asks L2 for each split's rows of them
-    (with pdl only), preload=2 reads each split's first key block of them into registers.
     """
     if not HAVE_TRITON:
         raise RuntimeError("mqa_attention needs triton (pip install triton); use the PyTorch attention path instead")
@@ -336,8 +282,6 @@ def mqa_attention(
         raise ValueError(f"query heads {h} not a multiple of KV heads {hkv}")
     if d < 16 or d & (d - 1):
         raise ValueError(f"head dim {d} must be a power of two >= 16")
-    if preload not in (0, 1, 2) or not 0 <= fixed_keys <= t:
-        raise ValueError(f"preload={preload} must be 0, 1 or 2 and fixed_keys={fixed_keys} within 0..{t}")
     g = h // hkv
     m = r * g  # query rows per KV head
     big = m >= 1024
@@ -389,8 +333,6 @@ def mqa_attention(
         HAS_BIAS=bias is not None, KEY_BIAS=sb[1] == 0, DIRECT=direct, DOT_F32=_dot_f32(split_kernel, q.dtype), PDL=pdl,
         BLOCK_M=block_m, BLOCK_N=block_n, D=d,
         SCALE_LOG2=scale * _LOG2E,  # constexpr: a float argument becomes fp64 under inductor
-        FIXED=fixed_keys, PRELOAD=preload if pdl or preload != 1 else 0,
-        LINES=max(1, d * q.element_size() // 128), LINE=max(1, 128 // q.element_size()),
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     if not direct:
