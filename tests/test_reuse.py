@@ -386,3 +386,43 @@ def test_patch_max_diff_catches_a_small_move_the_cosine_misses(variant):
     assert "d<=0.1" in ReuseConfig(gate="always", mode="partial", patch_max_diff=0.1).label()
     with pytest.raises(ValueError, match="patch_max_diff"):
         ReuseConfig(patch_max_diff=-1.0)
+
+
+# ---- host bookkeeping: the plans compare CPU copies, equal to the cache's ---------------------
+
+
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fast", [False, True])
+def test_host_prefix_is_the_caches_and_plans_from_it_match_the_device_plans(variant, mode, fast, monkeypatch):
+    """The policy's HostPrefix (the cache's tokens, validity and positions, made from the
+    observations' host copies, which its plans compare instead of device tensors) equals the
+    cache's after every call, and the calls are those of a policy without it (device plans)."""
+    from kvreuse.model.fast import FastPi0
+    from kvreuse.reuse import policy as policy_mod
+
+    m, tf = model_and_tf(variant)
+    model = FastPi0(m) if fast else m
+    rng = np.random.default_rng(5)
+    raw = raw_obs(rng)
+    stream = [raw, nudge(raw, rng, 3), nudge(raw, rng, 3, state_delta=0.4), nudge(raw, rng, 0, state_delta=0.9),
+              raw, dict(raw, prompt="open the drawer"), nudge(raw, rng, 2)]
+    host = ReusePolicy(model, ReuseConfig(gate="always", mode=mode))
+    dev = ReusePolicy(model, ReuseConfig(gate="always", mode=mode))
+    plans = set()
+    for i, r in enumerate(stream):
+        obs, noise = tf(r), noise_for(m, i)
+        a, ra = host.infer(obs, noise.clone())
+        with monkeypatch.context() as mp:
+            mp.setattr(policy_mod, "host_prefix", lambda *a, **kw: None)
+            b, rb = dev.infer(obs, noise.clone())
+        assert torch.equal(a, b), i
+        assert (ra.plan, ra.cost, ra.reason, ra.mixed) == (rb.plan, rb.cost, rb.reason, rb.mixed), i
+        h, c = host._host, host.cache
+        assert torch.equal(h.tokens, c.tokens) and torch.equal(h.mask, c.mask), i
+        assert torch.equal(h.positions, c.positions), i
+        assert dev._host is None
+        plans.add(ra.plan)
+    # Pi0's prompt never changes here (its state is not in it): vision_only has nothing to recompute.
+    recomputes = mode not in ("full", "text_fixed") and (variant, mode) != ("pi0", "vision_only")
+    assert "all" in plans and bool(plans & {"tokens", "layers"}) == recomputes

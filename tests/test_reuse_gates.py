@@ -345,13 +345,13 @@ def test_signal_graphs_copy_the_cached_side_only_when_it_changed():
 @pytest.mark.parametrize("mode", ["vision_only", "state_only", "layer_wise", "partial"])
 def test_reuse_plans_are_made_on_the_host_after_one_device_read(mode):
     """What a mode's plan looks at (validity, the prompt's changes, the changed patches) comes
-    back in one transfer; the plan's recompute mask is a CPU tensor, so neither the policy nor
-    the model reads it back."""
+    back in one transfer, and in none from HostPrefixes; the plan's recompute mask is a CPU
+    tensor, so neither the policy nor the model reads it back."""
     from types import SimpleNamespace
 
     from kvreuse.bench import synthetic_obs
     from kvreuse.model import Pi0Model, preset
-    from kvreuse.reuse.modes import plan_reuse
+    from kvreuse.reuse.modes import HostPrefix, host_prefix, plan_reuse
 
     mc = preset("tiny-pi05")
     cpu = synthetic_obs(mc, 1, "cpu", torch.Generator().manual_seed(0))
@@ -366,3 +366,10 @@ def test_reuse_plans_are_made_on_the_host_after_one_device_read(mode):
         plan = plan_reuse(ReuseConfig(gate="always", mode=mode), mc, cache, obs, sig)
     assert reads.count == 1 and plan.kind != "none"
     assert plan.recompute is None or plan.recompute.device.type == "cpu"
+    # With the HostPrefix of the cache and of obs (from the host copies obs.to kept): no read.
+    new = host_prefix(obs, mc)
+    assert new is not None and new.mask.device.type == "cpu"
+    cached = HostPrefix(new.tokens, torch.ones(1, t, dtype=torch.bool), torch.zeros(1, t, dtype=torch.long))
+    with _DeviceReads() as reads:
+        again = plan_reuse(ReuseConfig(gate="always", mode=mode), mc, cache, obs, sig, (cached, new))
+    assert reads.count == 0 and again.kind == plan.kind and again.run_cameras == plan.run_cameras

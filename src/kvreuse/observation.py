@@ -20,10 +20,10 @@ class Observation:
     prompt: the task text per batch row (identity for cache invalidation; state excluded).
 
     The model reads the two token masks on the host (where the prompt ends, where the state
-    starts), and the reuse policy the camera masks (which cameras are present): `host_mask`
-    serves them from the CPU tensors `to()` copied them from, so that an observation moved to a
-    GPU that way costs no device read for them. Mask names: "token_mask", "state_token_mask",
-    "image_masks/<camera>".
+    starts), and the reuse policy the camera masks (which cameras are present) and the tokens
+    (what its plans compare with the cache's): `host_mask` serves them from the CPU tensors
+    `to()` copied them from, so that an observation moved to a GPU that way costs no device read
+    for them. Names: "token_mask", "state_token_mask", "image_masks/<camera>", "tokens".
     """
 
     images: dict[str, torch.Tensor]
@@ -59,14 +59,15 @@ class Observation:
             token_mask=mv(self.token_mask),
             state_token_mask=mv(self.state_token_mask),
         )
-        for name in ("token_mask", "state_token_mask", *(f"image_masks/{c}" for c in self.image_masks)):
+        for name in ("token_mask", "state_token_mask", "tokens", *(f"image_masks/{c}" for c in self.image_masks)):
             src, dst = self.mask(name), out.mask(name)
             if src.device.type == "cpu" and dst is not src:
                 out._host[name] = (dst, version(dst), src, version(src))
         return out
 
     def mask(self, name: str) -> torch.Tensor:
-        """The mask called `name` ("token_mask", "state_token_mask", "image_masks/<camera>")."""
+        """The mask called `name` ("token_mask", "state_token_mask", "image_masks/<camera>"; also
+        "tokens")."""
         group, _, cam = name.partition("/")
         return self.image_masks[cam] if group == "image_masks" else getattr(self, name)
 

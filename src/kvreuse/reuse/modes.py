@@ -51,24 +51,54 @@ class Plan:
         return {"vision_cameras": cams, "lm_tokens": tokens, "lm_token_layers": tokens * layers}
 
 
+def _valid(image_masks: list[torch.Tensor], token_mask: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    p = cfg.vision.num_patches
+    return torch.cat([m[:, None].expand(-1, p) for m in image_masks] + [token_mask], 1)
+
+
 def new_valid(obs: Observation, cfg: ModelConfig) -> torch.Tensor:
     """(B, T) validity of the prefix tokens of `obs` (as the model builds it)."""
-    p = cfg.vision.num_patches
-    parts = [obs.image_masks[c][:, None].expand(-1, p) for c in cfg.cameras] + [obs.token_mask]
-    return torch.cat(parts, 1)
+    return _valid([obs.image_masks[c] for c in cfg.cameras], obs.token_mask, cfg)
+
+
+@dataclass(frozen=True)
+class HostPrefix:
+    """CPU copies of what a prefix cache records about its tokens (the PrefixCache fields of the
+    same names): prompt ids (B, L), validity and rotary positions (B, T)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+
+
+def host_prefix(obs: Observation, cfg: ModelConfig, prompt_from: HostPrefix | None = None) -> HostPrefix | None:
+    """The HostPrefix of the cache the model builds from `obs`, from the host copies that
+    Observation.to keeps (no device read); None where obs has none. prompt_from: the prompt's
+    ids and validity are that cache's (what state_only's update keeps)."""
+    cams = [f"image_masks/{c}" for c in cfg.cameras]
+    if any(c not in obs.image_masks for c in cfg.cameras) or not all(
+        obs.on_host(n) for n in cams + ([] if prompt_from else ["tokens", "token_mask"])
+    ):
+        return None
+    if prompt_from is not None:
+        tokens, prompt = prompt_from.tokens, prompt_from.mask[:, len(cams) * cfg.vision.num_patches :]
+    else:
+        tokens, prompt = obs.host_mask("tokens").clone(), obs.host_mask("token_mask")
+    valid = _valid([obs.host_mask(n) for n in cams], prompt, cfg)
+    return HostPrefix(tokens, valid, valid.long().cumsum(-1) - 1)
 
 
 def prompt_changes(
-    cache: PrefixCache, obs: Observation, cfg: ModelConfig, valid: torch.Tensor
+    cache: PrefixCache | HostPrefix, tokens: torch.Tensor, cfg: ModelConfig, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(T,) bool: prompt tokens whose id, validity or rotary position differs from the cache
     in any batch row (Pi0.5: the state is spelled in the prompt); and whether any prompt
-    token's validity or position moved (a shift), a 0-d bool. Both on the cache's device.
-    `valid` = new_valid(obs, cfg)."""
+    token's validity or position moved (a shift), a 0-d bool. Both on valid's device (all
+    inputs on one device). `tokens`, `valid`: the new observation's ids and new_valid."""
     t0 = len(cfg.cameras) * cfg.vision.num_patches
     pos = valid.long().cumsum(-1) - 1
     out = torch.zeros(cfg.prefix_len, dtype=torch.bool, device=valid.device)
-    ids_diff = (obs.tokens != cache.tokens) & obs.token_mask
+    ids_diff = (tokens != cache.tokens) & valid[:, t0:]
     valid_diff = valid[:, t0:] != cache.mask[:, t0:]
     pos_diff = (pos[:, t0:] != cache.positions[:, t0:]) & valid[:, t0:]
     shift = valid_diff | pos_diff
@@ -83,12 +113,14 @@ def region(cfg: ModelConfig, start: int, end: int, device) -> torch.Tensor:
 
 
 def plan_reuse(
-    cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache, obs: Observation, s: Signals
+    cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache, obs: Observation, s: Signals,
+    hosts: tuple[HostPrefix, HostPrefix] | None = None,
 ) -> Plan:
-    """The gate said reuse: what the mode recomputes. The plan is made on the host: what it
-    looks at on the device (the new tokens' validity, the prompt's changes) is read in one
-    transfer, the changed patches come from the signals on the CPU, and its recompute mask is a
-    CPU tensor."""
+    """The gate said reuse: what the mode recomputes. The plan is made on the host, and its
+    recompute mask is a CPU tensor. What it compares (the new tokens' validity, the prompt's
+    changes) comes from `hosts`, the HostPrefix of the cache and of obs, where the caller has
+    them (no device work at all: round 16), else from the device in one transfer; the changed
+    patches come from the signals, on the CPU."""
     mode = cfg.mode
     if mode in ("full", "text_fixed"):
         return Plan("none", note="whole prefix reused")
@@ -96,10 +128,15 @@ def plan_reuse(
     t, p = model_cfg.prefix_len, model_cfg.vision.num_patches
     t0 = len(model_cfg.cameras) * p
     prompt = region(model_cfg, t0, t, dev)
-    valid_rows = new_valid(obs, model_cfg)
-    changed, shift = prompt_changes(cache, obs, model_cfg, valid_rows)
-    host = torch.cat([valid_rows.any(0), changed, shift.reshape(1)]).cpu()
-    valid, changed, shifted = host[:t], host[t : 2 * t], bool(host[2 * t])
+    if hosts is not None:
+        cached, new = hosts
+        changed, shift = prompt_changes(cached, new.tokens, model_cfg, new.mask)
+        valid, shifted = new.mask.any(0), bool(shift)
+    else:
+        valid_rows = new_valid(obs, model_cfg)
+        changed, shift = prompt_changes(cache, obs.tokens, model_cfg, valid_rows)
+        host = torch.cat([valid_rows.any(0), changed, shift.reshape(1)]).cpu()
+        valid, changed, shifted = host[:t], host[t : 2 * t], bool(host[2 * t])
     prompt_spans = [sp.name for sp in cache.spans if sp.kind != "camera"]
     cams = tuple(model_cfg.cameras)
 
@@ -164,7 +201,9 @@ def plan_refresh(cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache | 
         return Plan("all", note="full refresh")
     text = cache.span("text")
     keep = region(model_cfg, text.start, text.end, "cpu")
-    rec = ~keep & new_valid(obs, model_cfg).any(0).cpu()  # a CPU mask, as plan_reuse makes
+    new = host_prefix(obs, model_cfg)  # no device read where obs has host copies
+    valid = new.mask if new is not None else new_valid(obs, model_cfg)
+    rec = ~keep & valid.any(0).cpu()  # a CPU mask, as plan_reuse makes
     refreshed = tuple(sp.name for sp in cache.spans if sp.name != "text")
     return Plan("tokens", rec, tuple(model_cfg.cameras), note="text span kept, cameras (and state) recomputed",
                 refreshed=refreshed)

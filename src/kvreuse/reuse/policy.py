@@ -31,7 +31,7 @@ from ..model.pi0 import Pi0Model
 from ..observation import Observation, upload
 from .config import ReuseConfig
 from .gates import Decision, make_gate
-from .modes import Plan, plan_refresh, plan_reuse
+from .modes import HostPrefix, Plan, host_prefix, plan_refresh, plan_reuse
 from .records import ReuseStats, StepRecord
 from .signals import (PhaseCues, Reference, SignalGraphs, Signals, camera_ref, measure, patchify, phase_cues,
                       present_cameras)
@@ -81,6 +81,7 @@ class ReusePolicy:
         self.births: torch.Tensor | None = None  # (T,) call index of each row's K/V
         self.birth_times: torch.Tensor | None = None  # (T,) monotonic seconds
         self._valid_rows: torch.Tensor | None = None  # see valid_rows
+        self._host: HostPrefix | None = None  # the cache's tokens, validity and positions on the CPU
         self._oldest: tuple[int, float] | None = None  # see age
         self._ref_update: tuple | None = None  # see _execute
         self.layer_mixed = False
@@ -91,11 +92,12 @@ class ReusePolicy:
     # ---- bookkeeping ------------------------------------------------------------------------
     @property
     def valid_rows(self) -> torch.Tensor | None:
-        """(T,) CPU bool: the cache's rows valid in any batch row. Read from the device when first
-        needed (a host sync), once per cache: a full refresh, the never gate's every call, needs it
-        only if a later call reuses the cache."""
+        """(T,) CPU bool: the cache's rows valid in any batch row. From the cache's HostPrefix
+        where the policy has one (observations moved to the device by Observation.to), else read
+        from the device when first needed (a host sync), once per cache: a full refresh, the never
+        gate's every call, needs it only if a later call reuses the cache."""
         if self._valid_rows is None and self.cache is not None:
-            self._valid_rows = self.cache.mask.any(0).cpu()
+            self._valid_rows = self._host.mask.any(0) if self._host is not None else self.cache.mask.any(0).cpu()
         return self._valid_rows
 
     def _sync(self) -> float:
@@ -165,14 +167,17 @@ class ReusePolicy:
             sig.age_calls, sig.age_s = self.age(call, now)
             decision = self.gate.decide(sig)
 
+        new_host = None  # obs's HostPrefix, made only where a plan compares it (a hit is host-bound)
         if not decision.reuse:
             plan = plan_refresh(cfg, mc, self.cache if invalid is None else None, obs)
         else:
-            plan = plan_reuse(cfg, mc, self.cache, obs, sig)
+            if self._host is not None and cfg.mode not in ("full", "text_fixed"):
+                new_host = host_prefix(obs, mc)
+            plan = plan_reuse(cfg, mc, self.cache, obs, sig, (self._host, new_host) if new_host is not None else None)
             if cfg.synchronized and plan.kind in ("tokens", "layers"):
                 plan = Plan("all", note=f"synchronized: {plan.note} -> refresh every span")
 
-        out = self._execute(plan, obs, sig, call, now, raw_shapes, noise)
+        out = self._execute(plan, obs, sig, call, now, raw_shapes, noise, new_host)
 
         dobs, state_source = obs, "prefix"
         if not mc.state_in_prompt:
@@ -191,13 +196,8 @@ class ReusePolicy:
             # A full refresh gives every row the same birth; a partial or layer-wise one may not.
             self.mixed = plan.kind != "all" and (
                 self.layer_mixed or len(torch.unique(self.births[self.valid_rows])) > 1)  # (denoise queued)
-        if "phase" in self.needs:
-            self.phase = phase_cues(out, cfg, mc.action_dim)
-
-        timings["total"] = (self._sync() - t_start) * 1e3
-        parts.resolve(timings)
         reused = decision.reuse and plan.kind != "all"
-        rec = StepRecord(
+        rec = StepRecord(  # made while the device still works; its timings are filled in below
             decision="reuse" if reused else "refresh",
             mode=cfg.mode if plan.kind != "all" else "none",
             reason=f"{decision.reason}; {plan.note}",
@@ -210,6 +210,11 @@ class ReusePolicy:
             call_index=call,
             state_source=state_source,
         )
+        if "phase" in self.needs:
+            self.phase = phase_cues(out, cfg, mc.action_dim)
+
+        timings["total"] = (self._sync() - t_start) * 1e3
+        parts.resolve(timings)
         self.stats.add(rec)
         return out, rec
 
@@ -239,7 +244,8 @@ class ReusePolicy:
         return out
 
     def _execute(
-        self, plan: Plan, obs: Observation, sig: Signals, call: int, now: float, raw_shapes, noise: torch.Tensor
+        self, plan: Plan, obs: Observation, sig: Signals, call: int, now: float, raw_shapes, noise: torch.Tensor,
+        new_host: HostPrefix | None = None,
     ) -> torch.Tensor | None:
         """Runs the plan's vision and prefix work. A full refresh on a model that overlaps the
         prefix with the denoise (FastPi0's `overlap`) runs both through sample_with_prefix, timed
@@ -262,6 +268,7 @@ class ReusePolicy:
             else:
                 self.cache = model.encode_prefix(obs, **kw)
                 self._parts.add("prefix", t)
+            self._host = host_prefix(obs, mc) if cfg.enabled else None  # (made while the device works)
             T = self.cache.length
             self.births = torch.full((T,), call, dtype=torch.long)
             self.birth_times = torch.full((T,), now, dtype=torch.float64)
@@ -300,6 +307,10 @@ class ReusePolicy:
             self.cache = model.update_prefix(
                 self.cache, pobs, plan.recompute, plan.run_cameras, spans, call, image_embeds=embeds
             )
+            if plan.prompt_from_cache:
+                self._host = host_prefix(obs, mc, prompt_from=self._host) if self._host is not None else None
+            else:
+                self._host = new_host if new_host is not None else host_prefix(obs, mc)
             rec = plan.recompute.cpu()
             self.births[rec] = call
             self.birth_times[rec] = now
@@ -307,6 +318,7 @@ class ReusePolicy:
             self.cache = model.update_prefix_layers(
                 self.cache, obs, self.split, plan.run_cameras, spans, call, image_embeds=embeds
             )
+            self._host = new_host if new_host is not None else host_prefix(obs, mc)
             self.layer_mixed = True
         self._parts.add("prefix", t)
         if plan.kind == "tokens":  # done once the denoise is queued: it needs none of it
