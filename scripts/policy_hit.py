@@ -13,6 +13,7 @@ one torch.compile'd call instead of the CUDA graph (round 15).
     ... policy_hit.py pi0 0 --profile     # where a hit's host time goes: cProfile and torch's op table
     ... policy_hit.py pi0 3 --modes       # the reuse modes' calls: parts and host time (below)
     ... policy_hit.py pi0 3 --modes --old-fast   # ... the older commit's policy on its own FastPi0
+    ... policy_hit.py pi0 3 --old-fast           # hits likewise, and that FastPi0's denoise alone
 """
 
 import cProfile
@@ -54,20 +55,26 @@ def main() -> None:
         # round 15's other ways to compute the same signals: plain ops, or one compiled call
         pols[f"new crossmodal {name}"] = p = ReusePolicy(fast, ReuseConfig(**GATES["crossmodal"]))
         p._graphs = graphs
+    old_fast = fast
     try:
         from kvreuse_old.reuse.config import ReuseConfig as OldConfig
         from kvreuse_old.reuse.policy import ReusePolicy as OldPolicy
-        pols = {**policies(fast, OldConfig, OldPolicy, "old"), **pols}
+        if "--old-fast" in sys.argv:  # the older commit's FastPi0 under its policy, over the same weights
+            from kvreuse_old.model.fast import FastPi0 as OldFast
+            old_fast = OldFast(model, compile=dev == "cuda")
+        pols = {**policies(old_fast, OldConfig, OldPolicy, "old"), **pols}
     except ImportError:
         print("no kvreuse_old beside the tree: the working tree's policy only")
     with torch.no_grad():
-        cache = fast.encode_prefix(obs)
+        cache, old_cache = fast.encode_prefix(obs), old_fast.encode_prefix(obs)
         ref = fast.denoise(cache, obs, noise)
         for name, p in pols.items():
             p.infer(obs, noise)  # the refresh that fills the cache
             out, rec = p.infer(obs, noise)
             print(f"{name}: {rec.decision} ({rec.reason}); actions == denoise: {torch.equal(out, ref)}")
     calls = {"denoise alone": lambda: fast.denoise(cache, obs, noise)}
+    if old_fast is not fast:
+        calls["old denoise alone"] = lambda: old_fast.denoise(old_cache, obs, noise)
     calls.update({name: (lambda p=p: p.infer(obs, noise)[1]) for name, p in pols.items()})
     with torch.no_grad():
         for r in range(rounds):  # calls interleaved one by one, so that drift meets every entry alike
@@ -89,6 +96,7 @@ def main() -> None:
         profile({k: v for k, v in pols.items() if k.startswith("new")}, obs, noise)
     for name, p in pols.items():  # every call but each policy's first must have been a hit
         print(f"{name}: {len(p.stats)} calls, {p.stats.reuses} reused")
+
 
 def moved_obs(fast, obs):
     """obs with the top two rows of patches of its first camera changed (same masks and host copies)."""
