@@ -435,32 +435,11 @@ class _Static:
         self.state = torch.zeros(b, c.max_state_dim, **kw)
         self.noise = torch.zeros(b, c.chunk_size, c.max_action_dim, **kw)
         self.idx: dict[int, torch.Tensor] = {}  # bucket size -> token indices to recompute
-        self.held: tuple | None = None  # see _holding: the cache whose K/V and mask the prefix rows hold
-
-    def holds(self, cache: PrefixCache) -> bool:
-        """Whether the prefix rows of k / v (and valid) hold cache's values: it was exported from
-        them or loaded into them, no prefix graph has run since, and neither side was written."""
-        h = self.held
-        if h is None or h[0] is not cache.k or h[1] is not cache.v or h[2] is not cache.mask:
-            return False
-        return h[3] == (version(cache.k), version(cache.v), version(cache.mask))
-
-    def write_prefix(self, graphs: Graphs, key: tuple, body):
-        """Run the graph `key`, which writes the prefix rows."""
-        self.held = None
-        return graphs.run(key, body)
 
     def hidden_buf(self, layer: int) -> torch.Tensor:
         if layer not in self.hidden:
             self.hidden[layer] = torch.zeros_like(self.embeds)
         return self.hidden[layer]
-
-
-def _holding(cache: PrefixCache) -> tuple | None:
-    """A cache's K/V and mask as _Static.held records them: the tensors and their versions
-    (None where torch keeps no version: such a cache is never taken as held)."""
-    vs = (version(cache.k), version(cache.v), version(cache.mask))
-    return None if None in vs else (cache.k, cache.v, cache.mask, vs)
 
 
 def _bucket(r: int, total: int) -> int:
@@ -841,7 +820,7 @@ class FastPi0:
     def _prefix_graph(self, st: _Static, keep_hidden: tuple[int, ...], rows: int):
         """The prefix LM's captured graph over `rows` prefix rows (see prefix_rows)."""
         b = st.valid.shape[0]
-        return st.write_prefix(self.graphs, ("prefix", b, keep_hidden, rows), lambda: self._prefix_full(st, keep_hidden, rows))
+        return self.graphs.run(("prefix", b, keep_hidden, rows), lambda: self._prefix_full(st, keep_hidden, rows))
 
     def _sample_body(self, st: _Static, steps: int, rows: int | None = None, keep_hidden: tuple[int, ...] = ()):
         """Prefix LM and denoise in one body, Euler step 0 trailing the prefix layer by layer:
@@ -1062,7 +1041,7 @@ class FastPi0:
 
     def _export(self, st: _Static, obs, spans, call_index, keep_hidden, embeds=None, hidden=None):
         t = self.cfg.prefix_len
-        cache = PrefixCache(
+        return PrefixCache(
             k=st.k[:, :, :t].clone(), v=st.v[:, :, :t].clone(), mask=st.valid.clone(),
             positions=st.positions.clone(), embeds=st.embeds.clone() if embeds is None else embeds,
             spans=spans, tokens=obs.tokens,
@@ -1070,8 +1049,6 @@ class FastPi0:
             hidden={i: st.hidden[i].clone() for i in keep_hidden} if hidden is None else hidden,
             call_index=call_index, created=time.monotonic(),
         )
-        st.held = _holding(cache)
-        return cache
 
     @torch.no_grad()
     def encode_prefix(
@@ -1141,18 +1118,15 @@ class FastPi0:
 
     @torch.no_grad()
     def denoise(self, prefix: PrefixCache, obs: Observation, noise: torch.Tensor, steps: int | None = None):
-        """Euler integration; copies the prefix K/V into the static buffer once (never per step;
-        not at all while the buffer holds them: a hit on the cache last exported or denoised) and
-        never writes `prefix`."""
+        """Euler integration; copies the prefix K/V into the static buffer once (never per step)
+        and never writes `prefix`."""
         st = self._static(obs.batch_size)
         t = self.cfg.prefix_len
         if prefix.k.shape[2] != t or prefix.k.shape[1] != obs.batch_size:
             raise ValueError(f"prefix: expected K/V of (layers, {obs.batch_size}, {t}, ...), got {tuple(prefix.k.shape)}")
-        if not st.holds(prefix):
-            st.k[:, :, :t].copy_(prefix.k)
-            st.v[:, :, :t].copy_(prefix.v)
-            st.valid.copy_(prefix.mask)
-            st.held = _holding(prefix)
+        st.k[:, :, :t].copy_(prefix.k)
+        st.v[:, :, :t].copy_(prefix.v)
+        st.valid.copy_(prefix.mask)
         return self._denoise(st, obs, noise, steps)
 
     def _denoise_inputs(self, st, obs, noise):
@@ -1184,7 +1158,7 @@ class FastPi0:
         rows = self._embed(st, obs, image_embeds)
         self._denoise_inputs(st, obs, noise)
         key = ("sample", obs.batch_size, steps, rows, keep_hidden)
-        return st.write_prefix(self.graphs, key, lambda: self._sample_body(st, steps, rows, keep_hidden)).clone()
+        return self.graphs.run(key, lambda: self._sample_body(st, steps, rows, keep_hidden)).clone()
 
     @torch.no_grad()
     def sample_with_prefix(
@@ -1248,16 +1222,15 @@ class FastPi0:
             st.idx[rb] = torch.zeros(rb, dtype=torch.long, device=st.k.device)
         st.idx[rb][:r].copy_(upload(idx, st.k.device))
         st.idx[rb][r:].fill_(int(idx[-1]) if r else 0)
-        if not st.holds(cache):
-            st.k[:, :, :t].copy_(cache.k)
-            st.v[:, :, :t].copy_(cache.v)
+        st.k[:, :, :t].copy_(cache.k)
+        st.v[:, :, :t].copy_(cache.v)
 
         def body():
             self._text_and_masks(st)
             x = st.embeds[:, st.idx[rb]]
             return self._lm(st, x, 0, (), idx=st.idx[rb])
 
-        st.write_prefix(self.graphs, ("partial", obs.batch_size, rb), body)
+        self.graphs.run(("partial", obs.batch_size, rb), body)
         return self._export(st, obs, spans, call_index, (), hidden={})
 
     @torch.no_grad()
@@ -1277,9 +1250,8 @@ class FastPi0:
             raise ValueError(f"layer-wise reuse at split {split} needs a cache encoded with keep_hidden=({split},)")
         st = self._static(obs.batch_size)
         self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds), want_rows=False)
-        if not st.holds(cache):
-            st.k[:, :, : self.cfg.prefix_len].copy_(cache.k)
-            st.v[:, :, : self.cfg.prefix_len].copy_(cache.v)
+        st.k[:, :, : self.cfg.prefix_len].copy_(cache.k)
+        st.v[:, :, : self.cfg.prefix_len].copy_(cache.v)
         st.old_embeds.copy_(cache.embeds)
         st.hidden_in.copy_(cache.hidden[split])
 
@@ -1287,5 +1259,5 @@ class FastPi0:
             self._text_and_masks(st)
             return self._lm(st, st.hidden_in - st.old_embeds + st.embeds, split, ())
 
-        st.write_prefix(self.graphs, ("layers", obs.batch_size, split), body)
+        self.graphs.run(("layers", obs.batch_size, split), body)
         return self._export(st, obs, spans, call_index, (), embeds=cache.embeds, hidden=cache.hidden)
