@@ -426,3 +426,29 @@ def test_host_prefix_is_the_caches_and_plans_from_it_match_the_device_plans(vari
     # Pi0's prompt never changes here (its state is not in it): vision_only has nothing to recompute.
     recomputes = mode not in ("full", "text_fixed") and (variant, mode) != ("pi0", "vision_only")
     assert "all" in plans and bool(plans & {"tokens", "layers"}) == recomputes
+
+
+@pytest.mark.parametrize("mode", ["partial", "state_only", "layer_wise"])
+@pytest.mark.parametrize("synchronized", [False, True])
+def test_moved_cameras_vision_is_queued_before_the_plan(mode, synchronized, monkeypatch):
+    """Partial and state-only reuse queue the moved cameras' vision pass as soon as the signals
+    name them, before the plan is made on the host; once per call, the plan's own vision call
+    reusing it. Not where the plan may become a refresh (layer-wise, synchronized)."""
+    from kvreuse.reuse import policy as policy_mod
+
+    m, tf = model_and_tf("pi05")
+    events = []
+    real_plan, real_embed = policy_mod.plan_reuse, m.embed_images
+    monkeypatch.setattr(policy_mod, "plan_reuse", lambda *a, **kw: events.append("plan") or real_plan(*a, **kw))
+    monkeypatch.setattr(m, "embed_images",
+                        lambda images: events.append(("vision", tuple(images))) or real_embed(images))
+    rng = np.random.default_rng(11)
+    raw = raw_obs(rng)
+    pol = ReusePolicy(m, ReuseConfig(gate="always", mode=mode, synchronized=synchronized))
+    pol.infer(tf(raw), noise_for(m, 0))
+    events.clear()
+    _, rec = pol.infer(tf(nudge(raw, rng, pixels=3)), noise_for(m, 1))
+    early = mode != "layer_wise" and not synchronized
+    assert events[:2] == ([("vision", m.cfg.cameras[:1]), "plan"] if early else ["plan", events[1]])
+    assert sum(isinstance(e, tuple) for e in events) == 1  # one pass: the moved camera, or all on a refresh
+    assert rec.cost["vision_cameras"] == (2 if rec.plan == "all" else 1)

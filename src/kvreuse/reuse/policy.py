@@ -153,6 +153,7 @@ class ReusePolicy:
         timings = {"signals": 0.0, "vision": 0.0, "prefix": 0.0, "denoise": 0.0, "sample": 0.0}
         self._parts = parts = _Parts(model.device.type == "cuda")
         self._passes = 0  # vision-tower camera passes this call (signals + plan)
+        self._ahead = False  # see _vision_ahead
         sig = Signals()
 
         # The never gate refreshes every call whatever the cache, so the invalidation checks (two
@@ -171,6 +172,8 @@ class ReusePolicy:
         if not decision.reuse:
             plan = plan_refresh(cfg, mc, self.cache if invalid is None else None, obs)
         else:
+            if cfg.mode in ("partial", "state_only") and not cfg.synchronized:
+                self._vision_ahead(obs, sig)
             if self._host is not None and cfg.mode not in ("full", "text_fixed"):
                 new_host = host_prefix(obs, mc)
             plan = plan_reuse(cfg, mc, self.cache, obs, sig, (self._host, new_host) if new_host is not None else None)
@@ -233,10 +236,27 @@ class ReusePolicy:
         timings["signals"] = (time.perf_counter() - t) * 1e3
         return sig
 
+    def _vision_ahead(self, obs: Observation, sig: Signals) -> None:
+        """Queue the vision pass of the cameras a partial / state_only plan runs (known from the
+        signals alone) before the plan is made, so that the device runs it while the host makes
+        the plan (round 16); the plan's own _vision call finds them in sig.fresh_embeds. Neither
+        mode's plan turns into a refresh, which would have run all cameras in one pass."""
+        cams = self.model.cfg.cameras
+        if self.config.mode == "partial":
+            run = tuple(c for c in cams if c in sig.changed_patches and bool(sig.changed_patches[c].any()))
+        else:
+            run = tuple(c for c in cams if sig.pixels_changed.get(c, False))
+        if run:
+            self.model.prepare(obs)  # (as _execute: FastPi0's host syncs for obs before the pass)
+            self._ahead = True
+            sig.fresh_embeds.update(self._vision(obs, run, sig))
+
     def _vision(self, obs: Observation, cams, sig: Signals) -> dict[str, torch.Tensor]:
-        """Image embeddings of `cams`, reusing the ones the siglip signal already computed."""
-        t = self._parts.mark()
+        """Image embeddings of `cams`, reusing the ones the siglip signal or _vision_ahead computed."""
         todo = [c for c in cams if c not in sig.fresh_embeds]
+        if not todo:
+            return {c: sig.fresh_embeds[c] for c in cams}
+        t = self._parts.mark()
         new = self.model.embed_images({c: obs.images[c] for c in todo})  # one pass on FastPi0
         out = {c: sig.fresh_embeds[c] if c in sig.fresh_embeds else new[c] for c in cams}
         self._passes += len(todo)
@@ -254,7 +274,8 @@ class ReusePolicy:
         patch = mc.vision.patch_size
         if plan.kind == "none":
             return None
-        model.prepare(obs)  # FastPi0: its host syncs for obs now, not behind the vision pass
+        if not self._ahead:  # (done before a vision pass queued ahead of the plan)
+            model.prepare(obs)  # FastPi0: its host syncs for obs now, not behind the vision pass
         snap = new_snapshot_id()
         out = None
         if plan.kind == "all":
