@@ -52,6 +52,7 @@ class Plan:
 
 
 def _valid(image_masks: list[torch.Tensor], token_mask: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """(B, T): each camera's (B,) mask over its patches, then the prompt's."""
     p = cfg.vision.num_patches
     return torch.cat([m[:, None].expand(-1, p) for m in image_masks] + [token_mask], 1)
 
@@ -77,7 +78,7 @@ def host_prefix(obs: Observation, cfg: ModelConfig, prompt_from: HostPrefix | No
     ids and validity are that cache's (what state_only's update keeps)."""
     cams = [f"image_masks/{c}" for c in cfg.cameras]
     if any(c not in obs.image_masks for c in cfg.cameras) or not all(
-        obs.on_host(n) for n in cams + ([] if prompt_from else ["tokens", "token_mask"])
+        obs.on_host(n) for n in cams + ([] if prompt_from is not None else ["tokens", "token_mask"])
     ):
         return None
     if prompt_from is not None:
