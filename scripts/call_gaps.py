@@ -18,10 +18,10 @@ import warnings
 
 import torch
 from ab_rounds import setup
-from policy_hit import moved_obs
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from kvreuse.bench import moved_observation
 from kvreuse.model.fast import FastPi0
 from kvreuse.reuse import policy as policy_mod
 from kvreuse.reuse.config import ReuseConfig
@@ -108,7 +108,7 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     _, model, obs, noise = setup(variant, device=dev)
     fast = FastPi0(model, compile=dev == "cuda")
-    moved = moved_obs(fast, obs)
+    moved = moved_observation(obs, fast.cfg.vision.patch_size)
     with torch.no_grad():
         for mode in modes:
             pol = ReusePolicy(fast, ReuseConfig(gate="always", mode=mode))

@@ -25,6 +25,7 @@ import time
 import torch
 from ab_rounds import setup
 
+from kvreuse.bench import moved_observation
 from kvreuse.model.fast import FastPi0
 from kvreuse.reuse.config import ReuseConfig
 from kvreuse.reuse.policy import ReusePolicy
@@ -98,23 +99,12 @@ def main() -> None:
         print(f"{name}: {len(p.stats)} calls, {p.stats.reuses} reused")
 
 
-def moved_obs(fast, obs):
-    """obs with the top two rows of patches of its first camera changed (same masks and host copies)."""
-    from dataclasses import replace
-    cam = next(iter(obs.images))
-    img = obs.images[cam].clone()
-    img[..., : 2 * fast.cfg.vision.patch_size, :] += 0.3
-    moved = replace(obs, images={**obs.images, cam: img})
-    moved._host.update(obs._host)  # the same masks, with their host copies
-    return moved
-
-
 def modes(fast, obs, noise, rounds, dev, model, n=30):
     """Each reuse mode under the `always` gate, on observations that alternate between two that
     differ in one camera's top two rows of patches: per call the records' parts (GPU time from
     CUDA events) and total (wall-clock), medians, for the working tree's policy and, with
     kvreuse_old beside the tree, the older commit's; then cProfile of the partial mode's calls."""
-    moved = moved_obs(fast, obs)
+    moved = moved_observation(obs, fast.cfg.vision.patch_size)
     names = ("full", "vision_only", "state_only", "layer_wise", "partial")
     pols = {f"new {m}": ReusePolicy(fast, ReuseConfig(gate="always", mode=m)) for m in names}
     try:

@@ -304,6 +304,8 @@ def test_bench_check_runs_on_cpu():
     assert "full inference" in names and "denoise alone = reuse hit" in names
     hit = next(note for _, n, _, note in rep.rows if n == "ReusePolicy.infer, reuse hit (crossmodal gate)")
     assert hit.startswith("1 of 1 reused")  # the policy's hit row times hits only
+    part = next(note for _, n, _, note in rep.rows if n == "ReusePolicy.infer, partial reuse (one camera moved)")
+    assert part.startswith("1 of 1 recomputed part") and part.endswith("1 camera pass")
     with pytest.raises(ValueError, match="full size"):
         bench("pi0", 1, 2, 3, 8, 1, 0, False, 2e-2, None, False, False, False, 0.25, None, False, False, 0)
 

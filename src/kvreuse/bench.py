@@ -9,6 +9,7 @@ model's (and both with a float32 copy) and exits non-zero when the fast path is 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import sys
@@ -45,6 +46,19 @@ def random_inputs(cfg, batch: int, device, seed: int = 0, prompt_tokens: int | N
     g = torch.Generator().manual_seed(seed)
     obs = synthetic_obs(cfg, batch, device, g, prompt_tokens)
     return obs, torch.randn(batch, cfg.chunk_size, cfg.max_action_dim, generator=g).to(device)
+
+
+def moved_observation(obs, patch: int, rows: int = 2):
+    """obs with its first camera's top `rows` rows of patches changed, and the same masks with
+    their host copies: what partial reuse recomputes one camera's patches for."""
+    from dataclasses import replace
+
+    cam = next(iter(obs.images))
+    img = obs.images[cam].clone()
+    img[..., : rows * patch, :] += 0.3
+    moved = replace(obs, images={**obs.images, cam: img})
+    moved._host.update(obs._host)
+    return moved
 
 
 def build_random(cfg, device, dtype=torch.bfloat16, seed: int = 0):
@@ -407,6 +421,17 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         rep.add(tag, "ReusePolicy.infer, reuse hit (crossmodal gate)", st_hit,
                 f"{sum(r.reused for r in hits)} of {len(hits)} reused; signals "
                 f"{sum(r.timings['signals'] for r in hits) / len(hits):.2f} ms (mean)")
+        # Partial reuse as eval / serve run it: calls alternate between obs and a copy whose first
+        # camera's top two rows of patches moved, so every call recomputes them (that camera's
+        # vision pass, its moved patches and the prompt through the LM, then the denoise).
+        part_pol, part = ReusePolicy(fast, ReuseConfig(gate="always", mode="partial")), []
+        flip = itertools.cycle((moved_observation(obs, cfg.vision.patch_size), obs))
+        part_pol.infer(obs, noise)
+        st_part = tm(lambda: part.append(part_pol.infer(next(flip), noise)[1]))
+        part = part[-iters:]
+        rep.add(tag, "ReusePolicy.infer, partial reuse (one camera moved)", st_part,
+                f"{sum(r.plan == 'tokens' for r in part)} of {len(part)} recomputed part of the prefix; "
+                f"{part[-1].cost['lm_tokens']} tokens, {part[-1].cost['vision_cameras']} camera pass")
         return fast, out
 
     fast, out_fast = fast_section("fast", False)
