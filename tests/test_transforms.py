@@ -208,8 +208,12 @@ def test_masks_moved_by_to_are_read_back_from_their_host_copy():
     cpu = synthetic_obs(cfg, 2, "cpu", torch.Generator().manual_seed(0))
     dev = cpu.to("meta")
     assert dev.token_mask.is_meta
-    for name in ("token_mask", "state_token_mask", *(f"image_masks/{c}" for c in cpu.image_masks)):
+    names = ("token_mask", "state_token_mask", "tokens", *(f"image_masks/{c}" for c in cpu.image_masks))
+    for name in names:
         assert dev.on_host(name) and dev.host_mask(name) is cpu.mask(name)
+    first = next(iter(dev.images))
+    moved = dev.with_images({first: dev.images[first].clone()})  # other pixels, the same masks
+    assert moved.images[first] is not dev.images[first] and all(moved.on_host(n) for n in names)
     assert cpu.on_host("token_mask") and cpu.host_mask("token_mask") is cpu.token_mask  # already on the host
     dev.token_mask[:, 0] = True  # written in place after the move: the host copy is stale
     assert not dev.on_host("token_mask")

@@ -51,14 +51,10 @@ def random_inputs(cfg, batch: int, device, seed: int = 0, prompt_tokens: int | N
 def moved_observation(obs, patch: int, rows: int = 2):
     """obs with its first camera's top `rows` rows of patches changed, and the same masks with
     their host copies: what partial reuse recomputes one camera's patches for."""
-    from dataclasses import replace
-
     cam = next(iter(obs.images))
     img = obs.images[cam].clone()
     img[..., : rows * patch, :] += 0.3
-    moved = replace(obs, images={**obs.images, cam: img})
-    moved._host.update(obs._host)
-    return moved
+    return obs.with_images({cam: img})
 
 
 def build_random(cfg, device, dtype=torch.bfloat16, seed: int = 0):
@@ -395,9 +391,14 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
             fast.overlap = True
         # What `kvreuse eval` / `serve` run per call with reuse off: the reuse layer's refresh path
         # (one vision pass, encode_prefix, denoise, its signal references and bookkeeping).
-        pol, recs = ReusePolicy(fast, ReuseConfig()), []
-        st_pol = tm(lambda: recs.append(pol.infer(obs, noise)[1]))
-        recs = recs[-iters:]  # the timed calls, not the warm-up (whose first call captures graphs)
+        def policy_calls(pol, observations):
+            """tm over pol.infer on `observations` in turn: the stat and the timed calls' records
+            (not the warm-up's, whose first call captures graphs)."""
+            recs, it = [], itertools.cycle(observations)
+            st = tm(lambda: recs.append(pol.infer(next(it), noise)[1]))
+            return st, recs[-iters:]
+
+        st_pol, recs = policy_calls(ReusePolicy(fast, ReuseConfig()), (obs,))
         parts = {k: sum(r.timings[k] for r in recs) / len(recs)
                  for k in ("vision", "prefix", "denoise", "sample", "total")}
         rep.add(tag, "ReusePolicy.infer, reuse off", st_pol,
@@ -414,21 +415,18 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         rep.add(tag, "denoise alone = reuse hit", tm(lambda: fast.denoise(cache, obs, noise)))
         # The hit as eval / serve run it: the gate's signals and the policy's bookkeeping, then the
         # denoise (the same observation each call, so every call after the first reuses).
-        hit_pol, hits = ReusePolicy(fast, ReuseConfig(gate="crossmodal")), []
+        hit_pol = ReusePolicy(fast, ReuseConfig(gate="crossmodal"))
         hit_pol.infer(obs, noise)
-        st_hit = tm(lambda: hits.append(hit_pol.infer(obs, noise)[1]))
-        hits = hits[-iters:]
+        st_hit, hits = policy_calls(hit_pol, (obs,))
         rep.add(tag, "ReusePolicy.infer, reuse hit (crossmodal gate)", st_hit,
                 f"{sum(r.reused for r in hits)} of {len(hits)} reused; signals "
                 f"{sum(r.timings['signals'] for r in hits) / len(hits):.2f} ms (mean)")
         # Partial reuse as eval / serve run it: calls alternate between obs and a copy whose first
         # camera's top two rows of patches moved, so every call recomputes them (that camera's
         # vision pass, its moved patches and the prompt through the LM, then the denoise).
-        part_pol, part = ReusePolicy(fast, ReuseConfig(gate="always", mode="partial")), []
-        flip = itertools.cycle((moved_observation(obs, cfg.vision.patch_size), obs))
+        part_pol = ReusePolicy(fast, ReuseConfig(gate="always", mode="partial"))
         part_pol.infer(obs, noise)
-        st_part = tm(lambda: part.append(part_pol.infer(next(flip), noise)[1]))
-        part = part[-iters:]
+        st_part, part = policy_calls(part_pol, (moved_observation(obs, cfg.vision.patch_size), obs))
         rep.add(tag, "ReusePolicy.infer, partial reuse (one camera moved)", st_part,
                 f"{sum(r.plan == 'tokens' for r in part)} of {len(part)} recomputed part of the prefix; "
                 f"{part[-1].cost['lm_tokens']} tokens, {part[-1].cost['vision_cameras']} camera pass")

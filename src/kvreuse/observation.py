@@ -65,6 +65,12 @@ class Observation:
                 out._host[name] = (dst, version(dst), src, version(src))
         return out
 
+    def with_images(self, images: dict[str, torch.Tensor]) -> "Observation":
+        """A copy with these cameras' images replaced; masks, tokens and their host copies kept."""
+        out = replace(self, images={**self.images, **images})
+        out._host.update(self._host)
+        return out
+
     def mask(self, name: str) -> torch.Tensor:
         """The mask called `name` ("token_mask", "state_token_mask", "image_masks/<camera>"; also
         "tokens")."""
