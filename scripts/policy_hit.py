@@ -128,11 +128,14 @@ def modes(fast, obs, noise, rounds, dev, model, n=30):
                         ms[name].append(t)
                         recs[name].append(rec)
             for name in sorted(pols, key=lambda k: (k.split()[1], k)):
-                parts = {k: statistics.median(x.timings[k] for x in recs[name])
-                         for k in ("signals", "vision", "prefix", "denoise", "total")}
+                parts = {k: statistics.median(x.timings.get(k, 0.0) for x in recs[name])
+                         for k in ("signals", "vision", "prefix", "denoise", "sample", "total")}
+                # per plan too: layer-wise alternates between updates and hits, a median over both is neither
+                by_plan = {pl: statistics.median(t for t, x in zip(ms[name], recs[name]) if x.plan == pl)
+                           for pl in sorted({x.plan for x in recs[name]})}
                 print(f"round {r + 1} {name}: call {statistics.median(ms[name]):.3f} ms; records (median): "
                       + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
-                      + f"; plans {sorted({x.plan for x in recs[name]})}", flush=True)
+                      + "; by plan " + ", ".join(f"{pl} {v:.3f}" for pl, v in by_plan.items()), flush=True)
         pr = cProfile.Profile()
         pr.enable()
         for i in range(100):

@@ -539,6 +539,69 @@ def test_sample_with_prefix_is_encode_prefix_plus_denoise(setup):
 
 
 @torch.no_grad()
+def test_sample_with_update_is_the_update_plus_denoise(setup):
+    """A partial or layer-wise update and its denoise in one call (one graph, Euler step 0
+    trailing the recomputed LM layers) give the two calls' actions and cache bit for bit, with
+    overlap on and off; exactly one of recompute= / split=."""
+    cfg, model, fast, obs, obs2, noise = setup
+    p, t = cfg.vision.num_patches, cfg.prefix_len
+    rec = torch.zeros(t, dtype=torch.bool)
+    rec[p : p + 7] = True
+    rec[2 * p :] = True
+    fresh = {cfg.cameras[1]: fast.embed_image(obs2.images[cfg.cameras[1]])}
+    for m in (fast, FastPi0(model, overlap=False)):
+        base = m.encode_prefix(obs, keep_hidden=(2,))
+        for kw in (dict(recompute=rec), dict(recompute=torch.ones(t, dtype=torch.bool)), dict(split=2)):
+            out, cache = m.sample_with_update(base, obs2, noise, cfg.cameras[1:], base.spans, 3, image_embeds=fresh,
+                                              **kw)
+            if "split" in kw:
+                ref = m.update_prefix_layers(base, obs2, 2, cfg.cameras[1:], base.spans, 3, image_embeds=fresh)
+            else:
+                ref = m.update_prefix(base, obs2, kw["recompute"], cfg.cameras[1:], base.spans, 3, image_embeds=fresh)
+            assert torch.equal(out, m.denoise(ref, obs2, noise)), kw
+            for a, b in ((cache.k, ref.k), (cache.v, ref.v), (cache.embeds, ref.embeds)):
+                assert torch.equal(_valid(a, ref.mask), _valid(b, ref.mask)), kw
+            assert torch.equal(cache.mask, ref.mask) and sorted(cache.hidden) == sorted(ref.hidden)
+            assert cache.call_index == 3
+        with pytest.raises(ValueError, match="exactly one"):
+            m.sample_with_update(base, obs2, noise, (), base.spans, 3, recompute=rec, split=2)
+        with pytest.raises(ValueError, match="keep_hidden"):
+            m.sample_with_update(base, obs2, noise, (), base.spans, 3, split=1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("split", [None, 2])
+def test_sample_with_update_trails_the_lm_layer_by_layer(split, monkeypatch):
+    """Euler step 0's expert layer li is queued right after the LM layer whose K/V it reads,
+    before the LM's later layers; below a layer-wise split (the cache's K/V) it starts at once."""
+    model = _model("tiny-pi0")
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(12)
+    obs, obs2 = synthetic_obs(cfg, 1, "cpu", g), synthetic_obs(cfg, 1, "cpu", g)
+    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    fast = FastPi0(model)
+    base = fast.encode_prefix(obs, keep_hidden=(2,))
+    log = []
+    real_layers, real_exp = fast._lm_layers, fast._exp_fn
+
+    def lm_layers(*a, **kw):
+        for i in real_layers(*a, **kw):
+            log.append(f"L{i}")
+            yield i
+
+    monkeypatch.setattr(fast, "_lm_layers", lm_layers)
+    monkeypatch.setattr(fast, "_exp_fn", lambda *a, **kw: log.append("E") or real_exp(*a, **kw))
+    rec = torch.zeros(cfg.prefix_len, dtype=torch.bool)
+    rec[-10:] = True
+    kw = dict(split=split) if split is not None else dict(recompute=rec)
+    fast.sample_with_update(base, obs2, noise, (), base.spans, 1, **kw)
+    d = cfg.llm.depth
+    first = ["E", "E", "L2", "E", "L3", "E"] if split == 2 else [x for i in range(d) for x in (f"L{i}", "E")]
+    assert log[: 2 * d - (2 if split else 0)] == first
+    assert log.count("E") == d * cfg.num_steps
+
+
+@torch.no_grad()
 def test_reuse_policy_refreshes_through_sample_with_prefix_on_fast():
     """A full refresh on FastPi0 (overlap on) is one sample_with_prefix, timed as "sample"; on
     the eager model, encode_prefix then denoise, timed apart. Both give sample_actions' actions."""
@@ -561,6 +624,35 @@ def test_reuse_policy_refreshes_through_sample_with_prefix_on_fast():
         assert rec.decision == "refresh" and torch.equal(out, m.sample_actions(obs, noise))
         assert (rec.timings["sample"] > 0) == one_call and (rec.timings["prefix"] > 0) != one_call
         assert (rec.timings["denoise"] > 0) != one_call
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["partial", "state_only", "layer_wise"])
+def test_reuse_policy_updates_through_sample_with_update_on_fast(mode):
+    """A partial, state-only or layer-wise call on FastPi0 with overlap is one sample_with_update,
+    timed as "sample"; the same calls without overlap (the update, then denoise) give the same
+    actions, plans and cache."""
+    from kvreuse.reuse.config import ReuseConfig
+    from kvreuse.reuse.policy import ReusePolicy
+
+    model = _model("tiny-pi0")
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(13)
+    first = synthetic_obs(cfg, 1, "cpu", g)
+    later, third = synthetic_obs(cfg, 1, "cpu", g), synthetic_obs(cfg, 1, "cpu", g)
+    for o in (later, third):
+        o.tokens, o.token_mask = first.tokens, first.token_mask  # same prompt: reuse allowed
+    noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
+    runs = []
+    for overlap in (True, False):
+        pol = ReusePolicy(FastPi0(model, overlap=overlap), ReuseConfig(gate="always", mode=mode))
+        runs.append([pol.infer(o, noise) for o in (first, later, third)] + [pol.cache])
+    (*calls, cache), (*ref_calls, ref_cache) = runs
+    assert torch.equal(cache.k, ref_cache.k) and torch.equal(cache.v, ref_cache.v)
+    for (out, rec), (ref_out, ref_rec) in zip(calls[1:], ref_calls[1:]):
+        assert rec.plan == ref_rec.plan in ("tokens", "layers") and torch.equal(out, ref_out)
+        assert rec.timings["sample"] > 0 and rec.timings["prefix"] == 0 and rec.timings["denoise"] == 0
+        assert ref_rec.timings["sample"] == 0 and ref_rec.timings["prefix"] > 0 and ref_rec.timings["denoise"] > 0
 
 
 @torch.no_grad()

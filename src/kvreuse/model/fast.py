@@ -823,16 +823,30 @@ class FastPi0:
         return self.graphs.run(("prefix", b, keep_hidden, rows), lambda: self._prefix_full(st, keep_hidden, rows))
 
     def _sample_body(self, st: _Static, steps: int, rows: int | None = None, keep_hidden: tuple[int, ...] = ()):
-        """Prefix LM and denoise in one body, Euler step 0 trailing the prefix layer by layer:
-        expert layer li of step 0 needs only the prefix's layer-li K/V, so on CUDA it runs on a
-        second stream as soon as those are written, beside the prefix's later layers
-        (scripts/overlap_probe.py measured ~0.8 ms of room beside the prefix LM on an H200).
-        Each stream runs the same kernels on the same inputs as encode_prefix + denoise, so the
-        actions are bit-identical to the split API. On the CPU the same interleaving runs in order."""
+        """Prefix LM and denoise in one body, Euler step 0 trailing the prefix layer by layer (_trail)."""
         self._text_and_masks(st)
-        layers = self._lm_layers(st, st.embeds[:, :rows], 0, keep_hidden)
+        return self._trail(st, steps, self._lm_layers(st, st.embeds[:, :rows], 0, keep_hidden))
+
+    def _trail(self, st: _Static, steps: int, layers, start: int = 0):
+        """The denoise, Euler step 0's expert layer li queued once `layers` (an _lm_layers
+        generator from layer `start`) has written the prefix's layer-li K/V: expert layer li needs
+        only those, so on CUDA it runs on a second stream beside the LM's later layers
+        (scripts/overlap_probe.py measured ~0.8 ms of room beside the prefix LM on an H200).
+        Layers below `start` are the cache's already: step 0 starts on them at once. Each
+        stream runs the same kernels on the same inputs as the LM graph + denoise, so the actions
+        are bit-identical to the split API. On the CPU the same interleaving runs in order."""
+        done = start - 1  # the last LM layer whose K/V are queued
+
+        def advance(li: int) -> bool:  # queue LM layers up to li; whether any was queued
+            nonlocal done
+            queued = False
+            while done < li:
+                done = next(layers, self.cfg.llm.depth)
+                queued = True
+            return queued
+
         if not st.k.is_cuda:
-            x = self._denoise_body(st, steps, lambda li: next(layers))
+            x = self._denoise_body(st, steps, advance)
         else:
             main = torch.cuda.current_stream()
             if self._side is None:
@@ -841,10 +855,11 @@ class FastPi0:
 
             def before_layer(li: int) -> None:  # called on the side stream
                 with torch.cuda.stream(main):
-                    next(layers)
-                    done = torch.cuda.Event()
-                    done.record(main)
-                side.wait_event(done)
+                    if not advance(li):
+                        return
+                    ready = torch.cuda.Event()
+                    ready.record(main)
+                side.wait_event(ready)
 
             side.wait_stream(main)
             with torch.cuda.stream(side):
@@ -1207,31 +1222,7 @@ class FastPi0:
         through the LM (their count padded up to a graph bucket with repeats of the last one;
         a repeated token computes the same K/V, so the result is unchanged). A `recompute` on the
         CPU, as ReusePolicy's plans give it, costs no device read."""
-        st = self._static(obs.batch_size)
-        full = bool(recompute.all())  # exactly encode_prefix then, keeping the same hidden layers
-        rows = self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds), want_rows=full)
-        t = self.cfg.prefix_len
-        if full:
-            kh = tuple(sorted(cache.hidden))
-            self._prefix_graph(st, kh, rows)
-            return self._export(st, obs, spans, call_index, kh)
-        idx = recompute.nonzero().squeeze(-1)
-        r = idx.numel()
-        rb = _bucket(r, t)
-        if rb not in st.idx:
-            st.idx[rb] = torch.zeros(rb, dtype=torch.long, device=st.k.device)
-        st.idx[rb][:r].copy_(upload(idx, st.k.device))
-        st.idx[rb][r:].fill_(int(idx[-1]) if r else 0)
-        st.k[:, :, :t].copy_(cache.k)
-        st.v[:, :, :t].copy_(cache.v)
-
-        def body():
-            self._text_and_masks(st)
-            x = st.embeds[:, st.idx[rb]]
-            return self._lm(st, x, 0, (), idx=st.idx[rb])
-
-        self.graphs.run(("partial", obs.batch_size, rb), body)
-        return self._export(st, obs, spans, call_index, (), hidden={})
+        return self._update(cache, obs, run_cameras, spans, call_index, image_embeds, recompute=recompute)[1]
 
     @torch.no_grad()
     def update_prefix_layers(
@@ -1246,18 +1237,86 @@ class FastPi0:
     ) -> PrefixCache:
         """`Pi0Model.update_prefix_layers` on the fast path (same definition of the input of the
         recomputed layers: cached residual at `split` with the embeddings swapped)."""
-        if split not in cache.hidden:
+        return self._update(cache, obs, run_cameras, spans, call_index, image_embeds, split=split)[1]
+
+    @torch.no_grad()
+    def sample_with_update(
+        self,
+        cache: PrefixCache,
+        obs: Observation,
+        noise: torch.Tensor,
+        run_cameras: tuple[str, ...],
+        spans: tuple[Span, ...],
+        call_index: int,
+        *,
+        recompute: torch.Tensor | None = None,
+        split: int | None = None,
+        image_embeds: dict[str, torch.Tensor] | None = None,
+        steps: int | None = None,
+    ) -> tuple[torch.Tensor, PrefixCache]:
+        """update_prefix (`recompute` given) or update_prefix_layers (`split` given), then the
+        denoise over the updated cache: what a reuse policy's partial or layer-wise call runs. With
+        `overlap`, one graph whose Euler step 0 trails the recomputed LM layers (as
+        sample_with_prefix does for a refresh); else the two calls. Actions and cache are those of
+        the two calls, to the bit."""
+        if (recompute is None) == (split is None):
+            raise ValueError("sample_with_update: give exactly one of recompute= and split=")
+        if not self.overlap:
+            kw = dict(recompute=recompute) if split is None else dict(split=split)
+            _, out = self._update(cache, obs, run_cameras, spans, call_index, image_embeds, **kw)
+            return self.denoise(out, obs, noise, steps), out
+        return self._update(cache, obs, run_cameras, spans, call_index, image_embeds, recompute=recompute,
+                            split=split, noise=noise, steps=steps)
+
+    def _update(self, cache, obs, run_cameras, spans, call_index, image_embeds, *, recompute=None, split=None,
+                noise=None, steps=None) -> tuple[torch.Tensor | None, PrefixCache]:
+        """The updates' body: st loaded from the cache and obs, then one graph of the recomputed
+        LM layers, with `noise` the denoise trailing them (_trail); -> (actions or None, cache)."""
+        if split is not None and split not in cache.hidden:
             raise ValueError(f"layer-wise reuse at split {split} needs a cache encoded with keep_hidden=({split},)")
         st = self._static(obs.batch_size)
-        self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds), want_rows=False)
-        st.k[:, :, : self.cfg.prefix_len].copy_(cache.k)
-        st.v[:, :, : self.cfg.prefix_len].copy_(cache.v)
-        st.old_embeds.copy_(cache.embeds)
-        st.hidden_in.copy_(cache.hidden[split])
+        b, t = obs.batch_size, self.cfg.prefix_len
+        full = split is None and bool(recompute.all())  # exactly encode_prefix then, keeping the same hidden layers
+        rows = self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds), want_rows=full)
+        if noise is not None:
+            steps = steps or self.cfg.num_steps
+            self._denoise_inputs(st, obs, noise)
+        kh, export = (), dict(hidden={})
+        if full:
+            kh, export = tuple(sorted(cache.hidden)), {}
+            if noise is not None:
+                x = self.graphs.run(("sample", b, steps, rows, kh), lambda: self._sample_body(st, steps, rows, kh))
+                return x.clone(), self._export(st, obs, spans, call_index, kh)
+            self._prefix_graph(st, kh, rows)
+            return None, self._export(st, obs, spans, call_index, kh)
+        if split is not None:
+            st.old_embeds.copy_(cache.embeds)
+            st.hidden_in.copy_(cache.hidden[split])
+            key, export = ("layers", b, split), dict(embeds=cache.embeds, hidden=cache.hidden)
+
+            def layers():
+                return self._lm_layers(st, st.hidden_in - st.old_embeds + st.embeds, split, ())
+        else:
+            idx = recompute.nonzero().squeeze(-1)
+            r = idx.numel()
+            rb = _bucket(r, t)
+            if rb not in st.idx:
+                st.idx[rb] = torch.zeros(rb, dtype=torch.long, device=st.k.device)
+            st.idx[rb][:r].copy_(upload(idx, st.k.device))
+            st.idx[rb][r:].fill_(int(idx[-1]) if r else 0)
+            key = ("partial", b, rb)
+
+            def layers():
+                return self._lm_layers(st, st.embeds[:, st.idx[rb]], 0, (), idx=st.idx[rb])
+        st.k[:, :, :t].copy_(cache.k)
+        st.v[:, :, :t].copy_(cache.v)
 
         def body():
             self._text_and_masks(st)
-            return self._lm(st, st.hidden_in - st.old_embeds + st.embeds, split, ())
+            if noise is not None:
+                return self._trail(st, steps, layers(), split or 0)
+            for _ in layers():
+                pass
 
-        self.graphs.run(("layers", obs.batch_size, split), body)
-        return self._export(st, obs, spans, call_index, (), embeds=cache.embeds, hidden=cache.hidden)
+        x = self.graphs.run(key + ((steps,) if noise is not None else ()), body)
+        return None if noise is None else x.clone(), self._export(st, obs, spans, call_index, (), **export)

@@ -8,8 +8,9 @@ as the model's sample_actions does: one at a time on Pi0Model, batched on FastPi
 with `overlap`, sample_with_prefix runs the prefix and the denoise as sample_actions does), so
 actions are bit-identical to it for the same observation and noise (design invariant 1).
 
-Per-part times (vision, prefix, denoise; "sample" for a full refresh through
-sample_with_prefix, whose prefix LM and denoise overlap and cannot be timed apart) come from
+Per-part times (vision, prefix, denoise; "sample" for a refresh or an update through
+sample_with_prefix / sample_with_update, whose prefix LM and denoise overlap and cannot be timed
+apart) come from
 CUDA events on a GPU, read once after the call's final sync, so the host queues each part while
 the GPU runs the previous one; `total` is wall-clock from the call's start to that sync. On the
 CPU all are wall-clock.
@@ -267,9 +268,10 @@ class ReusePolicy:
         self, plan: Plan, obs: Observation, sig: Signals, call: int, now: float, raw_shapes, noise: torch.Tensor,
         new_host: HostPrefix | None = None,
     ) -> torch.Tensor | None:
-        """Runs the plan's vision and prefix work. A full refresh on a model that overlaps the
-        prefix with the denoise (FastPi0's `overlap`) runs both through sample_with_prefix, timed
-        as the part "sample", and returns the actions; otherwise None (the caller denoises)."""
+        """Runs the plan's vision and prefix work. On a model that overlaps the prefix with the
+        denoise (FastPi0's `overlap`) a refresh runs both through sample_with_prefix, a partial or
+        layer-wise update through sample_with_update, timed as the part "sample", and returns the
+        actions; otherwise None (the caller denoises)."""
         model, mc, cfg = self.model, self.model.cfg, self.config
         patch = mc.vision.patch_size
         if plan.kind == "none":
@@ -317,6 +319,9 @@ class ReusePolicy:
             names = tuple(sp.name for sp in self.cache.spans)
         spans = self.cache.with_spans(**{name: snap for name in names})
         t = self._parts.mark()
+        # With `overlap` the denoise runs in the update's graph, Euler step 0 trailing the
+        # recomputed layers (FastPi0.sample_with_update), as a refresh's does in sample_with_prefix.
+        overlap = getattr(model, "overlap", False)
         if plan.kind == "tokens":
             pobs = obs
             if plan.prompt_from_cache:
@@ -325,9 +330,13 @@ class ReusePolicy:
                     obs, tokens=self.cache.tokens, token_mask=self.cache.mask[:, t0:],
                     state_token_mask=self.cache.state_tokens,
                 )
-            self.cache = model.update_prefix(
-                self.cache, pobs, plan.recompute, plan.run_cameras, spans, call, image_embeds=embeds
-            )
+            if overlap:  # (pobs differs from obs in its prompt only, which the denoise does not read)
+                out, self.cache = model.sample_with_update(
+                    self.cache, pobs, noise, plan.run_cameras, spans, call, recompute=plan.recompute,
+                    image_embeds=embeds)
+            else:
+                self.cache = model.update_prefix(
+                    self.cache, pobs, plan.recompute, plan.run_cameras, spans, call, image_embeds=embeds)
             if plan.prompt_from_cache:
                 self._host = host_prefix(obs, mc, prompt_from=self._host) if self._host is not None else None
             else:
@@ -336,15 +345,19 @@ class ReusePolicy:
             self.births[rec] = call
             self.birth_times[rec] = now
         else:  # layers: lower layers (and the signal references) stay those of the base snapshot
-            self.cache = model.update_prefix_layers(
-                self.cache, obs, self.split, plan.run_cameras, spans, call, image_embeds=embeds
-            )
+            if overlap:
+                out, self.cache = model.sample_with_update(
+                    self.cache, obs, noise, plan.run_cameras, spans, call, split=self.split, image_embeds=embeds)
+            else:
+                self.cache = model.update_prefix_layers(
+                    self.cache, obs, self.split, plan.run_cameras, spans, call, image_embeds=embeds
+                )
             self._host = new_host if new_host is not None else host_prefix(obs, mc)
             self.layer_mixed = True
-        self._parts.add("prefix", t)
+        self._parts.add("sample" if overlap else "prefix", t)
         if plan.kind == "tokens":  # done once the denoise is queued: it needs none of it
             self._ref_update = (plan, obs, embeds)
-        return None
+        return out
 
     def _update_ref(self, plan: Plan, obs: Observation, embeds: dict) -> None:
         """Move the signal references of recomputed tokens to the new observation."""
