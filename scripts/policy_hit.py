@@ -121,9 +121,11 @@ def modes(fast, obs, noise, rounds, dev, model, n=30):
         for r in range(rounds):  # calls interleaved one by one across the policies
             ms = {k: [] for k in pols}
             recs = {k: [] for k in pols}
+            last = {}
             for i in range(n + 4):
                 for name, p in pols.items():
-                    t, (_, rec) = timed(lambda p=p, i=i: p.infer(moved if i % 2 else obs, noise), dev)
+                    t, (out, rec) = timed(lambda p=p, i=i: p.infer(moved if i % 2 else obs, noise), dev)
+                    last[name] = out
                     if i >= 4:
                         ms[name].append(t)
                         recs[name].append(rec)
@@ -136,6 +138,9 @@ def modes(fast, obs, noise, rounds, dev, model, n=30):
                 print(f"round {r + 1} {name}: call {statistics.median(ms[name]):.3f} ms; records (median): "
                       + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
                       + "; by plan " + ", ".join(f"{pl} {v:.3f}" for pl, v in by_plan.items()), flush=True)
+            same = {m: torch.equal(last[f"new {m}"], last[f"old {m}"]) for m in names if f"old {m}" in last}
+            if same:  # the same observations and noise in the same order: the same actions
+                print(f"round {r + 1}: last call's actions new == old: {same}", flush=True)
         pr = cProfile.Profile()
         pr.enable()
         for i in range(100):
