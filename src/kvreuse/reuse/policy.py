@@ -32,7 +32,7 @@ from ..model.pi0 import Pi0Model
 from ..observation import Observation, upload
 from .config import ReuseConfig
 from .gates import Decision, make_gate
-from .modes import HostPrefix, Plan, host_prefix, plan_refresh, plan_reuse, prompt_changes
+from .modes import HostPrefix, Plan, host_prefix, plan_refresh, plan_reuse
 from .records import ReuseStats, StepRecord
 from .signals import (PhaseCues, Reference, SignalGraphs, Signals, camera_ref, measure, patchify, phase_cues,
                       present_cameras)
@@ -173,15 +173,10 @@ class ReusePolicy:
         if not decision.reuse:
             plan = plan_refresh(cfg, mc, self.cache if invalid is None else None, obs)
         else:
-            early = not cfg.synchronized and cfg.mode in ("partial", "state_only", "layer_wise")
-            if early and cfg.mode != "layer_wise":
+            if cfg.mode in ("partial", "state_only") and not cfg.synchronized:
                 self._vision_ahead(obs, sig)
             if self._host is not None and cfg.mode not in ("full", "text_fixed"):
                 new_host = host_prefix(obs, mc)
-            # Layer-wise reuse refreshes where the prompt's positions shift: ahead only where they do not.
-            if early and cfg.mode == "layer_wise" and new_host is not None and not bool(
-                    prompt_changes(self._host, new_host.tokens, mc, new_host.mask)[1]):
-                self._vision_ahead(obs, sig)
             plan = plan_reuse(cfg, mc, self.cache, obs, sig, (self._host, new_host) if new_host is not None else None)
             if cfg.synchronized and plan.kind in ("tokens", "layers"):
                 plan = Plan("all", note=f"synchronized: {plan.note} -> refresh every span")
@@ -243,12 +238,10 @@ class ReusePolicy:
         return sig
 
     def _vision_ahead(self, obs: Observation, sig: Signals) -> None:
-        """Queue the vision pass of the cameras a partial / state_only / layer-wise plan runs
-        (known from the signals alone) before the plan is made, so that the device runs it while
-        the host makes the plan (round 16); the plan's own _vision call finds them in
-        sig.fresh_embeds. Only where the plan cannot turn into a refresh, which runs all cameras
-        in one pass: never for partial and state_only, for layer-wise where the host copies show
-        no shift of the prompt's positions (round 17)."""
+        """Queue the vision pass of the cameras a partial / state_only plan runs (known from the
+        signals alone) before the plan is made, so that the device runs it while the host makes
+        the plan (round 16); the plan's own _vision call finds them in sig.fresh_embeds. Neither
+        mode's plan turns into a refresh, which would have run all cameras in one pass."""
         cams = self.model.cfg.cameras
         if self.config.mode == "partial":
             run = tuple(c for c in cams if c in sig.changed_patches and bool(sig.changed_patches[c].any()))
