@@ -133,7 +133,7 @@ def modes(fast, obs, noise, rounds, dev, model, n=30):
                 parts = {k: statistics.median(x.timings.get(k, 0.0) for x in recs[name])
                          for k in ("signals", "vision", "prefix", "denoise", "sample", "total")}
                 # per plan too: layer-wise alternates between updates and hits, a median over both is neither
-                by_plan = {pl: statistics.median(t for t, x in zip(ms[name], recs[name]) if x.plan == pl)
+                by_plan = {pl: statistics.median(t for t, x in zip(ms[name], recs[name], strict=True) if x.plan == pl)
                            for pl in sorted({x.plan for x in recs[name]})}
                 print(f"round {r + 1} {name}: call {statistics.median(ms[name]):.3f} ms; records (median): "
                       + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())

@@ -56,7 +56,7 @@ class _Round12(ReusePolicy):
 
     def infer(self, obs, noise, raw_shapes=None, started=None):
         out, rec = super().infer(obs, noise, raw_shapes, started)
-        len(torch.unique(self.births[self.valid_rows]))  # (read in infer before its final sync, then)
+        len(torch.unique(torch.from_numpy(self.births)[self.valid_rows]))  # (read in infer before its final sync, then)
         return out, rec
 
 

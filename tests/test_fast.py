@@ -649,7 +649,7 @@ def test_reuse_policy_updates_through_sample_with_update_on_fast(mode):
         runs.append([pol.infer(o, noise) for o in (first, later, third)] + [pol.cache])
     (*calls, cache), (*ref_calls, ref_cache) = runs
     assert torch.equal(cache.k, ref_cache.k) and torch.equal(cache.v, ref_cache.v)
-    for (out, rec), (ref_out, ref_rec) in zip(calls[1:], ref_calls[1:]):
+    for (out, rec), (ref_out, ref_rec) in zip(calls[1:], ref_calls[1:], strict=True):
         assert rec.plan == ref_rec.plan in ("tokens", "layers") and torch.equal(out, ref_out)
         assert rec.timings["sample"] > 0 and rec.timings["prefix"] == 0 and rec.timings["denoise"] == 0
         assert ref_rec.timings["sample"] == 0 and ref_rec.timings["prefix"] > 0 and ref_rec.timings["denoise"] > 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from ..cache import PrefixCache, new_snapshot_id
@@ -79,8 +80,9 @@ class ReusePolicy:
         """Start an episode: forget the cache, its reference and the phase cues."""
         self.cache: PrefixCache | None = None
         self.ref: Reference | None = None
-        self.births: torch.Tensor | None = None  # (T,) call index of each row's K/V
-        self.birth_times: torch.Tensor | None = None  # (T,) monotonic seconds
+        # numpy, not torch: the per-call lookups on them would cost a torch op's dispatch each
+        self.births: np.ndarray | None = None  # (T,) call index of each row's K/V
+        self.birth_times: np.ndarray | None = None  # (T,) monotonic seconds
         self._valid_rows: torch.Tensor | None = None  # see valid_rows
         self._host: HostPrefix | None = None  # the cache's tokens, validity and positions on the CPU
         self._oldest: tuple[int, float] | None = None  # see age
@@ -111,7 +113,7 @@ class ReusePolicy:
         is looked up once per cache: the lookup costs more host time than the rest of a hit's
         bookkeeping)."""
         if self._oldest is None:
-            valid = self.valid_rows
+            valid = self.valid_rows.numpy()
             self._oldest = int(self.births[valid].min()), float(self.birth_times[valid].min())
         return call - self._oldest[0], now - self._oldest[1]
 
@@ -199,7 +201,7 @@ class ReusePolicy:
             self._valid_rows = self._oldest = None
             # A full refresh gives every row the same birth; a partial or layer-wise one may not.
             self.mixed = plan.kind != "all" and (
-                self.layer_mixed or len(torch.unique(self.births[self.valid_rows])) > 1)  # (denoise queued)
+                self.layer_mixed or len(np.unique(self.births[self.valid_rows.numpy()])) > 1)  # (denoise queued)
         reused = decision.reuse and plan.kind != "all"
         rec = StepRecord(  # made while the device still works; its timings are filled in below
             decision="reuse" if reused else "refresh",
@@ -293,8 +295,8 @@ class ReusePolicy:
                 self._parts.add("prefix", t)
             self._host = host_prefix(obs, mc) if cfg.enabled else None  # (made while the device works)
             T = self.cache.length
-            self.births = torch.full((T,), call, dtype=torch.long)
-            self.birth_times = torch.full((T,), now, dtype=torch.float64)
+            self.births = np.full(T, call, dtype=np.int64)
+            self.birth_times = np.full(T, now, dtype=np.float64)
             self.layer_mixed = False
             if not cfg.enabled:  # the never gate compares nothing with it: no reference to build
                 self.ref = None  # (its copies would queue behind the graph and delay the call's end)
@@ -341,7 +343,7 @@ class ReusePolicy:
                 self._host = host_prefix(obs, mc, prompt_from=self._host) if self._host is not None else None
             else:
                 self._host = new_host if new_host is not None else host_prefix(obs, mc)
-            rec = plan.recompute.cpu()
+            rec = plan.recompute.cpu().numpy()
             self.births[rec] = call
             self.birth_times[rec] = now
         else:  # layers: lower layers (and the signal references) stay those of the base snapshot
