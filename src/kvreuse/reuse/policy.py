@@ -190,7 +190,7 @@ class ReusePolicy:
             state_source = "fresh"
             if cfg.synchronized and plan.kind == "none":
                 dobs, state_source = replace(obs, state=self.ref.state), "snapshot"
-        if out is None:  # (a full refresh on an overlapping model has denoised already)
+        if out is None:  # (a refresh or an update on an overlapping model has denoised already)
             t = parts.mark()
             out = model.denoise(self.cache, dobs, noise)
             parts.add("denoise", t)
