@@ -304,6 +304,9 @@ def test_bench_check_runs_on_cpu():
     assert "full inference" in names and "denoise alone = reuse hit" in names
     hit = next(note for _, n, _, note in rep.rows if n == "ReusePolicy.infer, reuse hit (crossmodal gate)")
     assert hit.startswith("1 of 1 reused")  # the policy's hit row times hits only
+    for mode in ("vision_only", "state_only", "layer_wise(split=", "partial("):
+        assert {"update + denoise", "update + denoise, one call"} <= {
+            n.split(": ")[1] for n in names if n.startswith(mode) and ": " in n}, mode
     part = next(note for _, n, _, note in rep.rows if n == "ReusePolicy.infer, partial reuse (one camera moved)")
     assert part.startswith("1 of 1 recomputed part") and part.endswith("1 camera pass")
     with pytest.raises(ValueError, match="full size"):

@@ -450,6 +450,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
             n_tok = int(kw["recompute"].sum()) if "recompute" in kw else cfg.prefix_len
             rep.add("reuse", f"{name}: prefix update", upd, f"{n_tok} tokens, {len(kw['run_cameras'])} cams")
             rep.add("reuse", f"{name}: update + denoise", hit)
+            one = tm(lambda kw=kw: fast.sample_with_update(base, obs, noise, spans=base.spans, call_index=1, **kw))
+            rep.add("reuse", f"{name}: update + denoise, one call", one, "sample_with_update, as ReusePolicy runs it")
             if eager and reuse_eager:
                 e_upd = tm(lambda m=meth, kw=kw: getattr(model, m)(base, obs, spans=base.spans, call_index=1, **kw),
                            max(3, iters // 10))
