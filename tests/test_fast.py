@@ -630,15 +630,16 @@ def test_reuse_policy_refreshes_through_sample_with_prefix_on_fast():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("variant", ["tiny-pi0", "tiny-pi05"])
 @pytest.mark.parametrize("mode", ["partial", "state_only", "layer_wise"])
-def test_reuse_policy_updates_through_sample_with_update_on_fast(mode):
+def test_reuse_policy_updates_through_sample_with_update_on_fast(mode, variant):
     """A partial, state-only or layer-wise call on FastPi0 with overlap is one sample_with_update,
     timed as "sample"; the same calls without overlap (the update, then denoise) give the same
     actions, plans and cache."""
     from kvreuse.reuse.config import ReuseConfig
     from kvreuse.reuse.policy import ReusePolicy
 
-    model = _model("tiny-pi0")
+    model = _model(variant)
     cfg = model.cfg
     g = torch.Generator().manual_seed(13)
     first = synthetic_obs(cfg, 1, "cpu", g)
