@@ -1172,8 +1172,13 @@ class FastPi0:
         steps = steps or self.cfg.num_steps
         rows = self._embed(st, obs, image_embeds)
         self._denoise_inputs(st, obs, noise)
-        key = ("sample", obs.batch_size, steps, rows, keep_hidden)
-        return self.graphs.run(key, lambda: self._sample_body(st, steps, rows, keep_hidden)).clone()
+        return self._sample_graph(st, steps, rows, keep_hidden)
+
+    def _sample_graph(self, st: _Static, steps: int, rows: int | None, keep_hidden: tuple[int, ...]) -> torch.Tensor:
+        """The prefix + denoise graph over st as loaded (_sample_body); the actions as a new tensor."""
+        b = st.valid.shape[0]
+        return self.graphs.run(("sample", b, steps, rows, keep_hidden),
+                               lambda: self._sample_body(st, steps, rows, keep_hidden)).clone()
 
     @torch.no_grad()
     def sample_with_prefix(
@@ -1262,8 +1267,8 @@ class FastPi0:
         if (recompute is None) == (split is None):
             raise ValueError("sample_with_update: give exactly one of recompute= and split=")
         if not self.overlap:
-            kw = dict(recompute=recompute) if split is None else dict(split=split)
-            _, out = self._update(cache, obs, run_cameras, spans, call_index, image_embeds, **kw)
+            _, out = self._update(cache, obs, run_cameras, spans, call_index, image_embeds, recompute=recompute,
+                                  split=split)
             return self.denoise(out, obs, noise, steps), out
         return self._update(cache, obs, run_cameras, spans, call_index, image_embeds, recompute=recompute,
                             split=split, noise=noise, steps=steps)
@@ -1285,8 +1290,7 @@ class FastPi0:
         if full:
             kh, export = tuple(sorted(cache.hidden)), {}
             if noise is not None:
-                x = self.graphs.run(("sample", b, steps, rows, kh), lambda: self._sample_body(st, steps, rows, kh))
-                return x.clone(), self._export(st, obs, spans, call_index, kh)
+                return self._sample_graph(st, steps, rows, kh), self._export(st, obs, spans, call_index, kh)
             self._prefix_graph(st, kh, rows)
             return None, self._export(st, obs, spans, call_index, kh)
         if split is not None:

@@ -321,40 +321,36 @@ class ReusePolicy:
             names = tuple(sp.name for sp in self.cache.spans)
         spans = self.cache.with_spans(**{name: snap for name in names})
         t = self._parts.mark()
+        pobs = obs
+        if plan.prompt_from_cache:  # (tokens plans only)
+            t0 = len(mc.cameras) * mc.vision.num_patches
+            pobs = replace(
+                obs, tokens=self.cache.tokens, token_mask=self.cache.mask[:, t0:],
+                state_token_mask=self.cache.state_tokens,
+            )
         # With `overlap` the denoise runs in the update's graph, Euler step 0 trailing the
         # recomputed layers (FastPi0.sample_with_update), as a refresh's does in sample_with_prefix.
+        # (pobs differs from obs in its prompt only, which the denoise does not read.)
         overlap = getattr(model, "overlap", False)
+        if overlap:
+            what = dict(recompute=plan.recompute) if plan.kind == "tokens" else dict(split=self.split)
+            out, self.cache = model.sample_with_update(
+                self.cache, pobs, noise, plan.run_cameras, spans, call, image_embeds=embeds, **what)
+        elif plan.kind == "tokens":
+            self.cache = model.update_prefix(
+                self.cache, pobs, plan.recompute, plan.run_cameras, spans, call, image_embeds=embeds)
+        else:
+            self.cache = model.update_prefix_layers(
+                self.cache, obs, self.split, plan.run_cameras, spans, call, image_embeds=embeds)
+        if plan.prompt_from_cache:
+            self._host = host_prefix(obs, mc, prompt_from=self._host) if self._host is not None else None
+        else:
+            self._host = new_host if new_host is not None else host_prefix(obs, mc)
         if plan.kind == "tokens":
-            pobs = obs
-            if plan.prompt_from_cache:
-                t0 = len(mc.cameras) * mc.vision.num_patches
-                pobs = replace(
-                    obs, tokens=self.cache.tokens, token_mask=self.cache.mask[:, t0:],
-                    state_token_mask=self.cache.state_tokens,
-                )
-            if overlap:  # (pobs differs from obs in its prompt only, which the denoise does not read)
-                out, self.cache = model.sample_with_update(
-                    self.cache, pobs, noise, plan.run_cameras, spans, call, recompute=plan.recompute,
-                    image_embeds=embeds)
-            else:
-                self.cache = model.update_prefix(
-                    self.cache, pobs, plan.recompute, plan.run_cameras, spans, call, image_embeds=embeds)
-            if plan.prompt_from_cache:
-                self._host = host_prefix(obs, mc, prompt_from=self._host) if self._host is not None else None
-            else:
-                self._host = new_host if new_host is not None else host_prefix(obs, mc)
             rec = plan.recompute.cpu().numpy()
             self.births[rec] = call
             self.birth_times[rec] = now
         else:  # layers: lower layers (and the signal references) stay those of the base snapshot
-            if overlap:
-                out, self.cache = model.sample_with_update(
-                    self.cache, obs, noise, plan.run_cameras, spans, call, split=self.split, image_embeds=embeds)
-            else:
-                self.cache = model.update_prefix_layers(
-                    self.cache, obs, self.split, plan.run_cameras, spans, call, image_embeds=embeds
-                )
-            self._host = new_host if new_host is not None else host_prefix(obs, mc)
             self.layer_mixed = True
         self._parts.add("sample" if overlap else "prefix", t)
         if plan.kind == "tokens":  # done once the denoise is queued: it needs none of it
