@@ -8,13 +8,13 @@ from kvreuse.bench import build_random, random_inputs, time_fn
 from kvreuse.model import preset
 
 
-def setup(variant: str, note: str = "", device: str = "cuda"):
-    """(cfg, model, obs, noise) as `kvreuse bench` builds them; prints the card."""
+def setup(variant: str, note: str = "", device: str = "cuda", batch: int = 1):
+    """(cfg, model, obs, noise) as `kvreuse bench` builds them (batch rows); prints the card."""
     card = torch.cuda.get_device_name() if device == "cuda" else device
     print(card, torch.__version__, variant, note, flush=True)
     cfg = preset(variant).replace(cameras=("cam0", "cam1"))  # as kvreuse bench
     model = build_random(cfg, device)
-    obs, noise = random_inputs(cfg, 1, device)
+    obs, noise = random_inputs(cfg, batch, device)
     return cfg, model, obs, noise
 
 

@@ -5,7 +5,9 @@ cuBLAS's down product unless --tuned (each instance's route timer may pick anoth
 rounds differently: docs/PERFORMANCE.md, round 14's per-key mask).
 
     PYTHONPATH=src:scripts python3 scripts/fast_ab.py pi0|pi05 ROUNDS --a key=value ... --b key=value ... [--tuned]
+        [--batch N]
     e.g. scripts/fast_ab.py pi0 4 --a rope_kernel=0 --b rope_kernel=1
+         scripts/fast_ab.py pi0 4 --batch 2 --a skinny_rows=64 --b skinny_rows=256
 """
 
 import sys
@@ -29,10 +31,15 @@ def main() -> None:
     argv = sys.argv[1:]
     tuned = "--tuned" in argv
     argv = [a for a in argv if a != "--tuned"]
+    batch = 1
+    if "--batch" in argv:
+        i = argv.index("--batch")
+        batch = int(argv[i + 1])
+        del argv[i : i + 2]
     variant, rounds = argv[0], int(argv[1])
     ia, ib = argv.index("--a"), argv.index("--b")
     kw_a, kw_b = _kwargs(argv[ia + 1 : ib]), _kwargs(argv[ib + 1 :])
-    _, model, obs, noise = setup(variant, f"A {kw_a} | B {kw_b}")
+    _, model, obs, noise = setup(variant, f"A {kw_a} | B {kw_b} | batch {batch}", batch=batch)
     base = dict(compile=True, lm_down_tune=tuned)
     fast = {"A": FastPi0(model, **base, **kw_a), "B": FastPi0(model, **base, **kw_b)}
     with torch.no_grad():

@@ -93,6 +93,8 @@ def test_epilogues_with_and_without_split_k(epilogue, split_k, dtype):
         ((2, 3), 96, 200, (16, 64, 10)),  # (B, R, K) input; split_k above the K block count
         ((3, 17), 256, 64, None),  # M = 51 in two leading dims; default tiling (split-K here)
         ((), 96, 48, None),  # a single row without leading dims
+        ((2, 51), 96, 80, (32, 32, 2)),  # batch 2 of the expert's rows: a 128-row tile
+        ((4, 50), 64, 48, None),  # batch 4 of Pi0.5's 50 rows: a 256-row tile, 8 warps
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -168,6 +170,12 @@ def test_default_config_fills_the_gpu():
     assert default_config(51, 256, 64, False, 132).split_k == 4  # 2 tiles; 4 K blocks of 64
     assert default_config(51, 256, 64, False, 132, block_k=128).split_k == 2
     assert default_config(51, 1024, 2560, False, 132, block_n=32, split_k=5) == (32, 64, 5, 4, 8)
+    # More rows, a bigger x tile per stage: fewer stages (the shared memory), 8 warps over 128 rows.
+    assert default_config(102, 2048, 1024, False, 132)[3:] == (4, 8)
+    assert default_config(102, 1024, 4096, True, 132)[3:] == (4, 6)
+    assert default_config(204, 2048, 1024, False, 132)[3:] == (8, 4)
+    assert default_config(204, 1024, 4096, True, 132)[3:] == (8, 4)
+    assert default_config(128, 32, 1024, False, 132, x_bytes=4).num_stages == 4  # Pi0's float32 noise in
 
 
 def test_split_plan_launches_no_empty_split():
@@ -184,8 +192,8 @@ def test_importing_skinny_gemm_does_not_import_triton():
 
 
 def test_bad_inputs_and_missing_triton(monkeypatch):
-    x, w, _, _ = _data((65,), 32, 48, torch.float32)
-    with pytest.raises(ValueError, match="at most 64 rows"):
+    x, w, _, _ = _data((skinny_gemm.MAX_M + 1,), 32, 48, torch.float32)
+    with pytest.raises(ValueError, match=f"at most {skinny_gemm.MAX_M} rows"):
         skinny_linear(x, w)
     x, w, _, _ = _data((2, 3), 32, 48, torch.float32)
     with pytest.raises(ValueError, match="last dim"):
@@ -216,7 +224,7 @@ def test_fast_runtime_with_fused_expert_matches_eager(name, gemm, monkeypatch):
     products; chain: which also return the next norm, and the per-step input / output projections
     (Pi0: folded input + silu, time MLP out + layer-0 norm; Pi0.5: input + adaptive norm) and the
     Euler update] and still computes the eager model's actions; batches over 64 suffix rows fall
-    back to cuBLAS."""
+    back to cuBLAS (skinny_rows; by default batch 1-2 of the full-size experts)."""
     from kvreuse.bench import build_random, rel_err, synthetic_obs
     from kvreuse.model import fast as fast_mod
     from kvreuse.model import preset
@@ -227,18 +235,19 @@ def test_fast_runtime_with_fused_expert_matches_eager(name, gemm, monkeypatch):
         monkeypatch.setattr(fast_mod, fn, lambda *a, real=real, fn=fn, **k: calls.append((fn, k)) or real(*a, **k))
     cfg = preset(name)
     model = build_random(cfg, "cpu", dtype=torch.float32, seed=0)
-    fast = fast_mod.FastPi0(model, expert_gemm=gemm)
+    rows = 2 * cfg.suffix_len
+    fast = fast_mod.FastPi0(model, expert_gemm=gemm, skinny_rows=rows)
     g = torch.Generator().manual_seed(1)
     glue = (2 if cfg.adarms else 3) if gemm == "chain" else 0
     per_step = (2 if gemm == "fused" else 4) * cfg.expert.depth + glue
-    for batch in (1, 2, 64 // cfg.suffix_len + 1):  # fused (<= 64 rows), then the cuBLAS fallback
+    for batch in (1, 2, 3):  # fused (<= skinny_rows suffix rows), then the cuBLAS fallback
         calls.clear()
         obs = synthetic_obs(cfg, batch, "cpu", g)
         noise = torch.randn(batch, cfg.chunk_size, cfg.max_action_dim, generator=g)
         ref = model.sample_actions(obs, noise)
         out = fast.sample_actions(obs, noise)
         assert rel_err(out, ref) < 1e-4
-        fused = batch * cfg.suffix_len <= 64
+        fused = batch * cfg.suffix_len <= rows
         assert len(calls) == (per_step * cfg.num_steps if fused else 0)
         if fused:
             assert sum(fn == "fused_qkv" for fn, _ in calls) == cfg.expert.depth * cfg.num_steps
@@ -250,6 +259,9 @@ def test_fast_runtime_with_fused_expert_matches_eager(name, gemm, monkeypatch):
                 assert sum(k.get("out") is k.get("residual") is not None for _, k in calls) == cfg.num_steps
                 assert sum(bool(k.get("silu")) for _, k in calls) == (0 if cfg.adarms else cfg.num_steps)
     assert not fast.expert_pdl  # no programmatic dependent launch off the GPU (nor in the interpreter)
+    assert fast_mod.FastPi0(model, expert_gemm=gemm).skinny_rows == skinny_gemm.SKINNY_ROWS == 128
+    with pytest.raises(ValueError, match="skinny_rows"):
+        fast_mod.FastPi0(model, expert_gemm=gemm, skinny_rows=skinny_gemm.MAX_M + 1)
 
 
 # ---- fusions for the expert's layers --------------------------------------------------------------
@@ -277,7 +289,7 @@ def _rope_ref(x, cos, sin):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("b,r,heads,kv_heads,d,block_n", [(1, 51, 4, 1, 32, 16), (2, 5, 2, 2, 64, 16), (3, 3, 4, 1, 32, 32)])
+@pytest.mark.parametrize("b,r,heads,kv_heads,d,block_n", [(1, 51, 4, 1, 32, 16), (2, 5, 2, 2, 64, 16), (3, 3, 4, 1, 32, 32), (2, 51, 2, 1, 16, 16)])
 def test_fused_qkv_matches_linear_rope_and_writes_the_cache(b, r, heads, kv_heads, d, block_n, with_bias, dtype):
     from kvreuse.model.skinny_gemm import fused_qkv
 

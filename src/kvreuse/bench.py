@@ -258,6 +258,7 @@ def run_bench(
     prompt_tokens: int | None = None,
     prompt_bucket: int | None = None,
     lm_down_tune: bool | None = None,
+    skinny_rows: int | None = None,
 ) -> None:
     """Time the fast runtime at full size (random weights unless --checkpoint) and compare it
     with the eager model and, when importable, lerobot's PI0Pytorch / PI05Pytorch.
@@ -279,6 +280,8 @@ def run_bench(
     for prompts of >= 128 slots (Pi0.5), else 64);
     --lm-down-tune: time cuBLAS against cuBLASLt (torch's pick over padded rows, and cuBLASLt's
     other configurations) for the prefix LM's down product and keep the fastest (default: on CUDA);
+    --skinny-rows: the most suffix rows (batch x suffix) the expert runs through its Triton kernels,
+    more go through cuBLAS (default FastPi0's: 128, batch 1-2; at most 256);
     --lerobot-compile-mode: torch.compile mode for lerobot (default: what lerobot's own
     compile_model=True uses, PI0Config.compile_mode = "max-autotune", with CUDA graphs; its compile
     ran over 8 minutes on an H100; "default" is what rounds 1-8 of docs/PERFORMANCE.md compared
@@ -291,7 +294,8 @@ def run_bench(
                 variants, reuse_eager, profile, compile_mode=compile_mode, expert_gemm=expert_gemm,
                 expert_pdl=expert_pdl, fused_layer_norm=fused_layer_norm, vision_trt=vision_trt,
                 lerobot_rounds=lerobot_rounds, lerobot_compile_mode=lerobot_compile_mode,
-                prompt_tokens=prompt_tokens, prompt_bucket=prompt_bucket, lm_down_tune=lm_down_tune)
+                prompt_tokens=prompt_tokens, prompt_bucket=prompt_bucket, lm_down_tune=lm_down_tune,
+                skinny_rows=skinny_rows)
     print()
     print(rep.table())
     if json_out:
@@ -310,7 +314,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
           partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn="auto", expert_attn="auto",
           variants="", reuse_eager=True, profile=None, compile_mode="default", expert_gemm="auto",
           expert_pdl=None, fused_layer_norm=None, vision_trt=False, lerobot_rounds=3,
-          lerobot_compile_mode="max-autotune", prompt_tokens=None, prompt_bucket=None, lm_down_tune=None) -> Report:
+          lerobot_compile_mode="max-autotune", prompt_tokens=None, prompt_bucket=None, lm_down_tune=None,
+          skinny_rows=None) -> Report:
     from .model import preset as get_preset
     from .model.fast import FastPi0, resolve_attn
     from .reuse.config import ReuseConfig
@@ -366,8 +371,11 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         fast = FastPi0(model, compile=use_compile, compile_mode=compile_mode if use_compile else None,
                        prefix_attn=attn[0], expert_attn=attn[1], expert_gemm=expert_gemm, expert_pdl=expert_pdl,
                        fused_layer_norm=fused_layer_norm, vision_trt=vision_trt, prompt_bucket=prompt_bucket,
-                       lm_down_tune=lm_down_tune)
-        rep.config["expert"] = f"{fast.expert_gemm}{' +pdl' if fast.expert_pdl else ''}"
+                       lm_down_tune=lm_down_tune, skinny_rows=skinny_rows)
+        rows = batch * model.cfg.suffix_len
+        route = "" if fast.expert_gemm == "torch" else f", {rows} rows {'<=' if rows <= fast.skinny_rows else '>'} " \
+            f"skinny_rows {fast.skinny_rows}"
+        rep.config["expert"] = f"{fast.expert_gemm}{' +pdl' if fast.expert_pdl else ''}{route}"
         rep.config["vision_ln"] = "triton" if fast.fused_ln else "torch"
         rep.config["prefix_rope"] = "triton" if fast.rope_kernel else "torch"
         if fast.trt_vision is not None:

@@ -48,7 +48,7 @@ from .layer_norm import add_layer_norm, add_layer_norm_reference
 from .layers import NEG_INF, sincos_time
 from .pi0 import Pi0Model
 from .rope_scatter import rope_scatter
-from .skinny_gemm import RowNorm, fused_qkv, skinny_linear
+from .skinny_gemm import MAX_M, SKINNY_ROWS, RowNorm, fused_qkv, skinny_linear
 from .vision_trt import TrtVision
 
 
@@ -384,7 +384,7 @@ def _expert_layer(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos, sin, 
 def _expert_layer_fused(x, in_norm, qkv_w, o_t, post_norm, gate_up, down_t, cos_h, sin_h, bias, k_buf, v_buf,
                         start: int, heads: int, kv_heads: int, eps: float, cond=None, attn: str = "triton",
                         gemm: str = "fused"):
-    """The same layer for <= 64 rows in fewer kernels (skinny_gemm), same arguments as
+    """The same layer for few rows (skinny_gemm.MAX_M) in fewer kernels, same arguments as
     _expert_layer but (rows, D/2) rotary tables: after each norm, QKV + rotary + K/V write in one
     kernel (fused_qkv) and gate/up + gated GELU in another. The residual products go through
     cuBLAS ("fused") or skinny_linear ("triton")."""
@@ -518,6 +518,7 @@ class FastPi0:
         prompt_bucket: int | None = None,
         lm_down_tune: bool | None = None,
         rope_kernel: bool | None = None,
+        skinny_rows: int | None = None,
     ):
         for name, kind in (("prefix_attn", prefix_attn), ("expert_attn", expert_attn)):
             if kind not in (*ATTN_KINDS, "auto"):
@@ -588,6 +589,12 @@ class FastPi0:
         if expert_pdl and not can_pdl:
             raise ValueError("expert_pdl=True needs expert_gemm='chain' on an sm_90+ GPU with Triton >= 3.4")
         self.expert_pdl = can_pdl if expert_pdl is None else bool(expert_pdl)
+        # The most suffix rows (batch x suffix) the expert runs through the skinny kernels; more
+        # go through cuBLAS. None = batch 1-2 (skinny_gemm.SKINNY_ROWS, measured); at most MAX_M.
+        skinny_rows = SKINNY_ROWS if skinny_rows is None else skinny_rows
+        if not 0 <= skinny_rows <= MAX_M:
+            raise ValueError(f"skinny_rows: expected 0..{MAX_M} (what the skinny kernels take), got {skinny_rows}")
+        self.skinny_rows = skinny_rows
         if expert_gemm == "chain":  # the per-step projections as skinny products, w as (K, N) views
             with torch.no_grad():
                 self._w_in_t = model.action_in_proj.weight.t()
@@ -878,7 +885,7 @@ class FastPi0:
         b = st.valid.shape[0]
         g = ex.num_heads // ex.num_kv_heads
         tables = self._step_tables(steps)
-        use_fused = self.expert_gemm != "torch" and b * s <= 64  # skinny kernels take <= 64 rows
+        use_fused = self.expert_gemm != "torch" and b * s <= self.skinny_rows
         chain = use_fused and self.expert_gemm == "chain"  # Triton only (attention too), no compile
         # Once per call: positions, rotary tables, the [prefix ; suffix] mask, Pi0's state token.
         cos, sin, cos_h, sin_h, bias = self._exp_tables_fn(
@@ -933,7 +940,7 @@ class FastPi0:
         return self._glue[steps]
 
     def _denoise_chain(self, st: _Static, steps: int, tables, cos_h, sin_h, bias, before_layer=None) -> torch.Tensor:
-        """The Euler loop for batch 1 with every op a Triton kernel (PDL chains them all): per step
+        """The Euler loop with every op a Triton kernel (PDL chains them all at batch 1): per step
         an input kernel or two, the layer chain, and the output projection + Euler update into x.
         Pi0: silu(x @ (W_a W_in)^T + bias_i) (action_in_proj folded into action_time_mlp_in),
         then action_time_mlp_out writing suffix rows 1.. and their layer-0 norm; the state row and
@@ -961,7 +968,7 @@ class FastPi0:
                 if b == 1:  # rows 1.. of h are one stride apart: written in place
                     skinny_linear(at, self._w_mlp_out_t, bias=m.action_time_mlp_out.bias, out=h[:, 1:], norm=norm0,
                                   normed_out=hn[:, 1:], pdl=pdl)
-                else:  # (tiny configs only: the chain takes <= 64 suffix rows)
+                else:  # batch > 1: rows 1.. of each batch entry, a copy each
                     a, an = skinny_linear(at, self._w_mlp_out_t, bias=m.action_time_mlp_out.bias, norm=norm0)
                     h[:, 1:].copy_(a)
                     hn[:, 1:].copy_(an)

@@ -1,4 +1,4 @@
-"""Triton GEMM for skinny inputs: x (M <= 64 rows) @ w (K, N), streaming w once.
+"""Triton GEMM for skinny inputs: x (M <= 256 rows) @ w (K, N), streaming w once.
 
 The action expert multiplies only M = 51 rows (B = 1 x 51 tokens) by each of its weights, so its
 products are weight-bandwidth bound, and cuBLAS's tilings for them leave most of the bandwidth
@@ -51,7 +51,30 @@ __all__ = [
     "HAVE_TRITON", "RowNorm", "SkinnyConfig", "default_config", "expert_shapes", "fused_qkv", "skinny_linear", "split_plan",
 ]
 
-MAX_M = 64
+MAX_M = 256  # rows a program holds at once (batch 1-4 of the experts' 50-51 suffix rows)
+# Rows FastPi0 sends through these kernels by default: batch 1 and 2. H100 A/Bs against cuBLAS
+# (scripts/fast_ab.py --batch, docs/PERFORMANCE.md round 18): at batch 2 the hit 11.4-11.9 ->
+# 9.3-9.6 ms (Pi0 and Pi0.5); at batch 4 (200-204 rows) Pi0's hit 0.6 ms faster, Pi0.5's
+# 0.6-0.9 ms slower, so 256-row tiles stay opt-in (FastPi0(skinny_rows=256)).
+SKINNY_ROWS = 128
+# Shared memory the main loop's stages may take: the x tile grows with the rows, so stages drop
+# as they grow (64 rows: 8 stages, as tuned; 128: 8 / 6 gated; 256: 4).
+_STAGE_BYTES = 160 * 1024
+
+
+def block_rows(m: int) -> int:
+    """BLOCK_M for m rows: the next power of two, at least 16 (tl.dot's smallest tile)."""
+    return max(16, 1 << (m - 1).bit_length())
+
+
+def _stages(block_m: int, block_k: int, w_cols: int, most: int, x_bytes: int = 2, w_bytes: int = 2) -> int:
+    """Pipeline stages whose x tile + w tiles (w_cols columns in all) fit _STAGE_BYTES."""
+    return max(2, min(most, _STAGE_BYTES // (block_k * (block_m * x_bytes + w_cols * w_bytes))))
+
+
+def _warps(block_m: int) -> int:
+    """One warpgroup up to 128 rows; two above, so the accumulators fit the registers."""
+    return 4 if block_m <= 128 else 8
 
 
 def _build() -> tuple:
@@ -335,10 +358,12 @@ class SkinnyConfig(NamedTuple):
 def default_config(
     m: int, k: int, n_out: int, gated: bool, sm_count: int,
     block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
+    x_bytes: int = 2, w_bytes: int = 2,
 ) -> SkinnyConfig:
     """Tiling for an (m x k) @ (k x n_out [x 2 if gated]) product; given values are kept.
 
-    block_n 32, block_k 64, 4 warps, 8 stages, and split_k = round(sm_count / column tiles), at
+    block_n 32, block_k 64, 4 warps, 8 stages (fewer where the tiles would not fit the shared
+    memory, x_bytes / w_bytes per element, and 8 warps over 128 rows: _stages, _warps), and split_k = round(sm_count / column tiles), at
     most one split per K block, so that ~1 program per SM streams its slice of w. For the expert
     on 132 SMs: Wo and down 32 tiles x 4 splits, gate/up 128 x 1. The 8 stages keep most of a
     program's weight slice in flight at once, which is what these latency-bound products need
@@ -347,16 +372,17 @@ def default_config(
     SWEEP=stages, docs/PERFORMANCE.md round 5), round 4's 128-deep steps x 3 (gated 4) stages ->
     these: Wo + norm 5.72 -> 5.40 us, down + norm 7.56 -> 6.64, gate/up + GELU 6.54 -> 6.31.
     """
-    del m  # all rows live in one program; kept in the signature for tuning tables keyed on shape
     block_n = 32 if block_n is None else block_n
     block_k = 64 if block_k is None else block_k
     tiles = -(-n_out // block_n)
     k_blocks = max(1, -(-k // block_k))
     if split_k is None:
         split_k = max(1, min(k_blocks, round(sm_count / tiles)))
-    # 4 warps (one warpgroup: wgmma on sm_90). Shared memory per stage: a 64 x 64 x tile plus
-    # one (two gated) 64 x 32 w tiles, 12 (16) KiB: 96 (128) KiB in all.
-    return SkinnyConfig(block_n, block_k, split_k, 4, 8)
+    # 4 warps (one warpgroup: wgmma on sm_90). Shared memory per stage at 64 rows: a 64 x 64 x
+    # tile plus one (two gated) 64 x 32 w tiles, 12 (16) KiB: 96 (128) KiB in all.
+    bm = block_rows(m)
+    w_cols = block_n * (2 if gated else 1)
+    return SkinnyConfig(block_n, block_k, split_k, _warps(bm), _stages(bm, block_k, w_cols, 8, x_bytes, w_bytes))
 
 
 def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -445,7 +471,7 @@ def skinny_linear(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x @ w (+ bias) (+ residual) for few rows, in x.dtype with fp32 accumulation.
 
-    x (..., K) whose leading dims hold M <= 64 rows (ValueError above); w (K, N) with any strides
+    x (..., K) whose leading dims hold M <= MAX_M rows (ValueError above); w (K, N) with any strides
     (a W.t() view of an nn.Linear (N, K) weight, or a (K, N) tensor), same dtype as x. bias (N,),
     residual: the output's shape (any float dtypes, any strides). gated_gelu: w has 2F columns
     [gate | up] (bias 2F entries, if any); returns gelu_tanh(x @ w_gate + b_gate) * (x @ w_up + b_up)
@@ -519,14 +545,15 @@ def skinny_linear(
     bias_t = bias if bias is not None else out2  # unused without HAS_BIAS
     gate_t = col_scale if col_scale is not None else out2
 
-    cfg = default_config(m, k, n_out, gated_gelu, _sm_count(x.device), block_n, block_k, split_k)
+    cfg = default_config(m, k, n_out, gated_gelu, _sm_count(x.device), block_n, block_k, split_k,
+                         x.element_size(), w.element_size())
     num_warps = cfg.num_warps if num_warps is None else num_warps
     num_stages = cfg.num_stages if num_stages is None else num_stages
     bn, bk = cfg.block_n, cfg.block_k
     k_per_split, splits = split_plan(k, bk, cfg.split_k)
     direct = splits == 1 and norm is None
     part = out2 if direct else torch.empty(splits, m, n_w, device=x.device, dtype=torch.float32)
-    block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot needs >= 16 rows
+    block_m = block_rows(m)
 
     common = {"HAS_BIAS": bias is not None, "HAS_RES": residual is not None, "GATED": gated_gelu,
               "HAS_GATE": col_scale is not None, "SILU": silu}
@@ -575,8 +602,8 @@ def fused_qkv(
     bias: torch.Tensor | None = None,
     block_n: int | None = None,
     block_k: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 6,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     pdl: bool = False,
     prefetch: bool = True,
 ) -> torch.Tensor:
@@ -584,7 +611,7 @@ def fused_qkv(
     [q | k | v] product (+ bias (N,)), rotate-half rotary on q and k, and the K/V write into the
     cache buffers. Returns rotated q (B, R, heads, D).
 
-    x (B, R, K) with B * R <= 64; w (K, (heads + 2 kv_heads) D) (W.t() of the fused nn.Linear
+    x (B, R, K) with B * R <= MAX_M; w (K, (heads + 2 kv_heads) D) (W.t() of the fused nn.Linear
     weight); k_buf / v_buf (B, T, kv_heads, D), unit stride on the last dim: rows
     [start, start + R) are written. cos / sin: (B * R, D / 2) float32 tables of the rows' positions
     (cos and sin of position x inverse frequency). Same numbers as linear -> rope in fp32,
@@ -617,6 +644,9 @@ def fused_qkv(
     n_half = n_w // 2
     bn = block_n or 16  # H200 tunes (rounds 3-5): 16 x 64 tiles, 4 warps, 6 stages (4: 4.63 us), 80 programs
     bk = block_k
+    bm = block_rows(m)
+    num_warps = _warps(bm) if num_warps is None else num_warps
+    num_stages = _stages(bm, bk, 2 * bn, 6, x.element_size(), w.element_size()) if num_stages is None else num_stages
     x2 = x.reshape(m, k)
     qkv_kernel[(-(-n_half // bn),)](
         x2, w, bias if bias is not None else q,
@@ -626,7 +656,7 @@ def fused_qkv(
         k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
         HAS_BIAS=bias is not None, EVEN_K=k % bk == 0, EVEN_N=n_half % bn == 0,
         DOT_F32=_dot_f32(qkv_kernel, x.dtype), D=d, PDL=pdl, PREFETCH=_prefetches(w, pdl, prefetch), LINE=_line(w),
-        BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     return q
