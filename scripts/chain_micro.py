@@ -4,7 +4,9 @@ per kernel with NORM_ROWS=1, or one of round 5's (SWEEP=stages|attn|splits|more|
 none (SWEEP=0), or round 6's bounds (SWEEP=bound: without the reduce / combine kernels, and with
 one layer's weights in all 18 so that they stay in L2); several as SWEEP=stages,splits.
 CHAIN=pdl times only the chain as FastPi0 runs it before the sweeps. ATTN_SPLITS=n fixes the chain's attention
-key splits. Pi0 expert shapes, random weights; `same` = bit-identical to the first variant.
+key splits, ATTN_BLOCK_M=n its query rows per program. BATCH=b: b x 51 rows (round 18: batch 2's tilings); SKINNY_WARPS=n: n warps for the
+skinny kernels' tiles over 64 rows (round 18). Pi0 expert shapes, random weights; `same` =
+bit-identical to the first variant.
 Usage (one sm_90 GPU): PYTHONPATH=src python3 scripts/chain_micro.py"""
 
 import functools
@@ -22,6 +24,7 @@ from kvreuse.model.skinny_gemm import RowNorm, fused_qkv, skinny_linear
 
 dev, dt = "cuda", torch.bfloat16
 L, W, F, H, D, T, R, STEPS = 18, 1024, 4096, 8, 256, 560, 51, 10
+B = int(os.environ.get("BATCH", "1"))
 g = torch.Generator(device=dev).manual_seed(0)
 
 
@@ -31,12 +34,12 @@ def rn(*s, scale=0.02):
 
 layers = [dict(qkv=rn((H + 2) * D, W), o_t=rn(W, H * D).t(), gate_up=rn(2 * F, W), down_t=rn(W, F).t(),
                in_norm=1 + rn(W), post_norm=1 + rn(W)) for _ in range(L)]
-kb = [rn(1, T + R, 1, D, scale=1.0) for _ in range(L)]
-vb = [rn(1, T + R, 1, D, scale=1.0) for _ in range(L)]
-cos = torch.rand(R, D // 2, device=dev)
-sin = torch.rand(R, D // 2, device=dev)
-bias = torch.zeros(1, 1, R * H, T + R, device=dev, dtype=dt)
-x0 = rn(1, R, W, scale=1.0)
+kb = [rn(B, T + R, 1, D, scale=1.0) for _ in range(L)]
+vb = [rn(B, T + R, 1, D, scale=1.0) for _ in range(L)]
+cos = torch.rand(B * R, D // 2, device=dev)
+sin = torch.rand(B * R, D // 2, device=dev)
+bias = torch.zeros(B, 1, R * H, T + R, device=dev, dtype=dt)
+x0 = rn(B, R, W, scale=1.0)
 
 
 def timed(fn):
@@ -67,8 +70,8 @@ def repeat(op, pdl, n=180, one_layer=False, **kw):
     return fn
 
 
-a_in = rn(1, R, H * D, scale=1.0)
-act_in = rn(1, R, F, scale=1.0)
+a_in = rn(B, R, H * D, scale=1.0)
+act_in = rn(B, R, F, scale=1.0)
 ops = {
     "qkv": lambda li, p, **kw: fused_qkv(x0, layers[li]["qkv"].t(), kb[li], vb[li], T, cos, sin, H, 1, pdl=p, **kw),
     "attn": lambda li, p, **kw: mqa_attention(fused_q, kb[li], vb[li], bias[:, 0, ::H], pdl=p, **kw),
@@ -76,8 +79,8 @@ ops = {
     "gate_up": lambda li, p, **kw: skinny_linear(x0, layers[li]["gate_up"].t(), gated_gelu=True, pdl=p, **kw),
     "down+norm": lambda li, p, **kw: skinny_linear(act_in, layers[li]["down_t"], residual=x0, norm=RowNorm(1e-6, layers[li]["in_norm"]), pdl=p, **kw),
 }
-fused_q = rn(1, R, H, D, scale=1.0)
-ops["attn-keybias"] = lambda li, p, **kw: mqa_attention(fused_q, kb[li], vb[li], bias[:, 0, :1].expand(1, R, T + R),
+fused_q = rn(B, R, H, D, scale=1.0)
+ops["attn-keybias"] = lambda li, p, **kw: mqa_attention(fused_q, kb[li], vb[li], bias[:, 0, :1].expand(B, R, T + R),
                                                         pdl=p, **kw)  # one mask row for every token
 ops["attn-nobias"] = lambda li, p, **kw: mqa_attention(fused_q, kb[li], vb[li], None, pdl=p, **kw)
 
@@ -98,9 +101,13 @@ variants = [("off", 0, False, False), ("pdl", 1, False, False), ("pdl all-prefet
             ("pdl no-mask (bound)", 1, False, True)]
 if os.environ.get("CHAIN") == "pdl":  # only the chain as FastPi0 runs it
     variants = variants[1:2]
+if os.environ.get("SKINNY_WARPS"):
+    sg._warps = lambda bm, n=int(os.environ["SKINNY_WARPS"]): 4 if bm <= 64 else n
 if os.environ.get("ATTN_SPLITS"):  # the chain with the attention's key splits fixed (default: 5 for Pi0)
     real_attn = functools.partial(real_attn, num_splits=int(os.environ["ATTN_SPLITS"]))
-print(torch.cuda.get_device_name(), torch.__version__)
+if os.environ.get("ATTN_BLOCK_M"):  # the chain with the attention's query rows per program fixed
+    real_attn = functools.partial(real_attn, block_m=int(os.environ["ATTN_BLOCK_M"]))
+print(torch.cuda.get_device_name(), torch.__version__, f"batch {B} ({B * R} rows)")
 ref = None
 for name, p, pf, nomask in variants:
     fast_mod.skinny_linear = functools.partial(real_skinny, prefetch=True) if pf else real_skinny
@@ -193,6 +200,7 @@ ROUND5 = {
     ],
     "bias": [("attn", [{}]), ("attn-keybias", [{}]), ("attn-nobias", [{}])],  # what the per-row mask costs
     "asplits": [("attn", [dict(num_splits=ns) for ns in (3, 4, 5, 6)])],  # key splits, after the cheaper combine
+    "asplits2": [("attn", [dict(num_splits=ns, block_m=bm) for bm in (16, 32) for ns in (None, 2, 3, 4, 5, 6, 8)])],
 }
 modes = os.environ.get("SWEEP", "1").split(",")  # one or more, comma-separated
 for mode in modes:

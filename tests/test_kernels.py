@@ -335,3 +335,30 @@ def test_fast_runtime_with_the_rope_kernel_matches_eager(name):
     uf = fast.update_prefix(base_f, obs2, rec, cfg.cameras, base_f.spans, 1)
     valid = ue.mask[None, :, :, None, None]
     assert rel_err(uf.k * valid, ue.k * valid) < 1e-5 and rel_err(uf.v * valid, ue.v * valid) < 1e-5
+
+
+def test_default_row_tiles_grow_with_the_batch(monkeypatch):
+    """16-row query tiles while 16-row tiles over batch x KV heads stay within a quarter of the
+    SMs (Pi0's and Pi0.5's expert at batch 1), 32 rows beyond (batch 2); the result is the same
+    attention either way."""
+    assert kernels.default_block_m(1, 51 * 8, 132) == 16  # Pi0's expert, batch 1: 26 tiles
+    assert kernels.default_block_m(1, 50 * 8, 132) == 16  # Pi0.5's
+    assert kernels.default_block_m(2, 51 * 8, 132) == 32  # batch 2: 52 tiles of 16
+    assert kernels.default_block_m(1, 64 * 8, 132) == 16  # 64 recomputed prefix tokens: 32 tiles
+    assert kernels.default_block_m(1, 70 * 8, 132) == 32  # 35 tiles
+    seen = []
+    real = kernels._build()[0]
+
+    class Spy:
+        def __getitem__(self, grid):
+            seen.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "_KERNELS", (Spy(), kernels._KERNELS[1]))
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 8)  # 2 x 2 tiles of 16 exceed 8 // 4
+    q, k, v = _qkv(2, 4, 8, 16, 40, torch.float32, seed=5)
+    bias = _pi0_bias(torch.ones(2, 36, dtype=torch.bool), 4)
+    out = mqa_attention(q, k, v, bias)
+    assert seen[-1][:2] == (2, 1)  # 32 query rows (4 tokens x 8 heads) in one tile per batch row
+    _check(out, _ref(q, k, v, bias), torch.float32)
+    assert kernels.default_block_m(2, 4 * 8, 8) == 32 and kernels.default_block_m(1, 4 * 8, 8) == 16
