@@ -3,10 +3,10 @@ prefetch in every product or only in fused_qkv, then (SWEEP=1, default) round 4'
 per kernel with NORM_ROWS=1, or one of round 5's (SWEEP=stages|attn|splits|more|bias|asplits), or
 none (SWEEP=0), or round 6's bounds (SWEEP=bound: without the reduce / combine kernels, and with
 one layer's weights in all 18 so that they stay in L2); several as SWEEP=stages,splits.
-CHAIN=pdl times only the chain as FastPi0 runs it before the sweeps. ATTN_SPLITS=n fixes the chain's attention
-key splits, ATTN_BLOCK_M=n its query rows per program. BATCH=b: b x 51 rows (round 18: batch 2's tilings); SKINNY_WARPS=n: n warps for the
-skinny kernels' tiles over 64 rows (round 18). Pi0 expert shapes, random weights; `same` =
-bit-identical to the first variant.
+CHAIN=pdl times only the chain as FastPi0 runs it before the sweeps. ATTN_SPLITS=n fixes the chain's
+attention key splits, ATTN_BLOCK_M=n its query rows per program. Round 18: BATCH=b runs b x 51 rows
+(SWEEP=bound's fewer-rows part assumes b = 1); SKINNY_WARPS=n gives the skinny kernels' tiles over 64
+rows n warps. Pi0 expert shapes, random weights; `same` = bit-identical to the first variant.
 Usage (one sm_90 GPU): PYTHONPATH=src python3 scripts/chain_micro.py"""
 
 import functools

@@ -259,9 +259,10 @@ def mqa_attention(
     default precision on the GPU is TF32.)
 
     num_splits: key splits per query tile (None: enough for ~1 program per SM). block_m (query
-    rows per program, >= 16; None: 64 from 1024 rows per KV head, else default_block_m), block_n (keys per step, >= 16), num_warps / num_stages (split
-    kernel), combine_rows / combine_warps (combine kernel) are tuning knobs. Defaults: the H200
-    tunes (scripts/attn_tune.py). Pi0's expert shape at batch 1 (R*H = 408, T = 611, D = 256): 16-row x
+    rows per program, >= 16; None: 64 from 1024 rows per KV head, else default_block_m),
+    block_n (keys per step, >= 16), num_warps / num_stages (split kernel), combine_rows /
+    combine_warps (combine kernel) are tuning knobs. Defaults: the H200 tunes
+    (scripts/attn_tune.py). Pi0's expert shape at batch 1 (R*H = 408, T = 611, D = 256): 16-row x
     64-key tiles, 8 warps, 26 row tiles x 5 splits = 130 programs, 9.9 us (32-row tiles: 10.9);
     round 5 (combine's split loop unrolled, 4 rows per combine program): 9.2 us with PDL.
     From 1024 query rows on (the prefix LM: R*H = 4480, T = 560): 64-row tiles, 4 warps, one

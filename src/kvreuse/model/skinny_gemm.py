@@ -363,14 +363,15 @@ def default_config(
     """Tiling for an (m x k) @ (k x n_out [x 2 if gated]) product; given values are kept.
 
     block_n 32, block_k 64, 4 warps, 8 stages (fewer where the tiles would not fit the shared
-    memory, x_bytes / w_bytes per element, and 8 warps over 128 rows: _stages, _warps), and split_k = round(sm_count / column tiles), at
-    most one split per K block, so that ~1 program per SM streams its slice of w. For the expert
-    on 132 SMs: Wo and down 32 tiles x 4 splits, gate/up 128 x 1. The 8 stages keep most of a
-    program's weight slice in flight at once, which is what these latency-bound products need
-    (round 5; scripts/barrier_micro.py: 32 KB per program streams in 3.2 us loaded at once, 6.1 us
-    in 4 KB steps). H200, 180 calls back to back in a CUDA graph (scripts/chain_micro.py
-    SWEEP=stages, docs/PERFORMANCE.md round 5), round 4's 128-deep steps x 3 (gated 4) stages ->
-    these: Wo + norm 5.72 -> 5.40 us, down + norm 7.56 -> 6.64, gate/up + GELU 6.54 -> 6.31.
+    memory, x_bytes / w_bytes per element, and 8 warps over 128 rows: _stages, _warps), and
+    split_k = round(sm_count / column tiles), at most one split per K block, so that ~1 program
+    per SM streams its slice of w. For the expert on 132 SMs: Wo and down 32 tiles x 4 splits,
+    gate/up 128 x 1. The 8 stages keep most of a program's weight slice in flight at once, which
+    is what these latency-bound products need (round 5; scripts/barrier_micro.py: 32 KB per
+    program streams in 3.2 us loaded at once, 6.1 us in 4 KB steps). H200, 180 calls back to back
+    in a CUDA graph (scripts/chain_micro.py SWEEP=stages, docs/PERFORMANCE.md round 5), round 4's
+    128-deep steps x 3 (gated 4) stages -> these: Wo + norm 5.72 -> 5.40 us, down + norm 7.56 ->
+    6.64, gate/up + GELU 6.54 -> 6.31.
     """
     block_n = 32 if block_n is None else block_n
     block_k = 64 if block_k is None else block_k
@@ -646,7 +647,8 @@ def fused_qkv(
     bk = block_k
     bm = block_rows(m)
     num_warps = _warps(bm) if num_warps is None else num_warps
-    num_stages = _stages(bm, bk, 2 * bn, 6, x.element_size(), w.element_size()) if num_stages is None else num_stages
+    if num_stages is None:
+        num_stages = _stages(bm, bk, 2 * bn, 6, x.element_size(), w.element_size())
     x2 = x.reshape(m, k)
     qkv_kernel[(-(-n_half // bn),)](
         x2, w, bias if bias is not None else q,
