@@ -452,12 +452,38 @@ def test_outputs_into_caller_buffers_and_in_place_residual(split_k):
     torch.testing.assert_close(x32, before + step * ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_outputs_into_rows_of_every_batch_entry(split_k):
+    """out / normed_out as rows 1.. of each entry of a (B, S, N) buffer (Pi0's suffix at batch > 1):
+    two strides, rows written in place, row 0 of every entry untouched."""
+    x, w, bias, _ = _data((3, 5), 64, 32, torch.bfloat16, seed=13)
+    buf, nbuf = (torch.full((3, 6, 32), 7.0, dtype=torch.bfloat16) for _ in range(2))
+    nw = torch.rand(32) + 0.5
+    out, normed = skinny_linear(x, w, bias=bias, norm=RowNorm(1e-6, nw), out=buf[:, 1:], normed_out=nbuf[:, 1:],
+                                split_k=split_k, block_n=16, block_k=32)
+    assert out.data_ptr() == buf[:, 1:].data_ptr() and normed.data_ptr() == nbuf[:, 1:].data_ptr()
+    _check(buf[:, 1:], _ref(x, w, bias), torch.bfloat16)
+    _check(nbuf[:, 1:], _rms(buf[:, 1:].float(), 1e-6) * nw, torch.bfloat16)
+    assert (buf[:, 0] == 7).all() and (nbuf[:, 0] == 7).all()
+    if split_k == 1:  # the direct epilogue (no reduce kernel) too
+        buf2 = torch.full((3, 6, 32), 7.0, dtype=torch.bfloat16)
+        skinny_linear(x, w, bias=bias, out=buf2[:, 1:], block_n=16, block_k=32, split_k=1)
+        assert torch.equal(buf2[:, 1:], buf[:, 1:]) and (buf2[:, 0] == 7).all()
+
+
 def test_output_buffers_are_checked():
     x, w, _, _ = _data((2, 5), 64, 32, torch.bfloat16)
     with pytest.raises(ValueError, match="out must be"):
         skinny_linear(x, w, out=torch.empty(2, 5, 31, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="one stride"):  # rows 1.. of a batch-2 buffer: two strides
-        skinny_linear(x, w, out=torch.empty(2, 6, 32, dtype=torch.bfloat16)[:, 1:])
+    with pytest.raises(ValueError, match="unit last stride"):
+        skinny_linear(x, w, out=torch.empty(2, 5, 64, dtype=torch.bfloat16)[..., ::2])
+    # leading dims that do not merge into one batch stride
+    x3 = torch.randn(2, 3, 5, 64, dtype=torch.bfloat16)
+    crossed = torch.empty(3, 2, 5, 32, dtype=torch.bfloat16).transpose(0, 1)
+    with pytest.raises(ValueError, match="one stride apart in each batch entry; got strides out"):
+        skinny_linear(x3, w, out=crossed)
+    with pytest.raises(ValueError, match="normed_out"):
+        skinny_linear(x3, w, norm=RowNorm(1e-6), normed_out=crossed)
     with pytest.raises(ValueError, match="normed_out= needs norm"):
         skinny_linear(x, w, normed_out=torch.empty(2, 5, 32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="pick one"):

@@ -965,13 +965,8 @@ class FastPi0:
                               norm=self._in_norm(0, per_layer, tables[i]))
             else:
                 skinny_linear(x, self._w_fold_t, bias=biases[i], silu=True, out=at, pdl=pdl)
-                if b == 1:  # rows 1.. of h are one stride apart: written in place
-                    skinny_linear(at, self._w_mlp_out_t, bias=m.action_time_mlp_out.bias, out=h[:, 1:], norm=norm0,
-                                  normed_out=hn[:, 1:], pdl=pdl)
-                else:  # batch > 1: rows 1.. of each batch entry, a copy each
-                    a, an = skinny_linear(at, self._w_mlp_out_t, bias=m.action_time_mlp_out.bias, norm=norm0)
-                    h[:, 1:].copy_(a)
-                    hn[:, 1:].copy_(an)
+                skinny_linear(at, self._w_mlp_out_t, bias=m.action_time_mlp_out.bias, out=h[:, 1:], norm=norm0,
+                              normed_out=hn[:, 1:], pdl=pdl)  # rows 1.. of each batch entry, in place
             out = self._chain(h, hn, st, per_layer, tables[i], cos_h, sin_h, bias,
                               before_layer if i == 0 else None)  # final-normed
             skinny_linear(out[:, -c:], self._w_out_t, bias=m.action_out_proj.bias, col_scale=step, residual=x,

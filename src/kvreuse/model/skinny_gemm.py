@@ -146,13 +146,14 @@ def _build() -> tuple:
     @triton.jit
     def _epilogue(
         acc, acc_up, rows, cols, row_ok, col_ok, F,
-        bias_ptr, stride_b, gate_ptr, stride_g, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
+        bias_ptr, stride_b, gate_ptr, stride_g, res_ptr, stride_rm, stride_rn, out_ptr, R_OUT, stride_ob, stride_om,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
         SILU: tl.constexpr,
     ):
         """bias, gelu_tanh(gate) * up or silu, column gate, residual, all in fp32; store in out's
         dtype and return the fp32 values. For GATED, acc / acc_up are the gate / up columns `cols` /
-        F + `cols` (acc_up is unused otherwise)."""
+        F + `cols` (acc_up is unused otherwise). Output row r sits at (r // R_OUT) * stride_ob +
+        (r % R_OUT) * stride_om (_out_rows)."""
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -171,14 +172,16 @@ def _build() -> tuple:
         if HAS_RES:
             res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0)
             acc += res.to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        o = out_ptr + ((rows // R_OUT) * stride_ob + (rows % R_OUT) * stride_om)[:, None] + cols[None, :]
+        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=mask)
         return acc
 
     @triton.jit
     def _gemm_kernel(
         x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, gate_ptr,
         M, K, N_OUT, N_W, k_per_split,
-        stride_xm, stride_xk, stride_wk, stride_wn, stride_b, stride_g, stride_rm, stride_rn, stride_om,
+        stride_xm, stride_xk, stride_wk, stride_wn, stride_b, stride_g, stride_rm, stride_rn,
+        R_OUT, stride_ob, stride_om,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
         SILU: tl.constexpr, DIRECT: tl.constexpr,
         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
@@ -207,8 +210,8 @@ def _build() -> tuple:
         if DIRECT:
             _epilogue(
                 acc, acc_up, rows, cols, row_ok, col_ok, N_OUT,
-                bias_ptr, stride_b, gate_ptr, stride_g, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
-                HAS_BIAS, HAS_RES, GATED, HAS_GATE, SILU,
+                bias_ptr, stride_b, gate_ptr, stride_g, res_ptr, stride_rm, stride_rn,
+                out_ptr, R_OUT, stride_ob, stride_om, HAS_BIAS, HAS_RES, GATED, HAS_GATE, SILU,
             )
         else:
             # part: (splits, M, N_W) fp32, contiguous; gated up columns at F + n.
@@ -222,7 +225,7 @@ def _build() -> tuple:
     def _reduce_kernel(
         part_ptr, bias_ptr, res_ptr, out_ptr, gate_ptr, nw_ptr, ns_ptr, nb_ptr, normed_ptr,
         M, N_OUT, N_W, ROWS_PER_TABLE,
-        stride_b, stride_g, stride_rm, stride_rn, stride_om, stride_nm,
+        stride_b, stride_g, stride_rm, stride_rn, R_OUT, stride_ob, stride_om, stride_nb, stride_nm,
         S: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_GATE: tl.constexpr,
         SILU: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr, ADA: tl.constexpr, EPS: tl.constexpr,
@@ -246,7 +249,7 @@ def _build() -> tuple:
                 acc_up += tl.load(p + s * M * N_W + N_OUT, mask=mask, other=0.0)
         y = _epilogue(
             acc, acc_up, rows, cols, row_ok, col_ok, N_OUT,
-            bias_ptr, stride_b, gate_ptr, stride_g, res_ptr, stride_rm, stride_rn, out_ptr, stride_om,
+            bias_ptr, stride_b, gate_ptr, stride_g, res_ptr, stride_rm, stride_rn, out_ptr, R_OUT, stride_ob, stride_om,
             HAS_BIAS, HAS_RES, GATED, HAS_GATE, SILU,
         )
         if NORM:  # the norm of what was stored (rounded to out's dtype), as the next op would see it
@@ -259,7 +262,8 @@ def _build() -> tuple:
                 t = (rows // ROWS_PER_TABLE)[:, None] * N_OUT + cols[None, :]
                 h = h * tl.load(ns_ptr + t, mask=mask, other=0.0).to(tl.float32)
                 h += tl.load(nb_ptr + t, mask=mask, other=0.0).to(tl.float32)
-            tl.store(normed_ptr + rows[:, None] * stride_nm + cols[None, :], h.to(normed_ptr.dtype.element_ty), mask=mask)
+            nrow = (rows // R_OUT) * stride_nb + (rows % R_OUT) * stride_nm
+            tl.store(normed_ptr + nrow[:, None] + cols[None, :], h.to(normed_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _qkv_kernel(
@@ -433,21 +437,30 @@ def _rows_of(x: torch.Tensor, w: torch.Tensor, widen_ok: bool = False) -> int:
     return m
 
 
-def _given(name: str, t: torch.Tensor, shape: tuple, m: int, x: torch.Tensor) -> torch.Tensor:
-    """Check a caller's output buffer: the output's shape, a unit last stride, one row stride."""
+def _given(name: str, t: torch.Tensor, shape: tuple, x: torch.Tensor) -> torch.Tensor:
+    """Check a caller's output buffer: the output's shape and a unit last stride (rows: _out_rows)."""
     if t.shape != shape or t.device != x.device or not t.is_floating_point():
         raise ValueError(f"{name} must be a float tensor of shape {shape} on {x.device}; got {t.dtype} {tuple(t.shape)}")
-    if t.numel() and (t.stride(-1) != 1 or not _one_row_stride(t, m)):
-        raise ValueError(f"{name} needs a unit last stride and rows one stride apart; got strides {t.stride()}")
+    if t.numel() and t.stride(-1) != 1:
+        raise ValueError(f"{name} needs a unit last stride; got strides {t.stride()}")
     return t
 
 
-def _one_row_stride(t: torch.Tensor, m: int) -> bool:
-    try:
-        t.view(m, t.shape[-1])
-    except RuntimeError:
-        return False
-    return True
+def _out_rows(outs: dict[str, torch.Tensor], m: int) -> tuple[int, list[list[int]]]:
+    """R_OUT and each output's (batch stride, row stride), outputs (..., R, N) holding m rows: the
+    kernels write row r at (r // R_OUT) * batch stride + (r % R_OUT) * row stride. All rows one
+    stride apart (R_OUT = m), or else R rows per entry of the leading dims viewed as one (rows 1..
+    of every batch entry of a (B, S, N) buffer)."""
+    t = next(iter(outs.values()))
+    for r in dict.fromkeys((m, t.shape[-2] if t.dim() > 1 else m)):
+        try:
+            views = [o.view(-1, r, o.shape[-1]) for o in outs.values()]
+        except RuntimeError:
+            continue
+        return r, [[v.stride(0), v.stride(1)] for v in views]
+    got = ", ".join(f"{name} {tuple(o.stride())}" for name, o in outs.items())
+    raise ValueError(f"output rows must be one stride apart, or one stride apart in each batch entry; got strides "
+                     f"{got}")
 
 
 def skinny_linear(
@@ -498,9 +511,9 @@ def skinny_linear(
     silu: silu(x @ w + bias) before the column scale and residual. x may be float32 with a bf16 /
     fp16 w: its tiles are rounded to w's dtype in registers (as F.linear(x.to(w.dtype)) would).
     out / normed_out: write the result (the norm) into these (the output's shape, any float dtype,
-    unit last stride, rows reachable with one row stride: e.g. buf[:, 1:] of a batch-1 buffer)
-    instead of new tensors in x's dtype; out may be the residual itself (updated in place: each
-    element is read and written by the same program).
+    unit last stride, rows one stride apart, or one stride apart within each batch entry: e.g.
+    buf[:, 1:] of a (B, S, N) buffer) instead of new tensors in x's dtype; out may be the residual
+    itself (updated in place: each element is read and written by the same program).
     """
     gemm_kernel, reduce_kernel, _ = _kernels()
     m = _rows_of(x, w, widen_ok=True)
@@ -535,16 +548,16 @@ def skinny_linear(
 
     if normed_out is not None and norm is None:
         raise ValueError("normed_out= needs norm=")
-    out = _given("out", out, out_shape, m, x) if out is not None else torch.empty(out_shape, device=x.device, dtype=x.dtype)
+    out = _given("out", out, out_shape, x) if out is not None else torch.empty(out_shape, device=x.device, dtype=x.dtype)
     normed = None if norm is None else (
-        _given("normed_out", normed_out, out_shape, m, x) if normed_out is not None else torch.empty_like(out))
+        _given("normed_out", normed_out, out_shape, x) if normed_out is not None else torch.empty_like(out))
     if m == 0 or n_out == 0:
         return out if norm is None else (out, normed)
+    r_out, row_strides = _out_rows({"out": out} if norm is None else {"out": out, "normed_out": normed}, m)
     x2 = x.reshape(m, k)  # a view where the strides allow it
-    out2 = out.view(m, n_out)
-    res2 = residual.reshape(m, n_out) if residual is not None else out2  # unused without HAS_RES
-    bias_t = bias if bias is not None else out2  # unused without HAS_BIAS
-    gate_t = col_scale if col_scale is not None else out2
+    res2 = residual.reshape(m, n_out) if residual is not None else x2  # unused without HAS_RES
+    bias_t = bias if bias is not None else x2  # unused without HAS_BIAS
+    gate_t = col_scale if col_scale is not None else x2
 
     cfg = default_config(m, k, n_out, gated_gelu, _sm_count(x.device), block_n, block_k, split_k,
                          x.element_size(), w.element_size())
@@ -553,7 +566,7 @@ def skinny_linear(
     bn, bk = cfg.block_n, cfg.block_k
     k_per_split, splits = split_plan(k, bk, cfg.split_k)
     direct = splits == 1 and norm is None
-    part = out2 if direct else torch.empty(splits, m, n_w, device=x.device, dtype=torch.float32)
+    part = x2 if direct else torch.empty(splits, m, n_w, device=x.device, dtype=torch.float32)
     block_m = block_rows(m)
 
     common = {"HAS_BIAS": bias is not None, "HAS_RES": residual is not None, "GATED": gated_gelu,
@@ -561,10 +574,11 @@ def skinny_linear(
     strides = (
         bias_t.stride(0) if bias is not None else 0,
         gate_t.stride(0) if col_scale is not None else 0,
-        res2.stride(0), res2.stride(1), out2.stride(0),
+        res2.stride(0) if residual is not None else 0, res2.stride(1) if residual is not None else 0,
+        r_out, *row_strides[0],
     )
     gemm_kernel[(-(-n_out // bn), splits)](
-        x2, w, bias_t, res2, out2, part, gate_t,
+        x2, w, bias_t, res2, out, part, gate_t,
         m, k, n_out, n_w, k_per_split,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *strides,
         DIRECT=direct, EVEN_K=k % bk == 0, EVEN_N=n_out % bn == 0,
@@ -576,14 +590,14 @@ def skinny_linear(
         return out
     # Whole rows per program when normalising (Pi0: 51 programs of 1 x 1024).
     red_m, red_n = (NORM_ROWS, triton.next_power_of_2(n_out)) if norm is not None else (16, 128)
-    normed2 = normed.view(m, n_out) if norm is not None else out2  # unused without NORM
-    nw = norm.weight if norm is not None and norm.weight is not None else out2
-    ns, nb = tables or (out2, out2)
+    normed_t, normed_strides = (normed, row_strides[1]) if norm is not None else (out, (0, 0))  # unused without NORM
+    nw = norm.weight if norm is not None and norm.weight is not None else None
+    ns, nb = tables or (x2, x2)
     reduce_kernel[(-(-m // red_m), -(-n_out // red_n))](
-        part, bias_t, res2, out2, gate_t, nw, ns, nb, normed2,
+        part, bias_t, res2, out, gate_t, nw if nw is not None else x2, ns, nb, normed_t,
         m, n_out, n_w, m // ns.shape[0] if tables else 1,
-        *strides, normed2.stride(0), S=splits,
-        NORM=norm is not None, NORM_W=nw is not out2, ADA=bool(tables), EPS=norm.eps if norm is not None else 0.0,
+        *strides, *normed_strides, S=splits,
+        NORM=norm is not None, NORM_W=nw is not None, ADA=bool(tables), EPS=norm.eps if norm is not None else 0.0,
         PDL=pdl, BLOCK_M=red_m, BLOCK_N=red_n, num_warps=4, **common, **pdl_kwargs(pdl),
     )
     return out if norm is None else (out, normed)
