@@ -6,6 +6,7 @@ is in the runtime. Prints one row per configuration (median us per call, max |di
     python scripts/attn_tune.py [--keys 611] [--queries 51]
     python scripts/attn_tune.py --prefix     # the prefix LM's shape (560 x 560) and a grid for it
     python scripts/attn_tune.py --siglip     # SigLIP's attention (2 images x 16 heads x 256 x 72) per SDPA backend
+    python scripts/attn_tune.py --update 100 # a prefix update: 100 recomputed tokens over the prefix's 560 keys
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import statistics
 import torch
 
 from kvreuse.model.fast import _mqa
-from kvreuse.model.kernels import mqa_attention
+from kvreuse.model.kernels import default_block_m, mqa_attention
 
 
 def _time_us(fn, reps: int = 20, trials: int = 15, return_out: bool = False):
@@ -53,11 +54,16 @@ def main() -> None:
     ap.add_argument("--mask-bound", action="store_true",
                     help="only the default tiling with its per-row mask, a stride-0 (per-key) mask and none (a bound)")
     ap.add_argument("--siglip", action="store_true", help="SigLIP's attention under each SDPA backend")
+    ap.add_argument("--update", type=int, default=0,
+                    help="this many queries over the prefix's keys (--prefix-rows) with its per-key mask, as a "
+                         "partial prefix update runs it; the expert's grid")
     a = ap.parse_args()
     if a.siglip:
         return siglip()
     if a.prefix or a.prefix_small:
         a.keys = a.queries = a.prefix_rows
+    if a.update:
+        a.keys, a.queries = a.prefix_rows, a.update
     dev, dt = "cuda", torch.bfloat16
     h, d, r, t = 8, 256, a.queries, a.keys
     g = torch.Generator(device=dev).manual_seed(0)
@@ -67,7 +73,7 @@ def main() -> None:
     bias = torch.zeros(1, r, t, device=dev)
     bias[:, :, t - r - 20 : t - r] = -2.3819763e38  # prompt padding
     bias[:, 0, t - r + 1 :] = -2.3819763e38  # Pi0: the state token does not see the actions
-    if a.prefix or a.prefix_small:  # since round 14: the prefix's padding mask, one value per key (stride 0)
+    if a.prefix or a.prefix_small or a.update:  # since round 14: the prefix's padding mask, one value per key
         bias = torch.zeros(1, 1, t, device=dev)
         bias[..., t - 16 :] = -2.3819763e38
         bias = bias.expand(1, r, t)
@@ -80,6 +86,8 @@ def main() -> None:
             print(f"| default tiling, {name} | {_time_us(lambda b=b: mqa_attention(q, k, v, b)):.1f} |")
         return
     print("| config | us / call | max abs diff vs fp32 math |\n|---|---|---|")
+    bm = default_block_m(1, r * h, torch.cuda.get_device_properties(0).multi_processor_count) if r * h < 1024 else 64
+    print(f"| triton default (block_m {bm}) | {_time_us(lambda: mqa_attention(q, k, v, bias)):.1f} | |")
     for kind in ("fp32", "sdpa", "efficient", "cudnn"):
         try:
             fn = lambda kind=kind: _mqa(q, k, v, folded if kind == "fp32" else folded.to(dt), kind)

@@ -5,7 +5,7 @@ alone (= a reuse hit) and full inference (sample_actions). Prints the actions' d
 each instance's down-product route first.
 
     python3 scripts/version_ab.py --make REV            # here: REV's src/kvreuse -> scripts/_ab/kvreuse_old
-    PYTHONPATH=src:scripts:scripts/_ab python3 scripts/version_ab.py pi0|pi05 ROUNDS [--tuned] [--new-first]
+    PYTHONPATH=src:scripts:scripts/_ab python3 scripts/version_ab.py pi0|pi05 ROUNDS [--tuned] [--new-first] [--batch N]
 
 Both keep cuBLAS's down product unless --tuned (see fast_ab.py). scripts/_ab is a scratch copy:
 never committed.
@@ -48,7 +48,8 @@ def main() -> None:
     from kvreuse.model.fast import FastPi0
 
     variant, rounds, tuned = sys.argv[1], int(sys.argv[2]), "--tuned" in sys.argv
-    _, model, obs, noise = setup(variant)
+    batch = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 1
+    _, model, obs, noise = setup(variant, f"batch {batch}", batch=batch)
     kw = dict(compile=True, lm_down_tune=tuned)
     # The first instance built may run its hit slower (instance_spread.py, round 14): --new-first
     # builds the working tree's first, to see whether a difference follows the code or the order.
