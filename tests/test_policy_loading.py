@@ -3,6 +3,8 @@ runtime gives the eager actions."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -50,3 +52,40 @@ def test_fast_policy_matches_eager(ref_dir):
     a, _ = eager.infer(_raw(1))
     b, _ = fast.infer(_raw(1))
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["tiny-pi0", "tiny-pi05"])
+def test_cameras_the_robot_lacks_are_left_out_with_the_same_actions(variant, tmp_path):
+    """A 3-camera checkpoint under a 2-camera robot (as a 3-slot Pi0 under LIBERO): by default the
+    absent camera is left out of the prefix (no vision pass, rows or keys for it); fed black and
+    masked instead, as lerobot / openpi do, the actions are the same up to float rounding."""
+    torch.manual_seed(0)
+    cfg = preset(variant).replace(cameras=("base", "extra", "wrist"))  # the absent one in the middle
+    save_reference(tmp_path, Pi0Model(cfg).eval(), "lerobot", True)
+    feats = {f"observation.images.{c}": {"type": "VISUAL", "shape": [3, 128, 128]} for c in cfg.cameras}
+    (tmp_path / "config.json").write_text(json.dumps({"type": cfg.variant, "input_features": feats}))
+    kept = Policy.from_checkpoint(tmp_path, robot="metaworld", keep_absent_cameras=True)
+    left_out = Policy.from_checkpoint(tmp_path, robot="metaworld")
+    assert kept.model.cfg.cameras == ("base", "extra", "wrist")
+    assert left_out.model.cfg.cameras == ("base", "wrist")
+    assert left_out.model.cfg.prefix_len == kept.model.cfg.prefix_len - cfg.vision.num_patches
+    for seed in (1, 2):
+        a, rec_a = kept.infer(_raw(seed))
+        b, rec_b = left_out.infer(_raw(seed))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    fast = Policy.from_checkpoint(tmp_path, robot="metaworld", fast=True)
+    assert fast.model.cfg.cameras == ("base", "wrist")
+    kept.reset()  # the same noise as fast's first call
+    np.testing.assert_allclose(fast.infer(_raw(1))[0], kept.infer(_raw(1))[0], rtol=1e-4, atol=1e-4)
+
+
+def test_with_cameras_shares_the_weights_and_checks_its_cameras():
+    model = Pi0Model(preset("tiny-pi0")).eval()
+    assert model.with_cameras(("wrist", "base")) is model  # all of them, in any order: itself
+    one = model.with_cameras(("wrist",))
+    assert one.cfg.cameras == ("wrist",) and model.cfg.cameras == ("base", "wrist")
+    assert one.vision is model.vision and one.llm.embed.weight.data_ptr() == model.llm.embed.weight.data_ptr()
+    with pytest.raises(ValueError, match="subset of"):
+        model.with_cameras(("left",))
+    with pytest.raises(ValueError, match="subset of"):
+        model.with_cameras(())

@@ -49,19 +49,26 @@ class Policy:
         dtype: torch.dtype | None = None,
         robot: str | None = None,
         fast: bool = False,
+        keep_absent_cameras: bool = False,
     ) -> "Policy":
         """Load a checkpoint (ours, or lerobot / openpi safetensors). The RobotSpec is `robot`,
         else meta["robot"] (reference checkpoints carry none, so they need `robot`).
-        fast: run through FastPi0 (fused weights, static cache, CUDA graphs on a GPU)."""
+        fast: run through FastPi0 (fused weights, static cache, CUDA graphs on a GPU).
+        Model cameras the robot lacks are left out of the prefix (transforms.robot.fit_cameras;
+        the same actions up to float rounding) unless keep_absent_cameras, which feeds them black
+        and masked as lerobot / openpi do."""
         from .checkpoint import load_checkpoint
         from .model.tokenizer import load_tokenizer
-        from .transforms.robot import robot_spec
+        from .transforms.robot import fit_cameras, robot_spec
 
         model, stats, meta = load_checkpoint(path, device=device, dtype=dtype)
         robot = robot or meta.get("robot")
         if robot is None:
             raise ValueError(f"checkpoint {path}: names no robot; pass one (e.g. robot='libero' / --robot libero)")
-        tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, tokenizer), stats, robot_spec(robot))
+        spec = robot_spec(robot)
+        if not keep_absent_cameras:
+            model = fit_cameras(model, spec)
+        tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, tokenizer), stats, spec)
         if fast:
             from .model.fast import FastPi0
 

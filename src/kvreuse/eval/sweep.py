@@ -94,7 +94,7 @@ def load_model(src: PolicySource, robot: str):
     import torch
 
     from ..model.tokenizer import load_tokenizer
-    from ..transforms.robot import RobotTransform, robot_spec
+    from ..transforms.robot import RobotTransform, fit_cameras, robot_spec
 
     if src.checkpoint is None:
         from ..model import Pi0Model, preset
@@ -116,6 +116,7 @@ def load_model(src: PolicySource, robot: str):
     ck_robot = meta.get("robot", robot)
     if ck_robot != robot:
         raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}, the env needs {robot!r}")
+    model = fit_cameras(model, robot_spec(robot))  # cameras the env lacks: left out, not fed black
     tf = RobotTransform(model.cfg, load_tokenizer(model.cfg), stats, robot_spec(robot))
     return model, tf, _meta_tasks(meta)
 

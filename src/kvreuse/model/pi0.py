@@ -10,6 +10,7 @@ the reuse layer allows it, later control steps.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -43,6 +44,22 @@ class Pi0Model(nn.Module):
             self.state_proj = nn.Linear(cfg.max_state_dim, ew)
             self.action_time_mlp_in = nn.Linear(2 * ew, ew)
             self.action_time_mlp_out = nn.Linear(ew, ew)
+
+    def with_cameras(self, cameras: tuple[str, ...]) -> "Pi0Model":
+        """This model over some of its cameras (kept in its own order), sharing every weight; self
+        when that is all of them. A camera masked out in every observation adds nothing to a valid
+        token: its keys are masked for every query, and positions count valid tokens only. Leaving
+        it out of the prefix therefore gives the same actions, up to the order of float sums, without
+        its vision pass, its prefix rows, or its keys in every attention."""
+        unknown = [c for c in cameras if c not in self.cfg.cameras]
+        if unknown or not cameras:
+            raise ValueError(f"cameras {list(cameras)}: need a non-empty subset of {list(self.cfg.cameras)}")
+        keep = tuple(c for c in self.cfg.cameras if c in cameras)
+        if keep == self.cfg.cameras:
+            return self
+        narrowed = copy.copy(self)  # shares the submodules and their weights; only cfg is its own
+        narrowed.cfg = self.cfg.replace(cameras=keep)
+        return narrowed
 
     @property
     def dtype(self) -> torch.dtype:

@@ -20,7 +20,7 @@ def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny
     from ..model import preset as get_preset
     from ..model.tokenizer import load_tokenizer
     from ..policy import Policy
-    from ..transforms.robot import RobotTransform, robot_spec
+    from ..transforms.robot import RobotTransform, fit_cameras, robot_spec
 
     if checkpoint is not None:
         policy = Policy.from_checkpoint(checkpoint, reuse=reuse, device=device, seed=seed, tokenizer=tokenizer,
@@ -30,8 +30,9 @@ def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny
         torch.manual_seed(seed)
         with torch.device(device):
             model = Pi0Model(get_preset(preset)).eval()
-        cfg = model.cfg
-        tf = RobotTransform(cfg, load_tokenizer(cfg, tokenizer), None, robot_spec(robot or "metaworld"))
+        spec = robot_spec(robot or "metaworld")
+        model = fit_cameras(model, spec)  # as from_checkpoint: cameras the robot lacks are left out
+        tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, tokenizer), None, spec)
         policy = Policy(model, tf, seed=seed, reuse=reuse)
         source = f"random {preset}"
     cfg, spec = policy.model.cfg, policy.transform.spec

@@ -55,6 +55,14 @@ def robot_spec(name: str) -> RobotSpec:
     return ROBOTS[name]
 
 
+def fit_cameras(model, spec: RobotSpec):
+    """`model` over the cameras this robot feeds (Pi0Model.with_cameras). A model camera the robot
+    lacks would be fed black and masked out on every call (LIBERO under a 3-camera Pi0 / Pi0.5:
+    the right wrist), which changes no action; leaving it out skips its share of the work."""
+    fed = {c for _, c in spec.cameras}
+    return model.with_cameras(tuple(c for c in model.cfg.cameras if c in fed) or model.cfg.cameras)
+
+
 class RobotTransform:
     def __init__(
         self,
