@@ -77,6 +77,11 @@ def test_cameras_the_robot_lacks_are_left_out_with_the_same_actions(variant, tmp
     assert fast.model.cfg.cameras == ("base", "wrist")
     kept.reset()  # the same noise as fast's first call
     np.testing.assert_allclose(fast.infer(_raw(1))[0], kept.infer(_raw(1))[0], rtol=1e-4, atol=1e-4)
+    # kvreuse eval loads it the same way
+    from kvreuse.eval.sweep import PolicySource, load_model
+
+    model, tf, _ = load_model(PolicySource(str(tmp_path)), "metaworld")
+    assert model.cfg.cameras == tf.cfg.cameras == ("base", "wrist")
 
 
 def test_with_cameras_shares_the_weights_and_checks_its_cameras():

@@ -96,13 +96,14 @@ def load_model(src: PolicySource, robot: str):
     from ..model.tokenizer import load_tokenizer
     from ..transforms.robot import RobotTransform, fit_cameras, robot_spec
 
+    spec = robot_spec(robot)
     if src.checkpoint is None:
         from ..model import Pi0Model, preset
 
         cfg = preset(src.preset)
         if cfg.tokenizer != "bytes":
             raise ValueError(f"preset {src.preset!r} needs a checkpoint (random weights only for tiny presets)")
-        spec = robot_spec(robot)  # the tiny model takes the robot's cameras and dims
+        # the tiny model takes the robot's cameras and dims
         cfg = cfg.replace(state_dim=spec.state_dim, action_dim=spec.action_dim,
                           cameras=tuple(c for _, c in spec.cameras))
         if robot == "libero":  # long LIBERO prompts (+ the state, Pi0.5) in the byte tokenizer
@@ -116,8 +117,8 @@ def load_model(src: PolicySource, robot: str):
     ck_robot = meta.get("robot", robot)
     if ck_robot != robot:
         raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}, the env needs {robot!r}")
-    model = fit_cameras(model, robot_spec(robot))  # cameras the env lacks: left out, not fed black
-    tf = RobotTransform(model.cfg, load_tokenizer(model.cfg), stats, robot_spec(robot))
+    model = fit_cameras(model, spec)  # cameras the env lacks: left out, not fed black
+    tf = RobotTransform(model.cfg, load_tokenizer(model.cfg), stats, spec)
     return model, tf, _meta_tasks(meta)
 
 

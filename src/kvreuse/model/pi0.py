@@ -49,8 +49,8 @@ class Pi0Model(nn.Module):
         """This model over some of its cameras (kept in its own order), sharing every weight; self
         when that is all of them. A camera masked out in every observation adds nothing to a valid
         token: its keys are masked for every query, and positions count valid tokens only. Leaving
-        it out of the prefix therefore gives the same actions, up to the order of float sums, without
-        its vision pass, its prefix rows, or its keys in every attention."""
+        it out of the prefix therefore gives the same actions, up to float rounding (other row
+        counts, other sums), without its vision pass, its prefix rows, or its keys in any attention."""
         unknown = [c for c in cameras if c not in self.cfg.cameras]
         if unknown or not cameras:
             raise ValueError(f"cameras {list(cameras)}: need a non-empty subset of {list(self.cfg.cameras)}")
