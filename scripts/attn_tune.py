@@ -86,7 +86,7 @@ def main() -> None:
             print(f"| default tiling, {name} | {_time_us(lambda b=b: mqa_attention(q, k, v, b)):.1f} |")
         return
     print("| config | us / call | max abs diff vs fp32 math |\n|---|---|---|")
-    bm = default_block_m(1, r * h, torch.cuda.get_device_properties(0).multi_processor_count) if r * h < 1024 else 64
+    bm = default_block_m(1, r * h, torch.cuda.get_device_properties(0).multi_processor_count)
     print(f"| triton default (block_m {bm}) | {_time_us(lambda: mqa_attention(q, k, v, bias)):.1f} | |")
     for kind in ("fp32", "sdpa", "efficient", "cudnn"):
         try:

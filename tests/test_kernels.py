@@ -346,6 +346,7 @@ def test_default_row_tiles_grow_with_the_batch(monkeypatch):
     assert kernels.default_block_m(2, 51 * 8, 132) == 32  # batch 2: 52 tiles of 16
     assert kernels.default_block_m(1, 64 * 8, 132) == 16  # 64 recomputed prefix tokens: 32 tiles
     assert kernels.default_block_m(1, 70 * 8, 132) == 32  # 35 tiles
+    assert kernels.default_block_m(1, 560 * 8, 132) == 64  # the prefix LM: from 1024 rows on
     seen = []
     real = kernels._build()[0]
 

@@ -216,11 +216,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_block_m(heads: int, m: int, sm_count: int) -> int:
-    """Query rows per program below 1024 rows per KV head: 16, or 32 once 16-row tiles over all
-    `heads` (batch x KV heads) would number more than a quarter of the SMs. Pi0's expert at batch 1
+    """Query rows per program for m rows per KV head: 64 from 1024 rows (the prefix LM); below, 16,
+    or 32 once 16-row tiles over all `heads` (batch x KV heads) would number more than a quarter
+    of the SMs. Pi0's expert at batch 1
     (26 tiles of 16) keeps 16; at batch 2, 32-row tiles (26 of them, 5 key splits) ran the
     attention in 12.9-13.3 us against 17.4 for 16-row tiles (2 splits) or 14.5 (4 splits) on an
     H100 (chain_micro.py BATCH=2 SWEEP=asplits2, round 18)."""
+    if m >= 1024:
+        return 64
     return 16 if heads * -(-m // 16) <= sm_count // 4 else 32
 
 
@@ -259,7 +262,7 @@ def mqa_attention(
     default precision on the GPU is TF32.)
 
     num_splits: key splits per query tile (None: enough for ~1 program per SM). block_m (query
-    rows per program, >= 16; None: 64 from 1024 rows per KV head, else default_block_m),
+    rows per program, >= 16; None: default_block_m),
     block_n (keys per step, >= 16), num_warps / num_stages (split kernel), combine_rows /
     combine_warps (combine kernel) are tuning knobs. Defaults: the H200 tunes
     (scripts/attn_tune.py). Pi0's expert shape at batch 1 (R*H = 408, T = 611, D = 256): 16-row x
@@ -296,7 +299,7 @@ def mqa_attention(
     m = r * g  # query rows per KV head
     big = m >= 1024
     if block_m is None:
-        block_m = 64 if big else default_block_m(b * hkv, m, _sm_count(q.device))
+        block_m = default_block_m(b * hkv, m, _sm_count(q.device))
     for name, x in (("block_m", block_m), ("block_n", block_n), ("combine_rows", combine_rows)):
         if x < 1 or x & (x - 1) or (name != "combine_rows" and x < 16):
             raise ValueError(f"{name}={x} must be a power of two (>= 16 for the tl.dot blocks)")
