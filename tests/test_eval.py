@@ -208,6 +208,31 @@ def _result(task="reach", init_id=0, seed=0, status="success", calls=4, reuses=1
                          decisions=["refresh"] * calls, reasons=["x"] * calls, timings={"total": [ms] * calls})
 
 
+def test_sweep_fast_runtime_runs_apart_from_the_eager_model(tmp_path):
+    """--fast runs FastPi0 (plain calls on a CPU): the same episodes give the same outcomes, but
+    its results form their own setting (its actions round differently), never skipped as done."""
+    from kvreuse.eval.sweep import load_model, policy_identity
+
+    model, _, _ = load_model(PolicySource(None, "tiny-pi0", fast=True), "metaworld")
+    assert type(model).__name__ == "FastPi0"
+    assert policy_identity(PolicySource(None, "tiny-pi0", fast=True)) == "random:tiny-pi0:seed0+fast"
+    both = PolicySource(None, "tiny-pi0", fast=True, keep_absent_cameras=True, dtype="bfloat16")
+    assert policy_identity(both) == "random:tiny-pi0:seed0+bfloat16+fast+masked-cameras"
+    with pytest.raises(ValueError, match="dtype: expected one of float32, bfloat16, got 'half'"):
+        PolicySource(dtype="half")
+    plan = SweepPlan(db=str(tmp_path / "f.db"), env="fake", tasks=("reach",), episodes=2, workers=0,
+                     progress=False, env_kw={"max_steps": 6, "radius": 0.0})
+    eager = run_sweep(plan, PolicySource(None, "tiny-pi0"))
+    fast = run_sweep(plan, PolicySource(None, "tiny-pi0", fast=True))
+    assert eager.ran == fast.ran == 2 and fast.skipped == 0
+    with ResultStore(plan.db) as st:
+        rows = {r["policy"]: [(e["init_id"], e["status"], e["steps"], e["calls"]) for e in st.episodes(r["id"])]
+                for r in st.settings()}
+    eager_id = min(rows)  # the fake env drives the Meta-World robot: the shipped testbed-pi0
+    assert set(rows) == {eager_id, eager_id + "+fast"}
+    assert rows[eager_id] == rows[eager_id + "+fast"]
+
+
 def test_store_atomic_unique_and_wal(tmp_path):
     db = tmp_path / "r.db"
     with ResultStore(db) as st:

@@ -82,6 +82,16 @@ def test_cameras_the_robot_lacks_are_left_out_with_the_same_actions(variant, tmp
 
     model, tf, _ = load_model(PolicySource(str(tmp_path)), "metaworld")
     assert model.cfg.cameras == tf.cfg.cameras == ("base", "wrist")
+    model, tf, _ = load_model(PolicySource(str(tmp_path), keep_absent_cameras=True, fast=True), "metaworld")
+    assert type(model).__name__ == "FastPi0" and model.cfg.cameras == tf.cfg.cameras == cfg.cameras
+    # and `kvreuse serve` (its random-model path too)
+    from kvreuse.reuse.config import ReuseConfig
+    from kvreuse.serve.command import build_policy
+
+    served, _ = build_policy(str(tmp_path), ReuseConfig(), robot="metaworld", keep_absent_cameras=True)
+    assert served.model.cfg.cameras == cfg.cameras
+    served, _ = build_policy(None, ReuseConfig(), variant, robot="metaworld", fast=True)
+    assert type(served.model).__name__ == "FastPi0"
 
 
 def test_with_cameras_shares_the_weights_and_checks_its_cameras():

@@ -60,6 +60,9 @@ def run_eval(
     with_baseline: bool = False,
     preset: str = "tiny-pi05",
     device: str = "cpu",
+    dtype: str = "float32",
+    fast: bool = False,
+    keep_absent_cameras: bool = False,
     progress: bool = True,
 ) -> None:
     """Evaluate one setting closed-loop and print its table.
@@ -83,6 +86,13 @@ def run_eval(
             shipped or the env is not Meta-World.
         init_start: first init-state id (Meta-World: 0..49 are the held-out layouts).
         device: torch device of the policy (cpu, cuda).
+        dtype: the policy's weights, float32 | bfloat16 (what the GPU figures of
+            docs/PERFORMANCE.md run); bfloat16 episodes are kept apart in the DB.
+        fast: run the policy through FastPi0 (CUDA graphs and Triton kernels on a GPU; on a CPU
+            plain calls). Its episodes are kept apart from the eager model's (their actions round
+            differently).
+        keep_absent_cameras: feed model cameras the env lacks as black, masked images (lerobot /
+            openpi) instead of leaving them out of the prefix (kept apart in the DB too).
         progress: show a progress bar.
     """
     from .sweep import PolicySource, parse_grid, run_sweep
@@ -92,7 +102,7 @@ def run_eval(
         raise ValueError(f"reuse: `eval` runs one setting, {reuse!r} gives {len(grid)}; use `kvreuse sweep --grid`")
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid,
                  with_baseline or not grid, progress)
-    summary = run_sweep(plan, PolicySource(checkpoint, preset, device))
+    summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype))
     _print_summary(summary, db)
 
 
@@ -111,6 +121,9 @@ def run_sweep_cmd(
     db: str = DEFAULT_DB,
     preset: str = "tiny-pi05",
     device: str = "cpu",
+    dtype: str = "float32",
+    fast: bool = False,
+    keep_absent_cameras: bool = False,
     report_dir: str | None = None,
     progress: bool = True,
 ) -> None:
@@ -127,7 +140,7 @@ def run_sweep_cmd(
 
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos,
                  parse_grid(list(grid)), True, progress)
-    summary = run_sweep(plan, PolicySource(checkpoint, preset, device))
+    summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype))
     _print_summary(summary, db)
     if report_dir:
         from .report import write_report

@@ -23,7 +23,7 @@ import sys
 import time
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .envs import check_env_name, check_tasks, make_env
@@ -33,14 +33,27 @@ from .store import ResultStore, Setting
 # ---- policy source ---------------------------------------------------------------------------
 
 
+_DTYPES = ("float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class PolicySource:
-    """Where the policy comes from. checkpoint=None: the shipped testbed policy, or, while none
-    is shipped, a randomly initialised `preset` (seeded: the same weights in every worker)."""
+    """Where the policy comes from and how it runs. checkpoint=None: the shipped testbed policy,
+    or, while none is shipped, a randomly initialised `preset` (seeded: the same weights in every
+    worker). dtype: the weights' (float32 | bfloat16). fast: through FastPi0 (CUDA graphs and the
+    Triton kernels on a GPU). Model cameras the env lacks are left out of the prefix unless
+    keep_absent_cameras (fed black and masked, as lerobot / openpi do)."""
 
     checkpoint: str | None = None
     preset: str = "tiny-pi05"
     device: str = "cpu"
+    fast: bool = False
+    keep_absent_cameras: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(_DTYPES)}, got {self.dtype!r}")
 
     def resolved(self, robot: str = "metaworld") -> "PolicySource":
         """The shipped policy drives the Meta-World testbed only; other robots (LIBERO) get
@@ -48,7 +61,7 @@ class PolicySource:
         if self.checkpoint is not None or robot != "metaworld":
             return self
         ckpt = shipped_checkpoint(self.preset)
-        return PolicySource(str(ckpt), self.preset, self.device) if ckpt else self
+        return replace(self, checkpoint=str(ckpt)) if ckpt else self
 
 
 def checkpoint_meta(src: PolicySource) -> dict:
@@ -75,7 +88,13 @@ def shipped_checkpoint(preset: str = "tiny-pi05") -> Path | None:
 
 
 def policy_identity(src: PolicySource) -> str:
-    """A stable id of the weights: results of different policies never mix in one setting."""
+    """A stable id of the weights and of what changes their actions (the fast runtime rounds
+    differently; a masked camera slot too): results of different policies never mix in one setting."""
+    runtime = [src.dtype] * (src.dtype != "float32") + ["fast"] * src.fast + ["masked-cameras"] * src.keep_absent_cameras
+    return "+".join([_weights_identity(src), *runtime])
+
+
+def _weights_identity(src: PolicySource) -> str:
     if src.checkpoint is None:
         return f"random:{src.preset}:seed0"
     p = Path(src.checkpoint)
@@ -109,17 +128,27 @@ def load_model(src: PolicySource, robot: str):
         if robot == "libero":  # long LIBERO prompts (+ the state, Pi0.5) in the byte tokenizer
             cfg = cfg.replace(max_token_len=max(cfg.max_token_len, 192))
         torch.manual_seed(0)
-        model = Pi0Model(cfg).to(src.device).eval()
-        return model, RobotTransform(cfg, load_tokenizer(cfg), None, spec), None
+        model = Pi0Model(cfg).to(src.device, getattr(torch, src.dtype)).eval()
+        return _runtime(model, src), RobotTransform(cfg, load_tokenizer(cfg), None, spec), None
     from ..checkpoint import load_checkpoint
 
-    model, stats, meta = load_checkpoint(src.checkpoint, device=src.device)
+    model, stats, meta = load_checkpoint(src.checkpoint, device=src.device, dtype=getattr(torch, src.dtype))
     ck_robot = meta.get("robot", robot)
     if ck_robot != robot:
         raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}, the env needs {robot!r}")
-    model = fit_cameras(model, spec)  # cameras the env lacks: left out, not fed black
+    if not src.keep_absent_cameras:
+        model = fit_cameras(model, spec)  # cameras the env lacks: left out, not fed black
     tf = RobotTransform(model.cfg, load_tokenizer(model.cfg), stats, spec)
-    return model, tf, _meta_tasks(meta)
+    return _runtime(model, src), tf, _meta_tasks(meta)
+
+
+def _runtime(model, src: PolicySource):
+    """The eager model, or FastPi0 over it (src.fast)."""
+    if not src.fast:
+        return model
+    from ..model.fast import FastPi0
+
+    return FastPi0(model.eval())
 
 
 def _meta_tasks(meta: dict) -> tuple[str, ...] | None:

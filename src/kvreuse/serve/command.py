@@ -11,9 +11,11 @@ from ..reuse.config import ReuseConfig
 
 
 def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny-pi05", robot: str | None = None,
-                 tokenizer: str | None = None, device: str = "cpu", seed: int = 0, fast: bool = False):
+                 tokenizer: str | None = None, device: str = "cpu", seed: int = 0, fast: bool = False,
+                 keep_absent_cameras: bool = False):
     """-> (template Policy, metadata for clients). Clients get `template.fork()`: the same
-    model and transform (no weight copy), their own cache, reuse state and noise generator."""
+    model and transform (no weight copy), their own cache, reuse state and noise generator.
+    fast and keep_absent_cameras as in Policy.from_checkpoint, for the random model too."""
     import torch
 
     from ..model import Pi0Model
@@ -24,15 +26,20 @@ def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny
 
     if checkpoint is not None:
         policy = Policy.from_checkpoint(checkpoint, reuse=reuse, device=device, seed=seed, tokenizer=tokenizer,
-                                        robot=robot, fast=fast)
+                                        robot=robot, fast=fast, keep_absent_cameras=keep_absent_cameras)
         source = checkpoint
     else:  # no weights: a random model of a preset (protocol and load testing only)
         torch.manual_seed(seed)
         with torch.device(device):
             model = Pi0Model(get_preset(preset)).eval()
         spec = robot_spec(robot or "metaworld")
-        model = fit_cameras(model, spec)  # as from_checkpoint: cameras the robot lacks are left out
+        if not keep_absent_cameras:
+            model = fit_cameras(model, spec)  # as from_checkpoint: cameras the robot lacks are left out
         tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, tokenizer), None, spec)
+        if fast:
+            from ..model.fast import FastPi0
+
+            model = FastPi0(model)
         policy = Policy(model, tf, seed=seed, reuse=reuse)
         source = f"random {preset}"
     cfg, spec = policy.model.cfg, policy.transform.spec
@@ -69,6 +76,7 @@ def run_serve(
     seed: int = 0,
     threads: int | None = None,
     fast: bool = False,
+    keep_absent_cameras: bool = False,
 ) -> None:
     """Serve a policy over openpi's websocket protocol, one reuse state per client.
 
@@ -89,6 +97,8 @@ def run_serve(
         seed: noise seed of every client's policy (and of the random model).
         threads: torch intra-op threads (default: torch's choice).
         fast: run the model through FastPi0 (fused weights, static cache, CUDA graphs on a GPU).
+        keep_absent_cameras: feed model cameras the robot lacks as black, masked images (lerobot /
+            openpi) instead of leaving them out of the prefix.
     """
     import asyncio
 
@@ -101,7 +111,7 @@ def run_serve(
     cfg = ServeConfig(host=host, port=port, max_frame_mb=max_frame_mb, close_frame_mb=close_frame_mb,
                       queue_size=queue_size, max_clients=max_clients, max_cache_age_s=max_cache_age_s)
     reuse = with_age_bound(reuse, max_cache_age_s)
-    policy, info = build_policy(checkpoint, reuse, preset, robot, tokenizer, device, seed, fast)
+    policy, info = build_policy(checkpoint, reuse, preset, robot, tokenizer, device, seed, fast, keep_absent_cameras)
     server = make_server(policy, info, cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
