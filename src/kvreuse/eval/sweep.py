@@ -90,8 +90,8 @@ def shipped_checkpoint(preset: str = "tiny-pi05") -> Path | None:
 def policy_identity(src: PolicySource) -> str:
     """A stable id of the weights and of what changes their actions (the fast runtime rounds
     differently; a masked camera slot too): results of different policies never mix in one setting."""
-    runtime = [src.dtype] * (src.dtype != "float32") + ["fast"] * src.fast + ["masked-cameras"] * src.keep_absent_cameras
-    return "+".join([_weights_identity(src), *runtime])
+    flags = ((src.dtype, src.dtype != "float32"), ("fast", src.fast), ("masked-cameras", src.keep_absent_cameras))
+    return "+".join([_weights_identity(src)] + [name for name, on in flags if on])
 
 
 def _weights_identity(src: PolicySource) -> str:
