@@ -147,6 +147,49 @@ def test_rollout_stops_on_success_and_records_reuse():
     assert r.timings["denoise"] == [1.0] * 8
 
 
+def test_warmup_calls_are_counted_but_left_out_of_latency(tmp_path):
+    """A call that captured graphs (or a model's first) is a call, but its seconds of capture and
+    compilation are not the setting's latency: they go under timings["warmup"], also in the DB."""
+    pol = StubPolicy()
+    infer = pol.infer
+
+    def first_is_warmup(raw, noise=None):
+        a, rec = infer(raw, noise)
+        rec.warmup = pol.n == 1
+        rec.timings["total"] = 5000.0 if rec.warmup else 10.0
+        return a, rec
+
+    pol.infer = first_is_warmup
+    r = run_episode(pol, FakeEnv(max_steps=20, radius=0.0), "reach", 0, seed=1, replan=5)
+    assert r.calls == 4 and r.timings["warmup"] == [5000.0] and r.timings["total"] == [10.0] * 3
+    assert r.timings["denoise"] == [1.0] * 3 and r.latency()["mean"] == pytest.approx(10.0)
+    with ResultStore(tmp_path / "w.db") as st:
+        sid = st.setting_id(Setting("p", "fake", 5, None, "baseline", "{}"))
+        st.add(sid, r)
+    assert compute_rows(tmp_path / "w.db")[0].lat.mean == pytest.approx(10.0)
+
+
+def test_policy_marks_warmup_calls():
+    """Policy.infer: a model's first call in the process and any call that captured a CUDA graph
+    (Graphs.captured moved; no graphs on a CPU, so simulated) are warm-ups; the rest are not."""
+    from kvreuse.eval.sweep import PolicySource, load_model, make_policy
+    from kvreuse.model.graphs import Graphs
+
+    model, tf, _ = load_model(PolicySource(None, "tiny-pi0"), "metaworld")
+    pol, raw = make_policy(model, tf, None), FakeEnv().reset("reach", 0, 0)
+    assert [pol.infer(raw)[1].warmup for _ in range(2)] == [True, False]
+    other = make_policy(model, tf, {"gate": "always"})  # another setting on the same model
+    assert other.infer(raw)[1].warmup is False
+    run = other.runner.infer
+
+    def capturing(*a, **kw):
+        Graphs.captured += 1
+        return run(*a, **kw)
+
+    other.runner.infer = capturing
+    assert other.infer(raw)[1].warmup is True
+
+
 def test_rollout_noise_is_paired_by_seed():
     """Two policies (e.g. baseline and reuse) see the same noise sequence for the same seed."""
     a, b, c = StubPolicy(), StubPolicy(reuse_every=2), StubPolicy()

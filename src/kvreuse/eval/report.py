@@ -168,7 +168,8 @@ def markdown(rows: list[Row]) -> str:
     for g, rs in by_group.items():
         out.append(f"## {g}\n\n")
         out.append("Success = the env's own signal; errors (env crashes) are excluded from n. Latency per "
-                   "policy call; Hz = 1000 / mean latency; speedup = baseline mean / setting mean; Δ and p "
+                   "policy call, warm-up calls (graph capture, a model's first call) left out; Hz = 1000 / "
+                   "mean latency; speedup = baseline mean / setting mean; Δ and p "
                    "on the episodes both the setting and the baseline finished.\n\n")
         out.append("### All tasks\n\n" + _HEAD + "".join(_md_row(r) for r in rs if r.task == ALL) + "\n")
         for task in sorted({r.task for r in rs} - {ALL}):

@@ -40,7 +40,7 @@ class EpisodeResult:
     decisions: list[str] = field(default_factory=list)  # per call: "refresh" or "reuse:<mode>"
     reasons: list[str] = field(default_factory=list)  # per call: the gate's reason
     mixed: int = 0  # calls whose prefix mixed snapshots
-    timings: dict[str, list[float]] = field(default_factory=dict)  # part -> per-call ms
+    timings: dict[str, list[float]] = field(default_factory=dict)  # part -> per-call ms ("warmup": _record)
     error: str = ""
     wall_s: float = 0.0
     video: str = ""
@@ -142,6 +142,8 @@ def run_episode(
 
 
 def _record(res: EpisodeResult, rec) -> None:
+    """Count the call; its timings join the latency figures unless it was a warm-up (graphs
+    captured, a model's first call: rec.warmup), whose total is kept apart under "warmup"."""
     res.calls += 1
     decision = getattr(rec, "decision", "refresh")
     mode = getattr(rec, "mode", "none")
@@ -150,7 +152,10 @@ def _record(res: EpisodeResult, rec) -> None:
     res.decisions.append(f"reuse:{mode}" if reused else "refresh")
     res.reasons.append(str(getattr(rec, "reason", "")))
     res.mixed += int(bool(getattr(rec, "mixed", False)))
-    for part, ms in (getattr(rec, "timings", None) or {}).items():
+    timings = getattr(rec, "timings", None) or {}
+    if getattr(rec, "warmup", False):
+        timings = {"warmup": timings["total"]} if "total" in timings else {}
+    for part, ms in timings.items():
         res.timings.setdefault(part, []).append(round(float(ms), 4))
 
 

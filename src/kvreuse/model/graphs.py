@@ -16,6 +16,8 @@ class Graphs:
     """Runs a zero-argument function over static buffers: on CUDA captured once per key as a
     CUDA graph (after two warm-up runs, which also trigger any compilation) and replayed."""
 
+    captured = 0  # graphs captured in this process, all instances: a call that raised it was a warm-up
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.graphs: dict = {}
@@ -47,6 +49,7 @@ class Graphs:
                 out = fn()
             clear_cublas_workspaces()
             g = self.graphs[key] = (graph, out)
+            Graphs.captured += 1
             torch.cuda.synchronize()
             self.capture_s += time.perf_counter() - t0
         g[0].replay()
