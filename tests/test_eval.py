@@ -566,6 +566,11 @@ def test_cli_eval_fake_env_runs(capsys, tmp_path):
           "--db", str(tmp_path / "e.db")])
     out = capsys.readouterr().out
     assert "| **baseline** |" in out and "| 2 |" in out
+    # the fast runtime into the same DB: its own policy group, and only that one is printed
+    main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "2", "--workers", "0", "--no-progress",
+          "--fast", "--db", str(tmp_path / "e.db")])
+    out = capsys.readouterr().out
+    assert out.count("## fake | policy ") == 1 and "+fast | replan 5" in out and "| 2 |" in out
 
 
 # ---- one real Meta-World episode ---------------------------------------------------------------

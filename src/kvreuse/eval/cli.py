@@ -39,9 +39,11 @@ def _print_summary(summary, db: str) -> None:
 
     print(f"{summary.ran} episodes run, {summary.skipped} already in {db}, {summary.errors} env errors, "
           f"{summary.wall_s:.1f} s", file=sys.stderr)
-    names = {s.name for s in summary.settings}
-    rows = [r for r in compute_rows(db) if r.setting in names or r.is_baseline]
-    print(markdown(rows))
+    # The settings just run and their baselines; not other policies' or protocols' rows in the DB.
+    rows = compute_rows(db)
+    keys = {s.key for s in summary.settings}
+    groups = {r.group for r in rows if r.key in keys}
+    print(markdown([r for r in rows if r.group in groups and (r.key in keys or r.is_baseline)]))
 
 
 def run_eval(

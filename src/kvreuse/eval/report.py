@@ -38,6 +38,7 @@ class Row:
     speedup: float
     paired: Paired | None
     diff_ci: tuple[float, float] | None
+    key: str = ""  # the setting's key in the DB (store.Setting.key)
 
     @property
     def rate(self) -> float:
@@ -125,6 +126,7 @@ def _row(gname, s, task, sel, base_sel, b_lat: Latency) -> Row:
         speedup=1.0 if s["is_baseline"] else speedup(b_lat.mean, lat.mean),
         paired=paired,
         diff_ci=diff_ci,
+        key=s["key"],
     )
 
 
