@@ -309,6 +309,8 @@ def test_bench_check_runs_on_cpu():
             n.split(": ")[1] for n in names if n.startswith(mode) and ": " in n}, mode
     part = next(note for _, n, _, note in rep.rows if n == "ReusePolicy.infer, partial reuse (one camera moved)")
     assert part.startswith("1 of 1 recomputed part") and part.endswith("1 camera pass")
+    assert {"robot transform (numpy -> Observation on the device)", "Policy.infer, reuse off",
+            "Policy.infer, reuse hit (crossmodal gate)"} <= names
     with pytest.raises(ValueError, match="full size"):
         bench("pi0", 1, 2, 3, 8, 1, 0, False, 2e-2, None, False, False, False, 0.25, None, False, False, 0)
 

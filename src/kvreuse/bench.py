@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -46,6 +47,25 @@ def random_inputs(cfg, batch: int, device, seed: int = 0, prompt_tokens: int | N
     g = torch.Generator().manual_seed(seed)
     obs = synthetic_obs(cfg, batch, device, g, prompt_tokens)
     return obs, torch.randn(batch, cfg.chunk_size, cfg.max_action_dim, generator=g).to(device)
+
+
+def robot_inputs(cfg, batch: int, seed: int = 0):
+    """What eval / serve hand a Policy: a RobotTransform over the bench model's cameras (one dict
+    key each, LIBERO's 8-dim state and 7-dim actions, no norm stats) and a raw observation of
+    uint8 images at the model's size, a state and a short task prompt. The byte tokenizer stands
+    in for PaliGemma's SentencePiece model, which is not shipped (tens of microseconds either way
+    on a short prompt; its token count sets the prompt's rows, so those rows differ from the
+    synthetic observation's)."""
+    from .model.tokenizer import ByteTokenizer
+    from .transforms.robot import RobotSpec, RobotTransform
+
+    spec = RobotSpec("bench", tuple((f"observation/{c}", c) for c in cfg.cameras), state_dim=8, action_dim=7)
+    rng = np.random.default_rng(seed)
+    lead, size = ((batch,) if batch > 1 else ()), cfg.vision.image_size
+    raw = {k: rng.integers(0, 256, (*lead, size, size, 3), dtype=np.uint8) for k in spec.camera_keys}
+    raw[spec.state_key] = rng.uniform(-1, 1, (*lead, spec.state_dim))
+    raw[spec.prompt_key] = "pick up the black bowl"
+    return RobotTransform(cfg, ByteTokenizer(), None, spec), raw
 
 
 def moved_observation(obs, patch: int, rows: int = 2):
@@ -318,6 +338,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
           skinny_rows=None) -> Report:
     from .model import preset as get_preset
     from .model.fast import FastPi0, resolve_attn
+    from .policy import Policy
     from .reuse.config import ReuseConfig
     from .reuse.policy import ReusePolicy
 
@@ -438,6 +459,15 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         rep.add(tag, "ReusePolicy.infer, partial reuse (one camera moved)", st_part,
                 f"{sum(r.plan == 'tokens' for r in part)} of {len(part)} recomputed part of the prefix; "
                 f"{part[-1].cost['lm_tokens']} tokens, {part[-1].cost['vision_cameras']} camera pass")
+        # What eval / serve call: Policy.infer from a numpy observation (the robot transform, its
+        # host-to-device copies, the reuse layer, the actions back on the host) on robot_inputs.
+        tf, raw = robot_inputs(cfg, batch, seed)
+        rep.add(tag, "robot transform (numpy -> Observation on the device)", tm(lambda: tf(raw, device=device)))
+        for name, gate in (("reuse off", "never"), ("reuse hit (crossmodal gate)", "crossmodal")):
+            pol = Policy(fast, tf, reuse=ReuseConfig(gate=gate))
+            note = "numpy in, actions out; the prompt's own rows"
+            rep.add(tag, f"Policy.infer, {name}", tm(lambda pol=pol: pol.infer(raw, noise)),
+                    note + (" (every call after the first reuses)" if gate != "never" else ""))
         return fast, out
 
     fast, out_fast = fast_section("fast", False)
