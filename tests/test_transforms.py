@@ -139,6 +139,35 @@ def test_model_camera_missing_from_robot_is_masked():
     assert not bool(obs.image_masks["wrist"].any()) and (obs.images["wrist"] == -1).all()
 
 
+def test_images_are_converted_on_the_target_device():
+    """The raw pixels move to the device and are converted there (uint8 crosses the bus, not
+    float32); on the CPU the values are the host path's exactly. ("meta" stands in for a GPU.)"""
+    cfg = preset("tiny-pi0")
+    spec = RobotSpec("one-cam", (("observation/image", "base"),), state_dim=4, action_dim=4,
+                     flip180=("observation/image",))
+    r = {k: v for k, v in raw().items() if k != "observation/wrist_image"}
+    host = RobotTransform(cfg, ByteTokenizer(), None, spec)(r)
+    assert torch.equal(RobotTransform(cfg, ByteTokenizer(), None, spec)(r, device="cpu").images["base"], host.images["base"])
+    moved = []
+    to = torch.Tensor.to
+
+    def spy(t, *a, **kw):
+        out = to(t, *a, **kw)
+        if out.device != t.device:
+            moved.append(t.dtype)
+        return out
+
+    torch.Tensor.to = spy
+    try:
+        x = preprocess_image(r["observation/image"], cfg.vision.image_size, True, device="meta")
+    finally:
+        torch.Tensor.to = to
+    assert moved == [torch.uint8] and x.device.type == "meta" and x.dtype == torch.float32
+    assert x.shape == host.images["base"].shape
+    obs = RobotTransform(cfg, ByteTokenizer(), None, spec)(r, device="meta")
+    assert {v.device.type for v in obs.images.values()} == {"meta"}  # the absent wrist camera's black image too
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_nonfinite_state(tf, bad):
     r = raw()

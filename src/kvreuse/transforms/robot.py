@@ -105,10 +105,10 @@ class RobotTransform:
         for cam in cfg.cameras:
             key = to_model.get(cam)
             if key is None:  # the model has a camera this robot lacks: fed black, masked out
-                images[cam] = torch.full((b, 3, size, size), -1.0)
+                images[cam] = torch.full((b, 3, size, size), -1.0, device=device)
                 masks[cam] = torch.zeros(b, dtype=torch.bool)
                 continue
-            img = preprocess_image(raw[key], size, key in spec.flip180, name=key)
+            img = preprocess_image(raw[key], size, key in spec.flip180, name=key, device=device)
             if img.shape[0] != b:
                 raise ValueError(f"{key}: batch size {img.shape[0]} does not match the state's {b}")
             images[cam], masks[cam] = img, torch.ones(b, dtype=torch.bool)
