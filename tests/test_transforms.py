@@ -146,8 +146,9 @@ def test_images_are_converted_on_the_target_device():
     spec = RobotSpec("one-cam", (("observation/image", "base"),), state_dim=4, action_dim=4,
                      flip180=("observation/image",))
     r = {k: v for k, v in raw().items() if k != "observation/wrist_image"}
-    host = RobotTransform(cfg, ByteTokenizer(), None, spec)(r)
-    assert torch.equal(RobotTransform(cfg, ByteTokenizer(), None, spec)(r, device="cpu").images["base"], host.images["base"])
+    tf = RobotTransform(cfg, ByteTokenizer(), None, spec)
+    host = tf(r)
+    assert torch.equal(tf(r, device="cpu").images["base"], host.images["base"])
     moved = []
     to = torch.Tensor.to
 
@@ -164,7 +165,7 @@ def test_images_are_converted_on_the_target_device():
         torch.Tensor.to = to
     assert moved == [torch.uint8] and x.device.type == "meta" and x.dtype == torch.float32
     assert x.shape == host.images["base"].shape
-    obs = RobotTransform(cfg, ByteTokenizer(), None, spec)(r, device="meta")
+    obs = tf(r, device="meta")
     assert {v.device.type for v in obs.images.values()} == {"meta"}  # the absent wrist camera's black image too
 
 
