@@ -29,7 +29,11 @@ def _chw_unit_range(t: torch.Tensor) -> torch.Tensor:
     """A _batched tensor -> (B, 3, H, W) float32 in [-1, 1]."""
     if t.shape[-1] == 3:
         t = t.permute(0, 3, 1, 2)
-    return t.float() / 127.5 - 1.0 if t.dtype == torch.uint8 else t.float() * 2.0 - 1.0
+    if t.dtype != torch.uint8:
+        return t.float() * 2.0 - 1.0
+    # A 0-d divisor on the tensor's device: CUDA divides by a host scalar as a product with its
+    # reciprocal, which rounds 126 of the 256 values differently from the CPU's true division.
+    return t.float() / torch.full((), 127.5, device=t.device) - 1.0
 
 
 def to_batched_chw(img, name: str = "image") -> torch.Tensor:
