@@ -1,8 +1,9 @@
-"""Where ReusePolicy.infer (reuse off: what `kvreuse eval` / `serve` run per call) spends the time
+"""Where ReusePolicy.infer (reuse off; eval and serve call it through Policy.infer) spends the time
 that FastPi0.sample_actions does not: host-side profile (cProfile, cumulative) of N calls on a GPU,
 beside the medians of both, and where the GPU sits idle inside one call of each (torch.profiler's
 kernel and copy timeline: every gap over 10 us, with the work on either side).
-Usage: PYTHONPATH=src python3 scripts/policy_overhead.py [pi0|pi05]"""
+With `policy`: what Policy.infer (eval's and serve's call, numpy in and out) adds to that.
+Usage: PYTHONPATH=src python3 scripts/policy_overhead.py [pi0|pi05] [policy]"""
 
 import cProfile
 import dataclasses
@@ -14,9 +15,10 @@ import time
 
 import torch
 
-from kvreuse.bench import build_random, random_inputs
+from kvreuse.bench import build_random, random_inputs, robot_inputs
 from kvreuse.model import preset
 from kvreuse.model.fast import FastPi0
+from kvreuse.policy import Policy
 from kvreuse.reuse.config import ReuseConfig
 from kvreuse.reuse.policy import ReusePolicy
 from kvreuse.reuse.signals import Reference, camera_ref
@@ -91,11 +93,49 @@ def gpu_gaps(tag: str, fn, min_us: float = 10.0) -> None:
         print(f"  {g:8.1f} us  after {a[:60]!r}  before {b[:60]!r}")
 
 
-def main(name="pi0", n=30):
+def host_profile(fn, n: int, what: str) -> None:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(40)
+    print(f"cProfile of {n} calls of {what} (cumulative):")
+    print(s.getvalue())
+
+
+def policy_wrapper(cfg, fast, noise, n: int) -> None:
+    """What Policy.infer adds to ReusePolicy.infer (the robot transform, its copies, the actions
+    back on the host), on the bench's raw observation (bench.robot_inputs), reuse off and hit."""
+    tf, raw = robot_inputs(cfg, 1)
+    obs = tf(raw, device="cuda")
+    for gate in ("never", "crossmodal"):
+        _wrapper_gate(gate, fast, tf, raw, obs, noise, n)
+
+
+def _wrapper_gate(gate, fast, tf, raw, obs, noise, n: int) -> None:
+    pol, rp = Policy(fast, tf, reuse=ReuseConfig(gate=gate)), ReusePolicy(fast, ReuseConfig(gate=gate))
+    out = rp.infer(obs, noise)[0]
+    for tag, fn in ((f"Policy.infer, gate {gate}", lambda: pol.infer(raw, noise)),
+                    ("  ReusePolicy.infer on one transformed obs", lambda: rp.infer(obs, noise)),
+                    ("  robot transform", lambda: tf(raw, device="cuda")),
+                    ("  actions to the host", lambda: tf.actions(out))):
+        w, e = wall_ms(fn)
+        print(f"{tag:<44} median {w:7.3f} ms wall-clock, {e:7.3f} ms CUDA events", flush=True)
+    gpu_gaps(f"Policy.infer, gate {gate}", lambda: pol.infer(raw, noise))
+    gpu_gaps(f"ReusePolicy.infer, gate {gate}", lambda: rp.infer(obs, noise))
+    host_profile(lambda: pol.infer(raw, noise), n, f"Policy.infer, gate {gate}")
+
+
+def main(name="pi0", what="reuse_policy", n=30):
     cfg = preset(name).replace(cameras=("cam0", "cam1"))  # as kvreuse bench
     model = build_random(cfg, "cuda")
     obs, noise = random_inputs(cfg, 1, "cuda")
     fast = FastPi0(model, compile=True)
+    if what == "policy":
+        print(torch.cuda.get_device_name(), name)
+        return policy_wrapper(cfg, fast, noise, n)
     pol = ReusePolicy(fast, ReuseConfig())
     old = _Round12(fast, ReuseConfig())
     print(torch.cuda.get_device_name(), name)
@@ -111,15 +151,7 @@ def main(name="pi0", n=30):
     for tag, fn in (("sample_actions", lambda: fast.sample_actions(obs, noise)),
                     ("ReusePolicy.infer, reuse off", lambda: pol.infer(obs, noise))):
         gpu_gaps(tag, fn)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(n):
-        pol.infer(obs, noise)
-    prof.disable()
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(40)
-    print(f"cProfile of {n} calls (cumulative):")
-    print(s.getvalue())
+    host_profile(lambda: pol.infer(obs, noise), n, "ReusePolicy.infer")
 
 
 if __name__ == "__main__":
