@@ -255,22 +255,3 @@ def test_masks_moved_by_to_are_read_back_from_their_host_copy():
     cam = next(iter(cpu.image_masks))
     dev.image_masks[cam] = dev.image_masks[cam].clone()  # another tensor under the camera's name
     assert not dev.on_host(f"image_masks/{cam}")
-
-
-def test_packed_upload_round_trips_every_dtype():
-    """upload_many's packing (its GPU copy replaced by a clone here): tensors of any dtype, shape
-    and strides come back equal, as views of one buffer at 16-byte aligned offsets; tensors not
-    picked stay as they were."""
-    from kvreuse.observation import _packed
-
-    g = torch.Generator().manual_seed(0)
-    ts = [torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8, generator=g), torch.randn(2, 32, generator=g),
-          torch.randint(0, 1 << 40, (2, 48), generator=g), torch.rand(2, 48, generator=g) > 0.5,
-          torch.tensor([True, False, True]), torch.randn(3, 5, generator=g).t(), torch.randn(4, generator=g)]
-    out = _packed(ts, [0, 1, 2, 3, 4, 5], lambda buf: buf.clone())
-    assert out[6] is ts[6]
-    for a, b in zip(ts[:6], out[:6], strict=True):
-        assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b)
-    base = out[0].untyped_storage().data_ptr()
-    assert all(b.untyped_storage().data_ptr() == base for b in out[:6])
-    assert all((b.data_ptr() - base) % 16 == 0 for b in out[:6])

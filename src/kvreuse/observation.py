@@ -45,22 +45,19 @@ class Observation:
         return self.state.device
 
     def to(self, device=None, dtype=None) -> "Observation":
-        """Move tensors (CPU ones to a GPU in one copy: upload_many); only float tensors change dtype."""
-        cams, masks = list(self.images), list(self.image_masks)
-        ts = [*self.images.values(), *self.image_masks.values(), self.state, self.tokens, self.token_mask,
-              self.state_token_mask]
-        if device is not None:
-            ts = upload_many(ts, device)
-        ts = [t.to(dtype=dtype) if dtype is not None and t.is_floating_point() else t for t in ts]
-        n, m = len(cams), len(masks)
+        """Move tensors; only float tensors change dtype."""
+
+        def mv(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
         out = replace(
             self,
-            images=dict(zip(cams, ts[:n], strict=True)),
-            image_masks=dict(zip(masks, ts[n:n + m], strict=True)),
-            state=ts[n + m],
-            tokens=ts[n + m + 1],
-            token_mask=ts[n + m + 2],
-            state_token_mask=ts[n + m + 3],
+            images={k: mv(v) for k, v in self.images.items()},
+            image_masks={k: mv(v) for k, v in self.image_masks.items()},
+            state=mv(self.state),
+            tokens=mv(self.tokens),
+            token_mask=mv(self.token_mask),
+            state_token_mask=mv(self.state_token_mask),
         )
         for name in ("token_mask", "state_token_mask", "tokens", *(f"image_masks/{c}" for c in self.image_masks)):
             src, dst = self.mask(name), out.mask(name)
@@ -102,36 +99,6 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if torch.device(device).type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def upload_many(ts: list[torch.Tensor], device) -> list[torch.Tensor]:
-    """ts on `device`. CPU tensors bound for a GPU travel together: packed into one pinned buffer
-    (torch's caching host allocator), one copy queued without a sync, then each a view of the
-    copy; a transform's dozen small pageable copies (each a host wait) cost ~0.3 ms. The views
-    share one version counter: writing into one in place makes Observation's host copies of the
-    others look stale (a device read later), never wrong."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return [t.to(device) for t in ts]
-    ts = [t.to(device) if t.device.type != "cpu" else t for t in ts]
-    moving = [i for i, t in enumerate(ts) if t.device.type == "cpu"]
-    return _packed(ts, moving, lambda buf: buf.to(device, non_blocking=True), pin=True) if moving else ts
-
-
-def _packed(ts: list[torch.Tensor], idx: list[int], send, pin: bool = False) -> list[torch.Tensor]:
-    """ts with each ts[i], i in idx, replaced by a view of send(one byte buffer holding them all)."""
-    spans, total = [], 0
-    for i in idx:
-        n = ts[i].numel() * ts[i].element_size()
-        spans.append((total, n))
-        total += -(-n // 16) * 16  # 16-byte aligned starts: a view of any dtype
-    buf = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-    for i, (off, n) in zip(idx, spans, strict=True):
-        buf[off:off + n].view(ts[i].dtype).copy_(ts[i].reshape(-1))
-    sent, out = send(buf), list(ts)
-    for i, (off, n) in zip(idx, spans, strict=True):
-        out[i] = sent[off:off + n].view(ts[i].dtype).view(ts[i].shape)
-    return out
 
 
 def version(t: torch.Tensor) -> int | None:

@@ -14,8 +14,8 @@ import torch
 
 from ..model.config import ModelConfig
 from ..model.tokenizer import Tokenizer, tokenize_prompts
-from ..observation import Observation, upload_many
-from .images import checked_pixels, model_image
+from ..observation import Observation
+from .images import preprocess_image
 from .normalize import NormMode, NormStats, normalize, pad_to, unnormalize
 
 
@@ -102,20 +102,16 @@ class RobotTransform:
         size = cfg.vision.image_size
         images, masks = {}, {}
         to_model = dict((c, k) for k, c in spec.cameras)
-        fed = [(cam, to_model[cam]) for cam in cfg.cameras if cam in to_model]
-        pixels = [checked_pixels(raw[key], key) for _, key in fed]
-        for (_, key), p in zip(fed, pixels, strict=True):
-            if p.shape[0] != b:
-                raise ValueError(f"{key}: batch size {p.shape[0]} does not match the state's {b}")
-        if device is not None:  # the raw pixels cross together; converted on the device
-            pixels = upload_many(pixels, device)
-        for (cam, key), p in zip(fed, pixels, strict=True):
-            images[cam], masks[cam] = model_image(p, size, key in spec.flip180), torch.ones(b, dtype=torch.bool)
         for cam in cfg.cameras:
-            if cam not in images:  # the model has a camera this robot lacks: fed black, masked out
+            key = to_model.get(cam)
+            if key is None:  # the model has a camera this robot lacks: fed black, masked out
                 images[cam] = torch.full((b, 3, size, size), -1.0, device=device)
                 masks[cam] = torch.zeros(b, dtype=torch.bool)
-        images, masks = ({cam: d[cam] for cam in cfg.cameras} for d in (images, masks))  # the model's order
+                continue
+            img = preprocess_image(raw[key], size, key in spec.flip180, name=key, device=device)
+            if img.shape[0] != b:
+                raise ValueError(f"{key}: batch size {img.shape[0]} does not match the state's {b}")
+            images[cam], masks[cam] = img, torch.ones(b, dtype=torch.bool)
 
         prompt = raw.get(spec.prompt_key, "")
         prompts = [prompt] * b if isinstance(prompt, str) else [str(p) for p in prompt]
