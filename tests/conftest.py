@@ -5,7 +5,31 @@ handles that for every env import, tests included.)"""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_SP_TEXT = """pick up the red block and place it in the bowl
+open the top drawer of the cabinet
+push the button on the left side of the table
+put the cream cheese in the bowl and close the drawer
+turn on the stove and put the moka pot on it
+Task: open the drawer, State: 0 1 2 3 4 5 6 7 8 9 10 128 255;
+Action: move
+""" * 20
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    """A 120-piece SentencePiece model trained here (stands in for PaliGemma's tokenizer.model)."""
+    spm = pytest.importorskip("sentencepiece")
+    d = tmp_path_factory.mktemp("spm")
+    (d / "corpus.txt").write_text(_SP_TEXT)
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), vocab_size=120, model_type="bpe",
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, minloglevel=2,
+    )
+    return d / "tok.model"

@@ -276,6 +276,31 @@ def test_sweep_fast_runtime_runs_apart_from_the_eager_model(tmp_path):
     assert rows[eager_id] == rows[eager_id + "+fast"]
 
 
+def test_eval_takes_the_tokenizer_a_checkpoint_needs(tmp_path, sp_model):
+    """A checkpoint whose prompts go through SentencePiece (every full-size one) needs --tokenizer:
+    without it the sweep stops before any work with one error naming the flag; with it, it runs,
+    and the tokenizer file is part of the policy's identity."""
+    from kvreuse.checkpoint import save_checkpoint
+    from kvreuse.eval.sweep import load_model, policy_identity
+    from kvreuse.model import Pi0Model, preset
+
+    torch.manual_seed(0)
+    cfg = preset("tiny-pi0", tokenizer="sentencepiece").replace(state_dim=4, action_dim=4)
+    ck = save_checkpoint(tmp_path / "ck", Pi0Model(cfg).eval(), None, "metaworld")
+    plan = SweepPlan(db=str(tmp_path / "t.db"), env="fake", tasks=("reach",), episodes=1, workers=0,
+                     progress=False, env_kw={"max_steps": 3})
+    with pytest.raises(ValueError, match="needs the PaliGemma SentencePiece tokenizer: pass --tokenizer"):
+        run_sweep(plan, PolicySource(str(ck)))
+    assert not (tmp_path / "t.db").exists()
+    with pytest.raises(ValueError, match="tokenizer: no such file"):
+        PolicySource(str(ck), tokenizer=str(tmp_path / "nope.model"))
+    src = PolicySource(str(ck), tokenizer=str(sp_model))
+    _, tf, _ = load_model(src, "metaworld")
+    assert type(tf.tok).__name__ == "SentencePieceTokenizer"
+    assert "+tok@" in policy_identity(src)
+    assert run_sweep(plan, src).ran == 1
+
+
 def test_store_atomic_unique_and_wal(tmp_path):
     db = tmp_path / "r.db"
     with ResultStore(db) as st:

@@ -15,28 +15,6 @@ from kvreuse.model.tokenizer import (
     tokenize_prompts,
 )
 
-TEXT = """pick up the red block and place it in the bowl
-open the top drawer of the cabinet
-push the button on the left side of the table
-put the cream cheese in the bowl and close the drawer
-turn on the stove and put the moka pot on it
-Task: open the drawer, State: 0 1 2 3 4 5 6 7 8 9 10 128 255;
-Action: move
-""" * 20
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    spm = pytest.importorskip("sentencepiece")
-    d = tmp_path_factory.mktemp("spm")
-    (d / "corpus.txt").write_text(TEXT)
-    spm.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), vocab_size=120, model_type="bpe",
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, minloglevel=2,
-    )
-    return d / "tok.model"
-
-
 def test_byte_tokenizer_round_trip():
     tok = ByteTokenizer()
     ids = tok.encode("pick up the Ümlaut block")

@@ -65,6 +65,7 @@ def run_eval(
     dtype: str = "float32",
     fast: bool = False,
     keep_absent_cameras: bool = False,
+    tokenizer: str | None = None,
     progress: bool = True,
 ) -> None:
     """Evaluate one setting closed-loop and print its table.
@@ -95,6 +96,7 @@ def run_eval(
             differently).
         keep_absent_cameras: feed model cameras the env lacks as black, masked images (lerobot /
             openpi) instead of leaving them out of the prefix (kept apart in the DB too).
+        tokenizer: the PaliGemma SentencePiece tokenizer.model, for full-size checkpoints.
         progress: show a progress bar.
     """
     from .sweep import PolicySource, parse_grid, run_sweep
@@ -104,7 +106,7 @@ def run_eval(
         raise ValueError(f"reuse: `eval` runs one setting, {reuse!r} gives {len(grid)}; use `kvreuse sweep --grid`")
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid,
                  with_baseline or not grid, progress)
-    summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype))
+    summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
     _print_summary(summary, db)
 
 
@@ -126,6 +128,7 @@ def run_sweep_cmd(
     dtype: str = "float32",
     fast: bool = False,
     keep_absent_cameras: bool = False,
+    tokenizer: str | None = None,
     report_dir: str | None = None,
     progress: bool = True,
 ) -> None:
@@ -142,7 +145,7 @@ def run_sweep_cmd(
 
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos,
                  parse_grid(list(grid)), True, progress)
-    summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype))
+    summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
     _print_summary(summary, db)
     if report_dir:
         from .report import write_report

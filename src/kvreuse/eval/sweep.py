@@ -42,7 +42,8 @@ class PolicySource:
     or, while none is shipped, a randomly initialised `preset` (seeded: the same weights in every
     worker). dtype: the weights' (float32 | bfloat16). fast: through FastPi0 (CUDA graphs and the
     Triton kernels on a GPU). Model cameras the env lacks are left out of the prefix unless
-    keep_absent_cameras (fed black and masked, as lerobot / openpi do)."""
+    keep_absent_cameras (fed black and masked, as lerobot / openpi do). tokenizer: the PaliGemma
+    SentencePiece `tokenizer.model` a full-size checkpoint needs (the tiny presets use bytes)."""
 
     checkpoint: str | None = None
     preset: str = "tiny-pi05"
@@ -50,10 +51,13 @@ class PolicySource:
     fast: bool = False
     keep_absent_cameras: bool = False
     dtype: str = "float32"
+    tokenizer: str | None = None
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.tokenizer is not None and not Path(self.tokenizer).is_file():
+            raise ValueError(f"tokenizer: no such file {self.tokenizer!r} (the PaliGemma tokenizer.model)")
 
     def resolved(self, robot: str = "metaworld") -> "PolicySource":
         """The shipped policy drives the Meta-World testbed only; other robots (LIBERO) get
@@ -91,7 +95,8 @@ def policy_identity(src: PolicySource) -> str:
     """A stable id of the weights and of what changes their actions (the fast runtime rounds
     differently; a masked camera slot too): results of different policies never mix in one setting."""
     flags = ((src.dtype, src.dtype != "float32"), ("fast", src.fast), ("masked-cameras", src.keep_absent_cameras))
-    return "+".join([_weights_identity(src)] + [name for name, on in flags if on])
+    tok = [f"tok@{_sha12(Path(src.tokenizer))}"] if src.tokenizer is not None else []
+    return "+".join([_weights_identity(src)] + [name for name, on in flags if on] + tok)
 
 
 def _weights_identity(src: PolicySource) -> str:
@@ -101,11 +106,15 @@ def _weights_identity(src: PolicySource) -> str:
     w = p / "model.safetensors"
     if not w.is_file():
         raise ValueError(f"checkpoint {p}: no model.safetensors (expected a kvreuse checkpoint directory)")
+    return f"{p.name}@{_sha12(w)}"
+
+
+def _sha12(path: Path) -> str:
     h = hashlib.sha1()
-    with open(w, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return f"{p.name}@{h.hexdigest()[:12]}"
+    return h.hexdigest()[:12]
 
 
 def load_model(src: PolicySource, robot: str):
@@ -138,7 +147,7 @@ def load_model(src: PolicySource, robot: str):
         raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}, the env needs {robot!r}")
     if not src.keep_absent_cameras:
         model = fit_cameras(model, spec)  # cameras the env lacks: left out, not fed black
-    tf = RobotTransform(model.cfg, load_tokenizer(model.cfg), stats, spec)
+    tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, src.tokenizer), stats, spec)
     return _runtime(model, src), tf, _meta_tasks(meta)
 
 
@@ -338,6 +347,9 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             warnings.warn(f"no checkpoint for robot {robot!r}: using a randomly initialised {src.preset} "
                           "(success will be ~0)", stacklevel=2)
         meta = checkpoint_meta(src)
+        if src.tokenizer is None and (meta.get("model") or {}).get("tokenizer", "bytes") != "bytes":
+            raise ValueError(f"checkpoint {src.checkpoint} needs the PaliGemma SentencePiece tokenizer: "
+                             "pass --tokenizer PATH/tokenizer.model")
         ck_robot = meta.get("robot")
         if ck_robot is not None and ck_robot != robot:
             raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}; env {plan.env!r} needs {robot!r}")
