@@ -244,12 +244,14 @@ def test_healthz_and_stats(server_port):
     c = RawClient(server_port)
     try:
         c.infer(good_obs())
+        c.infer(good_obs())
         c.send(b"\xc1")
         status, ctype, body = http_get(server_port, "/stats")
         assert status == 200 and ctype == "application/json"
         stats = json.loads(body)
-        mine = [s for s in stats["clients"] if s["requests"] == 1 and s["errors"] == 1]
+        mine = [s for s in stats["clients"] if s["requests"] == 2 and s["errors"] == 1]
         assert len(mine) == 1 and mine[0]["latency_ms"]["p50"] > 0
+        assert mine[0]["latency_ms"]["window"] + mine[0]["warmups"] == 2
         assert stats["totals"]["requests"] >= 1 and stats["queue"]["max"] == 16
     finally:
         c.close()
@@ -397,3 +399,19 @@ def test_kvreuse_serve_command_end_to_end():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_warmup_requests_stay_out_of_the_latency_window():
+    """A request that captured CUDA graphs (seconds under --fast) is counted apart, so /stats'
+    latency mean and p99 describe the steady state."""
+    from kvreuse.serve.session import ClientSession, ClientStats
+
+    s = ClientSession(None, "test", max_cache_age_s=5.0, policy_bounds_age=True)
+    s.record(StepRecord(warmup=True), 4000.0)
+    s.record(StepRecord(), 10.0)
+    out = s.summary()
+    assert out["requests"] == 2 and out["warmups"] == 1
+    assert out["latency_ms"]["window"] == 1 and out["latency_ms"]["mean"] == 10.0
+    total = ClientStats()
+    total.add(s.stats)
+    assert total.warmups == 1 and list(total.latency_ms) == [10.0]

@@ -57,6 +57,7 @@ class ClientStats:
     resets: int = 0  # asked for by the client
     age_resets: int = 0  # forced by the server's max cache age (when the reuse config has none)
     abandoned: int = 0  # requests whose client left before the reply
+    warmups: int = 0  # requests that captured CUDA graphs or were the model's first: not in latency_ms
     latency_ms: deque = field(default_factory=lambda: deque(maxlen=2048))  # server-side, per request
 
     @property
@@ -68,13 +69,13 @@ class ClientStats:
         return {
             "requests": self.requests, "errors": self.errors, "reuses": self.reuses, "refreshes": self.refreshes,
             "reuse_rate": round(self.reuse_rate, 4), "mixed": self.mixed, "resets": self.resets,
-            "age_resets": self.age_resets, "abandoned": self.abandoned,
+            "age_resets": self.age_resets, "abandoned": self.abandoned, "warmups": self.warmups,
             "latency_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99),
                            "mean": float(np.mean(lat)) if lat else None, "window": len(lat)},
         }
 
     def add(self, other: "ClientStats") -> None:
-        for k in ("requests", "errors", "reuses", "refreshes", "mixed", "resets", "age_resets", "abandoned"):
+        for k in ("requests", "errors", "reuses", "refreshes", "mixed", "resets", "age_resets", "abandoned", "warmups"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         self.latency_ms.extend(other.latency_ms)
 
@@ -125,7 +126,10 @@ class ClientSession:
         s.reuses += rec.decision == "reuse"
         s.refreshes += rec.decision != "reuse"
         s.mixed += bool(rec.mixed)
-        s.latency_ms.append(server_ms)
+        if getattr(rec, "warmup", False):  # seconds of graph capture would swamp the window's mean / p99
+            s.warmups += 1
+        else:
+            s.latency_ms.append(server_ms)
         self.last = rec
         return {
             "client": self.id, "step": s.requests, "decision": rec.decision, "mode": rec.mode, "reason": rec.reason,
