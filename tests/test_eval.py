@@ -584,6 +584,16 @@ def test_cli_eval_unknown_task(capsys, tmp_path):
     assert "unknown task(s) ['nope']; valid tasks: reach, reach-far, crash" in err
 
 
+def test_default_workers_one_per_core_but_one_for_a_gpu_policy():
+    from kvreuse.eval.cli import _cores, _plan
+
+    args = ("x.db", "fake", (), 1, 0, 0, 5, None)
+    assert _plan(*args, None, 0, [], True, False, "cuda").workers == 1  # each worker would hold a model copy
+    assert _plan(*args, None, 0, [], True, False, "cuda:1").workers == 1
+    assert _plan(*args, None, 0, [], True, False, "cpu").workers == _cores()
+    assert _plan(*args, 3, 0, [], True, False, "cuda").workers == 3  # asked for: kept
+
+
 def test_cli_eval_fake_env_runs(capsys, tmp_path):
     from kvreuse.cli import main
 

@@ -24,12 +24,15 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid, baseline, progress):
+def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid, baseline, progress,
+          device: str = "cpu"):
     from .sweep import SweepPlan
 
+    if workers is None:  # one per core; one for a GPU policy (each worker would hold its own model there)
+        workers = 1 if device.startswith("cuda") else _cores()
     return SweepPlan(
         db=db, env=env, tasks=tuple(tasks), episodes=episodes, init_start=init_start, seed=seed, replan=replan,
-        max_steps=max_steps, grid=grid, baseline=baseline, workers=_cores() if workers is None else workers,
+        max_steps=max_steps, grid=grid, baseline=baseline, workers=workers,
         videos=videos, video_dir=str(Path(db).parent / "videos"), progress=progress,
     )
 
@@ -80,7 +83,8 @@ def run_eval(
         seed: base seed; each episode's seed (env reset and policy noise) derives from it.
         replan: execute the first `replan` actions of each chunk, then call the policy again.
         max_steps: per-episode step limit (default: the env's).
-        workers: parallel worker processes (default: one per core; 0 = in this process).
+        workers: parallel worker processes (default: one per core, one with a CUDA device; 0 = in
+            this process).
         videos: record videos of the first N episodes of each task (next to the DB, videos/).
         db: the SQLite results file (kept; finished episodes are skipped on a rerun).
         with_baseline: also run the baseline on the same episodes (for the paired comparison).
@@ -105,7 +109,7 @@ def run_eval(
     if len(grid) > 1:
         raise ValueError(f"reuse: `eval` runs one setting, {reuse!r} gives {len(grid)}; use `kvreuse sweep --grid`")
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid,
-                 with_baseline or not grid, progress)
+                 with_baseline or not grid, progress, device)
     summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
     _print_summary(summary, db)
 
@@ -144,7 +148,7 @@ def run_sweep_cmd(
     from .sweep import PolicySource, parse_grid, run_sweep
 
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos,
-                 parse_grid(list(grid)), True, progress)
+                 parse_grid(list(grid)), True, progress, device)
     summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
     _print_summary(summary, db)
     if report_dir:
