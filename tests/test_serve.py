@@ -415,3 +415,13 @@ def test_warmup_requests_stay_out_of_the_latency_window():
     total = ClientStats()
     total.add(s.stats)
     assert total.warmups == 1 and list(total.latency_ms) == [10.0]
+
+
+def test_warm_up_runs_a_fork_and_leaves_the_template_untouched():
+    from kvreuse.serve.command import warm_up
+
+    policy, _ = build_policy(None, ReuseConfig(gate="always"), "tiny-pi05", fast=True)
+    assert warm_up(policy, calls=2) >= 0.0
+    assert policy.runner.call_index == 0 and len(policy.stats) == 0  # the fork ran the calls
+    actions, rec = policy.infer(good_obs())
+    assert rec.decision == "refresh" and np.isfinite(actions).all()  # no cache carried over
