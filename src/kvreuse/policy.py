@@ -27,6 +27,26 @@ __all__ = ["Policy", "StepRecord", "ReuseStats", "ReuseConfig"]
 _SERVED: weakref.WeakSet = weakref.WeakSet()  # models that have run a call in this process (see infer)
 
 
+def robot_runtime(model: Pi0Model, spec, stats=None, tokenizer: str | Path | None = None, *, fast: bool = False,
+                  keep_absent_cameras: bool = False):
+    """(the model as this robot runs it, its RobotTransform), as every loader builds them: model
+    cameras the robot lacks left out of the prefix (transforms.robot.fit_cameras; the same
+    actions up to float rounding) unless keep_absent_cameras, which feeds them black and masked
+    as lerobot / openpi do; the tokenizer from `tokenizer` (bytes for the tiny presets); fast:
+    FastPi0 over the model (fused weights, static cache, CUDA graphs on a GPU)."""
+    from .model.tokenizer import load_tokenizer
+    from .transforms.robot import fit_cameras
+
+    if not keep_absent_cameras:
+        model = fit_cameras(model, spec)
+    tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, tokenizer), stats, spec)
+    if fast:
+        from .model.fast import FastPi0
+
+        model = FastPi0(model.eval())
+    return model, tf
+
+
 class Policy:
     def __init__(
         self, model: Pi0Model, transform: RobotTransform, seed: int = 0, reuse: ReuseConfig | None = None
@@ -56,27 +76,17 @@ class Policy:
         keep_absent_cameras: bool = False,
     ) -> "Policy":
         """Load a checkpoint (ours, or lerobot / openpi safetensors). The RobotSpec is `robot`,
-        else meta["robot"] (reference checkpoints carry none, so they need `robot`).
-        fast: run through FastPi0 (fused weights, static cache, CUDA graphs on a GPU).
-        Model cameras the robot lacks are left out of the prefix (transforms.robot.fit_cameras;
-        the same actions up to float rounding) unless keep_absent_cameras, which feeds them black
-        and masked as lerobot / openpi do."""
+        else meta["robot"] (reference checkpoints carry none, so they need `robot`). fast,
+        keep_absent_cameras: see robot_runtime."""
         from .checkpoint import load_checkpoint
-        from .model.tokenizer import load_tokenizer
-        from .transforms.robot import fit_cameras, robot_spec
+        from .transforms.robot import robot_spec
 
         model, stats, meta = load_checkpoint(path, device=device, dtype=dtype)
         robot = robot or meta.get("robot")
         if robot is None:
             raise ValueError(f"checkpoint {path}: names no robot; pass one (e.g. robot='libero' / --robot libero)")
-        spec = robot_spec(robot)
-        if not keep_absent_cameras:
-            model = fit_cameras(model, spec)
-        tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, tokenizer), stats, spec)
-        if fast:
-            from .model.fast import FastPi0
-
-            model = FastPi0(model.eval())
+        model, tf = robot_runtime(model, robot_spec(robot), stats, tokenizer, fast=fast,
+                                  keep_absent_cameras=keep_absent_cameras)
         return cls(model, tf, seed=seed, reuse=reuse)
 
     def fork(self, reuse: ReuseConfig | None = None, seed: int | None = None) -> "Policy":
@@ -108,7 +118,9 @@ class Policy:
         captured = Graphs.captured
         # The record's total covers the input transform too (what a client waits for).
         out, rec = self.runner.infer(obs, noise, raw_shapes=self.raw_shapes(raw), started=t0)
-        rec.warmup = Graphs.captured != captured or self.model not in _SERVED
-        _SERVED.add(self.model)
+        first = self.model not in _SERVED
+        if first:
+            _SERVED.add(self.model)
+        rec.warmup = first or Graphs.captured != captured
         actions = self.transform.actions(out)
         return (actions[0] if actions.shape[0] == 1 else actions), rec

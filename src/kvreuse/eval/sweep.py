@@ -121,8 +121,8 @@ def load_model(src: PolicySource, robot: str):
     """-> (model, RobotTransform, tasks the checkpoint was trained on or None)."""
     import torch
 
-    from ..model.tokenizer import load_tokenizer
-    from ..transforms.robot import RobotTransform, fit_cameras, robot_spec
+    from ..policy import robot_runtime
+    from ..transforms.robot import robot_spec
 
     spec = robot_spec(robot)
     if src.checkpoint is None:
@@ -138,26 +138,16 @@ def load_model(src: PolicySource, robot: str):
             cfg = cfg.replace(max_token_len=max(cfg.max_token_len, 192))
         torch.manual_seed(0)
         model = Pi0Model(cfg).to(src.device, getattr(torch, src.dtype)).eval()
-        return _runtime(model, src), RobotTransform(cfg, load_tokenizer(cfg), None, spec), None
+        return (*robot_runtime(model, spec, fast=src.fast), None)
     from ..checkpoint import load_checkpoint
 
     model, stats, meta = load_checkpoint(src.checkpoint, device=src.device, dtype=getattr(torch, src.dtype))
     ck_robot = meta.get("robot", robot)
     if ck_robot != robot:
         raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}, the env needs {robot!r}")
-    if not src.keep_absent_cameras:
-        model = fit_cameras(model, spec)  # cameras the env lacks: left out, not fed black
-    tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, src.tokenizer), stats, spec)
-    return _runtime(model, src), tf, _meta_tasks(meta)
-
-
-def _runtime(model, src: PolicySource):
-    """The eager model, or FastPi0 over it (src.fast)."""
-    if not src.fast:
-        return model
-    from ..model.fast import FastPi0
-
-    return FastPi0(model.eval())
+    model, tf = robot_runtime(model, spec, stats, src.tokenizer, fast=src.fast,
+                              keep_absent_cameras=src.keep_absent_cameras)
+    return model, tf, _meta_tasks(meta)
 
 
 def _meta_tasks(meta: dict) -> tuple[str, ...] | None:

@@ -20,9 +20,8 @@ def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny
 
     from ..model import Pi0Model
     from ..model import preset as get_preset
-    from ..model.tokenizer import load_tokenizer
-    from ..policy import Policy
-    from ..transforms.robot import RobotTransform, fit_cameras, robot_spec
+    from ..policy import Policy, robot_runtime
+    from ..transforms.robot import robot_spec
 
     if checkpoint is not None:
         policy = Policy.from_checkpoint(checkpoint, reuse=reuse, device=device, seed=seed, tokenizer=tokenizer,
@@ -32,14 +31,8 @@ def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny
         torch.manual_seed(seed)
         with torch.device(device):
             model = Pi0Model(get_preset(preset)).eval()
-        spec = robot_spec(robot or "metaworld")
-        if not keep_absent_cameras:
-            model = fit_cameras(model, spec)  # as from_checkpoint: cameras the robot lacks are left out
-        tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, tokenizer), None, spec)
-        if fast:
-            from ..model.fast import FastPi0
-
-            model = FastPi0(model)
+        model, tf = robot_runtime(model, robot_spec(robot or "metaworld"), None, tokenizer, fast=fast,
+                                  keep_absent_cameras=keep_absent_cameras)
         policy = Policy(model, tf, seed=seed, reuse=reuse)
         source = f"random {preset}"
     cfg, spec = policy.model.cfg, policy.transform.spec
