@@ -255,3 +255,71 @@ def test_masks_moved_by_to_are_read_back_from_their_host_copy():
     cam = next(iter(cpu.image_masks))
     dev.image_masks[cam] = dev.image_masks[cam].clone()  # another tensor under the camera's name
     assert not dev.on_host(f"image_masks/{cam}")
+
+
+@pytest.mark.parametrize("variant", ["tiny-pi0", "tiny-pi05"])
+@pytest.mark.parametrize("case", ["metaworld", "flip-resize-batch", "float-pixels", "absent-camera"])
+def test_staged_inputs_equal_the_plain_path(variant, case):
+    """The staged path (pinned buffers + one CUDA graph on a GPU; plain calls here) gives every
+    tensor the plain path gives, same dtype and values, for flipped / resized / float / batched
+    images and a model camera the robot lacks."""
+    cfg = preset(variant)
+    spec, r = robot_spec("metaworld"), raw()
+    if case == "flip-resize-batch":
+        spec = RobotSpec("flip", spec.cameras, 4, 4, flip180=("observation/wrist_image",))
+        r = raw(b=2, h=40, w=72)
+    elif case == "float-pixels":
+        r["observation/image"] = r["observation/image"].astype(np.float32) / 255.0
+    elif case == "absent-camera":
+        spec = RobotSpec("one-cam", (("observation/image", "base"),), state_dim=4, action_dim=4)
+        del r["observation/wrist_image"]
+    st = stats()
+    plain = RobotTransform(cfg, ByteTokenizer(), st, spec, staging=False)(r, device="cpu")
+    tf = RobotTransform(cfg, ByteTokenizer(), st, spec, staging=True)
+    staged = tf(r, device="cpu")
+    assert len(tf._stagings) == 1
+    for name in ("state", "tokens", "token_mask", "state_token_mask", *(f"image_masks/{c}" for c in cfg.cameras)):
+        a, b = getattr(plain, name) if name == "state" else plain.mask(name), \
+            getattr(staged, name) if name == "state" else staged.mask(name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+        if name != "state":
+            assert staged.on_host(name)  # served from the host tensors the staging copied
+    assert staged.images.keys() == plain.images.keys()
+    for c in cfg.cameras:
+        assert staged.images[c].dtype == torch.float32 and torch.equal(staged.images[c], plain.images[c]), c
+    assert staged.prompt == plain.prompt
+
+
+def test_staged_observations_own_their_tensors():
+    """Each staged call's tensors are its own (the reuse layer keeps earlier observations): a later
+    call leaves them as they were; a new input shape gets its own staging, and only a few are kept."""
+    cfg = preset("tiny-pi0")
+    tf = RobotTransform(cfg, ByteTokenizer(), None, robot_spec("metaworld"), staging=True)
+    r1, r2 = raw(), raw()
+    first = tf(r1, device="cpu")
+    kept = {c: x.clone() for c, x in first.images.items()}
+    second = tf(r2, device="cpu")
+    assert all(torch.equal(first.images[c], kept[c]) for c in kept)
+    assert not torch.equal(first.images["base"], second.images["base"])
+    assert first.state.data_ptr() != second.state.data_ptr() and len(tf._stagings) == 1
+    for h in range(10, 20):
+        tf(raw(h=h), device="cpu")
+    assert len(tf._stagings) == 8
+
+
+def test_staging_is_the_default_on_cuda_only():
+    """None: staged for a CUDA device only; host pixels only (a caller's device tensors take the
+    plain path). ("meta" stands in for a GPU device: staging=True runs there too.)"""
+    cfg = preset("tiny-pi0")
+    tf = RobotTransform(cfg, ByteTokenizer(), None, robot_spec("metaworld"))
+    assert tf.staging is None
+    tf(raw(), device="cpu")
+    tf(raw(), device="meta")
+    assert not tf._stagings
+    tf.staging = True
+    obs = tf(raw(), device="meta")
+    assert len(tf._stagings) == 1 and obs.images["base"].is_meta and obs.on_host("token_mask")
+    r = raw()
+    r["observation/image"] = torch.as_tensor(r["observation/image"], device="meta")
+    tf._stagings.clear()
+    assert tf(r, device="meta").images["base"].is_meta and not tf._stagings
