@@ -59,15 +59,11 @@ class Observation:
             token_mask=mv(self.token_mask),
             state_token_mask=mv(self.state_token_mask),
         )
-        out.keep_host_copies(self)
+        for name in ("token_mask", "state_token_mask", "tokens", *(f"image_masks/{c}" for c in self.image_masks)):
+            src, dst = self.mask(name), out.mask(name)
+            if src.device.type == "cpu" and dst is not src:
+                out._host[name] = (dst, version(dst), src, version(src))
         return out
-
-    def keep_host_copies(self, src: "Observation") -> None:
-        """Serve host_mask from src's CPU masks (and tokens), which this observation's were copied from."""
-        for name in ("token_mask", "state_token_mask", "tokens", *(f"image_masks/{c}" for c in src.image_masks)):
-            s, d = src.mask(name), self.mask(name)
-            if s.device.type == "cpu" and d is not s:
-                self._host[name] = (d, version(d), s, version(s))
 
     def with_images(self, images: dict[str, torch.Tensor]) -> "Observation":
         """A copy with these cameras' images replaced; masks, tokens and their host copies kept."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 
-def checked_image(img, name: str) -> torch.Tensor:
+def _batched(img, name: str) -> torch.Tensor:
     """img checked, as a (B, H, W, 3) or (B, 3, H, W) tensor of its own dtype (no copy of a
     contiguous array)."""
     t = torch.as_tensor(np.ascontiguousarray(img)) if not isinstance(img, torch.Tensor) else img
@@ -26,7 +26,7 @@ def checked_image(img, name: str) -> torch.Tensor:
 
 
 def _chw_unit_range(t: torch.Tensor) -> torch.Tensor:
-    """A checked_image tensor -> (B, 3, H, W) float32 in [-1, 1]."""
+    """A _batched tensor -> (B, 3, H, W) float32 in [-1, 1]."""
     if t.shape[-1] == 3:
         t = t.permute(0, 3, 1, 2)
     if t.dtype != torch.uint8:
@@ -37,7 +37,7 @@ def _chw_unit_range(t: torch.Tensor) -> torch.Tensor:
 
 
 def to_batched_chw(img, name: str = "image") -> torch.Tensor:
-    return _chw_unit_range(checked_image(img, name))
+    return _chw_unit_range(_batched(img, name))
 
 
 def resize_with_pad(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -52,18 +52,12 @@ def resize_with_pad(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(x, (left, size - nw - left, top, size - nh - top), value=-1.0)
 
 
-def device_image(t: torch.Tensor, size: int, flip180: bool = False) -> torch.Tensor:
-    """A checked (checked_image) image tensor, on the device that converts it -> (B, 3, size, size)
-    float32 in [-1, 1]: flipped if asked, resized with black padding."""
-    x = _chw_unit_range(t)
-    if flip180:
-        x = x.flip(-1, -2)
-    return resize_with_pad(x, size)
-
-
 def preprocess_image(img, size: int, flip180: bool = False, name: str = "image", device=None) -> torch.Tensor:
     """device: where the image is converted. The pixels travel as given (uint8: a quarter of
     float32's bytes) and the conversion, flip and resize run there (on a GPU: a few small kernels
     instead of ~0.1 ms of host work per camera; the same values, the resize up to float rounding)."""
-    t = checked_image(img, name)
-    return device_image(t if device is None else t.to(device), size, flip180)
+    t = _batched(img, name)
+    x = _chw_unit_range(t if device is None else t.to(device))
+    if flip180:
+        x = x.flip(-1, -2)
+    return resize_with_pad(x, size)

@@ -7,7 +7,7 @@ The dict uses openpi's flat keys (`observation/image`, `observation/wrist_image`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,9 +15,8 @@ import torch
 from ..model.config import ModelConfig
 from ..model.tokenizer import Tokenizer, tokenize_prompts
 from ..observation import Observation
-from .images import checked_image, device_image
+from .images import preprocess_image
 from .normalize import NormMode, NormStats, normalize, pad_to, unnormalize
-from .staging import Field, Staging
 
 
 @dataclass(frozen=True)
@@ -73,12 +72,8 @@ class RobotTransform:
         spec: RobotSpec,
         norm_mode: NormMode | None = None,
         truncate: bool = False,
-        staging: bool | None = None,
     ):
-        """staging: send the inputs through transforms.staging (None: on a CUDA device)."""
         self.cfg, self.tok, self.stats, self.spec, self.truncate = cfg, tokenizer, stats, spec, truncate
-        self.staging = staging
-        self._stagings: dict = {}  # (device, fields) -> Staging
         self.mode: NormMode = norm_mode or ("quantile" if cfg.variant == "pi05" else "meanstd")
         unknown = [c for _, c in spec.cameras if c not in cfg.cameras]
         if unknown:
@@ -104,15 +99,19 @@ class RobotTransform:
             raise ValueError(f"{spec.state_key}: contains NaN or inf")
         b = state.shape[0]
 
-        cams = {}  # model camera -> (dict key, checked host pixels), or None where the robot lacks it
+        size = cfg.vision.image_size
+        images, masks = {}, {}
         to_model = dict((c, k) for k, c in spec.cameras)
         for cam in cfg.cameras:
             key = to_model.get(cam)
-            if key is not None:
-                img = checked_image(raw[key], key)
-                if img.shape[0] != b:
-                    raise ValueError(f"{key}: batch size {img.shape[0]} does not match the state's {b}")
-            cams[cam] = None if key is None else (key, img)
+            if key is None:  # the model has a camera this robot lacks: fed black, masked out
+                images[cam] = torch.full((b, 3, size, size), -1.0, device=device)
+                masks[cam] = torch.zeros(b, dtype=torch.bool)
+                continue
+            img = preprocess_image(raw[key], size, key in spec.flip180, name=key, device=device)
+            if img.shape[0] != b:
+                raise ValueError(f"{key}: batch size {img.shape[0]} does not match the state's {b}")
+            images[cam], masks[cam] = img, torch.ones(b, dtype=torch.bool)
 
         prompt = raw.get(spec.prompt_key, "")
         prompts = [prompt] * b if isinstance(prompt, str) else [str(p) for p in prompt]
@@ -121,61 +120,16 @@ class RobotTransform:
 
         nstate = normalize(state, self.stats.state, self.mode) if self.stats else state
         toks = tokenize_prompts(cfg, self.tok, prompts, nstate if cfg.state_in_prompt else None, self.truncate)
-        host = Observation(
-            images={},
-            image_masks={c: torch.full((b,), v is not None) for c, v in cams.items()},
+        obs = Observation(
+            images=images,
+            image_masks=masks,
             state=torch.from_numpy(pad_to(nstate, cfg.max_state_dim)),
             tokens=toks.tokens,
             token_mask=toks.mask,
             state_token_mask=toks.state_mask,
             prompt=tuple(prompts),
         )
-        if device is not None and self._staged(device, cams):
-            return self._stage(host, cams, torch.device(device))
-        size = cfg.vision.image_size
-        for cam, v in cams.items():
-            host.images[cam] = (torch.full((b, 3, size, size), -1.0, device=device) if v is None else
-                                device_image(v[1] if device is None else v[1].to(device), size, v[0] in spec.flip180))
-        return host.to(device) if device is not None else host
-
-    def _staged(self, device, cams: dict) -> bool:
-        """Whether this call goes through a Staging: `staging` True, or None (the default) and a
-        CUDA device; only host pixels (a caller's GPU tensors take the plain path)."""
-        on = torch.device(device).type == "cuda" if self.staging is None else self.staging
-        return on and all(v is None or v[1].device.type == "cpu" for v in cams.values())
-
-    def _stage(self, host: Observation, cams: dict, device: torch.device) -> Observation:
-        """host's tensors and the cameras' pixels to `device` through the Staging of their shapes
-        (transforms.staging: pinned buffers and one CUDA graph on a GPU)."""
-        size, b = self.cfg.vision.image_size, host.batch_size
-        fields, sources = {}, {}
-        for cam, v in cams.items():
-            t = None if v is None else v[1]
-            fields[f"images/{cam}"] = Field(
-                (b, 3, size, size) if t is None else tuple(t.shape), torch.float32 if t is None else t.dtype,
-                (b, 3, size, size), torch.float32, size, v is not None and v[0] in self.spec.flip180, t is None)
-            if t is not None:
-                sources[f"images/{cam}"] = t
-        for name in ("state", "tokens", "token_mask", "state_token_mask", *(f"image_masks/{c}" for c in cams)):
-            t = host.mask(name) if name != "state" else host.state
-            fields[name] = Field(tuple(t.shape), t.dtype, tuple(t.shape), t.dtype)
-            sources[name] = t
-        key = (device, tuple(fields.items()))
-        stage = self._stagings.get(key)
-        if stage is None:
-            if len(self._stagings) >= 8:  # a client that changes shapes every call: keep the newest few
-                self._stagings.pop(next(iter(self._stagings)))
-            stage = self._stagings[key] = Staging(fields, device)
-        out = stage(sources)
-        dev = replace(
-            host,
-            images={c: out[f"images/{c}"] for c in cams},
-            image_masks={c: out[f"image_masks/{c}"] for c in cams},
-            state=out["state"], tokens=out["tokens"], token_mask=out["token_mask"],
-            state_token_mask=out["state_token_mask"],
-        )
-        dev.keep_host_copies(host)
-        return dev
+        return obs.to(device) if device is not None else obs
 
     # ---- output -----------------------------------------------------------------------------
     def actions(self, out: torch.Tensor) -> np.ndarray:
