@@ -170,8 +170,9 @@ def test_warmup_calls_are_counted_but_left_out_of_latency(tmp_path):
 
 
 def test_policy_marks_warmup_calls():
-    """Policy.infer: a model's first call in the process and any call that captured a CUDA graph
-    (Graphs.captured moved; no graphs on a CPU, so simulated) are warm-ups; the rest are not."""
+    """A model's first call in the process and any call that captured a CUDA graph (Graphs.captured
+    moved; no graphs on a CPU, so simulated inside the reuse layer's call) are warm-ups; the rest
+    are not."""
     from kvreuse.eval.sweep import PolicySource, load_model, make_policy
     from kvreuse.model.graphs import Graphs
 
@@ -180,14 +181,19 @@ def test_policy_marks_warmup_calls():
     assert [pol.infer(raw)[1].warmup for _ in range(2)] == [True, False]
     other = make_policy(model, tf, {"gate": "always"})  # another setting on the same model
     assert other.infer(raw)[1].warmup is False
-    run = other.runner.infer
+    run = other.runner._execute
 
     def capturing(*a, **kw):
         Graphs.captured += 1
         return run(*a, **kw)
 
-    other.runner.infer = capturing
-    assert other.infer(raw)[1].warmup is True
+    other.runner._execute = capturing
+    rec = other.infer(raw)[1]
+    assert rec.warmup is True
+    # The reuse layer's own stats see the same marks: warm-ups count as calls, not in latency.
+    s = other.stats.summary()
+    assert (s["calls"], s["warmups"], len(other.stats.totals)) == (2, 1, 1)
+    assert s["mean_ms"] == pytest.approx(other.stats.totals[0]) and s["mean_ms"] != pytest.approx(rec.timings["total"])
 
 
 def test_rollout_noise_is_paired_by_seed():
@@ -703,3 +709,29 @@ def test_wilson_interval_contains_the_rate_at_the_extremes():
         for k in (0, n):
             lo, hi = wilson(k, n)
             assert lo <= k / n <= hi
+
+
+def test_sweep_records_streams_that_replay_to_the_same_actions(tmp_path):
+    """--streams N: what the policy saw in the first N episodes of each task and setting, one
+    stream file each; replayed through the same policy and seed, the same actions come back."""
+    from kvreuse.reuse.compare import replay
+    from kvreuse.reuse.stream import load_streams
+
+    plan = SweepPlan(db=str(tmp_path / "s.db"), env="fake", tasks=("reach", "reach-far"), episodes=2, workers=0,
+                     streams=1, stream_dir=str(tmp_path / "streams"), progress=False, env_kw={"max_steps": 6},
+                     grid=[{"gate": "always"}], replan=3)
+    run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    files = sorted(p.relative_to(tmp_path / "streams") for p in (tmp_path / "streams").rglob("*.safetensors"))
+    assert len(files) == 4 and {f.name.split("_")[0] for f in files} == {"reach", "reach-far"}  # 2 settings x 2 tasks
+    with ResultStore(plan.db) as st:
+        calls = {(e["task"], e["init_id"]): e["calls"] for e in st.episodes()}
+    one = load_streams(tmp_path / "streams" / files[0])
+    assert one.episodes == 1 and len(one) == calls[(files[0].name.split("_")[0], 0)]
+    every = load_streams(tmp_path / "streams")
+    assert len(every) == sum(len(load_streams(tmp_path / "streams" / f)) for f in files) and every.episodes == 4
+    from kvreuse.eval.sweep import load_model, make_policy
+
+    model, tf, _ = load_model(PolicySource(None, "tiny-pi05"), "metaworld")
+    a1, r1 = replay(make_policy(model, tf, None), one, seed=4)
+    a2, _ = replay(make_policy(model, tf, None), one, seed=4)
+    assert all(np.array_equal(x, y) for x, y in zip(a1, a2, strict=True)) and len(r1) == len(one)

@@ -171,3 +171,74 @@ def test_policy_records_a_replayable_stream(tmp_path):
         if step.reset:
             replay.reset()
         assert np.array_equal(replay.infer(step.raw, n.clone())[0], a)
+
+
+def test_load_streams_from_a_folder(tmp_path):
+    """A folder of streams replays as one, in path order, each file starting an episode; one robot only."""
+    from kvreuse.reuse.stream import load_streams
+
+    a = synthetic_stream(steps=3, episodes=1, size=SIZE, seed=0)
+    b = synthetic_stream(steps=2, episodes=2, size=SIZE, seed=1)
+    b.steps[0].reset = False  # a recording that did not mark its start
+    a.save(tmp_path / "d" / "x" / "a.safetensors")
+    b.save(tmp_path / "d" / "b.safetensors")
+    both = load_streams(tmp_path / "d")
+    assert len(both) == 7 and [s.reset for s in both] == [True, False, True, False, True, False, False]
+    first = both.steps[0].raw["observation/image"]
+    assert np.array_equal(first, b.steps[0].raw["observation/image"])  # b.safetensors comes first
+    assert load_streams(tmp_path / "d" / "b.safetensors").steps[0].reset is False  # a file alone is as recorded
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .safetensors"):
+        load_streams(tmp_path / "empty")
+    synthetic_stream(steps=1, episodes=1, size=SIZE, robot="libero", state_dim=8).save(tmp_path / "d" / "c.safetensors")
+    with pytest.raises(ValueError, match="several robots"):
+        load_streams(tmp_path / "d")
+
+
+def test_compare_grid_cli(tmp_path, capsys):
+    """compare grid: every setting against one baseline replay, in one table; the baseline row is a
+    second replay of it (same actions); the JSON has each setting's summary."""
+    import json
+
+    from kvreuse.cli import main
+
+    main(["compare", "grid", "--preset", "tiny-pi0", "--steps", "4", "--episodes", "1",
+          "--grid", "gate=always", "gate=period period=2,3", "--json-out", str(tmp_path / "g.json")])
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ")][1:]
+    labels = [r.split(" | ")[0] for r in rows]
+    assert labels == ["| **baseline**", "| always/full", "| period(2)/full", "| period(3)/full"]
+    assert rows[0].split(" | ")[1] == "0.0%" and rows[0].endswith("1.00000 / 1.00000 |")
+    assert rows[1].split(" | ")[1] == "75.0%" and rows[2].split(" | ")[1] == "50.0%"
+    got = json.load(open(tmp_path / "g.json"))
+    assert [s["summary"]["reuse_rate"] for s in got["settings"]] == [0.75, 0.5, 0.5]
+    assert got["baseline"]["calls"] == 4
+    with pytest.raises(SystemExit) as e:  # a bad spec stops before the model is built
+        main(["compare", "grid", "--preset", "tiny-pi0", "--steps", "1", "--episodes", "1", "--grid", "gate"])
+    assert e.value.code == 2 and "grid: expected key=v1,v2 items" in capsys.readouterr().err
+
+
+def test_compare_source_builds_a_full_size_preset_for_the_streams_robot(monkeypatch):
+    """A random full-size preset is made by bench.build_random in the asked dtype over the robot's
+    cameras and dims, with the byte tokenizer standing in for PaliGemma's, never the shipped tiny
+    policy (a tiny model stands in for the 3B one here)."""
+    import kvreuse.bench
+    from kvreuse.model import Pi0Model, preset
+    from kvreuse.reuse.cli import Source, load
+
+    made = []
+
+    def build(cfg, device, dtype, seed=0):
+        made.append((cfg, device, dtype))
+        small = preset("tiny-pi0").replace(cameras=cfg.cameras, tokenizer=cfg.tokenizer)
+        return Pi0Model(small).to(device, dtype).eval()
+
+    monkeypatch.setattr(kvreuse.bench, "build_random", build)
+    pol, stream, what = load(Source(preset="pi0", dtype="bfloat16", steps=2, episodes=1))
+    (cfg, device, dtype), = made
+    assert cfg.llm.width == 2048 and cfg.cameras == ("base", "wrist") and cfg.tokenizer == "bytes"
+    assert (cfg.state_dim, cfg.action_dim, device, dtype) == (4, 4, "cpu", torch.bfloat16)
+    assert "random pi0" in what and "byte tokenizer standing in" in what and "bfloat16" in what
+    assert pol.infer(stream.steps[0].raw)[0].shape == (16, 4)
+    with pytest.raises(ValueError, match="dtype"):
+        load(Source(preset="pi0", dtype="float16"))

@@ -9,13 +9,11 @@ for the same observation and noise.
 from __future__ import annotations
 
 import time
-import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .model.graphs import Graphs
 from .model.pi0 import Pi0Model
 from .reuse.config import ReuseConfig
 from .reuse.policy import ReusePolicy
@@ -23,8 +21,6 @@ from .reuse.records import ReuseStats, StepRecord
 from .transforms.robot import RobotTransform
 
 __all__ = ["Policy", "StepRecord", "ReuseStats", "ReuseConfig"]
-
-_SERVED: weakref.WeakSet = weakref.WeakSet()  # models that have run a call in this process (see infer)
 
 
 def robot_runtime(model: Pi0Model, spec, stats=None, tokenizer: str | Path | None = None, *, fast: bool = False,
@@ -115,12 +111,7 @@ class Policy:
             self.recorder.add(raw, reset=self.runner.call_index == 0)
         if noise is None:
             noise = self.model.make_noise(obs.batch_size, self.generator)
-        captured = Graphs.captured
         # The record's total covers the input transform too (what a client waits for).
         out, rec = self.runner.infer(obs, noise, raw_shapes=self.raw_shapes(raw), started=t0)
-        first = self.model not in _SERVED
-        if first:
-            _SERVED.add(self.model)
-        rec.warmup = first or Graphs.captured != captured
         actions = self.transform.actions(out)
         return (actions[0] if actions.shape[0] == 1 else actions), rec

@@ -25,7 +25,7 @@ def _cores() -> int:
 
 
 def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid, baseline, progress,
-          device: str = "cpu"):
+          device: str = "cpu", streams: int = 0):
     from .sweep import SweepPlan
 
     if workers is None:  # one per core; one for a GPU policy (each worker would hold its own model there)
@@ -34,6 +34,7 @@ def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers
         db=db, env=env, tasks=tuple(tasks), episodes=episodes, init_start=init_start, seed=seed, replan=replan,
         max_steps=max_steps, grid=grid, baseline=baseline, workers=workers,
         videos=videos, video_dir=str(Path(db).parent / "videos"), progress=progress,
+        streams=streams, stream_dir=str(Path(db).parent / "streams"),
     )
 
 
@@ -61,6 +62,7 @@ def run_eval(
     max_steps: int | None = None,
     workers: int | None = None,
     videos: int = 0,
+    streams: int = 0,
     db: str = DEFAULT_DB,
     with_baseline: bool = False,
     preset: str = "tiny-pi05",
@@ -86,6 +88,9 @@ def run_eval(
         workers: parallel worker processes (default: one per core, one with a CUDA device; 0 = in
             this process).
         videos: record videos of the first N episodes of each task (next to the DB, videos/).
+        streams: record what the policy sees in the first N episodes of each task (next to the DB,
+            streams/<setting>/<task>_<init>_<seed>.safetensors), for replay with `kvreuse compare
+            actions --stream` (e.g. through a full-size model on a GPU: docs/REUSE.md).
         db: the SQLite results file (kept; finished episodes are skipped on a rerun).
         with_baseline: also run the baseline on the same episodes (for the paired comparison).
         preset: tiny-pi05 | tiny-pi0: which shipped testbed policy (testbed-pi05 / testbed-pi0)
@@ -109,7 +114,7 @@ def run_eval(
     if len(grid) > 1:
         raise ValueError(f"reuse: `eval` runs one setting, {reuse!r} gives {len(grid)}; use `kvreuse sweep --grid`")
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid,
-                 with_baseline or not grid, progress, device)
+                 with_baseline or not grid, progress, device, streams)
     summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
     _print_summary(summary, db)
 
@@ -126,6 +131,7 @@ def run_sweep_cmd(
     max_steps: int | None = None,
     workers: int | None = None,
     videos: int = 0,
+    streams: int = 0,
     db: str = DEFAULT_DB,
     preset: str = "tiny-pi05",
     device: str = "cpu",
@@ -148,7 +154,7 @@ def run_sweep_cmd(
     from .sweep import PolicySource, parse_grid, run_sweep
 
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos,
-                 parse_grid(list(grid)), True, progress, device)
+                 parse_grid(list(grid)), True, progress, device, streams)
     summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
     _print_summary(summary, db)
     if report_dir:

@@ -275,13 +275,25 @@ def _worker_init(src: PolicySource, env_name: str, env_kw: dict, robot: str, thr
 def _worker_run(job: tuple) -> tuple[str, EpisodeResult]:
     if _W.get("init_error") is not None:
         raise _W["init_error"]
-    key, reuse, task, init_id, seed, replan, max_steps, video = job
+    key, reuse, task, init_id, seed, replan, max_steps, video, stream = job
     pol = _W["policies"].get(key)
     if pol is None:
         pol = _W["policies"][key] = make_policy(_W["model"], _W["transform"], reuse)
     if _W["env"] is None:
         _W["env"] = make_env(_W["env_name"], **_W["env_kw"])
-    res = run_episode(pol, _W["env"], task, init_id, seed, replan=replan, max_steps=max_steps, video_path=video)
+    if stream is None:
+        res = run_episode(pol, _W["env"], task, init_id, seed, replan=replan, max_steps=max_steps, video_path=video)
+    else:  # every observation the policy sees, for replay (kvreuse compare --stream)
+        from ..reuse.stream import ObservationStream
+
+        pol.recorder = rec = ObservationStream(robot=_W["transform"].spec.name,
+                                               meta={"setting": key, "task": task, "init_id": init_id, "seed": seed})
+        try:
+            res = run_episode(pol, _W["env"], task, init_id, seed, replan=replan, max_steps=max_steps, video_path=video)
+        finally:
+            pol.recorder = None
+        if len(rec):
+            rec.save(stream)
     if res.status == "error":  # the simulator may be left broken: start a fresh one
         try:
             _W["env"].close()
@@ -309,6 +321,8 @@ class SweepPlan:
     workers: int = 0  # 0: in this process
     videos: int = 0  # record the first N episodes of each task and setting
     video_dir: str = "runs/videos"
+    streams: int = 0  # record the observation streams of the first N episodes of each task and setting
+    stream_dir: str = "runs/streams"
     env_kw: dict = field(default_factory=dict)
     progress: bool = True
 
@@ -376,10 +390,12 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             if (task, init_id, seed) in done[s.key]:
                 skipped += 1
                 continue
-            video = None
+            video = stream = None
             if i < plan.videos:
                 video = str(Path(plan.video_dir) / s.key / f"{task}_{init_id}_{seed}.mp4")
-            jobs.append((s.key, s.reuse, task, init_id, seed, plan.replan, plan.max_steps, video))
+            if i < plan.streams:
+                stream = str(Path(plan.stream_dir) / s.key / f"{task}_{init_id}_{seed}.safetensors")
+            jobs.append((s.key, s.reuse, task, init_id, seed, plan.replan, plan.max_steps, video, stream))
 
     t0 = time.perf_counter()
     first = [None]

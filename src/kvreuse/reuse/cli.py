@@ -14,15 +14,20 @@ from .config import ReuseConfig
 @dataclass(frozen=True)
 class Source:
     checkpoint: Optional[str] = None
-    """A kvreuse checkpoint directory. None: the shipped testbed policy if the package has one,
-    else a randomly initialised `preset`."""
+    """A kvreuse checkpoint directory. None: for a tiny preset the shipped testbed policy if the
+    package has one, else a randomly initialised `preset` (full size: pi0, pi05)."""
     preset: str = "tiny-pi05"
     """Preset of the random model (used only without a checkpoint)."""
     tokenizer: Optional[str] = None
     """tokenizer.model for full-size checkpoints."""
     device: str = "cpu"
+    dtype: str = "float32"
+    """The policy's weights: float32 | bfloat16 (what the GPU figures of docs/PERFORMANCE.md run)."""
+    fast: bool = False
+    """Run the policy through FastPi0 (CUDA graphs and Triton kernels on a GPU)."""
     stream: Optional[str] = None
-    """A recorded observation stream (.safetensors, see docs/REUSE.md). None: a synthetic one."""
+    """A recorded observation stream (.safetensors, see docs/REUSE.md), or a folder of them (all
+    replayed in name order, e.g. what `kvreuse eval --streams N` records). None: a synthetic one."""
     steps: int = 40
     """Synthetic stream: steps per episode."""
     episodes: int = 2
@@ -57,6 +62,21 @@ class Modes:
 
 
 @dataclass(frozen=True)
+class Grid:
+    """Several reuse settings, each replayed on the same stream and noise as the baseline (open
+    loop): reuse rate, latency (warm-up calls left out), speedup over the baseline and action
+    agreement per setting. What a gate's schedule costs on a recorded stream (e.g. `kvreuse eval
+    --streams N`'s, replayed through a full-size model on a GPU); success needs the closed loop
+    (`kvreuse sweep`)."""
+
+    grid: tuple[str, ...] = ("gate=threshold threshold=0.9,0.95,0.98", "gate=crossmodal threshold=0.9")
+    """Settings as in `kvreuse sweep --grid`: 'key=v1,v2 ...' specs over ReuseConfig fields."""
+    src: Annotated[Source, tyro.conf.OmitArgPrefixes] = field(default_factory=Source)
+    json_out: Optional[str] = None
+    """Also write every setting's summary as JSON here."""
+
+
+@dataclass(frozen=True)
 class Deterministic:
     """Same inputs twice, and reuse off vs the plain model: exits non-zero unless every pair of
     action chunks is bit-identical."""
@@ -82,34 +102,54 @@ def load(src: Source):
     """-> (baseline Policy, stream, description)."""
     import torch
 
+    from ..bench import build_random
     from ..model import Pi0Model
     from ..model import preset as get_preset
-    from ..model.tokenizer import load_tokenizer
-    from ..policy import Policy
-    from ..transforms.robot import RobotTransform, robot_spec
-    from .stream import ObservationStream, synthetic_stream
+    from ..policy import Policy, robot_runtime
+    from ..transforms.robot import robot_spec
+    from .stream import load_streams, synthetic_stream
 
-    ckpt = src.checkpoint or default_checkpoint(src.preset)
+    if src.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype: expected float32 or bfloat16, got {src.dtype!r}")
+    dtype = getattr(torch, src.dtype)
+    stream = load_streams(src.stream) if src.stream else None
+    robot = stream.robot if stream is not None else "metaworld"
+    tiny = get_preset(src.preset).tokenizer == "bytes"  # (the shipped testbed policies are tiny presets)
+    ckpt = src.checkpoint or (default_checkpoint(src.preset) if tiny else None)
     if ckpt:
-        policy = Policy.from_checkpoint(ckpt, device=src.device, seed=src.seed, tokenizer=src.tokenizer)
+        policy = Policy.from_checkpoint(ckpt, device=src.device, seed=src.seed, tokenizer=src.tokenizer, dtype=dtype,
+                                        fast=src.fast)
         what = f"checkpoint {ckpt}"
     else:
-        torch.manual_seed(src.seed)
-        with torch.device(src.device):
-            model = Pi0Model(get_preset(src.preset)).eval()
-        tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, src.tokenizer), None, robot_spec("metaworld"))
-        policy = Policy(model, tf, seed=src.seed)
+        # A random model over the robot's cameras and dims. A full-size preset is made on the device
+        # in its dtype (its latency does not depend on the values), with the byte tokenizer standing
+        # in for PaliGemma's unless --tokenizer is given (other token counts: other prompt rows).
+        spec = robot_spec(robot)
+        cfg = get_preset(src.preset).replace(cameras=tuple(c for _, c in spec.cameras), state_dim=spec.state_dim,
+                                             action_dim=spec.action_dim)
         what = f"random {src.preset} (seed {src.seed})"
+        if cfg.tokenizer != "bytes" and src.tokenizer is None:
+            cfg = cfg.replace(tokenizer="bytes")
+            what += ", the byte tokenizer standing in for PaliGemma's"
+        if tiny and src.dtype == "float32":  # as before the full-size presets came in
+            torch.manual_seed(src.seed)
+            with torch.device(src.device):
+                model = Pi0Model(cfg).eval()
+        else:
+            model = build_random(cfg, src.device, dtype, src.seed)
+        model, tf = robot_runtime(model, spec, tokenizer=src.tokenizer, fast=src.fast)
+        policy = Policy(model, tf, seed=src.seed)
     spec = policy.transform.spec
-    if src.stream:
-        stream = ObservationStream.load(src.stream)
+    if stream is not None:
         if stream.robot != spec.name:
             raise ValueError(f"stream: recorded for robot {stream.robot!r}, the policy drives {spec.name!r}")
-        what += f", stream {src.stream} ({len(stream)} steps)"
+        what += f", stream {src.stream} ({len(stream)} steps, {stream.episodes} episodes)"
     else:
         size = policy.model.cfg.vision.image_size
         stream = synthetic_stream(src.steps, src.episodes, size, src.seed, spec.camera_keys, spec.state_dim, spec.name)
         what += f", synthetic stream ({src.episodes} x {src.steps} steps)"
+    if src.fast or src.dtype != "float32":
+        what += f" [{src.dtype}{', FastPi0' if src.fast else ''}, {src.device}]"
     if src.save_stream:
         stream.save(src.save_stream)
     return policy, stream, what
@@ -121,12 +161,14 @@ def run_compare(
             Annotated[Actions, tyro.conf.subcommand("actions")],
             Annotated[Deterministic, tyro.conf.subcommand("deterministic")],
             Annotated[Modes, tyro.conf.subcommand("modes")],
+            Annotated[Grid, tyro.conf.subcommand("grid")],
         ],
         tyro.conf.OmitSubcommandPrefixes,
         tyro.conf.arg(name=""),
     ],
 ) -> None:
-    """Compare a reuse setting with the baseline (actions), or check bit-identity (deterministic)."""
+    """Compare reuse settings with the baseline on one observation stream (actions, grid, modes), or check
+    bit-identity (deterministic)."""
     import torch
 
     from .compare import compare_actions, compare_deterministic
@@ -154,6 +196,9 @@ def run_compare(
                 json.dump({"setting": cmd.reuse.to_dict(), "label": cmd.reuse.label(), "source": what,
                            "cosine": res.cosine, "l2": res.l2, "decisions": res.decisions, "summary": s}, f, indent=1)
         return
+    if isinstance(cmd, Grid):
+        run_grid(cmd)
+        return
     if isinstance(cmd, Modes):
         base, stream, what = load(cmd.src)
         print(what)
@@ -168,6 +213,27 @@ def run_compare(
         print("kvreuse: error: outputs are not bit-identical")
         raise SystemExit(1)
     print("all bit-identical")
+
+
+def run_grid(cmd: Grid) -> None:
+    from ..eval.sweep import canonical_reuse, parse_grid, reuse_config
+    from .compare import compare_actions, grid_table, replay
+
+    settings = [canonical_reuse(p) for p in parse_grid(list(cmd.grid))]  # bad specs fail before any work
+    base, stream, what = load(cmd.src)
+    print(what, flush=True)
+    ref = replay(base, stream, cmd.src.seed)
+    rows, dumps = [("**baseline**", compare_actions(base, base, stream, cmd.src.seed, reference=(ref[0], ref[1])))], []
+    for params, label in settings:
+        res = compare_actions(base, base.fork(reuse_config(params)), stream, cmd.src.seed, reference=ref)
+        rows.append((label, res))
+        dumps.append({"setting": params, "label": label, "summary": res.summary(), "latency": res.candidate})
+        print(f"  {label}: reuse {res.summary()['reuse_rate']:.1%}, x{res.summary()['speedup']:.2f}", flush=True)
+    print("open-loop replay (success is not measured here); latency without warm-up calls")
+    print(grid_table(rows))
+    if cmd.json_out:
+        with open(cmd.json_out, "w") as f:
+            json.dump({"source": what, "baseline": rows[0][1].baseline, "settings": dumps}, f, indent=1)
 
 
 def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:

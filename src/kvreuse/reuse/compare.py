@@ -63,24 +63,41 @@ class ActionComparison:
         }
 
 
-def compare_actions(baseline: Policy, candidate: Policy, stream: ObservationStream, seed: int = 0) -> ActionComparison:
-    """Run both policies over the stream (resetting both at episode starts) with identical noise."""
-    noise = stream_noise(baseline.model, seed)
-    cos, l2, dec, rb, rc = [], [], [], [], []
+def replay(policy: Policy, stream: ObservationStream, seed: int = 0) -> tuple[list[np.ndarray], list]:
+    """The policy over the stream (reset at each episode start), noise from `seed`'s generator:
+    -> (action chunks, records). Every replay with the same seed sees the same noise."""
+    noise = stream_noise(policy.model, seed)
+    acts, recs = [], []
     for i, step in enumerate(stream):
         if step.reset or i == 0:
-            baseline.reset()
-            candidate.reset()
-        n = noise()
-        a, r1 = baseline.infer(step.raw, n)
-        b, r2 = candidate.infer(step.raw, n.clone())
-        c, d = chunk_similarity(a, b)
-        cos.append(c)
-        l2.append(d)
-        dec.append(r2.decision)
-        rb.append(r1)
-        rc.append(r2)
-    return ActionComparison(cos, l2, dec, summarize(rb), summarize(rc))
+            policy.reset()
+        a, r = policy.infer(step.raw, noise())
+        acts.append(a)
+        recs.append(r)
+    return acts, recs
+
+
+def compare_actions(baseline: Policy, candidate: Policy, stream: ObservationStream, seed: int = 0,
+                    reference: tuple[list, list] | None = None) -> ActionComparison:
+    """Both policies over the stream with identical noise; `reference`: the baseline's replay
+    (actions, records) if already made, so that several settings share one."""
+    base_acts, base_recs = reference or replay(baseline, stream, seed)
+    acts, recs = replay(candidate, stream, seed)
+    sims = [chunk_similarity(a, b) for a, b in zip(base_acts, acts, strict=True)]
+    return ActionComparison([c for c, _ in sims], [d for _, d in sims], [r.decision for r in recs],
+                            summarize(base_recs), summarize(recs))
+
+
+def grid_table(rows: list[tuple[str, ActionComparison]]) -> str:
+    """Markdown: one row per (label, comparison with the baseline); latency leaves warm-up calls out."""
+    out = ["| setting | reuse rate | latency (mean) | p50 / p95 | Hz | speedup | calls | warm-ups "
+           "| action cos (mean / min) |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, res in rows:
+        s, c = res.summary(), res.candidate
+        out.append(f"| {label} | {s['reuse_rate']:.1%} | {c['mean_ms']:.2f} ms "
+                   f"| {c['p50_ms']:.2f} / {c['p95_ms']:.2f} ms | {c['hz']:.1f} | {s['speedup']:.2f}x | {s['calls']} | {c['warmups']} "
+                   f"| {s['cos_mean']:.5f} / {s['cos_min']:.5f} |")
+    return "\n".join(out)
 
 
 @dataclass

@@ -23,12 +23,14 @@ reuse, whose lower layers are older than its upper ones).
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import replace
 
 import numpy as np
 import torch
 
 from ..cache import PrefixCache, new_snapshot_id
+from ..model.graphs import Graphs
 from ..model.pi0 import Pi0Model
 from ..observation import Observation, upload
 from .config import ReuseConfig
@@ -37,6 +39,8 @@ from .modes import HostPrefix, Plan, host_prefix, plan_refresh, plan_reuse
 from .records import ReuseStats, StepRecord
 from .signals import (PhaseCues, Reference, SignalGraphs, Signals, camera_ref, measure, patchify, phase_cues,
                       present_cameras)
+
+_SERVED: weakref.WeakSet = weakref.WeakSet()  # models that have run a call in this process (see infer)
 
 
 class _Parts:
@@ -150,6 +154,7 @@ class ReusePolicy:
         lets a caller include its input transform in the record's total."""
         model, cfg, mc = self.model, self.config, self.model.cfg
         t_start = self._sync() if started is None else started
+        captured = Graphs.captured
         call = self.call_index
         self.call_index += 1
         now = time.monotonic()
@@ -216,6 +221,12 @@ class ReusePolicy:
             call_index=call,
             state_source=state_source,
         )
+        # A warm-up: the call captured CUDA graphs (with any compilation), or was its model's first
+        # in this process (lazy CUDA / BLAS set-up). Its time is not the steady state's.
+        first = model not in _SERVED
+        if first:
+            _SERVED.add(model)
+        rec.warmup = first or Graphs.captured != captured
         if "phase" in self.needs:
             self.phase = phase_cues(out, cfg, mc.action_dim)
 

@@ -36,28 +36,34 @@ class StepRecord:
 
 
 class ReuseStats:
-    """Running aggregates over records."""
+    """Running aggregates over records. A warm-up call (StepRecord.warmup: it captured CUDA graphs
+    or was its model's first) counts as a call and toward the reuse rate, but its time stays out
+    of the latency figures, as in eval's rollouts."""
 
     def __init__(self) -> None:
-        self.totals: list[float] = []
-        self.reuses = 0
+        self.totals: list[float] = []  # ms of the calls that were not warm-ups
+        self.calls = self.reuses = self.warmups = 0
 
     def add(self, rec: StepRecord) -> None:
-        self.totals.append(float(rec.timings.get("total", 0.0)))
+        self.calls += 1
         self.reuses += rec.reused
+        if rec.warmup:
+            self.warmups += 1
+        else:
+            self.totals.append(float(rec.timings.get("total", 0.0)))
 
     def __len__(self) -> int:
-        return len(self.totals)
+        return self.calls
 
     def summary(self) -> dict:
-        n = len(self.totals)
-        if n == 0:
-            return {"calls": 0, "reuse_rate": 0.0, "mean_ms": 0.0, "p50_ms": 0.0, "p95_ms": 0.0, "hz": 0.0}
+        n = self.calls
+        out = {"calls": n, "reuse_rate": self.reuses / n if n else 0.0, "warmups": self.warmups}
+        if not self.totals:
+            return {**out, "mean_ms": 0.0, "p50_ms": 0.0, "p95_ms": 0.0, "hz": 0.0}
         t = np.asarray(self.totals)
         mean = float(t.mean())
         return {
-            "calls": n,
-            "reuse_rate": self.reuses / n,
+            **out,
             "mean_ms": mean,
             "p50_ms": float(np.percentile(t, 50)),
             "p95_ms": float(np.percentile(t, 95)),

@@ -101,6 +101,27 @@ class ObservationStream:
         return ObservationStream(steps, header.get("robot", "metaworld"), header.get("meta", {}))
 
 
+def load_streams(path: str | Path) -> ObservationStream:
+    """A stream file, or every `*.safetensors` stream under a folder (recursively, in path order)
+    as one stream: each file's episodes keep their resets; all must be for one robot."""
+    path = Path(path)
+    if not path.is_dir():
+        return ObservationStream.load(path)
+    files = sorted(path.rglob("*.safetensors"))
+    if not files:
+        raise ValueError(f"stream {path}: a folder with no .safetensors observation streams")
+    parts = [ObservationStream.load(f) for f in files]
+    robots = {p.robot for p in parts}
+    if len(robots) > 1:
+        raise ValueError(f"stream {path}: streams for several robots ({', '.join(sorted(robots))}); replay one robot's")
+    out = ObservationStream(robot=parts[0].robot, meta={"files": [str(f.relative_to(path)) for f in files]})
+    for p in parts:
+        if p.steps:
+            p.steps[0].reset = True  # a file starts an episode whatever it recorded
+        out.steps.extend(p.steps)
+    return out
+
+
 def _is_array(v) -> bool:
     return isinstance(v, np.ndarray) or (hasattr(v, "__array__") and not isinstance(v, (str, bytes)))
 
