@@ -54,11 +54,14 @@ def test_compare_actions_baseline_vs_itself_and_vs_reuse():
     stream = synthetic_stream(steps=6, episodes=2, size=SIZE, seed=0)
     same = compare_actions(base, base.fork(ReuseConfig()), stream, seed=3)
     assert same.cosine == [1.0] * 12 and same.l2 == [0.0] * 12 and same.summary()["reuse_rate"] == 0.0
+    assert same.summary()["cos_mean_on_reuse"] is None  # nothing reused: no figure, not a made-up 1.0
     res = compare_actions(base, base.fork(ReuseConfig(gate="always")), stream, seed=3)
     s = res.summary()
     assert s["calls"] == 12 and s["reuse_rate"] == pytest.approx(10 / 12)  # first call of each episode refreshes
     assert res.l2[0] == 0.0 and res.l2[6] == 0.0  # episode starts are fresh
     assert max(res.l2) > 0
+    on_reuse = [c for c, d in zip(res.cosine, res.decisions, strict=True) if d == "reuse"]
+    assert s["cos_mean_on_reuse"] == pytest.approx(np.mean(on_reuse))
 
 
 def test_chunk_similarity():

@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"kvreuse: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through the workers' machinery
+        kept = " (finished episodes are in the results DB; the same command continues from there)" \
+            if argv and argv[0] in ("eval", "sweep") else ""
+        print(f"kvreuse: interrupted{kept}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

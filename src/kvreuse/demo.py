@@ -15,6 +15,8 @@ def run_demo(preset: str = "tiny-pi0", seed: int = 0, calls: int = 3) -> None:
     from .model.tokenizer import load_tokenizer
     from .transforms.robot import RobotTransform, robot_spec
 
+    if calls < 1:
+        raise ValueError(f"calls: expected an integer >= 1, got {calls}")
     cfg = get_preset(preset)
     if cfg.tokenizer != "bytes":
         raise ValueError(f"demo runs the tiny presets only (built-in tokenizer); got {preset!r}")

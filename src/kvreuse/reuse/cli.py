@@ -183,10 +183,11 @@ def run_compare(
             for i, (c, d, dec) in enumerate(zip(res.cosine, res.l2, res.decisions)):
                 print(f"  call {i:4d}  {dec:7s}  cos {c:.6f}  l2 {d:.5f}")
         s = res.summary()
+        on_reuse = s["cos_mean_on_reuse"]
         print(
             f"calls {s['calls']}  reuse rate {s['reuse_rate']:.1%}\n"
             f"cosine mean {s['cos_mean']:.6f}  min {s['cos_min']:.6f}  p5 {s['cos_p5']:.6f}  "
-            f"mean on reuse {s['cos_mean_on_reuse']:.6f}\n"
+            f"mean on reuse {'n/a (nothing reused)' if on_reuse is None else f'{on_reuse:.6f}'}\n"
             f"L2 mean {s['l2_mean']:.5f}  max {s['l2_max']:.5f}\n"
             f"latency mean: baseline {s['baseline_ms']:.2f} ms, setting {s['candidate_ms']:.2f} ms "
             f"(x{s['speedup']:.2f})"

@@ -46,7 +46,7 @@ class ActionComparison:
     def summary(self) -> dict:
         c, l2 = np.asarray(self.cosine), np.asarray(self.l2)
         reused = [d == "reuse" for d in self.decisions]
-        on_reuse = c[np.asarray(reused, dtype=bool)] if any(reused) else np.asarray([1.0])
+        on_reuse = c[np.asarray(reused, dtype=bool)]  # empty when nothing was reused: no figure
         b, k = self.baseline["mean_ms"], self.candidate["mean_ms"]
         return {
             "calls": len(c),
@@ -54,7 +54,7 @@ class ActionComparison:
             "cos_mean": float(c.mean()),
             "cos_min": float(c.min()),
             "cos_p5": float(np.percentile(c, 5)),
-            "cos_mean_on_reuse": float(on_reuse.mean()),
+            "cos_mean_on_reuse": float(on_reuse.mean()) if on_reuse.size else None,
             "l2_mean": float(l2.mean()),
             "l2_max": float(l2.max()),
             "baseline_ms": b,
