@@ -84,7 +84,9 @@ class FakePolicy:
     def reset(self):
         self.resets += 1
 
-    def infer(self, raw):
+    def infer(self, raw, reset: bool = False):
+        if reset:
+            self.reset()
         time.sleep(self.delay_s)
         d = self.decisions[min(self.calls, len(self.decisions) - 1)]
         self.calls += 1
@@ -136,6 +138,9 @@ def test_protocol_roundtrip_and_openpi_compat():
         (msgpack.packb({b"__ndarray__": True, b"data": b"", b"dtype": "nonsense", b"shape": [0]}), "dtype"),
         (msgpack.packb({b"__ndarray__": True, b"data": b"", b"dtype": "<f4", b"shape": [-1]}), "shape"),
         (msgpack.packb({1: 2}), "malformed"),
+        # Strings, bytes and dates: no observation field takes them (numbers and bools only).
+        *((msgpack.packb({b"__ndarray__": True, b"data": b"\0" * 8, b"dtype": dt, b"shape": [1]}), "not allowed")
+          for dt in ("<U2", "|S8", "<M8[s]", "<m8[s]")),
     ],
 )
 def test_protocol_rejects_malformed(frame, words):
@@ -184,6 +189,20 @@ def test_reset_restarts_noise_and_control_message(server_port):
         a.close(), b.close()
 
 
+def test_rejected_observation_with_reset_leaves_the_session_unchanged():
+    from kvreuse.serve.session import ClientSession
+
+    s = ClientSession(_TEMPLATE[0].fork(), "test", max_cache_age_s=60.0, policy_bounds_age=True)
+    s.infer(good_obs(), reset=False)
+    born, calls = s.cache_born, s.policy.runner.call_index
+    bad = {**good_obs(), "observation/state": np.zeros(7, np.float32)}
+    with pytest.raises(ValueError, match="observation/state"):
+        s.infer(bad, reset=True)
+    assert s.stats.resets == 0 and s.cache_born == born and s.policy.runner.call_index == calls == 1
+    _, rec = s.infer(good_obs(), reset=True)  # a good one is still reset first
+    assert s.stats.resets == 1 and s.policy.runner.call_index == 1 and rec.decision == "refresh"
+
+
 # ---- bad frames --------------------------------------------------------------------------------
 def _bad_frames():
     obs = good_obs()
@@ -205,6 +224,15 @@ def _bad_frames():
         "unknown control": (packb({"__ctrl__": "explode"}), "unknown control"),
         "bad reset flag": (packb({**obs, "reset": "yes"}), "reset"),
         "array reset flag": (packb({**obs, "reset": np.ones(2, bool)}), "reset"),
+        "float image 0-255": (packb({**obs, "observation/image": obs["observation/image"].astype(np.float32)}),
+                              "observation/image: float pixels must be in [0, 1]"),
+        "empty image": (packb({**obs, "observation/image": np.zeros((0, 0, 3), np.uint8)}), "observation/image"),
+        "string image": (packb({**obs, "observation/image": "abc"}), "observation/image"),
+        "string state": (packb({**obs, "observation/state": "abcd"}), "observation/state"),
+        "dict state": (packb({**obs, "observation/state": {"x": 1.0}}), "observation/state"),
+        "prompt not a string": (packb({**obs, "prompt": 5}), "prompt"),
+        "prompt nil": (packb({**obs, "prompt": None}), "prompt"),
+        "missing prompt": (packb({k: v for k, v in obs.items() if k != "prompt"}), "missing key(s) ['prompt']"),
     }
 
 
@@ -215,7 +243,7 @@ def test_bad_frame_gets_short_error_then_connection_serves(server_port, kind):
     try:
         reply = c.send(frame)
         assert isinstance(reply, str) and reply.startswith("error:"), reply
-        assert words.lower() in reply.lower() and "Traceback" not in reply and len(reply) < 400 and "\n" not in reply
+        assert words.lower() in reply.lower() and "internal error" not in reply and "Traceback" not in reply and len(reply) < 400 and "\n" not in reply
         good = c.infer(good_obs())
         assert isinstance(good, dict) and good["actions"].shape == (16, 4)
     finally:

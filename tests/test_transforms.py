@@ -85,6 +85,46 @@ def test_bad_images(img, match):
         to_batched_chw(img, name="observation/image")
 
 
+
+@pytest.mark.parametrize("size", [64, 96])  # the model's own size (no resize, no clamp there) and another
+def test_float_images_must_be_in_unit_range(size):
+    img = RNG.uniform(0, 255, (size, size, 3)).astype(np.float32)  # 0-255 data sent as float
+    with pytest.raises(ValueError, match=r"observation/image: float pixels must be in \[0, 1\], got .*uint8"):
+        preprocess_image(img, 64, name="observation/image")
+    with pytest.raises(ValueError, match=r"float pixels must be in \[0, 1\]"):
+        preprocess_image(-img / 255.0, 64)
+    # Rounding just past the range is accepted and clamped, at every size.
+    out = preprocess_image(np.full((size, size, 3), 1.0005, np.float32), 64)
+    assert out.max() <= 1.0 and out.min() >= -1.0
+
+
+@pytest.mark.parametrize(
+    "img,match",
+    [
+        ("abc", r"expected uint8 or float pixels, got str"),
+        (np.full((8, 8, 3), "a"), r"expected uint8 or float pixels, got dtype <U1"),
+        (np.full((8, 8, 3), b"a"), r"expected uint8 or float pixels, got dtype \|S1"),
+        (np.zeros((8, 8, 3), "M8[s]"), "expected uint8 or float pixels, got dtype datetime64"),
+        (np.zeros((8, 8, 3), "m8[s]"), "expected uint8 or float pixels, got dtype timedelta64"),
+        (np.zeros((8, 8, 3), ">u2"), "expected uint8 or float pixels, got dtype >u2"),
+        ([[1, 2], [3]], "expected an array of pixels, got a ragged list"),
+        (np.zeros((0, 0, 3), np.uint8), r"expected a non-empty image, got shape \(1, 0, 0, 3\)"),
+        (np.zeros((64, 0, 3), np.float32), "expected a non-empty image"),
+    ],
+    ids=["str", "U", "S", "M", "m", "big-endian u2", "ragged", "0x0", "64x0"],
+)
+def test_non_pixel_images_raise_value_error(img, match):
+    with pytest.raises(ValueError, match="observation/image: " + match):
+        preprocess_image(img, 64, name="observation/image")
+
+
+@pytest.mark.parametrize("dt", ["f2", "f4", "f8"])
+@pytest.mark.parametrize("shape", [(64, 64, 3), (48, 80, 3)])  # at the model's size and resized
+def test_big_endian_images_equal_native_ones(dt, shape):
+    img = RNG.uniform(0, 1, shape)
+    assert torch.equal(preprocess_image(img.astype(">" + dt), 64), preprocess_image(img.astype("<" + dt), 64))
+
+
 # ---- normalization ------------------------------------------------------------------------------
 
 
@@ -218,6 +258,49 @@ def test_bad_image_through_the_transform(tf):
     r["observation/wrist_image"] = r["observation/wrist_image"][..., :2]
     with pytest.raises(ValueError, match="observation/wrist_image: expected 3 color channels"):
         tf(r)
+
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("prompt", 5, "prompt: expected a string or a list of strings, got int"),
+        ("prompt", None, "prompt: expected a string or a list of strings, got NoneType"),
+        ("prompt", [1], "prompt: expected a string or a list of strings, got list"),
+        ("observation/state", {"x": 1}, "observation/state: expected an array of numbers, got dict"),
+        ("observation/state", "abcd", "observation/state: expected an array of numbers, got str"),
+        ("observation/state", [[1, 2], [3]], "observation/state: expected an array of numbers, got a ragged list"),
+        ("observation/image", "abcd", "observation/image: expected uint8 or float pixels, got str"),
+        ("observation/wrist_image", np.zeros((0, 0, 3), np.uint8), "observation/wrist_image: expected a non-empty"),
+    ],
+    ids=["prompt int", "prompt None", "prompt list of int", "state dict", "state str", "state ragged", "image str",
+         "image 0x0"],
+)
+def test_client_mistakes_raise_value_error_naming_the_key(tf, key, value, match):
+    r = raw()
+    r[key] = value
+    with pytest.raises(ValueError, match=match):
+        tf(r)
+
+
+def test_big_endian_state_and_images_are_accepted(tf):
+    r = raw()
+    r["observation/image"] = RNG.uniform(0, 1, (96, 128, 3)).astype(np.float32)
+    swapped = {**r, "observation/image": r["observation/image"].astype(">f4"),
+               "observation/state": r["observation/state"].astype(">f8")}
+    a, b = tf(r), tf(swapped)
+    assert all(torch.equal(a.images[c], b.images[c]) for c in a.images) and torch.equal(a.state, b.state)
+
+
+def test_prompt_is_required_unless_a_default_is_set():
+    cfg = preset("tiny-pi0")
+    r = raw()
+    del r["prompt"]
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['prompt'\]"):
+        RobotTransform(cfg, ByteTokenizer(), None, robot_spec("metaworld"))(r)
+    with_default = RobotTransform(cfg, ByteTokenizer(), None, robot_spec("metaworld"), default_prompt="reach")
+    assert with_default(r).prompt == ("reach",)
+    assert with_default({**r, "prompt": "push"}).prompt == ("push",)  # a given prompt wins
 
 
 def test_robot_to_unknown_model_camera_and_unknown_robot():

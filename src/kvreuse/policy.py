@@ -104,9 +104,13 @@ class Policy:
         return tuple(tuple(np.shape(raw[k])) for k in self.transform.spec.camera_keys if k in raw)
 
     @torch.no_grad()
-    def infer(self, raw: dict, noise: torch.Tensor | None = None) -> tuple[np.ndarray, StepRecord]:
+    def infer(self, raw: dict, noise: torch.Tensor | None = None, reset: bool = False) -> tuple[np.ndarray, StepRecord]:
+        """reset: start an episode with this observation (as reset() first), applied only once the
+        observation has passed the transform's checks, so a rejected one changes nothing."""
         t0 = time.perf_counter()
         obs = self.transform(raw, device=self.model.device)
+        if reset:
+            self.reset()
         if self.recorder is not None:
             self.recorder.add(raw, reset=self.runner.call_index == 0)
         if noise is None:

@@ -2,8 +2,10 @@
 
 An array travels as {b"__ndarray__": True, b"data": raw bytes (C order), b"dtype": dtype.str,
 b"shape": [dims]}; a numpy scalar as {b"__npgeneric__": True, b"data": value, b"dtype": str}.
-Keys are msgpack bin (bytes), as openpi_client.msgpack_numpy writes them. Object, void and
-complex dtypes are refused both ways, so nothing here can ever run code from a frame.
+Keys are msgpack bin (bytes), as openpi_client.msgpack_numpy writes them. Only number and bool
+dtypes travel: object, void and complex (as openpi) and also string, bytes, datetime and
+timedelta (no observation field takes them; a prompt is a msgpack str) are refused both ways, so
+nothing here can ever run code from a frame.
 
 Decoding is strict (frames come from the network): anything malformed raises ProtocolError with
 a one-line message the server sends back to the client.
@@ -17,7 +19,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-_BAD_KINDS = ("V", "O", "c")
+_KINDS = "biuf"  # bools and numbers: every other kind is refused
 
 
 class ProtocolError(ValueError):
@@ -26,12 +28,12 @@ class ProtocolError(ValueError):
 
 def _encode(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        if obj.dtype.kind in _BAD_KINDS:
+        if obj.dtype.kind not in _KINDS:
             raise TypeError(f"cannot send a numpy array of dtype {obj.dtype}")
         return {b"__ndarray__": True, b"data": np.ascontiguousarray(obj).tobytes(), b"dtype": obj.dtype.str,
                 b"shape": list(obj.shape)}
     if isinstance(obj, np.generic):
-        if obj.dtype.kind in _BAD_KINDS:
+        if obj.dtype.kind not in _KINDS:
             raise TypeError(f"cannot send a numpy scalar of dtype {obj.dtype}")
         return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
     if isinstance(obj, tuple):
@@ -46,7 +48,7 @@ def _dtype(spec: Any) -> np.dtype:
         dt = np.dtype(spec.decode() if isinstance(spec, bytes) else spec)
     except (TypeError, ValueError, UnicodeDecodeError):
         raise ProtocolError(f"unknown array dtype {spec!r}") from None
-    if dt.kind in _BAD_KINDS or dt.hasobject:
+    if dt.kind not in _KINDS:
         raise ProtocolError(f"array dtype {dt} is not allowed (numbers and bools only)")
     return dt
 

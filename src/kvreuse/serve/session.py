@@ -111,10 +111,14 @@ class ClientSession:
             self.stats.age_resets += 1
 
     def infer(self, obs: dict, reset: bool) -> tuple[np.ndarray, StepRecord]:
+        if not reset:
+            self._enforce_max_age()
+        # The policy resets only once the observation passed its checks: a rejected one leaves
+        # this client's state as it was.
+        actions, rec = self.policy.infer(obs, reset=reset)
         if reset:
-            self.reset()
-        self._enforce_max_age()
-        actions, rec = self.policy.infer(obs)
+            self.cache_born = None
+            self.stats.resets += 1
         if rec.decision != "reuse":
             self.cache_born = time.monotonic()
         return actions, rec

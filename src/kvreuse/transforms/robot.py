@@ -72,8 +72,11 @@ class RobotTransform:
         spec: RobotSpec,
         norm_mode: NormMode | None = None,
         truncate: bool = False,
+        default_prompt: str | None = None,
     ):
         self.cfg, self.tok, self.stats, self.spec, self.truncate = cfg, tokenizer, stats, spec, truncate
+        # Used when an observation has no prompt key (as openpi's default_prompt); None: required.
+        self.default_prompt = default_prompt
         self.mode: NormMode = norm_mode or ("quantile" if cfg.variant == "pi05" else "meanstd")
         unknown = [c for _, c in spec.cameras if c not in cfg.cameras]
         if unknown:
@@ -86,11 +89,12 @@ class RobotTransform:
         unknown_cams = [k for k in raw if k not in known and "image" in k]
         if unknown_cams:
             raise ValueError(f"unknown camera key(s) {unknown_cams}; this robot's cameras: {list(spec.camera_keys)}")
-        missing = [k for k in (*spec.camera_keys, spec.state_key) if k not in raw]
+        required = (*spec.camera_keys, spec.state_key, *((spec.prompt_key,) if self.default_prompt is None else ()))
+        missing = [k for k in required if k not in raw]
         if missing:
             raise ValueError(f"missing key(s) {missing}; expected {sorted(known)}")
 
-        state = np.asarray(raw[spec.state_key], dtype=np.float64)
+        state = self._state(raw[spec.state_key])
         if state.ndim == 1:
             state = state[None]
         if state.ndim != 2 or state.shape[1] != spec.state_dim:
@@ -98,6 +102,16 @@ class RobotTransform:
         if not np.isfinite(state).all():
             raise ValueError(f"{spec.state_key}: contains NaN or inf")
         b = state.shape[0]
+        # Checked before the images, which may be copied to the device.
+        prompt = raw.get(spec.prompt_key, self.default_prompt)
+        if isinstance(prompt, str):
+            prompts = [prompt] * b
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        else:
+            raise ValueError(f"{spec.prompt_key}: expected a string or a list of strings, got {type(prompt).__name__}")
+        if len(prompts) != b:
+            raise ValueError(f"{spec.prompt_key}: {len(prompts)} prompts for a batch of {b}")
 
         size = cfg.vision.image_size
         images, masks = {}, {}
@@ -113,11 +127,6 @@ class RobotTransform:
                 raise ValueError(f"{key}: batch size {img.shape[0]} does not match the state's {b}")
             images[cam], masks[cam] = img, torch.ones(b, dtype=torch.bool)
 
-        prompt = raw.get(spec.prompt_key, "")
-        prompts = [prompt] * b if isinstance(prompt, str) else [str(p) for p in prompt]
-        if len(prompts) != b:
-            raise ValueError(f"{spec.prompt_key}: {len(prompts)} prompts for a batch of {b}")
-
         nstate = normalize(state, self.stats.state, self.mode) if self.stats else state
         toks = tokenize_prompts(cfg, self.tok, prompts, nstate if cfg.state_in_prompt else None, self.truncate)
         obs = Observation(
@@ -130,6 +139,18 @@ class RobotTransform:
             prompt=tuple(prompts),
         )
         return obs.to(device) if device is not None else obs
+
+    def _state(self, x) -> np.ndarray:
+        """The state as float64; anything but numbers is refused here, naming the key (numpy's
+        own errors do not)."""
+        key = self.spec.state_key
+        try:
+            a = np.asarray(x)
+        except ValueError:  # ragged nested lists
+            raise ValueError(f"{key}: expected an array of numbers, got a ragged {type(x).__name__}") from None
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"{key}: expected an array of numbers, got {type(x).__name__} of dtype {a.dtype}")
+        return a.astype(np.float64, copy=False)
 
     # ---- output -----------------------------------------------------------------------------
     def actions(self, out: torch.Tensor) -> np.ndarray:
