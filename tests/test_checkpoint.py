@@ -4,16 +4,22 @@ norm stats beside reference weights, `kvreuse info`. Tiny presets only."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kvreuse.checkpoint import checkpoint_format, load_checkpoint, save_checkpoint
+from kvreuse.checkpoint import (
+    check_checkpoint,
+    checkpoint_format,
+    load_checkpoint,
+    save_checkpoint,
+)
 from kvreuse.cli import main as cli_main
 from kvreuse.info import describe
-from kvreuse.model import Pi0Model, preset
+from kvreuse.model import ModelConfig, Pi0Model, preset
 from kvreuse.observation import Observation
 from kvreuse.ref_checkpoint import (
     canonical,
@@ -297,3 +303,167 @@ def test_info_bad_path_is_one_line_error(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kvreuse: error: checkpoint") and "\n" not in err
+
+
+# ---- broken checkpoints: one ValueError naming the file, from every reader ----------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return Pi0Model(preset("tiny-pi0")).eval()
+
+
+def all_readers_fail(path, match, capsys):
+    """load_checkpoint, describe, check_checkpoint and `kvreuse info` all give the one error."""
+    for read in (load_checkpoint, describe, check_checkpoint):
+        with pytest.raises(ValueError, match=match):
+            read(path)
+    with pytest.raises(SystemExit):
+        cli_main(["info", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvreuse: error: ") and "\n" not in err and "Traceback" not in err
+    assert re.search(match, err)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header only", "garbage"])
+def test_unreadable_weights_name_the_file(tiny, tmp_path, capsys, damage):
+    ck = save_checkpoint(tmp_path / "ck", tiny, stats(), "metaworld")
+    f = ck / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"truncated": data[: len(data) // 2], "header only": data[:100], "garbage": b"\xff" * 64}[damage])
+    all_readers_fail(ck, re.escape(f"checkpoint {f}: not a readable safetensors file"), capsys)
+    # a reference file too
+    save_reference(tmp_path / "ref", tiny)
+    ref = tmp_path / "ref" / "model.safetensors"
+    ref.write_bytes(ref.read_bytes()[:100])
+    all_readers_fail(tmp_path / "ref", re.escape(f"checkpoint {ref}: not a readable safetensors file"), capsys)
+
+
+def test_weights_truncated_while_loading_name_the_file(tiny, tmp_path, monkeypatch):
+    """Past the header check (a file still being copied): the tensor read's error is named too."""
+    import kvreuse.checkpoint as ckpt
+    import kvreuse.ref_checkpoint as refck
+
+    def truncating(check):
+        def wrapped(ref_or_file, *a):
+            out = check(ref_or_file, *a)
+            f = getattr(ref_or_file, "path", ref_or_file)
+            f.write_bytes(f.read_bytes()[:-100])
+            return out
+        return wrapped
+
+    ck = save_checkpoint(tmp_path / "ck", tiny, None, "metaworld")
+    monkeypatch.setattr(ckpt, "check_weights", truncating(ckpt.check_weights))
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {ck / 'model.safetensors'}: not a readable")):
+        load_checkpoint(ck)
+    ref = save_reference(tmp_path / "ref", tiny)
+    monkeypatch.setattr(refck, "match_keys", truncating(refck.match_keys))
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {ref}: not a readable")):
+        load_checkpoint(ref)
+
+
+@pytest.mark.parametrize("name", ["config.json", "norm_stats.json"])
+def test_invalid_json_names_the_file(tiny, tmp_path, capsys, name):
+    ck = save_checkpoint(tmp_path / "ck", tiny, stats(), "metaworld")
+    (ck / name).write_text('{"a": 1\n"b": 2}')
+    all_readers_fail(ck, re.escape(f"checkpoint {ck / name}: not valid JSON (Expecting ','"), capsys)
+
+
+def test_malformed_norm_stats_name_the_file(tiny, tmp_path, capsys):
+    ck = save_checkpoint(tmp_path / "ck", tiny, stats(), "metaworld")
+    (ck / "norm_stats.json").write_text(json.dumps({"state": stats().state.to_dict()}))
+    all_readers_fail(ck, re.escape(f"checkpoint {ck / 'norm_stats.json'}: expected \"state\" and \"actions\""), capsys)
+
+
+def test_broken_files_beside_reference_weights_are_named(tiny, tmp_path):
+    ref = save_reference(tmp_path, tiny, "openpi")
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {tmp_path / 'config.json'}: not valid JSON")):
+        load_checkpoint(ref)  # the file given directly: its config.json is not silently dropped
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "norm_stats.json").write_text("{oops")
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {tmp_path / 'norm_stats.json'}: not valid JSON")):
+        load_checkpoint(tmp_path)
+    (tmp_path / "norm_stats.json").write_text(json.dumps({"state": {"mean": "abc", "std": [1]}, "actions": []}))
+    with pytest.raises(ValueError, match=r"norm stats .*norm_stats\.json \[state\]: expected arrays of numbers"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "norm_stats.json").unlink()
+    proc = tmp_path / "policy_preprocessor_step_5_normalizer_processor.safetensors"
+    proc.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=re.escape(f"norm stats {proc}: not a readable safetensors file")):
+        load_checkpoint(tmp_path)
+
+
+def test_own_weights_file_is_recognized(tiny, tmp_path, capsys):
+    ck = save_checkpoint(tmp_path / "ck", tiny, None, "metaworld")
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes())
+    for path, f in ((ck / "model.safetensors", ck / "model.safetensors"), (tmp_path / "only", tmp_path / "only" / "model.safetensors")):
+        all_readers_fail(path, re.escape(f"checkpoint {f}: this is a kvreuse weights file; pass its checkpoint "
+                                         "directory (with config.json)"), capsys)
+
+
+@pytest.mark.parametrize("meta", [{}, {"robot": "metaworld"}])
+def test_config_without_model_section(tiny, tmp_path, capsys, meta):
+    ck = save_checkpoint(tmp_path / "ck", tiny, None, "metaworld")
+    (ck / "config.json").write_text(json.dumps(meta))
+    all_readers_fail(ck, re.escape(f"checkpoint {ck / 'config.json'}: no \"model\" section"), capsys)
+    # beside reference weights the same config.json is lerobot's business: it still loads
+    save_reference(tmp_path / "ref", tiny)
+    (tmp_path / "ref" / "config.json").write_text("{}")
+    assert checkpoint_format(tmp_path / "ref") == "reference"
+    check_checkpoint(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("vision.width", "abc", "an integer >= 1"),
+    ("chunk_size", 1.5, "an integer >= 1"),
+    ("num_steps", True, "an integer >= 1"),
+    ("rope_base", "1e4", "a number"),
+    ("cameras", "base", "a list of names"),
+    ("variant", "pi1", "one of pi0, pi05"),
+    ("llm", [], "an object"),
+])
+def test_config_types_are_checked(tiny, tmp_path, capsys, field, value, expected):
+    ck = save_checkpoint(tmp_path / "ck", tiny, None, "metaworld")
+    meta = json.loads((ck / "config.json").read_text())
+    d = meta["model"]
+    *outer, last = field.split(".")
+    for k in outer:
+        d = d[k]
+    d[last] = value
+    (ck / "config.json").write_text(json.dumps(meta))
+    all_readers_fail(ck, re.escape(f"checkpoint {ck / 'config.json'}: model.{field}: expected {expected}"), capsys)
+
+
+def test_model_config_from_dict_round_trips_and_checks():
+    for cfg in (preset("tiny-pi0"), preset("pi05")):
+        assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert ModelConfig.from_dict({"rope_base": 10000}).rope_base == 10000.0  # ints are numbers
+    with pytest.raises(ValueError, match=r"model: unknown field\(s\) \['widht'\]"):
+        ModelConfig.from_dict({"widht": 3})
+    with pytest.raises(ValueError, match=r"model\.expert\.depth: expected an integer >= 1, got 0"):
+        ModelConfig.from_dict({"expert": {"depth": 0}})
+
+
+@pytest.mark.parametrize("change,first", [
+    ({"variant": "pi05"}, "missing keys"),  # a Pi0.5 config over Pi0 weights
+    ({"vocab_size": 300}, "wrong shape llm.embed.weight: file (260, 128) vs config (300, 128)"),
+])
+def test_config_must_fit_the_weights(tiny, tmp_path, capsys, change, first):
+    ck = save_checkpoint(tmp_path / "ck", tiny, None, "metaworld")
+    meta = json.loads((ck / "config.json").read_text())
+    meta["model"].update(change)
+    (ck / "config.json").write_text(json.dumps(meta))
+    all_readers_fail(ck, re.escape(f"checkpoint {ck / 'model.safetensors'} does not fit its config.json") + ".*"
+                     + re.escape(first), capsys)
+
+
+def test_check_checkpoint_accepts_good_ones_and_reads_no_pickle(tiny, tmp_path):
+    check_checkpoint(save_checkpoint(tmp_path / "ck", tiny, stats(), "metaworld"))
+    check_checkpoint(save_reference(tmp_path / "ref", tiny))
+    (tmp_path / "ck" / "model.safetensors").rename(tmp_path / "ck" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {tmp_path / 'ck'}: no model.safetensors")):
+        check_checkpoint(tmp_path / "ck")
+

@@ -4,6 +4,7 @@ runtime gives the eager actions."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -104,3 +105,26 @@ def test_with_cameras_shares_the_weights_and_checks_its_cameras():
         model.with_cameras(("left",))
     with pytest.raises(ValueError, match="subset of"):
         model.with_cameras(())
+
+
+def test_broken_checkpoint_is_a_value_error_naming_the_file(tmp_path):
+    """`kvreuse serve --checkpoint` goes through Policy.from_checkpoint: bad config types and
+    unreadable weights are one ValueError naming the file, not a TypeError / SafetensorError."""
+    from kvreuse.checkpoint import save_checkpoint
+    from kvreuse.reuse.config import ReuseConfig
+    from kvreuse.serve.command import build_policy
+
+    torch.manual_seed(0)
+    ck = save_checkpoint(tmp_path / "ck", Pi0Model(preset("tiny-pi0")).eval(), None, "metaworld")
+    meta = json.loads((ck / "config.json").read_text())
+    meta["model"]["vision"]["width"] = "abc"
+    (ck / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(f"{ck / 'config.json'}: model.vision.width: expected an integer")):
+        Policy.from_checkpoint(ck)
+    meta["model"]["vision"]["width"] = preset("tiny-pi0").vision.width
+    (ck / "config.json").write_text(json.dumps(meta))
+    Policy.from_checkpoint(ck)  # fixed: it loads
+    f = ck / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match=re.escape(f"{f}: not a readable safetensors file")):
+        build_policy(str(ck), ReuseConfig())

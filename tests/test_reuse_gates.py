@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -176,6 +178,28 @@ def test_config_validation_names_the_field():
         ReuseConfig(mode="layer_wise", layer_split=8).split_for(4)
     with pytest.raises(ValueError, match="unknown field"):
         ReuseConfig.from_dict({"treshold": 0.9})
+
+
+def test_config_types_are_checked():
+    """from_dict gets JSON and `key=value` strings: a wrong type is one ValueError naming the field."""
+    for kw, msg in [
+        ({"threshold": "abc"}, "reuse.threshold: expected a number, got 'abc'"),
+        ({"period": 1.5}, "reuse.period: expected an integer, got 1.5"),
+        ({"period": True}, "reuse.period: expected an integer, got True"),
+        ({"downsample": "8"}, "reuse.downsample: expected an integer"),
+        ({"synchronized": 1}, "reuse.synchronized: expected true or false, got 1"),
+        ({"max_age_calls": 2.0}, "reuse.max_age_calls: expected an integer or None, got 2.0"),
+        ({"patch_max_diff": "x"}, "reuse.patch_max_diff: expected a number or None"),
+        ({"max_age_s": False}, "reuse.max_age_s: expected a number or None"),
+        ({"gate": 5}, "reuse.gate: expected one of never, always"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            ReuseConfig.from_dict({"gate": "threshold", **kw})
+    ok = ReuseConfig.from_dict({"gate": "threshold", "threshold": 1, "max_age_s": 2, "phase_horizon": None,
+                                "patch_max_diff": None, "layer_split": 2, "synchronized": True})
+    assert ok.threshold == 1 and ok.max_age_s == 2 and ok.layer_split == 2
+    with pytest.raises(ValueError, match="reuse config: expected an object"):
+        ReuseConfig.from_dict([("gate", "always")])
 
 
 def test_labels_are_short_and_distinct():

@@ -9,7 +9,8 @@ a directory) load through the same `load_checkpoint`: their keys are mapped to o
 read from the keys and checked against the config, and their norm stats are read from
 `norm_stats.json` (openpi) or the lerobot processor safetensors beside the weights.
 
-Only safetensors and JSON are read: nothing is ever unpickled.
+Only safetensors and JSON are read: nothing is ever unpickled. Every unreadable or ill-typed file
+is one ValueError naming it; `check_checkpoint` runs those checks from the headers alone.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from .model.config import ModelConfig
 from .model.pi0 import Pi0Model
 from .transforms.normalize import NormStats
 
+WEIGHTS = "model.safetensors"
+
 
 def save_checkpoint(path: str | Path, model: Pi0Model, stats: NormStats | None, robot: str, **extra) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"))
+    save_file(state, str(path / WEIGHTS))
     meta = {"model": model.cfg.to_dict(), "robot": robot, **extra}
     (path / "config.json").write_text(json.dumps(meta, indent=2))
     if stats is not None:
@@ -37,12 +40,122 @@ def save_checkpoint(path: str | Path, model: Pi0Model, stats: NormStats | None, 
     return path
 
 
+# ---- readers: every error is one ValueError naming the file -------------------------------------
+
+
+def read_json(f: Path):
+    try:
+        return json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint {f}: not valid JSON ({e})") from None
+
+
+def read_header(f: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """{key: shape}, {key: dtype} of a safetensors file, from its header only (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            slices = {k: sf.get_slice(k) for k in sf.keys()}  # noqa: SIM118 (a safe_open handle)
+            return ({k: tuple(s.get_shape()) for k, s in slices.items()},
+                    {k: str(s.get_dtype()) for k, s in slices.items()})
+    except (OSError, SafetensorError) as e:  # truncated, garbage, not safetensors at all
+        raise ValueError(f"checkpoint {f}: not a readable safetensors file ({e})") from None
+
+
+def own_weights(path: Path) -> Path:
+    f = path / WEIGHTS
+    if not f.is_file():
+        raise ValueError(f"checkpoint {path}: no {WEIGHTS} (only safetensors weights are read, never pickles)")
+    return f
+
+
+def is_own_weights(keys) -> bool:
+    """Our parameter names (a kvreuse model.safetensors), never a reference file's."""
+    return any(k in ("vision.patch_embed.weight", "llm.embed.weight") for k in keys)
+
+
 def read_meta(path: str | Path) -> dict:
+    """config.json of a checkpoint directory (ours, or the lerobot/openpi one beside reference
+    weights). A kvreuse-looking one must have its "model" section."""
     path = Path(path)
     f = path / "config.json"
     if not f.is_file():
         raise ValueError(f"checkpoint {path}: no config.json (expected a kvreuse checkpoint directory)")
-    return json.loads(f.read_text())
+    meta = read_json(f)
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint {f}: expected a JSON object, got {type(meta).__name__}")  # noqa: TRY004 (bad input)
+    if "model" in meta:
+        if not isinstance(meta["model"], dict):
+            got = type(meta["model"]).__name__
+            raise ValueError(f"checkpoint {f}: \"model\" must be an object (a ModelConfig), got {got}")
+    elif "robot" in meta or ((path / WEIGHTS).is_file() and is_own_weights(read_header(path / WEIGHTS)[0])):
+        # Without this it would pass for a lerobot/openpi config and fail on the keys.
+        raise ValueError(f"checkpoint {f}: no \"model\" section "
+                         "(a kvreuse config.json is {\"model\": {...}, \"robot\": ...})")
+    return meta
+
+
+def read_config(path: str | Path, meta: dict | None = None) -> ModelConfig:
+    """The ModelConfig of our checkpoint directory, types checked."""
+    path = Path(path)
+    meta = read_meta(path) if meta is None else meta
+    try:
+        return ModelConfig.from_dict(meta["model"])
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path / 'config.json'}: {e}") from None
+
+
+def read_stats(path: str | Path) -> NormStats | None:
+    f = Path(path) / "norm_stats.json"
+    if not f.is_file():
+        return None
+    d = read_json(f)
+    try:
+        return NormStats.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        problem = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"checkpoint {f}: expected \"state\" and \"actions\", each with mean/std/q01/q99 "
+                         f"number arrays ({problem})") from None
+
+
+def check_weights(f: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The file's keys and shapes against a `cfg` model (built on the meta device: free)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Pi0Model(cfg).state_dict().items()}
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k}: file {shapes[k]} vs config {s}" for k, s in expected.items() if k in shapes and shapes[k] != s]
+    problems = [f"{label} {items[:5]}" + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+                for label, items in (("missing keys", missing), ("unexpected keys", unexpected)) if items]
+    if wrong:
+        problems.append(f"wrong shape {wrong[0]}")
+    if problems:
+        raise ValueError(f"checkpoint {f} does not fit its config.json ({cfg.variant}): " + "; ".join(problems))
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Validate a checkpoint cheaply, before any work: config readable and typed, weights header
+    readable and fitting the config, norm stats readable, nothing but safetensors/JSON. Reads
+    headers only (no tensor of the model). Raises one ValueError naming the file."""
+    path = Path(path)
+    if checkpoint_format(path) != "kvreuse":
+        from .ref_checkpoint import (
+            config_from_reference,
+            inspect_reference,
+            match_keys,
+            read_reference_stats,
+        )
+
+        ref = inspect_reference(path)
+        cfg = config_from_reference(ref)
+        match_keys(ref, cfg)
+        read_reference_stats(ref.dir, cfg.variant)
+        return
+    cfg = read_config(path)
+    f = own_weights(path)
+    check_weights(f, cfg, read_header(f)[0])
+    read_stats(path)
 
 
 def load_checkpoint(
@@ -50,23 +163,27 @@ def load_checkpoint(
 ) -> tuple[Pi0Model, NormStats | None, dict]:
     """Load a checkpoint -> (model in eval mode, norm stats or None, metadata). Our own format,
     or a reference (lerobot / openpi) `model.safetensors` file or directory."""
+    from safetensors import SafetensorError
+
     path = Path(path)
     if checkpoint_format(path) != "kvreuse":
         from .ref_checkpoint import load_reference
 
         return load_reference(path, device=device, dtype=dtype)
     meta = read_meta(path)
-    cfg = ModelConfig.from_dict(meta["model"])
+    cfg = read_config(path, meta)
+    f = own_weights(path)
+    check_weights(f, cfg, read_header(f)[0])  # before building anything
+    stats = read_stats(path)
     with torch.device(device):
         model = Pi0Model(cfg)
-    weights = load_file(str(path / "model.safetensors"), device=str(device))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path}: missing keys {missing}, unexpected keys {unexpected}")
+    try:
+        weights = load_file(str(f), device=str(device))
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"checkpoint {f}: not a readable safetensors file ({e})") from None
+    model.load_state_dict(weights, strict=True)
     if dtype is not None:
         model = model.to(dtype)
-    stats_file = path / "norm_stats.json"
-    stats = NormStats.from_dict(json.loads(stats_file.read_text())) if stats_file.is_file() else None
     return model.eval(), stats, meta
 
 
@@ -75,11 +192,6 @@ def checkpoint_format(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"checkpoint {path}: no such file or directory")
-    f = path / "config.json"
-    if path.is_dir() and f.is_file():
-        try:
-            if "model" in json.loads(f.read_text()):
-                return "kvreuse"
-        except json.JSONDecodeError as e:
-            raise ValueError(f"checkpoint {path}: config.json is not valid JSON ({e})") from None
+    if path.is_dir() and (path / "config.json").is_file():
+        return "kvreuse" if "model" in read_meta(path) else "reference"
     return "reference"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -47,22 +46,26 @@ def _stats_lines(stats) -> list[str]:
 
 def describe(path: str | Path) -> str:
     """A multi-line description of a checkpoint (ours or a lerobot/openpi safetensors)."""
-    from safetensors import safe_open
-
-    from .checkpoint import checkpoint_format, read_meta
-    from .model.config import ModelConfig
-    from .transforms.normalize import NormStats
+    from .checkpoint import (
+        check_weights,
+        checkpoint_format,
+        own_weights,
+        read_config,
+        read_header,
+        read_meta,
+        read_stats,
+    )
 
     path = Path(path)
     if checkpoint_format(path) == "kvreuse":
         meta = read_meta(path)
-        cfg = ModelConfig.from_dict(meta["model"])
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
-            dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})  # noqa: SIM118 (a safe_open handle)
-        sf = path / "norm_stats.json"
-        stats = NormStats.from_dict(json.loads(sf.read_text())) if sf.is_file() else None
-        fmt, robot, weights = "kvreuse", meta.get("robot", "unknown"), path / "model.safetensors"
+        cfg = read_config(path, meta)
+        weights = own_weights(path)
+        shapes, dts = read_header(weights)
+        check_weights(weights, cfg, shapes)  # the config must describe these weights
+        dtypes = sorted(set(dts.values()))
+        stats = read_stats(path)
+        fmt, robot = "kvreuse", meta.get("robot", "unknown")
         extra = {k: v for k, v in meta.items() if k not in ("model", "robot")}
     else:
         from .ref_checkpoint import (
@@ -86,7 +89,8 @@ def describe(path: str | Path) -> str:
     lines = [
         f"checkpoint: {path}",
         f"format: {fmt} ({weights.name}, {', '.join(dtypes)})",
-        f"variant: {cfg.variant} ({'state in the prompt, adaptive RMSNorm' if cfg.variant == 'pi05' else 'state as a suffix token'})",
+        f"variant: {cfg.variant} "
+        f"({'state in the prompt, adaptive RMSNorm' if cfg.variant == 'pi05' else 'state as a suffix token'})",
         f"parameters: {total / 1e6:,.2f}M",
     ]
     lines += [f"  {name}: {n / 1e6:,.2f}M" for name, n in _part_counts(shapes) if n]

@@ -15,7 +15,6 @@ loaded straight onto the target device, so full-size files never pass through a 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,24 +177,15 @@ class RefFile:
 
 
 def inspect_reference(path: str | Path) -> RefFile:
-    from safetensors import safe_open
+    from .checkpoint import is_own_weights, read_header, read_json
 
     f = weights_file(path)
-    shapes, dtypes = {}, {}
-    try:
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():  # noqa: SIM118 (a safe_open handle)
-                sl = sf.get_slice(k)
-                shapes[k], dtypes[k] = tuple(sl.get_shape()), str(sl.get_dtype())
-    except Exception as e:  # noqa: BLE001 - a corrupt or non-safetensors file
-        raise ValueError(f"checkpoint {f}: not a readable safetensors file ({e})") from None
+    shapes, dtypes = read_header(f)
+    if is_own_weights(shapes):  # else it reads as a Pi0 file missing all its keys
+        raise ValueError(f"checkpoint {f}: this is a kvreuse weights file; pass its checkpoint directory "
+                         "(with config.json)")
     cfg_file = f.parent / "config.json"
-    config = {}
-    if cfg_file.is_file():
-        try:
-            config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError:
-            config = {}
+    config = read_json(cfg_file) if cfg_file.is_file() else {}
     return RefFile(f, shapes, dtypes, detect_variant(shapes), config if isinstance(config, dict) else {})
 
 
@@ -318,7 +308,7 @@ def load_reference(
     """Load a lerobot / openpi `model.safetensors` (file or directory) -> (model in eval mode,
     norm stats or None, metadata). `cfg` defaults to the full-size preset of the detected variant
     adjusted by the config.json beside the file; tensors are cast to `dtype` (default float32)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     ref = inspect_reference(path)
     cfg = cfg or config_from_reference(ref)
@@ -330,11 +320,14 @@ def load_reference(
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    with safe_open(str(ref.path), framework="pt", device=str(dev)) as f:
-        for ours, key in source.items():
-            # On the CPU, copy out of the file's memory map: an allocator-aligned tensor runs the
-            # same kernels as one built in memory (bit-identical actions to the saved model).
-            state[ours] = f.get_tensor(key).to(dtype=dtype, copy=dev.type == "cpu")
+    try:
+        with safe_open(str(ref.path), framework="pt", device=str(dev)) as f:
+            for ours, key in source.items():
+                # On the CPU, copy out of the file's memory map: an allocator-aligned tensor runs the
+                # same kernels as one built in memory (bit-identical actions to the saved model).
+                state[ours] = f.get_tensor(key).to(dtype=dtype, copy=dev.type == "cpu")
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"checkpoint {ref.path}: not a readable safetensors file ({e})") from None
     model.load_state_dict(state, strict=True, assign=True)
     stats = read_reference_stats(ref.dir, cfg.variant)
     source_kind = "lerobot" if any(k.startswith("model.") for k in ref.shapes) else "openpi"
@@ -349,12 +342,17 @@ _LEROBOT_STATE, _LEROBOT_ACTION = "observation.state", "action"
 
 def _stats_from(d: dict, needed: tuple[str, str], where: str) -> Stats:
     """Stats from {stat name: array}; stats the mode needs must be there, others become NaN."""
+    if not isinstance(d, dict):
+        raise ValueError(f"norm stats {where}: expected an object of stat arrays, got {type(d).__name__}")  # noqa: TRY004
     lacking = [k for k in needed if k not in d]
     if lacking:
         raise ValueError(f"norm stats {where}: missing {lacking} (has {sorted(d)})")
-    ref = np.asarray(d[needed[0]], dtype=np.float64).reshape(-1)
-    vals = {k: np.asarray(d[k], dtype=np.float64).reshape(-1) if k in d else np.full_like(ref, np.nan)
-            for k in ("mean", "std", "q01", "q99")}
+    try:
+        ref = np.asarray(d[needed[0]], dtype=np.float64).reshape(-1)
+        vals = {k: np.asarray(d[k], dtype=np.float64).reshape(-1) if k in d else np.full_like(ref, np.nan)
+                for k in ("mean", "std", "q01", "q99")}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"norm stats {where}: expected arrays of numbers ({e})") from None
     return Stats(**vals)
 
 
@@ -369,21 +367,28 @@ def read_reference_stats(directory: str | Path, variant: str) -> NormStats | Non
     if len(jsons) > 1:
         raise ValueError(f"norm stats in {d}: several assets/*/norm_stats.json ({[str(j) for j in jsons]}); pass one")
     if jsons:
-        raw = json.loads(jsons[0].read_text())
-        raw = raw.get("norm_stats", raw)
-        if "state" not in raw or "actions" not in raw:
-            raise ValueError(f"norm stats {jsons[0]}: expected keys 'state' and 'actions', got {sorted(raw)}")
+        from .checkpoint import read_json
+
+        raw = read_json(jsons[0])
+        raw = raw.get("norm_stats", raw) if isinstance(raw, dict) else raw
+        if not isinstance(raw, dict) or "state" not in raw or "actions" not in raw:
+            got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"norm stats {jsons[0]}: expected keys 'state' and 'actions', got {got}")
         return NormStats(_stats_from(raw["state"], needed, f"{jsons[0]} [state]"),
                          _stats_from(raw["actions"], needed, f"{jsons[0]} [actions]"))
     pre = sorted(d.glob("policy_preprocessor*normalizer_processor.safetensors"))
     post = sorted(d.glob("policy_postprocessor*unnormalizer_processor.safetensors"))
     if not pre and not post:
         return None
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     flat: dict[str, np.ndarray] = {}
     for f in post + pre:  # preprocessor entries win
-        flat.update({k: v.float().numpy() for k, v in load_file(str(f)).items()})
+        try:
+            flat.update({k: v.float().numpy() for k, v in load_file(str(f)).items()})
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"norm stats {f}: not a readable safetensors file ({e})") from None
 
     def group(prefix: str) -> dict:
         return {k[len(prefix) + 1:]: v for k, v in flat.items() if k.startswith(prefix + ".")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -121,12 +123,43 @@ class ModelConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "ModelConfig":
-        d = dict(d)
-        d["vision"] = VisionConfig(**d["vision"])
-        d["llm"] = GemmaConfig(**d["llm"])
-        d["expert"] = GemmaConfig(**d["expert"])
-        d["cameras"] = tuple(d["cameras"])
-        return ModelConfig(**d)
+        """From JSON (a checkpoint's config.json "model"): every field's type is checked, one
+        ValueError names the first bad field (e.g. `model.vision.width`). Absent fields default."""
+        return _from_dict(ModelConfig, d, "model")
+
+
+def _from_dict(cls, d, where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected an object, got {d!r}")  # noqa: TRY004 (bad input)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; expected some of {names}")
+    return cls(**{k: _checked(hints[k], v, f"{where}.{k}") for k, v in d.items()})
+
+
+def _checked(tp, v, name: str):
+    """v as a value of type tp (JSON types: ints for sizes, numbers for floats, lists for tuples)."""
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, v, name)
+    if typing.get_origin(tp) is Literal:
+        if not isinstance(v, str) or v not in tp.__args__:
+            raise ValueError(f"{name}: expected one of {', '.join(tp.__args__)}, got {v!r}")
+        return v
+    if tp is int:  # every int field is a size or a count
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        return v
+    if tp is float:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"{name}: expected a number, got {v!r}")
+        return float(v)
+    if typing.get_origin(tp) is tuple:  # tuple[str, ...]: the camera names
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
+            raise ValueError(f"{name}: expected a list of names (strings), got {v!r}")
+        return tuple(v)
+    raise TypeError(f"{name}: no JSON check for type {tp}")  # a new field type: add its check
 
 
 _TINY_VISION = VisionConfig(width=96, depth=3, mlp_dim=256, num_heads=4, patch_size=16, image_size=128)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,6 +89,7 @@ class ReuseConfig:
     """Layers < split reused, >= split recomputed; None = half the prefix LM's depth."""
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.gate not in GATES:
             raise ValueError(f"reuse.gate: unknown gate {self.gate!r}; expected one of {', '.join(GATES)}")
         if self.mode not in MODES:
@@ -113,6 +115,33 @@ class ReuseConfig:
         for name in ("variance_threshold", "curvature_threshold", "gripper_delta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"reuse.{name}: expected a number >= 0, got {getattr(self, name)}")
+
+    def _check_types(self) -> None:
+        """Values from JSON or `key=value` strings can be of any type: check each field's
+        annotated type (ints not bools/floats, floats any number, Optional may be None)."""
+        for f in dataclasses.fields(self):
+            v, tp = getattr(self, f.name), _HINTS[f.name]
+            args = typing.get_args(tp)
+            optional = type(None) in args
+            if v is None and optional:
+                continue
+            if typing.get_origin(tp) is Literal:  # the value checks below name the choices
+                if not isinstance(v, str):
+                    raise ValueError(f"reuse.{f.name}: expected one of {', '.join(args)}, got {v!r}")
+                continue
+            base = next(a for a in args if a is not type(None)) if optional else tp
+            if base is bool:
+                ok = isinstance(v, bool)
+            elif base is int:
+                ok = isinstance(v, int) and not isinstance(v, bool)
+            elif base is float:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            else:
+                raise TypeError(f"reuse.{f.name}: no check for type {tp}")  # a new field type: add one
+            if not ok:
+                kind = {bool: "true or false", int: "an integer", float: "a number"}[base]
+                none = " or None" if optional else ""
+                raise ValueError(f"reuse.{f.name}: expected {kind}{none}, got {v!r} ({type(v).__name__})")
 
     @property
     def enabled(self) -> bool:
@@ -161,8 +190,13 @@ class ReuseConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "ReuseConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"reuse config: expected an object of fields, got {d!r}")  # noqa: TRY004 (bad input)
         known = {f.name for f in dataclasses.fields(ReuseConfig)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"reuse config: unknown field(s) {unknown}; expected some of {sorted(known)}")
         return ReuseConfig(**d)
+
+
+_HINTS = typing.get_type_hints(ReuseConfig)  # field name -> evaluated annotation
