@@ -400,14 +400,15 @@ def test_obs_stream_is_deterministic():
 
 
 def test_kvreuse_serve_command_end_to_end():
-    """`kvreuse serve` as a process: announces its port, answers /healthz and a client."""
+    """`kvreuse serve` as a process: announces its port, answers /healthz and a client, whose
+    observations may leave the prompt out (--default-prompt)."""
     import re
     import subprocess
     import sys
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvreuse.cli", "serve", "--port", "0", "--threads", "1", "--gate", "always",
-         "--max-cache-age-s", "2"],
+         "--max-cache-age-s", "2", "--default-prompt", "reach the goal"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:
@@ -421,7 +422,8 @@ def test_kvreuse_serve_command_end_to_end():
         assert http_get(port, "/healthz")[0] == 200
         c = RawClient(port)
         assert c.meta["reuse"].startswith("always/full") and c.meta["max_cache_age_s"] == 2.0
-        r = [c.infer(good_obs())["server_timing"]["reuse"]["decision"] for _ in range(2)]
+        unprompted = {k: v for k, v in good_obs().items() if k != "prompt"}
+        r = [c.infer(unprompted)["server_timing"]["reuse"]["decision"] for _ in range(2)]
         assert r == ["refresh", "reuse"]
         c.close()
     finally:

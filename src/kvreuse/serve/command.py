@@ -88,6 +88,7 @@ def run_serve(
     threads: int | None = None,
     fast: bool = False,
     keep_absent_cameras: bool = False,
+    default_prompt: str | None = None,
 ) -> None:
     """Serve a policy over openpi's websocket protocol, one reuse state per client.
 
@@ -110,6 +111,8 @@ def run_serve(
         fast: run the model through FastPi0 (fused weights, static cache, CUDA graphs on a GPU).
         keep_absent_cameras: feed model cameras the robot lacks as black, masked images (lerobot /
             openpi) instead of leaving them out of the prefix.
+        default_prompt: the task for observations that send no `prompt` (as openpi's
+            default_prompt); without it a missing prompt is an error.
     """
     import asyncio
 
@@ -123,6 +126,7 @@ def run_serve(
                       queue_size=queue_size, max_clients=max_clients, max_cache_age_s=max_cache_age_s)
     reuse = with_age_bound(reuse, max_cache_age_s)
     policy, info = build_policy(checkpoint, reuse, preset, robot, tokenizer, device, seed, fast, keep_absent_cameras)
+    policy.transform.default_prompt = default_prompt  # shared by every client's fork
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if fast:
         logging.getLogger(__name__).info("warmed up (CUDA graphs captured) in %.1f s", warm_up(policy))
