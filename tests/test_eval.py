@@ -429,6 +429,12 @@ def test_sweep_bad_input(tmp_path):
     plan = SweepPlan(db=str(tmp_path / "x.db"), env="fake", grid=[{"gate": "sometimes"}], progress=False)
     with pytest.raises(ValueError, match="unknown gate"):
         run_sweep(plan, PolicySource())
+    for bad, msg in (({"max_steps": 0}, "max_steps: expected an integer >= 1"),
+                     ({"max_steps": -3}, "max_steps: expected an integer >= 1"),
+                     ({"init_start": -7}, "init_start: expected an integer >= 0, got -7")):
+        plan = SweepPlan(db=str(tmp_path / "x.db"), env="fake", progress=False, **bad)
+        with pytest.raises(ValueError, match=msg):
+            run_sweep(plan, PolicySource())
     assert not (tmp_path / "x.db").exists()  # validation happens before anything is written
 
 
@@ -735,3 +741,160 @@ def test_sweep_records_streams_that_replay_to_the_same_actions(tmp_path):
     a1, r1 = replay(make_policy(model, tf, None), one, seed=4)
     a2, _ = replay(make_policy(model, tf, None), one, seed=4)
     assert all(np.array_equal(x, y) for x, y in zip(a1, a2, strict=True)) and len(r1) == len(one)
+
+
+# ---- bad input and regressions found by a user test ----------------------------------------------
+
+
+def test_speedup_uses_the_baseline_on_the_settings_own_episodes(tmp_path):
+    """The baseline ran two tasks, the setting one: its speedup (all tasks) compares it with the
+    baseline on that one task's episodes, not with the baseline's mean over both."""
+    db = tmp_path / "m.db"
+    with ResultStore(db) as st:
+        base = st.setting_id(Setting("p", "fake", 5))
+        thr = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+        for i in range(2):
+            st.add(base, _result("reach", i, i, ms=100.0))
+            st.add(base, _result("reach-far", i, i, ms=10.0))
+            st.add(thr, _result("reach-far", i, i, ms=5.0))
+    rows = {(r.setting, r.task): r for r in compute_rows(db)}
+    assert rows[("baseline", ALL)].n == 4 and rows[("baseline", ALL)].lat.mean == pytest.approx(55.0)  # kept
+    assert rows[("thr", ALL)].speedup == pytest.approx(2.0)  # not 55 / 5
+    assert rows[("thr", "reach-far")].speedup == pytest.approx(2.0) and rows[("thr", ALL)].paired.n == 2
+
+
+def test_eval_summary_prints_only_the_tasks_just_run(tmp_path, capsys):
+    from kvreuse.cli import main
+
+    common = ["eval", "--env", "fake", "--episodes", "2", "--workers", "0", "--no-progress", "--db",
+              str(tmp_path / "e.db")]
+    main([*common, "--tasks", "reach"])
+    capsys.readouterr()
+    main([*common, "--tasks", "reach-far", "--reuse", "gate=threshold threshold=0.98 mode=full", "--with-baseline"])
+    out = capsys.readouterr().out
+    assert "### reach-far" in out and "### reach\n" not in out
+    speedups = [line.split(" | ")[6] for line in out.splitlines() if line.startswith("| threshold")]
+    assert len(speedups) == 2 and speedups[0] == speedups[1]  # all tasks = reach-far: same episodes
+
+
+def test_unusable_db_and_report_paths_are_one_clear_error(tmp_path, capsys):
+    from kvreuse.cli import main
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for db, msg in ((a_file / "x.db", r"cannot create its folder .* \(a file is in the way\)"),
+                    (tmp_path, "is a directory"), (Path("/proc/x.db"), "cannot open it")):
+        with pytest.raises(ValueError, match=f"results DB {db}: {msg}"):
+            ResultStore(db)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "1", "--workers", "0", "--no-progress",
+              "--db", str(a_file / "x.db")])
+    assert e.value.code == 2 and f"results DB {a_file / 'x.db'}: cannot create" in capsys.readouterr().err
+    db = tmp_path / "rep.db"
+    _fill(db)
+    for out in (a_file, Path("/proc/kvreuse_report")):
+        with pytest.raises(ValueError, match=f"report folder {out}: cannot write there"):
+            write_report(db, out, plots=False)
+    with pytest.raises(SystemExit):
+        main(["report", "--db", str(db), "--out", str(a_file)])
+    assert f"report folder {a_file}: cannot write there (a file is in the way)" in capsys.readouterr().err
+
+
+def test_report_is_read_only_and_refuses_files_that_are_not_kvreuse_dbs(tmp_path, capsys):
+    from kvreuse.cli import main
+
+    empty, other = tmp_path / "empty.db", tmp_path / "other.db"
+    empty.write_bytes(b"")
+    c = sqlite3.connect(other)
+    c.execute("CREATE TABLE t (x)")
+    c.commit()
+    c.close()
+    for f in (empty, other):
+        before = f.read_bytes()
+        with pytest.raises(ValueError, match=f"results DB {f}: not a kvreuse results file"):
+            compute_rows(f)
+        with pytest.raises(SystemExit):
+            main(["report", "--db", str(f), "--out", str(tmp_path / "out"), "--no-plots"])
+        assert "not a kvreuse results file" in capsys.readouterr().err
+        assert f.read_bytes() == before  # no schema written, not switched to WAL
+    db = tmp_path / "rep.db"
+    _fill(db)
+    before = db.read_bytes()
+    assert len(compute_rows(db)) == 9 and db.read_bytes() == before
+
+
+def test_device_and_preset_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    from kvreuse.cli import main
+
+    with pytest.raises(ValueError, match="device: unknown device 'cdua'; expected cpu, cuda or cuda:N"):
+        PolicySource(device="cdua")
+    with pytest.raises(ValueError, match="device: unknown device 'meta'"):
+        PolicySource(device="meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device: 'cuda' but CUDA is not available"):
+        PolicySource(device="cuda")
+    from kvreuse.model.config import PRESETS
+
+    with pytest.raises(ValueError, match=f"preset: unknown preset 'tiny-foo'; valid presets: {', '.join(PRESETS)}"):
+        PolicySource(preset="tiny-foo")
+    for flag in (["--device", "cdua"], ["--device", "cuda"], ["--preset", "tiny-foo"]):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "1", "--workers", "0", "--no-progress",
+                  "--db", str(tmp_path / "d.db"), *flag])
+        assert e.value.code == 2 and flag[0][2:] + ":" in capsys.readouterr().err
+    assert not (tmp_path / "d.db").exists()
+
+
+def test_duplicate_tasks_run_once(tmp_path, monkeypatch):
+    import kvreuse.eval.sweep as sw
+
+    monkeypatch.setattr(sw, "make_policy", lambda model, transform, reuse: StubPolicy())
+    plan = SweepPlan(db=str(tmp_path / "t.db"), env="fake", tasks=("reach-far", "reach", "reach-far"), episodes=2,
+                     workers=0, progress=False, env_kw={"max_steps": 3})
+    s = run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    assert s.ran == 4 and s.tasks == ("reach-far", "reach")
+
+
+def test_bench_eval_total_must_be_positive(capsys):
+    from kvreuse.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench-eval", "--env", "fake", "--tasks", "reach", "--total", "0", "--workers", "0"])
+    assert "kvreuse: error: total: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_progress_without_a_terminal_prints_lines(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import kvreuse.eval.sweep as sw
+
+    monkeypatch.setattr(sw, "make_policy", lambda model, transform, reuse: StubPolicy())
+    plan = SweepPlan(db=str(tmp_path / "p.db"), env="fake", tasks=("reach", "reach-far"), episodes=10, workers=0,
+                     progress=True, env_kw={"max_steps": 2})
+    run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("progress:")]
+    assert [x.split(" episodes")[0] for x in lines] == [f"progress: {k}/20" for k in range(2, 21, 2)]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal keeps the tqdm bar
+    assert type(sw._progress(20, True)).__name__ == "tqdm"
+
+
+def test_a_broken_checkpoint_or_a_full_size_preset_without_one_stops_before_any_work(tmp_path):
+    """The checkpoint is checked from its headers before the DB exists or a worker starts (a
+    garbage model.safetensors names the file); a full-size preset never falls back on the
+    shipped tiny policy."""
+    import shutil
+
+    from kvreuse.eval.sweep import shipped_checkpoint
+
+    ck = tmp_path / "ck"
+    shutil.copytree(shipped_checkpoint("tiny-pi0"), ck)
+    (ck / "model.safetensors").write_bytes(b"\xff" * 64)
+    plan = SweepPlan(db=str(tmp_path / "b.db"), env="fake", tasks=("reach",), episodes=1, workers=1, progress=False)
+    with pytest.raises(ValueError, match=f"checkpoint {ck / 'model.safetensors'}: not a readable safetensors file"):
+        run_sweep(plan, PolicySource(str(ck), "tiny-pi0"))
+    assert not (tmp_path / "b.db").exists()
+    assert shipped_checkpoint("pi0") is None and shipped_checkpoint("tiny-pi0").name == "testbed-pi0"
+    with pytest.raises(ValueError, match="preset 'pi0' needs a checkpoint"):
+        run_sweep(SweepPlan(db=str(tmp_path / "c.db"), env="fake", tasks=("reach",), episodes=1, workers=0,
+                            progress=False), PolicySource(None, "pi0"))
+    assert not (tmp_path / "c.db").exists()

@@ -39,15 +39,17 @@ def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers
 
 
 def _print_summary(summary, db: str) -> None:
-    from .report import compute_rows, markdown
+    from .report import ALL, compute_rows, markdown
 
     print(f"{summary.ran} episodes run, {summary.skipped} already in {db}, {summary.errors} env errors, "
           f"{summary.wall_s:.1f} s", file=sys.stderr)
-    # The settings just run and their baselines; not other policies' or protocols' rows in the DB.
+    # The settings just run and their baselines, on the tasks just run; not other policies',
+    # protocols' or tasks' rows in the DB.
     rows = compute_rows(db)
     keys = {s.key for s in summary.settings}
     groups = {r.group for r in rows if r.key in keys}
-    print(markdown([r for r in rows if r.group in groups and (r.key in keys or r.is_baseline)]))
+    tasks = {ALL, *summary.tasks}
+    print(markdown([r for r in rows if r.group in groups and (r.key in keys or r.is_baseline) and r.task in tasks]))
 
 
 def run_eval(
@@ -106,7 +108,7 @@ def run_eval(
         keep_absent_cameras: feed model cameras the env lacks as black, masked images (lerobot /
             openpi) instead of leaving them out of the prefix (kept apart in the DB too).
         tokenizer: the PaliGemma SentencePiece tokenizer.model, for full-size checkpoints.
-        progress: show a progress bar.
+        progress: show progress on stderr (a bar on a terminal, else a line per ~10% of the episodes).
     """
     from .sweep import PolicySource, parse_grid, run_sweep
 
@@ -202,6 +204,8 @@ def run_bench_eval(
     from .envs import check_tasks, make_env
     from .sweep import PolicySource, checkpoint_tasks, default_tasks, parse_grid, run_sweep
 
+    if total < 1:  # checked here: spread over the tasks it would reach the sweep as `episodes`
+        raise ValueError(f"total: expected an integer >= 1 (episodes in all), got {total}")
     e = make_env(env)
     try:  # the tasks run_sweep will pick, to spread `total` over them
         src = PolicySource(checkpoint, preset).resolved(e.robot)

@@ -37,7 +37,8 @@ def make_env(name: str, **kw):
 
 
 def check_tasks(env, tasks: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The tasks, checked, each once (in the given order): a repeated task would run its episodes twice."""
     unknown = [t for t in tasks if t not in env.tasks]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; valid tasks: {', '.join(env.tasks)}")
-    return tuple(tasks)
+    return tuple(dict.fromkeys(tasks))

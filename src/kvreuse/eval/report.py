@@ -5,6 +5,8 @@ with the group's baseline on the episodes both finished (paired: same task, init
 Table layout follows the TurboPi log (threshold | success | latency | Hz | reuse rate |
 speedup) plus n, the 95% Wilson interval and the exact McNemar p-value against the baseline.
 Latency is per policy call (ms, all calls of all finished episodes); Hz = 1000 / mean latency.
+Speedup divides the baseline's mean latency on the setting's episodes (same task, init state,
+seed) by the setting's: the baseline may have run more tasks than the setting.
 """
 
 from __future__ import annotations
@@ -68,13 +70,21 @@ def compute_rows(db: str | Path) -> list[Row]:
         for task in [ALL, *tasks]:
             pick = (lambda e: True) if task == ALL else (lambda e, t=task: e["task"] == t)
             b_sel = [e for e in base_eps if pick(e)]
-            b_lat = latency(_calls(b_sel))
             for s in ss:
                 sel = [e for e in eps.get(s["id"], []) if pick(e)]
                 if not sel:
                     continue
-                rows.append(_row(gname, s, task, sel, b_sel if base is not None else None, b_lat))
+                # Compare with the baseline on the setting's own episodes only: the baseline may
+                # also have run other tasks or init states (another eval into the same DB).
+                keys = {_key(e) for e in sel}
+                matched = b_sel if s["is_baseline"] else [e for e in b_sel if _key(e) in keys]
+                rows.append(_row(gname, s, task, sel, matched if base is not None else None,
+                                 latency(_calls(matched))))
     return rows
+
+
+def _key(e) -> tuple[str, int, int]:
+    return e["task"], e["init_id"], e["seed"]
 
 
 def _protocol_text(protocol: str) -> str:
@@ -105,8 +115,8 @@ def _row(gname, s, task, sel, base_sel, b_lat: Latency) -> Row:
     calls = sum(e["calls"] for e in fin)
     paired = diff_ci = None
     if base_sel is not None and not s["is_baseline"]:
-        b = {(e["task"], e["init_id"], e["seed"]): e["status"] == "success" for e in base_sel if e["status"] != "error"}
-        pairs = [(b[key], e["status"] == "success") for e in fin if (key := (e["task"], e["init_id"], e["seed"])) in b]
+        b = {_key(e): e["status"] == "success" for e in base_sel if e["status"] != "error"}
+        pairs = [(b[_key(e)], e["status"] == "success") for e in fin if _key(e) in b]
         if pairs:
             bb, ss = [p[0] for p in pairs], [p[1] for p in pairs]
             paired, diff_ci = mcnemar(bb, ss), paired_bootstrap(bb, ss)
@@ -171,7 +181,7 @@ def markdown(rows: list[Row]) -> str:
         out.append(f"## {g}\n\n")
         out.append("Success = the env's own signal; errors (env crashes) are excluded from n. Latency per "
                    "policy call, warm-up calls (graph capture, a model's first call) left out; Hz = 1000 / "
-                   "mean latency; speedup = baseline mean / setting mean; Δ and p "
+                   "mean latency; speedup = baseline mean (on the setting's episodes) / setting mean; Δ and p "
                    "on the episodes both the setting and the baseline finished.\n\n")
         out.append("### All tasks\n\n" + _HEAD + "".join(_md_row(r) for r in rs if r.task == ALL) + "\n")
         for task in sorted({r.task for r in rs} - {ALL}):
@@ -316,9 +326,13 @@ def write_report(db: str | Path, out_dir: str | Path | None = None, plots: bool 
     files: list[Path] = []
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(md)
-        files += [out / "report.md", write_csv(rows, out / "results.csv")]
-        if plots and rows:
-            files += write_plots(rows, out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "report.md").write_text(md)
+            files += [out / "report.md", write_csv(rows, out / "results.csv")]
+            if plots and rows:
+                files += write_plots(rows, out)
+        except OSError as e:  # a file in the way, no permission, a read-only file system
+            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+            raise ValueError(f"report folder {out}: cannot write there ({why}); give a writable folder") from None
     return md, files

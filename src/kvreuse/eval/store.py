@@ -95,21 +95,42 @@ class Setting:
 
 
 class ResultStore:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_only: bool = False):
+        """read_only: never create or alter anything (reports); a file that is not a kvreuse
+        results DB is refused."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self._init_schema()
-
-    # ---- schema -------------------------------------------------------------------------------
-    def _init_schema(self) -> None:
-        c = self.conn
+        self.read_only = read_only
+        if self.path.is_dir():
+            raise ValueError(f"results DB {self.path}: is a directory; give a file path for --db")
         try:
-            tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if read_only:
+                uri = self.path.resolve().as_uri() + "?mode=ro"
+                self.conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+            # connect() is lazy: a file that cannot be opened only fails on first use
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except OSError as e:  # its folder cannot be made
+            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+            raise ValueError(f"results DB {self.path}: cannot create its folder {self.path.parent} ({why}); "
+                             "give a writable file path for --db") from None
+        except sqlite3.OperationalError as e:
+            raise ValueError(f"results DB {self.path}: cannot open it ({e}); give a readable, writable "
+                             "file path for --db") from None
         except sqlite3.DatabaseError as e:
             raise ValueError(f"results DB {self.path}: not an SQLite file ({e}); give another --db path") from None
-        if not tables:
+        self.conn.row_factory = sqlite3.Row
+        try:
+            self._init_schema(tables)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    # ---- schema -------------------------------------------------------------------------------
+    def _init_schema(self, tables: set[str]) -> None:
+        c = self.conn
+        if not tables and not self.read_only:  # read-only: an empty file is refused below, not initialised
             c.execute("PRAGMA journal_mode=WAL")
             c.execute("BEGIN IMMEDIATE")
             try:
@@ -135,8 +156,9 @@ class ResultStore:
                 f"results DB {self.path}: written with schema version {version}, this kvreuse reads and "
                 f"writes version {SCHEMA_VERSION}; it is left untouched — give another --db path"
             )
-        c.execute("PRAGMA journal_mode=WAL")
-        c.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed row survives a process kill
+        if not self.read_only:
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed row survives a process kill
 
     def close(self) -> None:
         self.conn.close()
@@ -206,7 +228,8 @@ def _num(x: float) -> float | None:
 
 
 def open_existing(path: str | Path) -> ResultStore:
-    """Open a results DB for reading; a missing file is an error (not silently created)."""
+    """Open a results DB read-only; a missing file or one that is not ours is an error, never
+    created or altered."""
     if not Path(path).is_file():
         raise ValueError(f"results DB {path}: no such file (run `kvreuse eval` or `kvreuse sweep` first)")
-    return ResultStore(path)
+    return ResultStore(path, read_only=True)

@@ -58,6 +58,11 @@ class PolicySource:
             raise ValueError(f"dtype: expected one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.tokenizer is not None and not Path(self.tokenizer).is_file():
             raise ValueError(f"tokenizer: no such file {self.tokenizer!r} (the PaliGemma tokenizer.model)")
+        from ..model.config import PRESETS
+
+        if self.preset not in PRESETS:  # else an unknown name would silently run a shipped policy
+            raise ValueError(f"preset: unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
+        _check_device(self.device)
 
     def resolved(self, robot: str = "metaworld") -> "PolicySource":
         """The shipped policy drives the Meta-World testbed only; other robots (LIBERO) get
@@ -66,6 +71,24 @@ class PolicySource:
             return self
         ckpt = shipped_checkpoint(self.preset)
         return replace(self, checkpoint=str(ckpt)) if ckpt else self
+
+
+def _check_device(device: str) -> None:
+    """Fail before any work (the DB, the workers) on a device torch cannot use here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):  # the harness runs (and is tested) on these only
+        raise ValueError(f"device: unknown device {device!r}; expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} but CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
 
 
 def checkpoint_meta(src: PolicySource) -> dict:
@@ -86,7 +109,7 @@ def shipped_checkpoint(preset: str = "tiny-pi05") -> Path | None:
     from ..assets import default_checkpoint
 
     try:
-        return default_checkpoint("pi0" if preset.endswith("pi0") else "pi05")
+        return default_checkpoint(preset.removeprefix("tiny-")) if preset.startswith("tiny-") else None
     except ValueError:  # its weights are missing
         return None
 
@@ -335,21 +358,34 @@ class SweepSummary:
     errors: int
     wall_s: float
     first_result_s: float  # seconds from start until the first episode came back (start-up)
+    tasks: tuple[str, ...] = ()  # the tasks this sweep covered (run or skipped)
 
 
 def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
+    from ..model.config import preset as model_preset
+
     check_env_name(plan.env)
     if plan.replan < 1:
         raise ValueError(f"replan: expected an integer >= 1, got {plan.replan}")
     if plan.workers < 0:
         raise ValueError(f"workers: expected an integer >= 0, got {plan.workers}")
+    if plan.max_steps is not None and plan.max_steps < 1:
+        raise ValueError(f"max_steps: expected an integer >= 1 (or none: the env's limit), got {plan.max_steps}")
+    if plan.init_start < 0:
+        raise ValueError(f"init_start: expected an integer >= 0, got {plan.init_start}")
     env = make_env(plan.env, **plan.env_kw)
     try:
         robot = env.robot
         src = src.resolved(robot)
+        if src.checkpoint is None and model_preset(src.preset).tokenizer != "bytes":
+            raise ValueError(f"preset {src.preset!r} needs a checkpoint (random weights only for tiny presets)")
         if src.checkpoint is None:
             warnings.warn(f"no checkpoint for robot {robot!r}: using a randomly initialised {src.preset} "
                           "(success will be ~0)", stacklevel=2)
+        if src.checkpoint is not None:  # unreadable / ill-typed files: one error before the DB and workers
+            from ..checkpoint import check_checkpoint
+
+            check_checkpoint(src.checkpoint)
         meta = checkpoint_meta(src)
         if src.tokenizer is None and (meta.get("model") or {}).get("tokenizer", "bytes") != "bytes":
             raise ValueError(f"checkpoint {src.checkpoint} needs the PaliGemma SentencePiece tokenizer: "
@@ -415,7 +451,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         if bar is not None:
             bar.close()
         store.close()
-    return SweepSummary(settings, ran, skipped, errors, time.perf_counter() - t0, first[0] or 0.0)
+    return SweepSummary(settings, ran, skipped, errors, time.perf_counter() - t0, first[0] or 0.0, tasks)
 
 
 def _results(jobs, plan: SweepPlan, src: PolicySource, robot: str):
@@ -541,6 +577,29 @@ def _pool_results(jobs: list, n: int, init_args: tuple):
 def _progress(total: int, enabled: bool):
     if not enabled or total == 0:
         return None
+    if not sys.stderr.isatty():  # a log file or pipe: plain lines, not a bar (tqdm stays silent there)
+        return _LineProgress(total)
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="ep", file=sys.stderr, dynamic_ncols=True, disable=None)
+    return tqdm(total=total, unit="ep", file=sys.stderr, dynamic_ncols=True)
+
+
+class _LineProgress:
+    """Progress for a non-terminal stderr: one plain line per ~10% of the episodes."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.tenths, self.t0 = total, 0, 0, time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        tenths = 10 * self.done // self.total
+        if tenths > self.tenths:
+            self.tenths = tenths
+            print(f"progress: {self.done}/{self.total} episodes, {time.perf_counter() - self.t0:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
