@@ -225,13 +225,16 @@ def run_grid(cmd: Grid) -> None:
     print(what, flush=True)
     ref = replay(base, stream, cmd.src.seed)
     rows, dumps = [("**baseline**", compare_actions(base, base, stream, cmd.src.seed, reference=(ref[0], ref[1])))], []
+    cfg = base.model.cfg
     for params, label in settings:
         res = compare_actions(base, base.fork(reuse_config(params)), stream, cmd.src.seed, reference=ref)
         rows.append((label, res))
-        dumps.append({"setting": params, "label": label, "summary": res.summary(), "latency": res.candidate})
+        vis, tl = res.work(cfg)
+        dumps.append({"setting": params, "label": label, "summary": res.summary(), "latency": res.candidate,
+                      "vision_passes_per_call": vis, "prefix_token_layer_share": tl})
         print(f"  {label}: reuse {res.summary()['reuse_rate']:.1%}, x{res.summary()['speedup']:.2f}", flush=True)
     print("open-loop replay (success is not measured here); latency without warm-up calls")
-    print(grid_table(rows))
+    print(grid_table(rows, cfg))
     if cmd.json_out:
         with open(cmd.json_out, "w") as f:
             json.dump({"source": what, "baseline": rows[0][1].baseline, "settings": dumps}, f, indent=1)
@@ -245,7 +248,6 @@ def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:
     from .config import MODES
 
     cfg = base.model.cfg
-    full_tl = cfg.prefix_len * cfg.llm.depth
     rows = [
         "| setting | reuse rate | vision passes / call | prefix token-layers vs baseline | vision ms | prefix ms "
         "| denoise ms | sample ms | total ms | action cos (mean / min) |",
@@ -253,21 +255,10 @@ def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:
     ]
     for mode in ("baseline",) + MODES:
         rc = ReuseConfig() if mode == "baseline" else reuse.replace(mode=mode)
-        cand = base.fork(rc)
-        recs = []
-        orig = cand.runner.infer
-
-        def spy(*a, _orig=orig, **k):
-            out, rec = _orig(*a, **k)
-            recs.append(rec)
-            return out, rec
-
-        cand.runner.infer = spy
-        res = compare_actions(base, cand, stream, seed)
-        s = res.summary()
-        mean = lambda key: float(np.mean([r.timings.get(key, 0.0) for r in recs]))  # noqa: E731
-        vis = float(np.mean([r.cost["vision_cameras"] for r in recs]))
-        tl = float(np.mean([r.cost["lm_token_layers"] for r in recs])) / full_tl
+        res = compare_actions(base, base.fork(rc), stream, seed)
+        s, recs = res.summary(), res.records
+        mean = lambda key, recs=recs: float(np.mean([r.timings.get(key, 0.0) for r in recs]))  # noqa: E731
+        vis, tl = res.work(cfg)
         rows.append(
             f"| {rc.label()} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {mean('vision'):.2f} | "
             f"{mean('prefix'):.2f} | {mean('denoise'):.2f} | {mean('sample'):.2f} | {mean('total'):.2f} | "

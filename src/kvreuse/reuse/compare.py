@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,6 +42,16 @@ class ActionComparison:
     decisions: list[str]
     baseline: dict  # latency summary
     candidate: dict
+    records: list = field(default_factory=list)  # the candidate's StepRecords, call by call
+
+    def work(self, cfg) -> tuple[float, float]:
+        """(vision-tower camera passes per call, prefix token-layers computed as a share of a
+        refresh every call), from the records' plan costs: what a setting actually recomputes."""
+        if not self.records:
+            return 0.0, 0.0
+        vis = float(np.mean([r.cost.get("vision_cameras", 0) for r in self.records]))
+        tl = float(np.mean([r.cost.get("lm_token_layers", 0) for r in self.records]))
+        return vis, tl / (cfg.prefix_len * cfg.llm.depth)
 
     def summary(self) -> dict:
         c, l2 = np.asarray(self.cosine), np.asarray(self.l2)
@@ -85,18 +95,20 @@ def compare_actions(baseline: Policy, candidate: Policy, stream: ObservationStre
     acts, recs = replay(candidate, stream, seed)
     sims = [chunk_similarity(a, b) for a, b in zip(base_acts, acts, strict=True)]
     return ActionComparison([c for c, _ in sims], [d for _, d in sims], [r.decision for r in recs],
-                            summarize(base_recs), summarize(recs))
+                            summarize(base_recs), summarize(recs), recs)
 
 
-def grid_table(rows: list[tuple[str, ActionComparison]]) -> str:
-    """Markdown: one row per (label, comparison with the baseline); latency leaves warm-up calls out."""
-    out = ["| setting | reuse rate | latency (mean) | p50 / p95 | Hz | speedup | calls | warm-ups "
-           "| action cos (mean / min) |", "|---|---|---|---|---|---|---|---|---|"]
+def grid_table(rows: list[tuple[str, ActionComparison]], cfg) -> str:
+    """Markdown: one row per (label, comparison with the baseline) for a model of config `cfg`;
+    latency leaves warm-up calls out."""
+    out = ["| setting | reuse rate | vision passes / call | prefix token-layers vs baseline | latency (mean) "
+           "| p50 / p95 | Hz | speedup | calls | warm-ups | action cos (mean / min) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, res in rows:
-        s, c = res.summary(), res.candidate
-        out.append(f"| {label} | {s['reuse_rate']:.1%} | {c['mean_ms']:.2f} ms "
-                   f"| {c['p50_ms']:.2f} / {c['p95_ms']:.2f} ms | {c['hz']:.1f} | {s['speedup']:.2f}x | {s['calls']} | {c['warmups']} "
-                   f"| {s['cos_mean']:.5f} / {s['cos_min']:.5f} |")
+        (s, c), (vis, tl) = (res.summary(), res.candidate), res.work(cfg)
+        out.append(f"| {label} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {c['mean_ms']:.2f} ms "
+                   f"| {c['p50_ms']:.2f} / {c['p95_ms']:.2f} ms | {c['hz']:.1f} | {s['speedup']:.2f}x | {s['calls']} "
+                   f"| {c['warmups']} | {s['cos_mean']:.5f} / {s['cos_min']:.5f} |")
     return "\n".join(out)
 
 
