@@ -898,3 +898,20 @@ def test_a_broken_checkpoint_or_a_full_size_preset_without_one_stops_before_any_
         run_sweep(SweepPlan(db=str(tmp_path / "c.db"), env="fake", tasks=("reach",), episodes=1, workers=0,
                             progress=False), PolicySource(None, "pi0"))
     assert not (tmp_path / "c.db").exists()
+
+
+def test_metaworld_renders_at_the_size_the_policy_was_trained_on(capsys):
+    """A checkpoint trained on 64-px demos is evaluated on 64-px renders (part of the protocol);
+    the shipped policies (128 px, the default) and an explicit env size are left alone."""
+    from types import SimpleNamespace
+
+    from kvreuse.eval.sweep import _trained_render_size
+
+    env = SimpleNamespace(cfg=SimpleNamespace(image_size=128))
+    plan = SweepPlan(env="metaworld")
+    got = _trained_render_size(plan, env, {"training": {"image_size": 64}})
+    assert got.env_kw == {"image_size": 64} and "trained on 64px renders" in capsys.readouterr().err
+    for p, meta in ((plan, {"training": {"image_size": 128}}), (plan, {}),
+                    (SweepPlan(env="metaworld", env_kw={"image_size": 96}), {"training": {"image_size": 64}}),
+                    (SweepPlan(env="fake"), {"training": {"image_size": 64}})):
+        assert _trained_render_size(p, env, meta) is p

@@ -401,6 +401,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         policy_id = policy_identity(src)
         tasks = check_tasks(env, plan.tasks) if plan.tasks else default_tasks(env, _meta_tasks(meta))
         episodes = episode_list(env, tasks, plan.episodes, plan.init_start, plan.seed)
+        plan = _trained_render_size(plan, env, meta)
     finally:
         env.close()
     protocol = json.dumps({"max_steps": plan.max_steps, "env": plan.env_kw}, sort_keys=True)
@@ -452,6 +453,19 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             bar.close()
         store.close()
     return SweepSummary(settings, ran, skipped, errors, time.perf_counter() - t0, first[0] or 0.0, tasks)
+
+
+def _trained_render_size(plan: SweepPlan, env, meta: dict) -> SweepPlan:
+    """A Meta-World policy trained on demos rendered at another size than the env's default is
+    evaluated at that size (unless env_kw sets one): the same pixels it learned from. The size then
+    joins the setting's protocol, so such episodes never mix with default-size ones."""
+    trained = (meta.get("training") or {}).get("image_size")
+    size = getattr(getattr(env, "cfg", None), "image_size", None)
+    if plan.env != "metaworld" or "image_size" in plan.env_kw or not trained or size is None or trained == size:
+        return plan
+    print(f"note: the checkpoint was trained on {trained}px renders; the env renders at {trained}px "
+          f"(not its default {size}px)", file=sys.stderr)
+    return replace(plan, env_kw={**plan.env_kw, "image_size": int(trained)})
 
 
 def _results(jobs, plan: SweepPlan, src: PolicySource, robot: str):
