@@ -374,6 +374,8 @@ def test_parse_grid_and_seeds():
     assert parse_grid(["synchronized=true max_age_calls=none"]) == [{"synchronized": True, "max_age_calls": None}]
     with pytest.raises(ValueError, match="key=v1,v2"):
         parse_grid(["threshold"])
+    with pytest.raises(ValueError, match="'threshold' given twice"):  # not the last value silently
+        parse_grid(["gate=threshold threshold=0.9 threshold=0.95"])
     assert episode_seed(0, "reach", 3) == episode_seed(0, "reach", 3) != episode_seed(1, "reach", 3)
     eps = episode_list(FakeEnv(), ("reach", "crash"), 3, init_start=49)
     assert [(t, i) for t, i, _ in eps] == [("reach", 49), ("crash", 49), ("reach", 0), ("crash", 0),
@@ -428,6 +430,9 @@ def test_sweep_bad_input(tmp_path):
         run_sweep(plan, PolicySource())
     plan = SweepPlan(db=str(tmp_path / "x.db"), env="fake", grid=[{"gate": "sometimes"}], progress=False)
     with pytest.raises(ValueError, match="unknown gate"):
+        run_sweep(plan, PolicySource())
+    plan = SweepPlan(db=str(tmp_path / "x.db"), env="fake", grid=[{"gate": "never"}], progress=False)
+    with pytest.raises(ValueError, match="never reuses: that is the baseline"):  # not a second baseline
         run_sweep(plan, PolicySource())
     for bad, msg in (({"max_steps": 0}, "max_steps: expected an integer >= 1"),
                      ({"max_steps": -3}, "max_steps: expected an integer >= 1"),
@@ -915,3 +920,28 @@ def test_metaworld_renders_at_the_size_the_policy_was_trained_on(capsys):
                     (SweepPlan(env="metaworld", env_kw={"image_size": 96}), {"training": {"image_size": 64}}),
                     (SweepPlan(env="fake"), {"training": {"image_size": 64}})):
         assert _trained_render_size(p, env, meta) is p
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_eval_runs_a_reference_checkpoint_without_config(tmp_path, as_file):
+    """A lerobot / openpi checkpoint (weights only, no config.json) evaluates like ours, given as
+    its directory or its model.safetensors; its identity is the weights' hash."""
+    from kvreuse.model import Pi0Model, preset
+    from kvreuse.ref_checkpoint import save_reference
+
+    torch.manual_seed(0)
+    f = save_reference(tmp_path / "ref", Pi0Model(preset("tiny-pi0")).eval(), "openpi")
+    assert not (tmp_path / "ref" / "config.json").exists()
+    ck = f if as_file else f.parent
+    plan = SweepPlan(db=str(tmp_path / "r.db"), env="fake", tasks=("reach",), episodes=1, workers=0, progress=False,
+                     env_kw={"max_steps": 3})
+    summary = run_sweep(plan, PolicySource(str(ck), "tiny-pi0"))
+    assert summary.ran == 1 and summary.errors == 0
+    assert summary.settings[0].policy.startswith(f"{ck.name}@")
+
+
+def test_a_tokenizer_for_a_byte_tokenizer_model_is_refused_before_any_work(tmp_path, sp_model):
+    plan = SweepPlan(db=str(tmp_path / "t.db"), env="fake", tasks=("reach",), episodes=1, workers=0, progress=False)
+    with pytest.raises(ValueError, match="uses the built-in byte tokenizer"):
+        run_sweep(plan, PolicySource(None, "tiny-pi0", tokenizer=str(sp_model)))
+    assert not (tmp_path / "t.db").exists()

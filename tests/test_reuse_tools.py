@@ -199,8 +199,9 @@ def test_load_streams_from_a_folder(tmp_path):
 
 
 def test_compare_grid_cli(tmp_path, capsys):
-    """compare grid: every setting against one baseline replay, in one table; the baseline row is a
-    second replay of it (same actions); the JSON has each setting's summary."""
+    """compare grid: every setting against one baseline replay, in one table whose first row is that
+    reference and whose second replays the baseline again (same actions: the spread of the
+    speedups); the JSON has both baselines and each setting's summary."""
     import json
 
     from kvreuse.cli import main
@@ -209,18 +210,23 @@ def test_compare_grid_cli(tmp_path, capsys):
           "--grid", "gate=always", "gate=period period=2,3", "--json-out", str(tmp_path / "g.json")])
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if ln.startswith("| ")][1:]
-    labels = [r.split(" | ")[0] for r in rows]
-    assert labels == ["| **baseline**", "| always/full", "| period(2)/full", "| period(3)/full"]
-    assert rows[0].split(" | ")[1] == "0.0%" and rows[0].endswith("1.00000 / 1.00000 |")
     cells = [r.split(" | ") for r in rows]
-    assert [c[1:4] for c in cells] == [["0.0%", "2.00", "100.0%"], ["75.0%", "0.50", "25.0%"],
-                                       ["50.0%", "1.00", "50.0%"], ["50.0%", "1.00", "50.0%"]]  # work: 2 cameras
+    assert [c[0] for c in cells] == ["| **baseline** (reference)", "| baseline, replayed again", "| always/full",
+                                     "| period(2)/full", "| period(3)/full"]
+    assert cells[0][7] == "1.00x" and all(r.endswith("1.00000 / 1.00000 |") for r in rows[:2])
+    assert [c[1:4] for c in cells] == [["0.0%", "2.00", "100.0%"], ["0.0%", "2.00", "100.0%"],
+                                       ["75.0%", "0.50", "25.0%"], ["50.0%", "1.00", "50.0%"],
+                                       ["50.0%", "1.00", "50.0%"]]  # the work columns: 2 cameras
     got = json.load(open(tmp_path / "g.json"))
     assert [s["summary"]["reuse_rate"] for s in got["settings"]] == [0.75, 0.5, 0.5]
-    assert got["baseline"]["calls"] == 4
-    with pytest.raises(SystemExit) as e:  # a bad spec stops before the model is built
-        main(["compare", "grid", "--preset", "tiny-pi0", "--steps", "1", "--episodes", "1", "--grid", "gate"])
-    assert e.value.code == 2 and "grid: expected key=v1,v2 items" in capsys.readouterr().err
+    assert got["baseline"]["calls"] == got["baseline_again"]["calls"] == 4
+    assert cells[0][4] == f"{got['baseline']['mean_ms']:.2f} ms"  # the table shows what speedups divide by
+    for bad, why in ((["gate"], "grid: expected key=v1,v2 items"),
+                     (["gate=always gate=never"], "'gate' given twice"),
+                     (["gate=never mode=partial"], "never reuses: that is the baseline")):
+        with pytest.raises(SystemExit) as e:  # a bad spec stops before the model is built
+            main(["compare", "grid", "--preset", "tiny-pi0", "--steps", "1", "--episodes", "1", "--grid", *bad])
+        assert e.value.code == 2 and why in capsys.readouterr().err
 
 
 def test_compare_source_builds_a_full_size_preset_for_the_streams_robot(monkeypatch):
@@ -247,3 +253,23 @@ def test_compare_source_builds_a_full_size_preset_for_the_streams_robot(monkeypa
     assert pol.infer(stream.steps[0].raw)[0].shape == (16, 4)
     with pytest.raises(ValueError, match="dtype"):
         load(Source(preset="pi0", dtype="float16"))
+
+
+def test_compare_loads_reference_checkpoints_and_libero_streams(tmp_path, capsys):
+    """A reference (openpi) checkpoint names no robot: compare gives it the stream's; a LIBERO
+    stream without a checkpoint gets a random tiny model over LIBERO's cameras and dims (the
+    shipped policies drive Meta-World only)."""
+    from kvreuse.cli import main
+    from kvreuse.model import Pi0Model, preset
+    from kvreuse.ref_checkpoint import save_reference
+
+    torch.manual_seed(0)
+    ref = save_reference(tmp_path / "ref", Pi0Model(preset("tiny-pi0")).eval(), "openpi").parent
+    main(["compare", "deterministic", "--checkpoint", str(ref), "--steps", "2", "--episodes", "1"])
+    assert "all bit-identical" in capsys.readouterr().out
+    stream = synthetic_stream(steps=3, episodes=1, size=SIZE, robot="libero", state_dim=8)
+    stream.save(tmp_path / "libero.safetensors")
+    main(["compare", "grid", "--stream", str(tmp_path / "libero.safetensors"), "--preset", "tiny-pi0",
+          "--grid", "gate=always"])
+    out = capsys.readouterr().out
+    assert "random tiny-pi0" in out and "| always/full | 66.7% |" in out

@@ -53,6 +53,8 @@ def test_sentencepiece_errors(sp_model, tmp_path):
         load_tokenizer(cfg, tmp_path / "missing.model")
     with pytest.raises(ValueError, match="120 pieces but the model's vocabulary is 100"):
         load_tokenizer(cfg.replace(vocab_size=100), sp_model)
+    with pytest.raises(ValueError, match="uses the built-in byte tokenizer; --tokenizer"):  # not silently unused
+        load_tokenizer(preset("tiny-pi0"), sp_model)
 
 
 def test_discretize_state_bins():

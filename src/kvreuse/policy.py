@@ -43,6 +43,15 @@ def robot_runtime(model: Pi0Model, spec, stats=None, tokenizer: str | Path | Non
     return model, tf
 
 
+def random_model_config(cfg, spec):
+    """`cfg` (a preset's) for a randomly initialised model that drives `spec`: the robot's cameras
+    and dims, and with the byte tokenizer room for LIBERO's long prompts (+ the state, Pi0.5)."""
+    cfg = cfg.replace(cameras=tuple(c for _, c in spec.cameras), state_dim=spec.state_dim, action_dim=spec.action_dim)
+    if spec.name == "libero" and cfg.tokenizer == "bytes":
+        cfg = cfg.replace(max_token_len=max(cfg.max_token_len, 192))
+    return cfg
+
+
 class Policy:
     def __init__(
         self, model: Pi0Model, transform: RobotTransform, seed: int = 0, reuse: ReuseConfig | None = None

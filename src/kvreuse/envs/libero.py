@@ -25,7 +25,9 @@ loaded with torch's restricted (weights-only) unpickler that allows numpy arrays
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import math
 import os
 from pathlib import Path
@@ -160,7 +162,8 @@ class LiberoEnv:
         _prepare_libero_import()
         from libero.libero import benchmark
 
-        self._bench = benchmark.get_benchmark_dict()[suite]()
+        with contextlib.redirect_stdout(io.StringIO()):  # LIBERO prints "[info] using task orders ..."
+            self._bench = benchmark.get_benchmark_dict()[suite]()
         self.tasks: tuple[str, ...] = tuple(self._bench.get_task_names())
         self._init_states: dict[str, np.ndarray] = {}
         self._env = None

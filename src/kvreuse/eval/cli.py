@@ -80,7 +80,8 @@ def run_eval(
     Args:
         reuse: the reuse setting as 'key=value ...' ReuseConfig fields, e.g. 'gate=threshold
             threshold=0.985 mode=full'; empty = the baseline (no reuse).
-        checkpoint: a kvreuse checkpoint directory; default: the shipped testbed policy.
+        checkpoint: a kvreuse checkpoint directory, or lerobot / openpi Pi0 / Pi0.5 safetensors (a
+            directory or its model.safetensors); default: the shipped testbed policy.
         env: metaworld | libero:<suite> | fake.
         tasks: task names (default: the checkpoint's tasks, else all of the env's).
         episodes: episodes per task (init states init_start .. init_start+episodes-1).

@@ -92,12 +92,13 @@ def _check_device(device: str) -> None:
 
 
 def checkpoint_meta(src: PolicySource) -> dict:
-    """The checkpoint's config.json ({} for a random preset)."""
+    """Our checkpoint's config.json; {} for a random preset or a reference (lerobot / openpi)
+    checkpoint, whose config names no robot or tasks."""
     if src.checkpoint is None:
         return {}
-    from ..checkpoint import read_meta
+    from ..checkpoint import checkpoint_format, read_meta
 
-    return read_meta(src.checkpoint)
+    return read_meta(src.checkpoint) if checkpoint_format(src.checkpoint) == "kvreuse" else {}
 
 
 def checkpoint_tasks(src: PolicySource) -> tuple[str, ...] | None:
@@ -126,9 +127,9 @@ def _weights_identity(src: PolicySource) -> str:
     if src.checkpoint is None:
         return f"random:{src.preset}:seed0"
     p = Path(src.checkpoint)
-    w = p / "model.safetensors"
+    w = p if p.is_file() else p / "model.safetensors"  # a reference checkpoint may be given as its file
     if not w.is_file():
-        raise ValueError(f"checkpoint {p}: no model.safetensors (expected a kvreuse checkpoint directory)")
+        raise ValueError(f"checkpoint {p}: no model.safetensors (only safetensors weights are read)")
     return f"{p.name}@{_sha12(w)}"
 
 
@@ -144,7 +145,7 @@ def load_model(src: PolicySource, robot: str):
     """-> (model, RobotTransform, tasks the checkpoint was trained on or None)."""
     import torch
 
-    from ..policy import robot_runtime
+    from ..policy import random_model_config, robot_runtime
     from ..transforms.robot import robot_spec
 
     spec = robot_spec(robot)
@@ -154,11 +155,7 @@ def load_model(src: PolicySource, robot: str):
         cfg = preset(src.preset)
         if cfg.tokenizer != "bytes":
             raise ValueError(f"preset {src.preset!r} needs a checkpoint (random weights only for tiny presets)")
-        # the tiny model takes the robot's cameras and dims
-        cfg = cfg.replace(state_dim=spec.state_dim, action_dim=spec.action_dim,
-                          cameras=tuple(c for _, c in spec.cameras))
-        if robot == "libero":  # long LIBERO prompts (+ the state, Pi0.5) in the byte tokenizer
-            cfg = cfg.replace(max_token_len=max(cfg.max_token_len, 192))
+        cfg = random_model_config(cfg, spec)
         torch.manual_seed(0)
         model = Pi0Model(cfg).to(src.device, getattr(torch, src.dtype)).eval()
         return (*robot_runtime(model, spec, fast=src.fast), None)
@@ -221,6 +218,16 @@ def canonical_reuse(params: dict) -> tuple[dict, str]:
     return diff, cfg.label()
 
 
+def canonical_grid(grid: list[dict]) -> list[tuple[dict, str]]:
+    """canonical_reuse of every grid setting; one that never reuses (gate=never) is the baseline,
+    which is always run: naming it in a grid is a mistake, not a second baseline."""
+    out = [canonical_reuse(p) for p in grid]
+    same = [p for p, (params, _) in zip(grid, out, strict=True) if not reuse_config(params).enabled]
+    if same:
+        raise ValueError(f"grid: {same[0]} never reuses: that is the baseline, which always runs; leave it out")
+    return out
+
+
 # ---- grids -----------------------------------------------------------------------------------
 
 
@@ -250,9 +257,11 @@ def parse_grid(specs: list[str] | tuple[str, ...]) -> list[dict]:
             k, vs = item.split("=", 1)
             if not k or not vs:
                 raise ValueError(f"grid: expected key=v1,v2 items, got {item!r} in {spec!r}")
+            if k in (a for a, _ in axes):  # the last would silently win
+                raise ValueError(f"grid: {k!r} given twice in {spec!r}; list its values once: {k}=v1,v2")
             axes.append((k, [_value(v) for v in vs.split(",")]))
         for combo in itertools.product(*(vals for _, vals in axes)):
-            d = dict(zip((k for k, _ in axes), combo))
+            d = dict(zip((k for k, _ in axes), combo, strict=True))
             if d not in out:
                 out.append(d)
     return out
@@ -387,6 +396,11 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
 
             check_checkpoint(src.checkpoint)
         meta = checkpoint_meta(src)
+        tok_kind = (meta.get("model") or {}).get("tokenizer") or (
+            model_preset(src.preset).tokenizer if src.checkpoint is None else None)  # None: a reference's, unknown yet
+        if src.tokenizer is not None and tok_kind == "bytes":
+            raise ValueError(f"tokenizer: {src.checkpoint or src.preset} uses the built-in byte tokenizer; "
+                             "--tokenizer (PaliGemma's tokenizer.model) is for full-size checkpoints")
         if src.tokenizer is None and (meta.get("model") or {}).get("tokenizer", "bytes") != "bytes":
             raise ValueError(f"checkpoint {src.checkpoint} needs the PaliGemma SentencePiece tokenizer: "
                              "pass --tokenizer PATH/tokenizer.model")
@@ -395,7 +409,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}; env {plan.env!r} needs {robot!r}")
         # Validate everything before any work starts (bad input -> one ValueError).
         settings_params: list[tuple[dict | None, str]] = [(None, "baseline")] if plan.baseline else []
-        settings_params += [canonical_reuse(p) for p in plan.grid]
+        settings_params += canonical_grid(plan.grid)
         if plan.grid:
             check_reuse_supported()
         policy_id = policy_identity(src)

@@ -58,6 +58,9 @@ class SentencePieceTokenizer:
 
 def load_tokenizer(cfg: ModelConfig, path: str | Path | None = None) -> Tokenizer:
     if cfg.tokenizer == "bytes":
+        if path is not None:  # silently ignoring it would also file results under a tokenizer never used
+            raise ValueError(f"tokenizer: this {cfg.variant} model uses the built-in byte tokenizer; "
+                             f"--tokenizer (PaliGemma's tokenizer.model) is for full-size checkpoints, got {path}")
         return ByteTokenizer()
     if path is None:
         raise ValueError(

@@ -105,7 +105,7 @@ def load(src: Source):
     from ..bench import build_random
     from ..model import Pi0Model
     from ..model import preset as get_preset
-    from ..policy import Policy, robot_runtime
+    from ..policy import Policy, random_model_config, robot_runtime
     from ..transforms.robot import robot_spec
     from .stream import load_streams, synthetic_stream
 
@@ -114,23 +114,27 @@ def load(src: Source):
     dtype = getattr(torch, src.dtype)
     stream = load_streams(src.stream) if src.stream else None
     robot = stream.robot if stream is not None else "metaworld"
-    tiny = get_preset(src.preset).tokenizer == "bytes"  # (the shipped testbed policies are tiny presets)
-    ckpt = src.checkpoint or (default_checkpoint(src.preset) if tiny else None)
+    tiny = get_preset(src.preset).tokenizer == "bytes"
+    # The shipped testbed policies are tiny presets that drive Meta-World.
+    ckpt = src.checkpoint or (default_checkpoint(src.preset) if tiny and robot == "metaworld" else None)
     if ckpt:
+        from ..checkpoint import checkpoint_format, read_meta
+
+        # A reference (lerobot / openpi) checkpoint names no robot: the stream's (else Meta-World's).
+        named = checkpoint_format(ckpt) == "kvreuse" and read_meta(ckpt).get("robot") is not None
         policy = Policy.from_checkpoint(ckpt, device=src.device, seed=src.seed, tokenizer=src.tokenizer, dtype=dtype,
-                                        fast=src.fast)
+                                        fast=src.fast, robot=None if named else robot)
         what = f"checkpoint {ckpt}"
     else:
         # A random model over the robot's cameras and dims. A full-size preset is made on the device
         # in its dtype (its latency does not depend on the values), with the byte tokenizer standing
         # in for PaliGemma's unless --tokenizer is given (other token counts: other prompt rows).
-        spec = robot_spec(robot)
-        cfg = get_preset(src.preset).replace(cameras=tuple(c for _, c in spec.cameras), state_dim=spec.state_dim,
-                                             action_dim=spec.action_dim)
+        spec, cfg = robot_spec(robot), get_preset(src.preset)
         what = f"random {src.preset} (seed {src.seed})"
         if cfg.tokenizer != "bytes" and src.tokenizer is None:
             cfg = cfg.replace(tokenizer="bytes")
             what += ", the byte tokenizer standing in for PaliGemma's"
+        cfg = random_model_config(cfg, spec)
         if tiny and src.dtype == "float32":  # as before the full-size presets came in
             torch.manual_seed(src.seed)
             with torch.device(src.device):
@@ -217,14 +221,18 @@ def run_compare(
 
 
 def run_grid(cmd: Grid) -> None:
-    from ..eval.sweep import canonical_reuse, parse_grid, reuse_config
+    from ..eval.sweep import canonical_grid, parse_grid, reuse_config
     from .compare import compare_actions, grid_table, replay
 
-    settings = [canonical_reuse(p) for p in parse_grid(list(cmd.grid))]  # bad specs fail before any work
+    settings = canonical_grid(parse_grid(list(cmd.grid)))  # bad specs fail before any work
     base, stream, what = load(cmd.src)
     print(what, flush=True)
     ref = replay(base, stream, cmd.src.seed)
-    rows, dumps = [("**baseline**", compare_actions(base, base, stream, cmd.src.seed, reference=(ref[0], ref[1])))], []
+    # The first replay is the reference every speedup divides by; a second one shows the spread.
+    again = compare_actions(base, base, stream, cmd.src.seed, reference=ref)
+    rows, dumps = [("**baseline** (reference)", compare_actions(base, base, stream, cmd.src.seed, reference=ref,
+                                                                candidate_replay=ref)),
+                   ("baseline, replayed again", again)], []
     cfg = base.model.cfg
     for params, label in settings:
         res = compare_actions(base, base.fork(reuse_config(params)), stream, cmd.src.seed, reference=ref)
@@ -237,7 +245,8 @@ def run_grid(cmd: Grid) -> None:
     print(grid_table(rows, cfg))
     if cmd.json_out:
         with open(cmd.json_out, "w") as f:
-            json.dump({"source": what, "baseline": rows[0][1].baseline, "settings": dumps}, f, indent=1)
+            json.dump({"source": what, "baseline": again.baseline, "baseline_again": again.candidate,
+                       "settings": dumps}, f, indent=1)
 
 
 def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:

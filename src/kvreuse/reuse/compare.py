@@ -88,11 +88,13 @@ def replay(policy: Policy, stream: ObservationStream, seed: int = 0) -> tuple[li
 
 
 def compare_actions(baseline: Policy, candidate: Policy, stream: ObservationStream, seed: int = 0,
-                    reference: tuple[list, list] | None = None) -> ActionComparison:
-    """Both policies over the stream with identical noise; `reference`: the baseline's replay
-    (actions, records) if already made, so that several settings share one."""
+                    reference: tuple[list, list] | None = None,
+                    candidate_replay: tuple[list, list] | None = None) -> ActionComparison:
+    """Both policies over the stream with identical noise; `reference` / `candidate_replay`: the
+    baseline's / candidate's replay (actions, records) if already made, so that several settings
+    share one baseline replay (and the reference can be tabled against itself)."""
     base_acts, base_recs = reference or replay(baseline, stream, seed)
-    acts, recs = replay(candidate, stream, seed)
+    acts, recs = candidate_replay or replay(candidate, stream, seed)
     sims = [chunk_similarity(a, b) for a, b in zip(base_acts, acts, strict=True)]
     return ActionComparison([c for c, _ in sims], [d for _, d in sims], [r.decision for r in recs],
                             summarize(base_recs), summarize(recs), recs)
