@@ -140,17 +140,9 @@ def check_checkpoint(path: str | Path) -> None:
     headers only (no tensor of the model). Raises one ValueError naming the file."""
     path = Path(path)
     if checkpoint_format(path) != "kvreuse":
-        from .ref_checkpoint import (
-            config_from_reference,
-            inspect_reference,
-            match_keys,
-            read_reference_stats,
-        )
+        from .ref_checkpoint import check_reference
 
-        ref = inspect_reference(path)
-        cfg = config_from_reference(ref)
-        match_keys(ref, cfg)
-        read_reference_stats(ref.dir, cfg.variant)
+        check_reference(path)
         return
     cfg = read_config(path)
     f = own_weights(path)

@@ -68,19 +68,11 @@ def describe(path: str | Path) -> str:
         fmt, robot = "kvreuse", meta.get("robot", "unknown")
         extra = {k: v for k, v in meta.items() if k not in ("model", "robot")}
     else:
-        from .ref_checkpoint import (
-            config_from_reference,
-            inspect_reference,
-            match_keys,
-            read_reference_stats,
-        )
+        from .ref_checkpoint import check_reference
 
-        ref = inspect_reference(path)
-        cfg = config_from_reference(ref)
-        source = match_keys(ref, cfg)
+        ref, cfg, source, stats = check_reference(path)
         shapes = {ours: ref.shapes[k] for ours, k in source.items()}
         dtypes = sorted(set(ref.dtypes.values()))
-        stats = read_reference_stats(ref.dir, cfg.variant)
         fmt = "lerobot" if any(k.startswith("model.") for k in ref.shapes) else "openpi"
         robot, weights = "not recorded (reference checkpoint)", ref.path
         extra = {"type": ref.config["type"]} if "type" in ref.config else {}

@@ -399,6 +399,14 @@ def read_reference_stats(directory: str | Path, variant: str) -> NormStats | Non
                      _stats_from(group(_LEROBOT_ACTION), needed, f"{where} [{_LEROBOT_ACTION}]"))
 
 
+def check_reference(path: str | Path) -> tuple[RefFile, ModelConfig, dict[str, str], NormStats | None]:
+    """Everything about a reference checkpoint but its tensors: (the file's header, the config its
+    shapes give, our key -> its key, its norm stats). Raises one ValueError naming a bad file."""
+    ref = inspect_reference(path)
+    cfg = config_from_reference(ref)
+    return ref, cfg, match_keys(ref, cfg), read_reference_stats(ref.dir, cfg.variant)
+
+
 # ---- export (tests, and handing our weights to reference code) ----------------------------------
 
 
