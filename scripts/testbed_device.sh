@@ -22,14 +22,14 @@ else log "EGL ok"; fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"; nproc | tee -a "$LOG"
 
 log "demos: $DEMOS_PER_TASK per task"
-python3 -m kvreuse.train.demos --out $W/demos --demos-per-task $DEMOS_PER_TASK --workers $(nproc) \
+python3 -m kvreuse.train.demos --out $W/demos --overwrite --demos-per-task $DEMOS_PER_TASK --workers $(nproc) \
   --parts-per-task 4 ${TASKS:+--tasks $TASKS} ${DEMO_COUNTS:+--counts $DEMO_COUNTS} 2>&1 | tr '\r' '\n' | grep -v -i -E "warn|^demos: .*it/s|%\|" | tee -a "$LOG"
 du -sh $W/demos | tee -a "$LOG"
 
 NOW=$(date +%s); MIN=$(python3 -c "print(round(max(1.0, ($BUDGET_S - ($NOW - $START) - $EVAL_RESERVE_S) / 60), 2))")
 log "train both presets for $MIN min each, concurrently"
 for v in pi05 pi0; do
-  python3 -m kvreuse.train.train --demos $W/demos --out $W/testbed-$v --preset tiny-$v --steps 200000 \
+  python3 -m kvreuse.train.train --demos $W/demos --out $W/testbed-$v --overwrite --preset tiny-$v --steps 200000 \
     --max-minutes $MIN --batch-size $BATCH --lr $LR --log-every 500 ${INIT_FROM:+--init $INIT_FROM/testbed-$v} > $W/train-$v.log 2>&1 &
 done
 wait

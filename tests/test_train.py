@@ -1,6 +1,7 @@
 """Testbed training pieces: demo format round trip, augmentation, masked loss, a tiny train run."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -88,7 +89,7 @@ def test_demo_format(demo_dir):
         load_demos(demo_dir, tasks=("reach-v3",))
 
 
-def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path):
+def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path, capsys, monkeypatch):
     from kvreuse.checkpoint import load_checkpoint
     from kvreuse.model.tokenizer import load_tokenizer
     from kvreuse.policy import Policy
@@ -96,7 +97,12 @@ def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path):
     from kvreuse.transforms.robot import RobotTransform, robot_spec
 
     out = tmp_path / "ck"
-    run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=2, batch_size=2, device="cpu", log_every=1)
+    run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=2, batch_size=2, device="cpu", log_every=100)
+    printed = capsys.readouterr().out
+    assert "preparing data" in printed and "data ready" in printed and "step      1 " in printed
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # weights readable like the JSON files
     model, stats, meta = load_checkpoint(out)
     assert meta["robot"] == "metaworld" and meta["training"]["steps"] == 2
     assert stats is not None and len(stats.actions.mean) == 4
@@ -105,3 +111,96 @@ def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path):
            "observation/state": np.zeros(4, np.float32), "prompt": "press the button down from the top"}
     actions, _ = pol.infer(raw)
     assert actions.shape == (model.cfg.chunk_size, 4) and np.isfinite(actions).all()
+
+    # An existing checkpoint is refused up front, and an interrupted --overwrite run leaves it whole.
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(ValueError, match="already holds a checkpoint; pass --overwrite"):
+        run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=2, batch_size=2, device="cpu")
+
+    def interrupt(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kvreuse.train.train._lr_factor", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=2, batch_size=2, device="cpu",
+                  overwrite=True)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no staging directory left
+
+
+def test_train_checks_options_before_loading(tmp_path):
+    from kvreuse.train.train import run_train
+
+    (tmp_path / "file").write_text("x")
+    bad = [({"log_every": 0}, "--log-every"), ({"max_minutes": -1}, "--max-minutes"), ({"warmup": 1.0}, "--warmup"),
+           ({"device": "nosuch"}, "--device 'nosuch'"), ({"out": str(tmp_path / "file")}, "is a file"),
+           ({"out": str(tmp_path / "file" / "ck")}, "is a file")]
+    if not torch.cuda.is_available():
+        bad.append(({"device": "cuda"}, "CUDA is not available"))
+    for kw, msg in bad:  # the demos do not exist: these must fail before anything is loaded
+        with pytest.raises(ValueError, match=msg):
+            run_train(**{"demos": str(tmp_path / "none"), "out": str(tmp_path / "ck"), **kw})
+
+
+def test_train_and_demos_help(capsys):
+    from kvreuse.cli import main
+
+    for cmd, words in (("train", ("wall-clock", "warm-up", "fine-tuning", "--overwrite")), ("demos", ("--overwrite",))):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert all(w in out for w in words), (cmd, words)
+
+
+def test_load_demos_rejects_mixed_and_damaged_sets(demo_dir, tmp_path):
+    from kvreuse.train.demos import load_demos
+
+    d = tmp_path / "demos"
+    shutil.copytree(demo_dir, d)
+    part = d / "button-press-topdown-v3"
+    # an interrupted re-run replaced a part with other episodes while index.json stayed old
+    np.save(part / "part00_state.npy", np.load(part / "part00_state.npy")[:-3])
+    with pytest.raises(ValueError, match="part00_state.npy has .* frames but"):
+        load_demos(d)
+    (part / "part00_state.npy").unlink()
+    with pytest.raises(ValueError, match="cannot read .*part00_state.npy"):
+        load_demos(d)
+    (d / "index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="index.json is not valid JSON"):
+        load_demos(d)
+
+
+def test_demos_keep_an_existing_set(demo_dir, tmp_path):
+    from kvreuse.train.demos import collect_demos
+
+    d = tmp_path / "demos"
+    shutil.copytree(demo_dir, d)
+    before = {str(f): f.read_bytes() for f in d.rglob("*") if f.is_file()}
+    kw = {"tasks": ("button-press-topdown-v3",), "demos_per_task": 1, "image_size": 32, "workers": 1}
+    with pytest.raises(ValueError, match="already holds a demo set; pass --overwrite"):
+        collect_demos(str(d), **kw)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        collect_demos(str(tmp_path / "file"), **kw)
+    # 2 steps are too few for the expert: an error naming the task, and the old set stays whole
+    with pytest.raises(ValueError, match="button-press-topdown-v3: 0 of 1, .* cut off at --max-steps 2"):
+        collect_demos(str(d), max_steps=2, overwrite=True, **kw)
+    assert {str(f): f.read_bytes() for f in d.rglob("*") if f.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demos", "file"]  # no staging directory left
+    (d / "notes.txt").write_text("mine")  # --overwrite replaces only what a demo set consists of
+    with pytest.raises(ValueError, match="notes.txt"):
+        collect_demos(str(d), overwrite=True, **kw)
+
+
+def test_demos_overwrite_replaces_the_whole_set(tmp_path, capsys):
+    from kvreuse.train.demos import collect_demos, load_demos
+
+    d = tmp_path / "demos"
+    (d / "reach-v3").mkdir(parents=True)  # a set of another task: no orphans may remain
+    np.save(d / "reach-v3" / "part00_base.npy", np.zeros(3))
+    (d / "index.json").write_text("{}")
+    collect_demos(str(d), tasks=("button-press-topdown-v3",), demos_per_task=2, image_size=32, max_steps=120,
+                  workers=1, overwrite=True)
+    assert sorted(p.name for p in d.iterdir()) == ["button-press-topdown-v3", "index.json"]
+    assert load_demos(d).episodes == 2
+    assert "1/2" in capsys.readouterr().err  # the bar moves per recorded episode, not per part

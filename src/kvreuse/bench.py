@@ -374,7 +374,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     if model is None:
         model = build_random(cfg, device, seed=seed)
     _sync(device)
-    rep.notes.append(f"model built in {time.perf_counter() - t_build:.1f} s ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params)")
+    rep.notes.append(f"model built in {time.perf_counter() - t_build:.1f} s ({_params(sum(p.numel() for p in model.parameters()))} params)")
     obs, noise = random_inputs(cfg, batch, device, seed + 1, prompt_tokens)
     rep.config["prompt_tokens"] = int(obs.token_mask[0].sum())
     tm = lambda fn, n=iters: time_fn(fn, n, warmup, device)  # noqa: E731
@@ -683,24 +683,60 @@ def _profile(model, obs, noise, path, device, **fast_kw):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m kvreuse.bench key=value ...` for machines without tyro."""
+    """`python -m kvreuse.bench key=value ...` for machines without tyro. A bare `key` (or
+    `--key`) sets a boolean, `no_key` clears it; `key=none` unsets an optional number/boolean."""
     import inspect
+    import typing
 
-    kw = {}
     sig = inspect.signature(run_bench)
-    for a in argv if argv is not None else sys.argv[1:]:
-        k, _, v = a.lstrip("-").partition("=")
-        k = k.replace("-", "_")
-        if k not in sig.parameters:
-            raise SystemExit(f"unknown option {k!r}; options: {', '.join(sig.parameters)}")
-        d = sig.parameters[k].default
-        if isinstance(d, bool):
-            kw[k] = v.lower() in ("1", "true", "yes", "")
-        elif d is None:
-            kw[k] = int(v) if v.lstrip("-").isdigit() else v
-        else:
-            kw[k] = type(d)(v)
-    run_bench(**kw)
+    hints = typing.get_type_hints(run_bench)  # real types: the annotations are strings here
+    kw = {}
+    try:
+        for a in argv if argv is not None else sys.argv[1:]:
+            k, has_value, v = a.lstrip("-").partition("=")
+            k = k.replace("-", "_")
+            if not has_value and k.startswith("no_") and k not in sig.parameters:
+                k, v = k[3:], "false"
+            if k not in sig.parameters:
+                raise ValueError(f"unknown option {k!r}; options: {', '.join(sig.parameters)}")
+            if not has_value:  # a bare key is a boolean flag
+                if bool not in _types(hints[k]):
+                    raise ValueError(f"{k}: expects a value ({k}=...)")
+                v = "true" if v == "" else v
+            kw[k] = _parse_value(k, v, hints[k])
+        run_bench(**kw)
+    except ValueError as e:  # bad input: one clear line, no traceback (as the kvreuse CLI does)
+        print(f"kvreuse.bench: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _types(hint) -> tuple:
+    import typing
+
+    return typing.get_args(hint) or (hint,)  # `int | None` -> (int, NoneType)
+
+
+def _parse_value(key: str, v: str, hint):
+    types = _types(hint)
+    if type(None) in types and v.lower() == "none" and str not in types:
+        return None
+    if bool in types:
+        b = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(v.lower())
+        if b is None:
+            raise ValueError(f"{key}: expected true/false/1/0/yes/no, got {v!r}")
+        return b
+    for t in (int, float):
+        if t in types:
+            try:
+                return t(v)
+            except ValueError:
+                raise ValueError(f"{key}: expected {'an integer' if t is int else 'a number'}, got {v!r}") from None
+    return v
+
+
+def _params(n: int) -> str:
+    """A parameter count for the build note: 2.70B, or 1.60M for the tiny presets."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 if __name__ == "__main__":

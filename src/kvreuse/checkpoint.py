@@ -37,6 +37,8 @@ def save_checkpoint(path: str | Path, model: Pi0Model, stats: NormStats | None, 
     (path / "config.json").write_text(json.dumps(meta, indent=2))
     if stats is not None:
         (path / "norm_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
+    # safetensors creates its file 0600; give it the mode (umask) of the JSON files beside it
+    (path / WEIGHTS).chmod((path / "config.json").stat().st_mode & 0o777)
     return path
 
 

@@ -22,20 +22,38 @@ On-disk format (no pickle; everything memory-mappable):
 
 Frames of one part are its episodes back to back; an episode is rows [start, start + length)
 of its part. Parts exist so that several worker processes can fill one task in parallel.
+
+A run writes into a staging directory beside DIR and swaps it in only once every task has its
+demos (train/outdir.py): an interrupted or failed run leaves DIR as it was. A DIR that already
+holds a demo set is replaced only with `overwrite=True` (`--overwrite`).
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import re
+import shutil
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 FORMAT = "kvreuse-demos/1"
 FIELDS = ("base", "wrist", "state", "actions")
+PART_FILE = re.compile(r"part\d+_(base|wrist|state|actions)\.npy")
+# A worker gives up on its part after this many episodes in a row without success: the
+# scripted experts succeed on every layout checked, so this means --max-steps is too low.
+GIVE_UP_AFTER = 20
+
+_progress = None  # worker side: queue of (task, success) per finished episode, for the bar
+
+
+def _init_worker(q) -> None:
+    global _progress
+    _progress = q
 
 
 @dataclass(frozen=True)
@@ -62,10 +80,10 @@ def _collect_unit(u: _Unit) -> dict:
     expert = expert_policy(u.task)
     rng = np.random.default_rng([u.seed, u.part, zlib.crc32(u.task.encode())])
     bufs: dict[str, list] = {k: [] for k in FIELDS}
-    episodes, failures, n = [], 0, 0
+    episodes, timeouts, in_a_row, n = [], 0, 0, 0
     t0 = time.perf_counter()
     for init_id in u.init_ids:
-        if len(episodes) >= u.n_demos:
+        if len(episodes) >= u.n_demos or in_a_row >= GIVE_UP_AFTER:
             break
         seed = int(rng.integers(2**31))
         obs = env.reset(u.task, init_id, seed)
@@ -81,9 +99,13 @@ def _collect_unit(u: _Unit) -> dict:
             if u.noise > 0:
                 executed[:3] += rng.normal(0.0, u.noise, 3).astype(np.float32)
             obs, success, done = env.step(np.clip(executed, -1, 1))
-        if not success:
-            failures += 1
+        if _progress is not None:
+            _progress.put((u.task, success))
+        if not success:  # the env ends an episode only on success or at max_steps
+            timeouts += 1
+            in_a_row += 1
             continue
+        in_a_row = 0
         length = len(ep["actions"])
         episodes.append({"init_id": int(init_id), "seed": seed, "part": u.part, "start": n, "length": length})
         n += length
@@ -95,7 +117,7 @@ def _collect_unit(u: _Unit) -> dict:
     for k in FIELDS:
         arr = np.stack(bufs[k]) if bufs[k] else np.zeros((0,), np.uint8)
         np.save(d / f"part{u.part:02d}_{k}.npy", arr)
-    return {"task": u.task, "part": u.part, "episodes": episodes, "failures": failures,
+    return {"task": u.task, "part": u.part, "episodes": episodes, "timeouts": timeouts,
             "frames": n, "seconds": time.perf_counter() - t0}
 
 
@@ -110,6 +132,7 @@ def collect_demos(
     parts_per_task: int = 1,
     seed: int = 0,
     counts: tuple[str, ...] = (),
+    overwrite: bool = False,
 ) -> dict:
     """Record scripted-expert demos (both cameras, state, prompt, actions) on training layouts
     into `out` (-> the index written to out/index.json).
@@ -120,12 +143,22 @@ def collect_demos(
         parts_per_task: split each task over this many workers (disjoint layouts).
         counts: "TASK=N" entries that override demos_per_task for a task (more demos where
             the policy is weak).
-    """
+        overwrite: replace a demo set already in `out` (otherwise refused).
+
+    Nothing is written unless every task gets its demos: a shortfall (episodes cut off at
+    max_steps) is an error naming the tasks, and `out` stays as it was."""
     import multiprocessing as mp
 
     from tqdm import tqdm
 
-    from ..envs.metaworld import TASKS, TRAIN_INIT_START, MetaWorldConfig, check_task, prompt_for
+    from ..envs.metaworld import (
+        TASKS,
+        TRAIN_INIT_START,
+        MetaWorldConfig,
+        check_task,
+        prompt_for,
+    )
+    from .outdir import check_out, staging, swap_in
 
     tasks = tuple(tasks) or tuple(TASKS)
     for t in tasks:
@@ -136,8 +169,9 @@ def collect_demos(
         if not sep or name not in per_task or not num.isdigit():
             raise ValueError(f"counts entry {c!r}: expected TASK=N with TASK one of {list(per_task)}")
         per_task[name] = int(num)
-    if min(per_task.values()) < 1 or parts_per_task < 1 or workers < 1:
-        raise ValueError("demos per task, parts_per_task and workers must be >= 1")
+    if min(per_task.values()) < 1 or parts_per_task < 1 or workers < 1 or max_steps < 1:
+        raise ValueError("demos per task, parts_per_task, workers and max_steps must be >= 1")
+    out = check_out(out, "demo set", lambda d: (d / "index.json").is_file(), _demo_file, overwrite)
     total_inits = MetaWorldConfig().num_inits
     train_ids = list(range(TRAIN_INIT_START, total_inits))
     units = []
@@ -149,35 +183,69 @@ def collect_demos(
             ids = tuple(train_ids[p::parts_per_task])  # disjoint layouts per part; spares for failures
             want = min(per_part, n_task - p * per_part)
             if want > 0:
-                units.append(_Unit(t, p, ids, want, noise, image_size, max_steps, seed, str(out)))
+                units.append(_Unit(t, p, ids, want, noise, image_size, max_steps, seed, ""))
 
-    Path(out).mkdir(parents=True, exist_ok=True)
     index = {"format": FORMAT, "image_size": image_size, "noise": noise, "seed": seed,
              "cameras": {"base": "observation/image", "wrist": "observation/wrist_image"},
-             "tasks": {t: {"prompt": prompt_for(t), "parts": [], "episodes": [], "failures": 0} for t in tasks}}
+             "tasks": {t: {"prompt": prompt_for(t), "parts": [], "episodes": [], "timeouts": 0} for t in tasks}}
     t0 = time.perf_counter()
-    ctx = mp.get_context("spawn")  # fresh processes: no GL or torch state inherited
-    with ctx.Pool(min(workers, len(units))) as pool:
+    tmp = staging(out)
+    try:
+        units = [replace(u, out=str(tmp)) for u in units]
+        ctx = mp.get_context("spawn")  # fresh processes: no GL or torch state inherited
+        q = ctx.Queue()
         bar = tqdm(total=sum(u.n_demos for u in units), desc="demos", unit="demo")
-        for r in pool.imap_unordered(_collect_unit, units):
+        timeouts = dict.fromkeys(tasks, 0)
+        with ctx.Pool(min(workers, len(units)), initializer=_init_worker, initargs=(q,)) as pool:
+            res = pool.map_async(_collect_unit, units)
+            while not res.ready():  # workers report every episode: the bar moves per demo
+                try:
+                    task, ok = q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                bar.update(int(ok))
+                timeouts[task] += not ok
+                if not ok:
+                    bar.set_postfix_str(f"{sum(timeouts.values())} episodes hit --max-steps {max_steps}")
+            results = res.get()
+        bar.n = sum(len(r["episodes"]) for r in results)  # messages still in flight at the end
+        bar.close()
+        for r in results:
             e = index["tasks"][r["task"]]
             e["parts"].append(r["part"])
             e["episodes"].extend(r["episodes"])
-            e["failures"] += r["failures"]
-            bar.update(len(r["episodes"]))
-            bar.set_postfix_str(f"{r['task']} part {r['part']}: {r['frames']} frames, {r['seconds']:.0f}s")
-        bar.close()
-    for e in index["tasks"].values():
-        e["parts"].sort()
-        e["episodes"].sort(key=lambda x: (x["part"], x["start"]))
-    (Path(out) / "index.json").write_text(json.dumps(index, indent=1))
+            e["timeouts"] += r["timeouts"]
+        for e in index["tasks"].values():
+            e["parts"].sort()
+            e["episodes"].sort(key=lambda x: (x["part"], x["start"]))
+        short = {t: (len(e["episodes"]), per_task[t], e["timeouts"]) for t, e in index["tasks"].items()
+                 if len(e["episodes"]) < per_task[t]}
+        if short:
+            raise ValueError(
+                "demos: fewer demos than requested ("
+                + ", ".join(f"{t}: {got} of {want}, {to} episodes cut off at --max-steps {max_steps}"
+                            for t, (got, want, to) in short.items())
+                + f"); the scripted experts need up to ~90 steps; nothing was written to {out}")
+        (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        swap_in(tmp, out)
+    finally:
+        if tmp.exists():  # interrupted or failed: drop the partial run, `out` is untouched
+            shutil.rmtree(tmp)
     frames = sum(x["length"] for e in index["tasks"].values() for x in e["episodes"])
     print(f"wrote {out}: {len(tasks)} tasks, {sum(len(e['episodes']) for e in index['tasks'].values())} demos, "
           f"{frames} frames in {time.perf_counter() - t0:.0f}s")
     for t, e in index["tasks"].items():
         lens = [x["length"] for x in e["episodes"]]
-        print(f"  {t}: {len(lens)} demos (mean {np.mean(lens) if lens else 0:.0f} steps), {e['failures']} expert failures")
+        print(f"  {t}: {len(lens)} demos (mean {np.mean(lens) if lens else 0:.0f} steps), "
+              f"{e['timeouts']} episodes cut off at --max-steps {max_steps} (discarded)")
     return index
+
+
+def _demo_file(p: Path) -> bool:
+    """p is part of a demo set: index.json or a task directory of part files."""
+    if p.name == "index.json":
+        return p.is_file()
+    return p.is_dir() and all(f.is_file() and PART_FILE.fullmatch(f.name) for f in p.iterdir())
 
 
 @dataclass
@@ -207,9 +275,13 @@ def load_demos(path: str | Path, tasks: tuple[str, ...] = ()) -> DemoSet:
     f = path / "index.json"
     if not f.is_file():
         raise ValueError(f"demos: no index.json in {path} (make one with `kvreuse demos --out {path}`)")
-    index = json.loads(f.read_text())
-    if index.get("format") != FORMAT:
-        raise ValueError(f"demos: {f} has format {index.get('format')!r}, expected {FORMAT!r}")
+    try:
+        index = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"demos: {f} is not valid JSON ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        got = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise ValueError(f"demos: {f} has format {got!r}, expected {FORMAT!r}")
     names = list(tasks) or list(index["tasks"])
     unknown = [t for t in names if t not in index["tasks"]]
     if unknown:
@@ -219,8 +291,14 @@ def load_demos(path: str | Path, tasks: tuple[str, ...] = ()) -> DemoSet:
     for ti, t in enumerate(names):
         e = index["tasks"][t]
         for p in e["parts"]:
-            arrs = {k: np.load(path / t / f"part{p:02d}_{k}.npy") for k in FIELDS}
+            arrs = {k: _load_part(path / t / f"part{p:02d}_{k}.npy") for k in FIELDS}
             n = len(arrs["actions"])
+            # A set mixed by an interrupted re-run (or edited by hand) must not load silently.
+            want = sum(x["length"] for x in e["episodes"] if x["part"] == p)
+            for k, a in arrs.items():
+                if len(a) != want:
+                    raise ValueError(f"demos: {path / t / f'part{p:02d}_{k}.npy'} has {len(a)} frames but "
+                                     f"{f} lists {want} for its episodes (mixed or damaged demo set; record it again)")
             if n == 0:
                 continue
             for k in FIELDS:
@@ -240,6 +318,13 @@ def load_demos(path: str | Path, tasks: tuple[str, ...] = ()) -> DemoSet:
         task_of=np.concatenate(task_of), ep_end=np.concatenate(ep_end),
         prompts=[index["tasks"][t]["prompt"] for t in names], tasks=names, episodes=n_eps, meta=index,
     )
+
+
+def _load_part(f: Path) -> np.ndarray:
+    try:
+        return np.load(f)  # allow_pickle=False: arrays only
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"demos: cannot read {f} ({e})") from None
 
 
 if __name__ == "__main__":  # runnable without the CLI registry: python -m kvreuse.train.demos

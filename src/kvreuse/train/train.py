@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -50,6 +50,28 @@ def random_shift(img: torch.Tensor, pad: int, gen: torch.Generator | None = None
     return x[bi, ci, rows, cols]
 
 
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "norm_stats.json", "train_log.jsonl")
+
+
+def _device(device: str) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: only cpu and cuda are supported")
+    return dev
+
+
 def _lr_factor(progress: float, warmup: float) -> float:
     if progress < warmup:
         return progress / warmup
@@ -74,12 +96,29 @@ def run_train(
     log_every: int = 200,
     tasks: tuple[str, ...] = (),
     init: str | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Train a tiny preset with flow matching on `kvreuse demos` output; save a checkpoint to `out`.
 
-    max_minutes: optional wall-clock budget (0 = none); the LR schedule ends at whichever of
-    `steps` / `max_minutes` comes first. warmup: fraction of the schedule.
-    init: start from this checkpoint's weights (fine-tuning; its preset must match)."""
+    The run trains in a staging directory beside `out` and moves the checkpoint (with its
+    train_log.jsonl) into place at the end: an interrupted run leaves `out` as it was.
+
+    Args:
+        demos: directory written by `kvreuse demos`.
+        out: checkpoint directory to write; one that already holds a checkpoint is refused
+            unless --overwrite.
+        steps: most optimizer steps.
+        max_minutes: optional wall-clock budget (0 = none); the LR schedule ends at whichever of
+            `steps` / `max_minutes` comes first.
+        warmup: linear LR warm-up, as a fraction of the schedule (0 <= warmup < 1).
+        ema: decay of the weight average that gets saved.
+        shift: random image shift in pixels (0 = none).
+        device: auto (cuda when available, else cpu), cpu, cuda or cuda:N.
+        log_every: print and log (train_log.jsonl) the loss every this many steps (and step 1).
+        tasks: train on these tasks of the demo set only (default all).
+        init: start from this checkpoint's weights (fine-tuning; its preset must match; its
+            normalization stats are kept).
+        overwrite: replace a checkpoint already in `out`."""
     import torch
 
     from ..checkpoint import save_checkpoint
@@ -91,15 +130,32 @@ def run_train(
     from ..transforms.normalize import NormStats, Stats
     from ..transforms.robot import RobotTransform, robot_spec
     from .demos import load_demos
+    from .outdir import check_out, staging, swap_in
 
-    if steps < 1 or batch_size < 1:
-        raise ValueError("steps and batch_size must be >= 1")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    # Every input is checked before the (long) data preparation.
+    for name, v in (("steps", steps), ("batch-size", batch_size), ("log-every", log_every)):
+        if v < 1:
+            raise ValueError(f"--{name} must be >= 1, got {v}")
+    if not max_minutes >= 0:  # also rejects nan
+        raise ValueError(f"--max-minutes must be >= 0 (0 = no budget), got {max_minutes}")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"--warmup is a fraction of the schedule: expected 0 <= warmup < 1, got {warmup}")
+    if not 0 <= ema < 1 or shift < 0:
+        raise ValueError(f"--ema must be in [0, 1) and --shift >= 0, got {ema} and {shift}")
+    dev = _device(device)
+    out_path = check_out(out, "checkpoint", lambda d: any((d / f).exists() for f in CHECKPOINT_FILES),
+                         lambda p: p.name in CHECKPOINT_FILES, overwrite)
+    if init:
+        from ..checkpoint import check_checkpoint
+
+        check_checkpoint(init)
     if dev.type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
 
+    t_prep = time.perf_counter()
+    print(f"preparing data: loading {demos} and tokenizing prompts ...", flush=True)
     data = load_demos(demos, tasks)
     cfg = get_preset(preset)
     spec = robot_spec("metaworld")
@@ -137,6 +193,7 @@ def run_train(
     nact = torch.from_numpy(tf.normalize_actions(data.actions)).to(dev)  # (N, max_action_dim)
     ep_end = torch.from_numpy(data.ep_end).to(dev)
     n, chunk = len(data), cfg.chunk_size
+    print(f"data ready in {time.perf_counter() - t_prep:.0f}s: {n} frames", flush=True)
 
     model = Pi0Model(cfg).to(dev).train()
     if init:
@@ -160,67 +217,71 @@ def run_train(
           f"{len(data.tasks)} tasks, batch {batch_size}, up to {steps} steps"
           + (f" / {max_minutes} min" if max_minutes else ""), flush=True)
 
-    out_path = Path(out)
-    out_path.mkdir(parents=True, exist_ok=True)
-    log = open(out_path / "train_log.jsonl", "w")
-    ar = torch.arange(chunk, device=dev)
-    size = cfg.vision.image_size
-    cams = {c: (base if k == "observation/image" else wrist) for k, c in spec.cameras}
-    ones = torch.ones(batch_size, dtype=torch.bool, device=dev)
-    t0 = time.perf_counter()
-    losses: list[float] = []
-    step, progress = 0, 0.0
-    while progress < 1.0:
-        ii = rng.integers(0, n, batch_size)  # kept on the host for the prompts: no device sync
-        idx = torch.from_numpy(ii).to(dev)
-        rows = idx[:, None] + ar[None]  # (B, chunk)
-        end = ep_end[idx][:, None]
-        valid = rows < end
-        rows = torch.minimum(rows, end - 1)  # pad with the episode's last action
-        obs = Observation(
-            images={cam: preprocess_image(random_shift(src[idx], shift), size) for cam, src in cams.items()},
-            image_masks={cam: ones for cam in cams},
-            state=all_state[idx], tokens=all_tokens[idx], token_mask=all_tmask[idx], state_token_mask=all_smask[idx],
-            prompt=tuple(all_prompts[i] for i in ii),
+    tmp = staging(out_path)
+    try:
+        log = open(tmp / "train_log.jsonl", "w")
+        ar = torch.arange(chunk, device=dev)
+        size = cfg.vision.image_size
+        cams = {c: (base if k == "observation/image" else wrist) for k, c in spec.cameras}
+        ones = torch.ones(batch_size, dtype=torch.bool, device=dev)
+        t0 = time.perf_counter()
+        losses: list[float] = []
+        step, progress = 0, 0.0
+        while progress < 1.0:
+            ii = rng.integers(0, n, batch_size)  # kept on the host for the prompts: no device sync
+            idx = torch.from_numpy(ii).to(dev)
+            rows = idx[:, None] + ar[None]  # (B, chunk)
+            end = ep_end[idx][:, None]
+            valid = rows < end
+            rows = torch.minimum(rows, end - 1)  # pad with the episode's last action
+            obs = Observation(
+                images={cam: preprocess_image(random_shift(src[idx], shift), size) for cam, src in cams.items()},
+                image_masks={cam: ones for cam in cams},
+                state=all_state[idx], tokens=all_tokens[idx], token_mask=all_tmask[idx], state_token_mask=all_smask[idx],
+                prompt=tuple(all_prompts[i] for i in ii),
+            )
+            with autocast:
+                loss = model.loss(obs, nact[rows], valid=valid.float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            elapsed = time.perf_counter() - t0
+            progress = max((step + 1) / steps, elapsed / (60 * max_minutes) if max_minutes else 0.0)
+            for g in opt.param_groups:
+                g["lr"] = lr * _lr_factor(progress, warmup)
+            opt.step()
+            with torch.no_grad():
+                d = min(ema, (1 + step) / (10 + step))  # short warm-up of the EMA
+                torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - d)
+            step += 1
+            losses.append(loss.item() if step % 10 == 0 or step < 50 else losses[-1])
+            if step == 1 or step % log_every == 0 or progress >= 1.0:  # step 1: early sign of life
+                rec = {"step": step, "loss": float(np.mean(losses[-log_every:])), "lr": opt.param_groups[0]["lr"],
+                       "elapsed_s": round(elapsed, 1), "steps_per_s": round(step / elapsed, 2), "progress": round(progress, 4)}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                eta = elapsed / max(progress, 1e-6) - elapsed
+                print(f"step {step:6d}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['steps_per_s']:.1f} it/s  "
+                      f"{100 * progress:5.1f}%  eta {eta / 60:.1f} min", flush=True)
+        log.close()
+        wall = time.perf_counter() - t0
+        ema_model.float()
+        save_checkpoint(
+            tmp, ema_model.cpu(), stats, robot="metaworld",
+            training={
+                "preset": preset, "demos": str(demos), "tasks": data.tasks, "prompts": data.prompts,
+                "episodes": data.episodes, "frames": n, "steps": step, "batch_size": batch_size, "lr": lr,
+                "weight_decay": weight_decay, "warmup": warmup, "ema": ema, "shift": shift, "seed": seed,
+                "final_loss": float(np.mean(losses[-log_every:])), "wall_s": round(wall, 1), "device": str(dev),
+                "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "init": init, "demo_noise": data.meta.get("noise"), "image_size": data.meta.get("image_size"),
+            },
         )
-        with autocast:
-            loss = model.loss(obs, nact[rows], valid=valid.float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        elapsed = time.perf_counter() - t0
-        progress = max((step + 1) / steps, elapsed / (60 * max_minutes) if max_minutes else 0.0)
-        for g in opt.param_groups:
-            g["lr"] = lr * _lr_factor(progress, warmup)
-        opt.step()
-        with torch.no_grad():
-            d = min(ema, (1 + step) / (10 + step))  # short warm-up of the EMA
-            torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - d)
-        step += 1
-        losses.append(loss.item() if step % 10 == 0 or step < 50 else losses[-1])
-        if step % log_every == 0 or progress >= 1.0:
-            rec = {"step": step, "loss": float(np.mean(losses[-log_every:])), "lr": opt.param_groups[0]["lr"],
-                   "elapsed_s": round(elapsed, 1), "steps_per_s": round(step / elapsed, 2), "progress": round(progress, 4)}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            eta = elapsed / max(progress, 1e-6) - elapsed
-            print(f"step {step:6d}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['steps_per_s']:.1f} it/s  "
-                  f"{100 * progress:5.1f}%  eta {eta / 60:.1f} min", flush=True)
-    log.close()
-    wall = time.perf_counter() - t0
-    ema_model.float()
-    save_checkpoint(
-        out_path, ema_model.cpu(), stats, robot="metaworld",
-        training={
-            "preset": preset, "demos": str(demos), "tasks": data.tasks, "prompts": data.prompts,
-            "episodes": data.episodes, "frames": n, "steps": step, "batch_size": batch_size, "lr": lr,
-            "weight_decay": weight_decay, "warmup": warmup, "ema": ema, "shift": shift, "seed": seed,
-            "final_loss": float(np.mean(losses[-log_every:])), "wall_s": round(wall, 1), "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "init": init, "demo_noise": data.meta.get("noise"), "image_size": data.meta.get("image_size"),
-        },
-    )
-    print(f"saved {out_path} after {step} steps in {wall / 60:.1f} min (final loss {np.mean(losses[-log_every:]):.4f})")
+        swap_in(tmp, out_path)
+        print(f"saved {out_path} after {step} steps in {wall / 60:.1f} min (final loss {np.mean(losses[-log_every:]):.4f})")
+    finally:
+        if tmp.exists():  # interrupted: drop the partial run, `out` is untouched
+            shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":  # runnable without the CLI registry: python -m kvreuse.train.train

@@ -1,0 +1,54 @@
+"""Output directories of `kvreuse demos` / `kvreuse train`, written all at once.
+
+A run writes into a hidden staging directory beside `out` and swaps it in at the end, so an
+interrupted run never leaves a mix of old and new files: `out` holds the previous result or
+the new one, whole.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def check_out(out: str | Path, what: str, holds: Callable[[Path], bool], owned: Callable[[Path], bool],
+              overwrite: bool) -> Path:
+    """Validate `out` before any work. `holds(out)`: it already holds a `what`; `owned(p)`: p is
+    a file or directory a `what` consists of (only those are replaced with --overwrite)."""
+    out = Path(out)
+    for p in (out, *out.parents):  # mkdir would fail late on a file anywhere on the path
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"--out {out}: {p} is a file, not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    if not holds(out):
+        raise ValueError(f"--out {out}: directory is not empty and holds no {what}; choose a new or empty directory")
+    if not overwrite:
+        raise ValueError(f"--out {out} already holds a {what}; pass --overwrite to replace it")
+    foreign = sorted(p.name for p in out.iterdir() if not owned(p))
+    if foreign:  # --overwrite replaces the whole directory: never delete what we did not write
+        raise ValueError(f"--out {out}: also holds {foreign[:5]}, which are not part of a {what}; not replacing it")
+    return out
+
+
+def staging(out: Path) -> Path:
+    """A fresh, empty hidden directory beside `out` (a leftover of a killed run is removed)."""
+    out = Path(os.path.abspath(out))  # "." or "x/.." have no usable name
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Replace `out` (absent, empty, or checked by `check_out`) with `tmp`, by renames."""
+    out = Path(os.path.abspath(out))
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
