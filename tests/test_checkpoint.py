@@ -467,3 +467,15 @@ def test_check_checkpoint_accepts_good_ones_and_reads_no_pickle(tiny, tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"checkpoint {tmp_path / 'ck'}: no model.safetensors")):
         check_checkpoint(tmp_path / "ck")
 
+
+
+def test_load_norm_stats_reads_ours_and_refuses_none(tmp_path):
+    from kvreuse.assets import default_checkpoint
+    from kvreuse.checkpoint import load_norm_stats, read_stats, save_checkpoint
+    from kvreuse.model import Pi0Model, preset
+
+    ck = default_checkpoint("pi05")
+    assert np.array_equal(load_norm_stats(ck).actions.q01, read_stats(ck).actions.q01)
+    bare = save_checkpoint(tmp_path / "bare", Pi0Model(preset("tiny-pi0")), None, robot="metaworld")
+    with pytest.raises(ValueError, match="has no norm stats"):
+        load_norm_stats(bare)

@@ -251,8 +251,19 @@ def test_compare_source_builds_a_full_size_preset_for_the_streams_robot(monkeypa
     assert (cfg.state_dim, cfg.action_dim, device, dtype) == (4, 4, "cpu", torch.bfloat16)
     assert "random pi0" in what and "byte tokenizer standing in" in what and "bfloat16" in what
     assert pol.infer(stream.steps[0].raw)[0].shape == (16, 4)
+    assert pol.transform.stats is None
     with pytest.raises(ValueError, match="dtype"):
         load(Source(preset="pi0", dtype="float16"))
+    # --stats-from: the recording policy's normalisation (the cross-modal gate compares normalised states)
+    from kvreuse.assets import default_checkpoint
+    from kvreuse.checkpoint import load_norm_stats
+
+    ck = default_checkpoint("pi0")
+    pol, _, what = load(Source(preset="pi0", dtype="bfloat16", steps=1, episodes=1, stats_from=str(ck)))
+    want = load_norm_stats(ck)
+    assert np.array_equal(pol.transform.stats.state.mean, want.state.mean) and f"norm stats of {ck}" in what
+    with pytest.raises(ValueError, match="stats_from: only for a random model"):
+        load(Source(checkpoint=str(ck), stats_from=str(ck)))
 
 
 def test_compare_loads_reference_checkpoints_and_libero_streams(tmp_path, capsys):

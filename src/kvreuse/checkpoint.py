@@ -121,6 +121,19 @@ def read_stats(path: str | Path) -> NormStats | None:
                          f"number arrays ({problem})") from None
 
 
+def load_norm_stats(path: str | Path) -> NormStats:
+    """The norm stats of a checkpoint (ours, or a reference one), without its weights."""
+    if checkpoint_format(path) == "kvreuse":
+        stats = read_stats(path)
+    else:
+        from .ref_checkpoint import check_reference
+
+        stats = check_reference(path)[3]
+    if stats is None:
+        raise ValueError(f"checkpoint {path}: has no norm stats")
+    return stats
+
+
 def check_weights(f: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
     """The file's keys and shapes against a `cfg` model (built on the meta device: free)."""
     with torch.device("meta"):

@@ -25,6 +25,10 @@ class Source:
     """The policy's weights: float32 | bfloat16 (what the GPU figures of docs/PERFORMANCE.md run)."""
     fast: bool = False
     """Run the policy through FastPi0 (CUDA graphs and Triton kernels on a GPU)."""
+    stats_from: Optional[str] = None
+    """A checkpoint whose norm stats the random model's inputs go through (no --checkpoint), e.g.
+    the policy that recorded --stream: the cross-modal gate compares normalised states, so without
+    them its schedule is not that policy's."""
     stream: Optional[str] = None
     """A recorded observation stream (.safetensors, see docs/REUSE.md), or a folder of them (all
     replayed in name order, e.g. what `kvreuse eval --streams N` records). None: a synthetic one."""
@@ -118,6 +122,8 @@ def load(src: Source):
     # The shipped testbed policies are tiny presets that drive Meta-World.
     ckpt = src.checkpoint or (default_checkpoint(src.preset) if tiny and robot == "metaworld" else None)
     if ckpt:
+        if src.stats_from is not None:
+            raise ValueError("stats_from: only for a random model (no --checkpoint); a checkpoint brings its own")
         from ..checkpoint import checkpoint_format, read_meta
 
         # A reference (lerobot / openpi) checkpoint names no robot: the stream's (else Meta-World's).
@@ -141,7 +147,13 @@ def load(src: Source):
                 model = Pi0Model(cfg).eval()
         else:
             model = build_random(cfg, src.device, dtype, src.seed)
-        model, tf = robot_runtime(model, spec, tokenizer=src.tokenizer, fast=src.fast)
+        stats = None
+        if src.stats_from is not None:
+            from ..checkpoint import load_norm_stats
+
+            stats = load_norm_stats(src.stats_from)
+            what += f", norm stats of {src.stats_from}"
+        model, tf = robot_runtime(model, spec, stats, tokenizer=src.tokenizer, fast=src.fast)
         policy = Policy(model, tf, seed=src.seed)
     spec = policy.transform.spec
     if stream is not None:
