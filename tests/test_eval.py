@@ -945,3 +945,15 @@ def test_a_tokenizer_for_a_byte_tokenizer_model_is_refused_before_any_work(tmp_p
     with pytest.raises(ValueError, match="uses the built-in byte tokenizer"):
         run_sweep(plan, PolicySource(None, "tiny-pi0", tokenizer=str(sp_model)))
     assert not (tmp_path / "t.db").exists()
+
+
+def test_no_checkpoint_for_the_robot_is_a_one_line_warning(tmp_path, monkeypatch, capfd):
+    import kvreuse.eval.sweep as sw
+
+    monkeypatch.setattr(sw, "shipped_checkpoint", lambda preset: None)
+    plan = SweepPlan(db=str(tmp_path / "w.db"), env="fake", tasks=("reach",), episodes=1, workers=0, progress=False,
+                     env_kw={"max_steps": 2})
+    run_sweep(plan, PolicySource(None, "tiny-pi0"))
+    err = capfd.readouterr().err
+    assert "warning: no checkpoint for robot 'metaworld': using a randomly initialised tiny-pi0" in err
+    assert "sweep.py" not in err  # not a Python warning echoing a source line

@@ -21,7 +21,6 @@ import pickle
 import queue
 import sys
 import time
-import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -389,8 +388,9 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         if src.checkpoint is None and model_preset(src.preset).tokenizer != "bytes":
             raise ValueError(f"preset {src.preset!r} needs a checkpoint (random weights only for tiny presets)")
         if src.checkpoint is None:
-            warnings.warn(f"no checkpoint for robot {robot!r}: using a randomly initialised {src.preset} "
-                          "(success will be ~0)", stacklevel=2)
+            # A plain line: a Python warning would also echo a source line of this file.
+            print(f"warning: no checkpoint for robot {robot!r}: using a randomly initialised {src.preset} "
+                  "(success will be ~0)", file=sys.stderr)
         if src.checkpoint is not None:  # unreadable / ill-typed files: one error before the DB and workers
             from ..checkpoint import check_checkpoint
 
