@@ -336,6 +336,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
           expert_pdl=None, fused_layer_norm=None, vision_trt=False, lerobot_rounds=3,
           lerobot_compile_mode="max-autotune", prompt_tokens=None, prompt_bucket=None, lm_down_tune=None,
           skinny_rows=None) -> Report:
+    from .model import param_count
     from .model import preset as get_preset
     from .model.fast import FastPi0, resolve_attn
     from .policy import Policy
@@ -374,7 +375,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     if model is None:
         model = build_random(cfg, device, seed=seed)
     _sync(device)
-    rep.notes.append(f"model built in {time.perf_counter() - t_build:.1f} s ({_params(sum(p.numel() for p in model.parameters()))} params)")
+    rep.notes.append(f"model built in {time.perf_counter() - t_build:.1f} s ({_params(param_count(model))} params)")
     obs, noise = random_inputs(cfg, batch, device, seed + 1, prompt_tokens)
     rep.config["prompt_tokens"] = int(obs.token_mask[0].sum())
     tm = lambda fn, n=iters: time_fn(fn, n, warmup, device)  # noqa: E731

@@ -401,7 +401,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         if src.tokenizer is not None and tok_kind == "bytes":
             raise ValueError(f"tokenizer: {src.checkpoint or src.preset} uses the built-in byte tokenizer; "
                              "--tokenizer (PaliGemma's tokenizer.model) is for full-size checkpoints")
-        if src.tokenizer is None and (meta.get("model") or {}).get("tokenizer", "bytes") != "bytes":
+        if src.tokenizer is None and tok_kind == "sentencepiece":
             raise ValueError(f"checkpoint {src.checkpoint} needs the PaliGemma SentencePiece tokenizer: "
                              "pass --tokenizer PATH/tokenizer.model")
         ck_robot = meta.get("robot")

@@ -98,6 +98,9 @@ class ClientSession:
 
     def reset(self) -> None:
         self.policy.reset()
+        self._was_reset()
+
+    def _was_reset(self) -> None:
         self.cache_born = None
         self.stats.resets += 1
 
@@ -117,8 +120,7 @@ class ClientSession:
         # this client's state as it was.
         actions, rec = self.policy.infer(obs, reset=reset)
         if reset:
-            self.cache_born = None
-            self.stats.resets += 1
+            self._was_reset()
         if rec.decision != "reuse":
             self.cache_born = time.monotonic()
         return actions, rec
