@@ -40,3 +40,35 @@ def test_demo_runs_and_rejects_no_calls(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["demo", "--calls", "0"])
     assert e.value.code == 2 and "calls: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["serve"], ["compare", "grid"], ["compare", "actions"], ["eval", "--env", "fake"],
+                                  ["train", "--demos", "none", "--out", "none"]])
+def test_every_command_checks_device_before_work(argv, monkeypatch, capsys, tmp_path):
+    import torch
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, msg in (("tpu", "--device 'tpu': unknown device; expected "),
+                        ("cuda:1", "--device 'cuda:1': CUDA is not available on this machine")):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*argv, "--device", device])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("kvreuse: error: " + msg), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_device_auto_and_index(monkeypatch):
+    import torch
+
+    from kvreuse.devices import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("auto", auto=True) == torch.device("cuda") and check_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"this machine has 2 CUDA device\(s\): cuda:0 .. cuda:1"):
+        check_device("cuda:2")
+    with pytest.raises(ValueError, match="expected cpu, cuda or cuda:N"):
+        check_device("auto")  # only train takes auto
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_device("auto", auto=True) == torch.device("cpu")

@@ -831,22 +831,23 @@ def test_report_is_read_only_and_refuses_files_that_are_not_kvreuse_dbs(tmp_path
 def test_device_and_preset_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
     from kvreuse.cli import main
 
-    with pytest.raises(ValueError, match="device: unknown device 'cdua'; expected cpu, cuda or cuda:N"):
+    with pytest.raises(ValueError, match="--device 'cdua': unknown device; expected cpu, cuda or cuda:N"):
         PolicySource(device="cdua")
-    with pytest.raises(ValueError, match="device: unknown device 'meta'"):
+    with pytest.raises(ValueError, match="--device 'meta': unknown device"):
         PolicySource(device="meta")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="device: 'cuda' but CUDA is not available"):
+    with pytest.raises(ValueError, match="--device 'cuda': CUDA is not available"):
         PolicySource(device="cuda")
     from kvreuse.model.config import PRESETS
 
     with pytest.raises(ValueError, match=f"preset: unknown preset 'tiny-foo'; valid presets: {', '.join(PRESETS)}"):
         PolicySource(preset="tiny-foo")
-    for flag in (["--device", "cdua"], ["--device", "cuda"], ["--preset", "tiny-foo"]):
+    for flag, named in ((["--device", "cdua"], "--device 'cdua':"), (["--device", "cuda"], "--device 'cuda':"),
+                        (["--preset", "tiny-foo"], "preset:")):
         with pytest.raises(SystemExit) as e:
             main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "1", "--workers", "0", "--no-progress",
                   "--db", str(tmp_path / "d.db"), *flag])
-        assert e.value.code == 2 and flag[0][2:] + ":" in capsys.readouterr().err
+        assert e.value.code == 2 and named in capsys.readouterr().err
     assert not (tmp_path / "d.db").exists()
 
 
@@ -957,3 +958,28 @@ def test_no_checkpoint_for_the_robot_is_a_one_line_warning(tmp_path, monkeypatch
     err = capfd.readouterr().err
     assert "warning: no checkpoint for robot 'metaworld': using a randomly initialised tiny-pi0" in err
     assert "sweep.py" not in err  # not a Python warning echoing a source line
+
+
+def test_plots_keep_legends_off_the_data(tmp_path, monkeypatch):
+    import kvreuse.eval.report as rep
+
+    db = tmp_path / "rep.db"
+    _fill(db)
+    seen, save = [], rep._save
+
+    def checked_save(fig, path):
+        fig.tight_layout()
+        fig.canvas.draw()
+        for ax in fig.axes:
+            leg = ax.get_legend()
+            if leg is not None:  # the legend must not overlap the plotting area
+                a, b = ax.get_window_extent(), leg.get_window_extent()
+                assert b.x0 >= a.x1 or b.x1 <= a.x0 or b.y0 >= a.y1 or b.y1 <= a.y0, path.name
+                seen.append(path.name)
+        return save(fig, path)
+
+    monkeypatch.setattr(rep, "_save", checked_save)
+    files = rep.write_plots(compute_rows(db), tmp_path / "plots")
+    assert sorted(f.name for f in files) == ["per_task.png", "success_vs_latency.png", "success_vs_reuse.png"]
+    assert sorted(seen) == ["per_task.png", "success_vs_latency.png"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)

@@ -268,7 +268,7 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
         ax.set_xlabel("mean latency per policy call (ms)")
         ax.set_ylabel("success (%), 95% Wilson interval")
         ax.set_title(f"Success vs latency\n{g}", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+        _legend_outside(ax)
         files.append(_save(fig, out_dir / f"success_vs_latency{sfx}.png"))
         # per-task bars
         per_task = [r for r in rs if r.task != ALL and r.n > 0]
@@ -294,7 +294,7 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
             ax.set_ylabel("success (%), 95% Wilson interval")
             ax.set_ylim(0, 105)
             ax.set_title(f"Success per task\n{g}", fontsize=9)
-            ax.legend(fontsize=7)
+            _legend_outside(ax)
             files.append(_save(fig, out_dir / f"per_task{sfx}.png"))
     return files
 
@@ -308,6 +308,11 @@ def _scatter(ax, rows: list[Row], x_of) -> None:
     ax.set_ylim(-2, 102)
     ax.margins(x=0.2)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
+
+
+def _legend_outside(ax) -> None:
+    """Right of the axes: inside, it hid points and bars (a baseline at 100%, a front's corner)."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _save(fig, path: Path) -> Path:

@@ -61,7 +61,9 @@ class PolicySource:
 
         if self.preset not in PRESETS:  # else an unknown name would silently run a shipped policy
             raise ValueError(f"preset: unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
-        _check_device(self.device)
+        from ..devices import check_device
+
+        check_device(self.device)
 
     def resolved(self, robot: str = "metaworld") -> "PolicySource":
         """The shipped policy drives the Meta-World testbed only; other robots (LIBERO) get
@@ -70,24 +72,6 @@ class PolicySource:
             return self
         ckpt = shipped_checkpoint(self.preset)
         return replace(self, checkpoint=str(ckpt)) if ckpt else self
-
-
-def _check_device(device: str) -> None:
-    """Fail before any work (the DB, the workers) on a device torch cannot use here."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):  # the harness runs (and is tested) on these only
-        raise ValueError(f"device: unknown device {device!r}; expected cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} but CUDA is not available on this machine; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {device!r} but this machine has {torch.cuda.device_count()} CUDA "
-                             f"device(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
 
 
 def checkpoint_meta(src: PolicySource) -> dict:

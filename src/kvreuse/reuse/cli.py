@@ -107,12 +107,14 @@ def load(src: Source):
     import torch
 
     from ..bench import build_random
+    from ..devices import check_device
     from ..model import Pi0Model
     from ..model import preset as get_preset
     from ..policy import Policy, random_model_config, robot_runtime
     from ..transforms.robot import robot_spec
     from .stream import load_streams, synthetic_stream
 
+    check_device(src.device)  # before the stream or a model is loaded
     if src.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype: expected float32 or bfloat16, got {src.dtype!r}")
     dtype = getattr(torch, src.dtype)

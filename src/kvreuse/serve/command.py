@@ -120,6 +120,9 @@ def run_serve(
 
     from .server import ServeConfig
 
+    from ..devices import check_device
+
+    check_device(device)  # before the model is built
     if threads:
         torch.set_num_threads(threads)
     cfg = ServeConfig(host=host, port=port, max_frame_mb=max_frame_mb, close_frame_mb=close_frame_mb,

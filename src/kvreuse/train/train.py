@@ -53,25 +53,6 @@ def random_shift(img: torch.Tensor, pad: int, gen: torch.Generator | None = None
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "norm_stats.json", "train_log.jsonl")
 
 
-def _device(device: str) -> torch.device:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {device}: only cpu and cuda are supported")
-    return dev
-
-
 def _lr_factor(progress: float, warmup: float) -> float:
     if progress < warmup:
         return progress / warmup
@@ -122,6 +103,7 @@ def run_train(
     import torch
 
     from ..checkpoint import save_checkpoint
+    from ..devices import check_device
     from ..model.config import preset as get_preset
     from ..model.pi0 import Pi0Model, param_count
     from ..model.tokenizer import load_tokenizer
@@ -142,7 +124,7 @@ def run_train(
         raise ValueError(f"--warmup is a fraction of the schedule: expected 0 <= warmup < 1, got {warmup}")
     if not 0 <= ema < 1 or shift < 0:
         raise ValueError(f"--ema must be in [0, 1) and --shift >= 0, got {ema} and {shift}")
-    dev = _device(device)
+    dev = check_device(device, auto=True)
     out_path = check_out(out, "checkpoint", lambda d: any((d / f).exists() for f in CHECKPOINT_FILES),
                          lambda p: p.name in CHECKPOINT_FILES, overwrite)
     if init:
