@@ -25,6 +25,16 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "kvreuse: interrupted"  # nothing is kept there
 
 
+def test_ctrl_c_while_the_commands_import_is_one_line(monkeypatch, capsys):
+    def importing() -> dict:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_commands", importing)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve"])
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "kvreuse: interrupted"
+
+
 def test_value_error_is_one_line(monkeypatch, capsys):
     def bad() -> None:
         raise ValueError("episodes: expected an integer >= 1, got 0")

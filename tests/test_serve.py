@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import msgpack
@@ -233,6 +234,10 @@ def _bad_frames():
         "prompt not a string": (packb({**obs, "prompt": 5}), "prompt"),
         "prompt nil": (packb({**obs, "prompt": None}), "prompt"),
         "missing prompt": (packb({k: v for k, v in obs.items() if k != "prompt"}), "missing key(s) ['prompt']"),
+        "empty prompt": (packb({**obs, "prompt": ""}), "prompt: empty"),
+        "empty state batch": (packb({**obs, "observation/state": np.zeros((0, 4), np.float32)}),
+                              "observation/state: empty batch"),
+        "state overflows": (packb({**obs, "observation/state": np.full(4, 1e300)}), "observation/state: out of range"),
     }
 
 
@@ -283,6 +288,53 @@ def test_healthz_and_stats(server_port):
         assert stats["totals"]["requests"] >= 1 and stats["queue"]["max"] == 16
     finally:
         c.close()
+
+
+def test_other_http_paths_get_404(server_port):
+    for path in ("/healthz/", "/foo", "/"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            http_get(server_port, path)
+        assert e.value.code == 404 and b"/healthz" in e.value.read()
+    c = RawClient(server_port)  # a websocket handshake is still served
+    try:
+        assert c.infer(good_obs())["actions"].shape == (16, 4)
+    finally:
+        c.close()
+
+
+def test_age_resets_count_refreshes_the_policy_forced_for_age():
+    """`kvreuse serve` hands its max age to the reuse config: the policy refreshes, and the
+    client's age_resets counts those refreshes."""
+    from kvreuse.serve.session import ClientSession
+
+    policy = _TEMPLATE[0].fork(reuse=with_age_bound(ReuseConfig(gate="always"), 0.2))
+    s = ClientSession(policy, "test", max_cache_age_s=0.2, policy_bounds_age=True)
+    assert [s.infer(good_obs(), reset=False)[1].decision for _ in range(2)] == ["refresh", "reuse"]
+    assert s.stats.age_resets == 0
+    time.sleep(0.3)
+    _, rec = s.infer(good_obs(), reset=False)
+    assert rec.decision == "refresh" and rec.reason.startswith("max age exceeded") and s.stats.age_resets == 1
+
+
+def test_serve_checks_address_and_threads_before_loading(monkeypatch, capsys):
+    import socket
+
+    from kvreuse.cli import main
+    from kvreuse.serve import command
+
+    monkeypatch.setattr(command, "build_policy", lambda *a, **k: pytest.fail("the model was built"))
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for argv, msg in ((["--port", str(port)], f"--port {port}: cannot listen there: in use by another process"),
+                          (["--port", "70000"], "--port 70000: expected 0 .. 65535"),
+                          (["--host", "nosuchhost.invalid"], "--host 'nosuchhost.invalid': not an address"),
+                          (["--threads", "0"], "--threads 0: expected an integer >= 1")):
+            with pytest.raises(SystemExit) as e:
+                main(["serve", *argv])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
 
 
 def test_max_clients_refused_with_503():

@@ -272,9 +272,13 @@ def test_bad_image_through_the_transform(tf):
         ("observation/state", [[1, 2], [3]], "observation/state: expected an array of numbers, got a ragged list"),
         ("observation/image", "abcd", "observation/image: expected uint8 or float pixels, got str"),
         ("observation/wrist_image", np.zeros((0, 0, 3), np.uint8), "observation/wrist_image: expected a non-empty"),
+        ("prompt", "", "prompt: empty"),
+        ("prompt", " \n", "prompt: empty"),
+        ("observation/state", np.zeros((0, 4)), r"observation/state: empty batch \(shape \(0, 4\)\)"),
+        ("observation/state", np.full(4, 1e300), "observation/state: out of range"),
     ],
     ids=["prompt int", "prompt None", "prompt list of int", "state dict", "state str", "state ragged", "image str",
-         "image 0x0"],
+         "image 0x0", "prompt empty", "prompt blank", "state empty batch", "state overflows"],
 )
 def test_client_mistakes_raise_value_error_naming_the_key(tf, key, value, match):
     r = raw()
@@ -338,3 +342,11 @@ def test_masks_moved_by_to_are_read_back_from_their_host_copy():
     cam = next(iter(cpu.image_masks))
     dev.image_masks[cam] = dev.image_masks[cam].clone()  # another tensor under the camera's name
     assert not dev.on_host(f"image_masks/{cam}")
+
+
+def test_non_finite_actions_are_never_returned(tf):
+    out = torch.zeros(1, tf.cfg.chunk_size, tf.cfg.max_action_dim)
+    assert tf.actions(out).shape == (1, tf.cfg.chunk_size, 4)
+    out[0, 3, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite actions"):
+        tf.actions(out)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import tyro
-
 
 def _commands() -> dict:
     from .commands import COMMANDS
@@ -20,9 +18,10 @@ def _commands() -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    cmds = _commands()
-    try:
-        tyro.extras.subcommand_cli_from_dict(cmds, args=argv)
+    try:  # the imports too: Ctrl-C while they load (or a model does) is one line as well
+        import tyro
+
+        tyro.extras.subcommand_cli_from_dict(_commands(), args=argv)
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"kvreuse: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -40,6 +40,7 @@ from .records import ReuseStats, StepRecord
 from .signals import (PhaseCues, Reference, SignalGraphs, Signals, camera_ref, measure, patchify, phase_cues,
                       present_cameras)
 
+AGE_REASON = "max age exceeded"  # a refresh's reason when the cache outlived max_age_calls / max_age_s
 _SERVED: weakref.WeakSet = weakref.WeakSet()  # models that have run a call in this process (see infer)
 
 
@@ -140,9 +141,9 @@ class ReusePolicy:
             return "dtype/device changed"
         calls, secs = self.age(call, now)
         if cfg.max_age_calls is not None and calls > cfg.max_age_calls:
-            return f"max age exceeded ({calls} > {cfg.max_age_calls} calls)"
+            return f"{AGE_REASON} ({calls} > {cfg.max_age_calls} calls)"
         if cfg.max_age_s is not None and secs > cfg.max_age_s:
-            return f"max age exceeded ({secs:.3f} > {cfg.max_age_s:g} s)"
+            return f"{AGE_REASON} ({secs:.3f} > {cfg.max_age_s:g} s)"
         return None
 
     # ---- one call ---------------------------------------------------------------------------

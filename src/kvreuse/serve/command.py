@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Annotated
 
@@ -107,7 +108,7 @@ def run_serve(
         max_cache_age_s: a prefix cache older than this is never reused.
         device: torch device of the model.
         seed: noise seed of every client's policy (and of the random model).
-        threads: torch intra-op threads (default: torch's choice).
+        threads: torch intra-op threads, >= 1 (default: torch's choice; docs/SERVE.md's figures ran 1).
         fast: run the model through FastPi0 (fused weights, static cache, CUDA graphs on a GPU).
         keep_absent_cameras: feed model cameras the robot lacks as black, masked images (lerobot /
             openpi) instead of leaving them out of the prefix.
@@ -118,13 +119,17 @@ def run_serve(
 
     import torch
 
+    from ..devices import check_device
     from .server import ServeConfig
 
-    from ..devices import check_device
-
-    check_device(device)  # before the model is built
-    if threads:
+    # Before the model is built (minutes for a full-size checkpoint): the device, the threads and
+    # the address, so a port in use is one line now, not a traceback after the load.
+    check_device(device)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads}: expected an integer >= 1 (leave it out for torch's choice)")
         torch.set_num_threads(threads)
+    check_listen(host, port)
     cfg = ServeConfig(host=host, port=port, max_frame_mb=max_frame_mb, close_frame_mb=close_frame_mb,
                       queue_size=queue_size, max_clients=max_clients, max_cache_age_s=max_cache_age_s)
     reuse = with_age_bound(reuse, max_cache_age_s)
@@ -143,6 +148,29 @@ def run_serve(
         asyncio.run(server.run(ready=ready))
     except KeyboardInterrupt:
         pass
+    except OSError as e:  # the address was taken between check_listen and the server's bind
+        raise ValueError(f"--host {host} --port {port}: cannot listen there: {e.strerror or e}") from None
+
+
+def check_listen(host: str, port: int) -> None:
+    """ValueError unless a TCP server could bind (host, port) now, as the websocket server will
+    (SO_REUSEADDR, as asyncio sets it): a bad port or host, or a port another process listens on."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: expected 0 .. 65535 (0 picks a free port)")
+    try:
+        addrs = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r}: not an address of this machine ({e.strerror})") from None
+    for family, kind, proto, _, addr in addrs:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(addr)
+        except OSError as e:
+            what = "in use by another process" if e.errno == errno.EADDRINUSE else e.strerror
+            raise ValueError(f"--host {host} --port {port}: cannot listen there: {what}") from None
 
 
 def with_age_bound(reuse: ReuseConfig, max_cache_age_s: float) -> ReuseConfig:

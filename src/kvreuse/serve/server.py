@@ -155,6 +155,9 @@ class PolicyServer:
             del resp.headers["Content-Type"]
             resp.headers["Content-Type"] = "application/json"
             return resp
+        if "websocket" not in request.headers.get("Upgrade", "").lower():  # plain HTTP elsewhere: not 426
+            return connection.respond(http.HTTPStatus.NOT_FOUND,
+                                      f"no such page {path!r}: GET /healthz or /stats, or open a websocket\n")
         if len(self.clients) >= self.cfg.max_clients:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "server full: too many clients\n")
         return None  # go on with the websocket handshake

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..policy import Policy, StepRecord
+from ..reuse.policy import AGE_REASON
 
 _client_ids = itertools.count(1)
 
@@ -55,7 +56,7 @@ class ClientStats:
     refreshes: int = 0
     mixed: int = 0  # steps whose prefix mixed snapshots
     resets: int = 0  # asked for by the client
-    age_resets: int = 0  # forced by the server's max cache age (when the reuse config has none)
+    age_resets: int = 0  # refreshes forced by the max cache age (the reuse config's, or the server's)
     abandoned: int = 0  # requests whose client left before the reply
     warmups: int = 0  # requests that captured CUDA graphs or were the model's first: not in latency_ms
     latency_ms: deque = field(default_factory=lambda: deque(maxlen=2048))  # server-side, per request
@@ -123,6 +124,8 @@ class ClientSession:
             self._was_reset()
         if rec.decision != "reuse":
             self.cache_born = time.monotonic()
+            # `kvreuse serve` passes its max age into the reuse config, so the policy enforces it.
+            self.stats.age_resets += rec.reason.startswith(AGE_REASON)
         return actions, rec
 
     def record(self, rec: StepRecord, server_ms: float) -> dict:

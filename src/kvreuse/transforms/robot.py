@@ -102,6 +102,8 @@ class RobotTransform:
         if not np.isfinite(state).all():
             raise ValueError(f"{spec.state_key}: contains NaN or inf")
         b = state.shape[0]
+        if b == 0:
+            raise ValueError(f"{spec.state_key}: empty batch (shape {state.shape})")
         # Checked before the images, which may be copied to the device.
         prompt = raw.get(spec.prompt_key, self.default_prompt)
         if isinstance(prompt, str):
@@ -112,6 +114,8 @@ class RobotTransform:
             raise ValueError(f"{spec.prompt_key}: expected a string or a list of strings, got {type(prompt).__name__}")
         if len(prompts) != b:
             raise ValueError(f"{spec.prompt_key}: {len(prompts)} prompts for a batch of {b}")
+        if not all(p.strip() for p in prompts):  # as bad as a missing one: a policy with no task
+            raise ValueError(f"{spec.prompt_key}: empty; give the task in words")
 
         size = cfg.vision.image_size
         images, masks = {}, {}
@@ -128,11 +132,15 @@ class RobotTransform:
             images[cam], masks[cam] = img, torch.ones(b, dtype=torch.bool)
 
         nstate = normalize(state, self.stats.state, self.mode) if self.stats else state
+        with np.errstate(over="ignore"):  # an overflow is refused just below, with the key's name
+            model_state = pad_to(nstate, cfg.max_state_dim)
+        if not np.isfinite(model_state).all():  # finite in float64, inf once normalised to float32
+            raise ValueError(f"{spec.state_key}: out of range (the normalised state overflows float32)")
         toks = tokenize_prompts(cfg, self.tok, prompts, nstate if cfg.state_in_prompt else None, self.truncate)
         obs = Observation(
             images=images,
             image_masks=masks,
-            state=torch.from_numpy(pad_to(nstate, cfg.max_state_dim)),
+            state=torch.from_numpy(model_state),
             tokens=toks.tokens,
             token_mask=toks.mask,
             state_token_mask=toks.state_mask,
@@ -156,7 +164,10 @@ class RobotTransform:
     def actions(self, out: torch.Tensor) -> np.ndarray:
         """(B, chunk, max_action_dim) model output -> (B, chunk, action_dim) robot actions."""
         a = out.detach().float().cpu().numpy()[..., : self.spec.action_dim]
-        return unnormalize(a, self.stats.actions, self.mode) if self.stats else a
+        a = unnormalize(a, self.stats.actions, self.mode) if self.stats else a
+        if not np.isfinite(a).all():  # never hand a robot NaN or inf
+            raise RuntimeError("the model produced non-finite actions (NaN or inf); none are returned")
+        return a
 
     def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
         """Robot actions -> padded, normalized training targets."""
