@@ -37,3 +37,37 @@ def test_bad_input_is_one_line(parsed, capsys, arg, msg):
 
 def test_param_count_note():
     assert bench._params(1_600_000) == "1.60M" and bench._params(3_300_000_000) == "3.30B"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--warmup", "-1"], "warmup: expected an integer >= 0"),
+    (["--tol", "-1"], "tol: expected a relative error > 0"),
+    (["--compile-mode", "bogus"], "compile_mode: expected one of"),
+    (["--lerobot-compile-mode", "x"], "lerobot_compile_mode: expected one of"),
+    (["--prompt-tokens", "0"], "prompt_tokens: expected 1 .. 96"),
+    (["--prompt-tokens", "97"], "prompt_tokens: expected 1 .. 96"),
+    (["--variants", "sdpa/fp32,foo/bar"], "variants: expected comma-separated prefix/expert pairs"),
+    (["--json-out", "."], "json_out .: is a folder"),
+])
+def test_kvreuse_bench_refuses_bad_options_before_building(argv, msg, monkeypatch, capsys):
+    from kvreuse.cli import main
+
+    monkeypatch.setattr(bench, "build_random", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--preset", "tiny-pi05", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
+
+
+def test_check_file_and_dir_out(tmp_path):
+    from kvreuse.outputs import check_dir_out, check_file_out
+
+    (tmp_path / "f").write_text("x")
+    assert check_file_out(tmp_path / "new" / "r.json", "--x") == tmp_path / "new" / "r.json"
+    assert (tmp_path / "new").is_dir()  # its folder is made now, the file after the work
+    for bad, msg in ((tmp_path, "is a folder"), (tmp_path / "f" / "r.json", "cannot make its folder")):
+        with pytest.raises(ValueError, match=f"--x {bad}: {msg}"):
+            check_file_out(bad, "--x")
+    assert check_dir_out(tmp_path / "d" / "e", "--y").is_dir()
+    with pytest.raises(ValueError, match="--y .*: cannot write there \\(a file is in the way\\)"):
+        check_dir_out(tmp_path / "f" / "sub", "--y")

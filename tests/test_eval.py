@@ -382,6 +382,37 @@ def test_parse_grid_and_seeds():
                                           ("reach", 1), ("crash", 1)]
 
 
+def test_grid_fields_the_setting_never_reads():
+    """A key no setting of its spec reads is refused; one that only some combinations of a
+    product read is left out of the others' identity, so they match the plain setting."""
+    from kvreuse.eval.sweep import canonical_reuse
+
+    for spec, key in (("gate=period threshold=0.9", "threshold"), ("gate=always layer_split=3", "layer_split"),
+                      ("gate=threshold mode=full,vision_only patch_max_diff=None", "patch_max_diff"),
+                      ("gate=crossmodal gripper_delta=0.2", "gripper_delta")):
+        with pytest.raises(ValueError, match=f"grid: {key} has no effect with gate"):
+            parse_grid([spec])
+    full, partial = (canonical_reuse(p) for p in parse_grid(["gate=threshold mode=full,partial patch_max_diff=None"]))
+    assert full == canonical_reuse({"gate": "threshold"}) == ({"gate": "threshold"}, "threshold(raw>=0.985)/full")
+    assert partial[0] == {"gate": "threshold", "mode": "partial", "patch_max_diff": None}
+    assert canonical_reuse({"gate": "threshold", "image_metric": "patch", "patch_threshold": 0.9})[0] == {
+        "gate": "threshold", "image_metric": "patch", "patch_threshold": 0.9}  # the patch metric reads it
+    assert parse_grid(["gate=phase phase_threshold=0.99 mode=layer_wise layer_split=4"])  # all read
+
+
+@pytest.mark.parametrize("cmd", ["eval", "bench-eval"])
+def test_one_setting_commands_refuse_a_list(cmd, capsys):
+    from kvreuse.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--env", "fake", "--reuse", "gate=threshold threshold=0.9,0.95"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"reuse: `{cmd}` runs one setting" in err and "gives 2" in err
+    with pytest.raises(SystemExit):
+        main([cmd, "--env", "fake", "--reuse", "threshold"])
+    assert "kvreuse: error: reuse: expected key=v1,v2" in capsys.readouterr().err
+
+
 def test_sweep_is_paired_and_resumable(tmp_path, monkeypatch):
     """Every setting runs the baseline's exact episode list; a rerun adds nothing."""
     import kvreuse.eval.sweep as sw
@@ -826,6 +857,35 @@ def test_report_is_read_only_and_refuses_files_that_are_not_kvreuse_dbs(tmp_path
     _fill(db)
     before = db.read_bytes()
     assert len(compute_rows(db)) == 9 and db.read_bytes() == before
+    with pytest.raises(ValueError, match=f"results DB {tmp_path}: is a folder"):
+        compute_rows(tmp_path)
+
+
+def test_report_into_a_used_folder_leaves_no_stale_plots_and_blank_speedups(tmp_path):
+    import csv
+
+    db, nobase, out = tmp_path / "rep.db", tmp_path / "nobase.db", tmp_path / "out"
+    _fill(db)
+    with ResultStore(nobase) as st:
+        sid = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.9}, "thr0.9"))
+        st.add(sid, _result("a", 0, 0, "success", calls=4, reuses=2, ms=50.0))
+    (out).mkdir()
+    (out / "notes.png").write_bytes(b"mine")
+    assert len(write_report(db, out)[1]) == 5
+    write_report(nobase, out, plots=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.png", "report.md", "results.csv"]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert rows and all(r["speedup"] == "" for r in rows)  # no baseline to divide by: blank, not nan
+
+
+def test_sweep_checks_its_report_dir_before_any_episode(tmp_path, capsys):
+    from kvreuse.cli import main
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--env", "fake", "--tasks", "reach", "--episodes", "1", "--workers", "0", "--no-progress",
+              "--grid", "gate=always", "--db", str(tmp_path / "s.db"), "--report-dir", str(tmp_path / "file" / "r")])
+    assert e.value.code == 2 and "--report-dir" in capsys.readouterr().err and not (tmp_path / "s.db").exists()
 
 
 def test_device_and_preset_are_checked_before_any_work(tmp_path, capsys, monkeypatch):

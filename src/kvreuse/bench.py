@@ -20,6 +20,9 @@ import numpy as np
 import torch
 
 
+_TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # lerobot's
+
+
 # ---- inputs -------------------------------------------------------------------------------------
 def synthetic_obs(cfg, batch: int, device, generator: torch.Generator | None = None, prompt_tokens: int | None = None):
     """A valid Observation of random content: images in [-1, 1], a padded prompt (so the masks
@@ -309,6 +312,10 @@ def run_bench(
     --lerobot-rounds: after lerobot's compiled timing, this many rounds alternating our fastest
     path and lerobot compiled in the same process, with each round's ratio;
     --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
+    if json_out:  # before minutes of timing
+        from .outputs import check_file_out
+
+        check_file_out(json_out, "json_out")
     rep = bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, checkpoint, compile, eager,
                 reuse, partial_fraction, split, lerobot, lerobot_compile, seed, prefix_attn, expert_attn,
                 variants, reuse_eager, profile, compile_mode=compile_mode, expert_gemm=expert_gemm,
@@ -338,7 +345,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
           skinny_rows=None) -> Report:
     from .model import param_count
     from .model import preset as get_preset
-    from .model.fast import FastPi0, resolve_attn
+    from .model.fast import ATTN_KINDS, COMPILE_MODES, FastPi0, resolve_attn
     from .policy import Policy
     from .reuse.config import ReuseConfig
     from .reuse.policy import ReusePolicy
@@ -346,8 +353,22 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     for name, v in (("batch", batch), ("cameras", cameras), ("steps", steps), ("chunk", chunk), ("iters", iters)):
         if v < 1:
             raise ValueError(f"{name}: expected a positive integer, got {v}")
+    for name, v in (("warmup", warmup), ("lerobot_rounds", lerobot_rounds)):
+        if v < 0:
+            raise ValueError(f"{name}: expected an integer >= 0, got {v}")
+    if not tol > 0:
+        raise ValueError(f"tol: expected a relative error > 0, got {tol}")
     if not 0.0 < partial_fraction <= 1.0:
         raise ValueError(f"partial_fraction: expected a fraction in (0, 1], got {partial_fraction}")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode: expected one of {COMPILE_MODES}, got {compile_mode!r}")
+    if lerobot_compile_mode not in _TORCH_COMPILE_MODES:
+        raise ValueError(f"lerobot_compile_mode: expected one of {_TORCH_COMPILE_MODES}, got {lerobot_compile_mode!r}")
+    # Checked before the model is built: every other path of the run is minutes away.
+    pairs = [tuple(v.split("/")) for v in variants.split(",") if v]
+    if any(len(p) != 2 or not set(p) <= set(ATTN_KINDS) for p in pairs):
+        raise ValueError(f"variants: expected comma-separated prefix/expert pairs of {ATTN_KINDS} like 'sdpa/fp32', "
+                         f"got {variants!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if checkpoint:
         from .checkpoint import load_checkpoint
@@ -362,6 +383,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
             raise ValueError(f"preset {preset!r} is full size: run it on a CUDA GPU (tiny-* presets run on the CPU)")
         cfg = cfg.replace(cameras=tuple(f"cam{i}" for i in range(cameras)), chunk_size=chunk, num_steps=steps)
         model = None
+    if prompt_tokens is not None and not 1 <= prompt_tokens <= cfg.max_token_len:
+        raise ValueError(f"prompt_tokens: expected 1 .. {cfg.max_token_len} (the model's prompt slots), got {prompt_tokens}")
     split = cfg.llm.depth // 2 if split is None else split
     if not 1 <= split < cfg.llm.depth:
         raise ValueError(f"split: expected 1 <= split < {cfg.llm.depth}, got {split}")
@@ -384,9 +407,6 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     weights_gb = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
 
     # ---- fast path (CUDA graphs, no compile) --------------------------------------------------
-    pairs = [tuple(v.split("/")) for v in variants.split(",") if v]
-    if any(len(p) != 2 for p in pairs):
-        raise ValueError(f"variants: expected comma-separated prefix/expert pairs like 'sdpa/fp32', got {variants!r}")
 
     def fast_section(tag: str, use_compile: bool, attn=(prefix_attn, expert_attn)) -> tuple[FastPi0, torch.Tensor]:
         t0 = time.perf_counter()

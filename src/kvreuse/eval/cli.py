@@ -111,15 +111,26 @@ def run_eval(
         tokenizer: the PaliGemma SentencePiece tokenizer.model, for full-size checkpoints.
         progress: show progress on stderr (a bar on a terminal, else a line per ~10% of the episodes).
     """
-    from .sweep import PolicySource, parse_grid, run_sweep
+    from .sweep import PolicySource, run_sweep
 
-    grid = parse_grid([reuse]) if reuse.strip() else []
-    if len(grid) > 1:
-        raise ValueError(f"reuse: `eval` runs one setting, {reuse!r} gives {len(grid)}; use `kvreuse sweep --grid`")
+    grid = one_setting(reuse, "eval")
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid,
                  with_baseline or not grid, progress, device, streams)
     summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
     _print_summary(summary, db)
+
+
+def one_setting(reuse: str, command: str) -> list[dict]:
+    """--reuse 'key=value ...' -> a grid of at most one setting (a list of values is a sweep's)."""
+    from .sweep import parse_grid
+
+    try:
+        grid = parse_grid([reuse]) if reuse.strip() else []
+    except ValueError as e:  # parse_grid speaks of --grid
+        raise ValueError(str(e).replace("grid:", "reuse:", 1)) from None
+    if len(grid) > 1:
+        raise ValueError(f"reuse: `{command}` runs one setting, {reuse!r} gives {len(grid)}; use `kvreuse sweep --grid`")
+    return grid
 
 
 def run_sweep_cmd(
@@ -156,6 +167,10 @@ def run_sweep_cmd(
     """
     from .sweep import PolicySource, parse_grid, run_sweep
 
+    if report_dir:  # before the episodes, which can take hours
+        from ..outputs import check_dir_out
+
+        check_dir_out(report_dir, "--report-dir")
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos,
                  parse_grid(list(grid)), True, progress, device, streams)
     summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
@@ -203,7 +218,7 @@ def run_bench_eval(
         reuse: a reuse setting ('key=value ...'); empty = baseline.
     """
     from .envs import check_tasks, make_env
-    from .sweep import PolicySource, checkpoint_tasks, default_tasks, parse_grid, run_sweep
+    from .sweep import PolicySource, checkpoint_tasks, default_tasks, run_sweep
 
     if total < 1:  # checked here: spread over the tasks it would reach the sweep as `episodes`
         raise ValueError(f"total: expected an integer >= 1 (episodes in all), got {total}")
@@ -215,7 +230,7 @@ def run_bench_eval(
         e.close()
     n_tasks = len(ts)
     per_task = -(-total // n_tasks)
-    grid = parse_grid([reuse]) if reuse.strip() else []
+    grid = one_setting(reuse, "bench-eval")
     import resource
 
     def cpu_s() -> float:  # this process + its finished (joined) workers

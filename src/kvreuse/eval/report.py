@@ -211,7 +211,7 @@ def write_csv(rows: list[Row], path: str | Path) -> Path:
                 r.group, r.setting, r.task, int(r.is_baseline), r.n, r.successes, r.rate, r.ci[0], r.ci[1],
                 r.errors, r.lat.mean, r.lat.p50, r.lat.p95, r.lat.hz, r.parts.get("vision", ""),
                 r.parts.get("prefix", ""), r.parts.get("denoise", ""), r.parts.get("sample", ""), r.reuse_rate,
-                r.mixed_rate, r.speedup,
+                r.mixed_rate, "" if r.speedup != r.speedup else r.speedup,  # no matched baseline: blank
                 pr.n if pr else "", pr.only_base if pr else "", pr.only_setting if pr else "",
                 pr.diff if pr else "", r.diff_ci[0] if r.diff_ci else "", r.diff_ci[1] if r.diff_ci else "",
                 pr.p_value if pr else "",
@@ -232,6 +232,9 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
             out.append(i)
             best = points[i][1]
     return out
+
+
+PLOT_NAMES = ("success_vs_reuse", "success_vs_latency", "per_task")  # + an optional _<group> and .png
 
 
 def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
@@ -335,6 +338,9 @@ def write_report(db: str | Path, out_dir: str | Path | None = None, plots: bool 
             out.mkdir(parents=True, exist_ok=True)
             (out / "report.md").write_text(md)
             files += [out / "report.md", write_csv(rows, out / "results.csv")]
+            for old in out.glob("*.png"):  # an earlier report's plots would sit beside other numbers
+                if old.name.startswith(PLOT_NAMES):
+                    old.unlink()
             if plots and rows:
                 files += write_plots(rows, out)
         except OSError as e:  # a file in the way, no permission, a read-only file system

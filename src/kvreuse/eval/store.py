@@ -230,6 +230,8 @@ def _num(x: float) -> float | None:
 def open_existing(path: str | Path) -> ResultStore:
     """Open a results DB read-only; a missing file or one that is not ours is an error, never
     created or altered."""
+    if Path(path).is_dir():
+        raise ValueError(f"results DB {path}: is a folder; give the .db file")
     if not Path(path).is_file():
         raise ValueError(f"results DB {path}: no such file (run `kvreuse eval` or `kvreuse sweep` first)")
     return ResultStore(path, read_only=True)

@@ -196,8 +196,10 @@ def canonical_reuse(params: dict) -> tuple[dict, str]:
     from ..reuse.config import ReuseConfig
 
     cfg = ReuseConfig.from_dict(params)
-    default = ReuseConfig().to_dict()
-    diff = {k: v for k, v in cfg.to_dict().items() if default[k] != v}
+    default, unused = ReuseConfig().to_dict(), set(cfg.unused_fields())
+    # A field this gate and mode never read (a grid's product can give one) is not part of the
+    # setting: with it, the same runs would be stored twice under one label.
+    diff = {k: v for k, v in cfg.to_dict().items() if default[k] != v and k not in unused}
     return diff, cfg.label()
 
 
@@ -243,11 +245,22 @@ def parse_grid(specs: list[str] | tuple[str, ...]) -> list[dict]:
             if k in (a for a, _ in axes):  # the last would silently win
                 raise ValueError(f"grid: {k!r} given twice in {spec!r}; list its values once: {k}=v1,v2")
             axes.append((k, [_value(v) for v in vs.split(",")]))
-        for combo in itertools.product(*(vals for _, vals in axes)):
-            d = dict(zip((k for k, _ in axes), combo, strict=True))
-            if d not in out:
-                out.append(d)
+        combos = [dict(zip((k for k, _ in axes), c, strict=True)) for c in itertools.product(*(v for _, v in axes))]
+        _check_read(spec, [k for k, _ in axes], combos)
+        out += [d for d in combos if d not in out]
     return out
+
+
+def _check_read(spec: str, keys: list[str], combos: list[dict]) -> None:
+    """A key that no setting of its spec reads is a mistake (gate=period threshold=0.9): say so."""
+    from ..reuse.config import ReuseConfig
+
+    unused = [set(ReuseConfig.from_dict(d).unused_fields()) for d in combos]
+    for k in keys:
+        if all(k in u for u in unused):
+            gates, modes = ({d.get(f, dflt) for d in combos} for f, dflt in (("gate", "never"), ("mode", "full")))
+            raise ValueError(f"grid: {k} has no effect with gate {'/'.join(sorted(map(str, gates)))} and mode "
+                             f"{'/'.join(sorted(map(str, modes)))} (in {spec!r}); leave it out")
 
 
 # ---- episodes --------------------------------------------------------------------------------

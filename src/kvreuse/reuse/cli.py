@@ -192,6 +192,10 @@ def run_compare(
     from .compare import compare_actions, compare_deterministic
 
     torch.set_num_threads(min(torch.get_num_threads(), 4))
+    if getattr(cmd, "json_out", None):  # before the replays
+        from ..outputs import check_file_out
+
+        check_file_out(cmd.json_out, "json_out")
     if isinstance(cmd, Actions):
         base, stream, what = load(cmd.src)
         cand = base.fork(cmd.reuse)

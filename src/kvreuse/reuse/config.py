@@ -179,6 +179,21 @@ class ReuseConfig:
         ]
         return out + ("," + ",".join(bounds) if bounds else "")
 
+    def unused_fields(self) -> list[str]:
+        """Fields set away from their defaults that this gate and mode never read (e.g. a
+        threshold for the period gate): in a sweep they would make a second setting that runs
+        the same thing under the same label."""
+        if not self.enabled:
+            return []
+        reads = set(_GATE_READS[self.gate]) | {"gate", "mode", "synchronized", "max_age_calls", "max_age_s"}
+        if self.mode == "partial" or (self.gate in _IMAGE_GATES and self.image_metric == "patch"):
+            reads |= {"patch_threshold", "patch_max_diff"}
+        if self.mode == "layer_wise":
+            reads.add("layer_split")
+        default = ReuseConfig()
+        return [f.name for f in dataclasses.fields(self)
+                if f.name not in reads and getattr(self, f.name) != getattr(default, f.name)]
+
     def replace(self, **kw) -> "ReuseConfig":
         return dataclasses.replace(self, **kw)
 
@@ -199,4 +214,13 @@ class ReuseConfig:
         return ReuseConfig(**d)
 
 
+_IMAGE = ("threshold", "image_metric", "downsample")
+_GATE_READS: dict[str, tuple[str, ...]] = {  # the fields each gate's decision reads (gates.py, signals.py)
+    "never": (), "always": (), "period": ("period",),
+    "threshold": _IMAGE,
+    "crossmodal": (*_IMAGE, "state_threshold", "state_max_l2"),
+    "phase": (*_IMAGE, "phase_threshold", "gripper_dim", "gripper_delta", "variance_threshold",
+              "curvature_threshold", "motion_dims", "phase_horizon"),
+}
+_IMAGE_GATES = ("threshold", "crossmodal", "phase")
 _HINTS = typing.get_type_hints(ReuseConfig)  # field name -> evaluated annotation
