@@ -262,8 +262,10 @@ def test_compare_source_builds_a_full_size_preset_for_the_streams_robot(monkeypa
     pol, _, what = load(Source(preset="pi0", dtype="bfloat16", steps=1, episodes=1, stats_from=str(ck)))
     want = load_norm_stats(ck)
     assert np.array_equal(pol.transform.stats.state.mean, want.state.mean) and f"norm stats of {ck}" in what
-    with pytest.raises(ValueError, match="stats_from: only for a random model"):
+    with pytest.raises(ValueError, match="stats_from: only for a random full-size model .*brings its own$"):
         load(Source(checkpoint=str(ck), stats_from=str(ck)))
+    with pytest.raises(ValueError, match=f"without --checkpoint, tiny-pi0 runs the shipped {ck}"):
+        load(Source(preset="tiny-pi0", stats_from=str(ck)))
 
 
 def test_compare_loads_reference_checkpoints_and_libero_streams(tmp_path, capsys):
@@ -284,3 +286,52 @@ def test_compare_loads_reference_checkpoints_and_libero_streams(tmp_path, capsys
           "--grid", "gate=always"])
     out = capsys.readouterr().out
     assert "random tiny-pi0" in out and "| always/full | 66.7% |" in out
+
+
+def test_compare_refuses_empty_streams_and_bad_outputs_before_the_model(tmp_path, monkeypatch, capsys):
+    from kvreuse.cli import main
+
+    ObservationStream(robot="metaworld").save(tmp_path / "empty.safetensors")
+    monkeypatch.setattr("kvreuse.policy.Policy.from_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    cases = [(["deterministic", "--steps", "0"], "steps, episodes: the synthetic stream needs >= 1 of each"),
+             (["actions", "--episodes", "0"], "steps, episodes: the synthetic stream needs >= 1 of each"),
+             (["deterministic", "--stream", str(tmp_path / "empty.safetensors")], "no steps recorded"),
+             (["grid", "--grid"], "grid: no settings given"),
+             (["grid", "--json-out", str(tmp_path)], f"json_out {tmp_path}: is a folder"),
+             (["actions", "--save-stream", str(tmp_path)], f"save_stream {tmp_path}: is a folder"),
+             (["grid", "--grid", "gate=always threshold=0.9"], "grid: threshold has no effect with gate always")]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["compare", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and msg in err[0], (argv, err)
+
+
+def test_compare_grid_runs_a_setting_once_and_says_n_a_without_timed_calls(capsys):
+    from kvreuse.cli import main
+    from kvreuse.eval.sweep import canonical_grid
+
+    assert canonical_grid([{"gate": "threshold", "threshold": 0.985}, {"gate": "threshold"}]) == [
+        ({"gate": "threshold"}, "threshold(raw>=0.985)/full")]
+    main(["compare", "grid", "--preset", "tiny-pi0", "--steps", "1", "--episodes", "1",
+          "--grid", "gate=threshold threshold=0.985", "gate=threshold"])
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ")][1:]
+    assert len(rows) == 3 and rows[2].startswith("| threshold(raw>=0.985)/full |")
+    assert "| n/a | n/a | n/a | n/a | 1 | 1 |" in rows[0]  # the one baseline call was a warm-up
+    assert "0.00 ms" not in out and "nanx" not in out and "(n/a: every call of that replay was a warm-up" in out
+
+
+def test_compare_names_a_streams_missing_camera_and_info_a_stream(tmp_path, capsys):
+    from kvreuse.cli import main
+
+    s = synthetic_stream(2, 1, SIZE, 0)
+    for st in s:
+        del st.raw["observation/wrist_image"]
+    s.save(tmp_path / "s.safetensors")
+    with pytest.raises(SystemExit):
+        main(["compare", "actions", "--preset", "tiny-pi0", "--stream", str(tmp_path / "s.safetensors")])
+    assert "no ['observation/wrist_image']; the policy's robot 'metaworld' has cameras" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["info", str(tmp_path / "s.safetensors")])
+    assert "a kvreuse observation stream, not a checkpoint" in capsys.readouterr().err

@@ -44,6 +44,16 @@ def _stats_lines(stats) -> list[str]:
     return out
 
 
+def _is_stream(path: Path) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return "kvreuse_stream" in (f.metadata() or {})
+    except (OSError, SafetensorError):
+        return False  # not a safetensors file at all: the checkpoint checks name the problem
+
+
 def describe(path: str | Path) -> str:
     """A multi-line description of a checkpoint (ours or a lerobot/openpi safetensors)."""
     from .checkpoint import (
@@ -57,6 +67,9 @@ def describe(path: str | Path) -> str:
     )
 
     path = Path(path)
+    if path.is_file() and _is_stream(path):  # else the reference check would say "cannot tell Pi0 from Pi0.5"
+        raise ValueError(f"{path}: a kvreuse observation stream, not a checkpoint; replay it with "
+                         "`kvreuse compare grid --stream PATH` (docs/REUSE.md)")
     if checkpoint_format(path) == "kvreuse":
         meta = read_meta(path)
         cfg = read_config(path, meta)

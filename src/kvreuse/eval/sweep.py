@@ -210,7 +210,8 @@ def canonical_grid(grid: list[dict]) -> list[tuple[dict, str]]:
     same = [p for p, (params, _) in zip(grid, out, strict=True) if not reuse_config(params).enabled]
     if same:
         raise ValueError(f"grid: {same[0]} never reuses: that is the baseline, which always runs; leave it out")
-    return out
+    # 'gate=threshold' and 'gate=threshold threshold=0.985' (the default) are one setting: run it once.
+    return [x for i, x in enumerate(out) if x[0] not in [p for p, _ in out[:i]]]
 
 
 # ---- grids -----------------------------------------------------------------------------------
@@ -315,7 +316,8 @@ def _worker_run(job: tuple) -> tuple[str, EpisodeResult]:
         from ..reuse.stream import ObservationStream
 
         pol.recorder = rec = ObservationStream(robot=_W["transform"].spec.name,
-                                               meta={"setting": key, "task": task, "init_id": init_id, "seed": seed})
+                                               meta={"setting": key, "reuse": reuse, "task": task,
+                                                     "init_id": init_id, "seed": seed})
         try:
             res = run_episode(pol, _W["env"], task, init_id, seed, replan=replan, max_steps=max_steps, video_path=video)
         finally:

@@ -59,7 +59,7 @@ class Actions:
 class Modes:
     """Every reuse mode under one gate on the same stream and noise: reuse rate, what was
     computed (vision passes, prefix token-layers as a share of always refreshing), latency
-    breakdown and action agreement with the baseline."""
+    breakdown (warm-up calls left out) and action agreement with the baseline."""
 
     reuse: Annotated[ReuseConfig, tyro.conf.OmitArgPrefixes] = ReuseConfig(gate="always")
     src: Annotated[Source, tyro.conf.OmitArgPrefixes] = field(default_factory=Source)
@@ -118,14 +118,20 @@ def load(src: Source):
     if src.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype: expected float32 or bfloat16, got {src.dtype!r}")
     dtype = getattr(torch, src.dtype)
+    if src.stream is None and (src.steps < 1 or src.episodes < 1):
+        raise ValueError(f"steps, episodes: the synthetic stream needs >= 1 of each, got {src.steps} and {src.episodes}")
     stream = load_streams(src.stream) if src.stream else None
+    if stream is not None and len(stream) == 0:
+        raise ValueError(f"stream {src.stream}: no steps recorded; nothing to compare")
     robot = stream.robot if stream is not None else "metaworld"
     tiny = get_preset(src.preset).tokenizer == "bytes"
     # The shipped testbed policies are tiny presets that drive Meta-World.
     ckpt = src.checkpoint or (default_checkpoint(src.preset) if tiny and robot == "metaworld" else None)
     if ckpt:
         if src.stats_from is not None:
-            raise ValueError("stats_from: only for a random model (no --checkpoint); a checkpoint brings its own")
+            shipped = "" if src.checkpoint else f" (without --checkpoint, {src.preset} runs the shipped {ckpt})"
+            raise ValueError(f"stats_from: only for a random full-size model (--preset pi0 / pi05, no --checkpoint): "
+                             f"a checkpoint brings its own{shipped}")
         from ..checkpoint import checkpoint_format, read_meta
 
         # A reference (lerobot / openpi) checkpoint names no robot: the stream's (else Meta-World's).
@@ -161,6 +167,10 @@ def load(src: Source):
     if stream is not None:
         if stream.robot != spec.name:
             raise ValueError(f"stream: recorded for robot {stream.robot!r}, the policy drives {spec.name!r}")
+        missing = [k for k in spec.camera_keys if k not in stream.steps[0].raw]
+        if missing:
+            raise ValueError(f"stream {src.stream}: no {missing}; the policy's robot {spec.name!r} has cameras "
+                             f"{list(spec.camera_keys)}")
         what += f", stream {src.stream} ({len(stream)} steps, {stream.episodes} episodes)"
     else:
         size = policy.model.cfg.vision.image_size
@@ -192,10 +202,11 @@ def run_compare(
     from .compare import compare_actions, compare_deterministic
 
     torch.set_num_threads(min(torch.get_num_threads(), 4))
-    if getattr(cmd, "json_out", None):  # before the replays
-        from ..outputs import check_file_out
+    from ..outputs import check_file_out
 
-        check_file_out(cmd.json_out, "json_out")
+    for option, path in (("json_out", getattr(cmd, "json_out", None)), ("save_stream", cmd.src.save_stream)):
+        if path:  # before the model and the replays
+            check_file_out(path, option)
     if isinstance(cmd, Actions):
         base, stream, what = load(cmd.src)
         cand = base.fork(cmd.reuse)
@@ -211,8 +222,9 @@ def run_compare(
             f"cosine mean {s['cos_mean']:.6f}  min {s['cos_min']:.6f}  p5 {s['cos_p5']:.6f}  "
             f"mean on reuse {'n/a (nothing reused)' if on_reuse is None else f'{on_reuse:.6f}'}\n"
             f"L2 mean {s['l2_mean']:.5f}  max {s['l2_max']:.5f}\n"
-            f"latency mean: baseline {s['baseline_ms']:.2f} ms, setting {s['candidate_ms']:.2f} ms "
-            f"(x{s['speedup']:.2f})"
+            + (f"latency mean: baseline {s['baseline_ms']:.2f} ms, setting {s['candidate_ms']:.2f} ms "
+               f"(x{s['speedup']:.2f})" if s["speedup"] == s["speedup"] else
+               "latency: n/a (only warm-up calls on a side: replay a longer stream to time them)")
         )
         if cmd.json_out:
             with open(cmd.json_out, "w") as f:
@@ -243,6 +255,8 @@ def run_grid(cmd: Grid) -> None:
     from .compare import compare_actions, grid_table, replay
 
     settings = canonical_grid(parse_grid(list(cmd.grid)))  # bad specs fail before any work
+    if not settings:
+        raise ValueError("grid: no settings given; e.g. --grid 'gate=crossmodal threshold=0.9'")
     base, stream, what = load(cmd.src)
     print(what, flush=True)
     ref = replay(base, stream, cmd.src.seed)
@@ -283,12 +297,11 @@ def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:
     for mode in ("baseline",) + MODES:
         rc = ReuseConfig() if mode == "baseline" else reuse.replace(mode=mode)
         res = compare_actions(base, base.fork(rc), stream, seed)
-        s, recs = res.summary(), res.records
-        mean = lambda key, recs=recs: float(np.mean([r.timings.get(key, 0.0) for r in recs]))  # noqa: E731
+        s, recs = res.summary(), [r for r in res.records if not r.warmup]  # as grid and actions: no warm-ups
+        mean = lambda key, recs=recs: float(np.mean([r.timings.get(key, 0.0) for r in recs])) if recs else float("nan")  # noqa: E731
         vis, tl = res.work(cfg)
-        rows.append(
-            f"| {rc.label()} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {mean('vision'):.2f} | "
-            f"{mean('prefix'):.2f} | {mean('denoise'):.2f} | {mean('sample'):.2f} | {mean('total'):.2f} | "
-            f"{s['cos_mean']:.5f} / {s['cos_min']:.5f} |"
-        )
+        ms = " | ".join("n/a" if m != m else f"{m:.2f}" for m in map(mean, ("vision", "prefix", "denoise", "sample",
+                                                                             "total")))
+        rows.append(f"| {rc.label()} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {ms} | "
+                    f"{s['cos_mean']:.5f} / {s['cos_min']:.5f} |")
     return "\n".join(rows)

@@ -69,7 +69,7 @@ class ActionComparison:
             "l2_max": float(l2.max()),
             "baseline_ms": b,
             "candidate_ms": k,
-            "speedup": b / k if k > 0 else float("nan"),
+            "speedup": b / k if b > 0 and k > 0 else float("nan"),  # nan: a side had only warm-up calls
         }
 
 
@@ -106,11 +106,18 @@ def grid_table(rows: list[tuple[str, ActionComparison]], cfg) -> str:
     out = ["| setting | reuse rate | vision passes / call | prefix token-layers vs baseline | latency (mean) "
            "| p50 / p95 | Hz | speedup | calls | warm-ups | action cos (mean / min) |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    untimed = False
     for label, res in rows:
         (s, c), (vis, tl) = (res.summary(), res.candidate), res.work(cfg)
-        out.append(f"| {label} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {c['mean_ms']:.2f} ms "
-                   f"| {c['p50_ms']:.2f} / {c['p95_ms']:.2f} ms | {c['hz']:.1f} | {s['speedup']:.2f}x | {s['calls']} "
+        timed = c["warmups"] < s["calls"]  # else no call to time: n/a, not 0 ms
+        untimed |= not timed
+        lat = (f"{c['mean_ms']:.2f} ms | {c['p50_ms']:.2f} / {c['p95_ms']:.2f} ms | {c['hz']:.1f}" if timed
+               else "n/a | n/a | n/a")
+        sp = "n/a" if s["speedup"] != s["speedup"] else f"{s['speedup']:.2f}x"
+        out.append(f"| {label} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {lat} | {sp} | {s['calls']} "
                    f"| {c['warmups']} | {s['cos_mean']:.5f} / {s['cos_min']:.5f} |")
+    if untimed:
+        out.append("\n(n/a: every call of that replay was a warm-up; replay a longer stream to time it)")
     return "\n".join(out)
 
 
