@@ -384,7 +384,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         cfg = cfg.replace(cameras=tuple(f"cam{i}" for i in range(cameras)), chunk_size=chunk, num_steps=steps)
         model = None
     if prompt_tokens is not None and not 1 <= prompt_tokens <= cfg.max_token_len:
-        raise ValueError(f"prompt_tokens: expected 1 .. {cfg.max_token_len} (the model's prompt slots), got {prompt_tokens}")
+        raise ValueError(f"prompt_tokens: expected 1 .. {cfg.max_token_len} (the model's prompt slots), "
+                         f"got {prompt_tokens}")
     split = cfg.llm.depth // 2 if split is None else split
     if not 1 <= split < cfg.llm.depth:
         raise ValueError(f"split: expected 1 <= split < {cfg.llm.depth}, got {split}")

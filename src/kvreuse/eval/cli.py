@@ -129,7 +129,8 @@ def one_setting(reuse: str, command: str) -> list[dict]:
     except ValueError as e:  # parse_grid speaks of --grid
         raise ValueError(str(e).replace("grid:", "reuse:", 1)) from None
     if len(grid) > 1:
-        raise ValueError(f"reuse: `{command}` runs one setting, {reuse!r} gives {len(grid)}; use `kvreuse sweep --grid`")
+        raise ValueError(f"reuse: `{command}` runs one setting, {reuse!r} gives {len(grid)}; "
+                         "use `kvreuse sweep --grid`")
     return grid
 
 

@@ -119,7 +119,8 @@ def load(src: Source):
         raise ValueError(f"dtype: expected float32 or bfloat16, got {src.dtype!r}")
     dtype = getattr(torch, src.dtype)
     if src.stream is None and (src.steps < 1 or src.episodes < 1):
-        raise ValueError(f"steps, episodes: the synthetic stream needs >= 1 of each, got {src.steps} and {src.episodes}")
+        raise ValueError(f"steps, episodes: the synthetic stream needs >= 1 of each, "
+                         f"got {src.steps} and {src.episodes}")
     stream = load_streams(src.stream) if src.stream else None
     if stream is not None and len(stream) == 0:
         raise ValueError(f"stream {src.stream}: no steps recorded; nothing to compare")
@@ -298,10 +299,10 @@ def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:
         rc = ReuseConfig() if mode == "baseline" else reuse.replace(mode=mode)
         res = compare_actions(base, base.fork(rc), stream, seed)
         s, recs = res.summary(), [r for r in res.records if not r.warmup]  # as grid and actions: no warm-ups
-        mean = lambda key, recs=recs: float(np.mean([r.timings.get(key, 0.0) for r in recs])) if recs else float("nan")  # noqa: E731
         vis, tl = res.work(cfg)
-        ms = " | ".join("n/a" if m != m else f"{m:.2f}" for m in map(mean, ("vision", "prefix", "denoise", "sample",
-                                                                             "total")))
+        means = [float(np.mean([r.timings.get(k, 0.0) for r in recs])) if recs else float("nan")
+                 for k in ("vision", "prefix", "denoise", "sample", "total")]
+        ms = " | ".join("n/a" if m != m else f"{m:.2f}" for m in means)
         rows.append(f"| {rc.label()} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {ms} | "
                     f"{s['cos_mean']:.5f} / {s['cos_min']:.5f} |")
     return "\n".join(rows)
