@@ -507,3 +507,28 @@ def test_warm_up_runs_a_fork_and_leaves_the_template_untouched():
     assert policy.runner.call_index == 0 and len(policy.stats) == 0  # the fork ran the calls
     actions, rec = policy.infer(good_obs())
     assert rec.decision == "refresh" and np.isfinite(actions).all()  # no cache carried over
+
+
+def test_serve_defaults_to_the_shipped_policy_and_builds_a_random_one_for_other_robots(monkeypatch, capsys):
+    from kvreuse.assets import shipped_checkpoint
+    from kvreuse.cli import main
+    from kvreuse.serve import command
+
+    seen = []
+
+    def stop(checkpoint, *a, **k):
+        seen.append(checkpoint)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(command, "build_policy", stop)
+    for argv in (["--port", "0"], ["--port", "0", "--preset", "tiny-pi0"], ["--port", "0", "--robot", "libero"]):
+        with pytest.raises(SystemExit):
+            main(["serve", *argv])
+    capsys.readouterr()
+    assert seen == [str(shipped_checkpoint("tiny-pi05")), str(shipped_checkpoint("tiny-pi0")), None]
+    monkeypatch.undo()
+    policy, info = build_policy(None, ReuseConfig(), "tiny-pi05", robot="libero")  # LIBERO's cameras and dims
+    spec = policy.transform.spec
+    obs = {k: np.zeros((64, 64, 3), np.uint8) for k in spec.camera_keys}
+    obs[spec.state_key], obs["prompt"] = np.zeros(spec.state_dim), "put the bowl on the plate"
+    assert info["robot"] == "libero" and policy.fork().infer(obs)[0].shape == (info["action_horizon"], 7)

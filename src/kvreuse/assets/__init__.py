@@ -23,3 +23,12 @@ def default_checkpoint(variant: str = "pi05") -> Path:
     if not (path / "model.safetensors").is_file():
         raise ValueError(f"the shipped {variant} testbed checkpoint is missing at {path} (see docs/TESTBED.md)")
     return path
+
+
+def shipped_checkpoint(preset: str = "tiny-pi05") -> Path | None:
+    """The testbed policy a tiny preset stands for (tiny-pi0 / tiny-pi05): what eval, compare and
+    serve run without --checkpoint on Meta-World. None for other presets or missing weights."""
+    try:
+        return default_checkpoint(preset.removeprefix("tiny-")) if preset.startswith("tiny-") else None
+    except ValueError:  # its weights are missing
+        return None

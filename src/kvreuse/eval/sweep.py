@@ -25,6 +25,7 @@ import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..assets import shipped_checkpoint
 from .envs import check_env_name, check_tasks, make_env
 from .rollout import EpisodeResult, run_episode
 from .store import ResultStore, Setting
@@ -86,16 +87,6 @@ def checkpoint_meta(src: PolicySource) -> dict:
 
 def checkpoint_tasks(src: PolicySource) -> tuple[str, ...] | None:
     return _meta_tasks(checkpoint_meta(src))
-
-
-def shipped_checkpoint(preset: str = "tiny-pi05") -> Path | None:
-    """The testbed policy shipped in the package (kvreuse.assets), None if there is none."""
-    from ..assets import default_checkpoint
-
-    try:
-        return default_checkpoint(preset.removeprefix("tiny-")) if preset.startswith("tiny-") else None
-    except ValueError:  # its weights are missing
-        return None
 
 
 def policy_identity(src: PolicySource) -> str:

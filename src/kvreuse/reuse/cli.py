@@ -88,24 +88,11 @@ class Deterministic:
     src: Annotated[Source, tyro.conf.OmitArgPrefixes] = field(default_factory=Source)
 
 
-def default_checkpoint(preset: str) -> str | None:
-    """The testbed policy shipped in kvreuse.assets for this preset's variant, if any."""
-    try:
-        from ..assets import default_checkpoint as shipped  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    variant = "pi0" if preset.endswith("pi0") else "pi05"
-    try:
-        path = shipped(variant)
-    except (TypeError, ValueError, FileNotFoundError):
-        return None
-    return str(path) if path else None
-
-
 def load(src: Source):
     """-> (baseline Policy, stream, description)."""
     import torch
 
+    from ..assets import shipped_checkpoint
     from ..bench import build_random
     from ..devices import check_device
     from ..model import Pi0Model
@@ -127,7 +114,8 @@ def load(src: Source):
     robot = stream.robot if stream is not None else "metaworld"
     tiny = get_preset(src.preset).tokenizer == "bytes"
     # The shipped testbed policies are tiny presets that drive Meta-World.
-    ckpt = src.checkpoint or (default_checkpoint(src.preset) if tiny and robot == "metaworld" else None)
+    shipped = shipped_checkpoint(src.preset) if robot == "metaworld" else None
+    ckpt = src.checkpoint or (str(shipped) if shipped else None)
     if ckpt:
         if src.stats_from is not None:
             shipped = "" if src.checkpoint else f" (without --checkpoint, {src.preset} runs the shipped {ckpt})"

@@ -21,7 +21,7 @@ def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny
 
     from ..model import Pi0Model
     from ..model import preset as get_preset
-    from ..policy import Policy, robot_runtime
+    from ..policy import Policy, random_model_config, robot_runtime
     from ..transforms.robot import robot_spec
 
     if checkpoint is not None:
@@ -29,11 +29,11 @@ def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny
                                         robot=robot, fast=fast, keep_absent_cameras=keep_absent_cameras)
         source = checkpoint
     else:  # no weights: a random model of a preset (protocol and load testing only)
+        spec = robot_spec(robot or "metaworld")
         torch.manual_seed(seed)
-        with torch.device(device):
-            model = Pi0Model(get_preset(preset)).eval()
-        model, tf = robot_runtime(model, robot_spec(robot or "metaworld"), None, tokenizer, fast=fast,
-                                  keep_absent_cameras=keep_absent_cameras)
+        with torch.device(device):  # over the robot's cameras and dims, as eval's and compare's
+            model = Pi0Model(random_model_config(get_preset(preset), spec)).eval()
+        model, tf = robot_runtime(model, spec, None, tokenizer, fast=fast, keep_absent_cameras=keep_absent_cameras)
         policy = Policy(model, tf, seed=seed, reuse=reuse)
         source = f"random {preset}"
     cfg, spec = policy.model.cfg, policy.transform.spec
@@ -94,7 +94,8 @@ def run_serve(
     """Serve a policy over openpi's websocket protocol, one reuse state per client.
 
     Args:
-        checkpoint: kvreuse checkpoint directory; without it a random model of `preset` (testing only).
+        checkpoint: kvreuse checkpoint directory; without it, on Meta-World, the shipped testbed
+            policy of a tiny `preset`, else a random model of `preset` (testing only).
         reuse: reuse setting for every client (--gate, --mode, --threshold, ...; see docs/REUSE.md).
         preset: model preset used when no checkpoint is given.
         robot: robot transform (default: the checkpoint's robot, else metaworld).
@@ -133,6 +134,11 @@ def run_serve(
     cfg = ServeConfig(host=host, port=port, max_frame_mb=max_frame_mb, close_frame_mb=close_frame_mb,
                       queue_size=queue_size, max_clients=max_clients, max_cache_age_s=max_cache_age_s)
     reuse = with_age_bound(reuse, max_cache_age_s)
+    if checkpoint is None and robot in (None, "metaworld"):  # as eval and compare: the shipped testbed policy
+        from ..assets import shipped_checkpoint
+
+        shipped = shipped_checkpoint(preset)
+        checkpoint = str(shipped) if shipped else None
     policy, info = build_policy(checkpoint, reuse, preset, robot, tokenizer, device, seed, fast, keep_absent_cameras)
     policy.transform.default_prompt = default_prompt  # shared by every client's fork
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
