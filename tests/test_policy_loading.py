@@ -128,3 +128,57 @@ def test_broken_checkpoint_is_a_value_error_naming_the_file(tmp_path):
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(ValueError, match=re.escape(f"{f}: not a readable safetensors file")):
         build_policy(str(ck), ReuseConfig())
+
+
+def _obs(spec, b=None, size=64):
+    shape = (size, size, 3) if b is None else (b, size, size, 3)
+    raw = {k: np.zeros(shape, np.uint8) for k in spec.camera_keys}
+    raw[spec.state_key] = np.zeros(spec.state_dim if b is None else (b, spec.state_dim))
+    raw["prompt"] = "push the puck" if b is None else ["push the puck"] * b
+    return raw
+
+
+def test_library_mistakes_are_value_errors_naming_the_argument(tmp_path):
+    from kvreuse.assets import default_checkpoint
+    from kvreuse.reuse.stream import ObservationStream
+
+    ck = default_checkpoint("pi05")
+    for kw, msg in (({"device": "tpu"}, "--device 'tpu': unknown device"), ({"dtype": "float64"}, "dtype: expected"),
+                    ({"seed": "1"}, "seed: expected an integer"), ({"reuse": "always"}, "reuse: expected a ReuseConfig")):
+        with pytest.raises(ValueError, match=msg):
+            Policy.from_checkpoint(ck, **kw)
+    p = Policy.from_checkpoint(ck, dtype="float32", reuse={"gate": "always"})  # CLI spellings and a stored config
+    assert p.reuse_config.gate == "always"
+    spec, cfg = p.transform.spec, p.model.cfg
+    p.recorder = ObservationStream(robot=spec.name)
+    bad_noise = (torch.zeros(2, cfg.chunk_size, cfg.max_action_dim), torch.zeros(1, 3, 3), np.zeros((1, 16, 32)))
+    for noise in bad_noise:  # a batch of 2 for one observation once gave two chunks silently
+        with pytest.raises(ValueError, match=r"noise: expected a torch.Tensor of shape \(1, 16, 32\)"):
+            p.infer(_obs(spec), noise=noise)
+    with pytest.raises(ValueError, match="observation: expected a dict"):
+        p.infer([1, 2])
+    assert len(p.recorder) == 0  # refused calls are not recorded
+    assert p.infer(_obs(spec))[0].shape == (16, 4) and p.infer(_obs(spec, b=1))[0].shape == (1, 16, 4)
+    assert p.infer(_obs(spec, b=2))[0].shape == (2, 16, 4) and len(p.recorder) == 3
+    odd = ObservationStream(robot=spec.name)
+    odd.add({**_obs(spec), "extra": object()})
+    with pytest.raises(ValueError, match="neither an array nor JSON"):
+        odd.save(tmp_path / "odd.safetensors")
+
+
+def test_reuse_config_against_the_model_and_numpy_values():
+    from kvreuse.assets import default_checkpoint
+    from kvreuse.reuse.config import ReuseConfig
+
+    cfg = ReuseConfig(gate="threshold", threshold=np.float32(0.5), period=np.int64(3), synchronized=np.bool_(True))
+    assert (type(cfg.threshold), type(cfg.period), type(cfg.synchronized)) == (float, int, bool)
+    for field in ("max_age_s", "state_max_l2", "patch_max_diff", "variance_threshold", "gripper_delta"):
+        with pytest.raises(ValueError, match=f"reuse.{field}: expected a number"):  # NaN would switch its check off
+            ReuseConfig(gate="always", **{field: float("nan")})
+    ck = default_checkpoint("pi0")
+    for reuse, msg in ((ReuseConfig(gate="phase", gripper_dim=4), r"reuse.gripper_dim: 4 is not one of .* 4 action dims"),
+                       (ReuseConfig(gate="phase", gripper_dim=-5), "reuse.gripper_dim: -5"),
+                       (ReuseConfig(gate="threshold", downsample=10_000), "reuse.downsample: 10000 exceeds")):
+        with pytest.raises(ValueError, match=msg):
+            Policy.from_checkpoint(ck, reuse=reuse)
+    Policy.from_checkpoint(ck, reuse=ReuseConfig(gate="phase", gripper_dim=-4))

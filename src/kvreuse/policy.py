@@ -56,10 +56,14 @@ class Policy:
     def __init__(
         self, model: Pi0Model, transform: RobotTransform, seed: int = 0, reuse: ReuseConfig | None = None
     ):
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed: expected an integer, got {seed!r}")
+        if isinstance(reuse, dict):  # as stored in a results DB or a JSON file
+            reuse = ReuseConfig.from_dict(reuse)
         self.model = model.eval()
         self.transform = transform
         self.generator = torch.Generator(device=model.device)
-        self.seed = seed
+        self.seed = int(seed)
         self.reuse_config = reuse or ReuseConfig()
         self.runner = ReusePolicy(self.model, self.reuse_config)
         # Set to an ObservationStream to record every observation this policy sees (e.g. during
@@ -84,8 +88,14 @@ class Policy:
         else meta["robot"] (reference checkpoints carry none, so they need `robot`). fast,
         keep_absent_cameras: see robot_runtime."""
         from .checkpoint import load_checkpoint
+        from .devices import check_device
         from .transforms.robot import robot_spec
 
+        device = check_device(str(device))
+        if isinstance(dtype, str):  # as the CLI spells it
+            if dtype not in ("float32", "bfloat16"):
+                raise ValueError(f"dtype: expected float32 or bfloat16 (or a torch.dtype), got {dtype!r}")
+            dtype = getattr(torch, dtype)
         model, stats, meta = load_checkpoint(path, device=device, dtype=dtype)
         robot = robot or meta.get("robot")
         if robot is None:
@@ -118,13 +128,20 @@ class Policy:
         observation has passed the transform's checks, so a rejected one changes nothing."""
         t0 = time.perf_counter()
         obs = self.transform(raw, device=self.model.device)
+        c = self.model.cfg
+        want = (obs.batch_size, c.chunk_size, c.max_action_dim)
+        if noise is not None and (not isinstance(noise, torch.Tensor) or tuple(noise.shape) != want):
+            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise: expected a torch.Tensor of shape {want} (batch, chunk, max action dim), got {got}")
         if reset:
             self.reset()
-        if self.recorder is not None:
-            self.recorder.add(raw, reset=self.runner.call_index == 0)
+        first = self.runner.call_index == 0
         if noise is None:
             noise = self.model.make_noise(obs.batch_size, self.generator)
         # The record's total covers the input transform too (what a client waits for).
         out, rec = self.runner.infer(obs, noise, raw_shapes=self.raw_shapes(raw), started=t0)
         actions = self.transform.actions(out)
-        return (actions[0] if actions.shape[0] == 1 else actions), rec
+        if self.recorder is not None:  # only calls that gave actions: a replay has one per step
+            self.recorder.add(raw, reset=first)
+        # An unbatched observation (state of shape (state_dim,)) gets one chunk back, a batch a batch.
+        return (actions[0] if np.ndim(raw[self.transform.spec.state_key]) == 1 else actions), rec

@@ -38,6 +38,9 @@ class Source:
     """Synthetic stream: episodes."""
     seed: int = 0
     """Seeds the random model, the synthetic stream and the noise."""
+    threads: Optional[int] = None
+    """torch's intra-op threads (default: the machine's, at most 4). On a CPU shared with other
+    work, 1 gives steadier latencies."""
     save_stream: Optional[str] = None
     """Write the stream that was used to this path."""
 
@@ -190,7 +193,10 @@ def run_compare(
 
     from .compare import compare_actions, compare_deterministic
 
-    torch.set_num_threads(min(torch.get_num_threads(), 4))
+    threads = cmd.src.threads
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads: expected an integer >= 1, got {threads}")
+    torch.set_num_threads(threads or min(torch.get_num_threads(), 4))
     from ..outputs import check_file_out
 
     for option, path in (("json_out", getattr(cmd, "json_out", None)), ("save_stream", cmd.src.save_stream)):

@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 GateKind = Literal["never", "always", "period", "threshold", "crossmodal", "phase"]
 ModeKind = Literal["full", "vision_only", "state_only", "layer_wise", "text_fixed", "partial"]
 ImageMetric = Literal["raw", "patch", "siglip"]
@@ -23,7 +25,7 @@ METRICS: tuple[str, ...] = ImageMetric.__args__  # type: ignore[attr-defined]
 
 @dataclass(frozen=True)
 class ReuseConfig:
-    """A reuse setting. The default (`gate="never"`) is the baseline: every call refreshes."""
+    """A reuse setting. gate="never" (the field's default) is the baseline: every call refreshes."""
 
     gate: GateKind = "never"
     """never | always | period | threshold | crossmodal | phase."""
@@ -121,6 +123,9 @@ class ReuseConfig:
         annotated type (ints not bools/floats, floats any number, Optional may be None)."""
         for f in dataclasses.fields(self):
             v, tp = getattr(self, f.name), _HINTS[f.name]
+            if isinstance(v, np.generic):  # np.float32(0.9) from np.arange, np.int64(3), np.bool_
+                v = v.item()
+                object.__setattr__(self, f.name, v)
             args = typing.get_args(tp)
             optional = type(None) in args
             if v is None and optional:
@@ -134,8 +139,8 @@ class ReuseConfig:
                 ok = isinstance(v, bool)
             elif base is int:
                 ok = isinstance(v, int) and not isinstance(v, bool)
-            elif base is float:
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            elif base is float:  # NaN compares false with every bound: it would switch a check off
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
             else:
                 raise TypeError(f"reuse.{f.name}: no check for type {tp}")  # a new field type: add one
             if not ok:

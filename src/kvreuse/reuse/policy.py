@@ -67,11 +67,24 @@ class _Parts:
             timings[part] += a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
+def _check_for_model(cfg: ReuseConfig, mc) -> None:
+    """What a ReuseConfig cannot check alone: its fields against this model's dims."""
+    if not isinstance(cfg, ReuseConfig):
+        raise ValueError(f"reuse: expected a ReuseConfig (or None), got {type(cfg).__name__}")
+    n = mc.action_dim
+    if cfg.gate == "phase" and not -n <= cfg.gripper_dim < n:  # else it would wrap onto another dim
+        raise ValueError(f"reuse.gripper_dim: {cfg.gripper_dim} is not one of this model's {n} action dims "
+                         f"({-n} .. {n - 1})")
+    if cfg.downsample > mc.vision.image_size:
+        raise ValueError(f"reuse.downsample: {cfg.downsample} exceeds the model's {mc.vision.image_size}-px images")
+
+
 class ReusePolicy:
     def __init__(self, model: Pi0Model, config: ReuseConfig | None = None):
         self.model = model
         self.config = config or ReuseConfig()
         mc = model.cfg
+        _check_for_model(self.config, mc)
         self.split = self.config.split_for(mc.llm.depth) if self.config.mode == "layer_wise" else None
         self.gate = make_gate(self.config)
         mode_needs = {"partial": {"patches"}, "state_only": {"pixels"}, "layer_wise": {"pixels"}}

@@ -68,8 +68,12 @@ class ObservationStream:
                     extra[k] = v
             index.append({"reset": bool(st.reset), "prompt": st.raw.get("prompt", ""), "arrays": arrays, "extra": extra})
         header = {"format": FORMAT, "version": VERSION, "robot": self.robot, "meta": self.meta, "steps": index}
+        try:
+            text = json.dumps(header)
+        except TypeError as e:  # a non-array value that JSON cannot hold (an object, a set, ...)
+            raise ValueError(f"stream {path}: an observation value is neither an array nor JSON ({e})") from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"kvreuse_stream": json.dumps(header)})
+        save_file(tensors, str(path), metadata={"kvreuse_stream": text})
         return path
 
     @staticmethod

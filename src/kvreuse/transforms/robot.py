@@ -7,6 +7,7 @@ The dict uses openpi's flat keys (`observation/image`, `observation/wrist_image`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,9 @@ class RobotTransform:
     # ---- input ------------------------------------------------------------------------------
     def __call__(self, raw: dict, device=None) -> Observation:
         spec, cfg = self.spec, self.cfg
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"observation: expected a dict of {[*spec.camera_keys, spec.state_key, spec.prompt_key]}, "
+                             f"got {type(raw).__name__}")
         known = set(spec.camera_keys) | {spec.state_key, spec.prompt_key}
         unknown_cams = [k for k in raw if k not in known and "image" in k]
         if unknown_cams:
