@@ -1,7 +1,8 @@
 """Policy: checkpoint + robot transform + inference, what rollouts and the server call.
 
 `infer(raw)` takes an openpi-style observation dict and returns the robot's action chunk
-(chunk, action_dim) and a record of what was done. Every call goes through ReusePolicy; with
+(chunk, action_dim), or (B, chunk, action_dim) for a batched one (state (B, state_dim)), and a
+record of what was done. Every call goes through ReusePolicy; with
 `reuse=None` (the `never` gate) that is the baseline, bit-identical to `model.sample_actions`
 for the same observation and noise.
 """
