@@ -467,7 +467,8 @@ def test_sweep_bad_input(tmp_path):
         run_sweep(plan, PolicySource())
     for bad, msg in (({"max_steps": 0}, "max_steps: expected an integer >= 1"),
                      ({"max_steps": -3}, "max_steps: expected an integer >= 1"),
-                     ({"init_start": -7}, "init_start: expected an integer >= 0, got -7")):
+                     ({"init_start": -7}, "init_start: expected an integer >= 0, got -7"),
+                     ({"videos": -1}, "videos: expected an integer >= 0"), ({"streams": -1}, "streams: expected")):
         plan = SweepPlan(db=str(tmp_path / "x.db"), env="fake", progress=False, **bad)
         with pytest.raises(ValueError, match=msg):
             run_sweep(plan, PolicySource())

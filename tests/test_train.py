@@ -66,10 +66,16 @@ def demo_dir(tmp_path_factory):
 def test_demo_counts_bad_entry(tmp_path):
     from kvreuse.train.demos import collect_demos
 
-    for bad in ("reach-v3", "nosuch-v3=3", "reach-v3=x"):
-        with pytest.raises(ValueError, match="counts entry"):
-            collect_demos(str(tmp_path), tasks=("reach-v3",), counts=(bad,))
-    assert not (tmp_path / "index.json").exists()
+    for bad, msg in ((("reach-v3",), "expected TASK=N"), (("nosuch-v3=3",), "expected TASK=N with TASK one of"),
+                     (("reach-v3=x",), "N must be an integer >= 1, got 'x'"), (("reach-v3=0",), "N must be"),
+                     (("reach-v3=-2",), "N must be"), (("reach-v3=2", "reach-v3=3"), "reach-v3 given twice")):
+        with pytest.raises(ValueError, match=f"--counts.*{msg}"):
+            collect_demos(str(tmp_path), tasks=("reach-v3",), counts=bad)
+    for kw, msg in (({"workers": 0}, "--workers must be >= 1"), ({"image_size": 0}, "--image-size must be >= 1"),
+                    ({"noise": -1.0}, "--noise .* expected >= 0"), ({"max_steps": 0}, "--max-steps")):
+        with pytest.raises(ValueError, match=msg):
+            collect_demos(str(tmp_path), tasks=("reach-v3",), **kw)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_format(demo_dir):
@@ -134,7 +140,10 @@ def test_train_checks_options_before_loading(tmp_path):
     (tmp_path / "file").write_text("x")
     bad = [({"log_every": 0}, "--log-every"), ({"max_minutes": -1}, "--max-minutes"), ({"warmup": 1.0}, "--warmup"),
            ({"device": "nosuch"}, "--device 'nosuch'"), ({"out": str(tmp_path / "file")}, "is a file"),
-           ({"out": str(tmp_path / "file" / "ck")}, "is a file")]
+           ({"out": str(tmp_path / "file" / "ck")}, "is a file"), ({"lr": -1.0}, "--lr must be > 0"),
+           ({"ema": 2.0}, "--ema must be in"), ({"shift": -3}, "--shift must be >= 0"),
+           ({"preset": "pi0"}, "--preset 'pi0': train makes testbed policies; expected one of tiny-pi0, tiny-pi05"),
+           ({"init": str(tmp_path / "nope")}, "--init: ")]
     if not torch.cuda.is_available():
         bad.append(({"device": "cuda"}, "CUDA is not available"))
     for kw, msg in bad:  # the demos do not exist: these must fail before anything is loaded
@@ -165,6 +174,22 @@ def test_load_demos_rejects_mixed_and_damaged_sets(demo_dir, tmp_path):
     (part / "part00_state.npy").unlink()
     with pytest.raises(ValueError, match="cannot read .*part00_state.npy"):
         load_demos(d)
+    good = json.loads((demo_dir / "index.json").read_text())
+    shutil.copy(demo_dir / "button-press-topdown-v3" / "part00_state.npy", part)
+    for edit, msg in ((lambda i: i["tasks"]["button-press-topdown-v3"].pop("episodes"), "lacks or misstates 'episodes'"),
+                      (lambda i: i.pop("tasks"), "lacks or misstates 'tasks'"),
+                      (lambda i: i.update(image_size=224), r"frames of shape \(32, 32, 3\); .*image_size 224")):
+        index = json.loads(json.dumps(good))
+        edit(index)
+        (d / "index.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match=msg):
+            load_demos(d)
+    (d / "index.json").write_text(json.dumps(good))
+    np.save(part / "part00_state.npy", np.zeros((len(np.load(part / "part00_actions.npy")), 8), np.float32))
+    with pytest.raises(ValueError, match=r"part00_state.npy holds frames of shape \(8,\); .* mean \(4,\)"):
+        load_demos(d)
+    with pytest.raises(ValueError, match="index.json is a file; pass the demo set's folder"):
+        load_demos(d / "index.json")
     (d / "index.json").write_text("{not json")
     with pytest.raises(ValueError, match="index.json is not valid JSON"):
         load_demos(d)

@@ -371,6 +371,9 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         raise ValueError(f"max_steps: expected an integer >= 1 (or none: the env's limit), got {plan.max_steps}")
     if plan.init_start < 0:
         raise ValueError(f"init_start: expected an integer >= 0, got {plan.init_start}")
+    for name, v in (("videos", plan.videos), ("streams", plan.streams)):
+        if v < 0:
+            raise ValueError(f"{name}: expected an integer >= 0 (episodes per task and setting), got {v}")
     env = make_env(plan.env, **plan.env_kw)
     try:
         robot = env.robot

@@ -54,6 +54,11 @@ _progress = None  # worker side: queue of (task, success) per finished episode, 
 def _init_worker(q) -> None:
     global _progress
     _progress = q
+    import warnings
+
+    # The scripted experts' gains exceed 1 by design; the env clips. The warning, twice per worker,
+    # would only break up the progress bar.
+    warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
 
 
 @dataclass(frozen=True)
@@ -163,14 +168,23 @@ def collect_demos(
     tasks = tuple(tasks) or tuple(TASKS)
     for t in tasks:
         check_task(t)
-    per_task = {t: demos_per_task for t in tasks}
+    for name, v in (("demos-per-task", demos_per_task), ("parts-per-task", parts_per_task), ("workers", workers),
+                    ("max-steps", max_steps), ("image-size", image_size)):
+        if v < 1:
+            raise ValueError(f"--{name} must be >= 1, got {v}")
+    if not noise >= 0:  # also rejects nan
+        raise ValueError(f"--noise is the std of the expert's action noise: expected >= 0, got {noise}")
+    per_task, given = {t: demos_per_task for t in tasks}, set()
     for c in counts:
         name, sep, num = c.partition("=")
-        if not sep or name not in per_task or not num.isdigit():
-            raise ValueError(f"counts entry {c!r}: expected TASK=N with TASK one of {list(per_task)}")
+        if not sep or name not in per_task:
+            raise ValueError(f"--counts {c!r}: expected TASK=N with TASK one of {list(per_task)}")
+        if name in given:
+            raise ValueError(f"--counts: {name} given twice")
+        if not num.isdigit() or int(num) < 1:
+            raise ValueError(f"--counts {c!r}: N must be an integer >= 1, got {num!r}")
         per_task[name] = int(num)
-    if min(per_task.values()) < 1 or parts_per_task < 1 or workers < 1 or max_steps < 1:
-        raise ValueError("demos per task, parts_per_task, workers and max_steps must be >= 1")
+        given.add(name)
     out = check_out(out, "demo set", lambda d: (d / "index.json").is_file(), _demo_file, overwrite)
     total_inits = MetaWorldConfig().num_inits
     train_ids = list(range(TRAIN_INIT_START, total_inits))
@@ -273,6 +287,8 @@ class DemoSet:
 def load_demos(path: str | Path, tasks: tuple[str, ...] = ()) -> DemoSet:
     path = Path(path)
     f = path / "index.json"
+    if path.is_file():
+        raise ValueError(f"demos: {path} is a file; pass the demo set's folder ({path.parent})")
     if not f.is_file():
         raise ValueError(f"demos: no index.json in {path} (make one with `kvreuse demos --out {path}`)")
     try:
@@ -282,10 +298,22 @@ def load_demos(path: str | Path, tasks: tuple[str, ...] = ()) -> DemoSet:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         got = index.get("format") if isinstance(index, dict) else type(index).__name__
         raise ValueError(f"demos: {f} has format {got!r}, expected {FORMAT!r}")
+    try:
+        return _load(path, f, index, tasks)
+    except (KeyError, TypeError, IndexError) as e:  # a field missing or of another kind: edited by hand?
+        raise ValueError(f"demos: {f} lacks or misstates {e} (damaged index; record the set again)") from None
+
+
+def _load(path: Path, f: Path, index: dict, tasks: tuple[str, ...]) -> DemoSet:
+    from ..envs.metaworld import ACTION_DIM, STATE_DIM
+
     names = list(tasks) or list(index["tasks"])
     unknown = [t for t in names if t not in index["tasks"]]
     if unknown:
         raise ValueError(f"demos: task(s) {unknown} not in {path}; it has {list(index['tasks'])}")
+    size = int(index["image_size"])
+    # Per frame: what the testbed records (Meta-World renders at the index's size, 4-dim state and actions).
+    shapes = {"base": (size, size, 3), "wrist": (size, size, 3), "state": (STATE_DIM,), "actions": (ACTION_DIM,)}
     cols: dict[str, list] = {k: [] for k in FIELDS}
     task_of, ep_end, offset, n_eps = [], [], 0, 0
     for ti, t in enumerate(names):
@@ -296,9 +324,13 @@ def load_demos(path: str | Path, tasks: tuple[str, ...] = ()) -> DemoSet:
             # A set mixed by an interrupted re-run (or edited by hand) must not load silently.
             want = sum(x["length"] for x in e["episodes"] if x["part"] == p)
             for k, a in arrs.items():
+                part = path / t / f"part{p:02d}_{k}.npy"
                 if len(a) != want:
-                    raise ValueError(f"demos: {path / t / f'part{p:02d}_{k}.npy'} has {len(a)} frames but "
+                    raise ValueError(f"demos: {part} has {len(a)} frames but "
                                      f"{f} lists {want} for its episodes (mixed or damaged demo set; record it again)")
+                if a.shape[1:] != shapes[k]:
+                    raise ValueError(f"demos: {part} holds frames of shape {a.shape[1:]}; {f} (image_size "
+                                     f"{size}) and the Meta-World testbed mean {shapes[k]}")
             if n == 0:
                 continue
             for k in FIELDS:

@@ -122,15 +122,28 @@ def run_train(
         raise ValueError(f"--max-minutes must be >= 0 (0 = no budget), got {max_minutes}")
     if not 0 <= warmup < 1:
         raise ValueError(f"--warmup is a fraction of the schedule: expected 0 <= warmup < 1, got {warmup}")
-    if not 0 <= ema < 1 or shift < 0:
-        raise ValueError(f"--ema must be in [0, 1) and --shift >= 0, got {ema} and {shift}")
+    if not 0 <= ema < 1:
+        raise ValueError(f"--ema must be in [0, 1), got {ema}")
+    if shift < 0:
+        raise ValueError(f"--shift must be >= 0 (pixels), got {shift}")
+    if not lr > 0 or not weight_decay >= 0:  # also rejects nan
+        raise ValueError(f"--lr must be > 0 and --weight-decay >= 0, got {lr} and {weight_decay}")
+    from ..model.config import PRESETS
+
+    spec = robot_spec("metaworld")
+    testbed = [n for n, c in PRESETS.items() if (c.state_dim, c.action_dim) == (spec.state_dim, spec.action_dim)]
+    if preset not in testbed:
+        raise ValueError(f"--preset {preset!r}: train makes testbed policies; expected one of {', '.join(testbed)}")
     dev = check_device(device, auto=True)
     out_path = check_out(out, "checkpoint", lambda d: any((d / f).exists() for f in CHECKPOINT_FILES),
                          lambda p: p.name in CHECKPOINT_FILES, overwrite)
     if init:
         from ..checkpoint import check_checkpoint
 
-        check_checkpoint(init)
+        try:
+            check_checkpoint(init)
+        except ValueError as e:
+            raise ValueError(f"--init: {e}") from None
     if dev.type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     torch.manual_seed(seed)
@@ -140,9 +153,6 @@ def run_train(
     print(f"preparing data: loading {demos} and tokenizing prompts ...", flush=True)
     data = load_demos(demos, tasks)
     cfg = get_preset(preset)
-    spec = robot_spec("metaworld")
-    if (cfg.state_dim, cfg.action_dim) != (spec.state_dim, spec.action_dim):
-        raise ValueError(f"preset {preset!r} has state/action dims {cfg.state_dim}/{cfg.action_dim}; the testbed needs 4/4")
     if data.base.shape[1] != cfg.vision.image_size:
         print(f"note: demos are {data.base.shape[1]}px, the model resizes them to {cfg.vision.image_size}px")
     stats = NormStats(Stats.of(data.state), Stats.of(data.actions))
