@@ -144,7 +144,8 @@ def test_library_mistakes_are_value_errors_naming_the_argument(tmp_path):
 
     ck = default_checkpoint("pi05")
     for kw, msg in (({"device": "tpu"}, "--device 'tpu': unknown device"), ({"dtype": "float64"}, "dtype: expected"),
-                    ({"seed": "1"}, "seed: expected an integer"), ({"reuse": "always"}, "reuse: expected a ReuseConfig")):
+                    ({"seed": "1"}, "seed: expected an integer"),
+                    ({"reuse": "always"}, "reuse: expected a ReuseConfig")):
         with pytest.raises(ValueError, match=msg):
             Policy.from_checkpoint(ck, **kw)
     p = Policy.from_checkpoint(ck, dtype="float32", reuse={"gate": "always"})  # CLI spellings and a stored config
@@ -176,7 +177,7 @@ def test_reuse_config_against_the_model_and_numpy_values():
         with pytest.raises(ValueError, match=f"reuse.{field}: expected a number"):  # NaN would switch its check off
             ReuseConfig(gate="always", **{field: float("nan")})
     ck = default_checkpoint("pi0")
-    for reuse, msg in ((ReuseConfig(gate="phase", gripper_dim=4), r"reuse.gripper_dim: 4 is not one of .* 4 action dims"),
+    for reuse, msg in ((ReuseConfig(gate="phase", gripper_dim=4), r"gripper_dim: 4 is not one of .* 4 action dims"),
                        (ReuseConfig(gate="phase", gripper_dim=-5), "reuse.gripper_dim: -5"),
                        (ReuseConfig(gate="threshold", downsample=10_000), "reuse.downsample: 10000 exceeds")):
         with pytest.raises(ValueError, match=msg):

@@ -176,7 +176,8 @@ def test_load_demos_rejects_mixed_and_damaged_sets(demo_dir, tmp_path):
         load_demos(d)
     good = json.loads((demo_dir / "index.json").read_text())
     shutil.copy(demo_dir / "button-press-topdown-v3" / "part00_state.npy", part)
-    for edit, msg in ((lambda i: i["tasks"]["button-press-topdown-v3"].pop("episodes"), "lacks or misstates 'episodes'"),
+    task = "button-press-topdown-v3"
+    for edit, msg in ((lambda i: i["tasks"][task].pop("episodes"), "lacks or misstates 'episodes'"),
                       (lambda i: i.pop("tasks"), "lacks or misstates 'tasks'"),
                       (lambda i: i.update(image_size=224), r"frames of shape \(32, 32, 3\); .*image_size 224")):
         index = json.loads(json.dumps(good))
