@@ -33,14 +33,15 @@ def _batched(img, name: str) -> torch.Tensor:
             got = f"dtype {a.dtype}" if isinstance(img, np.ndarray) else f"{type(img).__name__} (dtype {a.dtype})"
             raise ValueError(f"{name}: expected uint8 or float pixels, got {got}")
         t = torch.as_tensor(np.ascontiguousarray(a, dtype=native))
+    given = tuple(t.shape)  # as the caller sent it, for the messages
     if t.ndim == 3:
         t = t[None]
     if t.ndim != 4:
-        raise ValueError(f"{name}: expected (H, W, 3) or (B, H, W, 3) (or channels-first), got shape {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected (H, W, 3) or (B, H, W, 3) (or channels-first), got shape {given}")
     if t.shape[-1] != 3 and t.shape[1] != 3:
-        raise ValueError(f"{name}: expected 3 color channels, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected 3 color channels, got shape {given}")
     if t.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty image, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected a non-empty image, got shape {given}")
     if t.dtype != torch.uint8:
         # One pass on the host, before any device copy: NaN propagates into min and max.
         lo, hi = (float(v) for v in torch.aminmax(t))
