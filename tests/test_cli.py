@@ -82,3 +82,18 @@ def test_check_device_auto_and_index(monkeypatch):
         check_device("auto")  # only train takes auto
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert check_device("auto", auto=True) == torch.device("cpu")
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(monkeypatch, capsys):
+    import os
+    import signal
+
+    def killed() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal should have stopped the run")
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert _run_with(monkeypatch, "sweep", killed, ["sweep"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvreuse: stopped by signal 15 (finished episodes are in the results DB")
+    assert signal.getsignal(signal.SIGTERM) == before  # restored for whoever called main

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -1044,3 +1045,76 @@ def test_plots_keep_legends_off_the_data(tmp_path, monkeypatch):
     assert sorted(f.name for f in files) == ["per_task.png", "success_vs_latency.png", "success_vs_reuse.png"]
     assert sorted(seen) == ["per_task.png", "success_vs_latency.png"]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
+
+
+def test_an_episode_lost_with_its_worker_runs_again(tmp_path):
+    """A worker gone between episodes (here: quietly, exit 0, right after taking a job) loses the
+    job it held; a new round of workers runs it, and the sweep ends normally."""
+    plan = SweepPlan(db=str(tmp_path / "v.db"), env="fake", tasks=("vanish", "reach"), episodes=2, workers=2,
+                     progress=False, env_kw={"max_steps": 4, "vanish_once": str(tmp_path / "gone")})
+    s = run_sweep(plan, PolicySource(None, "tiny-pi0"))
+    assert (tmp_path / "gone").exists() and s.ran == 4 and s.errors == 0
+    with ResultStore(plan.db) as st:
+        assert sorted((e["task"], e["status"] != "error") for e in st.episodes()) == [
+            ("reach", True), ("reach", True), ("vanish", True), ("vanish", True)]
+
+
+def test_retry_errors_replaces_error_rows_and_concurrent_results_are_counted(tmp_path, monkeypatch):
+    plan = SweepPlan(db=str(tmp_path / "r.db"), env="fake", tasks=("reach",), episodes=2, workers=0, progress=False,
+                     env_kw={"max_steps": 4})
+    src = PolicySource(None, "tiny-pi0")
+    first = run_sweep(plan, src)
+    with ResultStore(plan.db) as st:  # as a worker killed from outside leaves one episode
+        st.conn.execute("UPDATE episodes SET status = 'error', error = 'worker process died' WHERE init_id = 1")
+    assert run_sweep(plan, src).ran == 0  # errors are kept by default
+    again = run_sweep(replace(plan, retry_errors=True), src)
+    assert again.ran == 1 and again.stored_elsewhere == 0
+    with ResultStore(plan.db) as st:
+        eps = st.episodes()
+    assert len(eps) == 2 and all(e["status"] != "error" for e in eps)
+    # Another process stored them first (two sweeps on one DB): nothing doubles, and it is said.
+    monkeypatch.setattr(ResultStore, "done", lambda self, sid, errors=True: set())
+    dup = run_sweep(plan, src)
+    assert dup.ran == 2 and dup.stored_elsewhere == 2 and first.stored_elsewhere == 0
+    with ResultStore(plan.db) as st:
+        assert len(st.episodes()) == 2
+
+
+def test_read_only_db_file_is_refused_and_a_read_only_folder_still_reports(tmp_path, monkeypatch):
+    import kvreuse.eval.store as store_mod
+
+    db = tmp_path / "rep.db"
+    _fill(db)
+    real_access = os.access
+    monkeypatch.setattr(store_mod.os, "access", lambda p, mode: False if Path(p) in (db, tmp_path) else
+                        real_access(p, mode))  # tests run as root, for whom every file is writable
+    with pytest.raises(ValueError, match=f"results DB {db}: read-only file; give a writable --db"):
+        ResultStore(db)
+    real_connect = sqlite3.connect
+
+    def no_shm(database, *a, **k):  # SQLite cannot make the WAL's -shm file in a read-only folder
+        if "immutable=1" in str(database):
+            return real_connect(database, *a, **k)
+        return real_connect("file:/nonexistent/dir/x.db?mode=ro", uri=True)  # fails on first use
+
+    monkeypatch.setattr(store_mod.sqlite3, "connect", no_shm)
+    assert len(compute_rows(db)) == 9
+
+
+def test_a_video_cut_short_leaves_no_file(tmp_path, monkeypatch):
+    import imageio.v2 as imageio
+
+    from kvreuse.eval.rollout import write_video
+
+    frames = [np.zeros((8, 8, 3), np.uint8)] * 3
+    out = write_video(frames, tmp_path / "v.gif")
+    assert out.read_bytes()[:3] == b"GIF" and sorted(p.name for p in tmp_path.iterdir()) == ["v.gif"]
+
+    def cut(path, *a, **k):  # the process is stopped halfway through the file
+        Path(path).write_bytes(b"GIF89a")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imageio, "mimwrite", cut)
+    with pytest.raises(KeyboardInterrupt):
+        write_video(frames, tmp_path / "w.gif")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.gif"]

@@ -27,6 +27,13 @@ def test_stream_round_trip(tmp_path):
             if isinstance(v, np.ndarray):
                 assert b.raw[k].dtype == v.dtype and np.array_equal(b.raw[k], v)
     assert back.steps[1].raw["episode_info"] == {"task": "x", "n": 3}
+    import os
+
+    umask = os.umask(0o022)
+    try:  # the usual mode for a new file, not safetensors' 0600, so a shared results folder can read it
+        assert os.stat(s.save(tmp_path / "m.safetensors")).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
 
 
 def test_stream_bad_files(tmp_path):

@@ -16,8 +16,36 @@ def _commands() -> dict:
     return COMMANDS
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (`kill`, `timeout`, a closed terminal), ended as Ctrl-C is."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on(signum: int, _frame) -> None:
+    raise _Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    import signal
+    import threading
+
+    kept_handlers = {}
+    if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:  # not over an embedder's own
+                kept_handlers[sig] = signal.signal(sig, _stop_on)
+    try:
+        _run(argv)
+    finally:
+        for sig, handler in kept_handlers.items():
+            signal.signal(sig, handler)
+
+
+def _run(argv: list[str]) -> None:
     try:  # the imports too: Ctrl-C while they load (or a model does) is one line as well
         import tyro
 
@@ -25,11 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"kvreuse: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through the workers' machinery
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback through the workers' machinery
         kept = " (finished episodes are in the results DB; the same command continues from there)" \
             if argv and argv[0] in ("eval", "sweep") else ""
-        print(f"kvreuse: interrupted{kept}", file=sys.stderr)
-        raise SystemExit(130) from None
+        signum = e.signum if isinstance(e, _Stopped) else 2
+        what = "interrupted" if signum == 2 else f"stopped by signal {signum}"
+        print(f"kvreuse: {what}{kept}", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
 
 
 if __name__ == "__main__":

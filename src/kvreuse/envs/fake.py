@@ -4,7 +4,10 @@ A point hand moves by 0.1 * action[:3] toward a target drawn from (task, init_id
 it is within `radius`. Images are small gradients that shift with the hand position, so
 image-similarity gates see real changes. Task "crash" raises inside `step` after a few steps
 (an env crash, which the harness must record as an error and carry on). With hard_crash=True,
-task "abort" kills the whole process instead (run it in sweep workers only).
+task "abort" kills the whole process instead (run it in sweep workers only). With
+vanish_once=PATH, task "vanish" ends its process quietly (exit 0) the first time (it creates
+PATH), as a worker killed between episodes may lose the one it had just taken; later it runs as a
+plain task.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ class FakeEnv:
     prompts = {"reach": "reach the target", "reach-far": "reach the far target", "crash": "crash the simulator"}
 
     def __init__(self, image_size: int = 32, max_steps: int = 30, radius: float = 0.15, step_sleep_s: float = 0.0,
-                 hard_crash: bool = False):
+                 hard_crash: bool = False, vanish_once: str | None = None):
         self.size, self._max, self.radius, self.sleep = image_size, max_steps, radius, step_sleep_s
+        self.tasks, self.prompts = FakeEnv.tasks, dict(FakeEnv.prompts)
         if hard_crash:  # adds task "abort": the process dies in step 3 (a simulator segfault)
-            self.tasks = (*FakeEnv.tasks, "abort")
-            self.prompts = {**FakeEnv.prompts, "abort": "abort the process"}
+            self.tasks, self.prompts["abort"] = (*self.tasks, "abort"), "abort the process"
+        self.vanish_once = vanish_once
+        if vanish_once:
+            self.tasks, self.prompts["vanish"] = (*self.tasks, "vanish"), "reach the target"
         self.task = ""
         self.hand = np.zeros(3)
         self.target = np.zeros(3)
@@ -47,6 +53,14 @@ class FakeEnv:
         self._check(task)
         if not 0 <= init_id < self.num_inits(task):
             raise ValueError(f"init_id: expected 0..{self.num_inits(task) - 1}, got {init_id}")
+        if task == "vanish" and self.vanish_once:
+            import os
+
+            try:
+                open(self.vanish_once, "x").close()  # the first time only, across processes
+                os._exit(0)
+            except FileExistsError:
+                pass
         rng = np.random.default_rng(zlib.crc32(f"{task}/{init_id}".encode()))
         scale = 0.4 if task == "reach" else 1.0  # crash/abort: far targets, never reached first
         self.task, self.t = task, 0

@@ -25,7 +25,7 @@ def _cores() -> int:
 
 
 def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid, baseline, progress,
-          device: str = "cpu", streams: int = 0):
+          device: str = "cpu", streams: int = 0, retry_errors: bool = False):
     from .sweep import SweepPlan
 
     if workers is None:  # one per core; one for a GPU policy (each worker would hold its own model there)
@@ -34,7 +34,7 @@ def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers
         db=db, env=env, tasks=tuple(tasks), episodes=episodes, init_start=init_start, seed=seed, replan=replan,
         max_steps=max_steps, grid=grid, baseline=baseline, workers=workers,
         videos=videos, video_dir=str(Path(db).parent / "videos"), progress=progress,
-        streams=streams, stream_dir=str(Path(db).parent / "streams"),
+        streams=streams, stream_dir=str(Path(db).parent / "streams"), retry_errors=retry_errors,
     )
 
 
@@ -43,6 +43,9 @@ def _print_summary(summary, db: str) -> None:
 
     print(f"{summary.ran} episodes run, {summary.skipped} already in {db}, {summary.errors} env errors, "
           f"{summary.wall_s:.1f} s", file=sys.stderr)
+    if summary.stored_elsewhere:
+        print(f"{summary.stored_elsewhere} of those were stored by another process first (a concurrent run on "
+              f"this DB); its results were kept", file=sys.stderr)
     # The settings just run and their baselines, on the tasks just run; not other policies',
     # protocols' or tasks' rows in the DB.
     rows = compute_rows(db)
@@ -74,6 +77,7 @@ def run_eval(
     keep_absent_cameras: bool = False,
     tokenizer: str | None = None,
     progress: bool = True,
+    retry_errors: bool = False,
 ) -> None:
     """Evaluate one setting closed-loop and print its table.
 
@@ -95,6 +99,8 @@ def run_eval(
             streams/<setting>/<task>_<init>_<seed>.safetensors), for replay with `kvreuse compare
             actions --stream` (e.g. through a full-size model on a GPU: docs/REUSE.md).
         db: the SQLite results file (kept; finished episodes are skipped on a rerun).
+        retry_errors: run again the episodes stored as errors (a worker killed from outside, a
+            simulator crash); their new results replace the error rows.
         with_baseline: also run the baseline on the same episodes (for the paired comparison).
         preset: tiny-pi05 | tiny-pi0: which shipped testbed policy (testbed-pi05 / testbed-pi0)
             runs when no checkpoint is given; a random-weight model of that preset if none is
@@ -115,7 +121,7 @@ def run_eval(
 
     grid = one_setting(reuse, "eval")
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid,
-                 with_baseline or not grid, progress, device, streams)
+                 with_baseline or not grid, progress, device, streams, retry_errors)
     summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
     _print_summary(summary, db)
 
@@ -156,6 +162,7 @@ def run_sweep_cmd(
     tokenizer: str | None = None,
     report_dir: str | None = None,
     progress: bool = True,
+    retry_errors: bool = False,
 ) -> None:
     """Paired sweep: the baseline plus every reuse setting of the grid, on the same episodes.
 
@@ -173,7 +180,7 @@ def run_sweep_cmd(
 
         check_dir_out(report_dir, "--report-dir")
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos,
-                 parse_grid(list(grid)), True, progress, device, streams)
+                 parse_grid(list(grid)), True, progress, device, streams, retry_errors)
     summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
     _print_summary(summary, db)
     if report_dir:

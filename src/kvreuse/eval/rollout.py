@@ -13,6 +13,7 @@ episode (paired comparison). The noise of call i does not depend on what earlier
 from __future__ import annotations
 
 import inspect
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -166,13 +167,19 @@ def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 20) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = [np.ascontiguousarray(f, dtype=np.uint8) for f in frames]
+    kw: dict = {"duration": 1000 / fps, "loop": 0}
     if path.suffix == ".mp4":
         try:
             import imageio_ffmpeg  # noqa: F401
 
-            imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
-            return path
+            kw = {"fps": fps, "macro_block_size": 1}
         except ImportError:
             path = path.with_suffix(".gif")
-    imageio.mimwrite(path, frames, duration=1000 / fps, loop=0)
+    # Written under a temporary name and renamed: a killed sweep leaves no half-written video.
+    part = path.with_name(f".{path.stem}.part{path.suffix}")
+    try:
+        imageio.mimwrite(part, frames, **kw)
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
     return path

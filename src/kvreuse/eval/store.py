@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -102,15 +103,17 @@ class ResultStore:
         self.read_only = read_only
         if self.path.is_dir():
             raise ValueError(f"results DB {self.path}: is a directory; give a file path for --db")
+        if not read_only and self.path.is_file() and not os.access(self.path, os.W_OK):
+            raise ValueError(f"results DB {self.path}: read-only file; give a writable --db (`kvreuse report` "
+                             "reads it as it is)")
         try:
             if read_only:
-                uri = self.path.resolve().as_uri() + "?mode=ro"
-                self.conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+                tables = self._open_read_only()
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
-            # connect() is lazy: a file that cannot be opened only fails on first use
-            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                # connect() is lazy: a file that cannot be opened only fails on first use
+                tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except OSError as e:  # its folder cannot be made
             why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
             raise ValueError(f"results DB {self.path}: cannot create its folder {self.path.parent} ({why}); "
@@ -126,6 +129,22 @@ class ResultStore:
         except BaseException:
             self.conn.close()
             raise
+
+    def _open_read_only(self) -> set[str]:
+        """A WAL database needs its -shm file even to be read: in a folder we may not write, open
+        it as immutable (nobody can be writing it there either)."""
+        uri = self.path.resolve().as_uri()
+        for query in ("?mode=ro", "?mode=ro&immutable=1"):
+            conn = None
+            try:  # the open may fail at once or on first use
+                conn = self.conn = sqlite3.connect(uri + query, uri=True, timeout=60, isolation_level=None)
+                return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            except sqlite3.OperationalError:
+                if conn is not None:
+                    conn.close()
+                if query.endswith("immutable=1") or os.access(self.path.parent, os.W_OK):
+                    raise
+        raise AssertionError("unreachable")
 
     # ---- schema -------------------------------------------------------------------------------
     def _init_schema(self, tables: set[str]) -> None:
@@ -190,8 +209,10 @@ class ResultStore:
         return self.conn.execute("SELECT * FROM settings ORDER BY is_baseline DESC, id").fetchall()
 
     # ---- episodes -----------------------------------------------------------------------------
-    def done(self, setting_id: int) -> set[tuple[str, int, int]]:
-        rows = self.conn.execute("SELECT task, init_id, seed FROM episodes WHERE setting_id = ?", (setting_id,))
+    def done(self, setting_id: int, errors: bool = True) -> set[tuple[str, int, int]]:
+        """The episodes stored for a setting; errors=False leaves error episodes out (to run again)."""
+        where = "" if errors else " AND status != 'error'"
+        rows = self.conn.execute(f"SELECT task, init_id, seed FROM episodes WHERE setting_id = ?{where}", (setting_id,))
         return {(r[0], r[1], r[2]) for r in rows}
 
     def add(self, setting_id: int, r: EpisodeResult) -> bool:
@@ -200,6 +221,9 @@ class ResultStore:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
+            # An episode stored as an error (a worker killed, a simulator crash) gives way to a rerun's result.
+            c.execute("DELETE FROM episodes WHERE setting_id = ? AND task = ? AND init_id = ? AND seed = ? "
+                      "AND status = 'error'", (setting_id, r.task, r.init_id, r.seed))
             cur = c.execute(
                 "INSERT OR IGNORE INTO episodes (setting_id, task, init_id, seed, status, steps, calls, reuses, "
                 "mixed, reuse_rate, lat_mean, lat_p50, lat_p95, timings, decisions, reasons, error, wall_s, video, "

@@ -346,6 +346,7 @@ class SweepPlan:
     stream_dir: str = "runs/streams"
     env_kw: dict = field(default_factory=dict)
     progress: bool = True
+    retry_errors: bool = False  # run again the episodes stored as errors (a killed worker, a crash)
 
 
 @dataclass
@@ -357,6 +358,7 @@ class SweepSummary:
     wall_s: float
     first_result_s: float  # seconds from start until the first episode came back (start-up)
     tasks: tuple[str, ...] = ()  # the tasks this sweep covered (run or skipped)
+    stored_elsewhere: int = 0  # run here, but another process (a concurrent sweep) had stored them first
 
 
 def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
@@ -422,7 +424,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
 
     store = ResultStore(plan.db)
     ids = {s.key: store.setting_id(s) for s in settings}
-    done = {s.key: store.done(ids[s.key]) for s in settings}
+    done = {s.key: store.done(ids[s.key], errors=not plan.retry_errors) for s in settings}
     jobs, skipped = [], 0
     # Task-major order: a worker mostly stays on one task (switching rebuilds the simulator);
     # every setting of one episode is queued together, so a partial sweep stays paired.
@@ -443,13 +445,13 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
 
     t0 = time.perf_counter()
     first = [None]
-    ran = errors = 0
+    ran = errors = elsewhere = 0
     bar = _progress(len(jobs), plan.progress)
     try:
         for key, res in _results(jobs, plan, src, robot):
             if first[0] is None:
                 first[0] = time.perf_counter() - t0
-            store.add(ids[key], res)
+            elsewhere += not store.add(ids[key], res)
             ran += 1
             errors += res.status == "error"
             if bar is not None:
@@ -459,7 +461,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         if bar is not None:
             bar.close()
         store.close()
-    return SweepSummary(settings, ran, skipped, errors, time.perf_counter() - t0, first[0] or 0.0, tasks)
+    return SweepSummary(settings, ran, skipped, errors, time.perf_counter() - t0, first[0] or 0.0, tasks, elsewhere)
 
 
 def _trained_render_size(plan: SweepPlan, env, meta: dict) -> SweepPlan:
@@ -555,7 +557,7 @@ def _pool_results(jobs: list, n: int, init_args: tuple):
 
     procs = [start(i) for i in range(n)]
     pending = set(range(len(jobs)))
-    idle_deaths = 0
+    idle_deaths = rounds = 0
     try:
         while pending:
             try:
@@ -586,7 +588,25 @@ def _pool_results(jobs: list, n: int, init_args: tuple):
                         raise RuntimeError(f"sweep workers keep dying outside episodes (last exit code {p.exitcode})")
                 procs[slot] = start(slot)  # takes the dead worker's place (and its unread sentinel)
             if pending and all(p.exitcode == 0 for p in procs):
-                raise RuntimeError(f"all sweep workers exited with {len(pending)} episodes unfinished")
+                # A worker killed between episodes can take one with it: taken from the queue but
+                # not yet marked as in hand, or its result not yet flushed. Run those again.
+                rounds += 1
+                if rounds > 3:
+                    for jid in sorted(pending):
+                        key, _, task, init_id, seed, *_ = jobs[jid]
+                        yield key, EpisodeResult(task, init_id, seed, "error",
+                                                 error="lost: its workers died between episodes, three rounds running")
+                    return
+                while True:  # every worker has exited: what is left in the queue are spare sentinels
+                    try:
+                        jobs_q.get(timeout=0.1)
+                    except queue.Empty:
+                        break
+                for jid in sorted(pending):
+                    jobs_q.put((jid, jobs[jid]))
+                for _ in range(n):
+                    jobs_q.put(None)
+                procs = [start(i) for i in range(n)]
     finally:
         for p in procs:
             if p.is_alive():
