@@ -133,7 +133,8 @@ class Policy:
         want = (obs.batch_size, c.chunk_size, c.max_action_dim)
         if noise is not None and (not isinstance(noise, torch.Tensor) or tuple(noise.shape) != want):
             got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
-            raise ValueError(f"noise: expected a torch.Tensor of shape {want} (batch, chunk, max action dim), got {got}")
+            raise ValueError(f"noise: expected a torch.Tensor of shape {want} (batch, chunk, max action dim), "
+                             f"got {got}")
         if reset:
             self.reset()
         first = self.runner.call_index == 0
