@@ -71,3 +71,16 @@ def test_check_file_and_dir_out(tmp_path):
     assert check_dir_out(tmp_path / "d" / "e", "--y").is_dir()
     with pytest.raises(ValueError, match="--y .*: cannot write there \\(a file is in the way\\)"):
         check_dir_out(tmp_path / "f" / "sub", "--y")
+
+
+def test_bench_variants_take_auto(monkeypatch):
+    class Built(Exception):
+        pass
+
+    def built(*a, **k):
+        raise Built
+
+    monkeypatch.setattr(bench, "build_random", built)  # validation passed: the model is built next
+    with pytest.raises(Built):
+        bench.bench("tiny-pi05", 1, 2, 10, 16, 1, 0, False, 0.02, None, False, False, False, 0.25, None, False,
+                    False, 0, variants="auto/fp32,sdpa/auto")

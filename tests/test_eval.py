@@ -561,6 +561,29 @@ def test_sweep_killed_with_sigkill_loses_and_duplicates_nothing(tmp_path):
     assert statuses.get("error") == 8  # every "crash" episode, recorded as an error
 
 
+def test_sigterm_ends_a_sweep_with_many_queued_episodes(tmp_path):
+    """More queued jobs than a pipe holds: the queue's feeder thread must not keep the stopped
+    sweep alive (it once hung for good after its one-line message)."""
+    db = tmp_path / "t.db"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "kvreuse.cli", "eval", "--env", "fake", "--tasks", "reach",
+                             "--episodes", "3000", "--workers", "2", "--max-steps", "3", "--db", str(db),
+                             "--no-progress"], env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while _count(db) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the sweep ended before it could be stopped: {proc.communicate()}"
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the sweep hung after SIGTERM") from None
+    assert proc.returncode == 128 + signal.SIGTERM and "kvreuse: stopped by signal 15" in err
+    assert 2 <= _count(db) < 3000
+
+
 # ---- reports ---------------------------------------------------------------------------------
 
 
@@ -1099,6 +1122,10 @@ def test_read_only_db_file_is_refused_and_a_read_only_folder_still_reports(tmp_p
 
     monkeypatch.setattr(store_mod.sqlite3, "connect", no_shm)
     assert len(compute_rows(db)) == 9
+    wal = tmp_path / "rep.db-wal"  # results still in the log: immutable would read without them
+    wal.write_bytes(b"x" * 100)
+    with pytest.raises(ValueError, match="its write-ahead log rep.db-wal still holds results"):
+        compute_rows(db)
 
 
 def test_a_video_cut_short_leaves_no_file(tmp_path, monkeypatch):

@@ -82,6 +82,11 @@ def test_compare_deterministic_passes():
     m, tf = model_and_tf("pi0")
     checks = compare_deterministic(Policy(m, tf), synthetic_stream(steps=3, episodes=2, size=SIZE), seed=0)
     assert len(checks) == 3 and all(c.identical and c.max_abs_diff == 0.0 for c in checks)
+    batched = synthetic_stream(steps=2, episodes=1, size=SIZE)
+    for st in batched:  # a batch axis of one: Policy.infer keeps it, and so must the expectation
+        st.raw = {k: (v[None] if isinstance(v, np.ndarray) else [v]) for k, v in st.raw.items()}
+    checks = compare_deterministic(Policy(m, tf), batched, seed=0)
+    assert all(c.identical and c.max_abs_diff == 0.0 for c in checks)
 
 
 def test_compare_deterministic_catches_a_difference(monkeypatch):

@@ -532,3 +532,24 @@ def test_serve_defaults_to_the_shipped_policy_and_builds_a_random_one_for_other_
     obs = {k: np.zeros((64, 64, 3), np.uint8) for k in spec.camera_keys}
     obs[spec.state_key], obs["prompt"] = np.zeros(spec.state_dim), "put the bowl on the plate"
     assert info["robot"] == "libero" and policy.fork().infer(obs)[0].shape == (info["action_horizon"], 7)
+
+
+def test_check_listen_binds_ipv6_as_the_server_does():
+    import socket
+
+    from kvreuse.serve.command import check_listen
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with socket.socket() as v4:  # another process on 0.0.0.0:P leaves [::]:P free for an IPv6-only socket
+        v4.bind(("0.0.0.0", 0))
+        v4.listen()
+        port = v4.getsockname()[1]
+        try:
+            check_listen("::", port)
+        except ValueError as e:
+            if "in use" in str(e):
+                raise
+            pytest.skip(f"IPv6 not usable here: {e}")
+        with pytest.raises(ValueError, match="in use by another process"):
+            check_listen("0.0.0.0", port)

@@ -366,9 +366,9 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         raise ValueError(f"lerobot_compile_mode: expected one of {_TORCH_COMPILE_MODES}, got {lerobot_compile_mode!r}")
     # Checked before the model is built: every other path of the run is minutes away.
     pairs = [tuple(v.split("/")) for v in variants.split(",") if v]
-    if any(len(p) != 2 or not set(p) <= set(ATTN_KINDS) for p in pairs):
-        raise ValueError(f"variants: expected comma-separated prefix/expert pairs of {ATTN_KINDS} like 'sdpa/fp32', "
-                         f"got {variants!r}")
+    if any(len(p) != 2 or not set(p) <= {*ATTN_KINDS, "auto"} for p in pairs):
+        raise ValueError(f"variants: expected comma-separated prefix/expert pairs of {(*ATTN_KINDS, 'auto')} like "
+                         f"'sdpa/fp32', got {variants!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if checkpoint:
         from .checkpoint import load_checkpoint

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     import threading
 
     kept_handlers = {}
-    if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
+    # Not for serve: its event loop and inference thread stop on SIGTERM's default, as servers do.
+    if threading.current_thread() is threading.main_thread() and argv[:1] != ["serve"]:
         for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
             if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:  # not over an embedder's own
                 kept_handlers[sig] = signal.signal(sig, _stop_on)

@@ -145,5 +145,4 @@ class Policy:
         actions = self.transform.actions(out)
         if self.recorder is not None:  # only calls that gave actions: a replay has one per step
             self.recorder.add(raw, reset=first)
-        # An unbatched observation (state of shape (state_dim,)) gets one chunk back, a batch a batch.
-        return (actions[0] if np.ndim(raw[self.transform.spec.state_key]) == 1 else actions), rec
+        return (actions if self.transform.batched(raw) else actions[0]), rec

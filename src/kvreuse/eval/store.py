@@ -131,9 +131,11 @@ class ResultStore:
             raise
 
     def _open_read_only(self) -> set[str]:
-        """A WAL database needs its -shm file even to be read: in a folder we may not write, open
-        it as immutable (nobody can be writing it there either)."""
+        """A WAL database needs its -shm file even to be read. In a folder we may not write, a DB
+        whose write-ahead log is empty or gone (closed cleanly) is opened as immutable; one with
+        episodes still in its log would read without them, so it is refused."""
         uri = self.path.resolve().as_uri()
+        wal = self.path.with_name(self.path.name + "-wal")
         for query in ("?mode=ro", "?mode=ro&immutable=1"):
             conn = None
             try:  # the open may fail at once or on first use
@@ -144,6 +146,10 @@ class ResultStore:
                     conn.close()
                 if query.endswith("immutable=1") or os.access(self.path.parent, os.W_OK):
                     raise
+                if wal.is_file() and wal.stat().st_size > 0:
+                    raise ValueError(f"results DB {self.path}: its write-ahead log {wal.name} still holds results "
+                                     "and this folder is not writable; copy the DB and its -wal file somewhere "
+                                     "writable (or report where the run wrote it)") from None
         raise AssertionError("unreachable")
 
     # ---- schema -------------------------------------------------------------------------------

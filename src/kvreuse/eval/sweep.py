@@ -557,7 +557,8 @@ def _pool_results(jobs: list, n: int, init_args: tuple):
 
     procs = [start(i) for i in range(n)]
     pending = set(range(len(jobs)))
-    idle_deaths = rounds = 0
+    idle_deaths = 0
+    lost: dict[int, int] = {}  # job id -> times it was lost with a worker that died between episodes
     try:
         while pending:
             try:
@@ -589,14 +590,17 @@ def _pool_results(jobs: list, n: int, init_args: tuple):
                 procs[slot] = start(slot)  # takes the dead worker's place (and its unread sentinel)
             if pending and all(p.exitcode == 0 for p in procs):
                 # A worker killed between episodes can take one with it: taken from the queue but
-                # not yet marked as in hand, or its result not yet flushed. Run those again.
-                rounds += 1
-                if rounds > 3:
-                    for jid in sorted(pending):
+                # not yet marked as in hand, or its result not yet flushed. Run those again, each
+                # at most three times.
+                for jid in sorted(pending):
+                    lost[jid] = lost.get(jid, 0) + 1
+                    if lost[jid] > 3:
+                        pending.discard(jid)
                         key, _, task, init_id, seed, *_ = jobs[jid]
                         yield key, EpisodeResult(task, init_id, seed, "error",
-                                                 error="lost: its workers died between episodes, three rounds running")
-                    return
+                                                 error="lost three times with a worker that died between episodes")
+                if not pending:
+                    break
                 while True:  # every worker has exited: what is left in the queue are spare sentinels
                     try:
                         jobs_q.get(timeout=0.1)
@@ -613,6 +617,10 @@ def _pool_results(jobs: list, n: int, init_args: tuple):
                 p.terminate()
         for p in procs:
             p.join(timeout=5)
+        # Jobs nobody will read may still fill the queue's pipe: without this the interpreter
+        # would wait at exit for its feeder thread forever (Ctrl-C, SIGTERM or a policy error).
+        jobs_q.cancel_join_thread()
+        results_q.cancel_join_thread()
 
 
 def _progress(total: int, enabled: bool):

@@ -161,7 +161,7 @@ def compare_deterministic(policy: Policy, stream: ObservationStream, seed: int =
             again = model.sample_actions(tf(step.raw, device=model.device), n.clone())
         note("repeat", _diff(ref, again))
         expect = tf.actions(ref)
-        expect = expect[0] if expect.shape[0] == 1 else expect
+        expect = expect if tf.batched(step.raw) else expect[0]  # as Policy.infer shapes them
         note("reuse-off", _diff(off.infer(step.raw, n.clone())[0], expect))
         note("never+layer_wise", _diff(off_lw.infer(step.raw, n.clone())[0], expect))
     names = {

@@ -160,7 +160,8 @@ def run_serve(
 
 def check_listen(host: str, port: int) -> None:
     """ValueError unless a TCP server could bind (host, port) now, as the websocket server will
-    (SO_REUSEADDR, as asyncio sets it): a bad port or host, or a port another process listens on."""
+    (SO_REUSEADDR and IPV6_V6ONLY, as asyncio sets them): a bad port or host, or a port another
+    process listens on."""
     import socket
 
     if not 0 <= port <= 65535:
@@ -173,6 +174,8 @@ def check_listen(host: str, port: int) -> None:
         try:
             with socket.socket(family, kind, proto) as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # as asyncio binds it: IPv6 only, beside any IPv4 socket
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 s.bind(addr)
         except OSError as e:
             what = "in use by another process" if e.errno == errno.EADDRINUSE else e.strerror

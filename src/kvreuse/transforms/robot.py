@@ -165,6 +165,10 @@ class RobotTransform:
         return a.astype(np.float64, copy=False)
 
     # ---- output -----------------------------------------------------------------------------
+    def batched(self, raw: dict) -> bool:
+        """Whether `raw` came with a batch axis (state (B, state_dim)): then its actions keep one."""
+        return np.ndim(raw[self.spec.state_key]) != 1
+
     def actions(self, out: torch.Tensor) -> np.ndarray:
         """(B, chunk, max_action_dim) model output -> (B, chunk, action_dim) robot actions."""
         a = out.detach().float().cpu().numpy()[..., : self.spec.action_dim]
