@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .model.config import ModelConfig
 from .model.pi0 import Pi0Model
+from .outputs import usual_mode
 from .transforms.normalize import NormStats
 
 WEIGHTS = "model.safetensors"
@@ -37,8 +38,7 @@ def save_checkpoint(path: str | Path, model: Pi0Model, stats: NormStats | None, 
     (path / "config.json").write_text(json.dumps(meta, indent=2))
     if stats is not None:
         (path / "norm_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
-    # safetensors creates its file 0600; give it the mode (umask) of the JSON files beside it
-    (path / WEIGHTS).chmod((path / "config.json").stat().st_mode & 0o777)
+    usual_mode(path / WEIGHTS)
     return path
 
 

@@ -1,9 +1,20 @@
-"""The check every command makes of its --device option before any work (DB, workers, a model
-build), so a typo or a missing GPU is one line naming the option, not a traceback from torch."""
+"""The checks every command makes of its --device and --dtype options before any work (DB,
+workers, a model build), so a typo or a missing GPU is one line naming the option, not a
+traceback from torch."""
 
 from __future__ import annotations
 
 import torch
+
+
+DTYPES = ("float32", "bfloat16")  # what the policies run in (bf16: the GPU figures of docs/PERFORMANCE.md)
+
+
+def check_dtype(name: str) -> torch.dtype:
+    """-> the torch dtype a --dtype option names."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
 
 
 def check_device(device: str, *, auto: bool = False) -> torch.device:

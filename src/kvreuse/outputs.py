@@ -7,8 +7,17 @@ import os
 from pathlib import Path
 
 
-def _why(e: OSError) -> str:
+def os_reason(e: OSError) -> str:
+    """Why a path could not be written, in words for an error line."""
     return "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else str(e.strerror)
+
+
+def usual_mode(path: Path) -> None:
+    """Give a file the mode a new file gets here (0666 less the umask): safetensors writes 0600
+    (a temp file renamed), which a shared results or checkpoint folder could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def check_file_out(path: str | Path, option: str) -> Path:
@@ -19,7 +28,7 @@ def check_file_out(path: str | Path, option: str) -> Path:
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"{option} {path}: cannot make its folder ({_why(e)})") from None
+        raise ValueError(f"{option} {path}: cannot make its folder ({os_reason(e)})") from None
     if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise ValueError(f"{option} {path}: not writable")
     return p
@@ -31,7 +40,7 @@ def check_dir_out(path: str | Path, option: str) -> Path:
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"{option} {path}: cannot write there ({_why(e)}); give a writable folder") from None
+        raise ValueError(f"{option} {path}: cannot write there ({os_reason(e)}); give a writable folder") from None
     if not os.access(p, os.W_OK):
         raise ValueError(f"{option} {path}: not writable; give a writable folder")
     return p

@@ -89,14 +89,12 @@ class Policy:
         else meta["robot"] (reference checkpoints carry none, so they need `robot`). fast,
         keep_absent_cameras: see robot_runtime."""
         from .checkpoint import load_checkpoint
-        from .devices import check_device
+        from .devices import check_device, check_dtype
         from .transforms.robot import robot_spec
 
         device = check_device(str(device))
         if isinstance(dtype, str):  # as the CLI spells it
-            if dtype not in ("float32", "bfloat16"):
-                raise ValueError(f"dtype: expected float32 or bfloat16 (or a torch.dtype), got {dtype!r}")
-            dtype = getattr(torch, dtype)
+            dtype = check_dtype(dtype)
         model, stats, meta = load_checkpoint(path, device=device, dtype=dtype)
         robot = robot or meta.get("robot")
         if robot is None:

@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..outputs import os_reason
 from .stats import Latency, Paired, latency, mcnemar, paired_bootstrap, speedup, wilson
 from .store import open_existing
 
@@ -344,6 +345,6 @@ def write_report(db: str | Path, out_dir: str | Path | None = None, plots: bool 
             if plots and rows:
                 files += write_plots(rows, out)
         except OSError as e:  # a file in the way, no permission, a read-only file system
-            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
-            raise ValueError(f"report folder {out}: cannot write there ({why}); give a writable folder") from None
+            raise ValueError(f"report folder {out}: cannot write there ({os_reason(e)}); "
+                             "give a writable folder") from None
     return md, files

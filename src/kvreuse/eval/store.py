@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..outputs import os_reason
 from .rollout import STATUSES, EpisodeResult
 
 # 2: settings.protocol (step limit, env options) joined the identity; a version-1 file lacks it.
@@ -115,8 +116,7 @@ class ResultStore:
                 # connect() is lazy: a file that cannot be opened only fails on first use
                 tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except OSError as e:  # its folder cannot be made
-            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
-            raise ValueError(f"results DB {self.path}: cannot create its folder {self.path.parent} ({why}); "
+            raise ValueError(f"results DB {self.path}: cannot create its folder {self.path.parent} ({os_reason(e)}); "
                              "give a writable file path for --db") from None
         except sqlite3.OperationalError as e:
             raise ValueError(f"results DB {self.path}: cannot open it ({e}); give a readable, writable "

@@ -33,9 +33,6 @@ from .store import ResultStore, Setting
 # ---- policy source ---------------------------------------------------------------------------
 
 
-_DTYPES = ("float32", "bfloat16")
-
-
 @dataclass(frozen=True)
 class PolicySource:
     """Where the policy comes from and how it runs. checkpoint=None: the shipped testbed policy,
@@ -54,16 +51,15 @@ class PolicySource:
     tokenizer: str | None = None
 
     def __post_init__(self):
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype: expected one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        from ..devices import check_device, check_dtype
+
+        check_dtype(self.dtype)
         if self.tokenizer is not None and not Path(self.tokenizer).is_file():
             raise ValueError(f"tokenizer: no such file {self.tokenizer!r} (the PaliGemma tokenizer.model)")
         from ..model.config import PRESETS
 
         if self.preset not in PRESETS:  # else an unknown name would silently run a shipped policy
             raise ValueError(f"preset: unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
-        from ..devices import check_device
-
         check_device(self.device)
 
     def resolved(self, robot: str = "metaworld") -> "PolicySource":
@@ -301,20 +297,19 @@ def _worker_run(job: tuple) -> tuple[str, EpisodeResult]:
         pol = _W["policies"][key] = make_policy(_W["model"], _W["transform"], reuse)
     if _W["env"] is None:
         _W["env"] = make_env(_W["env_name"], **_W["env_kw"])
-    if stream is None:
-        res = run_episode(pol, _W["env"], task, init_id, seed, replan=replan, max_steps=max_steps, video_path=video)
-    else:  # every observation the policy sees, for replay (kvreuse compare --stream)
+    rec = None
+    if stream is not None:  # every observation the policy sees, for replay (kvreuse compare --stream)
         from ..reuse.stream import ObservationStream
 
-        pol.recorder = rec = ObservationStream(robot=_W["transform"].spec.name,
-                                               meta={"setting": key, "reuse": reuse, "task": task,
-                                                     "init_id": init_id, "seed": seed})
-        try:
-            res = run_episode(pol, _W["env"], task, init_id, seed, replan=replan, max_steps=max_steps, video_path=video)
-        finally:
-            pol.recorder = None
-        if len(rec):
-            rec.save(stream)
+        rec = ObservationStream(robot=_W["transform"].spec.name,
+                                meta={"setting": key, "reuse": reuse, "task": task, "init_id": init_id, "seed": seed})
+    pol.recorder = rec
+    try:
+        res = run_episode(pol, _W["env"], task, init_id, seed, replan=replan, max_steps=max_steps, video_path=video)
+    finally:
+        pol.recorder = None
+    if rec is not None and len(rec):
+        rec.save(stream)
     if res.status == "error":  # the simulator may be left broken: start a fresh one
         try:
             _W["env"].close()

@@ -97,7 +97,7 @@ def load(src: Source):
 
     from ..assets import shipped_checkpoint
     from ..bench import build_random
-    from ..devices import check_device
+    from ..devices import check_device, check_dtype
     from ..model import Pi0Model
     from ..model import preset as get_preset
     from ..policy import Policy, random_model_config, robot_runtime
@@ -105,9 +105,7 @@ def load(src: Source):
     from .stream import load_streams, synthetic_stream
 
     check_device(src.device)  # before the stream or a model is loaded
-    if src.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype: expected float32 or bfloat16, got {src.dtype!r}")
-    dtype = getattr(torch, src.dtype)
+    dtype = check_dtype(src.dtype)
     if src.stream is None and (src.steps < 1 or src.episodes < 1):
         raise ValueError(f"steps, episodes: the synthetic stream needs >= 1 of each, "
                          f"got {src.steps} and {src.episodes}")

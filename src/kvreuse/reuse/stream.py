@@ -16,12 +16,13 @@ File format (one `.safetensors` file; nothing is ever unpickled):
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..outputs import usual_mode
 
 FORMAT, VERSION = "kvreuse-stream", 1
 
@@ -75,9 +76,7 @@ class ObservationStream:
             raise ValueError(f"stream {path}: an observation value is neither an array nor JSON ({e})") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"kvreuse_stream": text})
-        umask = os.umask(0)  # safetensors writes 0600 (a temp file renamed): give it the usual mode
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)
+        usual_mode(path)
         return path
 
     @staticmethod

@@ -43,7 +43,7 @@ import numpy as np
 
 FORMAT = "kvreuse-demos/1"
 FIELDS = ("base", "wrist", "state", "actions")
-PART_FILE = re.compile(r"part\d+_(base|wrist|state|actions)\.npy")
+PART_FILE = re.compile(rf"part\d+_({'|'.join(FIELDS)})\.npy")
 # A worker gives up on its part after this many episodes in a row without success: the
 # scripted experts succeed on every layout checked, so this means --max-steps is too low.
 GIVE_UP_AFTER = 20
