@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-
 DTYPES = ("float32", "bfloat16")  # what the policies run in (bf16: the GPU figures of docs/PERFORMANCE.md)
 
 
