@@ -57,6 +57,21 @@ def test_sentencepiece_errors(sp_model, tmp_path):
         load_tokenizer(preset("tiny-pi0"), sp_model)
 
 
+def test_tokenizer_that_is_not_a_sentencepiece_file_is_named(sp_model, tmp_path):
+    """A directory, or a Hugging Face tokenizer.json / any other file, is one ValueError naming the path
+    (sentencepiece itself raises a RuntimeError that used to reach the user as a traceback)."""
+    cfg = preset("tiny-pi0", tokenizer="sentencepiece")
+    with pytest.raises(ValueError, match=f"tokenizer {tmp_path}: a directory, expected the PaliGemma tokenizer.model"):
+        load_tokenizer(cfg, tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    with pytest.raises(ValueError, match=f"did you mean {tmp_path / 'tokenizer.model'}"):
+        load_tokenizer(cfg, tmp_path)
+    assert load_tokenizer(cfg, tmp_path / "tokenizer.model").vocab_size == 120
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Unigram", "vocab": []}}')
+    with pytest.raises(ValueError, match=f"tokenizer {tmp_path / 'tokenizer.json'}: not a SentencePiece model"):
+        load_tokenizer(cfg, tmp_path / "tokenizer.json")
+
+
 def test_discretize_state_bins():
     s = np.array([-1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 7.0, -7.0])
     b = discretize_state(s, 256)

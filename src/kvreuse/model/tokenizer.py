@@ -42,9 +42,16 @@ class SentencePieceTokenizer:
         import sentencepiece
 
         path = Path(path)
+        if path.is_dir():
+            hint = f"; did you mean {path / 'tokenizer.model'}?" if (path / "tokenizer.model").is_file() else ""
+            raise ValueError(f"tokenizer {path}: a directory, expected the PaliGemma tokenizer.model file{hint}")
         if not path.is_file():
             raise ValueError(f"tokenizer: no SentencePiece model at {path} (pass the PaliGemma tokenizer.model)")
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError for any unparsable file
+            raise ValueError(f"tokenizer {path}: not a SentencePiece model ({e}); pass the PaliGemma "
+                             "tokenizer.model (a Hugging Face tokenizer.json is not read)") from None
         self.bos_id = self.sp.bos_id()
         self.pad_id = max(self.sp.pad_id(), 0)
         self.vocab_size = self.sp.get_piece_size()
