@@ -202,7 +202,7 @@ def test_all_problems_in_one_error(model, tmp_path):
 
 
 def test_unknown_variant_and_bad_paths(tmp_path):
-    _write(tmp_path, {"foo.weight": torch.zeros(2)})
+    _write(tmp_path, {"model.action_in_proj.weight": torch.zeros(2)})  # a Pi0 key, neither variant's
     with pytest.raises(ValueError, match="cannot tell Pi0 from Pi0.5"):
         load_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="no such file"):
@@ -216,6 +216,31 @@ def test_unknown_variant_and_bad_paths(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_directories_without_model_safetensors_say_what_they_hold(tiny, tmp_path, capsys):
+    """A pickle, sharded weights or another .safetensors name: the error says what is there and what
+    to do; the pickle is never opened."""
+    cases = {
+        "bin": (["pytorch_model.bin"], "it holds pytorch_model.bin: pickle checkpoints are never read"),
+        "pt": (["model.pt", "policy_preprocessor_step_3_normalizer_processor.safetensors"],
+               "it holds model.pt: pickle"),
+        "shards": (["model-00001-of-00002.safetensors", "model.safetensors.index.json"],
+                   "sharded weights (model-00001-of-00002.safetensors, model.safetensors.index.json): merge them"),
+        "renamed": (["weights.safetensors"], "pass one of its .safetensors files (weights.safetensors)"),
+    }
+    for name, (files, expected) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        for f in files:
+            (d / f).write_bytes(b"\x80\x04 not opened")
+        all_readers_fail(d, re.escape(f"checkpoint {d}: no model.safetensors") + ".*" + re.escape(expected), capsys)
+
+
+def test_unrelated_safetensors_is_not_a_pi0_checkpoint(tmp_path, capsys):
+    _write(tmp_path, {"encoder.weight": torch.zeros(2), "decoder.bias": torch.zeros(2)})
+    all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'model.safetensors'}: not a Pi0 / Pi0.5 "
+                                         "checkpoint (none of its 2 keys") + ".*decoder.bias, encoder.weight", capsys)
 
 
 def test_full_size_file_is_checked_on_the_meta_device(tmp_path):

@@ -155,10 +155,32 @@ def weights_file(path: str | Path) -> Path:
     path = Path(path)
     f = path / WEIGHTS if path.is_dir() else path
     if not f.is_file():
-        raise ValueError(f"checkpoint {path}: no {WEIGHTS} (expected a safetensors file or a directory holding one)")
+        raise ValueError(f"checkpoint {path}: no {WEIGHTS} (expected a safetensors file or a directory holding one)"
+                         + (_found_instead(path) if path.is_dir() else ""))
     if f.suffix != ".safetensors":
         raise ValueError(f"checkpoint {path}: expected a .safetensors file (nothing else is read: no pickles)")
     return f
+
+
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _found_instead(d: Path) -> str:
+    """What a directory without model.safetensors holds instead, and what to do about it."""
+    try:
+        names = sorted(p.name for p in d.iterdir() if p.is_file())
+    except OSError:  # unreadable: the error says no model.safetensors, which is true
+        return ""
+    shards = [n for n in names
+              if re.fullmatch(r".+-\d+-of-\d+\.safetensors", n) or n.endswith(".safetensors.index.json")]
+    if shards:
+        return f"; it holds sharded weights ({', '.join(shards[:3])}): merge them into one {WEIGHTS}"
+    pickles = [n for n in names if n.endswith(_PICKLES)]
+    if pickles:
+        return (f"; it holds {', '.join(pickles[:3])}: pickle checkpoints are never read (loading one can run "
+                f"code); convert it to safetensors ({WEIGHTS})")
+    other = [n for n in names if n.endswith(".safetensors") and "_processor" not in n]  # not lerobot's stats
+    return f"; pass one of its .safetensors files ({', '.join(other[:3])}) if it is the weights" if other else ""
 
 
 @dataclass
@@ -208,6 +230,10 @@ def config_from_reference(ref: RefFile) -> ModelConfig:
 
 
 def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
+    if ref.variant is None and not any(to_ours(canonical(k), "pi0") for k in ref.shapes):
+        some = ", ".join(sorted(ref.shapes)[:3]) or "none"
+        raise ValueError(f"checkpoint {ref.path}: not a Pi0 / Pi0.5 checkpoint (none of its {len(ref.shapes)} keys "
+                         f"is a lerobot / openpi Pi0 parameter; it has {some}{', ...' if len(ref.shapes) > 3 else ''})")
     if ref.variant is None:
         raise ValueError(
             f"checkpoint {ref.path}: cannot tell Pi0 from Pi0.5 (expected either `state_proj.weight` "
