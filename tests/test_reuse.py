@@ -388,6 +388,47 @@ def test_patch_max_diff_catches_a_small_move_the_cosine_misses(variant):
         ReuseConfig(patch_max_diff=-1.0)
 
 
+# ---- what the served cache holds, row by row ---------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+@pytest.mark.parametrize("mode", MODES)
+def test_synchronized_reuse_acts_as_the_plain_model_on_its_snapshot(variant, mode):
+    """Content, not bookkeeping: every synchronized call's actions are the plain model's for the
+    observation of the last refresh (K/V, and Pi0's suffix state, all from that one moment)."""
+    m, tf = model_and_tf(variant)
+    rng = np.random.default_rng(1)
+    raw = raw_obs(rng, state=np.array([0.1, 0.2, 0.3, 0.4]))
+    pol = ReusePolicy(m, ReuseConfig(gate="period", period=3, mode=mode, synchronized=True, patch_threshold=1.0))
+    snapshot, reused = None, 0
+    for i in range(8):
+        if i % 3 != 2:  # pixels and state, the state alone, then the same frame again
+            raw = nudge(raw, rng, pixels=2 * (i % 3 == 0), state_delta=0.05)
+        obs, n = tf(raw), noise_for(m, i)
+        a, rec = pol.infer(obs, n.clone())
+        snapshot = obs if rec.plan == "all" else snapshot
+        reused += rec.reused
+        assert torch.equal(a, m.sample_actions(snapshot, n.clone())), (i, rec.plan)
+    assert reused >= 2
+
+
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+def test_layer_wise_cameras_back_at_the_base_get_its_upper_layers_back(variant):
+    """Cameras are compared with the base, the upper layers hold the last update's embeddings: a
+    camera back at the base's pixels must not keep the moved frame's upper layers ("nothing
+    changed" since the base is not nothing changed since the last update)."""
+    m, tf = model_and_tf(variant)
+    rng = np.random.default_rng(2)
+    raw = raw_obs(rng, state=np.array([0.1, 0.2, 0.3, 0.4]))
+    pol = ReusePolicy(m, ReuseConfig(gate="always", mode="layer_wise"))
+    plans = [pol.infer(tf(r), noise_for(m, i))[1].plan for i, r in enumerate([raw, nudge(raw, rng, 30), raw])]
+    base = m.encode_prefix(tf(raw))
+    assert plans[:2] == ["all", "layers"] and plans[2] != "none"
+    torch.testing.assert_close(pol.cache.k, base.k, atol=1e-5, rtol=1e-5)  # h - e + e: the base's, up to rounding
+    torch.testing.assert_close(pol.cache.v, base.v, atol=1e-5, rtol=1e-5)
+    assert pol.infer(tf(raw), noise_for(m, 3))[1].plan == "none"  # now nothing to recompute
+
+
 # ---- host bookkeeping: the plans compare CPU copies, equal to the cache's ---------------------
 
 

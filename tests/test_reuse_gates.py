@@ -19,7 +19,8 @@ torch.set_num_threads(1)
 
 
 def sig(image=None, state_cos=None, state_l2=None, age=0, phase=None) -> Signals:
-    return Signals(image=dict(image or {}), state_cos=state_cos, state_l2=state_l2, age_calls=age, phase=phase)
+    return Signals(image=dict(image or {}), state_cos=state_cos, state_l2=state_l2, age_calls=age, since_refresh=age,
+                   phase=phase)
 
 
 def decisions(cfg: ReuseConfig, seq: list[Signals]) -> list[bool]:
@@ -37,6 +38,28 @@ def test_period_refreshes_every_k_calls():
     seq = [sig(age=a) for a in range(1, 6)]  # a call right after a refresh has age 1
     assert decisions(ReuseConfig(gate="period", period=3), seq) == [True, True, False, False, False]
     assert decisions(ReuseConfig(gate="period", period=1), seq) == [False] * 5
+    # the clock is the last refresh, not the oldest row (text_fixed keeps its text rows)
+    old_rows = Signals(age_calls=9, since_refresh=1)
+    assert make_gate(ReuseConfig(gate="period", period=3)).decide(old_rows).reuse
+
+
+@pytest.mark.parametrize("mode", ["full", "text_fixed", "partial"])
+def test_period_gate_refreshes_every_k_calls_in_every_mode(mode):
+    """text_fixed's refresh keeps the text rows, so the oldest row's age never falls back: the gate
+    counted it and refreshed on every call after the first period (never reusing again)."""
+    from test_reuse import model_and_tf, nudge, raw_obs
+
+    from kvreuse.policy import Policy
+
+    m, tf = model_and_tf("pi0")
+    rng = np.random.default_rng(0)
+    raw = raw_obs(rng)
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="period", period=3, mode=mode))
+    recs = [pol.infer(raw := nudge(raw, rng, 2))[1] for _ in range(9)]
+    assert [r.decision for r in recs] == ["refresh", "reuse", "reuse"] * 3
+    assert [r.signals.get("since_refresh") for r in recs[1:3]] == [1, 2]
+    if mode == "text_fixed":  # its refreshes keep the text rows: their age keeps growing
+        assert recs[7].signals["age_calls"] == 7 and recs[3].plan == "tokens"
 
 
 def test_threshold_uses_the_worst_camera():

@@ -40,13 +40,15 @@ class Always(Gate):
 
 
 class Period(Gate):
-    """Refresh every `period` calls: reuse while the cache is younger than `period` calls."""
+    """Refresh every `period` calls: reuse while the last refresh is fewer than `period` calls ago.
+    Counted from the last refresh, not the oldest row: text_fixed's refresh keeps the text rows,
+    whose age would otherwise make every call after the first period a refresh."""
 
     def decide(self, s: Signals) -> Decision:
         k = self.cfg.period
-        if s.age_calls < k:
-            return Decision(True, f"age {s.age_calls} < period {k}")
-        return Decision(False, f"age {s.age_calls} >= period {k}")
+        if s.since_refresh < k:
+            return Decision(True, f"{s.since_refresh} calls since refresh < period {k}")
+        return Decision(False, f"{s.since_refresh} calls since refresh >= period {k}")
 
 
 def _image_check(s: Signals, threshold: float, metric: str) -> Decision:

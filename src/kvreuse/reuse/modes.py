@@ -115,13 +115,14 @@ def region(cfg: ModelConfig, start: int, end: int, device) -> torch.Tensor:
 
 def plan_reuse(
     cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache, obs: Observation, s: Signals,
-    hosts: tuple[HostPrefix, HostPrefix] | None = None,
+    hosts: tuple[HostPrefix, HostPrefix] | None = None, layer_cams: tuple[str, ...] = (),
 ) -> Plan:
     """The gate said reuse: what the mode recomputes. The plan is made on the host, and its
     recompute mask is a CPU tensor. What it compares (the new tokens' validity, the prompt's
     changes) comes from `hosts`, the HostPrefix of the cache and of obs, where the caller has
     them (no device work at all: round 16), else from the device in one transfer; the changed
-    patches come from the signals, on the CPU."""
+    patches come from the signals, on the CPU. layer_cams (layer_wise): the cameras whose fresh
+    embeddings the cache's upper layers were computed from (the last layer-wise update's)."""
     mode = cfg.mode
     if mode in ("full", "text_fixed"):
         return Plan("none", note="whole prefix reused")
@@ -164,7 +165,12 @@ def plan_reuse(
         if shifted:
             return Plan("all", note="layer-wise reuse cannot move token positions/validity: refresh")
         if not moved and not bool(changed.any()):
-            return Plan("none", note="no camera or prompt token changed: nothing to recompute")
+            if not layer_cams:
+                return Plan("none", note="no camera or prompt token changed: nothing to recompute")
+            # Cameras are compared with the base, but the upper layers hold a later update's
+            # embeddings of layer_cams: back at the base's pixels, they go back to its embeddings.
+            return Plan("layers", note=f"{', '.join(layer_cams)} back at the base: upper layers recomputed",
+                        refreshed=tuple(sp.name for sp in cache.spans))
         return Plan("layers", run_cameras=moved, note="lower layers reused, upper layers recomputed",
                     refreshed=tuple(sp.name for sp in cache.spans))
     if mode == "partial":

@@ -109,6 +109,8 @@ class ReusePolicy:
         self.mixed = False  # the cache's K/V combine more than one observation
         self.phase: PhaseCues | None = None
         self.call_index = 0
+        self._refreshed_at = 0  # call index of the last refresh (the period gate counts from it)
+        self._layer_cams: tuple[str, ...] = ()  # cameras the cache's upper layers took fresh (layer_wise)
 
     # ---- bookkeeping ------------------------------------------------------------------------
     @property
@@ -188,6 +190,7 @@ class ReusePolicy:
         else:
             sig = self._measure(obs, timings)
             sig.age_calls, sig.age_s = self.age(call, now)
+            sig.since_refresh = call - self._refreshed_at
             decision = self.gate.decide(sig)
 
         new_host = None  # obs's HostPrefix, made only where a plan compares it (a hit is host-bound)
@@ -198,7 +201,8 @@ class ReusePolicy:
                 self._vision_ahead(obs, sig)
             if self._host is not None and cfg.mode not in ("full", "text_fixed"):
                 new_host = host_prefix(obs, mc)
-            plan = plan_reuse(cfg, mc, self.cache, obs, sig, (self._host, new_host) if new_host is not None else None)
+            plan = plan_reuse(cfg, mc, self.cache, obs, sig, (self._host, new_host) if new_host is not None else None,
+                              self._layer_cams)
             if cfg.synchronized and plan.kind in ("tokens", "layers"):
                 plan = Plan("all", note=f"synchronized: {plan.note} -> refresh every span")
 
@@ -222,6 +226,8 @@ class ReusePolicy:
             self.mixed = plan.kind != "all" and (
                 self.layer_mixed or len(np.unique(self.births[self.valid_rows.numpy()])) > 1)  # (denoise queued)
         reused = decision.reuse and plan.kind != "all"
+        if not reused:
+            self._refreshed_at = call
         rec = StepRecord(  # made while the device still works; its timings are filled in below
             decision="reuse" if reused else "refresh",
             mode=cfg.mode if plan.kind != "all" else "none",
@@ -323,6 +329,7 @@ class ReusePolicy:
             self.births = np.full(T, call, dtype=np.int64)
             self.birth_times = np.full(T, now, dtype=np.float64)
             self.layer_mixed = False
+            self._layer_cams = ()
             if not cfg.enabled:  # the never gate compares nothing with it: no reference to build
                 self.ref = None  # (its copies would queue behind the graph and delay the call's end)
                 return out
@@ -377,6 +384,7 @@ class ReusePolicy:
             self.birth_times[rec] = now
         else:  # layers: lower layers (and the signal references) stay those of the base snapshot
             self.layer_mixed = True
+            self._layer_cams = plan.run_cameras
         self._parts.add("sample" if overlap else "prefix", t)
         if plan.kind == "tokens":  # done once the denoise is queued: it needs none of it
             self._ref_update = (plan, obs, embeds)

@@ -92,13 +92,15 @@ class Signals:
     state_cos: float | None = None
     state_l2: float | None = None
     prompt_same: bool = True
-    age_calls: int = 0
+    age_calls: int = 0  # of the cache's oldest valid row
+    since_refresh: int = 0  # calls since the last refresh (the period gate's clock)
     age_s: float = 0.0
     phase: PhaseCues | None = None
 
     def to_dict(self) -> dict:
         """Flat, JSON-friendly view for records (tensors left out)."""
-        d: dict = {"prompt_same": self.prompt_same, "age_calls": self.age_calls, "age_s": round(self.age_s, 6)}
+        d: dict = {"prompt_same": self.prompt_same, "age_calls": self.age_calls,
+                   "since_refresh": self.since_refresh, "age_s": round(self.age_s, 6)}
         for name in ("image", "image_raw", "patch_unchanged", "siglip"):
             for cam, v in getattr(self, name).items():
                 d[f"{name}/{cam}"] = v
