@@ -22,6 +22,7 @@ from kvreuse.observation import Observation
 from kvreuse.policy import Policy
 from kvreuse.reuse.config import MODES, ReuseConfig
 from kvreuse.reuse.policy import ReusePolicy
+from kvreuse.reuse.signals import patchify
 from kvreuse.transforms.robot import RobotTransform, robot_spec
 
 torch.set_num_threads(1)
@@ -90,6 +91,29 @@ def test_reuse_off_is_bit_identical_to_sample_actions(variant, seed, mode):
         expect = tf.actions(m.sample_actions(tf(raw), n.clone()))[0]
         assert np.array_equal(a, expect)
         assert rec.decision == "refresh" and rec.plan == "all" and not rec.mixed
+
+
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_gate_that_never_fires_is_bit_identical_to_sample_actions(variant, mode):
+    """Design invariant 1 for reusing gates whose test always fails (every frame changes): each call
+    refreshes through the same path as sample_actions, the siglip metric's own vision pass
+    included; text_fixed keeps its text span on such a refresh, by design, so it differs."""
+    m, tf = model_and_tf(variant)
+    settings_ = [dict(gate="threshold", image_metric=metric, threshold=1.0) for metric in ("raw", "patch", "siglip")]
+    settings_ += [dict(gate="crossmodal", threshold=-1.0, state_threshold=1.0), dict(gate="period", period=1),
+                  dict(gate="phase", threshold=1.0, phase_threshold=1.0)]
+    for kw in settings_:
+        rng = np.random.default_rng(0)
+        pol = ReusePolicy(m, ReuseConfig(mode=mode, **kw))
+        raw, same = raw_obs(rng), []
+        for i in range(3):
+            raw = nudge(raw, rng, pixels=3, state_delta=0.01)
+            obs, n = tf(raw), noise_for(m, i)
+            a, rec = pol.infer(obs, n.clone())
+            assert rec.decision == "refresh", (kw, i)
+            same.append(torch.equal(a, m.sample_actions(obs, n.clone())))
+        assert same == ([True, False, False] if mode == "text_fixed" else [True] * 3), kw
 
 
 # ---- a lower threshold never reuses less -----------------------------------------------------
@@ -410,6 +434,49 @@ def test_synchronized_reuse_acts_as_the_plain_model_on_its_snapshot(variant, mod
         reused += rec.reused
         assert torch.equal(a, m.sample_actions(snapshot, n.clone())), (i, rec.plan)
     assert reused >= 2
+
+
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_serves_old_rows_where_it_reuses_and_fresh_ones_where_it_recomputes(variant, mode):
+    """Row by row against the old cache and a fresh encode of the new observation: a kept row is
+    the old one at every layer; a recomputed row's layer-0 K/V (which depend on the row's own
+    input and position only) are the fresh encode's. One step moves a few base-camera pixels and
+    the state (Pi0.5: its digits, same token count)."""
+    m, tf = model_and_tf(variant)
+    cfg, rng = m.cfg, np.random.default_rng(4)
+    raw = raw_obs(rng, state=np.array([0.1, 0.2, 0.3, 0.4]))
+    nxt = nudge(raw, rng, pixels=3, state_delta=0.3)
+    pol = ReusePolicy(m, ReuseConfig(gate="always", mode=mode, patch_threshold=1.0))
+    pol.infer(tf(raw), noise_for(m, 0))
+    old = pol.cache
+    rec = pol.infer(tf(nxt), noise_for(m, 1))[1]
+    new, fresh = pol.cache, m.encode_prefix(tf(nxt))
+    p, t0, T = cfg.vision.num_patches, len(cfg.cameras) * cfg.vision.num_patches, cfg.prefix_len
+    moved = (patchify(tf(nxt).images["base"], 16) != patchify(tf(raw).images["base"], 16)).any(-1)[0]
+    assert 0 < int(moved.sum()) < p
+    prompt = torch.zeros(T, dtype=torch.bool)
+    prompt[t0:] = True
+    recomputed = {  # the rows each mode claims to recompute here
+        "full": torch.zeros(T, dtype=torch.bool), "text_fixed": torch.zeros(T, dtype=torch.bool),
+        "vision_only": prompt if cfg.state_in_prompt else torch.zeros(T, dtype=torch.bool),
+        "state_only": torch.cat([torch.ones(p, dtype=torch.bool), torch.zeros(T - p, dtype=torch.bool)]),
+        "partial": torch.cat([moved, torch.zeros(p, dtype=torch.bool), prompt[2 * p :]]),
+    }
+    valid = new.mask[0]
+    if mode == "layer_wise":  # layers < split are the old ones for every row, the rest are recomputed
+        s = pol.split
+        assert torch.equal(new.k[:s], old.k[:s]) and torch.equal(new.v[:s], old.v[:s])
+        assert not torch.equal(new.k[s:, 0, valid], old.k[s:, 0, valid])
+        return
+    rows = recomputed[mode] & valid
+    kept = ~recomputed[mode] & valid
+    assert rec.cost["lm_tokens"] == int(rows.sum())
+    assert torch.equal(new.k[:, 0, kept], old.k[:, 0, kept]) and torch.equal(new.v[:, 0, kept], old.v[:, 0, kept])
+    torch.testing.assert_close(new.k[0, 0, rows], fresh.k[0, 0, rows], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(new.v[0, 0, rows], fresh.v[0, 0, rows], atol=1e-6, rtol=1e-6)
+    changed = rows & ~(old.k[0, 0] == fresh.k[0, 0]).all(-1).all(-1)  # rows whose input did change
+    assert bool(changed.any()) == bool(rows.any())
 
 
 @pytest.mark.parametrize("variant", ["pi0", "pi05"])

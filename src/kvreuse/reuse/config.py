@@ -65,7 +65,7 @@ class ReuseConfig:
 
     # phase-aware gate: cues from the last action chunk
     phase_threshold: float = 0.995
-    """Image threshold used instead of `threshold` while a phase cue fires."""
+    """Image threshold used instead of `threshold` while a phase cue fires (never looser than it)."""
     gripper_dim: int = -1
     """Action dim of the gripper (negative counts from the robot's last action dim)."""
     gripper_delta: float = 0.5
