@@ -144,10 +144,12 @@ def test_library_mistakes_are_value_errors_naming_the_argument(tmp_path):
 
     ck = default_checkpoint("pi05")
     for kw, msg in (({"device": "tpu"}, "--device 'tpu': unknown device"), ({"dtype": "float64"}, "dtype: expected"),
+                    ({"dtype": torch.int8}, "dtype: expected one of float32, bfloat16, got 'int8'"),
                     ({"seed": "1"}, "seed: expected an integer"),
                     ({"reuse": "always"}, "reuse: expected a ReuseConfig")):
         with pytest.raises(ValueError, match=msg):
             Policy.from_checkpoint(ck, **kw)
+    assert Policy.from_checkpoint(ck, dtype=torch.bfloat16).model.llm.embed.weight.dtype == torch.bfloat16
     p = Policy.from_checkpoint(ck, dtype="float32", reuse={"gate": "always"})  # CLI spellings and a stored config
     assert p.reuse_config.gate == "always"
     spec, cfg = p.transform.spec, p.model.cfg

@@ -93,8 +93,8 @@ class Policy:
         from .transforms.robot import robot_spec
 
         device = check_device(str(device))
-        if isinstance(dtype, str):  # as the CLI spells it
-            dtype = check_dtype(dtype)
+        if dtype is not None:  # as the CLI spells it, or a torch dtype (int8 once failed deep in load_state_dict)
+            dtype = check_dtype(dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."))
         model, stats, meta = load_checkpoint(path, device=device, dtype=dtype)
         robot = robot or meta.get("robot")
         if robot is None:
