@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -241,13 +242,17 @@ def test_rollout_with_tiny_model_and_video(tmp_path):
 
     model, tf, _ = load_model(PolicySource(None, "tiny-pi05"), "metaworld")
     pol = make_policy(model, tf, None)
-    r1 = run_episode(pol, FakeEnv(max_steps=6, radius=0.0), "reach", 2, seed=5, replan=3,
-                     video_path=tmp_path / "ep.mp4")
-    r2 = run_episode(pol, FakeEnv(max_steps=6, radius=0.0), "reach", 2, seed=5, replan=3)
+    envs = [CountingEnv(max_steps=6, radius=0.0) for _ in range(3)]
+    r1 = run_episode(pol, envs[0], "reach", 2, seed=5, replan=3, video_path=tmp_path / "ep.mp4")
+    r2 = run_episode(pol, envs[1], "reach", 2, seed=5, replan=3)
+    run_episode(pol, envs[2], "reach", 2, seed=6, replan=3)
     assert r1.calls == 2 and set(r1.timings) >= {"total"}
     assert Path(r1.video).is_file() and Path(r1.video).stat().st_size > 0
-    # same seed -> same noise -> same actions -> same trajectory
-    assert r1.steps == r2.steps and r1.status == r2.status
+    # same seed -> same noise -> same actions, step for step (radius 0: steps and status always match,
+    # so only the actions can tell); another seed moves differently
+    assert r1.steps == r2.steps == 6 and r1.status == r2.status
+    assert np.array_equal(np.stack(envs[0].actions), np.stack(envs[1].actions))
+    assert not np.array_equal(np.stack(envs[0].actions), np.stack(envs[2].actions))
 
 
 # ---- store -----------------------------------------------------------------------------------
@@ -741,9 +746,10 @@ def test_worker_death_is_an_error_and_the_sweep_goes_on(tmp_path):
     assert all(e["status"] == "failure" and e["steps"] == 6 for e in by_task["reach"])
 
 
-def test_policy_errors_stop_the_sweep(tmp_path):
+def test_policy_errors_stop_the_sweep(tmp_path, monkeypatch):
     """A wrong checkpoint is refused before any work; a policy failure inside a worker reaches the
     caller as itself (no hang, no respawn loop)."""
+    import kvreuse.checkpoint as ckpt
     from kvreuse.checkpoint import save_checkpoint
     from kvreuse.model import Pi0Model, preset
 
@@ -754,10 +760,16 @@ def test_policy_errors_stop_the_sweep(tmp_path):
         run_sweep(plan, PolicySource(str(ck)))
     assert not (tmp_path / "p.db").exists()
     ck = save_checkpoint(tmp_path / "ck2", Pi0Model(preset("tiny-pi0")), None, robot="metaworld")
-    (ck / "model.safetensors").write_bytes(b"not safetensors")  # fails only when a worker loads it
-    with pytest.raises(Exception) as info:
-        run_sweep(plan, PolicySource(str(ck)))
-    assert "workers" not in str(info.value)  # the load error itself, not a pool symptom
+    f = ck / "model.safetensors"
+    check = ckpt.check_checkpoint
+
+    def damaged_after_the_check(path):  # a garbage file is refused up front: break it once that passed
+        check(path)
+        f.write_bytes(b"not safetensors")
+
+    monkeypatch.setattr(ckpt, "check_checkpoint", damaged_after_the_check)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {f}: not a readable safetensors file")):
+        run_sweep(plan, PolicySource(str(ck)))  # raised by the worker's load_checkpoint, re-raised here
 
 
 def test_default_tasks_fall_back_to_the_env_when_the_checkpoint_knows_none_of_them():
