@@ -185,6 +185,29 @@ def test_never_reuse_across_prompt_change_or_reset(events, variant, mode):
         seen |= set(rec.snapshots)
 
 
+@pytest.mark.parametrize("gate", ["phase", "period", "crossmodal"])
+@pytest.mark.parametrize("mode", ["layer_wise", "text_fixed", "partial"])
+def test_reset_leaves_nothing_of_the_last_episode(gate, mode):
+    """After reset() a policy acts as a new one (phase cues, period clock, layer-wise cameras,
+    references all per episode): same actions, decisions and plans on the next episode."""
+    m, tf = model_and_tf("pi05")
+    cfg = ReuseConfig(gate=gate, mode=mode, period=3, threshold=0.9, phase_threshold=0.999, state_threshold=0.9)
+    rng = np.random.default_rng(6)
+    first, second = [raw_obs(rng)], [raw_obs(rng)]
+    for ep in (first, second):
+        for i in range(4):
+            ep.append(nudge(ep[-1], rng, pixels=4 * (i % 2), state_delta=0.1 * (i % 3)))
+    used, new = ReusePolicy(m, cfg), ReusePolicy(m, cfg)
+    for i, r in enumerate(first):
+        used.infer(tf(r), noise_for(m, i))
+    used.reset()
+    for i, r in enumerate(second):
+        (a, ra), (b, rb) = used.infer(tf(r), noise_for(m, i)), new.infer(tf(r), noise_for(m, i))
+        assert torch.equal(a, b), i
+        assert (ra.decision, ra.plan, ra.cost, ra.mixed, ra.call_index) == (rb.decision, rb.plan, rb.cost, rb.mixed,
+                                                                             rb.call_index), i
+
+
 # ---- synchronized never mixes snapshots ------------------------------------------------------
 
 
