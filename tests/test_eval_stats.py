@@ -19,3 +19,37 @@ def test_exact_mcnemar_with_more_than_1023_discordant_pairs():
     assert stats.binom_two_sided(950, n) == pytest.approx(tail, rel=1e-12)
     r = stats.mcnemar([True] * 1100, [False] * 1100)
     assert r.only_base == 1100 and r.p_value == 0.0
+
+
+def _ep(task, i, status="success", ms=10.0, calls=4):
+    from kvreuse.eval.rollout import EpisodeResult
+
+    return EpisodeResult(task, i, i, status, steps=10, calls=calls, reuses=0, decisions=["refresh"] * calls,
+                         reasons=["x"] * calls, timings={} if status == "error" else {"total": [ms] * calls})
+
+
+def test_speedup_compares_the_same_episodes_as_the_paired_test(tmp_path):
+    """An episode only one side finished (an env error on the other, or one the baseline never ran)
+    is in neither mean of the speedup: before, the baseline's mean kept the episodes the setting
+    lost to errors and the setting's kept episodes the baseline never ran."""
+    from kvreuse.eval.report import ALL, compute_rows
+    from kvreuse.eval.store import ResultStore, Setting
+
+    db = tmp_path / "s.db"
+    with ResultStore(db) as st:
+        base = st.setting_id(Setting("p", "fake", 5))
+        thr = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+        for i in range(4):  # the pairs: baseline 40 ms, setting 20 ms -> 2x
+            st.add(base, _ep("reach", i, ms=40.0))
+            st.add(thr, _ep("reach", i, ms=20.0))
+        st.add(base, _ep("reach", 4, ms=400.0))  # the setting lost this one to an env error
+        st.add(thr, _ep("reach", 4, "error"))
+        st.add(thr, _ep("reach", 5, ms=2.0))  # the baseline lost this one
+        st.add(base, _ep("reach", 5, "error"))
+        st.add(thr, _ep("reach", 6, ms=2.0))  # the baseline never ran this one
+    for r in compute_rows(db):
+        if r.setting == "thr":
+            assert r.paired.n == 4 and r.speedup == pytest.approx(2.0), r.task
+            assert r.n == 6 and r.lat.mean == pytest.approx((4 * 4 * 20 + 2 * 4 * 2) / 24)  # all it finished
+        elif r.task == ALL:
+            assert r.n == 5 and r.speedup == 1.0

@@ -5,8 +5,8 @@ with the group's baseline on the episodes both finished (paired: same task, init
 Table layout follows the TurboPi log (threshold | success | latency | Hz | reuse rate |
 speedup) plus n, the 95% Wilson interval and the exact McNemar p-value against the baseline.
 Latency is per policy call (ms, all calls of all finished episodes); Hz = 1000 / mean latency.
-Speedup divides the baseline's mean latency on the setting's episodes (same task, init state,
-seed) by the setting's: the baseline may have run more tasks than the setting.
+Speedup divides the baseline's mean latency by the setting's, both on the episodes both finished
+(the pairs of Δ and p): the baseline may have run more tasks than the setting.
 """
 
 from __future__ import annotations
@@ -73,14 +73,8 @@ def compute_rows(db: str | Path) -> list[Row]:
             b_sel = [e for e in base_eps if pick(e)]
             for s in ss:
                 sel = [e for e in eps.get(s["id"], []) if pick(e)]
-                if not sel:
-                    continue
-                # Compare with the baseline on the setting's own episodes only: the baseline may
-                # also have run other tasks or init states (another eval into the same DB).
-                keys = {_key(e) for e in sel}
-                matched = b_sel if s["is_baseline"] else [e for e in b_sel if _key(e) in keys]
-                rows.append(_row(gname, s, task, sel, matched if base is not None else None,
-                                 latency(_calls(matched))))
+                if sel:
+                    rows.append(_row(gname, s, task, sel, b_sel if base is not None else None))
     return rows
 
 
@@ -104,7 +98,7 @@ def _calls(eps, part: str = "total") -> list[float]:
     return out
 
 
-def _row(gname, s, task, sel, base_sel, b_lat: Latency) -> Row:
+def _row(gname, s, task, sel, base_sel) -> Row:
     fin = [e for e in sel if e["status"] != "error"]
     k = sum(e["status"] == "success" for e in fin)
     lat = latency(_calls(sel))
@@ -115,12 +109,17 @@ def _row(gname, s, task, sel, base_sel, b_lat: Latency) -> Row:
             parts[p] = sum(ms) / len(ms)
     calls = sum(e["calls"] for e in fin)
     paired = diff_ci = None
+    sp = 1.0 if s["is_baseline"] else float("nan")
     if base_sel is not None and not s["is_baseline"]:
-        b = {_key(e): e["status"] == "success" for e in base_sel if e["status"] != "error"}
-        pairs = [(b[_key(e)], e["status"] == "success") for e in fin if _key(e) in b]
-        if pairs:
-            bb, ss = [p[0] for p in pairs], [p[1] for p in pairs]
+        # Pairs: the episodes both finished (same task, init state, seed). The baseline may also have
+        # run other episodes, and an episode one side lost to an env error has nothing to compare.
+        b = {_key(e): e for e in base_sel if e["status"] != "error"}
+        both = [e for e in fin if _key(e) in b]
+        if both:
+            bb = [b[_key(e)]["status"] == "success" for e in both]
+            ss = [e["status"] == "success" for e in both]
             paired, diff_ci = mcnemar(bb, ss), paired_bootstrap(bb, ss)
+            sp = speedup(latency(_calls(b[_key(e)] for e in both)).mean, latency(_calls(both)).mean)
     return Row(
         group=gname,
         setting=s["name"],
@@ -134,7 +133,7 @@ def _row(gname, s, task, sel, base_sel, b_lat: Latency) -> Row:
         parts=parts,
         reuse_rate=sum(e["reuses"] for e in fin) / calls if calls else 0.0,
         mixed_rate=sum(e["mixed"] for e in fin) / calls if calls else 0.0,
-        speedup=1.0 if s["is_baseline"] else speedup(b_lat.mean, lat.mean),
+        speedup=sp,
         paired=paired,
         diff_ci=diff_ci,
         key=s["key"],
@@ -182,8 +181,8 @@ def markdown(rows: list[Row]) -> str:
         out.append(f"## {g}\n\n")
         out.append("Success = the env's own signal; errors (env crashes) are excluded from n. Latency per "
                    "policy call, warm-up calls (graph capture, a model's first call) left out; Hz = 1000 / "
-                   "mean latency; speedup = baseline mean (on the setting's episodes) / setting mean; Δ and p "
-                   "on the episodes both the setting and the baseline finished.\n\n")
+                   "mean latency; speedup = baseline mean / setting mean, Δ and p: all three on the episodes "
+                   "both the setting and the baseline finished.\n\n")
         out.append("### All tasks\n\n" + _HEAD + "".join(_md_row(r) for r in rs if r.task == ALL) + "\n")
         for task in sorted({r.task for r in rs} - {ALL}):
             out.append(f"### {task}\n\n" + _HEAD + "".join(_md_row(r) for r in rs if r.task == task) + "\n")
