@@ -1157,3 +1157,43 @@ def test_a_video_cut_short_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_video(frames, tmp_path / "w.gif")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.gif"]
+
+
+def test_step_limit_above_the_envs_is_refused_not_cut_silently(tmp_path, capsys):
+    """The env ends every episode at its own limit (its `done`): a larger --max-steps used to run
+    that many steps while the DB recorded the larger limit."""
+    with pytest.raises(ValueError, match=r"max_steps: expected 1\.\.10 .*got 11"):
+        run_episode(StubPolicy(), FakeEnv(max_steps=10, radius=0.0), "reach", 0, seed=0, max_steps=11)
+    with pytest.raises(ValueError, match=r"max_steps: expected 1\.\.10 .*got 0"):
+        run_episode(StubPolicy(), FakeEnv(max_steps=10, radius=0.0), "reach", 0, seed=0, max_steps=0)
+    r = run_episode(StubPolicy(), FakeEnv(max_steps=10, radius=0.0), "reach", 0, seed=0, max_steps=10)
+    assert r.steps == 10
+    from kvreuse.cli import main
+
+    db = tmp_path / "x.db"
+    for args, msg in ((["--max-steps", "31"], "max_steps: 31 is above fake's episode limit of 30 steps"),
+                      (["--init-start", "50"], "init_start: 50 is past the last init state of fake task 'reach' "
+                                               r"\(ids 0\.\.49\)")):
+        with pytest.raises(SystemExit):
+            main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "1", "--workers", "0",
+                  "--db", str(db), *args])
+        err = capsys.readouterr().err
+        assert re.search(msg, err) and "Traceback" not in err
+    assert not db.exists()  # refused before anything is written
+
+
+def test_metaworld_training_layouts_get_a_note(tmp_path, monkeypatch, capsys):
+    import kvreuse.eval.sweep as sw
+    from kvreuse.envs.metaworld import MetaWorldEnv
+    from kvreuse.eval.envs import training_layouts_note
+
+    eps = episode_list(MetaWorldEnv(render=False), ("reach-v3", "push-v3"), 3, init_start=48)
+    assert training_layouts_note("metaworld", eps).startswith("note: 2 of the 6 episodes use Meta-World init ids >= 50")
+    assert training_layouts_note("metaworld", eps[:4]) is None  # ids 48, 49: held out
+    assert training_layouts_note("fake", eps) is None
+    pytest.importorskip("metaworld")
+    monkeypatch.setattr(sw, "make_policy", lambda model, transform, reuse: StubPolicy())
+    plan = SweepPlan(db=str(tmp_path / "m.db"), env="metaworld", tasks=("reach-v3",), episodes=1, init_start=50,
+                     workers=0, progress=False, max_steps=1, env_kw={"image_size": 32})
+    assert run_sweep(plan, PolicySource(None, "tiny-pi05")).ran == 1
+    assert "note: 1 of the 1 episodes use Meta-World init ids >= 50 (up to 50)" in capsys.readouterr().err

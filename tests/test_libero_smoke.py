@@ -95,3 +95,30 @@ def test_libero_policy_steps_tiny_model(env):
     r = run_episode(pol, env, task, 0, seed=1, replan=5, max_steps=7)
     assert r.error == "" and r.status in ("success", "failure")
     assert r.steps == 7 and r.calls == 2
+
+
+@pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
+def test_libero_gripper_sign_is_passed_through(env):
+    """openpi's LIBERO actions go to the env as they are: gripper -1 opens, +1 closes."""
+    task = env.tasks[0]
+    env.reset(task, 0, seed=0)
+    width = {}
+    for g in (1.0, -1.0):
+        for _ in range(5):
+            obs, _, _ = env.step(np.array([0, 0, 0, 0, 0, 0, g]))
+        width[g] = obs["observation/state"][6] - obs["observation/state"][7]  # finger qpos: +x / -x
+    assert width[-1.0] > width[1.0] + 0.01
+
+
+@pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
+def test_libero_sweep_refuses_inits_and_step_limits_past_the_suites(tmp_path):
+    from kvreuse.eval.sweep import PolicySource, SweepPlan, run_sweep
+
+    for kw, msg in (({"init_start": 50}, r"init_start: 50 is past the last init state of libero:libero_goal task "
+                                         r"'.*' \(ids 0\.\.49\)"),
+                    ({"max_steps": 301}, "max_steps: 301 is above libero:libero_goal's episode limit of 300 steps")):
+        plan = SweepPlan(db=str(tmp_path / "l.db"), env="libero:libero_goal", episodes=1, workers=0,
+                         progress=False, **kw)
+        with pytest.raises(ValueError, match=msg):
+            run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    assert not (tmp_path / "l.db").exists()

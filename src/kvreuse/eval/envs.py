@@ -42,3 +42,33 @@ def check_tasks(env, tasks: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; valid tasks: {', '.join(env.tasks)}")
     return tuple(dict.fromkeys(tasks))
+
+
+def check_episodes(env, name: str, tasks, init_start: int, max_steps: int | None) -> None:
+    """--init-start and --max-steps against each task's init states and step limit, before any
+    work. An init id past the last would wrap round to the first ones silently; a step limit above
+    the env's is cut there silently (the env's `done`), while the DB records the larger one."""
+    for task in tasks:
+        n = env.num_inits(task)
+        if init_start >= n:
+            raise ValueError(f"init_start: {init_start} is past the last init state of {name} task {task!r} "
+                             f"(ids 0..{n - 1})")
+        limit = env.max_steps(task)
+        if max_steps is not None and max_steps > limit:
+            raise ValueError(f"max_steps: {max_steps} is above {name}'s episode limit of {limit} steps "
+                             f"(task {task!r}), where the env ends every episode; give at most {limit}")
+
+
+def training_layouts_note(name: str, episodes) -> str | None:
+    """A note when a Meta-World episode list reaches init ids >= TRAIN_INIT_START, the layouts
+    `kvreuse demos` (and so the shipped testbed policies) train on: no longer a held-out score."""
+    if name != "metaworld":
+        return None
+    from ..envs.metaworld import TRAIN_INIT_START
+
+    seen = [i for _, i, _ in episodes if i >= TRAIN_INIT_START]
+    if not seen:
+        return None
+    return (f"note: {len(seen)} of the {len(episodes)} episodes use Meta-World init ids >= {TRAIN_INIT_START} "
+            f"(up to {max(seen)}), the layouts the testbed's demos train on; ids 0..{TRAIN_INIT_START - 1} "
+            "are the held-out ones")

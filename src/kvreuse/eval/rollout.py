@@ -103,8 +103,13 @@ def run_episode(
     (a policy bug would repeat on every episode, so the sweep must stop)."""
     if replan < 1:
         raise ValueError(f"replan: expected an integer >= 1, got {replan}")
+    limit = env.max_steps(task)
+    if max_steps is not None:
+        # Above the env's own limit the env would end the episode there (its `done`), silently.
+        if not 1 <= max_steps <= limit:
+            raise ValueError(f"max_steps: expected 1..{limit} (the env's episode limit for {task!r}), got {max_steps}")
+        limit = max_steps
     res = EpisodeResult(task=task, init_id=init_id, seed=seed, status="failure")
-    limit = max_steps if max_steps is not None else env.max_steps(task)
     model = getattr(policy, "model", None)
     gen = torch.Generator(device=model.device if model is not None else "cpu").manual_seed(seed)
     pass_noise = model is not None and _accepts_noise(policy)

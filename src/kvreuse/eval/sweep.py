@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..assets import shipped_checkpoint
-from .envs import check_env_name, check_tasks, make_env
+from .envs import check_env_name, check_episodes, check_tasks, make_env, training_layouts_note
 from .rollout import EpisodeResult, run_episode
 from .store import ResultStore, Setting
 
@@ -404,7 +404,10 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             check_reuse_supported()
         policy_id = policy_identity(src)
         tasks = check_tasks(env, plan.tasks) if plan.tasks else default_tasks(env, _meta_tasks(meta))
+        check_episodes(env, plan.env, tasks, plan.init_start, plan.max_steps)
         episodes = episode_list(env, tasks, plan.episodes, plan.init_start, plan.seed)
+        if note := training_layouts_note(plan.env, episodes):
+            print(note, file=sys.stderr)
         plan = _trained_render_size(plan, env, meta)
     finally:
         env.close()
