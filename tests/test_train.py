@@ -96,12 +96,22 @@ def test_demo_format(demo_dir):
 
 
 def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path, capsys, monkeypatch):
+    import kvreuse.model.pi0 as pi0_mod
     from kvreuse.checkpoint import load_checkpoint
     from kvreuse.model.tokenizer import load_tokenizer
     from kvreuse.policy import Policy
     from kvreuse.train.train import run_train
     from kvreuse.transforms.robot import RobotTransform, robot_spec
 
+    start = []  # the weights training starts from: those of the first model run_train builds
+
+    def recording(cfg, real=pi0_mod.Pi0Model):
+        m = real(cfg)
+        if not start:
+            start.append({k: v.clone() for k, v in m.state_dict().items()})
+        return m
+
+    monkeypatch.setattr(pi0_mod, "Pi0Model", recording)  # run_train imports it when called
     out = tmp_path / "ck"
     run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=2, batch_size=2, device="cpu", log_every=100)
     printed = capsys.readouterr().out
@@ -112,6 +122,8 @@ def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path, capsys, monk
     model, stats, meta = load_checkpoint(out)
     assert meta["robot"] == "metaworld" and meta["training"]["steps"] == 2
     assert stats is not None and len(stats.actions.mean) == 4
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, start[0][k])]
+    assert len(moved) > 0.9 * len(start[0]), len(moved)  # the optimizer stepped and the saved EMA weights followed
     pol = Policy(model, RobotTransform(model.cfg, load_tokenizer(model.cfg), stats, robot_spec("metaworld")))
     raw = {"observation/image": np.zeros((128, 128, 3), np.uint8), "observation/wrist_image": np.zeros((128, 128, 3), np.uint8),
            "observation/state": np.zeros(4, np.float32), "prompt": "press the button down from the top"}
