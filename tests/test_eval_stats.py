@@ -53,3 +53,21 @@ def test_speedup_compares_the_same_episodes_as_the_paired_test(tmp_path):
             assert r.n == 6 and r.lat.mean == pytest.approx((4 * 4 * 20 + 2 * 4 * 2) / 24)  # all it finished
         elif r.task == ALL:
             assert r.n == 5 and r.speedup == 1.0
+
+
+def test_summary_counts_only_the_episodes_just_run(tmp_path, capsys):
+    """A baseline stored earlier on more episodes (and another task) is shown, in the summary, on
+    this run's episodes only: every row side by side on the same episodes (`report` shows all)."""
+    from kvreuse.cli import main
+
+    common = ["--env", "fake", "--workers", "0", "--no-progress", "--max-steps", "5", "--db", str(tmp_path / "e.db")]
+    main(["eval", *common, "--tasks", "reach", "reach-far", "--episodes", "3"])
+    capsys.readouterr()
+    main(["eval", *common, "--tasks", "reach", "--episodes", "1", "--reuse", "gate=threshold threshold=0.98",
+          "--with-baseline"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = [r for r in rows if r[0] != "| setting"]
+    assert len(rows) == 4  # baseline and the setting, all tasks and reach
+    assert [r[7] for r in rows] == ["1"] * 4  # n: the one episode just run, also for the baseline
+    assert "(n=1)" in out

@@ -46,9 +46,9 @@ def _print_summary(summary, db: str) -> None:
     if summary.stored_elsewhere:
         print(f"{summary.stored_elsewhere} of those were stored by another process first (a concurrent run on "
               f"this DB); its results were kept", file=sys.stderr)
-    # The settings just run and their baselines, on the tasks just run; not other policies',
-    # protocols' or tasks' rows in the DB.
-    rows = compute_rows(db)
+    # The settings just run and their baselines, on the episodes just run (or found stored): every
+    # row on the same episodes, not on other policies', protocols', tasks' or earlier runs' ones.
+    rows = compute_rows(db, only=set(summary.episodes))
     keys = {s.key for s in summary.settings}
     groups = {r.group for r in rows if r.key in keys}
     tasks = {ALL, *summary.tasks}

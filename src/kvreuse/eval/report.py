@@ -48,17 +48,19 @@ class Row:
         return self.successes / self.n if self.n else float("nan")
 
 
-def _episodes_by_setting(store):
+def _episodes_by_setting(store, only=None):
     settings = store.settings()
     eps = defaultdict(list)
     for e in store.episodes():
-        eps[e["setting_id"]].append(e)
+        if only is None or _key(e) in only:
+            eps[e["setting_id"]].append(e)
     return settings, eps
 
 
-def compute_rows(db: str | Path) -> list[Row]:
+def compute_rows(db: str | Path, only: set[tuple[str, int, int]] | None = None) -> list[Row]:
+    """only: the (task, init id, seed) episodes to count (a sweep's own list), else all in the DB."""
     with open_existing(db) as store:
-        settings, eps = _episodes_by_setting(store)
+        settings, eps = _episodes_by_setting(store, only)
     groups: dict[tuple, list] = defaultdict(list)
     for s in settings:
         groups[(s["policy"], s["env"], s["replan"], s["protocol"])].append(s)

@@ -354,6 +354,7 @@ class SweepSummary:
     first_result_s: float  # seconds from start until the first episode came back (start-up)
     tasks: tuple[str, ...] = ()  # the tasks this sweep covered (run or skipped)
     stored_elsewhere: int = 0  # run here, but another process (a concurrent sweep) had stored them first
+    episodes: tuple[tuple[str, int, int], ...] = ()  # this sweep's (task, init id, seed) list
 
 
 def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
@@ -459,7 +460,8 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         if bar is not None:
             bar.close()
         store.close()
-    return SweepSummary(settings, ran, skipped, errors, time.perf_counter() - t0, first[0] or 0.0, tasks, elsewhere)
+    return SweepSummary(settings, ran, skipped, errors, time.perf_counter() - t0, first[0] or 0.0, tasks, elsewhere,
+                        tuple(episodes))
 
 
 def _trained_render_size(plan: SweepPlan, env, meta: dict) -> SweepPlan:
