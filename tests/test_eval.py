@@ -1197,3 +1197,27 @@ def test_metaworld_training_layouts_get_a_note(tmp_path, monkeypatch, capsys):
                      workers=0, progress=False, max_steps=1, env_kw={"image_size": 32})
     assert run_sweep(plan, PolicySource(None, "tiny-pi05")).ran == 1
     assert "note: 1 of the 1 episodes use Meta-World init ids >= 50 (up to 50)" in capsys.readouterr().err
+
+
+def test_non_finite_or_misshapen_actions_are_a_policy_error_not_an_env_error():
+    """The env refuses such an action; caught as an env crash, every such episode used to be an
+    'error' (left out of n) and the sweep went on."""
+    class Bad(StubPolicy):
+        def __init__(self, fill=np.nan, dim=4):
+            super().__init__()
+            self.fill, self.dim = fill, dim
+
+        def infer(self, raw, noise=None):
+            a, rec = super().infer(raw, noise)
+            a = np.zeros((a.shape[0], self.dim))
+            a[1:] = self.fill  # the second action
+            return a, rec
+
+    with pytest.raises(ValueError, match=r"non-finite action \[nan, nan, nan, nan\] at step 1 of 'reach' init 2"):
+        run_episode(Bad(), FakeEnv(radius=0.0), "reach", 2, seed=0)
+    with pytest.raises(ValueError, match="non-finite action"):
+        run_episode(Bad(np.inf), FakeEnv(radius=0.0), "reach", 2, seed=0)
+    with pytest.raises(ValueError, match=r"shape \(8, 7\); expected \(chunk, 4\) for robot 'metaworld'"):
+        run_episode(Bad(0.0, dim=7), FakeEnv(radius=0.0), "reach", 2, seed=0)
+    r = run_episode(Bad(0.0), FakeEnv(radius=0.0, max_steps=5), "reach", 2, seed=0)
+    assert r.status == "failure" and r.steps == 5

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..envs.base import EpisodeEnv
+from ..transforms.robot import ROBOTS
 from .stats import latency
 
 STATUSES = ("success", "failure", "error")
@@ -109,6 +110,8 @@ def run_episode(
         if not 1 <= max_steps <= limit:
             raise ValueError(f"max_steps: expected 1..{limit} (the env's episode limit for {task!r}), got {max_steps}")
         limit = max_steps
+    spec = ROBOTS.get(getattr(env, "robot", None))
+    dim = spec.action_dim if spec is not None else None
     res = EpisodeResult(task=task, init_id=init_id, seed=seed, status="failure")
     model = getattr(policy, "model", None)
     gen = torch.Generator(device=model.device if model is not None else "cpu").manual_seed(seed)
@@ -129,9 +132,15 @@ def run_episode(
                 actions, rec = policy.infer(obs)
             _record(res, rec)
             actions = np.asarray(actions)
-            if actions.ndim != 2:
-                raise ValueError(f"policy returned actions of shape {actions.shape}; expected (chunk, action_dim)")
+            if actions.ndim != 2 or (dim is not None and actions.shape[1] != dim):
+                raise ValueError(f"policy returned actions of shape {actions.shape}; expected (chunk, "
+                                 f"{dim or 'action_dim'}) for robot {getattr(env, 'robot', '?')!r}")
             for a in actions[:replan]:
+                # The policy's fault, not the env's: raised here, it stops the sweep instead of
+                # making the episode an env error (excluded from n) on every call that has one.
+                if not np.isfinite(a).all():
+                    raise ValueError(f"policy returned a non-finite action {a.tolist()} at step {res.steps} of "
+                                     f"{task!r} init {init_id} seed {seed}")
                 obs, success, done = _env_call(env.step, a)
                 res.steps += 1
                 if video_path:
