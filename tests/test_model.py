@@ -112,6 +112,10 @@ def test_missing_camera_pixels_do_not_change_actions(model):
     imgs[cam][1] = -1.0
     out = model.sample_actions(dataclasses.replace(obs, images=imgs), noise)
     torch.testing.assert_close(out[1], base[1], atol=1e-6, rtol=0)
+    # ...while the same change where the camera is present does change them (the test can fail).
+    imgs[cam][0] = -1.0
+    out = model.sample_actions(dataclasses.replace(obs, images=imgs), noise)
+    assert (out[0] - base[0]).abs().max() > 1e-4
 
 
 @torch.no_grad()
@@ -153,7 +157,11 @@ def test_loss_is_finite_and_trains(model):
     loss = model.loss(obs, actions, noise=noise_for(cfg), t=t)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
-    assert model.action_out_proj.weight.grad is not None
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}  # not the LM's unused top
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    # the loss reaches the expert's output and, through the prefix K/V, the vision tower's first layer
+    for name in ("action_out_proj.weight", "vision.patch_embed.weight"):
+        assert name in grads and grads[name].abs().sum() > 0, name
     model.zero_grad(set_to_none=True)
 
 
