@@ -71,3 +71,34 @@ def test_summary_counts_only_the_episodes_just_run(tmp_path, capsys):
     assert len(rows) == 4  # baseline and the setting, all tasks and reach
     assert [r[7] for r in rows] == ["1"] * 4  # n: the one episode just run, also for the baseline
     assert "(n=1)" in out
+
+
+def test_tables_and_plots_say_when_rows_count_different_episodes(tmp_path, monkeypatch):
+    """A baseline over 3 episodes beside a setting over 2 of them: side by side the success columns
+    (and the plotted points, the Pareto front) compare different episodes, so the report says so;
+    a table whose rows all count the same finished episodes (an error episode aside) says nothing."""
+    import matplotlib.axes
+
+    from kvreuse.eval.report import UNEQUAL, compute_rows, markdown, write_plots
+    from kvreuse.eval.store import ResultStore, Setting
+
+    db = tmp_path / "u.db"
+    with ResultStore(db) as st:
+        base = st.setting_id(Setting("p", "fake", 5))
+        thr = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+        for i in range(2):
+            for task in ("a", "b"):
+                st.add(base, _ep(task, i))
+                st.add(thr, _ep(task, i, "failure"))
+        st.add(thr, _ep("a", 9, "error"))  # errors are out of n on both sides: still the same episodes
+    md = markdown(compute_rows(db))
+    assert UNEQUAL not in md
+    with ResultStore(db) as st:
+        st.add(base, _ep("b", 2))  # now the baseline counts one episode of b more than the setting
+    md = markdown(compute_rows(db))
+    tables = md.split("### ")[1:]
+    assert [UNEQUAL in t for t in tables] == [True, False, True]  # all tasks, a, b
+    titles = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, **kw: titles.append(t))
+    write_plots(compute_rows(db), tmp_path / "plots")
+    assert len(titles) == 3 and all("settings on different episodes" in t for t in titles)

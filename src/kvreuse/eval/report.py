@@ -185,10 +185,25 @@ def markdown(rows: list[Row]) -> str:
                    "policy call, warm-up calls (graph capture, a model's first call) left out; Hz = 1000 / "
                    "mean latency; speedup = baseline mean / setting mean, Δ and p: all three on the episodes "
                    "both the setting and the baseline finished.\n\n")
-        out.append("### All tasks\n\n" + _HEAD + "".join(_md_row(r) for r in rs if r.task == ALL) + "\n")
-        for task in sorted({r.task for r in rs} - {ALL}):
-            out.append(f"### {task}\n\n" + _HEAD + "".join(_md_row(r) for r in rs if r.task == task) + "\n")
+        for task in [ALL, *sorted({r.task for r in rs} - {ALL})]:
+            t_rows = [r for r in rs if r.task == task]
+            out.append(f"### {'All tasks' if task == ALL else task}\n\n" + _HEAD + "".join(map(_md_row, t_rows)))
+            out.append("\n" if same_episodes(t_rows) else "\n" + UNEQUAL + "\n\n")
     return "".join(out) if out else "No episodes in this DB yet.\n"
+
+
+UNEQUAL = ("Not every row here counts the same finished episodes (other runs into this DB, or env errors): "
+           "compare a setting with the baseline through Δ and p (on the episodes both finished, n= in Δ's "
+           "column), not the success columns side by side.")
+
+
+def same_episodes(rows: list[Row]) -> bool:
+    """Whether every row counts the same finished episodes as the baseline: the pairs are a subset of
+    both sides, so equal counts mean equal sets. False without a baseline to pair with."""
+    base = next((r for r in rows if r.is_baseline), None)
+    if base is None:
+        return len(rows) <= 1
+    return all(r.is_baseline or (r.paired is not None and r.paired.n == r.n == base.n) for r in rows)
 
 
 # ---- CSV -----------------------------------------------------------------------------------
@@ -256,12 +271,14 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
         overall = [r for r in rs if r.task == ALL and r.n > 0]
         if not overall:
             continue
+        note = "\nsettings on different episodes: compare through the report's paired Δ"
+        g_all = g if same_episodes([r for r in rs if r.task == ALL]) else g + note
         # success vs reuse rate
         fig, ax = plt.subplots(figsize=(7, 4.5))
         _scatter(ax, overall, lambda r: 100 * r.reuse_rate)
         ax.set_xlabel("reuse rate (% of policy calls)")
         ax.set_ylabel("success (%), 95% Wilson interval")
-        ax.set_title(f"Success vs reuse rate\n{g}", fontsize=9)
+        ax.set_title(f"Success vs reuse rate\n{g_all}", fontsize=9)
         files.append(_save(fig, out_dir / f"success_vs_reuse{sfx}.png"))
         # success vs latency with the Pareto front
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -272,7 +289,7 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
                 label="Pareto front")
         ax.set_xlabel("mean latency per policy call (ms)")
         ax.set_ylabel("success (%), 95% Wilson interval")
-        ax.set_title(f"Success vs latency\n{g}", fontsize=9)
+        ax.set_title(f"Success vs latency\n{g_all}", fontsize=9)
         _legend_outside(ax)
         files.append(_save(fig, out_dir / f"success_vs_latency{sfx}.png"))
         # per-task bars
@@ -298,7 +315,8 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
             ax.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
             ax.set_ylabel("success (%), 95% Wilson interval")
             ax.set_ylim(0, 105)
-            ax.set_title(f"Success per task\n{g}", fontsize=9)
+            equal = all(same_episodes([r for r in rs if r.task == t]) for t in tasks)
+            ax.set_title(f"Success per task\n{g if equal else g + note}", fontsize=9)
             _legend_outside(ax)
             files.append(_save(fig, out_dir / f"per_task{sfx}.png"))
     return files
