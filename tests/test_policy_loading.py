@@ -185,3 +185,63 @@ def test_reuse_config_against_the_model_and_numpy_values():
         with pytest.raises(ValueError, match=msg):
             Policy.from_checkpoint(ck, reuse=reuse)
     Policy.from_checkpoint(ck, reuse=ReuseConfig(gate="phase", gripper_dim=-4))
+
+
+def _full_size_reference(d, variant="pi0"):
+    """A full-size lerobot model.safetensors whose tensors are all zeros, written sparse: its header
+    is that of a real checkpoint (GBs of bf16), its data takes no disk and is never read here."""
+    import struct
+
+    from kvreuse.ref_checkpoint import to_reference
+
+    with torch.device("meta"):
+        state = Pi0Model(preset(variant)).state_dict()
+    header, off = {}, 0
+    for name, t in state.items():
+        header["model." + to_reference(name)] = {"dtype": "BF16", "shape": list(t.shape),
+                                                 "data_offsets": [off, off + 2 * t.numel()]}
+        off += 2 * t.numel()
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        f.truncate(8 + len(h) + off)
+    return d
+
+
+def test_robot_and_tokenizer_are_checked_before_the_weights_load(ref_dir, tmp_path, sp_model, monkeypatch):
+    """A full-size reference checkpoint loads for a minute or more: a missing robot, a missing or wrong
+    tokenizer and cameras the robot does not have are refused from the headers, before that."""
+    import kvreuse.checkpoint
+
+    full = _full_size_reference(tmp_path / "pi0 full")
+    monkeypatch.setattr(kvreuse.checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("weights loaded"))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    cases = [
+        (ref_dir, {}, "names no robot"),
+        (ref_dir, {"robot": "metaworld", "tokenizer": sp_model}, "uses the built-in byte tokenizer"),
+        (full, {"robot": "libero"}, "this pi0 model needs the PaliGemma SentencePiece tokenizer"),
+        (full, {"robot": "libero", "tokenizer": tmp_path / "tokenizer.json"}, "not a SentencePiece model"),
+        (full, {"robot": "libero", "tokenizer": tmp_path}, "a directory, expected the PaliGemma tokenizer.model"),
+        (full, {"robot": "metaworld", "tokenizer": sp_model}, r"robot 'metaworld' maps to camera\(s\)"),
+    ]
+    for path, kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            Policy.from_checkpoint(path, **kw)
+
+
+def test_eval_checks_a_reference_checkpoints_tokenizer_before_any_work(ref_dir, tmp_path, sp_model):
+    """The tokenizer a reference checkpoint needs is known from its header: eval refuses a wrong one
+    before the results DB, the workers and the weights (it used to fail in the worker, after them)."""
+    from kvreuse.eval.sweep import PolicySource, SweepPlan, run_sweep
+
+    full = _full_size_reference(tmp_path / "full")
+    plan = SweepPlan(db=str(tmp_path / "t.db"), env="fake", tasks=("reach",), episodes=1, workers=0, progress=False)
+    for src, msg in ((PolicySource(str(ref_dir), tokenizer=str(sp_model)), "uses the built-in byte tokenizer"),
+                     (PolicySource(str(full)), "needs the PaliGemma SentencePiece tokenizer"),
+                     (PolicySource(str(full), tokenizer=str(tmp_path / "full" / "model.safetensors")),
+                      r"model.safetensors: 6.5 GB, not a SentencePiece model")):  # not read whole to find out
+        with pytest.raises(ValueError, match=msg):
+            run_sweep(plan, src)
+        assert not (tmp_path / "t.db").exists()

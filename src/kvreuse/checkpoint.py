@@ -134,6 +134,17 @@ def load_norm_stats(path: str | Path) -> NormStats:
     return stats
 
 
+def checkpoint_config(path: str | Path) -> tuple[ModelConfig, dict]:
+    """(the ModelConfig its weights load into, our config.json or {} for a reference checkpoint),
+    from config.json and the weights' header alone: what a load would be, before the load."""
+    if checkpoint_format(path) == "kvreuse":
+        meta = read_meta(path)
+        return read_config(path, meta), meta
+    from .ref_checkpoint import check_reference
+
+    return check_reference(path)[1], {}
+
+
 def check_weights(f: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
     """The file's keys and shapes against a `cfg` model (built on the meta device: free)."""
     with torch.device("meta"):

@@ -44,6 +44,13 @@ def robot_runtime(model: Pi0Model, spec, stats=None, tokenizer: str | Path | Non
     return model, tf
 
 
+def check_runtime(cfg, spec, tokenizer: str | Path | None = None, *, keep_absent_cameras: bool = False) -> None:
+    """robot_runtime's checks (the tokenizer file, the robot's cameras) from a config alone, on a
+    meta-device model: a bad --tokenizer or robot is refused before a full-size model's weights load."""
+    with torch.device("meta"):
+        robot_runtime(Pi0Model(cfg), spec, None, tokenizer, keep_absent_cameras=keep_absent_cameras)
+
+
 def random_model_config(cfg, spec):
     """`cfg` (a preset's) for a randomly initialised model that drives `spec`: the robot's cameras
     and dims, and with the byte tokenizer room for LIBERO's long prompts (+ the state, Pi0.5)."""
@@ -88,18 +95,21 @@ class Policy:
         """Load a checkpoint (ours, or lerobot / openpi safetensors). The RobotSpec is `robot`,
         else meta["robot"] (reference checkpoints carry none, so they need `robot`). fast,
         keep_absent_cameras: see robot_runtime."""
-        from .checkpoint import load_checkpoint
+        from .checkpoint import checkpoint_config, load_checkpoint
         from .devices import check_device, check_dtype
         from .transforms.robot import robot_spec
 
         device = check_device(str(device))
         if dtype is not None:  # as the CLI spells it, or a torch dtype (int8 once failed deep in load_state_dict)
             dtype = check_dtype(dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."))
-        model, stats, meta = load_checkpoint(path, device=device, dtype=dtype)
+        cfg, meta = checkpoint_config(path)  # headers only: every check below comes before the weights load
         robot = robot or meta.get("robot")
         if robot is None:
             raise ValueError(f"checkpoint {path}: names no robot; pass one (e.g. robot='libero' / --robot libero)")
-        model, tf = robot_runtime(model, robot_spec(robot), stats, tokenizer, fast=fast,
+        spec = robot_spec(robot)
+        check_runtime(cfg, spec, tokenizer, keep_absent_cameras=keep_absent_cameras)
+        model, stats, meta = load_checkpoint(path, device=device, dtype=dtype)
+        model, tf = robot_runtime(model, spec, stats, tokenizer, fast=fast,
                                   keep_absent_cameras=keep_absent_cameras)
         return cls(model, tf, seed=seed, reuse=reuse)
 

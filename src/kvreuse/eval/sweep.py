@@ -398,6 +398,13 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         ck_robot = meta.get("robot")
         if ck_robot is not None and ck_robot != robot:
             raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}; env {plan.env!r} needs {robot!r}")
+        if src.checkpoint is not None:  # a reference's tokenizer, the tokenizer file, the cameras: not after the load
+            from ..checkpoint import checkpoint_config
+            from ..policy import check_runtime
+            from ..transforms.robot import robot_spec
+
+            check_runtime(checkpoint_config(src.checkpoint)[0], robot_spec(robot), src.tokenizer,
+                          keep_absent_cameras=src.keep_absent_cameras)
         # Validate everything before any work starts (bad input -> one ValueError).
         settings_params: list[tuple[dict | None, str]] = [(None, "baseline")] if plan.baseline else []
         settings_params += canonical_grid(plan.grid)

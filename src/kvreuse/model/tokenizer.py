@@ -47,6 +47,9 @@ class SentencePieceTokenizer:
             raise ValueError(f"tokenizer {path}: a directory, expected the PaliGemma tokenizer.model file{hint}")
         if not path.is_file():
             raise ValueError(f"tokenizer: no SentencePiece model at {path} (pass the PaliGemma tokenizer.model)")
+        if path.stat().st_size > 256 << 20:  # PaliGemma's is 4 MB; sentencepiece would read all of a weights file
+            raise ValueError(f"tokenizer {path}: {path.stat().st_size / 1e9:.1f} GB, not a SentencePiece model; "
+                             "pass the PaliGemma tokenizer.model")
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError for any unparsable file
