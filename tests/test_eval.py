@@ -1221,3 +1221,12 @@ def test_non_finite_or_misshapen_actions_are_a_policy_error_not_an_env_error():
         run_episode(Bad(0.0, dim=7), FakeEnv(radius=0.0), "reach", 2, seed=0)
     r = run_episode(Bad(0.0), FakeEnv(radius=0.0, max_steps=5), "reach", 2, seed=0)
     assert r.status == "failure" and r.steps == 5
+
+
+def test_unknown_task_points_at_the_likely_one():
+    from kvreuse.eval.envs import check_tasks
+
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['reach far'\] \(did you mean reach-far\?\); valid tasks"):
+        check_tasks(FakeEnv(), ("reach", "reach far"))
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['zzz'\]; valid tasks: reach"):
+        check_tasks(FakeEnv(), ("zzz",))

@@ -122,3 +122,12 @@ def test_libero_sweep_refuses_inits_and_step_limits_past_the_suites(tmp_path):
         with pytest.raises(ValueError, match=msg):
             run_sweep(plan, PolicySource(None, "tiny-pi05"))
     assert not (tmp_path / "l.db").exists()
+
+
+@pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
+def test_libero_task_given_as_its_instruction_points_at_its_name(env):
+    from kvreuse.eval.envs import check_tasks
+
+    task = env.tasks[2]
+    with pytest.raises(ValueError, match=f"did you mean {task}\\?"):
+        check_tasks(env, (env.prompt(task),))

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 ENV_NAMES = ("metaworld", *(f"libero:{s}" for s in LIBERO_SUITES), "fake")
 
@@ -40,7 +42,10 @@ def check_tasks(env, tasks: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The tasks, checked, each once (in the given order): a repeated task would run its episodes twice."""
     unknown = [t for t in tasks if t not in env.tasks]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; valid tasks: {', '.join(env.tasks)}")
+        # LIBERO's names are long (libero_90 has 90): point at the likely one first.
+        close = [m for t in unknown for m in difflib.get_close_matches(t.replace(" ", "_"), env.tasks, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown task(s) {unknown}{hint}; valid tasks: {', '.join(env.tasks)}")
     return tuple(dict.fromkeys(tasks))
 
 
