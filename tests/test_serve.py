@@ -503,8 +503,12 @@ def test_warm_up_runs_a_fork_and_leaves_the_template_untouched():
     from kvreuse.serve.command import warm_up
 
     policy, _ = build_policy(None, ReuseConfig(gate="always"), "tiny-pi05", fast=True)
-    assert warm_up(policy, calls=2) >= 0.0
+    forks, fork = [], policy.fork
+    policy.fork = lambda *a, **k: forks.append(fork(*a, **k)) or forks[-1]
+    assert warm_up(policy, calls=2) > 0.0
     assert policy.runner.call_index == 0 and len(policy.stats) == 0  # the fork ran the calls
+    (warm,) = forks
+    assert (warm.stats.calls, warm.stats.reuses) == (2, 1)  # both calls ran: a refresh, then a reuse hit
     actions, rec = policy.infer(good_obs())
     assert rec.decision == "refresh" and np.isfinite(actions).all()  # no cache carried over
 
