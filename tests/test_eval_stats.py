@@ -102,3 +102,19 @@ def test_tables_and_plots_say_when_rows_count_different_episodes(tmp_path, monke
     monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, **kw: titles.append(t))
     write_plots(compute_rows(db), tmp_path / "plots")
     assert len(titles) == 3 and all("settings on different episodes" in t for t in titles)
+
+
+def test_a_setting_with_no_finished_episode_shows_no_rates(tmp_path):
+    """Every episode an env error: success, latency and reuse rate are unknown ("–"), not 0%; the
+    interval is the whole range."""
+    from kvreuse.eval.report import compute_rows, markdown
+    from kvreuse.eval.store import ResultStore, Setting
+
+    db = tmp_path / "e.db"
+    with ResultStore(db) as st:
+        base = st.setting_id(Setting("p", "fake", 5))
+        thr = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+        st.add(base, _ep("a", 0))
+        st.add(thr, _ep("a", 0, "error"))
+    line = next(ln for ln in markdown(compute_rows(db)).splitlines() if ln.startswith("| thr |"))
+    assert line == "| thr | – | – | – | – | – | – | 0 | [0.0%, 100.0%] | – | – | 1 |"

@@ -133,8 +133,8 @@ def _row(gname, s, task, sel, base_sel) -> Row:
         ci=wilson(k, len(fin)),
         lat=lat,
         parts=parts,
-        reuse_rate=sum(e["reuses"] for e in fin) / calls if calls else 0.0,
-        mixed_rate=sum(e["mixed"] for e in fin) / calls if calls else 0.0,
+        reuse_rate=sum(e["reuses"] for e in fin) / calls if calls else float("nan"),  # no call: unknown, not 0%
+        mixed_rate=sum(e["mixed"] for e in fin) / calls if calls else float("nan"),
         speedup=sp,
         paired=paired,
         diff_ci=diff_ci,
