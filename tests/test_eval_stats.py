@@ -118,3 +118,24 @@ def test_a_setting_with_no_finished_episode_shows_no_rates(tmp_path):
         st.add(thr, _ep("a", 0, "error"))
     line = next(ln for ln in markdown(compute_rows(db)).splitlines() if ln.startswith("| thr |"))
     assert line == "| thr | – | – | – | – | – | – | 0 | [0.0%, 100.0%] | – | – | 1 |"
+
+
+def test_reuse_rate_axis_stays_within_0_to_100_percent(tmp_path, monkeypatch):
+    from kvreuse.eval import report
+    from kvreuse.eval.store import ResultStore, Setting
+
+    db = tmp_path / "r.db"
+    with ResultStore(db) as st:
+        base = st.setting_id(Setting("p", "fake", 5))
+        thr = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+        st.add(base, _ep("a", 0))
+        r = _ep("a", 0)
+        r.reuses = r.calls  # 100% reuse
+        st.add(thr, r)
+    limits = {}
+    save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path: limits.setdefault(path.stem, fig.axes[0].get_xlim())
+                        and save(fig, path))
+    report.write_plots(report.compute_rows(db), tmp_path / "plots")
+    lo, hi = limits["success_vs_reuse"]
+    assert -5.0 <= lo < 0.0 and 100.0 < hi <= 105.0

@@ -276,6 +276,8 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
         # success vs reuse rate
         fig, ax = plt.subplots(figsize=(7, 4.5))
         _scatter(ax, overall, lambda r: 100 * r.reuse_rate)
+        lo, hi = ax.get_xlim()  # the label margin, but no ticks below 0% or above 100%
+        ax.set_xlim(max(lo, -5.0), min(hi, 105.0))
         ax.set_xlabel("reuse rate (% of policy calls)")
         ax.set_ylabel("success (%), 95% Wilson interval")
         ax.set_title(f"Success vs reuse rate\n{g_all}", fontsize=9)
