@@ -245,3 +245,31 @@ def test_eval_checks_a_reference_checkpoints_tokenizer_before_any_work(ref_dir, 
         with pytest.raises(ValueError, match=msg):
             run_sweep(plan, src)
         assert not (tmp_path / "t.db").exists()
+
+
+def test_a_checkpoint_without_norm_stats_is_named_where_it_runs(ref_dir, tmp_path, capsys):
+    """Weights without their norm stats run (a random model needs none), but a trained one would get
+    unnormalized states and give unnormalized actions: eval, serve and info say so."""
+    from kvreuse.checkpoint import missing_stats_warning
+    from kvreuse.eval.sweep import PolicySource, SweepPlan, run_sweep
+    from kvreuse.info import describe
+    from kvreuse.reuse.config import ReuseConfig
+    from kvreuse.serve.command import build_policy
+
+    warning = f"warning: checkpoint {ref_dir} has no norm stats beside its weights (norm_stats.json"
+    assert missing_stats_warning(ref_dir).startswith(warning)
+    assert "none found (looked for norm_stats.json" in describe(ref_dir)
+    plan = SweepPlan(db=str(tmp_path / "t.db"), env="fake", tasks=("reach",), episodes=1, workers=0, progress=False,
+                     env_kw={"max_steps": 2})
+    assert run_sweep(plan, PolicySource(str(ref_dir))).ran == 1
+    assert warning in capsys.readouterr().err
+    build_policy(str(ref_dir), ReuseConfig(), robot="metaworld")
+    assert warning in capsys.readouterr().err
+    with_stats = tmp_path / "with stats"
+    with_stats.mkdir()
+    (with_stats / "model.safetensors").write_bytes((ref_dir / "model.safetensors").read_bytes())
+    st = {"mean": [0.0] * 4, "std": [1.0] * 4, "q01": [-1.0] * 4, "q99": [1.0] * 4}
+    (with_stats / "norm_stats.json").write_text(json.dumps({"state": st, "actions": st}))
+    assert missing_stats_warning(with_stats) is None
+    build_policy(str(with_stats), ReuseConfig(), robot="metaworld")
+    assert "warning" not in capsys.readouterr().err

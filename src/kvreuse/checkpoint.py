@@ -145,6 +145,25 @@ def checkpoint_config(path: str | Path) -> tuple[ModelConfig, dict]:
     return check_reference(path)[1], {}
 
 
+STATS_FILES = ("norm_stats.json (kvreuse, openpi; openpi also assets/*/norm_stats.json) or lerobot's "
+               "policy_preprocessor_*_normalizer_processor.safetensors")
+
+
+def missing_stats_warning(path: str | Path) -> str | None:
+    """A warning line if a checkpoint has no norm stats: it runs, but the robot's states reach the
+    model and its actions leave it unnormalized, which only an untrained model does not mind."""
+    if checkpoint_format(path) == "kvreuse":
+        stats = read_stats(path)
+    else:
+        from .ref_checkpoint import check_reference
+
+        stats = check_reference(path)[3]
+    if stats is not None:
+        return None
+    return (f"warning: checkpoint {path} has no norm stats beside its weights ({STATS_FILES}): states and "
+            "actions pass unnormalized; copy its stats there if it was trained")
+
+
 def check_weights(f: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
     """The file's keys and shapes against a `cfg` model (built on the meta device: free)."""
     with torch.device("meta"):

@@ -29,7 +29,9 @@ def _part_counts(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, int]]:
 
 def _stats_lines(stats) -> list[str]:
     if stats is None:
-        return ["  none found"]
+        from .checkpoint import STATS_FILES
+
+        return [f"  none found (looked for {STATS_FILES}): states and actions would pass unnormalized"]
     out = []
     for name in ("state", "actions"):
         s = getattr(stats, name)

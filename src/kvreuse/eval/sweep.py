@@ -416,6 +416,11 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         episodes = episode_list(env, tasks, plan.episodes, plan.init_start, plan.seed)
         if note := training_layouts_note(plan.env, episodes):
             print(note, file=sys.stderr)
+        if src.checkpoint is not None:  # once all is checked: a warning, then no error
+            from ..checkpoint import missing_stats_warning
+
+            if note := missing_stats_warning(src.checkpoint):
+                print(note, file=sys.stderr)
         plan = _trained_render_size(plan, env, meta)
     finally:
         env.close()
