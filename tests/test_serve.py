@@ -302,16 +302,19 @@ def test_other_http_paths_get_404(server_port):
         c.close()
 
 
-def test_age_resets_count_refreshes_the_policy_forced_for_age():
+def test_age_resets_count_refreshes_the_policy_forced_for_age(monkeypatch):
     """`kvreuse serve` hands its max age to the reuse config: the policy refreshes, and the
     client's age_resets counts those refreshes."""
     from kvreuse.serve.session import ClientSession
 
+    # A clock of our own: on a loaded machine two real calls can take longer than the max age.
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     policy = _TEMPLATE[0].fork(reuse=with_age_bound(ReuseConfig(gate="always"), 0.2))
     s = ClientSession(policy, "test", max_cache_age_s=0.2, policy_bounds_age=True)
     assert [s.infer(good_obs(), reset=False)[1].decision for _ in range(2)] == ["refresh", "reuse"]
     assert s.stats.age_resets == 0
-    time.sleep(0.3)
+    clock[0] += 0.3
     _, rec = s.infer(good_obs(), reset=False)
     assert rec.decision == "refresh" and rec.reason.startswith("max age exceeded") and s.stats.age_resets == 1
 
