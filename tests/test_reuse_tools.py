@@ -244,6 +244,19 @@ def test_compare_grid_cli(tmp_path, capsys):
         assert e.value.code == 2 and why in capsys.readouterr().err
 
 
+def test_compare_modes_refuses_the_never_gate_before_any_work(monkeypatch, capsys):
+    """compare modes under `--gate never` would print seven identical baseline rows, all labelled
+    'never': one error line instead, before the model is built."""
+    import kvreuse.reuse.cli as rcli
+    from kvreuse.cli import main
+
+    monkeypatch.setattr(rcli, "load", lambda src: pytest.fail("the model was built"))
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "modes", "--gate", "never"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "gate: 'never' never reuses" in err[0], err
+
+
 def test_compare_source_builds_a_full_size_preset_for_the_streams_robot(monkeypatch):
     """A random full-size preset is made by bench.build_random in the asked dtype over the robot's
     cameras and dims, with the byte tokenizer standing in for PaliGemma's, never the shipped tiny

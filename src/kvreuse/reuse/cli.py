@@ -232,6 +232,9 @@ def run_compare(
         run_grid(cmd)
         return
     if isinstance(cmd, Modes):
+        if cmd.reuse.gate == "never":  # every row would be the baseline, each labelled 'never'
+            raise ValueError("gate: 'never' never reuses, so every mode would be the baseline; "
+                             "give a gate that reuses, e.g. --gate always")
         base, stream, what = load(cmd.src)
         print(what)
         print(mode_table(base, stream, cmd.reuse, cmd.src.seed))
