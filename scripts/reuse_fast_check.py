@@ -38,7 +38,7 @@ def main(dev: str) -> int:
                 pol = ReusePolicy(m, rc)
                 pol.reset()
                 runs.append([pol.infer(o, noise) for o in seq])
-            err = max(rel_err(f[0].float(), e[0].float()) for e, f in zip(*runs))
+            err = max(rel_err(f[0].float(), e[0].float()) for e, f in zip(*runs, strict=True))
             decisions = [[(r[1].decision, r[1].mode) for r in run] for run in runs]
             worst, same = max(worst, err), same and decisions[0] == decisions[1]
             print(f"{variant} {rc.label()}: {' '.join(d for d, _ in decisions[1])}; max rel err {err:.2e}"
