@@ -273,3 +273,23 @@ def test_a_checkpoint_without_norm_stats_is_named_where_it_runs(ref_dir, tmp_pat
     assert missing_stats_warning(with_stats) is None
     build_policy(str(with_stats), ReuseConfig(), robot="metaworld")
     assert "warning" not in capsys.readouterr().err
+
+
+def test_serve_takes_a_reference_checkpoint_file_with_its_robot(ref_dir, monkeypatch, capsys):
+    """`kvreuse serve --checkpoint .../model.safetensors` (lerobot / openpi, docs/SERVE.md): without
+    --robot one error line naming the flag; with it the server comes up on that model."""
+    import kvreuse.cli as cli
+    from kvreuse.serve.server import PolicyServer
+
+    async def listen_once(self, ready=None, stop=None):  # the bound port, then return instead of serving
+        ready(12345)
+
+    monkeypatch.setattr(PolicyServer, "run", listen_once)
+    weights = str(ref_dir / "model.safetensors")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--checkpoint", weights, "--port", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"kvreuse: error: checkpoint {weights}: names no robot; pass one "
+                                         "(e.g. robot='libero' / --robot libero)"]
+    cli.main(["serve", "--checkpoint", weights, "--robot", "metaworld", "--port", "0"])
+    assert f"kvreuse serve: {weights} (pi0, robot metaworld)" in capsys.readouterr().out

@@ -100,11 +100,14 @@ def run_serve(
     """Serve a policy over openpi's websocket protocol, one reuse state per client.
 
     Args:
-        checkpoint: kvreuse checkpoint directory; without it, on Meta-World, the shipped testbed
-            policy of a tiny `preset`, else a random model of `preset` (testing only).
+        checkpoint: a kvreuse checkpoint directory, or lerobot / openpi Pi0 / Pi0.5 safetensors (a
+            directory or its model.safetensors; these name no robot, so pass --robot, and full-size
+            ones --tokenizer); without it, on Meta-World, the shipped testbed policy of a tiny
+            `preset`, else a random model of `preset` (testing only).
         reuse: reuse setting for every client (--gate, --mode, --threshold, ...; see docs/REUSE.md).
         preset: model preset used when no checkpoint is given.
-        robot: robot transform (default: the checkpoint's robot, else metaworld).
+        robot: robot transform (default: the robot a kvreuse checkpoint names, else metaworld;
+            required for a lerobot / openpi checkpoint).
         tokenizer: PaliGemma tokenizer.model for full-size models.
         host: bind address (0.0.0.0 to accept other machines).
         port: TCP port (0 picks a free one).
