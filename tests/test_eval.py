@@ -1230,3 +1230,21 @@ def test_unknown_task_points_at_the_likely_one():
         check_tasks(FakeEnv(), ("reach", "reach far"))
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['zzz'\]; valid tasks: reach"):
         check_tasks(FakeEnv(), ("zzz",))
+
+
+def test_without_a_checkpoint_the_robot_picks_shipped_or_random(tmp_path, capsys):
+    """As `--preset`'s help says: the fake env drives the Meta-World robot, so it runs the shipped
+    testbed policy of the preset, as metaworld does; LIBERO (none shipped) gets random weights."""
+    from kvreuse.envs.fake import FakeEnv
+    from kvreuse.envs.libero import LiberoEnv
+    from kvreuse.eval.sweep import shipped_checkpoint
+
+    for name in ("tiny-pi05", "tiny-pi0"):
+        shipped = str(shipped_checkpoint(name))
+        assert PolicySource(None, name).resolved(FakeEnv.robot).checkpoint == shipped
+        assert PolicySource(None, name).resolved("metaworld").checkpoint == shipped
+        assert PolicySource(None, name).resolved(LiberoEnv.robot).checkpoint is None
+    plan = SweepPlan(db=str(tmp_path / "f.db"), env="fake", tasks=("reach",), episodes=1, workers=0, progress=False,
+                     env_kw={"max_steps": 2})
+    assert run_sweep(plan, PolicySource(None, "tiny-pi0")).settings[0].policy.startswith("testbed-pi0@")
+    assert "randomly initialised" not in capsys.readouterr().err

@@ -102,9 +102,10 @@ def run_eval(
         retry_errors: run again the episodes stored as errors (a worker killed from outside, a
             simulator crash); their new results replace the error rows.
         with_baseline: also run the baseline on the same episodes (for the paired comparison).
-        preset: tiny-pi05 | tiny-pi0: which shipped testbed policy (testbed-pi05 / testbed-pi0)
-            runs when no checkpoint is given; a random-weight model of that preset if none is
-            shipped or the env is not Meta-World.
+        preset: tiny-pi05 | tiny-pi0, for runs without --checkpoint: on an env of the Meta-World
+            robot (metaworld, fake) the shipped testbed policy of that preset (testbed-pi05 /
+            testbed-pi0) runs; on LIBERO, which has none, a random-weight model of that preset
+            (with a warning; success ~0, for testing the harness).
         init_start: first init-state id (Meta-World: 0..49 are the held-out layouts).
         device: torch device of the policy (cpu, cuda).
         dtype: the policy's weights, float32 | bfloat16 (what the GPU figures of

@@ -35,9 +35,9 @@ from .store import ResultStore, Setting
 
 @dataclass(frozen=True)
 class PolicySource:
-    """Where the policy comes from and how it runs. checkpoint=None: the shipped testbed policy,
-    or, while none is shipped, a randomly initialised `preset` (seeded: the same weights in every
-    worker). dtype: the weights' (float32 | bfloat16). fast: through FastPi0 (CUDA graphs and the
+    """Where the policy comes from and how it runs. checkpoint=None: the shipped testbed policy
+    on the Meta-World robot (resolved), else a randomly initialised `preset` (seeded: the same
+    weights in every worker). dtype: the weights' (float32 | bfloat16). fast: through FastPi0 (CUDA graphs and the
     Triton kernels on a GPU). Model cameras the env lacks are left out of the prefix unless
     keep_absent_cameras (fed black and masked, as lerobot / openpi do). tokenizer: the PaliGemma
     SentencePiece `tokenizer.model` a full-size checkpoint needs (the tiny presets use bytes)."""
