@@ -104,7 +104,7 @@ def test_pi05_state_in_prompt_and_state_mask(use_sp, sp_model):
 
 
 def test_pi05_needs_a_state():
-    with pytest.raises(ValueError, match="state"):
+    with pytest.raises(ValueError, match=r"^state: Pi0\.5 writes the state into the prompt, but no state was given$"):
         tokenize_prompts(preset("tiny-pi05"), ByteTokenizer(), ["x"], None)
 
 
