@@ -7,7 +7,7 @@ from kvreuse.envs.metaworld import MetaWorldEnv  # selects headless GL before mu
 
 
 def test_unknown_variant_is_a_clear_error():
-    with pytest.raises(ValueError, match="variant"):
+    with pytest.raises(ValueError, match=r"^variant: expected one of pi05, pi0, got 'pi1'$"):
         default_checkpoint("pi1")
 
 
