@@ -78,10 +78,20 @@ def test_threshold_uses_the_worst_camera():
 @settings(max_examples=50, deadline=None)
 @given(sims=st.lists(st.floats(-1, 1), min_size=1, max_size=3), t1=st.floats(-1, 1), t2=st.floats(-1, 1))
 def test_threshold_gate_is_monotone_in_the_threshold(sims, t1, t2):
-    lo, hi = min(t1, t2), max(t1, t2)
+    """Raising the threshold never turns a refresh into a reuse, and the gate does decide: it
+    reuses at the worst camera's similarity and refreshes just above it (so a gate that never
+    reuses, or always does, fails here rather than passing the monotone check trivially)."""
     s = sig({f"cam{i}": v for i, v in enumerate(sims)})
-    if make_gate(ReuseConfig(gate="threshold", threshold=hi)).decide(s).reuse:
-        assert make_gate(ReuseConfig(gate="threshold", threshold=lo)).decide(s).reuse
+    worst = min(sims)
+
+    def reuses(t: float) -> bool:
+        return make_gate(ReuseConfig(gate="threshold", threshold=t)).decide(s).reuse
+
+    above = [float(np.nextafter(worst, 2.0))] if worst < 1.0 else []  # thresholds stay in [-1, 1]
+    ts = sorted({-1.0, t1, t2, worst, *above})
+    got = [reuses(t) for t in ts]
+    assert got == sorted(got, reverse=True), list(zip(ts, got, strict=True))  # reuse up to a point, then refresh
+    assert reuses(worst) and not any(reuses(t) for t in above)
 
 
 def test_crossmodal_needs_image_and_state():
