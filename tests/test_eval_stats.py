@@ -139,3 +139,42 @@ def test_reuse_rate_axis_stays_within_0_to_100_percent(tmp_path, monkeypatch):
     report.write_plots(report.compute_rows(db), tmp_path / "plots")
     lo, hi = limits["success_vs_reuse"]
     assert -5.0 <= lo < 0.0 and 100.0 < hi <= 105.0
+
+
+def test_per_task_plot_tells_a_0_percent_bar_from_a_task_not_run(tmp_path, monkeypatch):
+    """A 0% bar has no height and a task a setting never ran has no bar: both showed as an error bar
+    or less. A 0% bar gets a mark of its colour at 0; an empty slot says "not run" ("errors only"
+    when every episode of it was an env error)."""
+    import matplotlib.colors
+
+    from kvreuse.eval import report
+    from kvreuse.eval.store import ResultStore, Setting
+
+    db = tmp_path / "p.db"
+    with ResultStore(db) as st:
+        base = st.setting_id(Setting("p", "fake", 5))
+        thr = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+        for i in range(2):
+            for task in ("a", "b"):
+                st.add(base, _ep(task, i))
+            st.add(thr, _ep("a", i, "failure"))  # 0% on a; b never run
+        st.add(thr, _ep("c", 0, "error"))  # c: errors only
+        st.add(base, _ep("c", 0))
+    seen = {}
+    save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path: seen.setdefault(path.stem, fig.axes[0]) and save(fig, path))
+    report.write_plots(report.compute_rows(db), tmp_path / "plots")
+    ax = seen["per_task"]
+    colour = {h.get_label(): matplotlib.colors.to_hex(h.patches[0].get_facecolor()) for h in ax.containers
+              if hasattr(h, "patches")}
+    ticks = {t.get_text(): x for t, x in zip(ax.get_xticklabels(), ax.get_xticks(), strict=True)}
+    slot = 0.8 / 2 / 2  # two settings: thr's bars are right of the tick by half a bar width
+    notes = sorted((t.get_text(), round(t.get_position()[0] - slot, 6), matplotlib.colors.to_hex(t.get_color()))
+                   for t in ax.texts)
+    assert notes == [("errors only", ticks["c"], colour["thr"]), ("not run", ticks["b"], colour["thr"])]
+    marks = [(seg, matplotlib.colors.to_hex(c.get_colors()[0])) for c in ax.collections  # error bars: vertical
+             for seg in c.get_segments() if len(seg) == 2 and seg[0][1] == seg[1][1]]
+    assert len(marks) == 1  # thr's 0% on a; the baseline's 100% bars need none
+    (x0, y0), (x1, y1) = marks[0][0]
+    assert y0 == y1 == 0 and (x0 + x1) / 2 == pytest.approx(ticks["a"] + slot) and marks[0][1] == colour["thr"]
+    assert ax.get_ylim()[0] < 0 and ax.get_xlim() == (-0.5, 2.5)  # the mark and every slot are inside

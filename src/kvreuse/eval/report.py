@@ -312,11 +312,22 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
                     lo.append(v - 100 * r.ci[0] if r else 0)
                     hi.append(100 * r.ci[1] - v if r else 0)
                 x = np.arange(len(tasks)) + (si - (len(names) - 1) / 2) * width
-                ax.bar(x, vals, width, yerr=[lo, hi], capsize=2, label=name)
+                color = ax.bar(x, vals, width, yerr=[lo, hi], capsize=2, label=name).patches[0].get_facecolor()
+                # A 0% bar has no height: it showed its error bar alone, like an empty slot (a task the
+                # setting never ran). So 0% gets a mark of its colour, and an empty slot says why.
+                vals = np.asarray(vals)
+                ran, zero = ~np.isnan(vals), vals == 0
+                ax.hlines(vals[zero], x[zero] - 0.4 * width, x[zero] + 0.4 * width, colors=[color], lw=3)
+                for xi, t, done in zip(x, tasks, ran, strict=True):
+                    if not done:  # a row of this task with n = 0: every episode an env error
+                        errs = any(r.task == t and r.setting == name for r in rs)
+                        ax.text(xi, 1.5, "errors only" if errs else "not run", rotation=90, ha="center",
+                                va="bottom", fontsize=7, color=color)
             ax.set_xticks(np.arange(len(tasks)))
+            ax.set_xlim(-0.5, len(tasks) - 0.5)  # every slot, a "not run" one at the edge too
             ax.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
             ax.set_ylabel("success (%), 95% Wilson interval")
-            ax.set_ylim(0, 105)
+            ax.set_ylim(-3, 105)  # room below 0 for the mark of a 0% bar
             equal = all(same_episodes([r for r in rs if r.task == t]) for t in tasks)
             ax.set_title(f"Success per task\n{g if equal else g + note}", fontsize=9)
             _legend_outside(ax)
