@@ -1,6 +1,7 @@
 """Testbed training pieces: demo format round trip, augmentation, masked loss, a tiny train run."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -241,4 +242,75 @@ def test_demos_overwrite_replaces_the_whole_set(tmp_path, capsys):
                   workers=1, overwrite=True)
     assert sorted(p.name for p in d.iterdir()) == ["button-press-topdown-v3", "index.json"]
     assert load_demos(d).episodes == 2
-    assert "1/2" in capsys.readouterr().err  # the bar moves per recorded episode, not per part
+    err = capsys.readouterr().err
+    assert "1/2" in err  # the bar moves per recorded episode, not per part
+    assert "\r" not in err  # not a terminal: lines, not tqdm's redraws (which flood a log file)
+
+
+def test_interrupted_demos_keep_finished_parts_and_a_rerun_continues(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after parts finished: `out` untouched, the parts kept beside it with one line saying
+    so; the rerun records only a part whose marker is missing (half-written) and matches a fresh run."""
+    import signal
+
+    import kvreuse.train.demos as dm
+    from kvreuse.cli import main
+    from kvreuse.train.outdir import resumable
+
+    task = "button-press-topdown-v3"
+    args = ["demos", "--tasks", task, "--demos-per-task", "2", "--parts-per-task", "2", "--workers", "2",
+            "--image-size", "32", "--max-steps", "120"]
+    real_tidy = dm._tidy
+
+    def interrupt(*a):  # every part is recorded; the run is stopped before it swaps in
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dm, "_tidy", interrupt, raising=False)
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(tmp_path / "d")])
+    assert e.value.code == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert "\r" not in err  # no tqdm redraws in a log: progress comes as lines
+    part = tmp_path / ".d.partial"
+    assert err.splitlines()[-1] == (f"kvreuse: interrupted (2 of 2 parts are kept in {part}; "
+                                    "the same command continues from them)")
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(ValueError, match="another run is writing it"):  # two runs on one out
+        lock = os.open(part, os.O_RDONLY)
+        import fcntl
+
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            resumable(tmp_path / "d")
+        finally:
+            os.close(lock)
+
+    # part01 was cut off while writing: its arrays are there, its marker is not.
+    full = {f.name: f.read_bytes() for f in (part / task).iterdir()}
+    (part / task / "part01.json").unlink()
+    np.save(part / task / "part01_base.npy", np.zeros((2, 32, 32, 3), np.uint8))
+    monkeypatch.setattr(dm, "_tidy", real_tidy)
+    main([*args, "--out", str(tmp_path / "d")])
+    out = capsys.readouterr().out
+    assert f"continuing the interrupted run in {part}: 1 of 2 parts (1 demos) already recorded" in out
+    assert not part.exists()
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [task, "index.json"]
+    assert {f.name: f.read_bytes() for f in (tmp_path / "d" / task).iterdir()} == \
+        {k: v for k, v in full.items() if k.endswith(".npy")}  # the redone part is the same as first recorded
+    assert dm.load_demos(tmp_path / "d").episodes == 2
+
+
+def test_demo_workers_leave_ctrl_c_to_the_parent():
+    """Ctrl-C reaches every process of the group: a worker's own KeyboardInterrupt printed a
+    traceback fragment ('Process SpawnPoolWorker-2:') before the one-line message."""
+    import signal
+    import warnings
+
+    import kvreuse.train.demos as dm
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with warnings.catch_warnings():
+            dm._init_worker(None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -57,6 +57,8 @@ def _run(argv: list[str]) -> None:
     except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback through the workers' machinery
         kept = " (finished episodes are in the results DB; the same command continues from there)" \
             if argv and argv[0] in ("eval", "sweep") else ""
+        if getattr(e, "kept", None):  # the command says what it kept
+            kept = f" ({e.kept})"
         signum = e.signum if isinstance(e, _Stopped) else 2
         what = "interrupted" if signum == 2 else f"stopped by signal {signum}"
         print(f"kvreuse: {what}{kept}", file=sys.stderr)

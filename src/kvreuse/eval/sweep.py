@@ -638,29 +638,6 @@ def _pool_results(jobs: list, n: int, init_args: tuple):
 def _progress(total: int, enabled: bool):
     if not enabled or total == 0:
         return None
-    if not sys.stderr.isatty():  # a log file or pipe: plain lines, not a bar (tqdm stays silent there)
-        return _LineProgress(total)
-    from tqdm import tqdm
+    from ..progress import progress
 
-    return tqdm(total=total, unit="ep", file=sys.stderr, dynamic_ncols=True)
-
-
-class _LineProgress:
-    """Progress for a non-terminal stderr: one plain line per ~10% of the episodes."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.tenths, self.t0 = total, 0, 0, time.perf_counter()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        tenths = 10 * self.done // self.total
-        if tenths > self.tenths:
-            self.tenths = tenths
-            print(f"progress: {self.done}/{self.total} episodes, {time.perf_counter() - self.t0:.0f} s",
-                  file=sys.stderr, flush=True)
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    return progress(total, "episodes")

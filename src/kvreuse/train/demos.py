@@ -23,20 +23,25 @@ On-disk format (no pickle; everything memory-mappable):
 Frames of one part are its episodes back to back; an episode is rows [start, start + length)
 of its part. Parts exist so that several worker processes can fill one task in parallel.
 
-A run writes into a staging directory beside DIR and swaps it in only once every task has its
-demos (train/outdir.py): an interrupted or failed run leaves DIR as it was. A DIR that already
-holds a demo set is replaced only with `overwrite=True` (`--overwrite`).
+A run writes into a staging directory beside DIR (`.DIR.partial`) and swaps it in only once every
+task has its demos (train/outdir.py): an interrupted or failed run leaves DIR as it was. An
+interrupted run (Ctrl-C, SIGTERM, a kill) keeps the staging directory: each finished part there
+has a marker `<task>/partNN.json` (its settings and episodes, written after its arrays), and
+the same command reuses those parts and records only the others; a part without a marker, or
+recorded with other settings, is recorded again. A DIR that already holds a demo set is
+replaced only with `overwrite=True` (`--overwrite`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import shutil
 import time
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +59,12 @@ _progress = None  # worker side: queue of (task, success) per finished episode, 
 def _init_worker(q) -> None:
     global _progress
     _progress = q
+    import signal
     import warnings
+
+    # Ctrl-C reaches the whole process group: the parent stops the pool and reports in one line;
+    # a worker's own KeyboardInterrupt would print a traceback through the pool's machinery.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     # The scripted experts' gains exceed 1 by design; the env clips. The warning, twice per worker,
     # would only break up the progress bar.
@@ -74,9 +84,34 @@ class _Unit:
     out: str
 
 
+def _settings(u: _Unit) -> dict:
+    """What a part's content depends on: a kept part is reused only by a run that asks the same."""
+    return json.loads(json.dumps({"format": FORMAT, **{k: v for k, v in asdict(u).items() if k != "out"}}))
+
+
+def _marker(out: str | Path, u: _Unit) -> Path:
+    return Path(out) / u.task / f"part{u.part:02d}.json"
+
+
+def _finished(u: _Unit) -> dict | None:
+    """The result of part `u` kept in its staging directory by an earlier run, else None."""
+    try:
+        m = json.loads(_marker(u.out, u).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or m.get("settings") != _settings(u):
+        return None
+    d = Path(u.out) / u.task
+    if not all((d / f"part{u.part:02d}_{k}.npy").is_file() for k in FIELDS):
+        return None
+    return m.get("result")
+
+
 def _collect_unit(u: _Unit) -> dict:
     """Worker: collect up to u.n_demos successful demos of one task from u.init_ids."""
     import torch
+
+    _marker(u.out, u).unlink(missing_ok=True)  # a marker of other settings must not vouch for new arrays
 
     torch.set_num_threads(1)
     from ..envs.metaworld import MetaWorldEnv, expert_policy
@@ -122,8 +157,13 @@ def _collect_unit(u: _Unit) -> dict:
     for k in FIELDS:
         arr = np.stack(bufs[k]) if bufs[k] else np.zeros((0,), np.uint8)
         np.save(d / f"part{u.part:02d}_{k}.npy", arr)
-    return {"task": u.task, "part": u.part, "episodes": episodes, "timeouts": timeouts,
-            "frames": n, "seconds": time.perf_counter() - t0}
+    result = {"task": u.task, "part": u.part, "episodes": episodes, "timeouts": timeouts,
+              "frames": n, "seconds": time.perf_counter() - t0}
+    # The marker comes last and by rename: a part cut off while writing has none, and is redone.
+    marker = _marker(u.out, u)
+    marker.with_suffix(".tmp").write_text(json.dumps({"settings": _settings(u), "result": result}))
+    marker.with_suffix(".tmp").replace(marker)
+    return result
 
 
 def collect_demos(
@@ -151,10 +191,9 @@ def collect_demos(
         overwrite: replace a demo set already in `out` (otherwise refused).
 
     Nothing is written unless every task gets its demos: a shortfall (episodes cut off at
-    max_steps) is an error naming the tasks, and `out` stays as it was."""
+    max_steps) is an error naming the tasks, and `out` stays as it was. An interrupted run keeps
+    its finished parts beside `out` (.NAME.partial); the same command continues from them."""
     import multiprocessing as mp
-
-    from tqdm import tqdm
 
     from ..envs.metaworld import (
         TASKS,
@@ -163,7 +202,8 @@ def collect_demos(
         check_task,
         prompt_for,
     )
-    from .outdir import check_out, staging, swap_in
+    from ..progress import progress
+    from .outdir import check_out, resumable, swap_in
 
     tasks = tuple(tasks) or tuple(TASKS)
     for t in tasks:
@@ -203,27 +243,36 @@ def collect_demos(
              "cameras": {"base": "observation/image", "wrist": "observation/wrist_image"},
              "tasks": {t: {"prompt": prompt_for(t), "parts": [], "episodes": [], "timeouts": 0} for t in tasks}}
     t0 = time.perf_counter()
-    tmp = staging(out)
+    tmp, lock = resumable(out)
     try:
         units = [replace(u, out=str(tmp)) for u in units]
-        ctx = mp.get_context("spawn")  # fresh processes: no GL or torch state inherited
-        q = ctx.Queue()
-        bar = tqdm(total=sum(u.n_demos for u in units), desc="demos", unit="demo")
-        timeouts = dict.fromkeys(tasks, 0)
-        with ctx.Pool(min(workers, len(units)), initializer=_init_worker, initargs=(q,)) as pool:
-            res = pool.map_async(_collect_unit, units)
-            while not res.ready():  # workers report every episode: the bar moves per demo
-                try:
-                    task, ok = q.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                bar.update(int(ok))
-                timeouts[task] += not ok
-                if not ok:
-                    bar.set_postfix_str(f"{sum(timeouts.values())} episodes hit --max-steps {max_steps}")
-            results = res.get()
-        bar.n = sum(len(r["episodes"]) for r in results)  # messages still in flight at the end
-        bar.close()
+        kept = {(u.task, u.part): r for u in units if (r := _finished(u)) is not None}
+        todo = [u for u in units if (u.task, u.part) not in kept]
+        recorded = sum(len(r["episodes"]) for r in kept.values())
+        if kept:
+            print(f"demos: continuing the interrupted run in {tmp}: {len(kept)} of {len(units)} parts "
+                  f"({recorded} demos) already recorded", flush=True)
+        results = list(kept.values())
+        if todo:
+            ctx = mp.get_context("spawn")  # fresh processes: no GL or torch state inherited
+            q = ctx.Queue()
+            bar = progress(sum(u.n_demos for u in units), "demos", "demos", initial=recorded)
+            timeouts = dict.fromkeys(tasks, 0)
+            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(q,)) as pool:
+                res = pool.map_async(_collect_unit, todo)
+                while not res.ready():  # workers report every episode: the bar moves per demo
+                    try:
+                        task, ok = q.get(timeout=0.5)
+                    except queue.Empty:
+                        continue
+                    bar.update(int(ok))
+                    recorded += int(ok)
+                    timeouts[task] += not ok
+                    if not ok:
+                        bar.set_postfix_str(f"{sum(timeouts.values())} episodes hit --max-steps {max_steps}")
+                results += res.get()
+            bar.update(sum(len(r["episodes"]) for r in results) - recorded)  # messages still in flight at the end
+            bar.close()
         for r in results:
             e = index["tasks"][r["task"]]
             e["parts"].append(r["part"])
@@ -240,11 +289,22 @@ def collect_demos(
                 + ", ".join(f"{t}: {got} of {want}, {to} episodes cut off at --max-steps {max_steps}"
                             for t, (got, want, to) in short.items())
                 + f"); the scripted experts need up to ~90 steps; nothing was written to {out}")
+        _tidy(tmp, units)
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
         swap_in(tmp, out)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: keep the finished parts for the next run
+        done = [u for u in units if _finished(u) is not None]
+        if done:
+            e.kept = (f"{len(done)} of {len(units)} parts are kept in {tmp}; "
+                      "the same command continues from them")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except BaseException:  # failed: nothing of it is worth keeping, `out` is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
-        if tmp.exists():  # interrupted or failed: drop the partial run, `out` is untouched
-            shutil.rmtree(tmp)
+        os.close(lock)
     frames = sum(x["length"] for e in index["tasks"].values() for x in e["episodes"])
     print(f"wrote {out}: {len(tasks)} tasks, {sum(len(e['episodes']) for e in index['tasks'].values())} demos, "
           f"{frames} frames in {time.perf_counter() - t0:.0f}s")
@@ -253,6 +313,19 @@ def collect_demos(
         print(f"  {t}: {len(lens)} demos (mean {np.mean(lens) if lens else 0:.0f} steps), "
               f"{e['timeouts']} episodes cut off at --max-steps {max_steps} (discarded)")
     return index
+
+
+def _tidy(tmp: Path, units: list[_Unit]) -> None:
+    """Leave in `tmp` only this run's part files: no markers, nothing kept from runs of other tasks or parts."""
+    own = {u.task: set() for u in units}
+    for u in units:
+        own[u.task].update(f"part{u.part:02d}_{k}.npy" for k in FIELDS)
+    for p in tmp.iterdir():
+        for f in ([p] if p.name not in own else [f for f in p.iterdir() if f.name not in own[p.name]]):
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
 
 
 def _demo_file(p: Path) -> bool:

@@ -2,11 +2,13 @@
 
 A run writes into a hidden staging directory beside `out` and swaps it in at the end, so an
 interrupted run never leaves a mix of old and new files: `out` holds the previous result or
-the new one, whole.
+the new one, whole. `kvreuse demos` keeps its staging directory when interrupted (`resumable`):
+finished pieces in it are reused by the next run, `out` stays untouched until the end.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from collections.abc import Callable
@@ -41,6 +43,22 @@ def staging(out: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def resumable(out: Path) -> tuple[Path, int]:
+    """The hidden directory `.NAME.partial` beside `out`, kept by an interrupted run so that the
+    next one reuses what it finished, with an open descriptor holding its lock (close it when
+    done): two runs on one `out` at a time would write the same pieces."""
+    out = Path(os.path.abspath(out))
+    tmp = out.parent / f".{out.name}.partial"
+    tmp.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"--out {out}: another run is writing it (its work in progress: {tmp})") from None
+    return tmp, fd
 
 
 def swap_in(tmp: Path, out: Path) -> None:
