@@ -101,7 +101,7 @@ def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path, capsys, monk
     from kvreuse.checkpoint import load_checkpoint
     from kvreuse.model.tokenizer import load_tokenizer
     from kvreuse.policy import Policy
-    from kvreuse.train.train import run_train
+    from kvreuse.train.train import _lr_factor, run_train
     from kvreuse.transforms.robot import RobotTransform, robot_spec
 
     start = []  # the weights training starts from: those of the first model run_train builds
@@ -145,6 +145,26 @@ def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path, capsys, monk
                   overwrite=True)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no staging directory left
+
+    # Interrupted after two steps: `out` still as it was, the EMA weights so far a whole checkpoint
+    # beside it (to continue from with --init), and the interrupt says where.
+    def interrupt_third(progress, warmup):  # progress = step / steps: stop in the third of 5 steps
+        if progress > 2.5 / 5:
+            raise KeyboardInterrupt
+        return _lr_factor(progress, warmup)
+
+    monkeypatch.setattr("kvreuse.train.train._lr_factor", interrupt_third)
+    with pytest.raises(KeyboardInterrupt) as e:
+        run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=5, batch_size=2, device="cpu",
+                  overwrite=True)
+    kept = tmp_path / "ck.interrupted"
+    assert getattr(e.value, "kept", "") == (f"{out} is as it was; the EMA weights after 2 of up to 5 steps are in "
+                                            f"{kept}: continue from them with --init {kept} (a new LR schedule)")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "ck.interrupted"]
+    _, _, meta = load_checkpoint(kept)
+    assert meta["training"]["steps"] == 2 and meta["training"]["interrupted"] is True
+    assert [json.loads(x)["step"] for x in (kept / "train_log.jsonl").read_text().splitlines()] == [1]
 
 
 def test_train_checks_options_before_loading(tmp_path):

@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,6 +54,20 @@ def random_shift(img: torch.Tensor, pad: int, gen: torch.Generator | None = None
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "norm_stats.json", "train_log.jsonl")
 
 
+def _keep_interrupted(tmp, out, ema_model, stats, training: dict) -> Path | None:
+    """Save the interrupted run's EMA weights as a checkpoint at OUT.interrupted (replacing an earlier
+    one): written in the staging directory and renamed, so it is whole or absent."""
+    from ..checkpoint import save_checkpoint
+    from .outdir import swap_in
+
+    kept = out.parent / f"{out.name}.interrupted"
+    if kept.exists() and not (kept.is_dir() and all(p.name in CHECKPOINT_FILES for p in kept.iterdir())):
+        return None  # not ours to replace
+    save_checkpoint(tmp, ema_model.float().cpu(), stats, robot="metaworld", training=training)
+    swap_in(tmp, kept)
+    return kept
+
+
 def _lr_factor(progress: float, warmup: float) -> float:
     if progress < warmup:
         return progress / warmup
@@ -82,7 +97,8 @@ def run_train(
     """Train a tiny preset with flow matching on `kvreuse demos` output; save a checkpoint to `out`.
 
     The run trains in a staging directory beside `out` and moves the checkpoint (with its
-    train_log.jsonl) into place at the end: an interrupted run leaves `out` as it was.
+    train_log.jsonl) into place at the end: an interrupted run leaves `out` as it was and saves
+    the EMA weights so far to OUT.interrupted, a checkpoint to continue from with --init.
 
     Args:
         demos: directory written by `kvreuse demos`.
@@ -209,7 +225,19 @@ def run_train(
           f"{len(data.tasks)} tasks, batch {batch_size}, up to {steps} steps"
           + (f" / {max_minutes} min" if max_minutes else ""), flush=True)
 
+    def training(step: int, wall: float) -> dict:  # the checkpoint's record of how it was made
+        return {
+            "preset": preset, "demos": str(demos), "tasks": data.tasks, "prompts": data.prompts,
+            "episodes": data.episodes, "frames": n, "steps": step, "batch_size": batch_size, "lr": lr,
+            "weight_decay": weight_decay, "warmup": warmup, "ema": ema, "shift": shift, "seed": seed,
+            "final_loss": float(np.mean(losses[-log_every:])), "wall_s": round(wall, 1), "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "init": init, "demo_noise": data.meta.get("noise"), "image_size": data.meta.get("image_size"),
+        }
+
     tmp = staging(out_path)
+    losses: list[float] = []
+    step, t0 = 0, time.perf_counter()
     try:
         log = open(tmp / "train_log.jsonl", "w")
         ar = torch.arange(chunk, device=dev)
@@ -217,8 +245,7 @@ def run_train(
         cams = {c: (base if k == "observation/image" else wrist) for k, c in spec.cameras}
         ones = torch.ones(batch_size, dtype=torch.bool, device=dev)
         t0 = time.perf_counter()
-        losses: list[float] = []
-        step, progress = 0, 0.0
+        progress = 0.0
         while progress < 1.0:
             ii = rng.integers(0, n, batch_size)  # kept on the host for the prompts: no device sync
             idx = torch.from_numpy(ii).to(dev)
@@ -258,19 +285,19 @@ def run_train(
         log.close()
         wall = time.perf_counter() - t0
         ema_model.float()
-        save_checkpoint(
-            tmp, ema_model.cpu(), stats, robot="metaworld",
-            training={
-                "preset": preset, "demos": str(demos), "tasks": data.tasks, "prompts": data.prompts,
-                "episodes": data.episodes, "frames": n, "steps": step, "batch_size": batch_size, "lr": lr,
-                "weight_decay": weight_decay, "warmup": warmup, "ema": ema, "shift": shift, "seed": seed,
-                "final_loss": float(np.mean(losses[-log_every:])), "wall_s": round(wall, 1), "device": str(dev),
-                "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                "init": init, "demo_noise": data.meta.get("noise"), "image_size": data.meta.get("image_size"),
-            },
-        )
+        save_checkpoint(tmp, ema_model.cpu(), stats, robot="metaworld", training=training(step, wall))
         swap_in(tmp, out_path)
         print(f"saved {out_path} after {step} steps in {wall / 60:.1f} min (final loss {np.mean(losses[-log_every:]):.4f})")
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: `out` stays as it was; the weights so far are kept aside
+        kept = None
+        if losses:
+            log.close()
+            kept = _keep_interrupted(tmp, out_path, ema_model, stats, {**training(step, time.perf_counter() - t0),
+                                                                        "interrupted": True, "max_steps": steps})
+        e.kept = f"{out_path} is as it was; " + (
+            f"the EMA weights after {step} of up to {steps} steps are in {kept}: continue from them with "
+            f"--init {kept} (a new LR schedule)" if kept else "nothing of this run was kept")
+        raise
     finally:
         if tmp.exists():  # interrupted: drop the partial run, `out` is untouched
             shutil.rmtree(tmp)
