@@ -244,6 +244,38 @@ def test_compare_grid_cli(tmp_path, capsys):
         assert e.value.code == 2 and why in capsys.readouterr().err
 
 
+def test_compare_grid_interrupted_keeps_the_settings_replayed(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a long grid: the settings already replayed are in --json-out (marked incomplete)
+    and in a table, and the one-line message says how many; before, the JSON was never written."""
+    import json
+    import signal
+
+    import kvreuse.reuse.compare as rc
+    from kvreuse.cli import main
+
+    real, calls = rc.compare_actions, []
+
+    def stop_in_the_second_setting(*a, **kw):  # calls 1-2: the two baseline rows
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rc, "compare_actions", stop_in_the_second_setting)
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "grid", "--preset", "tiny-pi0", "--steps", "4", "--episodes", "1",
+              "--grid", "gate=always", "gate=period period=2,3", "--json-out", str(tmp_path / "g.json")])
+    assert e.value.code == 128 + signal.SIGINT
+    cap = capsys.readouterr()
+    assert cap.err.strip().splitlines() == [f"kvreuse: interrupted (1 of 3 settings replayed, written to "
+                                            f"{tmp_path / 'g.json'} (\"complete\": false))"]
+    got = json.load(open(tmp_path / "g.json"))
+    assert got["complete"] is False and got["settings_total"] == 3
+    assert [s["label"] for s in got["settings"]] == ["always/full"]
+    assert got["settings"][0]["summary"]["reuse_rate"] == 0.75
+    assert "| always/full | 75.0%" in cap.out
+
+
 def test_compare_modes_refuses_the_never_gate_before_any_work(monkeypatch, capsys):
     """compare modes under `--gate never` would print seven identical baseline rows, all labelled
     'never': one error line instead, before the model is built."""

@@ -81,7 +81,8 @@ class Grid:
     """Settings as in `kvreuse sweep --grid`: 'key=v1,v2 ...' specs over ReuseConfig fields."""
     src: Annotated[Source, tyro.conf.OmitArgPrefixes] = field(default_factory=Source)
     json_out: Optional[str] = None
-    """Also write every setting's summary as JSON here."""
+    """Also write every setting's summary as JSON here (interrupted: those replayed so far, with
+    "complete": false)."""
 
 
 @dataclass(frozen=True)
@@ -266,19 +267,31 @@ def run_grid(cmd: Grid) -> None:
                                                                 candidate_replay=ref)),
                    ("baseline, replayed again", again)], []
     cfg = base.model.cfg
-    for params, label in settings:
-        res = compare_actions(base, base.fork(reuse_config(params)), stream, cmd.src.seed, reference=ref)
-        rows.append((label, res))
-        vis, tl = res.work(cfg)
-        dumps.append({"setting": params, "label": label, "summary": res.summary(), "latency": res.candidate,
-                      "vision_passes_per_call": vis, "prefix_token_layer_share": tl})
-        print(f"  {label}: reuse {res.summary()['reuse_rate']:.1%}, x{res.summary()['speedup']:.2f}", flush=True)
+
+    def write(complete: bool) -> None:
+        with open(cmd.json_out, "w") as f:
+            json.dump({"source": what, "baseline": again.baseline, "baseline_again": again.candidate,
+                       "settings": dumps, "complete": complete, "settings_total": len(settings)}, f, indent=1)
+
+    try:
+        for params, label in settings:
+            res = compare_actions(base, base.fork(reuse_config(params)), stream, cmd.src.seed, reference=ref)
+            rows.append((label, res))
+            vis, tl = res.work(cfg)
+            dumps.append({"setting": params, "label": label, "summary": res.summary(), "latency": res.candidate,
+                          "vision_passes_per_call": vis, "prefix_token_layer_share": tl})
+            print(f"  {label}: reuse {res.summary()['reuse_rate']:.1%}, x{res.summary()['speedup']:.2f}", flush=True)
+    except KeyboardInterrupt as e:  # a long grid: what was replayed is not lost
+        print(grid_table(rows, cfg))
+        if cmd.json_out:
+            write(False)
+        e.kept = f"{len(dumps)} of {len(settings)} settings replayed" + (
+            f", written to {cmd.json_out} (\"complete\": false)" if cmd.json_out else ", in the table above")
+        raise
     print("open-loop replay (success is not measured here); latency without warm-up calls")
     print(grid_table(rows, cfg))
     if cmd.json_out:
-        with open(cmd.json_out, "w") as f:
-            json.dump({"source": what, "baseline": again.baseline, "baseline_again": again.candidate,
-                       "settings": dumps}, f, indent=1)
+        write(True)
 
 
 def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:
