@@ -167,6 +167,20 @@ def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path, capsys, monk
     assert [json.loads(x)["step"] for x in (kept / "train_log.jsonl").read_text().splitlines()] == [1]
 
 
+def test_train_prints_progress_at_least_once_a_minute(demo_dir, tmp_path, capsys, monkeypatch):
+    """Slow steps (a CPU: ~5 s each at batch 16) with the default --log-every 200 printed nothing
+    for over 15 minutes after step 1; the log file keeps its --log-every cadence."""
+    import kvreuse.train.train as tr
+
+    clock = iter(range(0, 10**6, 61))  # every reading of the clock 61 s later: each step over a minute
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: float(next(clock)))
+    tr.run_train(demos=str(demo_dir), out=str(tmp_path / "ck"), preset="tiny-pi0", steps=4, batch_size=2,
+                 device="cpu", log_every=100)
+    steps = [int(x.split()[1]) for x in capsys.readouterr().out.splitlines() if x.startswith("step ")]
+    assert steps == [1, 2, 3, 4]
+    assert [json.loads(x)["step"] for x in (tmp_path / "ck" / "train_log.jsonl").read_text().splitlines()] == [1, 4]
+
+
 def test_train_checks_options_before_loading(tmp_path):
     from kvreuse.train.train import run_train
 

@@ -51,6 +51,7 @@ def random_shift(img: torch.Tensor, pad: int, gen: torch.Generator | None = None
     return x[bi, ci, rows, cols]
 
 
+PRINT_EVERY_S = 60.0  # a progress line at least this often, whatever --log-every is
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "norm_stats.json", "train_log.jsonl")
 
 
@@ -111,7 +112,8 @@ def run_train(
         ema: decay of the weight average that gets saved.
         shift: random image shift in pixels (0 = none).
         device: auto (cuda when available, else cpu), cpu, cuda or cuda:N.
-        log_every: print and log (train_log.jsonl) the loss every this many steps (and step 1).
+        log_every: print and log (train_log.jsonl) the loss every this many steps (and step 1);
+            a line is also printed at least once a minute.
         tasks: train on these tasks of the demo set only (default all).
         init: start from this checkpoint's weights (fine-tuning; its preset must match; its
             normalization stats are kept).
@@ -245,7 +247,7 @@ def run_train(
         cams = {c: (base if k == "observation/image" else wrist) for k, c in spec.cameras}
         ones = torch.ones(batch_size, dtype=torch.bool, device=dev)
         t0 = time.perf_counter()
-        progress = 0.0
+        progress, printed = 0.0, 0.0
         while progress < 1.0:
             ii = rng.integers(0, n, batch_size)  # kept on the host for the prompts: no device sync
             idx = torch.from_numpy(ii).to(dev)
@@ -274,11 +276,14 @@ def run_train(
                 torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - d)
             step += 1
             losses.append(loss.item() if step % 10 == 0 or step < 50 else losses[-1])
-            if step == 1 or step % log_every == 0 or progress >= 1.0:  # step 1: early sign of life
+            logged = step == 1 or step % log_every == 0 or progress >= 1.0  # step 1: early sign of life
+            if logged or elapsed - printed >= PRINT_EVERY_S:  # slow steps (a CPU) still show progress
+                printed = elapsed
                 rec = {"step": step, "loss": float(np.mean(losses[-log_every:])), "lr": opt.param_groups[0]["lr"],
                        "elapsed_s": round(elapsed, 1), "steps_per_s": round(step / elapsed, 2), "progress": round(progress, 4)}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                if logged:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
                 eta = elapsed / max(progress, 1e-6) - elapsed
                 print(f"step {step:6d}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['steps_per_s']:.1f} it/s  "
                       f"{100 * progress:5.1f}%  eta {eta / 60:.1f} min", flush=True)
