@@ -348,3 +348,27 @@ def test_demo_workers_leave_ctrl_c_to_the_parent():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_interrupted_demos_close_their_progress_bar(tmp_path, monkeypatch):
+    """On a terminal, the one-line interrupt message was printed on the still-open tqdm bar's line."""
+    import kvreuse.progress
+    from kvreuse.train.demos import collect_demos
+
+    closed = []
+
+    class Bar:
+        def update(self, n=1):
+            raise KeyboardInterrupt  # Ctrl-C as the first demo is counted
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(kvreuse.progress, "progress", lambda *a, **kw: Bar())
+    with pytest.raises(KeyboardInterrupt):
+        collect_demos(out=str(tmp_path / "d"), tasks=("button-press-topdown-v3",), demos_per_task=1, image_size=32,
+                      max_steps=120, workers=1)
+    assert closed == [True]

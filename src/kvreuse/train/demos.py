@@ -258,21 +258,23 @@ def collect_demos(
             q = ctx.Queue()
             bar = progress(sum(u.n_demos for u in units), "demos", "demos", initial=recorded)
             timeouts = dict.fromkeys(tasks, 0)
-            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(q,)) as pool:
-                res = pool.map_async(_collect_unit, todo)
-                while not res.ready():  # workers report every episode: the bar moves per demo
-                    try:
-                        task, ok = q.get(timeout=0.5)
-                    except queue.Empty:
-                        continue
-                    bar.update(int(ok))
-                    recorded += int(ok)
-                    timeouts[task] += not ok
-                    if not ok:
-                        bar.set_postfix_str(f"{sum(timeouts.values())} episodes hit --max-steps {max_steps}")
-                results += res.get()
-            bar.update(sum(len(r["episodes"]) for r in results) - recorded)  # messages still in flight at the end
-            bar.close()
+            try:
+                with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(q,)) as pool:
+                    res = pool.map_async(_collect_unit, todo)
+                    while not res.ready():  # workers report every episode: the bar moves per demo
+                        try:
+                            task, ok = q.get(timeout=0.5)
+                        except queue.Empty:
+                            continue
+                        bar.update(int(ok))
+                        recorded += int(ok)
+                        timeouts[task] += not ok
+                        if not ok:
+                            bar.set_postfix_str(f"{sum(timeouts.values())} episodes hit --max-steps {max_steps}")
+                    results += res.get()
+                bar.update(sum(len(r["episodes"]) for r in results) - recorded)  # messages still in flight at the end
+            finally:  # an interrupt's message would land on a terminal bar's line
+                bar.close()
         for r in results:
             e = index["tasks"][r["task"]]
             e["parts"].append(r["part"])
