@@ -372,3 +372,22 @@ def test_interrupted_demos_close_their_progress_bar(tmp_path, monkeypatch):
         collect_demos(out=str(tmp_path / "d"), tasks=("button-press-topdown-v3",), demos_per_task=1, image_size=32,
                       max_steps=120, workers=1)
     assert closed == [True]
+
+
+@pytest.mark.parametrize("module, args, msg", [
+    ("kvreuse.train.train", ["--demos", "{tmp}/none", "--out", "{tmp}/ck"], "demos: no index.json in"),
+    ("kvreuse.train.demos", ["--tasks", "nope", "--out", "{tmp}/d"], "nope"),
+])
+def test_python_m_runs_as_the_kvreuse_command(module, args, msg, tmp_path, monkeypatch, capsys):
+    """scripts/testbed_device.sh runs `python -m kvreuse.train.*`: bad input is one error line, as with
+    `kvreuse train` / `kvreuse demos` (and Ctrl-C / SIGTERM end the same way), not a traceback."""
+    import runpy
+    import sys
+    import warnings
+
+    monkeypatch.setattr(sys, "argv", [module, *(a.format(tmp=tmp_path) for a in args)])
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as e:
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is already imported
+        runpy.run_module(module, run_name="__main__")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("kvreuse: error: ") and msg in err[0], err

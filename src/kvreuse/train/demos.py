@@ -434,7 +434,12 @@ def _load_part(f: Path) -> np.ndarray:
         raise ValueError(f"demos: cannot read {f} ({e})") from None
 
 
-if __name__ == "__main__":  # runnable without the CLI registry: python -m kvreuse.train.demos
-    import tyro
+# `python -m kvreuse.train.demos` (scripts/testbed_device.sh) is `kvreuse demos`: one-line errors,
+# and Ctrl-C / SIGTERM keep the finished parts with a one-line message; through tyro.cli alone
+# errors were tracebacks and SIGTERM ended the run at once.
+if __name__ == "__main__":
+    import sys
 
-    tyro.cli(collect_demos)
+    from ..cli import main
+
+    main(["demos", *sys.argv[1:]])

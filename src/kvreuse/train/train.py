@@ -308,7 +308,12 @@ def run_train(
             shutil.rmtree(tmp)
 
 
-if __name__ == "__main__":  # runnable without the CLI registry: python -m kvreuse.train.train
-    import tyro
+# `python -m kvreuse.train.train` (scripts/testbed_device.sh) is `kvreuse train`: one-line errors,
+# and Ctrl-C / SIGTERM save OUT.interrupted (as docs/TESTBED.md says); through tyro.cli alone
+# errors were tracebacks and SIGTERM ended the run at once.
+if __name__ == "__main__":
+    import sys
 
-    tyro.cli(run_train)
+    from ..cli import main
+
+    main(["train", *sys.argv[1:]])
