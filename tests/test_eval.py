@@ -1226,7 +1226,8 @@ def test_non_finite_or_misshapen_actions_are_a_policy_error_not_an_env_error():
 def test_unknown_task_points_at_the_likely_one():
     from kvreuse.eval.envs import check_tasks
 
-    with pytest.raises(ValueError, match=r"unknown task\(s\) \['reach far'\] \(did you mean reach-far\?\); valid tasks"):
+    hint = r"unknown task\(s\) \['reach far'\] \(did you mean reach-far\?\); valid tasks"
+    with pytest.raises(ValueError, match=hint):
         check_tasks(FakeEnv(), ("reach", "reach far"))
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['zzz'\]; valid tasks: reach"):
         check_tasks(FakeEnv(), ("zzz",))
