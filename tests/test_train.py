@@ -391,3 +391,22 @@ def test_python_m_runs_as_the_kvreuse_command(module, args, msg, tmp_path, monke
         runpy.run_module(module, run_name="__main__")
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("kvreuse: error: ") and msg in err[0], err
+
+
+def test_work_in_progress_folder_in_the_way_is_one_error(tmp_path, capsys):
+    """A file where a run keeps its work in progress (`.NAME.partial` for demos, the staging folder
+    for train) is one error line naming it, before any work; it was an OSError traceback."""
+    from kvreuse.cli import main
+    from kvreuse.train.outdir import staging
+
+    (tmp_path / ".d.partial").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        main(["demos", "--tasks", "button-press-topdown-v3", "--demos-per-task", "1", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0] == (f"kvreuse: error: --out {tmp_path / 'd'}: cannot write its work in progress "
+                      f"{tmp_path / '.d.partial'}: a file is in the way"), err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=r"^--out .*/file/out: cannot write its work in progress .*: "):
+        staging(blocker / "out")

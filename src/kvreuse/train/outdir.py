@@ -14,6 +14,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from ..outputs import os_reason
+
 
 def check_out(out: str | Path, what: str, holds: Callable[[Path], bool], owned: Callable[[Path], bool],
               overwrite: bool) -> Path:
@@ -39,10 +41,17 @@ def staging(out: Path) -> Path:
     """A fresh, empty hidden directory beside `out` (a leftover of a killed run is removed)."""
     out = Path(os.path.abspath(out))  # "." or "x/.." have no usable name
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise _unwritable(out, tmp, e) from None
     return tmp
+
+
+def _unwritable(out: Path, tmp: Path, e: OSError) -> ValueError:
+    return ValueError(f"--out {out}: cannot write its work in progress {tmp}: {os_reason(e)}")
 
 
 def resumable(out: Path) -> tuple[Path, int]:
@@ -51,8 +60,11 @@ def resumable(out: Path) -> tuple[Path, int]:
     done): two runs on one `out` at a time would write the same pieces."""
     out = Path(os.path.abspath(out))
     tmp = out.parent / f".{out.name}.partial"
-    tmp.mkdir(parents=True, exist_ok=True)
-    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:  # a read-only folder, a file of that name
+        raise _unwritable(out, tmp, e) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
