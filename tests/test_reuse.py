@@ -511,9 +511,11 @@ def test_layer_wise_cameras_back_at_the_base_get_its_upper_layers_back(variant):
     rng = np.random.default_rng(2)
     raw = raw_obs(rng, state=np.array([0.1, 0.2, 0.3, 0.4]))
     pol = ReusePolicy(m, ReuseConfig(gate="always", mode="layer_wise"))
-    plans = [pol.infer(tf(r), noise_for(m, i))[1].plan for i, r in enumerate([raw, nudge(raw, rng, 30), raw])]
+    recs = [pol.infer(tf(r), noise_for(m, i))[1] for i, r in enumerate([raw, nudge(raw, rng, 30), raw])]
+    plans = [r.plan for r in recs]
     base = m.encode_prefix(tf(raw))
     assert plans[:2] == ["all", "layers"] and plans[2] != "none"
+    assert [r.mixed for r in recs] == [False, True, False]  # back at the base: one observation's K/V again
     torch.testing.assert_close(pol.cache.k, base.k, atol=1e-5, rtol=1e-5)  # h - e + e: the base's, up to rounding
     torch.testing.assert_close(pol.cache.v, base.v, atol=1e-5, rtol=1e-5)
     assert pol.infer(tf(raw), noise_for(m, 3))[1].plan == "none"  # now nothing to recompute

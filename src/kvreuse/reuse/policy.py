@@ -383,7 +383,8 @@ class ReusePolicy:
             self.births[rec] = call
             self.birth_times[rec] = now
         else:  # layers: lower layers (and the signal references) stay those of the base snapshot
-            self.layer_mixed = True
+            # No camera to run: the upper layers went back to the base's, so the K/V are one observation's.
+            self.layer_mixed = bool(plan.run_cameras)
             self._layer_cams = plan.run_cameras
         self._parts.add("sample" if overlap else "prefix", t)
         if plan.kind == "tokens":  # done once the denoise is queued: it needs none of it
