@@ -50,7 +50,6 @@ DUMMY_ACTION = [0.0] * 6 + [-1.0]
 RENDER_SIZE = 256
 IMAGE_SIZE = 224
 ENV_SEED = 7  # openpi's default --seed
-REPLAN = 5  # openpi's replan_steps
 
 
 def check_suite(suite: str) -> str:

@@ -27,7 +27,6 @@ from ..transforms.robot import ROBOTS
 from .stats import latency
 
 STATUSES = ("success", "failure", "error")
-TIMING_PARTS = ("total", "vision", "prefix", "denoise", "sample")  # see reuse/policy.py
 
 
 @dataclass
