@@ -7,7 +7,6 @@ Semantics of every field are in docs/REUSE.md.
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -204,9 +203,6 @@ class ReuseConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
     @staticmethod
     def from_dict(d: dict) -> "ReuseConfig":
