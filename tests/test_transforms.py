@@ -8,7 +8,7 @@ import torch
 
 from kvreuse.model import preset
 from kvreuse.model.tokenizer import ByteTokenizer
-from kvreuse.transforms.images import preprocess_image, resize_with_pad, to_batched_chw
+from kvreuse.transforms.images import preprocess_image, resize_with_pad
 from kvreuse.transforms.normalize import (
     NormStats,
     Stats,
@@ -45,12 +45,12 @@ def raw(b=None, h=96, w=128):
 
 def test_uint8_and_float_images_agree():
     img = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    a = to_batched_chw(img)
-    b = to_batched_chw(img.astype(np.float32) / 255.0)
+    a = preprocess_image(img, 64)  # the image's own size: no resize
+    b = preprocess_image(img.astype(np.float32) / 255.0, 64)
     assert a.shape == (1, 3, 64, 64) and a.min() >= -1 and a.max() <= 1
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     # Channels-first input gives the same tensor.
-    torch.testing.assert_close(to_batched_chw(np.ascontiguousarray(img.transpose(2, 0, 1))), a)
+    torch.testing.assert_close(preprocess_image(np.ascontiguousarray(img.transpose(2, 0, 1)), 64), a)
 
 
 def test_resize_with_pad_keeps_aspect_and_pads_black():
@@ -82,7 +82,7 @@ def test_flip180():
 )
 def test_bad_images(img, match):
     with pytest.raises(ValueError, match=match):
-        to_batched_chw(img, name="observation/image")
+        preprocess_image(img, 32, name="observation/image")
 
 
 

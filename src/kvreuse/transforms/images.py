@@ -65,10 +65,6 @@ def _chw_unit_range(t: torch.Tensor) -> torch.Tensor:
     return t.float() / torch.full((), 127.5, device=t.device) - 1.0
 
 
-def to_batched_chw(img, name: str = "image") -> torch.Tensor:
-    return _chw_unit_range(_batched(img, name))
-
-
 def resize_with_pad(x: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, 3, size, size); keeps aspect ratio, pads with black (-1)."""
     b, c, h, w = x.shape
