@@ -49,7 +49,7 @@ def model_and_tf(variant: str):
     return _MODELS[variant]
 
 
-def raw_obs(rng: np.random.Generator, prompt="pick up the puck", state=None, noise_images=True) -> dict:
+def raw_obs(rng: np.random.Generator, prompt="pick up the puck", state=None) -> dict:
     img = lambda: rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)  # noqa: E731
     return {
         "observation/image": img(),
