@@ -32,10 +32,6 @@ class Span:
     end: int
     snapshot: int
 
-    @property
-    def slice(self) -> slice:
-        return slice(self.start, self.end)
-
 
 @dataclass
 class PrefixCache:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,11 +28,6 @@ class StepRecord:
     @property
     def reused(self) -> bool:
         return self.decision == "reuse"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["snapshots"] = list(self.snapshots)
-        return d
 
 
 class ReuseStats:
