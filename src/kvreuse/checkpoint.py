@@ -16,6 +16,7 @@ is one ValueError naming it; `check_checkpoint` runs those checks from the heade
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -162,6 +163,12 @@ def missing_stats_warning(path: str | Path) -> str | None:
         return None
     return (f"warning: checkpoint {path} has no norm stats beside its weights ({STATS_FILES}): states and "
             "actions pass unnormalized; copy its stats there if it was trained")
+
+
+def warn_missing_stats(path: str | Path) -> None:
+    """missing_stats_warning on stderr, if any: what eval, serve and compare print once checked."""
+    if note := missing_stats_warning(path):
+        print(note, file=sys.stderr)
 
 
 def check_weights(f: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -417,10 +417,9 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         if note := training_layouts_note(plan.env, episodes):
             print(note, file=sys.stderr)
         if src.checkpoint is not None:  # once all is checked: a warning, then no error
-            from ..checkpoint import missing_stats_warning
+            from ..checkpoint import warn_missing_stats
 
-            if note := missing_stats_warning(src.checkpoint):
-                print(note, file=sys.stderr)
+            warn_missing_stats(src.checkpoint)
         plan = _trained_render_size(plan, env, meta)
     finally:
         env.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Optional, Union
 
@@ -124,16 +123,14 @@ def load(src: Source):
             shipped = "" if src.checkpoint else f" (without --checkpoint, {src.preset} runs the shipped {ckpt})"
             raise ValueError(f"stats_from: only for a random full-size model (--preset pi0 / pi05, no --checkpoint): "
                              f"a checkpoint brings its own{shipped}")
-        from ..checkpoint import checkpoint_format, missing_stats_warning, read_meta
+        from ..checkpoint import checkpoint_format, read_meta, warn_missing_stats
 
         # A reference (lerobot / openpi) checkpoint names no robot: the stream's (else Meta-World's).
         named = checkpoint_format(ckpt) == "kvreuse" and read_meta(ckpt).get("robot") is not None
         policy = Policy.from_checkpoint(ckpt, device=src.device, seed=src.seed, tokenizer=src.tokenizer, dtype=dtype,
                                         fast=src.fast, robot=None if named else robot)
         what = f"checkpoint {ckpt}"
-        note = missing_stats_warning(ckpt)
-        if note:
-            print(note, file=sys.stderr)
+        warn_missing_stats(ckpt)
     else:
         # A random model over the robot's cameras and dims. A full-size preset is made on the device
         # in its dtype (its latency does not depend on the values), with the byte tokenizer standing

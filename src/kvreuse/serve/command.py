@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import sys
 from typing import Annotated
 
 import tyro
@@ -26,13 +25,11 @@ def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny
     from ..transforms.robot import robot_spec
 
     if checkpoint is not None:
-        from ..checkpoint import missing_stats_warning
+        from ..checkpoint import warn_missing_stats
 
         policy = Policy.from_checkpoint(checkpoint, reuse=reuse, device=device, seed=seed, tokenizer=tokenizer,
                                         robot=robot, fast=fast, keep_absent_cameras=keep_absent_cameras)
-        note = missing_stats_warning(checkpoint)
-        if note:
-            print(note, file=sys.stderr)
+        warn_missing_stats(checkpoint)
         source = checkpoint
     else:  # no weights: a random model of a preset (protocol and load testing only)
         spec = robot_spec(robot or "metaworld")
