@@ -28,17 +28,23 @@ def _ep(task, i, status="success", ms=10.0, calls=4):
                          reasons=["x"] * calls, timings={} if status == "error" else {"total": [ms] * calls})
 
 
+def _baseline_and_thr(st):
+    """The setting ids of a baseline and a threshold setting ("thr") of one policy on the fake env."""
+    from kvreuse.eval.store import Setting
+
+    return st.setting_id(Setting("p", "fake", 5)), st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+
+
 def test_speedup_compares_the_same_episodes_as_the_paired_test(tmp_path):
     """An episode only one side finished (an env error on the other, or one the baseline never ran)
     is in neither mean of the speedup: before, the baseline's mean kept the episodes the setting
     lost to errors and the setting's kept episodes the baseline never ran."""
     from kvreuse.eval.report import ALL, compute_rows
-    from kvreuse.eval.store import ResultStore, Setting
+    from kvreuse.eval.store import ResultStore
 
     db = tmp_path / "s.db"
     with ResultStore(db) as st:
-        base = st.setting_id(Setting("p", "fake", 5))
-        thr = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+        base, thr = _baseline_and_thr(st)
         for i in range(4):  # the pairs: baseline 40 ms, setting 20 ms -> 2x
             st.add(base, _ep("reach", i, ms=40.0))
             st.add(thr, _ep("reach", i, ms=20.0))
@@ -80,12 +86,11 @@ def test_tables_and_plots_say_when_rows_count_different_episodes(tmp_path, monke
     import matplotlib.axes
 
     from kvreuse.eval.report import UNEQUAL, compute_rows, markdown, write_plots
-    from kvreuse.eval.store import ResultStore, Setting
+    from kvreuse.eval.store import ResultStore
 
     db = tmp_path / "u.db"
     with ResultStore(db) as st:
-        base = st.setting_id(Setting("p", "fake", 5))
-        thr = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+        base, thr = _baseline_and_thr(st)
         for i in range(2):
             for task in ("a", "b"):
                 st.add(base, _ep(task, i))
@@ -108,12 +113,11 @@ def test_a_setting_with_no_finished_episode_shows_no_rates(tmp_path):
     """Every episode an env error: success, latency and reuse rate are unknown ("–"), not 0%; the
     interval is the whole range."""
     from kvreuse.eval.report import compute_rows, markdown
-    from kvreuse.eval.store import ResultStore, Setting
+    from kvreuse.eval.store import ResultStore
 
     db = tmp_path / "e.db"
     with ResultStore(db) as st:
-        base = st.setting_id(Setting("p", "fake", 5))
-        thr = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+        base, thr = _baseline_and_thr(st)
         st.add(base, _ep("a", 0))
         st.add(thr, _ep("a", 0, "error"))
     line = next(ln for ln in markdown(compute_rows(db)).splitlines() if ln.startswith("| thr |"))
@@ -122,12 +126,11 @@ def test_a_setting_with_no_finished_episode_shows_no_rates(tmp_path):
 
 def test_reuse_rate_axis_stays_within_0_to_100_percent(tmp_path, monkeypatch):
     from kvreuse.eval import report
-    from kvreuse.eval.store import ResultStore, Setting
+    from kvreuse.eval.store import ResultStore
 
     db = tmp_path / "r.db"
     with ResultStore(db) as st:
-        base = st.setting_id(Setting("p", "fake", 5))
-        thr = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+        base, thr = _baseline_and_thr(st)
         st.add(base, _ep("a", 0))
         r = _ep("a", 0)
         r.reuses = r.calls  # 100% reuse
@@ -148,12 +151,11 @@ def test_per_task_plot_tells_a_0_percent_bar_from_a_task_not_run(tmp_path, monke
     import matplotlib.colors
 
     from kvreuse.eval import report
-    from kvreuse.eval.store import ResultStore, Setting
+    from kvreuse.eval.store import ResultStore
 
     db = tmp_path / "p.db"
     with ResultStore(db) as st:
-        base = st.setting_id(Setting("p", "fake", 5))
-        thr = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+        base, thr = _baseline_and_thr(st)
         for i in range(2):
             for task in ("a", "b"):
                 st.add(base, _ep(task, i))
