@@ -558,7 +558,6 @@ class FastPi0:
             self.vis = _fuse_siglip(model.vision)
             self.llm = _fuse_gemma(model.llm)
             self.exp = _fuse_gemma(model.expert)
-            self.llm_final = None
             self._zero_w = torch.zeros(cfg.llm.width, dtype=model.dtype, device=model.device)  # see _lt_residual
             self.exp_final = _one_plus(model.expert.norm)
         if cfg.state_in_prompt is False:
