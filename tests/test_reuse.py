@@ -521,6 +521,32 @@ def test_layer_wise_cameras_back_at_the_base_get_its_upper_layers_back(variant):
     assert pol.infer(tf(raw), noise_for(m, 3))[1].plan == "none"  # now nothing to recompute
 
 
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+def test_layer_wise_repeated_moved_frame_reuses_the_upper_layers_it_holds(variant):
+    """A moved frame seen again (the robot holding still after it moved) finds its own upper layers
+    in the cache: nothing to recompute, and the cache is what recomputing would give. Another
+    moved frame, or a second camera moving too, is recomputed."""
+    m, tf = model_and_tf(variant)
+    rng = np.random.default_rng(3)
+    raw = raw_obs(rng, state=np.array([0.1, 0.2, 0.3, 0.4]))
+    moved, other = nudge(raw, rng, 30), nudge(raw, rng, 30)
+    pol = ReusePolicy(m, ReuseConfig(gate="always", mode="layer_wise"))
+    ref = ReusePolicy(m, ReuseConfig(gate="always", mode="layer_wise"))
+    for i, r in enumerate([raw, moved]):
+        pol.infer(tf(r), noise_for(m, i))
+        ref.infer(tf(r), noise_for(m, i))
+    held = pol.cache
+    rec = pol.infer(tf(moved), noise_for(m, 2))[1]
+    assert (rec.plan, rec.decision, rec.mixed, rec.cost["lm_tokens"]) == ("none", "reuse", True, 0)
+    assert pol.cache is held
+    assert ref.infer(tf(other), noise_for(m, 2))[1].plan == "layers"  # other pixels: recomputed
+    both = {**moved, "observation/wrist_image": 255 - raw["observation/wrist_image"]}
+    assert pol.infer(tf(both), noise_for(m, 3))[1].plan == "layers"  # the wrist camera moved too
+    assert pol.infer(tf(moved), noise_for(m, 4))[1].plan == "layers"  # wrist back: upper layers redone
+    torch.testing.assert_close(pol.cache.k, held.k, atol=1e-5, rtol=1e-5)
+    assert pol.infer(tf(moved), noise_for(m, 5))[1].plan == "none"
+
+
 # ---- host bookkeeping: the plans compare CPU copies, equal to the cache's ---------------------
 
 
