@@ -1,8 +1,9 @@
 """The reuse layer on FastPi0 (CUDA graphs on a GPU) against the eager model: every mode under the
 always gate, and the period gate with text_fixed / layer_wise / partial, over a sequence that
-moves a camera and comes back to the first frame (layer_wise's return to its base). Prints each
-setting's decisions and the worst relative error; exits 1 when decisions differ or an error
-exceeds 1e-3 (float32 on a GPU runs TF32 products: ~5e-4 on an H100).
+moves a camera, repeats the moved frame and comes back to the first frame (layer_wise's return to
+its base). Prints each setting's decisions (decision:plan) and the worst relative error; exits 1
+when decisions differ or an error exceeds 1e-3 (float32 on a GPU runs TF32 products: ~5e-4 on an
+H100).
 
     PYTHONPATH=src python3 scripts/reuse_fast_check.py [cuda|cpu]
 """
@@ -39,7 +40,7 @@ def main(dev: str) -> int:
                 pol.reset()
                 runs.append([pol.infer(o, noise) for o in seq])
             err = max(rel_err(f[0].float(), e[0].float()) for e, f in zip(*runs, strict=True))
-            decisions = [[(r[1].decision, r[1].mode) for r in run] for run in runs]
+            decisions = [[(f"{r[1].decision}:{r[1].plan}", r[1].mode) for r in run] for run in runs]
             worst, same = max(worst, err), same and decisions[0] == decisions[1]
             print(f"{variant} {rc.label()}: {' '.join(d for d, _ in decisions[1])}; max rel err {err:.2e}"
                   + ("" if decisions[0] == decisions[1] else f"; eager decided {decisions[0]}"))
