@@ -325,12 +325,63 @@ def test_interrupted_demos_keep_finished_parts_and_a_rerun_continues(tmp_path, m
     monkeypatch.setattr(dm, "_tidy", real_tidy)
     main([*args, "--out", str(tmp_path / "d")])
     out = capsys.readouterr().out
-    assert f"continuing the interrupted run in {part}: 1 of 2 parts (1 demos) already recorded" in out
+    assert f"continuing the unfinished run in {part}: 1 of 2 parts (1 demos) already recorded" in out
     assert not part.exists()
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [task, "index.json"]
     assert {f.name: f.read_bytes() for f in (tmp_path / "d" / task).iterdir()} == \
         {k: v for k, v in full.items() if k.endswith(".npy")}  # the redone part is the same as first recorded
     assert dm.load_demos(tmp_path / "d").episodes == 2
+
+
+def test_failed_demos_keep_finished_parts_and_a_rerun_continues(tmp_path, capsys):
+    """An error in a worker (here: the disk refuses a part's files) after another part finished:
+    the finished part stays in .NAME.partial, one error line says so, and the same command
+    continues from it; the failed run deleted every finished part."""
+    from kvreuse.cli import main
+
+    done, bad = "button-press-topdown-v3", "reach-v3"
+    part = tmp_path / ".d.partial"
+    (part / bad / "part00.json").mkdir(parents=True)  # the worker cannot clear this part's marker
+    args = ["demos", "--tasks", done, bad, "--demos-per-task", "1", "--workers", "1", "--image-size", "32",
+            "--max-steps", "120", "--out", str(tmp_path / "d")]
+    with pytest.raises(SystemExit) as e:
+        main(args)  # one worker: the parts run in order, the failing one second
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) >= 1 and err[-1].startswith("kvreuse: error: demos: IsADirectoryError"), err
+    assert err[-1].endswith(f"(1 of 2 parts are kept in {part}; the same command continues from them)"), err
+    assert (part / done / "part00.json").is_file() and not (tmp_path / "d").exists()
+    (part / bad / "part00.json").rmdir()
+    main(args)
+    assert "continuing the unfinished run in" in capsys.readouterr().out
+    assert not part.exists() and sorted(p.name for p in (tmp_path / "d").iterdir()) == [done, "index.json", bad]
+
+
+def test_demos_failing_while_writing_the_set_keep_every_part(tmp_path, monkeypatch, capsys):
+    """A late error (the disk, while writing index.json after _tidy dropped the markers) kept nothing:
+    every part is kept, with its marker, and the rerun records none again."""
+    import kvreuse.train.demos as dm
+    from kvreuse.cli import main
+
+    task = "button-press-topdown-v3"
+    args = ["demos", "--tasks", task, "--demos-per-task", "1", "--workers", "1", "--image-size", "32",
+            "--max-steps", "120", "--out", str(tmp_path / "d")]
+    real_tidy = dm._tidy
+
+    def tidy_then_fail(tmp, units):
+        real_tidy(tmp, units)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dm, "_tidy", tidy_then_fail)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and err[-1] == (
+        "kvreuse: error: demos: OSError: [Errno 28] No space left on device "
+        f"(1 of 1 parts are kept in {tmp_path / '.d.partial'}; the same command continues from them)"), err
+    monkeypatch.setattr(dm, "_tidy", real_tidy)
+    main(args)
+    assert "1 of 1 parts (1 demos) already recorded" in capsys.readouterr().out
+    assert dm.load_demos(tmp_path / "d").episodes == 1
 
 
 def test_demo_workers_leave_ctrl_c_to_the_parent():

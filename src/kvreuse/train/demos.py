@@ -25,10 +25,11 @@ of its part. Parts exist so that several worker processes can fill one task in p
 
 A run writes into a staging directory beside DIR (`.DIR.partial`) and swaps it in only once every
 task has its demos (train/outdir.py): an interrupted or failed run leaves DIR as it was. An
-interrupted run (Ctrl-C, SIGTERM, a kill) keeps the staging directory: each finished part there
-has a marker `<task>/partNN.json` (its settings and episodes, written after its arrays), and
-the same command reuses those parts and records only the others; a part without a marker, or
-recorded with other settings, is recorded again. A DIR that already holds a demo set is
+interrupted run (Ctrl-C, SIGTERM, a kill) or a failed one (an error in a worker or while writing)
+keeps the staging directory: each finished part there has a marker `<task>/partNN.json` (its
+settings and episodes, written after its arrays), and the same command reuses those parts and
+records only the others; a part without a marker, or recorded with other settings, is recorded
+again. A DIR that already holds a demo set is
 replaced only with `overwrite=True` (`--overwrite`).
 """
 
@@ -107,6 +108,10 @@ def _finished(u: _Unit) -> dict | None:
     return m.get("result")
 
 
+class _Shortfall(ValueError):
+    """Fewer demos than asked for: the same command would fall short again."""
+
+
 def _collect_unit(u: _Unit) -> dict:
     """Worker: collect up to u.n_demos successful demos of one task from u.init_ids."""
     import torch
@@ -159,11 +164,15 @@ def _collect_unit(u: _Unit) -> dict:
         np.save(d / f"part{u.part:02d}_{k}.npy", arr)
     result = {"task": u.task, "part": u.part, "episodes": episodes, "timeouts": timeouts,
               "frames": n, "seconds": time.perf_counter() - t0}
+    _write_marker(u, result)
+    return result
+
+
+def _write_marker(u: _Unit, result: dict) -> None:
     # The marker comes last and by rename: a part cut off while writing has none, and is redone.
     marker = _marker(u.out, u)
     marker.with_suffix(".tmp").write_text(json.dumps({"settings": _settings(u), "result": result}))
     marker.with_suffix(".tmp").replace(marker)
-    return result
 
 
 def collect_demos(
@@ -191,8 +200,8 @@ def collect_demos(
         overwrite: replace a demo set already in `out` (otherwise refused).
 
     Nothing is written unless every task gets its demos: a shortfall (episodes cut off at
-    max_steps) is an error naming the tasks, and `out` stays as it was. An interrupted run keeps
-    its finished parts beside `out` (.NAME.partial); the same command continues from them."""
+    max_steps) is an error naming the tasks, and `out` stays as it was. An interrupted or failed
+    run keeps its finished parts beside `out` (.NAME.partial); the same command continues from them."""
     import multiprocessing as mp
 
     from ..envs.metaworld import (
@@ -244,15 +253,16 @@ def collect_demos(
              "tasks": {t: {"prompt": prompt_for(t), "parts": [], "episodes": [], "timeouts": 0} for t in tasks}}
     t0 = time.perf_counter()
     tmp, lock = resumable(out)
+    units = [replace(u, out=str(tmp)) for u in units]
+    results: list[dict] = []
     try:
-        units = [replace(u, out=str(tmp)) for u in units]
         kept = {(u.task, u.part): r for u in units if (r := _finished(u)) is not None}
         todo = [u for u in units if (u.task, u.part) not in kept]
         recorded = sum(len(r["episodes"]) for r in kept.values())
         if kept:
-            print(f"demos: continuing the interrupted run in {tmp}: {len(kept)} of {len(units)} parts "
+            print(f"demos: continuing the unfinished run in {tmp}: {len(kept)} of {len(units)} parts "
                   f"({recorded} demos) already recorded", flush=True)
-        results = list(kept.values())
+        results += kept.values()
         if todo:
             ctx = mp.get_context("spawn")  # fresh processes: no GL or torch state inherited
             q = ctx.Queue()
@@ -286,7 +296,7 @@ def collect_demos(
         short = {t: (len(e["episodes"]), per_task[t], e["timeouts"]) for t, e in index["tasks"].items()
                  if len(e["episodes"]) < per_task[t]}
         if short:
-            raise ValueError(
+            raise _Shortfall(
                 "demos: fewer demos than requested ("
                 + ", ".join(f"{t}: {got} of {want}, {to} episodes cut off at --max-steps {max_steps}"
                             for t, (got, want, to) in short.items())
@@ -294,17 +304,30 @@ def collect_demos(
         _tidy(tmp, units)
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
         swap_in(tmp, out)
-    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: keep the finished parts for the next run
-        done = [u for u in units if _finished(u) is not None]
-        if done:
-            e.kept = (f"{len(done)} of {len(units)} parts are kept in {tmp}; "
-                      "the same command continues from them")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except BaseException:  # failed: nothing of it is worth keeping, `out` is untouched
+    except _Shortfall:  # the same command would fall short again: nothing of it is worth keeping
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    except BaseException as e:  # interrupted or failed: keep the finished parts for the next run
+        for r in results:  # _tidy removed the markers: a failure while writing the index or swapping in
+            u = next(u for u in units if (u.task, u.part) == (r["task"], r["part"]))
+            if _finished(u) is None:
+                try:
+                    _write_marker(u, r)
+                except OSError:  # a full disk: that part is recorded again
+                    pass
+        done = [u for u in units if _finished(u) is not None]
+        if not done:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        kept = f"{len(done)} of {len(units)} parts are kept in {tmp}; the same command continues from them"
+        if isinstance(e, KeyboardInterrupt):
+            e.kept = kept
+            raise
+        if not isinstance(e, Exception):
+            raise
+        # A worker's or a late error (the simulator, the disk): one line that says what was kept.
+        why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"demos: {why} ({kept})") from e
     finally:
         os.close(lock)
     frames = sum(x["length"] for e in index["tasks"].values() for x in e["episodes"])
