@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -382,6 +383,64 @@ def test_demos_failing_while_writing_the_set_keep_every_part(tmp_path, monkeypat
     main(args)
     assert "1 of 1 parts (1 demos) already recorded" in capsys.readouterr().out
     assert dm.load_demos(tmp_path / "d").episodes == 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_demo_workers_die_with_a_killed_run(tmp_path):
+    """kill -9 of `kvreuse demos`: its workers went on recording their parts, unseen."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["--tasks", "button-press-topdown-v3", "--demos-per-task", "60", "--parts-per-task", "2",
+            "--workers", "2", "--image-size", "32", "--max-steps", "120", "--out", str(tmp_path / "d")]
+    run = subprocess.Popen([sys.executable, "-m", "kvreuse.train.demos", *args],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # both workers at work: torch is loaded in _collect_unit
+            kids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == run.pid]
+            workers = [k for k in kids if "multiprocessing" in _read(f"/proc/{k}/cmdline")
+                       and "resource_tracker" not in _read(f"/proc/{k}/cmdline")]
+            if len(workers) == 2 and all("libtorch" in _read(f"/proc/{k}/maps") for k in workers):
+                break
+            assert run.poll() is None, "the run ended before its workers started"
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"no two working workers within 60 s: {workers}")
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        deadline = time.monotonic() + 5
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "workers outlived the killed run"
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for w in workers:  # without the fix: stop them here
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _ppid(p: Path) -> int:
+    s = _read(str(p / "stat"))
+    return int(s.rsplit(")", 1)[1].split()[1]) if ")" in s else -1
 
 
 def test_demo_workers_leave_ctrl_c_to_the_parent():

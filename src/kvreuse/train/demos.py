@@ -55,13 +55,27 @@ PART_FILE = re.compile(rf"part\d+_({'|'.join(FIELDS)})\.npy")
 GIVE_UP_AFTER = 20
 
 _progress = None  # worker side: queue of (task, success) per finished episode, for the bar
+_parent = None  # worker side: the pid of the `kvreuse demos` process
 
 
-def _init_worker(q) -> None:
-    global _progress
-    _progress = q
+def _init_worker(q, parent: int | None = None) -> None:
+    global _progress, _parent
+    _progress, _parent = q, parent
     import signal
     import warnings
+
+    # Workers must not outlive a killed run (kill -9, OOM killer): they would go on recording their
+    # parts unseen. Linux: the kernel sends SIGKILL when the thread that started them (the parent's
+    # main thread, which made the pool) ends; elsewhere each episode checks the parent below.
+    if parent is not None:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux
+            pass
+        if os.getppid() != parent:  # it died before prctl
+            os._exit(1)
 
     # Ctrl-C reaches the whole process group: the parent stops the pool and reports in one line;
     # a worker's own KeyboardInterrupt would print a traceback through the pool's machinery.
@@ -130,6 +144,8 @@ def _collect_unit(u: _Unit) -> dict:
     for init_id in u.init_ids:
         if len(episodes) >= u.n_demos or in_a_row >= GIVE_UP_AFTER:
             break
+        if _parent is not None and os.getppid() != _parent:  # the run was killed
+            os._exit(1)
         seed = int(rng.integers(2**31))
         obs = env.reset(u.task, init_id, seed)
         ep = {k: [] for k in FIELDS}
@@ -269,7 +285,7 @@ def collect_demos(
             bar = progress(sum(u.n_demos for u in units), "demos", "demos", initial=recorded)
             timeouts = dict.fromkeys(tasks, 0)
             try:
-                with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(q,)) as pool:
+                with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(q, os.getpid())) as pool:
                     res = pool.map_async(_collect_unit, todo)
                     while not res.ready():  # workers report every episode: the bar moves per demo
                         try:
