@@ -503,6 +503,18 @@ def test_python_m_runs_as_the_kvreuse_command(module, args, msg, tmp_path, monke
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("kvreuse: error: ") and msg in err[0], err
 
 
+def test_swap_in_failing_leaves_the_previous_result(tmp_path):
+    """swap_in moved `out` aside, then failed to move the new one in: `out` was left missing."""
+    from kvreuse.train.outdir import swap_in
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "index.json").write_text("old")
+    with pytest.raises(FileNotFoundError):
+        swap_in(tmp_path / ".d.partial", out)  # the new result is gone: the rename fails
+    assert [p.name for p in tmp_path.iterdir()] == ["d"] and (out / "index.json").read_text() == "old"
+
+
 def test_work_in_progress_folder_in_the_way_is_one_error(tmp_path, capsys):
     """A file where a run keeps its work in progress (`.NAME.partial` for demos, the staging folder
     for train) is one error line naming it, before any work; it was an OSError traceback."""

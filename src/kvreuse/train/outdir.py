@@ -79,6 +79,11 @@ def swap_in(tmp: Path, out: Path) -> None:
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:  # `out` must not be left missing: the previous result goes back
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
     if old.exists():
         shutil.rmtree(old)
