@@ -168,6 +168,30 @@ def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path, capsys, monk
     assert [json.loads(x)["step"] for x in (kept / "train_log.jsonl").read_text().splitlines()] == [1]
 
 
+def test_train_failing_mid_run_keeps_the_weights_reached(demo_dir, tmp_path, monkeypatch):
+    """An error after some steps (the device, a data error on a later batch) lost the EMA weights
+    reached: they are kept at OUT.interrupted as on Ctrl-C, and the one error line says where."""
+    from kvreuse.checkpoint import load_checkpoint
+    from kvreuse.train.train import _lr_factor, run_train
+
+    def fail_third(progress, warmup):  # progress = step / steps: fail in the third of 5 steps
+        if progress > 2.5 / 5:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return _lr_factor(progress, warmup)
+
+    monkeypatch.setattr("kvreuse.train.train._lr_factor", fail_third)
+    out, kept = tmp_path / "ck", tmp_path / "ck.interrupted"
+    with pytest.raises(ValueError) as e:
+        run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=5, batch_size=2, device="cpu")
+    assert str(e.value) == (
+        "train: RuntimeError: CUDA error: an illegal memory access was encountered "
+        f"({out} is as it was; the EMA weights after 2 of up to 5 steps are in {kept}: "
+        f"continue from them with --init {kept} (a new LR schedule))")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.interrupted"]  # no staging directory left
+    _, _, meta = load_checkpoint(kept)
+    assert meta["training"]["steps"] == 2 and meta["training"]["error"].startswith("RuntimeError: CUDA error")
+
+
 def test_train_prints_progress_at_least_once_a_minute(demo_dir, tmp_path, capsys, monkeypatch):
     """Slow steps (a CPU: ~5 s each at batch 16) with the default --log-every 200 printed nothing
     for over 15 minutes after step 1; the log file keeps its --log-every cadence."""

@@ -56,7 +56,7 @@ CHECKPOINT_FILES = ("model.safetensors", "config.json", "norm_stats.json", "trai
 
 
 def _keep_interrupted(tmp, out, ema_model, stats, training: dict) -> Path | None:
-    """Save the interrupted run's EMA weights as a checkpoint at OUT.interrupted (replacing an earlier
+    """Save the interrupted (or failed) run's EMA weights as a checkpoint at OUT.interrupted (replacing an earlier
     one): written in the staging directory and renamed, so it is whole or absent."""
     from ..checkpoint import save_checkpoint
     from .outdir import swap_in
@@ -99,7 +99,8 @@ def run_train(
 
     The run trains in a staging directory beside `out` and moves the checkpoint (with its
     train_log.jsonl) into place at the end: an interrupted run leaves `out` as it was and saves
-    the EMA weights so far to OUT.interrupted, a checkpoint to continue from with --init.
+    the EMA weights so far to OUT.interrupted, a checkpoint to continue from with --init; so
+    does a run that fails with an error (its `training.error` in config.json says which).
 
     Args:
         demos: directory written by `kvreuse demos`.
@@ -293,18 +294,27 @@ def run_train(
         save_checkpoint(tmp, ema_model.cpu(), stats, robot="metaworld", training=training(step, wall))
         swap_in(tmp, out_path)
         print(f"saved {out_path} after {step} steps in {wall / 60:.1f} min (final loss {np.mean(losses[-log_every:]):.4f})")
-    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: `out` stays as it was; the weights so far are kept aside
-        kept = None
+    except (KeyboardInterrupt, Exception) as e:  # Ctrl-C, SIGTERM, an error: the weights so far are kept aside
+        kept, unsaved = None, ""
+        why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
         if losses:
             log.close()
-            kept = _keep_interrupted(tmp, out_path, ema_model, stats, {**training(step, time.perf_counter() - t0),
-                                                                        "interrupted": True, "max_steps": steps})
-        e.kept = f"{out_path} is as it was; " + (
+            info = {**training(step, time.perf_counter() - t0), "interrupted": True, "max_steps": steps}
+            if not isinstance(e, KeyboardInterrupt):
+                info["error"] = why
+            try:
+                kept = _keep_interrupted(tmp, out_path, ema_model, stats, info)
+            except Exception as e2:  # noqa: BLE001 - the disk or the device that failed the run
+                unsaved = f" (saving them failed: {type(e2).__name__}: {e2})"
+        msg = f"{out_path} is as it was; " + (
             f"the EMA weights after {step} of up to {steps} steps are in {kept}: continue from them with "
-            f"--init {kept} (a new LR schedule)" if kept else "nothing of this run was kept")
-        raise
+            f"--init {kept} (a new LR schedule)" if kept else f"nothing of this run was kept{unsaved}")
+        if isinstance(e, KeyboardInterrupt):
+            e.kept = msg
+            raise
+        raise ValueError(f"train: {why} ({msg})") from e
     finally:
-        if tmp.exists():  # interrupted: drop the partial run, `out` is untouched
+        if tmp.exists():  # interrupted or failed: drop the partial run, `out` is untouched
             shutil.rmtree(tmp)
 
 
