@@ -276,6 +276,36 @@ def test_compare_grid_interrupted_keeps_the_settings_replayed(tmp_path, monkeypa
     assert "| always/full | 75.0%" in cap.out
 
 
+def test_compare_grid_failing_keeps_the_settings_replayed(tmp_path, monkeypatch, capsys):
+    """An error in a later setting (the policy, the device) lost every setting replayed before it:
+    they are in --json-out ("complete": false) and the table, and one error line names the setting."""
+    import json
+
+    import kvreuse.reuse.compare as rc
+    from kvreuse.cli import main
+
+    real, calls = rc.compare_actions, []
+
+    def fail_in_the_second_setting(*a, **kw):  # calls 1-2: the two baseline rows
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("CUDA out of memory")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rc, "compare_actions", fail_in_the_second_setting)
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "grid", "--preset", "tiny-pi0", "--steps", "4", "--episodes", "1",
+              "--grid", "gate=always", "gate=period period=2,3", "--json-out", str(tmp_path / "g.json")])
+    assert e.value.code == 2
+    cap = capsys.readouterr()
+    assert cap.err.strip().splitlines() == [
+        "kvreuse: error: grid: setting period(2)/full: RuntimeError: CUDA out of memory (1 of 3 settings "
+        f"replayed, written to {tmp_path / 'g.json'} (\"complete\": false))"]
+    got = json.load(open(tmp_path / "g.json"))
+    assert got["complete"] is False and [s["label"] for s in got["settings"]] == ["always/full"]
+    assert "| always/full | 75.0%" in cap.out
+
+
 def test_compare_modes_refuses_the_never_gate_before_any_work(monkeypatch, capsys):
     """compare modes under `--gate never` would print seven identical baseline rows, all labelled
     'never': one error line instead, before the model is built."""

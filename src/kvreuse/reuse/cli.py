@@ -80,8 +80,8 @@ class Grid:
     """Settings as in `kvreuse sweep --grid`: 'key=v1,v2 ...' specs over ReuseConfig fields."""
     src: Annotated[Source, tyro.conf.OmitArgPrefixes] = field(default_factory=Source)
     json_out: Optional[str] = None
-    """Also write every setting's summary as JSON here (interrupted: those replayed so far, with
-    "complete": false)."""
+    """Also write every setting's summary as JSON here (interrupted or failed: those replayed so
+    far, with "complete": false)."""
 
 
 @dataclass(frozen=True)
@@ -270,6 +270,7 @@ def run_grid(cmd: Grid) -> None:
             json.dump({"source": what, "baseline": again.baseline, "baseline_again": again.candidate,
                        "settings": dumps, "complete": complete, "settings_total": len(settings)}, f, indent=1)
 
+    label = ""
     try:
         for params, label in settings:
             res = compare_actions(base, base.fork(reuse_config(params)), stream, cmd.src.seed, reference=ref)
@@ -278,13 +279,17 @@ def run_grid(cmd: Grid) -> None:
             dumps.append({"setting": params, "label": label, "summary": res.summary(), "latency": res.candidate,
                           "vision_passes_per_call": vis, "prefix_token_layer_share": tl})
             print(f"  {label}: reuse {res.summary()['reuse_rate']:.1%}, x{res.summary()['speedup']:.2f}", flush=True)
-    except KeyboardInterrupt as e:  # a long grid: what was replayed is not lost
+    except (KeyboardInterrupt, Exception) as e:  # a long grid, stopped or failed: what was replayed is not lost
         print(grid_table(rows, cfg))
         if cmd.json_out:
             write(False)
-        e.kept = f"{len(dumps)} of {len(settings)} settings replayed" + (
+        kept = f"{len(dumps)} of {len(settings)} settings replayed" + (
             f", written to {cmd.json_out} (\"complete\": false)" if cmd.json_out else ", in the table above")
-        raise
+        if isinstance(e, KeyboardInterrupt):
+            e.kept = kept
+            raise
+        why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"grid: setting {label}: {why} ({kept})") from e
     print("open-loop replay (success is not measured here); latency without warm-up calls")
     print(grid_table(rows, cfg))
     if cmd.json_out:
