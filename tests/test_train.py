@@ -192,6 +192,18 @@ def test_train_failing_mid_run_keeps_the_weights_reached(demo_dir, tmp_path, mon
     assert meta["training"]["steps"] == 2 and meta["training"]["error"].startswith("RuntimeError: CUDA error")
 
 
+def test_train_stops_when_the_loss_is_not_finite(demo_dir, tmp_path):
+    """A diverged run (here --lr 1e30: the loss is NaN from step 2) trained to the end and saved NaN
+    weights to --out as a checkpoint; it stops with one error, keeping nothing (the weights are NaN)."""
+    from kvreuse.train.train import run_train
+
+    out = tmp_path / "ck"
+    with pytest.raises(ValueError, match=r"^train: the loss is not finite at step 2 \(training diverged; try a "
+                       rf"lower --lr\) \({out} is as it was; nothing of this run was kept \(its EMA weights are"):
+        run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=4, batch_size=2, device="cpu", lr=1e30)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_prints_progress_at_least_once_a_minute(demo_dir, tmp_path, capsys, monkeypatch):
     """Slow steps (a CPU: ~5 s each at batch 16) with the default --log-every 200 printed nothing
     for over 15 minutes after step 1; the log file keeps its --log-every cadence."""

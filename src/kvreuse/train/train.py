@@ -277,6 +277,8 @@ def run_train(
                 torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - d)
             step += 1
             losses.append(loss.item() if step % 10 == 0 or step < 50 else losses[-1])
+            if not math.isfinite(losses[-1]):  # diverged: the rest would train (and save) NaN weights
+                raise ValueError(f"the loss is not finite at step {step} (training diverged; try a lower --lr)")
             logged = step == 1 or step % log_every == 0 or progress >= 1.0  # step 1: early sign of life
             if logged or elapsed - printed >= PRINT_EVERY_S:  # slow steps (a CPU) still show progress
                 printed = elapsed
@@ -303,7 +305,10 @@ def run_train(
             if not isinstance(e, KeyboardInterrupt):
                 info["error"] = why
             try:
-                kept = _keep_interrupted(tmp, out_path, ema_model, stats, info)
+                if all(torch.isfinite(p).all() for p in ema_model.parameters()):
+                    kept = _keep_interrupted(tmp, out_path, ema_model, stats, info)
+                else:
+                    unsaved = " (its EMA weights are not finite)"
             except Exception as e2:  # noqa: BLE001 - the disk or the device that failed the run
                 unsaved = f" (saving them failed: {type(e2).__name__}: {e2})"
         msg = f"{out_path} is as it was; " + (
