@@ -54,6 +54,16 @@ def _run(argv: list[str]) -> None:
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"kvreuse: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as e:
+        if getattr(e, "kept", None) is None:
+            raise
+        # An error a long command stopped on, having kept its work (outputs.stopped_keeping): the
+        # traceback (it may be a bug), then one line that says what was kept.
+        import traceback
+
+        traceback.print_exc()
+        print(f"kvreuse: error: {e.what}: {type(e).__name__}: {e} ({e.kept})", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback through the workers' machinery
         kept = " (finished episodes are in the results DB; the same command continues from there)" \
             if argv and argv[0] in ("eval", "sweep") else ""

@@ -5,6 +5,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
+
+
+def stop_keeping(e: BaseException, what: str, kept: str) -> NoReturn:
+    """Raise for a long command that stops on `e` with work kept aside (`kept` says where). Ctrl-C
+    and other non-errors carry the note to the CLI's interrupt line; bad input becomes one error
+    line; any other error (a bug, the device, the disk) keeps its type and traceback, which the CLI
+    prints before its one line saying what was kept."""
+    if isinstance(e, ValueError):
+        raise ValueError(f"{what}: {e} ({kept})") from e
+    e.kept, e.what = kept, what
+    raise e
 
 
 def os_reason(e: OSError) -> str:

@@ -250,6 +250,7 @@ def run_compare(
 
 def run_grid(cmd: Grid) -> None:
     from ..eval.sweep import canonical_grid, parse_grid, reuse_config
+    from ..outputs import stop_keeping
     from .compare import compare_actions, grid_table, replay
 
     settings = canonical_grid(parse_grid(list(cmd.grid)))  # bad specs fail before any work
@@ -285,11 +286,7 @@ def run_grid(cmd: Grid) -> None:
             write(False)
         kept = f"{len(dumps)} of {len(settings)} settings replayed" + (
             f", written to {cmd.json_out} (\"complete\": false)" if cmd.json_out else ", in the table above")
-        if isinstance(e, KeyboardInterrupt):
-            e.kept = kept
-            raise
-        why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-        raise ValueError(f"grid: setting {label}: {why} ({kept})") from e
+        stop_keeping(e, f"grid: setting {label}", kept)
     print("open-loop replay (success is not measured here); latency without warm-up calls")
     print(grid_table(rows, cfg))
     if cmd.json_out:

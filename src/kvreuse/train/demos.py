@@ -227,6 +227,7 @@ def collect_demos(
         check_task,
         prompt_for,
     )
+    from ..outputs import stop_keeping
     from ..progress import progress
     from .outdir import check_out, resumable, swap_in
 
@@ -336,14 +337,10 @@ def collect_demos(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         kept = f"{len(done)} of {len(units)} parts are kept in {tmp}; the same command continues from them"
-        if isinstance(e, KeyboardInterrupt):
-            e.kept = kept
+        if not isinstance(e, Exception | KeyboardInterrupt):
             raise
-        if not isinstance(e, Exception):
-            raise
-        # A worker's or a late error (the simulator, the disk): one line that says what was kept.
-        why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-        raise ValueError(f"demos: {why} ({kept})") from e
+        # Ctrl-C, or a worker's or a late error (the simulator, the disk): say what was kept.
+        stop_keeping(e, "demos", kept)
     finally:
         os.close(lock)
     frames = sum(x["length"] for e in index["tasks"].values() for x in e["episodes"])

@@ -127,6 +127,7 @@ def run_train(
     from ..model.pi0 import Pi0Model, param_count
     from ..model.tokenizer import load_tokenizer
     from ..observation import Observation
+    from ..outputs import stop_keeping
     from ..transforms.images import preprocess_image
     from ..transforms.normalize import NormStats, Stats
     from ..transforms.robot import RobotTransform, robot_spec
@@ -314,10 +315,7 @@ def run_train(
         msg = f"{out_path} is as it was; " + (
             f"the EMA weights after {step} of up to {steps} steps are in {kept}: continue from them with "
             f"--init {kept} (a new LR schedule)" if kept else f"nothing of this run was kept{unsaved}")
-        if isinstance(e, KeyboardInterrupt):
-            e.kept = msg
-            raise
-        raise ValueError(f"train: {why} ({msg})") from e
+        stop_keeping(e, "train", msg)
     finally:
         if tmp.exists():  # interrupted or failed: drop the partial run, `out` is untouched
             shutil.rmtree(tmp)
