@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..assets import shipped_checkpoint
+from ..workers import die_with_parent
 from .envs import check_env_name, check_episodes, check_tasks, make_env, training_layouts_note
 from .rollout import EpisodeResult, run_episode
 from .store import ResultStore, Setting
@@ -507,25 +508,11 @@ def _results(jobs, plan: SweepPlan, src: PolicySource, robot: str):
     yield from _pool_results(jobs, min(plan.workers, len(jobs)), (src, plan.env, plan.env_kw, robot))
 
 
-def _die_with_parent(parent: int) -> None:
-    """Workers must not outlive a killed sweep (kill -9, timeout): they would go on running the
-    queued episodes unseen. Linux: the kernel sends SIGKILL when the parent dies."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: the per-job parent check below still applies
-        pass
-    if os.getppid() != parent:
-        os._exit(0)
-
-
 def _worker_loop(slot, current, init_args, jobs_q, results_q, parent) -> None:
     """A worker process: init once, then run jobs until the None sentinel. `current[slot]` holds
     the job in hand (shared memory, written synchronously) so the parent can tell which episode
     a worker was running if the process dies (a simulator segfault or abort)."""
-    _die_with_parent(parent)
+    die_with_parent(parent)
     _worker_init(*init_args, 1)
     while True:
         item = jobs_q.get()

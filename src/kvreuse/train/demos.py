@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..workers import die_with_parent
+
 FORMAT = "kvreuse-demos/1"
 FIELDS = ("base", "wrist", "state", "actions")
 PART_FILE = re.compile(rf"part\d+_({'|'.join(FIELDS)})\.npy")
@@ -64,18 +66,8 @@ def _init_worker(q, parent: int | None = None) -> None:
     import signal
     import warnings
 
-    # Workers must not outlive a killed run (kill -9, OOM killer): they would go on recording their
-    # parts unseen. Linux: the kernel sends SIGKILL when the thread that started them (the parent's
-    # main thread, which made the pool) ends; elsewhere each episode checks the parent below.
-    if parent is not None:
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # not Linux
-            pass
-        if os.getppid() != parent:  # it died before prctl
-            os._exit(1)
+    if parent is not None:  # (None: the tests' in-process calls)
+        die_with_parent(parent)
 
     # Ctrl-C reaches the whole process group: the parent stops the pool and reports in one line;
     # a worker's own KeyboardInterrupt would print a traceback through the pool's machinery.
