@@ -131,3 +131,122 @@ def test_libero_task_given_as_its_instruction_points_at_its_name(env):
     task = env.tasks[2]
     with pytest.raises(ValueError, match=f"did you mean {task}\\?"):
         check_tasks(env, (env.prompt(task),))
+
+
+def _sim_state(e) -> np.ndarray:
+    return e._env.env.sim.get_state().flatten()
+
+
+def _count_renders(e):
+    """Counts the offscreen renders of `e`'s current sim (the camera sensors call sim.render)."""
+    sim = e._env.env.sim
+    calls = []
+    inner = sim.render
+    sim.render = lambda *a, **k: (calls.append(1), inner(*a, **k))[1]
+    return calls
+
+
+def _reference_reset(e, task: str, init_id: int) -> tuple[dict, int]:
+    """The settle loop as it was: every settle step renders both cameras (the reference for exactness)."""
+    e._env.seed(e.env_seed)
+    e._env.reset()
+    renders = _count_renders(e)
+    e._env.set_init_state(e.init_states(task)[init_id])
+    for _ in range(SETTLE_STEPS):
+        raw, _, _, _ = e._env.step(DUMMY_ACTION)
+    return raw, len(renders)
+
+
+RAW_KEYS = ("agentview_image", "robot0_eye_in_hand_image", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+POLICY_ACTIONS = [[0.4, -0.3, 0.2, 0.05, -0.05, 0.1, 1.0], [-0.2, 0.5, -0.4, 0.0, 0.1, -0.1, -1.0]] * 2
+
+
+@pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
+@pytest.mark.parametrize("suite,cases", [("libero_spatial", ((0, 3), (6, 41))), ("libero_object", ((2, 19), (7, 0)))])
+def test_libero_settle_renders_once_and_matches_the_rendering_loop_bit_for_bit(suite, cases):
+    """The settle steps render the cameras in the last step only, yet the observation, the MuJoCo state and
+    the later policy steps (which render every step) are bit-identical to the loop that rendered every step."""
+    from kvreuse.envs.libero import LiberoEnv
+
+    e = LiberoEnv(suite)
+    try:
+        for task_i, init_id in cases:
+            task = e.tasks[task_i]
+            e.reset(task, init_id)  # builds the scene
+            ref_raw, ref_renders = _reference_reset(e, task, init_id)
+            ref = [{k: ref_raw[k].copy() for k in RAW_KEYS}], [_sim_state(e)]
+            for a in POLICY_ACTIONS:
+                raw, _, _, _ = e._env.step(a)
+                ref[0].append({k: raw[k].copy() for k in RAW_KEYS})
+                ref[1].append(_sim_state(e))
+
+            inner_reset = e._env.reset
+            renders = []  # counted from the new sim on, as for the reference
+            e._env.reset = lambda f=inner_reset, n=renders: (f(), n.append(_count_renders(e)))[0]
+            try:
+                obs = e.reset(task, init_id)
+            finally:
+                del e._env.reset
+            assert ref_renders - len(renders[0]) == 2 * (SETTLE_STEPS - 1)  # 2 cameras, settle steps 1..9 skipped
+            got = [{k: e.last_raw[k] for k in RAW_KEYS}], [_sim_state(e)]
+            for a in POLICY_ACTIONS:
+                e.step(np.array(a))
+                got[0].append({k: e.last_raw[k] for k in RAW_KEYS})
+                got[1].append(_sim_state(e))
+            for step, (r, g) in enumerate(zip(ref[0], got[0], strict=True)):
+                for k in RAW_KEYS:
+                    assert r[k].dtype == g[k].dtype and np.array_equal(r[k], g[k]), (task, init_id, step, k)
+            for step, (r, g) in enumerate(zip(ref[1], got[1], strict=True)):
+                assert np.array_equal(r, g), (task, init_id, step, "sim state")
+            assert np.array_equal(obs["observation/image"], resize_with_pad(ref[0][0]["agentview_image"][::-1, ::-1],
+                                                                            224))
+            assert not np.array_equal(ref[0][0]["agentview_image"], ref[0][1]["agentview_image"])  # steps render
+    finally:
+        e.close()
+
+
+@pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
+def test_libero_settle_error_leaves_the_cameras_rendering(env):
+    from kvreuse.envs.libero import CAMERA_OBSERVABLES
+
+    task = env.tasks[0]
+    env.reset(task, 0)
+    inner, calls = env._env.step, []
+
+    def failing(a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulator crash")
+        return inner(a)
+
+    env._env.step = failing
+    try:
+        with pytest.raises(RuntimeError, match="simulator crash"):
+            env.reset(task, 1)
+    finally:
+        env._env.step = inner
+    cams = [env._env.env._observables[name] for name in CAMERA_OBSERVABLES]
+    assert [cam._sensor.__name__ for cam in cams] == ["camera_rgb"] * 2  # robosuite's own sensors again
+    renders = _count_renders(env)
+    raw, _, _, _ = env._env.step(DUMMY_ACTION)
+    assert len(renders) == 2
+
+
+@pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
+def test_libero_settle_refuses_to_return_a_held_frame(env):
+    """A camera sampled less often than every control step would keep a held frame: an error, not a stale image;
+    one that samples nothing during the settle steps returns the same frame as the rendering loop."""
+    task = env.tasks[0]
+    env.reset(task, 0)
+    cam = env._env.env._observables["agentview_image"]
+    rate = 1.0 / cam._sampling_timestep
+    try:
+        cam.set_sampling_rate(1 / 0.3)  # samples at ~0.3 s (settle step 7), next at ~0.6 s: none in step 10
+        with pytest.raises(RuntimeError, match="agentview_image sampled a held frame and was not rendered"):
+            env.reset(task, 1)
+        cam.set_sampling_rate(1.0)  # no sample after set_init_state's within the 0.5 s of settle steps
+        ref_raw, _ = _reference_reset(env, task, 1)
+        env.reset(task, 1)
+        assert np.array_equal(env.last_raw["agentview_image"], ref_raw["agentview_image"])
+    finally:
+        cam.set_sampling_rate(rate)

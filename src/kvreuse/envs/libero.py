@@ -3,7 +3,8 @@ reproducing openpi's `examples/libero/main.py` protocol:
 
 - suites libero_spatial / object / goal / 10 / 90; each task's shipped init states (50).
 - the scene is rendered at 256x256; after `set_init_state`, 10 settle steps with the dummy
-  action [0]*6 + [-1] (objects fall into place), then at most 220 / 280 / 300 / 520 / 400
+  action [0]*6 + [-1] (objects fall into place; the cameras render in the last one only, the
+  simulation is unchanged: `LiberoEnv._settle`), then at most 220 / 280 / 300 / 520 / 400
   policy steps (spatial / object / goal / 10 / 90).
 - both cameras (agentview, robot0_eye_in_hand) rotated 180° (`img[::-1, ::-1]`), then
   resize-with-pad to 224 (bilinear, black pad; square frames need no pad), uint8 — what
@@ -50,6 +51,20 @@ DUMMY_ACTION = [0.0] * 6 + [-1.0]
 RENDER_SIZE = 256
 IMAGE_SIZE = 224
 ENV_SEED = 7  # openpi's default --seed
+CAMERA_OBSERVABLES = ("agentview_image", "robot0_eye_in_hand_image")
+
+
+def _held_frame(observable, used: set[str]):
+    """A robosuite sensor returning `observable`'s current frame (no rendering), same modality; a call adds
+    the observable's name to `used`."""
+    from robosuite.utils.observables import sensor
+
+    @sensor(modality=observable.modality)
+    def held(obs_cache):
+        used.add(observable.name)
+        return observable._current_observed_value
+
+    return held
 
 
 def check_suite(suite: str) -> str:
@@ -204,9 +219,8 @@ class LiberoEnv:
             self._build(task)
         self._env.seed(self.env_seed)
         self._env.reset()
-        raw = self._env.set_init_state(states[init_id])
-        for _ in range(SETTLE_STEPS):  # objects fall into place; not counted as policy steps
-            raw, _, _, _ = self._env.step(DUMMY_ACTION)
+        self._env.set_init_state(states[init_id])
+        raw = self._settle()
         self._steps = 0
         self.last_raw = raw
         return self._obs(raw)
@@ -237,6 +251,35 @@ class LiberoEnv:
         self._env, self._task = None, None
 
     # ---- internals --------------------------------------------------------------------------
+    def _settle(self) -> dict:
+        """SETTLE_STEPS dummy steps (objects fall into place; not policy steps); returns the last observation.
+
+        Only the last observation is used, so the cameras render in the last step only (offscreen rendering
+        was most of a settle step's time). robosuite samples each observable once per control step from inside
+        `step`, so the camera sensors are swapped for one that re-returns the held frame during the first
+        steps: the physics, the other observables and every observable's sampling timer run exactly as
+        before (tests/test_libero_smoke.py compares against the rendering loop bit for bit). The sensor
+        attribute is set directly because `modify_observable` re-runs the sensor (one more render) to check it.
+        """
+        cams = [self._env.env._observables[name] for name in CAMERA_OBSERVABLES]
+        real, used = [cam._sensor for cam in cams], set()
+        try:
+            for cam in cams:
+                cam._sensor = _held_frame(cam, used)
+            for _ in range(SETTLE_STEPS - 1):
+                self._env.step(DUMMY_ACTION)
+        finally:  # an exception mid-settle must not leave the cameras frozen
+            for cam, sensor in zip(cams, real, strict=True):
+                cam._sensor = sensor
+        held = [cam._current_observed_value for cam in cams]
+        raw, _, _, _ = self._env.step(DUMMY_ACTION)
+        stale = [cam.name for cam, h in zip(cams, held, strict=True)
+                 if cam.name in used and cam._current_observed_value is h]
+        if stale:  # robosuite 1.4 samples the cameras every control step, so the last step replaces a held frame
+            raise RuntimeError(f"LIBERO settle: {', '.join(stale)} sampled a held frame and was not rendered "
+                               "in the last settle step (its sampling rate is not the control rate)")
+        return raw
+
     def _build(self, task: str) -> None:
         from libero.libero.envs import OffScreenRenderEnv
 
