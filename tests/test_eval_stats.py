@@ -84,6 +84,7 @@ def test_tables_and_plots_say_when_rows_count_different_episodes(tmp_path, monke
     (and the plotted points, the Pareto front) compare different episodes, so the report says so;
     a table whose rows all count the same finished episodes (an error episode aside) says nothing."""
     import matplotlib.axes
+    import matplotlib.figure
 
     from kvreuse.eval.report import UNEQUAL, compute_rows, markdown, write_plots
     from kvreuse.eval.store import ResultStore
@@ -105,7 +106,9 @@ def test_tables_and_plots_say_when_rows_count_different_episodes(tmp_path, monke
     assert [UNEQUAL in t for t in tables] == [True, False, True]  # all tasks, a, b
     titles = []
     monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, **kw: titles.append(t))
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: titles.append(t))
     write_plots(compute_rows(db), tmp_path / "plots")
+    titles = [t for t in titles if t.startswith("Success")]  # not the per-task panels' task names
     assert len(titles) == 3 and all("settings on different episodes" in t for t in titles)
 
 
@@ -164,19 +167,21 @@ def test_per_task_plot_tells_a_0_percent_bar_from_a_task_not_run(tmp_path, monke
         st.add(base, _ep("c", 0))
     seen = {}
     save = report._save
-    monkeypatch.setattr(report, "_save", lambda fig, path: seen.setdefault(path.stem, fig.axes[0]) and save(fig, path))
+    monkeypatch.setattr(report, "_save", lambda fig, path: seen.setdefault(path.stem, fig) and save(fig, path))
     report.write_plots(report.compute_rows(db), tmp_path / "plots")
-    ax = seen["per_task"]
-    colour = {h.get_label(): matplotlib.colors.to_hex(h.patches[0].get_facecolor()) for h in ax.containers
-              if hasattr(h, "patches")}
-    ticks = {t.get_text(): x for t, x in zip(ax.get_xticklabels(), ax.get_xticks(), strict=True)}
-    slot = 0.8 / 2 / 2  # two settings: thr's bars are right of the tick by half a bar width
-    notes = sorted((t.get_text(), round(t.get_position()[0] - slot, 6), matplotlib.colors.to_hex(t.get_color()))
-                   for t in ax.texts)
-    assert notes == [("errors only", ticks["c"], colour["thr"]), ("not run", ticks["b"], colour["thr"])]
-    marks = [(seg, matplotlib.colors.to_hex(c.get_colors()[0])) for c in ax.collections  # error bars: vertical
-             for seg in c.get_segments() if len(seg) == 2 and seg[0][1] == seg[1][1]]
-    assert len(marks) == 1  # thr's 0% on a; the baseline's 100% bars need none
-    (x0, y0), (x1, y1) = marks[0][0]
-    assert y0 == y1 == 0 and (x0 + x1) / 2 == pytest.approx(ticks["a"] + slot) and marks[0][1] == colour["thr"]
-    assert ax.get_ylim()[0] < 0 and ax.get_xlim() == (-0.5, 2.5)  # the mark and every slot are inside
+    panel = {ax.get_title(): ax for ax in seen["per_task"].axes if ax.get_visible()}  # one per task, bars across
+    assert sorted(panel) == ["a", "b", "c"]
+    slot = {t.get_text().split()[-1]: y for t, y in zip(panel["a"].get_yticklabels(), panel["a"].get_yticks(),
+                                                        strict=True)}
+    colour = {c.get_label(): matplotlib.colors.to_hex(c.patches[0].get_facecolor()) for ax in panel.values()
+              for c in ax.containers if hasattr(c, "patches")}
+    notes = sorted((title, t.get_text(), t.get_position()[1], matplotlib.colors.to_hex(t.get_color()))
+                   for title, ax in panel.items() for t in ax.texts)
+    assert notes == [("b", "not run", slot["thr"], colour["thr"]), ("c", "errors only", slot["thr"], colour["thr"])]
+    marks = [(title, seg, matplotlib.colors.to_hex(c.get_colors()[0])) for title, ax in panel.items()
+             for c in ax.collections for seg in c.get_segments() if len(seg) == 2 and seg[0][0] == seg[1][0] == 0]
+    assert len(marks) == 1  # thr's 0% on a; the baseline's 100% bars need none (error bars are not at x = 0)
+    title, ((x0, y0), (x1, y1)), c = marks[0]
+    assert title == "a" and (y0 + y1) / 2 == pytest.approx(slot["thr"]) and c == colour["thr"]
+    lo, hi = panel["a"].get_ylim()
+    assert panel["a"].get_xlim()[0] < 0 and min(lo, hi) < min(slot.values()) and max(slot.values()) < max(lo, hi)

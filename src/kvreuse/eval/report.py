@@ -273,18 +273,22 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
             continue
         note = "\nsettings on different episodes: compare through the report's paired Δ"
         g_all = g if same_episodes([r for r in rs if r.task == ALL]) else g + note
+        names = list(dict.fromkeys(r.setting for r in overall))
+        colour = _colours(names)
         # success vs reuse rate
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        _scatter(ax, overall, lambda r: 100 * r.reuse_rate)
+        fig, ax = plt.subplots(figsize=(9, 4.8))
+        _scatter(ax, overall, lambda r: 100 * r.reuse_rate, colour)
         lo, hi = ax.get_xlim()  # the label margin, but no ticks below 0% or above 100%
         ax.set_xlim(max(lo, -5.0), min(hi, 105.0))
         ax.set_xlabel("reuse rate (% of policy calls)")
         ax.set_ylabel("success (%), 95% Wilson interval")
         ax.set_title(f"Success vs reuse rate\n{g_all}", fontsize=9)
+        _legend_outside(ax)
+        _number_points(fig, ax, overall, lambda r: 100 * r.reuse_rate, names, colour)
         files.append(_save(fig, out_dir / f"success_vs_reuse{sfx}.png"))
         # success vs latency with the Pareto front
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        _scatter(ax, overall, lambda r: r.lat.mean)
+        fig, ax = plt.subplots(figsize=(9, 4.8))
+        _scatter(ax, overall, lambda r: r.lat.mean, colour)
         pts = [(r.lat.mean, r.rate) for r in overall]
         front = pareto(pts)
         ax.plot([pts[i][0] for i in front], [100 * pts[i][1] for i in front], "--", color="gray", lw=1,
@@ -293,62 +297,162 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("success (%), 95% Wilson interval")
         ax.set_title(f"Success vs latency\n{g_all}", fontsize=9)
         _legend_outside(ax)
+        _number_points(fig, ax, overall, lambda r: r.lat.mean, names, colour,
+                       [(pts[i][0], 100 * pts[i][1]) for i in front])
         files.append(_save(fig, out_dir / f"success_vs_latency{sfx}.png"))
-        # per-task bars
         per_task = [r for r in rs if r.task != ALL and r.n > 0]
         tasks = sorted({r.task for r in per_task})
-        names = list(dict.fromkeys(r.setting for r in overall))
         if tasks:
-            import numpy as np
-
-            fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(tasks) * max(1, len(names)) ** 0.5), 4.5))
-            width = 0.8 / max(1, len(names))
-            for si, name in enumerate(names):
-                vals, lo, hi = [], [], []
-                for t in tasks:
-                    r = next((x for x in per_task if x.task == t and x.setting == name), None)
-                    v = 100 * r.rate if r else np.nan
-                    vals.append(v)
-                    lo.append(v - 100 * r.ci[0] if r else 0)
-                    hi.append(100 * r.ci[1] - v if r else 0)
-                x = np.arange(len(tasks)) + (si - (len(names) - 1) / 2) * width
-                color = ax.bar(x, vals, width, yerr=[lo, hi], capsize=2, label=name).patches[0].get_facecolor()
-                # A 0% bar has no height: it showed its error bar alone, like an empty slot (a task the
-                # setting never ran). So 0% gets a mark of its colour, and an empty slot says why.
-                vals = np.asarray(vals)
-                ran, zero = ~np.isnan(vals), vals == 0
-                ax.hlines(vals[zero], x[zero] - 0.4 * width, x[zero] + 0.4 * width, colors=[color], lw=3)
-                for xi, t, done in zip(x, tasks, ran, strict=True):
-                    if not done:  # a row of this task with n = 0: every episode an env error
-                        errs = any(r.task == t and r.setting == name for r in rs)
-                        ax.text(xi, 1.5, "errors only" if errs else "not run", rotation=90, ha="center",
-                                va="bottom", fontsize=7, color=color)
-            ax.set_xticks(np.arange(len(tasks)))
-            ax.set_xlim(-0.5, len(tasks) - 0.5)  # every slot, a "not run" one at the edge too
-            ax.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
-            ax.set_ylabel("success (%), 95% Wilson interval")
-            ax.set_ylim(-3, 105)  # room below 0 for the mark of a 0% bar
             equal = all(same_episodes([r for r in rs if r.task == t]) for t in tasks)
-            ax.set_title(f"Success per task\n{g if equal else g + note}", fontsize=9)
-            _legend_outside(ax)
+            fig = _per_task(rs, per_task, tasks, names, colour, f"Success per task\n{g if equal else g + note}")
             files.append(_save(fig, out_dir / f"per_task{sfx}.png"))
     return files
 
 
-def _scatter(ax, rows: list[Row], x_of) -> None:
-    for r in rows:
+def _colours(names: list[str]) -> dict[str, tuple]:
+    """One colour per setting, the same in every plot; tab20's dark shades first past 10 settings
+    (the default cycle repeats its 10 colours: an 11th setting looked like the baseline)."""
+    import matplotlib
+
+    if len(names) <= 10:
+        cmap = matplotlib.colormaps["tab10"]
+        return {n: cmap(i) for i, n in enumerate(names)}
+    cmap = matplotlib.colormaps["tab20"]
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return {n: cmap(order[i % 20]) for i, n in enumerate(names)}
+
+
+def _key_label(i: int, name: str) -> str:
+    return f"{i + 1}  {name}"
+
+
+def _scatter(ax, rows: list[Row], x_of, colour) -> None:
+    """The points with their intervals; the names go in the legend, keyed by number (a name printed
+    beside its point overlapped the next one's and two settings at one spot printed on each other)."""
+    for i, r in enumerate(rows):
         x, y = x_of(r), 100 * r.rate
         err = [[y - 100 * r.ci[0]], [100 * r.ci[1] - y]]
-        ax.errorbar([x], [y], yerr=err, fmt="s" if r.is_baseline else "o", capsize=3, label=r.setting)
-        ax.annotate(r.setting, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_ylim(-2, 102)
-    ax.margins(x=0.2)  # room for the labels of the outermost points
+        ax.errorbar([x], [y], yerr=err, fmt="s" if r.is_baseline else "o", capsize=3, color=colour[r.setting],
+                    label=_key_label(i, r.setting))
+    ax.set_ylim(-4, 106)
+    ax.margins(x=0.08)  # room for the numbers of the outermost points
     ax.grid(alpha=0.3)
+
+
+def _number_points(fig, ax, rows: list[Row], x_of, names: list[str], colour, line=()) -> None:
+    """Each point's number beside it, where it overlaps no other number, marker, error bar or the
+    line (data points, the Pareto front); points at one spot (within a marker) share one label, "2,7"."""
+    import numpy as np
+
+    fig.tight_layout()
+    fig.canvas.draw()
+    rend = fig.canvas.get_renderer()
+    xy = ax.transData.transform(np.array([[x_of(r), 100 * r.rate] for r in rows], dtype=float))
+    px = fig.dpi / 72  # pixels per point
+    obstacles = []  # display boxes (x0, y0, x1, y1): the markers and the error bars
+    for (x, y), r in zip(xy, rows, strict=True):
+        lo, hi = ax.transData.transform([[0, 100 * r.ci[0]], [0, 100 * r.ci[1]]])[:, 1]
+        obstacles += [(x - 4 * px, y - 4 * px, x + 4 * px, y + 4 * px), (x - 3.5 * px, lo, x + 3.5 * px, hi)]
+    line = ax.transData.transform(np.array(line, dtype=float).reshape(-1, 2))
+    for a, b in zip(line[:-1], line[1:], strict=True):
+        for t in np.linspace(0, 1, 25):
+            x, y = a + t * (b - a)
+            obstacles.append((x - px, y - px, x + px, y + px))
+    clusters: list[list[int]] = []
+    for i in range(len(rows)):
+        near = next((c for c in clusters if np.hypot(*(xy[c[0]] - xy[i])) < 6 * px), None)
+        near.append(i) if near is not None else clusters.append([i])
+    area = ax.get_window_extent(rend)
+    placed: list[tuple] = []
+    dirs = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    for c in sorted(clusters, key=lambda c: -len(c)):
+        text = ",".join(str(names.index(rows[i].setting) + 1) for i in c)
+        best = None
+        for d in (4, 10, 17, 25, 34):
+            for dx, dy in dirs:
+                ann = ax.annotate(
+                    text, tuple(ax.transData.inverted().transform(xy[c[0]])), xytext=(dx * d, dy * d),
+                    textcoords="offset points", fontsize=7, fontweight="bold",
+                    color=colour[rows[c[0]].setting] if len(c) == 1 else "black",
+                    ha={1: "left", -1: "right", 0: "center"}[dx], va={1: "bottom", -1: "top", 0: "center"}[dy],
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="gray", shrinkA=0, shrinkB=2) if d > 4 else None,
+                )
+                ann.set_in_layout(False)  # the layout is fixed already; a label must not shift it
+                b = ann.get_window_extent(rend)
+                box = (b.x0, b.y0, b.x1, b.y1)
+                inside = area.x0 <= b.x0 and b.x1 <= area.x1 and area.y0 <= b.y0 and b.y1 <= area.y1
+                cost = sum(_overlap(box, o) for o in placed) * 10 + sum(_overlap(box, o) for o in obstacles)
+                cost += 0 if inside else 1e6
+                if best is None or cost < best[0]:
+                    if best is not None:
+                        best[1].remove()
+                    best = (cost, ann, box)
+                else:
+                    ann.remove()
+                if cost == 0:
+                    break
+            if best[0] == 0:
+                break
+        placed.append(best[2])
+
+
+def _overlap(a: tuple, b: tuple) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _per_task(rs, per_task, tasks, names, colour, title):
+    """One small panel per task, the settings as horizontal bars (named on each row's first panel),
+    the 95% Wilson interval as error bars: one axes of 10 tasks x 11 settings was 4174 px wide."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ncols = min(len(tasks), 5)
+    nrows = -(-len(tasks) // ncols)
+    panel_h = 0.16 * len(names) + 0.7
+    name_w = 0.065 * max(len(_key_label(i, n)) for i, n in enumerate(names))
+    width = max(6.5, name_w + 2.1 * ncols + 0.4)  # 6.5 in: room for the title beside one panel
+    fig, axes = plt.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False,
+                             figsize=(width, panel_h * nrows + 1.0))
+    y = np.arange(len(names))
+    for ax, t in zip(axes.flat, tasks, strict=False):
+        for si, name in enumerate(names):
+            r = next((x for x in per_task if x.task == t and x.setting == name), None)
+            if r is None:  # no finished episode: a row of n = 0 means every episode was an env error
+                errs = any(x.task == t and x.setting == name for x in rs)
+                ax.text(2, si, "errors only" if errs else "not run", va="center", ha="left", fontsize=6.5,
+                        color=colour[name])
+                continue
+            v = 100 * r.rate
+            ax.barh(si, v, 0.75, xerr=[[v - 100 * r.ci[0]], [100 * r.ci[1] - v]], capsize=1.5,
+                    color=colour[name], error_kw=dict(lw=0.8), label=name)
+            if v == 0:  # a 0% bar has no length: a mark of its colour tells it from an empty slot
+                ax.vlines(0, si - 0.3, si + 0.3, colors=[colour[name]], lw=3)
+        ax.set_title(t, fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    ax0 = axes[0, 0]
+    ax0.set_xlim(-3, 105)  # room left of 0 for the mark of a 0% bar
+    ax0.set_ylim(len(names) - 0.5, -0.5)  # every slot, the first setting on top
+    ax0.set_yticks(y)
+    ax0.set_yticklabels([_key_label(i, n) for i, n in enumerate(names)])
+    base = next((r.setting for r in rs if r.is_baseline), None)
+    for row in axes:  # each row's first panel names the settings, in their colours, the baseline in bold
+        for lab, name in zip(row[0].get_yticklabels(), names, strict=True):
+            lab.set_color(colour[name])
+            lab.set_fontweight("bold" if name == base else "normal")
+    fig.suptitle(title, fontsize=9)
+    fig.supxlabel("success (%), 95% Wilson interval", fontsize=8)
+    return fig
 
 
 def _legend_outside(ax) -> None:
     """Right of the axes: inside, it hid points and bars (a baseline at 100%, a front's corner)."""
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              ncol=1 if len(ax.get_legend_handles_labels()[0]) <= 22 else 2)
 
 
 def _save(fig, path: Path) -> Path:
