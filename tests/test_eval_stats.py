@@ -185,3 +185,99 @@ def test_per_task_plot_tells_a_0_percent_bar_from_a_task_not_run(tmp_path, monke
     assert title == "a" and (y0 + y1) / 2 == pytest.approx(slot["thr"]) and c == colour["thr"]
     lo, hi = panel["a"].get_ylim()
     assert panel["a"].get_xlim()[0] < 0 and min(lo, hi) < min(slot.values()) and max(slot.values()) < max(lo, hi)
+
+
+def _same_rows(a, b) -> bool:
+    """Row equality with NaN equal to NaN (an unknown rate or speedup)."""
+    import dataclasses
+
+    def norm(x):
+        if isinstance(x, float) and x != x:
+            return "nan"
+        if dataclasses.is_dataclass(x):
+            return tuple(norm(v) for v in dataclasses.astuple(x))
+        if isinstance(x, (tuple, list)):
+            return tuple(norm(v) for v in x)
+        if isinstance(x, dict):
+            return {k: norm(v) for k, v in x.items()}
+        return x
+
+    return [norm(r) for r in a] == [norm(r) for r in b]
+
+
+def test_report_redraws_from_its_csv_the_same_rows_tables_and_plots(tmp_path, capsys):
+    """The DBs behind docs/results/ are not kept, their results.csv is: DB -> CSV -> rows equal to the
+    DB's (an error, an unknown rate, a setting without pairs included), and the same tables."""
+    from kvreuse.cli import main
+    from kvreuse.eval import report
+    from kvreuse.eval.store import ResultStore
+
+    db = tmp_path / "c.db"
+    with ResultStore(db) as st:
+        base, thr = _baseline_and_thr(st)
+        for i in range(3):
+            st.add(base, _ep("a", i, ms=40.0))
+            st.add(thr, _ep("a", i, "failure" if i else "success", ms=20.0))
+        st.add(thr, _ep("b", 0, "error"))  # b: errors only, no latency, no pairs
+        st.add(thr, _ep("c", 0))  # c: the baseline never ran it
+    rows = report.compute_rows(db)
+    md, _ = report.write_report(db, tmp_path / "db_out")
+    back = report.read_csv(tmp_path / "db_out" / "results.csv")
+    assert _same_rows(back, rows) and len(rows) == 6
+    assert report.markdown(back) == report.markdown(rows)
+    main(["report", "--csv", str(tmp_path / "db_out" / "results.csv"), "--out", str(tmp_path / "again")])
+    assert report.markdown(rows) in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == [
+        "per_task.png", "report.md", "success_vs_latency.png", "success_vs_reuse.png"]
+
+
+def test_report_csv_of_an_older_report_and_csvs_that_are_not_ours(tmp_path, capsys):
+    """A results.csv from before sample_ms and the call / pair counts still redraws (the counts it
+    lacks are -1, unknown); any other file is one clear error line."""
+    import csv as csvmod
+
+    from kvreuse.cli import main
+    from kvreuse.eval import report
+    from kvreuse.eval.store import ResultStore
+
+    db = tmp_path / "o.db"
+    with ResultStore(db) as st:
+        base, thr = _baseline_and_thr(st)
+        for i in range(2):
+            st.add(base, _ep("a", i))
+            st.add(thr, _ep("a", i, "failure"))
+    rows = report.compute_rows(db)
+    new = tmp_path / "new.csv"
+    report.write_csv(rows, new)
+    old = tmp_path / "old.csv"
+    with open(new, newline="") as f, open(old, "w", newline="") as g:  # the columns of docs/results/sweep-pi05
+        w = csvmod.writer(g)
+        w.writerow(report.CSV_REQUIRED)
+        w.writerows([line[c] for c in report.CSV_REQUIRED] for line in csvmod.DictReader(f))
+    back = report.read_csv(old)
+    assert report.markdown(back) == report.markdown(rows)
+    thr_row = next(r for r in back if r.setting == "thr" and r.task == "a")
+    assert (thr_row.lat.n, thr_row.paired.both, thr_row.paired.neither, thr_row.paired.n) == (-1, -1, -1, 2)
+    bad = {
+        "notes.csv": "name,score\na,1\n",
+        "empty.csv": "",
+        "binary.csv": b"\xff\xfe\x00PNG",
+        "short.csv": ",".join(report.CSV_FIELDS) + "\nx,y\n",
+        "word.csv": new.read_text().replace(",2,2,", ",two,2,", 1),
+    }
+    for name, text in bad.items():
+        p = tmp_path / name
+        p.write_bytes(text) if isinstance(text, bytes) else p.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            main(["report", "--csv", str(p), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code != 0 and len(err) == 1 and err[0].startswith("kvreuse: error: results CSV"), (name, err)
+    assert "not a results.csv written by `kvreuse report` (no column group, setting, task, ...)" in (
+        str(pytest.raises(ValueError, report.read_csv, tmp_path / "notes.csv").value))
+    assert "line 2: 2 values" in str(pytest.raises(ValueError, report.read_csv, tmp_path / "short.csv").value)
+    assert "line 2: n is 'two', not a whole number" in str(
+        pytest.raises(ValueError, report.read_csv, tmp_path / "word.csv").value)
+    with pytest.raises(SystemExit):
+        main(["report", "--csv", str(new), "--db", str(db)])
+    assert "give --db or --csv, not both" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -191,18 +191,26 @@ def run_sweep_cmd(
         print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
 
 
-def run_report(db: str = DEFAULT_DB, out: str | None = None, plots: bool = True) -> None:
+def run_report(db: str = DEFAULT_DB, out: str | None = None, plots: bool = True, csv: str | None = None) -> None:
     """Markdown tables (printed), CSV and plots of a results DB.
 
     Args:
         db: the SQLite results file.
         out: folder for report.md, results.csv and the PNG plots (default: <db stem>_report next
-            to the DB).
+            to the DB; with --csv, <csv stem>_report next to the CSV).
+        csv: instead of a DB, a results.csv that `report` wrote: redraws report.md and the plots
+            from it (the DB need not be kept); the CSV itself is left as it is.
     """
-    from .report import write_report
+    from .report import write_report, write_report_from_csv
 
-    out_dir = out if out is not None else str(Path(db).with_name(Path(db).stem + "_report"))
-    md, files = write_report(db, out_dir, plots=plots)
+    if csv is not None:
+        if db != DEFAULT_DB:
+            raise ValueError("report: give --db or --csv, not both")
+        out_dir = out if out is not None else str(Path(csv).with_name(Path(csv).stem + "_report"))
+        md, files = write_report_from_csv(csv, out_dir, plots=plots)
+    else:
+        out_dir = out if out is not None else str(Path(db).with_name(Path(db).stem + "_report"))
+        md, files = write_report(db, out_dir, plots=plots)
     print(md)
     print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
 

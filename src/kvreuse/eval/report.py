@@ -212,8 +212,12 @@ CSV_FIELDS = (
     "group", "setting", "task", "is_baseline", "n", "successes", "success_rate", "ci_low", "ci_high",
     "errors", "lat_mean_ms", "lat_p50_ms", "lat_p95_ms", "hz", "vision_ms", "prefix_ms", "denoise_ms",
     "sample_ms", "reuse_rate", "mixed_rate", "speedup", "paired_n", "only_baseline", "only_setting", "diff",
-    "diff_ci_low", "diff_ci_high", "p_mcnemar",
+    "diff_ci_low", "diff_ci_high", "p_mcnemar", "lat_calls", "paired_both", "paired_neither", "key",
 )
+# What every results.csv report ever wrote has (sample_ms and the last four came later): `report --csv`
+# rebuilds the rows from these.
+CSV_REQUIRED = tuple(f for f in CSV_FIELDS if f not in ("sample_ms", "lat_calls", "paired_both", "paired_neither",
+                                                         "key"))
 
 
 def write_csv(rows: list[Row], path: str | Path) -> Path:
@@ -231,9 +235,71 @@ def write_csv(rows: list[Row], path: str | Path) -> Path:
                 r.mixed_rate, "" if r.speedup != r.speedup else r.speedup,  # no matched baseline: blank
                 pr.n if pr else "", pr.only_base if pr else "", pr.only_setting if pr else "",
                 pr.diff if pr else "", r.diff_ci[0] if r.diff_ci else "", r.diff_ci[1] if r.diff_ci else "",
-                pr.p_value if pr else "",
+                pr.p_value if pr else "", r.lat.n, pr.both if pr else "", pr.neither if pr else "", r.key,
             ])
     return path
+
+
+def read_csv(path: str | Path) -> list[Row]:
+    """The rows of a results.csv that `report` wrote, to redraw its plots and tables. A CSV written
+    before lat_calls, paired_both, paired_neither and key has no counts of calls, of pairs both
+    succeeded or both failed: those are -1 (unknown; no table or plot shows them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"results CSV {path}: no such file" + (" (a folder)" if path.is_dir() else ""))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            lines = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"results CSV {path}: not a results.csv written by `kvreuse report` ({e})") from None
+    except OSError as e:
+        raise ValueError(f"results CSV {path}: cannot read it ({os_reason(e)})") from None
+    head = lines[0] if lines else []
+    missing = [c for c in CSV_REQUIRED if c not in head]
+    if missing:
+        raise ValueError(f"results CSV {path}: not a results.csv written by `kvreuse report` (no column "
+                         f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    rows = []
+    for ln, vals in enumerate(lines[1:], start=2):
+        if not vals:
+            continue
+        if len(vals) != len(head):
+            raise ValueError(f"results CSV {path} line {ln}: {len(vals)} values for {len(head)} columns")
+        try:
+            rows.append(_csv_row(dict(zip(head, vals, strict=True))))
+        except ValueError as e:
+            raise ValueError(f"results CSV {path} line {ln}: {e}") from None
+    return rows
+
+
+def _csv_row(d: dict[str, str]) -> Row:
+    def num(col, kind=float, blank=float("nan")):
+        v = d.get(col, "")
+        if v == "":
+            return blank
+        try:
+            return kind(v)
+        except ValueError:
+            raise ValueError(f"{col} is {v!r}, not a {'whole ' if kind is int else ''}number") from None
+
+    paired = diff_ci = None
+    if d["paired_n"] != "":
+        paired = Paired(num("paired_n", int), num("paired_both", int, -1), num("only_baseline", int),
+                        num("only_setting", int), num("paired_neither", int, -1), num("p_mcnemar"))
+    if d["diff_ci_low"] != "":
+        diff_ci = (num("diff_ci_low"), num("diff_ci_high"))
+    mean = num("lat_mean_ms")
+    calls = num("lat_calls", int, 0 if mean != mean else -1)  # no mean: no call; else unknown in an old CSV
+    if num("is_baseline", int) not in (0, 1):
+        raise ValueError(f"is_baseline is {d['is_baseline']!r}, not 0 or 1")
+    return Row(
+        group=d["group"], setting=d["setting"], task=d["task"], is_baseline=d["is_baseline"] == "1",
+        n=num("n", int), successes=num("successes", int), errors=num("errors", int),
+        ci=(num("ci_low"), num("ci_high")), lat=Latency(calls, mean, num("lat_p50_ms"), num("lat_p95_ms")),
+        parts={p: num(f"{p}_ms") for p in ("vision", "prefix", "denoise", "sample") if d.get(f"{p}_ms", "") != ""},
+        reuse_rate=num("reuse_rate"), mixed_rate=num("mixed_rate"), speedup=num("speedup"), paired=paired,
+        diff_ci=diff_ci, key=d.get("key", ""),
+    )
 
 
 # ---- plots ---------------------------------------------------------------------------------
@@ -468,19 +534,29 @@ def write_report(db: str | Path, out_dir: str | Path | None = None, plots: bool 
     """-> (Markdown text, files written: report.md, results.csv and the plots)."""
     rows = compute_rows(db)
     md = f"# kvreuse results: {Path(db).name}\n\n" + markdown(rows)
-    files: list[Path] = []
-    if out_dir is not None:
-        out = Path(out_dir)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "report.md").write_text(md)
-            files += [out / "report.md", write_csv(rows, out / "results.csv")]
-            for old in out.glob("*.png"):  # an earlier report's plots would sit beside other numbers
-                if old.name.startswith(PLOT_NAMES):
-                    old.unlink()
-            if plots and rows:
-                files += write_plots(rows, out)
-        except OSError as e:  # a file in the way, no permission, a read-only file system
-            raise ValueError(f"report folder {out}: cannot write there ({os_reason(e)}); "
-                             "give a writable folder") from None
-    return md, files
+    return md, ([] if out_dir is None else _write_out(Path(out_dir), md, rows, plots, csv_too=True))
+
+
+def write_report_from_csv(csv_path: str | Path, out_dir: str | Path, plots: bool = True) -> tuple[str, list[Path]]:
+    """The tables and plots again from a results.csv (its DB need not be kept): -> (Markdown text,
+    files written: report.md and the plots; the CSV is the input, left as it is)."""
+    rows = read_csv(csv_path)
+    md = (f"# kvreuse results: {csv_path}\n\nRedrawn from that CSV: its numbers are as the report that wrote it "
+          "computed them; the notes under each heading describe this version's method.\n\n" + markdown(rows))
+    return md, _write_out(Path(out_dir), md, rows, plots, csv_too=False)
+
+
+def _write_out(out: Path, md: str, rows: list[Row], plots: bool, csv_too: bool) -> list[Path]:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(md)
+        files = [out / "report.md"] + ([write_csv(rows, out / "results.csv")] if csv_too else [])
+        for old in out.glob("*.png"):  # an earlier report's plots would sit beside other numbers
+            if old.name.startswith(PLOT_NAMES):
+                old.unlink()
+        if plots and rows:
+            files += write_plots(rows, out)
+    except OSError as e:  # a file in the way, no permission, a read-only file system
+        raise ValueError(f"report folder {out}: cannot write there ({os_reason(e)}); "
+                         "give a writable folder") from None
+    return files
