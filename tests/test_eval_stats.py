@@ -145,6 +145,10 @@ def test_reuse_rate_axis_stays_within_0_to_100_percent(tmp_path, monkeypatch):
     report.write_plots(report.compute_rows(db), tmp_path / "plots")
     lo, hi = limits["success_vs_reuse"]
     assert -5.0 <= lo < 0.0 and 100.0 < hi <= 105.0
+    limits.clear()  # every point at one rate: an axis of some width, not +-0.05% around it
+    report.write_plots([r for r in report.compute_rows(db) if r.is_baseline], tmp_path / "plots")
+    lo, hi = limits["success_vs_reuse"]
+    assert lo == -5.0 and hi >= 5.0
 
 
 def test_per_task_plot_tells_a_0_percent_bar_from_a_task_not_run(tmp_path, monkeypatch):

@@ -345,6 +345,9 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(9, 4.8))
         _scatter(ax, overall, lambda r: 100 * r.reuse_rate, colour)
         lo, hi = ax.get_xlim()  # the label margin, but no ticks below 0% or above 100%
+        if hi - lo < 10.0:  # every point at one rate (a baseline alone): not a +-0.05% axis
+            mid = min(max((lo + hi) / 2, 0.0), 100.0)
+            lo, hi = mid - 5.0, mid + 5.0
         ax.set_xlim(max(lo, -5.0), min(hi, 105.0))
         ax.set_xlabel("reuse rate (% of policy calls)")
         ax.set_ylabel("success (%), 95% Wilson interval")
