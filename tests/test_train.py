@@ -568,3 +568,22 @@ def test_work_in_progress_folder_in_the_way_is_one_error(tmp_path, capsys):
     blocker.write_text("x")
     with pytest.raises(ValueError, match=r"^--out .*/file/out: cannot write its work in progress .*: "):
         staging(blocker / "out")
+
+
+def test_train_failing_to_write_its_log_still_says_what_was_kept(demo_dir, tmp_path, monkeypatch):
+    """A disk error while writing train_log.jsonl: closing the log in the error path raised the same
+    error again, which replaced the first one, lost its note ("OUT is as it was ...") and skipped
+    saving the weights reached."""
+    import builtins
+
+    from kvreuse.train.train import run_train
+
+    def full_log(path, *a, **kw):  # the log's writes fail as on a full disk
+        return builtins.open("/dev/full" if str(path).endswith("train_log.jsonl") else path, *a, **kw)
+
+    monkeypatch.setattr("kvreuse.train.train.open", full_log, raising=False)
+    out, kept = tmp_path / "ck", tmp_path / "ck.interrupted"
+    with pytest.raises(OSError, match="No space left on device") as e:
+        run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=3, batch_size=2, device="cpu")
+    assert e.value.what == "train" and e.value.kept.startswith(f"{out} is as it was; the EMA weights after 1 of")
+    assert kept.is_dir() and not out.exists()

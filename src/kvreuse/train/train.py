@@ -301,7 +301,10 @@ def run_train(
         kept, unsaved = None, ""
         why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
         if losses:
-            log.close()
+            try:
+                log.close()
+            except OSError:  # its buffered lines hit the error again (a full disk): the weights may still fit
+                pass
             info = {**training(step, time.perf_counter() - t0), "interrupted": True, "max_steps": steps}
             if not isinstance(e, KeyboardInterrupt):
                 info["error"] = why
