@@ -115,16 +115,15 @@ def region(cfg: ModelConfig, start: int, end: int, device) -> torch.Tensor:
 
 def plan_reuse(
     cfg: ReuseConfig, model_cfg: ModelConfig, cache: PrefixCache, obs: Observation, s: Signals,
-    hosts: tuple[HostPrefix, HostPrefix] | None = None, layer_cams: tuple[str, ...] = (),
-    layers_hold: bool = False,
+    hosts: tuple[HostPrefix, HostPrefix] | None = None, layer_imgs: dict[str, torch.Tensor] | None = None,
 ) -> Plan:
     """The gate said reuse: what the mode recomputes. The plan is made on the host, and its
     recompute mask is a CPU tensor. What it compares (the new tokens' validity, the prompt's
     changes) comes from `hosts`, the HostPrefix of the cache and of obs, where the caller has
     them (no device work at all: round 16), else from the device in one transfer; the changed
-    patches come from the signals, on the CPU. layer_cams (layer_wise): the cameras whose fresh
-    embeddings the cache's upper layers were computed from (the last layer-wise update's);
-    layers_hold: the cameras moved since the base are exactly those, at the same pixels."""
+    patches come from the signals, on the CPU. layer_imgs (layer_wise): the images of the cameras
+    whose fresh embeddings the cache's upper layers were computed from (the last layer-wise
+    update's), by camera."""
     mode = cfg.mode
     if mode in ("full", "text_fixed"):
         return Plan("none", note="whole prefix reused")
@@ -166,7 +165,9 @@ def plan_reuse(
     if mode == "layer_wise":
         if shifted:
             return Plan("all", note="layer-wise reuse cannot move token positions/validity: refresh")
-        if layers_hold and not bool(changed.any()):
+        layer_cams = tuple(layer_imgs or ())
+        if layer_cams and moved == layer_cams and not bool(changed.any()) and all(
+                torch.equal(obs.images[c], layer_imgs[c]) for c in moved):  # a moved frame seen again
             return Plan("none", note=f"{', '.join(layer_cams)} as the upper layers saw them: nothing to recompute")
         if not moved and not bool(changed.any()):
             if not layer_cams:

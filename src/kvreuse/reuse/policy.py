@@ -110,8 +110,8 @@ class ReusePolicy:
         self.phase: PhaseCues | None = None
         self.call_index = 0
         self._refreshed_at = 0  # call index of the last refresh (the period gate counts from it)
-        self._layer_cams: tuple[str, ...] = ()  # cameras the cache's upper layers took fresh (layer_wise)
-        self._layer_imgs: dict[str, torch.Tensor] = {}  # their images as that update saw them
+        # layer_wise: the cameras the cache's upper layers took fresh, their images as that update saw them
+        self._layer_imgs: dict[str, torch.Tensor] = {}
 
     # ---- bookkeeping ------------------------------------------------------------------------
     @property
@@ -203,7 +203,7 @@ class ReusePolicy:
             if self._host is not None and cfg.mode not in ("full", "text_fixed"):
                 new_host = host_prefix(obs, mc)
             plan = plan_reuse(cfg, mc, self.cache, obs, sig, (self._host, new_host) if new_host is not None else None,
-                              self._layer_cams, self._layers_hold(obs, sig))
+                              self._layer_imgs)
             if cfg.synchronized and plan.kind in ("tokens", "layers"):
                 plan = Plan("all", note=f"synchronized: {plan.note} -> refresh every span")
 
@@ -255,15 +255,6 @@ class ReusePolicy:
         parts.resolve(timings)
         self.stats.add(rec)
         return out, rec
-
-    def _layers_hold(self, obs: Observation, sig: Signals) -> bool:
-        """layer_wise: the cameras that moved since the base are those of the last layer-wise
-        update, at the same pixels, so the cache's upper layers already hold this frame (a repeat
-        of a moved frame then costs nothing instead of another upper-layer pass)."""
-        if self.config.mode != "layer_wise" or not self._layer_cams:
-            return False
-        moved = tuple(c for c in self.model.cfg.cameras if sig.pixels_changed.get(c, False))
-        return moved == self._layer_cams and all(torch.equal(obs.images[c], self._layer_imgs[c]) for c in moved)
 
     def _measure(self, obs: Observation, timings: dict) -> Signals:
         cfg = self.config
@@ -339,7 +330,7 @@ class ReusePolicy:
             self.births = np.full(T, call, dtype=np.int64)
             self.birth_times = np.full(T, now, dtype=np.float64)
             self.layer_mixed = False
-            self._layer_cams, self._layer_imgs = (), {}
+            self._layer_imgs = {}
             if not cfg.enabled:  # the never gate compares nothing with it: no reference to build
                 self.ref = None  # (its copies would queue behind the graph and delay the call's end)
                 return out
@@ -395,7 +386,6 @@ class ReusePolicy:
         else:  # layers: lower layers (and the signal references) stay those of the base snapshot
             # No camera to run: the upper layers went back to the base's, so the K/V are one observation's.
             self.layer_mixed = bool(plan.run_cameras)
-            self._layer_cams = plan.run_cameras
             self._layer_imgs = {c: obs.images[c].clone() for c in plan.run_cameras}
         self._parts.add("sample" if overlap else "prefix", t)
         if plan.kind == "tokens":  # done once the denoise is queued: it needs none of it
