@@ -2,13 +2,21 @@
 # Paired reuse sweeps of both shipped testbed policies on a many-core machine (what produced
 # docs/RESULTS.md; run on the project's GPU machine, 16 cores, rollouts on the CPU workers).
 # Usage (repo root, kvreuse + Meta-World importable): OUT=dir EPISODES=20 CAP_S=200 bash scripts/sweep_device.sh
+# GRID_SET=confirm runs the settings that kept success (and the loose-threshold cliff as a control) on
+# more episodes (docs/RESULTS.md, "Confirmation at n = 500"); VARIANTS="pi05" runs one policy.
+# A sweep cut off by CAP_S continues where it stopped when run again on the same DB.
 set -uo pipefail
-OUT=${OUT:-runs/sweeps}; EPISODES=${EPISODES:-20}; CAP_S=${CAP_S:-200}; mkdir -p "$OUT"
+OUT=${OUT:-runs/sweeps}; EPISODES=${EPISODES:-20}; CAP_S=${CAP_S:-200}; VARIANTS=${VARIANTS:-pi05 pi0}; mkdir -p "$OUT"
 export MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl} PYTHONUNBUFFERED=1
 GRID=('gate=threshold threshold=0.9,0.95,0.98 mode=full' 'gate=crossmodal threshold=0.9' 'gate=phase threshold=0.9'
       'gate=threshold threshold=0.9 mode=vision_only synchronized=False,True' 'gate=period period=2 mode=full'
       'gate=threshold threshold=0.9 mode=partial patch_max_diff=None')
-for v in pi05 pi0; do
+if [ "${GRID_SET:-main}" = confirm ]; then
+  GRID=('gate=threshold threshold=0.9 mode=full' 'gate=threshold threshold=0.98 mode=full' 'gate=crossmodal threshold=0.9'
+        'gate=phase threshold=0.9' 'gate=period period=2 mode=full' 'gate=threshold threshold=0.9 mode=partial'
+        'gate=always mode=partial max_age_calls=2,5')
+fi
+for v in $VARIANTS; do
   db="$OUT/sweep-$v.db"; start=$(date +%s)
   echo "=== testbed-$v: paired sweep, $EPISODES held-out episodes per task and setting (cap ${CAP_S}s) ==="
   timeout "$CAP_S" python3 -m kvreuse.cli sweep --checkpoint "src/kvreuse/assets/testbed-$v" --episodes "$EPISODES" \

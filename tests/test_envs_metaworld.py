@@ -1,5 +1,7 @@
 """Meta-World adapter: protocol, observation contents, deterministic layouts, experts."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,32 @@ def test_expert_succeeds_and_episode_ends():
     with pytest.raises(ValueError, match="action"):
         env.step(np.zeros(3))
     env.close()
+
+
+def test_trim_metaworld_wheel_drops_only_unreferenced_images(tmp_path):
+    """scripts/trim_metaworld_wheel.py (how the device sweeps carried Meta-World) keeps every image an
+    XML or Python file names, and the wheel's RECORD lists exactly the files left."""
+    import runpy
+    import zipfile
+
+    trim = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "trim_metaworld_wheel.py"))["trim"]
+    files = {
+        "metaworld/assets/scene.xml": b'<texture file="../textures/used.png"/>',
+        "metaworld/envs/env.py": b'ICON = "code_used.png"',
+        "metaworld/assets/textures/used.png": b"u" * 10,
+        "metaworld/assets/textures/code_used.png": b"c" * 10,
+        "metaworld/assets/textures/unused.png": b"x" * 10,
+    }
+    src = tmp_path / "metaworld-0-py3-none-any.whl"
+    with zipfile.ZipFile(src, "w") as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+        z.writestr("metaworld-0.dist-info/RECORD", "".join(f"{n},sha256=x,10\n" for n in files)
+                   + "metaworld-0.dist-info/RECORD,,\n")
+    out = trim(src, tmp_path / "out")
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        record = {line.split(",")[0] for line in z.read("metaworld-0.dist-info/RECORD").decode().splitlines()}
+        assert z.read("metaworld/assets/textures/used.png") == files["metaworld/assets/textures/used.png"]
+    assert names == set(files) - {"metaworld/assets/textures/unused.png"} | {"metaworld-0.dist-info/RECORD"}
+    assert record == names
