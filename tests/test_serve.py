@@ -486,6 +486,47 @@ def test_kvreuse_serve_command_end_to_end():
         proc.wait(10)
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_kvreuse_serve_stops_cleanly_on_a_signal(signame, tmp_path):
+    """SIGTERM (docker stop, systemd, kill) and Ctrl-C with a client connected: the client's
+    connection is closed with 1001 (going away), not dropped, and the server says so in one line,
+    exit status 0, no traceback."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    # SIGINT as at a terminal, even when the tests run in a background job (SIGINT ignored there).
+    code = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); " \
+           "from kvreuse.cli import main; main()"
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as errf:
+        proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--port", "0", "--threads", "1"],
+                                stdout=subprocess.PIPE, stderr=errf, text=True)
+    try:
+        line, deadline = "", time.monotonic() + 60
+        while "listening on" not in line and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+        m = re.search(r"ws://127\.0\.0\.1:(\d+)", line)
+        assert m, f"no listening line; last: {line!r}"
+        c = RawClient(int(m.group(1)))
+        assert "actions" in c.infer(good_obs())
+        proc.send_signal(getattr(signal, signame))
+        with pytest.raises(ConnectionClosed) as closed:
+            c.ws.recv(timeout=20)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = err.read_text()
+    said = [s for s in text.splitlines() if not re.match(r"\d{4}-\d\d-\d\d ", s)]  # all but log records
+    assert said == [f"kvreuse serve: stopped ({'Ctrl-C' if signame == 'SIGINT' else signame}); "
+                    "1 client connection closed"], text
+    assert "Traceback" not in text
+
+
 def test_warmup_requests_stay_out_of_the_latency_window():
     """A request that captured CUDA graphs (seconds under --fast) is counted apart, so /stats'
     latency mean and p99 describe the steady state."""

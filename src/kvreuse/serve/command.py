@@ -123,6 +123,8 @@ def run_serve(
             default_prompt); without it a missing prompt is an error.
     """
     import asyncio
+    import signal
+    import sys
 
     import torch
 
@@ -156,12 +158,30 @@ def run_serve(
         print(f"kvreuse serve: {info['model']} ({info['variant']}, robot {info['robot']}), reuse {info['reuse']}, "
               f"listening on ws://{host}:{bound}  (GET /healthz, GET /stats)", flush=True)
 
+    stopped_by: list[str] = []
+
+    async def main() -> None:
+        # SIGTERM / SIGHUP (docker stop, systemd, kill) stop the server as Ctrl-C does: connections
+        # closed with 1001 (going away), not dropped by the process dying mid-frame.
+        loop, stop = asyncio.get_running_loop(), asyncio.Event()
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:  # not over an embedder's own
+                try:
+                    loop.add_signal_handler(sig, lambda s=sig: (stopped_by.append(s.name), stop.set()))
+                except (NotImplementedError, RuntimeError, ValueError):  # no signals here (Windows, a thread)
+                    pass
+        await server.run(ready=ready, stop=stop)
+
     try:
-        asyncio.run(server.run(ready=ready))
+        asyncio.run(main())
     except KeyboardInterrupt:
-        pass
+        stopped_by.append("Ctrl-C")
     except OSError as e:  # the address was taken between check_listen and the server's bind
         raise ValueError(f"--host {host} --port {port}: cannot listen there: {e.strerror or e}") from None
+    if stopped_by:
+        n = server.connected_at_stop
+        print(f"kvreuse serve: stopped ({stopped_by[0]}); {n} client connection{'s' * (n != 1)} closed",
+              file=sys.stderr, flush=True)
 
 
 def check_listen(host: str, port: int) -> None:

@@ -115,6 +115,7 @@ class PolicyServer:
         self.clients_served = 0
         self.started = time.monotonic()
         self.port: int | None = None
+        self.connected_at_stop = 0
         self._queue: asyncio.Queue[_Job] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-infer")
         self._busy = False
@@ -137,10 +138,13 @@ class PolicyServer:
                 log.info("serving on ws://%s:%d (healthz, stats on the same port)", self.cfg.host, self.port)
                 if ready is not None:
                     ready(self.port)
-                if stop is None:
-                    await server.serve_forever()
-                else:
-                    await stop.wait()
+                try:
+                    if stop is None:
+                        await server.serve_forever()
+                    else:
+                        await stop.wait()
+                finally:  # leaving the block closes these connections with 1001 (going away)
+                    self.connected_at_stop = len(self.clients)
         finally:
             worker.cancel()
             self._executor.shutdown(wait=True, cancel_futures=True)
