@@ -202,7 +202,8 @@ def test_all_problems_in_one_error(model, tmp_path):
 
 
 def test_unknown_variant_and_bad_paths(tmp_path):
-    _write(tmp_path, {"model.action_in_proj.weight": torch.zeros(2)})  # a Pi0 key, neither variant's
+    _write(tmp_path, {"model.action_in_proj.weight": torch.zeros(2),  # Pi0 keys, neither variant's
+                      "model.paligemma_with_expert.paligemma.model.language_model.norm.weight": torch.zeros(2)})
     with pytest.raises(ValueError, match="cannot tell Pi0 from Pi0.5"):
         load_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="no such file"):
@@ -241,6 +242,34 @@ def test_unrelated_safetensors_is_not_a_pi0_checkpoint(tmp_path, capsys):
     _write(tmp_path, {"encoder.weight": torch.zeros(2), "decoder.bias": torch.zeros(2)})
     all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'model.safetensors'}: not a Pi0 / Pi0.5 "
                                          "checkpoint (none of its 2 keys") + ".*decoder.bias, encoder.weight", capsys)
+
+
+def test_another_models_checkpoint_is_named_as_such(tiny, tmp_path, capsys):
+    """SmolVLA shares Pi0's head names (state_proj, action_in_proj, ...): it is not a Pi0 missing
+    hundreds of keys but another model, and its config.json's type says which."""
+    sd = {f"model.vlm_with_expert.vlm.model.text_model.layers.{i}.mlp.up_proj.weight": torch.zeros(2) for i in range(20)}
+    sd.update({f"model.{k}.weight": torch.zeros(2) for k in ("state_proj", "action_in_proj", "action_time_mlp_in")})
+    _write(tmp_path, sd)
+    (tmp_path / "config.json").write_text(json.dumps({"type": "smolvla"}))
+    all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'model.safetensors'}: not a Pi0 / Pi0.5 checkpoint "
+                                         "(its config.json says type 'smolvla'; only 3 of its 23 keys are") +
+                     ".*; it has model.vlm_with_expert", capsys)
+
+
+def test_config_type_must_match_the_weights(tiny, tmp_path, capsys):
+    """A lerobot config.json of type pi05 over Pi0 weights: its other fields (prompt length...) are
+    a Pi0.5's; it loaded silently as a Pi0."""
+    save_reference(tmp_path, tiny)
+    (tmp_path / "config.json").write_text(json.dumps({"type": "pi05"}))
+    all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'config.json'}: says type 'pi05' but its weights "
+                                         "model.safetensors are a pi0 model"), capsys)
+    (tmp_path / "config.json").write_text(json.dumps({"type": "pi0"}))
+    check_checkpoint(tmp_path)
+
+
+def test_one_shard_given_as_the_weights(tiny, tmp_path, capsys):
+    f = save_reference(tmp_path / "model-00001-of-00002.safetensors", tiny)
+    all_readers_fail(f, re.escape(f"checkpoint {f}: one shard of sharded weights; merge the shards"), capsys)
 
 
 def test_full_size_file_is_checked_on_the_meta_device(tmp_path):

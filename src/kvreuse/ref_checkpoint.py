@@ -159,7 +159,12 @@ def weights_file(path: str | Path) -> Path:
                          + (_found_instead(path) if path.is_dir() else ""))
     if f.suffix != ".safetensors":
         raise ValueError(f"checkpoint {path}: expected a .safetensors file (nothing else is read: no pickles)")
+    if re.fullmatch(_SHARD, f.name):  # else it reads as a Pi0 missing the other shards' keys
+        raise ValueError(f"checkpoint {f}: one shard of sharded weights; merge the shards into one {WEIGHTS}")
     return f
+
+
+_SHARD = r".+-\d+-of-\d+\.safetensors"
 
 
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -172,7 +177,7 @@ def _found_instead(d: Path) -> str:
     except OSError:  # unreadable: the error says no model.safetensors, which is true
         return ""
     shards = [n for n in names
-              if re.fullmatch(r".+-\d+-of-\d+\.safetensors", n) or n.endswith(".safetensors.index.json")]
+              if re.fullmatch(_SHARD, n) or n.endswith(".safetensors.index.json")]
     if shards:
         return f"; it holds sharded weights ({', '.join(shards[:3])}): merge them into one {WEIGHTS}"
     pickles = [n for n in names if n.endswith(_PICKLES)]
@@ -229,11 +234,31 @@ def config_from_reference(ref: RefFile) -> ModelConfig:
     return first
 
 
+def _check_kind(ref: RefFile) -> None:
+    """Another model's file (SmolVLA shares Pi0's head names), or a config.json whose lerobot
+    `type` is the other variant: one error, not a list of hundreds of missing keys (or a silent
+    load of weights that disagree with their config)."""
+    kind = ref.config.get("type")
+    kind = kind if isinstance(kind, str) else None
+    mapped = {k: to_ours(canonical(k), ref.variant or "pi0") for k in ref.shapes}
+    if not any(o and o.startswith(("vision.", "llm.")) for o in mapped.values()):  # no vision tower, no LM
+        others = sorted(k for k, o in mapped.items() if o is None)
+        some = ", ".join(others[:3]) or "none"
+        said = f"its config.json says type {kind!r}; " if kind and kind not in ("pi0", "pi05") else ""
+        n = len(ref.shapes) - len(others)
+        what = (f"none of its {len(ref.shapes)} keys is a lerobot / openpi Pi0 parameter" if not n else
+                f"only {n} of its {len(ref.shapes)} keys are lerobot / openpi Pi0 parameters, none of the vision "
+                "tower or language model")
+        raise ValueError(f"checkpoint {ref.path}: not a Pi0 / Pi0.5 checkpoint ({said}{what}; it has {some}"
+                         f"{', ...' if len(others) > 3 else ''})")
+    if kind in ("pi0", "pi05") and ref.variant is not None and kind != ref.variant:
+        raise ValueError(f"checkpoint {ref.dir / 'config.json'}: says type {kind!r} but its weights {ref.path.name} "
+                         f"are a {ref.variant} model (" + ("state_proj, no adaptive expert norms" if ref.variant == "pi0"
+                                                           else "adaptive expert norms, no state_proj") + ")")
+
+
 def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
-    if ref.variant is None and not any(to_ours(canonical(k), "pi0") for k in ref.shapes):
-        some = ", ".join(sorted(ref.shapes)[:3]) or "none"
-        raise ValueError(f"checkpoint {ref.path}: not a Pi0 / Pi0.5 checkpoint (none of its {len(ref.shapes)} keys "
-                         f"is a lerobot / openpi Pi0 parameter; it has {some}{', ...' if len(ref.shapes) > 3 else ''})")
+    _check_kind(ref)
     if ref.variant is None:
         raise ValueError(
             f"checkpoint {ref.path}: cannot tell Pi0 from Pi0.5 (expected either `state_proj.weight` "
