@@ -247,7 +247,8 @@ def test_unrelated_safetensors_is_not_a_pi0_checkpoint(tmp_path, capsys):
 def test_another_models_checkpoint_is_named_as_such(tiny, tmp_path, capsys):
     """SmolVLA shares Pi0's head names (state_proj, action_in_proj, ...): it is not a Pi0 missing
     hundreds of keys but another model, and its config.json's type says which."""
-    sd = {f"model.vlm_with_expert.vlm.model.text_model.layers.{i}.mlp.up_proj.weight": torch.zeros(2) for i in range(20)}
+    vlm = "model.vlm_with_expert.vlm.model.text_model.layers"
+    sd = {f"{vlm}.{i}.mlp.up_proj.weight": torch.zeros(2) for i in range(20)}
     sd.update({f"model.{k}.weight": torch.zeros(2) for k in ("state_proj", "action_in_proj", "action_time_mlp_in")})
     _write(tmp_path, sd)
     (tmp_path / "config.json").write_text(json.dumps({"type": "smolvla"}))

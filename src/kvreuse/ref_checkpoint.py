@@ -252,9 +252,9 @@ def _check_kind(ref: RefFile) -> None:
         raise ValueError(f"checkpoint {ref.path}: not a Pi0 / Pi0.5 checkpoint ({said}{what}; it has {some}"
                          f"{', ...' if len(others) > 3 else ''})")
     if kind in ("pi0", "pi05") and ref.variant is not None and kind != ref.variant:
+        why = "state_proj, no adaptive expert norms" if ref.variant == "pi0" else "adaptive expert norms, no state_proj"
         raise ValueError(f"checkpoint {ref.dir / 'config.json'}: says type {kind!r} but its weights {ref.path.name} "
-                         f"are a {ref.variant} model (" + ("state_proj, no adaptive expert norms" if ref.variant == "pi0"
-                                                           else "adaptive expert norms, no state_proj") + ")")
+                         f"are a {ref.variant} model ({why})")
 
 
 def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
