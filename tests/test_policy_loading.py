@@ -293,3 +293,36 @@ def test_serve_takes_a_reference_checkpoint_file_with_its_robot(ref_dir, monkeyp
                                          "(e.g. robot='libero' / --robot libero)"]
     cli.main(["serve", "--checkpoint", weights, "--robot", "metaworld", "--port", "0"])
     assert f"kvreuse serve: {weights} (pi0, robot metaworld)" in capsys.readouterr().out
+
+
+def test_norm_stats_shorter_than_the_robots_dims_are_refused_before_the_load(ref_dir, tmp_path, monkeypatch):
+    """Stats of 3 dims for a 4-dim robot failed on the first call as 'operands could not be broadcast'
+    (naming nothing); longer ones are fine (openpi keeps them padded)."""
+    import shutil
+
+    import kvreuse.checkpoint
+    from kvreuse.policy import robot_runtime
+    from kvreuse.transforms.robot import robot_spec
+
+    d = tmp_path / "ck"
+    shutil.copytree(ref_dir, d)
+
+    def write(state_dims, action_dims):
+        st = {k: [float(k == "std")] * state_dims for k in ("mean", "std", "q01", "q99")}
+        act = {k: [float(k == "std")] * action_dims for k in ("mean", "std", "q01", "q99")}
+        (d / "norm_stats.json").write_text(json.dumps({"state": st, "actions": act}))
+
+    write(3, 4)
+    load = kvreuse.checkpoint.load_checkpoint
+    monkeypatch.setattr(kvreuse.checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {d}: norm stats: the state stats have 3 dims, "
+                                                   "robot 'metaworld' has 4")):
+        Policy.from_checkpoint(d, robot="metaworld")
+    monkeypatch.setattr(kvreuse.checkpoint, "load_checkpoint", load)
+    model, stats, _ = load(d)
+    write(4, 2)
+    with pytest.raises(ValueError, match="the actions stats have 2 dims, robot 'metaworld' has 4"):
+        robot_runtime(model, robot_spec("metaworld"), kvreuse.checkpoint.checkpoint_stats(d))
+    write(6, 32)
+    a, _ = Policy.from_checkpoint(d, robot="metaworld").infer(_raw())
+    assert a.shape == (preset("tiny-pi0").chunk_size, 4) and np.isfinite(a).all()

@@ -122,14 +122,18 @@ def read_stats(path: str | Path) -> NormStats | None:
                          f"number arrays ({problem})") from None
 
 
+def checkpoint_stats(path: str | Path) -> NormStats | None:
+    """The norm stats of a checkpoint (ours, or a reference one) or None, without its weights."""
+    if checkpoint_format(path) == "kvreuse":
+        return read_stats(path)
+    from .ref_checkpoint import check_reference
+
+    return check_reference(path)[3]
+
+
 def load_norm_stats(path: str | Path) -> NormStats:
     """The norm stats of a checkpoint (ours, or a reference one), without its weights."""
-    if checkpoint_format(path) == "kvreuse":
-        stats = read_stats(path)
-    else:
-        from .ref_checkpoint import check_reference
-
-        stats = check_reference(path)[3]
+    stats = checkpoint_stats(path)
     if stats is None:
         raise ValueError(f"checkpoint {path}: has no norm stats")
     return stats
@@ -153,13 +157,7 @@ STATS_FILES = ("norm_stats.json (kvreuse, openpi; openpi also assets/*/norm_stat
 def missing_stats_warning(path: str | Path) -> str | None:
     """A warning line if a checkpoint has no norm stats: it runs, but the robot's states reach the
     model and its actions leave it unnormalized, which only an untrained model does not mind."""
-    if checkpoint_format(path) == "kvreuse":
-        stats = read_stats(path)
-    else:
-        from .ref_checkpoint import check_reference
-
-        stats = check_reference(path)[3]
-    if stats is not None:
+    if checkpoint_stats(path) is not None:
         return None
     return (f"warning: checkpoint {path} has no norm stats beside its weights ({STATS_FILES}): states and "
             "actions pass unnormalized; copy its stats there if it was trained")

@@ -34,6 +34,7 @@ def robot_runtime(model: Pi0Model, spec, stats=None, tokenizer: str | Path | Non
     from .model.tokenizer import load_tokenizer
     from .transforms.robot import fit_cameras
 
+    check_stats(stats, spec)
     if not keep_absent_cameras:
         model = fit_cameras(model, spec)
     tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, tokenizer), stats, spec)
@@ -44,9 +45,25 @@ def robot_runtime(model: Pi0Model, spec, stats=None, tokenizer: str | Path | Non
     return model, tf
 
 
-def check_runtime(cfg, spec, tokenizer: str | Path | None = None, *, keep_absent_cameras: bool = False) -> None:
-    """robot_runtime's checks (the tokenizer file, the robot's cameras) from a config alone, on a
-    meta-device model: a bad --tokenizer or robot is refused before a full-size model's weights load."""
+def check_stats(stats, spec, where: str = "norm stats") -> None:
+    """Norm stats must cover the robot's state and actions: shorter ones (another robot's, or a
+    dataset's of fewer dims) failed on the first call as a numpy broadcast error naming nothing.
+    Longer ones are fine (openpi keeps them padded; the first dims are used)."""
+    if stats is None:
+        return
+    for name, s, dim in (("state", stats.state, spec.state_dim), ("actions", stats.actions, spec.action_dim)):
+        have = min(np.size(getattr(s, k)) for k in ("mean", "std", "q01", "q99"))
+        if have < dim:
+            raise ValueError(f"{where}: the {name} stats have {have} dims, robot {spec.name!r} has {dim} "
+                             "(stats of another robot's data?)")
+
+
+def check_runtime(cfg, spec, tokenizer: str | Path | None = None, *, keep_absent_cameras: bool = False,
+                  stats=None, where: str = "norm stats") -> None:
+    """robot_runtime's checks (the tokenizer file, the robot's cameras, the norm stats' dims) from a
+    config alone, on a meta-device model: a bad --tokenizer or robot is refused before a full-size
+    model's weights load. where: what the stats are named in an error (their checkpoint)."""
+    check_stats(stats, spec, where)
     with torch.device("meta"):
         robot_runtime(Pi0Model(cfg), spec, None, tokenizer, keep_absent_cameras=keep_absent_cameras)
 
@@ -95,7 +112,7 @@ class Policy:
         """Load a checkpoint (ours, or lerobot / openpi safetensors). The RobotSpec is `robot`,
         else meta["robot"] (reference checkpoints carry none, so they need `robot`). fast,
         keep_absent_cameras: see robot_runtime."""
-        from .checkpoint import checkpoint_config, load_checkpoint
+        from .checkpoint import checkpoint_config, checkpoint_stats, load_checkpoint
         from .devices import check_device, check_dtype
         from .transforms.robot import robot_spec
 
@@ -107,7 +124,8 @@ class Policy:
         if robot is None:
             raise ValueError(f"checkpoint {path}: names no robot; pass one (e.g. robot='libero' / --robot libero)")
         spec = robot_spec(robot)
-        check_runtime(cfg, spec, tokenizer, keep_absent_cameras=keep_absent_cameras)
+        check_runtime(cfg, spec, tokenizer, keep_absent_cameras=keep_absent_cameras,
+                      stats=checkpoint_stats(path), where=f"checkpoint {path}: norm stats")
         model, stats, meta = load_checkpoint(path, device=device, dtype=dtype)
         model, tf = robot_runtime(model, spec, stats, tokenizer, fast=fast,
                                   keep_absent_cameras=keep_absent_cameras)
