@@ -3,7 +3,8 @@
 # docs/RESULTS.md; run on the project's GPU machine, 16 cores, rollouts on the CPU workers).
 # Usage (repo root, kvreuse + Meta-World importable): OUT=dir EPISODES=20 CAP_S=200 bash scripts/sweep_device.sh
 # GRID_SET=confirm runs the settings that kept success (and the loose-threshold cliff as a control) on
-# more episodes (docs/RESULTS.md, "Confirmation at n = 500"); VARIANTS="pi05" runs one policy.
+# more episodes (docs/RESULTS.md, "Confirmation at n = 500"), GRID_SET=crossmodal the cross-modal
+# gate at looser image thresholds; VARIANTS="pi05" runs one policy.
 # A sweep cut off by CAP_S continues where it stopped when run again on the same DB.
 set -uo pipefail
 OUT=${OUT:-runs/sweeps}; EPISODES=${EPISODES:-20}; CAP_S=${CAP_S:-200}; VARIANTS=${VARIANTS:-pi05 pi0}; mkdir -p "$OUT"
@@ -15,6 +16,8 @@ if [ "${GRID_SET:-main}" = confirm ]; then
   GRID=('gate=threshold threshold=0.9 mode=full' 'gate=threshold threshold=0.98 mode=full' 'gate=crossmodal threshold=0.9'
         'gate=phase threshold=0.9' 'gate=period period=2 mode=full' 'gate=threshold threshold=0.9 mode=partial'
         'gate=always mode=partial max_age_calls=2,5')
+elif [ "${GRID_SET:-main}" = crossmodal ]; then  # looser image thresholds of the cross-modal gate
+  GRID=('gate=crossmodal threshold=0.8,0.85')
 fi
 for v in $VARIANTS; do
   db="$OUT/sweep-$v.db"; start=$(date +%s)
