@@ -18,6 +18,8 @@ if [ "${GRID_SET:-main}" = confirm ]; then
         'gate=always mode=partial max_age_calls=2,5')
 elif [ "${GRID_SET:-main}" = crossmodal ]; then  # looser image thresholds of the cross-modal gate
   GRID=('gate=crossmodal threshold=0.8,0.85')
+elif [ "${GRID_SET:-main}" != main ]; then
+  echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm or crossmodal" >&2; exit 2
 fi
 for v in $VARIANTS; do
   db="$OUT/sweep-$v.db"; start=$(date +%s)
