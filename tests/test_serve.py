@@ -582,6 +582,27 @@ def test_serve_defaults_to_the_shipped_policy_and_builds_a_random_one_for_other_
     assert info["robot"] == "libero" and policy.fork().infer(obs)[0].shape == (info["action_horizon"], 7)
 
 
+@pytest.mark.parametrize("prompt, words", [("", "prompt: empty"), ("  ", "prompt: empty"),
+                                           ("x " * 200, "exceed max_token_len")])
+def test_serve_refuses_a_default_prompt_the_transform_would_refuse(monkeypatch, capsys, prompt, words):
+    """An empty or too long --default-prompt is one error line at start, not an error to every
+    client that sends no prompt (naming a prompt it never sent)."""
+    from kvreuse.cli import main
+    from kvreuse.serve import command
+
+    def listening(*a, **k):
+        raise ValueError("the server was about to listen")
+
+    monkeypatch.setattr(command, "make_server", listening)
+    with pytest.raises(SystemExit):
+        main(["serve", "--port", "0", "--threads", "1", "--default-prompt", prompt])
+    err = capsys.readouterr().err
+    assert f"kvreuse: error: --default-prompt {prompt[:60]!r}: " in err and words in err, err
+    with pytest.raises(SystemExit):  # a good one passes the check
+        main(["serve", "--port", "0", "--threads", "1", "--default-prompt", "reach the goal"])
+    assert "the server was about to listen" in capsys.readouterr().err
+
+
 def test_check_listen_binds_ipv6_as_the_server_does():
     import socket
 

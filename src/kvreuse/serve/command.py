@@ -66,6 +66,24 @@ def warm_up(policy, calls: int = 2) -> float:
     return time.perf_counter() - t0
 
 
+def check_default_prompt(policy) -> None:
+    """ValueError now, before listening, if the transform's default prompt would be refused (empty,
+    too many tokens): else every client that sends no prompt would get that error, naming a
+    prompt it never sent."""
+    import numpy as np
+
+    tf = policy.transform
+    if tf.default_prompt is None:
+        return
+    spec, size = tf.spec, policy.model.cfg.vision.image_size
+    raw = {k: np.zeros((size, size, 3), np.uint8) for k in spec.camera_keys}
+    raw[spec.state_key] = np.zeros(spec.state_dim)
+    try:
+        tf(raw, device=policy.model.device)
+    except ValueError as e:
+        raise ValueError(f"--default-prompt {tf.default_prompt[:60]!r}: {e}") from None
+
+
 def make_server(policy, info: dict, config):
     """A PolicyServer giving every client its own fork of `policy`."""
     from .server import PolicyServer
@@ -149,6 +167,7 @@ def run_serve(
         checkpoint = str(shipped) if shipped else None
     policy, info = build_policy(checkpoint, reuse, preset, robot, tokenizer, device, seed, fast, keep_absent_cameras)
     policy.transform.default_prompt = default_prompt  # shared by every client's fork
+    check_default_prompt(policy)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if fast:
         logging.getLogger(__name__).info("warmed up (CUDA graphs captured) in %.1f s", warm_up(policy))
