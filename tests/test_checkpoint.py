@@ -268,6 +268,24 @@ def test_config_type_must_match_the_weights(tiny, tmp_path, capsys):
     check_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("variant", ["tiny-pi0", "tiny-pi05"])
+def test_lerobot_normalization_mapping_must_be_the_variants(variant, tmp_path, capsys):
+    """lerobot trains a Pi0.5 with MEAN_STD where the dataset lacks quantiles: normalized with its
+    q01/q99 instead, its actions came out wrongly scaled, silently."""
+    torch.manual_seed(0)
+    save_reference(tmp_path, Pi0Model(preset(variant)))
+    want, other = ("QUANTILES", "MEAN_STD") if variant == "tiny-pi05" else ("MEAN_STD", "QUANTILES")
+    for mode in (want, want.lower()):
+        (tmp_path / "config.json").write_text(json.dumps({"normalization_mapping": {
+            "VISUAL": "IDENTITY", "STATE": mode, "ACTION": mode}}))
+        check_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"normalization_mapping": {
+        "VISUAL": "IDENTITY", "STATE": want, "ACTION": other}}))
+    all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'config.json'}: normalization_mapping has ACTION "
+                                         f"{other}; kvreuse normalizes a {variant[5:]}'s state and actions with {want} "
+                                         "only"), capsys)
+
+
 def test_one_shard_given_as_the_weights(tiny, tmp_path, capsys):
     f = save_reference(tmp_path / "model-00001-of-00002.safetensors", tiny)
     all_readers_fail(f, re.escape(f"checkpoint {f}: one shard of sharded weights; merge the shards"), capsys)

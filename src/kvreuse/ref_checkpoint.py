@@ -251,6 +251,15 @@ def _check_kind(ref: RefFile) -> None:
                 "tower or language model")
         raise ValueError(f"checkpoint {ref.path}: not a Pi0 / Pi0.5 checkpoint ({said}{what}; it has {some}"
                          f"{', ...' if len(others) > 3 else ''})")
+    mapping = ref.config.get("normalization_mapping")
+    want = {"pi0": "MEAN_STD", "pi05": "QUANTILES"}.get(ref.variant or "")
+    if want and isinstance(mapping, dict):  # lerobot trains a Pi0.5 with MEAN_STD where a dataset lacks quantiles
+        other = {k: v for k in ("STATE", "ACTION") if isinstance(v := mapping.get(k), str) and v.upper() != want}
+        if other:
+            got = ", ".join(f"{k} {v}" for k, v in other.items())
+            raise ValueError(f"checkpoint {ref.dir / 'config.json'}: normalization_mapping has {got}; kvreuse "
+                             f"normalizes a {ref.variant}'s state and actions with {want} only (the actions would "
+                             "come out wrongly scaled)")
     if kind in ("pi0", "pi05") and ref.variant is not None and kind != ref.variant:
         why = "state_proj, no adaptive expert norms" if ref.variant == "pi0" else "adaptive expert norms, no state_proj"
         raise ValueError(f"checkpoint {ref.dir / 'config.json'}: says type {kind!r} but its weights {ref.path.name} "
