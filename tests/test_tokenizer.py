@@ -3,6 +3,8 @@ state discretization and state span, prompt length limits."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,19 @@ def test_tokenizer_that_is_not_a_sentencepiece_file_is_named(sp_model, tmp_path)
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Unigram", "vocab": []}}')
     with pytest.raises(ValueError, match=f"tokenizer {tmp_path / 'tokenizer.json'}: not a SentencePiece model"):
         load_tokenizer(cfg, tmp_path / "tokenizer.json")
+
+
+def test_sentencepiece_model_without_bos_is_refused(tmp_path):
+    """Another SentencePiece model (T5's has no <bos>): bos_id -1 started every prompt and failed
+    in the embedding, at the first call, as an IndexError."""
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "c.txt").write_text("open the drawer and pick up the block\n" * 30)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "t5"), vocab_size=30,
+                                   model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    cfg = preset("tiny-pi0", tokenizer="sentencepiece")
+    with pytest.raises(ValueError, match=re.escape(f"tokenizer {tmp_path / 't5.model'}: a SentencePiece model "
+                                                   "without a <bos> piece")):
+        load_tokenizer(cfg, tmp_path / "t5.model")
 
 
 def test_discretize_state_bins():

@@ -56,6 +56,9 @@ class SentencePieceTokenizer:
             raise ValueError(f"tokenizer {path}: not a SentencePiece model ({e}); pass the PaliGemma "
                              "tokenizer.model (a Hugging Face tokenizer.json is not read)") from None
         self.bos_id = self.sp.bos_id()
+        if self.bos_id < 0:  # every prompt starts with it: -1 reached the embedding as an IndexError
+            raise ValueError(f"tokenizer {path}: a SentencePiece model without a <bos> piece (T5's spiece.model?), "
+                             "not PaliGemma's; pass the PaliGemma tokenizer.model")
         self.pad_id = max(self.sp.pad_id(), 0)
         self.vocab_size = self.sp.get_piece_size()
 
