@@ -603,6 +603,31 @@ def test_serve_refuses_a_default_prompt_the_transform_would_refuse(monkeypatch, 
     assert "the server was about to listen" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host, url", [("127.0.0.1", "ws://127.0.0.1:4321"), ("::1", "ws://[::1]:4321")])
+def test_listening_line_names_a_url_a_client_can_open(monkeypatch, capsys, host, url):
+    """The line names the address to copy into a client: an IPv6 host needs brackets."""
+    import socket
+
+    from kvreuse.cli import main
+    from kvreuse.serve import command
+
+    if ":" in host and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+
+    class Bound:  # stands in for the server: reports its port and returns
+        connected_at_stop = 0
+
+        async def run(self, ready, stop=None):
+            ready(4321)
+
+    monkeypatch.setattr(command, "make_server", lambda *a, **k: Bound())
+    try:
+        main(["serve", "--host", host, "--port", "0", "--threads", "1"])
+    except SystemExit:
+        pytest.skip(f"{host} not usable here: {capsys.readouterr().err.strip()}")
+    assert f"listening on {url}  (GET" in capsys.readouterr().out
+
+
 def test_check_listen_binds_ipv6_as_the_server_does():
     import socket
 

@@ -175,7 +175,7 @@ def run_serve(
 
     def ready(bound: int) -> None:  # the bound port matters with --port 0
         print(f"kvreuse serve: {info['model']} ({info['variant']}, robot {info['robot']}), reuse {info['reuse']}, "
-              f"listening on ws://{host}:{bound}  (GET /healthz, GET /stats)", flush=True)
+              f"listening on {ws_url(host, bound)}  (GET /healthz, GET /stats)", flush=True)
 
     stopped_by: list[str] = []
 
@@ -201,6 +201,11 @@ def run_serve(
         n = server.connected_at_stop
         print(f"kvreuse serve: stopped ({stopped_by[0]}); {n} client connection{'s' * (n != 1)} closed",
               file=sys.stderr, flush=True)
+
+
+def ws_url(host: str, port: int) -> str:
+    """The address clients connect to, as a URL: an IPv6 host in brackets (ws://[::1]:8000)."""
+    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
 
 
 def check_listen(host: str, port: int) -> None:

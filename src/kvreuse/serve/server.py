@@ -135,7 +135,8 @@ class PolicyServer:
                 process_request=self._http,
             ) as server:
                 self.port = server.sockets[0].getsockname()[1]
-                log.info("serving on ws://%s:%d (healthz, stats on the same port)", self.cfg.host, self.port)
+                host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host  # IPv6 in a URL
+                log.info("serving on ws://%s:%d (healthz, stats on the same port)", host, self.port)
                 if ready is not None:
                     ready(self.port)
                 try:
