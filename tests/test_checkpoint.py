@@ -286,6 +286,23 @@ def test_lerobot_normalization_mapping_must_be_the_variants(variant, tmp_path, c
                                          "only"), capsys)
 
 
+def test_config_json_dims_that_disagree_with_the_weights_are_named(tiny, tmp_path, capsys):
+    """A tiny file whose config.json sets another max_state_dim: the error was the full-size preset's
+    (hundreds of missing and wrong-shape keys), not the one head that disagrees and why."""
+    save_reference(tmp_path, tiny)
+    (tmp_path / "config.json").write_text(json.dumps({"type": "pi0", "max_state_dim": 24}))
+    w = tiny.state_proj.weight.shape[0]
+    all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'model.safetensors'} does not fit the pi0 config: "
+                                         f"wrong shape (1): model.state_proj.weight: file ({w}, 32) vs model ({w}, 24)"
+                                         "; config.json sets max_state_dim=24") + "$", capsys)
+    sd = reference_state_dict(tiny)
+    sd.update({f"model.extra.{i}": torch.zeros(1) for i in range(20)})
+    _write(tmp_path, sd)
+    (tmp_path / "config.json").unlink()
+    all_readers_fail(tmp_path, re.escape("does not fit the pi0 config: unexpected (20): model.extra.0, ") +
+                     r"[^;]* and 12 more$", capsys)
+
+
 def test_one_shard_given_as_the_weights(tiny, tmp_path, capsys):
     f = save_reference(tmp_path / "model-00001-of-00002.safetensors", tiny)
     all_readers_fail(f, re.escape(f"checkpoint {f}: one shard of sharded weights; merge the shards"), capsys)

@@ -219,19 +219,19 @@ def inspect_reference(path: str | Path) -> RefFile:
 def config_from_reference(ref: RefFile) -> ModelConfig:
     """The preset of the file's variant whose shapes fit the file (full size first), with what
     the config.json beside it says (lerobot: chunk_size, tokenizer_max_length, cameras, robot
-    dims; openpi: action_horizon...). No fit -> the full-size preset's mismatch error."""
+    dims; openpi: action_horizon...). No fit -> the preset that fits best (its mismatch error)."""
     from .model.config import PRESETS
 
     names = [ref.variant] + [n for n, p in PRESETS.items() if p.variant == ref.variant and n != ref.variant]
-    first = _config_for(ref, names[0])
+    best: tuple[int, ModelConfig] | None = None
     for name in names:
-        cfg = first if name == names[0] else _config_for(ref, name)
-        try:
-            match_keys(ref, cfg)
+        cfg = _config_for(ref, name)
+        n = _mismatch(ref, cfg)[2]
+        if n == 0:
             return cfg
-        except ValueError:
-            continue
-    return first
+        if best is None or n < best[0]:  # its error names what is wrong, not every key of another size
+            best = (n, cfg)
+    return best[1]
 
 
 def _check_kind(ref: RefFile) -> None:
@@ -321,6 +321,14 @@ def _key_in(ref: RefFile, ours: str) -> str | None:
 def match_keys(ref: RefFile, cfg: ModelConfig) -> dict[str, str]:
     """Map every parameter of a `cfg` model to a file key; any mismatch -> one ValueError that
     lists the variant mismatch, missing, unexpected and wrong-shape keys."""
+    source, problems, _ = _mismatch(ref, cfg)
+    if problems:
+        raise ValueError(f"checkpoint {ref.path} does not fit the {cfg.variant} config: " + "; ".join(problems))
+    return source
+
+
+def _mismatch(ref: RefFile, cfg: ModelConfig) -> tuple[dict[str, str], list[str], int]:
+    """(our key -> file key, the problems in words, how many keys are wrong)."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Pi0Model(cfg).state_dict().items()}
     problems = []
@@ -354,9 +362,11 @@ def match_keys(ref: RefFile, cfg: ModelConfig) -> dict[str, str]:
         if items:
             more = f", ... and {len(items) - 8} more" if len(items) > 8 else ""
             problems.append(f"{label} ({len(items)}): " + ", ".join(items[:8]) + more)
-    if problems:
-        raise ValueError(f"checkpoint {ref.path} does not fit the {cfg.variant} config: " + "; ".join(problems))
-    return source
+    dims = {k: ref.config[k] for k in ("max_state_dim", "max_action_dim", "action_dim") if k in ref.config}
+    if dims and any(h in w for w in wrong for h in ("state_proj", "action_in_proj", "action_out_proj")):
+        # these shapes came from the config.json, not from the weights
+        problems.append(f"config.json sets {', '.join(f'{k}={v}' for k, v in dims.items())}")
+    return source, problems, len(missing) + len(unexpected) + len(wrong) + (ref.variant != cfg.variant)
 
 
 def load_reference(
