@@ -628,6 +628,24 @@ def test_listening_line_names_a_url_a_client_can_open(monkeypatch, capsys, host,
     assert f"listening on {url}  (GET" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag", ["--close-frame-mb", "--max-frame-mb"])
+def test_serve_refuses_an_infinite_frame_limit_before_loading(monkeypatch, capsys, flag):
+    """`--close-frame-mb inf` was accepted, then a traceback (OverflowError) once the model had
+    loaded; now one error line naming the flag, before the load."""
+    from kvreuse.cli import main
+    from kvreuse.serve import command
+
+    def loaded(*a, **k):
+        raise ValueError("the model was loaded")
+
+    monkeypatch.setattr(command, "build_policy", loaded)
+    with pytest.raises(SystemExit):
+        main(["serve", "--port", "0", "--close-frame-mb", "inf", *((flag, "inf") if flag == "--max-frame-mb" else ())])
+    err = capsys.readouterr().err
+    assert err.startswith("kvreuse: error: ") and f"({flag}): expected a finite number of MiB, got inf" in err, err
+    assert "the model was loaded" not in err and "Traceback" not in err
+
+
 def test_check_listen_binds_ipv6_as_the_server_does():
     import socket
 

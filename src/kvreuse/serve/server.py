@@ -21,6 +21,7 @@ import asyncio
 import http
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -61,6 +62,10 @@ class ServeConfig:
     max_error_chars: int = 300
 
     def __post_init__(self) -> None:
+        for name in ("max_frame_mb", "close_frame_mb"):  # sizes in bytes are ints: inf is no size
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}): expected a finite number of MiB, "
+                                 f"got {getattr(self, name)}")
         if not 0 < self.max_frame_mb <= self.close_frame_mb:
             raise ValueError(f"max_frame_mb: expected 0 < max_frame_mb <= close_frame_mb, got {self.max_frame_mb} "
                              f"and {self.close_frame_mb}")
