@@ -303,6 +303,21 @@ def test_config_json_dims_that_disagree_with_the_weights_are_named(tiny, tmp_pat
                      r"[^;]* and 12 more$", capsys)
 
 
+@pytest.mark.parametrize("config,expected", [
+    ({"chunk_size": 0}, "chunk_size: expected an integer >= 1, got 0"),
+    ({"num_inference_steps": 2.5}, "num_inference_steps: expected an integer >= 1, got 2.5"),  # ran 2 steps
+    ({"tokenizer_max_length": "48"}, "tokenizer_max_length: expected an integer >= 1, got '48'"),  # was ignored
+    ({"max_period": -4.0}, "max_period: expected a number > 0, got -4.0"),
+    ({"input_features": {"observation.state": {"type": "STATE", "shape": ["x"]}}},
+     "observation.state shape: expected an integer >= 1, got 'x'"),  # a ValueError naming no file
+    ({"input_features": [1]}, "input_features: expected an object of features"),  # an AttributeError
+])
+def test_reference_config_json_values_are_checked(tiny, tmp_path, capsys, config, expected):
+    save_reference(tmp_path, tiny)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'config.json'}: {expected}"), capsys)
+
+
 def test_one_shard_given_as_the_weights(tiny, tmp_path, capsys):
     f = save_reference(tmp_path / "model-00001-of-00002.safetensors", tiny)
     all_readers_fail(f, re.escape(f"checkpoint {f}: one shard of sharded weights; merge the shards"), capsys)

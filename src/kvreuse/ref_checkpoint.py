@@ -281,20 +281,34 @@ def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
         "max_action_dim": "max_action_dim", "action_dim": "max_action_dim", "min_period": "time_min_period",
         "max_period": "time_max_period",
     }
+    where = f"checkpoint {ref.dir / 'config.json'}"
+
+    def positive(name: str, v, want: type):
+        # Checked, not cast: 2.5 inference steps ran as 2, a chunk of 0 or -5 prompt tokens as given.
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (want is float or v == int(v))
+        if not ok:
+            raise ValueError(f"{where}: {name}: expected {'a number > 0' if want is float else 'an integer >= 1'}, "
+                             f"got {v!r}")
+        return want(v)
+
+    base = preset(preset_name)
     for theirs, ours in pairs.items():
-        if isinstance(c.get(theirs), (int, float)) and not isinstance(c.get(theirs), bool):
-            kw[ours] = type(getattr(preset(preset_name), ours))(c[theirs])
-    feats = c.get("input_features") or {}
-    cams = tuple(k.removeprefix("observation.images.") for k, v in feats.items()
-                 if isinstance(v, dict) and v.get("type") == "VISUAL")
+        if c.get(theirs) is not None:
+            kw[ours] = positive(theirs, c[theirs], type(getattr(base, ours)))
+    feats, outs = c.get("input_features") or {}, c.get("output_features") or {}
+    for name, d in (("input_features", feats), ("output_features", outs)):
+        if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+            raise ValueError(f"{where}: {name}: expected an object of features (each with type and shape)")
+    cams = tuple(k.removeprefix("observation.images.") for k, v in feats.items() if v.get("type") == "VISUAL")
     if cams:
         kw["cameras"] = cams
-    state = feats.get("observation.state", {}) if isinstance(feats, dict) else {}
-    if isinstance(state, dict) and state.get("shape"):
-        kw["state_dim"] = int(state["shape"][-1])
-    act = (c.get("output_features") or {}).get("action", {})
-    if isinstance(act, dict) and act.get("shape"):
-        kw["action_dim"] = int(act["shape"][-1])
+    for name, feat, ours in (("observation.state", feats.get("observation.state"), "state_dim"),
+                             ("action", outs.get("action"), "action_dim")):
+        shape = (feat or {}).get("shape")
+        if shape:
+            if not isinstance(shape, list):
+                raise ValueError(f"{where}: {name}: shape: expected a list of sizes, got {shape!r}")
+            kw[ours] = positive(f"{name} shape", shape[-1], int)
     cfg = preset(preset_name, **kw)
     pos = ref.shapes.get(_key_in(ref, "vision.pos_embed.weight") or "", None)
     if pos is not None:  # the image size follows from the number of position embeddings
