@@ -1182,6 +1182,23 @@ def test_step_limit_above_the_envs_is_refused_not_cut_silently(tmp_path, capsys)
     assert not db.exists()  # refused before anything is written
 
 
+def test_replan_above_the_policy_chunk_is_refused_not_cut_silently(tmp_path, capsys):
+    """The rollout executes at most one chunk per call: --replan 20 with the testbed's 16-action
+    chunks ran as replan 16 while the DB recorded (and kept apart) replan 20."""
+    from kvreuse.cli import main
+
+    db = tmp_path / "x.db"
+    with pytest.raises(SystemExit):
+        main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "1", "--workers", "0", "--db", str(db),
+              "--replan", "17"])
+    err = capsys.readouterr().err
+    assert "replan: 17 is above the policy's action chunk of 16 actions" in err and "Traceback" not in err
+    assert not db.exists()  # refused before anything is written
+    plan = SweepPlan(db=str(db), env="fake", tasks=("reach",), episodes=1, replan=16, progress=False,
+                     env_kw={"max_steps": 20, "radius": 0.0})
+    assert run_sweep(plan, PolicySource(None, "tiny-pi0")).ran == 1  # the whole chunk is fine
+
+
 def test_metaworld_training_layouts_get_a_note(tmp_path, monkeypatch, capsys):
     import kvreuse.eval.sweep as sw
     from kvreuse.envs.metaworld import MetaWorldEnv

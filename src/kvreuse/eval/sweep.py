@@ -404,8 +404,15 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             from ..policy import check_runtime
             from ..transforms.robot import robot_spec
 
-            check_runtime(checkpoint_config(src.checkpoint)[0], robot_spec(robot), src.tokenizer,
-                          keep_absent_cameras=src.keep_absent_cameras)
+            cfg = checkpoint_config(src.checkpoint)[0]
+            check_runtime(cfg, robot_spec(robot), src.tokenizer, keep_absent_cameras=src.keep_absent_cameras)
+        else:
+            cfg = model_preset(src.preset)
+        if plan.replan > cfg.chunk_size:
+            # The rollout executes at most one chunk per call: a larger replan would run as the chunk
+            # size while the DB records (and keeps apart) the larger one.
+            raise ValueError(f"replan: {plan.replan} is above the policy's action chunk of {cfg.chunk_size} "
+                             f"actions ({src.checkpoint or src.preset}); give at most {cfg.chunk_size}")
         # Validate everything before any work starts (bad input -> one ValueError).
         settings_params: list[tuple[dict | None, str]] = [(None, "baseline")] if plan.baseline else []
         settings_params += canonical_grid(plan.grid)
