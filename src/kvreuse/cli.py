@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     import threading
 
     kept_handlers = {}
-    # Not for serve: its event loop and inference thread stop on SIGTERM's default, as servers do.
+    # Not for serve: it installs its own SIGTERM / SIGHUP handlers in its event loop (close clients, then stop).
     if threading.current_thread() is threading.main_thread() and argv[:1] != ["serve"]:
         for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
             if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:  # not over an embedder's own
