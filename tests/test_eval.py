@@ -1199,6 +1199,22 @@ def test_replan_above_the_policy_chunk_is_refused_not_cut_silently(tmp_path, cap
     assert run_sweep(plan, PolicySource(None, "tiny-pi0")).ran == 1  # the whole chunk is fine
 
 
+@pytest.mark.parametrize("what", ["videos", "streams"])
+def test_an_unwritable_video_or_stream_folder_is_refused_before_any_episode(tmp_path, capsys, what):
+    """Videos and streams go next to the DB, written by a worker after its episode: a file in the
+    way used to stop the sweep there with a traceback, that episode lost."""
+    from kvreuse.cli import main
+
+    (tmp_path / what).write_text("in the way")
+    db = tmp_path / "x.db"
+    with pytest.raises(SystemExit):
+        main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "1", "--workers", "0", "--db", str(db),
+              f"--{what}", "1"])
+    err = capsys.readouterr().err
+    assert f"--{what}: folder {tmp_path / what}: cannot write there" in err and "Traceback" not in err
+    assert not db.exists()
+
+
 def test_metaworld_training_layouts_get_a_note(tmp_path, monkeypatch, capsys):
     import kvreuse.eval.sweep as sw
     from kvreuse.envs.metaworld import MetaWorldEnv

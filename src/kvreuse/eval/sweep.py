@@ -424,6 +424,13 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         episodes = episode_list(env, tasks, plan.episodes, plan.init_start, plan.seed)
         if note := training_layouts_note(plan.env, episodes):
             print(note, file=sys.stderr)
+        from ..outputs import check_dir_out
+
+        # Written by the workers after an episode: an unwritable folder would stop the sweep there,
+        # losing that episode, with a traceback.
+        for n, folder, what in ((plan.videos, plan.video_dir, "videos"), (plan.streams, plan.stream_dir, "streams")):
+            if n:
+                check_dir_out(folder, f"--{what}: folder")
         if src.checkpoint is not None:  # once all is checked: a warning, then no error
             from ..checkpoint import warn_missing_stats
 
