@@ -268,54 +268,91 @@ def test_config_type_must_match_the_weights(tiny, tmp_path, capsys):
     check_checkpoint(tmp_path)
 
 
+def _lerobot_stats(d, st: Stats, act: Stats, keys=("mean", "std")):
+    """Norm stats as lerobot 0.6.1 saves them: the preprocessor's normalizer (state and action)
+    and the postprocessor's unnormalizer (action); `keys` only (a dataset without quantiles)."""
+    for name, groups in (("policy_preprocessor_step_3_normalizer_processor", (("observation.state", st),
+                                                                            ("action", act))),
+                         ("policy_postprocessor_step_0_unnormalizer_processor", (("action", act),))):
+        save_file({f"{prefix}.{k}": torch.tensor(getattr(s, k), dtype=torch.float32)
+                   for prefix, s in groups for k in keys}, str(d / f"{name}.safetensors"))
+
+
+def _mapping(d, state, action):
+    (d / "config.json").write_text(json.dumps({"type": "pi05", "normalization_mapping": {
+        "VISUAL": "IDENTITY", "STATE": state, "ACTION": action}}))
+
+
+@pytest.mark.parametrize("state,action", [("MEAN_STD", "MEAN_STD"), ("quantiles", "mean_std"),
+                                          ("MEAN_STD", "QUANTILES")])
+def test_lerobot_normalization_mapping_sets_each_sides_mode(state, action, tmp_path, capsys):
+    """lerobot trains a Pi0.5 with MEAN_STD where the dataset lacks quantiles (and either side may be
+    set alone): read from config.json (any case), each side needs its mode's stats and is applied
+    with its mode. It was refused (86c6635), before that normalized with quantiles, wrongly."""
+    torch.manual_seed(0)
+    save_reference(tmp_path, Pi0Model(preset("tiny-pi05")))
+    st = stats()
+    want = ("quantile" if state.upper() == "QUANTILES" else "meanstd",
+            "quantile" if action.upper() == "QUANTILES" else "meanstd")
+    _lerobot_stats(tmp_path, st.state, st.actions, ("mean", "std", "q01", "q99"))
+    _mapping(tmp_path, state, action)
+    _, loaded, _ = load_checkpoint(tmp_path)
+    assert (loaded.state_mode, loaded.actions_mode) == want
+    names = {"meanstd": "MEAN_STD (mean/std)", "quantile": "QUANTILES (q01/q99)"}
+    assert (f"normalization: state {names[want[0]]}, actions {names[want[1]]} (config.json normalization_mapping)"
+            in describe(tmp_path))
+    # Only the stats each side's mode needs are required, with the one-line error naming the file.
+    for prefix, mode in (("observation.state", want[0]), ("action", want[1])):
+        need = {"meanstd": "std", "quantile": "q99"}[mode]
+        other = {"meanstd": "q99", "quantile": "std"}[mode]
+        for f in tmp_path.glob("policy_*.safetensors"):
+            sd = load_file(str(f))
+            save_file({k: v for k, v in sd.items() if k != f"{prefix}.{other}"}, str(f))
+        check_checkpoint(tmp_path)  # the other mode's stat is not needed
+        for f in tmp_path.glob("policy_*.safetensors"):
+            sd = load_file(str(f))
+            save_file({k: v for k, v in sd.items() if k != f"{prefix}.{need}"}, str(f))
+        all_readers_fail(tmp_path, rf"norm stats .*\[{re.escape(prefix)}\]: missing \['{need}'\] for "
+                         rf"{'MEAN_STD' if mode == 'meanstd' else 'QUANTILES'} \(has ", capsys)
+        _lerobot_stats(tmp_path, st.state, st.actions, ("mean", "std", "q01", "q99"))
+
+
 @pytest.mark.parametrize("variant", ["tiny-pi0", "tiny-pi05"])
-def test_lerobot_normalization_mapping_must_be_the_variants(variant, tmp_path, capsys):
-    """lerobot trains a Pi0.5 with MEAN_STD where the dataset lacks quantiles: normalized with its
-    q01/q99 instead, its actions came out wrongly scaled, silently."""
+@pytest.mark.parametrize("mode", ["MIN_MAX", "QUANTILE10", "IDENTITY", "median", 3])
+def test_unsupported_normalization_mapping_is_one_error(variant, mode, tmp_path, capsys):
+    """A mode kvreuse does not apply (lerobot's MIN_MAX, QUANTILE10, IDENTITY for state or actions,
+    or no mode at all) is refused before anything loads, naming config.json and the field."""
     torch.manual_seed(0)
     save_reference(tmp_path, Pi0Model(preset(variant)))
-    want, other = ("QUANTILES", "MEAN_STD") if variant == "tiny-pi05" else ("MEAN_STD", "QUANTILES")
-    for mode in (want, want.lower()):
-        (tmp_path / "config.json").write_text(json.dumps({"normalization_mapping": {
-            "VISUAL": "IDENTITY", "STATE": mode, "ACTION": mode}}))
+    cfg = tmp_path / "config.json"
+    for side in ("STATE", "ACTION"):
+        cfg.write_text(json.dumps({"normalization_mapping": {"VISUAL": "IDENTITY", side: mode}}))
+        all_readers_fail(tmp_path, re.escape(f"checkpoint {cfg}: normalization_mapping: {side} {mode!r} is not "
+                                             "supported; kvreuse normalizes the state and actions with MEAN_STD or "
+                                             "QUANTILES"), capsys)
+    cfg.write_text(json.dumps({"normalization_mapping": ["MEAN_STD"]}))
+    all_readers_fail(tmp_path, re.escape(f"checkpoint {cfg}: normalization_mapping: expected an object"), capsys)
+    # absent keys or mapping: the variant's default
+    for config in ({"normalization_mapping": {"VISUAL": "IDENTITY"}}, {}):
+        cfg.write_text(json.dumps(config))
         check_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"normalization_mapping": {
-        "VISUAL": "IDENTITY", "STATE": want, "ACTION": other}}))
-    all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'config.json'}: normalization_mapping has ACTION "
-                                         f"{other}; kvreuse normalizes a {variant[5:]}'s state and actions with {want} "
-                                         "only"), capsys)
 
 
-def test_config_json_dims_that_disagree_with_the_weights_are_named(tiny, tmp_path, capsys):
-    """A tiny file whose config.json sets another max_state_dim: the error was the full-size preset's
-    (hundreds of missing and wrong-shape keys), not the one head that disagrees and why."""
-    save_reference(tmp_path, tiny)
-    (tmp_path / "config.json").write_text(json.dumps({"type": "pi0", "max_state_dim": 24}))
-    w = tiny.state_proj.weight.shape[0]
-    all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'model.safetensors'} does not fit the pi0 config: "
-                                         f"wrong shape (1): model.state_proj.weight: file ({w}, 32) vs model ({w}, 24)"
-                                         "; config.json sets max_state_dim=24") + "$", capsys)
-    sd = reference_state_dict(tiny)
-    sd.update({f"model.extra.{i}": torch.zeros(1) for i in range(20)})
-    _write(tmp_path, sd)
-    (tmp_path / "config.json").unlink()
-    all_readers_fail(tmp_path, re.escape("does not fit the pi0 config: unexpected (20): model.extra.0, ") +
-                     r"[^;]* and 12 more$", capsys)
-
-
-@pytest.mark.parametrize("config,expected", [
-    ({"chunk_size": 0}, "chunk_size: expected an integer >= 1, got 0"),
-    ({"num_inference_steps": 2.5}, "num_inference_steps: expected an integer >= 1, got 2.5"),  # ran 2 steps
-    ({"tokenizer_max_length": "48"}, "tokenizer_max_length: expected an integer >= 1, got '48'"),  # was ignored
-    ({"max_period": -4.0}, "max_period: expected a number > 0, got -4.0"),
-    ({"input_features": {"observation.state": {"type": "STATE", "shape": ["x"]}}},
-     "observation.state shape: expected an integer >= 1, got 'x'"),  # a ValueError naming no file
-    ({"input_features": [1]}, "input_features: expected an object of features"),  # an AttributeError
-])
-def test_reference_config_json_values_are_checked(tiny, tmp_path, capsys, config, expected):
-    save_reference(tmp_path, tiny)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'config.json'}: {expected}"), capsys)
+def test_norm_modes_survive_our_checkpoint(tiny, tmp_path):
+    """A model trained from (or saved with) such stats keeps their modes in our norm_stats.json;
+    dropped, the checkpoint would be read back with the variant's default."""
+    st = stats()
+    st.state_mode, st.actions_mode = "quantile", "meanstd"
+    ck = save_checkpoint(tmp_path / "ck", tiny, st, "metaworld")
+    _, loaded, _ = load_checkpoint(ck)
+    assert (loaded.state_mode, loaded.actions_mode) == ("quantile", "meanstd")
+    assert "normalization: state QUANTILES (q01/q99), actions MEAN_STD (mean/std) (norm_stats.json)" in describe(ck)
+    d = json.loads((ck / "norm_stats.json").read_text())
+    d["actions_mode"] = "minmax"
+    (ck / "norm_stats.json").write_text(json.dumps(d))
+    bad = re.escape(f"checkpoint {ck / 'norm_stats.json'}: ") + ".*actions_mode 'minmax'"
+    with pytest.raises(ValueError, match=bad):
+        load_checkpoint(ck)
 
 
 def test_one_shard_given_as_the_weights(tiny, tmp_path, capsys):
@@ -399,6 +436,8 @@ def test_info_on_both_formats(model, tmp_path, capsys):
         total = sum(p.numel() for p in model.parameters()) / 1e6
         assert f"parameters: {total:,.2f}M" in out
     assert "state: 4 dims, stats mean/std/q01/q99" in describe(tmp_path / "ours")
+    mode = "MEAN_STD (mean/std)" if cfg.variant == "pi0" else "QUANTILES (q01/q99)"
+    assert f"normalization: state {mode}, actions {mode} (the {cfg.variant} default)" in describe(tmp_path / "ours")
     assert "none found" in describe(tmp_path / "ref")
 
 

@@ -326,3 +326,54 @@ def test_norm_stats_shorter_than_the_robots_dims_are_refused_before_the_load(ref
     write(6, 32)
     a, _ = Policy.from_checkpoint(d, robot="metaworld").infer(_raw())
     assert a.shape == (preset("tiny-pi0").chunk_size, 4) and np.isfinite(a).all()
+
+
+@pytest.mark.parametrize("state,action", [("MEAN_STD", "MEAN_STD"), ("QUANTILES", "mean_std"),
+                                          ("mean_std", "QUANTILES")])
+def test_a_lerobot_pi05_trained_with_mean_std_runs_with_its_modes(state, action, tmp_path):
+    """lerobot trains a Pi0.5 with MEAN_STD where the dataset lacks quantiles (or sets STATE and ACTION
+    apart): Policy.from_checkpoint normalizes its state and unnormalizes its actions as lerobot 0.6.1
+    does (by hand below). It was refused (86c6635); before that, scaled with quantiles."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_reference(tmp_path, Pi0Model(preset("tiny-pi05")).eval(), "lerobot", True)
+    rng = np.random.default_rng(1)
+    st = {"mean": rng.normal(0.5, 1, 4), "std": rng.uniform(0.2, 3, 4)}
+    act = {"mean": rng.normal(-1, 1, 4), "std": rng.uniform(0.2, 3, 4)}
+    for s in (st, act):  # quantiles far from mean +- std: the wrong mode is far off
+        s["q01"], s["q99"] = s["mean"] - 7 * s["std"], s["mean"] + 2 * s["std"]
+    quantiles = {"observation.state": state.upper() == "QUANTILES", "action": action.upper() == "QUANTILES"}
+
+    def keys(prefix):  # a dataset without quantiles has mean/std only
+        return ("q01", "q99") if quantiles[prefix] else ("mean", "std")
+
+    for name, groups in (("policy_preprocessor_step_3_normalizer_processor", (("observation.state", st),
+                                                                            ("action", act))),
+                         ("policy_postprocessor_step_0_unnormalizer_processor", (("action", act),))):
+        save_file({f"{p}.{k}": torch.tensor(s[k], dtype=torch.float32) for p, s in groups for k in keys(p)},
+                  str(tmp_path / f"{name}.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"type": "pi05", "normalization_mapping": {
+        "VISUAL": "IDENTITY", "STATE": state, "ACTION": action}}))
+    q, m = ({k: v.astype(np.float32).astype(np.float64) for k, v in s.items()} for s in (st, act))  # as stored
+
+    def norm(x):  # lerobot 0.6.1's NormalizerProcessorStep (eps 1e-8)
+        if quantiles["observation.state"]:
+            return 2 * (x - q["q01"]) / (q["q99"] - q["q01"]) - 1
+        return (x - q["mean"]) / (q["std"] + 1e-8)
+
+    def unnorm(y):  # and its UnnormalizerProcessorStep
+        if quantiles["action"]:
+            return (y + 1) * (m["q99"] - m["q01"]) / 2 + m["q01"]
+        return y * m["std"] + m["mean"]
+
+    pol = Policy.from_checkpoint(tmp_path, robot="metaworld")
+    raw = _raw(2)
+    obs = pol.transform(raw)
+    np.testing.assert_allclose(obs.state[0, :4].numpy(), norm(raw["observation/state"]), rtol=1e-5, atol=1e-6)
+    noise = pol.model.make_noise(1, torch.Generator().manual_seed(0))
+    out = pol.model.sample_actions(obs, noise.clone())
+    actions, _ = pol.infer(raw, noise=noise.clone())
+    # kvreuse keeps openpi's eps (1e-6, in the inverse too): within |y| * 1e-6 of lerobot's
+    np.testing.assert_allclose(actions, unnorm(out[0, :, :4].numpy()), rtol=1e-5,
+                               atol=1e-6 * float(out.abs().max()))

@@ -139,6 +139,39 @@ def test_normalize_round_trip(mode):
         np.testing.assert_allclose(inside, [[-1] * 4, [1] * 4], atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["tiny-pi0", "tiny-pi05"])
+@pytest.mark.parametrize("state_mode,action_mode", [("meanstd", "quantile"), ("quantile", "meanstd")])
+def test_state_and_actions_each_take_their_own_mode(variant, state_mode, action_mode):
+    """lerobot's normalization_mapping sets STATE and ACTION apart (a Pi0.5 trained with MEAN_STD,
+    or one side only): the state is normalized, the actions unnormalized, each with its own mode,
+    whether the modes come with the stats or as arguments; lerobot's formulas by hand."""
+    st = stats()
+    s, a = st.state, st.actions
+    by_hand = {  # lerobot 0.6.1 NormalizerProcessorStep / UnnormalizerProcessorStep, eps 1e-8
+        "meanstd": (lambda x, q: (x - q.mean) / (q.std + 1e-8), lambda y, q: y * q.std + q.mean),
+        "quantile": (lambda x, q: 2 * (x - q.q01) / (q.q99 - q.q01) - 1,
+                     lambda y, q: (y + 1) * (q.q99 - q.q01) / 2 + q.q01),
+    }
+    # kvreuse keeps openpi's eps (1e-6, in the inverse too): within |y| * 1e-6 of lerobot's actions
+    cfg = preset(variant)
+    carried = NormStats(s, a, state_mode=state_mode, actions_mode=action_mode)
+    for tf in (RobotTransform(cfg, ByteTokenizer(), carried, robot_spec("metaworld")),
+               RobotTransform(cfg, ByteTokenizer(), st, robot_spec("metaworld"), state_mode=state_mode,
+                              action_mode=action_mode)):
+        r = raw()
+        np.testing.assert_allclose(tf(r).state[0, :4].numpy(), by_hand[state_mode][0](r["observation/state"], s),
+                                   rtol=1e-5, atol=1e-6)
+        out = torch.randn(1, cfg.chunk_size, cfg.max_action_dim)
+        np.testing.assert_allclose(tf.actions(out), by_hand[action_mode][1](out[..., :4].numpy(), a),
+                                   rtol=1e-5, atol=1e-6 * float(out.abs().max()))
+        np.testing.assert_allclose(tf.normalize_actions(tf.actions(out))[..., :4], out[..., :4], atol=1e-5)
+    # norm_mode still sets both sides, over what the stats carry
+    both = RobotTransform(cfg, ByteTokenizer(), carried, robot_spec("metaworld"), norm_mode=action_mode)
+    assert (both.state_mode, both.action_mode) == (action_mode, action_mode)
+    with pytest.raises(ValueError, match=r"state_mode: expected one of \('meanstd', 'quantile'\), got 'MEAN_STD'"):
+        RobotTransform(cfg, ByteTokenizer(), st, robot_spec("metaworld"), state_mode="MEAN_STD")
+
+
 def test_pad_to():
     assert pad_to(np.ones((2, 3)), 5).tolist() == [[1, 1, 1, 0, 0]] * 2
     with pytest.raises(ValueError, match="6 dims does not fit the model's 5"):

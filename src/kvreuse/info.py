@@ -27,12 +27,23 @@ def _part_counts(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, int]]:
     return list(counts.items())
 
 
-def _stats_lines(stats) -> list[str]:
+def _stats_lines(stats, variant: str, mapping: bool = False) -> list[str]:
+    """mapping: the checkpoint's modes come from a lerobot config.json's normalization_mapping
+    (else from our norm_stats.json)."""
+    from .transforms.normalize import LEROBOT_NAMES, NEEDS, default_mode
+
     if stats is None:
         from .checkpoint import STATS_FILES
 
         return [f"  none found (looked for {STATS_FILES}): states and actions would pass unnormalized"]
-    out = []
+    modes = stats.modes(variant)
+    d = default_mode(variant)
+    if modes == (d, d):
+        why = f"the {variant} default"
+    else:
+        why = "config.json normalization_mapping" if mapping else "norm_stats.json"
+    out = [f"  normalization: state {LEROBOT_NAMES[modes[0]]} ({'/'.join(NEEDS[modes[0]])}), actions "
+           f"{LEROBOT_NAMES[modes[1]]} ({'/'.join(NEEDS[modes[1]])}) ({why})"]
     for name in ("state", "actions"):
         s = getattr(stats, name)
         have = [k for k in ("mean", "std", "q01", "q99") if np.isfinite(getattr(s, k)).all()]
@@ -82,6 +93,7 @@ def describe(path: str | Path) -> str:
         stats = read_stats(path)
         fmt, robot = "kvreuse", meta.get("robot", "unknown")
         extra = {k: v for k, v in meta.items() if k not in ("model", "robot")}
+        mapping = False
     else:
         from .ref_checkpoint import check_reference
 
@@ -91,6 +103,7 @@ def describe(path: str | Path) -> str:
         fmt = "lerobot" if any(k.startswith("model.") for k in ref.shapes) else "openpi"
         robot, weights = "not recorded (reference checkpoint)", ref.path
         extra = {"type": ref.config["type"]} if "type" in ref.config else {}
+        mapping = ref.config.get("normalization_mapping") is not None
     total = sum(int(np.prod(s)) for s in shapes.values())
     p = cfg.vision.num_patches
     lines = [
@@ -112,7 +125,7 @@ def describe(path: str | Path) -> str:
         f"robot: {robot} (state {cfg.state_dim} of {cfg.max_state_dim} dims, actions {cfg.action_dim} of {cfg.max_action_dim})",
         f"tokenizer: {cfg.tokenizer}",
         "norm stats:",
-        *_stats_lines(stats),
+        *_stats_lines(stats, cfg.variant, mapping),
     ]
     lines += [f"{k}: {v}" for k, v in extra.items()]
     return "\n".join(lines)

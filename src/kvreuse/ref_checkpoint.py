@@ -24,7 +24,7 @@ import torch
 
 from .model.config import ModelConfig, preset
 from .model.pi0 import Pi0Model
-from .transforms.normalize import NormStats, Stats
+from .transforms.normalize import LEROBOT_NAMES, NEEDS, NormMode, NormStats, Stats, default_mode
 
 WEIGHTS = "model.safetensors"
 
@@ -251,19 +251,37 @@ def _check_kind(ref: RefFile) -> None:
                 "tower or language model")
         raise ValueError(f"checkpoint {ref.path}: not a Pi0 / Pi0.5 checkpoint ({said}{what}; it has {some}"
                          f"{', ...' if len(others) > 3 else ''})")
-    mapping = ref.config.get("normalization_mapping")
-    want = {"pi0": "MEAN_STD", "pi05": "QUANTILES"}.get(ref.variant or "")
-    if want and isinstance(mapping, dict):  # lerobot trains a Pi0.5 with MEAN_STD where a dataset lacks quantiles
-        other = {k: v for k in ("STATE", "ACTION") if isinstance(v := mapping.get(k), str) and v.upper() != want}
-        if other:
-            got = ", ".join(f"{k} {v}" for k, v in other.items())
-            raise ValueError(f"checkpoint {ref.dir / 'config.json'}: normalization_mapping has {got}; kvreuse "
-                             f"normalizes a {ref.variant}'s state and actions with {want} only (the actions would "
-                             "come out wrongly scaled)")
+    norm_modes(ref)  # a mode kvreuse cannot apply: refused before anything loads
     if kind in ("pi0", "pi05") and ref.variant is not None and kind != ref.variant:
         why = "state_proj, no adaptive expert norms" if ref.variant == "pi0" else "adaptive expert norms, no state_proj"
         raise ValueError(f"checkpoint {ref.dir / 'config.json'}: says type {kind!r} but its weights {ref.path.name} "
                          f"are a {ref.variant} model ({why})")
+
+
+def norm_modes(ref: RefFile) -> tuple[NormMode, NormMode]:
+    """(state mode, actions mode) from lerobot's config.json `normalization_mapping` (its STATE and
+    ACTION; the variant's default where it says nothing). lerobot trains a Pi0.5 with MEAN_STD where
+    the dataset lacks quantiles, and either side may be set on its own; another mode is refused."""
+    default = default_mode(ref.variant or "pi0")
+    mapping = ref.config.get("normalization_mapping")
+    if mapping is None:
+        return default, default
+    where = f"checkpoint {ref.dir / 'config.json'}: normalization_mapping"
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where}: expected an object such as {{\"STATE\": \"MEAN_STD\", \"ACTION\": "
+                         f"\"MEAN_STD\"}}, got {mapping!r}")
+    modes = []
+    for side in ("STATE", "ACTION"):
+        v = mapping.get(side)
+        mode = _FROM_LEROBOT.get(v.upper()) if isinstance(v, str) else None
+        if v is not None and mode is None:
+            raise ValueError(f"{where}: {side} {v!r} is not supported; kvreuse normalizes the state and actions "
+                             f"with {' or '.join(_FROM_LEROBOT)}")
+        modes.append(mode or default)
+    return modes[0], modes[1]
+
+
+_FROM_LEROBOT: dict[str, NormMode] = {name: mode for mode, name in LEROBOT_NAMES.items()}
 
 
 def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
@@ -413,7 +431,7 @@ def load_reference(
     except (OSError, SafetensorError) as e:
         raise ValueError(f"checkpoint {ref.path}: not a readable safetensors file ({e})") from None
     model.load_state_dict(state, strict=True, assign=True)
-    stats = read_reference_stats(ref.dir, cfg.variant)
+    stats = read_reference_stats(ref.dir, cfg.variant, norm_modes(ref))
     source_kind = "lerobot" if any(k.startswith("model.") for k in ref.shapes) else "openpi"
     meta = {"model": cfg.to_dict(), "format": source_kind, "weights": str(ref.path)}
     return model.eval(), stats, meta
@@ -424,13 +442,14 @@ def load_reference(
 _LEROBOT_STATE, _LEROBOT_ACTION = "observation.state", "action"
 
 
-def _stats_from(d: dict, needed: tuple[str, str], where: str) -> Stats:
+def _stats_from(d: dict, mode: NormMode, where: str) -> Stats:
     """Stats from {stat name: array}; stats the mode needs must be there, others become NaN."""
     if not isinstance(d, dict):
         raise ValueError(f"norm stats {where}: expected an object of stat arrays, got {type(d).__name__}")  # noqa: TRY004
+    needed = NEEDS[mode]
     lacking = [k for k in needed if k not in d]
     if lacking:
-        raise ValueError(f"norm stats {where}: missing {lacking} (has {sorted(d)})")
+        raise ValueError(f"norm stats {where}: missing {lacking} for {LEROBOT_NAMES[mode]} (has {sorted(d)})")
     try:
         ref = np.asarray(d[needed[0]], dtype=np.float64).reshape(-1)
         vals = {k: np.asarray(d[k], dtype=np.float64).reshape(-1) if k in d else np.full_like(ref, np.nan)
@@ -440,13 +459,16 @@ def _stats_from(d: dict, needed: tuple[str, str], where: str) -> Stats:
     return Stats(**vals)
 
 
-def read_reference_stats(directory: str | Path, variant: str) -> NormStats | None:
+def read_reference_stats(directory: str | Path, variant: str,
+                         modes: tuple[NormMode, NormMode] | None = None) -> NormStats | None:
     """Norm stats beside reference weights: openpi `norm_stats.json` (also under `assets/*/`), or
     lerobot's `policy_preprocessor*_normalizer_processor.safetensors` (keys `observation.state.mean`,
     `action.q01`, ...), with `policy_postprocessor*_unnormalizer_processor.safetensors` as the
-    fallback for the actions. Pi0 needs mean/std, Pi0.5 q01/q99. None if there are none."""
+    fallback for the actions. modes: (state, actions) as `norm_modes` reads them, default the
+    variant's (Pi0 mean/std, Pi0.5 q01/q99); each side needs its mode's stats, and the stats carry
+    the modes. None if there are none."""
     d = Path(directory)
-    needed = ("q01", "q99") if variant == "pi05" else ("mean", "std")
+    st_mode, act_mode = modes or (default_mode(variant),) * 2
     jsons = [d / "norm_stats.json"] if (d / "norm_stats.json").is_file() else sorted(d.glob("assets/*/norm_stats.json"))
     if len(jsons) > 1:
         raise ValueError(f"norm stats in {d}: several assets/*/norm_stats.json ({[str(j) for j in jsons]}); pass one")
@@ -458,8 +480,8 @@ def read_reference_stats(directory: str | Path, variant: str) -> NormStats | Non
         if not isinstance(raw, dict) or "state" not in raw or "actions" not in raw:
             got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
             raise ValueError(f"norm stats {jsons[0]}: expected keys 'state' and 'actions', got {got}")
-        return NormStats(_stats_from(raw["state"], needed, f"{jsons[0]} [state]"),
-                         _stats_from(raw["actions"], needed, f"{jsons[0]} [actions]"))
+        return NormStats(_stats_from(raw["state"], st_mode, f"{jsons[0]} [state]"),
+                         _stats_from(raw["actions"], act_mode, f"{jsons[0]} [actions]"), st_mode, act_mode)
     pre = sorted(d.glob("policy_preprocessor*normalizer_processor.safetensors"))
     post = sorted(d.glob("policy_postprocessor*unnormalizer_processor.safetensors"))
     if not pre and not post:
@@ -479,8 +501,8 @@ def read_reference_stats(directory: str | Path, variant: str) -> NormStats | Non
                 and "." not in k[len(prefix) + 1:]}
 
     where = ", ".join(p.name for p in pre + post)
-    return NormStats(_stats_from(group(_LEROBOT_STATE), needed, f"{where} [{_LEROBOT_STATE}]"),
-                     _stats_from(group(_LEROBOT_ACTION), needed, f"{where} [{_LEROBOT_ACTION}]"))
+    return NormStats(_stats_from(group(_LEROBOT_STATE), st_mode, f"{where} [{_LEROBOT_STATE}]"),
+                     _stats_from(group(_LEROBOT_ACTION), act_mode, f"{where} [{_LEROBOT_ACTION}]"), st_mode, act_mode)
 
 
 def check_reference(path: str | Path) -> tuple[RefFile, ModelConfig, dict[str, str], NormStats | None]:
@@ -488,7 +510,7 @@ def check_reference(path: str | Path) -> tuple[RefFile, ModelConfig, dict[str, s
     shapes give, our key -> its key, its norm stats). Raises one ValueError naming a bad file."""
     ref = inspect_reference(path)
     cfg = config_from_reference(ref)
-    return ref, cfg, match_keys(ref, cfg), read_reference_stats(ref.dir, cfg.variant)
+    return ref, cfg, match_keys(ref, cfg), read_reference_stats(ref.dir, cfg.variant, norm_modes(ref))
 
 
 # ---- export (tests, and handing our weights to reference code) ----------------------------------

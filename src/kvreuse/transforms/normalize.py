@@ -1,4 +1,6 @@
-"""State / action normalization: mean-std (Pi0) or quantiles q01/q99 -> [-1, 1] (Pi0.5)."""
+"""State / action normalization: mean-std or quantiles q01/q99 -> [-1, 1]. Pi0 defaults to
+mean-std and Pi0.5 to quantiles; a lerobot checkpoint may say otherwise per side (its config.json
+normalization_mapping), which NormStats then carries."""
 
 from __future__ import annotations
 
@@ -8,6 +10,13 @@ from typing import Literal
 import numpy as np
 
 NormMode = Literal["meanstd", "quantile"]
+NORM_MODES: tuple[NormMode, ...] = ("meanstd", "quantile")
+LEROBOT_NAMES: dict[NormMode, str] = {"meanstd": "MEAN_STD", "quantile": "QUANTILES"}  # lerobot's names
+NEEDS: dict[NormMode, tuple[str, str]] = {"meanstd": ("mean", "std"), "quantile": ("q01", "q99")}
+
+
+def default_mode(variant: str) -> NormMode:
+    return "quantile" if variant == "pi05" else "meanstd"
 
 
 @dataclass
@@ -35,13 +44,26 @@ class Stats:
 class NormStats:
     state: Stats
     actions: Stats
+    # The mode each side was trained with, where the checkpoint says (lerobot's normalization_mapping);
+    # None: the variant's default. Kept with the stats so that every loader applies them.
+    state_mode: NormMode | None = None
+    actions_mode: NormMode | None = None
 
     def to_dict(self) -> dict:
-        return {"state": self.state.to_dict(), "actions": self.actions.to_dict()}
+        modes = {f"{k}_mode": m for k, m in (("state", self.state_mode), ("actions", self.actions_mode)) if m}
+        return {"state": self.state.to_dict(), "actions": self.actions.to_dict(), **modes}
 
     @staticmethod
     def from_dict(d: dict) -> "NormStats":
-        return NormStats(Stats.from_dict(d["state"]), Stats.from_dict(d["actions"]))
+        modes = {k: d.get(k) for k in ("state_mode", "actions_mode")}
+        bad = {k: m for k, m in modes.items() if m is not None and m not in NORM_MODES}
+        if bad:
+            raise ValueError(f"{', '.join(f'{k} {m!r}' for k, m in bad.items())}: expected one of {NORM_MODES}")
+        return NormStats(Stats.from_dict(d["state"]), Stats.from_dict(d["actions"]), **modes)
+
+    def modes(self, variant: str) -> tuple[NormMode, NormMode]:
+        """(state mode, actions mode) these stats are applied with under a `variant` model."""
+        return self.state_mode or default_mode(variant), self.actions_mode or default_mode(variant)
 
 
 def normalize(x: np.ndarray, s: Stats, mode: NormMode) -> np.ndarray:

@@ -17,7 +17,7 @@ from ..model.config import ModelConfig
 from ..model.tokenizer import Tokenizer, tokenize_prompts
 from ..observation import Observation
 from .images import preprocess_image
-from .normalize import NormMode, NormStats, normalize, pad_to, unnormalize
+from .normalize import NORM_MODES, NormMode, NormStats, default_mode, normalize, pad_to, unnormalize
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,22 @@ class RobotTransform:
         norm_mode: NormMode | None = None,
         truncate: bool = False,
         default_prompt: str | None = None,
+        *,
+        state_mode: NormMode | None = None,
+        action_mode: NormMode | None = None,
     ):
         self.cfg, self.tok, self.stats, self.spec, self.truncate = cfg, tokenizer, stats, spec, truncate
         # Used when an observation has no prompt key (as openpi's default_prompt); None: required.
         self.default_prompt = default_prompt
-        self.mode: NormMode = norm_mode or ("quantile" if cfg.variant == "pi05" else "meanstd")
+        # Per side: the argument, else norm_mode (both), else what the stats say (a lerobot Pi0.5
+        # trained with MEAN_STD), else the variant's default.
+        given = {"state_mode": state_mode, "action_mode": action_mode, "norm_mode": norm_mode}
+        for name, m in given.items():
+            if m is not None and m not in NORM_MODES:  # normalize() would take it as quantiles
+                raise ValueError(f"{name}: expected one of {NORM_MODES}, got {m!r}")
+        st, act = stats.modes(cfg.variant) if stats else (default_mode(cfg.variant),) * 2
+        self.state_mode: NormMode = state_mode or norm_mode or st
+        self.action_mode: NormMode = action_mode or norm_mode or act
         unknown = [c for _, c in spec.cameras if c not in cfg.cameras]
         if unknown:
             raise ValueError(f"robot {spec.name!r} maps to camera(s) {unknown} the model does not have: {list(cfg.cameras)}")
@@ -135,7 +146,7 @@ class RobotTransform:
                 raise ValueError(f"{key}: batch size {img.shape[0]} does not match the state's {b}")
             images[cam], masks[cam] = img, torch.ones(b, dtype=torch.bool)
 
-        nstate = normalize(state, self.stats.state, self.mode) if self.stats else state
+        nstate = normalize(state, self.stats.state, self.state_mode) if self.stats else state
         with np.errstate(over="ignore"):  # an overflow is refused just below, with the key's name
             model_state = pad_to(nstate, cfg.max_state_dim)
         if not np.isfinite(model_state).all():  # finite in float64, inf once normalised to float32
@@ -172,12 +183,13 @@ class RobotTransform:
     def actions(self, out: torch.Tensor) -> np.ndarray:
         """(B, chunk, max_action_dim) model output -> (B, chunk, action_dim) robot actions."""
         a = out.detach().float().cpu().numpy()[..., : self.spec.action_dim]
-        a = unnormalize(a, self.stats.actions, self.mode) if self.stats else a
+        a = unnormalize(a, self.stats.actions, self.action_mode) if self.stats else a
         if not np.isfinite(a).all():  # never hand a robot NaN or inf
             raise RuntimeError("the model produced non-finite actions (NaN or inf); none are returned")
         return a
 
     def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
         """Robot actions -> padded, normalized training targets."""
-        a = normalize(np.asarray(actions, dtype=np.float64), self.stats.actions, self.mode) if self.stats else actions
+        a = np.asarray(actions, dtype=np.float64)
+        a = normalize(a, self.stats.actions, self.action_mode) if self.stats else actions
         return pad_to(a, self.cfg.max_action_dim)
