@@ -1215,6 +1215,30 @@ def test_an_unwritable_video_or_stream_folder_is_refused_before_any_episode(tmp_
     assert not db.exists()
 
 
+def test_episodes_run_without_norm_stats_stay_apart_from_those_run_with_them(tmp_path):
+    """The missing-stats warning asks to copy the stats beside the checkpoint; the same command
+    then skipped the episodes run unnormalized and counted them in one row with the new ones."""
+    import shutil
+
+    from kvreuse.assets import shipped_checkpoint
+    from kvreuse.eval.sweep import policy_identity
+
+    ck = tmp_path / "ck"
+    shutil.copytree(shipped_checkpoint("tiny-pi0"), ck)
+    stats = (ck / "norm_stats.json").read_bytes()
+    (ck / "norm_stats.json").unlink()
+    plan = SweepPlan(db=str(tmp_path / "x.db"), env="fake", tasks=("reach",), episodes=1, progress=False,
+                     env_kw={"max_steps": 6, "radius": 0.0})
+    assert run_sweep(plan, PolicySource(str(ck))).ran == 1
+    bare = policy_identity(PolicySource(str(ck)))
+    (ck / "norm_stats.json").write_bytes(stats)
+    assert policy_identity(PolicySource(str(ck))) == bare.replace("+no-stats", "") != bare
+    s = run_sweep(plan, PolicySource(str(ck)))
+    assert (s.ran, s.skipped) == (1, 0)  # run again with its stats, not skipped
+    with ResultStore(plan.db) as st:
+        assert sorted(r["policy"] for r in st.settings()) == sorted([bare, bare.replace("+no-stats", "")])
+
+
 def test_metaworld_training_layouts_get_a_note(tmp_path, monkeypatch, capsys):
     import kvreuse.eval.sweep as sw
     from kvreuse.envs.metaworld import MetaWorldEnv

@@ -88,8 +88,16 @@ def checkpoint_tasks(src: PolicySource) -> tuple[str, ...] | None:
 
 def policy_identity(src: PolicySource) -> str:
     """A stable id of the weights and of what changes their actions (the fast runtime rounds
-    differently; a masked camera slot too): results of different policies never mix in one setting."""
-    flags = ((src.dtype, src.dtype != "float32"), ("fast", src.fast), ("masked-cameras", src.keep_absent_cameras))
+    differently; a masked camera slot too): results of different policies never mix in one setting.
+    A checkpoint without norm stats runs unnormalized: its episodes stay apart from those run once
+    its stats were copied beside it (as the missing-stats warning asks)."""
+    no_stats = False
+    if src.checkpoint is not None:
+        from ..checkpoint import checkpoint_stats
+
+        no_stats = checkpoint_stats(src.checkpoint) is None
+    flags = ((src.dtype, src.dtype != "float32"), ("fast", src.fast), ("masked-cameras", src.keep_absent_cameras),
+             ("no-stats", no_stats))
     tok = [f"tok@{_sha12(Path(src.tokenizer))}"] if src.tokenizer is not None else []
     return "+".join([_weights_identity(src)] + [name for name, on in flags if on] + tok)
 
