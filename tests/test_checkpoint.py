@@ -111,7 +111,9 @@ def test_reference_round_trip(model, tmp_path, layout, tie):
     # The config (a tiny preset here) is found from the shapes alone; file or directory.
     for path in (tmp_path, f):
         loaded, st, meta = load_checkpoint(path)
-        assert loaded.cfg == model.cfg and same_weights(model, loaded) and st is None
+        # ... and writes a Pi0.5 state below -1 into the prompt as openpi / lerobot do (bin -1)
+        assert loaded.cfg == model.cfg.replace(state_below_bins="digitize")
+        assert same_weights(model, loaded) and st is None
         assert meta["format"] == layout
     obs, noise = obs_for(model.cfg), torch.randn(1, model.cfg.chunk_size, model.cfg.max_action_dim)
     assert torch.equal(loaded.sample_actions(obs, noise), model.sample_actions(obs, noise))

@@ -91,6 +91,8 @@ def test_discretize_state_bins():
     s = np.array([-1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 7.0, -7.0])
     b = discretize_state(s, 256)
     assert b.tolist() == [0, 0, 128, 192, 255, 255, 255, 0]
+    # openpi's and lerobot's np.digitize(state, edges) - 1: below -1 is bin -1, the rest the same
+    assert discretize_state(s, 256, "digitize").tolist() == [0, 0, 128, 192, 255, 255, 255, -1]
     assert discretize_state(np.linspace(-1, 1, 1000), 256).tolist() == sorted(discretize_state(np.linspace(-1, 1, 1000), 256).tolist())
 
 
@@ -133,3 +135,16 @@ def test_overlong_prompt_is_an_error_unless_truncated():
     # Exactly at the limit is fine without truncation.
     ok = "a" * (cfg.max_token_len - 2)  # + bos + newline
     assert tokenize_prompts(cfg, ByteTokenizer(), [ok]).mask.all()
+
+
+def test_pi05_state_below_range_as_the_reference_writes_it():
+    """A full-size Pi0.5 (and any lerobot / openpi checkpoint) writes a state below -1 as bin -1, as
+    openpi and lerobot 0.6.1 do; it was clipped to 0, a prompt the model never saw in training. The
+    testbed presets keep the clip they were trained with."""
+    assert preset("pi05").state_below_bins == preset("pi0").state_below_bins == "digitize"
+    assert preset("tiny-pi05").state_below_bins == "clip"
+    state = np.array([[-1.5, 0.0, 1.5, -1.0]])
+    for cfg, want in ((preset("tiny-pi05", state_below_bins="digitize"), "State: -1 128 255 0;"),
+                      (preset("tiny-pi05"), "State: 0 128 255 0;")):
+        out = tokenize_prompts(cfg, ByteTokenizer(), ["push"], state)
+        assert want in ByteTokenizer().decode(out.tokens[0][out.mask[0]].tolist()[1:])

@@ -327,7 +327,7 @@ def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
             if not isinstance(shape, list):
                 raise ValueError(f"{where}: {name}: shape: expected a list of sizes, got {shape!r}")
             kw[ours] = positive(f"{name} shape", shape[-1], int)
-    cfg = preset(preset_name, **kw)
+    cfg = preset(preset_name, **kw, state_below_bins="digitize")  # the prompt openpi / lerobot build
     pos = ref.shapes.get(_key_in(ref, "vision.pos_embed.weight") or "", None)
     if pos is not None:  # the image size follows from the number of position embeddings
         grid = round(pos[0] ** 0.5)

@@ -78,6 +78,9 @@ class ModelConfig:
     time_min_period: float = 4e-3
     time_max_period: float = 4.0
     state_bins: int = 256
+    # A Pi0.5 state below -1 after normalization: openpi and lerobot write bin -1 (np.digitize - 1,
+    # unclipped); the testbed policies were trained with it clipped to bin 0, so they keep that.
+    state_below_bins: Literal["clip", "digitize"] = "clip"
     # The actual dims of the robot this model drives (state/actions are padded to max_*_dim).
     state_dim: int = 32
     action_dim: int = 32
@@ -168,8 +171,8 @@ _TINY_EXPERT = GemmaConfig(width=96, depth=4, mlp_dim=256, num_heads=4, num_kv_h
 
 PRESETS: dict[str, ModelConfig] = {
     # Full size, exact reference shapes.
-    "pi0": ModelConfig(variant="pi0", max_token_len=48),
-    "pi05": ModelConfig(variant="pi05", max_token_len=200),
+    "pi0": ModelConfig(variant="pi0", max_token_len=48, state_below_bins="digitize"),
+    "pi05": ModelConfig(variant="pi05", max_token_len=200, state_below_bins="digitize"),
     # A few million parameters, same code paths; built-in byte tokenizer, two cameras.
     "tiny-pi0": ModelConfig(
         variant="pi0", vision=_TINY_VISION, llm=_TINY_LLM, expert=_TINY_EXPERT, vocab_size=260,

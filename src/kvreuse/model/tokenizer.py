@@ -96,10 +96,12 @@ def clean_task(task: str) -> str:
     return task.strip().replace("_", " ").replace("\n", " ")
 
 
-def discretize_state(state: np.ndarray, bins: int) -> np.ndarray:
-    """Normalized state in [-1, 1] -> integer bins 0..bins-1 (values outside are clipped)."""
+def discretize_state(state: np.ndarray, bins: int, below: str = "clip") -> np.ndarray:
+    """Normalized state in [-1, 1] -> integer bins 0..bins-1; above 1 is bin bins-1. Below -1 is bin
+    0 with below="clip", or -1 with below="digitize" (openpi's and lerobot's prompt)."""
     edges = np.linspace(-1.0, 1.0, bins + 1)[:-1]
-    return np.clip(np.digitize(state, edges) - 1, 0, bins - 1)
+    b = np.digitize(state, edges) - 1
+    return np.clip(b, 0, bins - 1) if below == "clip" else b
 
 
 def tokenize_prompts(
@@ -121,7 +123,8 @@ def tokenize_prompts(
         if cfg.state_in_prompt:
             if state is None:
                 raise ValueError("state: Pi0.5 writes the state into the prompt, but no state was given")
-            digits = " ".join(str(int(d)) for d in discretize_state(np.asarray(state[i]), cfg.state_bins))
+            digits = " ".join(str(int(d)) for d in discretize_state(np.asarray(state[i]), cfg.state_bins,
+                                                                  cfg.state_below_bins))
             # The whole prompt is tokenized at once (as openpi does); the state span starts
             # where the tokens of the text before it end.
             full = [tok.bos_id] + tok.encode(f"Task: {text}, State: {digits};\nAction: ")
