@@ -427,3 +427,27 @@ def test_compare_names_a_streams_missing_camera_and_info_a_stream(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["info", str(tmp_path / "s.safetensors")])
     assert "a kvreuse observation stream, not a checkpoint" in capsys.readouterr().err
+
+
+def test_compare_checks_every_setting_against_the_model_before_any_replay(monkeypatch, capsys):
+    """A grid setting or a mode the model refuses (a layer split past its depth, a downsample past
+    its images) failed only when its turn came: after the baseline's two replays (grid) or four
+    modes' (whose table was then lost). One error line naming it now comes before any replay."""
+    import kvreuse.reuse.compare as rc
+    from kvreuse.cli import main
+
+    fail = lambda *a, **k: pytest.fail("replayed before the bad setting was refused")  # noqa: E731
+    monkeypatch.setattr(rc, "replay", fail)
+    monkeypatch.setattr(rc, "compare_actions", fail)
+    src = ["--preset", "tiny-pi0", "--steps", "2", "--episodes", "1"]
+    for argv, msg in (
+        (["grid", "--grid", "gate=always", "gate=always mode=layer_wise layer_split=100"],
+         "grid: setting always/layer_wise(100): reuse.layer_split: expected 1 <= split <"),
+        (["grid", "--grid", "gate=threshold downsample=1000"],
+         "grid: setting threshold(raw>=0.985)/full: reuse.downsample: 1000 exceeds the model's"),
+        (["modes", "--layer-split", "100"], "modes: layer_wise: reuse.layer_split: expected 1 <= split <"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["compare", *argv, *src])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and msg in err[0], (argv, err)

@@ -257,6 +257,8 @@ def run_grid(cmd: Grid) -> None:
     if not settings:
         raise ValueError("grid: no settings given; e.g. --grid 'gate=crossmodal threshold=0.9'")
     base, stream, what = load(cmd.src)
+    for params, label in settings:  # what only the model checks (its dims, depth): before any replay
+        _check_setting(base, reuse_config(params), f"grid: setting {label}")
     print(what, flush=True)
     ref = replay(base, stream, cmd.src.seed)
     # The first replay is the reference every speedup divides by; a second one shows the spread.
@@ -293,6 +295,14 @@ def run_grid(cmd: Grid) -> None:
         write(True)
 
 
+def _check_setting(base, reuse: ReuseConfig, what: str) -> None:
+    """`reuse` against `base`'s model (what a ReuseConfig cannot check alone), as one ValueError."""
+    try:
+        base.fork(reuse)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
 def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:
     """Markdown table: one row per mode (and the baseline) under `reuse`'s gate."""
     import numpy as np
@@ -301,13 +311,15 @@ def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:
     from .config import MODES
 
     cfg = base.model.cfg
+    configs = [ReuseConfig() if mode == "baseline" else reuse.replace(mode=mode) for mode in ("baseline",) + MODES]
+    for rc in configs[1:]:  # e.g. a layer_split past the depth fails here, not after four replays
+        _check_setting(base, rc, f"modes: {rc.mode}")
     rows = [
         "| setting | reuse rate | vision passes / call | prefix token-layers vs baseline | vision ms | prefix ms "
         "| denoise ms | sample ms | total ms | action cos (mean / min) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for mode in ("baseline",) + MODES:
-        rc = ReuseConfig() if mode == "baseline" else reuse.replace(mode=mode)
+    for rc in configs:
         res = compare_actions(base, base.fork(rc), stream, seed)
         s, recs = res.summary(), [r for r in res.records if not r.warmup]  # as grid and actions: no warm-ups
         vis, tl = res.work(cfg)
