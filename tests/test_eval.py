@@ -263,7 +263,7 @@ def _result(task="reach", init_id=0, seed=0, status="success", calls=4, reuses=1
                          decisions=["refresh"] * calls, reasons=["x"] * calls, timings={"total": [ms] * calls})
 
 
-def test_sweep_fast_runtime_runs_apart_from_the_eager_model(tmp_path):
+def test_sweep_fast_runtime_runs_apart_from_the_eager_model(tmp_path, monkeypatch):
     """--fast runs FastPi0 (plain calls on a CPU): the same episodes give the same outcomes, but
     its results form their own setting (its actions round differently), never skipped as done."""
     from kvreuse.eval.sweep import load_model, policy_identity
@@ -273,6 +273,12 @@ def test_sweep_fast_runtime_runs_apart_from_the_eager_model(tmp_path):
     assert policy_identity(PolicySource(None, "tiny-pi0", fast=True)) == "random:tiny-pi0:seed0+fast"
     both = PolicySource(None, "tiny-pi0", fast=True, keep_absent_cameras=True, dtype="bfloat16")
     assert policy_identity(both) == "random:tiny-pi0:seed0+bfloat16+fast+masked-cameras"
+    # A setting continued on a GPU averaged its calls with the CPU's into one row (latency, speedup).
+    import kvreuse.devices
+
+    monkeypatch.setattr(kvreuse.devices, "check_device", lambda d: d)  # no GPU here
+    gpu = {policy_identity(PolicySource(None, "tiny-pi0", device=d, fast=True)) for d in ("cuda", "cuda:1")}
+    assert gpu == {"random:tiny-pi0:seed0+cuda+fast"}
     with pytest.raises(ValueError, match="dtype: expected one of float32, bfloat16, got 'half'"):
         PolicySource(dtype="half")
     plan = SweepPlan(db=str(tmp_path / "f.db"), env="fake", tasks=("reach",), episodes=2, workers=0,

@@ -96,8 +96,11 @@ def policy_identity(src: PolicySource) -> str:
         from ..checkpoint import checkpoint_stats
 
         no_stats = checkpoint_stats(src.checkpoint) is None
-    flags = ((src.dtype, src.dtype != "float32"), ("fast", src.fast), ("masked-cameras", src.keep_absent_cameras),
-             ("no-stats", no_stats))
+    # A GPU rounds differently (TF32 convolutions) and its calls take a fraction of a CPU's: a
+    # setting continued on another device would average both into one row. cuda:N is one device type.
+    dev = src.device.split(":")[0]
+    flags = ((dev, dev != "cpu"), (src.dtype, src.dtype != "float32"), ("fast", src.fast),
+             ("masked-cameras", src.keep_absent_cameras), ("no-stats", no_stats))
     tok = [f"tok@{_sha12(Path(src.tokenizer))}"] if src.tokenizer is not None else []
     return "+".join([_weights_identity(src)] + [name for name, on in flags if on] + tok)
 
