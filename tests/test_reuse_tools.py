@@ -451,3 +451,32 @@ def test_compare_checks_every_setting_against_the_model_before_any_replay(monkey
             main(["compare", *argv, *src])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and msg in err[0], (argv, err)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_compare_modes_stopped_keeps_the_rows_replayed(monkeypatch, capsys, stop):
+    """Ctrl-C or an error in the fourth of compare modes' seven replays printed nothing of the three
+    made (the table was printed only whole): they are printed, and one line says how many."""
+    import kvreuse.reuse.compare as rc
+    from kvreuse.cli import main
+
+    real, calls = rc.compare_actions, []
+
+    def stop_in_the_fourth(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise stop("stopped")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rc, "compare_actions", stop_in_the_fourth)
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "modes", "--gate", "always", "--preset", "tiny-pi0", "--steps", "3", "--episodes", "1"])
+    cap = capsys.readouterr()
+    rows = [ln.split(" | ")[0] for ln in cap.out.splitlines() if ln.startswith("| ")][1:]
+    assert rows == ["| never", "| always/full", "| always/vision_only"], cap.out
+    kept = "3 of 7 rows replayed, in the table above"
+    if stop is KeyboardInterrupt:
+        assert e.value.code == 130 and cap.err.strip().splitlines() == [f"kvreuse: interrupted ({kept})"]
+    else:
+        assert e.value.code == 1 and cap.err.strip().splitlines()[-1] == (
+            f"kvreuse: error: modes: state_only: RuntimeError: stopped ({kept})")

@@ -233,9 +233,22 @@ def run_compare(
         if cmd.reuse.gate == "never":  # every row would be the baseline, each labelled 'never'
             raise ValueError("gate: 'never' never reuses, so every mode would be the baseline; "
                              "give a gate that reuses, e.g. --gate always")
+        from ..outputs import stop_keeping
+        from .config import MODES
+
         base, stream, what = load(cmd.src)
         print(what)
-        print(mode_table(base, stream, cmd.reuse, cmd.src.seed))
+        rows: list[str] = []
+        try:
+            table = mode_table(base, stream, cmd.reuse, cmd.src.seed, rows)
+        except (KeyboardInterrupt, Exception) as e:  # stopped or failed mid-table: the rows made are not lost
+            done = max(len(rows) - 2, 0)  # the header's two lines
+            if not done:
+                raise
+            print("\n".join(rows))
+            names = ("baseline",) + MODES
+            stop_keeping(e, f"modes: {names[done]}", f"{done} of {len(names)} rows replayed, in the table above")
+        print(table)
         return
     base, stream, what = load(cmd.src)
     checks = compare_deterministic(base, stream, cmd.src.seed)
@@ -303,8 +316,9 @@ def _check_setting(base, reuse: ReuseConfig, what: str) -> None:
         raise ValueError(f"{what}: {e}") from None
 
 
-def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:
-    """Markdown table: one row per mode (and the baseline) under `reuse`'s gate."""
+def mode_table(base, stream, reuse: ReuseConfig, seed: int, rows: list[str] | None = None) -> str:
+    """Markdown table: one row per mode (and the baseline) under `reuse`'s gate. rows: a list the
+    table's lines are appended to as they are made (what is left of it if a replay stops)."""
     import numpy as np
 
     from .compare import compare_actions
@@ -314,7 +328,8 @@ def mode_table(base, stream, reuse: ReuseConfig, seed: int) -> str:
     configs = [ReuseConfig() if mode == "baseline" else reuse.replace(mode=mode) for mode in ("baseline",) + MODES]
     for rc in configs[1:]:  # e.g. a layer_split past the depth fails here, not after four replays
         _check_setting(base, rc, f"modes: {rc.mode}")
-    rows = [
+    rows = [] if rows is None else rows
+    rows += [
         "| setting | reuse rate | vision passes / call | prefix token-layers vs baseline | vision ms | prefix ms "
         "| denoise ms | sample ms | total ms | action cos (mean / min) |",
         "|---|---|---|---|---|---|---|---|---|---|",
