@@ -480,3 +480,29 @@ def test_compare_modes_stopped_keeps_the_rows_replayed(monkeypatch, capsys, stop
     else:
         assert e.value.code == 1 and cap.err.strip().splitlines()[-1] == (
             f"kvreuse: error: modes: state_only: RuntimeError: stopped ({kept})")
+
+
+def test_compare_checks_the_stream_and_stats_before_a_model_is_made(tmp_path, monkeypatch):
+    """Norm stats of another robot (--stats-from), a stream of another robot or one whose later
+    file lacks a camera were refused only after the model was made or loaded (a random full-size
+    one: 12 GB and half a minute on a CPU; the camera of a later file: mid-replay)."""
+    import kvreuse.bench
+    from kvreuse.assets import default_checkpoint
+    from kvreuse.reuse.cli import Source, load
+
+    monkeypatch.setattr(kvreuse.bench, "build_random", lambda *a, **k: pytest.fail("the model was made"))
+    monkeypatch.setattr(Policy, "from_checkpoint", lambda *a, **k: pytest.fail("the checkpoint was loaded"))
+    synthetic_stream(2, 1, SIZE, robot="libero", state_dim=8).save(tmp_path / "libero.safetensors")
+    with pytest.raises(ValueError, match=r"^stats_from .*: norm stats: the state stats have 4 dims, robot 'libero'"):
+        load(Source(preset="pi05", stream=str(tmp_path / "libero.safetensors"),
+                    stats_from=str(default_checkpoint("pi05"))))
+    with pytest.raises(ValueError, match="recorded for robot 'libero', the policy drives 'metaworld'"):
+        load(Source(checkpoint=str(default_checkpoint("pi05")), stream=str(tmp_path / "libero.safetensors")))
+    (tmp_path / "mw").mkdir()
+    synthetic_stream(2, 1, SIZE).save(tmp_path / "mw" / "a.safetensors")
+    s = synthetic_stream(2, 1, SIZE)
+    for st in s:
+        del st.raw["observation/wrist_image"]
+    s.save(tmp_path / "mw" / "b.safetensors")
+    with pytest.raises(ValueError, match=r"no \['observation/wrist_image'\] at step 2; the policy's robot"):
+        load(Source(checkpoint=str(default_checkpoint("pi05")), stream=str(tmp_path / "mw")))

@@ -101,7 +101,7 @@ def load(src: Source):
     from ..devices import check_device, check_dtype
     from ..model import Pi0Model
     from ..model import preset as get_preset
-    from ..policy import Policy, random_model_config, robot_runtime
+    from ..policy import Policy, check_runtime, random_model_config, robot_runtime
     from ..transforms.robot import robot_spec
     from .stream import load_streams, synthetic_stream
 
@@ -118,6 +118,19 @@ def load(src: Source):
     # The shipped testbed policies are tiny presets that drive Meta-World.
     shipped = shipped_checkpoint(src.preset) if robot == "metaworld" else None
     ckpt = src.checkpoint or (str(shipped) if shipped else None)
+
+    def check_stream(spec) -> None:  # the stream against the policy's robot, before a model is made or loaded
+        if stream is None:
+            return
+        if stream.robot != spec.name:
+            raise ValueError(f"stream: recorded for robot {stream.robot!r}, the policy drives {spec.name!r}")
+        for i, st in enumerate(stream):  # every step: a folder's later file may lack one
+            missing = [k for k in spec.camera_keys if k not in st.raw]
+            if missing:
+                at = f" at step {i}" if i else ""
+                raise ValueError(f"stream {src.stream}: no {missing}{at}; the policy's robot {spec.name!r} has "
+                                 f"cameras {list(spec.camera_keys)}")
+
     if ckpt:
         if src.stats_from is not None:
             shipped = "" if src.checkpoint else f" (without --checkpoint, {src.preset} runs the shipped {ckpt})"
@@ -127,6 +140,7 @@ def load(src: Source):
 
         # A reference (lerobot / openpi) checkpoint names no robot: the stream's (else Meta-World's).
         named = checkpoint_format(ckpt) == "kvreuse" and read_meta(ckpt).get("robot") is not None
+        check_stream(robot_spec(read_meta(ckpt)["robot"] if named else robot))
         policy = Policy.from_checkpoint(ckpt, device=src.device, seed=src.seed, tokenizer=src.tokenizer, dtype=dtype,
                                         fast=src.fast, robot=None if named else robot)
         what = f"checkpoint {ckpt}"
@@ -136,33 +150,32 @@ def load(src: Source):
         # in its dtype (its latency does not depend on the values), with the byte tokenizer standing
         # in for PaliGemma's unless --tokenizer is given (other token counts: other prompt rows).
         spec, cfg = robot_spec(robot), get_preset(src.preset)
+        check_stream(spec)
         what = f"random {src.preset} (seed {src.seed})"
         if cfg.tokenizer != "bytes" and src.tokenizer is None:
             cfg = cfg.replace(tokenizer="bytes")
             what += ", the byte tokenizer standing in for PaliGemma's"
         cfg = random_model_config(cfg, spec)
+        stats = None
+        if src.stats_from is not None:
+            from ..checkpoint import load_norm_stats
+
+            stats = load_norm_stats(src.stats_from)
+        # the stats' dims and --tokenizer, before a full-size model is made (minutes, 12 GB on a CPU)
+        check_runtime(cfg, spec, src.tokenizer, stats=stats, where=f"stats_from {src.stats_from}: norm stats")
         if tiny and src.dtype == "float32":  # as before the full-size presets came in
             torch.manual_seed(src.seed)
             with torch.device(src.device):
                 model = Pi0Model(cfg).eval()
         else:
             model = build_random(cfg, src.device, dtype, src.seed)
-        stats = None
-        if src.stats_from is not None:
-            from ..checkpoint import load_norm_stats
-
-            stats = load_norm_stats(src.stats_from)
+        if stats is not None:
             what += f", norm stats of {src.stats_from}"
         model, tf = robot_runtime(model, spec, stats, tokenizer=src.tokenizer, fast=src.fast)
         policy = Policy(model, tf, seed=src.seed)
     spec = policy.transform.spec
     if stream is not None:
-        if stream.robot != spec.name:
-            raise ValueError(f"stream: recorded for robot {stream.robot!r}, the policy drives {spec.name!r}")
-        missing = [k for k in spec.camera_keys if k not in stream.steps[0].raw]
-        if missing:
-            raise ValueError(f"stream {src.stream}: no {missing}; the policy's robot {spec.name!r} has cameras "
-                             f"{list(spec.camera_keys)}")
+        check_stream(spec)
         what += f", stream {src.stream} ({len(stream)} steps, {stream.episodes} episodes)"
     else:
         size = policy.model.cfg.vision.image_size
