@@ -506,3 +506,21 @@ def test_compare_checks_the_stream_and_stats_before_a_model_is_made(tmp_path, mo
     s.save(tmp_path / "mw" / "b.safetensors")
     with pytest.raises(ValueError, match=r"no \['observation/wrist_image'\] at step 2; the policy's robot"):
         load(Source(checkpoint=str(default_checkpoint("pi05")), stream=str(tmp_path / "mw")))
+
+
+def test_compare_json_out_is_strict_json_without_timed_calls(tmp_path):
+    """A replay with only warm-up calls has no speedup: the JSON said NaN, which is not JSON
+    (JavaScript's JSON.parse and older jq refuse the file); it is null now."""
+    import json
+
+    from kvreuse.cli import main
+
+    def no_nan(c):
+        raise AssertionError(f"{c} in the JSON")
+
+    for cmd in (["grid", "--grid", "gate=always"], ["actions"]):
+        out = tmp_path / f"{cmd[0]}.json"
+        main(["compare", *cmd, "--preset", "tiny-pi0", "--steps", "1", "--episodes", "1", "--json-out", str(out)])
+        got = json.loads(out.read_text(), parse_constant=no_nan)
+        summary = got["settings"][0]["summary"] if cmd[0] == "grid" else got["summary"]
+        assert summary["speedup"] is None and summary["calls"] == 1
