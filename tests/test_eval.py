@@ -774,8 +774,37 @@ def test_policy_errors_stop_the_sweep(tmp_path, monkeypatch):
         f.write_bytes(b"not safetensors")
 
     monkeypatch.setattr(ckpt, "check_checkpoint", damaged_after_the_check)
-    with pytest.raises(ValueError, match=re.escape(f"checkpoint {f}: not a readable safetensors file")):
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {f}: not a readable safetensors file")) as ei:
         run_sweep(plan, PolicySource(str(ck)))  # raised by the worker's load_checkpoint, re-raised here
+    # The copy re-raised here carries the worker's traceback (a bug's would otherwise start in the pool).
+    assert "raised in a sweep worker process:" in "".join(getattr(ei.value.__cause__, "__notes__", []))
+    assert "load_checkpoint" in "".join(ei.value.__cause__.__notes__)
+
+
+def test_an_error_mid_sweep_says_what_was_kept(tmp_path, capsys, monkeypatch):
+    """An error after some episodes (a policy bug, the GPU, the disk) keeps them in the DB; the
+    last line says so (it was a bare traceback, or for a worker's ValueError a bare line)."""
+    import kvreuse.eval.sweep as sw
+    from kvreuse.cli import main
+
+    real, calls = sw.run_episode, []
+
+    def fails_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sw, "run_episode", fails_third)
+    db = tmp_path / "x.db"
+    with pytest.raises(SystemExit) as ex:
+        main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "4", "--workers", "0", "--max-steps", "6",
+              "--db", str(db)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ex.value.code == 1 and "Traceback (most recent call last):" in err  # an error, not bad input
+    assert err[-1] == ("kvreuse: error: sweep: RuntimeError: CUDA error: an illegal memory access was encountered "
+                       f"(2 of the 4 episodes this run had to do are in {db}; the same command continues from there)")
+    assert _count(db) == 2
 
 
 def test_default_tasks_fall_back_to_the_env_when_the_checkpoint_knows_none_of_them():

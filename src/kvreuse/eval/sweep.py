@@ -493,6 +493,11 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"{res.task} {res.status}")
+    except (KeyboardInterrupt, Exception) as e:  # Ctrl-C, a policy's or the disk's error: say what is kept
+        from ..outputs import stop_keeping
+
+        stop_keeping(e, "sweep", f"{ran} of the {len(jobs)} episodes this run had to do are in {plan.db}; "
+                                 "the same command continues from there")
     finally:
         if bar is not None:
             bar.close()
@@ -548,10 +553,15 @@ def _worker_loop(slot, current, init_args, jobs_q, results_q, parent) -> None:
         try:
             key, res = _worker_run(job)
         except BaseException as e:  # noqa: BLE001 - a policy error: stop the sweep, with the error
+            import traceback
+
+            # The parent re-raises a copy whose traceback starts there: keep where it came from.
+            tb = traceback.format_exc()
             try:
                 pickle.dumps(e)
             except Exception:  # noqa: BLE001
                 e = RuntimeError(f"{type(e).__name__}: {e}")
+            e.add_note(f"raised in a sweep worker process:\n{tb}")
             results_q.put(("fail", jid, e))
             return
         results_q.put(("done", jid, key, res))
