@@ -524,3 +524,19 @@ def test_compare_json_out_is_strict_json_without_timed_calls(tmp_path):
         got = json.loads(out.read_text(), parse_constant=no_nan)
         summary = got["settings"][0]["summary"] if cmd[0] == "grid" else got["summary"]
         assert summary["speedup"] is None and summary["calls"] == 1
+
+
+def test_a_bad_observation_names_its_file_and_step(tmp_path, capsys):
+    """A folder of streams with one file of another state size: the error named the key only, not
+    which of the files (or which step) held it."""
+    from kvreuse.cli import main
+
+    (tmp_path / "s").mkdir()
+    synthetic_stream(3, 1, SIZE).save(tmp_path / "s" / "a.safetensors")
+    synthetic_stream(3, 1, SIZE, state_dim=8).save(tmp_path / "s" / "b.safetensors")
+    for cmd in (["actions"], ["deterministic"], ["grid", "--grid", "gate=always"]):
+        with pytest.raises(SystemExit) as e:
+            main(["compare", *cmd, "--preset", "tiny-pi0", "--stream", str(tmp_path / "s")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith("kvreuse: error: stream step 3 (b.safetensors step 0): observation/state: "), err

@@ -81,7 +81,10 @@ def replay(policy: Policy, stream: ObservationStream, seed: int = 0) -> tuple[li
     for i, step in enumerate(stream):
         if step.reset or i == 0:
             policy.reset()
-        a, r = policy.infer(step.raw, noise())
+        try:
+            a, r = policy.infer(step.raw, noise())
+        except ValueError as e:  # a bad observation: say where in the stream (a folder's: which file)
+            raise ValueError(f"stream {stream.where(i)}: {e}") from None
         acts.append(a)
         recs.append(r)
     return acts, recs
@@ -155,7 +158,10 @@ def compare_deterministic(policy: Policy, stream: ObservationStream, seed: int =
             off.reset()
             off_lw.reset()
         n = noise()
-        obs = tf(step.raw, device=model.device)
+        try:
+            obs = tf(step.raw, device=model.device)
+        except ValueError as e:  # a bad observation: say where in the stream, as replay does
+            raise ValueError(f"stream {stream.where(i)}: {e}") from None
         with torch.no_grad():
             ref = model.sample_actions(obs, n.clone())
             again = model.sample_actions(tf(step.raw, device=model.device), n.clone())

@@ -49,6 +49,16 @@ class ObservationStream:
         """Record one observation (copied, so later mutation by the env does not leak in)."""
         self.steps.append(StreamStep({k: (np.array(v) if _is_array(v) else v) for k, v in raw.items()}, reset))
 
+    def where(self, i: int) -> str:
+        """Step `i` in words for an error: its file and step there for a folder's streams."""
+        files, counts, j = self.meta.get("files"), self.meta.get("file_steps"), i
+        if isinstance(files, list) and isinstance(counts, list) and len(files) == len(counts):
+            for name, n in zip(files, counts, strict=True):
+                if j < n:
+                    return f"step {i} ({name} step {j})"
+                j -= n
+        return f"step {i}"
+
     @property
     def episodes(self) -> int:
         return sum(s.reset for s in self.steps)
@@ -121,7 +131,8 @@ def load_streams(path: str | Path) -> ObservationStream:
     robots = {p.robot for p in parts}
     if len(robots) > 1:
         raise ValueError(f"stream {path}: streams for several robots ({', '.join(sorted(robots))}); replay one robot's")
-    out = ObservationStream(robot=parts[0].robot, meta={"files": [str(f.relative_to(path)) for f in files]})
+    out = ObservationStream(robot=parts[0].robot, meta={"files": [str(f.relative_to(path)) for f in files],
+                                                        "file_steps": [len(p) for p in parts]})
     for p in parts:
         if p.steps:
             p.steps[0].reset = True  # a file starts an episode whatever it recorded
