@@ -540,3 +540,19 @@ def test_a_bad_observation_names_its_file_and_step(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1, err
         assert err[0].startswith("kvreuse: error: stream step 3 (b.safetensors step 0): observation/state: "), err
+
+
+def test_stream_with_a_malformed_header_is_one_error(tmp_path):
+    """A safetensors file whose 'kvreuse_stream' metadata is JSON but not the stream header (another
+    tool's, a hand edit) gave a TypeError / AttributeError traceback."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    for i, header in enumerate(([], {"format": "kvreuse-stream", "version": 1, "steps": 5},
+                                {"format": "kvreuse-stream", "version": 1, "steps": ["a"]},
+                                {"format": "kvreuse-stream", "version": 1, "robot": None, "steps": []})):
+        f = tmp_path / f"h{i}.safetensors"
+        save_file({"x": np.zeros(1)}, str(f), metadata={"kvreuse_stream": json.dumps(header)})
+        with pytest.raises(ValueError, match=re.escape(f"stream {f}: unreadable (")):
+            ObservationStream.load(f)

@@ -115,7 +115,12 @@ class ObservationStream:
                     steps.append(StreamStep(raw, bool(st["reset"])))
         except (OSError, json.JSONDecodeError, KeyError, SafetensorError) as e:
             raise ValueError(f"stream {path}: unreadable ({e})") from None
-        return ObservationStream(steps, header.get("robot", "metaworld"), header.get("meta", {}))
+        except (TypeError, AttributeError) as e:  # JSON, but not shaped as FORMAT's header (another tool's)
+            raise ValueError(f"stream {path}: unreadable (malformed 'kvreuse_stream' metadata: {e})") from None
+        robot = header.get("robot", "metaworld")
+        if not isinstance(robot, str):
+            raise ValueError(f"stream {path}: unreadable (robot {robot!r} is not a name)")
+        return ObservationStream(steps, robot, header.get("meta", {}))
 
 
 def load_streams(path: str | Path) -> ObservationStream:
