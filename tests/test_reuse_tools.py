@@ -556,3 +556,23 @@ def test_stream_with_a_malformed_header_is_one_error(tmp_path):
         save_file({"x": np.zeros(1)}, str(f), metadata={"kvreuse_stream": json.dumps(header)})
         with pytest.raises(ValueError, match=re.escape(f"stream {f}: unreadable (")):
             ObservationStream.load(f)
+
+
+def test_compare_deterministic_cli_fails_on_a_difference(monkeypatch, capsys):
+    """The CLI exits 1 when reuse-off is not bit-identical, its FAIL lines on stdout and its one
+    error line on stderr (it was on stdout, where `2> err` scripts did not see it)."""
+    from kvreuse.cli import main
+    from kvreuse.reuse.policy import ReusePolicy
+
+    orig = ReusePolicy.infer
+
+    def off_on_the_second_call(self, obs, noise, *a, **k):
+        out, rec = orig(self, obs, noise, *a, **k)
+        return (out * (1 + 1e-6) if rec.call_index >= 1 else out), rec
+
+    monkeypatch.setattr(ReusePolicy, "infer", off_on_the_second_call)
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "deterministic", "--preset", "tiny-pi0", "--steps", "3", "--episodes", "1"])
+    cap = capsys.readouterr()
+    assert e.value.code == 1 and cap.err.strip().splitlines() == ["kvreuse: error: outputs are not bit-identical"]
+    assert "FAIL Policy(reuse off) vs sample_actions" in cap.out and "OK   sample_actions twice" in cap.out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Optional, Union
 
@@ -271,7 +272,7 @@ def run_compare(
     for c in checks:
         print(f"  {'OK  ' if c.identical else 'FAIL'} {c.name}: max |diff| {c.max_abs_diff:.3g}")
     if not all(c.identical for c in checks):
-        print("kvreuse: error: outputs are not bit-identical")
+        print("kvreuse: error: outputs are not bit-identical", file=sys.stderr)  # as every other error line
         raise SystemExit(1)
     print("all bit-identical")
 
