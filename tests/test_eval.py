@@ -1160,6 +1160,14 @@ def test_read_only_db_file_is_refused_and_a_read_only_folder_still_reports(tmp_p
                         real_access(p, mode))  # tests run as root, for whom every file is writable
     with pytest.raises(ValueError, match=f"results DB {db}: read-only file; give a writable --db"):
         ResultStore(db)
+    db2 = tmp_path / "sub" / "w.db"  # a writable file in a folder that is not: SQLite blamed the file
+    _fill(db2)
+    monkeypatch.setattr(store_mod.os, "access", lambda p, mode: False if Path(p) == db2.parent else
+                        real_access(p, mode))
+    with pytest.raises(ValueError, match=re.escape(f"results DB {db2}: its folder {db2.parent} is not writable")):
+        ResultStore(db2)
+    monkeypatch.setattr(store_mod.os, "access", lambda p, mode: False if Path(p) in (db, tmp_path) else
+                        real_access(p, mode))
     real_connect = sqlite3.connect
 
     def no_shm(database, *a, **k):  # SQLite cannot make the WAL's -shm file in a read-only folder

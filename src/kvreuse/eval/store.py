@@ -107,6 +107,10 @@ class ResultStore:
         if not read_only and self.path.is_file() and not os.access(self.path, os.W_OK):
             raise ValueError(f"results DB {self.path}: read-only file; give a writable --db (`kvreuse report` "
                              "reads it as it is)")
+        if not read_only and self.path.parent.is_dir() and not os.access(self.path.parent, os.W_OK):
+            # SQLite's own error ("attempt to write a readonly database") would blame a writable file.
+            raise ValueError(f"results DB {self.path}: its folder {self.path.parent} is not writable (SQLite keeps "
+                             "the DB's -wal and -shm files beside it); give a --db in a writable folder")
         try:
             if read_only:
                 tables = self._open_read_only()
