@@ -540,6 +540,7 @@ def test_a_bad_observation_names_its_file_and_step(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1, err
         assert err[0].startswith("kvreuse: error: stream step 3 (b.safetensors step 0): observation/state: "), err
+    assert ObservationStream(meta=[]).where(3) == "step 3"  # a file's meta is any JSON: no AttributeError
 
 
 def test_stream_with_a_malformed_header_is_one_error(tmp_path):

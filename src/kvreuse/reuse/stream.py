@@ -51,7 +51,8 @@ class ObservationStream:
 
     def where(self, i: int) -> str:
         """Step `i` in words for an error: its file and step there for a folder's streams."""
-        files, counts, j = self.meta.get("files"), self.meta.get("file_steps"), i
+        meta = self.meta if isinstance(self.meta, dict) else {}  # as loaded: any JSON
+        files, counts, j = meta.get("files"), meta.get("file_steps"), i
         if isinstance(files, list) and isinstance(counts, list) and len(files) == len(counts):
             for name, n in zip(files, counts, strict=True):
                 if j < n:
