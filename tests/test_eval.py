@@ -332,6 +332,40 @@ def test_store_atomic_unique_and_wal(tmp_path):
     assert len(ResultStore(db).episodes()) == 2
 
 
+def test_store_an_interrupt_right_after_commit_is_itself_not_a_rollback_error(tmp_path):
+    """Ctrl-C landing just after COMMIT (or SQLite rolling back on its own: a full disk) made the
+    cleanup's ROLLBACK raise "no transaction is active" over the real exception."""
+
+    class InterruptAfter:
+        def __init__(self, conn, sql, exc):
+            self.conn, self.sql, self.exc = conn, sql, exc
+
+        def execute(self, sql, *a):
+            cur = self.conn.execute(sql, *a)
+            if sql.startswith(self.sql):
+                if self.sql != "COMMIT":  # SQLite rolls back by itself on SQLITE_FULL
+                    self.conn.execute("ROLLBACK")
+                raise self.exc
+            return cur
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    st = ResultStore(tmp_path / "r.db")
+    sid = st.setting_id(Setting("p", "fake", 5))
+    real = st.conn
+    st.conn = InterruptAfter(real, "COMMIT", KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        st.add(sid, _result("reach", 0, 0))
+    st.conn = InterruptAfter(real, "INSERT OR IGNORE INTO episodes",
+                             sqlite3.OperationalError("database or disk is full"))
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        st.add(sid, _result("reach", 1, 1))
+    st.conn = real
+    assert [(e["init_id"], e["status"]) for e in st.episodes()] == [(0, "success")]  # the commit stood
+    st.close()
+
+
 def test_store_refuses_other_schema_and_foreign_files(tmp_path):
     db = tmp_path / "old.db"
     ResultStore(db).close()

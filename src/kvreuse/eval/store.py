@@ -170,7 +170,7 @@ class ResultStore:
                     c.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
                 c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                _rollback(c)
                 raise
             tables = {"schema_version"}
         if "schema_version" not in tables:
@@ -211,7 +211,7 @@ class ResultStore:
             )
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            _rollback(c)
             raise
         return c.execute("SELECT id FROM settings WHERE key = ?", (s.key,)).fetchone()[0]
 
@@ -247,7 +247,7 @@ class ResultStore:
             )
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            _rollback(c)
             raise
         return cur.rowcount == 1
 
@@ -255,6 +255,13 @@ class ResultStore:
         if setting_id is None:
             return self.conn.execute("SELECT * FROM episodes ORDER BY id").fetchall()
         return self.conn.execute("SELECT * FROM episodes WHERE setting_id = ? ORDER BY id", (setting_id,)).fetchall()
+
+
+def _rollback(c: sqlite3.Connection) -> None:
+    """Undo the open transaction, if any: Ctrl-C can land just after COMMIT, where a ROLLBACK would
+    raise "no transaction is active" over the interrupt (the episode is stored all the same)."""
+    if c.in_transaction:
+        c.execute("ROLLBACK")
 
 
 def _num(x: float) -> float | None:
