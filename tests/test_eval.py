@@ -753,6 +753,19 @@ def test_bench_eval_prints_throughput(capsys):
     assert "CPU-s per episode" in out
 
 
+def test_bench_eval_stopped_does_not_point_at_its_throw_away_db(capsys, monkeypatch):
+    import kvreuse.eval.sweep as sw
+    from kvreuse.cli import main
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sw, "run_episode", interrupted)
+    with pytest.raises(SystemExit):
+        main(["bench-eval", "--env", "fake", "--tasks", "reach", "--total", "2", "--workers", "0"])
+    assert capsys.readouterr().err.strip() == "kvreuse: interrupted"  # its DB is gone: nothing to continue from
+
+
 def test_shipped_testbed_policy_metaworld_episode(tmp_path):
     """The defaults: shipped testbed policy (if present), Meta-World, through the sweep."""
     from kvreuse.envs.metaworld import MetaWorldEnv  # noqa: F401 - sets MUJOCO_GL first

@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 DEFAULT_DB = "runs/kvreuse.db"
@@ -256,7 +257,8 @@ def run_bench_eval(
 
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "bench.db")
-        plan = _plan(db, env, ts, per_task, 0, 0, replan, max_steps, workers, 0, grid, not grid, True)
+        plan = replace(_plan(db, env, ts, per_task, 0, 0, replan, max_steps, workers, 0, grid, not grid, True),
+                       kept=False)  # its DB goes with the folder: a rerun starts afresh
         c0, t0 = cpu_s(), time.perf_counter()
         s = run_sweep(plan, src)
         wall, cpu = time.perf_counter() - t0, cpu_s() - c0

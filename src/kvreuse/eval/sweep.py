@@ -354,6 +354,7 @@ class SweepPlan:
     env_kw: dict = field(default_factory=dict)
     progress: bool = True
     retry_errors: bool = False  # run again the episodes stored as errors (a killed worker, a crash)
+    kept: bool = True  # stopped early, say what the DB keeps (not for bench-eval's throw-away DB)
 
 
 @dataclass
@@ -496,6 +497,8 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
     except (KeyboardInterrupt, Exception) as e:  # Ctrl-C, a policy's or the disk's error: say what is kept
         from ..outputs import stop_keeping
 
+        if not plan.kept:
+            raise
         stop_keeping(e, "sweep", f"{ran} of the {len(jobs)} episodes this run had to do are in {plan.db}; "
                                  "the same command continues from there")
     finally:
