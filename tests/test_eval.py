@@ -310,8 +310,15 @@ def test_eval_takes_the_tokenizer_a_checkpoint_needs(tmp_path, sp_model):
     with pytest.raises(ValueError, match="needs the PaliGemma SentencePiece tokenizer: pass --tokenizer"):
         run_sweep(plan, PolicySource(str(ck)))
     assert not (tmp_path / "t.db").exists()
-    with pytest.raises(ValueError, match="tokenizer: no such file"):
+    with pytest.raises(ValueError, match="tokenizer: no SentencePiece model at"):
         PolicySource(str(ck), tokenizer=str(tmp_path / "nope.model"))
+    # A folder: serve's message (a directory; the file it likely meant), not 'no such file'.
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    want = (f"tokenizer {tmp_path / 'tok'}: a directory, expected the PaliGemma tokenizer.model file; "
+            f"did you mean {tmp_path / 'tok' / 'tokenizer.model'}?")
+    with pytest.raises(ValueError, match=re.escape(want)):
+        PolicySource(str(ck), tokenizer=str(tmp_path / "tok"))
     src = PolicySource(str(ck), tokenizer=str(sp_model))
     _, tf, _ = load_model(src, "metaworld")
     assert type(tf.tok).__name__ == "SentencePieceTokenizer"

@@ -55,8 +55,10 @@ class PolicySource:
         from ..devices import check_device, check_dtype
 
         check_dtype(self.dtype)
-        if self.tokenizer is not None and not Path(self.tokenizer).is_file():
-            raise ValueError(f"tokenizer: no such file {self.tokenizer!r} (the PaliGemma tokenizer.model)")
+        if self.tokenizer is not None:  # serve's check and wording (a directory, a missing or huge file)
+            from ..model.tokenizer import check_tokenizer_file
+
+            check_tokenizer_file(self.tokenizer)
         from ..model.config import PRESETS
 
         if self.preset not in PRESETS:  # else an unknown name would silently run a shipped policy

@@ -37,19 +37,25 @@ class ByteTokenizer:
         return bytes(i - 4 for i in ids if i >= 4).decode("utf-8", errors="replace")
 
 
+def check_tokenizer_file(path: str | Path) -> Path:
+    """The --tokenizer path, checked as a file that can be the PaliGemma tokenizer.model (before it is read)."""
+    path = Path(path)
+    if path.is_dir():
+        hint = f"; did you mean {path / 'tokenizer.model'}?" if (path / "tokenizer.model").is_file() else ""
+        raise ValueError(f"tokenizer {path}: a directory, expected the PaliGemma tokenizer.model file{hint}")
+    if not path.is_file():
+        raise ValueError(f"tokenizer: no SentencePiece model at {path} (pass the PaliGemma tokenizer.model)")
+    if path.stat().st_size > 256 << 20:  # PaliGemma's is 4 MB; sentencepiece would read all of a weights file
+        raise ValueError(f"tokenizer {path}: {path.stat().st_size / 1e9:.1f} GB, not a SentencePiece model; "
+                         "pass the PaliGemma tokenizer.model")
+    return path
+
+
 class SentencePieceTokenizer:
     def __init__(self, path: str | Path):
         import sentencepiece
 
-        path = Path(path)
-        if path.is_dir():
-            hint = f"; did you mean {path / 'tokenizer.model'}?" if (path / "tokenizer.model").is_file() else ""
-            raise ValueError(f"tokenizer {path}: a directory, expected the PaliGemma tokenizer.model file{hint}")
-        if not path.is_file():
-            raise ValueError(f"tokenizer: no SentencePiece model at {path} (pass the PaliGemma tokenizer.model)")
-        if path.stat().st_size > 256 << 20:  # PaliGemma's is 4 MB; sentencepiece would read all of a weights file
-            raise ValueError(f"tokenizer {path}: {path.stat().st_size / 1e9:.1f} GB, not a SentencePiece model; "
-                             "pass the PaliGemma tokenizer.model")
+        path = check_tokenizer_file(path)
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError for any unparsable file
