@@ -326,6 +326,24 @@ def test_eval_takes_the_tokenizer_a_checkpoint_needs(tmp_path, sp_model):
     assert run_sweep(plan, src).ran == 1
 
 
+def test_eval_refuses_short_norm_stats_before_the_db(tmp_path):
+    """Stats of 3 state dims for the 4-dim Meta-World robot: one error naming the checkpoint, from
+    the sweep's up-front checks (the DB not created), not from inside a worker."""
+    from kvreuse.checkpoint import save_checkpoint
+    from kvreuse.model import Pi0Model, preset
+    from kvreuse.transforms.normalize import NormStats, Stats
+
+    cfg = preset("tiny-pi0").replace(state_dim=4, action_dim=4)
+    stats = NormStats(Stats.of(np.random.rand(10, 3)), Stats.of(np.random.rand(10, 4)))
+    ck = save_checkpoint(tmp_path / "ck", Pi0Model(cfg).eval(), stats, "metaworld")
+    plan = SweepPlan(db=str(tmp_path / "t.db"), env="fake", tasks=("reach",), episodes=1, workers=1,
+                     progress=False)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {ck}: norm stats: the state stats have 3 dims, "
+                                                   "robot 'metaworld' has 4")):
+        run_sweep(plan, PolicySource(str(ck)))
+    assert not (tmp_path / "t.db").exists()
+
+
 def test_store_atomic_unique_and_wal(tmp_path):
     db = tmp_path / "r.db"
     with ResultStore(db) as st:

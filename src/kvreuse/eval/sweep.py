@@ -414,12 +414,13 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         if ck_robot is not None and ck_robot != robot:
             raise ValueError(f"checkpoint {src.checkpoint} drives robot {ck_robot!r}; env {plan.env!r} needs {robot!r}")
         if src.checkpoint is not None:  # a reference's tokenizer, the tokenizer file, the cameras: not after the load
-            from ..checkpoint import checkpoint_config
+            from ..checkpoint import checkpoint_config, checkpoint_stats
             from ..policy import check_runtime
             from ..transforms.robot import robot_spec
 
             cfg = checkpoint_config(src.checkpoint)[0]
-            check_runtime(cfg, robot_spec(robot), src.tokenizer, keep_absent_cameras=src.keep_absent_cameras)
+            check_runtime(cfg, robot_spec(robot), src.tokenizer, keep_absent_cameras=src.keep_absent_cameras,
+                          stats=checkpoint_stats(src.checkpoint), where=f"checkpoint {src.checkpoint}: norm stats")
         else:
             cfg = model_preset(src.preset)
         if plan.replan > cfg.chunk_size:
