@@ -344,6 +344,30 @@ def test_eval_refuses_short_norm_stats_before_the_db(tmp_path):
     assert not (tmp_path / "t.db").exists()
 
 
+def test_max_steps_equal_to_the_envs_limit_pairs_with_none_given(tmp_path):
+    """--max-steps equal to the env's own limit runs the same episodes as no --max-steps: one setting
+    (one group, paired), not a second one. A DB holding such a run under the explicit limit only
+    (recorded before) is continued under it, not run again."""
+    plan = SweepPlan(db=str(tmp_path / "m.db"), env="fake", tasks=("reach",), episodes=2, workers=0,
+                     progress=False, env_kw={"max_steps": 3})
+    first = run_sweep(plan, PolicySource(None, "tiny-pi0"))
+    again = run_sweep(replace(plan, max_steps=3), PolicySource(None, "tiny-pi0"))
+    assert (again.ran, again.skipped) == (0, 2)
+    assert [s.key for s in again.settings] == [s.key for s in first.settings]
+    shorter = run_sweep(replace(plan, max_steps=2), PolicySource(None, "tiny-pi0"))
+    assert shorter.ran == 2 and shorter.settings[0].key != first.settings[0].key
+
+    old = replace(plan, db=str(tmp_path / "old.db"), episodes=1)
+    s = first.settings[0]
+    with ResultStore(old.db) as st:  # as an earlier version stored `--max-steps 3`
+        sid = st.setting_id(replace(s, protocol=json.dumps({"max_steps": 3, "env": {"max_steps": 3}}, sort_keys=True)))
+        st.add(sid, EpisodeResult("reach", *first.episodes[0][1:], "failure", steps=3))
+    cont = run_sweep(replace(old, max_steps=3), PolicySource(None, "tiny-pi0"))
+    assert (cont.ran, cont.skipped) == (0, 1)
+    with ResultStore(old.db) as st:
+        assert len(st.settings()) == 1
+
+
 def test_store_atomic_unique_and_wal(tmp_path):
     db = tmp_path / "r.db"
     with ResultStore(db) as st:

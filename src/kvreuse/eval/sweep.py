@@ -436,6 +436,9 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         policy_id = policy_identity(src)
         tasks = check_tasks(env, plan.tasks) if plan.tasks else default_tasks(env, _meta_tasks(meta))
         check_episodes(env, plan.env, tasks, plan.init_start, plan.max_steps)
+        explicit = None  # a --max-steps equal to every task's own limit: the same episodes as none given
+        if plan.max_steps is not None and all(env.max_steps(t) == plan.max_steps for t in tasks):
+            explicit, plan = plan.max_steps, replace(plan, max_steps=None)
         episodes = episode_list(env, tasks, plan.episodes, plan.init_start, plan.seed)
         if note := training_layouts_note(plan.env, episodes):
             print(note, file=sys.stderr)
@@ -463,6 +466,14 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         raise ValueError("nothing to run: give a grid, or keep the baseline")
 
     store = ResultStore(plan.db)
+    if explicit is not None:
+        # Stored as the default, so it pairs with runs without --max-steps; a DB that holds this
+        # sweep under the explicit limit alone (recorded before) is continued under it.
+        old = [replace(s, protocol=json.dumps({"max_steps": explicit, "env": plan.env_kw}, sort_keys=True))
+               for s in settings]
+        have = {r["key"] for r in store.settings()}
+        if any(s.key in have for s in old) and not any(s.key in have for s in settings):
+            settings = old
     ids = {s.key: store.setting_id(s) for s in settings}
     done = {s.key: store.done(ids[s.key], errors=not plan.retry_errors) for s in settings}
     jobs, skipped = [], 0
