@@ -97,3 +97,14 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kvreuse: stopped by signal 15 (finished episodes are in the results DB")
     assert signal.getsignal(signal.SIGTERM) == before  # restored for whoever called main
+
+
+@pytest.mark.parametrize("cmd", [["serve", "--port", "0"], ["compare", "actions"]])
+def test_seed_out_of_range_is_one_line_naming_the_flag(cmd, capsys):
+    """A seed past 2**64 - 1 (or negative) gave torch's 'Overflow when unpacking long long', naming no flag."""
+    for seed in ("99999999999999999999999", "-1"):
+        with pytest.raises(SystemExit):
+            cli.main(cmd + ["--seed", seed])
+        err = capsys.readouterr().err
+        want = f"kvreuse: error: --seed: expected an integer in 0..18446744073709551615 (2**64 - 1), got {seed}"
+        assert err.strip() == want

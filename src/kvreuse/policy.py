@@ -68,6 +68,16 @@ def check_runtime(cfg, spec, tokenizer: str | Path | None = None, *, keep_absent
         robot_runtime(Pi0Model(cfg), spec, None, tokenizer, keep_absent_cameras=keep_absent_cameras)
 
 
+SEED_MAX = 2**64 - 1  # torch.manual_seed's largest; numpy's default_rng takes no negative seed
+
+
+def check_seed(seed, name: str = "--seed") -> int:
+    """A seed torch and numpy both take: past 2**64 - 1 torch said only 'Overflow when unpacking long long'."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{name}: expected an integer in 0..{SEED_MAX} (2**64 - 1), got {seed!r}")
+    return int(seed)
+
+
 def random_model_config(cfg, spec):
     """`cfg` (a preset's) for a randomly initialised model that drives `spec`: the robot's cameras
     and dims, and with the byte tokenizer room for LIBERO's long prompts (+ the state, Pi0.5)."""

@@ -103,11 +103,12 @@ def load(src: Source):
     from ..devices import check_device, check_dtype
     from ..model import Pi0Model
     from ..model import preset as get_preset
-    from ..policy import Policy, check_runtime, random_model_config, robot_runtime
+    from ..policy import Policy, check_runtime, check_seed, random_model_config, robot_runtime
     from ..transforms.robot import robot_spec
     from .stream import load_streams, synthetic_stream
 
     check_device(src.device)  # before the stream or a model is loaded
+    check_seed(src.seed)
     dtype = check_dtype(src.dtype)
     if src.stream is None and (src.steps < 1 or src.episodes < 1):
         raise ValueError(f"steps, episodes: the synthetic stream needs >= 1 of each, "

@@ -152,6 +152,9 @@ def run_serve(
     # Before the model is built (minutes for a full-size checkpoint): the device, the threads and
     # the address, so a port in use is one line now, not a traceback after the load.
     check_device(device)
+    from ..policy import check_seed
+
+    check_seed(seed)
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads {threads}: expected an integer >= 1 (leave it out for torch's choice)")
