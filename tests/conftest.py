@@ -33,3 +33,22 @@ def sp_model(tmp_path_factory):
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, minloglevel=2,
     )
     return d / "tok.model"
+
+
+@pytest.fixture
+def fail_on_call():
+    """fail_on_call(fn, n, exc): `fn` whose n-th call raises `exc` (a fault mid-run, for the tests of
+    what a failing or interrupted command keeps); the other calls go through."""
+
+    def make(fn, n: int, exc: BaseException):
+        calls = []
+
+        def wrapped(*a, **kw):
+            calls.append(1)
+            if len(calls) == n:
+                raise exc
+            return fn(*a, **kw)
+
+        return wrapped
+
+    return make

@@ -877,21 +877,14 @@ def test_policy_errors_stop_the_sweep(tmp_path, monkeypatch):
     assert "load_checkpoint" in "".join(ei.value.__cause__.__notes__)
 
 
-def test_an_error_mid_sweep_says_what_was_kept(tmp_path, capsys, monkeypatch):
+def test_an_error_mid_sweep_says_what_was_kept(tmp_path, capsys, monkeypatch, fail_on_call):
     """An error after some episodes (a policy bug, the GPU, the disk) keeps them in the DB; the
     last line says so (it was a bare traceback, or for a worker's ValueError a bare line)."""
     import kvreuse.eval.sweep as sw
     from kvreuse.cli import main
 
-    real, calls = sw.run_episode, []
-
-    def fails_third(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(sw, "run_episode", fails_third)
+    illegal = RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(sw, "run_episode", fail_on_call(sw.run_episode, 3, illegal))
     db = tmp_path / "x.db"
     with pytest.raises(SystemExit) as ex:
         main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "4", "--workers", "0", "--max-steps", "6",

@@ -244,7 +244,7 @@ def test_compare_grid_cli(tmp_path, capsys):
         assert e.value.code == 2 and why in capsys.readouterr().err
 
 
-def test_compare_grid_interrupted_keeps_the_settings_replayed(tmp_path, monkeypatch, capsys):
+def test_compare_grid_interrupted_keeps_the_settings_replayed(tmp_path, monkeypatch, capsys, fail_on_call):
     """Ctrl-C in a long grid: the settings already replayed are in --json-out (marked incomplete)
     and in a table, and the one-line message says how many; before, the JSON was never written."""
     import json
@@ -253,15 +253,8 @@ def test_compare_grid_interrupted_keeps_the_settings_replayed(tmp_path, monkeypa
     import kvreuse.reuse.compare as rc
     from kvreuse.cli import main
 
-    real, calls = rc.compare_actions, []
-
-    def stop_in_the_second_setting(*a, **kw):  # calls 1-2: the two baseline rows
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(rc, "compare_actions", stop_in_the_second_setting)
+    # calls 1-2: the two baseline rows, 3: the first setting; Ctrl-C in the fourth (the second setting)
+    monkeypatch.setattr(rc, "compare_actions", fail_on_call(rc.compare_actions, 4, KeyboardInterrupt()))
     with pytest.raises(SystemExit) as e:
         main(["compare", "grid", "--preset", "tiny-pi0", "--steps", "4", "--episodes", "1",
               "--grid", "gate=always", "gate=period period=2,3", "--json-out", str(tmp_path / "g.json")])
@@ -276,7 +269,7 @@ def test_compare_grid_interrupted_keeps_the_settings_replayed(tmp_path, monkeypa
     assert "| always/full | 75.0%" in cap.out
 
 
-def test_compare_grid_failing_keeps_the_settings_replayed(tmp_path, monkeypatch, capsys):
+def test_compare_grid_failing_keeps_the_settings_replayed(tmp_path, monkeypatch, capsys, fail_on_call):
     """An error in a later setting (the policy, the device) lost every setting replayed before it:
     they are in --json-out ("complete": false) and the table, and one error line names the setting."""
     import json
@@ -284,15 +277,8 @@ def test_compare_grid_failing_keeps_the_settings_replayed(tmp_path, monkeypatch,
     import kvreuse.reuse.compare as rc
     from kvreuse.cli import main
 
-    real, calls = rc.compare_actions, []
-
-    def fail_in_the_second_setting(*a, **kw):  # calls 1-2: the two baseline rows
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("CUDA out of memory")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(rc, "compare_actions", fail_in_the_second_setting)
+    # calls 1-2: the two baseline rows, 3: the first setting; the fourth (the second setting) fails
+    monkeypatch.setattr(rc, "compare_actions", fail_on_call(rc.compare_actions, 4, RuntimeError("CUDA out of memory")))
     with pytest.raises(SystemExit) as e:
         main(["compare", "grid", "--preset", "tiny-pi0", "--steps", "4", "--episodes", "1",
               "--grid", "gate=always", "gate=period period=2,3", "--json-out", str(tmp_path / "g.json")])
@@ -454,21 +440,13 @@ def test_compare_checks_every_setting_against_the_model_before_any_replay(monkey
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
-def test_compare_modes_stopped_keeps_the_rows_replayed(monkeypatch, capsys, stop):
+def test_compare_modes_stopped_keeps_the_rows_replayed(monkeypatch, capsys, stop, fail_on_call):
     """Ctrl-C or an error in the fourth of compare modes' seven replays printed nothing of the three
     made (the table was printed only whole): they are printed, and one line says how many."""
     import kvreuse.reuse.compare as rc
     from kvreuse.cli import main
 
-    real, calls = rc.compare_actions, []
-
-    def stop_in_the_fourth(*a, **kw):
-        calls.append(1)
-        if len(calls) == 4:
-            raise stop("stopped")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(rc, "compare_actions", stop_in_the_fourth)
+    monkeypatch.setattr(rc, "compare_actions", fail_on_call(rc.compare_actions, 4, stop("stopped")))
     with pytest.raises(SystemExit) as e:
         main(["compare", "modes", "--gate", "always", "--preset", "tiny-pi0", "--steps", "3", "--episodes", "1"])
     cap = capsys.readouterr()
