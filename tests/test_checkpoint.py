@@ -357,6 +357,40 @@ def test_norm_modes_survive_our_checkpoint(tiny, tmp_path):
         load_checkpoint(ck)
 
 
+def test_config_json_dims_that_disagree_with_the_weights_are_named(tiny, tmp_path, capsys):
+    """A tiny file whose config.json sets another max_state_dim: the error was the full-size preset's
+    (hundreds of missing and wrong-shape keys), not the one head that disagrees and why."""
+    save_reference(tmp_path, tiny)
+    (tmp_path / "config.json").write_text(json.dumps({"type": "pi0", "max_state_dim": 24}))
+    w = tiny.state_proj.weight.shape[0]
+    all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'model.safetensors'} does not fit the pi0 config: "
+                                         f"wrong shape (1): model.state_proj.weight: file ({w}, 32) vs model ({w}, 24)"
+                                         "; config.json sets max_state_dim=24") + "$", capsys)
+    sd = reference_state_dict(tiny)
+    sd.update({f"model.extra.{i}": torch.zeros(1) for i in range(20)})
+    _write(tmp_path, sd)
+    (tmp_path / "config.json").unlink()
+    all_readers_fail(tmp_path, re.escape("does not fit the pi0 config: unexpected (20): model.extra.0, ") +
+                     r"[^;]* and 12 more$", capsys)
+
+
+@pytest.mark.parametrize("config,expected", [
+    ({"chunk_size": 0}, "chunk_size: expected an integer >= 1, got 0"),
+    ({"num_inference_steps": 2.5}, "num_inference_steps: expected an integer >= 1, got 2.5"),  # ran 2 steps
+    ({"tokenizer_max_length": "48"}, "tokenizer_max_length: expected an integer >= 1, got '48'"),  # was ignored
+    ({"max_period": -4.0}, "max_period: expected a finite number > 0, got -4.0"),
+    ({"max_period": float("inf")}, "max_period: expected a finite number > 0, got inf"),  # JSON's Infinity
+    ({"chunk_size": float("inf")}, "chunk_size: expected an integer >= 1, got inf"),  # was an OverflowError
+    ({"input_features": {"observation.state": {"type": "STATE", "shape": ["x"]}}},
+     "observation.state shape: expected an integer >= 1, got 'x'"),  # a ValueError naming no file
+    ({"input_features": [1]}, "input_features: expected an object of features"),  # an AttributeError
+])
+def test_reference_config_json_values_are_checked(tiny, tmp_path, capsys, config, expected):
+    save_reference(tmp_path, tiny)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'config.json'}: {expected}"), capsys)
+
+
 def test_one_shard_given_as_the_weights(tiny, tmp_path, capsys):
     f = save_reference(tmp_path / "model-00001-of-00002.safetensors", tiny)
     all_readers_fail(f, re.escape(f"checkpoint {f}: one shard of sharded weights; merge the shards"), capsys)

@@ -238,12 +238,12 @@ def test_eval_checks_a_reference_checkpoints_tokenizer_before_any_work(ref_dir, 
 
     full = _full_size_reference(tmp_path / "full")
     plan = SweepPlan(db=str(tmp_path / "t.db"), env="fake", tasks=("reach",), episodes=1, workers=0, progress=False)
-    for src, msg in ((PolicySource(str(ref_dir), tokenizer=str(sp_model)), "uses the built-in byte tokenizer"),
-                     (PolicySource(str(full)), "needs the PaliGemma SentencePiece tokenizer"),
-                     (PolicySource(str(full), tokenizer=str(tmp_path / "full" / "model.safetensors")),
+    for src, msg in (((str(ref_dir), str(sp_model)), "uses the built-in byte tokenizer"),
+                     ((str(full), None), "needs the PaliGemma SentencePiece tokenizer"),
+                     ((str(full), str(tmp_path / "full" / "model.safetensors")),
                       r"model.safetensors: 6.5 GB, not a SentencePiece model")):  # not read whole to find out
-        with pytest.raises(ValueError, match=msg):
-            run_sweep(plan, src)
+        with pytest.raises(ValueError, match=msg):  # the source itself may refuse (the tokenizer file)
+            run_sweep(plan, PolicySource(src[0], tokenizer=src[1]))
         assert not (tmp_path / "t.db").exists()
 
 

@@ -15,6 +15,7 @@ loaded straight onto the target device, so full-size files never pass through a 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,10 +304,12 @@ def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
 
     def positive(name: str, v, want: type):
         # Checked, not cast: 2.5 inference steps ran as 2, a chunk of 0 or -5 prompt tokens as given.
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (want is float or v == int(v))
+        # JSON's Infinity and 1e400 parse as inf: int(inf) would raise OverflowError, an inf period is no period
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+              and (want is float or v == int(v)))
         if not ok:
-            raise ValueError(f"{where}: {name}: expected {'a number > 0' if want is float else 'an integer >= 1'}, "
-                             f"got {v!r}")
+            what = "a finite number > 0" if want is float else "an integer >= 1"
+            raise ValueError(f"{where}: {name}: expected {what}, got {v!r}")
         return want(v)
 
     base = preset(preset_name)
