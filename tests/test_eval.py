@@ -1371,6 +1371,30 @@ def test_episodes_run_without_norm_stats_stay_apart_from_those_run_with_them(tmp
         assert sorted(r["policy"] for r in st.settings()) == sorted([bare, bare.replace("+no-stats", "")])
 
 
+def test_rows_under_the_untagged_policy_id_are_named_not_silently_restarted(tmp_path, capsys):
+    """DBs written before the policy id got its +cuda / +no-stats tags hold such a policy's settings
+    under the untagged id: the same command started over without a word; it says so now."""
+    import shutil
+
+    from kvreuse.assets import shipped_checkpoint
+    from kvreuse.eval.sweep import policy_identity
+
+    ck = tmp_path / "ck"
+    shutil.copytree(shipped_checkpoint("tiny-pi0"), ck)
+    plan = SweepPlan(db=str(tmp_path / "x.db"), env="fake", tasks=("reach",), episodes=1, progress=False,
+                     env_kw={"max_steps": 6, "radius": 0.0})
+    assert run_sweep(plan, PolicySource(str(ck))).ran == 1  # recorded under the untagged id
+    untagged = policy_identity(PolicySource(str(ck)))
+    (ck / "norm_stats.json").unlink()
+    assert policy_identity(PolicySource(str(ck)), untagged=True) == untagged
+    capsys.readouterr()
+    assert run_sweep(plan, PolicySource(str(ck))).ran == 1
+    err = capsys.readouterr().err
+    assert f"note: {plan.db} holds 1 of these settings under the policy id {untagged}, recorded before" in err
+    assert run_sweep(plan, PolicySource(str(ck))).skipped == 1  # continued under its own id: no note
+    assert "holds" not in capsys.readouterr().err
+
+
 def test_metaworld_training_layouts_get_a_note(tmp_path, monkeypatch, capsys):
     import kvreuse.eval.sweep as sw
     from kvreuse.envs.metaworld import MetaWorldEnv

@@ -12,6 +12,7 @@ writer of the DB: results arrive over the pool and are committed one episode per
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -88,11 +89,12 @@ def checkpoint_tasks(src: PolicySource) -> tuple[str, ...] | None:
     return _meta_tasks(checkpoint_meta(src))
 
 
-def policy_identity(src: PolicySource) -> str:
+def policy_identity(src: PolicySource, untagged: bool = False) -> str:
     """A stable id of the weights and of what changes their actions (the fast runtime rounds
     differently; a masked camera slot too): results of different policies never mix in one setting.
     A checkpoint without norm stats runs unnormalized: its episodes stay apart from those run once
-    its stats were copied beside it (as the missing-stats warning asks)."""
+    its stats were copied beside it (as the missing-stats warning asks). untagged: the id without
+    the device and no-stats tags, as DBs written before 2026-11-28 hold it."""
     no_stats = False
     if src.checkpoint is not None:
         from ..checkpoint import checkpoint_stats
@@ -101,10 +103,27 @@ def policy_identity(src: PolicySource) -> str:
     # A GPU rounds differently (TF32 convolutions) and its calls take a fraction of a CPU's: a
     # setting continued on another device would average both into one row. cuda:N is one device type.
     dev = src.device.split(":")[0]
-    flags = ((dev, dev != "cpu"), (src.dtype, src.dtype != "float32"), ("fast", src.fast),
-             ("masked-cameras", src.keep_absent_cameras), ("no-stats", no_stats))
+    flags = ((dev, dev != "cpu" and not untagged), (src.dtype, src.dtype != "float32"), ("fast", src.fast),
+             ("masked-cameras", src.keep_absent_cameras), ("no-stats", no_stats and not untagged))
     tok = [f"tok@{_sha12(Path(src.tokenizer))}"] if src.tokenizer is not None else []
     return "+".join([_weights_identity(src)] + [name for name, on in flags if on] + tok)
+
+
+def _note_untagged(store, settings: list, src: PolicySource, db: str) -> None:
+    """A DB written before the policy id named a GPU device or missing norm stats holds these settings
+    under the untagged id: say that they are not continued, rather than start over without a word."""
+    if not settings or (src.device.split(":")[0] == "cpu" and "+no-stats" not in settings[0].policy):
+        return
+    have = {r["key"] for r in store.settings()}
+    if any(s.key in have for s in settings):
+        return
+    old_id = policy_identity(src, untagged=True)
+    old = [s for s in settings if replace(s, policy=old_id).key in have]
+    if old:
+        print(f"note: {db} holds {len(old)} of these settings under the policy id {old_id}, recorded before "
+              "policy ids named the device and missing norm stats; they are not continued (they may have run on "
+              "another device, or before the norm stats were there): this run records its own rows",
+              file=sys.stderr)
 
 
 def _weights_identity(src: PolicySource) -> str:
@@ -118,6 +137,12 @@ def _weights_identity(src: PolicySource) -> str:
 
 
 def _sha12(path: Path) -> str:
+    st = path.stat()  # a full-size checkpoint is GBs: hashed once per process while unchanged
+    return _sha12_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha12_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -474,6 +499,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         have = {r["key"] for r in store.settings()}
         if any(s.key in have for s in old) and not any(s.key in have for s in settings):
             settings = old
+    _note_untagged(store, settings, src, plan.db)
     ids = {s.key: store.setting_id(s) for s in settings}
     done = {s.key: store.done(ids[s.key], errors=not plan.retry_errors) for s in settings}
     jobs, skipped = [], 0
