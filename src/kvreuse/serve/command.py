@@ -147,7 +147,7 @@ def run_serve(
     import torch
 
     from ..devices import check_device
-    from .server import ServeConfig
+    from .server import ServeConfig, ws_url
 
     # Before the model is built (minutes for a full-size checkpoint): the device, the threads and
     # the address, so a port in use is one line now, not a traceback after the load.
@@ -205,10 +205,6 @@ def run_serve(
         print(f"kvreuse serve: stopped ({stopped_by[0]}); {n} client connection{'s' * (n != 1)} closed",
               file=sys.stderr, flush=True)
 
-
-def ws_url(host: str, port: int) -> str:
-    """The address clients connect to, as a URL: an IPv6 host in brackets (ws://[::1]:8000)."""
-    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
 
 
 def check_listen(host: str, port: int) -> None:

@@ -46,6 +46,11 @@ CONTROLS = ("reset", "episode_start", "episode_end")  # the last two: the names 
 _MB = 1 << 20
 
 
+def ws_url(host: str, port: int) -> str:
+    """The address clients connect to, as a URL: an IPv6 host in brackets (ws://[::1]:8000)."""
+    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
@@ -140,8 +145,7 @@ class PolicyServer:
                 process_request=self._http,
             ) as server:
                 self.port = server.sockets[0].getsockname()[1]
-                host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host  # IPv6 in a URL
-                log.info("serving on ws://%s:%d (healthz, stats on the same port)", host, self.port)
+                log.info("serving on %s (healthz, stats on the same port)", ws_url(self.cfg.host, self.port))
                 if ready is not None:
                     ready(self.port)
                 try:
