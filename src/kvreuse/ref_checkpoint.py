@@ -223,6 +223,12 @@ def config_from_reference(ref: RefFile) -> ModelConfig:
     dims; openpi: action_horizon...). No fit -> the preset that fits best (its mismatch error)."""
     from .model.config import PRESETS
 
+    _check_kind(ref)  # the file itself, once: then each preset's shapes
+    if ref.variant is None:
+        raise ValueError(
+            f"checkpoint {ref.path}: cannot tell Pi0 from Pi0.5 (expected either `state_proj.weight` "
+            "or adaptive expert norms `...gemma_expert.model.layers.N.input_layernorm.dense.weight`)"
+        )
     names = [ref.variant] + [n for n, p in PRESETS.items() if p.variant == ref.variant and n != ref.variant]
     best: tuple[int, ModelConfig] | None = None
     for name in names:
@@ -286,12 +292,6 @@ _FROM_LEROBOT: dict[str, NormMode] = {name: mode for mode, name in LEROBOT_NAMES
 
 
 def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
-    _check_kind(ref)
-    if ref.variant is None:
-        raise ValueError(
-            f"checkpoint {ref.path}: cannot tell Pi0 from Pi0.5 (expected either `state_proj.weight` "
-            "or adaptive expert norms `...gemma_expert.model.layers.N.input_layernorm.dense.weight`)"
-        )
     c = ref.config
     kw: dict = {}
     pairs = {
