@@ -96,7 +96,7 @@ def policy_identity(src: PolicySource, untagged: bool = False) -> str:
     its stats were copied beside it (as the missing-stats warning asks). untagged: the id without
     the device and no-stats tags, as DBs written before 2026-11-28 hold it."""
     no_stats = False
-    if src.checkpoint is not None:
+    if src.checkpoint is not None and not untagged:
         from ..checkpoint import checkpoint_stats
 
         no_stats = checkpoint_stats(src.checkpoint) is None
