@@ -206,7 +206,6 @@ def run_serve(
               file=sys.stderr, flush=True)
 
 
-
 def check_listen(host: str, port: int) -> None:
     """ValueError unless a TCP server could bind (host, port) now, as the websocket server will
     (SO_REUSEADDR and IPV6_V6ONLY, as asyncio sets them): a bad port or host, or a port another
