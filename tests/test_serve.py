@@ -603,9 +603,12 @@ def test_serve_refuses_a_default_prompt_the_transform_would_refuse(monkeypatch, 
     assert "the server was about to listen" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("host, url", [("127.0.0.1", "ws://127.0.0.1:4321"), ("::1", "ws://[::1]:4321")])
-def test_listening_line_names_a_url_a_client_can_open(monkeypatch, capsys, host, url):
-    """The line names the address to copy into a client: an IPv6 host needs brackets."""
+@pytest.mark.parametrize("host, addresses, url", [
+    ("127.0.0.1", ["127.0.0.1"], "ws://127.0.0.1:4321"), ("::1", ["::1"], "ws://[::1]:4321"),
+    ("localhost", ["127.0.0.1", "::1"], "ws://localhost:4321 (127.0.0.1 and ::1)")])
+def test_listening_line_names_a_url_a_client_can_open(monkeypatch, capsys, host, addresses, url):
+    """The line names the address to copy into a client: an IPv6 host needs brackets; a name that
+    stands for several addresses is followed by those that listen."""
     import socket
 
     from kvreuse.cli import main
@@ -616,6 +619,9 @@ def test_listening_line_names_a_url_a_client_can_open(monkeypatch, capsys, host,
 
     class Bound:  # stands in for the server: reports its port and returns
         connected_at_stop = 0
+
+        def __init__(self):
+            self.addresses = addresses
 
         async def run(self, ready, stop=None):
             ready(4321)
@@ -665,3 +671,31 @@ def test_check_listen_binds_ipv6_as_the_server_does():
             pytest.skip(f"IPv6 not usable here: {e}")
         with pytest.raises(ValueError, match="in use by another process"):
             check_listen("0.0.0.0", port)
+
+
+def test_port_0_listens_on_one_port_for_every_address_of_the_host(monkeypatch):
+    """`--host localhost --port 0` where localhost is 127.0.0.1 and ::1: asyncio bound each with its
+    own ephemeral port, and a client reaching the printed port over the other family was refused.
+    Every listening socket now shares the one port (localhost resolves to both here by a stub)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6) as s:
+        try:
+            s.bind(("::1", 0))
+        except OSError as e:
+            pytest.skip(f"no IPv6 loopback: {e}")
+    real = socket.getaddrinfo
+
+    def dual_stack(host, *a, **k):
+        if host != "localhost":
+            return real(host, *a, **k)
+        return real("127.0.0.1", *a, **k) + real("::1", *a, **k)
+
+    monkeypatch.setattr(socket, "getaddrinfo", dual_stack)
+    server = PolicyServer(FakePolicy, ServeConfig(host="localhost", port=0))
+    with ServerThread(server) as port:
+        assert sorted(server.addresses) == ["127.0.0.1", "::1"]
+        for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            with socket.socket(family) as c:
+                c.settimeout(10)
+                c.connect((addr, port))  # refused before: the ::1 socket had another port

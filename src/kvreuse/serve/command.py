@@ -177,8 +177,10 @@ def run_serve(
     server = make_server(policy, info, cfg)
 
     def ready(bound: int) -> None:  # the bound port matters with --port 0
+        # A name can stand for several addresses (localhost: 127.0.0.1 and ::1): say which listen.
+        addrs = "" if server.addresses in ([], [host]) else f" ({' and '.join(server.addresses)})"
         print(f"kvreuse serve: {info['model']} ({info['variant']}, robot {info['robot']}), reuse {info['reuse']}, "
-              f"listening on {ws_url(host, bound)}  (GET /healthz, GET /stats)", flush=True)
+              f"listening on {ws_url(host, bound)}{addrs}  (GET /healthz, GET /stats)", flush=True)
 
     stopped_by: list[str] = []
 

@@ -18,10 +18,12 @@ inference thread. A full queue makes handlers wait before reading their next fra
 from __future__ import annotations
 
 import asyncio
+import errno
 import http
 import json
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -44,11 +46,42 @@ RESET_KEY = "reset"
 CONTROL_KEY = "__ctrl__"
 CONTROLS = ("reset", "episode_start", "episode_end")  # the last two: the names some openpi forks send
 _MB = 1 << 20
+_PORT_TRIES = 5
 
 
 def ws_url(host: str, port: int) -> str:
     """The address clients connect to, as a URL: an IPv6 host in brackets (ws://[::1]:8000)."""
     return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
+
+
+def common_free_port(host: str, tries: int = 20) -> int:
+    """A port free on every address `host` resolves to, or 0 where it resolves to one (the OS
+    picks at bind). asyncio binds each address on its own: with port 0 a dual-stack `localhost`
+    got one port for 127.0.0.1 and another for ::1, and a client on the other family was refused."""
+    infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addrs = list(dict.fromkeys((family, proto, addr) for family, _, proto, _, addr in infos))
+    if len(addrs) < 2:
+        return 0
+    for _ in range(tries):
+        port, held = 0, []
+        try:  # the first address's free port, then the same port on the others (as asyncio binds them)
+            for family, proto, addr in addrs:
+                s = socket.socket(family, socket.SOCK_STREAM, proto)
+                held.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((addr[0], port, *addr[2:]))
+                port = s.getsockname()[1]
+            return port
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+        finally:
+            for s in held:
+                s.close()
+    raise OSError(errno.EADDRINUSE, f"no port free on all of {', '.join(str(a[2][0]) for a in addrs)} "
+                                    f"after {tries} tries; pass --port")
 
 
 @dataclass(frozen=True)
@@ -125,6 +158,7 @@ class PolicyServer:
         self.clients_served = 0
         self.started = time.monotonic()
         self.port: int | None = None
+        self.addresses: list[str] = []  # what the host resolved to: every one listens on self.port
         self.connected_at_stop = 0
         self._queue: asyncio.Queue[_Job] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-infer")
@@ -135,17 +169,27 @@ class PolicyServer:
         self._queue = asyncio.Queue(maxsize=self.cfg.queue_size)
         worker = asyncio.create_task(self._worker())
         try:
-            async with serve(
-                self._handler,
-                self.cfg.host,
-                self.cfg.port,
-                compression=None,
-                max_size=int(self.cfg.close_frame_mb * _MB),
-                max_queue=4,  # frames buffered per connection before TCP backpressure
-                process_request=self._http,
-            ) as server:
+            for attempt in range(_PORT_TRIES):
+                port = self.cfg.port or common_free_port(self.cfg.host)
+                try:
+                    server = await serve(
+                        self._handler,
+                        self.cfg.host,
+                        port,
+                        compression=None,
+                        max_size=int(self.cfg.close_frame_mb * _MB),
+                        max_queue=4,  # frames buffered per connection before TCP backpressure
+                        process_request=self._http,
+                    )
+                    break
+                except OSError as e:  # a port picked for several addresses was taken before the bind
+                    if self.cfg.port or e.errno != errno.EADDRINUSE or attempt == _PORT_TRIES - 1:
+                        raise
+            async with server:
                 self.port = server.sockets[0].getsockname()[1]
-                log.info("serving on %s (healthz, stats on the same port)", ws_url(self.cfg.host, self.port))
+                self.addresses = [s.getsockname()[0] for s in server.sockets]
+                log.info("serving on %s (%s; healthz, stats on the same port)", ws_url(self.cfg.host, self.port),
+                         ", ".join(self.addresses))
                 if ready is not None:
                     ready(self.port)
                 try:
