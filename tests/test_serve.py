@@ -699,3 +699,30 @@ def test_port_0_listens_on_one_port_for_every_address_of_the_host(monkeypatch):
             with socket.socket(family) as c:
                 c.settimeout(10)
                 c.connect((addr, port))  # refused before: the ::1 socket had another port
+
+
+def test_common_free_port_retries_a_port_taken_on_another_address_then_says_so(monkeypatch):
+    """The port the first address got may be taken on the next (another process on ::1 only):
+    another port is tried; when none fits, one error naming the addresses."""
+    import errno
+    import socket
+
+    from kvreuse.serve.server import common_free_port
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", 0))])
+    taken = [1]  # how many binds of the second address find the port taken
+
+    class Sock(socket.socket):
+        def bind(self, addr):
+            if addr[0] == "127.0.0.2" and taken[0] > 0:
+                taken[0] -= 1
+                raise OSError(errno.EADDRINUSE, "in use")
+            return super().bind(addr)
+
+    monkeypatch.setattr(socket, "socket", Sock)
+    assert common_free_port("both") > 0 and taken == [0]
+    taken[0] = 10**6
+    with pytest.raises(OSError, match=r"no port free on all of 127.0.0.1, 127.0.0.2 after 3 tries"):
+        common_free_port("both", tries=3)
