@@ -4,7 +4,8 @@
 # Usage (repo root, kvreuse + Meta-World importable): OUT=dir EPISODES=20 CAP_S=200 bash scripts/sweep_device.sh
 # GRID_SET=confirm runs the settings that kept success (and the loose-threshold cliff as a control) on
 # more episodes (docs/RESULTS.md, "Confirmation at n = 500"), GRID_SET=crossmodal the cross-modal
-# gate at looser image thresholds; VARIANTS="pi05" runs one policy.
+# gate at looser image thresholds, GRID_SET=crossmodal_state its looser state tests at image 0.80;
+# VARIANTS="pi05" runs one policy.
 # A sweep cut off by CAP_S continues where it stopped when run again on the same DB.
 set -uo pipefail
 OUT=${OUT:-runs/sweeps}; EPISODES=${EPISODES:-20}; CAP_S=${CAP_S:-200}; VARIANTS=${VARIANTS:-pi05 pi0}; mkdir -p "$OUT"
@@ -18,8 +19,10 @@ if [ "${GRID_SET:-main}" = confirm ]; then
         'gate=always mode=partial max_age_calls=2,5')
 elif [ "${GRID_SET:-main}" = crossmodal ]; then  # looser image thresholds of the cross-modal gate
   GRID=('gate=crossmodal threshold=0.8,0.85')
+elif [ "${GRID_SET:-main}" = crossmodal_state ]; then  # the state test is what refuses most calls at 0.80
+  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98,0.96')
 elif [ "${GRID_SET:-main}" != main ]; then
-  echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm or crossmodal" >&2; exit 2
+  echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm, crossmodal or crossmodal_state" >&2; exit 2
 fi
 for v in $VARIANTS; do
   db="$OUT/sweep-$v.db"; start=$(date +%s)
