@@ -285,3 +285,38 @@ def test_report_csv_of_an_older_report_and_csvs_that_are_not_ours(tmp_path, caps
         main(["report", "--csv", str(new), "--db", str(db)])
     assert "give --db or --csv, not both" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_table_without_a_baseline_or_without_pairs_says_why_its_comparisons_are_blank(tmp_path, monkeypatch):
+    """A setting run without --with-baseline: its speedup, Δ and p are "–", and the report says why
+    (it said nothing, or told the reader to compare through Δ, which is blank); so do the plots. A
+    baseline that ran other episodes only leaves that setting's Δ blank too, and the note says so."""
+    import matplotlib.axes
+    import matplotlib.figure
+
+    from kvreuse.eval.report import NO_BASELINE, NO_PAIRS, UNEQUAL, compute_rows, markdown, write_plots
+    from kvreuse.eval.store import ResultStore, Setting
+
+    db = tmp_path / "n.db"
+    with ResultStore(db) as st:
+        thr = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.98}, "thr"))
+        per = st.setting_id(Setting("p", "fake", 5, {"gate": "period", "period": 2}, "per"))
+        st.add(thr, _ep("a", 0))
+        st.add(per, _ep("a", 1))
+    tables = markdown(compute_rows(db)).split("### ")[1:]
+    assert len(tables) == 2 and all(NO_BASELINE in t and UNEQUAL not in t for t in tables)
+    titles = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, **kw: titles.append(t))
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: titles.append(t))
+    write_plots(compute_rows(db), tmp_path / "plots")
+    titles = [t for t in titles if t.startswith("Success")]
+    assert len(titles) == 3 and all("no baseline in this group" in t for t in titles)
+
+    db2 = tmp_path / "p.db"  # the baseline ran task a, the setting task b only
+    with ResultStore(db2) as st:
+        base, thr = _baseline_and_thr(st)
+        st.add(base, _ep("a", 0))
+        st.add(thr, _ep("b", 0))
+    tables = dict(t.split("\n", 1) for t in markdown(compute_rows(db2)).split("### ")[1:])
+    assert UNEQUAL + " " + NO_PAIRS in tables["All tasks"]
+    assert NO_BASELINE in tables["b"] and NO_BASELINE not in tables["a"] and UNEQUAL not in tables["a"]

@@ -188,13 +188,31 @@ def markdown(rows: list[Row]) -> str:
         for task in [ALL, *sorted({r.task for r in rs} - {ALL})]:
             t_rows = [r for r in rs if r.task == task]
             out.append(f"### {'All tasks' if task == ALL else task}\n\n" + _HEAD + "".join(map(_md_row, t_rows)))
-            out.append("\n" if same_episodes(t_rows) else "\n" + UNEQUAL + "\n\n")
+            note = _table_note(t_rows)
+            out.append("\n" + (note + "\n\n" if note else ""))
     return "".join(out) if out else "No episodes in this DB yet.\n"
 
 
 UNEQUAL = ("Not every row here counts the same finished episodes (other runs into this DB, or env errors): "
            "compare a setting with the baseline through Δ and p (on the episodes both finished, n= in Δ's "
            "column), not the success columns side by side.")
+
+
+NO_BASELINE = ("No baseline in this table: speedup, Δ and p compare a setting with the baseline of its policy, env, "
+               "replan and step limit on the episodes both finished; run one with `kvreuse eval --with-baseline` "
+               "or `kvreuse sweep`.")
+NO_PAIRS = ("A row with Δ and p \"–\" shares no finished episode with the baseline: nothing compares them.")
+
+
+def _table_note(rows: list[Row]) -> str:
+    """What a table's numbers cannot tell: no baseline (every speedup, Δ and p blank), rows on other
+    episodes than the baseline's (side by side, the success columns compare different episodes)."""
+    if not any(r.is_baseline for r in rows):
+        return NO_BASELINE
+    if same_episodes(rows):
+        return ""
+    unpaired = any(not r.is_baseline and r.paired is None for r in rows)
+    return UNEQUAL + (" " + NO_PAIRS if unpaired else "")
 
 
 def same_episodes(rows: list[Row]) -> bool:
@@ -337,8 +355,10 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
         overall = [r for r in rs if r.task == ALL and r.n > 0]
         if not overall:
             continue
-        note = "\nsettings on different episodes: compare through the report's paired Δ"
-        g_all = g if same_episodes([r for r in rs if r.task == ALL]) else g + note
+        no_base = not any(r.is_baseline for r in rs)  # the usual advice would point at blank Δ
+        note = ("\nno baseline in this group: run one (`kvreuse eval --with-baseline`) to compare with" if no_base
+                else "\nsettings on different episodes: compare through the report's paired Δ")
+        g_all = g + note if no_base or not same_episodes([r for r in rs if r.task == ALL]) else g
         names = list(dict.fromkeys(r.setting for r in overall))
         colour = _colours(names)
         # success vs reuse rate
@@ -372,7 +392,7 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
         per_task = [r for r in rs if r.task != ALL and r.n > 0]
         tasks = sorted({r.task for r in per_task})
         if tasks:
-            equal = all(same_episodes([r for r in rs if r.task == t]) for t in tasks)
+            equal = not no_base and all(same_episodes([r for r in rs if r.task == t]) for t in tasks)
             fig = _per_task(rs, per_task, tasks, names, colour, f"Success per task\n{g if equal else g + note}")
             files.append(_save(fig, out_dir / f"per_task{sfx}.png"))
     return files
