@@ -320,3 +320,22 @@ def test_a_table_without_a_baseline_or_without_pairs_says_why_its_comparisons_ar
     tables = dict(t.split("\n", 1) for t in markdown(compute_rows(db2)).split("### ")[1:])
     assert UNEQUAL + " " + NO_PAIRS in tables["All tasks"]
     assert NO_BASELINE in tables["b"] and NO_BASELINE not in tables["a"] and UNEQUAL not in tables["a"]
+
+
+def test_a_db_of_error_episodes_only_says_why_it_has_no_plots_and_no_speedup(tmp_path, capsys):
+    """Every episode an env error: `report` wrote report.md and results.csv and no plot, without a
+    word, and gave the baseline a speedup of 1.00x beside its blank latency."""
+    from kvreuse.cli import main
+    from kvreuse.eval.store import ResultStore
+
+    db = tmp_path / "e.db"
+    with ResultStore(db) as st:
+        base, thr = _baseline_and_thr(st)
+        st.add(base, _ep("a", 0, "error"))
+        st.add(thr, _ep("a", 0, "error"))
+    main(["report", "--db", str(db), "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert "no plots for fake | policy p | replan 5: no finished episode (every one an env error)" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.md", "results.csv"]
+    line = next(ln for ln in out.splitlines() if ln.startswith("| **baseline** |"))
+    assert line == "| **baseline** | – | – | – | – | – | – | 0 | [0.0%, 100.0%] | – | – | 1 |"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,7 @@ def _row(gname, s, task, sel, base_sel) -> Row:
             parts[p] = sum(ms) / len(ms)
     calls = sum(e["calls"] for e in fin)
     paired = diff_ci = None
-    sp = 1.0 if s["is_baseline"] else float("nan")
+    sp = 1.0 if s["is_baseline"] and lat.n else float("nan")  # a baseline with no timed call has no speed either
     if base_sel is not None and not s["is_baseline"]:
         # Pairs: the episodes both finished (same task, init state, seed). The baseline may also have
         # run other episodes, and an episode one side lost to an env error has nothing to compare.
@@ -353,7 +354,8 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
     for gi, (g, rs) in enumerate(by_group.items()):
         sfx = "" if len(by_group) == 1 else f"_{gi}"
         overall = [r for r in rs if r.task == ALL and r.n > 0]
-        if not overall:
+        if not overall:  # said, or the missing plots (and a gap in the numbering) would go unexplained
+            print(f"no plots for {g}: no finished episode (every one an env error)", file=sys.stderr)
             continue
         no_base = not any(r.is_baseline for r in rs)  # the usual advice would point at blank Δ
         note = ("\nno baseline in this group: run one (`kvreuse eval --with-baseline`) to compare with" if no_base
