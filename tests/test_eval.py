@@ -449,7 +449,7 @@ def test_report_refuses_a_version_1_db_with_a_clear_error(tmp_path):
     c.execute("UPDATE schema_version SET version = 1")
     c.commit()
     c.close()
-    with pytest.raises(ValueError, match="schema version 1, this kvreuse reads and writes version 2"):
+    with pytest.raises(ValueError, match="schema version 1, this kvreuse reads versions 2 and 3 and writes version 3"):
         compute_rows(db)
     from kvreuse.cli import main
 

@@ -5,6 +5,9 @@
 - (setting, task, init_id, seed) is UNIQUE: a rerun skips what is done and can never duplicate.
 - A `schema_version` table guards the layout: a file of another version (or not ours) is
   refused with a ValueError, never altered.
+- A setting's `reuse` JSON holds only the fields that differ from the ReuseConfig defaults the
+  `meta` table records (those of the kvreuse that created the file), so a row keeps its meaning
+  when a later kvreuse changes a default.
 """
 
 from __future__ import annotations
@@ -18,13 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..outputs import os_reason
+from ..reuse.config import ReuseConfig, defaults_at
 from .rollout import STATUSES, EpisodeResult
 
 # 2: settings.protocol (step limit, env options) joined the identity; a version-1 file lacks it.
-SCHEMA_VERSION = 2
+# 3: the `meta` table records the reuse defaults. A version-2 file is read as it is, its rows by the
+#    history of default changes (reuse/config.py), and gets the table when opened to be written.
+SCHEMA_VERSION = 3
+READS = (2, 3)
 
+# reuse_defaults: JSON of the ReuseConfig defaults the settings' reuse JSON is relative to;
+# legacy_settings_below: settings with a lower id predate that record (a version-2 file's rows).
+_META = "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 _SCHEMA = f"""
 CREATE TABLE schema_version (version INTEGER NOT NULL);
+{_META};
 CREATE TABLE settings (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL UNIQUE,      -- hash of (policy, env, replan, protocol, reuse)
@@ -33,7 +44,7 @@ CREATE TABLE settings (
     env TEXT NOT NULL,             -- env name, e.g. "metaworld" or "libero:libero_spatial"
     replan INTEGER NOT NULL,
     protocol TEXT NOT NULL,        -- JSON of other episode settings (step limit, env options)
-    reuse TEXT NOT NULL,           -- canonical JSON of the reuse parameters, "null" = baseline
+    reuse TEXT NOT NULL,           -- JSON of the reuse fields that differ from the defaults, "null" = baseline
     is_baseline INTEGER NOT NULL,
     created REAL NOT NULL
 );
@@ -69,7 +80,7 @@ class Setting:
     policy: str
     env: str
     replan: int
-    reuse: dict | None = None  # only the fields that differ from ReuseConfig's defaults
+    reuse: dict | None = None  # only the fields that differ from the DB's defaults (ResultStore.reuse_defaults)
     label: str = ""  # display name (not part of the identity)
     protocol: str = "{}"  # JSON: step limit and env options, so different protocols never mix
 
@@ -159,6 +170,7 @@ class ResultStore:
     # ---- schema -------------------------------------------------------------------------------
     def _init_schema(self, tables: set[str]) -> None:
         c = self.conn
+        self.upgraded_from: int | None = None  # a version-2 file given its meta table by this store
         if not tables and not self.read_only:  # read-only: an empty file is refused below, not initialised
             c.execute("PRAGMA journal_mode=WAL")
             c.execute("BEGIN IMMEDIATE")
@@ -168,6 +180,7 @@ class ResultStore:
                         if stmt.strip():
                             c.execute(stmt)
                     c.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+                    _record_defaults(c)
                 c.execute("COMMIT")
             except BaseException:
                 _rollback(c)
@@ -178,16 +191,83 @@ class ResultStore:
                 f"results DB {self.path}: not a kvreuse results file (no schema_version table); "
                 "give another --db path"
             )
-        row = c.execute("SELECT version FROM schema_version").fetchone()
-        version = row[0] if row else None
-        if version != SCHEMA_VERSION:
+        version = self._version()
+        if version not in READS:
             raise ValueError(
-                f"results DB {self.path}: written with schema version {version}, this kvreuse reads and "
-                f"writes version {SCHEMA_VERSION}; it is left untouched — give another --db path"
+                f"results DB {self.path}: written with schema version {version}, this kvreuse reads versions "
+                f"{' and '.join(map(str, READS))} and writes version {SCHEMA_VERSION}; it is left untouched — "
+                "give another --db path"
             )
         if not self.read_only:
             c.execute("PRAGMA journal_mode=WAL")
             c.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed row survives a process kill
+        self._file_version = version
+        self._load_defaults(version)
+
+    def _version(self) -> int | None:
+        row = self.conn.execute("SELECT version FROM schema_version").fetchone()
+        return row[0] if row else None
+
+    def _before_write(self) -> None:
+        """Bring the record up to date, once, before the first settings row this store writes (a
+        command refused before that leaves the file as it was). A version-2 file gets the meta table:
+        its rows stay as they are (read by the history of default changes), rows added from now on are
+        relative to today's defaults, which the table records (and which this store already uses). A
+        field added to ReuseConfig since the record was written joins it at today's default, so its
+        rows keep that meaning if the default changes later."""
+        current = ReuseConfig().to_dict()
+        if self._file_version == SCHEMA_VERSION and set(current) <= set(self._recorded):
+            return
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._version()
+            if version == 2:  # else another process upgraded it first
+                c.execute(_META)
+                _record_defaults(c)
+                c.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+                self.upgraded_from = version
+            else:  # fields this kvreuse does not know (a later one wrote the file) stay in the record
+                recorded = json.loads(c.execute("SELECT value FROM meta WHERE key = 'reuse_defaults'").fetchone()[0])
+                c.execute("UPDATE meta SET value = ? WHERE key = 'reuse_defaults'",
+                          (json.dumps({**current, **recorded}, sort_keys=True),))
+            c.execute("COMMIT")
+        except BaseException:
+            _rollback(c)
+            raise
+        self._file_version = SCHEMA_VERSION
+        self._load_defaults(SCHEMA_VERSION)
+
+    def _load_defaults(self, version: int) -> None:
+        if version == 2:  # every row is read by the history of default changes
+            recorded, self._legacy_below = {}, float("inf")
+        else:
+            try:
+                meta = {r[0]: r[1] for r in self.conn.execute("SELECT key, value FROM meta")}
+                recorded, self._legacy_below = json.loads(meta["reuse_defaults"]), int(meta["legacy_settings_below"])
+                if not isinstance(recorded, dict):
+                    raise TypeError(recorded)
+            except (sqlite3.DatabaseError, KeyError, ValueError, TypeError) as e:
+                raise ValueError(f"results DB {self.path}: schema version {version} but its meta table does not "
+                                 f"record the reuse defaults ({type(e).__name__}: {e}); give another --db path"
+                                 ) from None
+        self._recorded = recorded
+        # A field the record lacks takes today's default: no key made before the field existed changes.
+        current = ReuseConfig().to_dict()
+        self.reuse_defaults: dict = {**current, **{k: v for k, v in recorded.items() if k in current}}
+
+    def row_defaults(self, row: sqlite3.Row) -> dict:
+        """The defaults a settings row's reuse JSON is relative to: the DB's record, or for a row
+        written before the DB had one, the defaults of kvreuse at the time the row was created."""
+        return self.reuse_defaults if row["id"] >= self._legacy_below else defaults_at(row["created"])
+
+    def row_config(self, row: sqlite3.Row) -> ReuseConfig | None:
+        """The reuse setting a settings row stands for (None: the baseline). ValueError: a field or
+        value this kvreuse does not know (a later one wrote the row)."""
+        reuse = json.loads(row["reuse"])
+        if reuse is None:
+            return None
+        return ReuseConfig.from_dict({**self.row_defaults(row), **reuse})
 
     def close(self) -> None:
         self.conn.close()
@@ -201,6 +281,7 @@ class ResultStore:
     # ---- settings -----------------------------------------------------------------------------
     def setting_id(self, s: Setting) -> int:
         """Id of a setting, inserted if new."""
+        self._before_write()
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -255,6 +336,12 @@ class ResultStore:
         if setting_id is None:
             return self.conn.execute("SELECT * FROM episodes ORDER BY id").fetchall()
         return self.conn.execute("SELECT * FROM episodes WHERE setting_id = ? ORDER BY id", (setting_id,)).fetchall()
+
+
+def _record_defaults(c: sqlite3.Connection) -> None:
+    """Today's reuse defaults, which the settings rows added from now on are relative to."""
+    c.execute("INSERT INTO meta VALUES ('reuse_defaults', ?)", (json.dumps(ReuseConfig().to_dict(), sort_keys=True),))
+    c.execute("INSERT INTO meta SELECT 'legacy_settings_below', COALESCE(MAX(id), 0) + 1 FROM settings")
 
 
 def _rollback(c: sqlite3.Connection) -> None:

@@ -30,7 +30,7 @@ from ..assets import shipped_checkpoint
 from ..workers import die_with_parent
 from .envs import check_env_name, check_episodes, check_tasks, make_env, training_layouts_note
 from .rollout import EpisodeResult, run_episode
-from .store import ResultStore, Setting
+from .store import SCHEMA_VERSION, ResultStore, Setting
 
 # ---- policy source ---------------------------------------------------------------------------
 
@@ -217,16 +217,12 @@ def reuse_config(reuse: dict):
     return ReuseConfig.from_dict(reuse)
 
 
-def canonical_reuse(params: dict) -> tuple[dict, str]:
-    """User parameters -> (the fields that differ from the defaults, display label)."""
+def canonical_reuse(params: dict, defaults: dict | None = None) -> tuple[dict, str]:
+    """User parameters -> (the fields that differ from `defaults`, today's if None; display label)."""
     from ..reuse.config import ReuseConfig
 
     cfg = ReuseConfig.from_dict(params)
-    default, unused = ReuseConfig().to_dict(), set(cfg.unused_fields())
-    # A field this gate and mode never read (a grid's product can give one) is not part of the
-    # setting: with it, the same runs would be stored twice under one label.
-    diff = {k: v for k, v in cfg.to_dict().items() if default[k] != v and k not in unused}
-    return diff, cfg.label()
+    return cfg.diff_from(ReuseConfig().to_dict() if defaults is None else defaults), cfg.label()
 
 
 def canonical_grid(grid: list[dict]) -> list[tuple[dict, str]]:
@@ -490,6 +486,9 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
     if not settings:
         raise ValueError("nothing to run: give a grid, or keep the baseline")
 
+    named: dict[str, set[str]] = {}  # setting (fields vs today's defaults) -> the fields its grid entries name
+    for params in plan.grid:
+        named.setdefault(json.dumps(canonical_reuse(params)[0], sort_keys=True), set()).update(params)
     store = ResultStore(plan.db)
     if explicit is not None:
         # Stored as the default, so it pairs with runs without --max-steps; a DB that holds this
@@ -499,8 +498,17 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         have = {r["key"] for r in store.settings()}
         if any(s.key in have for s in old) and not any(s.key in have for s in settings):
             settings = old
+    try:
+        settings, configs = _as_stored(store, settings, named, plan.db)
+    except BaseException:
+        store.close()
+        raise
     _note_untagged(store, settings, src, plan.db)
     ids = {s.key: store.setting_id(s) for s in settings}
+    if store.upgraded_from is not None:
+        print(f"note: {plan.db}: upgraded from schema version {store.upgraded_from} to {SCHEMA_VERSION}: it now "
+              "records the reuse defaults its settings are relative to (an older kvreuse cannot open it)",
+              file=sys.stderr)
     done = {s.key: store.done(ids[s.key], errors=not plan.retry_errors) for s in settings}
     jobs, skipped = [], 0
     # Task-major order: a worker mostly stays on one task (switching rebuilds the simulator);
@@ -518,7 +526,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
                 video = str(Path(plan.video_dir) / s.key / f"{task}_{init_id}_{seed}.mp4")
             if i < plan.streams:
                 stream = str(Path(plan.stream_dir) / s.key / f"{task}_{init_id}_{seed}.safetensors")
-            jobs.append((s.key, s.reuse, task, init_id, seed, plan.replan, plan.max_steps, video, stream))
+            jobs.append((s.key, configs[s.key], task, init_id, seed, plan.replan, plan.max_steps, video, stream))
 
     t0 = time.perf_counter()
     first = [None]
@@ -547,6 +555,68 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         store.close()
     return SweepSummary(settings, ran, skipped, errors, time.perf_counter() - t0, first[0] or 0.0, tasks, elsewhere,
                         tuple(episodes))
+
+
+def _as_stored(store: ResultStore, settings: list[Setting], named: dict[str, set[str]],
+               db: str) -> tuple[list[Setting], dict[str, dict | None]]:
+    """Each setting (its reuse: the fields that differ from today's defaults) as this DB holds it:
+    relative to the defaults the DB records, or the row of the same meaning already there (rows
+    written before the DB recorded its defaults mean those of their day). A new setting whose key an
+    older row of another meaning holds is refused unless the setting names the fields that differ.
+    Also -> each setting's full reuse config by key (for the workers: today's defaults are not the DB's)."""
+    from ..reuse.config import ReuseConfig
+
+    group = lambda r: (r["policy"], r["env"], r["replan"], r["protocol"])  # noqa: E731
+    rows = [r for r in store.settings() if not r["is_baseline"]]
+    out, configs = [], {}
+    for s in settings:
+        if s.reuse is None:
+            out.append(s)
+            configs[s.key] = None
+            continue
+        cfg = ReuseConfig.from_dict(s.reuse)
+        mine = [r for r in rows if group(r) == (s.policy, s.env, s.replan, s.protocol)]
+        same = [r for r in mine if _means(store, r) == s.reuse]
+        same_ids = {r["id"] for r in same}
+        new = replace(s, reuse=cfg.diff_from(store.reuse_defaults))
+        taken = next((r for r in mine if r["key"] == new.key), None)
+        if taken is not None and taken["id"] not in same_ids:
+            old = store.row_config(taken)
+            fields = sorted(k for k in cfg.read_fields() | old.read_fields() if getattr(cfg, k) != getattr(old, k))
+            if not set(fields) <= named.get(json.dumps(s.reuse, sort_keys=True), set()):
+                was = " ".join(f"{k}={_spell(getattr(old, k))}" for k in fields)
+                now = " ".join(f"{k}={_spell(getattr(cfg, k))}" for k in fields)
+                when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(taken["created"]))
+                raise ValueError(f"setting {s.label}: {db} holds it as {taken['name']!r}, recorded {when} under that "
+                                 f"day's reuse defaults, where it means {was}; today's defaults make it {now}. Name "
+                                 f"the value: {was} continues that row, {now} records a new one")
+            # Named: the fields join its identity, so it is stored apart from that row.
+            new = replace(new, reuse={**new.reuse, **{k: getattr(cfg, k) for k in fields}})
+            if any(r["key"] == new.key for r in mine) and not same:
+                raise ValueError(f"setting {s.label}: {db} holds another setting under its key {new.key}; give "
+                                 "another --db")
+        if same:  # the row of the natural key if it is one of them, else the first recorded
+            row = taken if taken is not None and taken["id"] in same_ids else same[0]
+            new = replace(s, reuse=json.loads(row["reuse"]))
+        out.append(new)
+        configs[new.key] = cfg.to_dict()
+    return out, configs
+
+
+def _means(store: ResultStore, row) -> dict | None:
+    """A settings row's reuse setting as fields that differ from today's defaults (None: unreadable,
+    a field a later kvreuse added)."""
+    from ..reuse.config import ReuseConfig
+
+    try:
+        return store.row_config(row).diff_from(ReuseConfig().to_dict())
+    except ValueError:
+        return None
+
+
+def _spell(v) -> str:
+    """A value as a grid spec writes it."""
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _trained_render_size(plan: SweepPlan, env, meta: dict) -> SweepPlan:

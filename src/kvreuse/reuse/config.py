@@ -183,20 +183,31 @@ class ReuseConfig:
         ]
         return out + ("," + ",".join(bounds) if bounds else "")
 
-    def unused_fields(self) -> list[str]:
-        """Fields set away from their defaults that this gate and mode never read (e.g. a
-        threshold for the period gate): in a sweep they would make a second setting that runs
-        the same thing under the same label."""
+    def read_fields(self) -> set[str]:
+        """The fields this gate and mode read (every field for the baseline)."""
         if not self.enabled:
-            return []
+            return {f.name for f in dataclasses.fields(self)}
         reads = set(_GATE_READS[self.gate]) | {"gate", "mode", "synchronized", "max_age_calls", "max_age_s"}
         if self.mode == "partial" or (self.gate in _IMAGE_GATES and self.image_metric == "patch"):
             reads |= {"patch_threshold", "patch_max_diff"}
         if self.mode == "layer_wise":
             reads.add("layer_split")
-        default = ReuseConfig()
+        return reads
+
+    def unused_fields(self) -> list[str]:
+        """Fields set away from their defaults that this gate and mode never read (e.g. a
+        threshold for the period gate): in a sweep they would make a second setting that runs
+        the same thing under the same label."""
+        reads, default = self.read_fields(), ReuseConfig()
         return [f.name for f in dataclasses.fields(self)
                 if f.name not in reads and getattr(self, f.name) != getattr(default, f.name)]
+
+    def diff_from(self, defaults: dict) -> dict:
+        """The fields this setting reads whose values differ from `defaults` (all fields' values):
+        its identity relative to those defaults, as a results DB stores it. A field it never
+        reads is no part of it (with it, the same runs would be stored twice under one label)."""
+        reads = self.read_fields()
+        return {k: v for k, v in self.to_dict().items() if k in reads and defaults[k] != v}
 
     def replace(self, **kw) -> "ReuseConfig":
         return dataclasses.replace(self, **kw)
@@ -213,6 +224,24 @@ class ReuseConfig:
         if unknown:
             raise ValueError(f"reuse config: unknown field(s) {unknown}; expected some of {sorted(known)}")
         return ReuseConfig(**d)
+
+
+# Every change of a field's default, oldest first: (unix time of the commit, field, old, new). A
+# results DB records the defaults its settings are relative to (eval/store.py); this history is how
+# the rows of a DB written before it did (schema version 2) keep their meaning. Add a line for each
+# change (tests/test_reuse_defaults.py fails until then).
+DEFAULT_CHANGES: tuple[tuple[float, str, object, object], ...] = (
+    (1795688246.0, "patch_max_diff", None, 0.1),  # af0067e, 2026-11-26 10:17:26 UTC
+)
+
+
+def defaults_at(t: float) -> dict:
+    """Every field's default as kvreuse had it at unix time t (a field added since: today's)."""
+    d = ReuseConfig().to_dict()
+    for when, name, old, _ in sorted(DEFAULT_CHANGES, key=lambda c: c[0], reverse=True):
+        if t < when:
+            d[name] = old
+    return d
 
 
 _IMAGE = ("threshold", "image_metric", "downsample")
