@@ -217,6 +217,24 @@ def test_train_prints_progress_at_least_once_a_minute(demo_dir, tmp_path, capsys
     assert [json.loads(x)["step"] for x in (tmp_path / "ck" / "train_log.jsonl").read_text().splitlines()] == [1, 4]
 
 
+def test_train_progress_shows_seconds_per_step_when_slow(demo_dir, tmp_path, capsys, monkeypatch):
+    """A step over a second long (a large batch on a CPU) printed "0.0 it/s"; the log rounded its
+    speed to 0.02 steps/s, a fifth off at 61 s a step."""
+    import kvreuse.train.train as tr
+
+    clock = iter(range(0, 10**6, 61))  # 61 s per clock reading
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: float(next(clock)))
+    tr.run_train(demos=str(demo_dir), out=str(tmp_path / "ck"), preset="tiny-pi0", steps=2, batch_size=2,
+                 device="cpu", log_every=1)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step ")]
+    assert len(lines) == 2 and all(" it/s" not in x and " s/it " in x for x in lines), lines
+    for x, rec in zip(lines, map(json.loads, (tmp_path / "ck" / "train_log.jsonl").read_text().splitlines()),
+                      strict=True):
+        spi = float(x.split(" s/it")[0].split()[-1])
+        assert spi == pytest.approx(1 / rec["steps_per_s"], rel=0.01) and spi > 1
+    assert tr.rate_text(2.0) == "2.0 it/s" and tr.rate_text(0.5) == "2.0 s/it"
+
+
 def test_train_checks_options_before_loading(tmp_path):
     from kvreuse.train.train import run_train
 

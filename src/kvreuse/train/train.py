@@ -69,6 +69,12 @@ def _keep_interrupted(tmp, out, ema_model, stats, training: dict) -> Path | None
     return kept
 
 
+def rate_text(steps_per_s: float) -> str:
+    """Speed for the progress line: seconds per step below one step a second (a large batch on a CPU
+    printed "0.0 it/s")."""
+    return f"{steps_per_s:.1f} it/s" if steps_per_s >= 1 else f"{1 / steps_per_s:.1f} s/it"
+
+
 def _lr_factor(progress: float, warmup: float) -> float:
     if progress < warmup:
         return progress / warmup
@@ -284,12 +290,13 @@ def run_train(
             if logged or elapsed - printed >= PRINT_EVERY_S:  # slow steps (a CPU) still show progress
                 printed = elapsed
                 rec = {"step": step, "loss": float(np.mean(losses[-log_every:])), "lr": opt.param_groups[0]["lr"],
-                       "elapsed_s": round(elapsed, 1), "steps_per_s": round(step / elapsed, 2), "progress": round(progress, 4)}
+                       "elapsed_s": round(elapsed, 1), "steps_per_s": float(f"{step / elapsed:.3g}"),
+                       "progress": round(progress, 4)}
                 if logged:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 eta = elapsed / max(progress, 1e-6) - elapsed
-                print(f"step {step:6d}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['steps_per_s']:.1f} it/s  "
+                print(f"step {step:6d}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rate_text(step / elapsed)}  "
                       f"{100 * progress:5.1f}%  eta {eta / 60:.1f} min", flush=True)
         log.close()
         wall = time.perf_counter() - t0
