@@ -605,3 +605,50 @@ def test_train_failing_to_write_its_log_still_says_what_was_kept(demo_dir, tmp_p
         run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=3, batch_size=2, device="cpu")
     assert e.value.what == "train" and e.value.kept.startswith(f"{out} is as it was; the EMA weights after 1 of")
     assert kept.is_dir() and not out.exists()
+
+
+def _die_before_marking_part_1(u):
+    """Worker stand-in (spawned: it is imported by name): part 1 records its arrays, then its
+    process dies (as the OOM killer or a simulator crash would end it) before its marker."""
+    import kvreuse.train.demos as dm
+
+    if u.part == 1:
+        dm._write_marker = lambda *a: os._exit(3)
+    return dm._collect_unit(u)
+
+
+def test_demos_stop_when_a_worker_dies_and_a_rerun_redoes_only_its_part(tmp_path, monkeypatch, capsys):
+    """A worker process killed mid-part (OOM killer, a segfault): multiprocessing.Pool never
+    reports its lost part, so the run waited forever. Now one error line, the finished part kept,
+    the half-written one not; the rerun records only that part."""
+    import signal
+
+    import kvreuse.train.demos as dm
+    from kvreuse.cli import main
+
+    task = "button-press-topdown-v3"
+    args = ["demos", "--tasks", task, "--demos-per-task", "2", "--parts-per-task", "2", "--workers", "1",
+            "--image-size", "32", "--max-steps", "120", "--out", str(tmp_path / "d")]
+    part = tmp_path / ".d.partial"
+
+    def hung(*a):
+        raise TimeoutError("the run still waits for the dead worker's part")
+
+    monkeypatch.setattr(dm, "_collect_unit", _die_before_marking_part_1)
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(args)  # one worker: part 0 finishes, then part 1's worker dies
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("kvreuse: error: demos: a worker process died (exit code 3)"), err
+    assert err[-1].endswith(f"(1 of 2 parts are kept in {part}; the same command continues from them)"), err
+    assert (part / task / "part00.json").is_file() and (part / task / "part01_actions.npy").is_file()
+    assert not (part / task / "part01.json").exists() and not (tmp_path / "d").exists()
+    monkeypatch.undo()
+    main(args)
+    assert "1 of 2 parts (1 demos) already recorded" in capsys.readouterr().out
+    assert dm.load_demos(tmp_path / "d").episodes == 2

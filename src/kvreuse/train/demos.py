@@ -25,8 +25,8 @@ of its part. Parts exist so that several worker processes can fill one task in p
 
 A run writes into a staging directory beside DIR (`.DIR.partial`) and swaps it in only once every
 task has its demos (train/outdir.py): an interrupted or failed run leaves DIR as it was. An
-interrupted run (Ctrl-C, SIGTERM, a kill) or a failed one (an error in a worker or while writing)
-keeps the staging directory: each finished part there has a marker `<task>/partNN.json` (its
+interrupted run (Ctrl-C, SIGTERM, a kill) or a failed one (an error in a worker or while writing,
+a worker process killed) keeps the staging directory: each finished part there has a marker `<task>/partNN.json` (its
 settings and episodes, written after its arrays), and the same command reuses those parts and
 records only the others; a part without a marker, or recorded with other settings, is recorded
 again. A DIR that already holds a demo set is
@@ -42,6 +42,8 @@ import re
 import shutil
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -116,6 +118,19 @@ def _finished(u: _Unit) -> dict | None:
 
 class _Shortfall(ValueError):
     """Fewer demos than asked for: the same command would fall short again."""
+
+
+class _WorkerDied(ValueError):
+    """A worker process ended mid-part: its half-written part has no marker and is recorded again."""
+
+
+def _death(codes: list[int | None]) -> str:
+    import signal
+
+    # The pool ends the other workers with SIGTERM once one has died: name the one that died first.
+    code = next((c for c in codes if c not in (None, 0, -signal.SIGTERM)), codes[0] if codes else None)
+    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+    return f"a worker process died ({how}) while recording; out of memory? fewer --workers use less"
 
 
 def _collect_unit(u: _Unit) -> dict:
@@ -278,9 +293,15 @@ def collect_demos(
             bar = progress(sum(u.n_demos for u in units), "demos", "demos", initial=recorded)
             timeouts = dict.fromkeys(tasks, 0)
             try:
-                with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(q, os.getpid())) as pool:
-                    res = pool.map_async(_collect_unit, todo)
-                    while not res.ready():  # workers report every episode: the bar moves per demo
+                # Not multiprocessing.Pool: a worker killed mid-part (OOM killer, a simulator crash)
+                # took its part with it unseen, and the run waited forever.
+                others = set(mp.active_children())
+                pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
+                                           initargs=(q, os.getpid()))
+                try:
+                    futures = [pool.submit(_collect_unit, u) for u in todo]
+                    procs = set(mp.active_children()) - others  # all started by the submits
+                    while not all(f.done() for f in futures):  # workers report every episode: the bar moves per demo
                         try:
                             task, ok = q.get(timeout=0.5)
                         except queue.Empty:
@@ -290,7 +311,16 @@ def collect_demos(
                         timeouts[task] += not ok
                         if not ok:
                             bar.set_postfix_str(f"{sum(timeouts.values())} episodes hit --max-steps {max_steps}")
-                    results += res.get()
+                    try:
+                        results += [f.result() for f in futures]
+                    except BrokenProcessPool:
+                        raise _WorkerDied(_death([p.exitcode for p in procs])) from None
+                except BaseException:  # Ctrl-C or an error: stop the parts under way (workers ignore SIGINT)
+                    for p in set(mp.active_children()) - others:
+                        p.kill()
+                    raise
+                finally:
+                    pool.shutdown(wait=True, cancel_futures=True)
                 bar.update(sum(len(r["episodes"]) for r in results) - recorded)  # messages still in flight at the end
             finally:  # an interrupt's message would land on a terminal bar's line
                 bar.close()
