@@ -144,7 +144,7 @@ def test_normalize_round_trip(mode):
 def test_state_and_actions_each_take_their_own_mode(variant, state_mode, action_mode):
     """lerobot's normalization_mapping sets STATE and ACTION apart (a Pi0.5 trained with MEAN_STD,
     or one side only): the state is normalized, the actions unnormalized, each with its own mode,
-    whether the modes come with the stats or as arguments; lerobot's formulas by hand."""
+    the modes coming with the stats (the one way to set one side); lerobot's formulas by hand."""
     st = stats()
     s, a = st.state, st.actions
     by_hand = {  # lerobot 0.6.1 NormalizerProcessorStep / UnnormalizerProcessorStep, eps 1e-8
@@ -155,21 +155,20 @@ def test_state_and_actions_each_take_their_own_mode(variant, state_mode, action_
     # kvreuse keeps openpi's eps (1e-6, in the inverse too): within |y| * 1e-6 of lerobot's actions
     cfg = preset(variant)
     carried = NormStats(s, a, state_mode=state_mode, actions_mode=action_mode)
-    for tf in (RobotTransform(cfg, ByteTokenizer(), carried, robot_spec("metaworld")),
-               RobotTransform(cfg, ByteTokenizer(), st, robot_spec("metaworld"), state_mode=state_mode,
-                              action_mode=action_mode)):
-        r = raw()
-        np.testing.assert_allclose(tf(r).state[0, :4].numpy(), by_hand[state_mode][0](r["observation/state"], s),
-                                   rtol=1e-5, atol=1e-6)
-        out = torch.randn(1, cfg.chunk_size, cfg.max_action_dim)
-        np.testing.assert_allclose(tf.actions(out), by_hand[action_mode][1](out[..., :4].numpy(), a),
-                                   rtol=1e-5, atol=1e-6 * float(out.abs().max()))
-        np.testing.assert_allclose(tf.normalize_actions(tf.actions(out))[..., :4], out[..., :4], atol=1e-5)
+    tf, r = RobotTransform(cfg, ByteTokenizer(), carried, robot_spec("metaworld")), raw()
+    np.testing.assert_allclose(tf(r).state[0, :4].numpy(), by_hand[state_mode][0](r["observation/state"], s),
+                               rtol=1e-5, atol=1e-6)
+    out = torch.randn(1, cfg.chunk_size, cfg.max_action_dim)
+    np.testing.assert_allclose(tf.actions(out), by_hand[action_mode][1](out[..., :4].numpy(), a),
+                               rtol=1e-5, atol=1e-6 * float(out.abs().max()))
+    np.testing.assert_allclose(tf.normalize_actions(tf.actions(out))[..., :4], out[..., :4], atol=1e-5)
     # norm_mode still sets both sides, over what the stats carry
     both = RobotTransform(cfg, ByteTokenizer(), carried, robot_spec("metaworld"), norm_mode=action_mode)
     assert (both.state_mode, both.action_mode) == (action_mode, action_mode)
-    with pytest.raises(ValueError, match=r"state_mode: expected one of \('meanstd', 'quantile'\), got 'MEAN_STD'"):
-        RobotTransform(cfg, ByteTokenizer(), st, robot_spec("metaworld"), state_mode="MEAN_STD")
+    with pytest.raises(ValueError, match=r"stats state_mode: expected one of \(.meanstd., .quantile.\), got .MEAN_"):
+        RobotTransform(cfg, ByteTokenizer(), NormStats(s, a, state_mode="MEAN_STD"), robot_spec("metaworld"))
+    with pytest.raises(TypeError, match="state_mode"):  # no second way to set a side's mode
+        RobotTransform(cfg, ByteTokenizer(), st, robot_spec("metaworld"), state_mode=state_mode)
 
 
 def test_pad_to():

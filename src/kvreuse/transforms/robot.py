@@ -74,22 +74,18 @@ class RobotTransform:
         norm_mode: NormMode | None = None,
         truncate: bool = False,
         default_prompt: str | None = None,
-        *,
-        state_mode: NormMode | None = None,
-        action_mode: NormMode | None = None,
     ):
         self.cfg, self.tok, self.stats, self.spec, self.truncate = cfg, tokenizer, stats, spec, truncate
         # Used when an observation has no prompt key (as openpi's default_prompt); None: required.
         self.default_prompt = default_prompt
-        # Per side: the argument, else norm_mode (both), else what the stats say (a lerobot Pi0.5
-        # trained with MEAN_STD), else the variant's default.
-        given = {"state_mode": state_mode, "action_mode": action_mode, "norm_mode": norm_mode}
-        for name, m in given.items():
+        # Per side: norm_mode (both), else what the stats say (NormStats.state_mode / actions_mode:
+        # a lerobot Pi0.5 trained with MEAN_STD), else the variant's default.
+        st, act = stats.modes(cfg.variant) if stats else (default_mode(cfg.variant),) * 2
+        for name, m in (("norm_mode", norm_mode), ("stats state_mode", st), ("stats actions_mode", act)):
             if m is not None and m not in NORM_MODES:  # normalize() would take it as quantiles
                 raise ValueError(f"{name}: expected one of {NORM_MODES}, got {m!r}")
-        st, act = stats.modes(cfg.variant) if stats else (default_mode(cfg.variant),) * 2
-        self.state_mode: NormMode = state_mode or norm_mode or st
-        self.action_mode: NormMode = action_mode or norm_mode or act
+        self.state_mode: NormMode = norm_mode or st
+        self.action_mode: NormMode = norm_mode or act
         unknown = [c for _, c in spec.cameras if c not in cfg.cameras]
         if unknown:
             raise ValueError(f"robot {spec.name!r} maps to camera(s) {unknown} the model does not have: {list(cfg.cameras)}")
