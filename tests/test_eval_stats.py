@@ -339,3 +339,25 @@ def test_a_db_of_error_episodes_only_says_why_it_has_no_plots_and_no_speedup(tmp
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.md", "results.csv"]
     line = next(ln for ln in out.splitlines() if ln.startswith("| **baseline** |"))
     assert line == "| **baseline** | – | – | – | – | – | – | 0 | [0.0%, 100.0%] | – | – | 1 |"
+
+
+def test_plots_name_a_setting_left_out_for_having_no_finished_episode(tmp_path, monkeypatch):
+    """A setting whose every episode was an env error has no point and no bar: the plots left it
+    out without a word, as if it had never run."""
+    import matplotlib.axes
+    import matplotlib.figure
+
+    from kvreuse.eval.report import compute_rows, write_plots
+    from kvreuse.eval.store import ResultStore
+
+    db = tmp_path / "g.db"
+    with ResultStore(db) as st:
+        base, thr = _baseline_and_thr(st)
+        st.add(base, _ep("a", 0))
+        st.add(thr, _ep("a", 0, "error"))
+    titles = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, **kw: titles.append(t))
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: titles.append(t))
+    assert len(write_plots(compute_rows(db), tmp_path / "plots")) == 3
+    titles = [t for t in titles if t.startswith("Success")]
+    assert len(titles) == 3 and all(t.endswith("\nnot shown (no finished episode): thr") for t in titles), titles

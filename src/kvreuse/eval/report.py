@@ -362,6 +362,9 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
                 else "\nsettings on different episodes: compare through the report's paired Δ")
         g_all = g + note if no_base or not same_episodes([r for r in rs if r.task == ALL]) else g
         names = list(dict.fromkeys(r.setting for r in overall))
+        gone = [r.setting for r in rs if r.task == ALL and r.n == 0]  # every episode an env error: no point
+        missing = f"\nnot shown (no finished episode): {', '.join(gone)}" if gone else ""
+        g_all += missing
         colour = _colours(names)
         # success vs reuse rate
         fig, ax = plt.subplots(figsize=(9, 4.8))
@@ -395,7 +398,8 @@ def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
         tasks = sorted({r.task for r in per_task})
         if tasks:
             equal = not no_base and all(same_episodes([r for r in rs if r.task == t]) for t in tasks)
-            fig = _per_task(rs, per_task, tasks, names, colour, f"Success per task\n{g if equal else g + note}")
+            title = f"Success per task\n{g if equal else g + note}{missing}"
+            fig = _per_task(rs, per_task, tasks, names, colour, title)
             files.append(_save(fig, out_dir / f"per_task{sfx}.png"))
     return files
 
