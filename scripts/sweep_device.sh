@@ -4,7 +4,8 @@
 # Usage (repo root, kvreuse + Meta-World importable): OUT=dir EPISODES=20 CAP_S=200 bash scripts/sweep_device.sh
 # GRID_SET=confirm runs the settings that kept success (and the loose-threshold cliff as a control) on
 # more episodes (docs/RESULTS.md, "Confirmation at n = 500"), GRID_SET=crossmodal the cross-modal
-# gate at looser image thresholds, GRID_SET=crossmodal_state its looser state tests (image 0.80 and 0.70);
+# gate at looser image thresholds, GRID_SET=crossmodal_state its looser state tests (image 0.80) and
+# image tests (state 0.98);
 # VARIANTS="pi05" runs one policy.
 # A sweep cut off by CAP_S continues where it stopped when run again on the same DB.
 set -uo pipefail
@@ -20,7 +21,7 @@ if [ "${GRID_SET:-main}" = confirm ]; then
 elif [ "${GRID_SET:-main}" = crossmodal ]; then  # looser image thresholds of the cross-modal gate
   GRID=('gate=crossmodal threshold=0.8,0.85')
 elif [ "${GRID_SET:-main}" = crossmodal_state ]; then  # the state test is what refuses most calls at 0.80
-  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98,0.97,0.96' 'gate=crossmodal threshold=0.7 state_threshold=0.98')
+  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98,0.97,0.96' 'gate=crossmodal threshold=0.7,0.6,0.5 state_threshold=0.98')
 elif [ "${GRID_SET:-main}" != main ]; then
   echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm, crossmodal or crossmodal_state" >&2; exit 2
 fi
