@@ -361,3 +361,27 @@ def test_plots_name_a_setting_left_out_for_having_no_finished_episode(tmp_path, 
     assert len(write_plots(compute_rows(db), tmp_path / "plots")) == 3
     titles = [t for t in titles if t.startswith("Success")]
     assert len(titles) == 3 and all(t.endswith("\nnot shown (no finished episode): thr") for t in titles), titles
+
+
+def test_a_setting_name_with_a_pipe_keeps_the_table_columns(tmp_path):
+    """The phase gate's name, "phase(raw>=0.9|0.995)/full", put a bare | in its table row: rendered,
+    the row split there and every number after it moved one column right (success under "latency")."""
+    import re
+
+    from kvreuse.eval.report import compute_rows, markdown
+    from kvreuse.eval.store import ResultStore, Setting
+    from kvreuse.reuse.config import ReuseConfig
+
+    label = ReuseConfig(gate="phase").label()
+    assert "|" in label
+    db = tmp_path / "ph.db"
+    with ResultStore(db) as st:
+        base = st.setting_id(Setting("p", "fake", 5))
+        ph = st.setting_id(Setting("p", "fake", 5, {"gate": "phase"}, label))
+        st.add(base, _ep("a", 0))
+        st.add(ph, _ep("a", 0, "failure"))
+    lines = [ln for ln in markdown(compute_rows(db)).splitlines() if ln.startswith("|")]
+    cells = [re.split(r"(?<!\\)\|", ln)[1:-1] for ln in lines]  # what a Markdown renderer splits on
+    assert {len(c) for c in cells} == {12}
+    row = next(c for c in cells if c[0].strip().startswith("phase("))
+    assert row[0].strip().replace("\\|", "|") == label and row[1].strip() == "0.0%"

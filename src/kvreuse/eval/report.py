@@ -156,8 +156,14 @@ def _pct(x: float) -> str:
     return "–" if x != x else f"{100 * x:.1f}%"
 
 
+def md_cell(text: str) -> str:
+    """Text for a Markdown table cell: a bare | (the phase gate's "phase(raw>=0.9|0.995)") ends the cell,
+    shifting every number after it one column to the right."""
+    return text.replace("|", "\\|")
+
+
 def _md_row(r: Row) -> str:
-    name = f"**{r.setting}**" if r.is_baseline else r.setting
+    name = f"**{md_cell(r.setting)}**" if r.is_baseline else md_cell(r.setting)
     lat = "–" if r.lat.n == 0 else f"{r.lat.mean:.1f} ms"
     pp = "–" if r.lat.n == 0 else f"{r.lat.p50:.1f} / {r.lat.p95:.1f} ms"
     hz = "–" if r.lat.n == 0 else f"{r.lat.hz:.1f}"
