@@ -555,3 +555,22 @@ def test_compare_deterministic_cli_fails_on_a_difference(monkeypatch, capsys):
     cap = capsys.readouterr()
     assert e.value.code == 1 and cap.err.strip().splitlines() == ["kvreuse: error: outputs are not bit-identical"]
     assert "FAIL Policy(reuse off) vs sample_actions" in cap.out and "OK   sample_actions twice" in cap.out
+
+
+def test_compare_tables_escape_a_pipe_in_a_setting_name(capsys):
+    """The phase gate's name, "phase(raw>=0.9|0.995)/...", put a bare | in the grid and modes tables'
+    rows: rendered, the row split there and every number moved one column right."""
+    import re
+
+    from kvreuse.cli import main
+    from kvreuse.reuse.config import MODES, ReuseConfig
+
+    main(["compare", "grid", "--preset", "tiny-pi0", "--steps", "2", "--episodes", "1", "--grid", "gate=phase"])
+    main(["compare", "modes", "--gate", "phase", "--preset", "tiny-pi0", "--steps", "2", "--episodes", "1"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    cells = [re.split(r"(?<!\\)\|", ln)[1:-1] for ln in lines]  # what a Markdown renderer splits on
+    phase = [c for c in cells if c[0].strip().startswith("phase(")]
+    assert len(phase) == 1 + len(MODES) and len(phase[0]) == len(cells[0])  # grid's header first
+    head_modes = next(c for c in cells if "vision ms" in "".join(c))
+    assert all(len(c) == len(head_modes) for c in phase[1:])
+    assert phase[0][0].strip() == ReuseConfig(gate="phase").label().replace("|", "\\|")

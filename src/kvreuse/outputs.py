@@ -24,6 +24,12 @@ def os_reason(e: OSError) -> str:
     return "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else str(e.strerror)
 
 
+def md_cell(text: str) -> str:
+    """Text for a Markdown table cell: a bare | (the phase gate's "phase(raw>=0.9|0.995)") ends the cell,
+    shifting every number after it one column to the right."""
+    return text.replace("|", "\\|")
+
+
 def usual_mode(path: Path) -> None:
     """Give a file the mode a new file gets here (0666 less the umask): safetensors writes 0600
     (a temp file renamed), which a shared results or checkpoint folder could not read."""

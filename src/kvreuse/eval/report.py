@@ -18,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..outputs import os_reason
+from ..outputs import md_cell, os_reason
 from .stats import Latency, Paired, latency, mcnemar, paired_bootstrap, speedup, wilson
 from .store import open_existing
 
@@ -154,12 +154,6 @@ _HEAD = (
 
 def _pct(x: float) -> str:
     return "–" if x != x else f"{100 * x:.1f}%"
-
-
-def md_cell(text: str) -> str:
-    """Text for a Markdown table cell: a bare | (the phase gate's "phase(raw>=0.9|0.995)") ends the cell,
-    shifting every number after it one column to the right."""
-    return text.replace("|", "\\|")
 
 
 def _md_row(r: Row) -> str:

@@ -351,6 +351,7 @@ def mode_table(base, stream, reuse: ReuseConfig, seed: int, rows: list[str] | No
     table's lines are appended to as they are made (what is left of it if a replay stops)."""
     import numpy as np
 
+    from ..outputs import md_cell
     from .compare import compare_actions
     from .config import MODES
 
@@ -371,6 +372,6 @@ def mode_table(base, stream, reuse: ReuseConfig, seed: int, rows: list[str] | No
         means = [float(np.mean([r.timings.get(k, 0.0) for r in recs])) if recs else float("nan")
                  for k in ("vision", "prefix", "denoise", "sample", "total")]
         ms = " | ".join("n/a" if m != m else f"{m:.2f}" for m in means)
-        rows.append(f"| {rc.label()} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {ms} | "
+        rows.append(f"| {md_cell(rc.label())} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {ms} | "
                     f"{s['cos_mean']:.5f} / {s['cos_min']:.5f} |")
     return "\n".join(rows)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..outputs import md_cell
 from ..policy import Policy
 from .config import ReuseConfig
 from .records import summarize
@@ -117,7 +118,7 @@ def grid_table(rows: list[tuple[str, ActionComparison]], cfg) -> str:
         lat = (f"{c['mean_ms']:.2f} ms | {c['p50_ms']:.2f} / {c['p95_ms']:.2f} ms | {c['hz']:.1f}" if timed
                else "n/a | n/a | n/a")
         sp = "n/a" if s["speedup"] != s["speedup"] else f"{s['speedup']:.2f}x"
-        out.append(f"| {label} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {lat} | {sp} | {s['calls']} "
+        out.append(f"| {md_cell(label)} | {s['reuse_rate']:.1%} | {vis:.2f} | {tl:.1%} | {lat} | {sp} | {s['calls']} "
                    f"| {c['warmups']} | {s['cos_mean']:.5f} / {s['cos_min']:.5f} |")
     if untimed:
         out.append("\n(n/a: every call of that replay was a warm-up; replay a longer stream to time it)")
