@@ -430,7 +430,7 @@ def test_compare_checks_every_setting_against_the_model_before_any_replay(monkey
         (["grid", "--grid", "gate=always", "gate=always mode=layer_wise layer_split=100"],
          "grid: setting always/layer_wise(100): reuse.layer_split: expected 1 <= split <"),
         (["grid", "--grid", "gate=threshold downsample=1000"],
-         "grid: setting threshold(raw>=0.985)/full: reuse.downsample: 1000 exceeds the model's"),
+         "grid: setting threshold(raw>=0.985)/full,downsample=1000: reuse.downsample: 1000 exceeds the model's"),
         (["modes", "--layer-split", "100"], "modes: layer_wise: reuse.layer_split: expected 1 <= split <"),
     ):
         with pytest.raises(SystemExit) as e:
@@ -574,3 +574,20 @@ def test_compare_tables_escape_a_pipe_in_a_setting_name(capsys):
     head_modes = next(c for c in cells if "vision ms" in "".join(c))
     assert all(len(c) == len(head_modes) for c in phase[1:])
     assert phase[0][0].strip() == ReuseConfig(gate="phase").label().replace("|", "\\|")
+
+
+def test_settings_that_differ_only_in_a_field_the_name_left_out_get_different_names():
+    """A sweep over `gate=threshold downsample=16,32` (or a phase cue) stored and printed two rows of
+    one name, "threshold(raw>=0.985)/full": nothing told them apart. A field the setting reads away
+    from its default is named; fields it does not read, and defaults, add nothing."""
+    from kvreuse.eval.sweep import canonical_grid, parse_grid
+    from kvreuse.reuse.config import ReuseConfig
+
+    grid = canonical_grid(parse_grid(["gate=threshold downsample=16,32", "gate=phase gripper_delta=0.2,0.5",
+                                      "gate=threshold image_metric=patch patch_threshold=0.9,0.99"]))
+    names = [name for _, name in grid]
+    assert len(grid) == 6 and len(set(names)) == 6, names
+    assert "threshold(raw>=0.985)/full,downsample=16" in names and "threshold(raw>=0.985)/full" in names
+    assert "phase(raw>=0.985|0.995)/full,gripper_delta=0.2" in names
+    assert ReuseConfig(gate="period", period=2, downsample=16).label() == "period(2)/full"  # not read: no name
+    assert ReuseConfig(gate="crossmodal", max_age_calls=3).label() == "crossmodal(raw>=0.985,state>=0.99)/full,age<=3"

@@ -181,6 +181,15 @@ class ReuseConfig:
         bounds = [f"age<={self.max_age_calls}" for _ in [0] if self.max_age_calls] + [
             f"age<={self.max_age_s:g}s" for _ in [0] if self.max_age_s
         ]
+        # What the setting reads away from its default that the name above leaves out (downsample=16,
+        # the phase cues): without it, two settings of a sweep were two rows of one name.
+        shown = {"gate", "mode", "synchronized", "max_age_calls", "max_age_s", "period", "threshold", "image_metric",
+                 "state_threshold", "state_max_l2", "phase_threshold", "layer_split"}
+        if self.mode == "partial":
+            shown |= {"patch_threshold", "patch_max_diff"}
+        default = ReuseConfig()
+        bounds += [f"{k}={getattr(self, k)}" for k in sorted(self.read_fields() - shown)
+                   if getattr(self, k) != getattr(default, k)]
         return out + ("," + ",".join(bounds) if bounds else "")
 
     def read_fields(self) -> set[str]:
