@@ -385,3 +385,31 @@ def test_a_setting_name_with_a_pipe_keeps_the_table_columns(tmp_path):
     assert {len(c) for c in cells} == {12}
     row = next(c for c in cells if c[0].strip().startswith("phase("))
     assert row[0].strip().replace("\\|", "|") == label and row[1].strip() == "0.0%"
+
+
+def test_two_settings_of_one_name_in_a_db_are_told_apart(tmp_path, monkeypatch):
+    """A DB written before label() named every field a setting reads holds two settings of one name
+    (downsample=16 and 32): their rows looked the same and the plots gave both one number and one
+    colour. Each is named with its key then."""
+    import matplotlib.axes
+
+    from kvreuse.eval.report import compute_rows, write_plots
+    from kvreuse.eval.store import ResultStore, Setting
+
+    db = tmp_path / "d.db"
+    with ResultStore(db) as st:
+        base = st.setting_id(Setting("p", "fake", 5))
+        a = st.setting_id(Setting("p", "fake", 5, {"gate": "threshold", "downsample": 16}, "thr"))
+        b = st.setting_id(Setting("p", "fake", 5, {"gate": "threshold"}, "thr"))
+        for sid in (base, a, b):
+            st.add(sid, _ep("x", 0))
+        keys = {r["id"]: r["key"] for r in st.settings()}
+    rows = compute_rows(db)
+    names = {r.setting for r in rows if r.task == "(all tasks)"}
+    assert names == {"baseline", f"thr [{keys[a][:8]}]", f"thr [{keys[b][:8]}]"}
+    labels = []
+    orig = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: (labels.append(text), orig(self, text, *a, **k))[1])
+    write_plots(rows, tmp_path / "plots")
+    assert {"2", "3"} <= set(",".join(labels).split(","))  # each its own number on the points

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,13 +71,17 @@ def compute_rows(db: str | Path, only: set[tuple[str, int, int]] | None = None) 
         base = next((s for s in ss if s["is_baseline"]), None)
         base_eps = eps.get(base["id"], []) if base is not None else []
         tasks = sorted({e["task"] for s in ss for e in eps.get(s["id"], [])})
+        # Two settings of one name (a DB written before label() named every field read): told apart by
+        # their keys, or their rows looked the same and the plots gave both one number and colour.
+        seen = Counter(s["name"] for s in ss)
+        names = {s["id"]: s["name"] + (f" [{s['key'][:8]}]" if seen[s["name"]] > 1 else "") for s in ss}
         for task in [ALL, *tasks]:
             pick = (lambda e: True) if task == ALL else (lambda e, t=task: e["task"] == t)
             b_sel = [e for e in base_eps if pick(e)]
             for s in ss:
                 sel = [e for e in eps.get(s["id"], []) if pick(e)]
                 if sel:
-                    rows.append(_row(gname, s, task, sel, b_sel if base is not None else None))
+                    rows.append(_row(gname, s, task, sel, b_sel if base is not None else None, names[s["id"]]))
     return rows
 
 
@@ -101,7 +105,7 @@ def _calls(eps, part: str = "total") -> list[float]:
     return out
 
 
-def _row(gname, s, task, sel, base_sel) -> Row:
+def _row(gname, s, task, sel, base_sel, name: str) -> Row:
     fin = [e for e in sel if e["status"] != "error"]
     k = sum(e["status"] == "success" for e in fin)
     lat = latency(_calls(sel))
@@ -125,7 +129,7 @@ def _row(gname, s, task, sel, base_sel) -> Row:
             sp = speedup(latency(_calls(b[_key(e)] for e in both)).mean, latency(_calls(both)).mean)
     return Row(
         group=gname,
-        setting=s["name"],
+        setting=name,
         task=task,
         is_baseline=bool(s["is_baseline"]),
         n=len(fin),
