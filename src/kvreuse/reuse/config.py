@@ -51,7 +51,7 @@ class ReuseConfig:
     input units in [-1, 1]; one 8-bit level is 2/255): a small object that shifts by a pixel or
     two barely moves the cosine of its patch."""
 
-    # state (crossmodal gate; also phase gate when state_threshold is used)
+    # state (crossmodal gate)
     state_threshold: float = 0.99
     """Reuse only if cosine(state, cached state) >= this (crossmodal gate)."""
     state_max_l2: float | None = None
