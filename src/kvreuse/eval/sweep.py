@@ -217,12 +217,12 @@ def reuse_config(reuse: dict):
     return ReuseConfig.from_dict(reuse)
 
 
-def canonical_reuse(params: dict, defaults: dict | None = None) -> tuple[dict, str]:
-    """User parameters -> (the fields that differ from `defaults`, today's if None; display label)."""
+def canonical_reuse(params: dict) -> tuple[dict, str]:
+    """User parameters -> (the fields that differ from today's defaults, display label)."""
     from ..reuse.config import ReuseConfig
 
     cfg = ReuseConfig.from_dict(params)
-    return cfg.diff_from(ReuseConfig().to_dict() if defaults is None else defaults), cfg.label()
+    return cfg.diff_from(ReuseConfig().to_dict()), cfg.label()
 
 
 def canonical_grid(grid: list[dict]) -> list[tuple[dict, str]]:
