@@ -122,7 +122,7 @@ def test_af0067e_a_version_2_db_from_before_the_change(tmp_path, monkeypatch, ra
     assert "\n" not in msg and re.search(r"holds it as 'threshold\(raw>=0\.9\)/partial\(p>=0\.99\)', recorded "
                                          r"2026-11-26 09:17 UTC.* means patch_max_diff=None; today's defaults make "
                                          r"it patch_max_diff=0\.1\. .*patch_max_diff=None continues that row, "
-                                         r"patch_max_diff=0\.1 records a new one", msg), msg
+                                         r"patch_max_diff=0\.1 is stored apart from it", msg), msg
     assert _dump(db) == before and sqlite3.connect(db).execute("SELECT version FROM schema_version").fetchone() == (2,)
     # Named: None continues the old row (upgrading the file, its rows untouched) ...
     n = len(ran)

@@ -204,8 +204,8 @@ UNEQUAL = ("Not every row here counts the same finished episodes (other runs int
 
 
 NO_BASELINE = ("No baseline in this table: speedup, Δ and p compare a setting with the baseline of its policy, env, "
-               "replan and step limit on the episodes both finished; run one with `kvreuse eval --with-baseline` "
-               "or `kvreuse sweep`.")
+               "replan and step limit on the episodes both finished; run one on these tasks with `kvreuse eval "
+               "--with-baseline` or `kvreuse sweep`.")
 NO_PAIRS = ("A row with Δ and p \"–\" shares no finished episode with the baseline: nothing compares them.")
 
 

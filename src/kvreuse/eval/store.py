@@ -4,7 +4,8 @@
   moment (even SIGKILL) leaves only whole episodes behind.
 - (setting, task, init_id, seed) is UNIQUE: a rerun skips what is done and can never duplicate.
 - A `schema_version` table guards the layout: a file of another version (or not ours) is
-  refused with a ValueError, never altered.
+  refused with a ValueError, never altered; a version-2 file is read as it is and gains the `meta`
+  table (version 3) when a sweep first writes to it.
 - A setting's `reuse` JSON holds only the fields that differ from the ReuseConfig defaults the
   `meta` table records (those of the kvreuse that created the file), so a row keeps its meaning
   when a later kvreuse changes a default.

@@ -589,7 +589,7 @@ def _as_stored(store: ResultStore, settings: list[Setting], named: dict[str, set
                 when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(taken["created"]))
                 raise ValueError(f"setting {s.label}: {db} holds it as {taken['name']!r}, recorded {when} under that "
                                  f"day's reuse defaults, where it means {was}; today's defaults make it {now}. Name "
-                                 f"the value: {was} continues that row, {now} records a new one")
+                                 f"the value: {was} continues that row, {now} is stored apart from it")
             # Named: the fields join its identity, so it is stored apart from that row.
             new = replace(new, reuse={**new.reuse, **{k: getattr(cfg, k) for k in fields}})
             if any(r["key"] == new.key for r in mine) and not same:
