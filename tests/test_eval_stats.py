@@ -281,9 +281,10 @@ def test_report_csv_of_an_older_report_and_csvs_that_are_not_ours(tmp_path, caps
     assert "line 2: 2 values" in str(pytest.raises(ValueError, report.read_csv, tmp_path / "short.csv").value)
     assert "line 2: n is 'two', not a whole number" in str(
         pytest.raises(ValueError, report.read_csv, tmp_path / "word.csv").value)
-    with pytest.raises(SystemExit):
-        main(["report", "--csv", str(new), "--db", str(db)])
-    assert "give --db or --csv, not both" in capsys.readouterr().err
+    for given in (str(db), "runs/kvreuse.db"):  # the default path given by name is a --db too
+        with pytest.raises(SystemExit):
+            main(["report", "--csv", str(new), "--db", given])
+        assert "give --db or --csv, not both" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

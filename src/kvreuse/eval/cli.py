@@ -192,11 +192,11 @@ def run_sweep_cmd(
         print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
 
 
-def run_report(db: str = DEFAULT_DB, out: str | None = None, plots: bool = True, csv: str | None = None) -> None:
+def run_report(db: str | None = None, out: str | None = None, plots: bool = True, csv: str | None = None) -> None:
     """Markdown tables (printed), CSV and plots of a results DB.
 
     Args:
-        db: the SQLite results file.
+        db: the SQLite results file (default: runs/kvreuse.db).
         out: folder for report.md, results.csv and the PNG plots (default: <db stem>_report next
             to the DB; with --csv, <csv stem>_report next to the CSV).
         csv: instead of a DB, a results.csv that `report` wrote: redraws report.md and the plots
@@ -205,11 +205,12 @@ def run_report(db: str = DEFAULT_DB, out: str | None = None, plots: bool = True,
     from .report import write_report, write_report_from_csv
 
     if csv is not None:
-        if db != DEFAULT_DB:
+        if db is not None:  # None, not the default path: `--db runs/kvreuse.db --csv X` is refused too
             raise ValueError("report: give --db or --csv, not both")
         out_dir = out if out is not None else str(Path(csv).with_name(Path(csv).stem + "_report"))
         md, files = write_report_from_csv(csv, out_dir, plots=plots)
     else:
+        db = DEFAULT_DB if db is None else db
         out_dir = out if out is not None else str(Path(db).with_name(Path(db).stem + "_report"))
         md, files = write_report(db, out_dir, plots=plots)
     print(md)
