@@ -414,3 +414,43 @@ def test_two_settings_of_one_name_in_a_db_are_told_apart(tmp_path, monkeypatch):
                         lambda self, text, *a, **k: (labels.append(text), orig(self, text, *a, **k))[1])
     write_plots(rows, tmp_path / "plots")
     assert {"2", "3"} <= set(",".join(labels).split(","))  # each its own number on the points
+
+
+def test_pool_paired_pools_each_dbs_own_pairs_and_refuses_an_episode_twice(tmp_path, capsys):
+    """scripts/pool_paired.py (RESULTS.md pools push-v3 over the sweep's seed and two more): each DB
+    pairs the setting with its own baseline; the pooled test is McNemar over all those pairs; the
+    same episode in two DBs, or a setting name a DB lacks, is one line and exit 2."""
+    import runpy
+    from pathlib import Path
+
+    from kvreuse.eval.store import ResultStore
+
+    mod = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "pool_paired.py"))
+
+    def db(name, seeds, base_ok, thr_ok):
+        path = tmp_path / name
+        with ResultStore(path) as st:
+            b, t = _baseline_and_thr(st)
+            for i, ok_b, ok_t in zip(seeds, base_ok, thr_ok, strict=True):
+                st.add(b, _ep("push", i, "success" if ok_b else "failure"))
+                st.add(t, _ep("push", i, "success" if ok_t else "failure"))
+            st.add(t, _ep("reach", 99, "failure"))  # no baseline episode: not a pair
+            st.add(b, _ep("push", 98, "error"))  # an error on one side: not a pair
+            st.add(t, _ep("push", 98, "success"))
+        return str(path)
+
+    a = db("a.db", [0, 1, 2], [True, True, False], [False, True, True])  # lost 1, gained 1
+    c = db("c.db", [3, 4, 5, 6], [True, True, True, True], [False, False, True, True])  # lost 2
+    rows = mod["pool"]([a, c], "thr")
+    assert [(r.n, r.only_base, r.only_setting) for _, r, _ in rows] == [(3, 1, 1), (4, 2, 0), (7, 3, 1)]
+    assert rows[-1][1].p_value == stats.mcnemar([True, True, False, True, True, True, True],
+                                                [False, True, True, False, False, True, True]).p_value
+    assert [(r.n, r.only_base) for _, r, _ in mod["pool"]([a, c], "thr", task="reach")] == [(0, 0)] * 3
+    dup = db("dup.db", [2], [True], [True])
+    for argv, msg in (([a, dup], "both hold episode ('push', 2, 2)"), ([a], "0 settings named 'nope'")):
+        setting = "nope" if "nope" in msg else "thr"
+        assert mod["main"](["--setting", setting, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    assert mod["main"](["--setting", "thr", "--task", "push", a, c]) == 0
+    assert "| pooled | 7 |" in capsys.readouterr().out

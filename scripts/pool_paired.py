@@ -1,0 +1,81 @@
+"""Pool one setting's paired episodes across several results DBs: n, lost, gained, the difference
+with its paired-bootstrap 95% interval and the exact McNemar p, per DB and pooled.
+
+For a setting rerun on other noise seeds (`kvreuse sweep --seed N`) into another DB: each DB pairs
+the setting with its own baseline (same policy, env, replan and step limit), episode by episode.
+The same episode (task, layout, seed) in two DBs would count twice, so it is refused.
+
+Usage: python scripts/pool_paired.py --setting 'crossmodal(raw>=0.8,state>=0.98)/full' [--task push-v3] DB [DB ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvreuse.eval.stats import mcnemar, paired_bootstrap
+from kvreuse.eval.store import ResultStore
+
+
+def paired(db: str, setting: str, task: str | None) -> dict[tuple[str, int, int], tuple[bool, bool]]:
+    """(task, init_id, seed) -> (baseline succeeded, setting succeeded), episodes both finished."""
+    with ResultStore(db, read_only=True) as st:
+        rows = st.settings()
+        mine = [r for r in rows if r["name"] == setting and not r["is_baseline"]]
+        if len(mine) != 1:
+            names = sorted({r["name"] for r in rows if not r["is_baseline"]})
+            raise ValueError(f"{db}: {len(mine)} settings named {setting!r}; it holds {names}")
+        group = lambda r: (r["policy"], r["env"], r["replan"], r["protocol"])  # noqa: E731
+        base = [r for r in rows if r["is_baseline"] and group(r) == group(mine[0])]
+        if not base:
+            raise ValueError(f"{db}: no baseline of {setting!r}'s policy, env, replan and step limit")
+
+        def outcomes(sid: int) -> dict:
+            return {(e["task"], e["init_id"], e["seed"]): e["status"] == "success" for e in st.episodes(sid)
+                    if e["status"] != "error" and (task is None or e["task"] == task)}
+
+        b, s = outcomes(base[0]["id"]), outcomes(mine[0]["id"])
+    return {k: (b[k], s[k]) for k in sorted(b.keys() & s.keys())}
+
+
+def pool(dbs: list[str], setting: str, task: str | None = None) -> list[tuple[str, object, tuple[float, float]]]:
+    """[(label, Paired, 95% interval of the difference)] per DB, then pooled."""
+    seen: dict[tuple, str] = {}
+    out, base_all, set_all = [], [], []
+    for db in dbs:
+        pairs = paired(db, setting, task)
+        for k in pairs:
+            if k in seen:
+                raise ValueError(f"{seen[k]} and {db} both hold episode {k}: pool DBs of distinct seeds only")
+            seen[k] = db
+        b, s = [p[0] for p in pairs.values()], [p[1] for p in pairs.values()]
+        base_all += b
+        set_all += s
+        out.append((db, mcnemar(b, s), paired_bootstrap(b, s)))
+    out.append(("pooled", mcnemar(base_all, set_all), paired_bootstrap(base_all, set_all)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--setting", required=True, help="the setting's name as `kvreuse report` prints it")
+    ap.add_argument("--task", default=None, help="one task (default: all tasks)")
+    ap.add_argument("dbs", nargs="+")
+    a = ap.parse_args(argv)
+    try:
+        rows = pool(a.dbs, a.setting, a.task)
+    except ValueError as e:
+        print(f"pool_paired: {e}", file=sys.stderr)
+        return 2
+    print(f"{a.setting} vs baseline, {a.task or 'all tasks'}")
+    print("| DB | n | baseline | setting | lost | gained | Δ [95%] | p (McNemar) |\n|---|---|---|---|---|---|---|---|")
+    for label, r, (lo, hi) in rows:
+        n = max(r.n, 1)
+        print(f"| {label} | {r.n} | {(r.both + r.only_base) / n:.1%} | {(r.both + r.only_setting) / n:.1%}"
+              f" | {r.only_base} | {r.only_setting} | {100 * r.diff:+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+              f"| {r.p_value:.3g} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
