@@ -940,6 +940,25 @@ def test_sweep_records_streams_that_replay_to_the_same_actions(tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(a1, a2, strict=True)) and len(r1) == len(one)
 
 
+def test_a_rerun_asked_to_record_streams_of_stored_episodes_says_nothing_was_recorded(tmp_path, capsys):
+    """`kvreuse eval` then `kvreuse eval --streams 1` on the same DB skipped the stored episodes and
+    left streams/ empty without a word; `compare grid --stream` then found no stream."""
+    plan = SweepPlan(db=str(tmp_path / "s.db"), env="fake", tasks=("reach",), episodes=2, workers=0,
+                     stream_dir=str(tmp_path / "streams"), progress=False, env_kw={"max_steps": 3}, replan=3)
+    run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    capsys.readouterr()
+    assert run_sweep(replace(plan, streams=1), PolicySource(None, "tiny-pi05")).ran == 0
+    err = capsys.readouterr().err
+    assert f"note: --streams: 1 of the episodes to record are already in {plan.db}" in err and "new --db" in err
+    assert not list((tmp_path / "streams").rglob("*.safetensors"))
+    # recorded by a run: a rerun has them on disk and says nothing
+    plan = replace(plan, db=str(tmp_path / "t.db"), streams=1)
+    run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    capsys.readouterr()
+    run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    assert "note: --streams" not in capsys.readouterr().err
+
+
 # ---- bad input and regressions found by a user test ----------------------------------------------
 
 

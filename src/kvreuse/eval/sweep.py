@@ -511,6 +511,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
               file=sys.stderr)
     done = {s.key: store.done(ids[s.key], errors=not plan.retry_errors) for s in settings}
     jobs, skipped = [], 0
+    unrecorded = {"videos": 0, "streams": 0}  # asked for, but the episode is in the DB and has no file yet
     # Task-major order: a worker mostly stays on one task (switching rebuilds the simulator);
     # every setting of one episode is queued together, so a partial sweep stays paired.
     order = sorted(range(len(episodes)), key=lambda j: tasks.index(episodes[j][0]))
@@ -520,6 +521,12 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         for s in settings:
             if (task, init_id, seed) in done[s.key]:
                 skipped += 1
+                stem = f"{task}_{init_id}_{seed}"
+                if i < plan.videos and not any((Path(plan.video_dir) / s.key / f"{stem}{x}").is_file()
+                                               for x in (".mp4", ".gif")):
+                    unrecorded["videos"] += 1
+                if i < plan.streams and not (Path(plan.stream_dir) / s.key / f"{stem}.safetensors").is_file():
+                    unrecorded["streams"] += 1
                 continue
             video = stream = None
             if i < plan.videos:
@@ -527,6 +534,10 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             if i < plan.streams:
                 stream = str(Path(plan.stream_dir) / s.key / f"{task}_{init_id}_{seed}.safetensors")
             jobs.append((s.key, configs[s.key], task, init_id, seed, plan.replan, plan.max_steps, video, stream))
+    for what, n in unrecorded.items():
+        if n:  # only a run records them: a rerun skips stored episodes, and the folder stayed empty silently
+            print(f"note: --{what}: {n} of the episodes to record are already in {plan.db} and are not run "
+                  f"again, so nothing is recorded for them; to record them, give a new --db", file=sys.stderr)
 
     t0 = time.perf_counter()
     first = [None]
