@@ -346,6 +346,23 @@ def test_compare_source_builds_a_full_size_preset_for_the_streams_robot(monkeypa
         load(Source(preset="tiny-pi0", stats_from=str(ck)))
 
 
+def test_compare_says_when_a_stream_folder_holds_several_eval_settings(tmp_path, capsys):
+    """`compare grid --stream runs/streams` (the folder the docs replay) after `kvreuse eval --streams 1
+    --with-baseline --reuse ...` replayed both settings' recordings as one stream, every episode twice,
+    without a word."""
+    from kvreuse.cli import main
+
+    for key in ("aaaa", "bbbb"):
+        st = synthetic_stream(steps=2, episodes=1, size=SIZE, seed=0)
+        st.meta = {"setting": key, "task": "reach"}
+        st.save(tmp_path / "streams" / key / "reach_0_1.safetensors")
+    main(["compare", "grid", "--stream", str(tmp_path / "streams"), "--grid", "gate=always", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert "holds the recordings of 2 eval settings (aaaa, bbbb)" in err
+    main(["compare", "grid", "--stream", str(tmp_path / "streams" / "aaaa"), "--grid", "gate=always", "--threads", "1"])
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_compare_loads_reference_checkpoints_and_libero_streams(tmp_path, capsys):
     """A reference (openpi) checkpoint names no robot: compare gives it the stream's; a LIBERO
     stream without a checkpoint gets a random tiny model over LIBERO's cameras and dims (the

@@ -116,6 +116,11 @@ def load(src: Source):
     stream = load_streams(src.stream) if src.stream else None
     if stream is not None and len(stream) == 0:
         raise ValueError(f"stream {src.stream}: no steps recorded; nothing to compare")
+    settings = (stream.meta.get("settings") or []) if stream is not None else []
+    if len(settings) > 1:  # e.g. the streams/ folder of an eval run with --with-baseline: every episode twice
+        print(f"note: stream {src.stream} holds the recordings of {len(settings)} eval settings "
+              f"({', '.join(settings)}), all replayed as one stream; to replay one, give its "
+              "folder (named by its key) under it", file=sys.stderr)
     robot = stream.robot if stream is not None else "metaworld"
     tiny = get_preset(src.preset).tokenizer == "bytes"
     # The shipped testbed policies are tiny presets that drive Meta-World.

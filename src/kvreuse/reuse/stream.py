@@ -137,8 +137,11 @@ def load_streams(path: str | Path) -> ObservationStream:
     robots = {p.robot for p in parts}
     if len(robots) > 1:
         raise ValueError(f"stream {path}: streams for several robots ({', '.join(sorted(robots))}); replay one robot's")
+    # `kvreuse eval --streams` names the setting it recorded: a folder above several is told apart
+    settings = sorted({p.meta["setting"] for p in parts
+                       if isinstance(p.meta, dict) and isinstance(p.meta.get("setting"), str)})
     out = ObservationStream(robot=parts[0].robot, meta={"files": [str(f.relative_to(path)) for f in files],
-                                                        "file_steps": [len(p) for p in parts]})
+                                                        "file_steps": [len(p) for p in parts], "settings": settings})
     for p in parts:
         if p.steps:
             p.steps[0].reset = True  # a file starts an episode whatever it recorded
