@@ -454,3 +454,28 @@ def test_pool_paired_pools_each_dbs_own_pairs_and_refuses_an_episode_twice(tmp_p
         assert len(err) == 1 and msg in err[0], err
     assert mod["main"](["--setting", "thr", "--task", "push", a, c]) == 0
     assert "| pooled | 7 |" in capsys.readouterr().out
+
+
+def test_report_names_each_settings_worst_task_under_the_all_task_table(tmp_path):
+    """An all-task mean hid 6-13 point losses on push (RESULTS.md, "Push on two more seeds"): the
+    report names each setting's worst task with its paired Δ and p under the all-task table, says
+    when no task is below the baseline, and adds nothing for a group of one task."""
+    from kvreuse.eval.report import WORST, compute_rows, markdown
+    from kvreuse.eval.store import ResultStore, Setting
+
+    db = tmp_path / "w.db"
+    with ResultStore(db) as st:
+        b, t = _baseline_and_thr(st)
+        ok = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.9}, "fine"))
+        for i in range(4):
+            for task in ("a", "b"):
+                st.add(b, _ep(task, i))
+                st.add(ok, _ep(task, i))
+                st.add(t, _ep(task, i, "failure" if (task, i) in {("b", 0), ("b", 1), ("a", 0)} else "success"))
+    md = markdown(compute_rows(db))
+    block = md.split("### All tasks")[1].split("### a")[0]
+    assert WORST in block
+    assert "- thr: b -50.0 pts" in block and "(n=4, p=0.5)" in block  # b lost 2 of 4, a only 1
+    assert "- fine: no task below the baseline" in block
+    assert md.count(WORST) == 1  # under the all-task table only
+    assert WORST not in markdown(compute_rows(db, only={("a", i, i) for i in range(4)}))  # one task: no block

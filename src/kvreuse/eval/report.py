@@ -195,7 +195,33 @@ def markdown(rows: list[Row]) -> str:
             out.append(f"### {'All tasks' if task == ALL else task}\n\n" + _HEAD + "".join(map(_md_row, t_rows)))
             note = _table_note(t_rows)
             out.append("\n" + (note + "\n\n" if note else ""))
+            if task == ALL:
+                out.append(worst_tasks(rs))
     return "".join(out) if out else "No episodes in this DB yet.\n"
+
+
+WORST = ("Worst task per setting (paired Δ against the baseline on that task). An all-task mean can hide one "
+         "task's loss: rerun a setting's worst task on more seeds (`kvreuse sweep --tasks T --seed N`) "
+         "before trusting the setting there.")
+
+
+def worst_tasks(rows: list[Row]) -> str:
+    """Each setting's task with the lowest paired Δ, listed under the all-task table of a group that
+    ran several tasks: on the testbed, settings that kept the all-task mean at n = 500 lost 6-13
+    points on one task (docs/RESULTS.md, "Push on two more seeds")."""
+    per_task = [r for r in rows if r.task != ALL and not r.is_baseline and r.paired is not None and r.paired.n]
+    if len({r.task for r in per_task}) < 2:
+        return ""
+    lines = []
+    for name in dict.fromkeys(r.setting for r in per_task):
+        w = min((r for r in per_task if r.setting == name), key=lambda r: (r.paired.diff, r.paired.p_value))
+        if w.paired.diff >= 0:
+            lines.append(f"- {md_cell(name)}: no task below the baseline\n")
+            continue
+        lo, hi = w.diff_ci
+        lines.append(f"- {md_cell(name)}: {w.task} {100 * w.paired.diff:+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                     f"(n={w.paired.n}, p={w.paired.p_value:.3g})\n")
+    return WORST + "\n\n" + "".join(lines) + "\n"
 
 
 UNEQUAL = ("Not every row here counts the same finished episodes (other runs into this DB, or env errors): "
