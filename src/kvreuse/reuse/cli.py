@@ -182,8 +182,7 @@ def load(src: Source):
         model, tf = robot_runtime(model, spec, stats, tokenizer=src.tokenizer, fast=src.fast)
         policy = Policy(model, tf, seed=src.seed)
     spec = policy.transform.spec
-    if stream is not None:
-        check_stream(spec)
+    if stream is not None:  # checked against this spec above, before the model
         what += f", stream {src.stream} ({len(stream)} steps, {stream.episodes} episodes)"
     else:
         size = policy.model.cfg.vision.image_size
