@@ -186,6 +186,6 @@ class RobotTransform:
 
     def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
         """Robot actions -> padded, normalized training targets."""
-        a = np.asarray(actions, dtype=np.float64)
-        a = normalize(a, self.stats.actions, self.action_mode) if self.stats else actions
+        a = (normalize(np.asarray(actions, dtype=np.float64), self.stats.actions, self.action_mode)
+             if self.stats else actions)
         return pad_to(a, self.cfg.max_action_dim)
