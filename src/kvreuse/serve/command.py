@@ -48,6 +48,16 @@ def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny
     return policy, info
 
 
+def _blank_observation(policy) -> dict:
+    """Black images and a zero state for `policy`'s robot, no prompt."""
+    import numpy as np
+
+    spec, size = policy.transform.spec, policy.model.cfg.vision.image_size
+    raw = {k: np.zeros((size, size, 3), np.uint8) for k in spec.camera_keys}
+    raw[spec.state_key] = np.zeros(spec.state_dim)
+    return raw
+
+
 def warm_up(policy, calls: int = 2) -> float:
     """Run `calls` inferences on a blank observation through a fork of `policy` (the template
     keeps no state from them); -> seconds. Under --fast the first call captures FastPi0's CUDA
@@ -55,11 +65,8 @@ def warm_up(policy, calls: int = 2) -> float:
     client's first requests. A prompt of another length may still capture a graph later."""
     import time
 
-    import numpy as np
-
-    spec, size = policy.transform.spec, policy.model.cfg.vision.image_size
-    raw = {k: np.zeros((size, size, 3), np.uint8) for k in spec.camera_keys}
-    raw[spec.state_key], raw[spec.prompt_key] = np.zeros(spec.state_dim), "warm up"
+    raw = _blank_observation(policy)
+    raw[policy.transform.spec.prompt_key] = "warm up"
     t0, fork = time.perf_counter(), policy.fork()
     for _ in range(calls):
         fork.infer(raw)
@@ -70,16 +77,11 @@ def check_default_prompt(policy) -> None:
     """ValueError now, before listening, if the transform's default prompt would be refused (empty,
     too many tokens): else every client that sends no prompt would get that error, naming a
     prompt it never sent."""
-    import numpy as np
-
     tf = policy.transform
     if tf.default_prompt is None:
         return
-    spec, size = tf.spec, policy.model.cfg.vision.image_size
-    raw = {k: np.zeros((size, size, 3), np.uint8) for k in spec.camera_keys}
-    raw[spec.state_key] = np.zeros(spec.state_dim)
     try:
-        tf(raw, device=policy.model.device)
+        tf(_blank_observation(policy), device=policy.model.device)
     except ValueError as e:
         raise ValueError(f"--default-prompt {tf.default_prompt[:60]!r}: {e}") from None
 
@@ -214,19 +216,17 @@ def check_listen(host: str, port: int) -> None:
     process listens on."""
     import socket
 
+    from .server import bind_like_asyncio
+
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port}: expected 0 .. 65535 (0 picks a free port)")
     try:
         addrs = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise ValueError(f"--host {host!r}: not an address of this machine ({e.strerror})") from None
-    for family, kind, proto, _, addr in addrs:
+    for family, _, proto, _, addr in addrs:
         try:
-            with socket.socket(family, kind, proto) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:  # as asyncio binds it: IPv6 only, beside any IPv4 socket
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s.bind(addr)
+            bind_like_asyncio(family, proto, addr).close()
         except OSError as e:
             what = "in use by another process" if e.errno == errno.EADDRINUSE else e.strerror
             raise ValueError(f"--host {host} --port {port}: cannot listen there: {what}") from None

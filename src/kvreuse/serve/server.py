@@ -54,6 +54,21 @@ def ws_url(host: str, port: int) -> str:
     return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
 
 
+def bind_like_asyncio(family: int, proto: int, addr: tuple) -> socket.socket:
+    """A TCP socket bound to `addr` with the options asyncio's server sets: SO_REUSEADDR, and IPv6
+    only (beside any IPv4 socket on the same port)."""
+    s = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind(addr)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
 def common_free_port(host: str, tries: int = 20) -> int:
     """A port free on every address `host` resolves to, or 0 where it resolves to one (the OS
     picks at bind). asyncio binds each address on its own: with port 0 a dual-stack `localhost`
@@ -64,15 +79,10 @@ def common_free_port(host: str, tries: int = 20) -> int:
         return 0
     for _ in range(tries):
         port, held = 0, []
-        try:  # the first address's free port, then the same port on the others (as asyncio binds them)
+        try:  # the first address's free port, then the same port on the others
             for family, proto, addr in addrs:
-                s = socket.socket(family, socket.SOCK_STREAM, proto)
-                held.append(s)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s.bind((addr[0], port, *addr[2:]))
-                port = s.getsockname()[1]
+                held.append(bind_like_asyncio(family, proto, (addr[0], port, *addr[2:])))
+                port = held[-1].getsockname()[1]
             return port
         except OSError as e:
             if e.errno != errno.EADDRINUSE:
