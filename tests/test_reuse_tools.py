@@ -363,6 +363,18 @@ def test_compare_says_when_a_stream_folder_holds_several_eval_settings(tmp_path,
     assert "note:" not in capsys.readouterr().err
 
 
+def test_compare_replays_a_stream_file_whose_meta_is_not_a_dict(tmp_path):
+    """A stream file's meta is any JSON it recorded: compare read .get("settings") of a list and
+    stopped on an AttributeError traceback."""
+    from kvreuse.reuse.cli import Source, load
+
+    st = synthetic_stream(steps=2, episodes=1, size=SIZE, seed=0)
+    st.meta = ["another tool's", 1]
+    st.save(tmp_path / "s.safetensors")
+    _, stream, _ = load(Source(stream=str(tmp_path / "s.safetensors")))
+    assert len(stream) == 2 and stream.meta == ["another tool's", 1]
+
+
 def test_compare_loads_reference_checkpoints_and_libero_streams(tmp_path, capsys):
     """A reference (openpi) checkpoint names no robot: compare gives it the stream's; a LIBERO
     stream without a checkpoint gets a random tiny model over LIBERO's cameras and dims (the

@@ -116,8 +116,11 @@ def load(src: Source):
     stream = load_streams(src.stream) if src.stream else None
     if stream is not None and len(stream) == 0:
         raise ValueError(f"stream {src.stream}: no steps recorded; nothing to compare")
-    settings = (stream.meta.get("settings") or []) if stream is not None else []
-    if len(settings) > 1:  # e.g. the streams/ folder of an eval run with --with-baseline: every episode twice
+    # A folder's settings (load_streams), e.g. the streams/ folder of an eval run with --with-baseline:
+    # every episode twice. A single file's meta is whatever JSON it recorded.
+    meta = stream.meta if stream is not None and isinstance(stream.meta, dict) else {}
+    settings = meta.get("settings")
+    if isinstance(settings, list) and len(settings) > 1:
         print(f"note: stream {src.stream} holds the recordings of {len(settings)} eval settings "
               f"({', '.join(settings)}), all replayed as one stream; to replay one, give its "
               "folder (named by its key) under it", file=sys.stderr)
