@@ -726,3 +726,23 @@ def test_common_free_port_retries_a_port_taken_on_another_address_then_says_so(m
     taken[0] = 10**6
     with pytest.raises(OSError, match=r"no port free on all of 127.0.0.1, 127.0.0.2 after 3 tries"):
         common_free_port("both", tries=3)
+
+
+def test_the_load_client_brackets_an_ipv6_host(monkeypatch):
+    """scripts/serve_load.py's client built ws://::1:8000 by hand, which no client can parse; it
+    now uses the server's URL rule (ws://[::1]:8000)."""
+    import websockets.sync.client as wsc
+
+    from kvreuse.serve.load import MiniClient
+
+    seen = []
+
+    def fake_connect(url, **kw):
+        seen.append(url)
+        raise ConnectionRefusedError(url)
+
+    monkeypatch.setattr(wsc, "connect", fake_connect)
+    for host in ("::1", "127.0.0.1"):
+        with pytest.raises(ConnectionRefusedError):
+            MiniClient(host, 8000)
+    assert seen == ["ws://[::1]:8000", "ws://127.0.0.1:8000"]

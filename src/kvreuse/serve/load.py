@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .protocol import packb, unpackb
+from .protocol import packb, unpackb, ws_url
 
 
 class MiniClient:
@@ -20,7 +20,7 @@ class MiniClient:
     def __init__(self, host: str, port: int):
         from websockets.sync.client import connect
 
-        self._ws = connect(f"ws://{host}:{port}", compression=None, max_size=None)
+        self._ws = connect(ws_url(host, port), compression=None, max_size=None)
         self._meta = unpackb(self._ws.recv())
 
     def get_server_metadata(self) -> dict:

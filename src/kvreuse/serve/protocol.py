@@ -75,6 +75,11 @@ def _decode(obj: dict) -> Any:
     return obj
 
 
+def ws_url(host: str, port: int) -> str:
+    """The address clients connect to, as a URL: an IPv6 host in brackets (ws://[::1]:8000)."""
+    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
+
+
 def packb(obj: Any) -> bytes:
     """Encode a reply (or, for clients and tests, a request) in openpi's format."""
     return msgpack.packb(obj, default=_encode, use_bin_type=True)

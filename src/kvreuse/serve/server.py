@@ -37,7 +37,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..policy import Policy
-from .protocol import ProtocolError, packb, parse_request, unpackb
+from .protocol import ProtocolError, packb, parse_request, unpackb, ws_url
 from .session import ClientSession, ClientStats
 
 log = logging.getLogger("kvreuse.serve")
@@ -47,11 +47,6 @@ CONTROL_KEY = "__ctrl__"
 CONTROLS = ("reset", "episode_start", "episode_end")  # the last two: the names some openpi forks send
 _MB = 1 << 20
 _PORT_TRIES = 5
-
-
-def ws_url(host: str, port: int) -> str:
-    """The address clients connect to, as a URL: an IPv6 host in brackets (ws://[::1]:8000)."""
-    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
 
 
 def bind_like_asyncio(family: int, proto: int, addr: tuple) -> socket.socket:
