@@ -580,6 +580,7 @@ def _as_stored(store: ResultStore, settings: list[Setting], named: dict[str, set
     group = lambda r: (r["policy"], r["env"], r["replan"], r["protocol"])  # noqa: E731
     rows = [r for r in store.settings() if not r["is_baseline"]]
     out, configs = [], {}
+    means: dict[int, dict | None] = {}  # row id -> _means, parsed once for all the settings of its group
     for s in settings:
         if s.reuse is None:
             out.append(s)
@@ -587,7 +588,10 @@ def _as_stored(store: ResultStore, settings: list[Setting], named: dict[str, set
             continue
         cfg = ReuseConfig.from_dict(s.reuse)
         mine = [r for r in rows if group(r) == (s.policy, s.env, s.replan, s.protocol)]
-        same = [r for r in mine if _means(store, r) == s.reuse]
+        for r in mine:
+            if r["id"] not in means:
+                means[r["id"]] = _means(store, r)
+        same = [r for r in mine if means[r["id"]] == s.reuse]
         same_ids = {r["id"] for r in same}
         new = replace(s, reuse=cfg.diff_from(store.reuse_defaults))
         taken = next((r for r in mine if r["key"] == new.key), None)
