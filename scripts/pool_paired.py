@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from kvreuse.eval.stats import mcnemar, paired_bootstrap
-from kvreuse.eval.store import ResultStore
+from kvreuse.eval.store import ResultStore, setting_group
 
 
 def paired(db: str, setting: str, task: str | None) -> dict[tuple[str, int, int], tuple[bool, bool]]:
@@ -25,8 +25,7 @@ def paired(db: str, setting: str, task: str | None) -> dict[tuple[str, int, int]
         if len(mine) != 1:
             names = sorted({r["name"] for r in rows if not r["is_baseline"]})
             raise ValueError(f"{db}: {len(mine)} settings named {setting!r}; it holds {names}")
-        group = lambda r: (r["policy"], r["env"], r["replan"], r["protocol"])  # noqa: E731
-        base = [r for r in rows if r["is_baseline"] and group(r) == group(mine[0])]
+        base = [r for r in rows if r["is_baseline"] and setting_group(r) == setting_group(mine[0])]
         if not base:
             raise ValueError(f"{db}: no baseline of {setting!r}'s policy, env, replan and step limit")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..outputs import md_cell, os_reason
 from .stats import Latency, Paired, latency, mcnemar, paired_bootstrap, speedup, wilson
-from .store import open_existing
+from .store import open_existing, setting_group
 
 ALL = "(all tasks)"
 
@@ -64,7 +64,7 @@ def compute_rows(db: str | Path, only: set[tuple[str, int, int]] | None = None) 
         settings, eps = _episodes_by_setting(store, only)
     groups: dict[tuple, list] = defaultdict(list)
     for s in settings:
-        groups[(s["policy"], s["env"], s["replan"], s["protocol"])].append(s)
+        groups[setting_group(s)].append(s)
     rows: list[Row] = []
     for (policy, env, replan, protocol), ss in groups.items():
         gname = f"{env} | policy {policy} | replan {replan}" + _protocol_text(protocol)

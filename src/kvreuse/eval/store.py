@@ -108,6 +108,12 @@ class Setting:
         return Setting(self.policy, self.env, self.replan, None, protocol=self.protocol)
 
 
+def setting_group(row) -> tuple:
+    """What a settings row pairs on: its policy, env, replan and protocol (step limit, env options).
+    A setting compares only with the baseline of its group (report, sweep, scripts/pool_paired.py)."""
+    return (row["policy"], row["env"], row["replan"], row["protocol"])
+
+
 class ResultStore:
     def __init__(self, path: str | Path, read_only: bool = False):
         """read_only: never create or alter anything (reports); a file that is not a kvreuse

@@ -30,7 +30,7 @@ from ..assets import shipped_checkpoint
 from ..workers import die_with_parent
 from .envs import check_env_name, check_episodes, check_tasks, make_env, training_layouts_note
 from .rollout import EpisodeResult, run_episode
-from .store import SCHEMA_VERSION, ResultStore, Setting
+from .store import SCHEMA_VERSION, ResultStore, Setting, setting_group
 
 # ---- policy source ---------------------------------------------------------------------------
 
@@ -577,7 +577,6 @@ def _as_stored(store: ResultStore, settings: list[Setting], named: dict[str, set
     Also -> each setting's full reuse config by key (for the workers: today's defaults are not the DB's)."""
     from ..reuse.config import ReuseConfig
 
-    group = lambda r: (r["policy"], r["env"], r["replan"], r["protocol"])  # noqa: E731
     rows = [r for r in store.settings() if not r["is_baseline"]]
     out, configs = [], {}
     means: dict[int, dict | None] = {}  # row id -> _means, parsed once for all the settings of its group
@@ -587,7 +586,7 @@ def _as_stored(store: ResultStore, settings: list[Setting], named: dict[str, set
             configs[s.key] = None
             continue
         cfg = ReuseConfig.from_dict(s.reuse)
-        mine = [r for r in rows if group(r) == (s.policy, s.env, s.replan, s.protocol)]
+        mine = [r for r in rows if setting_group(r) == (s.policy, s.env, s.replan, s.protocol)]
         for r in mine:
             if r["id"] not in means:
                 means[r["id"]] = _means(store, r)
