@@ -187,9 +187,7 @@ class ReuseConfig:
                  "state_threshold", "state_max_l2", "phase_threshold", "layer_split"}
         if self.mode == "partial":
             shown |= {"patch_threshold", "patch_max_diff"}
-        default = ReuseConfig()
-        bounds += [f"{k}={getattr(self, k)}" for k in sorted(self.read_fields() - shown)
-                   if getattr(self, k) != getattr(default, k)]
+        bounds += [f"{k}={v}" for k, v in sorted(self.diff_from(ReuseConfig().to_dict()).items()) if k not in shown]
         return out + ("," + ",".join(bounds) if bounds else "")
 
     def read_fields(self) -> set[str]:
