@@ -518,21 +518,17 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
     for j in order:
         task, init_id, seed = episodes[j]
         i = j // len(tasks)  # episode index within its task
+        stem = f"{task}_{init_id}_{seed}"
         for s in settings:
+            video = str(Path(plan.video_dir) / s.key / f"{stem}.mp4") if i < plan.videos else None
+            stream = str(Path(plan.stream_dir) / s.key / f"{stem}.safetensors") if i < plan.streams else None
             if (task, init_id, seed) in done[s.key]:
                 skipped += 1
-                stem = f"{task}_{init_id}_{seed}"
-                if i < plan.videos and not any((Path(plan.video_dir) / s.key / f"{stem}{x}").is_file()
-                                               for x in (".mp4", ".gif")):
+                if video and not any(Path(video).with_suffix(x).is_file() for x in (".mp4", ".gif")):
                     unrecorded["videos"] += 1
-                if i < plan.streams and not (Path(plan.stream_dir) / s.key / f"{stem}.safetensors").is_file():
+                if stream and not Path(stream).is_file():
                     unrecorded["streams"] += 1
                 continue
-            video = stream = None
-            if i < plan.videos:
-                video = str(Path(plan.video_dir) / s.key / f"{task}_{init_id}_{seed}.mp4")
-            if i < plan.streams:
-                stream = str(Path(plan.stream_dir) / s.key / f"{task}_{init_id}_{seed}.safetensors")
             jobs.append((s.key, configs[s.key], task, init_id, seed, plan.replan, plan.max_steps, video, stream))
     for what, n in unrecorded.items():
         if n:  # only a run records them: a rerun skips stored episodes, and the folder stayed empty silently
