@@ -14,12 +14,12 @@ import argparse
 import sys
 
 from kvreuse.eval.stats import mcnemar, paired_bootstrap
-from kvreuse.eval.store import ResultStore, setting_group
+from kvreuse.eval.store import open_existing, setting_group
 
 
 def paired(db: str, setting: str, task: str | None) -> dict[tuple[str, int, int], tuple[bool, bool]]:
     """(task, init_id, seed) -> (baseline succeeded, setting succeeded), episodes both finished."""
-    with ResultStore(db, read_only=True) as st:
+    with open_existing(db) as st:  # a missing path is one line, never an empty DB
         rows = st.settings()
         mine = [r for r in rows if r["name"] == setting and not r["is_baseline"]]
         if len(mine) != 1:

@@ -419,7 +419,7 @@ def test_two_settings_of_one_name_in_a_db_are_told_apart(tmp_path, monkeypatch):
 def test_pool_paired_pools_each_dbs_own_pairs_and_refuses_an_episode_twice(tmp_path, capsys):
     """scripts/pool_paired.py (RESULTS.md pools push-v3 over the sweep's seed and two more): each DB
     pairs the setting with its own baseline; the pooled test is McNemar over all those pairs; the
-    same episode in two DBs, or a setting name a DB lacks, is one line and exit 2."""
+    same episode in two DBs, a setting name a DB lacks, or a missing DB, is one line and exit 2."""
     import runpy
     from pathlib import Path
 
@@ -447,11 +447,14 @@ def test_pool_paired_pools_each_dbs_own_pairs_and_refuses_an_episode_twice(tmp_p
                                                 [False, True, True, False, False, True, True]).p_value
     assert [(r.n, r.only_base) for _, r, _ in mod["pool"]([a, c], "thr", task="reach")] == [(0, 0)] * 3
     dup = db("dup.db", [2], [True], [True])
-    for argv, msg in (([a, dup], "both hold episode ('push', 2, 2)"), ([a], "0 settings named 'nope'")):
+    missing = str(tmp_path / "missing.db")
+    for argv, msg in (([a, dup], "both hold episode ('push', 2, 2)"), ([a], "0 settings named 'nope'"),
+                      ([a, missing], "missing.db: no such file")):
         setting = "nope" if "nope" in msg else "thr"
         assert mod["main"](["--setting", setting, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+    assert not Path(missing).exists()  # read, never created
     assert mod["main"](["--setting", "thr", "--task", "push", a, c]) == 0
     assert "| pooled | 7 |" in capsys.readouterr().out
 

@@ -56,14 +56,20 @@ class NormStats:
     @staticmethod
     def from_dict(d: dict) -> "NormStats":
         modes = {k: d.get(k) for k in ("state_mode", "actions_mode")}
-        bad = {k: m for k, m in modes.items() if m is not None and m not in NORM_MODES}
-        if bad:
-            raise ValueError(f"{', '.join(f'{k} {m!r}' for k, m in bad.items())}: expected one of {NORM_MODES}")
+        check_modes(modes)
         return NormStats(Stats.from_dict(d["state"]), Stats.from_dict(d["actions"]), **modes)
 
     def modes(self, variant: str) -> tuple[NormMode, NormMode]:
         """(state mode, actions mode) these stats are applied with under a `variant` model."""
         return self.state_mode or default_mode(variant), self.actions_mode or default_mode(variant)
+
+
+def check_modes(modes: dict[str, object]) -> None:
+    """One error naming every mode that is neither None nor in NORM_MODES (normalize() would
+    take any other string as quantiles)."""
+    bad = {k: m for k, m in modes.items() if m is not None and m not in NORM_MODES}
+    if bad:
+        raise ValueError(f"{', '.join(f'{k} {m!r}' for k, m in bad.items())}: expected one of {NORM_MODES}")
 
 
 def normalize(x: np.ndarray, s: Stats, mode: NormMode) -> np.ndarray:

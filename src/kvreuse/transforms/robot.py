@@ -17,7 +17,7 @@ from ..model.config import ModelConfig
 from ..model.tokenizer import Tokenizer, tokenize_prompts
 from ..observation import Observation
 from .images import preprocess_image
-from .normalize import NORM_MODES, NormMode, NormStats, default_mode, normalize, pad_to, unnormalize
+from .normalize import NormMode, NormStats, check_modes, default_mode, normalize, pad_to, unnormalize
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,7 @@ class RobotTransform:
         # Per side: norm_mode (both), else what the stats say (NormStats.state_mode / actions_mode:
         # a lerobot Pi0.5 trained with MEAN_STD), else the variant's default.
         st, act = stats.modes(cfg.variant) if stats else (default_mode(cfg.variant),) * 2
-        for name, m in (("norm_mode", norm_mode), ("stats state_mode", st), ("stats actions_mode", act)):
-            if m is not None and m not in NORM_MODES:  # normalize() would take it as quantiles
-                raise ValueError(f"{name}: expected one of {NORM_MODES}, got {m!r}")
+        check_modes({"norm_mode": norm_mode, "stats state_mode": st, "stats actions_mode": act})
         self.state_mode: NormMode = norm_mode or st
         self.action_mode: NormMode = norm_mode or act
         unknown = [c for _, c in spec.cameras if c not in cfg.cameras]
