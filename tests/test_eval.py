@@ -289,9 +289,10 @@ def test_sweep_fast_runtime_runs_apart_from_the_eager_model(tmp_path, monkeypatc
     with ResultStore(plan.db) as st:
         rows = {r["policy"]: [(e["init_id"], e["status"], e["steps"], e["calls"]) for e in st.episodes(r["id"])]
                 for r in st.settings()}
-    eager_id = min(rows)  # the fake env drives the Meta-World robot: the shipped testbed-pi0
-    assert set(rows) == {eager_id, eager_id + "+fast"}
-    assert rows[eager_id] == rows[eager_id + "+fast"]
+    eager_id = next(p for p in rows if "+fast" not in p)  # the fake env drives the Meta-World robot: testbed-pi0
+    fast_id = eager_id.replace("+stats@", "+fast+stats@")  # runtime tags, then the norm stats'
+    assert set(rows) == {eager_id, fast_id} and fast_id != eager_id
+    assert rows[eager_id] == rows[fast_id]
 
 
 def test_eval_takes_the_tokenizer_a_checkpoint_needs(tmp_path, sp_model):
@@ -772,7 +773,7 @@ def test_cli_eval_fake_env_runs(capsys, tmp_path):
     main(["eval", "--env", "fake", "--tasks", "reach", "--episodes", "2", "--workers", "0", "--no-progress",
           "--fast", "--db", str(tmp_path / "e.db")])
     out = capsys.readouterr().out
-    assert out.count("## fake | policy ") == 1 and "+fast | replan 5" in out and "| 2 |" in out
+    assert out.count("## fake | policy ") == 1 and "+fast+stats@" in out and "| 2 |" in out
 
 
 # ---- one real Meta-World episode ---------------------------------------------------------------
@@ -1383,16 +1384,18 @@ def test_episodes_run_without_norm_stats_stay_apart_from_those_run_with_them(tmp
     assert run_sweep(plan, PolicySource(str(ck))).ran == 1
     bare = policy_identity(PolicySource(str(ck)))
     (ck / "norm_stats.json").write_bytes(stats)
-    assert policy_identity(PolicySource(str(ck))) == bare.replace("+no-stats", "") != bare
+    with_stats = policy_identity(PolicySource(str(ck)))
+    assert with_stats.startswith(bare.replace("+no-stats", "+stats@")) and "no-stats" not in with_stats
     s = run_sweep(plan, PolicySource(str(ck)))
     assert (s.ran, s.skipped) == (1, 0)  # run again with its stats, not skipped
     with ResultStore(plan.db) as st:
-        assert sorted(r["policy"] for r in st.settings()) == sorted([bare, bare.replace("+no-stats", "")])
+        assert sorted(r["policy"] for r in st.settings()) == sorted([bare, with_stats])
 
 
-def test_rows_under_the_untagged_policy_id_are_named_not_silently_restarted(tmp_path, capsys):
-    """DBs written before the policy id got its +cuda / +no-stats tags hold such a policy's settings
-    under the untagged id: the same command started over without a word; it says so now."""
+def test_episodes_run_under_replaced_norm_stats_stay_apart(tmp_path):
+    """The policy id named the weights but not the norm stats: a checkpoint's norm_stats.json
+    replaced, the same command skipped the episodes run under the old stats and pooled new ones
+    with them in one row. The id hashes the stats a run applies, not the file."""
     import shutil
 
     from kvreuse.assets import shipped_checkpoint
@@ -1402,15 +1405,91 @@ def test_rows_under_the_untagged_policy_id_are_named_not_silently_restarted(tmp_
     shutil.copytree(shipped_checkpoint("tiny-pi0"), ck)
     plan = SweepPlan(db=str(tmp_path / "x.db"), env="fake", tasks=("reach",), episodes=1, progress=False,
                      env_kw={"max_steps": 6, "radius": 0.0})
-    assert run_sweep(plan, PolicySource(str(ck))).ran == 1  # recorded under the untagged id
-    untagged = policy_identity(PolicySource(str(ck)))
-    (ck / "norm_stats.json").unlink()
-    assert policy_identity(PolicySource(str(ck)), untagged=True) == untagged
-    capsys.readouterr()
     assert run_sweep(plan, PolicySource(str(ck))).ran == 1
+    before = policy_identity(PolicySource(str(ck)))
+    d = json.loads((ck / "norm_stats.json").read_text())
+    d["state"]["mean"][0] += 0.5
+    (ck / "norm_stats.json").write_text(json.dumps(d))
+    after = policy_identity(PolicySource(str(ck)))
+    assert after != before and after.split("+stats@")[0] == before.split("+stats@")[0]
+    s = run_sweep(plan, PolicySource(str(ck)))
+    assert (s.ran, s.skipped) == (1, 0)
+    with ResultStore(plan.db) as st:
+        assert sorted(r["policy"] for r in st.settings()) == sorted([before, after])
+    # What the run does not apply is not named: a Pi0's stats are mean/std, its mode the default.
+    d["state"]["q01"][0] += 1.0
+    d["state_mode"] = "meanstd"
+    (ck / "norm_stats.json").write_text(json.dumps(d))
+    assert policy_identity(PolicySource(str(ck))) == after
+
+
+def test_the_same_norm_stats_from_a_lerobot_or_an_openpi_file_give_one_policy_id(tmp_path):
+    """A reference checkpoint's stats hash by value: lerobot's normalizer (mean/std alone, a dataset
+    without quantiles) and openpi's norm_stats.json (all four) holding the same Pi0 stats agree."""
+    from safetensors.torch import save_file
+
+    from kvreuse.eval.sweep import policy_identity
+    from kvreuse.model import Pi0Model, preset
+    from kvreuse.ref_checkpoint import save_reference
+
+    torch.manual_seed(0)
+    save_reference(tmp_path, Pi0Model(preset("tiny-pi0")))
+    rng = np.random.default_rng(0)
+    st = {side: {k: rng.uniform(0.1, 1.0, 4).astype(np.float32) for k in ("mean", "std", "q01", "q99")}
+          for side in ("state", "actions")}
+    lerobot = tmp_path / "policy_preprocessor_step_3_normalizer_processor.safetensors"
+    save_file({f"{prefix}.{k}": torch.from_numpy(st[side][k]) for prefix, side in
+               (("observation.state", "state"), ("action", "actions")) for k in ("mean", "std")}, str(lerobot))
+    from_lerobot = policy_identity(PolicySource(str(tmp_path)))
+    assert "+stats@" in from_lerobot
+    lerobot.unlink()
+    (tmp_path / "norm_stats.json").write_text(json.dumps(
+        {"norm_stats": {side: {k: v.tolist() for k, v in d.items()} for side, d in st.items()}}))
+    assert policy_identity(PolicySource(str(tmp_path))) == from_lerobot
+    st["actions"]["std"][1] *= 2
+    (tmp_path / "norm_stats.json").write_text(json.dumps(
+        {"norm_stats": {side: {k: v.tolist() for k, v in d.items()} for side, d in st.items()}}))
+    assert policy_identity(PolicySource(str(tmp_path))) != from_lerobot
+
+
+@pytest.mark.parametrize("era", [0, 1])
+def test_rows_under_an_older_policy_id_are_named_not_silently_restarted(tmp_path, capsys, monkeypatch, era):
+    """DBs written before a change of the policy id (ID_CHANGES: +cuda / +no-stats, then +stats@)
+    hold a policy's settings under the older id: the same command started over without a word; it
+    says so now, once, and leaves those rows as they are."""
+    import shutil
+
+    import kvreuse.eval.sweep as sw
+    from kvreuse.assets import shipped_checkpoint
+
+    ck = tmp_path / "ck"
+    shutil.copytree(shipped_checkpoint("tiny-pi0"), ck)
+    if era == 0:  # on a CPU with stats the era-0 id is the era-1 one: without stats, +no-stats sets them apart
+        (ck / "norm_stats.json").unlink()
+    src = PolicySource(str(ck))
+    plan = SweepPlan(db=str(tmp_path / "x.db"), env="fake", tasks=("reach",), episodes=1, progress=False,
+                     env_kw={"max_steps": 6, "radius": 0.0})
+    new, old = sw.policy_identity(src), sw.policy_identity(src, era)
+    assert old != new
+    orig = sw.policy_identity
+    with monkeypatch.context() as m:  # the kvreuse that wrote the DB
+        m.setattr(sw, "policy_identity", lambda s, e=era: orig(s, min(e, era)))
+        assert run_sweep(plan, src).ran == 1
+
+    def stored():
+        with ResultStore(plan.db) as st:
+            return {r["policy"]: [dict(e) for e in st.episodes(r["id"])] for r in st.settings()}
+
+    kept = stored()
+    assert list(kept) == [old]
+    capsys.readouterr()
+    assert run_sweep(plan, src).ran == 1
     err = capsys.readouterr().err
-    assert f"note: {plan.db} holds 1 of these settings under the policy id {untagged}, recorded before" in err
-    assert run_sweep(plan, PolicySource(str(ck))).skipped == 1  # continued under its own id: no note
+    assert err.count("note: ") == 1 and "Traceback" not in err
+    assert (f"note: {plan.db} holds 1 of these settings under the policy id {old}, recorded before policy ids "
+            f"named {sw.ID_CHANGES[era][0]}") in err
+    assert stored()[old] == kept[old] and set(stored()) == {old, new}
+    assert run_sweep(plan, src).skipped == 1  # continued under its own id: no note
     assert "holds" not in capsys.readouterr().err
 
 

@@ -89,41 +89,67 @@ def checkpoint_tasks(src: PolicySource) -> tuple[str, ...] | None:
     return _meta_tasks(checkpoint_meta(src))
 
 
-def policy_identity(src: PolicySource, untagged: bool = False) -> str:
+# Changes of the policy id, oldest first: what it began to name, and how rows under the id before
+# may differ. A DB written before change i holds a policy's settings under policy_identity(src, i).
+ID_CHANGES = (("the device and missing norm stats", "on another device, or before the norm stats were there"),
+              ("the norm stats", "under other norm stats"))
+
+
+def policy_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
     """A stable id of the weights and of what changes their actions (the fast runtime rounds
     differently; a masked camera slot too): results of different policies never mix in one setting.
-    A checkpoint without norm stats runs unnormalized: its episodes stay apart from those run once
-    its stats were copied beside it (as the missing-stats warning asks). untagged: the id without
-    the device and no-stats tags, as DBs written before 2026-11-28 hold it."""
-    no_stats = False
-    if src.checkpoint is not None and not untagged:
-        from ..checkpoint import checkpoint_stats
-
-        no_stats = checkpoint_stats(src.checkpoint) is None
+    A checkpoint's norm stats are named by a hash of those it applies (`+stats@<sha8>`), so stats
+    replaced beside its weights form another policy; without stats it runs unnormalized (`+no-stats`).
+    era: the id as DBs written before ID_CHANGES[era] hold it (the tags of that change and later ones
+    left out); the default, today's."""
+    digest = _stats_digest(src.checkpoint) if src.checkpoint is not None else None
     # A GPU rounds differently (TF32 convolutions) and its calls take a fraction of a CPU's: a
     # setting continued on another device would average both into one row. cuda:N is one device type.
     dev = src.device.split(":")[0]
-    flags = ((dev, dev != "cpu" and not untagged), (src.dtype, src.dtype != "float32"), ("fast", src.fast),
-             ("masked-cameras", src.keep_absent_cameras), ("no-stats", no_stats and not untagged))
-    tok = [f"tok@{_sha12(Path(src.tokenizer))}"] if src.tokenizer is not None else []
-    return "+".join([_weights_identity(src)] + [name for name, on in flags if on] + tok)
+    tok = f"tok@{_sha12(Path(src.tokenizer))}" if src.tokenizer is not None else ""
+    # (tag, on, the era it was added in: 0 from the start, i + 1 by ID_CHANGES[i])
+    tags = ((dev, dev != "cpu", 1), (src.dtype, src.dtype != "float32", 0), ("fast", src.fast, 0),
+            ("masked-cameras", src.keep_absent_cameras, 0),
+            ("no-stats", src.checkpoint is not None and digest is None, 1),
+            (f"stats@{digest}", digest is not None, 2), (tok, bool(tok), 0))
+    return "+".join([_weights_identity(src)] + [tag for tag, on, since in tags if on and since <= era])
 
 
-def _note_untagged(store, settings: list, src: PolicySource, db: str) -> None:
-    """A DB written before the policy id named a GPU device or missing norm stats holds these settings
-    under the untagged id: say that they are not continued, rather than start over without a word."""
-    if not settings or (src.device.split(":")[0] == "cpu" and "+no-stats" not in settings[0].policy):
+def _stats_digest(checkpoint: str) -> str | None:
+    """8 hex digits of the norm stats a run of `checkpoint` applies, or None if it has none. Hashed:
+    what normalize / unnormalize read (each side's mode and that mode's two arrays), not the file's
+    bytes, nor stats no mode reads (NaN where a file lacks them): the same stats from a lerobot or an
+    openpi file agree."""
+    from ..checkpoint import checkpoint_config, checkpoint_stats
+    from ..transforms.normalize import NEEDS
+
+    stats = checkpoint_stats(checkpoint)
+    if stats is None:
+        return None
+    modes = stats.modes(checkpoint_config(checkpoint)[0].variant)
+    applied = {side: {"mode": m, **{k: [float(v) for v in getattr(s, k)] for k in NEEDS[m]}}
+               for side, s, m in zip(("state", "actions"), (stats.state, stats.actions), modes, strict=True)}
+    return hashlib.sha1(json.dumps(applied, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _note_older_id(store, settings: list, src: PolicySource, db: str) -> None:
+    """A DB written before a change of the policy id (ID_CHANGES) holds these settings under the older
+    id: say that they are not continued, rather than start over without a word. One note, for the
+    newest older id the DB holds; nothing stored is touched."""
+    if not settings:
         return
     have = {r["key"] for r in store.settings()}
     if any(s.key in have for s in settings):
         return
-    old_id = policy_identity(src, untagged=True)
-    old = [s for s in settings if replace(s, policy=old_id).key in have]
-    if old:
-        print(f"note: {db} holds {len(old)} of these settings under the policy id {old_id}, recorded before "
-              "policy ids named the device and missing norm stats; they are not continued (they may have run on "
-              "another device, or before the norm stats were there): this run records its own rows",
-              file=sys.stderr)
+    for era in reversed(range(len(ID_CHANGES))):
+        old_id = policy_identity(src, era)
+        old = [s for s in settings if replace(s, policy=old_id).key in have] if old_id != settings[0].policy else []
+        if old:
+            what, how = zip(*ID_CHANGES[era:], strict=True)
+            print(f"note: {db} holds {len(old)} of these settings under the policy id {old_id}, recorded before "
+                  f"policy ids named {', then '.join(what)}; they are not continued (they may have run "
+                  f"{', or '.join(how)}): this run records its own rows", file=sys.stderr)
+            return
 
 
 def _weights_identity(src: PolicySource) -> str:
@@ -503,7 +529,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
     except BaseException:
         store.close()
         raise
-    _note_untagged(store, settings, src, plan.db)
+    _note_older_id(store, settings, src, plan.db)
     ids = {s.key: store.setting_id(s) for s in settings}
     if store.upgraded_from is not None:
         print(f"note: {plan.db}: upgraded from schema version {store.upgraded_from} to {SCHEMA_VERSION}: it now "
