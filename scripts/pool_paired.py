@@ -17,14 +17,16 @@ from kvreuse.eval.stats import mcnemar, paired_bootstrap
 from kvreuse.eval.store import open_existing, setting_group
 
 
-def paired(db: str, setting: str, task: str | None) -> dict[tuple[str, int, int], tuple[bool, bool]]:
-    """(task, init_id, seed) -> (baseline succeeded, setting succeeded), episodes both finished."""
+def paired(db: str, setting: str, task: str | None) -> tuple[tuple, dict[tuple[str, int, int], tuple[bool, bool]]]:
+    """(the setting's group: policy, env, replan, protocol; (task, init_id, seed) -> (baseline
+    succeeded, setting succeeded) over the episodes both finished)."""
     with open_existing(db) as st:  # a missing path is one line, never an empty DB
         rows = st.settings()
         mine = [r for r in rows if r["name"] == setting and not r["is_baseline"]]
         if len(mine) != 1:
             names = sorted({r["name"] for r in rows if not r["is_baseline"]})
-            raise ValueError(f"{db}: {len(mine)} settings named {setting!r}; it holds {names}")
+            also = ("; they differ in " + _differs(mine)) if len(mine) > 1 else ""
+            raise ValueError(f"{db}: {len(mine)} settings named {setting!r}{also}; it holds {names}")
         base = [r for r in rows if r["is_baseline"] and setting_group(r) == setting_group(mine[0])]
         if not base:
             raise ValueError(f"{db}: no baseline of {setting!r}'s policy, env, replan and step limit")
@@ -34,15 +36,32 @@ def paired(db: str, setting: str, task: str | None) -> dict[tuple[str, int, int]
                     if e["status"] != "error" and (task is None or e["task"] == task)}
 
         b, s = outcomes(base[0]["id"]), outcomes(mine[0]["id"])
-    return {k: (b[k], s[k]) for k in sorted(b.keys() & s.keys())}
+    return setting_group(mine[0]), {k: (b[k], s[k]) for k in sorted(b.keys() & s.keys())}
+
+
+_GROUP = ("policy id", "env", "replan", "protocol")
+
+
+def _differs(rows: list) -> str:
+    """What tells settings rows of one name apart, e.g. "policy id ('a+cuda', 'a+cuda+stats@1')"."""
+    groups = [setting_group(r) for r in rows]
+    diff = [f"{name} {tuple(g[i] for g in groups)}" for i, name in enumerate(_GROUP) if len({g[i] for g in groups}) > 1]
+    return ", ".join(diff) or "their reuse fields"
 
 
 def pool(dbs: list[str], setting: str, task: str | None = None) -> list[tuple[str, object, tuple[float, float]]]:
     """[(label, Paired, 95% interval of the difference)] per DB, then pooled."""
     seen: dict[tuple, str] = {}
     out, base_all, set_all = [], [], []
+    first: tuple[str, tuple] | None = None
     for db in dbs:
-        pairs = paired(db, setting, task)
+        group, pairs = paired(db, setting, task)
+        if first is None:
+            first = (db, group)
+        elif group != first[1]:  # another policy (weights, norm stats, device, ...) or protocol: not one sample
+            what = [f"{name} {a!r} vs {b!r}" for name, a, b in zip(_GROUP, first[1], group, strict=True) if a != b]
+            raise ValueError(f"{first[0]} and {db} ran {setting!r} with another {', '.join(what)}: pool one policy's "
+                             "runs of one protocol only")
         for k in pairs:
             if k in seen:
                 raise ValueError(f"{seen[k]} and {db} both hold episode {k}: pool DBs of distinct seeds only")

@@ -459,6 +459,37 @@ def test_pool_paired_pools_each_dbs_own_pairs_and_refuses_an_episode_twice(tmp_p
     assert "| pooled | 7 |" in capsys.readouterr().out
 
 
+def test_pool_paired_refuses_runs_of_another_policy_and_names_what_tells_same_named_settings_apart(tmp_path, capsys):
+    """Pooling is for one policy's runs on other seeds: a DB whose setting ran under another policy id
+    (other weights or norm stats, another device) is refused, naming both ids; a DB continued after a
+    policy id change holds the name twice, and the error says they differ in the policy id."""
+    import runpy
+    from pathlib import Path
+
+    from kvreuse.eval.store import ResultStore, Setting
+
+    mod = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "pool_paired.py"))
+
+    def db(name, policies, seed):
+        path = tmp_path / name
+        with ResultStore(path) as st:
+            for pol in policies:
+                b = st.setting_id(Setting(pol, "fake", 5))
+                t = st.setting_id(Setting(pol, "fake", 5, {"threshold": 0.98}, "thr"))
+                st.add(b, _ep("push", seed))
+                st.add(t, _ep("push", seed))
+        return str(path)
+
+    a, other, both = db("a.db", ["p+stats@1"], 0), db("o.db", ["p+stats@2"], 1), db("b.db", ["p", "p+stats@1"], 2)
+    assert mod["main"](["--setting", "thr", a, other]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another policy id 'p+stats@1' vs 'p+stats@2'" in err[0], err
+    assert mod["main"](["--setting", "thr", a, both]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 settings named 'thr'; they differ in policy id ('p', 'p+stats@1')" in err[0], err
+    assert mod["main"](["--setting", "thr", a, db("c.db", ["p+stats@1"], 3)]) == 0
+
+
 def test_report_names_each_settings_worst_task_under_the_all_task_table(tmp_path):
     """An all-task mean hid 6-13 point losses on push (RESULTS.md, "Push on two more seeds"): the
     report names each setting's worst task with its paired Δ and p under the all-task table, says
