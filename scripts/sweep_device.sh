@@ -7,7 +7,7 @@
 # gate at looser image thresholds, GRID_SET=crossmodal_state its looser state tests (image 0.80) and
 # image tests (state 0.98);
 # GRID_SET=age the cross-modal gate with a cap on the cache's age in calls (docs/RESULTS.md, "An age cap on
-# the cross-modal gate"); VARIANTS="pi05" runs one policy; TASKS="push-v3" some tasks only, SEED=1 other
+# the cross-modal gate"), GRID_SET=age_confirm its one setting that kept push; VARIANTS="pi05" runs one policy; TASKS="push-v3" some tasks only, SEED=1 other
 # noise seeds (the pairs differ from seed 0's), DB=push another DB name (default sweep).
 # A sweep cut off by CAP_S continues where it stopped when run again on the same DB.
 set -uo pipefail
@@ -27,8 +27,11 @@ elif [ "${GRID_SET:-main}" = crossmodal_state ]; then  # the state test is what 
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98,0.97,0.96' 'gate=crossmodal threshold=0.7,0.6,0.5 state_threshold=0.98')
 elif [ "${GRID_SET:-main}" = age ]; then  # the gate's reuse bounded by the cache's age (1: never twice in a row)
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 max_age_calls=1,2' 'gate=crossmodal threshold=0.8 max_age_calls=1')
+elif [ "${GRID_SET:-main}" = age_confirm ]; then  # the age cap that kept push, on fresh seeds / tasks
+  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 max_age_calls=1')
 elif [ "${GRID_SET:-main}" != main ]; then
-  echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm, crossmodal, crossmodal_state or age" >&2; exit 2
+  echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm, crossmodal, crossmodal_state, age or age_confirm" >&2
+  exit 2
 fi
 for v in $VARIANTS; do
   db="$OUT/$DB-$v.db"; start=$(date +%s)
