@@ -3,7 +3,8 @@ with its paired-bootstrap 95% interval and the exact McNemar p, per DB and poole
 
 For a setting rerun on other noise seeds (`kvreuse sweep --seed N`) into another DB: each DB pairs
 the setting with its own baseline (same policy, env, replan and step limit), episode by episode.
-The same episode (task, layout, seed) in two DBs would count twice, so it is refused.
+The same episode (task, layout, seed) in two DBs would count twice, so it is refused; so is a DB
+whose setting ran under another policy id (weights, norm stats, device, ...), env, replan or protocol.
 
 Usage: python scripts/pool_paired.py --setting 'crossmodal(raw>=0.8,state>=0.98)/full' [--task push-v3] DB [DB ...]
 """

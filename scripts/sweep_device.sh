@@ -6,9 +6,10 @@
 # more episodes (docs/RESULTS.md, "Confirmation at n = 500"), GRID_SET=crossmodal the cross-modal
 # gate at looser image thresholds, GRID_SET=crossmodal_state its looser state tests (image 0.80) and
 # image tests (state 0.98);
-# GRID_SET=age the cross-modal gate with a cap on the cache's age in calls (docs/RESULTS.md, "An age cap on
-# the cross-modal gate"), GRID_SET=age_confirm its one setting that kept push; VARIANTS="pi05" runs one policy; TASKS="push-v3" some tasks only, SEED=1 other
-# noise seeds (the pairs differ from seed 0's), DB=push another DB name (default sweep).
+# GRID_SET=age the cross-modal gate with a cap on the cache's age in calls (docs/RESULTS.md, "An age
+# cap on the cross-modal gate"), GRID_SET=age_confirm the capped setting alone.
+# VARIANTS="pi05" runs one policy; TASKS="push-v3" some tasks only; SEED=1 other noise seeds (the
+# pairs differ from seed 0's); DB=push another DB name (default sweep).
 # A sweep cut off by CAP_S continues where it stopped when run again on the same DB.
 set -uo pipefail
 OUT=${OUT:-runs/sweeps}; EPISODES=${EPISODES:-20}; CAP_S=${CAP_S:-200}; VARIANTS=${VARIANTS:-pi05 pi0}; mkdir -p "$OUT"
@@ -26,18 +27,21 @@ elif [ "${GRID_SET:-main}" = crossmodal ]; then  # looser image thresholds of th
 elif [ "${GRID_SET:-main}" = crossmodal_state ]; then  # the state test is what refuses most calls at 0.80
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98,0.97,0.96' 'gate=crossmodal threshold=0.7,0.6,0.5 state_threshold=0.98')
 elif [ "${GRID_SET:-main}" = age ]; then  # the gate's reuse bounded by the cache's age (1: never twice in a row)
-  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 max_age_calls=1,2' 'gate=crossmodal threshold=0.8 max_age_calls=1')
-elif [ "${GRID_SET:-main}" = age_confirm ]; then  # the age cap that kept push, on fresh seeds / tasks
+  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 max_age_calls=1,2'
+        'gate=crossmodal threshold=0.8 max_age_calls=1')
+elif [ "${GRID_SET:-main}" = age_confirm ]; then  # the capped setting alone, on more seeds / tasks
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 max_age_calls=1')
 elif [ "${GRID_SET:-main}" != main ]; then
-  echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm, crossmodal, crossmodal_state, age or age_confirm" >&2
+  echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm, crossmodal, crossmodal_state, age or" \
+    "age_confirm" >&2
   exit 2
 fi
 for v in $VARIANTS; do
   db="$OUT/$DB-$v.db"; start=$(date +%s)
   echo "=== testbed-$v: paired sweep, $EPISODES held-out episodes per task and setting (cap ${CAP_S}s) ==="
   timeout "$CAP_S" python3 -m kvreuse.cli sweep --checkpoint "src/kvreuse/assets/testbed-$v" --episodes "$EPISODES" \
-    --seed "$SEED" "${TASK_ARGS[@]}" --workers "$(nproc)" --db "$db" --no-progress --grid "${GRID[@]}" 2>&1 | grep -v -i warn | tail -5
+    --seed "$SEED" "${TASK_ARGS[@]}" --workers "$(nproc)" --db "$db" --no-progress --grid "${GRID[@]}" 2>&1 |
+    grep -v -i warn | tail -5
   echo "sweep wall time: $(( $(date +%s) - start )) s on $(nproc) cores"
   # fold the WAL into the file so one file carries the results
   python3 -c "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.execute('PRAGMA journal_mode=DELETE'); c.close()" "$db"
