@@ -12,7 +12,7 @@
 # pairs differ from seed 0's); DB=push another DB name (default sweep).
 # A sweep cut off by CAP_S continues where it stopped when run again on the same DB.
 set -uo pipefail
-OUT=${OUT:-runs/sweeps}; EPISODES=${EPISODES:-20}; CAP_S=${CAP_S:-200}; VARIANTS=${VARIANTS:-pi05 pi0}; mkdir -p "$OUT"
+OUT=${OUT:-runs/sweeps}; EPISODES=${EPISODES:-20}; CAP_S=${CAP_S:-200}; VARIANTS=${VARIANTS:-pi05 pi0}
 SEED=${SEED:-0}; DB=${DB:-sweep}; read -r -a TASK_ARGS <<< "${TASKS:+--tasks $TASKS}"
 export MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl} PYTHONUNBUFFERED=1
 GRID=('gate=threshold threshold=0.9,0.95,0.98 mode=full' 'gate=crossmodal threshold=0.9' 'gate=phase threshold=0.9'
@@ -36,6 +36,7 @@ elif [ "${GRID_SET:-main}" != main ]; then
     "age_confirm" >&2
   exit 2
 fi
+mkdir -p "$OUT"  # after the checks: a bad GRID_SET leaves nothing behind
 for v in $VARIANTS; do
   db="$OUT/$DB-$v.db"; start=$(date +%s)
   echo "=== testbed-$v: paired sweep, $EPISODES held-out episodes per task and setting (cap ${CAP_S}s) ==="
