@@ -472,6 +472,10 @@ def test_parse_grid_and_seeds():
         parse_grid(["threshold"])
     with pytest.raises(ValueError, match="'threshold' given twice"):  # not the last value silently
         parse_grid(["gate=threshold threshold=0.9 threshold=0.95"])
+    # fields glued by a comma: before, "unknown gate 'max_age_calls=1'" (a value of gate)
+    with pytest.raises(ValueError, match=r"^grid: gate='crossmodal,max_age_calls=1' holds 'max_age_calls=1' as one "
+                                         r"of gate's values; .*: gate=crossmodal max_age_calls=1$"):
+        parse_grid(["gate=crossmodal,max_age_calls=1"])
     assert episode_seed(0, "reach", 3) == episode_seed(0, "reach", 3) != episode_seed(1, "reach", 3)
     eps = episode_list(FakeEnv(), ("reach", "crash"), 3, init_start=49)
     assert [(t, i) for t, i, _ in eps] == [("reach", 49), ("crash", 49), ("reach", 0), ("crash", 0),

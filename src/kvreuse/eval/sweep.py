@@ -293,6 +293,10 @@ def parse_grid(specs: list[str] | tuple[str, ...]) -> list[dict]:
                 raise ValueError(f"grid: expected key=v1,v2 items, got {item!r} in {spec!r}")
             if k in (a for a, _ in axes):  # the last would silently win
                 raise ValueError(f"grid: {k!r} given twice in {spec!r}; list its values once: {k}=v1,v2")
+            glued = [v for v in vs.split(",") if "=" in v]  # 'gate=crossmodal,max_age_calls=1': a value of gate
+            if glued:
+                raise ValueError(f"grid: {k}={vs!r} holds {glued[0]!r} as one of {k}'s values; separate fields with "
+                                 f"spaces and a field's values with commas: {k}={vs.split(',')[0]} {glued[0]}")
             axes.append((k, [_value(v) for v in vs.split(",")]))
         combos = [dict(zip((k for k, _ in axes), c, strict=True)) for c in itertools.product(*(v for _, v in axes))]
         _check_read(spec, [k for k, _ in axes], combos)
