@@ -133,6 +133,8 @@ def describe(path: str | Path) -> str:
 
 def run_info(path: Positional[str]) -> None:
     """Print what a checkpoint is: variant, parameter counts per part, prefix/suffix lengths,
-    cameras, robot and norm stats. PATH: our checkpoint directory, or a lerobot/openpi
-    model.safetensors (file or directory)."""
+    cameras, robot and norm stats.
+
+    Args:
+        path: our checkpoint directory, or a lerobot/openpi model.safetensors (file or directory)."""
     print(describe(path))

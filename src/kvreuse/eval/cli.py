@@ -6,7 +6,9 @@ runs/kvreuse.db (SQLite; rerunning skips finished episodes). Heavy imports stay 
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import sys
 import tempfile
 import time
@@ -173,7 +175,6 @@ def run_sweep_cmd(
             cartesian product, specs are unioned. E.g. 'gate=threshold threshold=0.98,0.985
             mode=full,vision_only' 'gate=period period=2,4'.
         report_dir: also write report.md, results.csv and plots there.
-        (other options as in `kvreuse eval`)
     """
     from .sweep import PolicySource, parse_grid, run_sweep
 
@@ -199,6 +200,8 @@ def run_report(db: str | None = None, out: str | None = None, plots: bool = True
         db: the SQLite results file (default: runs/kvreuse.db).
         out: folder for report.md, results.csv and the PNG plots (default: <db stem>_report next
             to the DB; with --csv, <csv stem>_report next to the CSV).
+        plots: also draw the PNG plots (--no-plots: report.md and results.csv only; plots an
+            earlier run left in `out` are removed, so none is out of date).
         csv: instead of a DB, a results.csv that `report` wrote: redraws report.md and the plots
             from it (the DB need not be kept); the CSV itself is left as it is.
     """
@@ -272,3 +275,28 @@ def run_bench_eval(
         # CPU time is what other load on a shared machine does not inflate much.
         print(f"CPU time {cpu:.1f} s = {cpu / s.ran:.2f} CPU-s per episode (start-up included); "
               f"if it scales linearly, 400 episodes on 16 idle cores: {400 * cpu / s.ran / 16:.0f} s")
+
+
+def _args(f) -> dict[str, str]:
+    """The entries of f's docstring's Args section: name -> its lines (the name's line and the
+    continuation lines indented under it)."""
+    doc = inspect.getdoc(f) or ""
+    out: dict[str, str] = {}
+    for line in doc.split("Args:", 1)[1].splitlines() if "Args:" in doc else []:
+        if m := re.match(r"^    (\w+):", line):
+            out[m.group(1)] = line
+        elif line.startswith("        ") and out:
+            out[next(reversed(out))] += "\n" + line
+    return out
+
+
+def _document_shared_options(f) -> None:
+    """Append to f's Args (its docstring's last section) run_eval's entries for the options f shares
+    with `kvreuse eval`: tyro's --help shows each option's entry, and one text serves both."""
+    own, shared = _args(f), _args(run_eval)
+    extra = [shared[p] for p in inspect.signature(f).parameters if p not in own and p in shared]
+    f.__doc__ = (inspect.getdoc(f) or "").rstrip() + "\n" + "\n".join(extra) + "\n"
+
+
+for _f in (run_sweep_cmd, run_bench_eval):
+    _document_shared_options(_f)

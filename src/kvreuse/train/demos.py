@@ -215,11 +215,18 @@ def collect_demos(
     into `out` (-> the index written to out/index.json).
 
     Args:
+        out: the demo set's directory (what `kvreuse train --demos` reads).
         tasks: default all testbed tasks.
+        demos_per_task: successful demos recorded per task.
+        noise: std of the Gaussian noise added to the executed dx/dy/dz (DART: the recorded label
+            stays the expert's action); 0 records plain expert rollouts.
+        image_size: camera render size in pixels (the env's default is 128).
+        max_steps: step limit of a demo episode; an episode that ends there unsolved is not kept.
         workers: parallel processes (each renders with its own GL context).
         parts_per_task: split each task over this many workers (disjoint layouts).
         counts: "TASK=N" entries that override demos_per_task for a task (more demos where
             the policy is weak).
+        seed: seeds each episode's env reset and action noise (drawn per task and part).
         overwrite: replace a demo set already in `out` (otherwise refused).
 
     Nothing is written unless every task gets its demos: a shortfall (episodes cut off at

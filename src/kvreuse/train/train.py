@@ -112,13 +112,18 @@ def run_train(
         demos: directory written by `kvreuse demos`.
         out: checkpoint directory to write; one that already holds a checkpoint is refused
             unless --overwrite.
+        preset: the tiny model to train: tiny-pi05 (state in the prompt) or tiny-pi0 (state token).
         steps: most optimizer steps.
         max_minutes: optional wall-clock budget (0 = none); the LR schedule ends at whichever of
             `steps` / `max_minutes` comes first.
+        batch_size: samples per optimizer step.
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW's decoupled weight decay.
         warmup: linear LR warm-up, as a fraction of the schedule (0 <= warmup < 1).
         ema: decay of the weight average that gets saved.
         shift: random image shift in pixels (0 = none).
         device: auto (cuda when available, else cpu), cpu, cuda or cuda:N.
+        seed: seeds the weights' init, the batch order, the image shifts and the flow-matching noise.
         log_every: print and log (train_log.jsonl) the loss every this many steps (and step 1);
             a line is also printed at least once a minute.
         tasks: train on these tasks of the demo set only (default all).
