@@ -286,32 +286,58 @@ def run_bench(
     """Time the fast runtime at full size (random weights unless --checkpoint) and compare it
     with the eager model and, when importable, lerobot's PI0Pytorch / PI05Pytorch.
 
-    --check: fast actions vs eager (bf16) and a float32 copy; exit 1 if the fast path's error
-    against float32 exceeds max(tol, 2 x the eager bf16 model's own error).
-    --prefix-attn / --expert-attn: attention kernel of the fast path (sdpa, fp32, math,
-    efficient, cudnn, triton; auto = triton on CUDA when installed, else sdpa / fp32);
-    --compile-mode max-autotune-no-cudagraphs: inductor autotunes its GEMMs (longer warm-up);
-    --expert-gemm torch|fused|triton|chain: the expert's products through cuBLAS, or fused Triton
-    kernels (fused_qkv + gated skinny GEMM; triton: also the residual products; chain: the whole
-    layer as Triton kernels, norms inside the reduce kernels); auto picks per docs/PERFORMANCE.md;
-    --expert-pdl: programmatic dependent launch for the chain (default: where supported);
-    --fused-layer-norm: SigLIP's residual add + LayerNorm as one Triton kernel (default: on CUDA);
-    --vision-trt: the vision tower as TensorRT engines (needs torch_tensorrt; untested);
-    --prompt-tokens: valid tokens of the synthetic prompt (default two thirds of the slots);
-    --prompt-bucket: the fast path runs the prompt up to its last valid token rounded up to a
-    multiple of this many slots (0: every slot, as before round 12; default: FastPi0's, 32 slots
-    for prompts of >= 128 slots (Pi0.5), else 64);
-    --lm-down-tune: time cuBLAS against cuBLASLt (torch's pick over padded rows, and cuBLASLt's
-    other configurations) for the prefix LM's down product and keep the fastest (default: on CUDA);
-    --skinny-rows: the most suffix rows (batch x suffix) the expert runs through its Triton kernels,
-    more go through cuBLAS (default FastPi0's: 128, batch 1-2; at most 256);
-    --lerobot-compile-mode: torch.compile mode for lerobot (default: what lerobot's own
-    compile_model=True uses, PI0Config.compile_mode = "max-autotune", with CUDA graphs; its compile
-    ran over 8 minutes on an H100; "default" is what rounds 1-8 of docs/PERFORMANCE.md compared
-    against);
-    --lerobot-rounds: after lerobot's compiled timing, this many rounds alternating our fastest
-    path and lerobot compiled in the same process, with each round's ratio;
-    --variants "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert pairs."""
+    Args:
+        preset: pi0 | pi05 (full size: a CUDA GPU), or tiny-pi0 | tiny-pi05 (run on a CPU too).
+        batch: observations per call.
+        cameras: camera slots of the random model (a checkpoint keeps its own).
+        steps: Euler steps of the denoise.
+        chunk: actions per chunk of the random model (a checkpoint keeps its own).
+        iters: timed calls per figure (the medians and p10 / p90 are over these).
+        warmup: untimed calls before each figure's timed ones.
+        check: fast actions vs eager (bf16) and a float32 copy; exit 1 if the fast path's error
+            against float32 exceeds max(tol, 2 x the eager bf16 model's own error).
+        tol: the least relative L2 error --check allows.
+        checkpoint: time this checkpoint's weights instead of random ones (its config sets the
+            shapes; lerobot is then not run beside it).
+        compile: also time the fast path with torch.compile of its layer functions (CUDA).
+        eager: also time the eager model (the ratios' denominator besides lerobot).
+        reuse: time each reuse mode's prefix update, and the update with its denoise.
+        partial_fraction: the fraction of each camera's patches the partial mode recomputes.
+        split: layer_wise's split (layers below it reused; default: half the prefix LM's depth).
+        lerobot: run lerobot's model side by side when lerobot is importable (GPU, random weights).
+        lerobot_compile: also time lerobot torch.compile'd (its compile takes minutes).
+        lerobot_rounds: after lerobot's compiled timing, this many rounds alternating our fastest
+            path and lerobot compiled in the same process, with each round's ratio.
+        lerobot_compile_mode: torch.compile mode for lerobot (default: what lerobot's own
+            compile_model=True uses, PI0Config.compile_mode = "max-autotune", with CUDA graphs;
+            its compile ran over 8 minutes on an H100; "default" is what rounds 1-8 of
+            docs/PERFORMANCE.md compared against).
+        json_out: also write the figures to this JSON file.
+        seed: seeds the random weights and inputs.
+        prefix_attn: attention kernel of the fast path's prefix LM (sdpa, fp32, math, efficient,
+            cudnn, triton; auto = triton on CUDA when installed, else sdpa).
+        expert_attn: the same for the action expert (auto = triton on CUDA, else fp32).
+        variants: "sdpa/sdpa,sdpa/fp32,...": also time these prefix/expert attention pairs.
+        reuse_eager: with eager and reuse, also time the eager model's prefix updates.
+        profile: write a kernel profile of one full inference (CUDA graphs off) to this file.
+        compile_mode: torch.compile mode of the fast path (max-autotune-no-cudagraphs: inductor
+            autotunes its GEMMs; a longer warm-up).
+        expert_gemm: torch | fused | triton | chain | auto: the expert's products through cuBLAS,
+            or fused Triton kernels (fused_qkv + gated skinny GEMM; triton: also the residual
+            products; chain: the whole layer as Triton kernels, norms inside the reduce kernels);
+            auto picks per docs/PERFORMANCE.md.
+        expert_pdl: programmatic dependent launch for the chain (default: where supported).
+        fused_layer_norm: SigLIP's residual add + LayerNorm as one Triton kernel (default: on CUDA).
+        vision_trt: the vision tower as TensorRT engines (needs torch_tensorrt; untested).
+        prompt_tokens: valid tokens of the synthetic prompt (default two thirds of the slots).
+        prompt_bucket: the fast path runs the prompt up to its last valid token rounded up to a
+            multiple of this many slots (0: every slot, as before round 12; default: FastPi0's, 32
+            slots for prompts of >= 128 slots (Pi0.5), else 64).
+        lm_down_tune: time cuBLAS against cuBLASLt (torch's pick over padded rows, and cuBLASLt's
+            other configurations) for the prefix LM's down product and keep the fastest (default:
+            on CUDA).
+        skinny_rows: the most suffix rows (batch x suffix) the expert runs through its Triton
+            kernels, more go through cuBLAS (default FastPi0's: 128, batch 1-2; at most 256)."""
     if json_out:  # before minutes of timing
         from .outputs import check_file_out
 
