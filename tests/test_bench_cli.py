@@ -1,6 +1,7 @@
 """`python -m kvreuse.bench key=value ...`: typed parsing without tyro, one-line errors."""
 
 import functools
+import os
 
 import pytest
 
@@ -65,6 +66,12 @@ def test_check_file_and_dir_out(tmp_path):
     (tmp_path / "f").write_text("x")
     assert check_file_out(tmp_path / "new" / "r.json", "--x") == tmp_path / "new" / "r.json"
     assert (tmp_path / "new").is_dir()  # its folder is made now, the file after the work
+    assert not (tmp_path / "new" / "r.json").exists()
+    assert check_file_out(tmp_path / "f", "--x").read_text() == "x"  # an existing file is left as it is
+    # a folder os.access calls writable where no file can be made (/proc, for root too): found before the work
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(ValueError, match="--x /proc/r.json: not writable"):
+            check_file_out("/proc/r.json", "--x")
     for bad, msg in ((tmp_path, "is a folder"), (tmp_path / "f" / "r.json", "cannot make its folder")):
         with pytest.raises(ValueError, match=f"--x {bad}: {msg}"):
             check_file_out(bad, "--x")
