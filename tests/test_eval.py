@@ -476,6 +476,9 @@ def test_parse_grid_and_seeds():
     with pytest.raises(ValueError, match=r"^grid: gate='crossmodal,max_age_calls=1' holds 'max_age_calls=1' as one "
                                          r"of gate's values; .*: gate=crossmodal max_age_calls=1$"):
         parse_grid(["gate=crossmodal,max_age_calls=1"])
+    # the spaced form shown keeps every field's values (it showed 'threshold=0.8 max_age_calls=1')
+    with pytest.raises(ValueError, match=r": threshold=0\.8,0\.9 max_age_calls=1,2$"):
+        parse_grid(["gate=crossmodal threshold=0.8,0.9,max_age_calls=1,2"])
     assert episode_seed(0, "reach", 3) == episode_seed(0, "reach", 3) != episode_seed(1, "reach", 3)
     eps = episode_list(FakeEnv(), ("reach", "crash"), 3, init_start=49)
     assert [(t, i) for t, i, _ in eps] == [("reach", 49), ("crash", 49), ("reach", 0), ("crash", 0),

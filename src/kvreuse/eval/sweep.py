@@ -294,9 +294,11 @@ def parse_grid(specs: list[str] | tuple[str, ...]) -> list[dict]:
             if k in (a for a, _ in axes):  # the last would silently win
                 raise ValueError(f"grid: {k!r} given twice in {spec!r}; list its values once: {k}=v1,v2")
             glued = [v for v in vs.split(",") if "=" in v]  # 'gate=crossmodal,max_age_calls=1': a value of gate
-            if glued:
+            if glued:  # the spaced form keeps every value: a comma before a 'key=' piece becomes a space
+                first, *rest = item.split(",")
+                spaced = first + "".join((" " if "=" in v else ",") + v for v in rest)
                 raise ValueError(f"grid: {k}={vs!r} holds {glued[0]!r} as one of {k}'s values; separate fields with "
-                                 f"spaces and a field's values with commas: {k}={vs.split(',')[0]} {glued[0]}")
+                                 f"spaces and a field's values with commas: {spaced}")
             axes.append((k, [_value(v) for v in vs.split(",")]))
         combos = [dict(zip((k for k, _ in axes), c, strict=True)) for c in itertools.product(*(v for _, v in axes))]
         _check_read(spec, [k for k, _ in axes], combos)
