@@ -26,7 +26,7 @@ def paired(db: str, setting: str, task: str | None) -> tuple[tuple, dict[tuple[s
         mine = [r for r in rows if r["name"] == setting and not r["is_baseline"]]
         if len(mine) != 1:
             names = sorted({r["name"] for r in rows if not r["is_baseline"]})
-            also = ("; they differ in " + _differs(mine)) if len(mine) > 1 else ""
+            also = ("; they differ in " + _differs([setting_group(r) for r in mine])) if len(mine) > 1 else ""
             raise ValueError(f"{db}: {len(mine)} settings named {setting!r}{also}; it holds {names}")
         base = [r for r in rows if r["is_baseline"] and setting_group(r) == setting_group(mine[0])]
         if not base:
@@ -43,10 +43,10 @@ def paired(db: str, setting: str, task: str | None) -> tuple[tuple, dict[tuple[s
 _GROUP = ("policy id", "env", "replan", "protocol")
 
 
-def _differs(rows: list) -> str:
-    """What tells settings rows of one name apart, e.g. "policy id ('a+cuda', 'a+cuda+stats@1')"."""
-    groups = [setting_group(r) for r in rows]
-    diff = [f"{name} {tuple(g[i] for g in groups)}" for i, name in enumerate(_GROUP) if len({g[i] for g in groups}) > 1]
+def _differs(groups: list[tuple]) -> str:
+    """What tells setting groups apart, e.g. "policy id 'a+cuda' vs 'a+cuda+stats@1'"."""
+    diff = [f"{name} {' vs '.join(repr(g[i]) for g in groups)}" for i, name in enumerate(_GROUP)
+            if len({g[i] for g in groups}) > 1]
     return ", ".join(diff) or "their reuse fields"
 
 
@@ -60,9 +60,8 @@ def pool(dbs: list[str], setting: str, task: str | None = None) -> list[tuple[st
         if first is None:
             first = (db, group)
         elif group != first[1]:  # another policy (weights, norm stats, device, ...) or protocol: not one sample
-            what = [f"{name} {a!r} vs {b!r}" for name, a, b in zip(_GROUP, first[1], group, strict=True) if a != b]
-            raise ValueError(f"{first[0]} and {db} ran {setting!r} with another {', '.join(what)}: pool one policy's "
-                             "runs of one protocol only")
+            raise ValueError(f"{first[0]} and {db} ran {setting!r} with another {_differs([first[1], group])}: pool "
+                             "one policy's runs of one protocol only")
         for k in pairs:
             if k in seen:
                 raise ValueError(f"{seen[k]} and {db} both hold episode {k}: pool DBs of distinct seeds only")

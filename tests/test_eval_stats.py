@@ -486,7 +486,7 @@ def test_pool_paired_refuses_runs_of_another_policy_and_names_what_tells_same_na
     assert len(err) == 1 and "another policy id 'p+stats@1' vs 'p+stats@2'" in err[0], err
     assert mod["main"](["--setting", "thr", a, both]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "2 settings named 'thr'; they differ in policy id ('p', 'p+stats@1')" in err[0], err
+    assert len(err) == 1 and "2 settings named 'thr'; they differ in policy id 'p' vs 'p+stats@1'" in err[0], err
     assert mod["main"](["--setting", "thr", a, db("c.db", ["p+stats@1"], 3)]) == 0
 
 
