@@ -7,7 +7,8 @@
 # gate at looser image thresholds, GRID_SET=crossmodal_state its looser state tests (image 0.80) and
 # image tests (state 0.98);
 # GRID_SET=age the cross-modal gate with a cap on the cache's age in calls (docs/RESULTS.md, "An age
-# cap on the cross-modal gate"), GRID_SET=age_confirm the capped setting alone.
+# cap on the cross-modal gate"), GRID_SET=age_confirm the capped setting alone, GRID_SET=fresh_state
+# that gate with the prompt (and Pi0.5's state tokens) recomputed on a reuse.
 # VARIANTS="pi05" runs one policy; TASKS="push-v3" some tasks only; SEED=1 other noise seeds (the
 # pairs differ from seed 0's); DB=push another DB name (default sweep).
 # A sweep cut off by CAP_S continues where it stopped when run again on the same DB.
@@ -31,9 +32,11 @@ elif [ "${GRID_SET:-main}" = age ]; then  # the gate's reuse bounded by the cach
         'gate=crossmodal threshold=0.8 max_age_calls=1')
 elif [ "${GRID_SET:-main}" = age_confirm ]; then  # the capped setting alone, on more seeds / tasks
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 max_age_calls=1')
+elif [ "${GRID_SET:-main}" = fresh_state ]; then  # Pi0.5's state tokens recomputed on a reuse (vision_only)
+  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=full,vision_only')
 elif [ "${GRID_SET:-main}" != main ]; then
-  echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm, crossmodal, crossmodal_state, age or" \
-    "age_confirm" >&2
+  echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm, crossmodal, crossmodal_state, age," \
+    "age_confirm or fresh_state" >&2
   exit 2
 fi
 mkdir -p "$OUT"  # after the checks: a bad GRID_SET leaves nothing behind
