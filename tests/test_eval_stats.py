@@ -513,3 +513,31 @@ def test_report_names_each_settings_worst_task_under_the_all_task_table(tmp_path
     assert "- fine: no task below the baseline" in block
     assert md.count(WORST) == 1  # under the all-task table only
     assert WORST not in markdown(compute_rows(db, only={("a", i, i) for i in range(4)}))  # one task: no block
+
+
+def test_reuse_runs_counts_the_longest_run_of_reuses_per_episode(tmp_path, capsys):
+    """scripts/reuse_runs.py (RESULTS.md: vision_only kept one snapshot for 27 calls in a row where
+    the whole-prefix gate's runs averaged 3): the longest run of consecutive reuses per episode, its
+    mean and max over a setting's episodes, the pooled reuse rate; error episodes left out."""
+    import runpy
+    from pathlib import Path
+
+    from kvreuse.eval.rollout import EpisodeResult
+    from kvreuse.eval.store import ResultStore
+
+    mod = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "reuse_runs.py"))
+    r, f = "reuse:full", "refresh"
+    db = tmp_path / "r.db"
+    with ResultStore(db) as st:
+        b, t = _baseline_and_thr(st)
+        st.add(b, _ep("push", 0))
+        for i, (status, dec) in enumerate([("success", [f, r, r, f, r]), ("failure", [f, r, r, r, r, f]),
+                                           ("error", [f, r, r, r, r, r, r, r])]):
+            st.add(t, EpisodeResult("push", i, i, status, steps=10, calls=len(dec), reuses=dec.count(r),
+                                    decisions=dec, reasons=["x"] * len(dec), timings={"total": [1.0] * len(dec)}))
+    assert mod["longest_run"]([r, f, r, r, f]) == 2 and mod["longest_run"]([]) == 0
+    assert mod["runs"](str(db)) == [("baseline", 1, 0.0, 0, 0.0), ("thr", 2, 3.0, 4, 7 / 11)]
+    assert mod["runs"](str(db), task="reach") == []
+    assert mod["main"]([str(db)]) == 0 and "| thr | 2 | 3.0 / 4 | 63.6% |" in capsys.readouterr().out
+    assert mod["main"]([str(tmp_path / "none.db")]) == 2
+    assert "none.db: no such file" in capsys.readouterr().err
