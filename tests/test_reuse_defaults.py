@@ -24,7 +24,8 @@ PARTIAL = {"gate": "threshold", "threshold": 0.9, "mode": "partial"}
 DEFAULTS = {
     "gate": "never", "mode": "full", "synchronized": False, "threshold": 0.985, "image_metric": "raw",
     "downsample": 32, "patch_threshold": 0.99, "patch_max_diff": 0.1, "state_threshold": 0.99,
-    "state_max_l2": None, "period": 5, "phase_threshold": 0.995, "gripper_dim": -1, "gripper_delta": 0.5,
+    "state_max_l2": None, "state_reference": "state", "period": 5, "phase_threshold": 0.995, "gripper_dim": -1,
+    "gripper_delta": 0.5,
     "variance_threshold": 0.05, "curvature_threshold": 0.3, "motion_dims": 3, "phase_horizon": None,
     "max_age_calls": None, "max_age_s": None, "layer_split": None,
 }

@@ -16,10 +16,12 @@ import numpy as np
 GateKind = Literal["never", "always", "period", "threshold", "crossmodal", "phase"]
 ModeKind = Literal["full", "vision_only", "state_only", "layer_wise", "text_fixed", "partial"]
 ImageMetric = Literal["raw", "patch", "siglip"]
+StateReference = Literal["state", "cameras"]
 
 GATES: tuple[str, ...] = GateKind.__args__  # type: ignore[attr-defined]
 MODES: tuple[str, ...] = ModeKind.__args__  # type: ignore[attr-defined]
 METRICS: tuple[str, ...] = ImageMetric.__args__  # type: ignore[attr-defined]
+STATE_REFERENCES: tuple[str, ...] = StateReference.__args__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,12 @@ class ReuseConfig:
     state_max_l2: float | None = None
     """If set, also require ||s - s_cached|| / sqrt(state_dim) <= this (crossmodal gate); the
     state is normalized, so this is the RMS per-dim change in normalized units."""
+    state_reference: StateReference = "state"
+    """The state the crossmodal gate's state test compares with. state: the snapshot's that set the
+    cache's state information; a mode that recomputes that span on a reuse (Pi0.5's state tokens:
+    vision_only, partial) moves it to each such call, so the test bounds consecutive calls only.
+    cameras: the state when every camera's K/V were last computed, so the test bounds how far the
+    robot moved since the images the cache holds (docs/REUSE.md)."""
 
     # period gate
     period: int = 5
@@ -97,6 +105,9 @@ class ReuseConfig:
             raise ValueError(f"reuse.mode: unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
         if self.image_metric not in METRICS:
             raise ValueError(f"reuse.image_metric: unknown metric {self.image_metric!r}; expected one of {', '.join(METRICS)}")
+        if self.state_reference not in STATE_REFERENCES:
+            raise ValueError(f"reuse.state_reference: expected one of {', '.join(STATE_REFERENCES)}, "
+                             f"got {self.state_reference!r}")
         for name in ("threshold", "state_threshold", "phase_threshold", "patch_threshold"):
             v = getattr(self, name)
             if not -1.0 <= v <= 1.0:
@@ -255,7 +266,7 @@ _IMAGE = ("threshold", "image_metric", "downsample")
 _GATE_READS: dict[str, tuple[str, ...]] = {  # the fields each gate's decision reads (gates.py, signals.py)
     "never": (), "always": (), "period": ("period",),
     "threshold": _IMAGE,
-    "crossmodal": (*_IMAGE, "state_threshold", "state_max_l2"),
+    "crossmodal": (*_IMAGE, "state_threshold", "state_max_l2", "state_reference"),
     "phase": (*_IMAGE, "phase_threshold", "gripper_dim", "gripper_delta", "variance_threshold",
               "curvature_threshold", "motion_dims", "phase_horizon"),
 }

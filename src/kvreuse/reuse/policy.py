@@ -334,10 +334,12 @@ class ReusePolicy:
             if not cfg.enabled:  # the never gate compares nothing with it: no reference to build
                 self.ref = None  # (its copies would queue behind the graph and delay the call's end)
                 return out
+            state = obs.state.clone()
             self.ref = Reference(
                 cameras={c: camera_ref(obs.images[c], cfg, patch, embeds[c]) for c in mc.cameras},
                 image_masks={c: obs.host_mask(f"image_masks/{c}").clone() for c in obs.image_masks},  # CPU
-                state=obs.state.clone(),
+                state=state,
+                camera_state=state,  # replaced, never written in place: one tensor serves both
                 prompt=obs.prompt,
                 raw_shapes=tuple(raw_shapes) if raw_shapes is not None else None,
                 dtype=model.dtype,
@@ -396,8 +398,10 @@ class ReusePolicy:
         """Move the signal references of recomputed tokens to the new observation."""
         mc, cfg = self.model.cfg, self.config
         p, patch = mc.vision.num_patches, mc.vision.patch_size
+        every_camera = True  # every camera's rows recomputed: the cameras' K/V are this call's
         for i, cam in enumerate(mc.cameras):
             rows = plan.recompute[i * p : (i + 1) * p].cpu()
+            every_camera &= bool(rows.all())
             if bool(rows.all()):
                 self.ref.cameras[cam] = camera_ref(obs.images[cam], cfg, patch, embeds.get(cam))
             elif bool(rows.any()):
@@ -407,7 +411,10 @@ class ReusePolicy:
                 # would wait for the denoise queued before this.
                 idx = upload(rows.nonzero().squeeze(-1), r.patches.device)
                 r.patches = r.patches.index_copy(1, idx, new.index_select(1, idx))
-        if not plan.prompt_from_cache and (bool(plan.recompute.all()) or "state" in plan.refreshed or (
+        state_span = not plan.prompt_from_cache and (bool(plan.recompute.all()) or "state" in plan.refreshed or (
             not mc.state_in_prompt and all(c in plan.refreshed for c in mc.cameras)
-        )):
-            self.ref.state = obs.state.clone()
+        ))
+        if state_span or every_camera:
+            state = obs.state.clone()  # replaced, never written in place: one tensor may serve both
+            self.ref.state = state if state_span else self.ref.state
+            self.ref.camera_state = state if every_camera else self.ref.camera_state

@@ -62,6 +62,7 @@ class Reference:
     cameras: dict[str, CameraRef]
     image_masks: dict[str, torch.Tensor]  # on the CPU
     state: torch.Tensor  # (B, max_state_dim) state of the snapshot that set the state span
+    camera_state: torch.Tensor  # the state when every camera's K/V were last computed (state_reference=cameras)
     prompt: tuple[str, ...]
     raw_shapes: tuple | None
     dtype: torch.dtype
@@ -265,7 +266,8 @@ def measure(
         fresh, cached = [obs.images[c] for c in raw], [ref.cameras[c].small for c in raw]
         parts += [("image_raw", c, 1) for c in raw]
         if with_state:
-            fresh, cached = [*fresh, obs.state], [*cached, ref.state]
+            fresh, cached = [*fresh, obs.state], [*cached, ref.camera_state if cfg.state_reference == "cameras"
+                                                   else ref.state]
             parts += [("state_cos", "", 1), ("state_l2", "", 1)]
         vecs.append(run(raw_scalars, fresh, cached, cfg.downsample, state_dim, with_state))
     if want_patches or "pixels" in needs:
