@@ -266,8 +266,8 @@ def measure(
         fresh, cached = [obs.images[c] for c in raw], [ref.cameras[c].small for c in raw]
         parts += [("image_raw", c, 1) for c in raw]
         if with_state:
-            fresh, cached = [*fresh, obs.state], [*cached, ref.camera_state if cfg.state_reference == "cameras"
-                                                   else ref.state]
+            state_ref = ref.camera_state if cfg.state_reference == "cameras" else ref.state
+            fresh, cached = [*fresh, obs.state], [*cached, state_ref]
             parts += [("state_cos", "", 1), ("state_l2", "", 1)]
         vecs.append(run(raw_scalars, fresh, cached, cfg.downsample, state_dim, with_state))
     if want_patches or "pixels" in needs:
