@@ -33,10 +33,8 @@ def runs(db: str, task: str | None = None) -> list[tuple[str, int, float, int, f
             eps = [e for e in st.episodes(r["id"]) if e["status"] != "error" and (task is None or e["task"] == task)]
             if not eps:
                 continue
-            decisions = [json.loads(e["decisions"]) for e in eps]
-            longest = [longest_run(d) for d in decisions]
-            calls = sum(len(d) for d in decisions)
-            reused = sum(x.startswith("reuse") for d in decisions for x in d)
+            longest = [longest_run(json.loads(e["decisions"])) for e in eps]
+            calls, reused = sum(e["calls"] for e in eps), sum(e["reuses"] for e in eps)  # as the report pools them
             out.append((r["name"], len(eps), sum(longest) / len(eps), max(longest), reused / max(calls, 1)))
     return out
 

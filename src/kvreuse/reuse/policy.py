@@ -401,8 +401,9 @@ class ReusePolicy:
         every_camera = True  # every camera's rows recomputed: the cameras' K/V are this call's
         for i, cam in enumerate(mc.cameras):
             rows = plan.recompute[i * p : (i + 1) * p].cpu()
-            every_camera &= bool(rows.all())
-            if bool(rows.all()):
+            whole = bool(rows.all())
+            every_camera &= whole
+            if whole:
                 self.ref.cameras[cam] = camera_ref(obs.images[cam], cfg, patch, embeds.get(cam))
             elif bool(rows.any()):
                 r = self.ref.cameras[cam]
@@ -416,5 +417,7 @@ class ReusePolicy:
         ))
         if state_span or every_camera:
             state = obs.state.clone()  # replaced, never written in place: one tensor may serve both
-            self.ref.state = state if state_span else self.ref.state
-            self.ref.camera_state = state if every_camera else self.ref.camera_state
+            if state_span:
+                self.ref.state = state
+            if every_camera:
+                self.ref.camera_state = state
