@@ -8,7 +8,8 @@
 # image tests (state 0.98);
 # GRID_SET=age the cross-modal gate with a cap on the cache's age in calls (docs/RESULTS.md, "An age
 # cap on the cross-modal gate"), GRID_SET=age_confirm the capped setting alone, GRID_SET=fresh_state
-# that gate with the prompt (and Pi0.5's state tokens) recomputed on a reuse.
+# that gate with the prompt (and Pi0.5's state tokens) recomputed on a reuse, GRID_SET=state_tests that gate's
+# state test against the cameras' snapshot (vision_only, partial) and with an L2 bound on the state's change.
 # VARIANTS="pi05" runs one policy; TASKS="push-v3" some tasks only; SEED=1 other noise seeds (the
 # pairs differ from seed 0's); DB=push another DB name (default sweep).
 # A sweep cut off by CAP_S continues where it stopped when run again on the same DB.
@@ -34,9 +35,13 @@ elif [ "${GRID_SET:-main}" = age_confirm ]; then  # the capped setting alone, on
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 max_age_calls=1')
 elif [ "${GRID_SET:-main}" = fresh_state ]; then  # Pi0.5's state tokens recomputed on a reuse (vision_only)
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=full,vision_only')
+elif [ "${GRID_SET:-main}" = state_tests ]; then  # which state a reuse is compared with, and how
+  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=full,partial'
+        'gate=crossmodal threshold=0.8 state_threshold=0.98 mode=vision_only,partial state_reference=cameras'
+        'gate=crossmodal threshold=0.8 state_threshold=0.98 state_max_l2=0.06,0.08')
 elif [ "${GRID_SET:-main}" != main ]; then
   echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm, crossmodal, crossmodal_state, age," \
-    "age_confirm or fresh_state" >&2
+    "age_confirm, fresh_state or state_tests" >&2
   exit 2
 fi
 mkdir -p "$OUT"  # after the checks: a bad GRID_SET leaves nothing behind
