@@ -36,7 +36,7 @@ elif [ "${GRID_SET:-main}" = age_confirm ]; then  # the capped setting alone, on
 elif [ "${GRID_SET:-main}" = fresh_state ]; then  # Pi0.5's state tokens recomputed on a reuse (vision_only)
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=full,vision_only')
 elif [ "${GRID_SET:-main}" = state_tests ]; then  # which state a reuse is compared with, and how
-  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=full,partial'
+  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=full' 'gate=crossmodal threshold=0.8 state_threshold=0.98 mode=partial state_reference=state'
         'gate=crossmodal threshold=0.8 state_threshold=0.98 mode=vision_only,partial state_reference=cameras'
         'gate=crossmodal threshold=0.8 state_threshold=0.98 state_max_l2=0.06,0.08')
 elif [ "${GRID_SET:-main}" != main ]; then

@@ -460,6 +460,7 @@ def test_state_reference_cameras_bounds_the_drift_since_the_cameras_kv(reference
 def test_state_reference_is_checked_and_part_of_the_crossmodal_setting():
     with pytest.raises(ValueError, match="^reuse.state_reference: expected one of state, cameras, got 'vision'$"):
         ReuseConfig(gate="crossmodal", state_reference="vision")
-    cfg = ReuseConfig(gate="crossmodal", state_reference="cameras")
-    assert cfg.label().endswith(",state_reference=cameras") and "state_reference" in cfg.read_fields()
-    assert ReuseConfig(gate="threshold", state_reference="cameras").unused_fields() == ["state_reference"]
+    cfg = ReuseConfig(gate="crossmodal", state_reference="state")  # the default is cameras (DEFAULT_CHANGES)
+    assert cfg.label().endswith(",state_reference=state") and "state_reference" in cfg.read_fields()
+    assert ReuseConfig(gate="crossmodal").label() == "crossmodal(raw>=0.985,state>=0.99)/full"
+    assert ReuseConfig(gate="threshold", state_reference="state").unused_fields() == ["state_reference"]

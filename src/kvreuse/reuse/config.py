@@ -59,12 +59,13 @@ class ReuseConfig:
     state_max_l2: float | None = None
     """If set, also require ||s - s_cached|| / sqrt(state_dim) <= this (crossmodal gate); the
     state is normalized, so this is the RMS per-dim change in normalized units."""
-    state_reference: StateReference = "state"
-    """The state the crossmodal gate's state test compares with. state: the snapshot's that set the
-    cache's state information; a mode that recomputes that span on a reuse (Pi0.5's state tokens:
-    vision_only, partial) moves it to each such call, so the test bounds consecutive calls only.
-    cameras: the state when every camera's K/V were last computed, so the test bounds how far the
-    robot moved since the images the cache holds (docs/REUSE.md)."""
+    state_reference: StateReference = "cameras"
+    """The state the crossmodal gate's state test compares with. cameras: the state when every
+    camera's K/V were last computed, so the test bounds how far the robot moved since the images the
+    cache holds. state (the default before 2026-11-28): the snapshot's that set the cache's state
+    information; a mode that recomputes that span on a reuse (Pi0.5's state tokens: vision_only,
+    partial) moves it to each such call, so the test bounds consecutive calls only (docs/REUSE.md).
+    The two differ only for such modes."""
 
     # period gate
     period: int = 5
@@ -250,6 +251,7 @@ class ReuseConfig:
 # change (tests/test_reuse_defaults.py fails until then).
 DEFAULT_CHANGES: tuple[tuple[float, str, object, object], ...] = (
     (1795688246.0, "patch_max_diff", None, 0.1),  # af0067e, 2026-11-26 10:17:26 UTC
+    (1795865281.0, "state_reference", "state", "cameras"),  # 2026-11-28 11:28:01 UTC
 )
 
 
