@@ -5,6 +5,9 @@ For a setting rerun on other noise seeds (`kvreuse sweep --seed N`) into another
 the setting with its own baseline (same policy, env, replan and step limit), episode by episode.
 The same episode (task, layout, seed) in two DBs would count twice, so it is refused; so is a DB
 whose setting ran under another policy id (weights, norm stats, device, ...), env, replan or protocol.
+A setting is matched by its reuse fields, not its label: a DB written before a ReuseConfig default
+changed may name the same setting otherwise (e.g. with `,state_reference=cameras`); its table row
+says which name it matched.
 
 Usage: python scripts/pool_paired.py --setting 'crossmodal(raw>=0.8,state>=0.98)/full' [--task push-v3] DB [DB ...]
 """
@@ -16,17 +19,41 @@ import sys
 
 from kvreuse.eval.stats import mcnemar, paired_bootstrap
 from kvreuse.eval.store import open_existing, setting_group
+from kvreuse.reuse.config import ReuseConfig
 
 
-def paired(db: str, setting: str, task: str | None) -> tuple[tuple, dict[tuple[str, int, int], tuple[bool, bool]]]:
-    """(the setting's group: policy, env, replan, protocol; (task, init_id, seed) -> (baseline
-    succeeded, setting succeeded) over the episodes both finished)."""
+def _config(st, row) -> ReuseConfig | None:
+    try:
+        return st.row_config(row)
+    except ValueError:  # a field a later kvreuse wrote: not the setting asked for
+        return None
+
+
+def setting_config(dbs: list[str], setting: str) -> ReuseConfig | None:
+    """The reuse setting named `setting` in the first DB that has the name (None: none has it)."""
+    for db in dbs:
+        with open_existing(db) as st:  # a missing path is one line, never an empty DB
+            for r in st.settings():
+                if r["name"] == setting and not r["is_baseline"]:
+                    return _config(st, r)
+    return None
+
+
+def paired(db: str, setting: str, task: str | None, cfg: ReuseConfig | None = None
+           ) -> tuple[tuple, str, dict[tuple[str, int, int], tuple[bool, bool]]]:
+    """(the setting's group: policy, env, replan, protocol; the name it has in this DB; (task, init_id,
+    seed) -> (baseline succeeded, setting succeeded) over the episodes both finished). The setting is
+    the row that runs `cfg` (default: the config named `setting` in this DB)."""
     with open_existing(db) as st:  # a missing path is one line, never an empty DB
         rows = st.settings()
-        mine = [r for r in rows if r["name"] == setting and not r["is_baseline"]]
+        if cfg is None:
+            cfg = next((_config(st, r) for r in rows if r["name"] == setting and not r["is_baseline"]), None)
+        mine = [r for r in rows if not r["is_baseline"] and cfg is not None and _config(st, r) == cfg]
         if len(mine) != 1:
             names = sorted({r["name"] for r in rows if not r["is_baseline"]})
             also = ("; they differ in " + _differs([setting_group(r) for r in mine])) if len(mine) > 1 else ""
+            if not mine and setting in names:
+                also = " with its reuse fields (its row of that name runs others)"
             raise ValueError(f"{db}: {len(mine)} settings named {setting!r}{also}; it holds {names}")
         base = [r for r in rows if r["is_baseline"] and setting_group(r) == setting_group(mine[0])]
         if not base:
@@ -37,7 +64,7 @@ def paired(db: str, setting: str, task: str | None) -> tuple[tuple, dict[tuple[s
                     if e["status"] != "error" and (task is None or e["task"] == task)}
 
         b, s = outcomes(base[0]["id"]), outcomes(mine[0]["id"])
-    return setting_group(mine[0]), {k: (b[k], s[k]) for k in sorted(b.keys() & s.keys())}
+    return setting_group(mine[0]), mine[0]["name"], {k: (b[k], s[k]) for k in sorted(b.keys() & s.keys())}
 
 
 _GROUP = ("policy id", "env", "replan", "protocol")
@@ -55,8 +82,9 @@ def pool(dbs: list[str], setting: str, task: str | None = None) -> list[tuple[st
     seen: dict[tuple, str] = {}
     out, base_all, set_all = [], [], []
     first: tuple[str, tuple] | None = None
+    cfg = setting_config(dbs, setting)
     for db in dbs:
-        group, pairs = paired(db, setting, task)
+        group, name, pairs = paired(db, setting, task, cfg)
         if first is None:
             first = (db, group)
         elif group != first[1]:  # another policy (weights, norm stats, device, ...) or protocol: not one sample
@@ -69,7 +97,7 @@ def pool(dbs: list[str], setting: str, task: str | None = None) -> list[tuple[st
         b, s = [p[0] for p in pairs.values()], [p[1] for p in pairs.values()]
         base_all += b
         set_all += s
-        out.append((db, mcnemar(b, s), paired_bootstrap(b, s)))
+        out.append((db if name == setting else f"{db} (as {name!r})", mcnemar(b, s), paired_bootstrap(b, s)))
     out.append(("pooled", mcnemar(base_all, set_all), paired_bootstrap(base_all, set_all)))
     return out
 

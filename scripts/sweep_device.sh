@@ -10,7 +10,8 @@
 # cap on the cross-modal gate"), GRID_SET=age_confirm the capped setting alone, GRID_SET=fresh_state
 # that gate with the prompt (and Pi0.5's state tokens) recomputed on a reuse, GRID_SET=state_tests that gate's
 # state test against the cameras' snapshot (vision_only, partial) and with an L2 bound on the state's change,
-# GRID_SET=state_confirm the two of those that kept push, for fresh seeds.
+# GRID_SET=state_confirm the two of those that kept push, for fresh seeds, GRID_SET=state_both the modes that
+# part the state's and the cameras' snapshots under the default state_reference=both.
 # VARIANTS="pi05" runs one policy; TASKS="push-v3" some tasks only; SEED=1 other noise seeds (the
 # pairs differ from seed 0's); DB=push another DB name (default sweep).
 # A sweep cut off by CAP_S continues where it stopped when run again on the same DB.
@@ -42,9 +43,11 @@ elif [ "${GRID_SET:-main}" = state_tests ]; then  # which state a reuse is compa
         'gate=crossmodal threshold=0.8 state_threshold=0.98 state_max_l2=0.06,0.08')
 elif [ "${GRID_SET:-main}" = state_confirm ]; then  # (state_reference=cameras is the default since these ran)
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=partial' 'gate=crossmodal threshold=0.8 state_threshold=0.98 state_max_l2=0.06')
+elif [ "${GRID_SET:-main}" = state_both ]; then
+  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=partial,vision_only')
 elif [ "${GRID_SET:-main}" != main ]; then
   echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm, crossmodal, crossmodal_state, age," \
-    "age_confirm, fresh_state, state_tests or state_confirm" >&2
+    "age_confirm, fresh_state, state_tests, state_confirm or state_both" >&2
   exit 2
 fi
 mkdir -p "$OUT"  # after the checks: a bad GRID_SET leaves nothing behind

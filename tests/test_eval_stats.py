@@ -541,3 +541,38 @@ def test_reuse_runs_counts_the_longest_run_of_reuses_per_episode(tmp_path, capsy
     assert mod["main"]([str(db)]) == 0 and "| thr | 2 | 3.0 / 4 | 63.6% |" in capsys.readouterr().out
     assert mod["main"]([str(tmp_path / "none.db")]) == 2
     assert "none.db: no such file" in capsys.readouterr().err
+
+
+def test_pool_paired_matches_a_setting_by_its_reuse_fields_not_its_label(tmp_path, capsys):
+    """A DB written before a ReuseConfig default changed labels the same setting otherwise (RESULTS.md
+    pools push under `,state_reference=cameras` with the same setting named without it): pool_paired
+    matches by the reuse fields and says which name it took; a row of the asked name that runs other
+    fields is not taken."""
+    import runpy
+    import sqlite3
+    from pathlib import Path
+
+    from kvreuse.eval.store import ResultStore, Setting
+
+    mod = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "pool_paired.py"))
+
+    def db(name, seed, label, reuse):
+        path = tmp_path / name
+        with ResultStore(path) as st:
+            b = st.setting_id(Setting("p", "fake", 5))
+            t = st.setting_id(Setting("p", "fake", 5, reuse, "thr"))
+            st.add(b, _ep("push", seed))
+            st.add(t, _ep("push", seed, "failure"))
+        with sqlite3.connect(path) as c:  # as an older kvreuse labelled it
+            c.execute("UPDATE settings SET name = ? WHERE id = ?", (label, t))
+        return str(path)
+
+    a = db("a.db", 0, "thr", {"gate": "threshold", "threshold": 0.9})
+    old = db("old.db", 1, "thr,old_label", {"gate": "threshold", "threshold": 0.9})
+    rows = mod["pool"]([a, old], "thr")
+    assert [(label, r.n, r.only_base) for label, r, _ in rows] == [
+        (a, 1, 1), (f"{old} (as 'thr,old_label')", 1, 1), ("pooled", 2, 2)]
+    other = db("other.db", 2, "thr", {"gate": "threshold", "threshold": 0.95})  # the name, other fields
+    assert mod["main"](["--setting", "thr", a, other]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "0 settings named 'thr' with its reuse fields (its row of that name runs others)" in err[0]

@@ -18,6 +18,7 @@ from kvreuse.reuse.config import DEFAULT_CHANGES, ReuseConfig, defaults_at
 
 T_AF0067E = 1795688246.0  # 2026-11-26 10:17:26 UTC: patch_max_diff's default went from None to 0.1
 T_STATE_REF = 1795865281.0  # 2026-11-28 11:28:01 UTC: state_reference's default went from "state" to "cameras"
+T_STATE_BOTH = 1795865695.0  # 2026-11-28 11:34:55 UTC: then to "both"
 PARTIAL = {"gate": "threshold", "threshold": 0.9, "mode": "partial"}
 
 # Every default as of this file. A change of one must be added to DEFAULT_CHANGES (version-2 DBs
@@ -25,7 +26,7 @@ PARTIAL = {"gate": "threshold", "threshold": 0.9, "mode": "partial"}
 DEFAULTS = {
     "gate": "never", "mode": "full", "synchronized": False, "threshold": 0.985, "image_metric": "raw",
     "downsample": 32, "patch_threshold": 0.99, "patch_max_diff": 0.1, "state_threshold": 0.99,
-    "state_max_l2": None, "state_reference": "cameras", "period": 5, "phase_threshold": 0.995, "gripper_dim": -1,
+    "state_max_l2": None, "state_reference": "both", "period": 5, "phase_threshold": 0.995, "gripper_dim": -1,
     "gripper_delta": 0.5,
     "variance_threshold": 0.05, "curvature_threshold": 0.3, "motion_dims": 3, "phase_horizon": None,
     "max_age_calls": None, "max_age_s": None, "layer_split": None,
@@ -39,7 +40,8 @@ def test_default_changes_are_recorded():
     assert defaults_at(T_AF0067E - 1) == {**DEFAULTS, "patch_max_diff": None, "state_reference": "state"}
     assert defaults_at(T_AF0067E) == {**DEFAULTS, "state_reference": "state"}
     assert defaults_at(T_STATE_REF - 1) == {**DEFAULTS, "state_reference": "state"}
-    assert defaults_at(T_STATE_REF) == DEFAULTS
+    assert defaults_at(T_STATE_REF) == {**DEFAULTS, "state_reference": "cameras"}
+    assert defaults_at(T_STATE_BOTH) == DEFAULTS
 
 
 def _old_defaults(monkeypatch, **old):

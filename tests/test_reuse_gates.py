@@ -345,7 +345,7 @@ def test_signal_functions_trace_whole_and_match_eager():
     moved = imgs[1].clone()
     moved[..., :16, :16] += 0.5  # one patch of camera 1, one batch row's worth twice
     cases = [
-        (raw_scalars, [imgs[0], moved, state], [downsample(i, 8) for i in imgs] + [state + 0.01], (8, 8, True)),
+        (raw_scalars, [imgs[0], moved, state], [downsample(i, 8) for i in imgs] + [state + 0.01], (8, 8, 1)),
         (patch_signals, [imgs[0], moved], [patchify(i, 16) for i in imgs], (16, True, 0.999, None)),
     ]
     for fn, fresh, cached, consts in cases:
@@ -383,8 +383,8 @@ def test_signal_graphs_copy_the_cached_side_only_when_it_changed():
     def call(images):
         Copies.n = 0
         with Copies():
-            out = sg(raw_scalars, [*images, state], cached, 8, 8, True).clone()
-        torch.testing.assert_close(out, raw_scalars([*images, state], cached, 8, 8, True))
+            out = sg(raw_scalars, [*images, state], cached, 8, 8, 1).clone()
+        torch.testing.assert_close(out, raw_scalars([*images, state], cached, 8, 8, 1))
         return out, Copies.n
 
     first, n = call(imgs)
@@ -433,12 +433,12 @@ def test_reuse_plans_are_made_on_the_host_after_one_device_read(mode):
     assert reads.count == 0 and again.kind == plan.kind and again.run_cameras == plan.run_cameras
 
 
-@pytest.mark.parametrize("reference", ["state", "cameras"])
+@pytest.mark.parametrize("reference", ["state", "cameras", "both"])
 def test_state_reference_cameras_bounds_the_drift_since_the_cameras_kv(reference):
     """A vision_only reuse recomputes Pi0.5's state tokens and moved the state test's reference to
     that call: a state drifting 0.03 a call passed a 0.05 bound forever while the cameras' K/V aged
-    (RESULTS.md: push 97% -> 5%). state_reference=cameras compares with the state of the call that
-    computed the cameras' K/V, so the drift since then refreshes them."""
+    (RESULTS.md: push 97% -> 5%). state_reference=cameras (and both, the default) compares with the
+    state of the call that computed the cameras' K/V, so the drift since then refreshes them."""
     from test_reuse import model_and_tf, raw_obs
 
     from kvreuse.policy import Policy
@@ -457,10 +457,37 @@ def test_state_reference_cameras_bounds_the_drift_since_the_cameras_kv(reference
         assert got == [(False, 0.0), (True, 0.03), (False, 0.06), (True, 0.03), (False, 0.06), (True, 0.03)]
 
 
-def test_state_reference_is_checked_and_part_of_the_crossmodal_setting():
-    with pytest.raises(ValueError, match="^reuse.state_reference: expected one of state, cameras, got 'vision'$"):
+@pytest.mark.parametrize("reference", ["state", "cameras", "both"])
+def test_state_reference_both_bounds_the_state_tokens_state_only_keeps(reference):
+    """state_only recomputes the moved cameras and keeps Pi0.5's cached state tokens: with every
+    camera recomputed each call the cameras' snapshot moves to each call, so state_reference=cameras
+    passed a drift of 0.03 a call forever while the state tokens aged. both (the default) also tests
+    the state tokens' snapshot, so the drift since then refreshes them."""
+    from test_reuse import model_and_tf, raw_obs
+
+    from kvreuse.policy import Policy
+
+    m, tf = model_and_tf("pi05")
+    rng = np.random.default_rng(5)
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="crossmodal", mode="state_only", threshold=-1.0, state_threshold=-1.0,
+                                          state_max_l2=0.05, state_reference=reference))
+    got = []
+    for k in range(6):  # new images on every call: state_only recomputes both cameras on a reuse
+        rec = pol.infer(raw_obs(rng, state=np.full(4, 0.03 * k)))[1]
+        got.append((rec.reused, round(rec.signals.get("state_l2", 0.0), 4)))
+    if reference == "cameras":  # each call against the one before: 0.03, always under the bound
+        assert got == [(False, 0.0)] + [(True, 0.03)] * 5
+    else:  # against the state tokens' snapshot: 0.06 after two calls, a refresh, and so on
+        assert got == [(False, 0.0), (True, 0.03), (False, 0.06), (True, 0.03), (False, 0.06), (True, 0.03)]
+
+
+def test_state_reference_is_checked_and_part_of_the_crossmodal_setting_where_the_mode_parts_them():
+    with pytest.raises(ValueError, match="^reuse.state_reference: expected one of state, cameras, both, got 'vision'$"):
         ReuseConfig(gate="crossmodal", state_reference="vision")
-    cfg = ReuseConfig(gate="crossmodal", state_reference="state")  # the default is cameras (DEFAULT_CHANGES)
-    assert cfg.label().endswith(",state_reference=state") and "state_reference" in cfg.read_fields()
-    assert ReuseConfig(gate="crossmodal").label() == "crossmodal(raw>=0.985,state>=0.99)/full"
-    assert ReuseConfig(gate="threshold", state_reference="state").unused_fields() == ["state_reference"]
+    for mode in ("vision_only", "state_only", "partial"):  # a reuse recomputes the state's span or cameras, not both
+        cfg = ReuseConfig(gate="crossmodal", mode=mode, state_reference="state")  # the default is both (DEFAULT_CHANGES)
+        assert cfg.label().endswith(",state_reference=state") and "state_reference" in cfg.read_fields()
+    assert ReuseConfig(gate="crossmodal", mode="partial").label() == "crossmodal(raw>=0.985,state>=0.99)/partial(p>=0.99,d<=0.1)"
+    for mode in ("full", "layer_wise", "text_fixed"):  # a reuse moves neither snapshot; a refresh both
+        assert ReuseConfig(gate="crossmodal", mode=mode, state_reference="state").unused_fields() == ["state_reference"]
+    assert ReuseConfig(gate="threshold", mode="partial", state_reference="state").unused_fields() == ["state_reference"]

@@ -16,7 +16,7 @@ import numpy as np
 GateKind = Literal["never", "always", "period", "threshold", "crossmodal", "phase"]
 ModeKind = Literal["full", "vision_only", "state_only", "layer_wise", "text_fixed", "partial"]
 ImageMetric = Literal["raw", "patch", "siglip"]
-StateReference = Literal["state", "cameras"]
+StateReference = Literal["state", "cameras", "both"]
 
 GATES: tuple[str, ...] = GateKind.__args__  # type: ignore[attr-defined]
 MODES: tuple[str, ...] = ModeKind.__args__  # type: ignore[attr-defined]
@@ -59,13 +59,14 @@ class ReuseConfig:
     state_max_l2: float | None = None
     """If set, also require ||s - s_cached|| / sqrt(state_dim) <= this (crossmodal gate); the
     state is normalized, so this is the RMS per-dim change in normalized units."""
-    state_reference: StateReference = "cameras"
-    """The state the crossmodal gate's state test compares with. cameras: the state when every
-    camera's K/V were last computed, so the test bounds how far the robot moved since the images the
-    cache holds. state (the default before 2026-11-28): the snapshot's that set the cache's state
-    information; a mode that recomputes that span on a reuse (Pi0.5's state tokens: vision_only,
-    partial) moves it to each such call, so the test bounds consecutive calls only (docs/REUSE.md).
-    The two differ only for such modes."""
+    state_reference: StateReference = "both"
+    """The state(s) the crossmodal gate's state test compares with. state: the snapshot's that set
+    the cache's state information; a mode that recomputes that span on a reuse (Pi0.5's state
+    tokens: vision_only, partial) moves it to each such call, so the test bounds consecutive calls
+    only. cameras: the state when every camera's K/V were last computed, so the test bounds how far
+    the robot moved since the images the cache holds; state_only's update moves it while the cached
+    state tokens age. both: each test must pass, so the state bounds the age of either (the default
+    since 2026-11-28; state before). They differ only for vision_only, state_only and partial."""
 
     # period gate
     period: int = 5
@@ -211,6 +212,8 @@ class ReuseConfig:
             reads |= {"patch_threshold", "patch_max_diff"}
         if self.mode == "layer_wise":
             reads.add("layer_split")
+        if self.mode not in _STATE_SPAN_MODES:  # the state and cameras references only part on these
+            reads.discard("state_reference")
         return reads
 
     def unused_fields(self) -> list[str]:
@@ -251,7 +254,8 @@ class ReuseConfig:
 # change (tests/test_reuse_defaults.py fails until then).
 DEFAULT_CHANGES: tuple[tuple[float, str, object, object], ...] = (
     (1795688246.0, "patch_max_diff", None, 0.1),  # af0067e, 2026-11-26 10:17:26 UTC
-    (1795865281.0, "state_reference", "state", "cameras"),  # 2026-11-28 11:28:01 UTC
+    (1795865281.0, "state_reference", "state", "cameras"),  # 37826f2, 2026-11-28 11:28:01 UTC
+    (1795865695.0, "state_reference", "cameras", "both"),  # 2026-11-28 11:34:55 UTC
 )
 
 
@@ -273,4 +277,7 @@ _GATE_READS: dict[str, tuple[str, ...]] = {  # the fields each gate's decision r
               "curvature_threshold", "motion_dims", "phase_horizon"),
 }
 _IMAGE_GATES = ("threshold", "crossmodal", "phase")
+# Modes whose reuse recomputes the state's span or every camera but not both (ReusePolicy._update_ref):
+# only there can the state and the cameras' snapshots differ.
+_STATE_SPAN_MODES = ("vision_only", "state_only", "partial")
 _HINTS = typing.get_type_hints(ReuseConfig)  # field name -> evaluated annotation

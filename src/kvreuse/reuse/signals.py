@@ -128,15 +128,16 @@ def state_signals(state: torch.Tensor, ref: torch.Tensor, state_dim: int) -> lis
 
 
 def raw_scalars(fresh: list[torch.Tensor], cached: list[torch.Tensor], size: int, state_dim: int,
-                with_state: bool) -> torch.Tensor:
+                states: int) -> torch.Tensor:
     """The raw-image cosine of each camera (min over batch rows) against its cached downsampled
-    image, then, `with_state`, the state's cosine and L2 (state_signals): fresh = the cameras'
-    images [+ the state], cached = their downsampled references [+ the reference state]. One
-    float32 vector, so that the common gates' signals are one function and one read."""
-    n = len(fresh) - with_state
+    image, then the state's cosine and L2 (state_signals) against each of `states` references:
+    fresh = the cameras' images [+ the state, once per reference], cached = their downsampled
+    references [+ the reference states]. One float32 vector, so that the common gates' signals are
+    one function and one read."""
+    n = len(fresh) - states
     vals = [row_cosine(downsample(img, size), small).min() for img, small in zip(fresh[:n], cached[:n], strict=True)]
-    if with_state:
-        vals += state_signals(fresh[n], cached[n], state_dim)
+    for state, ref in zip(fresh[n:], cached[n:], strict=True):
+        vals += state_signals(state, ref, state_dim)
     return torch.stack(vals)
 
 
@@ -265,11 +266,13 @@ def measure(
     if raw or with_state:
         fresh, cached = [obs.images[c] for c in raw], [ref.cameras[c].small for c in raw]
         parts += [("image_raw", c, 1) for c in raw]
-        if with_state:
-            state_ref = ref.camera_state if cfg.state_reference == "cameras" else ref.state
-            fresh, cached = [*fresh, obs.state], [*cached, state_ref]
-            parts += [("state_cos", "", 1), ("state_l2", "", 1)]
-        vecs.append(run(raw_scalars, fresh, cached, cfg.downsample, state_dim, with_state))
+        refs = []
+        if with_state:  # both: the worse of the two tests (the same tensor twice for a whole-prefix cache)
+            refs = {"state": [ref.state], "cameras": [ref.camera_state],
+                    "both": [ref.state, ref.camera_state]}[cfg.state_reference]
+            fresh, cached = [*fresh, *[obs.state] * len(refs)], [*cached, *refs]
+            parts += [("state_cos", "", 1), ("state_l2", "", 1)] * len(refs)
+        vecs.append(run(raw_scalars, fresh, cached, cfg.downsample, state_dim, len(refs)))
     if want_patches or "pixels" in needs:
         refs = [ref.cameras[c].patches for c in cams]
         for c, r in zip(cams, refs, strict=True):
@@ -301,6 +304,8 @@ def measure(
                 s.pixels_changed[cam] = vals[i] > 0.5
             elif cam:
                 getattr(s, name)[cam] = vals[i]
+            elif getattr(s, name) is not None and name in ("state_cos", "state_l2"):  # a second reference
+                setattr(s, name, min(s.state_cos, vals[i]) if name == "state_cos" else max(s.state_l2, vals[i]))
             else:
                 setattr(s, name, vals[i])
             i += size
