@@ -484,10 +484,11 @@ def test_state_reference_both_bounds_the_state_tokens_state_only_keeps(reference
 def test_state_reference_is_checked_and_part_of_the_crossmodal_setting_where_the_mode_parts_them():
     with pytest.raises(ValueError, match="^reuse.state_reference: expected one of state, cameras, both, got 'vision'$"):
         ReuseConfig(gate="crossmodal", state_reference="vision")
-    for mode in ("vision_only", "state_only", "partial"):  # a reuse recomputes the state's span or cameras, not both
-        cfg = ReuseConfig(gate="crossmodal", mode=mode, state_reference="state")  # the default is both (DEFAULT_CHANGES)
+    for mode in ("vision_only", "state_only", "partial"):  # a reuse recomputes the state's span or the cameras
+        cfg = ReuseConfig(gate="crossmodal", mode=mode, state_reference="state")  # default: both (DEFAULT_CHANGES)
         assert cfg.label().endswith(",state_reference=state") and "state_reference" in cfg.read_fields()
-    assert ReuseConfig(gate="crossmodal", mode="partial").label() == "crossmodal(raw>=0.985,state>=0.99)/partial(p>=0.99,d<=0.1)"
+    label = ReuseConfig(gate="crossmodal", mode="partial").label()
+    assert label == "crossmodal(raw>=0.985,state>=0.99)/partial(p>=0.99,d<=0.1)"
     for mode in ("full", "layer_wise", "text_fixed"):  # a reuse moves neither snapshot; a refresh both
         assert ReuseConfig(gate="crossmodal", mode=mode, state_reference="state").unused_fields() == ["state_reference"]
     assert ReuseConfig(gate="threshold", mode="partial", state_reference="state").unused_fields() == ["state_reference"]
