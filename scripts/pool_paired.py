@@ -29,6 +29,15 @@ def _config(st, row) -> ReuseConfig | None:
         return None
 
 
+def _same(a: ReuseConfig | None, b: ReuseConfig | None) -> bool:
+    """Two rows run one setting: the same fields read, with the same values (a field the gate and
+    mode never read, such as state_reference for a whole-prefix reuse, may differ by DB defaults)."""
+    if a is None or b is None:
+        return False
+    reads = a.read_fields()
+    return reads == b.read_fields() and all(getattr(a, f) == getattr(b, f) for f in reads)
+
+
 def setting_config(dbs: list[str], setting: str) -> ReuseConfig | None:
     """The reuse setting named `setting` in the first DB that has the name (None: none has it)."""
     for db in dbs:
@@ -48,7 +57,7 @@ def paired(db: str, setting: str, task: str | None, cfg: ReuseConfig | None = No
         rows = st.settings()
         if cfg is None:
             cfg = next((_config(st, r) for r in rows if r["name"] == setting and not r["is_baseline"]), None)
-        mine = [r for r in rows if not r["is_baseline"] and cfg is not None and _config(st, r) == cfg]
+        mine = [r for r in rows if not r["is_baseline"] and _same(_config(st, r), cfg)]
         if len(mine) != 1:
             names = sorted({r["name"] for r in rows if not r["is_baseline"]})
             also = ("; they differ in " + _differs([setting_group(r) for r in mine])) if len(mine) > 1 else ""

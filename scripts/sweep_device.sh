@@ -41,8 +41,9 @@ elif [ "${GRID_SET:-main}" = state_tests ]; then  # which state a reuse is compa
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=full' 'gate=crossmodal threshold=0.8 state_threshold=0.98 mode=partial state_reference=state'
         'gate=crossmodal threshold=0.8 state_threshold=0.98 mode=vision_only,partial state_reference=cameras'
         'gate=crossmodal threshold=0.8 state_threshold=0.98 state_max_l2=0.06,0.08')
-elif [ "${GRID_SET:-main}" = state_confirm ]; then  # (state_reference=cameras is the default since these ran)
-  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=partial' 'gate=crossmodal threshold=0.8 state_threshold=0.98 state_max_l2=0.06')
+elif [ "${GRID_SET:-main}" = state_confirm ]; then  # (run when cameras was the default reference)
+  GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=partial state_reference=cameras'
+        'gate=crossmodal threshold=0.8 state_threshold=0.98 state_max_l2=0.06')
 elif [ "${GRID_SET:-main}" = state_both ]; then
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=partial,vision_only')
 elif [ "${GRID_SET:-main}" != main ]; then

@@ -572,6 +572,10 @@ def test_pool_paired_matches_a_setting_by_its_reuse_fields_not_its_label(tmp_pat
     rows = mod["pool"]([a, old], "thr")
     assert [(label, r.n, r.only_base) for label, r, _ in rows] == [
         (a, 1, 1), (f"{old} (as 'thr,old_label')", 1, 1), ("pooled", 2, 2)]
+    # A field the setting never reads (state_reference of a whole-prefix reuse) may differ by DB defaults.
+    cm = {"gate": "crossmodal", "threshold": 0.9}
+    rows = mod["pool"]([db("s.db", 3, "cm", {**cm, "state_reference": "state"}), db("c.db", 4, "cm", cm)], "cm")
+    assert rows[-1][1].n == 2
     other = db("other.db", 2, "thr", {"gate": "threshold", "threshold": 0.95})  # the name, other fields
     assert mod["main"](["--setting", "thr", a, other]) == 2
     err = capsys.readouterr().err.strip().splitlines()
