@@ -22,6 +22,15 @@ from kvreuse.policy import Policy
 from kvreuse.reuse.signals import state_signals
 
 
+def pairs(states: list[torch.Tensor], lags, dim: int, out: dict[int, tuple[list, list]]) -> None:
+    """Append the (cosine, L2) of every pair of one episode's states `lag` calls apart to out[lag]."""
+    for k in lags:
+        for a, b in zip(states[k:], states[:-k], strict=True):
+            cos, l2 = (float(v) for v in state_signals(a, b, dim))
+            out[k][0].append(cos)
+            out[k][1].append(l2)
+
+
 def motion(variant: str, task: str, episodes: int, lags=(1, 2)) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """lag -> (cosines, L2s) over every pair of calls `lag` apart in `episodes` held-out episodes."""
     policy = Policy.from_checkpoint(f"src/kvreuse/assets/testbed-{variant}")
@@ -39,11 +48,7 @@ def motion(variant: str, task: str, episodes: int, lags=(1, 2)) -> dict[int, tup
         states.clear()
         r = run_episode(policy, env, task, i, 1000 + i)
         print(f"episode {i}: {r.status}, {len(states)} calls", flush=True)
-        for k in lags:
-            for a, b in zip(states[k:], states[:-k], strict=True):
-                cos, l2 = (float(v) for v in state_signals(a, b, dim))
-                out[k][0].append(cos)
-                out[k][1].append(l2)
+        pairs(states, lags, dim, out)
     return {k: (np.array(c), np.array(d)) for k, (c, d) in out.items()}
 
 

@@ -580,3 +580,21 @@ def test_pool_paired_matches_a_setting_by_its_reuse_fields_not_its_label(tmp_pat
     assert mod["main"](["--setting", "thr", a, other]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "0 settings named 'thr' with its reuse fields (its row of that name runs others)" in err[0]
+
+
+def test_state_motion_pairs_calls_lag_apart_within_an_episode():
+    """scripts/state_motion.py (RESULTS.md: what state cosine 0.98 lets through on push): the cosine
+    and RMS per-dim L2 the cross-modal gate computes, for calls 1 and 2 apart, over the state's real
+    dims (the padding to max_state_dim adds nothing)."""
+    import runpy
+    from pathlib import Path
+
+    import torch
+
+    mod = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "state_motion.py"))
+    pad = torch.zeros(1, 28)
+    states = [torch.cat([torch.tensor([[1.0, 0.03 * k, 0.0, 0.0]]), pad], 1) for k in range(4)]
+    out = {1: ([], []), 2: ([], [])}
+    mod["pairs"](states, (1, 2), 4, out)
+    assert [round(v, 4) for v in out[1][1]] == [0.015] * 3 and [round(v, 4) for v in out[2][1]] == [0.03] * 2
+    assert all(0.99 < c <= 1.0 for c in out[1][0] + out[2][0]) and out[2][0][0] < out[1][0][0]
