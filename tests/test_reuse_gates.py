@@ -491,4 +491,7 @@ def test_state_reference_is_checked_and_part_of_the_crossmodal_setting_where_the
     assert label == "crossmodal(raw>=0.985,state>=0.99)/partial(p>=0.99,d<=0.1)"
     for mode in ("full", "layer_wise", "text_fixed"):  # a reuse moves neither snapshot; a refresh both
         assert ReuseConfig(gate="crossmodal", mode=mode, state_reference="state").unused_fields() == ["state_reference"]
+        assert ReuseConfig(gate="crossmodal", mode=mode).state_references() == ("state",)  # one test, not two
+    assert ReuseConfig(gate="crossmodal", mode="partial").state_references() == ("state", "cameras")
+    assert ReuseConfig(gate="crossmodal", mode="partial", state_reference="cameras").state_references() == ("cameras",)
     assert ReuseConfig(gate="threshold", mode="partial", state_reference="state").unused_fields() == ["state_reference"]

@@ -216,6 +216,13 @@ class ReuseConfig:
             reads.discard("state_reference")
         return reads
 
+    def state_references(self) -> tuple[str, ...]:
+        """The snapshots the crossmodal gate's state test compares with ("state", "cameras"): one
+        where the mode never parts them (a whole-prefix reuse moves neither, a refresh both)."""
+        if self.mode not in _STATE_SPAN_MODES:
+            return ("state",)
+        return ("state", "cameras") if self.state_reference == "both" else (self.state_reference,)
+
     def unused_fields(self) -> list[str]:
         """Fields set away from their defaults that this gate and mode never read (e.g. a
         threshold for the period gate): in a sweep they would make a second setting that runs

@@ -266,13 +266,12 @@ def measure(
     if raw or with_state:
         fresh, cached = [obs.images[c] for c in raw], [ref.cameras[c].small for c in raw]
         parts += [("image_raw", c, 1) for c in raw]
-        refs = []
-        if with_state:  # both: the worse of the two tests (the same tensor twice for a whole-prefix cache)
-            refs = {"state": [ref.state], "cameras": [ref.camera_state],
-                    "both": [ref.state, ref.camera_state]}[cfg.state_reference]
-            fresh, cached = [*fresh, *[obs.state] * len(refs)], [*cached, *refs]
-            parts += [("state_cos", "", 1), ("state_l2", "", 1)] * len(refs)
-        vecs.append(run(raw_scalars, fresh, cached, cfg.downsample, state_dim, len(refs)))
+        states = []  # both: the worse of the two tests (measured together: one read, one graph per mode)
+        if with_state:
+            states = [{"state": ref.state, "cameras": ref.camera_state}[r] for r in cfg.state_references()]
+            fresh, cached = [*fresh, *[obs.state] * len(states)], [*cached, *states]
+            parts += [("state_cos", "", 1), ("state_l2", "", 1)] * len(states)
+        vecs.append(run(raw_scalars, fresh, cached, cfg.downsample, state_dim, len(states)))
     if want_patches or "pixels" in needs:
         refs = [ref.cameras[c].patches for c in cams]
         for c, r in zip(cams, refs, strict=True):
