@@ -598,3 +598,33 @@ def test_state_motion_pairs_calls_lag_apart_within_an_episode():
     mod["pairs"](states, (1, 2), 4, out)
     assert [round(v, 4) for v in out[1][1]] == [0.015] * 3 and [round(v, 4) for v in out[2][1]] == [0.03] * 2
     assert all(0.99 < c <= 1.0 for c in out[1][0] + out[2][0]) and out[2][0][0] < out[1][0][0]
+
+
+def test_baseline_diff_counts_the_episodes_whose_outcome_another_run_changed(tmp_path, capsys):
+    """scripts/baseline_diff.py (EVAL.md: baselines rerun on other hosts): the episodes both DBs'
+    baselines finished and those with another outcome; errors are not compared; baselines of
+    another policy id are refused in one line."""
+    import runpy
+    from pathlib import Path
+
+    from kvreuse.eval.store import ResultStore, Setting
+
+    mod = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "baseline_diff.py"))
+
+    def db(name, statuses, policy="p"):
+        path = tmp_path / name
+        with ResultStore(path) as st:
+            b = st.setting_id(Setting(policy, "fake", 5))
+            for i, status in enumerate(statuses):
+                st.add(b, _ep("push", i, status))
+        return str(path)
+
+    a = db("a.db", ["success", "success", "failure", "error"])
+    b = db("b.db", ["success", "failure", "failure", "success", "success"])
+    n, diff = mod["compare"](a, b)
+    assert n == 3 and diff == [(("push", 1, 1), True, False)]
+    assert mod["main"]([a, b]) == 0
+    assert "3 episodes in both, 1 with another outcome" in capsys.readouterr().out
+    assert mod["main"]([a, db("o.db", ["success"], policy="q")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another policy id" in err[0], err
