@@ -170,9 +170,13 @@ class LiberoEnv:
     robot = "libero"
 
     def __init__(self, suite: str = "libero_spatial", env_seed: int = ENV_SEED, render_size: int = RENDER_SIZE,
-                 image_size: int = IMAGE_SIZE):
+                 image_size: int = IMAGE_SIZE, hard_reset: bool = False):
         self.suite = check_suite(suite)
         self.env_seed, self.render_size, self.image_size = env_seed, render_size, image_size
+        # robosuite's hard reset rebuilds the MuJoCo model and GL context on every reset (3.4-3.6 s on
+        # the 2-core machine); the soft one keeps them (~1 s) and, with _fresh_sim, gives the same
+        # episode bit for bit (tests/test_libero_smoke.py). True is LIBERO's own default.
+        self.hard_reset = hard_reset
         _prepare_libero_import()
         from libero.libero import benchmark
 
@@ -217,8 +221,7 @@ class LiberoEnv:
             raise ValueError(f"init_id: expected 0..{len(states) - 1}, got {init_id}")
         if task != self._task:
             self._build(task)
-        self._env.seed(self.env_seed)
-        self._env.reset()
+        self._fresh_sim()
         self._env.set_init_state(states[init_id])
         raw = self._settle()
         self._steps = 0
@@ -251,6 +254,18 @@ class LiberoEnv:
         self._env, self._task = None, None
 
     # ---- internals --------------------------------------------------------------------------
+    def _fresh_sim(self) -> None:
+        """Seed and reset the env. A soft reset keeps the Python-side robot models, and with them each
+        gripper's incremental command (robosuite's PandaGripper.current_action, moved by every gripper
+        action): zeroed here, as a rebuilt gripper model starts, or the next episode would begin from
+        the last one's gripper command."""
+        self._env.seed(self.env_seed)
+        self._env.reset()
+        for robot in self._env.env.robots:
+            grippers = robot.gripper.values() if isinstance(robot.gripper, dict) else [robot.gripper]
+            for g in grippers:
+                g.current_action = np.zeros(g.dof)
+
     def _settle(self) -> dict:
         """SETTLE_STEPS dummy steps (objects fall into place; not policy steps); returns the last observation.
 
@@ -286,7 +301,7 @@ class LiberoEnv:
         self.close()
         path = self._bench.get_task_bddl_file_path(self._index(task))
         self._env = OffScreenRenderEnv(bddl_file_name=path, camera_heights=self.render_size,
-                                       camera_widths=self.render_size)
+                                       camera_widths=self.render_size, hard_reset=self.hard_reset)
         self._task = task
 
     def _obs(self, raw: dict) -> dict:
