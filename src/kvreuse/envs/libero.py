@@ -173,9 +173,9 @@ class LiberoEnv:
                  image_size: int = IMAGE_SIZE, hard_reset: bool = False):
         self.suite = check_suite(suite)
         self.env_seed, self.render_size, self.image_size = env_seed, render_size, image_size
-        # robosuite's hard reset rebuilds the MuJoCo model and GL context on every reset (3.4-3.6 s on
-        # the 2-core machine); the soft one keeps them (~1 s) and, with _fresh_sim, gives the same
-        # episode bit for bit (tests/test_libero_smoke.py). True is LIBERO's own default.
+        # robosuite's hard reset rebuilds the MuJoCo model and GL context on every reset (3.4 s on the
+        # 2-core machine); the soft one keeps them (0.8 s) and, with _fresh_sim, gives the same episodes
+        # bit for bit (tests/test_libero_smoke.py). True is LIBERO's own default.
         self.hard_reset = hard_reset
         _prepare_libero_import()
         from libero.libero import benchmark
@@ -255,13 +255,25 @@ class LiberoEnv:
 
     # ---- internals --------------------------------------------------------------------------
     def _fresh_sim(self) -> None:
-        """Seed and reset the env. A soft reset keeps the Python-side robot models, and with them each
-        gripper's incremental command (robosuite's PandaGripper.current_action, moved by every gripper
-        action): zeroed here, as a rebuilt gripper model starts, or the next episode would begin from
-        the last one's gripper command."""
+        """Seed and reset the env. The first reset after _build is a hard one (the constructor's model came
+        before the seed, and libero_object's first episode on it was 1e-16 apart from a hard reset's); later
+        ones are soft unless `hard_reset`. A soft reset keeps the Python-side robot models, and with them
+        each gripper's incremental command (robosuite's PandaGripper.current_action, moved by every gripper
+        action): zeroed here, as a rebuilt gripper model starts, or the next episode would begin from the
+        last one's gripper command."""
+        env = self._env.env
         self._env.seed(self.env_seed)
+        soft = not env.hard_reset
         self._env.reset()
-        for robot in self._env.env.robots:
+        # LIBERO's reset steps the physics before the init state is set; the solver's warm start it leaves
+        # is no part of that state and carries into the episode. After a soft reset it was 1e-12 from a
+        # hard reset's (libero_object), enough for the episodes to part: the hard reset's is restored.
+        if soft:
+            env.sim.data.qacc_warmstart[:] = self._warmstart
+        else:
+            self._warmstart = env.sim.data.qacc_warmstart.copy()
+        env.hard_reset = self.hard_reset
+        for robot in env.robots:
             grippers = robot.gripper.values() if isinstance(robot.gripper, dict) else [robot.gripper]
             for g in grippers:
                 g.current_action = np.zeros(g.dof)
@@ -301,7 +313,7 @@ class LiberoEnv:
         self.close()
         path = self._bench.get_task_bddl_file_path(self._index(task))
         self._env = OffScreenRenderEnv(bddl_file_name=path, camera_heights=self.render_size,
-                                       camera_widths=self.render_size, hard_reset=self.hard_reset)
+                                       camera_widths=self.render_size, hard_reset=True)  # (see _fresh_sim)
         self._task = task
 
     def _obs(self, raw: dict) -> dict:
