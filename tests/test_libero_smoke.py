@@ -266,7 +266,7 @@ def test_libero_settle_refuses_to_return_a_held_frame(env):
 @pytest.mark.parametrize("suite,task_i,images_vs_hard", [("libero_spatial", 0, True), ("libero_object", 2, True),
                                                          ("libero_goal", 1, True), ("libero_10", 3, False)])
 def test_libero_soft_reset_gives_the_hard_resets_episodes_bit_for_bit(suite, task_i, images_vs_hard):
-    """LiberoEnv resets softly (the model and GL context kept: 0.8 s against 3.4 s). Its episodes, in any
+    """LiberoEnv resets softly (the model and GL context kept: 0.8-0.9 s against 3.4-3.6 s). Its episodes, in any
     order, have the MuJoCo state of LIBERO's hard reset (which rebuilds the model each time) at every settle
     and policy step, bit for bit, and the same observations. Without zeroing the gripper's incremental
     command the second episode started from the first one's (state up to 0.03 apart); without the hard

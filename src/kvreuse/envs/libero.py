@@ -173,9 +173,9 @@ class LiberoEnv:
                  image_size: int = IMAGE_SIZE, hard_reset: bool = False):
         self.suite = check_suite(suite)
         self.env_seed, self.render_size, self.image_size = env_seed, render_size, image_size
-        # robosuite's hard reset rebuilds the MuJoCo model and GL context on every reset (3.4 s on the
-        # 2-core machine); the soft one keeps them (0.8 s) and, with _fresh_sim, gives the same episodes
-        # bit for bit (tests/test_libero_smoke.py). True is LIBERO's own default.
+        # robosuite's hard reset rebuilds the MuJoCo model and GL context on every reset (3.4-3.6 s on the
+        # 2-core machine); the soft one keeps them (0.8-0.9 s) and, with _fresh_sim, gives the same
+        # episodes bit for bit (tests/test_libero_smoke.py). True is LIBERO's own default.
         self.hard_reset = hard_reset
         _prepare_libero_import()
         from libero.libero import benchmark
