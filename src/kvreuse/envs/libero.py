@@ -185,6 +185,7 @@ class LiberoEnv:
         self.tasks: tuple[str, ...] = tuple(self._bench.get_task_names())
         self._init_states: dict[str, np.ndarray] = {}
         self._env = None
+        self._warmstart: np.ndarray | None = None  # the solver's warm start a hard reset leaves (_fresh_sim)
         self._task: str | None = None
         self._steps = 0
         self.last_raw: dict | None = None  # LIBERO's own observation dict (tests check the flips)
