@@ -23,8 +23,7 @@ def baseline(db: str) -> tuple[tuple, dict[tuple[str, int, int], bool]]:
             groups = [setting_group(r)[0] for r in rows]
             raise ValueError(f"{db}: {len(rows)} baselines{' (policy ids ' + ', '.join(groups) + ')' if rows else ''}; "
                              "compare DBs of one baseline")
-        return setting_group(rows[0]), {(e["task"], e["init_id"], e["seed"]): e["status"] == "success"
-                                        for e in st.episodes(rows[0]["id"]) if e["status"] != "error"}
+        return setting_group(rows[0]), st.outcomes(rows[0]["id"])
 
 
 def compare(a: str, b: str) -> tuple[int, list[tuple[tuple[str, int, int], bool, bool]]]:

@@ -29,13 +29,14 @@ def _config(st, row) -> ReuseConfig | None:
         return None
 
 
+_TODAY = ReuseConfig().to_dict()
+
+
 def _same(a: ReuseConfig | None, b: ReuseConfig | None) -> bool:
-    """Two rows run one setting: the same fields read, with the same values (a field the gate and
-    mode never read, such as state_reference for a whole-prefix reuse, may differ by DB defaults)."""
-    if a is None or b is None:
-        return False
-    reads = a.read_fields()
-    return reads == b.read_fields() and all(getattr(a, f) == getattr(b, f) for f in reads)
+    """Two rows run one setting: the same identity against today's defaults (the fields read, as a DB
+    keys them; one the gate and mode never read, such as state_reference for a whole-prefix reuse,
+    may differ by DB defaults)."""
+    return a is not None and b is not None and a.diff_from(_TODAY) == b.diff_from(_TODAY)
 
 
 def setting_config(dbs: list[str], setting: str) -> ReuseConfig | None:
@@ -67,12 +68,7 @@ def paired(db: str, setting: str, task: str | None, cfg: ReuseConfig | None = No
         base = [r for r in rows if r["is_baseline"] and setting_group(r) == setting_group(mine[0])]
         if not base:
             raise ValueError(f"{db}: no baseline of {setting!r}'s policy, env, replan and step limit")
-
-        def outcomes(sid: int) -> dict:
-            return {(e["task"], e["init_id"], e["seed"]): e["status"] == "success" for e in st.episodes(sid)
-                    if e["status"] != "error" and (task is None or e["task"] == task)}
-
-        b, s = outcomes(base[0]["id"]), outcomes(mine[0]["id"])
+        b, s = st.outcomes(base[0]["id"], task), st.outcomes(mine[0]["id"], task)
     return setting_group(mine[0]), mine[0]["name"], {k: (b[k], s[k]) for k in sorted(b.keys() & s.keys())}
 
 

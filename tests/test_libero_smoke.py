@@ -160,6 +160,17 @@ RAW_KEYS = ("agentview_image", "robot0_eye_in_hand_image", "robot0_eef_pos", "ro
 POLICY_ACTIONS = [[0.4, -0.3, 0.2, 0.05, -0.05, 0.1, 1.0], [-0.2, 0.5, -0.4, 0.0, 0.1, -0.1, -1.0]] * 2
 
 
+def _policy_steps(e) -> tuple[list[dict], list[np.ndarray]]:
+    """From the observation reset() left, POLICY_ACTIONS through LiberoEnv.step: (raw observations, MuJoCo
+    states), one per step and the reset's first."""
+    raws, states = [{k: e.last_raw[k].copy() for k in RAW_KEYS}], [_sim_state(e)]
+    for a in POLICY_ACTIONS:
+        e.step(np.array(a))
+        raws.append({k: e.last_raw[k].copy() for k in RAW_KEYS})
+        states.append(_sim_state(e))
+    return raws, states
+
+
 @pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
 @pytest.mark.parametrize("suite,cases", [("libero_spatial", ((6, 41),)), ("libero_object", ((2, 19),))])
 def test_libero_settle_renders_once_and_matches_the_rendering_loop_bit_for_bit(suite, cases):
@@ -187,11 +198,7 @@ def test_libero_settle_renders_once_and_matches_the_rendering_loop_bit_for_bit(s
             finally:
                 del e._env.reset
             assert ref_renders - len(renders[0]) == 2 * (SETTLE_STEPS - 1)  # 2 cameras, settle steps 1..9 skipped
-            got = [{k: e.last_raw[k] for k in RAW_KEYS}], [_sim_state(e)]
-            for a in POLICY_ACTIONS:
-                e.step(np.array(a))
-                got[0].append({k: e.last_raw[k] for k in RAW_KEYS})
-                got[1].append(_sim_state(e))
+            got = _policy_steps(e)
             for step, (r, g) in enumerate(zip(ref[0], got[0], strict=True)):
                 for k in RAW_KEYS:
                     assert r[k].dtype == g[k].dtype and np.array_equal(r[k], g[k]), (task, init_id, step, k)
@@ -282,12 +289,7 @@ def test_libero_soft_reset_gives_the_hard_resets_episodes_bit_for_bit(suite, tas
         for init_id in (1, 2, 1):
             for name, e in (("soft", soft), ("hard", hard)):
                 e.reset(task, init_id)
-                raws, states = [{k: e.last_raw[k].copy() for k in RAW_KEYS}], [_sim_state(e)]
-                for a in POLICY_ACTIONS:
-                    e.step(np.array(a))
-                    raws.append({k: e.last_raw[k].copy() for k in RAW_KEYS})
-                    states.append(_sim_state(e))
-                runs[name].append((raws, states))
+                runs[name].append(_policy_steps(e))
         assert soft._env.env.hard_reset is False and hard._env.env.hard_reset is True  # after the first reset
     finally:
         soft.close()

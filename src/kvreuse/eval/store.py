@@ -344,6 +344,11 @@ class ResultStore:
             return self.conn.execute("SELECT * FROM episodes ORDER BY id").fetchall()
         return self.conn.execute("SELECT * FROM episodes WHERE setting_id = ? ORDER BY id", (setting_id,)).fetchall()
 
+    def outcomes(self, setting_id: int, task: str | None = None) -> dict[tuple[str, int, int], bool]:
+        """(task, init_id, seed) -> succeeded, over a setting's finished episodes (errors left out)."""
+        return {(e["task"], e["init_id"], e["seed"]): e["status"] == "success" for e in self.episodes(setting_id)
+                if e["status"] != "error" and (task is None or e["task"] == task)}
+
 
 def _record_defaults(c: sqlite3.Connection) -> None:
     """Today's reuse defaults, which the settings rows added from now on are relative to."""
