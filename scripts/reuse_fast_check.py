@@ -1,13 +1,17 @@
 """The reuse layer on FastPi0 (CUDA graphs on a GPU) against the eager model: every mode under the
-always gate, and the period gate with text_fixed / layer_wise / partial, over a sequence that
-moves a camera, repeats the moved frame and comes back to the first frame (layer_wise's return to
-its base). Prints each setting's decisions (decision:plan) and the worst relative error; exits 1
-when decisions differ or an error exceeds 1e-3 (float32 on a GPU runs TF32 products: ~5e-4 on an
-H100).
+always gate, the period gate with text_fixed / layer_wise / partial, and the signal gates (the
+crossmodal gate with each state reference over the modes that part the state and camera
+snapshots, the patch metric, the phase gate), over a sequence that moves a camera, repeats the
+moved frame and comes back to the first frame (layer_wise's return to its base). Each gated setting
+also runs with its signals called directly instead of through SignalGraphs (compiled and replayed
+from CUDA graphs on a GPU), and the two must measure the same values (within 1e-5) and decide
+alike. Prints each setting's decisions (decision:plan) and the worst relative error; exits 1 when
+decisions differ or an error exceeds 1e-3 (float32 on a GPU runs TF32 products: ~5e-4 on an H100).
 
     PYTHONPATH=src python3 scripts/reuse_fast_check.py [cuda|cpu]
 """
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -18,6 +22,39 @@ from kvreuse.reuse.config import ReuseConfig
 from kvreuse.reuse.policy import ReusePolicy
 
 MODES = ("full", "vision_only", "state_only", "layer_wise", "partial", "text_fixed")
+# Signal gates, over a sequence whose new frames move one camera's top rows of patches and nudge
+# the state (`_near`): the image and state tests pass or fail by how far the call is from the
+# cache's snapshots, so each gate decides both ways and the modes run their partial plans.
+GATED = [ReuseConfig(gate="crossmodal", threshold=0.85, state_threshold=0.97, state_reference=r, mode=m)
+         for r in ("state", "cameras", "both") for m in ("vision_only", "state_only", "partial")]
+GATED += [ReuseConfig(gate="crossmodal", threshold=0.85, state_threshold=0.9, state_max_l2=0.3),
+          ReuseConfig(gate="threshold", image_metric="patch", threshold=0.9),
+          ReuseConfig(gate="phase", threshold=0.85, phase_threshold=0.95)]
+
+
+def _near(obs, rows: int, shift: float, g: torch.Generator):
+    """obs with the first camera's top `rows` pixel rows redrawn and the state moved by `shift`
+    (a fresh Observation; tokens and the other cameras shared)."""
+    images = dict(obs.images)
+    cam = next(iter(images))
+    img = images[cam].clone()
+    img[:, :, :rows] = torch.rand(img[:, :, :rows].shape, generator=g) * 2 - 1
+    images[cam] = img
+    return replace(obs, images=images, state=obs.state + shift * torch.randn(obs.state.shape, generator=g))
+
+
+def _direct(fn, fresh, cached, *settings):
+    """measure's signal functions called as they are (no SignalGraphs)."""
+    return fn(fresh, cached, *settings)
+
+
+def _signals_differ(a: dict, b: dict) -> float:
+    """Largest difference between two records' numeric signals (inf if they name other ones); the
+    cache's age in seconds is wall time, not a signal of the observation."""
+    if a.keys() != b.keys():
+        return float("inf")
+    nums = [(a[k], b[k]) for k in a if isinstance(a[k], float) and k != "age_s"]
+    return max((abs(x - y) for x, y in nums), default=0.0)
 
 
 def main(dev: str) -> int:
@@ -30,15 +67,26 @@ def main(dev: str) -> int:
         first, later = synthetic_obs(cfg, 1, "cpu", g), synthetic_obs(cfg, 1, "cpu", g)
         later.tokens, later.token_mask = first.tokens, first.token_mask  # same prompt: reuse allowed
         seq = [o.to(dev) for o in (first, later, later, first, later, first)]
+        a, b = _near(first, 7, 0.05, g), _near(first, 14, 0.2, g)
+        near = [o.to(dev) for o in (first, a, a, b, first, b, a)]
         noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g).to(dev)
         settings = [ReuseConfig(gate="always", mode=m) for m in MODES]
         settings += [ReuseConfig(gate="period", period=2, mode=m) for m in ("text_fixed", "layer_wise", "partial")]
-        for rc in settings:
+        for rc in settings + GATED:
             runs = []
-            for m in (model, fast):
+            for m, direct in ((model, False), (fast, False), (fast, True))[: 3 if rc in GATED else 2]:
                 pol = ReusePolicy(m, rc)
+                if direct:
+                    pol._graphs = _direct
                 pol.reset()
-                runs.append([pol.infer(o, noise) for o in seq])
+                runs.append([pol.infer(o, noise) for o in (near if rc in GATED else seq)])
+            if len(runs) == 3:  # the signals through SignalGraphs against the direct calls
+                direct = runs.pop()
+                gap = max(_signals_differ(f[1].signals, d[1].signals) for f, d in zip(runs[1], direct, strict=True))
+                alike = [r[1].decision for r in runs[1]] == [r[1].decision for r in direct]
+                same = same and gap <= 1e-5 and alike
+                print(f"{variant} {rc.label()}: signals through graphs vs direct: max diff {gap:.1e}"
+                      + ("" if alike else "; decisions DIFFER"))
             err = max(rel_err(f[0].float(), e[0].float()) for e, f in zip(*runs, strict=True))
             decisions = [[(f"{r[1].decision}:{r[1].plan}", r[1].mode) for r in run] for run in runs]
             worst, same = max(worst, err), same and decisions[0] == decisions[1]
