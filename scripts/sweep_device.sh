@@ -11,7 +11,9 @@
 # that gate with the prompt (and Pi0.5's state tokens) recomputed on a reuse, GRID_SET=state_tests that gate's
 # state test against the cameras' snapshot (vision_only, partial) and with an L2 bound on the state's change,
 # GRID_SET=state_confirm the two of those that kept push, for fresh seeds, GRID_SET=state_both the modes that
-# part the state's and the cameras' snapshots under the default state_reference=both.
+# part the state's and the cameras' snapshots under the default state_reference=both,
+# GRID_SET=keepers the three settings the README recommends (threshold 0.98, period 2, partial with a
+# refresh after 2 calls), for fresh seeds.
 # VARIANTS="pi05" runs one policy; TASKS="push-v3" some tasks only; SEED=1 other noise seeds (the
 # pairs differ from seed 0's); DB=push another DB name (default sweep).
 # A sweep cut off by CAP_S continues where it stopped when run again on the same DB.
@@ -46,9 +48,11 @@ elif [ "${GRID_SET:-main}" = state_confirm ]; then  # (run when cameras was the 
         'gate=crossmodal threshold=0.8 state_threshold=0.98 state_max_l2=0.06')
 elif [ "${GRID_SET:-main}" = state_both ]; then
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98 mode=partial,vision_only')
+elif [ "${GRID_SET:-main}" = keepers ]; then  # chosen on seeds 0-2: checked on fresh ones
+  GRID=('gate=threshold threshold=0.98 mode=full' 'gate=period period=2 mode=full' 'gate=always mode=partial max_age_calls=2')
 elif [ "${GRID_SET:-main}" != main ]; then
   echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm, crossmodal, crossmodal_state, age," \
-    "age_confirm, fresh_state, state_tests, state_confirm or state_both" >&2
+    "age_confirm, fresh_state, state_tests, state_confirm, state_both or keepers" >&2
   exit 2
 fi
 mkdir -p "$OUT"  # after the checks: a bad GRID_SET leaves nothing behind
