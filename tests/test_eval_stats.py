@@ -459,6 +459,42 @@ def test_pool_paired_pools_each_dbs_own_pairs_and_refuses_an_episode_twice(tmp_p
     assert "| pooled | 7 |" in capsys.readouterr().out
 
 
+def test_pool_reports_sums_each_reports_paired_counts(tmp_path, capsys):
+    """scripts/pool_reports.py (RESULTS.md pools push over reports whose DBs are not kept): the
+    lost / gained counts of one setting on one task, per `kvreuse report` CSV and summed, with the
+    exact McNemar p of the sums; a setting a report lacks, or a file that is no report, is one line
+    and exit 2."""
+    import runpy
+    from pathlib import Path
+
+    from kvreuse.eval.report import compute_rows, write_csv
+    from kvreuse.eval.store import ResultStore
+
+    mod = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "pool_reports.py"))
+
+    def report(name, seeds, base_ok, thr_ok):
+        with ResultStore(tmp_path / f"{name}.db") as st:
+            b, t = _baseline_and_thr(st)
+            for i, ok_b, ok_t in zip(seeds, base_ok, thr_ok, strict=True):
+                st.add(b, _ep("push", i, "success" if ok_b else "failure"))
+                st.add(t, _ep("push", i, "success" if ok_t else "failure"))
+        return str(write_csv(compute_rows(tmp_path / f"{name}.db"), tmp_path / f"{name}.csv"))
+
+    a = report("a", [0, 1, 2], [True, True, False], [False, True, True])  # lost 1, gained 1
+    c = report("c", [3, 4, 5, 6, 7], [True] * 5, [False, False, False, True, True])  # lost 3
+    assert mod["counts"](c, "thr", "push") == ("fake, policy p, replan 5", 5, 3, 0)
+    assert mod["main"](["--setting", "thr", "--task", "push", a, c]) == 0
+    out = capsys.readouterr().out
+    p = stats.binom_two_sided(1, 5)  # 4 lost, 1 gained over 8 pairs
+    assert f"| summed |  | 8 | 4 | 1 | -37.5 | {p:.2g} |" in out, out
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    for argv, msg in ((["--setting", "nope", a], "0 rows of 'nope' on 'push'"),
+                      (["--setting", "thr", str(tmp_path / "x.csv")], "not a results.csv")):
+        assert mod["main"](["--task", "push", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+
+
 def test_pool_paired_refuses_runs_of_another_policy_and_names_what_tells_same_named_settings_apart(tmp_path, capsys):
     """Pooling is for one policy's runs on other seeds: a DB whose setting ran under another policy id
     (other weights or norm stats, another device) is refused, naming both ids; a DB continued after a

@@ -1,0 +1,54 @@
+"""Pool one setting's paired counts on one task over several `kvreuse report` CSVs: per report and
+summed, n, lost, gained, the difference and the exact McNemar p of the sums.
+
+For results whose DBs are gone but whose reports are kept (docs/results/*/results.csv). A report
+keeps the counts of its pairs, not the episodes, so this cannot check what `scripts/pool_paired.py`
+checks on DBs: that no episode is in two of them (give reports of distinct noise seeds), that each
+ran under one policy and protocol (the row's group is printed), and which setting a label names
+under other defaults. No bootstrap interval either: it resamples pairs.
+
+Usage: python scripts/pool_reports.py --setting 'period(2)/full' --task push-v3 CSV [CSV ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvreuse.eval.report import read_csv
+from kvreuse.eval.stats import binom_two_sided
+
+
+def counts(path: str, setting: str, task: str) -> tuple[str, int, int, int]:
+    """(the row's group, paired n, lost, gained) of `setting` on `task` in one report CSV."""
+    rows = [r for r in read_csv(path) if r.setting == setting and r.task == task]
+    if len(rows) != 1:
+        raise ValueError(f"{path}: {len(rows)} rows of {setting!r} on {task!r} (expected one)")
+    p = rows[0].paired
+    if p is None:
+        raise ValueError(f"{path}: {setting!r} has no paired baseline on {task!r}")
+    return rows[0].group.replace(" | ", ", "), p.n, p.only_base, p.only_setting  # the group inside a Markdown cell
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--setting", required=True, help="the setting's name as the reports print it")
+    ap.add_argument("--task", required=True, help="a task, or '(all tasks)'")
+    ap.add_argument("csvs", nargs="+")
+    a = ap.parse_args(argv)
+    try:
+        rows = [(p, *counts(p, a.setting, a.task)) for p in a.csvs]
+    except ValueError as e:
+        print(f"pool_reports: {e}", file=sys.stderr)
+        return 2
+    n, lost, gained = (sum(r[i] for r in rows) for i in (2, 3, 4))
+    print(f"{a.setting} vs baseline, {a.task}")
+    print("| report | group | n | lost | gained | Δ (pts) | p (McNemar) |\n|---|---|---|---|---|---|---|")
+    for label, group, k, b, c in [*rows, ("summed", "", n, lost, gained)]:
+        p = binom_two_sided(min(b, c), b + c)
+        print(f"| {label} | {group} | {k} | {b} | {c} | {100 * (c - b) / k:+.1f} | {p:.2g} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
