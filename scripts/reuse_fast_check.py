@@ -1,12 +1,13 @@
 """The reuse layer on FastPi0 (CUDA graphs on a GPU) against the eager model: every mode under the
-always gate, the period gate with text_fixed / layer_wise / partial, and the signal gates (the
-crossmodal gate with each state reference over the modes that part the state and camera
-snapshots, the patch metric, the phase gate), over a sequence that moves a camera, repeats the
-moved frame and comes back to the first frame (layer_wise's return to its base). Each gated setting
-also runs with its signals called directly instead of through SignalGraphs (compiled and replayed
-from CUDA graphs on a GPU), and the two must measure the same values (within 1e-5) and decide
-alike. Prints each setting's decisions (decision:plan) and the worst relative error; exits 1 when
-decisions differ or an error exceeds 1e-3 (float32 on a GPU runs TF32 products: ~5e-4 on an H100).
+always gate and the period gate with text_fixed / layer_wise / partial, over a sequence that moves
+a camera, repeats the moved frame and comes back to the first frame (layer_wise's return to its
+base); then the signal gates (the crossmodal gate with each state reference over the modes that
+part the state and camera snapshots, its L2 bound, the patch metric, the phase gate) over frames
+near the first (a camera's top rows redrawn, the state nudged). Each gated setting also runs with
+its signals called directly instead of through SignalGraphs (compiled and replayed from CUDA
+graphs on a GPU): the two must measure the same values (within 1e-5) and decide alike. Prints
+each setting's decisions (decision:plan) and the worst relative error; exits 1 when decisions
+differ or an error exceeds 1e-3 (float32 on a GPU runs TF32 products: ~5e-4 on an H100).
 
     PYTHONPATH=src python3 scripts/reuse_fast_check.py [cuda|cpu]
 """
@@ -81,9 +82,9 @@ def main(dev: str) -> int:
                 pol.reset()
                 runs.append([pol.infer(o, noise) for o in (near if rc in GATED else seq)])
             if len(runs) == 3:  # the signals through SignalGraphs against the direct calls
-                direct = runs.pop()
-                gap = max(_signals_differ(f[1].signals, d[1].signals) for f, d in zip(runs[1], direct, strict=True))
-                alike = [r[1].decision for r in runs[1]] == [r[1].decision for r in direct]
+                plain = runs.pop()
+                gap = max(_signals_differ(f[1].signals, d[1].signals) for f, d in zip(runs[1], plain, strict=True))
+                alike = [r[1].decision for r in runs[1]] == [r[1].decision for r in plain]
                 same = same and gap <= 1e-5 and alike
                 print(f"{variant} {rc.label()}: signals through graphs vs direct: max diff {gap:.1e}"
                       + ("" if alike else "; decisions DIFFER"))

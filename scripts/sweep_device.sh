@@ -12,8 +12,8 @@
 # state test against the cameras' snapshot (vision_only, partial) and with an L2 bound on the state's change,
 # GRID_SET=state_confirm the two of those that kept push, for fresh seeds, GRID_SET=state_both the modes that
 # part the state's and the cameras' snapshots under the default state_reference=both,
-# GRID_SET=keepers the three settings the README recommends (threshold 0.98, period 2, partial with a
-# refresh after 2 calls), for fresh seeds, GRID_SET=period2 the one of them the fresh seeds left
+# GRID_SET=keepers the three settings the README names as keeping success (threshold 0.98, period 2,
+# partial with a refresh after 2 calls), for fresh seeds, GRID_SET=period2 the one of them the fresh seeds left
 # least certain, for more seeds.
 # VARIANTS="pi05" runs one policy; TASKS="push-v3" some tasks only; SEED=1 other noise seeds (the
 # pairs differ from seed 0's); DB=push another DB name (default sweep).
