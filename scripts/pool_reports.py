@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from kvreuse.eval.report import read_csv
 from kvreuse.eval.stats import binom_two_sided
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("csvs", nargs="+")
     a = ap.parse_args(argv)
     try:
+        resolved = [Path(p).resolve() for p in a.csvs]
+        twice = next((p for p, r in zip(a.csvs, resolved, strict=True) if resolved.count(r) > 1), None)
+        if twice is not None:
+            raise ValueError(f"{twice}: given twice (its pairs would count twice)")
         rows = [(p, *counts(p, a.setting, a.task)) for p in a.csvs]
     except ValueError as e:
         print(f"pool_reports: {e}", file=sys.stderr)

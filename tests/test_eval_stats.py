@@ -462,8 +462,8 @@ def test_pool_paired_pools_each_dbs_own_pairs_and_refuses_an_episode_twice(tmp_p
 def test_pool_reports_sums_each_reports_paired_counts(tmp_path, capsys):
     """scripts/pool_reports.py (RESULTS.md pools push over reports whose DBs are not kept): the
     lost / gained counts of one setting on one task, per `kvreuse report` CSV and summed, with the
-    exact McNemar p of the sums; a setting a report lacks, or a file that is no report, is one line
-    and exit 2."""
+    exact McNemar p of the sums; a setting a report lacks, a file that is no report, or a report
+    given twice, is one line and exit 2."""
     import runpy
     from pathlib import Path
 
@@ -489,7 +489,8 @@ def test_pool_reports_sums_each_reports_paired_counts(tmp_path, capsys):
     assert f"| summed |  | 8 | 4 | 1 | -37.5 | {p:.2g} |" in out, out
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     for argv, msg in ((["--setting", "nope", a], "0 rows of 'nope' on 'push'"),
-                      (["--setting", "thr", str(tmp_path / "x.csv")], "not a results.csv")):
+                      (["--setting", "thr", str(tmp_path / "x.csv")], "not a results.csv"),
+                      (["--setting", "thr", a, c, str(tmp_path / "." / "a.csv")], "a.csv: given twice")):
         assert mod["main"](["--task", "push", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
