@@ -130,14 +130,15 @@ def state_signals(state: torch.Tensor, ref: torch.Tensor, state_dim: int) -> lis
 def raw_scalars(fresh: list[torch.Tensor], cached: list[torch.Tensor], size: int, state_dim: int,
                 states: int) -> torch.Tensor:
     """The raw-image cosine of each camera (min over batch rows) against its cached downsampled
-    image, then the state's cosine and L2 (state_signals) against each of `states` references:
-    fresh = the cameras' images [+ the state, once per reference], cached = their downsampled
-    references [+ the reference states]. One float32 vector, so that the common gates' signals are
-    one function and one read."""
-    n = len(fresh) - states
+    image, then, with `states` reference states, the state's worst cosine and L2 over them
+    (state_signals): fresh = the cameras' images [+ the state], cached = their downsampled references
+    [+ the reference states]. One float32 vector, so that the common gates' signals are one function
+    and one read."""
+    n = len(cached) - states
     vals = [row_cosine(downsample(img, size), small).min() for img, small in zip(fresh[:n], cached[:n], strict=True)]
-    for state, ref in zip(fresh[n:], cached[n:], strict=True):
-        vals += state_signals(state, ref, state_dim)
+    if states:
+        tests = torch.stack([torch.stack(state_signals(fresh[n], ref, state_dim)) for ref in cached[n:]])
+        vals += [tests[:, 0].min(), tests[:, 1].max()]  # each test must pass: the worse of each
     return torch.stack(vals)
 
 
@@ -269,8 +270,8 @@ def measure(
         states = []  # both: the worse of the two tests (measured together: one read, one graph per mode)
         if with_state:
             states = [{"state": ref.state, "cameras": ref.camera_state}[r] for r in cfg.state_references()]
-            fresh, cached = [*fresh, *[obs.state] * len(states)], [*cached, *states]
-            parts += [("state_cos", "", 1), ("state_l2", "", 1)] * len(states)
+            fresh, cached = [*fresh, obs.state], [*cached, *states]
+            parts += [("state_cos", "", 1), ("state_l2", "", 1)]
         vecs.append(run(raw_scalars, fresh, cached, cfg.downsample, state_dim, len(states)))
     if want_patches or "pixels" in needs:
         refs = [ref.cameras[c].patches for c in cams]
@@ -303,8 +304,6 @@ def measure(
                 s.pixels_changed[cam] = vals[i] > 0.5
             elif cam:
                 getattr(s, name)[cam] = vals[i]
-            elif getattr(s, name) is not None and name in ("state_cos", "state_l2"):  # a second reference
-                setattr(s, name, min(s.state_cos, vals[i]) if name == "state_cos" else max(s.state_l2, vals[i]))
             else:
                 setattr(s, name, vals[i])
             i += size
