@@ -384,6 +384,9 @@ def test_config_json_dims_that_disagree_with_the_weights_are_named(tiny, tmp_pat
     ({"input_features": {"observation.state": {"type": "STATE", "shape": ["x"]}}},
      "observation.state shape: expected an integer >= 1, got 'x'"),  # a ValueError naming no file
     ({"input_features": [1]}, "input_features: expected an object of features"),  # an AttributeError
+    ({"discrete_state_input": "no"}, "discrete_state_input: expected true or false, got 'no'"),
+    # lerobot's relative actions: the deltas would have been returned as positions
+    ({"use_relative_actions": True}, "use_relative_actions is true; kvreuse runs absolute actions only"),
 ])
 def test_reference_config_json_values_are_checked(tiny, tmp_path, capsys, config, expected):
     save_reference(tmp_path, tiny)
@@ -425,15 +428,47 @@ def test_lerobot_config_json_sets_lengths_and_cameras(model, tmp_path):
     assert "cameras: top, hand" in describe(tmp_path)
 
 
-def test_openpi_norm_stats_json(model, tmp_path):
+# openpi: assets/<asset_id>/norm_stats.json; LIBERO's asset id is a repo id with a slash.
+@pytest.mark.parametrize("asset_id", ["robot", "physical-intelligence/libero"])
+def test_openpi_norm_stats_json(model, tmp_path, asset_id):
     save_reference(tmp_path, model, "openpi")
     st = stats(dim=5)
-    (tmp_path / "assets" / "robot").mkdir(parents=True)
-    (tmp_path / "assets" / "robot" / "norm_stats.json").write_text(
+    (tmp_path / "assets" / asset_id).mkdir(parents=True)
+    (tmp_path / "assets" / asset_id / "norm_stats.json").write_text(
         json.dumps({"norm_stats": {"state": st.state.to_dict(), "actions": st.actions.to_dict()}}))
     _, loaded, _ = load_checkpoint(tmp_path)
     np.testing.assert_allclose(loaded.state.mean, st.state.mean)
     np.testing.assert_allclose(loaded.actions.q01, st.actions.q01)
+
+
+def test_openpi_pi05_with_libero_stats_runs_without_its_state(tmp_path, capsys):
+    """openpi's pi05_libero keeps the state out (discrete_state_input=False) and its converter does
+    not record that: an openpi Pi0.5 with LIBERO's norm stats loads so, and says so; a config.json
+    that names the field wins."""
+    from kvreuse.checkpoint import print_checkpoint_notes
+    from kvreuse.eval.sweep import PolicySource, policy_identity
+
+    torch.manual_seed(0)
+    save_reference(tmp_path, Pi0Model(preset("tiny-pi05")).eval(), "openpi")
+    with_state = policy_identity(PolicySource(str(tmp_path)))
+    st = stats(dim=5)
+    (tmp_path / "assets" / "physical-intelligence" / "libero").mkdir(parents=True)
+    (tmp_path / "assets" / "physical-intelligence" / "libero" / "norm_stats.json").write_text(
+        json.dumps({"norm_stats": {"state": st.state.to_dict(), "actions": st.actions.to_dict()}}))
+    m, loaded, _ = load_checkpoint(tmp_path)
+    assert loaded is not None and not m.cfg.state_in_prompt and m.cfg.suffix_len == m.cfg.chunk_size
+    assert "no state input (discrete_state_input false)" in describe(tmp_path)
+    print_checkpoint_notes(tmp_path)
+    assert "runs without its state" in capsys.readouterr().err
+    assert "+no-state-input" in policy_identity(PolicySource(str(tmp_path)))
+    (tmp_path / "config.json").write_text(json.dumps({"discrete_state_input": True}))
+    m, _, _ = load_checkpoint(tmp_path)
+    assert m.cfg.state_in_prompt
+    print_checkpoint_notes(tmp_path)
+    assert capsys.readouterr().err == ""
+    # the id without the tag is the one every run before the option had
+    assert policy_identity(PolicySource(str(tmp_path))).split("+")[0] == with_state.split("+")[0]
+    assert "no-state-input" not in policy_identity(PolicySource(str(tmp_path)))
 
 
 def test_lerobot_processor_stats(model, tmp_path):

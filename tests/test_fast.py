@@ -33,10 +33,11 @@ def _valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x * m.reshape(*m.shape, *(1,) * (x.dim() - m.dim()))
 
 
-@pytest.fixture(scope="module", params=["tiny-pi0", "tiny-pi05"])
+@pytest.fixture(scope="module", params=["tiny-pi0", "tiny-pi05", "tiny-pi05/no-state"])
 def setup(request):
-    cfg = preset(request.param)
-    model = _model(request.param)
+    base, _, flag = request.param.partition("/")
+    cfg = preset(base, **({"discrete_state_input": False} if flag else {}))  # no-state: openpi's pi05_libero
+    model = build_random(cfg, "cpu", dtype=torch.float32, seed=0)
     g = torch.Generator().manual_seed(1)
     obs = synthetic_obs(cfg, 2, "cpu", g)
     obs2 = synthetic_obs(cfg, 2, "cpu", g)

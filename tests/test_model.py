@@ -15,10 +15,16 @@ torch.set_num_threads(1)
 B = 2
 
 
-@pytest.fixture(scope="module", params=["tiny-pi0", "tiny-pi05"])
+def config_named(name: str):
+    """A preset by name; "/no-state": a Pi0.5 without its state (openpi's discrete_state_input=False)."""
+    base, _, flag = name.partition("/")
+    return preset(base, **({"discrete_state_input": False} if flag == "no-state" else {}))
+
+
+@pytest.fixture(scope="module", params=["tiny-pi0", "tiny-pi05", "tiny-pi05/no-state"])
 def model(request):
     torch.manual_seed(0)
-    m = Pi0Model(preset(request.param)).eval()
+    m = Pi0Model(config_named(request.param)).eval()
     # Zero-initialised norms would hide bugs (a (1 + 0) scale, an adaRMS layer that outputs 0).
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -132,7 +138,7 @@ def test_prefix_does_not_depend_on_the_suffix(model):
     model.denoise(p2, other, n2)
     assert torch.equal(p1.k, p2.k) and torch.equal(p1.v, p2.v)
     a1 = model.denoise(p1, obs, n1)
-    if cfg.state_in_prompt:  # Pi0.5: obs.state is not read at all, only its tokens
+    if not cfg.state_token:  # Pi0.5: obs.state is not read at all, only its tokens (if any)
         assert torch.equal(a1, model.denoise(p1, other, n1))
     else:  # Pi0: the state token is in the suffix, so the actions move, the prefix does not
         assert not torch.allclose(a1, model.denoise(p1, other, n1))
@@ -175,3 +181,18 @@ def test_bad_observation_is_a_value_error(model):
     small = {c: torch.zeros(B, 3, 8, 8) for c in cfg.cameras}
     with pytest.raises(ValueError, match=r"images\["):
         model.encode_prefix(dataclasses.replace(obs, images=small))
+
+
+@torch.no_grad()
+def test_pi05_without_state_input_never_sees_the_state():
+    """openpi's pi05_libero: no state tokens, no state span, a prefix and actions the state does not move."""
+    torch.manual_seed(0)
+    m = Pi0Model(config_named("tiny-pi05/no-state")).eval()
+    cfg = m.cfg
+    assert not cfg.state_in_prompt and not cfg.state_token and cfg.suffix_len == cfg.chunk_size
+    o1, o2 = (make_obs(cfg, state=torch.full((B, cfg.state_dim), v)) for v in (-0.5, 0.5))
+    assert not o1.state_token_mask.any() and torch.equal(o1.tokens, o2.tokens)
+    p1, p2 = m.encode_prefix(o1), m.encode_prefix(o2)
+    assert "state" not in {s.name for s in p1.spans}
+    assert torch.equal(p1.k, p2.k)
+    assert torch.equal(m.denoise(p1, o1, noise_for(cfg)), m.denoise(p2, o2, noise_for(cfg)))

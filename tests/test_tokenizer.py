@@ -120,6 +120,15 @@ def test_pi05_state_in_prompt_and_state_mask(use_sp, sp_model):
     assert out.tokens[0].tolist() != out.tokens[1].tolist()
 
 
+def test_pi05_without_state_input_uses_pi0s_prompt():
+    """discrete_state_input=False (openpi's pi05_libero): Pi0's prompt, no state tokens."""
+    cfg = preset("tiny-pi05", discrete_state_input=False)
+    out = tokenize_prompts(cfg, ByteTokenizer(), ["open the drawer"], None)
+    pi0 = tokenize_prompts(preset("tiny-pi0", max_token_len=cfg.max_token_len), ByteTokenizer(), ["open the drawer"])
+    assert out.tokens.tolist() == pi0.tokens.tolist() and out.mask.tolist() == pi0.mask.tolist()
+    assert not out.state_mask.any()
+
+
 def test_pi05_needs_a_state():
     with pytest.raises(ValueError, match=r"^state: Pi0\.5 writes the state into the prompt, but no state was given$"):
         tokenize_prompts(preset("tiny-pi05"), ByteTokenizer(), ["x"], None)

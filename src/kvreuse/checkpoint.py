@@ -150,7 +150,7 @@ def checkpoint_config(path: str | Path) -> tuple[ModelConfig, dict]:
     return check_reference(path)[1], {}
 
 
-STATS_FILES = ("norm_stats.json (kvreuse, openpi; openpi also assets/*/norm_stats.json) or lerobot's "
+STATS_FILES = ("norm_stats.json (kvreuse, openpi; openpi also assets/<asset id>/norm_stats.json) or lerobot's "
                "policy_preprocessor_*_normalizer_processor.safetensors")
 
 
@@ -163,9 +163,15 @@ def missing_stats_warning(path: str | Path) -> str | None:
             "actions pass unnormalized; copy its stats there if it was trained")
 
 
-def warn_missing_stats(path: str | Path) -> None:
-    """missing_stats_warning on stderr, if any: what eval, serve and compare print once checked."""
-    if note := missing_stats_warning(path):
+def print_checkpoint_notes(path: str | Path) -> None:
+    """What eval, serve and compare print on stderr once a checkpoint is checked: missing norm
+    stats, and a Pi0.5 that runs without its state where its config.json does not say so."""
+    notes = [missing_stats_warning(path)]
+    if checkpoint_format(path) != "kvreuse":
+        from .ref_checkpoint import discrete_state_input, inspect_reference
+
+        notes.append(discrete_state_input(inspect_reference(path))[1])
+    for note in filter(None, notes):
         print(note, file=sys.stderr)
 
 

@@ -17,6 +17,14 @@ _PARTS = (
 )
 
 
+def _state_route(cfg) -> str:
+    if cfg.state_token:
+        return "state as a suffix token"
+    if cfg.state_in_prompt:
+        return "state in the prompt, adaptive RMSNorm"
+    return "no state input (discrete_state_input false), adaptive RMSNorm"
+
+
 def _part_counts(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, int]]:
     counts = {name: 0 for name, _ in _PARTS}
     for key, shape in shapes.items():
@@ -110,7 +118,7 @@ def describe(path: str | Path) -> str:
         f"checkpoint: {path}",
         f"format: {fmt} ({weights.name}, {', '.join(dtypes)})",
         f"variant: {cfg.variant} "
-        f"({'state in the prompt, adaptive RMSNorm' if cfg.variant == 'pi05' else 'state as a suffix token'})",
+        f"({_state_route(cfg)})",
         f"parameters: {total / 1e6:,.2f}M",
     ]
     lines += [f"  {name}: {n / 1e6:,.2f}M" for name, n in _part_counts(shapes) if n]
@@ -119,7 +127,7 @@ def describe(path: str | Path) -> str:
          f"expert {cfg.expert.width}x{cfg.expert.depth}, vocabulary {cfg.vocab_size}"),
         (f"prefix: {cfg.prefix_len} tokens = {len(cfg.cameras)} cameras x {p} patches "
          f"({cfg.vision.image_size}px / {cfg.vision.patch_size}) + {cfg.max_token_len} prompt tokens"),
-        (f"suffix: {cfg.suffix_len} tokens ({cfg.chunk_size} actions{'' if cfg.state_in_prompt else ' + 1 state'}), "
+        (f"suffix: {cfg.suffix_len} tokens ({cfg.chunk_size} actions{' + 1 state' if cfg.state_token else ''}), "
          f"{cfg.num_steps} Euler steps"),
         f"cameras: {', '.join(cfg.cameras)}",
         f"robot: {robot} (state {cfg.state_dim} of {cfg.max_state_dim} dims, actions {cfg.action_dim} of {cfg.max_action_dim})",

@@ -259,6 +259,10 @@ def _check_kind(ref: RefFile) -> None:
         raise ValueError(f"checkpoint {ref.path}: not a Pi0 / Pi0.5 checkpoint ({said}{what}; it has {some}"
                          f"{', ...' if len(others) > 3 else ''})")
     norm_modes(ref)  # a mode kvreuse cannot apply: refused before anything loads
+    if ref.config.get("use_relative_actions"):  # lerobot 0.6.1: the output adds the state back to the actions
+        raise ValueError(f"checkpoint {ref.dir / 'config.json'}: use_relative_actions is true; kvreuse runs "
+                         "absolute actions only and would return this model's deltas as positions")
+    discrete_state_input(ref)  # a bad value: refused here too
     if kind in ("pi0", "pi05") and ref.variant is not None and kind != ref.variant:
         why = "state_proj, no adaptive expert norms" if ref.variant == "pi0" else "adaptive expert norms, no state_proj"
         raise ValueError(f"checkpoint {ref.dir / 'config.json'}: says type {kind!r} but its weights {ref.path.name} "
@@ -289,6 +293,31 @@ def norm_modes(ref: RefFile) -> tuple[NormMode, NormMode]:
 
 
 _FROM_LEROBOT: dict[str, NormMode] = {name: mode for mode, name in LEROBOT_NAMES.items()}
+
+# openpi's LIBERO configs (pi05_libero, and fine-tunes made from it) keep the state out of a Pi0.5
+# (discrete_state_input=False); their norm stats sit under the asset id of LIBERO's data set.
+_OPENPI_LIBERO_STATS = "assets/physical-intelligence/libero/norm_stats.json"
+
+
+def discrete_state_input(ref: RefFile) -> tuple[bool, str | None]:
+    """Whether a Pi0.5 writes its state into the prompt, and a note when config.json does not say
+    so and the state is kept out. openpi's converter does not record the training config's
+    `discrete_state_input`; a config.json that has it wins. Without it: False for an openpi file
+    with LIBERO's norm stats (openpi's pi05_libero), else True (openpi's other Pi0.5 configs;
+    lerobot's Pi0.5 always writes it)."""
+    v = ref.config.get("discrete_state_input")
+    if v is not None:
+        if not isinstance(v, bool):
+            raise ValueError(f"checkpoint {ref.dir / 'config.json'}: discrete_state_input: expected true or "
+                             f"false, got {v!r}")
+        return v, None
+    lerobot = any(k.startswith("model.") for k in ref.shapes)
+    if ref.variant == "pi05" and not lerobot and (ref.dir / _OPENPI_LIBERO_STATS).is_file():
+        return False, (f"note: checkpoint {ref.path}: an openpi Pi0.5 with LIBERO's norm stats "
+                       f"({_OPENPI_LIBERO_STATS}) runs without its state, as openpi's pi05_libero config "
+                       "trains it (discrete_state_input=False); if it was trained with the state in its "
+                       "prompt, add \"discrete_state_input\": true to its config.json")
+    return True, None
 
 
 def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
@@ -330,6 +359,8 @@ def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
             if not isinstance(shape, list):
                 raise ValueError(f"{where}: {name}: shape: expected a list of sizes, got {shape!r}")
             kw[ours] = positive(f"{name} shape", shape[-1], int)
+    if ref.variant == "pi05":
+        kw["discrete_state_input"] = discrete_state_input(ref)[0]
     cfg = preset(preset_name, **kw, state_below_bins="digitize")  # the prompt openpi / lerobot build
     pos = ref.shapes.get(_key_in(ref, "vision.pos_embed.weight") or "", None)
     if pos is not None:  # the image size follows from the number of position embeddings
@@ -464,7 +495,7 @@ def _stats_from(d: dict, mode: NormMode, where: str) -> Stats:
 
 def read_reference_stats(directory: str | Path, variant: str,
                          modes: tuple[NormMode, NormMode] | None = None) -> NormStats | None:
-    """Norm stats beside reference weights: openpi `norm_stats.json` (also under `assets/*/`), or
+    """Norm stats beside reference weights: openpi `norm_stats.json` (also anywhere under `assets/`), or
     lerobot's `policy_preprocessor*_normalizer_processor.safetensors` (keys `observation.state.mean`,
     `action.q01`, ...), with `policy_postprocessor*_unnormalizer_processor.safetensors` as the
     fallback for the actions. modes: (state, actions) as `norm_modes` reads them, default the
@@ -472,9 +503,13 @@ def read_reference_stats(directory: str | Path, variant: str,
     the modes. None if there are none."""
     d = Path(directory)
     st_mode, act_mode = modes or (default_mode(variant),) * 2
-    jsons = [d / "norm_stats.json"] if (d / "norm_stats.json").is_file() else sorted(d.glob("assets/*/norm_stats.json"))
+    # openpi writes assets/<asset_id>/norm_stats.json, and an asset id may hold a slash
+    # (pi0_libero's is "physical-intelligence/libero"), so search the whole assets tree.
+    top = d / "norm_stats.json"
+    jsons = [top] if top.is_file() else sorted(d.glob("assets/**/norm_stats.json"))
     if len(jsons) > 1:
-        raise ValueError(f"norm stats in {d}: several assets/*/norm_stats.json ({[str(j) for j in jsons]}); pass one")
+        raise ValueError(f"norm stats in {d}: several norm_stats.json under assets/ "
+                         f"({[str(j) for j in jsons]}); pass one")
     if jsons:
         from .checkpoint import read_json
 

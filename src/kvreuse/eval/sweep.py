@@ -107,9 +107,17 @@ def policy_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
     # setting continued on another device would average both into one row. cuda:N is one device type.
     dev = src.device.split(":")[0]
     tok = f"tok@{_sha12(Path(src.tokenizer))}" if src.tokenizer is not None else ""
+    # A Pi0.5 run without its state (discrete_state_input false in, or inferred for, its config):
+    # another prompt, so another policy. Off for every run before the option existed.
+    stateless = False
+    if src.checkpoint is not None:
+        from ..checkpoint import checkpoint_config
+
+        cfg = checkpoint_config(src.checkpoint)[0]
+        stateless = cfg.variant == "pi05" and not cfg.state_in_prompt
     # (tag, on, the era it was added in: 0 from the start, i + 1 by ID_CHANGES[i])
     tags = ((dev, dev != "cpu", 1), (src.dtype, src.dtype != "float32", 0), ("fast", src.fast, 0),
-            ("masked-cameras", src.keep_absent_cameras, 0),
+            ("masked-cameras", src.keep_absent_cameras, 0), ("no-state-input", stateless, 0),
             ("no-stats", src.checkpoint is not None and digest is None, 1),
             (f"stats@{digest}", digest is not None, 2), (tok, bool(tok), 0))
     return "+".join([_weights_identity(src)] + [tag for tag, on, since in tags if on and since <= era])
@@ -503,9 +511,9 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             if n:
                 check_dir_out(folder, f"--{what}: folder")
         if src.checkpoint is not None:  # once all is checked: a warning, then no error
-            from ..checkpoint import warn_missing_stats
+            from ..checkpoint import print_checkpoint_notes
 
-            warn_missing_stats(src.checkpoint)
+            print_checkpoint_notes(src.checkpoint)
         plan = _trained_render_size(plan, env, meta)
     finally:
         env.close()

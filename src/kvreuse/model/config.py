@@ -81,14 +81,22 @@ class ModelConfig:
     # A Pi0.5 state below -1 after normalization: openpi and lerobot write bin -1 (np.digitize - 1,
     # unclipped); the testbed policies were trained with it clipped to bin 0, so they keep that.
     state_below_bins: Literal["clip", "digitize"] = "clip"
+    # Pi0.5 only (openpi's Pi0Config field of the same name): False keeps the state out of the
+    # model altogether, as openpi's pi05_libero was trained: the prompt is Pi0's, with no state.
+    discrete_state_input: bool = True
     # The actual dims of the robot this model drives (state/actions are padded to max_*_dim).
     state_dim: int = 32
     action_dim: int = 32
 
     @property
     def state_in_prompt(self) -> bool:
-        """Pi0.5 discretizes the state into the prompt; Pi0 feeds it as a suffix token."""
-        return self.variant == "pi05"
+        """Pi0.5 discretizes the state into the prompt (unless discrete_state_input is False)."""
+        return self.variant == "pi05" and self.discrete_state_input
+
+    @property
+    def state_token(self) -> bool:
+        """Pi0 feeds the state as the suffix's first token; Pi0.5 has no such token."""
+        return self.variant == "pi0"
 
     @property
     def adarms(self) -> bool:
@@ -101,7 +109,7 @@ class ModelConfig:
 
     @property
     def suffix_len(self) -> int:
-        return self.chunk_size + (0 if self.state_in_prompt else 1)
+        return self.chunk_size + (1 if self.state_token else 0)
 
     def __post_init__(self) -> None:
         if self.llm.depth != self.expert.depth:
@@ -149,6 +157,10 @@ def _checked(tp, v, name: str):
     if typing.get_origin(tp) is Literal:
         if not isinstance(v, str) or v not in tp.__args__:
             raise ValueError(f"{name}: expected one of {', '.join(tp.__args__)}, got {v!r}")
+        return v
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ValueError(f"{name}: expected true or false, got {v!r}")
         return v
     if tp is int:  # every int field is a size or a count
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:

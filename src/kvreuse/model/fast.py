@@ -560,7 +560,7 @@ class FastPi0:
             self.exp = _fuse_gemma(model.expert)
             self._zero_w = torch.zeros(cfg.llm.width, dtype=model.dtype, device=model.device)  # see _lt_residual
             self.exp_final = _one_plus(model.expert.norm)
-        if cfg.state_in_prompt is False:
+        if cfg.state_token:
             ew = cfg.expert.width
             w = model.action_time_mlp_in.weight
             self._at_w_a_t = w[:, :ew].t()  # acts on action_in_proj(x_t)
@@ -888,11 +888,11 @@ class FastPi0:
         chain = use_fused and self.expert_gemm == "chain"  # Triton only (attention too), no compile
         # Once per call: positions, rotary tables, the [prefix ; suffix] mask, Pi0's state token.
         cos, sin, cos_h, sin_h, bias = self._exp_tables_fn(
-            st.valid, s, g, ex.head_dim, cfg.rope_base, bool(cfg.state_in_prompt), use_fused,
+            st.valid, s, g, ex.head_dim, cfg.rope_base, not cfg.state_token, use_fused,
             self._bias_dtype(self.expert_attn))
         if chain:
             return self._denoise_chain(st, steps, tables, cos_h, sin_h, bias, before_layer)
-        if not cfg.state_in_prompt:
+        if cfg.state_token:
             suffix = torch.empty(b, s, ex.width, dtype=dt, device=st.valid.device)
             suffix[:, 0].copy_(F.linear(st.state.to(dt), m.state_proj.weight, m.state_proj.bias))
         x = st.noise.clone()
@@ -1146,7 +1146,7 @@ class FastPi0:
         return self._denoise(st, obs, noise, steps)
 
     def _denoise_inputs(self, st, obs, noise):
-        if not self.cfg.state_in_prompt:
+        if self.cfg.state_token:
             st.state.copy_(obs.state)
         st.noise.copy_(noise)
 

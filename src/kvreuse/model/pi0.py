@@ -37,7 +37,7 @@ class Pi0Model(nn.Module):
         self.expert = GemmaStack(cfg.expert, cond_dim=ew if cfg.adarms else None)
         self.action_in_proj = nn.Linear(cfg.max_action_dim, ew)
         self.action_out_proj = nn.Linear(ew, cfg.max_action_dim)
-        if cfg.state_in_prompt:
+        if not cfg.state_token:
             self.time_mlp_in = nn.Linear(ew, ew)
             self.time_mlp_out = nn.Linear(ew, ew)
         else:
@@ -214,7 +214,7 @@ class Pi0Model(nn.Module):
         positions = prefix.num_valid[:, None] + torch.arange(s, device=dev)[None]
         bias_prefix = key_bias(prefix.mask, s)
         seen = torch.ones(s, s, dtype=torch.bool, device=dev)
-        if not cfg.state_in_prompt:
+        if cfg.state_token:
             seen[0, 1:] = False  # the state token sees the prefix and itself only
         bias_self = torch.zeros(s, s, device=dev).masked_fill(~seen, NEG_INF)
         bias_self = bias_self[None].expand(prefix.mask.shape[0], -1, -1)

@@ -147,7 +147,7 @@ def load(src: Source):
             shipped = "" if src.checkpoint else f" (without --checkpoint, {src.preset} runs the shipped {ckpt})"
             raise ValueError(f"stats_from: only for a random full-size model (--preset pi0 / pi05, no --checkpoint): "
                              f"a checkpoint brings its own{shipped}")
-        from ..checkpoint import checkpoint_format, read_meta, warn_missing_stats
+        from ..checkpoint import checkpoint_format, read_meta, print_checkpoint_notes
 
         # A reference (lerobot / openpi) checkpoint names no robot: the stream's (else Meta-World's).
         named = checkpoint_format(ckpt) == "kvreuse" and read_meta(ckpt).get("robot") is not None
@@ -155,7 +155,7 @@ def load(src: Source):
         policy = Policy.from_checkpoint(ckpt, device=src.device, seed=src.seed, tokenizer=src.tokenizer, dtype=dtype,
                                         fast=src.fast, robot=None if named else robot)
         what = f"checkpoint {ckpt}"
-        warn_missing_stats(ckpt)
+        print_checkpoint_notes(ckpt)
     else:
         # A random model over the robot's cameras and dims. A full-size preset is made on the device
         # in its dtype (its latency does not depend on the values), with the byte tokenizer standing

@@ -209,8 +209,8 @@ class ReusePolicy:
 
         out = self._execute(plan, obs, sig, call, now, raw_shapes, noise, new_host)
 
-        dobs, state_source = obs, "prefix"
-        if not mc.state_in_prompt:
+        dobs, state_source = obs, "prefix" if mc.state_in_prompt else "none"
+        if mc.state_token:
             state_source = "fresh"
             if cfg.synchronized and plan.kind == "none":
                 dobs, state_source = replace(obs, state=self.ref.state), "snapshot"
@@ -413,7 +413,7 @@ class ReusePolicy:
                 idx = upload(rows.nonzero().squeeze(-1), r.patches.device)
                 r.patches = r.patches.index_copy(1, idx, new.index_select(1, idx))
         state_span = not plan.prompt_from_cache and (bool(plan.recompute.all()) or "state" in plan.refreshed or (
-            not mc.state_in_prompt and all(c in plan.refreshed for c in mc.cameras)
+            mc.state_token and all(c in plan.refreshed for c in mc.cameras)
         ))
         if state_span or every_camera:
             state = obs.state.clone()  # replaced, never written in place: one tensor may serve both

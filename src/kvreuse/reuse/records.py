@@ -20,7 +20,8 @@ class StepRecord:
     plan: str = "all"  # "all" (encode_prefix) | "tokens" | "layers" | "none" (denoise only)
     cost: dict = field(default_factory=dict)  # vision_cameras (signals + plan), lm_tokens, lm_token_layers
     call_index: int = 0  # calls since reset
-    state_source: str = "prefix"  # Pi0.5 "prefix"; Pi0 suffix state "fresh" or "snapshot"
+    # Pi0.5 "prefix" ("none" without discrete_state_input); Pi0's suffix state "fresh" or "snapshot"
+    state_source: str = "prefix"
     # the call captured CUDA graphs (with any compilation) or was its model's first in this
     # process (lazy CUDA / BLAS set-up): its time is not the steady state's (ReusePolicy.infer)
     warmup: bool = False

@@ -25,11 +25,11 @@ def build_policy(checkpoint: str | None, reuse: ReuseConfig, preset: str = "tiny
     from ..transforms.robot import robot_spec
 
     if checkpoint is not None:
-        from ..checkpoint import warn_missing_stats
+        from ..checkpoint import print_checkpoint_notes
 
         policy = Policy.from_checkpoint(checkpoint, reuse=reuse, device=device, seed=seed, tokenizer=tokenizer,
                                         robot=robot, fast=fast, keep_absent_cameras=keep_absent_cameras)
-        warn_missing_stats(checkpoint)
+        print_checkpoint_notes(checkpoint)
         source = checkpoint
     else:  # no weights: a random model of a preset (protocol and load testing only)
         spec = robot_spec(robot or "metaworld")
