@@ -521,6 +521,21 @@ def test_layer_wise_cameras_back_at_the_base_get_its_upper_layers_back(variant):
     assert pol.infer(tf(raw), noise_for(m, 3))[1].plan == "none"  # now nothing to recompute
 
 
+def test_layer_wise_with_new_state_digits_is_mixed():
+    """Pi0.5's state digits changed alone: the upper layers are recomputed with the new prompt over
+    the base's lower layers, which is a mix of two observations, also once the cameras are back
+    at the base's pixels with the new state kept (the record said one observation's)."""
+    m, tf = model_and_tf("pi05")
+    rng = np.random.default_rng(2)
+    raw = raw_obs(rng, state=np.array([0.1, 0.2, 0.3, 0.4]))
+    new_state = {**raw, "observation/state": raw["observation/state"] + 0.05}
+    pol = ReusePolicy(m, ReuseConfig(gate="always", mode="layer_wise"))
+    frames = [raw, new_state, nudge(new_state, rng, 30), new_state, raw]
+    recs = [pol.infer(tf(r), noise_for(m, i))[1] for i, r in enumerate(frames)]
+    assert [r.plan for r in recs] == ["all", "layers", "layers", "layers", "layers"]
+    assert [r.mixed for r in recs] == [False, True, True, True, False]
+
+
 @pytest.mark.parametrize("variant", ["pi0", "pi05"])
 def test_layer_wise_repeated_moved_frame_reuses_the_upper_layers_it_holds(variant):
     """A moved frame seen again (the robot holding still after it moved) finds its own upper layers

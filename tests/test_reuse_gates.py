@@ -481,6 +481,33 @@ def test_state_reference_both_bounds_the_state_tokens_state_only_keeps(reference
         assert got == [(False, 0.0), (True, 0.03), (False, 0.06), (True, 0.03), (False, 0.06), (True, 0.03)]
 
 
+def test_cameras_snapshot_follows_a_recompute_of_every_present_camera():
+    """A camera absent from every row (fed black and masked, keep_absent_cameras) is never
+    recomputed: the cameras' snapshot never moved on a state_only reuse, so state_reference=cameras
+    measured the drift since the refresh and refreshed without need."""
+    from dataclasses import replace
+
+    from test_reuse import model_and_tf, noise_for, raw_obs
+
+    from kvreuse.reuse.policy import ReusePolicy
+
+    m, tf = model_and_tf("pi05")
+    gone = m.cfg.cameras[-1]
+    pol = ReusePolicy(m, ReuseConfig(gate="crossmodal", mode="state_only", threshold=-1.0, state_threshold=-1.0,
+                                     state_max_l2=0.05, state_reference="cameras"))
+    rng = np.random.default_rng(5)
+    got = []
+    for k in range(5):  # new images on every call: every present camera recomputed on a reuse
+        o = tf(raw_obs(rng, state=np.full(4, 0.03 * k)))
+        o = replace(o, images={**o.images, gone: torch.full_like(o.images[gone], -1.0)},
+                    image_masks={**o.image_masks, gone: torch.zeros_like(o.image_masks[gone])})
+        rec = pol.infer(o, noise_for(m, k))[1]
+        got.append((rec.reused, round(rec.signals.get("state_l2", 0.0), 4)))
+        if rec.reused:
+            assert torch.equal(pol.ref.camera_state, o.state)
+    assert got == [(False, 0.0)] + [(True, 0.03)] * 4
+
+
 def test_state_reference_is_checked_and_part_of_the_crossmodal_setting_where_the_mode_parts_them():
     with pytest.raises(ValueError, match="^reuse.state_reference: expected one of state, cameras, both, got 'vision'$"):
         ReuseConfig(gate="crossmodal", state_reference="vision")

@@ -112,8 +112,14 @@ class ReusePolicy:
         self._refreshed_at = 0  # call index of the last refresh (the period gate counts from it)
         # layer_wise: the cameras the cache's upper layers took fresh, their images as that update saw them
         self._layer_imgs: dict[str, torch.Tensor] = {}
+        self._base_tokens: torch.Tensor | None = None  # layer_wise: the refresh's prompt ids (CPU)
 
     # ---- bookkeeping ------------------------------------------------------------------------
+    def _prompt_ids(self) -> torch.Tensor:
+        """The cache's prompt ids on the CPU: the host copy, else read from the cache (a device
+        read, only where the observations came without host copies)."""
+        return self._host.tokens if self._host is not None else self.cache.tokens.cpu()
+
     @property
     def valid_rows(self) -> torch.Tensor | None:
         """(T,) CPU bool: the cache's rows valid in any batch row. From the cache's HostPrefix
@@ -331,6 +337,7 @@ class ReusePolicy:
             self.birth_times = np.full(T, now, dtype=np.float64)
             self.layer_mixed = False
             self._layer_imgs = {}
+            self._base_tokens = self._prompt_ids() if cfg.enabled and cfg.mode == "layer_wise" else None
             if not cfg.enabled:  # the never gate compares nothing with it: no reference to build
                 self.ref = None  # (its copies would queue behind the graph and delay the call's end)
                 return out
@@ -386,8 +393,10 @@ class ReusePolicy:
             self.births[rec] = call
             self.birth_times[rec] = now
         else:  # layers: lower layers (and the signal references) stay those of the base snapshot
-            # No camera to run: the upper layers went back to the base's, so the K/V are one observation's.
-            self.layer_mixed = bool(plan.run_cameras)
+            # The upper layers took this call's cameras that moved and its prompt (Pi0.5's state
+            # digits): with neither differing from the base, the K/V are one observation's.
+            same_prompt = torch.equal(self._prompt_ids(), self._base_tokens)
+            self.layer_mixed = bool(plan.run_cameras) or not same_prompt
             self._layer_imgs = {c: obs.images[c].clone() for c in plan.run_cameras}
         self._parts.add("sample" if overlap else "prefix", t)
         if plan.kind == "tokens":  # done once the denoise is queued: it needs none of it
@@ -399,9 +408,13 @@ class ReusePolicy:
         mc, cfg = self.model.cfg, self.config
         p, patch = mc.vision.num_patches, mc.vision.patch_size
         every_camera = True  # every camera's rows recomputed: the cameras' K/V are this call's
+
+        def absent(cam: str) -> bool:  # in no batch row: no K/V to go stale (and none recomputed)
+            return not bool(obs.host_mask(f"image_masks/{cam}").any())
+
         for i, cam in enumerate(mc.cameras):
             rows = plan.recompute[i * p : (i + 1) * p].cpu()
-            whole = bool(rows.all())
+            whole = bool(rows.all()) or absent(cam)
             every_camera &= whole
             if whole:
                 self.ref.cameras[cam] = camera_ref(obs.images[cam], cfg, patch, embeds.get(cam))
@@ -413,7 +426,7 @@ class ReusePolicy:
                 idx = upload(rows.nonzero().squeeze(-1), r.patches.device)
                 r.patches = r.patches.index_copy(1, idx, new.index_select(1, idx))
         state_span = not plan.prompt_from_cache and (bool(plan.recompute.all()) or "state" in plan.refreshed or (
-            mc.state_token and all(c in plan.refreshed for c in mc.cameras)
+            mc.state_token and all(c in plan.refreshed or absent(c) for c in mc.cameras)
         ))
         if state_span or every_camera:
             state = obs.state.clone()  # replaced, never written in place: one tensor may serve both
