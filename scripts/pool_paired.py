@@ -69,7 +69,13 @@ def paired(db: str, setting: str, task: str | None, cfg: ReuseConfig | None = No
         if not base:
             raise ValueError(f"{db}: no baseline of {setting!r}'s policy, env, replan and step limit")
         b, s = st.outcomes(base[0]["id"], task), st.outcomes(mine[0]["id"], task)
-    return setting_group(mine[0]), mine[0]["name"], {k: (b[k], s[k]) for k in sorted(b.keys() & s.keys())}
+        pairs = {k: (b[k], s[k]) for k in sorted(b.keys() & s.keys())}
+        if not pairs:  # a misspelled task printed a table of zeros
+            tasks = sorted({k[0] for k in st.outcomes(base[0]["id"], None)})
+            what = f"task {task!r}" if task is not None else "any task"
+            raise ValueError(f"{db}: no episode of {what} finished by both {setting!r} and its baseline; "
+                             f"the baseline ran {tasks}")
+    return setting_group(mine[0]), mine[0]["name"], pairs
 
 
 _GROUP = ("policy id", "env", "replan", "protocol")

@@ -445,11 +445,13 @@ def test_pool_paired_pools_each_dbs_own_pairs_and_refuses_an_episode_twice(tmp_p
     assert [(r.n, r.only_base, r.only_setting) for _, r, _ in rows] == [(3, 1, 1), (4, 2, 0), (7, 3, 1)]
     assert rows[-1][1].p_value == stats.mcnemar([True, True, False, True, True, True, True],
                                                 [False, True, True, False, False, True, True]).p_value
-    assert [(r.n, r.only_base) for _, r, _ in mod["pool"]([a, c], "thr", task="reach")] == [(0, 0)] * 3
     dup = db("dup.db", [2], [True], [True])
     missing = str(tmp_path / "missing.db")
+    # A task no pair has (reach: the setting's episode has no baseline; a typo) was a table of zeros.
+    no_pair = "no episode of task {!r} finished by both 'thr' and its baseline; the baseline ran ['push']"
     for argv, msg in (([a, dup], "both hold episode ('push', 2, 2)"), ([a], "0 settings named 'nope'"),
-                      ([a, missing], "missing.db: no such file")):
+                      ([a, missing], "missing.db: no such file"), (["--task", "reach", a], no_pair.format("reach")),
+                      (["--task", "psuh", a], no_pair.format("psuh"))):
         setting = "nope" if "nope" in msg else "thr"
         assert mod["main"](["--setting", setting, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -156,6 +156,28 @@ def test_a_version_2_row_from_after_the_change_is_continued(tmp_path, ran):
     assert (s.ran, s.skipped, ran[-1]["patch_max_diff"]) == (1, 1, None)
 
 
+def test_a_field_the_record_lacks_takes_the_default_it_came_with(tmp_path):
+    """A DB recorded before state_reference existed ran its cross-modal rows against the state
+    tokens' snapshot ("state", the field's first default): read as today's "both", those rows were
+    misread, and a run of "both" continued them."""
+    db = tmp_path / "r.db"
+    setting = {"gate": "crossmodal", "mode": "partial"}
+    with ResultStore(db) as st:
+        sid = st.setting_id(Setting("p", "fake", 5, setting, "old"))
+    c = sqlite3.connect(db)
+    rec = {k: v for k, v in DEFAULTS.items() if k != "state_reference"}
+    c.execute("UPDATE meta SET value = ? WHERE key = 'reuse_defaults'", (json.dumps(rec),))
+    c.commit()
+    c.close()
+    with ResultStore(db, read_only=True) as st:
+        assert st.row_config(st.settings()[0]).state_reference == "state"
+    with ResultStore(db) as st:
+        now = ReuseConfig(**setting)  # today's default: both
+        assert st.setting_id(Setting("p", "fake", 5, now.diff_from(st.reuse_defaults))) != sid
+        assert st.row_config(st.settings()[0]).state_reference == "state"
+        assert {st.row_config(r).state_reference for r in st.settings()} == {"state", "both"}
+
+
 def test_a_field_the_record_lacks_takes_todays_default_and_keys_stay(tmp_path):
     db = tmp_path / "r.db"
     with ResultStore(db) as st:

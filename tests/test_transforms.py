@@ -60,6 +60,11 @@ def test_resize_with_pad_keeps_aspect_and_pads_black():
     assert (y[:, :, :56] == -1).all() and (y[:, :, -56:] == -1).all()  # 112 rows of image, centred
     torch.testing.assert_close(y[:, :, 56:168], torch.full((1, 3, 112, 224), 0.5))
     assert resize_with_pad(torch.zeros(2, 3, 224, 224), 224).shape == (2, 3, 224, 224)
+    # openpi / lerobot truncate the resized size (255 x 333 -> 171.5 rows: 171; rounding gave 172
+    # rows, the image stretched by one and its padding shifted)
+    y = resize_with_pad(torch.ones(1, 3, 255, 333) * 0.5, 224)
+    rows = (y[0, 0, :, 112] > -1).nonzero().squeeze(-1)
+    assert (len(rows), int(rows[0])) == (171, 26)
 
 
 def test_flip180():

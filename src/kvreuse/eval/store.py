@@ -220,9 +220,11 @@ class ResultStore:
         command refused before that leaves the file as it was). A version-2 file gets the meta table:
         its rows stay as they are (read by the history of default changes), rows added from now on are
         relative to today's defaults, which the table records (and which this store already uses). A
-        field added to ReuseConfig since the record was written joins it at today's default, so its
-        rows keep that meaning if the default changes later."""
+        field added to ReuseConfig since the record was written joins it at the default it was added
+        with (the behaviour before it existed), so its rows keep that meaning whatever the default
+        is today."""
         current = ReuseConfig().to_dict()
+        added_with = defaults_at(0.0)  # each field's first default
         if self._file_version == SCHEMA_VERSION and set(current) <= set(self._recorded):
             return
         c = self.conn
@@ -237,7 +239,7 @@ class ResultStore:
             else:  # fields this kvreuse does not know (a later one wrote the file) stay in the record
                 recorded = json.loads(c.execute("SELECT value FROM meta WHERE key = 'reuse_defaults'").fetchone()[0])
                 c.execute("UPDATE meta SET value = ? WHERE key = 'reuse_defaults'",
-                          (json.dumps({**current, **recorded}, sort_keys=True),))
+                          (json.dumps({**added_with, **recorded}, sort_keys=True),))
             c.execute("COMMIT")
         except BaseException:
             _rollback(c)
@@ -259,9 +261,11 @@ class ResultStore:
                                  f"record the reuse defaults ({type(e).__name__}: {e}); give another --db path"
                                  ) from None
         self._recorded = recorded
-        # A field the record lacks takes today's default: no key made before the field existed changes.
-        current = ReuseConfig().to_dict()
-        self.reuse_defaults: dict = {**current, **{k: v for k, v in recorded.items() if k in current}}
+        # A version-2 file's new rows are relative to today's defaults (recorded when it is upgraded).
+        # A field a record lacks predates it: the default it was added with, the behaviour before it
+        # existed (state_reference came as "state", since changed twice), not today's.
+        base = ReuseConfig().to_dict() if version == 2 else defaults_at(0.0)
+        self.reuse_defaults: dict = {**base, **{k: v for k, v in recorded.items() if k in base}}
 
     def row_defaults(self, row: sqlite3.Row) -> dict:
         """The defaults a settings row's reuse JSON is relative to: the DB's record, or for a row

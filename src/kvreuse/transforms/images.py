@@ -70,8 +70,8 @@ def resize_with_pad(x: torch.Tensor, size: int) -> torch.Tensor:
     b, c, h, w = x.shape
     if (h, w) == (size, size):
         return x
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    ratio = max(h, w) / size  # openpi's and lerobot's sizes: int(h / ratio), truncated, not rounded
+    nh, nw = max(1, int(h / ratio)), max(1, int(w / ratio))
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)
     top, left = (size - nh) // 2, (size - nw) // 2
     return F.pad(x, (left, size - nw - left, top, size - nh - top), value=-1.0)
