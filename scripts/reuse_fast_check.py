@@ -7,7 +7,8 @@ near the first (a camera's top rows redrawn, the state nudged). Each gated setti
 its signals called directly instead of through SignalGraphs (compiled and replayed from CUDA
 graphs on a GPU): the two must measure the same values (within 1e-5) and decide alike. Prints
 each setting's decisions (decision:plan) and the worst relative error; exits 1 when decisions
-differ or an error exceeds 1e-3 (float32 on a GPU runs TF32 products: ~5e-4 on an H100).
+differ or an error exceeds 1e-3 (float32 on a GPU runs TF32 products: ~5e-4 on an H100). Variants:
+tiny Pi0, tiny Pi0.5, and tiny Pi0.5 without its state (discrete_state_input=False).
 
     PYTHONPATH=src python3 scripts/reuse_fast_check.py [cuda|cpu]
 """
@@ -55,8 +56,9 @@ def _signals_differ(a: dict, b: dict) -> float:
 
 def main(dev: str) -> int:
     worst, same = 0.0, True
-    for variant in ("tiny-pi0", "tiny-pi05"):
-        cfg = preset(variant)
+    variants = {"tiny-pi0": preset("tiny-pi0"), "tiny-pi05": preset("tiny-pi05"),
+                "tiny-pi05 without its state": preset("tiny-pi05", discrete_state_input=False)}  # openpi's pi05_libero
+    for variant, cfg in variants.items():
         model = build_random(cfg, dev, dtype=torch.float32, seed=0).eval()
         fast = FastPi0(model)
         g = torch.Generator().manual_seed(5)
