@@ -48,6 +48,23 @@ def test_layout_is_deterministic_per_init_id(env):
     assert not np.allclose(ra[4:7], env.raw_obs[4:7])
 
 
+def test_first_frame_does_not_depend_on_the_previous_episode():
+    """push-v3's goal marker was placed from the previous episode's last puck position at reset:
+    the same (task, init) started from another first image after another episode in the worker."""
+    fresh = MetaWorldEnv(image_size=64)
+    first = fresh.reset("push-v3", 3, 0)
+    fresh.close()
+    env = MetaWorldEnv(image_size=64)
+    env.reset("push-v3", 9, 0)
+    pol = expert_policy("push-v3")
+    for _ in range(150):  # the expert pushes the puck to init 9's goal
+        env.step(pol.get_action(env.raw_obs))
+    again = env.reset("push-v3", 3, 0)
+    for k in ("observation/image", "observation/wrist_image"):
+        np.testing.assert_array_equal(first[k], again[k])
+    env.close()
+
+
 def test_expert_succeeds_and_episode_ends():
     env = MetaWorldEnv(render=False, max_steps=150)
     pol = expert_policy("button-press-topdown-v3")

@@ -119,6 +119,13 @@ class MetaWorldEnv:
         block, idx = divmod(init_id, LAYOUTS_PER_BLOCK)
         self._env.set_task(self._layout_block(task, block)[idx])
         raw, _ = self._env.reset(seed=seed)
+        # Meta-World's reset runs reset_model once on the previous episode's sim data before
+        # resetting it, and push places its goal marker from where that episode left the puck;
+        # step() re-places the target sites, reset does not. Without this, push's first frame
+        # depended on the worker's previous episode (so a baseline and a reuse run of one
+        # episode could start from different images).
+        for site in self._env._target_site_config:
+            self._env._set_pos_site(*site)
         self._raw, self._steps = np.asarray(raw), 0
         return self._obs()
 
