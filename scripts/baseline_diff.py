@@ -35,6 +35,19 @@ def compare(a: str, b: str) -> tuple[int, list[tuple[tuple[str, int, int], bool,
     return len(common), [(k, ea[k], eb[k]) for k in common if ea[k] != eb[k]]
 
 
+def steps_apart(a: str, b: str) -> int:
+    """How many episodes both baselines finished ended at another step (the same outcome or not):
+    trajectories that did not replicate."""
+    def steps(db: str) -> dict[tuple[str, int, int], int]:
+        with open_existing(db) as st:
+            (row,) = [r for r in st.settings() if r["is_baseline"]]  # baseline() checked there is one
+            return {(e["task"], e["init_id"], e["seed"]): e["steps"] for e in st.episodes(row["id"])
+                    if e["status"] != "error"}
+
+    sa, sb = steps(a), steps(b)
+    return sum(sa[k] != sb[k] for k in sa.keys() & sb.keys())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dbs", nargs="+")
@@ -45,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for other in a.dbs[1:]:
             n, diff = compare(a.dbs[0], other)
-            print(f"{a.dbs[0]} vs {other}: {n} episodes in both, {len(diff)} with another outcome")
+            print(f"{a.dbs[0]} vs {other}: {n} episodes in both, {len(diff)} with another outcome, "
+                  f"{steps_apart(a.dbs[0], other)} ended at another step")
             for (task, init, seed), x, y in diff:
                 print(f"  {task} init {init} seed {seed}: {'success' if x else 'failure'} -> "
                       f"{'success' if y else 'failure'}")

@@ -663,7 +663,11 @@ def test_baseline_diff_counts_the_episodes_whose_outcome_another_run_changed(tmp
     n, diff = mod["compare"](a, b)
     assert n == 3 and diff == [(("push", 1, 1), True, False)]
     assert mod["main"]([a, b]) == 0
-    assert "3 episodes in both, 1 with another outcome" in capsys.readouterr().out
+    assert "3 episodes in both, 1 with another outcome, 0 ended at another step" in capsys.readouterr().out
+    with ResultStore(b) as st:  # episode 0 again, 12 steps long: the same outcome, another trajectory
+        st.conn.execute("UPDATE episodes SET steps = 12 WHERE init_id = 0")
+        st.conn.commit()
+    assert mod["steps_apart"](a, b) == 1
     assert mod["main"]([a, db("o.db", ["success"], policy="q")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another policy id" in err[0], err
