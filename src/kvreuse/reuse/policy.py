@@ -395,7 +395,7 @@ class ReusePolicy:
         else:  # layers: lower layers (and the signal references) stay those of the base snapshot
             # The upper layers took this call's cameras that moved and its prompt (Pi0.5's state
             # digits): with neither differing from the base, the K/V are one observation's.
-            same_prompt = torch.equal(self._prompt_ids(), self._base_tokens)
+            same_prompt = self._base_tokens is not None and torch.equal(self._prompt_ids(), self._base_tokens)
             self.layer_mixed = bool(plan.run_cameras) or not same_prompt
             self._layer_imgs = {c: obs.images[c].clone() for c in plan.run_cameras}
         self._parts.add("sample" if overlap else "prefix", t)
@@ -410,7 +410,7 @@ class ReusePolicy:
         every_camera = True  # every camera's rows recomputed: the cameras' K/V are this call's
 
         def absent(cam: str) -> bool:  # in no batch row: no K/V to go stale (and none recomputed)
-            return not bool(obs.host_mask(f"image_masks/{cam}").any())
+            return cam not in obs.image_masks or not bool(obs.host_mask(f"image_masks/{cam}").any())
 
         for i, cam in enumerate(mc.cameras):
             rows = plan.recompute[i * p : (i + 1) * p].cpu()
