@@ -29,6 +29,11 @@ def test_stream_round_trip(tmp_path):
             if isinstance(v, np.ndarray):
                 assert b.raw[k].dtype == v.dtype and np.array_equal(b.raw[k], v)
     assert back.steps[1].raw["episode_info"] == {"task": "x", "n": 3}
+    # A step without a prompt (a policy's default prompt answered it) comes back without one: it was
+    # replayed with "", which the transform refuses, instead of the default
+    del s.steps[2].raw["prompt"]
+    back = ObservationStream.load(s.save(tmp_path / "d.safetensors"))
+    assert "prompt" not in back.steps[2].raw and back.steps[3].raw["prompt"] == s.steps[3].raw["prompt"]
     import os
 
     umask = os.umask(0o022)

@@ -7,7 +7,7 @@ File format (one `.safetensors` file; nothing is ever unpickled):
               dtype and shape as recorded (e.g. "000003/observation/image" uint8 (H, W, 3))
     metadata  "kvreuse_stream" -> JSON:
               {"format": "kvreuse-stream", "version": 1, "robot": "metaworld", "meta": {...},
-               "steps": [{"reset": true, "prompt": "...", "arrays": ["observation/image", ...],
+               "steps": [{"reset": true, "prompt": "..." or null, "arrays": ["observation/image", ...],
                           "extra": {non-array JSON values}}, ...]}
 
 `reset` marks the first step of an episode (the policy is reset before it).
@@ -79,7 +79,9 @@ class ObservationStream:
                     arrays.append(k)
                 else:
                     extra[k] = v
-            index.append({"reset": bool(st.reset), "prompt": st.raw.get("prompt", ""), "arrays": arrays, "extra": extra})
+            # null when the observation had no prompt (a policy's default prompt answered it):
+            # replayed without one too, so the default answers again
+            index.append({"reset": bool(st.reset), "prompt": st.raw.get("prompt"), "arrays": arrays, "extra": extra})
         header = {"format": FORMAT, "version": VERSION, "robot": self.robot, "meta": self.meta, "steps": index}
         try:
             text = json.dumps(header)
@@ -112,7 +114,8 @@ class ObservationStream:
                 for i, st in enumerate(header["steps"]):
                     raw = {k: f.get_tensor(f"{i:06d}/{k}") for k in st["arrays"]}
                     raw.update(st.get("extra", {}))
-                    raw["prompt"] = st["prompt"]
+                    if st["prompt"] is not None:
+                        raw["prompt"] = st["prompt"]
                     steps.append(StreamStep(raw, bool(st["reset"])))
         except (OSError, json.JSONDecodeError, KeyError, SafetensorError) as e:
             raise ValueError(f"stream {path}: unreadable ({e})") from None
