@@ -35,8 +35,9 @@ def _valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=["tiny-pi0", "tiny-pi05", "tiny-pi05/no-state"])
 def setup(request):
-    base, _, flag = request.param.partition("/")
-    cfg = preset(base, **({"discrete_state_input": False} if flag else {}))  # no-state: openpi's pi05_libero
+    from test_model import config_named
+
+    cfg = config_named(request.param)  # no-state: openpi's pi05_libero
     model = build_random(cfg, "cpu", dtype=torch.float32, seed=0)
     g = torch.Generator().manual_seed(1)
     obs = synthetic_obs(cfg, 2, "cpu", g)

@@ -102,19 +102,19 @@ def policy_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
     replaced beside its weights form another policy; without stats it runs unnormalized (`+no-stats`).
     era: the id as DBs written before ID_CHANGES[era] hold it (the tags of that change and later ones
     left out); the default, today's."""
-    digest = _stats_digest(src.checkpoint) if src.checkpoint is not None else None
+    cfg = None
+    if src.checkpoint is not None:
+        from ..checkpoint import checkpoint_config
+
+        cfg = checkpoint_config(src.checkpoint)[0]  # once: a reference checkpoint's keys are matched for it
+    digest = _stats_digest(src.checkpoint, cfg.variant) if cfg is not None else None
     # A GPU rounds differently (TF32 convolutions) and its calls take a fraction of a CPU's: a
     # setting continued on another device would average both into one row. cuda:N is one device type.
     dev = src.device.split(":")[0]
     tok = f"tok@{_sha12(Path(src.tokenizer))}" if src.tokenizer is not None else ""
     # A Pi0.5 run without its state (discrete_state_input false in, or inferred for, its config):
     # another prompt, so another policy. Off for every run before the option existed.
-    stateless = False
-    if src.checkpoint is not None:
-        from ..checkpoint import checkpoint_config
-
-        cfg = checkpoint_config(src.checkpoint)[0]
-        stateless = cfg.variant == "pi05" and not cfg.state_in_prompt
+    stateless = cfg is not None and cfg.variant == "pi05" and not cfg.state_in_prompt
     # (tag, on, the era it was added in: 0 from the start, i + 1 by ID_CHANGES[i])
     tags = ((dev, dev != "cpu", 1), (src.dtype, src.dtype != "float32", 0), ("fast", src.fast, 0),
             ("masked-cameras", src.keep_absent_cameras, 0), ("no-state-input", stateless, 0),
@@ -123,18 +123,18 @@ def policy_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
     return "+".join([_weights_identity(src)] + [tag for tag, on, since in tags if on and since <= era])
 
 
-def _stats_digest(checkpoint: str) -> str | None:
+def _stats_digest(checkpoint: str, variant: str) -> str | None:
     """8 hex digits of the norm stats a run of `checkpoint` applies, or None if it has none. Hashed:
     what normalize / unnormalize read (each side's mode and that mode's two arrays), not the file's
     bytes, nor stats no mode reads (NaN where a file lacks them): the same stats from a lerobot or an
     openpi file agree."""
-    from ..checkpoint import checkpoint_config, checkpoint_stats
+    from ..checkpoint import checkpoint_stats
     from ..transforms.normalize import NEEDS
 
     stats = checkpoint_stats(checkpoint)
     if stats is None:
         return None
-    modes = stats.modes(checkpoint_config(checkpoint)[0].variant)
+    modes = stats.modes(variant)
     applied = {side: {"mode": m, **{k: [float(v) for v in getattr(s, k)] for k in NEEDS[m]}}
                for side, s, m in zip(("state", "actions"), (stats.state, stats.actions), modes, strict=True)}
     return hashlib.sha1(json.dumps(applied, sort_keys=True).encode()).hexdigest()[:8]
