@@ -311,6 +311,19 @@ def test_partial_with_every_patch_changed_equals_full_refresh(variant, seed):
     assert rec.cost["vision_cameras"] == 2 and rec.cost["lm_tokens"] == m.cfg.prefix_len
     assert np.array_equal(a, tf.actions(m.sample_actions(tf(raw2), n.clone()))[0])
     assert not rec.mixed and len(set(rec.snapshots)) == 1
+    # Nothing was reused: a refresh in the record and the rate (it was counted as a partial reuse)
+    assert (rec.decision, rec.mode) == ("refresh", "none") and pol.stats.reuses == 0
+
+
+def test_period_clock_restarts_at_a_partial_plan_over_every_token():
+    m, tf = model_and_tf("pi05")
+    rng = np.random.default_rng(0)
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="period", period=3, mode="partial"))
+    # Every frame new: each call the gate allows recomputes everything, so every call is a refresh
+    # and the period's clock restarts at each (it ran from the last gate-made refresh only).
+    recs = [pol.infer(raw_obs(rng))[1] for _ in range(6)]
+    assert [r.decision for r in recs] == ["refresh"] * 6
+    assert [r.signals["since_refresh"] for r in recs[1:]] == [1] * 5
 
 
 # ---- each mode's recompute count is what it claims -------------------------------------------

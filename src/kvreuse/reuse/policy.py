@@ -232,18 +232,22 @@ class ReusePolicy:
             # A full refresh gives every row the same birth; a partial or layer-wise one may not.
             self.mixed = plan.kind != "all" and (
                 self.layer_mixed or len(np.unique(self.births[self.valid_rows.numpy()])) > 1)  # (denoise queued)
-        reused = decision.reuse and plan.kind != "all"
+        # A token plan over every token with the observation's own prompt (modes._complete) ran the
+        # refresh's exact path: nothing was reused, so it counts as a refresh (rate, period clock).
+        whole = plan.kind == "all" or (plan.kind == "tokens" and not plan.prompt_from_cache
+                                       and bool(plan.recompute.all()))
+        reused = decision.reuse and not whole
         if not reused:
             self._refreshed_at = call
         rec = StepRecord(  # made while the device still works; its timings are filled in below
             decision="reuse" if reused else "refresh",
-            mode=cfg.mode if plan.kind != "all" else "none",
+            mode=cfg.mode if not whole else "none",
             reason=f"{decision.reason}; {plan.note}",
             signals=sig.to_dict(),
             snapshots=tuple(s.snapshot for s in self.cache.spans),
             mixed=self.mixed,
             timings=timings,
-            plan=plan.kind,
+            plan="all" if whole else plan.kind,
             cost={**plan.cost(mc, self.split), "vision_cameras": self._passes},
             call_index=call,
             state_source=state_source,
