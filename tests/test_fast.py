@@ -648,8 +648,11 @@ def test_reuse_policy_updates_through_sample_with_update_on_fast(mode, variant):
     g = torch.Generator().manual_seed(13)
     first = synthetic_obs(cfg, 1, "cpu", g)
     later, third = synthetic_obs(cfg, 1, "cpu", g), synthetic_obs(cfg, 1, "cpu", g)
+    half = cfg.vision.image_size // 2
     for o in (later, third):
         o.tokens, o.token_mask = first.tokens, first.token_mask  # same prompt: reuse allowed
+        for c in cfg.cameras:  # the lower half as the first frame's: a partial plan, not every token
+            o.images[c][..., half:, :] = first.images[c][..., half:, :]
     noise = torch.randn(1, cfg.chunk_size, cfg.max_action_dim, generator=g)
     runs = []
     for overlap in (True, False):
