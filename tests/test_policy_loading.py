@@ -328,6 +328,27 @@ def test_norm_stats_shorter_than_the_robots_dims_are_refused_before_the_load(ref
     assert a.shape == (preset("tiny-pi0").chunk_size, 4) and np.isfinite(a).all()
 
 
+def test_an_openpi_checkpoint_drives_the_robots_dims_not_its_padding(tmp_path):
+    """An openpi config.json names no robot dims, so the model kept its preset's padded 32: the state
+    distance was divided by sqrt(32) (state_max_l2 twice as loose at 8 dims), and the phase gate's
+    gripper cue (gripper_dim -1) read padding dim 31."""
+    from kvreuse.reuse.config import ReuseConfig
+
+    torch.manual_seed(0)
+    save_reference(tmp_path, Pi0Model(preset("tiny-pi0", state_dim=32, action_dim=32)).eval(), "openpi")
+    pol = Policy.from_checkpoint(tmp_path, robot="metaworld", reuse=ReuseConfig(gate="crossmodal", state_max_l2=1.0))
+    assert (pol.model.cfg.state_dim, pol.model.cfg.action_dim) == (4, 4)
+    raw = _raw()
+    pol.infer(raw)
+    _, rec = pol.infer({**raw, "observation/state": raw["observation/state"] + 0.1})  # no stats: unnormalized
+    assert rec.signals["state_l2"] == pytest.approx(0.1, rel=1e-5)  # RMS change per robot dim
+    pol = Policy.from_checkpoint(tmp_path, robot="metaworld", reuse=ReuseConfig(gate="phase", gripper_dim=3))
+    with pytest.raises(ValueError, match="gripper_dim: 4 is not one of this model's 4 action dims"):
+        Policy.from_checkpoint(tmp_path, robot="metaworld", reuse=ReuseConfig(gate="phase", gripper_dim=4))
+    with pytest.raises(ValueError, match=re.escape("the model drives 4 state / 4 action dims, the robot has 8 / 7")):
+        Pi0Model(preset("tiny-pi0")).with_robot_dims(8, 7)
+
+
 @pytest.mark.parametrize("state,action", [("MEAN_STD", "MEAN_STD"), ("QUANTILES", "mean_std"),
                                           ("mean_std", "QUANTILES")])
 def test_a_lerobot_pi05_trained_with_mean_std_runs_with_its_modes(state, action, tmp_path):

@@ -30,11 +30,13 @@ def robot_runtime(model: Pi0Model, spec, stats=None, tokenizer: str | Path | Non
     cameras the robot lacks left out of the prefix (transforms.robot.fit_cameras; the same
     actions up to float rounding) unless keep_absent_cameras, which feeds them black and masked
     as lerobot / openpi do; the tokenizer from `tokenizer` (bytes for the tiny presets); fast:
-    FastPi0 over the model (fused weights, static cache, CUDA graphs on a GPU)."""
+    FastPi0 over the model (fused weights, static cache, CUDA graphs on a GPU). The config's state and
+    action dims become the robot's (Pi0Model.with_robot_dims)."""
     from .model.tokenizer import load_tokenizer
     from .transforms.robot import fit_cameras
 
     check_stats(stats, spec)
+    model = model.with_robot_dims(spec.state_dim, spec.action_dim)  # what the reuse layer's cues read
     if not keep_absent_cameras:
         model = fit_cameras(model, spec)
     tf = RobotTransform(model.cfg, load_tokenizer(model.cfg, tokenizer), stats, spec)

@@ -61,6 +61,21 @@ class Pi0Model(nn.Module):
         narrowed.cfg = self.cfg.replace(cameras=keep)
         return narrowed
 
+    def with_robot_dims(self, state_dim: int, action_dim: int) -> "Pi0Model":
+        """This model as it drives a robot of these dims (sharing every weight; self when its config
+        says so already). An openpi config.json records no robot dims, so such a model keeps the
+        padded 32 of its preset, and the reuse layer's state distance and gripper cue read them.
+        A model whose config names fewer dims than the robot has was trained for another robot."""
+        c = self.cfg
+        if (state_dim, action_dim) == (c.state_dim, c.action_dim):
+            return self
+        if state_dim > c.state_dim or action_dim > c.action_dim:
+            raise ValueError(f"the model drives {c.state_dim} state / {c.action_dim} action dims, the robot has "
+                             f"{state_dim} / {action_dim} (a model trained for another robot?)")
+        narrowed = copy.copy(self)  # as with_cameras: only cfg is its own
+        narrowed.cfg = c.replace(state_dim=state_dim, action_dim=action_dim)
+        return narrowed
+
     @property
     def dtype(self) -> torch.dtype:
         return self.projector.weight.dtype
