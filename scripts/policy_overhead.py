@@ -120,7 +120,7 @@ def _wrapper_gate(gate, fast, tf, raw, obs, noise, n: int) -> None:
     for tag, fn in ((f"Policy.infer, gate {gate}", lambda: pol.infer(raw, noise)),
                     ("  ReusePolicy.infer on one transformed obs", lambda: rp.infer(obs, noise)),
                     ("  robot transform", lambda: tf(raw, device="cuda")),
-                    ("  actions to the host", lambda: tf.actions(out))):
+                    ("  actions to the host", lambda: tf.actions(out, raw))):
         w, e = wall_ms(fn)
         print(f"{tag:<44} median {w:7.3f} ms wall-clock, {e:7.3f} ms CUDA events", flush=True)
     gpu_gaps(f"Policy.infer, gate {gate}", lambda: pol.infer(raw, noise))

@@ -111,8 +111,9 @@ def test_reference_round_trip(model, tmp_path, layout, tie):
     # The config (a tiny preset here) is found from the shapes alone; file or directory.
     for path in (tmp_path, f):
         loaded, st, meta = load_checkpoint(path)
-        # ... and writes a Pi0.5 state below -1 into the prompt as openpi / lerobot do (bin -1)
-        assert loaded.cfg == model.cfg.replace(state_below_bins="digitize")
+        # ... and writes a Pi0.5 state below -1 into the prompt as openpi / lerobot do (bin -1); with no
+        # robot dims in its config, all padded ones (a robot narrows them: Pi0Model.with_robot_dims)
+        assert loaded.cfg == model.cfg.replace(state_below_bins="digitize", state_dim=32, action_dim=32)
         assert same_weights(model, loaded) and st is None
         assert meta["format"] == layout
     obs, noise = obs_for(model.cfg), torch.randn(1, model.cfg.chunk_size, model.cfg.max_action_dim)
@@ -469,6 +470,60 @@ def test_openpi_pi05_with_libero_stats_runs_without_its_state(tmp_path, capsys):
     # the id without the tag is the one every run before the option had
     assert policy_identity(PolicySource(str(tmp_path))).split("+")[0] == with_state.split("+")[0]
     assert "no-state-input" not in policy_identity(PolicySource(str(tmp_path)))
+
+
+def test_openpi_pi0_with_libero_stats_adds_the_state_back_to_its_delta_actions(tmp_path, capsys, monkeypatch):
+    """openpi's pi0_libero trains with extra_delta_transform: its first 6 actions are offsets from the
+    state (DeltaActions(make_bool_mask(6, -1))), and openpi's AbsoluteActions adds the state back after
+    unnormalizing. kvreuse returned the offsets as actions. An openpi Pi0 with LIBERO's norm stats now
+    loads with that mask, and says so; a config.json delta_action_mask wins."""
+    from kvreuse.checkpoint import print_checkpoint_notes
+    from kvreuse.eval.sweep import PolicySource, policy_identity
+    from kvreuse.policy import Policy
+    from kvreuse.transforms import robot
+
+    torch.manual_seed(0)
+    save_reference(tmp_path, Pi0Model(preset("tiny-pi0")).eval(), "openpi")
+    absolute = policy_identity(PolicySource(str(tmp_path)))
+    st = stats(dim=8)
+    libero = tmp_path / "assets" / "physical-intelligence" / "libero"
+    libero.mkdir(parents=True)
+    libero.joinpath("norm_stats.json").write_text(
+        json.dumps({"norm_stats": {"state": st.state.to_dict(), "actions": st.actions.to_dict()}}))
+    mask = (True,) * 6 + (False,)
+    assert load_checkpoint(tmp_path)[0].cfg.delta_action_mask == mask
+    assert "dims [0, 1, 2, 3, 4, 5] as offsets from the state's" in describe(tmp_path)
+    print_checkpoint_notes(tmp_path)
+    assert "first 6 actions as offsets from the state" in capsys.readouterr().err
+    assert "+delta@1111110" in policy_identity(PolicySource(str(tmp_path)))
+    # LIBERO's dims over the tiny model's cameras
+    monkeypatch.setitem(robot.ROBOTS, "libero8", robot.RobotSpec(
+        "libero8", (("observation/image", "base"), ("observation/wrist_image", "wrist")), state_dim=8, action_dim=7))
+    pol = Policy.from_checkpoint(tmp_path, robot="libero8")
+    rng = np.random.default_rng(0)
+    raw = {"observation/image": rng.integers(0, 255, (128, 128, 3), dtype=np.uint8),
+           "observation/wrist_image": rng.integers(0, 255, (128, 128, 3), dtype=np.uint8),
+           "observation/state": rng.standard_normal(8), "prompt": "put the bowl on the plate"}
+    noise = pol.model.make_noise(1, torch.Generator().manual_seed(0))
+    a, _ = pol.infer(raw, noise.clone())
+    out = pol.model.sample_actions(pol.transform(raw), noise.clone())[0, :, :7].numpy().astype(np.float64)
+    offsets = out * (st.actions.std[:7] + 1e-6) + st.actions.mean[:7]  # Pi0: mean/std
+    np.testing.assert_allclose(a[:, :6], offsets[:, :6] + raw["observation/state"][:6], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a[:, 6], offsets[:, 6], rtol=1e-5, atol=1e-5)  # the gripper stays absolute
+    # training targets are the offsets: normalize_actions inverts actions() given the same state
+    np.testing.assert_allclose(pol.transform.normalize_actions(a, np.repeat(raw["observation/state"][None], len(a), 0))[:, :7],
+                               out, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="the observation's state is needed"):
+        pol.transform.actions(torch.from_numpy(out[None]).float())
+    (tmp_path / "config.json").write_text(json.dumps({"delta_action_mask": []}))
+    assert load_checkpoint(tmp_path)[0].cfg.delta_action_mask == ()
+    print_checkpoint_notes(tmp_path)
+    assert capsys.readouterr().err == ""
+    assert "delta@" not in policy_identity(PolicySource(str(tmp_path)))
+    assert policy_identity(PolicySource(str(tmp_path))).split("+")[0] == absolute.split("+")[0]
+    (tmp_path / "config.json").write_text(json.dumps({"delta_action_mask": [1, 1]}))
+    with pytest.raises(ValueError, match="delta_action_mask: expected a list of true / false"):
+        load_checkpoint(tmp_path)
 
 
 def test_lerobot_processor_stats(model, tmp_path):

@@ -165,12 +165,14 @@ def missing_stats_warning(path: str | Path) -> str | None:
 
 def print_checkpoint_notes(path: str | Path) -> None:
     """What eval, serve and compare print on stderr once a checkpoint is checked: missing norm
-    stats, and a Pi0.5 that runs without its state where its config.json does not say so."""
+    stats, and where its config.json does not say so, a Pi0.5 that runs without its state or a Pi0
+    whose actions are offsets from the state."""
     notes = [missing_stats_warning(path)]
     if checkpoint_format(path) != "kvreuse":
-        from .ref_checkpoint import discrete_state_input, inspect_reference
+        from .ref_checkpoint import delta_action_mask, discrete_state_input, inspect_reference
 
-        notes.append(discrete_state_input(inspect_reference(path))[1])
+        ref = inspect_reference(path)
+        notes += [discrete_state_input(ref)[1], delta_action_mask(ref)[1]]
     for note in filter(None, notes):
         print(note, file=sys.stderr)
 

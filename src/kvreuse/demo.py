@@ -38,5 +38,5 @@ def run_demo(preset: str = "tiny-pi0", seed: int = 0, calls: int = 3) -> None:
     print(f"{preset}: {param_count(model) / 1e6:.2f}M parameters, prefix {cfg.prefix_len} tokens")
     for i in range(calls):
         t0 = time.perf_counter()
-        actions = tf.actions(model.sample_actions(tf(raw)))
+        actions = tf.actions(model.sample_actions(tf(raw)), raw)
         print(f"call {i}: actions {actions.shape} in {(time.perf_counter() - t0) * 1e3:.1f} ms")

@@ -25,6 +25,13 @@ def _state_route(cfg) -> str:
     return "no state input (discrete_state_input false), adaptive RMSNorm"
 
 
+def _action_route(cfg) -> str:
+    dims = [i for i, d in enumerate(cfg.delta_action_mask) if d]
+    if not dims:
+        return "absolute"
+    return f"dims {dims} as offsets from the state's (delta_action_mask; the state is added back)"
+
+
 def _part_counts(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, int]]:
     counts = {name: 0 for name, _ in _PARTS}
     for key, shape in shapes.items():
@@ -131,6 +138,7 @@ def describe(path: str | Path) -> str:
          f"{cfg.num_steps} Euler steps"),
         f"cameras: {', '.join(cfg.cameras)}",
         f"robot: {robot} (state {cfg.state_dim} of {cfg.max_state_dim} dims, actions {cfg.action_dim} of {cfg.max_action_dim})",
+        f"actions: {_action_route(cfg)}",
         f"tokenizer: {cfg.tokenizer}",
         "norm stats:",
         *_stats_lines(stats, cfg.variant, mapping),

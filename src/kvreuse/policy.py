@@ -180,7 +180,7 @@ class Policy:
             noise = self.model.make_noise(obs.batch_size, self.generator)
         # The record's total covers the input transform too (what a client waits for).
         out, rec = self.runner.infer(obs, noise, raw_shapes=self.raw_shapes(raw), started=t0)
-        actions = self.transform.actions(out)
+        actions = self.transform.actions(out, raw)
         if self.recorder is not None:  # only calls that gave actions: a replay has one per step
             self.recorder.add(raw, reset=first)
         return (actions if self.transform.batched(raw) else actions[0]), rec

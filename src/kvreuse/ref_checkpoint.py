@@ -263,6 +263,7 @@ def _check_kind(ref: RefFile) -> None:
         raise ValueError(f"checkpoint {ref.dir / 'config.json'}: use_relative_actions is true; kvreuse runs "
                          "absolute actions only and would return this model's deltas as positions")
     discrete_state_input(ref)  # a bad value: refused here too
+    delta_action_mask(ref)
     if kind in ("pi0", "pi05") and ref.variant is not None and kind != ref.variant:
         why = "state_proj, no adaptive expert norms" if ref.variant == "pi0" else "adaptive expert norms, no state_proj"
         raise ValueError(f"checkpoint {ref.dir / 'config.json'}: says type {kind!r} but its weights {ref.path.name} "
@@ -320,6 +321,32 @@ def discrete_state_input(ref: RefFile) -> tuple[bool, str | None]:
     return True, None
 
 
+# openpi's pi0_libero (and its LoRA / FAST variants) trains with extra_delta_transform: the first 6
+# actions as offsets from the state (make_bool_mask(6, -1)); pi05_libero does not.
+_LIBERO_DELTA_MASK = (True,) * 6 + (False,)
+
+
+def delta_action_mask(ref: RefFile) -> tuple[tuple[bool, ...], str | None]:
+    """Which action dims are offsets from the state, and a note where config.json does not say so.
+    A config.json `delta_action_mask` (a list of true / false, openpi's DeltaActions mask; [] for
+    none) wins. Without it: LIBERO's mask for an openpi Pi0 with LIBERO's norm stats (openpi's
+    pi0_libero, trained with extra_delta_transform), else none."""
+    v = ref.config.get("delta_action_mask")
+    if v is not None:
+        if not isinstance(v, list) or not all(isinstance(x, bool) for x in v):
+            raise ValueError(f"checkpoint {ref.dir / 'config.json'}: delta_action_mask: expected a list of true / "
+                             f"false (e.g. [true, true, true, true, true, true, false]), got {v!r}")
+        return tuple(v), None
+    lerobot = any(k.startswith("model.") for k in ref.shapes)
+    if ref.variant == "pi0" and not lerobot and (ref.dir / _OPENPI_LIBERO_STATS).is_file():
+        return _LIBERO_DELTA_MASK, (
+            f"note: checkpoint {ref.path}: an openpi Pi0 with LIBERO's norm stats ({_OPENPI_LIBERO_STATS}) gives its "
+            "first 6 actions as offsets from the state, as openpi's pi0_libero config trains it "
+            "(extra_delta_transform=True); the state is added back to them. If it was trained on LIBERO's "
+            "actions as they are, add \"delta_action_mask\": [] to its config.json")
+    return (), None
+
+
 def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
     c = ref.config
     kw: dict = {}
@@ -359,8 +386,13 @@ def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
             if not isinstance(shape, list):
                 raise ValueError(f"{where}: {name}: shape: expected a list of sizes, got {shape!r}")
             kw[ours] = positive(f"{name} shape", shape[-1], int)
+    # Without lerobot's features the robot's dims are unknown: all of the padded ones (robot_runtime
+    # narrows them to the robot's), not the matched preset's own (a tiny preset's 4).
+    kw.setdefault("state_dim", kw.get("max_state_dim", base.max_state_dim))
+    kw.setdefault("action_dim", kw.get("max_action_dim", base.max_action_dim))
     if ref.variant == "pi05":
         kw["discrete_state_input"] = discrete_state_input(ref)[0]
+    kw["delta_action_mask"] = delta_action_mask(ref)[0]
     cfg = preset(preset_name, **kw, state_below_bins="digitize")  # the prompt openpi / lerobot build
     pos = ref.shapes.get(_key_in(ref, "vision.pos_embed.weight") or "", None)
     if pos is not None:  # the image size follows from the number of position embeddings

@@ -115,9 +115,13 @@ def policy_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
     # A Pi0.5 run without its state (discrete_state_input false in, or inferred for, its config):
     # another prompt, so another policy. Off for every run before the option existed.
     stateless = cfg is not None and cfg.variant == "pi05" and not cfg.state_in_prompt
+    # Actions given as offsets from the state (delta_action_mask): the state added back, other actions.
+    # Off for every run before the option existed.
+    delta = "delta@" + "".join("1" if d else "0" for d in cfg.delta_action_mask) if cfg is not None else ""
     # (tag, on, the era it was added in: 0 from the start, i + 1 by ID_CHANGES[i])
     tags = ((dev, dev != "cpu", 1), (src.dtype, src.dtype != "float32", 0), ("fast", src.fast, 0),
             ("masked-cameras", src.keep_absent_cameras, 0), ("no-state-input", stateless, 0),
+            (delta, cfg is not None and any(cfg.delta_action_mask), 0),
             ("no-stats", src.checkpoint is not None and digest is None, 1),
             (f"stats@{digest}", digest is not None, 2), (tok, bool(tok), 0))
     return "+".join([_weights_identity(src)] + [tag for tag, on, since in tags if on and since <= era])

@@ -87,6 +87,10 @@ class ModelConfig:
     # The actual dims of the robot this model drives (state/actions are padded to max_*_dim).
     state_dim: int = 32
     action_dim: int = 32
+    # Action dims the model gives as offsets from the state's same dim (openpi's DeltaActions mask,
+    # make_bool_mask: pi0_libero's extra_delta_transform is (True,) * 6 + (False,)); the robot
+    # transform adds the unnormalized state back, as openpi's AbsoluteActions does. (): absolute.
+    delta_action_mask: tuple[bool, ...] = ()
 
     @property
     def state_in_prompt(self) -> bool:
@@ -170,6 +174,10 @@ def _checked(tp, v, name: str):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             raise ValueError(f"{name}: expected a number, got {v!r}")
         return float(v)
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is bool:  # delta_action_mask
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, bool) for x in v):
+            raise ValueError(f"{name}: expected a list of true / false, got {v!r}")
+        return tuple(v)
     if typing.get_origin(tp) is tuple:  # tuple[str, ...]: the camera names
         if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
             raise ValueError(f"{name}: expected a list of names (strings), got {v!r}")

@@ -167,7 +167,7 @@ def compare_deterministic(policy: Policy, stream: ObservationStream, seed: int =
             ref = model.sample_actions(obs, n.clone())
             again = model.sample_actions(tf(step.raw, device=model.device), n.clone())
         note("repeat", _diff(ref, again))
-        expect = tf.actions(ref)
+        expect = tf.actions(ref, step.raw)
         expect = expect if tf.batched(step.raw) else expect[0]  # as Policy.infer shapes them
         note("reuse-off", _diff(off.infer(step.raw, n.clone())[0], expect))
         note("never+layer_wise", _diff(off_lw.infer(step.raw, n.clone())[0], expect))

@@ -84,6 +84,9 @@ class RobotTransform:
         check_modes({"norm_mode": norm_mode, "stats state_mode": st, "stats actions_mode": act})
         self.state_mode: NormMode = norm_mode or st
         self.action_mode: NormMode = norm_mode or act
+        if len(cfg.delta_action_mask) > min(spec.state_dim, spec.action_dim):
+            raise ValueError(f"the model's delta_action_mask has {len(cfg.delta_action_mask)} dims; robot "
+                             f"{spec.name!r} has {spec.state_dim} state / {spec.action_dim} action dims")
         unknown = [c for _, c in spec.cameras if c not in cfg.cameras]
         if unknown:
             raise ValueError(f"robot {spec.name!r} maps to camera(s) {unknown} the model does not have: {list(cfg.cameras)}")
@@ -174,16 +177,35 @@ class RobotTransform:
         """Whether `raw` came with a batch axis (state (B, state_dim)): then its actions keep one."""
         return np.ndim(raw[self.spec.state_key]) != 1
 
-    def actions(self, out: torch.Tensor) -> np.ndarray:
-        """(B, chunk, max_action_dim) model output -> (B, chunk, action_dim) robot actions."""
+    def actions(self, out: torch.Tensor, raw: dict | None = None) -> np.ndarray:
+        """(B, chunk, max_action_dim) model output -> (B, chunk, action_dim) robot actions. raw: the
+        observation the output answers; its state is added back to the delta dims (a model with a
+        delta_action_mask), after unnormalizing, as openpi's AbsoluteActions does."""
         a = out.detach().float().cpu().numpy()[..., : self.spec.action_dim]
         a = unnormalize(a, self.stats.actions, self.action_mode) if self.stats else a
+        a = self._shift(a, raw, +1)
         if not np.isfinite(a).all():  # never hand a robot NaN or inf
             raise RuntimeError("the model produced non-finite actions (NaN or inf); none are returned")
         return a
 
-    def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
-        """Robot actions -> padded, normalized training targets."""
-        a = (normalize(np.asarray(actions, dtype=np.float64), self.stats.actions, self.action_mode)
-             if self.stats else actions)
+    def normalize_actions(self, actions: np.ndarray, state: np.ndarray | None = None) -> np.ndarray:
+        """Robot actions (N, action_dim), with the states they were taken from (N, state_dim) -> padded,
+        normalized training targets (the delta dims as offsets from the state)."""
+        a = self._shift(np.asarray(actions, dtype=np.float64), None if state is None else {self.spec.state_key: state}, -1)
+        a = normalize(a, self.stats.actions, self.action_mode) if self.stats else a
         return pad_to(a, self.cfg.max_action_dim)
+
+    def _shift(self, a: np.ndarray, raw: dict | None, sign: int) -> np.ndarray:
+        """a +- the state on the delta dims of the model's delta_action_mask (nothing without one)."""
+        mask = np.asarray(self.cfg.delta_action_mask, dtype=bool)
+        if not mask.any():
+            return a
+        if raw is None:
+            raise ValueError(f"this model's actions are offsets from the state on dims {np.flatnonzero(mask).tolist()} "
+                             "(delta_action_mask): the observation's state is needed to convert them")
+        state = self._state(raw[self.spec.state_key])[..., : mask.size]
+        # (B, d) -> (B, 1, d) against a chunk (B, chunk, .); (N, d) against training rows (N, .)
+        shift = np.where(mask, state, 0.0)[..., None, :] if a.ndim == 3 else np.where(mask, state, 0.0)
+        a = a.copy()
+        a[..., : mask.size] += sign * shift
+        return a
