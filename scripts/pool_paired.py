@@ -1,5 +1,5 @@
 """Pool one setting's paired episodes across several results DBs: n, lost, gained, the difference
-with its paired-bootstrap 95% interval and the exact McNemar p, per DB and pooled.
+with its 95% score interval (Newcombe's, eval/stats.py) and the exact McNemar p, per DB and pooled.
 
 For a setting rerun on other noise seeds (`kvreuse sweep --seed N`) into another DB: each DB pairs
 the setting with its own baseline (same policy, env, replan and step limit), episode by episode.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvreuse.eval.stats import mcnemar, paired_bootstrap
+from kvreuse.eval.stats import mcnemar, paired_interval
 from kvreuse.eval.store import open_existing, setting_group
 from kvreuse.reuse.config import ReuseConfig
 
@@ -108,8 +108,10 @@ def pool(dbs: list[str], setting: str, task: str | None = None) -> list[tuple[st
         b, s = [p[0] for p in pairs.values()], [p[1] for p in pairs.values()]
         base_all += b
         set_all += s
-        out.append((db if name == setting else f"{db} (as {name!r})", mcnemar(b, s), paired_bootstrap(b, s)))
-    out.append(("pooled", mcnemar(base_all, set_all), paired_bootstrap(base_all, set_all)))
+        r = mcnemar(b, s)
+        out.append((db if name == setting else f"{db} (as {name!r})", r, paired_interval(r)))
+    r = mcnemar(base_all, set_all)
+    out.append(("pooled", r, paired_interval(r)))
     return out
 
 

@@ -1,11 +1,11 @@
 """Pool one setting's paired counts on one task over several `kvreuse report` CSVs: per report and
-summed, n, lost, gained, the difference and the exact McNemar p of the sums.
+summed, n, lost, gained, the difference with its 95% interval and the exact McNemar p of the sums.
 
 For results whose DBs are gone but whose reports are kept (docs/results/*/results.csv). A report
 keeps the counts of its pairs, not the episodes, so this cannot check what `scripts/pool_paired.py`
 checks on DBs: that no episode is in two of them (give reports of distinct noise seeds), that each
 ran under one policy and protocol (the row's group is printed), and which setting a label names
-under other defaults. No bootstrap interval either: it resamples pairs.
+under other defaults. The interval is Newcombe's (eval/stats.py), from the counts alone.
 
 Usage: python scripts/pool_reports.py --setting 'period(2)/full' --task push-v3 CSV [CSV ...]
 """
@@ -17,18 +17,18 @@ import sys
 from pathlib import Path
 
 from kvreuse.eval.report import read_csv
-from kvreuse.eval.stats import binom_two_sided
+from kvreuse.eval.stats import Paired, binom_two_sided, paired_interval
 
 
-def counts(path: str, setting: str, task: str) -> tuple[str, int, int, int]:
-    """(the row's group, paired n, lost, gained) of `setting` on `task` in one report CSV."""
+def counts(path: str, setting: str, task: str) -> tuple[str, Paired]:
+    """(the row's group, its paired counts) of `setting` on `task` in one report CSV."""
     rows = [r for r in read_csv(path) if r.setting == setting and r.task == task]
     if len(rows) != 1:
         raise ValueError(f"{path}: {len(rows)} rows of {setting!r} on {task!r} (expected one)")
     p = rows[0].paired
     if p is None:
         raise ValueError(f"{path}: {setting!r} has no paired baseline on {task!r}")
-    return rows[0].group.replace(" | ", ", "), p.n, p.only_base, p.only_setting  # the group inside a Markdown cell
+    return rows[0].group.replace(" | ", ", "), p  # (the group inside a Markdown cell)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,12 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"pool_reports: {e}", file=sys.stderr)
         return 2
-    n, lost, gained = (sum(r[i] for r in rows) for i in (2, 3, 4))
+    n, both, lost, gained, neither = (sum(getattr(r[2], f) for r in rows)
+                                      for f in ("n", "both", "only_base", "only_setting", "neither"))
+    summed = Paired(n, both, lost, gained, neither, binom_two_sided(min(lost, gained), lost + gained))
     print(f"{a.setting} vs baseline, {a.task}")
-    print("| report | group | n | lost | gained | Δ (pts) | p (McNemar) |\n|---|---|---|---|---|---|---|")
-    for label, group, k, b, c in [*rows, ("summed", "", n, lost, gained)]:
-        p = binom_two_sided(min(b, c), b + c)
-        print(f"| {label} | {group} | {k} | {b} | {c} | {100 * (c - b) / k:+.1f} | {p:.2g} |")
+    print("| report | group | n | lost | gained | Δ (pts) [95%] | p (McNemar) |\n|---|---|---|---|---|---|---|")
+    for label, group, r in [*rows, ("summed", "", summed)]:
+        lo, hi = paired_interval(r)
+        print(f"| {label} | {group} | {r.n} | {r.only_base} | {r.only_setting} | {100 * r.diff:+.1f} "
+              f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {r.p_value:.2g} |")
     return 0
 
 

@@ -111,11 +111,24 @@ def test_exact_mcnemar_known_values():
         stats.mcnemar([True], [True, False])
 
 
-def test_paired_bootstrap_and_latency():
-    lo, hi = stats.paired_bootstrap([False] * 50, [True] * 50)
-    assert lo == hi == 1.0
-    lo, hi = stats.paired_bootstrap([True, False] * 50, [True, False] * 25 + [False, True] * 25)
+def test_paired_interval_and_latency():
+    # No pair differs: the interval stays open, as wide as the Wilson interval of 50 of 50 (a
+    # percentile bootstrap gave [0, 0] at any n); one-sided wins at n = 3 do not make it certain.
+    lo, hi = stats.paired_interval(stats.mcnemar([True] * 50, [True] * 50))
+    assert lo == pytest.approx(-(1 - stats.wilson(50, 50)[0])) and hi == pytest.approx(-lo) and hi > 0.07
+    lo, hi = stats.paired_interval(stats.mcnemar([False] * 3, [True] * 3))
+    assert 0.2 < lo < 0.21 and hi == 1.0
+    lo, hi = stats.paired_interval(stats.mcnemar([True, False] * 50, [True, False] * 25 + [False, True] * 25))
     assert lo < 0 < hi
+    assert all(np.isnan(stats.paired_interval(stats.mcnemar([], []))))
+    # 95% coverage of the true difference, also where the discordant pairs are few and one-sided
+    rng = np.random.default_rng(0)
+    for probs in ((0.8, 0.05, 0.02, 0.13), (0.9, 0.01, 0.0, 0.09), (0.5, 0.1, 0.1, 0.3)):  # both, base, setting, neither
+        tables = rng.multinomial(100, probs, size=2000)
+        truth = probs[2] - probs[1]
+        cover = np.mean([lo <= truth <= hi for lo, hi in
+                         (stats.paired_interval(stats.Paired(100, *t, 1.0)) for t in tables)])
+        assert cover >= 0.93, (probs, cover)
     lat = stats.latency([10, 20, 30, 40])
     assert (lat.mean, lat.p50, lat.hz) == (25, 25, 40)
     assert lat.p95 == pytest.approx(38.5)

@@ -484,11 +484,13 @@ def test_pool_reports_sums_each_reports_paired_counts(tmp_path, capsys):
 
     a = report("a", [0, 1, 2], [True, True, False], [False, True, True])  # lost 1, gained 1
     c = report("c", [3, 4, 5, 6, 7], [True] * 5, [False, False, False, True, True])  # lost 3
-    assert mod["counts"](c, "thr", "push") == ("fake, policy p, replan 5", 5, 3, 0)
+    group, r = mod["counts"](c, "thr", "push")
+    assert (group, r.n, r.both, r.only_base, r.only_setting, r.neither) == ("fake, policy p, replan 5", 5, 2, 3, 0, 0)
     assert mod["main"](["--setting", "thr", "--task", "push", a, c]) == 0
     out = capsys.readouterr().out
-    p = stats.binom_two_sided(1, 5)  # 4 lost, 1 gained over 8 pairs
-    assert f"| summed |  | 8 | 4 | 1 | -37.5 | {p:.2g} |" in out, out
+    summed = stats.mcnemar([True, True, False] + [True] * 5, [False, True, True] + [False] * 3 + [True] * 2)
+    lo, hi = stats.paired_interval(summed)  # 4 lost, 1 gained over 8 pairs
+    assert f"| summed |  | 8 | 4 | 1 | -37.5 [{100 * lo:+.1f}, {100 * hi:+.1f}] | {summed.p_value:.2g} |" in out, out
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     for argv, msg in ((["--setting", "nope", a], "0 rows of 'nope' on 'push'"),
                       (["--setting", "thr", str(tmp_path / "x.csv")], "not a results.csv"),

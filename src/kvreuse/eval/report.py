@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..outputs import md_cell, os_reason
-from .stats import Latency, Paired, latency, mcnemar, paired_bootstrap, speedup, wilson
+from .stats import Latency, Paired, latency, mcnemar, paired_interval, speedup, wilson
 from .store import open_existing, setting_group
 
 ALL = "(all tasks)"
@@ -125,7 +125,8 @@ def _row(gname, s, task, sel, base_sel, name: str) -> Row:
         if both:
             bb = [b[_key(e)]["status"] == "success" for e in both]
             ss = [e["status"] == "success" for e in both]
-            paired, diff_ci = mcnemar(bb, ss), paired_bootstrap(bb, ss)
+            paired = mcnemar(bb, ss)
+            diff_ci = paired_interval(paired)
             sp = speedup(latency(_calls(b[_key(e)] for e in both)).mean, latency(_calls(both)).mean)
     return Row(
         group=gname,

@@ -5,7 +5,9 @@
 - Exact McNemar test for a paired difference (reuse setting vs baseline on the same episodes):
   only discordant pairs carry information; under H0 each is equally likely to go either way,
   so the two-sided p-value is a binomial(b + c, 1/2) tail.
-- Paired bootstrap interval for the success difference, as a second view.
+- Newcombe's score interval (1998, method 10) for the paired success difference, as a second view:
+  built from the two rates' Wilson intervals and the pairs' correlation, it stays open when no pair
+  differs (a percentile bootstrap collapses to [0, 0] there, at any n) and depends on the counts alone.
 """
 
 from __future__ import annotations
@@ -68,17 +70,26 @@ def mcnemar(base: list[bool], setting: list[bool]) -> Paired:
     return Paired(n, both, ob, os_, n - both - ob - os_, binom_two_sided(min(ob, os_), ob + os_))
 
 
-def paired_bootstrap(base: list[bool], setting: list[bool], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of (setting - baseline) success, resampling pairs."""
-    if len(base) != len(setting):
-        raise ValueError(f"paired_bootstrap: paired lists differ in length ({len(base)} vs {len(setting)})")
-    if not base:
+def paired_interval(p: Paired, z: float = Z95) -> tuple[float, float]:
+    """95% interval of the setting's success rate minus the baseline's on paired episodes: Newcombe's
+    hybrid score interval for paired proportions (Statistics in Medicine 17, 1998, method 10). NaN, NaN
+    without pairs."""
+    n = p.n
+    if n == 0:
         return float("nan"), float("nan")
-    d = np.asarray(setting, dtype=np.float64) - np.asarray(base, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(reps, len(d)))
-    means = d[idx].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    a, b, c, d = p.both, p.only_base, p.only_setting, p.neither
+    p1, p2 = (a + c) / n, (a + b) / n  # setting, baseline
+    l1, u1 = wilson(a + c, n, z)
+    l2, u2 = wilson(a + b, n, z)
+    den = (a + b) * (c + d) * (a + c) * (b + d)
+    # The pairs' correlation, continuity-corrected where positive (as Newcombe's method 10 has it)
+    cross = a * d - b * c
+    cross = max(cross - n / 2, 0.0) if cross > 0 else cross
+    phi = cross / math.sqrt(den) if den else 0.0
+    delta = p1 - p2
+    lo = delta - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    hi = delta + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return max(-1.0, lo), min(1.0, hi)
 
 
 @dataclass(frozen=True)
