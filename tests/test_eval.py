@@ -23,7 +23,7 @@ from kvreuse.eval import stats
 from kvreuse.eval.report import ALL, compute_rows, markdown, pareto, write_report
 from kvreuse.eval.rollout import EpisodeResult, run_episode
 from kvreuse.eval.store import SCHEMA_VERSION, ResultStore, Setting
-from kvreuse.eval.sweep import PolicySource, SweepPlan, episode_list, episode_seed, parse_grid, run_sweep
+from kvreuse.eval.sweep import PolicySource, SweepPlan, episode_list, episode_seed, parse_grid, policy_identity, run_sweep
 from kvreuse.policy import StepRecord
 
 # ---- stubs -----------------------------------------------------------------------------------
@@ -1405,7 +1405,7 @@ def test_episodes_run_without_norm_stats_stay_apart_from_those_run_with_them(tmp
     bare = policy_identity(PolicySource(str(ck)))
     (ck / "norm_stats.json").write_bytes(stats)
     with_stats = policy_identity(PolicySource(str(ck)))
-    assert with_stats.startswith(bare.replace("+no-stats", "+stats@")) and "no-stats" not in with_stats
+    assert re.sub(r"\+stats@[0-9a-f]{8}", "", with_stats) == bare.replace("+no-stats", "")
     s = run_sweep(plan, PolicySource(str(ck)))
     assert (s.ran, s.skipped) == (1, 0)  # run again with its stats, not skipped
     with ResultStore(plan.db) as st:
@@ -1472,7 +1472,40 @@ def test_the_same_norm_stats_from_a_lerobot_or_an_openpi_file_give_one_policy_id
     assert policy_identity(PolicySource(str(tmp_path))) != from_lerobot
 
 
-@pytest.mark.parametrize("era", [0, 1])
+def test_a_setting_aged_in_seconds_gets_a_note(tmp_path, capsys):
+    """max_age_s counts the wall-clock time between a rollout's calls (simulation, rendering, load):
+    one setting gave 3,3,3,3 reuses with 1 worker and 2,2,2,3 with 4. Said once, not refused."""
+    plan = SweepPlan(db=str(tmp_path / "x.db"), env="fake", tasks=("reach",), episodes=1, progress=False,
+                     env_kw={"max_steps": 6, "radius": 0.0}, grid=[{"gate": "always", "max_age_calls": 2}])
+    assert run_sweep(plan, PolicySource(None, "tiny-pi0")).ran == 2
+    assert "max_age_s" not in capsys.readouterr().err
+    plan = replace(plan, grid=[{"gate": "always", "max_age_s": 0.5}])
+    assert run_sweep(plan, PolicySource(None, "tiny-pi0")).ran == 1
+    assert capsys.readouterr().err.count("note: max_age_s bounds the cache's age in wall-clock seconds") == 1
+
+
+def test_an_edited_config_json_is_another_policy(tmp_path):
+    """The weights' and stats' hashes do not cover config.json: a checkpoint run with 2 Euler steps
+    instead of 10 kept the id, and its episodes were credited with the 10-step ones. The resolved
+    config's fields away from ModelConfig's defaults are hashed into the id (+cfg@)."""
+    import shutil
+
+    from kvreuse.assets import shipped_checkpoint
+
+    ck = tmp_path / "ck"
+    shutil.copytree(shipped_checkpoint("tiny-pi0"), ck)
+    before = policy_identity(PolicySource(str(ck)))
+    meta = json.loads((ck / "config.json").read_text())
+    meta["model"]["num_steps"] = 2
+    (ck / "config.json").write_text(json.dumps(meta))
+    after = policy_identity(PolicySource(str(ck)))
+    assert before != after and before.split("+cfg@")[0] == after.split("+cfg@")[0]
+    meta["model"]["num_steps"] = 10
+    (ck / "config.json").write_text(json.dumps(meta))
+    assert policy_identity(PolicySource(str(ck))) == before
+
+
+@pytest.mark.parametrize("era", [0, 1, 2])
 def test_rows_under_an_older_policy_id_are_named_not_silently_restarted(tmp_path, capsys, monkeypatch, era):
     """DBs written before a change of the policy id (ID_CHANGES: +cuda / +no-stats, then +stats@)
     hold a policy's settings under the older id: the same command started over without a word; it

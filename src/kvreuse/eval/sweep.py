@@ -92,7 +92,8 @@ def checkpoint_tasks(src: PolicySource) -> tuple[str, ...] | None:
 # Changes of the policy id, oldest first: what it began to name, and how rows under the id before
 # may differ. A DB written before change i holds a policy's settings under policy_identity(src, i).
 ID_CHANGES = (("the device and missing norm stats", "on another device, or before the norm stats were there"),
-              ("the norm stats", "under other norm stats"))
+              ("the norm stats", "under other norm stats"),
+              ("the model config", "under another config.json (Euler steps, chunk, prompt length, ...)"))
 
 
 def policy_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
@@ -123,8 +124,20 @@ def policy_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
             ("masked-cameras", src.keep_absent_cameras, 0), ("no-state-input", stateless, 0),
             (delta, cfg is not None and any(cfg.delta_action_mask), 0),
             ("no-stats", src.checkpoint is not None and digest is None, 1),
-            (f"stats@{digest}", digest is not None, 2), (tok, bool(tok), 0))
+            (f"stats@{digest}", digest is not None, 2), (tok, bool(tok), 0),
+            (f"cfg@{_config_digest(cfg)}" if cfg is not None else "", cfg is not None, 3))
     return "+".join([_weights_identity(src)] + [tag for tag, on, since in tags if on and since <= era])
+
+
+def _config_digest(cfg) -> str:
+    """8 hex digits of the model config a checkpoint's config.json resolves to (Euler steps, chunk,
+    prompt length, cameras, ...: the weights' hash does not cover an edited config.json). Only fields
+    away from ModelConfig's defaults are hashed, so a field added later with its default keeps the id."""
+    from ..model.config import ModelConfig
+
+    ours, default = cfg.to_dict(), ModelConfig().to_dict()
+    moved = {k: v for k, v in ours.items() if v != default[k]}
+    return hashlib.sha1(json.dumps(moved, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _stats_digest(checkpoint: str, variant: str) -> str | None:
@@ -507,6 +520,11 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         episodes = episode_list(env, tasks, plan.episodes, plan.init_start, plan.seed)
         if note := training_layouts_note(plan.env, episodes):
             print(note, file=sys.stderr)
+        if any(p is not None and p.get("max_age_s") is not None for p, _ in settings_params):
+            print("note: max_age_s bounds the cache's age in wall-clock seconds; between a rollout's policy calls "
+                  "these are simulation, rendering and the machine's load (they change with --workers), not a "
+                  "robot's control period, so such a setting's reuse varies from run to run (max_age_calls does "
+                  "not)", file=sys.stderr)
         from ..outputs import check_dir_out
 
         # Written by the workers after an episode: an unwritable folder would stop the sweep there,
