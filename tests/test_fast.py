@@ -317,6 +317,44 @@ def test_bench_check_runs_on_cpu():
         bench("pi0", 1, 2, 3, 8, 1, 0, False, 2e-2, None, False, False, False, 0.25, None, False, False, 0)
 
 
+def test_fast_refuses_calls_that_would_change_its_model_and_bad_hidden_layers():
+    """nn.Module calls reached the eager model through __getattr__: load_state_dict left the fused
+    copies stale (actions off by 0.5 relative, no error), .to(float64) returned the eager model.
+    A keep_hidden past the last layer was a bare KeyError in FastPi0 and nothing in the eager model."""
+    model = _model("tiny-pi0")
+    fast = FastPi0(model)
+    for call in (lambda: fast.load_state_dict(model.state_dict()), lambda: fast.to(torch.float64),
+                 lambda: fast.half(), lambda: fast.train()):
+        with pytest.raises(AttributeError, match="build a new FastPi0"):
+            call()
+    assert fast.eval() is fast and fast.cfg is model.cfg  # reads still reach the model
+    obs = synthetic_obs(model.cfg, 1, "cpu", torch.Generator().manual_seed(0))
+    depth = model.cfg.llm.depth
+    for m in (model, fast):
+        with pytest.raises(ValueError, match=rf"keep_hidden: \[{depth}\] are not LM layer indices \(0 .. {depth - 1}\)"):
+            m.encode_prefix(obs, keep_hidden=(depth,))
+    with pytest.raises(ValueError, match="keep_hidden"):
+        fast.sample_with_prefix(obs, torch.zeros(1, model.cfg.chunk_size, model.cfg.max_action_dim), keep_hidden=(-1,))
+    assert set(fast.encode_prefix(obs, keep_hidden=(depth - 1,)).hidden) == {depth - 1}
+
+
+def test_bench_check_fails_on_a_wrong_prefix_the_actions_miss(monkeypatch):
+    """With random weights a Pi0.5's actions hardly depend on its prefix: a wrong prefix passed the
+    actions' check. The prefix's K/V are checked on their own (valid rows, against float32)."""
+    rep = bench("tiny-pi05", 1, 2, 3, 8, 1, 0, True, 2e-2, None, False, False, False, 0.25, None, False, False, 0)
+    assert rep.ok and rep.check["prefix_kv_ok"] and rep.check["prefix_kv_fast_vs_fp32"] < 1e-2
+    orig = FastPi0.encode_prefix
+
+    def wrong(self, obs, **kw):  # one layer's keys off by a tenth of their spread
+        c = orig(self, obs, **kw)
+        c.k[1] += 0.1 * c.k[1].std()
+        return c
+
+    monkeypatch.setattr(FastPi0, "encode_prefix", wrong)
+    rep = bench("tiny-pi05", 1, 2, 3, 8, 1, 0, True, 2e-2, None, False, False, False, 0.25, None, False, False, 0)
+    assert rep.check["ok"] and not rep.check["prefix_kv_ok"] and not rep.ok
+
+
 def test_speedup_notes_name_every_fast_configuration():
     """Ratios against lerobot / eager are given for the plain and the compiled fast path alike
     (round 5: the note used to divide by the uncompiled path only)."""

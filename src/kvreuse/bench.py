@@ -145,6 +145,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def kv_err(cache, ref) -> float:
+    """rel_err of a prefix cache's K and V against `ref`'s over the rows `ref` holds valid (padding
+    rows are never attended to, and the fast path leaves those past the prompt's bucket unwritten)."""
+    m = ref.mask
+    return rel_err(torch.cat([cache.k[:, m], cache.v[:, m]]), torch.cat([ref.k[:, m], ref.v[:, m]]))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     if not torch.isfinite(a).all():
@@ -549,18 +556,35 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         with torch.no_grad():
             out_eager = model.sample_actions(obs, noise)
     if check:
+        other = random_inputs(cfg, batch, device, seed + 2, prompt_tokens)[0]
         with torch.no_grad():
             ref = copy.deepcopy(model).float()
             out32 = ref.sample_actions(obs.to(dtype=torch.float32), noise)
+            kv32 = ref.encode_prefix(obs.to(dtype=torch.float32))
+            out_other = ref.sample_actions(other.to(dtype=torch.float32), noise)
             del ref
+            kv_fast, kv_eager = fast.encode_prefix(obs), model.encode_prefix(obs)
         e_fast, e_eager, e_fe = rel_err(out_fast, out32), rel_err(out_eager, out32), rel_err(out_fast, out_eager)
         limit = max(tol, 2 * e_eager)
         ok = e_fast <= limit
-        rep.check = dict(fast_vs_fp32=e_fast, eager_bf16_vs_fp32=e_eager, fast_vs_eager_bf16=e_fe, limit=limit, ok=ok)
-        rep.ok &= ok
+        # The prefix's K/V on their own: with random weights (a Pi0.5 above all) the actions hardly
+        # depend on the prefix, so a prefix bug can stay inside the actions' limit.
+        e_kv, e_kv_eager = kv_err(kv_fast, kv32), kv_err(kv_eager, kv32)
+        kv_limit = max(tol, 2 * e_kv_eager)
+        kv_ok = e_kv <= kv_limit
+        e_other = rel_err(out_other, out32)
+        rep.check = dict(fast_vs_fp32=e_fast, eager_bf16_vs_fp32=e_eager, fast_vs_eager_bf16=e_fe, limit=limit, ok=ok,
+                         prefix_kv_fast_vs_fp32=e_kv, prefix_kv_eager_bf16_vs_fp32=e_kv_eager, prefix_kv_limit=kv_limit,
+                         prefix_kv_ok=kv_ok, other_observation_vs_fp32=e_other)
+        rep.ok &= ok and kv_ok
         rep.add("check", "fast vs float32 (rel. L2)", None, f"{e_fast:.2e} (limit {limit:.2e}) {'PASS' if ok else 'FAIL'}")
         rep.add("check", "eager bf16 vs float32", None, f"{e_eager:.2e}")
         rep.add("check", "fast vs eager bf16", None, f"{e_fe:.2e}")
+        rep.add("check", "prefix K/V, fast vs float32 (rel. L2, valid rows)", None,
+                f"{e_kv:.2e} (limit {kv_limit:.2e}; eager bf16 {e_kv_eager:.2e}) {'PASS' if kv_ok else 'FAIL'}")
+        rep.add("check", "another observation's actions vs float32", None,
+                f"{e_other:.2e}" + ("" if e_other > limit else " (within the actions' limit: the actions alone "
+                                    "would not tell a prefix bug here; the prefix K/V check does)"))
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -622,6 +646,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
             fast_c = None
         except Exception as exc:  # report, keep the rest of the run
             rep.notes.append(f"fast+compile failed: {type(exc).__name__}: {str(exc)[:300]}")
+            rep.ok &= not check  # a section --check was to check did not run: not a pass
         torch.cuda.empty_cache()
 
     # ---- lerobot ----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from .graphs import Graphs
 from .kernels import HAVE_TRITON, mqa_attention, pdl_supported
 from .layer_norm import add_layer_norm, add_layer_norm_reference
 from .layers import NEG_INF, sincos_time
-from .pi0 import Pi0Model
+from .pi0 import Pi0Model, check_keep_hidden
 from .rope_scatter import rope_scatter
 from .skinny_gemm import MAX_M, SKINNY_ROWS, RowNorm, fused_qkv, skinny_linear
 from .vision_trt import TrtVision
@@ -639,9 +639,17 @@ class FastPi0:
         self.model.eval()
         return self
 
+    # nn.Module calls that change weights, dtype or device: on the eager model they would leave the
+    # fused copies and captured graphs FastPi0 made from it as they were (or return the eager model).
+    _CHANGES_MODEL = frozenset({"load_state_dict", "to", "cuda", "cpu", "float", "half", "bfloat16", "double",
+                                "type", "to_empty", "apply", "train", "requires_grad_", "share_memory"})
+
     def __getattr__(self, name):  # cfg-level helpers (spans, make_noise, dtype, device, ...)
         if "model" not in self.__dict__:  # mid-construction or mid-copy: nothing to delegate to yet
             raise AttributeError(name)
+        if name in FastPi0._CHANGES_MODEL:
+            raise AttributeError(f"FastPi0.{name}: FastPi0 holds fused copies of its model's weights, made for one "
+                                 f"dtype and device; change the eager model, then build a new FastPi0 from it")
         return getattr(self.__dict__["model"], name)
 
     # ---- static state ----------------------------------------------------------------------
@@ -1076,6 +1084,7 @@ class FastPi0:
         keep_hidden: tuple[int, ...] = (),
         image_embeds: dict[str, torch.Tensor] | None = None,
     ) -> PrefixCache:
+        check_keep_hidden(self.cfg, keep_hidden)
         st = self._static(obs.batch_size)
         spans = self._spans_early(obs, snapshot)
         self._encode(st, obs, keep_hidden, image_embeds)
@@ -1197,6 +1206,7 @@ class FastPi0:
         denoise, through the sample_actions graph (Euler step 0 beside the prefix LM when
         `overlap`), the cache copied out after it: what a reuse policy's full refresh runs
         (~0.5 ms less than the two calls on an H100, docs/PERFORMANCE.md round 12)."""
+        check_keep_hidden(self.cfg, keep_hidden)
         st = self._static(obs.batch_size)
         kh = tuple(sorted(keep_hidden))
         spans = self._spans_early(obs, snapshot)

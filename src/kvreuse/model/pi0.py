@@ -137,6 +137,7 @@ class Pi0Model(nn.Module):
         keep_hidden: tuple[int, ...] = (),
         image_embeds: dict[str, torch.Tensor] | None = None,
     ) -> PrefixCache:
+        check_keep_hidden(self.cfg, keep_hidden)
         embeds, valid = self.embed_prefix(obs, image_embeds)
         spans = self.spans(obs, new_snapshot_id() if snapshot is None else snapshot)
         return self._cache_from(embeds, valid, obs, spans, call_index, keep_hidden)
@@ -177,7 +178,9 @@ class Pi0Model(nn.Module):
         `run_cameras` go through the vision tower (or take their fresh embeddings from
         `image_embeds`, so a caller can time the vision pass or reuse one it already ran); the
         others reuse the cached image embeddings. Recomputing every token is exactly
-        `encode_prefix` (same kernels, same result)."""
+        `encode_prefix` (same kernels, same result). A token valid in `obs` but not in the cache
+        must be recomputed (ReusePolicy's plans do): FastPi0's cache rows past the cached prompt's
+        bucket were never computed."""
         embeds, valid = self.embed_prefix(obs, self._image_embeds(cache, run_cameras, image_embeds))
         if bool(recompute.all()):
             return self._cache_from(embeds, valid, obs, spans, call_index, tuple(cache.hidden))
@@ -206,7 +209,9 @@ class Pi0Model(nn.Module):
         recomputed for every token. Their input is the cached residual stream at layer `split`
         with the embedding swapped: h_split(new) := h_split(cached) - e(cached) + e(new), i.e.
         the lower layers' residual contributions are reused and the fresh embeddings ride the
-        skip path. Needs a cache made with keep_hidden=(split,)."""
+        skip path. Needs a cache made with keep_hidden=(split,), whose prompt has the same valid
+        tokens as `obs`'s (ReusePolicy refreshes instead when they differ): FastPi0's cache rows past
+        the cached prompt's bucket were never computed."""
         if split not in cache.hidden:
             raise ValueError(f"layer-wise reuse at split {split} needs a cache encoded with keep_hidden=({split},)")
         embeds, valid = self.embed_prefix(obs, self._image_embeds(cache, run_cameras, image_embeds))
@@ -333,3 +338,11 @@ class Pi0Model(nn.Module):
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_keep_hidden(cfg, keep_hidden) -> None:
+    """keep_hidden names LM layers whose input residual a cache keeps: 0 .. depth - 1 (a depth or more
+    was kept by neither model: the eager one returned no such entry, FastPi0 raised KeyError)."""
+    bad = [i for i in keep_hidden if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg.llm.depth]
+    if bad:
+        raise ValueError(f"keep_hidden: {bad} are not LM layer indices (0 .. {cfg.llm.depth - 1})")
