@@ -511,8 +511,8 @@ def test_openpi_pi0_with_libero_stats_adds_the_state_back_to_its_delta_actions(t
     np.testing.assert_allclose(a[:, :6], offsets[:, :6] + raw["observation/state"][:6], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(a[:, 6], offsets[:, 6], rtol=1e-5, atol=1e-5)  # the gripper stays absolute
     # training targets are the offsets: normalize_actions inverts actions() given the same state
-    np.testing.assert_allclose(pol.transform.normalize_actions(a, np.repeat(raw["observation/state"][None], len(a), 0))[:, :7],
-                               out, rtol=1e-4, atol=1e-4)
+    states = np.repeat(raw["observation/state"][None], len(a), 0)
+    np.testing.assert_allclose(pol.transform.normalize_actions(a, states)[:, :7], out, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="the observation's state is needed"):
         pol.transform.actions(torch.from_numpy(out[None]).float())
     (tmp_path / "config.json").write_text(json.dumps({"delta_action_mask": []}))

@@ -23,7 +23,8 @@ from kvreuse.eval import stats
 from kvreuse.eval.report import ALL, compute_rows, markdown, pareto, write_report
 from kvreuse.eval.rollout import EpisodeResult, run_episode
 from kvreuse.eval.store import SCHEMA_VERSION, ResultStore, Setting
-from kvreuse.eval.sweep import PolicySource, SweepPlan, episode_list, episode_seed, parse_grid, policy_identity, run_sweep
+from kvreuse.eval.sweep import (PolicySource, SweepPlan, episode_list, episode_seed, parse_grid, policy_identity,
+                                run_sweep)
 from kvreuse.policy import StepRecord
 
 # ---- stubs -----------------------------------------------------------------------------------

@@ -330,8 +330,9 @@ def test_fast_refuses_calls_that_would_change_its_model_and_bad_hidden_layers():
     assert fast.eval() is fast and fast.cfg is model.cfg  # reads still reach the model
     obs = synthetic_obs(model.cfg, 1, "cpu", torch.Generator().manual_seed(0))
     depth = model.cfg.llm.depth
+    msg = rf"keep_hidden: \[{depth}\] are not LM layer indices \(0 \.\. {depth - 1}\)"
     for m in (model, fast):
-        with pytest.raises(ValueError, match=rf"keep_hidden: \[{depth}\] are not LM layer indices \(0 .. {depth - 1}\)"):
+        with pytest.raises(ValueError, match=msg):
             m.encode_prefix(obs, keep_hidden=(depth,))
     with pytest.raises(ValueError, match="keep_hidden"):
         fast.sample_with_prefix(obs, torch.zeros(1, model.cfg.chunk_size, model.cfg.max_action_dim), keep_hidden=(-1,))

@@ -191,7 +191,8 @@ class RobotTransform:
     def normalize_actions(self, actions: np.ndarray, state: np.ndarray | None = None) -> np.ndarray:
         """Robot actions (N, action_dim), with the states they were taken from (N, state_dim) -> padded,
         normalized training targets (the delta dims as offsets from the state)."""
-        a = self._shift(np.asarray(actions, dtype=np.float64), None if state is None else {self.spec.state_key: state}, -1)
+        raw = None if state is None else {self.spec.state_key: state}
+        a = self._shift(np.asarray(actions, dtype=np.float64), raw, -1)
         a = normalize(a, self.stats.actions, self.action_mode) if self.stats else a
         return pad_to(a, self.cfg.max_action_dim)
 
