@@ -18,7 +18,8 @@
 # state 0.98 (the Pi0-style policy's time-saving setting) for fresh seeds, GRID_SET=partial_confirm
 # the same gate with partial reuse (the setting that kept Pi0.5's push) for fresh seeds,
 # GRID_SET=readme the five settings of the README's "Which setting to use" (push again after the
-# Meta-World reset fix, 5117baa).
+# Meta-World reset fix, 5117baa), GRID_SET=push_rest the settings of "Push on two more seeds" that
+# neither the main grid nor readme holds (push again after that fix).
 # VARIANTS="pi05" runs one policy; TASKS="push-v3" some tasks only; SEED=1 other noise seeds (the
 # pairs differ from seed 0's); DB=push another DB name (default sweep).
 # A sweep cut off by CAP_S continues where it stopped when run again on the same DB.
@@ -65,10 +66,13 @@ elif [ "${GRID_SET:-main}" = readme ]; then
   GRID=('gate=crossmodal threshold=0.8 state_threshold=0.98' 'gate=period period=2 mode=full'
         'gate=threshold threshold=0.98 mode=full' 'gate=always mode=partial max_age_calls=2'
         'gate=crossmodal threshold=0.8 state_threshold=0.98 mode=partial')
+elif [ "${GRID_SET:-main}" = push_rest ]; then
+  GRID=('gate=threshold threshold=0.9 mode=partial' 'gate=crossmodal threshold=0.8 state_threshold=0.99'
+        'gate=crossmodal threshold=0.8 state_threshold=0.98' 'gate=always mode=partial max_age_calls=2')
 elif [ "${GRID_SET:-main}" != main ]; then
   echo "sweep_device.sh: GRID_SET=$GRID_SET: expected main, confirm, crossmodal, crossmodal_state, age," \
     "age_confirm, fresh_state, state_tests, state_confirm, state_both, keepers, period2, crossmodal_confirm," \
-    "partial_confirm or readme" >&2
+    "partial_confirm, readme or push_rest" >&2
   exit 2
 fi
 mkdir -p "$OUT"  # after the checks: a bad GRID_SET leaves nothing behind
