@@ -5,7 +5,8 @@ For results whose DBs are gone but whose reports are kept (docs/results/*/result
 keeps the counts of its pairs, not the episodes, so this cannot check what `scripts/pool_paired.py`
 checks on DBs: that no episode is in two of them (give reports of distinct noise seeds), that each
 ran under one policy and protocol (the row's group is printed), and which setting a label names
-under other defaults. The interval is Newcombe's (eval/stats.py), from the counts alone.
+under other defaults. The interval is Newcombe's (eval/stats.py), from the counts alone; reports
+written before their paired_both / paired_neither columns have no interval ("n/a").
 
 Usage: python scripts/pool_reports.py --setting 'period(2)/full' --task push-v3 CSV [CSV ...]
 """
@@ -48,14 +49,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n, both, lost, gained, neither = (sum(getattr(r[2], f) for r in rows)
                                       for f in ("n", "both", "only_base", "only_setting", "neither"))
+    if not all(_has_both(r[2]) for r in rows):  # a report from before those columns: not known
+        both = neither = -1
     summed = Paired(n, both, lost, gained, neither, binom_two_sided(min(lost, gained), lost + gained))
     print(f"{a.setting} vs baseline, {a.task}")
     print("| report | group | n | lost | gained | Δ (pts) [95%] | p (McNemar) |\n|---|---|---|---|---|---|---|")
     for label, group, r in [*rows, ("summed", "", summed)]:
-        lo, hi = paired_interval(r)
-        print(f"| {label} | {group} | {r.n} | {r.only_base} | {r.only_setting} | {100 * r.diff:+.1f} "
-              f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {r.p_value:.2g} |")
+        ci = "[{:+.1f}, {:+.1f}]".format(*(100 * x for x in paired_interval(r))) if _has_both(r) else "[n/a]"
+        print(f"| {label} | {group} | {r.n} | {r.only_base} | {r.only_setting} | {100 * r.diff:+.1f} {ci} "
+              f"| {r.p_value:.2g} |")
     return 0
+
+
+def _has_both(r: Paired) -> bool:
+    """The interval needs the concordant counts, which reports before their paired_both /
+    paired_neither columns lack (read_csv gives -1); lost, gained and p need only the discordant ones."""
+    return r.both >= 0 and r.neither >= 0
 
 
 if __name__ == "__main__":

@@ -491,6 +491,22 @@ def test_pool_reports_sums_each_reports_paired_counts(tmp_path, capsys):
     summed = stats.mcnemar([True, True, False] + [True] * 5, [False, True, True] + [False] * 3 + [True] * 2)
     lo, hi = stats.paired_interval(summed)  # 4 lost, 1 gained over 8 pairs
     assert f"| summed |  | 8 | 4 | 1 | -37.5 [{100 * lo:+.1f}, {100 * hi:+.1f}] | {summed.p_value:.2g} |" in out, out
+    # A report from before the paired_both / paired_neither columns: counts and p, no interval (its -1
+    # counts were taken as counts: a wrong interval, or a ValueError from wilson)
+    import csv
+
+    with open(c) as f:
+        gone = ("paired_both", "paired_neither")
+        old_rows = [{k: v for k, v in r.items() if k not in gone} for r in csv.DictReader(f)]
+    old = tmp_path / "old.csv"
+    with open(old, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(old_rows[0]))
+        w.writeheader()
+        w.writerows(old_rows)
+    assert mod["main"](["--setting", "thr", "--task", "push", a, str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "| 5 | 3 | 0 | -60.0 [n/a] |" in out, out
+    assert f"| summed |  | 8 | 4 | 1 | -37.5 [n/a] | {summed.p_value:.2g} |" in out, out
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     for argv, msg in ((["--setting", "nope", a], "0 rows of 'nope' on 'push'"),
                       (["--setting", "thr", str(tmp_path / "x.csv")], "not a results.csv"),

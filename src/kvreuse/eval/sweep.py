@@ -117,12 +117,12 @@ def policy_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
     # another prompt, so another policy. Off for every run before the option existed.
     stateless = cfg is not None and cfg.variant == "pi05" and not cfg.state_in_prompt
     # Actions given as offsets from the state (delta_action_mask): the state added back, other actions.
-    # Off for every run before the option existed.
+    # Added with +cfg@ (whose hash holds the mask too): older ids lack both.
     delta = "delta@" + "".join("1" if d else "0" for d in cfg.delta_action_mask) if cfg is not None else ""
     # (tag, on, the era it was added in: 0 from the start, i + 1 by ID_CHANGES[i])
     tags = ((dev, dev != "cpu", 1), (src.dtype, src.dtype != "float32", 0), ("fast", src.fast, 0),
             ("masked-cameras", src.keep_absent_cameras, 0), ("no-state-input", stateless, 0),
-            (delta, cfg is not None and any(cfg.delta_action_mask), 0),
+            (delta, cfg is not None and any(cfg.delta_action_mask), 3),
             ("no-stats", src.checkpoint is not None and digest is None, 1),
             (f"stats@{digest}", digest is not None, 2), (tok, bool(tok), 0),
             (f"cfg@{_config_digest(cfg)}" if cfg is not None else "", cfg is not None, 3))

@@ -213,7 +213,7 @@ def run_train(
     # Images live on the training device (uint8) so batches are gathered there.
     base = torch.from_numpy(data.base).to(dev)
     wrist = torch.from_numpy(data.wrist).to(dev)
-    nact = torch.from_numpy(tf.normalize_actions(data.actions, data.state)).to(dev)  # (N, max_action_dim)
+    nact = torch.from_numpy(tf.normalize_actions(data.actions)).to(dev)  # (N, max_action_dim)
     ep_end = torch.from_numpy(data.ep_end).to(dev)
     n, chunk = len(data), cfg.chunk_size
     print(f"data ready in {time.perf_counter() - t_prep:.0f}s: {n} frames", flush=True)

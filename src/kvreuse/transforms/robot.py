@@ -189,8 +189,9 @@ class RobotTransform:
         return a
 
     def normalize_actions(self, actions: np.ndarray, state: np.ndarray | None = None) -> np.ndarray:
-        """Robot actions (N, action_dim), with the states they were taken from (N, state_dim) -> padded,
-        normalized training targets (the delta dims as offsets from the state)."""
+        """Robot actions -> padded, normalized training targets. With a delta_action_mask the delta dims
+        become offsets from `state`, the observation a chunk answers: chunks (N, chunk, action_dim) with
+        their observations' states (N, state_dim), as inference adds one state to a whole chunk."""
         raw = None if state is None else {self.spec.state_key: state}
         a = self._shift(np.asarray(actions, dtype=np.float64), raw, -1)
         a = normalize(a, self.stats.actions, self.action_mode) if self.stats else a
