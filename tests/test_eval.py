@@ -124,7 +124,8 @@ def test_paired_interval_and_latency():
     assert all(np.isnan(stats.paired_interval(stats.mcnemar([], []))))
     # 95% coverage of the true difference, also where the discordant pairs are few and one-sided
     rng = np.random.default_rng(0)
-    for probs in ((0.8, 0.05, 0.02, 0.13), (0.9, 0.01, 0.0, 0.09), (0.5, 0.1, 0.1, 0.3)):  # both, base, setting, neither
+    # (both, base only, setting only, neither)
+    for probs in ((0.8, 0.05, 0.02, 0.13), (0.9, 0.01, 0.0, 0.09), (0.5, 0.1, 0.1, 0.3)):
         tables = rng.multinomial(100, probs, size=2000)
         truth = probs[2] - probs[1]
         cover = np.mean([lo <= truth <= hi for lo, hi in
