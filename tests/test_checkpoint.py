@@ -269,6 +269,35 @@ def test_config_type_must_match_the_weights(tiny, tmp_path, capsys):
                                          "model.safetensors are a pi0 model"), capsys)
     (tmp_path / "config.json").write_text(json.dumps({"type": "pi0"}))
     check_checkpoint(tmp_path)
+    # another lerobot policy over weights that read as a Pi0 (pi0_fast): it failed as "cannot tell Pi0
+    # from Pi0.5" or loaded, never naming its type
+    (tmp_path / "config.json").write_text(json.dumps({"type": "pi0_fast"}))
+    all_readers_fail(tmp_path, re.escape(f"checkpoint {tmp_path / 'config.json'}: says type 'pi0_fast'; kvreuse "
+                                         "runs lerobot's pi0 and pi05"), capsys)
+
+
+def test_a_reference_file_without_an_action_horizon_says_which_it_runs(tmp_path, capsys):
+    """openpi's PyTorch trainer writes no config.json: an openpi pi05_libero (action_horizon 10) ran
+    with the preset's chunk (50 at full size), every action changed, nothing said. With LIBERO's stats
+    it runs pi05_libero's 10; any file without a horizon gets a note naming the chunk it assumes."""
+    from kvreuse.checkpoint import print_checkpoint_notes
+
+    torch.manual_seed(0)
+    save_reference(tmp_path, Pi0Model(preset("tiny-pi05")).eval(), "openpi")
+    assert load_checkpoint(tmp_path)[0].cfg.chunk_size == preset("tiny-pi05").chunk_size
+    print_checkpoint_notes(tmp_path)
+    assert "no action horizon in a config.json beside it; it runs openpi's default chunk" in capsys.readouterr().err
+    st = stats(dim=8)
+    (tmp_path / "assets" / "physical-intelligence" / "libero").mkdir(parents=True)
+    (tmp_path / "assets" / "physical-intelligence" / "libero" / "norm_stats.json").write_text(
+        json.dumps({"norm_stats": {"state": st.state.to_dict(), "actions": st.actions.to_dict()}}))
+    assert load_checkpoint(tmp_path)[0].cfg.chunk_size == 10
+    print_checkpoint_notes(tmp_path)
+    assert "runs 10 actions per chunk, as openpi's pi05_libero config trains it" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"action_horizon": 12}))
+    assert load_checkpoint(tmp_path)[0].cfg.chunk_size == 12
+    print_checkpoint_notes(tmp_path)
+    assert "action horizon" not in capsys.readouterr().err
 
 
 def _lerobot_stats(d, st: Stats, act: Stats, keys=("mean", "std")):
@@ -335,6 +364,10 @@ def test_unsupported_normalization_mapping_is_one_error(variant, mode, tmp_path,
                                              "QUANTILES"), capsys)
     cfg.write_text(json.dumps({"normalization_mapping": ["MEAN_STD"]}))
     all_readers_fail(tmp_path, re.escape(f"checkpoint {cfg}: normalization_mapping: expected an object"), capsys)
+    # lerobot's normalizer also normalizes images where VISUAL says so: kvreuse fed them raw, silently
+    cfg.write_text(json.dumps({"normalization_mapping": {"VISUAL": "MEAN_STD"}}))
+    all_readers_fail(tmp_path, re.escape(f"checkpoint {cfg}: normalization_mapping: VISUAL 'MEAN_STD' is not "
+                                         "supported; kvreuse feeds images unnormalized"), capsys)
     # absent keys or mapping: the variant's default
     for config in ({"normalization_mapping": {"VISUAL": "IDENTITY"}}, {}):
         cfg.write_text(json.dumps(config))
@@ -462,7 +495,7 @@ def test_openpi_pi05_with_libero_stats_runs_without_its_state(tmp_path, capsys):
     print_checkpoint_notes(tmp_path)
     assert "runs without its state" in capsys.readouterr().err
     assert "+no-state-input" in policy_identity(PolicySource(str(tmp_path)))
-    (tmp_path / "config.json").write_text(json.dumps({"discrete_state_input": True}))
+    (tmp_path / "config.json").write_text(json.dumps({"discrete_state_input": True, "action_horizon": 10}))
     m, _, _ = load_checkpoint(tmp_path)
     assert m.cfg.state_in_prompt
     print_checkpoint_notes(tmp_path)
@@ -518,7 +551,7 @@ def test_openpi_pi0_with_libero_stats_adds_the_state_back_to_its_delta_actions(t
     np.testing.assert_allclose(targets[0, :, :7], out, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="the observation's state is needed"):
         pol.transform.actions(torch.from_numpy(out[None]).float())
-    (tmp_path / "config.json").write_text(json.dumps({"delta_action_mask": []}))
+    (tmp_path / "config.json").write_text(json.dumps({"delta_action_mask": [], "action_horizon": 16}))
     assert load_checkpoint(tmp_path)[0].cfg.delta_action_mask == ()
     print_checkpoint_notes(tmp_path)
     assert capsys.readouterr().err == ""

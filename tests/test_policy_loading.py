@@ -347,6 +347,9 @@ def test_an_openpi_checkpoint_drives_the_robots_dims_not_its_padding(tmp_path):
         Policy.from_checkpoint(tmp_path, robot="metaworld", reuse=ReuseConfig(gate="phase", gripper_dim=4))
     with pytest.raises(ValueError, match=re.escape("the model drives 4 state / 4 action dims, the robot has 8 / 7")):
         Pi0Model(preset("tiny-pi0")).with_robot_dims(8, 7)
+    # dims a lerobot config.json recorded (9) are a robot's: not narrowed onto LIBERO's 8 / 7
+    with pytest.raises(ValueError, match=re.escape("the model drives 9 state / 9 action dims, the robot has 8 / 7")):
+        Pi0Model(preset("tiny-pi0", state_dim=9, action_dim=9)).with_robot_dims(8, 7)
 
 
 @pytest.mark.parametrize("state,action", [("MEAN_STD", "MEAN_STD"), ("QUANTILES", "mean_std"),

@@ -165,14 +165,14 @@ def missing_stats_warning(path: str | Path) -> str | None:
 
 def print_checkpoint_notes(path: str | Path) -> None:
     """What eval, serve and compare print on stderr once a checkpoint is checked: missing norm
-    stats, and where its config.json does not say so, a Pi0.5 that runs without its state or a Pi0
-    whose actions are offsets from the state."""
+    stats, and where its config.json does not say so, a Pi0.5 that runs without its state, a Pi0
+    whose actions are offsets from the state, or the action chunk it runs."""
     notes = [missing_stats_warning(path)]
     if checkpoint_format(path) != "kvreuse":
-        from .ref_checkpoint import delta_action_mask, discrete_state_input, inspect_reference
+        from .ref_checkpoint import default_horizon, delta_action_mask, discrete_state_input, inspect_reference
 
         ref = inspect_reference(path)
-        notes += [discrete_state_input(ref)[1], delta_action_mask(ref)[1]]
+        notes += [discrete_state_input(ref)[1], delta_action_mask(ref)[1], default_horizon(ref)[1]]
     for note in filter(None, notes):
         print(note, file=sys.stderr)
 

@@ -258,6 +258,9 @@ def _check_kind(ref: RefFile) -> None:
                 "tower or language model")
         raise ValueError(f"checkpoint {ref.path}: not a Pi0 / Pi0.5 checkpoint ({said}{what}; it has {some}"
                          f"{', ...' if len(others) > 3 else ''})")
+    if kind is not None and kind not in ("pi0", "pi05"):  # pi0_fast, smolvla with a vision tower, ...
+        raise ValueError(f"checkpoint {ref.dir / 'config.json'}: says type {kind!r}; kvreuse runs lerobot's pi0 "
+                         "and pi05 (and openpi's Pi0 / Pi0.5) only")
     norm_modes(ref)  # a mode kvreuse cannot apply: refused before anything loads
     if ref.config.get("use_relative_actions"):  # lerobot 0.6.1: the output adds the state back to the actions
         raise ValueError(f"checkpoint {ref.dir / 'config.json'}: use_relative_actions is true; kvreuse runs "
@@ -282,6 +285,11 @@ def norm_modes(ref: RefFile) -> tuple[NormMode, NormMode]:
     if not isinstance(mapping, dict):
         raise ValueError(f"{where}: expected an object such as {{\"STATE\": \"MEAN_STD\", \"ACTION\": "
                          f"\"MEAN_STD\"}}, got {mapping!r}")
+    visual = mapping.get("VISUAL")
+    if visual is not None and (not isinstance(visual, str) or visual.upper() != "IDENTITY"):
+        # lerobot's normalizer would normalize the images too; kvreuse feeds them as openpi does
+        raise ValueError(f"{where}: VISUAL {visual!r} is not supported; kvreuse feeds images unnormalized "
+                         "(IDENTITY), as lerobot's Pi0 / Pi0.5 configs do")
     modes = []
     for side in ("STATE", "ACTION"):
         v = mapping.get(side)
@@ -347,6 +355,23 @@ def delta_action_mask(ref: RefFile) -> tuple[tuple[bool, ...], str | None]:
     return (), None
 
 
+def default_horizon(ref: RefFile) -> tuple[int | None, str | None]:
+    """A reference file's action chunk where its config.json gives none (openpi's PyTorch trainer writes
+    no config.json), and a note saying so: pi05_libero's 10 for an openpi Pi0.5 with LIBERO's norm
+    stats (the config the state heuristic above assumes), else None (the preset's: openpi's default 50
+    at full size)."""
+    if any(ref.config.get(k) is not None for k in ("action_horizon", "chunk_size")):
+        return None, None
+    lerobot = any(k.startswith("model.") for k in ref.shapes)
+    ask = "add \"action_horizon\": N to its config.json if it was trained with another"
+    if ref.variant == "pi05" and not lerobot and (ref.dir / _OPENPI_LIBERO_STATS).is_file():
+        return 10, (f"note: checkpoint {ref.path}: no action horizon in a config.json beside it; an openpi Pi0.5 "
+                    f"with LIBERO's norm stats runs 10 actions per chunk, as openpi's pi05_libero config trains it; "
+                    f"{ask}")
+    return None, (f"note: checkpoint {ref.path}: no action horizon in a config.json beside it; it runs openpi's "
+                  f"default chunk (50 actions at full size); {ask}")
+
+
 def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
     c = ref.config
     kw: dict = {}
@@ -372,6 +397,8 @@ def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
     for theirs, ours in pairs.items():
         if c.get(theirs) is not None:
             kw[ours] = positive(theirs, c[theirs], type(getattr(base, ours)))
+    if (horizon := default_horizon(ref)[0]) is not None:
+        kw["chunk_size"] = horizon
     feats, outs = c.get("input_features") or {}, c.get("output_features") or {}
     for name, d in (("input_features", feats), ("output_features", outs)):
         if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):

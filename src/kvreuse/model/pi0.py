@@ -65,11 +65,14 @@ class Pi0Model(nn.Module):
         """This model as it drives a robot of these dims (sharing every weight; self when its config
         says so already). An openpi config.json records no robot dims, so such a model keeps the
         padded 32 of its preset, and the reuse layer's state distance and gripper cue read them.
-        A model whose config names fewer dims than the robot has was trained for another robot."""
+        A model whose config names other dims than the robot's (not the padded maximum, which says
+        nothing) was trained for another robot."""
         c = self.cfg
         if (state_dim, action_dim) == (c.state_dim, c.action_dim):
             return self
-        if state_dim > c.state_dim or action_dim > c.action_dim:
+        # Only dims nobody recorded (the padded maximum) narrow; recorded ones must be the robot's
+        if (c.state_dim not in (state_dim, c.max_state_dim) or c.action_dim not in (action_dim, c.max_action_dim)
+                or state_dim > c.state_dim or action_dim > c.action_dim):
             raise ValueError(f"the model drives {c.state_dim} state / {c.action_dim} action dims, the robot has "
                              f"{state_dim} / {action_dim} (a model trained for another robot?)")
         narrowed = copy.copy(self)  # as with_cameras: only cfg is its own
