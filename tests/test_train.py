@@ -191,16 +191,31 @@ def test_train_failing_mid_run_keeps_the_weights_reached(demo_dir, tmp_path, mon
     assert meta["training"]["steps"] == 2 and meta["training"]["error"].startswith("RuntimeError: CUDA error")
 
 
-def test_train_stops_when_the_loss_is_not_finite(demo_dir, tmp_path):
+def test_train_stops_when_the_loss_is_not_finite(demo_dir, tmp_path, monkeypatch):
     """A diverged run (here --lr 1e30: the loss is NaN from step 2) trained to the end and saved NaN
-    weights to --out as a checkpoint; it stops with one error, keeping nothing (the weights are NaN)."""
+    weights to --out as a checkpoint; it stops with one error. The check comes before the optimizer
+    step: one bad batch after good steps (a NaN at step 4) kept nothing, its update already in the
+    EMA; now the EMA of the good steps is kept."""
+    import kvreuse.model.pi0 as pi0
+    from kvreuse.checkpoint import load_checkpoint
     from kvreuse.train.train import run_train
 
-    out = tmp_path / "ck"
-    with pytest.raises(ValueError, match=r"^train: the loss is not finite at step 2 \(training diverged; try a "
-                       rf"lower --lr\) \({out} is as it was; nothing of this run was kept \(its EMA weights are"):
+    out, kept = tmp_path / "ck", tmp_path / "ck.interrupted"
+    with pytest.raises(ValueError, match=r"^train: the loss or its gradient is not finite at step 2 \(training "
+                       rf"diverged; try a lower --lr\) \({out} is as it was; the EMA weights after 1 of up to 4"):
         run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=4, batch_size=2, device="cpu", lr=1e30)
-    assert list(tmp_path.iterdir()) == []
+    real, calls = pi0.Pi0Model.loss, []
+
+    def loss(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k) * (float("nan") if len(calls) == 4 else 1.0)
+
+    monkeypatch.setattr(pi0.Pi0Model, "loss", loss)
+    with pytest.raises(ValueError, match=r"^train: the loss or its gradient is not finite at step 4 "):
+        run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=8, batch_size=2, device="cpu")
+    model, _, meta = load_checkpoint(kept)
+    assert meta["training"]["steps"] == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.interrupted"]
 
 
 def test_train_prints_progress_at_least_once_a_minute(demo_dir, tmp_path, capsys, monkeypatch):

@@ -278,7 +278,11 @@ def run_train(
                 loss = model.loss(obs, nact[rows], valid=valid.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            try:  # a non-finite gradient stops the run before the step, so the EMA kept is the last good one
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=True)
+            except RuntimeError:
+                raise ValueError(f"the loss or its gradient is not finite at step {step + 1} (training diverged; "
+                                 "try a lower --lr)") from None
             elapsed = time.perf_counter() - t0
             progress = max((step + 1) / steps, elapsed / (60 * max_minutes) if max_minutes else 0.0)
             for g in opt.param_groups:
