@@ -763,6 +763,8 @@ def test_report_files_and_cli(tmp_path, capsys):
 def test_pareto_front():
     pts = [(100, 0.8), (50, 0.8), (25, 0.1), (60, 0.5), (50, 0.7)]
     assert pareto(pts) == [2, 1]
+    # a setting with no timed call (NaN latency) is on no front; it sorted anywhere and broke the order
+    assert pareto([(float("nan"), 0.2), (40.0, 0.9), (30.0, 0.5)]) == [2, 1]
 
 
 def test_cli_eval_unknown_task(capsys, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -211,11 +212,30 @@ def test_train_stops_when_the_loss_is_not_finite(demo_dir, tmp_path, monkeypatch
         return real(self, *a, **k) * (float("nan") if len(calls) == 4 else 1.0)
 
     monkeypatch.setattr(pi0.Pi0Model, "loss", loss)
-    with pytest.raises(ValueError, match=r"^train: the loss or its gradient is not finite at step 4 "):
+    # (a run not continued from ck.interrupted leaves it as it is: a restart stopped after a step
+    # replaced a long run's weights)
+    with pytest.raises(ValueError, match=r"^train: the loss or its gradient is not finite at step 4 .*are in "
+                       + re.escape(f"{kept}-1: continue from them with --init {kept}-1")):
         run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=8, batch_size=2, device="cpu")
-    model, _, meta = load_checkpoint(kept)
+    model, _, meta = load_checkpoint(f"{kept}-1")
     assert meta["training"]["steps"] == 3 and all(torch.isfinite(p).all() for p in model.parameters())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.interrupted"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.interrupted", "ck.interrupted-1"]
+    assert load_checkpoint(kept)[2]["training"]["steps"] == 1
+    monkeypatch.setattr(pi0.Pi0Model, "loss", real)  # a run continued from it replaces it
+    lr_calls = []
+
+    def fail_third(progress, warmup):
+        lr_calls.append(progress)
+        if len(lr_calls) == 3:
+            raise RuntimeError("boom")
+        return 1.0
+
+    monkeypatch.setattr("kvreuse.train.train._lr_factor", fail_third)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=8, batch_size=2, device="cpu",
+                  init=f"{kept}-1")
+    assert "boom" in load_checkpoint(f"{kept}-1")[2]["training"]["error"]  # this run's, in place of the first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.interrupted", "ck.interrupted-1"]
 
 
 def test_train_prints_progress_at_least_once_a_minute(demo_dir, tmp_path, capsys, monkeypatch):
@@ -582,6 +602,23 @@ def test_swap_in_failing_leaves_the_previous_result(tmp_path):
     with pytest.raises(FileNotFoundError):
         swap_in(tmp_path / ".d.partial", out)  # the new result is gone: the rename fails
     assert [p.name for p in tmp_path.iterdir()] == ["d"] and (out / "index.json").read_text() == "old"
+
+
+def test_a_symlinked_out_is_replaced_where_it_points(demo_dir, tmp_path):
+    """--out a symlink: the swap moved the link aside, put the new result in its place and failed to
+    remove the moved link (rmtree refuses links); train then said "out is as it was". The directory
+    the link names is replaced, on its disk, and the link stays."""
+    from kvreuse.checkpoint import load_checkpoint
+    from kvreuse.train.train import run_train
+
+    real, link = tmp_path / "disk" / "ck", tmp_path / "ck"
+    real.parent.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    for overwrite in (False, True):  # a new directory, then one replaced
+        run_train(demos=str(demo_dir), out=str(link), preset="tiny-pi0", steps=1 + overwrite, batch_size=2,
+                  device="cpu", overwrite=overwrite)
+        assert link.is_symlink() and load_checkpoint(link)[2]["training"]["steps"] == 1 + overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "disk"] and [p.name for p in real.parent.iterdir()] == ["ck"]
 
 
 def test_work_in_progress_folder_in_the_way_is_one_error(tmp_path, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -357,8 +358,10 @@ def _csv_row(d: dict[str, str]) -> Row:
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points (latency, success) not dominated by one with lower-or-equal latency and
-    higher-or-equal success (one strictly better), sorted by latency."""
-    idx = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    higher-or-equal success (one strictly better), sorted by latency. A point without a finite
+    latency (no timed call) is on no front: NaN sorted anywhere and broke the order."""
+    idx = sorted((i for i, (lat, ok) in enumerate(points) if math.isfinite(lat) and math.isfinite(ok)),
+                 key=lambda i: (points[i][0], -points[i][1]))
     out, best = [], -1.0
     for i in idx:
         if points[i][1] > best:

@@ -37,9 +37,16 @@ def check_out(out: str | Path, what: str, holds: Callable[[Path], bool], owned: 
     return out
 
 
+def _real(out: str | Path) -> Path:
+    """`out` as an absolute path ("." or "x/.." have no usable name); a symlink's target, so that the
+    swap replaces the directory it names, on its disk, and the link stays as it was."""
+    out = Path(os.path.abspath(out))
+    return out.resolve() if out.is_symlink() else out
+
+
 def staging(out: Path) -> Path:
     """A fresh, empty hidden directory beside `out` (a leftover of a killed run is removed)."""
-    out = Path(os.path.abspath(out))  # "." or "x/.." have no usable name
+    out = _real(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         if tmp.exists():
@@ -58,7 +65,7 @@ def resumable(out: Path) -> tuple[Path, int]:
     """The hidden directory `.NAME.partial` beside `out`, kept by an interrupted run so that the
     next one reuses what it finished, with an open descriptor holding its lock (close it when
     done): two runs on one `out` at a time would write the same pieces."""
-    out = Path(os.path.abspath(out))
+    out = _real(out)
     tmp = out.parent / f".{out.name}.partial"
     try:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -75,7 +82,7 @@ def resumable(out: Path) -> tuple[Path, int]:
 
 def swap_in(tmp: Path, out: Path) -> None:
     """Replace `out` (absent, empty, or checked by `check_out`) with `tmp`, by renames."""
-    out = Path(os.path.abspath(out))
+    out = _real(out)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         out.rename(old)
@@ -85,5 +92,5 @@ def swap_in(tmp: Path, out: Path) -> None:
         if old.exists() and not out.exists():
             old.rename(out)
         raise
-    if old.exists():
-        shutil.rmtree(old)
+    if old.exists():  # the new result is in place: a failure here must not read as "out is as it was"
+        shutil.rmtree(old, ignore_errors=True)

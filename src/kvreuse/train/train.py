@@ -55,15 +55,22 @@ PRINT_EVERY_S = 60.0  # a progress line at least this often, whatever --log-ever
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "norm_stats.json", "train_log.jsonl")
 
 
-def _keep_interrupted(tmp, out, ema_model, stats, training: dict) -> Path | None:
-    """Save the interrupted (or failed) run's EMA weights as a checkpoint at OUT.interrupted (replacing an earlier
-    one): written in the staging directory and renamed, so it is whole or absent."""
+def _keep_interrupted(tmp, out, ema_model, stats, training: dict, init: str | None = None) -> Path | None:
+    """Save the interrupted (or failed) run's EMA weights as a checkpoint at OUT.interrupted: written in
+    the staging directory and renamed, so it is whole or absent. An earlier one is replaced only by a
+    run continued from it (--init); else this one goes to the first free OUT.interrupted-N (a restart
+    without --init, stopped after a step, replaced a long run's weights)."""
     from ..checkpoint import save_checkpoint
     from .outdir import swap_in
 
-    kept = out.parent / f"{out.name}.interrupted"
-    if kept.exists() and not (kept.is_dir() and all(p.name in CHECKPOINT_FILES for p in kept.iterdir())):
-        return None  # not ours to replace
+    def free(p: Path) -> bool:
+        if not p.exists():
+            return True
+        ours = p.is_dir() and all(q.name in CHECKPOINT_FILES for q in p.iterdir())
+        return ours and init is not None and p.resolve() == Path(init).resolve()
+
+    base = out.parent / f"{out.name}.interrupted"
+    kept = next(p for p in (base, *(base.with_name(f"{base.name}-{i}") for i in range(1, 10**6))) if free(p))
     save_checkpoint(tmp, ema_model.float().cpu(), stats, robot="metaworld", training=training)
     swap_in(tmp, kept)
     return kept
@@ -326,7 +333,7 @@ def run_train(
                 info["error"] = why
             try:
                 if all(torch.isfinite(p).all() for p in ema_model.parameters()):
-                    kept = _keep_interrupted(tmp, out_path, ema_model, stats, info)
+                    kept = _keep_interrupted(tmp, out_path, ema_model, stats, info, init)
                 else:
                     unsaved = " (its EMA weights are not finite)"
             except Exception as e2:  # noqa: BLE001 - the disk or the device that failed the run
