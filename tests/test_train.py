@@ -604,6 +604,22 @@ def test_swap_in_failing_leaves_the_previous_result(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["d"] and (out / "index.json").read_text() == "old"
 
 
+def test_init_of_another_preset_and_a_blocked_out_fail_before_the_data_loads(demo_dir, tmp_path, monkeypatch):
+    """An --init of another preset, or a --out that cannot take the work in progress, were found only
+    after the demos loaded (9 GB for the v2 set) and the models were built."""
+    from kvreuse.assets import shipped_checkpoint
+    from kvreuse.train.train import run_train
+
+    monkeypatch.setattr("kvreuse.train.demos.load_demos", lambda *a, **k: pytest.fail("the data loaded"))
+    with pytest.raises(ValueError, match="is a different model than preset 'tiny-pi0'"):
+        run_train(demos=str(demo_dir), out=str(tmp_path / "ck"), preset="tiny-pi0", steps=1, batch_size=2,
+                  device="cpu", init=str(shipped_checkpoint("tiny-pi05")))
+    (tmp_path / f".ck.partial-{os.getpid()}").write_text("in the way")  # where the run would work
+    with pytest.raises(ValueError, match="cannot write its work in progress"):
+        run_train(demos=str(demo_dir), out=str(tmp_path / "ck"), preset="tiny-pi0", steps=1, batch_size=2,
+                  device="cpu")
+
+
 def test_a_symlinked_out_is_replaced_where_it_points(demo_dir, tmp_path):
     """--out a symlink: the swap moved the link aside, put the new result in its place and failed to
     remove the moved link (rmtree refuses links); train then said "out is as it was". The directory

@@ -175,13 +175,16 @@ def run_train(
     dev = check_device(device, auto=True)
     out_path = check_out(out, "checkpoint", lambda d: any((d / f).exists() for f in CHECKPOINT_FILES),
                          lambda p: p.name in CHECKPOINT_FILES, overwrite)
+    shutil.rmtree(staging(out_path))  # a probe: an unwritable --out fails now, not after the data is loaded
     if init:
-        from ..checkpoint import check_checkpoint
+        from ..checkpoint import check_checkpoint, checkpoint_config
 
         try:
             check_checkpoint(init)
         except ValueError as e:
             raise ValueError(f"--init: {e}") from None
+        if checkpoint_config(init)[0] != get_preset(preset):  # headers only; again once loaded
+            raise ValueError(f"init: checkpoint {init} is a different model than preset {preset!r}")
     if dev.type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     torch.manual_seed(seed)
