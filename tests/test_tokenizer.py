@@ -47,6 +47,25 @@ def test_sentencepiece_trained_model(sp_model):
     assert loaded.decode(ids[1:]).strip() == "open the top drawer"
 
 
+@pytest.mark.parametrize("variant", ["tiny-pi0", "tiny-pi05"])
+def test_a_prompt_without_the_state_is_tokenized_as_the_training_pipeline_did(sp_model, variant):
+    """openpi encodes the cleaned task and "\\n" apart; lerobot 0.6.1 (Pi0NewLineProcessor, then the
+    tokenizer) appends "\\n" to the task as given, underscores and all, and encodes it whole. kvreuse
+    did both the openpi way: clean, then one encode. A reference checkpoint gets its pipeline's style."""
+    cfg = preset(variant, tokenizer="sentencepiece", discrete_state_input=False)
+    tok = load_tokenizer(cfg, sp_model)
+    task = " open_the top drawer"
+
+    def ids(style):
+        out = tokenize_prompts(cfg.replace(prompt_style=style), tok, [task])
+        return out.tokens[0][out.mask[0]].tolist()
+
+    assert ids("openpi") == [tok.bos_id] + tok.encode("open the top drawer") + tok.encode("\n")
+    assert ids("lerobot") == [tok.bos_id] + tok.encode(" open_the top drawer\n")
+    assert ids("kvreuse") == [tok.bos_id] + tok.encode("open the top drawer\n")
+    assert ids("lerobot") != ids("openpi")  # (this model has no piece that spans the newline: openpi = kvreuse)
+
+
 def test_sentencepiece_errors(sp_model, tmp_path):
     cfg = preset("tiny-pi0", tokenizer="sentencepiece")
     with pytest.raises(ValueError, match="needs the PaliGemma SentencePiece tokenizer"):

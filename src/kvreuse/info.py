@@ -139,7 +139,7 @@ def describe(path: str | Path) -> str:
         f"cameras: {', '.join(cfg.cameras)}",
         f"robot: {robot} (state {cfg.state_dim} of {cfg.max_state_dim} dims, actions {cfg.action_dim} of {cfg.max_action_dim})",
         f"actions: {_action_route(cfg)}",
-        f"tokenizer: {cfg.tokenizer}",
+        f"tokenizer: {cfg.tokenizer} (a prompt without the state as {cfg.prompt_style} tokenizes it)",
         "norm stats:",
         *_stats_lines(stats, cfg.variant, mapping),
     ]

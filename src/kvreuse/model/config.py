@@ -91,6 +91,12 @@ class ModelConfig:
     # make_bool_mask: pi0_libero's extra_delta_transform is (True,) * 6 + (False,)); the robot
     # transform adds the unnormalized state back, as openpi's AbsoluteActions does. (): absolute.
     delta_action_mask: tuple[bool, ...] = ()
+    # How a prompt without the state (Pi0; a Pi0.5 without its state) is tokenized, as the pipeline
+    # that trained the model did: "openpi" cleans the task (strip, "_" -> " ") and encodes it and
+    # "\n" apart; "lerobot" (Pi0NewLineProcessor) appends "\n" to the task as given and encodes
+    # both at once; "kvreuse" (the testbed) cleans and encodes both at once. The byte tokenizer
+    # gives one result for openpi and kvreuse; SentencePiece may merge a last piece with "\n".
+    prompt_style: Literal["kvreuse", "openpi", "lerobot"] = "kvreuse"
 
     @property
     def state_in_prompt(self) -> bool:

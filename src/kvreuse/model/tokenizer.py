@@ -125,7 +125,7 @@ def tokenize_prompts(
     mask = np.zeros((b, n), dtype=bool)
     smask = np.zeros((b, n), dtype=bool)
     for i, task in enumerate(tasks):
-        text = clean_task(task)
+        text = clean_task(task) if cfg.prompt_style != "lerobot" or cfg.state_in_prompt else task
         if cfg.state_in_prompt:
             if state is None:
                 raise ValueError("state: Pi0.5 writes the state into the prompt, but no state was given")
@@ -138,8 +138,10 @@ def tokenize_prompts(
             while full[: len(head)] != head:  # a piece crossed the cut: move it left
                 head = head[:-1]
             head, tail = full[: len(head)], full[len(head) :]
+        elif cfg.prompt_style == "openpi":  # the newline encoded on its own (openpi's PaligemmaTokenizer)
+            head, tail = [tok.bos_id] + tok.encode(text) + tok.encode("\n"), []
         else:
-            head = [tok.bos_id] + tok.encode(text + "\n")
+            head = [tok.bos_id] + tok.encode(text if text.endswith("\n") else text + "\n")
             tail = []
         seq = head + tail
         if len(seq) > n:
