@@ -634,7 +634,8 @@ def test_a_symlinked_out_is_replaced_where_it_points(demo_dir, tmp_path):
         run_train(demos=str(demo_dir), out=str(link), preset="tiny-pi0", steps=1 + overwrite, batch_size=2,
                   device="cpu", overwrite=overwrite)
         assert link.is_symlink() and load_checkpoint(link)[2]["training"]["steps"] == 1 + overwrite
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "disk"] and [p.name for p in real.parent.iterdir()] == ["ck"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "disk"]
+    assert [p.name for p in real.parent.iterdir()] == ["ck"]
 
 
 def test_work_in_progress_folder_in_the_way_is_one_error(tmp_path, capsys):
