@@ -171,7 +171,8 @@ def run_variant(variant: str, args, device) -> dict:
         model, _, meta = load_reference(tmp, cfg=ours_cfg, device=device)
     else:  # full size: the variant and the config come from the file alone
         model, _, meta = load_checkpoint(tmp, device=device)
-        if model.cfg != ours_cfg:
+        # a Pi0 prompt is tokenized as lerobot's pipeline does (the tokens here come from the script)
+        if model.cfg != (ours_cfg if variant == "pi05" else ours_cfg.replace(prompt_style="lerobot")):
             raise SystemExit(f"loader inferred {model.cfg} instead of the {variant} preset")
     t["load_ours_s"] = time.perf_counter() - t0
     if not args.depth:  # `kvreuse info` on the lerobot file

@@ -10,7 +10,11 @@
 set -uo pipefail
 OUT=${OUT:-runs/device}; BUDGET_S=${BUDGET_S:-540}; DEMOS_PER_TASK=${DEMOS_PER_TASK:-100}
 TASKS=${TASKS:-}; INIT_FROM=${INIT_FROM:-}; DEMO_COUNTS=${DEMO_COUNTS:-}; LR=${LR:-5e-4}; BATCH=${BATCH:-256}; EVAL_HELDOUT=${EVAL_HELDOUT:-10}; EVAL_SEEN=${EVAL_SEEN:-5}; EVAL_RESERVE_S=${EVAL_RESERVE_S:-100}
-START=$(date +%s); mkdir -p "$OUT"; LOG="$OUT/run.log"; W=/tmp/testbed
+START=$(date +%s); W=/tmp/testbed
+case "$(realpath -m "$OUT")/ $(realpath -m "${INIT_FROM:-/nonexistent}")/" in
+  *"$W/"*) echo "testbed_device.sh: OUT and INIT_FROM must lie outside $W (it is emptied first)" >&2; exit 2;;
+esac
+mkdir -p "$OUT"; LOG="$OUT/run.log"
 rm -rf $W; mkdir -p $W  # a failed step must not leave an earlier run's files to be copied as this one's
 fail() { log "FAILED: $*"; exit 1; }
 export MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
@@ -48,4 +52,5 @@ done
 log "quick closed-loop check"
 python3 scripts/testbed_eval.py $W/testbed-pi05 $W/testbed-pi0 --heldout $EVAL_HELDOUT --seen $EVAL_SEEN \
   --workers $(nproc) ${TASKS:+--tasks $TASKS} --out "$OUT/eval.json" 2>&1 | tr '\r' '\n' | grep -v -i -E "warn|episodes: .*%" | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" = 0 ] || fail "closed-loop check (see above)"
 log "done"

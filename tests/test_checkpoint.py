@@ -112,10 +112,11 @@ def test_reference_round_trip(model, tmp_path, layout, tie):
     for path in (tmp_path, f):
         loaded, st, meta = load_checkpoint(path)
         # ... and writes a Pi0.5 state below -1 into the prompt as openpi / lerobot do (bin -1); with no
-        # robot dims in its config, all padded ones (a robot narrows them: Pi0Model.with_robot_dims); its
-        # prompt tokenized as its pipeline does
+        # robot dims in its config, all padded ones (a robot narrows them: Pi0Model.with_robot_dims); a
+        # prompt without the state tokenized as its pipeline does (a Pi0.5's has the state: one style)
+        style = layout if model.cfg.variant == "pi0" else "kvreuse"
         assert loaded.cfg == model.cfg.replace(state_below_bins="digitize", state_dim=32, action_dim=32,
-                                               prompt_style=layout)
+                                               prompt_style=style)
         assert same_weights(model, loaded) and st is None
         assert meta["format"] == layout
     obs, noise = obs_for(model.cfg), torch.randn(1, model.cfg.chunk_size, model.cfg.max_action_dim)

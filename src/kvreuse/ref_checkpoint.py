@@ -420,7 +420,8 @@ def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
     if ref.variant == "pi05":
         kw["discrete_state_input"] = discrete_state_input(ref)[0]
     kw["delta_action_mask"] = delta_action_mask(ref)[0]
-    kw["prompt_style"] = "lerobot" if any(k.startswith("model.") for k in ref.shapes) else "openpi"
+    if ref.variant != "pi05" or not kw["discrete_state_input"]:  # a prompt with the state: one style for all
+        kw["prompt_style"] = "lerobot" if any(k.startswith("model.") for k in ref.shapes) else "openpi"
     cfg = preset(preset_name, **kw, state_below_bins="digitize")  # the prompt openpi / lerobot build
     pos = ref.shapes.get(_key_in(ref, "vision.pos_embed.weight") or "", None)
     if pos is not None:  # the image size follows from the number of position embeddings

@@ -37,7 +37,7 @@ def check_out(out: str | Path, what: str, holds: Callable[[Path], bool], owned: 
     return out
 
 
-def _real(out: str | Path) -> Path:
+def real_out(out: str | Path) -> Path:
     """`out` as an absolute path ("." or "x/.." have no usable name); a symlink's target, so that the
     swap replaces the directory it names, on its disk, and the link stays as it was."""
     out = Path(os.path.abspath(out))
@@ -46,7 +46,7 @@ def _real(out: str | Path) -> Path:
 
 def staging(out: Path) -> Path:
     """A fresh, empty hidden directory beside `out` (a leftover of a killed run is removed)."""
-    out = _real(out)
+    out = real_out(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         if tmp.exists():
@@ -65,7 +65,7 @@ def resumable(out: Path) -> tuple[Path, int]:
     """The hidden directory `.NAME.partial` beside `out`, kept by an interrupted run so that the
     next one reuses what it finished, with an open descriptor holding its lock (close it when
     done): two runs on one `out` at a time would write the same pieces."""
-    out = _real(out)
+    out = real_out(out)
     tmp = out.parent / f".{out.name}.partial"
     try:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def resumable(out: Path) -> tuple[Path, int]:
 
 def swap_in(tmp: Path, out: Path) -> None:
     """Replace `out` (absent, empty, or checked by `check_out`) with `tmp`, by renames."""
-    out = _real(out)
+    out = real_out(out)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         out.rename(old)

@@ -61,7 +61,7 @@ def _keep_interrupted(tmp, out, ema_model, stats, training: dict, init: str | No
     run continued from it (--init); else this one goes to the first free OUT.interrupted-N (a restart
     without --init, stopped after a step, replaced a long run's weights)."""
     from ..checkpoint import save_checkpoint
-    from .outdir import swap_in
+    from .outdir import real_out, swap_in
 
     def free(p: Path) -> bool:
         if not p.exists():
@@ -69,6 +69,7 @@ def _keep_interrupted(tmp, out, ema_model, stats, training: dict, init: str | No
         ours = p.is_dir() and all(q.name in CHECKPOINT_FILES for q in p.iterdir())
         return ours and init is not None and p.resolve() == Path(init).resolve()
 
+    out = real_out(out)  # beside the directory a symlinked --out names: the staging folder is there too
     base = out.parent / f"{out.name}.interrupted"
     kept = next(p for p in (base, *(base.with_name(f"{base.name}-{i}") for i in range(1, 10**6))) if free(p))
     save_checkpoint(tmp, ema_model.float().cpu(), stats, robot="metaworld", training=training)
@@ -175,7 +176,6 @@ def run_train(
     dev = check_device(device, auto=True)
     out_path = check_out(out, "checkpoint", lambda d: any((d / f).exists() for f in CHECKPOINT_FILES),
                          lambda p: p.name in CHECKPOINT_FILES, overwrite)
-    shutil.rmtree(staging(out_path))  # a probe: an unwritable --out fails now, not after the data is loaded
     if init:
         from ..checkpoint import check_checkpoint, checkpoint_config
 
@@ -184,7 +184,8 @@ def run_train(
         except ValueError as e:
             raise ValueError(f"--init: {e}") from None
         if checkpoint_config(init)[0] != get_preset(preset):  # headers only; again once loaded
-            raise ValueError(f"init: checkpoint {init} is a different model than preset {preset!r}")
+            raise ValueError(f"--init: checkpoint {init} is a different model than preset {preset!r}")
+    shutil.rmtree(staging(out_path))  # a probe: an unwritable --out fails now, not after the data is loaded
     if dev.type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     torch.manual_seed(seed)
@@ -263,6 +264,7 @@ def run_train(
     tmp = staging(out_path)
     losses: list[float] = []
     step, t0 = 0, time.perf_counter()
+    ema_params, ema_good, good_step = list(ema_model.parameters()), None, 0  # the EMA at the last finite loss
     try:
         log = open(tmp / "train_log.jsonl", "w")
         ar = torch.arange(chunk, device=dev)
@@ -288,11 +290,7 @@ def run_train(
                 loss = model.loss(obs, nact[rows], valid=valid.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            try:  # a non-finite gradient stops the run before the step, so the EMA kept is the last good one
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=True)
-            except RuntimeError:
-                raise ValueError(f"the loss or its gradient is not finite at step {step + 1} (training diverged; "
-                                 "try a lower --lr)") from None
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             elapsed = time.perf_counter() - t0
             progress = max((step + 1) / steps, elapsed / (60 * max_minutes) if max_minutes else 0.0)
             for g in opt.param_groups:
@@ -300,11 +298,21 @@ def run_train(
             opt.step()
             with torch.no_grad():
                 d = min(ema, (1 + step) / (10 + step))  # short warm-up of the EMA
-                torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - d)
+                torch._foreach_lerp_(ema_params, list(model.parameters()), 1 - d)
             step += 1
-            losses.append(loss.item() if step % 10 == 0 or step < 50 else losses[-1])
-            if not math.isfinite(losses[-1]):  # diverged: the rest would train (and save) NaN weights
-                raise ValueError(f"the loss is not finite at step {step} (training diverged; try a lower --lr)")
+            if step % 10 == 0 or step < 50:  # (the loss is read, a device sync, only every 10th step)
+                losses.append(loss.item())
+                if not math.isfinite(losses[-1]):  # diverged: the rest would train (and save) NaN weights
+                    # The EMA of the last step read as finite is kept, not one a NaN step reached
+                    bad, step = step, good_step
+                    if ema_good is not None:
+                        torch._foreach_copy_(ema_params, ema_good)
+                    raise ValueError(f"the loss is not finite at step {bad} (training diverged; try a lower --lr)")
+                ema_good = [p.detach().clone() for p in ema_params] if ema_good is None else ema_good
+                torch._foreach_copy_(ema_good, ema_params)
+                good_step = step
+            else:
+                losses.append(losses[-1])
             logged = step == 1 or step % log_every == 0 or progress >= 1.0  # step 1: early sign of life
             if logged or elapsed - printed >= PRINT_EVERY_S:  # slow steps (a CPU) still show progress
                 printed = elapsed
