@@ -558,9 +558,8 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     if check:
         other = random_inputs(cfg, batch, device, seed + 2, prompt_tokens)[0]
         with torch.no_grad():
-            ref = copy.deepcopy(model).float()
-            out32 = ref.sample_actions(obs.to(dtype=torch.float32), noise)
-            kv32 = ref.encode_prefix(obs.to(dtype=torch.float32))
+            ref, obs32 = copy.deepcopy(model).float(), obs.to(dtype=torch.float32)
+            out32, kv32 = ref.sample_actions(obs32, noise), ref.encode_prefix(obs32)
             out_other = ref.sample_actions(other.to(dtype=torch.float32), noise)
             del ref
             kv_fast, kv_eager = fast.encode_prefix(obs), model.encode_prefix(obs)

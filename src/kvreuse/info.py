@@ -115,7 +115,7 @@ def describe(path: str | Path) -> str:
         ref, cfg, source, stats = check_reference(path)
         shapes = {ours: ref.shapes[k] for ours, k in source.items()}
         dtypes = sorted(set(ref.dtypes.values()))
-        fmt = "lerobot" if any(k.startswith("model.") for k in ref.shapes) else "openpi"
+        fmt = ref.layout
         robot, weights = "not recorded (reference checkpoint)", ref.path
         extra = {"type": ref.config["type"]} if "type" in ref.config else {}
         mapping = ref.config.get("normalization_mapping") is not None

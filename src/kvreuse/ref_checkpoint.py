@@ -203,6 +203,17 @@ class RefFile:
     def dir(self) -> Path:
         return self.path.parent
 
+    @property
+    def layout(self) -> str:
+        """"lerobot" (keys under `model.`) or "openpi"."""
+        return "lerobot" if any(k.startswith("model.") for k in self.shapes) else "openpi"
+
+    @property
+    def openpi_libero(self) -> bool:
+        """An openpi file with LIBERO's norm stats: what openpi's LIBERO configs leave, whose
+        training choices (state input, delta actions, horizon) its converter does not record."""
+        return self.layout == "openpi" and (self.dir / _OPENPI_LIBERO_STATS).is_file()
+
 
 def inspect_reference(path: str | Path) -> RefFile:
     from .checkpoint import is_own_weights, read_header, read_json
@@ -320,8 +331,7 @@ def discrete_state_input(ref: RefFile) -> tuple[bool, str | None]:
             raise ValueError(f"checkpoint {ref.dir / 'config.json'}: discrete_state_input: expected true or "
                              f"false, got {v!r}")
         return v, None
-    lerobot = any(k.startswith("model.") for k in ref.shapes)
-    if ref.variant == "pi05" and not lerobot and (ref.dir / _OPENPI_LIBERO_STATS).is_file():
+    if ref.variant == "pi05" and ref.openpi_libero:
         return False, (f"note: checkpoint {ref.path}: an openpi Pi0.5 with LIBERO's norm stats "
                        f"({_OPENPI_LIBERO_STATS}) runs without its state, as openpi's pi05_libero config "
                        "trains it (discrete_state_input=False); if it was trained with the state in its "
@@ -345,8 +355,7 @@ def delta_action_mask(ref: RefFile) -> tuple[tuple[bool, ...], str | None]:
             raise ValueError(f"checkpoint {ref.dir / 'config.json'}: delta_action_mask: expected a list of true / "
                              f"false (e.g. [true, true, true, true, true, true, false]), got {v!r}")
         return tuple(v), None
-    lerobot = any(k.startswith("model.") for k in ref.shapes)
-    if ref.variant == "pi0" and not lerobot and (ref.dir / _OPENPI_LIBERO_STATS).is_file():
+    if ref.variant == "pi0" and ref.openpi_libero:
         return _LIBERO_DELTA_MASK, (
             f"note: checkpoint {ref.path}: an openpi Pi0 with LIBERO's norm stats ({_OPENPI_LIBERO_STATS}) gives its "
             "first 6 actions as offsets from the state, as openpi's pi0_libero config trains it "
@@ -362,9 +371,8 @@ def default_horizon(ref: RefFile) -> tuple[int | None, str | None]:
     at full size)."""
     if any(ref.config.get(k) is not None for k in ("action_horizon", "chunk_size")):
         return None, None
-    lerobot = any(k.startswith("model.") for k in ref.shapes)
     ask = "add \"action_horizon\": N to its config.json if it was trained with another"
-    if ref.variant == "pi05" and not lerobot and (ref.dir / _OPENPI_LIBERO_STATS).is_file():
+    if ref.variant == "pi05" and ref.openpi_libero:
         return 10, (f"note: checkpoint {ref.path}: no action horizon in a config.json beside it; an openpi Pi0.5 "
                     f"with LIBERO's norm stats runs 10 actions per chunk, as openpi's pi05_libero config trains it; "
                     f"{ask}")
@@ -421,7 +429,7 @@ def _config_for(ref: RefFile, preset_name: str) -> ModelConfig:
         kw["discrete_state_input"] = discrete_state_input(ref)[0]
     kw["delta_action_mask"] = delta_action_mask(ref)[0]
     if ref.variant != "pi05" or not kw["discrete_state_input"]:  # a prompt with the state: one style for all
-        kw["prompt_style"] = "lerobot" if any(k.startswith("model.") for k in ref.shapes) else "openpi"
+        kw["prompt_style"] = ref.layout
     cfg = preset(preset_name, **kw, state_below_bins="digitize")  # the prompt openpi / lerobot build
     pos = ref.shapes.get(_key_in(ref, "vision.pos_embed.weight") or "", None)
     if pos is not None:  # the image size follows from the number of position embeddings
@@ -527,8 +535,7 @@ def load_reference(
         raise ValueError(f"checkpoint {ref.path}: not a readable safetensors file ({e})") from None
     model.load_state_dict(state, strict=True, assign=True)
     stats = read_reference_stats(ref.dir, cfg.variant, norm_modes(ref))
-    source_kind = "lerobot" if any(k.startswith("model.") for k in ref.shapes) else "openpi"
-    meta = {"model": cfg.to_dict(), "format": source_kind, "weights": str(ref.path)}
+    meta = {"model": cfg.to_dict(), "format": ref.layout, "weights": str(ref.path)}
     return model.eval(), stats, meta
 
 

@@ -36,6 +36,11 @@ class Plan:
     note: str = ""
     refreshed: tuple[str, ...] = field(default_factory=tuple)  # spans that get the new snapshot
 
+    @property
+    def whole(self) -> bool:
+        """Every prefix token recomputed: a refresh, or a token plan over all of them (_complete)."""
+        return self.kind == "all" or (self.kind == "tokens" and bool(self.recompute.all()))
+
     def cost(self, model_cfg: ModelConfig, split: int | None = None) -> dict:
         """What this plan claims to compute: vision-tower camera passes and prefix LM
         token-layers (one token through one layer)."""

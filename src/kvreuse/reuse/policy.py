@@ -234,8 +234,7 @@ class ReusePolicy:
                 self.layer_mixed or len(np.unique(self.births[self.valid_rows.numpy()])) > 1)  # (denoise queued)
         # A token plan over every token with the observation's own prompt (modes._complete) ran the
         # refresh's exact path: nothing was reused, so it counts as a refresh (rate, period clock).
-        whole = plan.kind == "all" or (plan.kind == "tokens" and not plan.prompt_from_cache
-                                       and bool(plan.recompute.all()))
+        whole = plan.whole and not plan.prompt_from_cache
         reused = decision.reuse and not whole
         if not reused:
             self._refreshed_at = call
@@ -363,7 +362,7 @@ class ReusePolicy:
 
         embeds = self._vision(obs, plan.run_cameras, sig)
         names = plan.refreshed
-        if plan.kind == "tokens" and bool(plan.recompute.all()):
+        if plan.whole:  # (a tokens or layers plan here)
             names = tuple(sp.name for sp in self.cache.spans)
         spans = self.cache.with_spans(**{name: snap for name in names})
         t = self._parts.mark()
@@ -429,7 +428,7 @@ class ReusePolicy:
                 # would wait for the denoise queued before this.
                 idx = upload(rows.nonzero().squeeze(-1), r.patches.device)
                 r.patches = r.patches.index_copy(1, idx, new.index_select(1, idx))
-        state_span = not plan.prompt_from_cache and (bool(plan.recompute.all()) or "state" in plan.refreshed or (
+        state_span = not plan.prompt_from_cache and (plan.whole or "state" in plan.refreshed or (
             mc.state_token and all(c in plan.refreshed or absent(c) for c in mc.cameras)
         ))
         if state_span or every_camera:

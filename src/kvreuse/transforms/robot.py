@@ -205,9 +205,9 @@ class RobotTransform:
         if raw is None:
             raise ValueError(f"this model's actions are offsets from the state on dims {np.flatnonzero(mask).tolist()} "
                              "(delta_action_mask): the observation's state is needed to convert them")
-        state = self._state(raw[self.spec.state_key])[..., : mask.size]
-        # (B, d) -> (B, 1, d) against a chunk (B, chunk, .); (N, d) against training rows (N, .)
-        shift = np.where(mask, state, 0.0)[..., None, :] if a.ndim == 3 else np.where(mask, state, 0.0)
+        shift = np.where(mask, self._state(raw[self.spec.state_key])[..., : mask.size], 0.0)
+        if a.ndim == 3:  # (B, d) against a chunk (B, chunk, .): one state for the whole chunk
+            shift = shift[..., None, :]
         a = a.copy()
         a[..., : mask.size] += sign * shift
         return a
