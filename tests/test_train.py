@@ -619,6 +619,24 @@ def test_init_of_another_preset_and_a_blocked_out_fail_before_the_data_loads(dem
                   device="cpu")
 
 
+def test_a_second_train_on_one_out_fails_at_once(demo_dir, tmp_path, monkeypatch):
+    """Two runs on one --out each trained in their own staging folder; the one that finished last
+    replaced the other's checkpoint at its swap, without --overwrite and without a word."""
+    from kvreuse.train.outdir import claimed
+    from kvreuse.train.train import run_train
+
+    kw = dict(demos=str(demo_dir), out=str(tmp_path / "ck"), preset="tiny-pi0", steps=1, batch_size=2, device="cpu")
+    with claimed(tmp_path / "ck"):  # the first run, still going
+        monkeypatch.setattr("kvreuse.train.demos.load_demos", lambda *a, **k: pytest.fail("the data loaded"))
+        with pytest.raises(ValueError, match="another run is writing it"):
+            run_train(**kw)
+        monkeypatch.undo()
+    run_train(**kw)  # the first one done: the lock is free again and its file gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    with pytest.raises(ValueError, match="already holds a checkpoint"):  # the next one sees its result
+        run_train(**kw)
+
+
 def test_a_symlinked_out_is_replaced_where_it_points(demo_dir, tmp_path):
     """--out a symlink: the swap moved the link aside, put the new result in its place and failed to
     remove the moved link (rmtree refuses links); train then said "out is as it was". The directory

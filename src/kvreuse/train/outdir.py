@@ -11,7 +11,8 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..outputs import os_reason
@@ -78,6 +79,34 @@ def resumable(out: Path) -> tuple[Path, int]:
         os.close(fd)
         raise ValueError(f"--out {out}: another run is writing it (its work in progress: {tmp})") from None
     return tmp, fd
+
+
+@contextmanager
+def claimed(out: str | Path) -> Iterator[None]:
+    """Hold `out` for one run: an exclusive lock on `.NAME.lock` beside it. Without it two runs on
+    one `out` each trained in their own staging directory and the later swap silently replaced the
+    earlier result. The lock file is removed at the end, still locked; a run that locked a file
+    removed under it finds another one (or none) at the path and counts as second."""
+    out = real_out(out)
+    path = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only folder, a file on the path
+        raise _unwritable(out, path, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                raise FileNotFoundError(path)
+        except (BlockingIOError, FileNotFoundError):
+            raise ValueError(f"--out {out}: another run is writing it (it holds {path})") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def swap_in(tmp: Path, out: Path) -> None:

@@ -151,7 +151,7 @@ def run_train(
     from ..transforms.normalize import NormStats, Stats
     from ..transforms.robot import RobotTransform, robot_spec
     from .demos import load_demos
-    from .outdir import check_out, staging, swap_in
+    from .outdir import check_out, claimed, staging, swap_in
 
     # Every input is checked before the (long) data preparation.
     for name, v in (("steps", steps), ("batch-size", batch_size), ("log-every", log_every)):
@@ -174,188 +174,197 @@ def run_train(
     if preset not in testbed:
         raise ValueError(f"--preset {preset!r}: train makes testbed policies; expected one of {', '.join(testbed)}")
     dev = check_device(device, auto=True)
-    out_path = check_out(out, "checkpoint", lambda d: any((d / f).exists() for f in CHECKPOINT_FILES),
+    def checked_out() -> Path:
+        return check_out(out, "checkpoint", lambda d: any((d / f).exists() for f in CHECKPOINT_FILES),
                          lambda p: p.name in CHECKPOINT_FILES, overwrite)
-    if init:
-        from ..checkpoint import check_checkpoint, checkpoint_config
 
+    checked_out()
+    with claimed(out):  # a second run on this --out fails now, not by replacing this one's result at the end
+        out_path = checked_out()  # again, now that it is ours: a run may have finished in between
+        if init:
+            from ..checkpoint import check_checkpoint, checkpoint_config
+
+            try:
+                check_checkpoint(init)
+            except ValueError as e:
+                raise ValueError(f"--init: {e}") from None
+            if checkpoint_config(init)[0] != get_preset(preset):  # headers only; again once loaded
+                raise ValueError(f"--init: checkpoint {init} is a different model than preset {preset!r}")
+        shutil.rmtree(staging(out_path))  # a probe: an unwritable --out fails now, not after the data is loaded
+        if dev.type == "cpu":
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+
+        t_prep = time.perf_counter()
+        print(f"preparing data: loading {demos} and tokenizing prompts ...", flush=True)
+        data = load_demos(demos, tasks)
+        cfg = get_preset(preset)
+        if data.base.shape[1] != cfg.vision.image_size:
+            print(f"note: demos are {data.base.shape[1]}px, the model resizes them to {cfg.vision.image_size}px")
+        stats = NormStats(Stats.of(data.state), Stats.of(data.actions))
+        if init:  # fine-tuning keeps the normalization the weights were trained with
+            from ..checkpoint import load_checkpoint
+
+            init_model, init_stats, init_meta = load_checkpoint(init)
+            if init_model.cfg != cfg:
+                raise ValueError(f"init: checkpoint {init} is a different model than preset {preset!r}")
+            stats = init_stats or stats
+        tf = RobotTransform(cfg, load_tokenizer(cfg), stats, spec)
+        for p in data.prompts:  # fail before training if a prompt does not fit the token budget
+            tf({"observation/image": data.base[:1], "observation/wrist_image": data.wrist[:1],
+                "observation/state": data.state[:1], "prompt": p})
+
+        # Prompts (and, for Pi0.5, the discretized state in them) are tokenized once for every
+        # frame: per-batch tokenization in Python was a large share of each step.
+        pre = [tf({"observation/image": data.base[:1].repeat(len(sl), 0),
+                   "observation/wrist_image": data.wrist[:1].repeat(len(sl), 0), "observation/state": data.state[sl],
+                   "prompt": list(np.array(data.prompts, dtype=object)[data.task_of[sl]])})
+               for sl in np.array_split(np.arange(len(data)), max(1, len(data) // 4096))]
+        all_state = torch.cat([o.state for o in pre]).to(dev)
+        all_tokens = torch.cat([o.tokens for o in pre]).to(dev)
+        all_tmask = torch.cat([o.token_mask for o in pre]).to(dev)
+        all_smask = torch.cat([o.state_token_mask for o in pre]).to(dev)
+        all_prompts = [p for o in pre for p in o.prompt]
+        del pre
+        # Images live on the training device (uint8) so batches are gathered there.
+        base = torch.from_numpy(data.base).to(dev)
+        wrist = torch.from_numpy(data.wrist).to(dev)
+        nact = torch.from_numpy(tf.normalize_actions(data.actions)).to(dev)  # (N, max_action_dim)
+        ep_end = torch.from_numpy(data.ep_end).to(dev)
+        n, chunk = len(data), cfg.chunk_size
+        print(f"data ready in {time.perf_counter() - t_prep:.0f}s: {n} frames", flush=True)
+
+        model = Pi0Model(cfg).to(dev).train()
+        if init:
+            model.load_state_dict(init_model.state_dict())
+            print(f"init from {init} ({init_meta.get('training', {}).get('steps', '?')} steps)")
+        ema_model = Pi0Model(cfg).to(dev).eval()
+        ema_model.load_state_dict(model.state_dict())
+        for p in ema_model.parameters():
+            p.requires_grad_(False)
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr, betas=(0.9, 0.95), fused=dev.type == "cuda",
+        )
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
+                    else torch.autocast("cpu", enabled=False))
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        print(f"train {preset} ({param_count(model) / 1e6:.2f}M params) on {dev}: {data.episodes} demos, {n} frames, "
+              f"{len(data.tasks)} tasks, batch {batch_size}, up to {steps} steps"
+              + (f" / {max_minutes} min" if max_minutes else ""), flush=True)
+
+        def training(step: int, wall: float) -> dict:  # the checkpoint's record of how it was made
+            return {
+                "preset": preset, "demos": str(demos), "tasks": data.tasks, "prompts": data.prompts,
+                "episodes": data.episodes, "frames": n, "steps": step, "batch_size": batch_size, "lr": lr,
+                "weight_decay": weight_decay, "warmup": warmup, "ema": ema, "shift": shift, "seed": seed,
+                "final_loss": float(np.mean(losses[-log_every:])), "wall_s": round(wall, 1), "device": str(dev),
+                "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "init": init, "demo_noise": data.meta.get("noise"), "image_size": data.meta.get("image_size"),
+            }
+
+        tmp = staging(out_path)
+        losses: list[float] = []
+        step, t0 = 0, time.perf_counter()
+        ema_params, ema_good, good_step = list(ema_model.parameters()), None, 0  # the EMA at the last finite loss
         try:
-            check_checkpoint(init)
-        except ValueError as e:
-            raise ValueError(f"--init: {e}") from None
-        if checkpoint_config(init)[0] != get_preset(preset):  # headers only; again once loaded
-            raise ValueError(f"--init: checkpoint {init} is a different model than preset {preset!r}")
-    shutil.rmtree(staging(out_path))  # a probe: an unwritable --out fails now, not after the data is loaded
-    if dev.type == "cpu":
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-
-    t_prep = time.perf_counter()
-    print(f"preparing data: loading {demos} and tokenizing prompts ...", flush=True)
-    data = load_demos(demos, tasks)
-    cfg = get_preset(preset)
-    if data.base.shape[1] != cfg.vision.image_size:
-        print(f"note: demos are {data.base.shape[1]}px, the model resizes them to {cfg.vision.image_size}px")
-    stats = NormStats(Stats.of(data.state), Stats.of(data.actions))
-    if init:  # fine-tuning keeps the normalization the weights were trained with
-        from ..checkpoint import load_checkpoint
-
-        init_model, init_stats, init_meta = load_checkpoint(init)
-        if init_model.cfg != cfg:
-            raise ValueError(f"init: checkpoint {init} is a different model than preset {preset!r}")
-        stats = init_stats or stats
-    tf = RobotTransform(cfg, load_tokenizer(cfg), stats, spec)
-    for p in data.prompts:  # fail before training if a prompt does not fit the token budget
-        tf({"observation/image": data.base[:1], "observation/wrist_image": data.wrist[:1],
-            "observation/state": data.state[:1], "prompt": p})
-
-    # Prompts (and, for Pi0.5, the discretized state in them) are tokenized once for every
-    # frame: per-batch tokenization in Python was a large share of each step.
-    pre = [tf({"observation/image": data.base[:1].repeat(len(sl), 0), "observation/wrist_image": data.wrist[:1].repeat(len(sl), 0),
-               "observation/state": data.state[sl], "prompt": list(np.array(data.prompts, dtype=object)[data.task_of[sl]])})
-           for sl in np.array_split(np.arange(len(data)), max(1, len(data) // 4096))]
-    all_state = torch.cat([o.state for o in pre]).to(dev)
-    all_tokens = torch.cat([o.tokens for o in pre]).to(dev)
-    all_tmask = torch.cat([o.token_mask for o in pre]).to(dev)
-    all_smask = torch.cat([o.state_token_mask for o in pre]).to(dev)
-    all_prompts = [p for o in pre for p in o.prompt]
-    del pre
-    # Images live on the training device (uint8) so batches are gathered there.
-    base = torch.from_numpy(data.base).to(dev)
-    wrist = torch.from_numpy(data.wrist).to(dev)
-    nact = torch.from_numpy(tf.normalize_actions(data.actions)).to(dev)  # (N, max_action_dim)
-    ep_end = torch.from_numpy(data.ep_end).to(dev)
-    n, chunk = len(data), cfg.chunk_size
-    print(f"data ready in {time.perf_counter() - t_prep:.0f}s: {n} frames", flush=True)
-
-    model = Pi0Model(cfg).to(dev).train()
-    if init:
-        model.load_state_dict(init_model.state_dict())
-        print(f"init from {init} ({init_meta.get('training', {}).get('steps', '?')} steps)")
-    ema_model = Pi0Model(cfg).to(dev).eval()
-    ema_model.load_state_dict(model.state_dict())
-    for p in ema_model.parameters():
-        p.requires_grad_(False)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95), fused=dev.type == "cuda",
-    )
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"train {preset} ({param_count(model) / 1e6:.2f}M params) on {dev}: {data.episodes} demos, {n} frames, "
-          f"{len(data.tasks)} tasks, batch {batch_size}, up to {steps} steps"
-          + (f" / {max_minutes} min" if max_minutes else ""), flush=True)
-
-    def training(step: int, wall: float) -> dict:  # the checkpoint's record of how it was made
-        return {
-            "preset": preset, "demos": str(demos), "tasks": data.tasks, "prompts": data.prompts,
-            "episodes": data.episodes, "frames": n, "steps": step, "batch_size": batch_size, "lr": lr,
-            "weight_decay": weight_decay, "warmup": warmup, "ema": ema, "shift": shift, "seed": seed,
-            "final_loss": float(np.mean(losses[-log_every:])), "wall_s": round(wall, 1), "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "init": init, "demo_noise": data.meta.get("noise"), "image_size": data.meta.get("image_size"),
-        }
-
-    tmp = staging(out_path)
-    losses: list[float] = []
-    step, t0 = 0, time.perf_counter()
-    ema_params, ema_good, good_step = list(ema_model.parameters()), None, 0  # the EMA at the last finite loss
-    try:
-        log = open(tmp / "train_log.jsonl", "w")
-        ar = torch.arange(chunk, device=dev)
-        size = cfg.vision.image_size
-        cams = {c: (base if k == "observation/image" else wrist) for k, c in spec.cameras}
-        ones = torch.ones(batch_size, dtype=torch.bool, device=dev)
-        t0 = time.perf_counter()
-        progress, printed = 0.0, 0.0
-        while progress < 1.0:
-            ii = rng.integers(0, n, batch_size)  # kept on the host for the prompts: no device sync
-            idx = torch.from_numpy(ii).to(dev)
-            rows = idx[:, None] + ar[None]  # (B, chunk)
-            end = ep_end[idx][:, None]
-            valid = rows < end
-            rows = torch.minimum(rows, end - 1)  # pad with the episode's last action
-            obs = Observation(
-                images={cam: preprocess_image(random_shift(src[idx], shift), size) for cam, src in cams.items()},
-                image_masks={cam: ones for cam in cams},
-                state=all_state[idx], tokens=all_tokens[idx], token_mask=all_tmask[idx], state_token_mask=all_smask[idx],
-                prompt=tuple(all_prompts[i] for i in ii),
-            )
-            with autocast:
-                loss = model.loss(obs, nact[rows], valid=valid.float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            elapsed = time.perf_counter() - t0
-            progress = max((step + 1) / steps, elapsed / (60 * max_minutes) if max_minutes else 0.0)
-            for g in opt.param_groups:
-                g["lr"] = lr * _lr_factor(progress, warmup)
-            opt.step()
-            with torch.no_grad():
-                d = min(ema, (1 + step) / (10 + step))  # short warm-up of the EMA
-                torch._foreach_lerp_(ema_params, list(model.parameters()), 1 - d)
-            step += 1
-            if step % 10 == 0 or step < 50:  # (the loss is read, a device sync, only every 10th step)
-                losses.append(loss.item())
-                if not math.isfinite(losses[-1]):  # diverged: the rest would train (and save) NaN weights
-                    # The EMA of the last step read as finite is kept, not one a NaN step reached
-                    bad, step = step, good_step
-                    if ema_good is not None:
-                        torch._foreach_copy_(ema_params, ema_good)
-                    raise ValueError(f"the loss is not finite at step {bad} (training diverged; try a lower --lr)")
-                ema_good = [p.detach().clone() for p in ema_params] if ema_good is None else ema_good
-                torch._foreach_copy_(ema_good, ema_params)
-                good_step = step
-            else:
-                losses.append(losses[-1])
-            logged = step == 1 or step % log_every == 0 or progress >= 1.0  # step 1: early sign of life
-            if logged or elapsed - printed >= PRINT_EVERY_S:  # slow steps (a CPU) still show progress
-                printed = elapsed
-                rec = {"step": step, "loss": float(np.mean(losses[-log_every:])), "lr": opt.param_groups[0]["lr"],
-                       "elapsed_s": round(elapsed, 1), "steps_per_s": float(f"{step / elapsed:.3g}"),
-                       "progress": round(progress, 4)}
-                if logged:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                eta = elapsed / max(progress, 1e-6) - elapsed
-                print(f"step {step:6d}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rate_text(step / elapsed)}  "
-                      f"{100 * progress:5.1f}%  eta {eta / 60:.1f} min", flush=True)
-        log.close()
-        wall = time.perf_counter() - t0
-        ema_model.float()
-        save_checkpoint(tmp, ema_model.cpu(), stats, robot="metaworld", training=training(step, wall))
-        swap_in(tmp, out_path)
-        print(f"saved {out_path} after {step} steps in {wall / 60:.1f} min (final loss {np.mean(losses[-log_every:]):.4f})")
-    except (KeyboardInterrupt, Exception) as e:  # Ctrl-C, SIGTERM, an error: the weights so far are kept aside
-        kept, unsaved = None, ""
-        why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-        if losses:
-            try:
-                log.close()
-            except OSError:  # its buffered lines hit the error again (a full disk): the weights may still fit
-                pass
-            info = {**training(step, time.perf_counter() - t0), "interrupted": True, "max_steps": steps}
-            if not isinstance(e, KeyboardInterrupt):
-                info["error"] = why
-            try:
-                if all(torch.isfinite(p).all() for p in ema_model.parameters()):
-                    kept = _keep_interrupted(tmp, out_path, ema_model, stats, info, init)
+            log = open(tmp / "train_log.jsonl", "w")
+            ar = torch.arange(chunk, device=dev)
+            size = cfg.vision.image_size
+            cams = {c: (base if k == "observation/image" else wrist) for k, c in spec.cameras}
+            ones = torch.ones(batch_size, dtype=torch.bool, device=dev)
+            t0 = time.perf_counter()
+            progress, printed = 0.0, 0.0
+            while progress < 1.0:
+                ii = rng.integers(0, n, batch_size)  # kept on the host for the prompts: no device sync
+                idx = torch.from_numpy(ii).to(dev)
+                rows = idx[:, None] + ar[None]  # (B, chunk)
+                end = ep_end[idx][:, None]
+                valid = rows < end
+                rows = torch.minimum(rows, end - 1)  # pad with the episode's last action
+                obs = Observation(
+                    images={cam: preprocess_image(random_shift(src[idx], shift), size) for cam, src in cams.items()},
+                    image_masks={cam: ones for cam in cams},
+                    state=all_state[idx], tokens=all_tokens[idx], token_mask=all_tmask[idx],
+                    state_token_mask=all_smask[idx],
+                    prompt=tuple(all_prompts[i] for i in ii),
+                )
+                with autocast:
+                    loss = model.loss(obs, nact[rows], valid=valid.float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                elapsed = time.perf_counter() - t0
+                progress = max((step + 1) / steps, elapsed / (60 * max_minutes) if max_minutes else 0.0)
+                for g in opt.param_groups:
+                    g["lr"] = lr * _lr_factor(progress, warmup)
+                opt.step()
+                with torch.no_grad():
+                    d = min(ema, (1 + step) / (10 + step))  # short warm-up of the EMA
+                    torch._foreach_lerp_(ema_params, list(model.parameters()), 1 - d)
+                step += 1
+                if step % 10 == 0 or step < 50:  # (the loss is read, a device sync, only every 10th step)
+                    losses.append(loss.item())
+                    if not math.isfinite(losses[-1]):  # diverged: the rest would train (and save) NaN weights
+                        # The EMA of the last step read as finite is kept, not one a NaN step reached
+                        bad, step = step, good_step
+                        if ema_good is not None:
+                            torch._foreach_copy_(ema_params, ema_good)
+                        raise ValueError(f"the loss is not finite at step {bad} (training diverged; try a lower --lr)")
+                    ema_good = [p.detach().clone() for p in ema_params] if ema_good is None else ema_good
+                    torch._foreach_copy_(ema_good, ema_params)
+                    good_step = step
                 else:
-                    unsaved = " (its EMA weights are not finite)"
-            except Exception as e2:  # noqa: BLE001 - the disk or the device that failed the run
-                unsaved = f" (saving them failed: {type(e2).__name__}: {e2})"
-        msg = f"{out_path} is as it was; " + (
-            f"the EMA weights after {step} of up to {steps} steps are in {kept}: continue from them with "
-            f"--init {kept} (a new LR schedule)" if kept else f"nothing of this run was kept{unsaved}")
-        stop_keeping(e, "train", msg)
-    finally:
-        if tmp.exists():  # interrupted or failed: drop the partial run, `out` is untouched
-            shutil.rmtree(tmp)
+                    losses.append(losses[-1])
+                logged = step == 1 or step % log_every == 0 or progress >= 1.0  # step 1: early sign of life
+                if logged or elapsed - printed >= PRINT_EVERY_S:  # slow steps (a CPU) still show progress
+                    printed = elapsed
+                    rec = {"step": step, "loss": float(np.mean(losses[-log_every:])), "lr": opt.param_groups[0]["lr"],
+                           "elapsed_s": round(elapsed, 1), "steps_per_s": float(f"{step / elapsed:.3g}"),
+                           "progress": round(progress, 4)}
+                    if logged:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                    eta = elapsed / max(progress, 1e-6) - elapsed
+                    print(f"step {step:6d}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rate_text(step / elapsed)}  "
+                          f"{100 * progress:5.1f}%  eta {eta / 60:.1f} min", flush=True)
+            log.close()
+            wall = time.perf_counter() - t0
+            ema_model.float()
+            save_checkpoint(tmp, ema_model.cpu(), stats, robot="metaworld", training=training(step, wall))
+            swap_in(tmp, out_path)
+            print(f"saved {out_path} after {step} steps in {wall / 60:.1f} min "
+                  f"(final loss {np.mean(losses[-log_every:]):.4f})")
+        except (KeyboardInterrupt, Exception) as e:  # Ctrl-C, SIGTERM, an error: the weights so far are kept aside
+            kept, unsaved = None, ""
+            why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            if losses:
+                try:
+                    log.close()
+                except OSError:  # its buffered lines hit the error again (a full disk): the weights may still fit
+                    pass
+                info = {**training(step, time.perf_counter() - t0), "interrupted": True, "max_steps": steps}
+                if not isinstance(e, KeyboardInterrupt):
+                    info["error"] = why
+                try:
+                    if all(torch.isfinite(p).all() for p in ema_model.parameters()):
+                        kept = _keep_interrupted(tmp, out_path, ema_model, stats, info, init)
+                    else:
+                        unsaved = " (its EMA weights are not finite)"
+                except Exception as e2:  # noqa: BLE001 - the disk or the device that failed the run
+                    unsaved = f" (saving them failed: {type(e2).__name__}: {e2})"
+            msg = f"{out_path} is as it was; " + (
+                f"the EMA weights after {step} of up to {steps} steps are in {kept}: continue from them with "
+                f"--init {kept} (a new LR schedule)" if kept else f"nothing of this run was kept{unsaved}")
+            stop_keeping(e, "train", msg)
+        finally:
+            if tmp.exists():  # interrupted or failed: drop the partial run, `out` is untouched
+                shutil.rmtree(tmp)
 
 
 # `python -m kvreuse.train.train` (scripts/testbed_device.sh) is `kvreuse train`: one-line errors,
