@@ -478,6 +478,27 @@ def test_openpi_norm_stats_json(model, tmp_path, asset_id):
     np.testing.assert_allclose(loaded.actions.q01, st.actions.q01)
 
 
+@pytest.mark.parametrize("variant", ["tiny-pi0", "tiny-pi05"])
+def test_openpi_null_quantiles_count_as_absent(variant, tmp_path):
+    """openpi's NormStats has optional q01 / q99, written as null: they read as one NaN, and a Pi0
+    (mean / std) was refused as "the state stats have 1 dims ... another robot's stats"."""
+    from kvreuse.policy import check_stats
+    from kvreuse.transforms.robot import robot_spec
+
+    torch.manual_seed(0)
+    save_reference(tmp_path, Pi0Model(preset(variant)).eval(), "openpi")
+    st = {k: {**getattr(stats(), k).to_dict(), "q01": None, "q99": None} for k in ("state", "actions")}
+    (tmp_path / "assets" / "robot").mkdir(parents=True)
+    (tmp_path / "assets" / "robot" / "norm_stats.json").write_text(json.dumps({"norm_stats": st}))
+    if variant == "tiny-pi05":  # its mode needs them: the error says so
+        with pytest.raises(ValueError, match=r"missing \['q01', 'q99'\]"):
+            load_checkpoint(tmp_path)
+        return
+    _, loaded, _ = load_checkpoint(tmp_path)
+    assert loaded.state.q01.shape == (4,) and np.isnan(loaded.state.q01).all()
+    check_stats(loaded, robot_spec("metaworld"))
+
+
 def test_openpi_pi05_with_libero_stats_runs_without_its_state(tmp_path, capsys):
     """openpi's pi05_libero keeps the state out (discrete_state_input=False) and its converter does
     not record that: an openpi Pi0.5 with LIBERO's norm stats loads so, and says so; a config.json

@@ -273,6 +273,13 @@ def test_a_checkpoint_without_norm_stats_is_named_where_it_runs(ref_dir, tmp_pat
     assert missing_stats_warning(with_stats) is None
     build_policy(str(with_stats), ReuseConfig(), robot="metaworld")
     assert "warning" not in capsys.readouterr().err
+    # our own format reads its one norm_stats.json: the hint named openpi's assets and lerobot's files
+    from kvreuse.checkpoint import save_checkpoint
+    from kvreuse.model import Pi0Model, preset
+
+    save_checkpoint(tmp_path / "ours", Pi0Model(preset("tiny-pi0")), None, robot="metaworld")
+    for text in (missing_stats_warning(tmp_path / "ours"), describe(tmp_path / "ours")):
+        assert 'norm_stats.json as kvreuse writes it: {"state"' in text and "lerobot" not in text
 
 
 def test_serve_takes_a_reference_checkpoint_file_with_its_robot(ref_dir, monkeypatch, capsys):

@@ -447,6 +447,17 @@ def test_loopback_load_no_errors_no_cross_client_reuse():
     assert summary["reuse_rate"] > 0.5  # the drifting streams do get reused, within a client
 
 
+def test_load_sends_the_observation_the_servers_robot_takes():
+    """The load client sent Meta-World's keys and a 4-dim state to every server: against a LIBERO
+    policy (8 dims) each request failed. It builds its observations from the metadata on connect."""
+    template, info = build_policy(None, ReuseConfig(), "tiny-pi05", robot="libero")
+    with ServerThread(make_server(template, info, ServeConfig(port=0))) as port:
+        summary = run_load(HOST, port, clients=1, requests=2, image_size=32, timeout_s=60)
+    assert check(summary, 2) == []
+    obs = ObsStream.from_metadata(0, 32, info).obs(0)
+    assert obs[info["state_key"]].shape == (8,) and set(info["image_keys"]) <= set(obs)
+
+
 def test_obs_stream_is_deterministic():
     a, b = ObsStream(3, 32), ObsStream(3, 32)
     for i in range(3):

@@ -150,8 +150,12 @@ def checkpoint_config(path: str | Path) -> tuple[ModelConfig, dict]:
     return check_reference(path)[1], {}
 
 
-STATS_FILES = ("norm_stats.json (kvreuse, openpi; openpi also assets/<asset id>/norm_stats.json) or lerobot's "
-               "policy_preprocessor_*_normalizer_processor.safetensors")
+def stats_files(fmt: str) -> str:
+    """Where a checkpoint of this format ("kvreuse" or "reference") has its norm stats read from."""
+    if fmt == "kvreuse":  # read_stats reads this one file, in kvreuse's layout
+        return 'norm_stats.json as kvreuse writes it: {"state": {...}, "actions": {...}}'
+    return ("norm_stats.json (openpi; also assets/<asset id>/norm_stats.json) or lerobot's "
+            "policy_preprocessor_*_normalizer_processor.safetensors")
 
 
 def missing_stats_warning(path: str | Path) -> str | None:
@@ -159,7 +163,8 @@ def missing_stats_warning(path: str | Path) -> str | None:
     model and its actions leave it unnormalized, which only an untrained model does not mind."""
     if checkpoint_stats(path) is not None:
         return None
-    return (f"warning: checkpoint {path} has no norm stats beside its weights ({STATS_FILES}): states and "
+    return (f"warning: checkpoint {path} has no norm stats beside its weights "
+            f"({stats_files(checkpoint_format(path))}): states and "
             "actions pass unnormalized; copy its stats there if it was trained")
 
 

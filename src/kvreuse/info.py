@@ -42,15 +42,15 @@ def _part_counts(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, int]]:
     return list(counts.items())
 
 
-def _stats_lines(stats, variant: str, mapping: bool = False) -> list[str]:
-    """mapping: the checkpoint's modes come from a lerobot config.json's normalization_mapping
-    (else from our norm_stats.json)."""
+def _stats_lines(stats, variant: str, fmt: str, mapping: bool = False) -> list[str]:
+    """fmt: the checkpoint's format ("kvreuse" or "reference"); mapping: the checkpoint's modes come
+    from a lerobot config.json's normalization_mapping (else from our norm_stats.json)."""
     from .transforms.normalize import LEROBOT_NAMES, NEEDS, default_mode
 
     if stats is None:
-        from .checkpoint import STATS_FILES
+        from .checkpoint import stats_files
 
-        return [f"  none found (looked for {STATS_FILES}): states and actions would pass unnormalized"]
+        return [f"  none found (looked for {stats_files(fmt)}): states and actions would pass unnormalized"]
     modes = stats.modes(variant)
     d = default_mode(variant)
     if modes == (d, d):
@@ -141,7 +141,7 @@ def describe(path: str | Path) -> str:
         f"actions: {_action_route(cfg)}",
         f"tokenizer: {cfg.tokenizer} (a prompt without the state as {cfg.prompt_style} tokenizes it)",
         "norm stats:",
-        *_stats_lines(stats, cfg.variant, mapping),
+        *_stats_lines(stats, cfg.variant, "kvreuse" if fmt == "kvreuse" else "reference", mapping),
     ]
     lines += [f"{k}: {v}" for k, v in extra.items()]
     return "\n".join(lines)

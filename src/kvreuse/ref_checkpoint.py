@@ -549,6 +549,7 @@ def _stats_from(d: dict, mode: NormMode, where: str) -> Stats:
     if not isinstance(d, dict):
         raise ValueError(f"norm stats {where}: expected an object of stat arrays, got {type(d).__name__}")  # noqa: TRY004
     needed = NEEDS[mode]
+    d = {k: v for k, v in d.items() if v is not None}  # openpi writes an unset (Optional) q01 / q99 as null
     lacking = [k for k in needed if k not in d]
     if lacking:
         raise ValueError(f"norm stats {where}: missing {lacking} for {LEROBOT_NAMES[mode]} (has {sorted(d)})")

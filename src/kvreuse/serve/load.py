@@ -56,31 +56,36 @@ def close_client(c) -> None:
 
 class ObsStream:
     """A slowly drifting synthetic scene per client (so a similarity gate has something to
-    reuse), with a scene change every `scene_every` steps."""
+    reuse), with a scene change every `scene_every` steps. Keys and state size are the server's
+    (`from_metadata`): the Meta-World ones by default."""
 
-    def __init__(self, seed: int, size: int = 128, state_dim: int = 4, scene_every: int = 50):
+    def __init__(self, seed: int, size: int = 128, state_dim: int = 4, scene_every: int = 50,
+                 image_keys: tuple[str, ...] = ("observation/image", "observation/wrist_image"),
+                 state_key: str = "observation/state", prompt_key: str = "prompt"):
         self.rng = np.random.default_rng(seed)
         self.size, self.state_dim, self.scene_every = size, state_dim, scene_every
+        self.image_keys, self.state_key, self.prompt_key = tuple(image_keys), state_key, prompt_key
         self.prompt = f"task {seed}: pick up the puck"
         self._scene()
 
+    @classmethod
+    def from_metadata(cls, seed: int, size: int, meta: dict) -> ObsStream:
+        """The observation the server's robot takes, as its metadata on connect names it."""
+        keys = {k: meta[k] for k in ("image_keys", "state_key", "state_dim", "prompt_key") if k in meta}
+        return cls(seed, size, **keys)
+
     def _scene(self) -> None:
         s = self.size
-        self.base = self.rng.integers(0, 256, (s, s, 3)).astype(np.float32)
-        self.wrist = self.rng.integers(0, 256, (s, s, 3)).astype(np.float32)
+        self.images = {k: self.rng.integers(0, 256, (s, s, 3)).astype(np.float32) for k in self.image_keys}
         self.state = self.rng.standard_normal(self.state_dim).astype(np.float32)
 
     def obs(self, step: int) -> dict:
         if step and step % self.scene_every == 0:
             self._scene()
-        jitter = self.rng.normal(0, 2.0, self.base.shape).astype(np.float32)
+        jitter = self.rng.normal(0, 2.0, (self.size, self.size, 3)).astype(np.float32)
         self.state += self.rng.normal(0, 0.01, self.state_dim).astype(np.float32)
-        return {
-            "observation/image": np.clip(self.base + jitter, 0, 255).astype(np.uint8),
-            "observation/wrist_image": np.clip(self.wrist + jitter, 0, 255).astype(np.uint8),
-            "observation/state": self.state.copy(),
-            "prompt": self.prompt,
-        }
+        return {**{k: np.clip(im + jitter, 0, 255).astype(np.uint8) for k, im in self.images.items()},
+                self.state_key: self.state.copy(), self.prompt_key: self.prompt}
 
 
 @dataclass
@@ -105,7 +110,7 @@ def run_load(host: str, port: int, clients: int = 8, requests: int = 200, image_
             res.errors.append(f"connect: {e!r}")
             start.abort()
             return
-        stream = ObsStream(1000 + res.index, image_size)
+        stream = ObsStream.from_metadata(1000 + res.index, image_size, c.get_server_metadata())
         try:
             start.wait(timeout=60)
             for step in range(requests):
