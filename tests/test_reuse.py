@@ -231,6 +231,30 @@ def test_synchronized_never_mixes_snapshots(variant, mode, gate, seed, pixels):
                 assert rec.state_source == "snapshot"
 
 
+@pytest.mark.parametrize("sync", [False, True])
+def test_delta_actions_are_offsets_from_the_state_the_model_was_given(sync):
+    """openpi's pi0_libero gives offsets from the state. A synchronized hit denoises with the
+    snapshot's state, but the current one was added back: the chunk moved by the state's change."""
+    m, _ = model_and_tf("pi0")
+    cfg = m.cfg.replace(delta_action_mask=(True, True, False, False))
+    tf = RobotTransform(cfg, load_tokenizer(cfg), None, robot_spec("metaworld"))
+    pol = Policy(Pi0Model(cfg).eval(), tf, reuse=ReuseConfig(gate="always", synchronized=sync))
+    raw = raw_obs(np.random.default_rng(0))
+    moved = {**raw, "observation/state": raw["observation/state"] + 0.5}
+    a1, _ = pol.infer(raw, noise_for(m, 0))
+    a2, rec = pol.infer(moved, noise_for(m, 0))
+    assert rec.reused and rec.state_source == ("snapshot" if sync else "fresh")
+    if sync:  # the snapshot's own chunk, as it was
+        np.testing.assert_array_equal(a2, a1)
+    else:  # the state token is the current one, and so is the state added back
+        assert not np.allclose(a2[:, :2], a1[:, :2]) and np.isfinite(a2).all()
+    pi05 = small_cfg("pi05").replace(delta_action_mask=(True, True, False, False))
+    tf05 = RobotTransform(pi05, load_tokenizer(pi05), None, robot_spec("metaworld"))
+    with pytest.raises(ValueError, match="state is in the prompt runs without reuse only"):
+        Policy(Pi0Model(pi05).eval(), tf05, reuse=ReuseConfig(gate="always"))
+    Policy(Pi0Model(pi05).eval(), tf05)  # the baseline runs
+
+
 def test_unsynchronized_modes_do_mix_and_say_so():
     m, tf = model_and_tf("pi05")
     rng = np.random.default_rng(1)

@@ -97,6 +97,13 @@ class Policy:
             raise ValueError(f"seed: expected an integer, got {seed!r}")
         if isinstance(reuse, dict):  # as stored in a results DB or a JSON file
             reuse = ReuseConfig.from_dict(reuse)
+        mc = model.cfg
+        if any(mc.delta_action_mask) and mc.state_in_prompt and (reuse or ReuseConfig()).enabled:
+            # its actions are offsets from the state the prompt carried: after a reused prefix that is
+            # an earlier call's, which nothing here tracks (no such checkpoint is known: openpi's
+            # delta-action LIBERO policy is a Pi0, whose state token is tracked below)
+            raise ValueError("reuse: a model whose actions are offsets from the state (delta_action_mask) and "
+                             "whose state is in the prompt runs without reuse only (gate=never)")
         self.model = model.eval()
         self.transform = transform
         self.generator = torch.Generator(device=model.device)
@@ -180,7 +187,12 @@ class Policy:
             noise = self.model.make_noise(obs.batch_size, self.generator)
         # The record's total covers the input transform too (what a client waits for).
         out, rec = self.runner.infer(obs, noise, raw_shapes=self.raw_shapes(raw), started=t0)
-        actions = self.transform.actions(out, raw)
+        key = self.transform.spec.state_key
+        if rec.state_source == "snapshot":  # a synchronized hit denoised with the snapshot's state:
+            answered = {**raw, key: self._fed_state}  # delta actions are offsets from that state
+        else:
+            answered, self._fed_state = raw, np.array(raw.get(key))
+        actions = self.transform.actions(out, answered)
         if self.recorder is not None:  # only calls that gave actions: a replay has one per step
             self.recorder.add(raw, reset=first)
         return (actions if self.transform.batched(raw) else actions[0]), rec
