@@ -310,7 +310,7 @@ def test_sweep_fast_runtime_runs_apart_from_the_eager_model(tmp_path, monkeypatc
     assert rows[eager_id] == rows[fast_id]
 
 
-def test_eval_takes_the_tokenizer_a_checkpoint_needs(tmp_path, sp_model):
+def test_eval_takes_the_tokenizer_a_checkpoint_needs(tmp_path, sp_model, capsys):
     """A checkpoint whose prompts go through SentencePiece (every full-size one) needs --tokenizer:
     without it the sweep stops before any work with one error naming the flag; with it, it runs,
     and the tokenizer file is part of the policy's identity."""
@@ -340,6 +340,11 @@ def test_eval_takes_the_tokenizer_a_checkpoint_needs(tmp_path, sp_model):
     assert type(tf.tok).__name__ == "SentencePieceTokenizer"
     assert "+tok@" in policy_identity(src)
     assert run_sweep(plan, src).ran == 1
+    from kvreuse.cli import main  # bench-eval takes it too (it had no --tokenizer, yet its error named it)
+
+    main(["bench-eval", "--checkpoint", str(ck), "--tokenizer", str(sp_model), "--env", "fake", "--tasks", "reach",
+          "--total", "1", "--workers", "0", "--max-steps", "3"])
+    assert "1 episodes (1 per task x 1 tasks)" in capsys.readouterr().out
 
 
 def test_eval_refuses_short_norm_stats_before_the_db(tmp_path):
@@ -529,6 +534,13 @@ def test_one_setting_commands_refuse_a_list(cmd, capsys):
     with pytest.raises(SystemExit):
         main([cmd, "--env", "fake", "--reuse", "threshold"])
     assert "kvreuse: error: reuse: expected key=v1,v2" in capsys.readouterr().err
+    # a setting that never reuses: spoken of as --reuse, not as a grid's entry to "leave out"
+    for reuse, words in (("mode=partial", "never reuses (a setting needs a gate="), ("gate=never", "never reuses;")):
+        with pytest.raises(SystemExit):
+            main([cmd, "--env", "fake", "--reuse", reuse])
+        err = capsys.readouterr().err
+        assert f"kvreuse: error: reuse: {reuse!r} {words}" in err and "grid" not in err, err
+        assert ("--with-baseline" in err) == (cmd == "eval")
 
 
 def test_sweep_is_paired_and_resumable(tmp_path, monkeypatch):
@@ -1189,21 +1201,25 @@ def test_metaworld_renders_at_the_size_the_policy_was_trained_on(capsys):
 
 
 @pytest.mark.parametrize("as_file", [False, True])
-def test_eval_runs_a_reference_checkpoint_without_config(tmp_path, as_file):
+def test_eval_runs_a_reference_checkpoint_without_config(tmp_path, as_file, monkeypatch):
     """A lerobot / openpi checkpoint (weights only, no config.json) evaluates like ours, given as
-    its directory or its model.safetensors; its identity is the weights' hash."""
+    its directory or its model.safetensors; its identity is the folder's name and the weights' hash
+    either way (the file's name made another policy: a rerun spelled the other way redid its episodes)."""
     from kvreuse.model import Pi0Model, preset
     from kvreuse.ref_checkpoint import save_reference
 
     torch.manual_seed(0)
     f = save_reference(tmp_path / "ref", Pi0Model(preset("tiny-pi0")).eval(), "openpi")
     assert not (tmp_path / "ref" / "config.json").exists()
-    ck = f if as_file else f.parent
+    ck, other = (f, f.parent) if as_file else (f.parent, f)
     plan = SweepPlan(db=str(tmp_path / "r.db"), env="fake", tasks=("reach",), episodes=1, workers=0, progress=False,
                      env_kw={"max_steps": 3})
     summary = run_sweep(plan, PolicySource(str(ck), "tiny-pi0"))
     assert summary.ran == 1 and summary.errors == 0
-    assert summary.settings[0].policy.startswith(f"{ck.name}@")
+    assert summary.settings[0].policy.startswith("ref@")
+    assert run_sweep(plan, PolicySource(str(other), "tiny-pi0")).ran == 0  # the other spelling: the same rows
+    monkeypatch.chdir(f.parent)
+    assert policy_identity(PolicySource(".", "tiny-pi0")) == summary.settings[0].policy
 
 
 def test_a_tokenizer_for_a_byte_tokenizer_model_is_refused_before_any_work(tmp_path, sp_model):

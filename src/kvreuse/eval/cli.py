@@ -132,7 +132,7 @@ def run_eval(
 
 def one_setting(reuse: str, command: str) -> list[dict]:
     """--reuse 'key=value ...' -> a grid of at most one setting (a list of values is a sweep's)."""
-    from .sweep import parse_grid
+    from .sweep import parse_grid, reuse_config
 
     try:
         grid = parse_grid([reuse]) if reuse.strip() else []
@@ -141,6 +141,10 @@ def one_setting(reuse: str, command: str) -> list[dict]:
     if len(grid) > 1:
         raise ValueError(f"reuse: `{command}` runs one setting, {reuse!r} gives {len(grid)}; "
                          "use `kvreuse sweep --grid`")
+    if grid and not reuse_config(grid[0]).enabled:  # canonical_grid would speak of --grid and "leave it out"
+        gate = "" if "gate" in grid[0] else " (a setting needs a gate=, e.g. gate=threshold)"
+        raise ValueError(f"reuse: {reuse!r} never reuses{gate}; the baseline is an empty --reuse"
+                         + (" (or --with-baseline beside a setting)" if command == "eval" else ""))
     return grid
 
 
@@ -230,6 +234,11 @@ def run_bench_eval(
     replan: int = 5,
     max_steps: int | None = None,
     preset: str = "tiny-pi05",
+    device: str = "cpu",
+    dtype: str = "float32",
+    fast: bool = False,
+    keep_absent_cameras: bool = False,
+    tokenizer: str | None = None,
 ) -> None:
     """Throughput of the harness: `total` episodes of one setting (spread over the tasks) in a
     throw-away DB; prints episodes/s. The target is 400 testbed episodes in < 3 min on 16 cores.
@@ -246,7 +255,7 @@ def run_bench_eval(
         raise ValueError(f"total: expected an integer >= 1 (episodes in all), got {total}")
     e = make_env(env)
     try:  # the tasks run_sweep will pick, to spread `total` over them
-        src = PolicySource(checkpoint, preset).resolved(e.robot)
+        src = PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer).resolved(e.robot)
         ts = check_tasks(e, tasks) if tasks else default_tasks(e, checkpoint_tasks(src))
     finally:
         e.close()
@@ -261,8 +270,8 @@ def run_bench_eval(
 
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "bench.db")
-        plan = replace(_plan(db, env, ts, per_task, 0, 0, replan, max_steps, workers, 0, grid, not grid, True),
-                       kept=False)  # its DB goes with the folder: a rerun starts afresh
+        plan = replace(_plan(db, env, ts, per_task, 0, 0, replan, max_steps, workers, 0, grid, not grid, True,
+                             device), kept=False)  # its DB goes with the folder: a rerun starts afresh
         c0, t0 = cpu_s(), time.perf_counter()
         s = run_sweep(plan, src)
         wall, cpu = time.perf_counter() - t0, cpu_s() - c0

@@ -93,7 +93,8 @@ def checkpoint_tasks(src: PolicySource) -> tuple[str, ...] | None:
 # may differ. A DB written before change i holds a policy's settings under policy_identity(src, i).
 ID_CHANGES = (("the device and missing norm stats", "on another device, or before the norm stats were there"),
               ("the norm stats", "under other norm stats"),
-              ("the model config", "under another config.json (Euler steps, chunk, prompt length, ...)"))
+              ("the model config", "under another config.json (Euler steps, chunk, prompt length, ...)"),
+              ("a model.safetensors by its folder", "with the same weights (its file named, not its folder)"))
 
 
 def policy_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
@@ -126,7 +127,7 @@ def policy_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
             ("no-stats", src.checkpoint is not None and digest is None, 1),
             (f"stats@{digest}", digest is not None, 2), (tok, bool(tok), 0),
             (f"cfg@{_config_digest(cfg)}" if cfg is not None else "", cfg is not None, 3))
-    return "+".join([_weights_identity(src)] + [tag for tag, on, since in tags if on and since <= era])
+    return "+".join([_weights_identity(src, era)] + [tag for tag, on, since in tags if on and since <= era])
 
 
 def _config_digest(cfg) -> str:
@@ -177,14 +178,18 @@ def _note_older_id(store, settings: list, src: PolicySource, db: str) -> None:
             return
 
 
-def _weights_identity(src: PolicySource) -> str:
+def _weights_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
     if src.checkpoint is None:
         return f"random:{src.preset}:seed0"
     p = Path(src.checkpoint)
     w = p if p.is_file() else p / "model.safetensors"  # a reference checkpoint may be given as its file
     if not w.is_file():
         raise ValueError(f"checkpoint {p}: no model.safetensors (only safetensors weights are read)")
-    return f"{p.name}@{_sha12(w)}"
+    if era < 4:
+        return f"{p.name}@{_sha12(w)}"
+    # DIR and DIR/model.safetensors are one checkpoint, named by the folder either way ("." by its name too)
+    a = Path(os.path.abspath(p))
+    return f"{a.parent.name if a.is_file() and a.name == 'model.safetensors' else a.name}@{_sha12(w)}"
 
 
 def _sha12(path: Path) -> str:
