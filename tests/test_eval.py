@@ -914,6 +914,21 @@ def test_policy_errors_stop_the_sweep(tmp_path, monkeypatch):
     assert "load_checkpoint" in "".join(ei.value.__cause__.__notes__)
 
 
+def test_episodes_finished_behind_a_workers_error_are_kept():
+    """A policy error in one worker stopped the sweep at once: episodes other workers had finished
+    and queued behind it were never read, so never stored."""
+    import queue
+
+    from kvreuse.eval.sweep import _finished_behind
+
+    q = queue.Queue()
+    for msg in (("done", 1, "k", "r1"), ("fail", 2, ValueError()), ("done", 3, "k", "r3"), ("done", 9, "k", "x")):
+        q.put(msg)
+    pending = {1, 3, 4}
+    assert list(_finished_behind(q, pending, wait_s=0.2)) == [("k", "r1"), ("k", "r3")]
+    assert pending == {4} and q.empty()
+
+
 def test_an_error_mid_sweep_says_what_was_kept(tmp_path, capsys, monkeypatch, fail_on_call):
     """An error after some episodes (a policy bug, the GPU, the disk) keeps them in the DB; the
     last line says so (it was a bare traceback, or for a worker's ValueError a bare line)."""

@@ -255,6 +255,31 @@ def test_delta_actions_are_offsets_from_the_state_the_model_was_given(sync):
     Policy(Pi0Model(pi05).eval(), tf05)  # the baseline runs
 
 
+def test_a_threshold_of_one_reuses_identical_inputs_only():
+    """1.0 is documented as "bit-equal": a flat patch made brighter, or a scaled state, is parallel to
+    the old one (cosine 1, or 1.0000006 by rounding) and was reused at 1.0."""
+    from kvreuse.reuse.signals import patch_cosine, row_cosine
+
+    flat = torch.full((1, 2, 12), 0.2)
+    assert patch_cosine(flat, flat * 1.5).max() < 1 and (patch_cosine(flat, flat.clone()) == 1).all()
+    state = torch.tensor([[0.3, -0.2, 0.7, 0.1]])
+    assert row_cosine(state, state * 1.0001) < 1 and row_cosine(state, state.clone()) == 1
+    m, tf = model_and_tf("pi0")
+    raw = raw_obs(np.random.default_rng(0))
+    raw["observation/image"][:16, :16] = 100  # patch 0 of the base camera: flat gray
+    brighter = {**raw, "observation/image": raw["observation/image"].copy()}
+    brighter["observation/image"][:16, :16] = 110
+    for cfg in (ReuseConfig(gate="always", mode="partial", patch_threshold=1.0, patch_max_diff=None),
+                ReuseConfig(gate="crossmodal", threshold=1.0, state_threshold=1.0)):
+        pol = Policy(m, tf, reuse=cfg)
+        pol.infer(raw)
+        assert pol.infer(brighter)[1].plan != "none", cfg
+        assert pol.infer(brighter)[1].plan == "none", cfg  # the same frame again is reused
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="crossmodal", threshold=1.0, state_threshold=1.0))
+    pol.infer(raw)
+    assert not pol.infer({**raw, "observation/state": raw["observation/state"] * 1.0001})[1].reused
+
+
 def test_unsynchronized_modes_do_mix_and_say_so():
     m, tf = model_and_tf("pi05")
     rng = np.random.default_rng(1)

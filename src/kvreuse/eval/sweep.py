@@ -758,6 +758,20 @@ def _worker_loop(slot, current, init_args, jobs_q, results_q, parent) -> None:
         current[slot] = -1
 
 
+def _finished_behind(results_q, pending: set, wait_s: float = 1.0):
+    """(setting key, EpisodeResult) of the episodes other workers finished and queued behind a
+    policy error, read for up to `wait_s` before the error stops the sweep: they go to the DB."""
+    deadline = time.monotonic() + wait_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            msg = results_q.get(timeout=left)
+        except queue.Empty:
+            return
+        if msg[0] == "done" and msg[1] in pending:
+            pending.discard(msg[1])
+            yield msg[2], msg[3]
+
+
 def _pool_results(jobs: list, n: int, init_args: tuple):
     """Run jobs in n spawn processes; yield (setting key, EpisodeResult) as they finish.
 
@@ -790,6 +804,7 @@ def _pool_results(jobs: list, n: int, init_args: tuple):
                 msg = None
             if msg is not None:
                 if msg[0] == "fail":
+                    yield from _finished_behind(results_q, pending)
                     raise msg[2]
                 _, jid, key, res = msg
                 if jid in pending:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,19 +32,30 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1, 4, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
 
+# The largest float32 below 1: what rows that differ get at most. Parallel vectors (a flat patch made
+# brighter, a scaled state) have cosine 1, and rounding gives 1.0000006: at a threshold of 1.0 they
+# counted as unchanged.
+BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))
+
+
+def _exact_one(cos: torch.Tensor, equal: torch.Tensor) -> torch.Tensor:
+    """cos, 1 exactly where the inputs are equal and below 1 elsewhere."""
+    return torch.where(equal, torch.ones_like(cos), cos.clamp(max=BELOW_ONE))
+
+
 def row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine of each batch row's flattened tensors -> (B,). Identical rows (two zero rows among
-    them) give exactly 1, so a threshold of 1.0 means "anything changed". No host sync."""
+    """Cosine of each batch row's flattened tensors -> (B,). Only identical rows (two zero rows among
+    them) give 1, so a threshold of 1.0 means "anything changed". No host sync."""
     a, b = a.flatten(1).float(), b.flatten(1).float()
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
-    return torch.where((a == b).all(-1), torch.ones_like(cos), cos)
+    return _exact_one(cos, (a == b).all(-1))
 
 
 def patch_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, P, D) x (B, P, D) -> (B, P) per-patch cosine; identical patches give exactly 1 (a
+    """(B, P, D) x (B, P, D) -> (B, P) per-patch cosine; only identical patches give 1 (a
     threshold of 1.0 then means "any pixel changed")."""
     cos = F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12)
-    return torch.where((a == b).all(-1), torch.ones_like(cos), cos)
+    return _exact_one(cos, (a == b).all(-1))
 
 
 @dataclass
