@@ -185,7 +185,9 @@ def test_reset_restarts_noise_and_control_message(server_port):
         assert a.send(packb({"__ctrl__": "reset"})) == {"__ack__": "reset"}
         assert np.array_equal(a.infer(good_obs(1))["actions"], first)
         assert np.array_equal(b.infer(good_obs(1))["actions"], first)  # b's state is its own
+        a.infer(good_obs(1))
         assert a.send(packb({"__ctrl__": "episode_end"})) == {"__ack__": "episode_end"}
+        assert np.array_equal(a.infer(good_obs(1))["actions"], first)  # episode_end clears it too
     finally:
         a.close(), b.close()
 
@@ -272,6 +274,19 @@ def test_frame_over_hard_cap_closes_only_that_connection(server_port):
 
 
 # ---- HTTP endpoints ----------------------------------------------------------------------------
+def test_a_server_run_again_serves():
+    """run() shut its inference thread pool down on the way out; a second run accepted clients and
+    answered every observation with an internal error."""
+    srv = real_server()
+    for _ in range(2):
+        with ServerThread(srv) as port:
+            c = RawClient(port)
+            try:
+                assert np.asarray(c.infer(good_obs(1))["actions"]).ndim == 2
+            finally:
+                c.close()
+
+
 def test_healthz_and_stats(server_port):
     assert http_get(server_port, "/healthz")[::2] == (200, b"OK\n")
     c = RawClient(server_port)

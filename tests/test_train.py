@@ -74,7 +74,7 @@ def test_demo_counts_bad_entry(tmp_path):
                      (("reach-v3=-2",), "N must be"), (("reach-v3=2", "reach-v3=3"), "reach-v3 given twice")):
         with pytest.raises(ValueError, match=f"--counts.*{msg}"):
             collect_demos(str(tmp_path), tasks=("reach-v3",), counts=bad)
-    for kw, msg in (({"workers": 0}, "--workers must be >= 1"), ({"image_size": 0}, "--image-size must be >= 1"),
+    for kw, msg in (({"workers": 0}, "--workers must be >= 1"), ({"image_size": 4}, "--image-size must be >= 8"),
                     ({"noise": -1.0}, "--noise .* expected >= 0"), ({"max_steps": 0}, "--max-steps")):
         with pytest.raises(ValueError, match=msg):
             collect_demos(str(tmp_path), tasks=("reach-v3",), **kw)
@@ -167,6 +167,17 @@ def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path, capsys, monk
     _, _, meta = load_checkpoint(kept)
     assert meta["training"]["steps"] == 2 and meta["training"]["interrupted"] is True
     assert [json.loads(x)["step"] for x in (kept / "train_log.jsonl").read_text().splitlines()] == [1]
+    # Continued from it and stopped again: it is replaced, and its history goes into the new one (its
+    # record said only "init: <itself>", with its log and step count gone).
+    first = meta["training"]
+    with pytest.raises(KeyboardInterrupt):
+        run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=5, batch_size=2, device="cpu",
+                  overwrite=True, init=str(kept))
+    again = load_checkpoint(kept)[2]["training"]
+    assert again["init"] == str(kept.absolute()) and again["init_training"] == first
+    log = [json.loads(x) for x in (kept / "train_log.jsonl").read_text().splitlines()]
+    assert log == [log[0], {"continued_from": str(kept.absolute()), "init_steps": 2}, log[2]]
+    assert log[0]["step"] == log[2]["step"] == 1
 
 
 def test_train_failing_mid_run_keeps_the_weights_reached(demo_dir, tmp_path, monkeypatch):

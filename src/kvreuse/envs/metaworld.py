@@ -45,6 +45,7 @@ LAYOUTS_PER_BLOCK = 50  # Meta-World's _N_GOALS: layouts pre-sampled per MT1 see
 TRAIN_INIT_START = 50  # init ids below this are held out for evaluation (never in demos)
 STATE_DIM = 4
 ACTION_DIM = 4
+MIN_IMAGE_SIZE = 8  # the smallest render the env takes (`kvreuse demos --image-size` checks it up front)
 
 
 def check_task(task: str) -> str:
@@ -88,8 +89,8 @@ class MetaWorldEnv:
             import dataclasses
 
             cfg = dataclasses.replace(cfg, **overrides)
-        if cfg.image_size < 8:
-            raise ValueError(f"image_size: expected a positive size >= 8, got {cfg.image_size}")
+        if cfg.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size: expected a positive size >= {MIN_IMAGE_SIZE}, got {cfg.image_size}")
         if not 1 <= cfg.max_steps <= 500:
             raise ValueError(f"max_steps: expected 1..500 (Meta-World's episode limit), got {cfg.max_steps}")
         self.cfg = cfg

@@ -4,7 +4,8 @@ Protocol (what openpi_client.WebsocketClientPolicy expects; see docs/SERVE.md):
   - on connect the server sends one binary frame: the metadata map;
   - each binary frame from the client is a msgpack map: an observation, answered with
     {"actions": (chunk, action_dim) array, "server_timing": {...}}, or a control message
-    {"__ctrl__": "reset" | "episode_start" | "episode_end"}, answered with {"__ack__": name};
+    {"__ctrl__": "reset" | "episode_start" | "episode_end"} (each clears the client's state),
+    answered with {"__ack__": name};
   - any bad frame is answered with a short text frame "error: ..."; the connection stays open
     (openpi's client turns a text frame into a RuntimeError). Only a frame above the hard size
     cap closes the connection (code 1009), because it cannot be skipped without buffering it.
@@ -166,12 +167,14 @@ class PolicyServer:
         self.addresses: list[str] = []  # what the host resolved to: every one listens on self.port
         self.connected_at_stop = 0
         self._queue: asyncio.Queue[_Job] | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-infer")
+        self._executor: ThreadPoolExecutor | None = None
         self._busy = False
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def run(self, ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None) -> None:
         self._queue = asyncio.Queue(maxsize=self.cfg.queue_size)
+        # per run: the last run's was shut down (a server run again failed every inference)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-infer")
         worker = asyncio.create_task(self._worker())
         try:
             for attempt in range(_PORT_TRIES):
@@ -334,8 +337,8 @@ class PolicyServer:
             ctrl = req[CONTROL_KEY]
             if ctrl not in CONTROLS:
                 raise ProtocolError(f"unknown control message {str(ctrl)[:40]!r}; expected one of {list(CONTROLS)}")
-            if ctrl in ("reset", "episode_start"):
-                await self._submit(ws, session.reset)
+            # episode_end too: the next episode's first frame must not reuse this one's K/V
+            await self._submit(ws, session.reset)
             return packb({"__ack__": ctrl})
 
         reset = req.pop(RESET_KEY, False)

@@ -248,10 +248,13 @@ def collect_demos(
     tasks = tuple(tasks) or tuple(TASKS)
     for t in tasks:
         check_task(t)
-    for name, v in (("demos-per-task", demos_per_task), ("parts-per-task", parts_per_task), ("workers", workers),
-                    ("max-steps", max_steps), ("image-size", image_size)):
-        if v < 1:
-            raise ValueError(f"--{name} must be >= 1, got {v}")
+    from ..envs.metaworld import MIN_IMAGE_SIZE
+
+    for name, v, least in (("demos-per-task", demos_per_task, 1), ("parts-per-task", parts_per_task, 1),
+                           ("workers", workers, 1), ("max-steps", max_steps, 1),
+                           ("image-size", image_size, MIN_IMAGE_SIZE)):  # the env's: found late, in a worker
+        if v < least:
+            raise ValueError(f"--{name} must be >= {least}, got {v}")
     if not noise >= 0:  # also rejects nan
         raise ValueError(f"--noise is the std of the expert's action noise: expected >= 0, got {noise}")
     per_task, given = {t: demos_per_task for t in tasks}, set()

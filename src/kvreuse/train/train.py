@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -260,20 +261,27 @@ def run_train(
 
         def training(step: int, wall: float) -> dict:  # the checkpoint's record of how it was made
             return {
-                "preset": preset, "demos": str(demos), "tasks": data.tasks, "prompts": data.prompts,
+                "preset": preset, "demos": os.path.abspath(demos), "tasks": data.tasks, "prompts": data.prompts,
                 "episodes": data.episodes, "frames": n, "steps": step, "batch_size": batch_size, "lr": lr,
                 "weight_decay": weight_decay, "warmup": warmup, "ema": ema, "shift": shift, "seed": seed,
                 "final_loss": float(np.mean(losses[-log_every:])), "wall_s": round(wall, 1), "device": str(dev),
                 "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                "init": init, "demo_noise": data.meta.get("noise"), "image_size": data.meta.get("image_size"),
+                "init": init_abs, "init_training": init_meta.get("training") if init else None,
+                "demo_noise": data.meta.get("noise"), "image_size": data.meta.get("image_size"),
             }
 
+        init_abs = os.path.abspath(init) if init else None  # the record outlives the working directory
         tmp = staging(out_path)
         losses: list[float] = []
         step, t0 = 0, time.perf_counter()
         ema_params, ema_good, good_step = list(ema_model.parameters()), None, 0  # the EMA at the last finite loss
         try:
             log = open(tmp / "train_log.jsonl", "w")
+            if init:  # its history first: continuing from OUT.interrupted replaces that directory
+                prev = Path(init) / "train_log.jsonl"
+                log.write(prev.read_text() if prev.is_file() else "")
+                log.write(json.dumps({"continued_from": init_abs,
+                                      "init_steps": (init_meta.get("training") or {}).get("steps")}) + "\n")
             ar = torch.arange(chunk, device=dev)
             size = cfg.vision.image_size
             cams = {c: (base if k == "observation/image" else wrist) for k, c in spec.cameras}
