@@ -465,6 +465,33 @@ def test_attention_kind_auto_and_bad_kind():
         FastPi0(model, expert_attn="flash9")
 
 
+def test_gpu_only_options_are_refused_on_a_cpu_model(monkeypatch):
+    """Each failed mid-call ("0 active drivers", "No viable backend for scaled_dot_product_attention")
+    with a traceback; the Triton ones run on Triton's CPU interpreter, as the tests here do."""
+    model = _model("tiny-pi0")
+    for kw in ({"prefix_attn": "cudnn"}, {"expert_attn": "efficient"}, {"lm_down_tune": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))}=.*: need the model on a CUDA GPU"):
+            FastPi0(model, **kw)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for kw in ({"expert_gemm": "chain"}, {"expert_attn": "triton"}, {"fused_layer_norm": True}, {"rope_kernel": True}):
+        with pytest.raises(ValueError, match="need the model on a CUDA GPU"):
+            FastPi0(model, **kw)
+    FastPi0(model, prefix_attn="math", expert_attn="sdpa", lm_down_tune=False)  # these run anywhere
+
+
+@pytest.mark.parametrize("name", ["tiny-pi0", "tiny-pi05"])
+def test_noise_of_another_shape_is_refused(name):
+    """FastPi0 copied it into its buffer by broadcasting (one row's noise for every row, or one value
+    for every action dim); the eager Pi0.5 broadcast a batch-1 noise through its products."""
+    model = _model(name)
+    obs = synthetic_obs(model.cfg, 2, "cpu", torch.Generator().manual_seed(0))
+    c = model.cfg
+    for runner in (model, FastPi0(model)):
+        for shape in ((1, c.chunk_size, c.max_action_dim), (c.chunk_size, c.max_action_dim), (2, c.chunk_size, 1)):
+            with pytest.raises(ValueError, match=r"noise: expected shape \(2, "):
+                runner.sample_actions(obs, torch.zeros(shape))
+
+
 def test_bad_compile_mode_is_refused():
     with pytest.raises(ValueError, match="compile_mode"):
         FastPi0(_model("tiny-pi0"), compile=True, compile_mode="fastest")

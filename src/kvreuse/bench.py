@@ -403,6 +403,7 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
         raise ValueError(f"variants: expected comma-separated prefix/expert pairs of {(*ATTN_KINDS, 'auto')} like "
                          f"'sdpa/fp32', got {variants!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    t_build = time.perf_counter()  # a checkpoint's load counts (it is the build)
     if checkpoint:
         from .checkpoint import load_checkpoint
 
@@ -428,11 +429,12 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     rep = Report(preset if not checkpoint else checkpoint, dev_name,
                  dict(batch=batch, cameras=len(cfg.cameras), steps=steps, chunk=cfg.chunk_size, dtype="bf16",
                       prefix_tokens=cfg.prefix_len, attn=f"{prefix_attn}/{expert_attn}", torch=torch.__version__))
-    t_build = time.perf_counter()
     if model is None:
+        t_build = time.perf_counter()
         model = build_random(cfg, device, seed=seed)
     _sync(device)
-    rep.notes.append(f"model built in {time.perf_counter() - t_build:.1f} s ({_params(param_count(model))} params)")
+    made = "loaded" if checkpoint else "built"
+    rep.notes.append(f"model {made} in {time.perf_counter() - t_build:.1f} s ({_params(param_count(model))} params)")
     obs, noise = random_inputs(cfg, batch, device, seed + 1, prompt_tokens)
     rep.config["prompt_tokens"] = int(obs.token_mask[0].sum())
     tm = lambda fn, n=iters: time_fn(fn, n, warmup, device)  # noqa: E731

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -239,6 +240,22 @@ def resolve_attn(kind: str, device: torch.device, expert: bool) -> str:
     if device.type == "cuda" and HAVE_TRITON:
         return "triton"
     return "fp32" if expert else "sdpa"
+
+
+def _check_gpu_only(device: torch.device, **opts) -> None:
+    """Options only a CUDA GPU runs, refused for a model elsewhere: each failed mid-call, deep in a
+    kernel launch ("0 active drivers", "No viable backend"). The Triton ones run on Triton's CPU
+    interpreter (TRITON_INTERPRET=1, as the tests do)."""
+    if device.type == "cuda":
+        return
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    bad = [f"{n}={v!r}" for n, v in opts.items()
+           if (n.endswith("_attn") and (v in ("cudnn", "efficient") or (v == "triton" and not interp)))
+           or (n == "expert_gemm" and v not in ("auto", "torch") and not interp)
+           or (n == "lm_down_tune" and v)
+           or (n in ("fused_layer_norm", "rope_kernel") and v and not interp)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: need the model on a CUDA GPU (it is on {device})")
 
 
 def resolve_gemm(kind: str, device: torch.device) -> str:
@@ -526,6 +543,8 @@ class FastPi0:
         prefix_attn = resolve_attn(prefix_attn, model.device, expert=False)
         expert_attn = resolve_attn(expert_attn, model.device, expert=True)
         self.prefix_attn, self.expert_attn = prefix_attn, expert_attn
+        _check_gpu_only(model.device, prefix_attn=prefix_attn, expert_attn=expert_attn, expert_gemm=expert_gemm,
+                        lm_down_tune=lm_down_tune, fused_layer_norm=fused_layer_norm, rope_kernel=rope_kernel)
         if model.training:
             raise ValueError("FastPi0 needs a model in eval mode (call model.eval())")
         self.model = model
@@ -1155,6 +1174,7 @@ class FastPi0:
         return self._denoise(st, obs, noise, steps)
 
     def _denoise_inputs(self, st, obs, noise):
+        self.model.check_noise(noise, obs.batch_size)  # copy_ would broadcast a wrong shape
         if self.cfg.state_token:
             st.state.copy_(obs.state)
         st.noise.copy_(noise)

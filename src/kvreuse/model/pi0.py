@@ -270,12 +270,21 @@ class Pi0Model(nn.Module):
         steps = steps or self.cfg.num_steps
         dt = -1.0 / steps
         masks = self._suffix_masks(prefix)
+        self.check_noise(noise, obs.batch_size)
         x = noise.float()
         b = x.shape[0]
         for i in range(steps):
             t = torch.full((b,), 1.0 + i * dt, device=x.device)
             x = x + dt * self.velocity(prefix, obs, x, t, masks)
         return x
+
+    def check_noise(self, noise: torch.Tensor, batch: int) -> None:
+        """noise must be (batch, chunk, max_action_dim): another shape broadcast (one row's noise
+        for every row, one value over every action dim) or failed deep in a product."""
+        c = self.cfg
+        if tuple(noise.shape) != (batch, c.chunk_size, c.max_action_dim):
+            raise ValueError(f"noise: expected shape {(batch, c.chunk_size, c.max_action_dim)} (batch, chunk, max "
+                             f"action dim), got {tuple(noise.shape)}")
 
     def make_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         c = self.cfg
