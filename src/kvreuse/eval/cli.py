@@ -245,7 +245,6 @@ def run_bench_eval(
 
     Args:
         total: episodes in all (rounded up to a whole number per task).
-        workers: parallel workers (default: one per core).
         reuse: a reuse setting ('key=value ...'); empty = baseline.
     """
     from .envs import check_tasks, make_env
