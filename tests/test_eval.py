@@ -992,6 +992,43 @@ def test_sweep_records_streams_that_replay_to_the_same_actions(tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(a1, a2, strict=True)) and len(r1) == len(one)
 
 
+def test_recorded_streams_replay_the_live_decisions_of_a_phase_gate(tmp_path):
+    """The phase gate reads the predicted chunk, so its decisions follow the noise. A replay drew
+    one generator's noise over the whole stream, the live run one per episode seeded with the
+    episode's seed: the same setting through the same policy decided otherwise. A batched stream
+    could not be replayed at all (batch-1 noise)."""
+    import json
+    import sqlite3
+
+    from kvreuse.eval.sweep import load_model, make_policy
+    from kvreuse.reuse.compare import replay
+    from kvreuse.reuse.stream import ObservationStream, load_streams
+
+    setting = {"gate": "phase", "threshold": 0.8}
+    plan = SweepPlan(db=str(tmp_path / "s.db"), env="fake", tasks=("reach", "reach-far"), episodes=2, workers=0,
+                     streams=2, stream_dir=str(tmp_path / "streams"), progress=False, grid=[setting], baseline=False)
+    run_sweep(plan, PolicySource(None, "tiny-pi05"))
+    live = {(t, i): [d.split(":")[0] for d in json.loads(ds)] for t, i, ds in sqlite3.connect(plan.db).execute(
+        "select task, init_id, decisions from episodes")}
+    model, tf, _ = load_model(PolicySource(None, "tiny-pi05").resolved("metaworld"), "metaworld")  # the shipped one
+    files = sorted((tmp_path / "streams").rglob("*.safetensors"))
+    assert len(files) == 4
+    for f in files:
+        task, init_id = f.name.split("_")[0], int(f.name.split("_")[1])
+        _, recs = replay(make_policy(model, tf, setting), load_streams(f), seed=0)
+        assert [r.decision for r in recs] == live[(task, init_id)], f.name
+    every = load_streams(tmp_path / "streams")  # a folder: each file's episode with its own seed
+    _, recs = replay(make_policy(model, tf, setting), every, seed=0)
+    assert [r.decision for r in recs] == [d for f in files for d in live[(f.name.split("_")[0],
+                                                                          int(f.name.split("_")[1]))]]
+    one = load_streams(files[0])  # the same steps with a batch axis of 2
+    both = ObservationStream(robot=one.robot)
+    for st in one:
+        both.add({k: (np.stack([v, v]) if isinstance(v, np.ndarray) else v) for k, v in st.raw.items()}, st.reset)
+    acts, _ = replay(make_policy(model, tf, None), both, seed=0)
+    assert acts[0].shape[0] == 2
+
+
 def test_a_rerun_asked_to_record_streams_of_stored_episodes_says_nothing_was_recorded(tmp_path, capsys):
     """`kvreuse eval` then `kvreuse eval --streams 1` on the same DB skipped the stored episodes and
     left streams/ empty without a word; `compare grid --stream` then found no stream."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from kvreuse.reuse.stream import ObservationStream, synthetic_stream
 torch.set_num_threads(1)
 
 
-def test_stream_round_trip(tmp_path):
+def test_stream_round_trip(tmp_path, monkeypatch):
     s = synthetic_stream(steps=3, episodes=2, size=SIZE, seed=1)
     s.steps[1].raw["episode_info"] = {"task": "x", "n": 3}  # non-array values travel as JSON
     path = s.save(tmp_path / "s.safetensors")
@@ -41,6 +42,17 @@ def test_stream_round_trip(tmp_path):
         assert os.stat(s.save(tmp_path / "m.safetensors")).st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+    # written whole or not at all: a save that fails leaves neither a torn file nor its part file
+    import safetensors.numpy
+
+    def torn(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", torn)
+    with pytest.raises(OSError, match="disk full"):
+        s.save(tmp_path / "t.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors", "m.safetensors", "s.safetensors"]
 
 
 def test_stream_bad_files(tmp_path):

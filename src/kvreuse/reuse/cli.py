@@ -39,7 +39,8 @@ class Source:
     episodes: int = 2
     """Synthetic stream: episodes."""
     seed: int = 0
-    """Seeds the random model, the synthetic stream and the noise."""
+    """Seeds the random model, the synthetic stream and the noise (an episode recorded by `kvreuse
+    eval --streams` replays with the noise seed it ran with)."""
     threads: Optional[int] = None
     """torch's intra-op threads (default: the machine's, at most 4). On a CPU shared with other
     work, 1 gives steadier latencies."""

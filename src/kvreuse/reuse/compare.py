@@ -30,10 +30,19 @@ def chunk_similarity(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return cos, float(np.linalg.norm(a - b))
 
 
-def stream_noise(model, seed: int):
-    """One noise generator per comparison: both policies get the same tensor at every call."""
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    return lambda: model.make_noise(1, g)
+class StreamNoise:
+    """One noise generator per comparison: both policies get the same tensor at every call. At an
+    episode's first step with a recorded seed (`kvreuse eval --streams`) it restarts from that seed,
+    as the live rollout's generator did, so a replay meets the live run's noise."""
+
+    def __init__(self, model, seed: int):
+        self.model, self.g = model, torch.Generator(device=model.device).manual_seed(seed)
+
+    def __call__(self, step, tf) -> torch.Tensor:
+        if step.reset and step.seed is not None:
+            self.g.manual_seed(step.seed)
+        state = step.raw.get(tf.spec.state_key)  # (B, state_dim) in a batched stream; absent: infer says so
+        return self.model.make_noise(len(state) if np.ndim(state) > 1 else 1, self.g)
 
 
 @dataclass
@@ -77,13 +86,13 @@ class ActionComparison:
 def replay(policy: Policy, stream: ObservationStream, seed: int = 0) -> tuple[list[np.ndarray], list]:
     """The policy over the stream (reset at each episode start), noise from `seed`'s generator:
     -> (action chunks, records). Every replay with the same seed sees the same noise."""
-    noise = stream_noise(policy.model, seed)
+    noise = StreamNoise(policy.model, seed)
     acts, recs = [], []
     for i, step in enumerate(stream):
         if step.reset or i == 0:
             policy.reset()
         try:
-            a, r = policy.infer(step.raw, noise())
+            a, r = policy.infer(step.raw, noise(step, policy.transform))
         except ValueError as e:  # a bad observation: say where in the stream (a folder's: which file)
             raise ValueError(f"stream {stream.where(i)}: {e}") from None
         acts.append(a)
@@ -147,7 +156,7 @@ def compare_deterministic(policy: Policy, stream: ObservationStream, seed: int =
     model, tf = policy.model, policy.transform
     off = policy.fork(ReuseConfig())
     off_lw = policy.fork(ReuseConfig(gate="never", mode="layer_wise"))
-    noise = stream_noise(model, seed)
+    noise = StreamNoise(model, seed)
     worst = {k: (True, 0.0) for k in ("repeat", "reuse-off", "never+layer_wise")}
 
     def note(name: str, res: tuple[bool, float]) -> None:
@@ -158,7 +167,7 @@ def compare_deterministic(policy: Policy, stream: ObservationStream, seed: int =
         if step.reset or i == 0:
             off.reset()
             off_lw.reset()
-        n = noise()
+        n = noise(step, tf)
         try:
             obs = tf(step.raw, device=model.device)
         except ValueError as e:  # a bad observation: say where in the stream, as replay does

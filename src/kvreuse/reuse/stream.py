@@ -16,6 +16,7 @@ File format (one `.safetensors` file; nothing is ever unpickled):
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ FORMAT, VERSION = "kvreuse-stream", 1
 class StreamStep:
     raw: dict  # openpi-style observation dict (arrays + "prompt")
     reset: bool = False
+    seed: int | None = None  # an episode's first step, recorded by `kvreuse eval --streams`: its noise seed
 
 
 @dataclass
@@ -88,8 +90,13 @@ class ObservationStream:
         except TypeError as e:  # a non-array value that JSON cannot hold (an object, a set, ...)
             raise ValueError(f"stream {path}: an observation value is neither an array nor JSON ({e})") from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"kvreuse_stream": text})
-        usual_mode(path)
+        part = path.with_name(f".{path.name}.part")  # renamed when whole: a killed run leaves no torn stream
+        try:
+            save_file(tensors, str(part), metadata={"kvreuse_stream": text})
+            usual_mode(part)
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
         return path
 
     @staticmethod
@@ -124,7 +131,13 @@ class ObservationStream:
         robot = header.get("robot", "metaworld")
         if not isinstance(robot, str):
             raise ValueError(f"stream {path}: unreadable (robot {robot!r} is not a name)")
-        return ObservationStream(steps, robot, header.get("meta", {}))
+        meta = header.get("meta", {})
+        # One eval episode per file: the live run drew its noise from a generator seeded with the
+        # episode's seed, so a replay does too (the phase gate reads the predicted chunk).
+        if (isinstance(meta, dict) and "setting" in meta and type(meta.get("seed")) is int and steps
+                and sum(st.reset for st in steps) <= 1):
+            steps[0].seed = meta["seed"]
+        return ObservationStream(steps, robot, meta)
 
 
 def load_streams(path: str | Path) -> ObservationStream:
