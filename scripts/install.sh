@@ -6,16 +6,26 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-if ! ldconfig -p 2>/dev/null | grep -q libOSMesa; then
+# (grep without -q: under pipefail, -q quitting at the first match left ldconfig to die of SIGPIPE
+# on a long library list, and the check failed with OSMesa installed)
+if ! ldconfig -p 2>/dev/null | grep libOSMesa >/dev/null; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libosmesa6 libegl1 libgl1 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libosmesa6 libegl1 libgl1 python3-venv >/dev/null
 fi
 
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# A venv without a working pip (python3-venv missing when it was made) is made again.
+if ! { [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2>&1; }; then
+  rm -rf .venv
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+# PyPI's torch is the CUDA build (~0.5 GB plus several GB of CUDA libraries): the CPU build is
+# `+cpu`, from PyTorch's own index when no local wheel or index has it.
+TORCH="torch==${TORCH_VERSION:-2.13.0}+cpu"
+python -m pip install -q "$TORCH" 2>/dev/null \
+  || python -m pip install -q "$TORCH" --extra-index-url https://download.pytorch.org/whl/cpu
 python -m pip install -q -e ".[metaworld,test]"
 # Triton (no GPU needed): tests/test_kernels.py runs the attention kernel in its CPU interpreter.
 python -m pip install -q "triton==${TRITON_VERSION:-3.9.0}"

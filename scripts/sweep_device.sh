@@ -76,14 +76,19 @@ elif [ "${GRID_SET:-main}" != main ]; then
   exit 2
 fi
 mkdir -p "$OUT"  # after the checks: a bad GRID_SET leaves nothing behind
+failed=0
 for v in $VARIANTS; do
   db="$OUT/$DB-$v.db"; start=$(date +%s)
   echo "=== testbed-$v: paired sweep, $EPISODES held-out episodes per task and setting (cap ${CAP_S}s) ==="
   timeout "$CAP_S" python3 -m kvreuse.cli sweep --checkpoint "src/kvreuse/assets/testbed-$v" --episodes "$EPISODES" \
     --seed "$SEED" "${TASK_ARGS[@]}" --workers "$(nproc)" --db "$db" --no-progress --grid "${GRID[@]}" 2>&1 |
     grep -v -i warn | tail -5
-  echo "sweep wall time: $(( $(date +%s) - start )) s on $(nproc) cores"
+  rc=${PIPESTATUS[0]}  # the sweep's, not the filter's: 124 is the time cap (a rerun continues), else a failure
+  echo "sweep wall time: $(( $(date +%s) - start )) s on $(nproc) cores (exit $rc)"
+  if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then failed=$rc; fi
+  [ -f "$db" ] || continue  # the sweep stopped before its DB: nothing to fold or report
   # fold the WAL into the file so one file carries the results
   python3 -c "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.execute('PRAGMA journal_mode=DELETE'); c.close()" "$db"
-  python3 -m kvreuse.cli report --db "$db" --out "/tmp/report-$v" --no-plots 2>&1 | sed -n '/All tasks/,/^$/p;/All tasks/,+14p' | head -20
+  python3 -m kvreuse.cli report --db "$db" --out "/tmp/report-$v" --no-plots 2>&1 | sed -n '/All tasks/,+14p' | head -20
 done
+exit "$failed"

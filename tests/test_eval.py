@@ -224,6 +224,20 @@ def test_rollout_noise_is_paired_by_seed():
     assert not torch.equal(a.noises[0], a.noises[1])
 
 
+def test_eval_where_every_episode_is_an_env_error_exits_nonzero(tmp_path, capsys):
+    """A broken renderer (MUJOCO_GL) turned every episode into an error; eval printed a table of
+    n = 0 and exited 0, so the README's quick start looked like it had passed."""
+    from kvreuse.cli import main
+
+    args = ["eval", "--env", "fake", "--episodes", "2", "--workers", "0", "--no-progress",
+            "--db", str(tmp_path / "e.db")]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--tasks", "crash"])
+    assert e.value.code == 1 and "every one of the 2 episodes run ended in an env error" in capsys.readouterr().err
+    main([*args, "--tasks", "reach", "crash"])  # some finished: the table, and exit 0
+    assert "every one of" not in capsys.readouterr().err
+
+
 def test_env_crash_is_an_error_not_a_failure():
     r = run_episode(StubPolicy(), FakeEnv(), "crash", 0, seed=0, replan=2)
     assert r.status == "error" and r.success is None

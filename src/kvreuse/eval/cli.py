@@ -56,6 +56,11 @@ def _print_summary(summary, db: str) -> None:
     groups = {r.group for r in rows if r.key in keys}
     tasks = {ALL, *summary.tasks}
     print(markdown([r for r in rows if r.group in groups and (r.key in keys or r.is_baseline) and r.task in tasks]))
+    if summary.ran and summary.errors == summary.ran:  # a table of n = 0 must not read as a run that worked
+        print(f"kvreuse: error: every one of the {summary.ran} episodes run ended in an env error (a simulator or "
+              f"renderer failure, e.g. MUJOCO_GL; stored as errors, their messages in the DB's `error` column: "
+              f"--retry-errors runs them again)", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def run_eval(

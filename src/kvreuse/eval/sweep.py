@@ -751,7 +751,11 @@ def _worker_loop(slot, current, init_args, jobs_q, results_q, parent) -> None:
                 pickle.dumps(e)
             except Exception:  # noqa: BLE001
                 e = RuntimeError(f"{type(e).__name__}: {e}")
-            e.add_note(f"raised in a sweep worker process:\n{tb}")
+            note = f"raised in a sweep worker process:\n{tb}"
+            try:
+                e.add_note(note)
+            except AttributeError:  # Python 3.10 has no add_note; its traceback shows no notes either
+                e.__notes__ = [*getattr(e, "__notes__", []), note]
             results_q.put(("fail", jid, e))
             return
         results_q.put(("done", jid, key, res))
