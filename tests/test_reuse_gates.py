@@ -138,8 +138,26 @@ def test_phase_cues_from_action_chunks():
     zigzag[0, :, 0] = torch.tensor([1.0, -1.0] * 5)
     z = phase_cues(zigzag, cfg, action_dim=4)
     assert z.curvature > 1.5 and z.variance > 0.3
-    # only the first two actions: no turn seen yet
-    assert phase_cues(zigzag, cfg.replace(phase_horizon=2), action_dim=4).curvature == 0.0
+    # the first two actions are one pair, reversed: a turn (it read 0.0 below three actions)
+    assert phase_cues(zigzag, cfg.replace(phase_horizon=2), action_dim=4).curvature > 1.5
+    with pytest.raises(ValueError, match="phase_horizon: expected an integer >= 2"):  # one action: no cue at all
+        cfg.replace(phase_horizon=1)
+
+
+def test_a_refresh_forced_by_invalidation_records_no_readings():
+    """Signals were left at their defaults there: a prompt change recorded prompt_same true, an age
+    cap's refresh age_calls 0."""
+    from test_reuse import model_and_tf, raw_obs
+
+    from kvreuse.policy import Policy
+
+    m, tf = model_and_tf("pi0")
+    raw = raw_obs(np.random.default_rng(0))
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="always", max_age_calls=1))
+    recs = [pol.infer(r)[1] for r in (raw, raw, raw, {**raw, "prompt": "open the drawer"})]
+    assert [r.decision for r in recs] == ["refresh", "reuse", "refresh", "refresh"]
+    assert "max age" in recs[2].reason and "prompt" in recs[3].reason
+    assert recs[1].signals["age_calls"] == 1 and recs[2].signals == recs[3].signals == {}
 
 
 def test_max_age_is_enforced_with_any_gate():
@@ -479,6 +497,37 @@ def test_state_reference_both_bounds_the_state_tokens_state_only_keeps(reference
         assert got == [(False, 0.0)] + [(True, 0.03)] * 5
     else:  # against the state tokens' snapshot: 0.06 after two calls, a refresh, and so on
         assert got == [(False, 0.0), (True, 0.03), (False, 0.06), (True, 0.03), (False, 0.06), (True, 0.03)]
+
+
+@pytest.mark.parametrize("variant, mode", [("pi0", "state_only"), ("pi0", "text_fixed"), ("pi05-nostate", "text_fixed"),
+                                           ("pi05-nostate", "state_only")])
+def test_state_snapshot_follows_every_camera_where_the_prefix_holds_no_state(variant, mode):
+    """Pi0 (state a suffix token) and a Pi0.5 without its state keep no state in the prefix: once
+    every camera is recomputed the whole prefix is this call's. A state_only or text_fixed update
+    kept the cached text and so left the state snapshot at the last full refresh: Pi0 refreshed every
+    other call under a slow drift, a stateless Pi0.5 never reused again after one move."""
+    from test_reuse import model_and_tf, raw_obs, small_cfg
+
+    from kvreuse.model import Pi0Model
+    from kvreuse.model.tokenizer import load_tokenizer
+    from kvreuse.policy import Policy
+    from kvreuse.transforms.robot import RobotTransform, robot_spec
+
+    if variant == "pi0":
+        m, tf = model_and_tf("pi0")
+    else:
+        torch.manual_seed(0)
+        m = Pi0Model(small_cfg("pi05").replace(discrete_state_input=False)).eval()
+        tf = RobotTransform(m.cfg, load_tokenizer(m.cfg), None, robot_spec("metaworld"))
+    pol = Policy(m, tf, reuse=ReuseConfig(gate="crossmodal", mode=mode, threshold=-1.0, state_threshold=-1.0,
+                                          state_max_l2=0.05))
+    rng = np.random.default_rng(5)
+    got = [pol.infer(raw_obs(rng, state=np.full(4, 0.03 * k)))[1] for k in range(6)]  # new images each call
+    l2 = [round(r.signals.get("state_l2", 0.0), 4) for r in got[1:]]
+    if mode == "state_only":  # every camera recomputed on each reuse: each call against the one before
+        assert [r.reused for r in got] == [False] + [True] * 5 and l2 == [0.03] * 5
+    else:  # text_fixed reuses whole and refreshes the cameras over the kept text: from there, 0.03 again
+        assert [r.reused for r in got] == [False, True, False, True, False, True] and l2 == [0.03, 0.06] * 2 + [0.03]
 
 
 def test_cameras_snapshot_follows_a_recompute_of_every_present_camera():

@@ -124,6 +124,9 @@ class ReuseConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"reuse.{name}: expected a positive number or None, got {v}")
+        if self.phase_horizon is not None and self.phase_horizon < 2:  # one action: no flip, spread or turn
+            raise ValueError(f"reuse.phase_horizon: expected an integer >= 2 (cues compare consecutive actions) "
+                             f"or None, got {self.phase_horizon}")
         if self.layer_split is not None and self.layer_split < 1:
             raise ValueError(f"reuse.layer_split: expected an integer >= 1 (layer 0 is never reused alone), got {self.layer_split}")
         for name in ("variance_threshold", "curvature_threshold", "gripper_delta"):

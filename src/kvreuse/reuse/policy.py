@@ -242,7 +242,9 @@ class ReusePolicy:
             decision="reuse" if reused else "refresh",
             mode=cfg.mode if not whole else "none",
             reason=f"{decision.reason}; {plan.note}",
-            signals=sig.to_dict(),
+            # nothing measured where the cache was invalid or the gate never reuses: no defaults posing as
+            # readings ("prompt_same": true on a prompt change, "age_calls": 0 past the age cap)
+            signals=sig.to_dict() if invalid is None and cfg.enabled else {},
             snapshots=tuple(s.snapshot for s in self.cache.spans),
             mixed=self.mixed,
             timings=timings,
@@ -428,9 +430,12 @@ class ReusePolicy:
                 # would wait for the denoise queued before this.
                 idx = upload(rows.nonzero().squeeze(-1), r.patches.device)
                 r.patches = r.patches.index_copy(1, idx, new.index_select(1, idx))
-        state_span = not plan.prompt_from_cache and (plan.whole or "state" in plan.refreshed or (
-            mc.state_token and all(c in plan.refreshed or absent(c) for c in mc.cameras)
-        ))
+        if mc.state_in_prompt:  # the state's tokens: this call's unless the cached prompt was kept
+            state_span = not plan.prompt_from_cache and (plan.whole or "state" in plan.refreshed)
+        else:  # no state in the prefix (Pi0's is a fresh suffix token): the prefix is this call's once
+            # every camera is, whatever text was kept (text_fixed, state_only refreshed every camera and
+            # left the reference behind: the gate then refreshed on a state long since reused)
+            state_span = every_camera
         if state_span or every_camera:
             state = obs.state.clone()  # replaced, never written in place: one tensor may serve both
             if state_span:

@@ -237,7 +237,7 @@ def phase_cues(chunk: torch.Tensor, cfg: ReuseConfig, action_dim: int) -> PhaseC
     m = a[..., : min(cfg.motion_dims, action_dim)]
     zero = a.new_zeros(())
     variance = m.var(dim=1, unbiased=False).mean(-1).max() if m.shape[1] > 1 else zero
-    if m.shape[1] > 2:
+    if m.shape[1] > 1:  # two actions make one pair: a reversal between them is a turn
         turn = 1.0 - F.cosine_similarity(m[:, :-1], m[:, 1:], dim=-1, eps=1e-8)  # (B, H-1)
         curvature = turn.mean(-1).max()
     else:
