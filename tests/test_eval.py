@@ -1649,6 +1649,18 @@ def test_metaworld_training_layouts_get_a_note(tmp_path, monkeypatch, capsys):
     assert "note: 1 of the 1 episodes use Meta-World init ids >= 50 (up to 50)" in capsys.readouterr().err
 
 
+def test_an_episode_list_past_the_last_init_state_gets_a_note(tmp_path, capsys):
+    """Init ids wrap round past a task's last one (LIBERO has 50): the later episodes repeat init
+    states with other noise seeds, which the DB and the report counted as new episodes without a word."""
+    plan = SweepPlan(db=str(tmp_path / "w.db"), env="fake", tasks=("reach",), episodes=2, init_start=49,
+                     workers=0, progress=False, env_kw={"max_steps": 2})
+    run_sweep(plan, PolicySource(None, "tiny-pi0"))
+    assert ("note: 2 episodes from init id 49 run past the last init state of 1 task(s) (50 init states): the ids "
+            "wrap round to 0") in capsys.readouterr().err
+    run_sweep(replace(plan, init_start=48), PolicySource(None, "tiny-pi0"))  # 48, 49: no wrap
+    assert "wrap round" not in capsys.readouterr().err
+
+
 def test_non_finite_or_misshapen_actions_are_a_policy_error_not_an_env_error():
     """The env refuses such an action; caught as an env crash, every such episode used to be an
     'error' (left out of n) and the sweep went on."""

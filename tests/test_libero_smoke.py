@@ -125,6 +125,26 @@ def test_libero_sweep_refuses_inits_and_step_limits_past_the_suites(tmp_path):
 
 
 @pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
+def test_a_libero_config_of_ones_own_names_the_assets(tmp_path, monkeypatch):
+    """A LIBERO set up by hand (LIBERO_CONFIG_PATH set, its own assets) was refused for lacking
+    kvreuse's asset packages, whose folder also replaced the one its config names."""
+    import libero.libero as ll
+
+    from kvreuse.envs import libero as lb
+
+    own = tmp_path / "my_assets"
+    (own / "scenes").mkdir(parents=True)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.yaml").write_text(f"benchmark_root: /x\nassets: {own}\n")
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "cfg"))
+    monkeypatch.setenv("KVREUSE_LIBERO_HOME", str(tmp_path / "empty_home"))
+    monkeypatch.delenv("KVREUSE_LIBERO_ASSETS", raising=False)
+    monkeypatch.setattr(ll, "_assets_path_cache", None, raising=False)
+    lb._prepare_libero_import()
+    assert ll._assets_path_cache == str(own)
+
+
+@pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
 def test_libero_task_given_as_its_instruction_points_at_its_name(env):
     from kvreuse.eval.envs import check_tasks
 

@@ -16,7 +16,9 @@ reproducing openpi's `examples/libero/main.py` protocol:
 Seeding: openpi seeds the env once (seed 7) and runs the episodes of a task in order. Here each
 episode re-seeds with the same env seed before its reset, so an episode does not depend on
 which episodes ran before it in a worker (results are the same in any order, in any process).
-The episode seed drives the policy noise only.
+The episode seed drives the policy noise only. The cost: LIBERO's reset samples the fixtures'
+poses (not in the init state) from numpy's global generator, so every episode here gets the
+layout of openpi's episode 0, where openpi's episode k gets the k-th draw (docs/EVAL.md).
 
 Offline install fixes done here: LIBERO_CONFIG_PATH points at a config file written by this
 module (LIBERO would otherwise ask for it with input()); the assets come from the
@@ -90,6 +92,18 @@ def assets_dir() -> Path:
     return cand
 
 
+def _configured_assets() -> Path | None:
+    """The `assets` folder LIBERO's config file (LIBERO_CONFIG_PATH/config.yaml) names, or None."""
+    cfg = Path(os.environ.get("LIBERO_CONFIG_PATH", "")) / "config.yaml"
+    if not os.environ.get("LIBERO_CONFIG_PATH") or not cfg.is_file():
+        return None
+    for line in cfg.read_text(errors="replace").splitlines():  # flat `key: value` lines, as LIBERO writes it
+        key, _, value = line.partition(":")
+        if key.strip() == "assets" and value.strip():
+            return Path(value.strip().strip("'\""))
+    return None
+
+
 def _prepare_libero_import() -> None:
     """Write LIBERO's config file (paths inside the installed package) before its first import."""
     spec = importlib.util.find_spec("libero")
@@ -114,6 +128,9 @@ def _prepare_libero_import() -> None:
             cfg.write_text(text)
         os.environ["LIBERO_CONFIG_PATH"] = str(cfg_dir)
     assets = assets_dir()
+    own = _configured_assets()
+    if not os.environ.get("KVREUSE_LIBERO_ASSETS") and own is not None and (own / "scenes").is_dir():
+        assets = own  # a LIBERO set up by hand (e.g. from git, as openpi's users have it) names its own
     if not (assets / "scenes").is_dir():
         raise ValueError(f"LIBERO assets not found in {assets}: run `bash scripts/install_libero.sh` "
                          "(or set KVREUSE_LIBERO_ASSETS to the assets folder)")

@@ -96,7 +96,8 @@ def run_eval(
             directory or its model.safetensors); default: the shipped testbed policy.
         env: metaworld | libero:<suite> | fake.
         tasks: task names (default: the checkpoint's tasks, else all of the env's).
-        episodes: episodes per task (init states init_start .. init_start+episodes-1).
+        episodes: episodes per task (init states init_start .. init_start+episodes-1, wrapping round
+            past a task's last one, with a note).
         seed: base seed; each episode's seed (env reset and policy noise) derives from it.
         replan: execute the first `replan` actions of each chunk, then call the policy again.
         max_steps: per-episode step limit (default: the env's).

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from ..assets import shipped_checkpoint
 from ..workers import die_with_parent
-from .envs import check_env_name, check_episodes, check_tasks, make_env, training_layouts_note
+from .envs import (check_env_name, check_episodes, check_tasks, make_env, repeated_inits_note,
+                   training_layouts_note)
 from .rollout import EpisodeResult, run_episode
 from .store import SCHEMA_VERSION, ResultStore, Setting, setting_group
 
@@ -523,8 +524,10 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         if plan.max_steps is not None and all(env.max_steps(t) == plan.max_steps for t in tasks):
             explicit, plan = plan.max_steps, replace(plan, max_steps=None)
         episodes = episode_list(env, tasks, plan.episodes, plan.init_start, plan.seed)
-        if note := training_layouts_note(plan.env, episodes):
-            print(note, file=sys.stderr)
+        for note in (training_layouts_note(plan.env, episodes),
+                     repeated_inits_note(env, plan.init_start, plan.episodes, tasks)):
+            if note:
+                print(note, file=sys.stderr)
         if any(p is not None and p.get("max_age_s") is not None for p, _ in settings_params):
             print("note: max_age_s bounds the cache's age in wall-clock seconds; between a rollout's policy calls "
                   "these are simulation, rendering and the machine's load (they change with --workers), not a "
