@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 
 # (grep without -q: under pipefail, -q quitting at the first match left ldconfig to die of SIGPIPE
 # on a long library list, and the check failed with OSMesa installed)
-if ! ldconfig -p 2>/dev/null | grep libOSMesa >/dev/null; then
+if ! ldconfig -p 2>/dev/null | grep libOSMesa >/dev/null || ! "$PY" -c "import ensurepip" 2>/dev/null; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libosmesa6 libegl1 libgl1 python3-venv >/dev/null
@@ -22,10 +22,16 @@ if ! { [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2
 fi
 . .venv/bin/activate
 # PyPI's torch is the CUDA build (~0.5 GB plus several GB of CUDA libraries): the CPU build is
-# `+cpu`, from PyTorch's own index when no local wheel or index has it.
-TORCH="torch==${TORCH_VERSION:-2.13.0}+cpu"
-python -m pip install -q "$TORCH" 2>/dev/null \
-  || python -m pip install -q "$TORCH" --extra-index-url https://download.pytorch.org/whl/cpu
+# `+cpu`, from PyTorch's own index when no local wheel or index has it. A torch of the pinned version
+# already in the venv (e.g. a CUDA build installed there for a GPU) is kept; TORCH_VERSION with a local
+# tag (2.13.0+cu128) is installed as given.
+TV=${TORCH_VERSION:-2.13.0}
+HAVE=$(python -c "import torch; print(torch.__version__)" 2>/dev/null || true)
+if [ "${HAVE%%+*}" != "${TV%%+*}" ] || { [ "$TV" != "${TV%%+*}" ] && [ "$HAVE" != "$TV" ]; }; then
+  case "$TV" in *+*) TORCH="torch==$TV" ;; *) TORCH="torch==$TV+cpu" ;; esac
+  python -m pip install -q "$TORCH" 2>/dev/null \
+    || python -m pip install -q "$TORCH" --extra-index-url "https://download.pytorch.org/whl/${TORCH##*+}"
+fi
 python -m pip install -q -e ".[metaworld,test]"
 # Triton (no GPU needed): tests/test_kernels.py runs the attention kernel in its CPU interpreter.
 python -m pip install -q "triton==${TRITON_VERSION:-3.9.0}"

@@ -236,6 +236,11 @@ def test_eval_where_every_episode_is_an_env_error_exits_nonzero(tmp_path, capsys
     assert e.value.code == 1 and "every one of the 2 episodes run ended in an env error" in capsys.readouterr().err
     main([*args, "--tasks", "reach", "crash"])  # some finished: the table, and exit 0
     assert "every one of" not in capsys.readouterr().err
+    main([*args, "--tasks", "reach", "crash", "--retry-errors"])  # only crashes ran, but the table has n > 0
+    assert "every one of" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # bench-eval: a rate of crashes is no throughput
+        main(["bench-eval", "--env", "fake", "--tasks", "crash", "--total", "2", "--workers", "0"])
+    assert e.value.code == 1 and "projected" not in capsys.readouterr().out
 
 
 def test_env_crash_is_an_error_not_a_failure():
@@ -1650,15 +1655,16 @@ def test_metaworld_training_layouts_get_a_note(tmp_path, monkeypatch, capsys):
 
 
 def test_an_episode_list_past_the_last_init_state_gets_a_note(tmp_path, capsys):
-    """Init ids wrap round past a task's last one (LIBERO has 50): the later episodes repeat init
-    states with other noise seeds, which the DB and the report counted as new episodes without a word."""
-    plan = SweepPlan(db=str(tmp_path / "w.db"), env="fake", tasks=("reach",), episodes=2, init_start=49,
-                     workers=0, progress=False, env_kw={"max_steps": 2})
+    """Init ids wrap round past a task's last one (LIBERO has 50): more episodes than init states
+    repeat init states with other noise seeds, which the report counts as new episodes: a note says
+    so. Ids that only wrap (48, 49, 0) are all distinct: no note."""
+    plan = SweepPlan(db=str(tmp_path / "w.db"), env="fake", tasks=("reach",), episodes=3, init_start=48,
+                     workers=0, progress=False, env_kw={"max_steps": 1})
     run_sweep(plan, PolicySource(None, "tiny-pi0"))
-    assert ("note: 2 episodes from init id 49 run past the last init state of 1 task(s) (50 init states): the ids "
-            "wrap round to 0") in capsys.readouterr().err
-    run_sweep(replace(plan, init_start=48), PolicySource(None, "tiny-pi0"))  # 48, 49: no wrap
     assert "wrap round" not in capsys.readouterr().err
+    run_sweep(replace(plan, episodes=51), PolicySource(None, "tiny-pi0"))
+    assert ("note: 51 episodes per task, more than the 50 init states of 1 task(s): the ids wrap round, so some "
+            "episodes repeat an init state") in capsys.readouterr().err
 
 
 def test_non_finite_or_misshapen_actions_are_a_policy_error_not_an_env_error():

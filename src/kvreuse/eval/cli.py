@@ -41,7 +41,9 @@ def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers
     )
 
 
-def _print_summary(summary, db: str) -> None:
+def _print_summary(summary, db: str) -> bool:
+    """Print the run's line and table; True when episodes ran and none of the table's settings has a
+    finished one (every episode an env error: a table of n = 0 must not read as a run that worked)."""
     from .report import ALL, compute_rows, markdown
 
     print(f"{summary.ran} episodes run, {summary.skipped} already in {db}, {summary.errors} env errors, "
@@ -55,11 +57,16 @@ def _print_summary(summary, db: str) -> None:
     keys = {s.key for s in summary.settings}
     groups = {r.group for r in rows if r.key in keys}
     tasks = {ALL, *summary.tasks}
-    print(markdown([r for r in rows if r.group in groups and (r.key in keys or r.is_baseline) and r.task in tasks]))
-    if summary.ran and summary.errors == summary.ran:  # a table of n = 0 must not read as a run that worked
-        print(f"kvreuse: error: every one of the {summary.ran} episodes run ended in an env error (a simulator or "
-              f"renderer failure, e.g. MUJOCO_GL; stored as errors, their messages in the DB's `error` column: "
-              f"--retry-errors runs them again)", file=sys.stderr)
+    shown = [r for r in rows if r.group in groups and (r.key in keys or r.is_baseline) and r.task in tasks]
+    print(markdown(shown))
+    return bool(summary.ran) and not any(r.n for r in shown)
+
+
+def _stop_if_all_errors(failed: bool, ran: int) -> None:
+    if failed:
+        print(f"kvreuse: error: every one of the {ran} episodes run ended in an env error and none is finished (a "
+              f"simulator or renderer failure, e.g. MUJOCO_GL; stored as errors, their messages in the DB's `error` "
+              f"column: --retry-errors runs them again)", file=sys.stderr)
         raise SystemExit(1)
 
 
@@ -97,7 +104,7 @@ def run_eval(
         env: metaworld | libero:<suite> | fake.
         tasks: task names (default: the checkpoint's tasks, else all of the env's).
         episodes: episodes per task (init states init_start .. init_start+episodes-1, wrapping round
-            past a task's last one, with a note).
+            past a task's last one; a note where they repeat).
         seed: base seed; each episode's seed (env reset and policy noise) derives from it.
         replan: execute the first `replan` actions of each chunk, then call the policy again.
         max_steps: per-episode step limit (default: the env's).
@@ -133,7 +140,7 @@ def run_eval(
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid,
                  with_baseline or not grid, progress, device, streams, retry_errors)
     summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
-    _print_summary(summary, db)
+    _stop_if_all_errors(_print_summary(summary, db), summary.ran)
 
 
 def one_setting(reuse: str, command: str) -> list[dict]:
@@ -195,12 +202,13 @@ def run_sweep_cmd(
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos,
                  parse_grid(list(grid)), True, progress, device, streams, retry_errors)
     summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
-    _print_summary(summary, db)
+    failed = _print_summary(summary, db)
     if report_dir:
         from .report import write_report
 
         _, files = write_report(db, report_dir)
         print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
+    _stop_if_all_errors(failed, summary.ran)
 
 
 def run_report(db: str | None = None, out: str | None = None, plots: bool = True, csv: str | None = None) -> None:
@@ -284,6 +292,7 @@ def run_bench_eval(
     print(f"{s.ran} episodes ({per_task} per task x {n_tasks} tasks) in {wall:.1f} s "
           f"= {s.ran / wall:.2f} episodes/s (start-up {s.first_result_s:.1f} s); "
           f"{s.errors} env errors")
+    _stop_if_all_errors(s.ran > 0 and s.errors == s.ran, s.ran)  # a rate of crashes is no throughput
     if s.ran:
         print(f"projected for 400 episodes at this rate: {400 / (s.ran / wall):.0f} s (target < 180 s on 16 cores)")
         # CPU time is what other load on a shared machine does not inflate much.

@@ -64,16 +64,15 @@ def check_episodes(env, name: str, tasks, init_start: int, max_steps: int | None
                              f"(task {task!r}), where the env ends every episode; give at most {limit}")
 
 
-def repeated_inits_note(env, init_start: int, episodes: int, tasks) -> str | None:
-    """A note when the episode list runs past a task's last init state: the ids wrap round, and the
-    later episodes repeat earlier init states with other noise seeds (on LIBERO, 50 per task)."""
-    over = {t: env.num_inits(t) for t in tasks if init_start + episodes > env.num_inits(t)}
+def repeated_inits_note(env, episodes: int, tasks) -> str | None:
+    """A note when a task has fewer init states than episodes: the ids wrap round, and the later
+    episodes repeat earlier init states with other noise seeds (on LIBERO, 50 per task)."""
+    over = {t: env.num_inits(t) for t in tasks if episodes > env.num_inits(t)}
     if not over:
         return None
     n = min(over.values())
-    return (f"note: {episodes} episodes from init id {init_start} run past the last init state of "
-            f"{len(over)} task(s) ({n} init states): the ids wrap round to 0, so some episodes repeat an init "
-            f"state with another noise seed (not new scenes)")
+    return (f"note: {episodes} episodes per task, more than the {n} init states of {len(over)} task(s): the ids "
+            f"wrap round, so some episodes repeat an init state with another noise seed (not new scenes)")
 
 
 def training_layouts_note(name: str, episodes) -> str | None:

@@ -525,7 +525,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             explicit, plan = plan.max_steps, replace(plan, max_steps=None)
         episodes = episode_list(env, tasks, plan.episodes, plan.init_start, plan.seed)
         for note in (training_layouts_note(plan.env, episodes),
-                     repeated_inits_note(env, plan.init_start, plan.episodes, tasks)):
+                     repeated_inits_note(env, plan.episodes, tasks)):
             if note:
                 print(note, file=sys.stderr)
         if any(p is not None and p.get("max_age_s") is not None for p, _ in settings_params):

@@ -175,6 +175,7 @@ def run_train(
     if preset not in testbed:
         raise ValueError(f"--preset {preset!r}: train makes testbed policies; expected one of {', '.join(testbed)}")
     dev = check_device(device, auto=True)
+
     def checked_out() -> Path:
         return check_out(out, "checkpoint", lambda d: any((d / f).exists() for f in CHECKPOINT_FILES),
                          lambda p: p.name in CHECKPOINT_FILES, overwrite)
@@ -279,7 +280,7 @@ def run_train(
             log = open(tmp / "train_log.jsonl", "w")
             if init:  # its history first: continuing from OUT.interrupted replaces that directory
                 prev = Path(init) / "train_log.jsonl"
-                log.write(prev.read_text() if prev.is_file() else "")
+                log.write(prev.read_text(errors="replace") if prev.is_file() else "")
                 log.write(json.dumps({"continued_from": init_abs,
                                       "init_steps": (init_meta.get("training") or {}).get("steps")}) + "\n")
             ar = torch.arange(chunk, device=dev)
