@@ -151,7 +151,7 @@ def checkpoint_config(path: str | Path) -> tuple[ModelConfig, dict]:
 
 
 def stats_files(fmt: str) -> str:
-    """Where a checkpoint of this format ("kvreuse" or "reference") has its norm stats read from."""
+    """Where a checkpoint of this format ("kvreuse", else a reference one) has its norm stats read from."""
     if fmt == "kvreuse":  # read_stats reads this one file, in kvreuse's layout
         return 'norm_stats.json as kvreuse writes it: {"state": {...}, "actions": {...}}'
     return ("norm_stats.json (openpi; also assets/<asset id>/norm_stats.json) or lerobot's "

@@ -43,7 +43,7 @@ def _part_counts(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, int]]:
 
 
 def _stats_lines(stats, variant: str, fmt: str, mapping: bool = False) -> list[str]:
-    """fmt: the checkpoint's format ("kvreuse" or "reference"); mapping: the checkpoint's modes come
+    """fmt: the checkpoint's format ("kvreuse", or a reference layout); mapping: the checkpoint's modes come
     from a lerobot config.json's normalization_mapping (else from our norm_stats.json)."""
     from .transforms.normalize import LEROBOT_NAMES, NEEDS, default_mode
 
@@ -141,7 +141,7 @@ def describe(path: str | Path) -> str:
         f"actions: {_action_route(cfg)}",
         f"tokenizer: {cfg.tokenizer} (a prompt without the state as {cfg.prompt_style} tokenizes it)",
         "norm stats:",
-        *_stats_lines(stats, cfg.variant, "kvreuse" if fmt == "kvreuse" else "reference", mapping),
+        *_stats_lines(stats, cfg.variant, fmt, mapping),
     ]
     lines += [f"{k}: {v}" for k, v in extra.items()]
     return "\n".join(lines)

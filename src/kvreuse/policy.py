@@ -106,6 +106,8 @@ class Policy:
                              "whose state is in the prompt runs without reuse only (gate=never)")
         self.model = model.eval()
         self.transform = transform
+        self._delta = any(mc.delta_action_mask)  # its actions are offsets from the state it was given
+        self._fed_state = None
         self.generator = torch.Generator(device=model.device)
         self.seed = int(seed)
         self.reuse_config = reuse or ReuseConfig()
@@ -187,11 +189,12 @@ class Policy:
             noise = self.model.make_noise(obs.batch_size, self.generator)
         # The record's total covers the input transform too (what a client waits for).
         out, rec = self.runner.infer(obs, noise, raw_shapes=self.raw_shapes(raw), started=t0)
-        key = self.transform.spec.state_key
-        if rec.state_source == "snapshot":  # a synchronized hit denoised with the snapshot's state:
-            answered = {**raw, key: self._fed_state}  # delta actions are offsets from that state
-        else:
-            answered, self._fed_state = raw, np.array(raw.get(key))
+        answered, key = raw, self.transform.spec.state_key
+        if self._delta:  # the state added back is the one the model was given
+            if rec.state_source == "snapshot":  # a synchronized hit denoised with the snapshot's
+                answered = {**raw, key: self._fed_state}
+            else:
+                self._fed_state = np.array(raw[key])
         actions = self.transform.actions(out, answered)
         if self.recorder is not None:  # only calls that gave actions: a replay has one per step
             self.recorder.add(raw, reset=first)

@@ -74,11 +74,19 @@ def resumable(out: Path) -> tuple[Path, int]:
     except OSError as e:  # a read-only folder, a file of that name
         raise _unwritable(out, tmp, e) from None
     try:
+        _lock(fd, out, f"its work in progress: {tmp}")
+    except ValueError:
+        os.close(fd)
+        raise
+    return tmp, fd
+
+
+def _lock(fd: int, out: Path, held: str) -> None:
+    """An exclusive lock on fd at once, or one error: a second run on one `out` would write the same files."""
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
-        raise ValueError(f"--out {out}: another run is writing it (its work in progress: {tmp})") from None
-    return tmp, fd
+        raise ValueError(f"--out {out}: another run is writing it ({held})") from None
 
 
 @contextmanager
@@ -95,12 +103,14 @@ def claimed(out: str | Path) -> Iterator[None]:
     except OSError as e:  # a read-only folder, a file on the path
         raise _unwritable(out, path, e) from None
     try:
+        held = f"it holds {path}"
+        _lock(fd, out, held)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.stat(path).st_ino != os.fstat(fd).st_ino:
-                raise FileNotFoundError(path)
-        except (BlockingIOError, FileNotFoundError):
-            raise ValueError(f"--out {out}: another run is writing it (it holds {path})") from None
+            ours = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            ours = False
+        if not ours:  # removed under us by the run that held it: it is the first
+            raise ValueError(f"--out {out}: another run is writing it ({held})")
         try:
             yield
         finally:
