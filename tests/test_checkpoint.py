@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from kvreuse.checkpoint import (
     check_checkpoint,
+    checkpoint_stats,
     checkpoint_format,
     load_checkpoint,
     save_checkpoint,
@@ -143,6 +144,44 @@ def test_legacy_transformers_layout_and_ignored_keys(model, tmp_path):
     save_file(legacy, str(tmp_path / "model.safetensors"))
     loaded, _, _ = load_reference(tmp_path, cfg=model.cfg)
     assert same_weights(model, loaded)
+
+
+def test_old_lerobot_norm_buffers_are_its_stats(model, tmp_path):
+    """lerobot before 0.4 saved its norm stats as buffers in the weights file; they used to be refused
+    as unexpected keys. Unset ones (lerobot's inf) count as absent."""
+    st = stats()
+    sd = reference_state_dict(model, "lerobot")
+    sd["normalize_inputs.buffer_observation_state.mean"] = torch.tensor(st.state.mean, dtype=torch.float32)
+    sd["normalize_inputs.buffer_observation_state.std"] = torch.tensor(st.state.std, dtype=torch.float32)
+    sd["normalize_targets.buffer_action.mean"] = torch.full((4,), 9.0)  # unnormalize_outputs wins
+    sd["normalize_targets.buffer_action.std"] = torch.full((4,), 9.0)
+    sd["unnormalize_outputs.buffer_action.mean"] = torch.tensor(st.actions.mean, dtype=torch.float32)
+    sd["unnormalize_outputs.buffer_action.std"] = torch.tensor(st.actions.std, dtype=torch.float32)
+    sd["normalize_inputs.buffer_observation_images_top.mean"] = torch.full((3, 1, 1), float("inf"))
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"type": "pi0" if model.cfg.variant == "pi0" else "pi05",
+                                                     "normalization_mapping": {"STATE": "MEAN_STD", "ACTION": "MEAN_STD"}}))
+    loaded, got, _ = load_reference(tmp_path, cfg=model.cfg)
+    assert same_weights(model, loaded)
+    assert (got.state_mode, got.actions_mode) == ("meanstd", "meanstd")
+    np.testing.assert_allclose(got.state.mean, st.state.mean, rtol=1e-6)
+    np.testing.assert_allclose(got.actions.std, st.actions.std, rtol=1e-6)
+    assert checkpoint_stats(tmp_path) is not None
+    sd["unnormalize_outputs.buffer_action.mean"] = torch.full((4,), float("inf"))  # unset: absent, not a stat
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"old lerobot buffers unnormalize_outputs.buffer_action\]: missing \['mean'\]"):
+        load_reference(tmp_path, cfg=model.cfg)
+
+
+def test_several_asset_stats_say_how_to_pick_one(tiny, tmp_path):
+    save_reference(tmp_path, tiny, "openpi")
+    for asset in ("droid", "trossen"):
+        (tmp_path / "assets" / asset).mkdir(parents=True)
+        (tmp_path / "assets" / asset / "norm_stats.json").write_text(json.dumps({"norm_stats": stats().to_dict()}))
+    with pytest.raises(ValueError, match=re.escape(f"copy the one to use to {tmp_path / 'norm_stats.json'}")):
+        load_reference(tmp_path)
+    (tmp_path / "norm_stats.json").write_text((tmp_path / "assets" / "droid" / "norm_stats.json").read_text())
+    assert load_reference(tmp_path)[1] is not None
 
 
 def test_loaded_dtype_and_device(model, tmp_path):
@@ -700,9 +739,11 @@ def test_invalid_json_names_the_file(tiny, tmp_path, capsys, name):
     all_readers_fail(ck, re.escape(f"checkpoint {ck / name}: not valid JSON (Expecting ','"), capsys)
 
 
-def test_malformed_norm_stats_name_the_file(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("text", [json.dumps({"state": stats().state.to_dict()}), "null", "[]",
+                                  json.dumps({"state": None, "actions": None})])
+def test_malformed_norm_stats_name_the_file(tiny, tmp_path, capsys, text):
     ck = save_checkpoint(tmp_path / "ck", tiny, stats(), "metaworld")
-    (ck / "norm_stats.json").write_text(json.dumps({"state": stats().state.to_dict()}))
+    (ck / "norm_stats.json").write_text(text)  # null / a list used to end in an AttributeError traceback
     all_readers_fail(ck, re.escape(f"checkpoint {ck / 'norm_stats.json'}: expected \"state\" and \"actions\""), capsys)
 
 

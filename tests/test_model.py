@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvreuse.model import Pi0Model, preset
+from kvreuse.model.fast import FastPi0
 from kvreuse.model.tokenizer import ByteTokenizer, tokenize_prompts
 from kvreuse.observation import Observation
 
@@ -181,6 +182,13 @@ def test_bad_observation_is_a_value_error(model):
     small = {c: torch.zeros(B, 3, 8, 8) for c in cfg.cameras}
     with pytest.raises(ValueError, match=r"images\["):
         model.encode_prefix(dataclasses.replace(obs, images=small))
+    cam = cfg.cameras[-1]  # parts of another batch than the state: Pi0.5 used to broadcast, Pi0 to fail deep inside
+    for bad in (dict(state=obs.state[:1]), dict(images={**obs.images, cam: obs.images[cam][:1]}),
+                dict(token_mask=obs.token_mask[:1])):
+        with pytest.raises(ValueError, match=r"observation: state has batch \d+, but "):
+            model.encode_prefix(dataclasses.replace(obs, **bad))
+        with pytest.raises(ValueError, match=r"observation: state has batch"):
+            FastPi0(model).encode_prefix(dataclasses.replace(obs, **bad))
 
 
 @torch.no_grad()

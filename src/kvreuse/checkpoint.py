@@ -115,8 +115,10 @@ def read_stats(path: str | Path) -> NormStats | None:
         return None
     d = read_json(f)
     try:
+        if not isinstance(d, dict):
+            raise TypeError(f"got {type(d).__name__}")  # noqa: TRY301 - one message for every ill-typed file
         return NormStats.from_dict(d)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         problem = f"missing {e}" if isinstance(e, KeyError) else str(e)
         raise ValueError(f"checkpoint {f}: expected \"state\" and \"actions\", each with mean/std/q01/q99 "
                          f"number arrays ({problem})") from None
@@ -154,8 +156,8 @@ def stats_files(fmt: str) -> str:
     """Where a checkpoint of this format ("kvreuse", else a reference one) has its norm stats read from."""
     if fmt == "kvreuse":  # read_stats reads this one file, in kvreuse's layout
         return 'norm_stats.json as kvreuse writes it: {"state": {...}, "actions": {...}}'
-    return ("norm_stats.json (openpi; also assets/<asset id>/norm_stats.json) or lerobot's "
-            "policy_preprocessor_*_normalizer_processor.safetensors")
+    return ("norm_stats.json (openpi; also assets/<asset id>/norm_stats.json), lerobot's "
+            "policy_preprocessor_*_normalizer_processor.safetensors, or old lerobot's buffers in the weights")
 
 
 def missing_stats_warning(path: str | Path) -> str | None:

@@ -137,9 +137,15 @@ def to_reference(name: str) -> str:
     return name  # the heads keep their names
 
 
+# lerobot before 0.4 kept its norm stats as buffers in the weights file (later moved to processor
+# files): `normalize_inputs.buffer_observation_state.mean`, `unnormalize_outputs.buffer_action.std`, ...
+_LEGACY_NORM = re.compile(r"(normalize_inputs|normalize_targets|unnormalize_outputs)\.buffer_(\w+)\.(\w+)")
+
+
 def _ignored(key: str) -> bool:
-    """Keys that carry nothing we use: the expert's lm_head and non-parameter buffers."""
-    return key == _EXPERT_LM_HEAD or key.endswith(("position_ids", "inv_freq"))
+    """Keys that are no weights: the expert's lm_head, non-parameter buffers, old lerobot's norm
+    stats (read by read_reference_stats)."""
+    return key == _EXPERT_LM_HEAD or key.endswith(("position_ids", "inv_freq")) or bool(_LEGACY_NORM.fullmatch(key))
 
 
 def detect_variant(keys) -> str | None:
@@ -534,7 +540,7 @@ def load_reference(
     except (OSError, SafetensorError) as e:
         raise ValueError(f"checkpoint {ref.path}: not a readable safetensors file ({e})") from None
     model.load_state_dict(state, strict=True, assign=True)
-    stats = read_reference_stats(ref.dir, cfg.variant, norm_modes(ref))
+    stats = read_reference_stats(ref.dir, cfg.variant, norm_modes(ref), ref.path)
     meta = {"model": cfg.to_dict(), "format": ref.layout, "weights": str(ref.path)}
     return model.eval(), stats, meta
 
@@ -563,13 +569,14 @@ def _stats_from(d: dict, mode: NormMode, where: str) -> Stats:
 
 
 def read_reference_stats(directory: str | Path, variant: str,
-                         modes: tuple[NormMode, NormMode] | None = None) -> NormStats | None:
+                         modes: tuple[NormMode, NormMode] | None = None, weights: Path | None = None) -> NormStats | None:
     """Norm stats beside reference weights: openpi `norm_stats.json` (also anywhere under `assets/`), or
     lerobot's `policy_preprocessor*_normalizer_processor.safetensors` (keys `observation.state.mean`,
     `action.q01`, ...), with `policy_postprocessor*_unnormalizer_processor.safetensors` as the
     fallback for the actions. modes: (state, actions) as `norm_modes` reads them, default the
     variant's (Pi0 mean/std, Pi0.5 q01/q99); each side needs its mode's stats, and the stats carry
-    the modes. None if there are none."""
+    the modes. Without any of these files, old lerobot's buffers in the `weights` file. None if there
+    are none."""
     d = Path(directory)
     st_mode, act_mode = modes or (default_mode(variant),) * 2
     # openpi writes assets/<asset_id>/norm_stats.json, and an asset id may hold a slash
@@ -578,7 +585,7 @@ def read_reference_stats(directory: str | Path, variant: str,
     jsons = [top] if top.is_file() else sorted(d.glob("assets/**/norm_stats.json"))
     if len(jsons) > 1:
         raise ValueError(f"norm stats in {d}: several norm_stats.json under assets/ "
-                         f"({[str(j) for j in jsons]}); pass one")
+                         f"({[str(j) for j in jsons]}); copy the one to use to {top} (it takes precedence)")
     if jsons:
         from .checkpoint import read_json
 
@@ -592,7 +599,7 @@ def read_reference_stats(directory: str | Path, variant: str,
     pre = sorted(d.glob("policy_preprocessor*normalizer_processor.safetensors"))
     post = sorted(d.glob("policy_postprocessor*unnormalizer_processor.safetensors"))
     if not pre and not post:
-        return None
+        return _legacy_stats(weights, st_mode, act_mode) if weights is not None else None
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -612,12 +619,36 @@ def read_reference_stats(directory: str | Path, variant: str,
                      _stats_from(group(_LEROBOT_ACTION), act_mode, f"{where} [{_LEROBOT_ACTION}]"), st_mode, act_mode)
 
 
+def _legacy_stats(weights: Path, st_mode: NormMode, act_mode: NormMode) -> NormStats | None:
+    """Norm stats from old lerobot's buffers in its weights file (`_LEGACY_NORM`); the actions from
+    `unnormalize_outputs` (what inference applies), else `normalize_targets`. lerobot filled unset
+    buffers with inf: such a stat counts as absent. None if the file has none."""
+    from safetensors import safe_open
+
+    groups: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    with safe_open(str(weights), framework="pt") as f:
+        for k in f.keys():  # noqa: SIM118 (a safe_open handle)
+            m = _LEGACY_NORM.fullmatch(k)
+            if m:
+                v = f.get_tensor(k).float().numpy()
+                if np.isfinite(v).all():
+                    groups.setdefault((m[1], m[2]), {})[m[3]] = v
+    state = groups.get(("normalize_inputs", "observation_state"))
+    actions = groups.get(("unnormalize_outputs", "action"), groups.get(("normalize_targets", "action")))
+    if state is None and actions is None:
+        return None
+    where = f"{weights} [old lerobot buffers"
+    return NormStats(_stats_from(state or {}, st_mode, f"{where} normalize_inputs.buffer_observation_state]"),
+                     _stats_from(actions or {}, act_mode, f"{where} unnormalize_outputs.buffer_action]"),
+                     st_mode, act_mode)
+
+
 def check_reference(path: str | Path) -> tuple[RefFile, ModelConfig, dict[str, str], NormStats | None]:
     """Everything about a reference checkpoint but its tensors: (the file's header, the config its
     shapes give, our key -> its key, its norm stats). Raises one ValueError naming a bad file."""
     ref = inspect_reference(path)
     cfg = config_from_reference(ref)
-    return ref, cfg, match_keys(ref, cfg), read_reference_stats(ref.dir, cfg.variant, norm_modes(ref))
+    return ref, cfg, match_keys(ref, cfg), read_reference_stats(ref.dir, cfg.variant, norm_modes(ref), ref.path)
 
 
 # ---- export (tests, and handing our weights to reference code) ----------------------------------

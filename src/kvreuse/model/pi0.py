@@ -346,6 +346,15 @@ class Pi0Model(nn.Module):
             shp = tuple(obs.images[cam].shape)
             if len(shp) != 4 or shp[1:] != (3, size, size):
                 raise ValueError(f"images[{cam!r}]: expected (B, 3, {size}, {size}), got {shp}")
+        # Every part of one batch: a hand-built observation could pair a state of one batch with
+        # images of another (Pi0.5 then broadcast one noise row over both image rows, no error).
+        b = obs.batch_size
+        parts = {"tokens": obs.tokens, "token_mask": obs.token_mask, "state_token_mask": obs.state_token_mask,
+                 **{f"images[{c!r}]": obs.images[c] for c in cfg.cameras},
+                 **{f"image_masks[{c!r}]": m for c, m in obs.image_masks.items() if c in cfg.cameras}}
+        wrong = {k: tuple(t.shape) for k, t in parts.items() if t.ndim == 0 or t.shape[0] != b}
+        if wrong:
+            raise ValueError(f"observation: state has batch {b}, but {', '.join(f'{k} {s}' for k, s in wrong.items())}")
 
 
 def param_count(model: nn.Module) -> int:
