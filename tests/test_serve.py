@@ -366,6 +366,39 @@ def test_max_clients_refused_with_503():
             a.close()
 
 
+def test_a_batch_over_max_batch_is_an_error_and_the_connection_goes_on():
+    """A small frame of many small images (a video clip sent by mistake) held the model and GBs of memory."""
+    def batch(n):
+        one = good_obs(size=8)
+        return {**{k: np.stack([one[k]] * n) for k in ("observation/image", "observation/wrist_image",
+                                                        "observation/state")}, "prompt": one["prompt"]}
+
+    with ServerThread(real_server(max_batch=2)) as port:
+        c = RawClient(port)
+        try:
+            assert c.infer(batch(3)) == "error: observation/state: a batch of 3 observations exceeds the limit of 2 (--max-batch)"
+            assert c.infer(batch(2))["actions"].shape[0] == 2
+            assert c.infer(good_obs())["actions"].ndim == 2
+        finally:
+            c.close()
+    with pytest.raises(ValueError, match="max_batch"):
+        ServeConfig(max_batch=0)
+
+
+def test_a_stop_sends_the_reply_under_way_before_closing():
+    """The stop used to close every connection at once: a request being computed lost its reply."""
+    server = PolicyServer(lambda: FakePolicy(delay_s=1.0), ServeConfig(port=0))
+    with ServerThread(server) as port:
+        c = RawClient(port)
+        c.ws.send(packb(good_obs()))
+        time.sleep(0.3)  # the request is being computed when the block's exit stops the server
+    reply = unpackb(c.ws.recv(timeout=10))
+    assert reply["actions"].shape == (4, 2)
+    with pytest.raises(ConnectionClosed) as e:
+        c.ws.recv(timeout=10)
+    assert e.value.rcvd.code == 1001
+
+
 # ---- per-client state, age bound, backpressure, disconnects -------------------------------------
 def test_server_bounds_cache_age_when_policy_does_not():
     made = []

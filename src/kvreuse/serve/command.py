@@ -107,6 +107,7 @@ def run_serve(
     queue_size: int = 16,
     max_clients: int = 64,
     max_cache_age_s: float = 5.0,
+    max_batch: int = 8,
     device: str = "cpu",
     seed: int = 0,
     threads: int | None = None,
@@ -133,6 +134,7 @@ def run_serve(
         queue_size: requests waiting for the model before clients are made to wait.
         max_clients: further connections are refused with HTTP 503.
         max_cache_age_s: a prefix cache older than this is never reused.
+        max_batch: observations one request may batch; more get an error reply.
         device: torch device of the model.
         seed: noise seed of every client's policy (and of the random model).
         threads: torch intra-op threads, >= 1 (default: torch's choice; docs/SERVE.md's figures ran 1).
@@ -163,7 +165,8 @@ def run_serve(
         torch.set_num_threads(threads)
     check_listen(host, port)
     cfg = ServeConfig(host=host, port=port, max_frame_mb=max_frame_mb, close_frame_mb=close_frame_mb,
-                      queue_size=queue_size, max_clients=max_clients, max_cache_age_s=max_cache_age_s)
+                      queue_size=queue_size, max_clients=max_clients, max_cache_age_s=max_cache_age_s,
+                      max_batch=max_batch)
     reuse = with_age_bound(reuse, max_cache_age_s)
     if checkpoint is None and robot in (None, "metaworld"):  # as eval and compare: the shipped testbed policy
         from ..assets import shipped_checkpoint

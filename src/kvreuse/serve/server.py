@@ -47,6 +47,7 @@ RESET_KEY = "reset"
 CONTROL_KEY = "__ctrl__"
 CONTROLS = ("reset", "episode_start", "episode_end")  # the last two: the names some openpi forks send
 _MB = 1 << 20
+STOP_GRACE_S = 10.0  # on stop, replies under way get this long to go out before the connections close
 _PORT_TRIES = 5
 
 
@@ -103,6 +104,9 @@ class ServeConfig:
     max_clients: int = 64
     # A prefix cache older than this is never reused (openpi's client never resets between episodes).
     max_cache_age_s: float = 5.0
+    # Rows one request may batch: every image is resized to the model's size, so a tiny frame of many
+    # small images (or a video clip sent by mistake) would otherwise hold the model and memory for long.
+    max_batch: int = 8
     max_error_chars: int = 300
 
     def __post_init__(self) -> None:
@@ -113,8 +117,9 @@ class ServeConfig:
         if not 0 < self.max_frame_mb <= self.close_frame_mb:
             raise ValueError(f"max_frame_mb: expected 0 < max_frame_mb <= close_frame_mb, got {self.max_frame_mb} "
                              f"and {self.close_frame_mb}")
-        if self.queue_size < 1 or self.max_clients < 1:
-            raise ValueError(f"queue_size and max_clients: expected >= 1, got {self.queue_size}, {self.max_clients}")
+        if self.queue_size < 1 or self.max_clients < 1 or self.max_batch < 1:
+            raise ValueError(f"queue_size, max_clients and max_batch: expected >= 1, got {self.queue_size}, "
+                             f"{self.max_clients}, {self.max_batch}")
         if not self.max_cache_age_s > 0:
             raise ValueError(f"max_cache_age_s: expected seconds > 0 (inf for no bound), got {self.max_cache_age_s}")
 
@@ -169,10 +174,13 @@ class PolicyServer:
         self._queue: asyncio.Queue[_Job] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._busy = False
+        self._stopping = False
+        self._replying = 0  # requests read and not yet answered
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def run(self, ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None) -> None:
         self._queue = asyncio.Queue(maxsize=self.cfg.queue_size)
+        self._stopping = False
         # per run: the last run's was shut down (a server run again failed every inference)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvreuse-infer")
         worker = asyncio.create_task(self._worker())
@@ -207,9 +215,20 @@ class PolicyServer:
                         await stop.wait()
                 finally:  # leaving the block closes these connections with 1001 (going away)
                     self.connected_at_stop = len(self.clients)
+                    await self._drain()
         finally:
             worker.cancel()
             self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _drain(self) -> None:
+        """On stop: no new connection or request; those read already are answered (up to STOP_GRACE_S),
+        so a robot gets the chunk it asked for before its connection closes."""
+        self._stopping = True
+        t_end = time.monotonic() + STOP_GRACE_S
+        while self._replying and time.monotonic() < t_end:
+            await asyncio.sleep(0.01)
+        if self._replying:
+            log.warning("stopping with %d replies unsent after %.0f s", self._replying, STOP_GRACE_S)
 
     # ---- HTTP endpoints (before the websocket handshake) -------------------------------------
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -226,6 +245,8 @@ class PolicyServer:
                                       f"no such page {path!r}: GET /healthz or /stats, or open a websocket\n")
         if len(self.clients) >= self.cfg.max_clients:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "server full: too many clients\n")
+        if self._stopping:
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "server stopping\n")
         return None  # go on with the websocket handshake
 
     def stats(self) -> dict:
@@ -292,24 +313,17 @@ class PolicyServer:
             prev_total_ms = None
             while True:
                 frame = await ws.recv()
+                if self._stopping:  # read during the stop: the connection closes unanswered (1001)
+                    await ws.wait_closed()
+                    break
                 t0 = time.perf_counter()
+                self._replying += 1
                 try:
-                    reply = await self._answer(ws, session, frame, t0, prev_total_ms)
-                except _ClientGone:
-                    raise
-                except (ProtocolError, ValueError) as e:
-                    session.stats.errors += 1
-                    await ws.send(self._error(str(e)))
-                    continue
-                except Exception as e:  # noqa: BLE001 - a bug or a model failure: log it, keep serving
-                    session.stats.errors += 1
-                    log.exception("client %d: inference failed", session.id)
-                    await ws.send(self._error(f"internal error during inference ({type(e).__name__}); see server log"))
-                    continue
-                try:
-                    await ws.send(reply)
+                    await ws.send(await self._reply(ws, session, frame, t0, prev_total_ms))
                 except ConnectionClosed:
                     raise _ClientGone from None
+                finally:
+                    self._replying -= 1
                 prev_total_ms = (time.perf_counter() - t0) * 1e3
         except _ClientGone:
             session.stats.abandoned += 1
@@ -319,6 +333,20 @@ class PolicyServer:
             self.clients.pop(session.id, None)
             self.closed_totals.add(session.stats)
             log.info("client %d (%s) left after %d requests", session.id, remote, session.stats.requests)
+
+    async def _reply(self, ws: ServerConnection, session: ClientSession, frame, t0: float, prev_total_ms) -> bytes | str:
+        """The answer to one frame: actions, an ack, or one `error:` line (the connection goes on)."""
+        try:
+            return await self._answer(ws, session, frame, t0, prev_total_ms)
+        except _ClientGone:
+            raise
+        except (ProtocolError, ValueError) as e:
+            session.stats.errors += 1
+            return self._error(str(e))
+        except Exception as e:  # noqa: BLE001 - a bug or a model failure: log it, keep serving
+            session.stats.errors += 1
+            log.exception("client %d: inference failed", session.id)
+            return self._error(f"internal error during inference ({type(e).__name__}); see server log")
 
     def _error(self, msg: str) -> str:
         msg = " ".join(msg.split())  # one line
@@ -341,6 +369,7 @@ class PolicyServer:
             await self._submit(ws, session.reset)
             return packb({"__ack__": ctrl})
 
+        self._check_batch(session, req)
         reset = req.pop(RESET_KEY, False)
         if not (isinstance(reset, (bool, np.bool_)) or (isinstance(reset, int) and reset in (0, 1))):
             raise ProtocolError(f"{RESET_KEY}: expected a bool, got {type(reset).__name__}")
@@ -357,6 +386,16 @@ class PolicyServer:
         if prev_total_ms is not None:
             timing["prev_total_ms"] = prev_total_ms
         return packb({"actions": np.asarray(actions), "server_timing": timing})
+
+
+    def _check_batch(self, session: ClientSession, req: dict) -> None:
+        """A batch (the state's rows, as the robot transform reads it) of at most max_batch."""
+        transform = getattr(session.policy, "transform", None)
+        state = req.get(transform.spec.state_key) if transform is not None else None
+        rows = np.shape(state)[0] if np.ndim(state) == 2 else 1
+        if rows > self.cfg.max_batch:
+            raise ProtocolError(f"{transform.spec.state_key}: a batch of {rows} observations exceeds the limit of "
+                                f"{self.cfg.max_batch} (--max-batch)")
 
 
 class ServerThread:
