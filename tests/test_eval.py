@@ -1107,7 +1107,8 @@ def test_unusable_db_and_report_paths_are_one_clear_error(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     for db, msg in ((a_file / "x.db", r"cannot create its folder .* \(a file is in the way\)"),
-                    (tmp_path, "is a directory"), (Path("/proc/x.db"), "cannot open it")):
+                    (tmp_path, "is a directory"), (Path("/proc/x.db"), "cannot open it"),
+                    (Path("/dev/null"), "not a regular file")):  # was a traceback from inside the schema
         with pytest.raises(ValueError, match=f"results DB {db}: {msg}"):
             ResultStore(db)
     with pytest.raises(SystemExit) as e:
@@ -1347,6 +1348,18 @@ def test_an_episode_lost_with_its_worker_runs_again(tmp_path):
     with ResultStore(plan.db) as st:
         assert sorted((e["task"], e["status"] != "error") for e in st.episodes()) == [
             ("reach", True), ("reach", True), ("vanish", True), ("vanish", True)]
+
+
+def test_an_episode_lost_three_times_is_stored_as_an_error(tmp_path):
+    """Its message and docs/EVAL.md say three; it used to run (and be lost) a fourth time."""
+    gone = tmp_path / "gone"
+    plan = SweepPlan(db=str(tmp_path / "v.db"), env="fake", tasks=("vanish",), episodes=1, workers=1,
+                     progress=False, env_kw={"max_steps": 4, "vanish_once": str(gone), "vanish_times": 99})
+    s = run_sweep(plan, PolicySource(None, "tiny-pi0"))
+    assert gone.stat().st_size == 3 and s.errors == 1
+    with ResultStore(plan.db) as st:
+        assert [(e["status"], e["error"]) for e in st.episodes()] == [
+            ("error", "lost three times with a worker that died between episodes")]
 
 
 def test_retry_errors_replaces_error_rows_and_concurrent_results_are_counted(tmp_path, monkeypatch):

@@ -5,9 +5,9 @@ it is within `radius`. Images are small gradients that shift with the hand posit
 image-similarity gates see real changes. Task "crash" raises inside `step` after a few steps
 (an env crash, which the harness must record as an error and carry on). With hard_crash=True,
 task "abort" kills the whole process instead (run it in sweep workers only). With
-vanish_once=PATH, task "vanish" ends its process quietly (exit 0) the first time (it creates
-PATH), as a worker killed between episodes may lose the one it had just taken; later it runs as a
-plain task.
+vanish_once=PATH, task "vanish" ends its process quietly (exit 0) the first time (it counts its
+attempts in PATH; the first `vanish_times`, with vanish_times), as a worker killed between episodes
+may lose the one it had just taken; later it runs as a plain task.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ class FakeEnv:
     prompts = {"reach": "reach the target", "reach-far": "reach the far target", "crash": "crash the simulator"}
 
     def __init__(self, image_size: int = 32, max_steps: int = 30, radius: float = 0.15, step_sleep_s: float = 0.0,
-                 hard_crash: bool = False, vanish_once: str | None = None):
+                 hard_crash: bool = False, vanish_once: str | None = None, vanish_times: int = 1):
         self.size, self._max, self.radius, self.sleep = image_size, max_steps, radius, step_sleep_s
         self.tasks, self.prompts = FakeEnv.tasks, dict(FakeEnv.prompts)
         if hard_crash:  # adds task "abort": the process dies in step 3 (a simulator segfault)
             self.tasks, self.prompts["abort"] = (*self.tasks, "abort"), "abort the process"
-        self.vanish_once = vanish_once
+        self.vanish_once, self.vanish_times = vanish_once, vanish_times
         if vanish_once:
             self.tasks, self.prompts["vanish"] = (*self.tasks, "vanish"), "reach the target"
         self.task = ""
@@ -56,11 +56,11 @@ class FakeEnv:
         if task == "vanish" and self.vanish_once:
             import os
 
-            try:
-                open(self.vanish_once, "x").close()  # the first time only, across processes
+            with open(self.vanish_once, "ab") as f:  # one byte per attempt, across processes (O_APPEND)
+                f.write(b"x")
+                attempt = f.tell()
+            if attempt <= self.vanish_times:
                 os._exit(0)
-            except FileExistsError:
-                pass
         rng = np.random.default_rng(zlib.crc32(f"{task}/{init_id}".encode()))
         scale = 0.4 if task == "reach" else 1.0  # crash/abort: far targets, never reached first
         self.task, self.t = task, 0

@@ -122,6 +122,8 @@ class ResultStore:
         self.read_only = read_only
         if self.path.is_dir():
             raise ValueError(f"results DB {self.path}: is a directory; give a file path for --db")
+        if self.path.exists() and not self.path.is_file():  # /dev/null, a pipe: SQLite failed mid-schema
+            raise ValueError(f"results DB {self.path}: not a regular file; give a file path for --db")
         if not read_only and self.path.is_file() and not os.access(self.path, os.W_OK):
             raise ValueError(f"results DB {self.path}: read-only file; give a writable --db (`kvreuse report` "
                              "reads it as it is)")

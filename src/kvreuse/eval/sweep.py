@@ -835,11 +835,11 @@ def _pool_results(jobs: list, n: int, init_args: tuple):
                 procs[slot] = start(slot)  # takes the dead worker's place (and its unread sentinel)
             if pending and all(p.exitcode == 0 for p in procs):
                 # A worker killed between episodes can take one with it: taken from the queue but
-                # not yet marked as in hand, or its result not yet flushed. Run those again, each
-                # at most three times.
+                # not yet marked as in hand, or its result not yet flushed. Run those again; one
+                # lost a third time is stored as an error.
                 for jid in sorted(pending):
                     lost[jid] = lost.get(jid, 0) + 1
-                    if lost[jid] > 3:
+                    if lost[jid] >= 3:
                         pending.discard(jid)
                         key, _, task, init_id, seed, *_ = jobs[jid]
                         yield key, EpisodeResult(task, init_id, seed, "error",
