@@ -1,6 +1,7 @@
 """Testbed training pieces: demo format round trip, augmentation, masked loss, a tiny train run."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -205,32 +206,36 @@ def test_train_failing_mid_run_keeps_the_weights_reached(demo_dir, tmp_path, mon
 
 def test_train_stops_when_the_loss_is_not_finite(demo_dir, tmp_path, monkeypatch):
     """A diverged run (here --lr 1e30: the loss is NaN from step 2) trained to the end and saved NaN
-    weights to --out as a checkpoint; it stops with one error. One bad batch after good steps (a NaN
-    at step 4) kept nothing, its update already in the EMA; the EMA at the last finite loss is kept."""
+    weights to --out as a checkpoint; it stops with one error. The EMA at the last finite loss is kept,
+    not one that holds the weights whose loss was not finite: lr 1e30's step-1 weights were finite but
+    gave NaN actions, and the EMA kept with them could not be continued from (it was, with its NaN
+    final loss in config.json). A NaN before any sound step keeps nothing."""
     import kvreuse.model.pi0 as pi0
     from kvreuse.checkpoint import load_checkpoint
     from kvreuse.train.train import run_train
 
     out, kept = tmp_path / "ck", tmp_path / "ck.interrupted"
     with pytest.raises(ValueError, match=r"^train: the loss is not finite at step 2 \(training diverged; try a "
-                       rf"lower --lr\) \({out} is as it was; the EMA weights after 1 of up to 4"):
+                       rf"lower --lr\) \({out} is as it was; nothing of this run was kept \(no step before"):
         run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=4, batch_size=2, device="cpu", lr=1e30)
+    assert list(tmp_path.iterdir()) == []
     real, calls = pi0.Pi0Model.loss, []
 
     def loss(self, *a, **k):
         calls.append(1)
-        return real(self, *a, **k) * (float("nan") if len(calls) == 4 else 1.0)
+        return real(self, *a, **k) * (float("nan") if len(calls) % 4 == 0 else 1.0)  # each run's 4th batch
 
     monkeypatch.setattr(pi0.Pi0Model, "loss", loss)
     # (a run not continued from ck.interrupted leaves it as it is: a restart stopped after a step
     # replaced a long run's weights)
-    with pytest.raises(ValueError, match=r"^train: the loss is not finite at step 4 .*are in "
-                       + re.escape(f"{kept}-1: continue from them with --init {kept}-1")):
-        run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=8, batch_size=2, device="cpu")
+    for name in ("ck.interrupted", "ck.interrupted-1"):
+        with pytest.raises(ValueError, match=r"^train: the loss is not finite at step 4 .*after 2 of up to 8 steps are in "
+                           + re.escape(f"{tmp_path / name}: continue from them with --init {tmp_path / name}")):
+            run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=8, batch_size=2, device="cpu")
     model, _, meta = load_checkpoint(f"{kept}-1")
-    assert meta["training"]["steps"] == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert meta["training"]["steps"] == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert math.isfinite(meta["training"]["final_loss"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.interrupted", "ck.interrupted-1"]
-    assert load_checkpoint(kept)[2]["training"]["steps"] == 1
     monkeypatch.setattr(pi0.Pi0Model, "loss", real)  # a run continued from it replaces it
     lr_calls = []
 
@@ -648,7 +653,7 @@ def test_a_second_train_on_one_out_fails_at_once(demo_dir, tmp_path, monkeypatch
         run_train(**kw)
 
 
-def test_a_symlinked_out_is_replaced_where_it_points(demo_dir, tmp_path):
+def test_a_symlinked_out_is_replaced_where_it_points(demo_dir, tmp_path, monkeypatch):
     """--out a symlink: the swap moved the link aside, put the new result in its place and failed to
     remove the moved link (rmtree refuses links); train then said "out is as it was". The directory
     the link names is replaced, on its disk, and the link stays."""
@@ -666,9 +671,16 @@ def test_a_symlinked_out_is_replaced_where_it_points(demo_dir, tmp_path):
     assert [p.name for p in real.parent.iterdir()] == ["ck"]
     # a failed run keeps its weights beside the directory too, where its work in progress was (beside
     # the link, on another disk, the rename failed and nothing was kept)
-    with pytest.raises(ValueError, match="not finite"):
+    def fail_third(progress, warmup, calls=[]):  # noqa: B006 - counts this run's calls
+        calls.append(progress)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return 1.0
+
+    monkeypatch.setattr("kvreuse.train.train._lr_factor", fail_third)
+    with pytest.raises(RuntimeError, match="boom"):
         run_train(demos=str(demo_dir), out=str(link), preset="tiny-pi0", steps=4, batch_size=2, device="cpu",
-                  overwrite=True, lr=1e30)
+                  overwrite=True)
     assert sorted(p.name for p in real.parent.iterdir()) == ["ck", "ck.interrupted"]
 
 

@@ -305,6 +305,20 @@ def run_train(
                 )
                 with autocast:
                     loss = model.loss(obs, nact[rows], valid=valid.float())
+                read = step < 49 or step % 10 == 9  # the loss is read (a device sync) only every 10th step
+                if read:
+                    value = loss.item()
+                    if not math.isfinite(value):  # diverged: the rest would train (and save) NaN weights
+                        # The EMA at the last finite loss is kept: these weights' loss is not, and the
+                        # EMA holds them already (finite ones can still be far gone: lr 1e30).
+                        bad, step = step + 1, good_step
+                        if ema_good is not None:
+                            torch._foreach_copy_(ema_params, ema_good)
+                        raise ValueError(f"the loss is not finite at step {bad} (training diverged; try a lower --lr)")
+                    # a finite loss of the weights before this step's update: the EMA as it stands is sound
+                    ema_good = [p.detach().clone() for p in ema_params] if ema_good is None else ema_good
+                    torch._foreach_copy_(ema_good, ema_params)
+                    good_step = step
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -317,19 +331,7 @@ def run_train(
                     d = min(ema, (1 + step) / (10 + step))  # short warm-up of the EMA
                     torch._foreach_lerp_(ema_params, list(model.parameters()), 1 - d)
                 step += 1
-                if step % 10 == 0 or step < 50:  # (the loss is read, a device sync, only every 10th step)
-                    losses.append(loss.item())
-                    if not math.isfinite(losses[-1]):  # diverged: the rest would train (and save) NaN weights
-                        # The EMA of the last step read as finite is kept, not one a NaN step reached
-                        bad, step = step, good_step
-                        if ema_good is not None:
-                            torch._foreach_copy_(ema_params, ema_good)
-                        raise ValueError(f"the loss is not finite at step {bad} (training diverged; try a lower --lr)")
-                    ema_good = [p.detach().clone() for p in ema_params] if ema_good is None else ema_good
-                    torch._foreach_copy_(ema_good, ema_params)
-                    good_step = step
-                else:
-                    losses.append(losses[-1])
+                losses.append(value if read else losses[-1])
                 logged = step == 1 or step % log_every == 0 or progress >= 1.0  # step 1: early sign of life
                 if logged or elapsed - printed >= PRINT_EVERY_S:  # slow steps (a CPU) still show progress
                     printed = elapsed
@@ -352,7 +354,9 @@ def run_train(
         except (KeyboardInterrupt, Exception) as e:  # Ctrl-C, SIGTERM, an error: the weights so far are kept aside
             kept, unsaved = None, ""
             why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-            if losses:
+            if step == 0 and losses:  # diverged before any sound step: the start is all there is
+                unsaved = " (no step before the loss diverged)"
+            elif losses:
                 try:
                     log.close()
                 except OSError:  # its buffered lines hit the error again (a full disk): the weights may still fit
