@@ -226,7 +226,9 @@ def collect_demos(
         parts_per_task: split each task over this many workers (disjoint layouts).
         counts: "TASK=N" entries that override demos_per_task for a task (more demos where
             the policy is weak).
-        seed: seeds each episode's env reset and action noise (drawn per task and part).
+        seed: seeds each task part's generator, which draws its episodes' action noise in order
+            (the per-episode `seed` in index.json is passed to the env's reset, which Meta-World
+            ignores: a demo is reproduced by the whole run, not by its own seed).
         overwrite: replace a demo set already in `out` (otherwise refused).
 
     Nothing is written unless every task gets its demos: a shortfall (episodes cut off at
