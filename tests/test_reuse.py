@@ -116,6 +116,26 @@ def test_a_gate_that_never_fires_is_bit_identical_to_sample_actions(variant, mod
         assert same == ([True, False, False] if mode == "text_fixed" else [True] * 3), kw
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_hit_refuses_what_a_refresh_refuses(mode):
+    """A reuse computes nothing that would check its observation: images of another size, or of another
+    batch than the state, were answered from the cache where a refresh raised."""
+    m, tf = model_and_tf("pi0")
+    for kw in (dict(gate="always"), dict(gate="threshold", threshold=0.5), dict(gate="period", period=9)):
+        pol = ReusePolicy(m, ReuseConfig(mode=mode, **kw))
+        obs = tf(raw_obs(np.random.default_rng(0)))
+        pol.infer(obs, noise_for(m, 0))
+        cam = m.cfg.cameras[0]
+        small = replace(obs, images={**obs.images, cam: obs.images[cam][..., ::2, ::2]})
+        two = replace(obs, images={**obs.images, cam: obs.images[cam].expand(2, -1, -1, -1)})
+        for bad, match in ((small, r"images\[.*expected \(B, 3, 64, 64\)"), (two, "observation: state has batch 1")):
+            with pytest.raises(ValueError, match=match):
+                m.sample_actions(bad, noise_for(m, 1))
+            with pytest.raises(ValueError, match=match):
+                pol.infer(bad, noise_for(m, 1))
+        assert pol.infer(obs, noise_for(m, 2))[1].decision == "reuse", kw  # the refused calls changed nothing
+
+
 # ---- a lower threshold never reuses less -----------------------------------------------------
 
 

@@ -77,15 +77,6 @@ class PrefixCache:
     def snapshots(self) -> set[int]:
         return {s.snapshot for s in self.spans}
 
-    @property
-    def mixed(self) -> bool:
-        """True if K/V of different observations are combined in this cache."""
-        return len(self.snapshots) > 1
-
     def with_spans(self, **updates: int) -> tuple[Span, ...]:
         """Spans with new snapshot ids for the named spans."""
         return tuple(replace(s, snapshot=updates.get(s.name, s.snapshot)) for s in self.spans)
-
-    def age(self, call_index: int, now: float | None = None) -> tuple[int, float]:
-        now = time.monotonic() if now is None else now
-        return call_index - self.call_index, now - self.created

@@ -334,6 +334,10 @@ class Pi0Model(nn.Module):
         return err.mean() if valid is None else (err * valid).sum() / valid.sum().clamp(min=1)
 
     # ---- checks -----------------------------------------------------------------------------
+    def check_observation(self, obs: Observation) -> None:
+        """One ValueError naming what does not fit the model (cameras, sizes, batch); no device work."""
+        self._check(obs)
+
     def _check(self, obs: Observation) -> None:
         cfg = self.cfg
         missing = [c for c in cfg.cameras if c not in obs.images]

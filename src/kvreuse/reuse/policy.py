@@ -176,6 +176,8 @@ class ReusePolicy:
         """-> ((B, chunk, max_action_dim) normalized actions, record). `started` (perf_counter)
         lets a caller include its input transform in the record's total."""
         model, cfg, mc = self.model, self.config, self.model.cfg
+        # What a refresh would refuse, a hit must too (it computes nothing that would check it)
+        model.check_observation(obs)
         t_start = self._sync() if started is None else started
         captured = Graphs.captured
         call = self.call_index
