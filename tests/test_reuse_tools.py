@@ -206,6 +206,23 @@ def test_policy_records_a_replayable_stream(tmp_path):
         if step.reset:
             replay.reset()
         assert np.array_equal(replay.infer(step.raw, n.clone())[0], a)
+    # The policy's own noise: each episode restarts its generator from the seed, which the recording
+    # keeps (without it a replay's one generator ran on: other noise from the second episode on)
+    from kvreuse.reuse.compare import StreamNoise
+
+    pol = Policy(m, tf, seed=5)
+    pol.recorder, outs = ObservationStream(robot="metaworld"), []
+    for i in range(4):
+        if i == 2:
+            pol.reset()
+        outs.append(pol.infer(raw_obs(rng))[0])
+    back = ObservationStream.load(pol.recorder.save(tmp_path / "own.safetensors"))
+    assert [s.seed for s in back] == [5, None, 5, None]
+    replay, noise = Policy(m, tf), StreamNoise(m, seed=0)
+    for step, a in zip(back, outs):
+        if step.reset:
+            replay.reset()
+        assert np.array_equal(replay.infer(step.raw, noise(step, tf))[0], a)
 
 
 def test_load_streams_from_a_folder(tmp_path):
@@ -228,6 +245,21 @@ def test_load_streams_from_a_folder(tmp_path):
     synthetic_stream(steps=1, episodes=1, size=SIZE, robot="libero", state_dim=8).save(tmp_path / "d" / "c.safetensors")
     with pytest.raises(ValueError, match="several robots"):
         load_streams(tmp_path / "d")
+
+
+def test_a_saved_folder_keeps_each_episodes_noise_seed(tmp_path):
+    """`eval --streams` files carry their episode's seed in their meta; a folder loaded as one stream and
+    saved (`--save-stream`) lost them, so its replay drew other noise (other decisions under a phase gate)."""
+    from kvreuse.reuse.stream import ObservationStream, load_streams
+
+    for i, seed in enumerate((11, 22)):
+        s = synthetic_stream(steps=2, episodes=1, size=SIZE, seed=i)
+        s.meta = {"setting": "x", "seed": seed}
+        s.save(tmp_path / "d" / f"{i}.safetensors")
+    folder = load_streams(tmp_path / "d")
+    assert [st.seed for st in folder] == [11, None, 22, None]
+    back = ObservationStream.load(folder.save(tmp_path / "all.safetensors"))
+    assert [st.seed for st in back] == [11, None, 22, None]
 
 
 def test_compare_grid_cli(tmp_path, capsys):
@@ -378,6 +410,22 @@ def test_compare_says_when_a_stream_folder_holds_several_eval_settings(tmp_path,
     assert "holds the recordings of 2 eval settings (aaaa, bbbb)" in err
     main(["compare", "grid", "--stream", str(tmp_path / "streams" / "aaaa"), "--grid", "gate=always", "--threads", "1"])
     assert "note:" not in capsys.readouterr().err
+
+
+def test_compare_notes_a_replay_through_other_weights_than_recorded_them(tmp_path, capsys):
+    """An eval stream replayed without the eval's --preset ran through the other shipped policy (other
+    norm stats, other decisions) without a word; the stream now names the weights that ran."""
+    from kvreuse.cli import main
+    from kvreuse.eval.sweep import PolicySource, SweepPlan, run_sweep
+
+    plan = SweepPlan(db=str(tmp_path / "s.db"), env="fake", tasks=("reach",), episodes=1, workers=0, streams=1,
+                     stream_dir=str(tmp_path / "streams"), progress=False, env_kw={"max_steps": 3}, replan=3)
+    run_sweep(plan, PolicySource(None, "tiny-pi0"))
+    capsys.readouterr()
+    for preset, noted in (("tiny-pi05", True), ("tiny-pi0", False)):
+        main(["compare", "actions", "--stream", str(tmp_path / "streams"), "--preset", preset, "--threads", "1"])
+        err = capsys.readouterr().err
+        assert ("was recorded through testbed-pi0@" in err and "replayed through testbed-pi05@" in err) == noted, err
 
 
 def test_compare_replays_a_stream_file_whose_meta_is_not_a_dict(tmp_path):

@@ -160,7 +160,8 @@ class Policy:
 
     def reset(self, seed: int | None = None) -> None:
         """Start an episode: reseeds the noise and drops the cache (never reused across resets)."""
-        self.generator.manual_seed(self.seed if seed is None else seed)
+        self._episode_seed = self.seed if seed is None else seed  # a recorder keeps it: its replay's noise
+        self.generator.manual_seed(self._episode_seed)
         self.runner.reset()
 
     @property
@@ -197,5 +198,5 @@ class Policy:
                 self._fed_state = np.array(raw[key])
         actions = self.transform.actions(out, answered)
         if self.recorder is not None:  # only calls that gave actions: a replay has one per step
-            self.recorder.add(raw, reset=first)
+            self.recorder.add(raw, reset=first, seed=self._episode_seed if first else None)
         return (actions if self.transform.batched(raw) else actions[0]), rec

@@ -180,9 +180,14 @@ def _note_older_id(store, settings: list, src: PolicySource, db: str) -> None:
 
 
 def _weights_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
-    if src.checkpoint is None:
-        return f"random:{src.preset}:seed0"
-    p = Path(src.checkpoint)
+    return weights_identity(src.checkpoint, src.preset, era)
+
+
+def weights_identity(checkpoint: str | None, preset: str, era: int = len(ID_CHANGES)) -> str:
+    """The first part of a policy id: which weights (a checkpoint's by a hash of its file)."""
+    if checkpoint is None:
+        return f"random:{preset}:seed0"
+    p = Path(checkpoint)
     w = p if p.is_file() else p / "model.safetensors"  # a reference checkpoint may be given as its file
     if not w.is_file():
         raise ValueError(f"checkpoint {p}: no model.safetensors (only safetensors weights are read)")
@@ -389,7 +394,7 @@ def _worker_init(src: PolicySource, env_name: str, env_kw: dict, robot: str, thr
 def _worker_run(job: tuple) -> tuple[str, EpisodeResult]:
     if _W.get("init_error") is not None:
         raise _W["init_error"]
-    key, reuse, task, init_id, seed, replan, max_steps, video, stream = job
+    key, reuse, task, init_id, seed, replan, max_steps, video, stream, policy_id = job
     pol = _W["policies"].get(key)
     if pol is None:
         pol = _W["policies"][key] = make_policy(_W["model"], _W["transform"], reuse)
@@ -400,7 +405,8 @@ def _worker_run(job: tuple) -> tuple[str, EpisodeResult]:
         from ..reuse.stream import ObservationStream
 
         rec = ObservationStream(robot=_W["transform"].spec.name,
-                                meta={"setting": key, "reuse": reuse, "task": task, "init_id": init_id, "seed": seed})
+                                meta={"setting": key, "reuse": reuse, "task": task, "init_id": init_id, "seed": seed,
+                                      "policy": policy_id})  # compare notes a replay through other weights
     pol.recorder = rec
     try:
         res = run_episode(pol, _W["env"], task, init_id, seed, replan=replan, max_steps=max_steps, video_path=video)
@@ -599,7 +605,8 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
                 if stream and not Path(stream).is_file():
                     unrecorded["streams"] += 1
                 continue
-            jobs.append((s.key, configs[s.key], task, init_id, seed, plan.replan, plan.max_steps, video, stream))
+            jobs.append((s.key, configs[s.key], task, init_id, seed, plan.replan, plan.max_steps, video, stream,
+                         policy_id))
     for what, n in unrecorded.items():
         if n:  # only a run records them: a rerun skips stored episodes, and the folder stayed empty silently
             print(f"note: --{what}: {n} of the episodes to record are already in {plan.db} and are not run "

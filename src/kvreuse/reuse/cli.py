@@ -185,6 +185,17 @@ def load(src: Source):
             what += f", norm stats of {src.stats_from}"
         model, tf = robot_runtime(model, spec, stats, tokenizer=src.tokenizer, fast=src.fast)
         policy = Policy(model, tf, seed=src.seed)
+    # `kvreuse eval --streams` names the weights that ran: another policy replays other decisions
+    recorded = meta.get("policies") if "policies" in meta else [meta.get("policy")]
+    theirs = sorted({r.split("+")[0] for r in recorded if isinstance(r, str)}) if isinstance(recorded, list) else []
+    if theirs:
+        from ..eval.sweep import weights_identity
+
+        mine = weights_identity(ckpt, src.preset) if ckpt else f"random:{src.preset}:seed{src.seed}"
+        if mine not in theirs:
+            print(f"note: stream {src.stream} was recorded through {', '.join(theirs)}, replayed through {mine}: "
+                  "the live run's decisions replay only through the policy that ran it (--checkpoint / --preset)",
+                  file=sys.stderr)
     spec = policy.transform.spec
     if stream is not None:  # checked against this spec above, before the model
         what += f", stream {src.stream} ({len(stream)} steps, {stream.episodes} episodes)"

@@ -47,9 +47,10 @@ class ObservationStream:
     def __iter__(self) -> Iterator[StreamStep]:
         return iter(self.steps)
 
-    def add(self, raw: dict, reset: bool = False) -> None:
-        """Record one observation (copied, so later mutation by the env does not leak in)."""
-        self.steps.append(StreamStep({k: (np.array(v) if _is_array(v) else v) for k, v in raw.items()}, reset))
+    def add(self, raw: dict, reset: bool = False, seed: int | None = None) -> None:
+        """Record one observation (copied, so later mutation by the env does not leak in); seed: the
+        noise seed of the episode it starts."""
+        self.steps.append(StreamStep({k: (np.array(v) if _is_array(v) else v) for k, v in raw.items()}, reset, seed))
 
     def where(self, i: int) -> str:
         """Step `i` in words for an error: its file and step there for a folder's streams."""
@@ -83,7 +84,8 @@ class ObservationStream:
                     extra[k] = v
             # null when the observation had no prompt (a policy's default prompt answered it):
             # replayed without one too, so the default answers again
-            index.append({"reset": bool(st.reset), "prompt": st.raw.get("prompt"), "arrays": arrays, "extra": extra})
+            index.append({"reset": bool(st.reset), "prompt": st.raw.get("prompt"), "arrays": arrays, "extra": extra,
+                          **({"seed": st.seed} if st.seed is not None else {})})  # a folder's episodes keep theirs
         header = {"format": FORMAT, "version": VERSION, "robot": self.robot, "meta": self.meta, "steps": index}
         try:
             text = json.dumps(header)
@@ -123,7 +125,10 @@ class ObservationStream:
                     raw.update(st.get("extra", {}))
                     if st["prompt"] is not None:
                         raw["prompt"] = st["prompt"]
-                    steps.append(StreamStep(raw, bool(st["reset"])))
+                    seed = st.get("seed")
+                    if seed is not None and type(seed) is not int:
+                        raise TypeError(f"step {i}: seed {seed!r} is not an integer")
+                    steps.append(StreamStep(raw, bool(st["reset"]), seed))
         except (OSError, json.JSONDecodeError, KeyError, SafetensorError) as e:
             raise ValueError(f"stream {path}: unreadable ({e})") from None
         except (TypeError, AttributeError) as e:  # JSON, but not shaped as FORMAT's header (another tool's)
@@ -135,7 +140,7 @@ class ObservationStream:
         # One eval episode per file: the live run drew its noise from a generator seeded with the
         # episode's seed, so a replay does too (the phase gate reads the predicted chunk).
         if (isinstance(meta, dict) and "setting" in meta and type(meta.get("seed")) is int and steps
-                and sum(st.reset for st in steps) <= 1):
+                and sum(st.reset for st in steps) <= 1 and steps[0].seed is None):
             steps[0].seed = meta["seed"]
         return ObservationStream(steps, robot, meta)
 
@@ -156,8 +161,11 @@ def load_streams(path: str | Path) -> ObservationStream:
     # `kvreuse eval --streams` names the setting it recorded: a folder above several is told apart
     settings = sorted({p.meta["setting"] for p in parts
                        if isinstance(p.meta, dict) and isinstance(p.meta.get("setting"), str)})
+    policies = sorted({p.meta["policy"] for p in parts
+                       if isinstance(p.meta, dict) and isinstance(p.meta.get("policy"), str)})
     out = ObservationStream(robot=parts[0].robot, meta={"files": [str(f.relative_to(path)) for f in files],
-                                                        "file_steps": [len(p) for p in parts], "settings": settings})
+                                                        "file_steps": [len(p) for p in parts], "settings": settings,
+                                                        "policies": policies})
     for p in parts:
         if p.steps:
             p.steps[0].reset = True  # a file starts an episode whatever it recorded
