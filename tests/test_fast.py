@@ -369,6 +369,19 @@ def test_speedup_notes_name_every_fast_configuration():
     assert _speedups(rep, 60.0) == "fast is 4.0x faster; fast+compile is 5.0x faster"
 
 
+def test_bench_table_keeps_names_whole():
+    """Names were cut at 44 characters: two measurements of layer_wise (update + denoise as two calls
+    and as one) printed the same label."""
+    from kvreuse.bench import Report, Stat
+
+    rep = Report("pi0", "gpu", {})
+    names = ["layer_wise(split=9): update + denoise", "layer_wise(split=9): update + denoise, one call"]
+    for name in names:
+        rep.add("reuse", name, Stat(1.0, 1.0, 1.0, 3))
+    lines = rep.table().splitlines()[2:]
+    assert len(lines) == 2 and all(f"reuse: {n} " in line for n, line in zip(names, lines))
+
+
 def test_lerobot_is_compiled_as_lerobot_does_and_keeps_its_precision_through_the_rounds(monkeypatch, capsys):
     """lerobot's compile_model path: fp32 matmul precision "high" and torch.compile(mode=...). The
     precision must hold for every lerobot call, rounds included (dynamo guards on it: restoring it

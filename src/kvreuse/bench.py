@@ -244,11 +244,12 @@ class Report:
         print(f"  [{section}] {name:<34} {s}  {note}", flush=True)
 
     def table(self) -> str:
+        w = max([44] + [len(f"{sec}: {name}") for sec, name, _, _ in self.rows])  # whole names: some differ at the end
         out = [f"== {self.preset} on {self.device} ({self.config})",
-               f"{'what':<44} {'median':>9} {'p10':>9} {'p90':>9}  (ms)"]
+               f"{'what':<{w}} {'median':>9} {'p10':>9} {'p90':>9}  (ms)"]
         for sec, name, st, note in self.rows:
             s = st.row() if st else " " * 29
-            out.append(f"{(sec + ': ' + name)[:44]:<44} {s}  {note}")
+            out.append(f"{sec + ': ' + name:<{w}} {s}  {note}")
         out += [f"  {n}" for n in self.notes]
         return "\n".join(out)
 
