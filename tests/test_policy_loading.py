@@ -95,6 +95,28 @@ def test_cameras_the_robot_lacks_are_left_out_with_the_same_actions(variant, tmp
     assert type(served.model).__name__ == "FastPi0"
 
 
+def test_lerobot_libero_camera_names_run_under_the_libero_robot(tmp_path):
+    """lerobot's LIBERO fine-tunes name their cameras image / image2 (its datasets' features): they were
+    refused under --robot libero ("maps to camera(s) ['base_0_rgb', ...] the model does not have")."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    raw = {"observation/image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+           "observation/wrist_image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+           "observation/state": rng.standard_normal(8).astype(np.float32), "prompt": "put the bowl on the plate"}
+    out = {}
+    for names in (("image", "image2"), ("base_0_rgb", "left_wrist_0_rgb")):
+        cfg = preset("tiny-pi0").replace(cameras=names)
+        torch.manual_seed(0)
+        d = tmp_path / names[0]
+        save_reference(d, Pi0Model(cfg).eval(), "lerobot", True)
+        feats = {f"observation.images.{c}": {"type": "VISUAL", "shape": [3, 128, 128]} for c in names}
+        (d / "config.json").write_text(json.dumps({"type": "pi0", "input_features": feats}))
+        pol = Policy.from_checkpoint(d, robot="libero")
+        assert pol.model.cfg.cameras == names and [c for _, c in pol.transform.spec.cameras] == list(names)
+        out[names] = pol.infer(raw)[0]
+    np.testing.assert_array_equal(*out.values())
+
+
 def test_with_cameras_shares_the_weights_and_checks_its_cameras():
     model = Pi0Model(preset("tiny-pi0")).eval()
     assert model.with_cameras(("wrist", "base")) is model  # all of them, in any order: itself

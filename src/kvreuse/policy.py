@@ -36,6 +36,7 @@ def robot_runtime(model: Pi0Model, spec, stats=None, tokenizer: str | Path | Non
     from .transforms.robot import fit_cameras
 
     check_stats(stats, spec)
+    spec = spec.for_cameras(model.cfg.cameras)
     model = model.with_robot_dims(spec.state_dim, spec.action_dim)  # what the reuse layer's cues read
     if not keep_absent_cameras:
         model = fit_cameras(model, spec)

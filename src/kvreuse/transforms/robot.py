@@ -8,7 +8,7 @@ The dict uses openpi's flat keys (`observation/image`, `observation/wrist_image`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,10 +29,19 @@ class RobotSpec:
     flip180: tuple[str, ...] = ()  # dict keys whose images arrive upside down
     state_key: str = "observation/state"
     prompt_key: str = "prompt"
+    # model camera -> other names checkpoints give it (lerobot's LIBERO fine-tunes: image, image2)
+    aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def camera_keys(self) -> tuple[str, ...]:
         return tuple(k for k, _ in self.cameras)
+
+    def for_cameras(self, model_cameras) -> "RobotSpec":
+        """This spec with each camera named as the model names it, where it uses one of the aliases."""
+        names = dict(self.aliases)
+        cams = tuple((k, c if c in model_cameras else next((a for a in names.get(c, ()) if a in model_cameras), c))
+                     for k, c in self.cameras)
+        return self if cams == self.cameras else replace(self, cameras=cams)
 
 
 ROBOTS: dict[str, RobotSpec] = {
@@ -46,6 +55,8 @@ ROBOTS: dict[str, RobotSpec] = {
         (("observation/image", "base_0_rgb"), ("observation/wrist_image", "left_wrist_0_rgb")),
         state_dim=8,
         action_dim=7,
+        # lerobot's LIBERO datasets name them image / image2 (its pi0 / pi05 LIBERO fine-tunes keep those)
+        aliases=(("base_0_rgb", ("image",)), ("left_wrist_0_rgb", ("image2", "wrist_image"))),
     ),
 }
 
