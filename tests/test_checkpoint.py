@@ -130,6 +130,56 @@ def test_reference_key_map_is_a_bijection(model):
         assert to_ours(canonical("model." + ref), model.cfg.variant) == name
 
 
+# lerobot 0.6.1's names (transformers 5's PaliGemma), written out by hand: the loader's map is pinned
+# to these, not to its own inverse (a swap of two same-shaped names, gate / up, round-tripped).
+_PG, _EX = "model.paligemma_with_expert.paligemma.model.", "model.paligemma_with_expert.gemma_expert.model."
+_VT = _PG + "vision_tower.vision_model."
+LEROBOT_NAMES = {
+    "vision.patch_embed.{p}": _VT + "embeddings.patch_embedding.{p}",
+    "vision.pos_embed.weight": _VT + "embeddings.position_embedding.weight",
+    "vision.layers.{i}.ln1.{p}": _VT + "encoder.layers.{i}.layer_norm1.{p}",
+    "vision.layers.{i}.ln2.{p}": _VT + "encoder.layers.{i}.layer_norm2.{p}",
+    "vision.layers.{i}.q.{p}": _VT + "encoder.layers.{i}.self_attn.q_proj.{p}",
+    "vision.layers.{i}.k.{p}": _VT + "encoder.layers.{i}.self_attn.k_proj.{p}",
+    "vision.layers.{i}.v.{p}": _VT + "encoder.layers.{i}.self_attn.v_proj.{p}",
+    "vision.layers.{i}.o.{p}": _VT + "encoder.layers.{i}.self_attn.out_proj.{p}",
+    "vision.layers.{i}.fc1.{p}": _VT + "encoder.layers.{i}.mlp.fc1.{p}",
+    "vision.layers.{i}.fc2.{p}": _VT + "encoder.layers.{i}.mlp.fc2.{p}",
+    "vision.post_ln.{p}": _VT + "post_layernorm.{p}",
+    "projector.{p}": _PG + "multi_modal_projector.linear.{p}",
+    "llm.embed.weight": _PG + "language_model.embed_tokens.weight",
+    "llm.norm.weight": _PG + "language_model.norm.weight",
+    **{f"{ours}.layers.{{i}}.{a}.{{p}}": f"{base}layers.{{i}}.{b}.{{p}}"
+       for ours, base in (("llm", _PG + "language_model."), ("expert", _EX))
+       for a, b in (("in_norm", "input_layernorm"), ("post_norm", "post_attention_layernorm"),
+                    ("in_norm.dense", "input_layernorm.dense"), ("post_norm.dense", "post_attention_layernorm.dense"),
+                    ("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+                    ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+                    ("down", "mlp.down_proj"))},
+    "expert.norm.{p}": _EX + "norm.{p}", "expert.norm.dense.{p}": _EX + "norm.dense.{p}",
+    **{f"{h}.{{p}}": f"model.{h}.{{p}}" for h in ("action_in_proj", "action_out_proj", "state_proj",
+                                                 "action_time_mlp_in", "action_time_mlp_out", "time_mlp_in", "time_mlp_out")},
+}
+
+
+def _lerobot_name(ours: str) -> str:
+    for pattern, theirs in LEROBOT_NAMES.items():
+        rx = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+        m = re.fullmatch(rx, ours)
+        if m:
+            return theirs.format(**m.groupdict())
+    raise KeyError(ours)
+
+
+def test_lerobot_names_load_into_the_parameters_lerobot_means(model, tmp_path):
+    """Every parameter from a file named by hand as lerobot names it, each tensor distinct."""
+    sd = {_lerobot_name(k): v.clone() for k, v in model.state_dict().items()}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    loaded, _, _ = load_reference(tmp_path, cfg=model.cfg)
+    assert same_weights(model, loaded)
+    assert set(reference_state_dict(model, "lerobot")) == set(sd)
+
+
 def test_legacy_transformers_layout_and_ignored_keys(model, tmp_path):
     sd = reference_state_dict(model, "openpi")
     legacy = {}
