@@ -600,6 +600,25 @@ def test_reuse_runs_counts_the_longest_run_of_reuses_per_episode(tmp_path, capsy
     assert "none.db: no such file" in capsys.readouterr().err
 
 
+def test_mixed_rate_counts_mixed_calls_of_finished_episodes(tmp_path):
+    """Row.mixed_rate (the CSV's mixed_rate column) had no test: forced to 0, everything passed."""
+    from dataclasses import replace
+
+    from kvreuse.eval.report import ALL, compute_rows
+    from kvreuse.eval.store import ResultStore
+
+    db = tmp_path / "m.db"
+    with ResultStore(db) as st:
+        b, t = _baseline_and_thr(st)
+        for i, mixed in enumerate((1, 3)):  # 4 calls each: 4 of 8 calls mixed
+            st.add(b, _ep("reach", i))
+            st.add(t, replace(_ep("reach", i), mixed=mixed))
+        st.add(t, replace(_ep("reach", 2, "error"), mixed=4))  # an error's calls count nowhere
+    rows = {(r.setting, r.task): r for r in compute_rows(db)}
+    assert rows[("thr", "reach")].mixed_rate == pytest.approx(0.5) and rows[("thr", ALL)].mixed_rate == pytest.approx(0.5)
+    assert rows[("baseline", "reach")].mixed_rate == 0.0
+
+
 def test_pool_paired_matches_a_setting_by_its_reuse_fields_not_its_label(tmp_path, capsys):
     """A DB written before a ReuseConfig default changed labels the same setting otherwise (RESULTS.md
     pools push under `,state_reference=cameras` with the same setting named without it): pool_paired
