@@ -157,8 +157,8 @@ LEROBOT_NAMES = {
                     ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
                     ("down", "mlp.down_proj"))},
     "expert.norm.{p}": _EX + "norm.{p}", "expert.norm.dense.{p}": _EX + "norm.dense.{p}",
-    **{f"{h}.{{p}}": f"model.{h}.{{p}}" for h in ("action_in_proj", "action_out_proj", "state_proj",
-                                                 "action_time_mlp_in", "action_time_mlp_out", "time_mlp_in", "time_mlp_out")},
+    **{f"{h}.{{p}}": f"model.{h}.{{p}}" for h in ("action_in_proj", "action_out_proj", "state_proj", "time_mlp_in",
+                                                 "action_time_mlp_in", "action_time_mlp_out", "time_mlp_out")},
 }
 
 
@@ -209,8 +209,8 @@ def test_old_lerobot_norm_buffers_are_its_stats(model, tmp_path):
     sd["unnormalize_outputs.buffer_action.std"] = torch.tensor(st.actions.std, dtype=torch.float32)
     sd["normalize_inputs.buffer_observation_images_top.mean"] = torch.full((3, 1, 1), float("inf"))
     save_file(sd, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"type": "pi0" if model.cfg.variant == "pi0" else "pi05",
-                                                     "normalization_mapping": {"STATE": "MEAN_STD", "ACTION": "MEAN_STD"}}))
+    mapping = {"STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
+    (tmp_path / "config.json").write_text(json.dumps({"type": model.cfg.variant, "normalization_mapping": mapping}))
     loaded, got, _ = load_reference(tmp_path, cfg=model.cfg)
     assert same_weights(model, loaded)
     assert (got.state_mode, got.actions_mode) == ("meanstd", "meanstd")
@@ -219,7 +219,7 @@ def test_old_lerobot_norm_buffers_are_its_stats(model, tmp_path):
     assert checkpoint_stats(tmp_path) is not None
     sd["unnormalize_outputs.buffer_action.mean"] = torch.full((4,), float("inf"))  # unset: absent, not a stat
     save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"old lerobot buffers unnormalize_outputs.buffer_action\]: missing \['mean'\]"):
+    with pytest.raises(ValueError, match=r"lerobot buffers unnormalize_outputs.buffer_action\]: missing \['mean'\]"):
         load_reference(tmp_path, cfg=model.cfg)
 
 

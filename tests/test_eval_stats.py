@@ -615,7 +615,8 @@ def test_mixed_rate_counts_mixed_calls_of_finished_episodes(tmp_path):
             st.add(t, replace(_ep("reach", i), mixed=mixed))
         st.add(t, replace(_ep("reach", 2, "error"), mixed=4))  # an error's calls count nowhere
     rows = {(r.setting, r.task): r for r in compute_rows(db)}
-    assert rows[("thr", "reach")].mixed_rate == pytest.approx(0.5) and rows[("thr", ALL)].mixed_rate == pytest.approx(0.5)
+    assert rows[("thr", "reach")].mixed_rate == pytest.approx(0.5)
+    assert rows[("thr", ALL)].mixed_rate == pytest.approx(0.5)
     assert rows[("baseline", "reach")].mixed_rate == 0.0
 
 

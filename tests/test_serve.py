@@ -376,7 +376,8 @@ def test_a_batch_over_max_batch_is_an_error_and_the_connection_goes_on():
     with ServerThread(real_server(max_batch=2)) as port:
         c = RawClient(port)
         try:
-            assert c.infer(batch(3)) == "error: observation/state: a batch of 3 observations exceeds the limit of 2 (--max-batch)"
+            want = "error: observation/state: a batch of 3 observations exceeds the limit of 2 (--max-batch)"
+            assert c.infer(batch(3)) == want
             assert c.infer(batch(2))["actions"].shape[0] == 2
             assert c.infer(good_obs())["actions"].ndim == 2
         finally:

@@ -229,7 +229,8 @@ def test_train_stops_when_the_loss_is_not_finite(demo_dir, tmp_path, monkeypatch
     # (a run not continued from ck.interrupted leaves it as it is: a restart stopped after a step
     # replaced a long run's weights)
     for name in ("ck.interrupted", "ck.interrupted-1"):
-        with pytest.raises(ValueError, match=r"^train: the loss is not finite at step 4 .*after 2 of up to 8 steps are in "
+        with pytest.raises(ValueError, match=r"^train: the loss is not finite at step 4 .*after 2 of up to 8 steps are "
+                           r"in "
                            + re.escape(f"{tmp_path / name}: continue from them with --init {tmp_path / name}")):
             run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=8, batch_size=2, device="cpu")
     model, _, meta = load_checkpoint(f"{kept}-1")

@@ -569,7 +569,8 @@ def _stats_from(d: dict, mode: NormMode, where: str) -> Stats:
 
 
 def read_reference_stats(directory: str | Path, variant: str,
-                         modes: tuple[NormMode, NormMode] | None = None, weights: Path | None = None) -> NormStats | None:
+                         modes: tuple[NormMode, NormMode] | None = None,
+                         weights: Path | None = None) -> NormStats | None:
     """Norm stats beside reference weights: openpi `norm_stats.json` (also anywhere under `assets/`), or
     lerobot's `policy_preprocessor*_normalizer_processor.safetensors` (keys `observation.state.mean`,
     `action.q01`, ...), with `policy_postprocessor*_unnormalizer_processor.safetensors` as the

@@ -334,7 +334,8 @@ class PolicyServer:
             self.closed_totals.add(session.stats)
             log.info("client %d (%s) left after %d requests", session.id, remote, session.stats.requests)
 
-    async def _reply(self, ws: ServerConnection, session: ClientSession, frame, t0: float, prev_total_ms) -> bytes | str:
+    async def _reply(self, ws: ServerConnection, session: ClientSession, frame, t0: float,
+                     prev_total_ms) -> bytes | str:
         """The answer to one frame: actions, an ack, or one `error:` line (the connection goes on)."""
         try:
             return await self._answer(ws, session, frame, t0, prev_total_ms)
