@@ -2,10 +2,11 @@
 
 openpi (examples/libero/main.py) seeds the env once (seed 7), then per episode resets, sets the init
 state and settles. The reset also places the fixtures (model.body_pos, not in the init state) from
-numpy's global generator. kvreuse re-seeds before every reset. Prints, per episode, the largest
+numpy's global generator. LiberoEnv's scenes="openpi" (the default) gives episode k openpi's k-th layout;
+scenes="first" (kvreuse before session 33) re-seeds before every reset. Prints, per episode, the largest
 fixture offset between the two and how many agentview pixels differ after the settle steps.
 
-Usage: MUJOCO_GL=osmesa python scripts/libero_fixtures.py [suite] [task index] [episodes]
+Usage: MUJOCO_GL=osmesa python scripts/libero_fixtures.py [suite] [task index] [episodes] [openpi|first]
 """
 
 import os
@@ -24,15 +25,15 @@ def fixture_poses(env) -> dict:
             for name, f in e.fixtures_dict.items()}
 
 
-def main(suite: str = "libero_spatial", task_i: int = 0, episodes: int = 3) -> None:
-    ours = LiberoEnv(suite)  # first: it writes LIBERO's config, which LIBERO's import would ask for
+def main(suite: str = "libero_spatial", task_i: int = 0, episodes: int = 3, scenes: str = "openpi") -> None:
+    ours = LiberoEnv(suite, scenes=scenes)  # first: it writes LIBERO's config, which LIBERO's import would ask for
     from libero.libero.envs import OffScreenRenderEnv
 
     task = ours.tasks[task_i]
     inits = ours.init_states(task)
     ref = OffScreenRenderEnv(bddl_file_name=ours._bench.get_task_bddl_file_path(task_i),
                              camera_heights=ours.render_size, camera_widths=ours.render_size)
-    print(f"{suite} task {task_i}: {task}")
+    print(f"{suite} task {task_i}: {task} (scenes={scenes})")
     try:  # openpi's whole sequence first: both use numpy's global generator
         ref.seed(7)
         theirs = []
@@ -55,4 +56,5 @@ def main(suite: str = "libero_spatial", task_i: int = 0, episodes: int = 3) -> N
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0] if a else "libero_spatial", int(a[1]) if len(a) > 1 else 0, int(a[2]) if len(a) > 2 else 3)
+    main(a[0] if a else "libero_spatial", int(a[1]) if len(a) > 1 else 0, int(a[2]) if len(a) > 2 else 3,
+         a[3] if len(a) > 3 else "openpi")

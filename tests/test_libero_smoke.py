@@ -9,7 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from kvreuse.envs.libero import DUMMY_ACTION, SETTLE_STEPS, SUITES, check_suite, quat2axisangle, resize_with_pad
+from kvreuse.envs.libero import (
+    DUMMY_ACTION, ENV_SEED, SETTLE_STEPS, SUITES, check_suite, quat2axisangle, resize_with_pad,
+)
 
 
 def test_protocol_constants():
@@ -198,7 +200,7 @@ def test_libero_settle_renders_once_and_matches_the_rendering_loop_bit_for_bit(s
     the later policy steps (which render every step) are bit-identical to the loop that rendered every step."""
     from kvreuse.envs.libero import LiberoEnv
 
-    e = LiberoEnv(suite)
+    e = LiberoEnv(suite, scenes="first")  # _reference_reset is that path's
     try:
         for task_i, init_id in cases:
             task = e.tasks[task_i]
@@ -277,7 +279,7 @@ def test_libero_settle_refuses_to_return_a_held_frame(env):
     # the scene's. No observation uses that render (the settle's last step renders; see above).
     from kvreuse.envs.libero import LiberoEnv
 
-    hard = LiberoEnv("libero_spatial", hard_reset=True)
+    hard = LiberoEnv("libero_spatial", hard_reset=True, scenes="first")
     try:
         hard.reset(task, 0)
         cam = hard._env.env._observables["agentview_image"]
@@ -302,7 +304,7 @@ def test_libero_soft_reset_gives_the_hard_resets_episodes_bit_for_bit(suite, tas
     images are compared between the soft env's episodes of one init only."""
     from kvreuse.envs.libero import LiberoEnv
 
-    soft, hard = LiberoEnv(suite), LiberoEnv(suite, hard_reset=True)
+    soft, hard = LiberoEnv(suite, scenes="first"), LiberoEnv(suite, hard_reset=True, scenes="first")
     task = soft.tasks[task_i]
     runs = {"soft": [], "hard": []}
     try:
@@ -324,3 +326,48 @@ def test_libero_soft_reset_gives_the_hard_resets_episodes_bit_for_bit(suite, tas
     for step in range(len(first)):
         for k in RAW_KEYS:
             assert np.array_equal(first[step][k], again[step][k]), (step, k)
+
+
+@pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
+def test_libero_episode_k_has_openpis_kth_fixture_layout_in_any_order(tmp_path, monkeypatch):
+    """openpi seeds once per task and hard-resets per episode: its episode k has the k-th fixture layout
+    (model.body_pos, not in the init state). Every episode here had episode 0's (fixtures up to 1.3 cm
+    off in episode 1, scripts/libero_fixtures.py). Now the same images, bit for bit, in any order, and
+    the generator states found on the way are kept on disk for the next process."""
+    from kvreuse.envs.libero import LiberoEnv
+
+    monkeypatch.setenv("KVREUSE_LIBERO_SCENES", str(tmp_path / "scenes"))
+    ours = LiberoEnv("libero_spatial")  # first: it writes LIBERO's config, which LIBERO's import would ask for
+    from libero.libero.envs import OffScreenRenderEnv
+
+    task = ours.tasks[0]
+    inits = ours.init_states(task)
+    ref = OffScreenRenderEnv(bddl_file_name=ours._bench.get_task_bddl_file_path(0),
+                             camera_heights=ours.render_size, camera_widths=ours.render_size)
+    try:
+        ref.seed(ENV_SEED)  # openpi's sequence first: both use numpy's global generator
+        theirs = []
+        for k in range(3):
+            ref.reset()
+            ref.set_init_state(inits[k])
+            for _ in range(SETTLE_STEPS):
+                raw, _, _, _ = ref.step(DUMMY_ACTION)
+            body = ref.env.sim.model.body_pos.copy()
+            theirs.append((body, raw["agentview_image"].copy()))
+        assert not np.array_equal(theirs[0][0], theirs[1][0])  # the layouts do differ
+        for k in (2, 0, 1):
+            ours.reset(task, k)
+            assert np.array_equal(ours._env.env.sim.model.body_pos, theirs[k][0]), k
+            assert np.array_equal(ours.last_raw["agentview_image"], theirs[k][1]), k
+        resets = []
+        again = LiberoEnv("libero_spatial")  # another process: the states are on disk, no walk
+        inner = again._hard_reset
+        monkeypatch.setattr(again, "_hard_reset", lambda: (resets.append(1), inner())[1])
+        again.reset(task, 2)
+        assert len(resets) == 1 and np.array_equal(again.last_raw["agentview_image"], theirs[2][1])
+        again.close()
+        with pytest.raises(ValueError, match="scenes: expected one of openpi, first"):
+            LiberoEnv("libero_spatial", scenes="all")
+    finally:
+        ref.close()
+        ours.close()

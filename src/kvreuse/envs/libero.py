@@ -13,12 +13,15 @@ reproducing openpi's `examples/libero/main.py` protocol:
 - success = the env's own `done` (LIBERO sets it when the task's goal predicate holds).
 - replan every 5 steps: the harness's rollout loop does it (`replan=5`, the default).
 
-Seeding: openpi seeds the env once (seed 7) and runs the episodes of a task in order. Here each
-episode re-seeds with the same env seed before its reset, so an episode does not depend on
-which episodes ran before it in a worker (results are the same in any order, in any process).
-The episode seed drives the policy noise only. The cost: LIBERO's reset samples the fixtures'
-poses (not in the init state) from numpy's global generator, so every episode here gets the
-layout of openpi's episode 0, where openpi's episode k gets the k-th draw (docs/EVAL.md).
+Seeding: openpi seeds the env once per task (seed 7) and runs its episodes in order, each with a
+hard reset, which places the fixtures (cabinet, stove, ...: `model.body_pos`, not in the init state)
+from numpy's global generator: episode k gets the k-th draw. `scenes="openpi"` (the default) gives
+episode k that layout in any order, in any process: the generator's state before openpi's k-th reset
+is found by resetting (only resets draw from it), kept on disk per task (`scenes_dir()`), and set
+before a hard reset. `scenes="first"` (what kvreuse did before): every episode re-seeds and gets
+episode 0's layout, through a soft reset (0.8-0.9 s against 3.4-3.6 s on the 2-core machine). Either
+way an episode does not depend on the episodes run before it. The episode seed drives the policy
+noise only (docs/EVAL.md).
 
 Offline install fixes done here: LIBERO_CONFIG_PATH points at a config file written by this
 module (LIBERO would otherwise ask for it with input()); the assets come from the
@@ -48,6 +51,7 @@ SUITES: dict[str, int] = {  # suite -> max policy steps (openpi)
     "libero_10": 520,
     "libero_90": 400,
 }
+SCENES = ("openpi", "first")  # fixture layouts: openpi's k-th for episode k, or episode 0's for every one
 SETTLE_STEPS = 10
 DUMMY_ACTION = [0.0] * 6 + [-1.0]
 RENDER_SIZE = 256
@@ -77,6 +81,11 @@ def check_suite(suite: str) -> str:
 
 def libero_home() -> Path:
     return Path(os.environ.get("KVREUSE_LIBERO_HOME", Path.home() / ".cache" / "kvreuse" / "libero"))
+
+
+def scenes_dir() -> Path:
+    """Where the generator states before openpi's k-th reset are kept (KVREUSE_LIBERO_SCENES overrides)."""
+    return Path(os.environ.get("KVREUSE_LIBERO_SCENES", libero_home() / "scenes"))
 
 
 def assets_dir() -> Path:
@@ -187,13 +196,16 @@ class LiberoEnv:
     robot = "libero"
 
     def __init__(self, suite: str = "libero_spatial", env_seed: int = ENV_SEED, render_size: int = RENDER_SIZE,
-                 image_size: int = IMAGE_SIZE, hard_reset: bool = False):
+                 image_size: int = IMAGE_SIZE, hard_reset: bool = False, scenes: str = "openpi"):
         self.suite = check_suite(suite)
+        if scenes not in SCENES:
+            raise ValueError(f"scenes: expected one of {', '.join(SCENES)}, got {scenes!r}")
+        self.scenes = scenes
         self.env_seed, self.render_size, self.image_size = env_seed, render_size, image_size
         # robosuite's hard reset rebuilds the MuJoCo model and GL context on every reset (3.4-3.6 s on the
         # 2-core machine); the soft one keeps them (0.8-0.9 s) and, with _fresh_sim, gives the same
         # episodes bit for bit (tests/test_libero_smoke.py). True is LIBERO's own default.
-        self.hard_reset = hard_reset
+        self.hard_reset = hard_reset  # scenes="first" only: "openpi" resets hard, as openpi does
         _prepare_libero_import()
         from libero.libero import benchmark
 
@@ -203,6 +215,7 @@ class LiberoEnv:
         self._init_states: dict[str, np.ndarray] = {}
         self._env = None
         self._warmstart: np.ndarray | None = None  # the solver's warm start a hard reset leaves (_fresh_sim)
+        self._states: dict[str, dict[int, tuple]] = {}  # task -> {k: the generator's state before reset k}
         self._task: str | None = None
         self._steps = 0
         self.last_raw: dict | None = None  # LIBERO's own observation dict (tests check the flips)
@@ -239,7 +252,10 @@ class LiberoEnv:
             raise ValueError(f"init_id: expected 0..{len(states) - 1}, got {init_id}")
         if task != self._task:
             self._build(task)
-        self._fresh_sim()
+        if self.scenes == "openpi":
+            self._openpi_reset(task, init_id)
+        else:
+            self._fresh_sim()
         self._env.set_init_state(states[init_id])
         raw = self._settle()
         self._steps = 0
@@ -272,6 +288,57 @@ class LiberoEnv:
         self._env, self._task = None, None
 
     # ---- internals --------------------------------------------------------------------------
+    def _openpi_reset(self, task: str, k: int) -> None:
+        """A hard reset in openpi's k-th fixture layout: from the nearest known generator state at or below
+        k, hard resets up to k (openpi's earlier episodes' resets), keeping each state they reach."""
+        known = self._scene_states(task)
+        j = max(i for i in known if i <= k)
+        for m in range(j, k + 1):
+            np.random.set_state(known[m])
+            self._hard_reset()
+            if m + 1 not in known:
+                known[m + 1] = np.random.get_state()
+                self._save_state(task, m + 1, known[m + 1])
+
+    def _hard_reset(self) -> None:
+        """LIBERO's reset as openpi runs it (hard: the model and GL context rebuilt, robots and their gripper
+        commands fresh)."""
+        self._env.env.hard_reset = True
+        self._env.reset()
+
+    def _scene_file(self, task: str, k: int) -> Path:
+        # keyed by the task's BDDL file: another LIBERO's task draws otherwise
+        import hashlib
+
+        bddl = Path(self._bench.get_task_bddl_file_path(self._index(task)))
+        digest = hashlib.sha1(bddl.read_bytes()).hexdigest()[:10]
+        return scenes_dir() / f"{self.suite}-seed{self.env_seed}" / f"{task}-{digest}" / f"{k}.npz"
+
+    def _scene_states(self, task: str) -> dict[int, tuple]:
+        if task not in self._states:
+            known = {0: np.random.RandomState(self.env_seed).get_state()}  # what env.seed(seed) leaves
+            folder = self._scene_file(task, 0).parent
+            for f in folder.glob("*.npz") if folder.is_dir() else ():
+                try:
+                    with np.load(f) as z:
+                        known[int(f.stem)] = ("MT19937", z["keys"], int(z["pos"]), int(z["has_gauss"]),
+                                              float(z["gauss"]))
+                except (OSError, ValueError, KeyError):  # a torn or foreign file: found again by resetting
+                    continue
+            self._states[task] = known
+        return self._states[task]
+
+    def _save_state(self, task: str, k: int, state: tuple) -> None:
+        """Shared by every process on the machine (sweep workers): written whole, then renamed."""
+        f = self._scene_file(task, k)
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            part = f.with_name(f".{f.stem}.{os.getpid()}.part.npz")
+            np.savez(part, keys=state[1], pos=state[2], has_gauss=state[3], gauss=state[4])
+            os.replace(part, f)
+        except OSError:  # a read-only home: kept in memory only
+            pass
+
     def _fresh_sim(self) -> None:
         """Seed and reset the env. The first reset after _build is a hard one (the constructor's model came
         before the seed, and libero_object's first episode on it was 1e-16 apart from a hard reset's); later

@@ -551,6 +551,10 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
 
             print_checkpoint_notes(src.checkpoint)
         plan = _trained_render_size(plan, env, meta)
+        if plan.env.startswith("libero:") and "scenes" not in plan.env_kw:
+            # openpi's fixture layout k for episode k (LiberoEnv's default): named in the protocol, so
+            # these episodes never pair with those run before it, all in episode 0's layout
+            plan = replace(plan, env_kw={**plan.env_kw, "scenes": "openpi"})
     finally:
         env.close()
     protocol = json.dumps({"max_steps": plan.max_steps, "env": plan.env_kw}, sort_keys=True)
