@@ -324,7 +324,8 @@ def test_fast_refuses_calls_that_would_change_its_model_and_bad_hidden_layers():
     model = _model("tiny-pi0")
     fast = FastPi0(model)
     for call in (lambda: fast.load_state_dict(model.state_dict()), lambda: fast.to(torch.float64),
-                 lambda: fast.half(), lambda: fast.train()):
+                 lambda: fast.half(), lambda: fast.train(), lambda: fast.with_cameras(model.cfg.cameras[:1]),
+                 lambda: fast.with_robot_dims(4, 4)):  # (the last two returned the eager model)
         with pytest.raises(AttributeError, match="build a new FastPi0"):
             call()
     assert fast.eval() is fast and fast.cfg is model.cfg  # reads still reach the model
@@ -503,6 +504,33 @@ def test_noise_of_another_shape_is_refused(name):
         for shape in ((1, c.chunk_size, c.max_action_dim), (c.chunk_size, c.max_action_dim), (2, c.chunk_size, 1)):
             with pytest.raises(ValueError, match=r"noise: expected shape \(2, "):
                 runner.sample_actions(obs, torch.zeros(shape))
+
+
+@pytest.mark.parametrize("name", ["tiny-pi0", "tiny-pi05"])
+def test_inputs_of_another_shape_are_refused_not_broadcast(name):
+    """FastPi0 copies images, image embeddings and caches into fixed buffers, which broadcast: a grey
+    image became three channels, a batch-1 embedding or cache answered every row of a batch of 2
+    (actions 1e-2 off, no error). The eager model broadcast a batch-1 cache in denoise."""
+    model = _model(name)
+    fast = FastPi0(model)
+    c, g = model.cfg, torch.Generator().manual_seed(0)
+    obs, one = synthetic_obs(c, 2, "cpu", g), synthetic_obs(c, 1, "cpu", g)
+    cam, size = c.cameras[0], c.vision.image_size
+    noise = torch.zeros(2, c.chunk_size, c.max_action_dim)
+    with pytest.raises(ValueError, match=rf"images: expected \(B, 3, {size}, {size}\), got \(2, 1, {size}"):
+        fast.embed_image(obs.images[cam][:, :1])
+    with pytest.raises(ValueError, match=r"expected \(2, 3, .*got \(1, 3"):
+        fast.embed_images({cam: obs.images[cam], c.cameras[1]: obs.images[c.cameras[1]][:1]})
+    emb = {cam: fast.embed_image(one.images[cam])}
+    with pytest.raises(ValueError, match=rf"image_embeds\['{cam}'\]: expected \(2, "):
+        fast.encode_prefix(obs, image_embeds=emb)
+    small = fast.encode_prefix(one)
+    for runner in (model, fast):
+        with pytest.raises(ValueError, match=r"prefix: expected K/V of \(layers, 2, "):
+            runner.denoise(small, obs, noise)
+    every = torch.ones(c.prefix_len, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"prefix: expected K/V of \(layers, 2, "):
+        fast.update_prefix(small, obs, every, (), small.spans, 1)
 
 
 def test_bad_compile_mode_is_refused():

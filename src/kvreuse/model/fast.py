@@ -661,7 +661,8 @@ class FastPi0:
     # nn.Module calls that change weights, dtype or device: on the eager model they would leave the
     # fused copies and captured graphs FastPi0 made from it as they were (or return the eager model).
     _CHANGES_MODEL = frozenset({"load_state_dict", "to", "cuda", "cpu", "float", "half", "bfloat16", "double",
-                                "type", "to_empty", "apply", "train", "requires_grad_", "share_memory"})
+                                "type", "to_empty", "apply", "train", "requires_grad_", "share_memory",
+                                "with_cameras", "with_robot_dims"})  # (these returned the eager model)
 
     def __getattr__(self, name):  # cfg-level helpers (spans, make_noise, dtype, device, ...)
         if "model" not in self.__dict__:  # mid-construction or mid-copy: nothing to delegate to yet
@@ -1039,6 +1040,10 @@ class FastPi0:
         given = {i: given[c] for i, c in enumerate(self.cfg.cameras) if c in given} if given else {}
         run = tuple(i for i in range(len(self.cfg.cameras)) if i not in given)
         self.model._check(obs)
+        want = (obs.batch_size, self.cfg.vision.num_patches, self.cfg.llm.width)
+        for i, e in given.items():  # copied into fixed buffers: another shape would broadcast
+            if tuple(e.shape) != want:
+                raise ValueError(f"image_embeds[{self.cfg.cameras[i]!r}]: expected {want}, got {tuple(e.shape)}")
         prep = self._prepared_for(obs, consume=True)
         rows = prep[2] if want_rows and prep is not None else None
         if want_rows and rows is None and not obs.on_host("token_mask"):
@@ -1057,6 +1062,7 @@ class FastPi0:
     @torch.no_grad()
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, patches, llm width), like `Pi0Model.embed_image`."""
+        self._check_images({"images": images})
         return self._vision_of(self._static(images.shape[0]), [images]).clone()
 
     @torch.no_grad()
@@ -1065,12 +1071,22 @@ class FastPi0:
         the vision tower, in the model's camera order: for all cameras this is the pass that
         sample_actions / encode_prefix run, so the embeddings are the same to the bit."""
         self._check_cams(tuple(images))
+        self._check_images(images)
         cams = [c for c in self.cfg.cameras if c in images]
         if not cams:
             return {}
         b = images[cams[0]].shape[0]
         x = self._vision_of(self._static(b), [images[cam] for cam in cams])
         return {cam: x[j * b : (j + 1) * b].clone() for j, cam in enumerate(cams)}
+
+    def _check_images(self, images: dict[str, torch.Tensor]) -> None:
+        """(B, 3, size, size), one B for all: they are copied into fixed buffers, where another
+        shape would broadcast (a grey image into three channels, one row into all)."""
+        size, b = self.cfg.vision.image_size, None
+        for name, x in images.items():
+            if x.ndim != 4 or tuple(x.shape[1:]) != (3, size, size) or b not in (None, x.shape[0]):
+                raise ValueError(f"{name}: expected ({b or 'B'}, 3, {size}, {size}), got {tuple(x.shape)}")
+            b = x.shape[0]
 
     def _vision_of(self, st: _Static, images: list[torch.Tensor]) -> torch.Tensor:
         """Cameras' (B, 3, H, W) images, camera-major into st.images, through the vision tower in
@@ -1166,8 +1182,7 @@ class FastPi0:
         and never writes `prefix`."""
         st = self._static(obs.batch_size)
         t = self.cfg.prefix_len
-        if prefix.k.shape[2] != t or prefix.k.shape[1] != obs.batch_size:
-            raise ValueError(f"prefix: expected K/V of (layers, {obs.batch_size}, {t}, ...), got {tuple(prefix.k.shape)}")
+        self.model.check_prefix(prefix, obs.batch_size)
         st.k[:, :, :t].copy_(prefix.k)
         st.v[:, :, :t].copy_(prefix.v)
         st.valid.copy_(prefix.mask)
@@ -1310,6 +1325,7 @@ class FastPi0:
         LM layers, with `noise` the denoise trailing them (_trail); -> (actions or None, cache)."""
         if split is not None and split not in cache.hidden:
             raise ValueError(f"layer-wise reuse at split {split} needs a cache encoded with keep_hidden=({split},)")
+        self.model.check_prefix(cache, obs.batch_size)  # copied into fixed buffers below: never broadcast
         st = self._static(obs.batch_size)
         b, t = obs.batch_size, self.cfg.prefix_len
         full = split is None and bool(recompute.all())  # exactly encode_prefix then, keeping the same hidden layers

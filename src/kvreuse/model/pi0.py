@@ -269,6 +269,7 @@ class Pi0Model(nn.Module):
         """Euler integration from t=1 (noise) to t=0 (actions). Reads, never writes, the prefix."""
         steps = steps or self.cfg.num_steps
         dt = -1.0 / steps
+        self.check_prefix(prefix, obs.batch_size)
         masks = self._suffix_masks(prefix)
         self.check_noise(noise, obs.batch_size)
         x = noise.float()
@@ -334,6 +335,14 @@ class Pi0Model(nn.Module):
         return err.mean() if valid is None else (err * valid).sum() / valid.sum().clamp(min=1)
 
     # ---- checks -----------------------------------------------------------------------------
+    def check_prefix(self, prefix: PrefixCache, batch: int) -> None:
+        """A cache of this model for `batch` observations (another batch's K/V were broadcast, row 0's
+        prefix answering every row)."""
+        want = (batch, self.cfg.prefix_len)
+        if tuple(prefix.k.shape[1:3]) != want or tuple(prefix.v.shape[1:3]) != want:
+            raise ValueError(f"prefix: expected K/V of (layers, {batch}, {self.cfg.prefix_len}, ...), "
+                             f"got {tuple(prefix.k.shape)}")
+
     def check_observation(self, obs: Observation) -> None:
         """One ValueError naming what does not fit the model (cameras, sizes, batch); no device work."""
         self._check(obs)
