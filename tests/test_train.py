@@ -204,6 +204,19 @@ def test_train_failing_mid_run_keeps_the_weights_reached(demo_dir, tmp_path, mon
     assert meta["training"]["steps"] == 2 and meta["training"]["error"].startswith("RuntimeError: CUDA error")
 
 
+def _fail_third_step(monkeypatch) -> None:
+    """The run fails with "boom" in its third step, after two sound ones."""
+    calls = []
+
+    def fail_third(progress, warmup):
+        calls.append(progress)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return 1.0
+
+    monkeypatch.setattr("kvreuse.train.train._lr_factor", fail_third)
+
+
 def test_train_stops_when_the_loss_is_not_finite(demo_dir, tmp_path, monkeypatch):
     """A diverged run (here --lr 1e30: the loss is NaN from step 2) trained to the end and saved NaN
     weights to --out as a checkpoint; it stops with one error. The EMA at the last finite loss is kept,
@@ -238,15 +251,7 @@ def test_train_stops_when_the_loss_is_not_finite(demo_dir, tmp_path, monkeypatch
     assert math.isfinite(meta["training"]["final_loss"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.interrupted", "ck.interrupted-1"]
     monkeypatch.setattr(pi0.Pi0Model, "loss", real)  # a run continued from it replaces it
-    lr_calls = []
-
-    def fail_third(progress, warmup):
-        lr_calls.append(progress)
-        if len(lr_calls) == 3:
-            raise RuntimeError("boom")
-        return 1.0
-
-    monkeypatch.setattr("kvreuse.train.train._lr_factor", fail_third)
+    _fail_third_step(monkeypatch)
     with pytest.raises(RuntimeError, match="boom"):
         run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=8, batch_size=2, device="cpu",
                   init=f"{kept}-1")
@@ -672,13 +677,7 @@ def test_a_symlinked_out_is_replaced_where_it_points(demo_dir, tmp_path, monkeyp
     assert [p.name for p in real.parent.iterdir()] == ["ck"]
     # a failed run keeps its weights beside the directory too, where its work in progress was (beside
     # the link, on another disk, the rename failed and nothing was kept)
-    def fail_third(progress, warmup, calls=[]):  # noqa: B006 - counts this run's calls
-        calls.append(progress)
-        if len(calls) == 3:
-            raise RuntimeError("boom")
-        return 1.0
-
-    monkeypatch.setattr("kvreuse.train.train._lr_factor", fail_third)
+    _fail_third_step(monkeypatch)
     with pytest.raises(RuntimeError, match="boom"):
         run_train(demos=str(demo_dir), out=str(link), preset="tiny-pi0", steps=4, batch_size=2, device="cpu",
                   overwrite=True)
