@@ -379,6 +379,10 @@ def test_a_batch_over_max_batch_is_an_error_and_the_connection_goes_on():
             want = "error: observation/state: a batch of 3 observations exceeds the limit of 2 (--max-batch)"
             assert c.infer(batch(3)) == want
             assert c.infer(batch(2))["actions"].shape[0] == 2
+            clip = {**good_obs(size=8), "observation/image": batch(3)["observation/image"]}  # one state, 3 frames
+            assert c.infer(clip) == want.replace("observation/state", "observation/image")
+            ragged = c.infer({**good_obs(), "observation/state": [[1.0, 2.0, 3.0, 4.0], [1.0]]})
+            assert ragged.startswith("error: observation/state: "), ragged  # still the transform's named error
             assert c.infer(good_obs())["actions"].ndim == 2
         finally:
             c.close()
@@ -388,11 +392,20 @@ def test_a_batch_over_max_batch_is_an_error_and_the_connection_goes_on():
 
 def test_a_stop_sends_the_reply_under_way_before_closing():
     """The stop used to close every connection at once: a request being computed lost its reply."""
-    server = PolicyServer(lambda: FakePolicy(delay_s=1.0), ServeConfig(port=0))
-    with ServerThread(server) as port:
+    server = PolicyServer(lambda: FakePolicy(delay_s=2.0), ServeConfig(port=0))
+    st = ServerThread(server)
+    port = st.__enter__()
+    try:
         c = RawClient(port)
         c.ws.send(packb(good_obs()))
-        time.sleep(0.3)  # the request is being computed when the block's exit stops the server
+        time.sleep(0.3)  # the request is being computed when the server is told to stop
+        st._loop.call_soon_threadsafe(st._stop.set)
+        time.sleep(0.3)
+        with pytest.raises(urllib.error.HTTPError) as e:  # draining: a load balancer is told to look elsewhere
+            http_get(port, "/healthz")
+        assert e.value.code == 503
+    finally:
+        st.__exit__(None, None, None)
     reply = unpackb(c.ws.recv(timeout=10))
     assert reply["actions"].shape == (4, 2)
     with pytest.raises(ConnectionClosed) as e:

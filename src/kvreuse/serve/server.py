@@ -233,7 +233,9 @@ class PolicyServer:
     # ---- HTTP endpoints (before the websocket handshake) -------------------------------------
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if path == "/healthz":
+        if path == "/healthz":  # a stopping server takes no one: a load balancer should look elsewhere
+            if self._stopping:
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "stopping\n")
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         if path == "/stats":
             resp = connection.respond(http.HTTPStatus.OK, json.dumps(self.stats()) + "\n")
@@ -390,13 +392,20 @@ class PolicyServer:
 
 
     def _check_batch(self, session: ClientSession, req: dict) -> None:
-        """A batch (the state's rows, as the robot transform reads it) of at most max_batch."""
+        """At most max_batch rows in the state (2-D) and in each camera's images (4-D), before the
+        transform resizes them; a shape that is none of these is the transform's to name."""
         transform = getattr(session.policy, "transform", None)
-        state = req.get(transform.spec.state_key) if transform is not None else None
-        rows = np.shape(state)[0] if np.ndim(state) == 2 else 1
-        if rows > self.cfg.max_batch:
-            raise ProtocolError(f"{transform.spec.state_key}: a batch of {rows} observations exceeds the limit of "
-                                f"{self.cfg.max_batch} (--max-batch)")
+        if transform is None:
+            return
+        spec = transform.spec
+        for key, ndim in ((spec.state_key, 2), *((k, 4) for k in spec.camera_keys)):
+            try:
+                rows = np.shape(req[key])[0] if key in req and np.ndim(req[key]) == ndim else 1
+            except ValueError:  # a ragged list
+                continue
+            if rows > self.cfg.max_batch:
+                raise ProtocolError(f"{key}: a batch of {rows} observations exceeds the limit of "
+                                    f"{self.cfg.max_batch} (--max-batch)")
 
 
 class ServerThread:
