@@ -1070,6 +1070,31 @@ def test_a_rerun_asked_to_record_streams_of_stored_episodes_says_nothing_was_rec
 # ---- bad input and regressions found by a user test ----------------------------------------------
 
 
+def test_libero_settings_from_before_openpis_layouts_are_named_and_not_continued(tmp_path, capsys):
+    """LIBERO episodes run before episode k got openpi's fixture layout k (their protocol names no scenes)
+    read in the report as if they had; a new run started a new group without a word."""
+    import json
+
+    from kvreuse.eval.report import _protocol_text
+    from kvreuse.eval.store import ResultStore, Setting
+    from kvreuse.eval.sweep import _note_older_scenes
+
+    env = "libero:libero_spatial"
+    old = Setting("p", env, 5, None, "baseline", json.dumps({"env": {}, "max_steps": None}, sort_keys=True))
+    new = Setting("p", env, 5, None, "baseline",
+                  json.dumps({"env": {"scenes": "openpi"}, "max_steps": None}, sort_keys=True))
+    assert _protocol_text(old.protocol, env) == " | env scenes=first"
+    assert _protocol_text(new.protocol, env) == " | env scenes=openpi"
+    assert _protocol_text(old.protocol, "metaworld") == ""
+    with ResultStore(tmp_path / "l.db") as st:
+        st.setting_id(old)
+        _note_older_scenes(st, [new], "l.db")
+        assert "holds 1 of these settings from before LIBERO's episode k ran in openpi's" in capsys.readouterr().err
+        st.setting_id(new)
+        _note_older_scenes(st, [new], "l.db")  # continued: nothing to say
+        assert capsys.readouterr().err == ""
+
+
 def test_speedup_uses_the_baseline_on_the_settings_own_episodes(tmp_path):
     """The baseline ran two tasks, the setting one: its speedup (all tasks) compares it with the
     baseline on that one task's episodes, not with the baseline's mean over both."""

@@ -371,3 +371,31 @@ def test_libero_episode_k_has_openpis_kth_fixture_layout_in_any_order(tmp_path, 
     finally:
         ref.close()
         ours.close()
+
+
+@pytest.mark.skipif(not libero_installed, reason="LIBERO not installed (bash scripts/install_libero.sh)")
+def test_libero_scene_states_are_shared_between_running_workers_and_mended(tmp_path, monkeypatch):
+    """Each process read the scenes folder once per task, so running workers walked through each other's
+    layouts (hard resets, ~3.5 s each, up to one per worker per episode); a wrong file was trusted for
+    good. Hard resets here are stand-ins that draw from numpy's global generator as LIBERO's do."""
+    from kvreuse.envs.libero import LiberoEnv
+
+    monkeypatch.setenv("KVREUSE_LIBERO_SCENES", str(tmp_path))
+    a, b = LiberoEnv("libero_spatial"), LiberoEnv("libero_spatial")
+    task, walks = a.tasks[0], {"a": 0, "b": 0}
+    for name, e in (("a", a), ("b", b)):
+        monkeypatch.setattr(e, "_hard_reset", lambda n=name: (walks.__setitem__(n, walks[n] + 1), np.random.random(7)))
+    b._openpi_reset(task, 0)  # b has read the folder (state 1 is on disk now)
+    a._openpi_reset(task, 3)  # from state 1: resets 1, 2, 3
+    assert walks == {"a": 3, "b": 1}
+    b._openpi_reset(task, 3)  # a's states are found, not walked again
+    assert walks == {"a": 3, "b": 2}
+    state_3 = b._states[task][3][1]
+    f = a._scene_file(task, 2)
+    np.savez(f, keys=np.zeros(3, np.uint32), pos=0, has_gauss=0, gauss=0.0)  # another shape: ignored
+    c = LiberoEnv("libero_spatial")
+    monkeypatch.setattr(c, "_hard_reset", lambda: np.random.random(7))
+    c._openpi_reset(task, 2)  # from state 1, through the wrong file's k
+    assert np.array_equal(np.random.get_state()[1], state_3)
+    with np.load(f) as z:
+        assert z["keys"].shape == (624,)  # mended on the way

@@ -219,7 +219,7 @@ def test_policy_records_a_replayable_stream(tmp_path):
     back = ObservationStream.load(pol.recorder.save(tmp_path / "own.safetensors"))
     assert [s.seed for s in back] == [5, None, 5, None]
     replay, noise = Policy(m, tf), StreamNoise(m, seed=0)
-    for step, a in zip(back, outs):
+    for step, a in zip(back, outs, strict=True):
         if step.reset:
             replay.reset()
         assert np.array_equal(replay.infer(step.raw, noise(step, tf))[0], a)
@@ -426,6 +426,18 @@ def test_compare_notes_a_replay_through_other_weights_than_recorded_them(tmp_pat
         main(["compare", "actions", "--stream", str(tmp_path / "streams"), "--preset", preset, "--threads", "1"])
         err = capsys.readouterr().err
         assert ("was recorded through testbed-pi0@" in err and "replayed through testbed-pi05@" in err) == noted, err
+    # a checkpoint folder whose name holds a "+" (a policy id joins its tags with "+")
+    import shutil
+    from dataclasses import replace
+
+    from kvreuse.assets import shipped_checkpoint
+
+    ck = shutil.copytree(shipped_checkpoint("tiny-pi0"), tmp_path / "pi0+ft")
+    run_sweep(replace(plan, db=str(tmp_path / "t.db"), stream_dir=str(tmp_path / "s2")),
+              PolicySource(str(ck), "tiny-pi0"))
+    capsys.readouterr()
+    main(["compare", "actions", "--stream", str(tmp_path / "s2"), "--checkpoint", str(ck), "--threads", "1"])
+    assert "note: stream" not in capsys.readouterr().err
 
 
 def test_compare_replays_a_stream_file_whose_meta_is_not_a_dict(tmp_path):

@@ -205,7 +205,8 @@ def test_train_failing_mid_run_keeps_the_weights_reached(demo_dir, tmp_path, mon
 
 
 def _fail_third_step(monkeypatch) -> None:
-    """The run fails with "boom" in its third step, after two sound ones."""
+    """The run fails with "boom" at its third learning-rate lookup (one per parameter group a step),
+    after a sound step."""
     calls = []
 
     def fail_third(progress, warmup):
@@ -215,6 +216,31 @@ def _fail_third_step(monkeypatch) -> None:
         return 1.0
 
     monkeypatch.setattr("kvreuse.train.train._lr_factor", fail_third)
+
+
+def test_an_interrupt_after_weights_went_nan_between_loss_reads_keeps_the_last_sound_ema(
+        demo_dir, tmp_path, monkeypatch):
+    """Past step 49 the loss is read every 10th step: weights gone NaN in between, then Ctrl-C, kept
+    nothing ("its EMA weights are not finite") though the EMA at the last finite loss was at hand (an
+    error there does the same)."""
+    import kvreuse.model.pi0 as pi0
+    from kvreuse.checkpoint import load_checkpoint
+    from kvreuse.train.train import run_train
+
+    real, calls = pi0.Pi0Model.loss, []
+
+    def loss(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 53:
+            raise RuntimeError("boom")  # (a KeyboardInterrupt takes the same path, then ends pytest too)
+        return real(self, *a, **k) * (float("nan") if len(calls) == 51 else 1.0)  # step 51: not read
+
+    monkeypatch.setattr(pi0.Pi0Model, "loss", loss)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_train(demos=str(demo_dir), out=str(tmp_path / "ck"), preset="tiny-pi0", steps=80, batch_size=2,
+                  device="cpu")
+    model, _, meta = load_checkpoint(tmp_path / "ck.interrupted")
+    assert meta["training"]["steps"] == 49 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_train_stops_when_the_loss_is_not_finite(demo_dir, tmp_path, monkeypatch):

@@ -635,12 +635,13 @@ def _legacy_stats(weights: Path, st_mode: NormMode, act_mode: NormMode) -> NormS
                 if np.isfinite(v).all():
                     groups.setdefault((m[1], m[2]), {})[m[3]] = v
     state = groups.get(("normalize_inputs", "observation_state"))
-    actions = groups.get(("unnormalize_outputs", "action"), groups.get(("normalize_targets", "action")))
+    act_from = "unnormalize_outputs" if ("unnormalize_outputs", "action") in groups else "normalize_targets"
+    actions = groups.get((act_from, "action"))
     if state is None and actions is None:
         return None
     where = f"{weights} [old lerobot buffers"
     return NormStats(_stats_from(state or {}, st_mode, f"{where} normalize_inputs.buffer_observation_state]"),
-                     _stats_from(actions or {}, act_mode, f"{where} unnormalize_outputs.buffer_action]"),
+                     _stats_from(actions or {}, act_mode, f"{where} {act_from}.buffer_action]"),
                      st_mode, act_mode)
 
 

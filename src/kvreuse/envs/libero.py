@@ -148,6 +148,10 @@ def _prepare_libero_import() -> None:
     ll._assets_path_cache = str(assets)  # never download: use the packaged assets
 
 
+def _same_state(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and np.array_equal(a[1], b[1]) and tuple(a[2:]) == tuple(b[2:])
+
+
 def quat2axisangle(quat: np.ndarray) -> np.ndarray:
     """(x, y, z, w) quaternion -> axis * angle (robosuite's convention, as openpi uses it)."""
     q = np.asarray(quat, dtype=np.float64).copy()
@@ -292,13 +296,16 @@ class LiberoEnv:
         """A hard reset in openpi's k-th fixture layout: from the nearest known generator state at or below
         k, hard resets up to k (openpi's earlier episodes' resets), keeping each state they reach."""
         known = self._scene_states(task)
+        if k not in known:  # another worker may have reached it since: look again before walking
+            known.update(self._stored_states(task))
         j = max(i for i in known if i <= k)
         for m in range(j, k + 1):
             np.random.set_state(known[m])
             self._hard_reset()
-            if m + 1 not in known:
-                known[m + 1] = np.random.get_state()
-                self._save_state(task, m + 1, known[m + 1])
+            reached = np.random.get_state()
+            if m + 1 not in known or not _same_state(known[m + 1], reached):  # a wrong file is mended
+                known[m + 1] = reached
+                self._save_state(task, m + 1, reached)
 
     def _hard_reset(self) -> None:
         """LIBERO's reset as openpi runs it (hard: the model and GL context rebuilt, robots and their gripper
@@ -316,17 +323,22 @@ class LiberoEnv:
 
     def _scene_states(self, task: str) -> dict[int, tuple]:
         if task not in self._states:
-            known = {0: np.random.RandomState(self.env_seed).get_state()}  # what env.seed(seed) leaves
-            folder = self._scene_file(task, 0).parent
-            for f in folder.glob("*.npz") if folder.is_dir() else ():
-                try:
-                    with np.load(f) as z:
-                        known[int(f.stem)] = ("MT19937", z["keys"], int(z["pos"]), int(z["has_gauss"]),
-                                              float(z["gauss"]))
-                except (OSError, ValueError, KeyError):  # a torn or foreign file: found again by resetting
-                    continue
-            self._states[task] = known
+            # state 0 is what env.seed(seed) leaves, whatever a file says
+            self._states[task] = {**self._stored_states(task), 0: np.random.RandomState(self.env_seed).get_state()}
         return self._states[task]
+
+    def _stored_states(self, task: str) -> dict[int, tuple]:
+        """The states on disk that are whole generator states (others are found again by resetting)."""
+        out, folder = {}, self._scene_file(task, 0).parent
+        for f in folder.glob("*.npz") if folder.is_dir() else ():
+            try:
+                with np.load(f) as z:
+                    state = ("MT19937", z["keys"], int(z["pos"]), int(z["has_gauss"]), float(z["gauss"]))
+                np.random.RandomState().set_state(state)  # refuses a state of another shape
+                out[int(f.stem)] = state
+            except (OSError, ValueError, KeyError, TypeError, IndexError):  # torn, foreign, a part file
+                continue
+        return out
 
     def _save_state(self, task: str, k: int, state: tuple) -> None:
         """Shared by every process on the machine (sweep workers): written whole, then renamed."""

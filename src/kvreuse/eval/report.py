@@ -68,7 +68,7 @@ def compute_rows(db: str | Path, only: set[tuple[str, int, int]] | None = None) 
         groups[setting_group(s)].append(s)
     rows: list[Row] = []
     for (policy, env, replan, protocol), ss in groups.items():
-        gname = f"{env} | policy {policy} | replan {replan}" + _protocol_text(protocol)
+        gname = f"{env} | policy {policy} | replan {replan}" + _protocol_text(protocol, env)
         base = next((s for s in ss if s["is_baseline"]), None)
         base_eps = eps.get(base["id"], []) if base is not None else []
         tasks = sorted({e["task"] for s in ss for e in eps.get(s["id"], [])})
@@ -90,11 +90,14 @@ def _key(e) -> tuple[str, int, int]:
     return e["task"], e["init_id"], e["seed"]
 
 
-def _protocol_text(protocol: str) -> str:
+def _protocol_text(protocol: str, env: str = "") -> str:
     p = json.loads(protocol)
     out = f" | step limit {p['max_steps']}" if p.get("max_steps") is not None else ""
-    if p.get("env"):
-        out += " | env " + ", ".join(f"{k}={v}" for k, v in sorted(p["env"].items()))
+    opts = dict(p.get("env") or {})
+    if env.startswith("libero:"):  # recorded before scenes were named: every episode in episode 0's layout
+        opts.setdefault("scenes", "first")
+    if opts:
+        out += " | env " + ", ".join(f"{k}={v}" for k, v in sorted(opts.items()))
     return out
 
 

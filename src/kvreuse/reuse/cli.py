@@ -187,12 +187,13 @@ def load(src: Source):
         policy = Policy(model, tf, seed=src.seed)
     # `kvreuse eval --streams` names the weights that ran: another policy replays other decisions
     recorded = meta.get("policies") if "policies" in meta else [meta.get("policy")]
-    theirs = sorted({r.split("+")[0] for r in recorded if isinstance(r, str)}) if isinstance(recorded, list) else []
+    theirs = sorted({r for r in recorded if isinstance(r, str)}) if isinstance(recorded, list) else []
     if theirs:
         from ..eval.sweep import weights_identity
 
         mine = weights_identity(ckpt, src.preset) if ckpt else f"random:{src.preset}:seed{src.seed}"
-        if mine not in theirs:
+        # a policy id is the weights' id, then "+"-joined tags (device, dtype, stats...); a folder may hold "+"
+        if not any(r == mine or r.startswith(mine + "+") for r in theirs):
             print(f"note: stream {src.stream} was recorded through {', '.join(theirs)}, replayed through {mine}: "
                   "the live run's decisions replay only through the policy that ran it (--checkpoint / --preset)",
                   file=sys.stderr)

@@ -365,7 +365,13 @@ def run_train(
                 if not isinstance(e, KeyboardInterrupt):
                     info["error"] = why
                 try:
-                    if all(torch.isfinite(p).all() for p in ema_model.parameters()):
+                    finite = all(torch.isfinite(p).all() for p in ema_model.parameters())
+                    if not finite and ema_good is not None and good_step > 0:
+                        # weights gone NaN between two loss reads (then Ctrl-C, an error): the last sound EMA
+                        torch._foreach_copy_(ema_params, ema_good)
+                        step, finite = good_step, True
+                        info["steps"] = step  # the record names the steps its weights hold
+                    if finite:
                         kept = _keep_interrupted(tmp, out_path, ema_model, stats, info, init)
                     else:
                         unsaved = " (its EMA weights are not finite)"
