@@ -297,7 +297,9 @@ class LiberoEnv:
         k, hard resets up to k (openpi's earlier episodes' resets), keeping each state they reach."""
         known = self._scene_states(task)
         if k not in known:  # another worker may have reached it since: look again before walking
-            known.update(self._stored_states(task))
+            for i, state in self._stored_states(task).items():
+                if i:  # state 0 is the seed's, whatever a file says
+                    known.setdefault(i, state)
         j = max(i for i in known if i <= k)
         for m in range(j, k + 1):
             np.random.set_state(known[m])
