@@ -1095,6 +1095,29 @@ def test_libero_settings_from_before_openpis_layouts_are_named_and_not_continued
         assert capsys.readouterr().err == ""
 
 
+def test_libero_scenes_option_reaches_the_env_and_first_continues_the_older_rows(capsys):
+    """`--libero-scenes first` runs LIBERO's old soft-reset path (episode 0's layout for every episode),
+    whose protocol is the one rows from before the option hold; the default names openpi's layouts."""
+    import json
+
+    from kvreuse.cli import main
+    from kvreuse.eval.cli import _plan
+    from kvreuse.eval.sweep import _protocol
+
+    def plan(env, scenes):
+        return _plan("x.db", env, (), 1, 0, 0, 5, None, 0, 0, [], True, False, libero_scenes=scenes)
+
+    lib = "libero:libero_spatial"
+    assert plan(lib, "openpi").env_kw == {"scenes": "openpi"} and plan(lib, "first").env_kw == {"scenes": "first"}
+    assert json.loads(_protocol(plan(lib, "openpi")))["env"] == {"scenes": "openpi"}
+    assert json.loads(_protocol(plan(lib, "first")))["env"] == {}
+    assert plan("metaworld", "first").env_kw == {}
+    for cmd in ("eval", "sweep"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--env", lib, "--libero-scenes", "all"])
+        assert e.value.code == 2 and "--libero-scenes" in capsys.readouterr().err
+
+
 def test_speedup_uses_the_baseline_on_the_settings_own_episodes(tmp_path):
     """The baseline ran two tasks, the setting one: its speedup (all tasks) compares it with the
     baseline on that one task's episodes, not with the baseline's mean over both."""

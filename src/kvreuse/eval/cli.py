@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 DEFAULT_DB = "runs/kvreuse.db"
 # TurboPi's threshold sweep, whole-prefix reuse, on the raw-image cosine gate.
@@ -28,7 +29,7 @@ def _cores() -> int:
 
 
 def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid, baseline, progress,
-          device: str = "cpu", streams: int = 0, retry_errors: bool = False):
+          device: str = "cpu", streams: int = 0, retry_errors: bool = False, libero_scenes: str = "openpi"):
     from .sweep import SweepPlan
 
     if workers is None:  # one per core; one for a GPU policy (each worker would hold its own model there)
@@ -38,6 +39,7 @@ def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers
         max_steps=max_steps, grid=grid, baseline=baseline, workers=workers,
         videos=videos, video_dir=str(Path(db).parent / "videos"), progress=progress,
         streams=streams, stream_dir=str(Path(db).parent / "streams"), retry_errors=retry_errors,
+        env_kw={"scenes": libero_scenes} if env.startswith("libero:") else {},
     )
 
 
@@ -93,6 +95,7 @@ def run_eval(
     tokenizer: str | None = None,
     progress: bool = True,
     retry_errors: bool = False,
+    libero_scenes: Literal["openpi", "first"] = "openpi",
 ) -> None:
     """Evaluate one setting closed-loop and print its table.
 
@@ -133,12 +136,15 @@ def run_eval(
             openpi) instead of leaving them out of the prefix (kept apart in the DB too).
         tokenizer: the PaliGemma SentencePiece tokenizer.model, for full-size checkpoints.
         progress: show progress on stderr (a bar on a terminal, else a line per ~10% of the episodes).
+        libero_scenes: LIBERO's fixture layouts: openpi's k-th for episode k, with a hard reset per
+            episode as openpi (default), or episode 0's for every episode through a soft reset
+            (faster; what kvreuse ran before, and its rows continue those).
     """
     from .sweep import PolicySource, run_sweep
 
     grid = one_setting(reuse, "eval")
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos, grid,
-                 with_baseline or not grid, progress, device, streams, retry_errors)
+                 with_baseline or not grid, progress, device, streams, retry_errors, libero_scenes)
     summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
     _stop_if_all_errors(_print_summary(summary, db), summary.ran)
 
@@ -184,6 +190,7 @@ def run_sweep_cmd(
     report_dir: str | None = None,
     progress: bool = True,
     retry_errors: bool = False,
+    libero_scenes: Literal["openpi", "first"] = "openpi",
 ) -> None:
     """Paired sweep: the baseline plus every reuse setting of the grid, on the same episodes.
 
@@ -200,7 +207,7 @@ def run_sweep_cmd(
 
         check_dir_out(report_dir, "--report-dir")
     plan = _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers, videos,
-                 parse_grid(list(grid)), True, progress, device, streams, retry_errors)
+                 parse_grid(list(grid)), True, progress, device, streams, retry_errors, libero_scenes)
     summary = run_sweep(plan, PolicySource(checkpoint, preset, device, fast, keep_absent_cameras, dtype, tokenizer))
     failed = _print_summary(summary, db)
     if report_dir:

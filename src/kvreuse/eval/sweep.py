@@ -179,6 +179,15 @@ def _note_older_id(store, settings: list, src: PolicySource, db: str) -> None:
             return
 
 
+def _protocol(plan) -> str:
+    """A setting's protocol: step limit and env options. LIBERO's scenes="first" is left out, as in the
+    rows from before scenes had a name (they ran that way), so such a run continues them."""
+    env_kw = dict(plan.env_kw)
+    if plan.env.startswith("libero:") and env_kw.get("scenes") == "first":
+        del env_kw["scenes"]
+    return json.dumps({"max_steps": plan.max_steps, "env": env_kw}, sort_keys=True)
+
+
 def _note_older_scenes(store, settings: list, db: str) -> None:
     """LIBERO settings stored before episode k got openpi's fixture layout k (their protocol names no
     scenes: every episode in episode 0's layout) are not continued: say so."""
@@ -194,8 +203,8 @@ def _note_older_scenes(store, settings: list, db: str) -> None:
     n = sum(k in have for k in older)
     if n:
         print(f"note: {db} holds {n} of these settings from before LIBERO's episode k ran in openpi's fixture "
-              "layout k (theirs all ran in episode 0's, reported as `env scenes=first`); they are not continued: "
-              "this run records its own rows", file=sys.stderr)
+              "layout k (theirs all ran in episode 0's, reported as `env scenes=first`); they are not continued "
+              "(`--libero-scenes first` would): this run records its own rows", file=sys.stderr)
 
 
 def _weights_identity(src: PolicySource, era: int = len(ID_CHANGES)) -> str:
@@ -576,7 +585,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             plan = replace(plan, env_kw={**plan.env_kw, "scenes": "openpi"})
     finally:
         env.close()
-    protocol = json.dumps({"max_steps": plan.max_steps, "env": plan.env_kw}, sort_keys=True)
+    protocol = _protocol(plan)
     settings = []
     for reuse, label in settings_params:
         s = Setting(policy_id, plan.env, plan.replan, reuse, label, protocol)
@@ -592,8 +601,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
     if explicit is not None:
         # Stored as the default, so it pairs with runs without --max-steps; a DB that holds this
         # sweep under the explicit limit alone (recorded before) is continued under it.
-        old = [replace(s, protocol=json.dumps({"max_steps": explicit, "env": plan.env_kw}, sort_keys=True))
-               for s in settings]
+        old = [replace(s, protocol=_protocol(replace(plan, max_steps=explicit))) for s in settings]
         have = {r["key"] for r in store.settings()}
         if any(s.key in have for s in old) and not any(s.key in have for s in settings):
             settings = old
