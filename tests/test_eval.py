@@ -1077,9 +1077,10 @@ def test_libero_settings_from_before_openpis_layouts_are_named_and_not_continued
 
     from kvreuse.eval.report import _protocol_text
     from kvreuse.eval.store import ResultStore, Setting
-    from kvreuse.eval.sweep import _note_older_scenes
+    from kvreuse.eval.sweep import SweepPlan, _note_older_scenes
 
     env = "libero:libero_spatial"
+    plan = SweepPlan(db="l.db", env=env, env_kw={"scenes": "openpi"})
     old = Setting("p", env, 5, None, "baseline", json.dumps({"env": {}, "max_steps": None}, sort_keys=True))
     new = Setting("p", env, 5, None, "baseline",
                   json.dumps({"env": {"scenes": "openpi"}, "max_steps": None}, sort_keys=True))
@@ -1088,10 +1089,10 @@ def test_libero_settings_from_before_openpis_layouts_are_named_and_not_continued
     assert _protocol_text(old.protocol, "metaworld") == ""
     with ResultStore(tmp_path / "l.db") as st:
         st.setting_id(old)
-        _note_older_scenes(st, [new], "l.db")
+        _note_older_scenes(st, [new], plan)
         assert "holds 1 of these settings from before LIBERO's episode k ran in openpi's" in capsys.readouterr().err
         st.setting_id(new)
-        _note_older_scenes(st, [new], "l.db")  # continued: nothing to say
+        _note_older_scenes(st, [new], plan)  # continued: nothing to say
         assert capsys.readouterr().err == ""
 
 

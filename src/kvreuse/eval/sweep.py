@@ -188,21 +188,18 @@ def _protocol(plan) -> str:
     return json.dumps({"max_steps": plan.max_steps, "env": env_kw}, sort_keys=True)
 
 
-def _note_older_scenes(store, settings: list, db: str) -> None:
-    """LIBERO settings stored before episode k got openpi's fixture layout k (their protocol names no
-    scenes: every episode in episode 0's layout) are not continued: say so."""
-    if not settings or any(s.key in {r["key"] for r in store.settings()} for s in settings):
+def _note_older_scenes(store, settings: list, plan) -> None:
+    """LIBERO settings stored before episode k got openpi's fixture layout k (their protocol is the one
+    of scenes="first": every episode in episode 0's layout) are not continued: say so."""
+    if plan.env_kw.get("scenes") != "openpi":
         return
-    older = []
-    for s in settings:
-        p = json.loads(s.protocol)
-        if p.get("env", {}).get("scenes") == "openpi":
-            p["env"] = {k: v for k, v in p["env"].items() if k != "scenes"}
-            older.append(replace(s, protocol=json.dumps(p, sort_keys=True)).key)
     have = {r["key"] for r in store.settings()}
-    n = sum(k in have for k in older)
+    if any(s.key in have for s in settings):
+        return
+    older = _protocol(replace(plan, env_kw={**plan.env_kw, "scenes": "first"}))
+    n = sum(replace(s, protocol=older).key in have for s in settings)
     if n:
-        print(f"note: {db} holds {n} of these settings from before LIBERO's episode k ran in openpi's fixture "
+        print(f"note: {plan.db} holds {n} of these settings from before LIBERO's episode k ran in openpi's fixture "
               "layout k (theirs all ran in episode 0's, reported as `env scenes=first`); they are not continued "
               "(`--libero-scenes first` would): this run records its own rows", file=sys.stderr)
 
@@ -611,7 +608,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
         store.close()
         raise
     _note_older_id(store, settings, src, plan.db)
-    _note_older_scenes(store, settings, plan.db)
+    _note_older_scenes(store, settings, plan)
     ids = {s.key: store.setting_id(s) for s in settings}
     if store.upgraded_from is not None:
         print(f"note: {plan.db}: upgraded from schema version {store.upgraded_from} to {SCHEMA_VERSION}: it now "
