@@ -189,6 +189,26 @@ def test_bad_observation_is_a_value_error(model):
             model.encode_prefix(dataclasses.replace(obs, **bad))
         with pytest.raises(ValueError, match=r"observation: state has batch"):
             FastPi0(model).encode_prefix(dataclasses.replace(obs, **bad))
+    # uint8 0..255 images ran as floats of 0..255; float masks and a camera without a mask failed deep inside
+    u8 = {c: ((x + 1) * 127.5).to(torch.uint8) for c, x in obs.images.items()}
+    with pytest.raises(ValueError, match=r"images\[.*floating-point.*uint8"):
+        model.encode_prefix(dataclasses.replace(obs, images=u8))
+    with pytest.raises(ValueError, match="token_mask: expected a bool tensor"):
+        model.encode_prefix(dataclasses.replace(obs, token_mask=obs.token_mask.float()))
+    with pytest.raises(ValueError, match=f"no image_masks entry for camera.*{cam}"):
+        model.encode_prefix(dataclasses.replace(obs, image_masks={c: m for c, m in obs.image_masks.items() if c != cam}))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fast", [False, True])
+def test_steps_must_be_a_positive_count(model, fast):
+    """steps=0 ran the default 10 and a negative count returned the noise as actions."""
+    m = FastPi0(model) if fast else model
+    obs, noise = make_obs(model.cfg), noise_for(model.cfg)
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="steps: expected a whole number >= 1"):
+            m.sample_actions(obs, noise, steps=bad)
+    assert torch.equal(m.sample_actions(obs, noise, steps=None), m.sample_actions(obs, noise, steps=model.cfg.num_steps))
 
 
 @torch.no_grad()

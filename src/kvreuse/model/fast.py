@@ -1195,7 +1195,7 @@ class FastPi0:
         st.noise.copy_(noise)
 
     def _denoise(self, st, obs, noise, steps):
-        steps = steps or self.cfg.num_steps
+        steps = self.model.steps_of(steps)
         self._denoise_inputs(st, obs, noise)
         x = self.graphs.run(("denoise", obs.batch_size, steps), lambda: self._denoise_body(st, steps))
         return x.clone()
@@ -1214,7 +1214,7 @@ class FastPi0:
     def _sample(self, st, obs, noise, steps, keep_hidden: tuple[int, ...], image_embeds):
         """Vision (cameras not in image_embeds), then the prefix and denoise graph with Euler
         step 0 beside the prefix LM; the actions as a new tensor."""
-        steps = steps or self.cfg.num_steps
+        steps = self.model.steps_of(steps)
         rows = self._embed(st, obs, image_embeds)
         self._denoise_inputs(st, obs, noise)
         return self._sample_graph(st, steps, rows, keep_hidden)
@@ -1331,7 +1331,7 @@ class FastPi0:
         full = split is None and bool(recompute.all())  # exactly encode_prefix then, keeping the same hidden layers
         rows = self._embed(st, obs, self._given_embeds(cache, run_cameras, image_embeds), want_rows=full)
         if noise is not None:
-            steps = steps or self.cfg.num_steps
+            steps = self.model.steps_of(steps)
             self._denoise_inputs(st, obs, noise)
         kh, export = (), dict(hidden={})
         if full:

@@ -267,7 +267,7 @@ class Pi0Model(nn.Module):
         self, prefix: PrefixCache, obs: Observation, noise: torch.Tensor, steps: int | None = None
     ) -> torch.Tensor:
         """Euler integration from t=1 (noise) to t=0 (actions). Reads, never writes, the prefix."""
-        steps = steps or self.cfg.num_steps
+        steps = self.steps_of(steps)
         dt = -1.0 / steps
         self.check_prefix(prefix, obs.batch_size)
         masks = self._suffix_masks(prefix)
@@ -335,6 +335,15 @@ class Pi0Model(nn.Module):
         return err.mean() if valid is None else (err * valid).sum() / valid.sum().clamp(min=1)
 
     # ---- checks -----------------------------------------------------------------------------
+    def steps_of(self, steps: int | None) -> int:
+        """The Euler step count a call runs: the config's for None (0 ran the default and a negative
+        count returned the noise as actions)."""
+        if steps is None:
+            return self.cfg.num_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: expected a whole number >= 1, got {steps!r}")
+        return steps
+
     def check_prefix(self, prefix: PrefixCache, batch: int) -> None:
         """A cache of this model for `batch` observations (another batch's K/V were broadcast, row 0's
         prefix answering every row)."""
@@ -352,6 +361,17 @@ class Pi0Model(nn.Module):
         missing = [c for c in cfg.cameras if c not in obs.images]
         if missing:
             raise ValueError(f"observation is missing camera(s) {missing}; model cameras: {list(cfg.cameras)}")
+        unmasked = [c for c in cfg.cameras if c not in obs.image_masks]
+        if unmasked:
+            raise ValueError(f"observation has no image_masks entry for camera(s) {unmasked}")
+        # Images are floats in [-1, 1]; uint8 0..255 would run as floats of 0..255, unnoticed.
+        kinds = {f"images[{c!r}]": (obs.images[c], True) for c in cfg.cameras}
+        kinds |= {f"image_masks[{c!r}]": (obs.image_masks[c], False) for c in cfg.cameras}
+        kinds |= {"token_mask": (obs.token_mask, False), "state_token_mask": (obs.state_token_mask, False)}
+        for name, (t, floating) in kinds.items():
+            if not (t.is_floating_point() if floating else t.dtype == torch.bool):
+                want = "a floating-point tensor in [-1, 1]" if floating else "a bool tensor"
+                raise ValueError(f"{name}: expected {want}, got {t.dtype}")
         if obs.tokens.shape[1] != cfg.max_token_len:
             raise ValueError(f"tokens: expected length {cfg.max_token_len}, got {obs.tokens.shape[1]}")
         size = cfg.vision.image_size
