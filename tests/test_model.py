@@ -196,7 +196,8 @@ def test_bad_observation_is_a_value_error(model):
     with pytest.raises(ValueError, match="token_mask: expected a bool tensor"):
         model.encode_prefix(dataclasses.replace(obs, token_mask=obs.token_mask.float()))
     with pytest.raises(ValueError, match=f"no image_masks entry for camera.*{cam}"):
-        model.encode_prefix(dataclasses.replace(obs, image_masks={c: m for c, m in obs.image_masks.items() if c != cam}))
+        masks = {c: m for c, m in obs.image_masks.items() if c != cam}
+        model.encode_prefix(dataclasses.replace(obs, image_masks=masks))
 
 
 @torch.no_grad()
@@ -208,7 +209,8 @@ def test_steps_must_be_a_positive_count(model, fast):
     for bad in (0, -2, 2.5, True):
         with pytest.raises(ValueError, match="steps: expected a whole number >= 1"):
             m.sample_actions(obs, noise, steps=bad)
-    assert torch.equal(m.sample_actions(obs, noise, steps=None), m.sample_actions(obs, noise, steps=model.cfg.num_steps))
+    default = m.sample_actions(obs, noise, steps=None)
+    assert torch.equal(default, m.sample_actions(obs, noise, steps=model.cfg.num_steps))
 
 
 @torch.no_grad()
