@@ -167,7 +167,8 @@ def test_library_mistakes_are_value_errors_naming_the_argument(tmp_path):
     ck = default_checkpoint("pi05")
     for kw, msg in (({"device": "tpu"}, "--device 'tpu': unknown device"), ({"dtype": "float64"}, "dtype: expected"),
                     ({"dtype": torch.int8}, "dtype: expected one of float32, bfloat16, got 'int8'"),
-                    ({"seed": "1"}, "seed: expected an integer"),
+                    ({"seed": "1"}, "seed: expected an integer"), ({"seed": -1}, "seed: expected an integer in 0.."),
+                    ({"seed": 2**64}, r"seed: expected an integer in 0..\d+ \(2\*\*64 - 1\), got 18446744073709551616"),
                     ({"reuse": "always"}, "reuse: expected a ReuseConfig")):
         with pytest.raises(ValueError, match=msg):
             Policy.from_checkpoint(ck, **kw)
@@ -176,10 +177,13 @@ def test_library_mistakes_are_value_errors_naming_the_argument(tmp_path):
     assert p.reuse_config.gate == "always"
     spec, cfg = p.transform.spec, p.model.cfg
     p.recorder = ObservationStream(robot=spec.name)
-    bad_noise = (torch.zeros(2, cfg.chunk_size, cfg.max_action_dim), torch.zeros(1, 3, 3), np.zeros((1, 16, 32)))
+    bad_noise = (torch.zeros(2, cfg.chunk_size, cfg.max_action_dim), torch.zeros(1, 3, 3), np.zeros((1, 16, 32)),
+                 torch.zeros(1, 16, 32, dtype=torch.int64))  # int noise once ran truncated, the actions ~1 off
     for noise in bad_noise:  # a batch of 2 for one observation once gave two chunks silently
-        with pytest.raises(ValueError, match=r"noise: expected a torch.Tensor of shape \(1, 16, 32\)"):
+        with pytest.raises(ValueError, match=r"noise: expected a floating-point torch.Tensor of shape \(1, 16, 32\)"):
             p.infer(_obs(spec), noise=noise)
+    with pytest.raises(ValueError, match="seed: expected an integer in 0.."):
+        p.reset(seed=-3)
     with pytest.raises(ValueError, match="observation: expected a dict"):
         p.infer([1, 2])
     assert len(p.recorder) == 0  # refused calls are not recorded

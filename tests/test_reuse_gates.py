@@ -249,6 +249,15 @@ def test_config_types_are_checked():
     ok = ReuseConfig.from_dict({"gate": "threshold", "threshold": 1, "max_age_s": 2, "phase_horizon": None,
                                 "patch_max_diff": None, "layer_split": 2, "synchronized": True})
     assert ok.threshold == 1 and ok.max_age_s == 2 and ok.layer_split == 2
+    # an int for a float field is kept as a float: threshold=1 and threshold=1.0 were two DB settings of one label
+    assert type(ok.threshold) is float and type(ok.max_age_s) is float and type(ok.layer_split) is int
+    assert ok.diff_from(ReuseConfig().to_dict()) == ReuseConfig.from_dict({**ok.to_dict(), "threshold": 1.0,
+                                                                             "max_age_s": 2.0}).diff_from(
+        ReuseConfig().to_dict())
+    from kvreuse.eval.store import Setting
+    keys = {Setting("p", "e", 1, ReuseConfig.from_dict({"gate": "threshold", "threshold": v}).diff_from(
+        ReuseConfig().to_dict())).key for v in (1, 1.0)}
+    assert len(keys) == 1
     with pytest.raises(ValueError, match="reuse config: expected an object"):
         ReuseConfig.from_dict([("gate", "always")])
 
@@ -268,6 +277,23 @@ def test_labels_are_short_and_distinct():
     assert labels[0] == "never" and labels[1] == "threshold(raw>=0.985)/full"
     assert all(len(x) < 80 for x in labels)
     assert ReuseConfig.from_dict(cfgs[4].to_dict()) == cfgs[4]
+    # :g rounded 0.9999995 to 1, the label of the identical-inputs gate
+    assert ReuseConfig(gate="threshold", threshold=0.9999995).label() == "threshold(raw>=0.9999995)/full"
+    assert ReuseConfig(gate="threshold", threshold=1.0).label() == "threshold(raw>=1)/full"
+
+
+def test_fields_without_effect_are_no_part_of_a_setting():
+    """A field that cannot change a decision neither names nor keys a setting (the same runs stored twice)."""
+    d = ReuseConfig().to_dict()
+    assert "downsample" not in ReuseConfig(gate="threshold", image_metric="patch", downsample=16).diff_from(d)
+    assert "downsample" in ReuseConfig(gate="threshold", downsample=16).diff_from(d)
+    sync = ReuseConfig(gate="crossmodal", mode="vision_only", synchronized=True, state_reference="state")
+    assert "state_reference" not in sync.diff_from(d) and "state_reference" in sync.unused_fields()
+    assert "state_reference" in sync.replace(synchronized=False).diff_from(d)
+    # the phase gate only tightens: a looser phase_threshold was accepted, labelled, and never applied
+    with pytest.raises(ValueError, match=r"reuse.phase_threshold: .* expected >= threshold \(0.9\), got 0.5"):
+        ReuseConfig(gate="phase", threshold=0.9, phase_threshold=0.5)
+    assert ReuseConfig(gate="threshold", threshold=0.9, phase_threshold=0.5).unused_fields() == ["phase_threshold"]
 
 
 def test_siglip_gate_costs_the_vision_pass_but_saves_the_prefix():

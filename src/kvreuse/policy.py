@@ -94,8 +94,7 @@ class Policy:
     def __init__(
         self, model: Pi0Model, transform: RobotTransform, seed: int = 0, reuse: ReuseConfig | None = None
     ):
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed: expected an integer, got {seed!r}")
+        seed = check_seed(seed, "seed")
         if isinstance(reuse, dict):  # as stored in a results DB or a JSON file
             reuse = ReuseConfig.from_dict(reuse)
         mc = model.cfg
@@ -161,7 +160,7 @@ class Policy:
 
     def reset(self, seed: int | None = None) -> None:
         """Start an episode: reseeds the noise and drops the cache (never reused across resets)."""
-        self._episode_seed = self.seed if seed is None else seed  # a recorder keeps it: its replay's noise
+        self._episode_seed = self.seed if seed is None else check_seed(seed, "seed")  # a recorder keeps it
         self.generator.manual_seed(self._episode_seed)
         self.runner.reset()
 
@@ -180,10 +179,11 @@ class Policy:
         obs = self.transform(raw, device=self.model.device)
         c = self.model.cfg
         want = (obs.batch_size, c.chunk_size, c.max_action_dim)
-        if noise is not None and (not isinstance(noise, torch.Tensor) or tuple(noise.shape) != want):
-            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
-            raise ValueError(f"noise: expected a torch.Tensor of shape {want} (batch, chunk, max action dim), "
-                             f"got {got}")
+        if noise is not None and (not isinstance(noise, torch.Tensor) or tuple(noise.shape) != want
+                                  or not noise.is_floating_point()):  # int noise ran truncated
+            got = f"{tuple(noise.shape)} {noise.dtype}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise: expected a floating-point torch.Tensor of shape {want} (batch, chunk, max "
+                             f"action dim), got {got}")
         if reset:
             self.reset()
         first = self.runner.call_index == 0

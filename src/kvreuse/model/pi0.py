@@ -286,6 +286,8 @@ class Pi0Model(nn.Module):
         if tuple(noise.shape) != (batch, c.chunk_size, c.max_action_dim):
             raise ValueError(f"noise: expected shape {(batch, c.chunk_size, c.max_action_dim)} (batch, chunk, max "
                              f"action dim), got {tuple(noise.shape)}")
+        if not noise.is_floating_point():  # int noise ran truncated, the actions ~1 off
+            raise ValueError(f"noise: expected a floating-point tensor, got {noise.dtype}")
 
     def make_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         c = self.cfg

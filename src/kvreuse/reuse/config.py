@@ -127,6 +127,9 @@ class ReuseConfig:
         if self.phase_horizon is not None and self.phase_horizon < 2:  # one action: no flip, spread or turn
             raise ValueError(f"reuse.phase_horizon: expected an integer >= 2 (cues compare consecutive actions) "
                              f"or None, got {self.phase_horizon}")
+        if self.gate == "phase" and self.phase_threshold < self.threshold:  # the gate would apply `threshold`
+            raise ValueError(f"reuse.phase_threshold: the phase gate only tightens, so expected >= threshold "
+                             f"({self.threshold}), got {self.phase_threshold}")
         if self.layer_split is not None and self.layer_split < 1:
             raise ValueError(f"reuse.layer_split: expected an integer >= 1 (layer 0 is never reused alone), got {self.layer_split}")
         for name in ("variance_threshold", "curvature_threshold", "gripper_delta"):
@@ -156,6 +159,8 @@ class ReuseConfig:
                 ok = isinstance(v, int) and not isinstance(v, bool)
             elif base is float:  # NaN compares false with every bound: it would switch a check off
                 ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+                if ok and isinstance(v, int):  # threshold=1 and threshold=1.0 are one setting (one DB key)
+                    object.__setattr__(self, f.name, float(v))
             else:
                 raise TypeError(f"reuse.{f.name}: no check for type {tp}")  # a new field type: add one
             if not ok:
@@ -176,26 +181,26 @@ class ReuseConfig:
 
     def label(self) -> str:
         """Short name for tables, e.g. 'threshold(raw>=0.985)/full+sync,age<=10'."""
-        g = self.gate
+        g, n = self.gate, _num
         if g == "period":
             g = f"period({self.period})"
         elif g == "threshold":
-            g = f"threshold({self.image_metric}>={self.threshold:g})"
+            g = f"threshold({self.image_metric}>={n(self.threshold)})"
         elif g == "crossmodal":
-            st = f"state>={self.state_threshold:g}" + (f",l2<={self.state_max_l2:g}" if self.state_max_l2 else "")
-            g = f"crossmodal({self.image_metric}>={self.threshold:g},{st})"
+            st = f"state>={n(self.state_threshold)}" + (f",l2<={n(self.state_max_l2)}" if self.state_max_l2 else "")
+            g = f"crossmodal({self.image_metric}>={n(self.threshold)},{st})"
         elif g == "phase":
-            g = f"phase({self.image_metric}>={self.threshold:g}|{self.phase_threshold:g})"
+            g = f"phase({self.image_metric}>={n(self.threshold)}|{n(self.phase_threshold)})"
         if not self.enabled:
             return g
         m = self.mode
         if m == "layer_wise":
             m = f"layer_wise({'half' if self.layer_split is None else self.layer_split})"
         elif m == "partial":
-            m = f"partial(p>={self.patch_threshold:g}" + (f",d<={self.patch_max_diff:g})" if self.patch_max_diff else ")")
+            m = f"partial(p>={n(self.patch_threshold)}" + (f",d<={n(self.patch_max_diff)})" if self.patch_max_diff else ")")
         out = f"{g}/{m}" + ("+sync" if self.synchronized else "")
         bounds = [f"age<={self.max_age_calls}" for _ in [0] if self.max_age_calls] + [
-            f"age<={self.max_age_s:g}s" for _ in [0] if self.max_age_s
+            f"age<={n(self.max_age_s)}s" for _ in [0] if self.max_age_s
         ]
         # What the setting reads away from its default that the name above leaves out (downsample=16,
         # the phase cues): without it, two settings of a sweep were two rows of one name.
@@ -215,8 +220,10 @@ class ReuseConfig:
             reads |= {"patch_threshold", "patch_max_diff"}
         if self.mode == "layer_wise":
             reads.add("layer_split")
-        if self.mode not in _STATE_SPAN_MODES:  # the state and cameras references only part on these
-            reads.discard("state_reference")
+        if self.mode not in _STATE_SPAN_MODES or self.synchronized:  # the state and cameras references
+            reads.discard("state_reference")  # only part on these modes, and never under sync (all or nothing)
+        if self.image_metric != "raw":  # the raw cosine is then recorded, never decided on
+            reads.discard("downsample")
         return reads
 
     def state_references(self) -> tuple[str, ...]:
@@ -267,6 +274,11 @@ DEFAULT_CHANGES: tuple[tuple[float, str, object, object], ...] = (
     (1795865281.0, "state_reference", "state", "cameras"),  # 37826f2, 2026-11-28 11:28:01 UTC
     (1795865695.0, "state_reference", "cameras", "both"),  # 2026-11-28 11:34:55 UTC
 )
+
+
+def _num(v: float) -> str:
+    """A number for a label: `:g` showed 0.9999995 as 1, the label of another gate."""
+    return f"{v:.12g}"
 
 
 def defaults_at(t: float) -> dict:
