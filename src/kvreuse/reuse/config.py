@@ -197,7 +197,8 @@ class ReuseConfig:
         if m == "layer_wise":
             m = f"layer_wise({'half' if self.layer_split is None else self.layer_split})"
         elif m == "partial":
-            m = f"partial(p>={n(self.patch_threshold)}" + (f",d<={n(self.patch_max_diff)})" if self.patch_max_diff else ")")
+            d = f",d<={n(self.patch_max_diff)}" if self.patch_max_diff else ""
+            m = f"partial(p>={n(self.patch_threshold)}{d})"
         out = f"{g}/{m}" + ("+sync" if self.synchronized else "")
         bounds = [f"age<={self.max_age_calls}" for _ in [0] if self.max_age_calls] + [
             f"age<={n(self.max_age_s)}s" for _ in [0] if self.max_age_s
