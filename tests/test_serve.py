@@ -223,8 +223,17 @@ def _bad_frames():
         "wrong state shape": (packb({**obs, "observation/state": np.zeros(7, np.float32)}), "observation/state"),
         "nan state": (packb(nan_state), "NaN"),
         "object array": (msgpack.packb({"x": {b"__ndarray__": True, b"data": b"", b"dtype": "|O", b"shape": [0]}}), "not allowed"),
-        "oversized frame": (packb(big), "exceeds the limit"),
+        "oversized frame": (packb(big), f"frame of {len(packb(big))} bytes exceeds the limit of 1048576 bytes"),
         "unknown control": (packb({"__ctrl__": "explode"}), "unknown control"),
+        "array control": (packb({"__ctrl__": np.ones(2, np.int64)}), "unknown control"),
+        # a big list image held the event loop (every client) for seconds before the transform refused it
+        "image as a big nested list": (packb({**obs, "observation/image": np.zeros((200, 200, 3), np.uint8).tolist()}),
+                                       "more than 65536 msgpack list items"),
+        "image as a list": (packb({**obs, "observation/image": np.zeros((4, 4, 3), np.uint8).tolist()}),
+                            "observation/image: expected an array (msgpack-numpy), got list"),
+        "string as a bool scalar": (msgpack.packb({**{k: v for k, v in obs.items() if k == "prompt"},
+                                                   "reset": {b"__npgeneric__": True, b"data": "no", b"dtype": "|b1"}}),
+                                    "bad numpy scalar 'no' for dtype bool"),
         "bad reset flag": (packb({**obs, "reset": "yes"}), "reset"),
         "array reset flag": (packb({**obs, "reset": np.ones(2, bool)}), "reset"),
         "float image 0-255": (packb({**obs, "observation/image": obs["observation/image"].astype(np.float32)}),
@@ -632,7 +641,26 @@ def test_warmup_requests_stay_out_of_the_latency_window():
     assert out["latency_ms"]["window"] == 1 and out["latency_ms"]["mean"] == 10.0
     total = ClientStats()
     total.add(s.stats)
-    assert total.warmups == 1 and list(total.latency_ms) == [10.0]
+    assert total.warmups == 1 and total.requests == 2
+
+
+def test_stats_totals_window_holds_every_clients_latest_requests():
+    """/stats' totals took the latencies of the last client added (its 2048 pushed out all others')."""
+    from kvreuse.serve.server import PolicyServer
+    from kvreuse.serve.session import ClientSession
+
+    srv = PolicyServer(lambda: None)
+    fast, slow = (ClientSession(None, n, 5.0, True, srv.latency_ms) for n in ("fast", "slow"))
+    srv.clients = {fast.id: fast, slow.id: slow}
+    for _ in range(2100):
+        fast.record(StepRecord(), 0.2)
+        slow.record(StepRecord(), 20.0)
+    srv.clients.pop(slow.id)  # as a client leaving: its counters kept apart, its latencies stay in the window
+    srv.closed_totals.add(slow.stats)
+    tot = srv.stats()["totals"]
+    assert tot["requests"] == 4200 and tot["latency_ms"]["window"] == 2048
+    assert tot["latency_ms"]["mean"] == pytest.approx(10.1)
+    assert srv.stats()["clients"][0]["latency_ms"]["mean"] == pytest.approx(0.2)
 
 
 def test_warm_up_runs_a_fork_and_leaves_the_template_untouched():

@@ -68,8 +68,12 @@ def _decode(obj: dict) -> Any:
         return np.frombuffer(data, dtype=dt).reshape(shape).copy()
     if b"__npgeneric__" in obj:
         dt = _dtype(obj.get(b"dtype"))
+        data = obj.get(b"data")  # a msgpack scalar of the dtype's kind: np.bool_("no") is True
+        kinds = {"b": (bool,), "i": (int,), "u": (int,), "f": (int, float)}[dt.kind]
+        if not isinstance(data, kinds) or (dt.kind != "b" and isinstance(data, bool)):
+            raise ProtocolError(f"bad numpy scalar {str(data)[:40]!r} for dtype {dt}")
         try:
-            return dt.type(obj.get(b"data"))
+            return dt.type(data)
         except (TypeError, ValueError, OverflowError):
             raise ProtocolError(f"bad numpy scalar {obj.get(b'data')!r} for dtype {dt}") from None
     return obj
@@ -85,10 +89,27 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, default=_encode, use_bin_type=True)
 
 
+# Items of msgpack lists a frame may hold in all. Arrays travel as bin; a list of pixels decodes at
+# ~1 s per MiB on the server's event loop (every client waits), and no observation field takes one.
+MAX_LIST_ITEMS = 65536
+
+
+class _ListBudget:
+    def __init__(self) -> None:
+        self.left = MAX_LIST_ITEMS
+
+    def __call__(self, items: list) -> list:
+        self.left -= len(items)
+        if self.left < 0:
+            raise ProtocolError(f"frame holds more than {MAX_LIST_ITEMS} msgpack list items; send arrays as "
+                                "numpy arrays (msgpack-numpy), not nested lists")
+        return items
+
+
 def unpackb(data: bytes) -> Any:
     """Decode one frame; raises ProtocolError on anything malformed."""
     try:
-        return msgpack.unpackb(data, object_hook=_decode, raw=False)
+        return msgpack.unpackb(data, object_hook=_decode, list_hook=_ListBudget(), raw=False)
     except ProtocolError:
         raise
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:

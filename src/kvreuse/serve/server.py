@@ -27,6 +27,7 @@ import math
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -165,7 +166,8 @@ class PolicyServer:
             "max_cache_age_s": config.max_cache_age_s,
         }
         self.clients: dict[int, ClientSession] = {}
-        self.closed_totals = ClientStats()
+        self.closed_totals = ClientStats()  # counters of the clients that left
+        self.latency_ms: deque = ClientStats().latency_ms  # the last requests of every client, in order
         self.clients_served = 0
         self.started = time.monotonic()
         self.port: int | None = None
@@ -256,6 +258,7 @@ class PolicyServer:
         totals.add(self.closed_totals)
         for s in list(self.clients.values()):
             totals.add(s.stats)
+        totals.latency_ms = self.latency_ms
         return {
             "uptime_s": round(time.monotonic() - self.started, 3),
             "queue": {"waiting": self._queue.qsize() if self._queue else 0, "max": self.cfg.queue_size,
@@ -306,7 +309,8 @@ class PolicyServer:
     # ---- one connection ----------------------------------------------------------------------
     async def _handler(self, ws: ServerConnection) -> None:
         remote = "%s:%s" % tuple(ws.remote_address[:2]) if ws.remote_address else "?"
-        session = ClientSession(self.new_policy(), remote, self.cfg.max_cache_age_s, self.policy_bounds_age)
+        session = ClientSession(self.new_policy(), remote, self.cfg.max_cache_age_s, self.policy_bounds_age,
+                                self.latency_ms)
         self.clients[session.id] = session
         self.clients_served += 1
         log.info("client %d (%s) connected", session.id, remote)
@@ -361,12 +365,13 @@ class PolicyServer:
             raise ProtocolError("expected a binary msgpack frame, got a text frame")
         limit = self.cfg.max_frame_mb * _MB
         if len(frame) > limit:
-            raise ProtocolError(f"frame of {len(frame) / _MB:.1f} MiB exceeds the limit of {self.cfg.max_frame_mb:g} MiB")
+            raise ProtocolError(f"frame of {len(frame)} bytes exceeds the limit of {int(limit)} bytes "
+                                f"({self.cfg.max_frame_mb:g} MiB)")
         req = parse_request(unpackb(frame))
 
         if CONTROL_KEY in req:
             ctrl = req[CONTROL_KEY]
-            if ctrl not in CONTROLS:
+            if not isinstance(ctrl, str) or ctrl not in CONTROLS:  # (an array's `in` raised numpy's error)
                 raise ProtocolError(f"unknown control message {str(ctrl)[:40]!r}; expected one of {list(CONTROLS)}")
             # episode_end too: the next episode's first frame must not reuse this one's K/V
             await self._submit(ws, session.reset)
@@ -399,6 +404,9 @@ class PolicyServer:
             return
         spec = transform.spec
         for key, ndim in ((spec.state_key, 2), *((k, 4) for k in spec.camera_keys)):
+            if key in spec.camera_keys and key in req and not isinstance(req[key], np.ndarray):
+                # the transform refuses it too, but np.ndim of a big nested list took seconds on the loop
+                raise ProtocolError(f"{key}: expected an array (msgpack-numpy), got {type(req[key]).__name__}")
             try:
                 rows = np.shape(req[key])[0] if key in req and np.ndim(req[key]) == ndim else 1
             except ValueError:  # a ragged list

@@ -78,15 +78,18 @@ class ClientStats:
     def add(self, other: "ClientStats") -> None:
         for k in ("requests", "errors", "reuses", "refreshes", "mixed", "resets", "age_resets", "abandoned", "warmups"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
-        self.latency_ms.extend(other.latency_ms)
+        # Not the latencies: each client's window would push out the others' (ClientSession's `window`)
 
 
 class ClientSession:
     """State of one websocket connection. `infer` and `reset` run on the inference worker
     thread only (one job of a connection in flight at a time), so they need no lock."""
 
-    def __init__(self, policy: Policy, remote: str, max_cache_age_s: float, policy_bounds_age: bool):
+    def __init__(self, policy: Policy, remote: str, max_cache_age_s: float, policy_bounds_age: bool,
+                 window: deque | None = None):
+        """window: a server-wide latency window that every client's answered steps go to, in order."""
         self.id = next(_client_ids)
+        self.window = window
         self.policy = policy
         self.remote = remote
         self.max_cache_age_s = max_cache_age_s
@@ -139,6 +142,8 @@ class ClientSession:
             s.warmups += 1
         else:
             s.latency_ms.append(server_ms)
+            if self.window is not None:
+                self.window.append(server_ms)
         self.last = rec
         return {
             "client": self.id, "step": s.requests, "decision": rec.decision, "mode": rec.mode, "reason": rec.reason,
