@@ -1208,10 +1208,13 @@ def test_report_into_a_used_folder_leaves_no_stale_plots_and_blank_speedups(tmp_
         sid = st.setting_id(Setting("p", "fake", 5, {"threshold": 0.9}, "thr0.9"))
         st.add(sid, _result("a", 0, 0, "success", calls=4, reuses=2, ms=50.0))
     (out).mkdir()
-    (out / "notes.png").write_bytes(b"mine")
+    mine = ["notes.png", "per_task_annotated.png", "success_vs_reuse_slide3.png"]  # (a prefix match deleted them)
+    for name in mine:
+        (out / name).write_bytes(b"mine")
+    (out / "per_task_1.png").write_bytes(b"an older report's plot of group 1")
     assert len(write_report(db, out)[1]) == 5
     write_report(nobase, out, plots=False)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.png", "report.md", "results.csv"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*mine, "report.md", "results.csv"])
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert rows and all(r["speedup"] == "" for r in rows)  # no baseline to divide by: blank, not nan
 

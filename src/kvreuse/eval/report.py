@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -374,6 +375,8 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 
 PLOT_NAMES = ("success_vs_reuse", "success_vs_latency", "per_task")  # + an optional _<group> and .png
+# Exactly the names write_plots writes: a prefix match deleted a user's per_task_annotated.png.
+_PLOT_FILE = re.compile(rf"({'|'.join(PLOT_NAMES)})(_\d+)?\.png")
 
 
 def write_plots(rows: list[Row], out_dir: str | Path) -> list[Path]:
@@ -618,7 +621,7 @@ def _write_out(out: Path, md: str, rows: list[Row], plots: bool, csv_too: bool) 
         (out / "report.md").write_text(md)
         files = [out / "report.md"] + ([write_csv(rows, out / "results.csv")] if csv_too else [])
         for old in out.glob("*.png"):  # an earlier report's plots would sit beside other numbers
-            if old.name.startswith(PLOT_NAMES):
+            if _PLOT_FILE.fullmatch(old.name):
                 old.unlink()
         if plots and rows:
             files += write_plots(rows, out)
