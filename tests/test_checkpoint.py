@@ -820,9 +820,12 @@ def test_own_weights_file_is_recognized(tiny, tmp_path, capsys):
     ck = save_checkpoint(tmp_path / "ck", tiny, None, "metaworld")
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes())
-    for path, f in ((ck / "model.safetensors", ck / "model.safetensors"), (tmp_path / "only", tmp_path / "only" / "model.safetensors")):
-        all_readers_fail(path, re.escape(f"checkpoint {f}: this is a kvreuse weights file; pass its checkpoint "
-                                         "directory (with config.json)"), capsys)
+    f = ck / "model.safetensors"
+    all_readers_fail(f, re.escape(f"checkpoint {f}: this is a kvreuse weights file; pass its checkpoint directory "
+                                  "(with config.json)"), capsys)
+    # the folder was given: what it lacks is its config.json (it was told to pass the folder it passed)
+    all_readers_fail(tmp_path / "only", re.escape(f"checkpoint {tmp_path / 'only'}: a kvreuse weights file without "
+                                                  "its config.json beside it"), capsys)
 
 
 @pytest.mark.parametrize("meta", [{}, {"robot": "metaworld"}])
@@ -900,3 +903,82 @@ def test_load_norm_stats_reads_ours_and_refuses_none(tmp_path):
     bare = save_checkpoint(tmp_path / "bare", Pi0Model(preset("tiny-pi0")), None, robot="metaworld")
     with pytest.raises(ValueError, match="has no norm stats"):
         load_norm_stats(bare)
+
+
+# ---- values the checks above let through once --------------------------------------------------
+
+
+@pytest.mark.parametrize("bad,got", [("null", "non-finite values"), ("nan", "non-finite values"),
+                                     ("scalar", "shape ()"), ("empty", "shape (0,)")])
+def test_stats_a_mode_applies_must_be_finite_arrays(tiny, tmp_path, capsys, bad, got):
+    """A null or NaN inside a list passed every check (the first call blamed the observation); a scalar
+    or empty one crashed `kvreuse info` with a traceback."""
+    ck = save_checkpoint(tmp_path / "ck", tiny, stats(), "metaworld")
+    d = json.loads((ck / "norm_stats.json").read_text())
+    d["state"]["mean"] = {"null": [0.1, None, 0.2, 0.3], "nan": [0.1, float("nan"), 0.2, 0.3],
+                          "scalar": 0.5, "empty": []}[bad]
+    (ck / "norm_stats.json").write_text(json.dumps(d))
+    all_readers_fail(ck, re.escape(f"checkpoint {ck / 'norm_stats.json'}: state.mean (meanstd): expected a "
+                                   f"non-empty list of finite numbers, got {got}"), capsys)
+    d["state"]["mean"] = [0.0] * 4
+    d["state"]["q01"] = [None] * 4  # a stat the Pi0's mode does not apply may be unset
+    (ck / "norm_stats.json").write_text(json.dumps(d))
+    assert load_checkpoint(ck)[1].state.q01.shape == (4,)
+
+
+def test_reference_stats_must_be_finite_and_agree_with_the_modes(tmp_path):
+    torch.manual_seed(0)
+    save_reference(tmp_path, Pi0Model(preset("tiny-pi05")).eval(), "openpi")
+    st = stats().to_dict()
+    st["actions"]["q99"][2] = float("nan")
+    (tmp_path / "norm_stats.json").write_text(json.dumps({"norm_stats": st}))
+    with pytest.raises(ValueError, match=r"norm_stats\.json \[actions\]: q99 \(quantile\): expected a non-empty list "
+                                         r"of finite numbers, got non-finite values"):
+        load_checkpoint(tmp_path)
+    # kvreuse's own layout beside reference weights: its modes were ignored without a word
+    (tmp_path / "norm_stats.json").write_text(json.dumps({**stats().to_dict(), "state_mode": "meanstd"}))
+    with pytest.raises(ValueError, match=r"says state_mode 'meanstd', but these weights run state quantile"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "norm_stats.json").write_text(json.dumps({**stats().to_dict(), "state_mode": "quantile"}))
+    assert load_checkpoint(tmp_path)[1].modes("pi05") == ("quantile", "quantile")
+
+
+def test_lerobot_actions_come_from_the_postprocessor(tmp_path):
+    """lerobot unnormalizes actions with its postprocessor's stats: the preprocessor's used to win."""
+    torch.manual_seed(0)
+    save_reference(tmp_path, Pi0Model(preset("tiny-pi0")).eval(), "lerobot")
+    st, post = stats(), stats(seed=1)
+    _lerobot_stats(tmp_path, st.state, st.actions)
+    save_file({f"action.{k}": torch.tensor(getattr(post.actions, k), dtype=torch.float32) for k in ("mean", "std")},
+              str(tmp_path / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"))
+    loaded = load_checkpoint(tmp_path)[1]
+    np.testing.assert_allclose(loaded.actions.mean, post.actions.mean, rtol=1e-6)
+    np.testing.assert_allclose(loaded.state.mean, st.state.mean, rtol=1e-6)
+
+
+def test_weights_of_a_non_float_dtype_are_refused(tiny, tmp_path, capsys):
+    """int8 / bool / fp8 tensors were cast to float and loaded (fp8 without its scales: garbage)."""
+    ck = save_checkpoint(tmp_path / "ck", tiny, stats(), "metaworld")
+    sd = load_file(str(ck / "model.safetensors"))
+    sd["projector.weight"] = sd["projector.weight"].to(torch.int8)
+    save_file(sd, str(ck / "model.safetensors"))
+    all_readers_fail(ck, re.escape(f"checkpoint {ck / 'model.safetensors'}: 1 tensor(s) of a non-float dtype "
+                                   "(projector.weight I8)"), capsys)
+    ref = save_reference(tmp_path / "ref", tiny, "lerobot")
+    sd = load_file(str(ref))
+    key = next(k for k in sd if k.endswith("multi_modal_projector.linear.weight"))
+    sd[key] = sd[key].to(torch.float8_e4m3fn)
+    sd["model.paligemma_with_expert.paligemma.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(4)
+    save_file(sd, str(ref))
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {ref}: 1 tensor(s) of a non-float dtype ({key} "
+                                                   "F8_E4M3)")):  # the int position_ids are no weight: not named
+        load_checkpoint(ref.parent)
+
+
+def test_a_config_json_that_is_no_object_is_refused_for_the_weights_file_too(tiny, tmp_path):
+    ref = save_reference(tmp_path, tiny, "lerobot")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    for given in (tmp_path, ref):  # given the file, it was dropped and defaults ran
+        with pytest.raises(ValueError, match=re.escape(f"checkpoint {tmp_path / 'config.json'}: expected a JSON "
+                                                       "object, got list")):
+            load_checkpoint(given)

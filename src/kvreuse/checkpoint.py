@@ -66,6 +66,18 @@ def read_header(f: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
         raise ValueError(f"checkpoint {f}: not a readable safetensors file ({e})") from None
 
 
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' names; ints, bools and fp8 (no scales) were cast
+
+
+def check_dtypes(f: Path, dtypes: dict[str, str], skip=lambda key: False) -> None:
+    """Weights of a float dtype only (keys `skip` names are not loaded)."""
+    bad = {k: d for k, d in dtypes.items() if d not in FLOAT_DTYPES and not skip(k)}
+    if bad:
+        some = ", ".join(f"{k} {d}" for k, d in list(bad.items())[:3]) + (", ..." if len(bad) > 3 else "")
+        raise ValueError(f"checkpoint {f}: {len(bad)} tensor(s) of a non-float dtype ({some}); kvreuse reads "
+                         f"float weights only ({', '.join(FLOAT_DTYPES)})")
+
+
 def own_weights(path: Path) -> Path:
     f = path / WEIGHTS
     if not f.is_file():
@@ -109,7 +121,9 @@ def read_config(path: str | Path, meta: dict | None = None) -> ModelConfig:
         raise ValueError(f"checkpoint {path / 'config.json'}: {e}") from None
 
 
-def read_stats(path: str | Path) -> NormStats | None:
+def read_stats(path: str | Path, variant: str | None = None) -> NormStats | None:
+    """norm_stats.json of our checkpoint directory; the stats its modes use (variant: the model's,
+    default from its config.json) must be finite 1-D arrays."""
     f = Path(path) / "norm_stats.json"
     if not f.is_file():
         return None
@@ -117,11 +131,16 @@ def read_stats(path: str | Path) -> NormStats | None:
     try:
         if not isinstance(d, dict):
             raise TypeError(f"got {type(d).__name__}")  # noqa: TRY301 - one message for every ill-typed file
-        return NormStats.from_dict(d)
+        stats = NormStats.from_dict(d)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         problem = f"missing {e}" if isinstance(e, KeyError) else str(e)
         raise ValueError(f"checkpoint {f}: expected \"state\" and \"actions\", each with mean/std/q01/q99 "
                          f"number arrays ({problem})") from None
+    try:
+        stats.check(variant or read_config(path).variant)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {f}: {e}") from None
+    return stats
 
 
 def checkpoint_stats(path: str | Path) -> NormStats | None:
@@ -184,8 +203,9 @@ def print_checkpoint_notes(path: str | Path) -> None:
         print(note, file=sys.stderr)
 
 
-def check_weights(f: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
-    """The file's keys and shapes against a `cfg` model (built on the meta device: free)."""
+def check_weights(f: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:
+    """The file's keys, shapes and dtypes against a `cfg` model (built on the meta device: free)."""
+    check_dtypes(f, dtypes)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Pi0Model(cfg).state_dict().items()}
     missing = [k for k in expected if k not in shapes]
@@ -211,8 +231,8 @@ def check_checkpoint(path: str | Path) -> None:
         return
     cfg = read_config(path)
     f = own_weights(path)
-    check_weights(f, cfg, read_header(f)[0])
-    read_stats(path)
+    check_weights(f, cfg, *read_header(f))
+    read_stats(path, cfg.variant)
 
 
 def load_checkpoint(
@@ -230,8 +250,8 @@ def load_checkpoint(
     meta = read_meta(path)
     cfg = read_config(path, meta)
     f = own_weights(path)
-    check_weights(f, cfg, read_header(f)[0])  # before building anything
-    stats = read_stats(path)
+    check_weights(f, cfg, *read_header(f))  # before building anything
+    stats = read_stats(path, cfg.variant)
     with torch.device(device):
         model = Pi0Model(cfg)
     try:

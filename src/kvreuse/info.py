@@ -103,9 +103,9 @@ def describe(path: str | Path) -> str:
         cfg = read_config(path, meta)
         weights = own_weights(path)
         shapes, dts = read_header(weights)
-        check_weights(weights, cfg, shapes)  # the config must describe these weights
+        check_weights(weights, cfg, shapes, dts)  # the config must describe these weights
         dtypes = sorted(set(dts.values()))
-        stats = read_stats(path)
+        stats = read_stats(path, cfg.variant)
         fmt, robot = "kvreuse", meta.get("robot", "unknown")
         extra = {k: v for k, v in meta.items() if k not in ("model", "robot")}
         mapping = False

@@ -222,16 +222,21 @@ class RefFile:
 
 
 def inspect_reference(path: str | Path) -> RefFile:
-    from .checkpoint import is_own_weights, read_header, read_json
+    from .checkpoint import check_dtypes, is_own_weights, read_header, read_json
 
     f = weights_file(path)
     shapes, dtypes = read_header(f)
     if is_own_weights(shapes):  # else it reads as a Pi0 file missing all its keys
+        if Path(path).is_dir():  # (the directory was given: what it lacks is the config)
+            raise ValueError(f"checkpoint {path}: a kvreuse weights file without its config.json beside it")
         raise ValueError(f"checkpoint {f}: this is a kvreuse weights file; pass its checkpoint directory "
                          "(with config.json)")
+    check_dtypes(f, dtypes, skip=lambda k: _ignored(canonical(k)))  # position_ids are ints
     cfg_file = f.parent / "config.json"
     config = read_json(cfg_file) if cfg_file.is_file() else {}
-    return RefFile(f, shapes, dtypes, detect_variant(shapes), config if isinstance(config, dict) else {})
+    if not isinstance(config, dict):  # refused the same way whether the folder or its weights were given
+        raise ValueError(f"checkpoint {cfg_file}: expected a JSON object, got {type(config).__name__}")
+    return RefFile(f, shapes, dtypes, detect_variant(shapes), config)
 
 
 def config_from_reference(ref: RefFile) -> ModelConfig:
@@ -565,7 +570,12 @@ def _stats_from(d: dict, mode: NormMode, where: str) -> Stats:
                 for k in ("mean", "std", "q01", "q99")}
     except (TypeError, ValueError) as e:
         raise ValueError(f"norm stats {where}: expected arrays of numbers ({e})") from None
-    return Stats(**vals)
+    out = Stats(**vals)
+    try:
+        out.check(mode)
+    except ValueError as e:
+        raise ValueError(f"norm stats {where}: {e}") from None
+    return out
 
 
 def read_reference_stats(directory: str | Path, variant: str,
@@ -595,6 +605,13 @@ def read_reference_stats(directory: str | Path, variant: str,
         if not isinstance(raw, dict) or "state" not in raw or "actions" not in raw:
             got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
             raise ValueError(f"norm stats {jsons[0]}: expected keys 'state' and 'actions', got {got}")
+        # kvreuse's own layout names its modes; here the config.json (or the variant) decides them
+        said = {k: raw.get(f"{k}_mode") for k, m in (("state", st_mode), ("actions", act_mode))
+                if raw.get(f"{k}_mode") not in (None, m)}
+        if said:
+            raise ValueError(f"norm stats {jsons[0]}: says {', '.join(f'{k}_mode {v!r}' for k, v in said.items())}, "
+                             f"but these weights run state {st_mode}, actions {act_mode} (their config.json's "
+                             f"normalization_mapping, else the {variant} default); make the two agree")
         return NormStats(_stats_from(raw["state"], st_mode, f"{jsons[0]} [state]"),
                          _stats_from(raw["actions"], act_mode, f"{jsons[0]} [actions]"), st_mode, act_mode)
     pre = sorted(d.glob("policy_preprocessor*normalizer_processor.safetensors"))
@@ -604,16 +621,27 @@ def read_reference_stats(directory: str | Path, variant: str,
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    flat: dict[str, np.ndarray] = {}
-    for f in post + pre:  # preprocessor entries win
-        try:
-            flat.update({k: v.float().numpy() for k, v in load_file(str(f)).items()})
-        except (OSError, SafetensorError) as e:
-            raise ValueError(f"norm stats {f}: not a readable safetensors file ({e})") from None
+    def read(files: list[Path]) -> dict[str, np.ndarray]:
+        flat: dict[str, np.ndarray] = {}
+        for f in files:
+            try:
+                flat.update({k: v.float().numpy() for k, v in load_file(str(f)).items()})
+            except (OSError, SafetensorError) as e:
+                raise ValueError(f"norm stats {f}: not a readable safetensors file ({e})") from None
+        return flat
+
+    flat_pre, flat_post = read(pre), read(post)
 
     def group(prefix: str) -> dict:
-        return {k[len(prefix) + 1:]: v for k, v in flat.items() if k.startswith(prefix + ".")
-                and "." not in k[len(prefix) + 1:]}
+        # The state as the preprocessor normalizes it; the actions as the postprocessor unnormalizes
+        # them (what inference applies), each with the other file as the fallback.
+        first, second = (flat_post, flat_pre) if prefix == _LEROBOT_ACTION else (flat_pre, flat_post)
+        for flat in (first, second):
+            out = {k[len(prefix) + 1:]: v for k, v in flat.items() if k.startswith(prefix + ".")
+                   and "." not in k[len(prefix) + 1:]}
+            if out:
+                return out
+        return {}
 
     where = ", ".join(p.name for p in pre + post)
     return NormStats(_stats_from(group(_LEROBOT_STATE), st_mode, f"{where} [{_LEROBOT_STATE}]"),

@@ -39,6 +39,17 @@ class Stats:
     def from_dict(d: dict) -> "Stats":
         return Stats(*(np.asarray(d[k], dtype=np.float64) for k in ("mean", "std", "q01", "q99")))
 
+    def check(self, mode: NormMode) -> None:
+        """The two stats `mode` applies are finite 1-D arrays of one length (a null or NaN inside one
+        passed every check, and the first call blamed the observation)."""
+        a, b = (np.asarray(getattr(self, k)) for k in NEEDS[mode])
+        for name, v in zip(NEEDS[mode], (a, b), strict=True):
+            if v.ndim != 1 or v.size == 0 or not np.isfinite(v).all():
+                what = f"shape {v.shape}" if v.ndim != 1 or v.size == 0 else "non-finite values (null or NaN)"
+                raise ValueError(f"{name} ({mode}): expected a non-empty list of finite numbers, got {what}")
+        if a.shape != b.shape:
+            raise ValueError(f"{NEEDS[mode][0]} ({mode}): {a.size} values, but {NEEDS[mode][1]} has {b.size}")
+
 
 @dataclass
 class NormStats:
@@ -58,6 +69,14 @@ class NormStats:
         modes = {k: d.get(k) for k in ("state_mode", "actions_mode")}
         check_modes(modes)
         return NormStats(Stats.from_dict(d["state"]), Stats.from_dict(d["actions"]), **modes)
+
+    def check(self, variant: str) -> None:
+        """Each side's stats for its mode (Stats.check), the side named in the error."""
+        for side, st, mode in zip(("state", "actions"), (self.state, self.actions), self.modes(variant), strict=True):
+            try:
+                st.check(mode)
+            except ValueError as e:
+                raise ValueError(f"{side}.{e}") from None
 
     def modes(self, variant: str) -> tuple[NormMode, NormMode]:
         """(state mode, actions mode) these stats are applied with under a `variant` model."""
