@@ -65,6 +65,40 @@ def test_first_frame_does_not_depend_on_the_previous_episode():
     env.close()
 
 
+def test_closing_one_env_or_renderer_leaves_the_others_images_intact():
+    """mujoco's Renderer.close frees textures in the current GL context: under OSMesa (as the tests run)
+    closing or dropping env A, or a video frame of another size, turned B's camera images into noise."""
+    import gc
+
+    b = MetaWorldEnv(image_size=64)
+    first = b.reset("reach-v3", 0, 0)["observation/image"].copy()
+    b.render(128)
+    b.render(64)  # the 128-px video renderer freed while the 64-px one was current
+    assert np.array_equal(b.reset("reach-v3", 0, 0)["observation/image"], first)
+    for drop in ("close", "del"):
+        a = MetaWorldEnv(image_size=64)
+        a.reset("reach-v3", 1, 0)
+        b.reset("reach-v3", 0, 0)  # b's context is the current one now
+        if drop == "close":
+            a.close()
+        del a
+        gc.collect()
+        assert np.array_equal(b.reset("reach-v3", 0, 0)["observation/image"], first), drop
+    b.close()
+
+
+def test_mujoco_imported_first_under_osmesa_is_no_crash():
+    """prepare_gl loaded Triton whatever was imported before: after mujoco (OSMesa's LLVM) that was a segfault."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import mujoco\nfrom kvreuse.envs.metaworld import MetaWorldEnv\nprint('ok')"
+    env = {**os.environ, "MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-500:])
+
+
 def test_expert_succeeds_and_episode_ends():
     env = MetaWorldEnv(render=False, max_steps=150)
     pol = expert_policy("button-press-topdown-v3")

@@ -1765,6 +1765,14 @@ def test_unknown_task_points_at_the_likely_one():
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['zzz'\]; valid tasks: reach"):
         check_tasks(FakeEnv(), ("zzz",))
 
+    class Libero90:  # one instruction in two scenes: the hint named one of them
+        tasks = ("KITCHEN_SCENE10_close_the_top_drawer_of_the_cabinet",
+                 "KITCHEN_SCENE5_close_the_top_drawer_of_the_cabinet", "KITCHEN_SCENE5_open_the_microwave")
+
+    with pytest.raises(ValueError, match=r"did you mean KITCHEN_SCENE10_close_the_top_drawer_of_the_cabinet, "
+                                         r"KITCHEN_SCENE5_close_the_top_drawer_of_the_cabinet\?"):
+        check_tasks(Libero90(), ("close the top drawer of the cabinet",))
+
 
 def test_without_a_checkpoint_the_robot_picks_shipped_or_random(tmp_path, capsys):
     """As `--preset`'s help says: the fake env drives the Meta-World robot, so it runs the shipped

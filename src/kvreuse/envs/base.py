@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import warnings
 from typing import Protocol
 
 import numpy as np
@@ -18,8 +20,14 @@ def prepare_gl() -> None:
     chose one). With OSMesa, Triton (the fast GPU runtime's kernels) is loaded first, because
     loading libtriton after OSMesa's own LLVM crashes the process; the other order renders the same."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    if os.environ["MUJOCO_GL"] == "osmesa" and importlib.util.find_spec("triton") is not None:
-        import triton  # noqa: F401
+    if os.environ["MUJOCO_GL"] != "osmesa" or "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        return
+    if "mujoco" in sys.modules:  # too late: importing triton now is the crash (a bare segfault)
+        warnings.warn("MUJOCO_GL=osmesa: mujoco was imported before kvreuse's envs, so Triton is not loaded "
+                      "(loading it after OSMesa crashes the process); import kvreuse.envs first to run the fast "
+                      "GPU runtime in this process", stacklevel=2)
+        return
+    import triton  # noqa: F401
 
 
 class EpisodeEnv(Protocol):

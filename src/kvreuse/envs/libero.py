@@ -183,7 +183,8 @@ def _load_init_states(path: str) -> np.ndarray:
     import torch
 
     allowed = [
-        (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+        # numpy's array-unpickling function (np._core on numpy 2, np.core on 1.x: asked, not named)
+        (np.ndarray.__reduce__(np.zeros(0))[0], "numpy.core.multiarray._reconstruct"),
         np.ndarray,
         np.dtype,
         (type(np.dtype("float64")), "numpy.dtype[float64]"),

@@ -149,16 +149,20 @@ class MetaWorldEnv:
         if self._env is None:
             raise ValueError("render() before reset(): start an episode first")
         if self._video_renderer is None or self._video_renderer.height != size:
+            _free(self._video_renderer)
             self._video_renderer = mujoco.Renderer(self._env.model, size, size)
         return self._camera(self._video_renderer, self.cfg.base_camera)
 
+    def __del__(self) -> None:  # a dropped env: its renderers freed in their own GL contexts too
+        try:
+            if hasattr(self, "_renderer"):
+                self.close()
+        except Exception:  # at interpreter exit
+            pass
+
     def close(self) -> None:
-        for r in (self._renderer, self._video_renderer):
-            if r is not None:
-                try:
-                    r.close()
-                except Exception:  # GL contexts torn down at exit: nothing left to free
-                    pass
+        _free(self._renderer)
+        _free(self._video_renderer)
         self._renderer = self._video_renderer = None
         if self._env is not None:
             self._env.close()
@@ -223,3 +227,18 @@ class MetaWorldEnv:
             obs["observation/image"] = self._camera(self._renderer, self.cfg.base_camera)
             obs["observation/wrist_image"] = self._camera(self._renderer, self.cfg.wrist_camera)
         return obs
+
+
+def _free(r) -> None:
+    """Close a mujoco Renderer with its own GL context current: close() frees textures in whichever
+    context is current, and under OSMesa another env's (or the other renderer's) images turned to
+    noise (mujoco issue #1186)."""
+    if r is None:
+        return
+    try:
+        ctx = getattr(r, "_gl_context", None)
+        if ctx is not None:
+            ctx.make_current()
+        r.close()
+    except Exception:  # GL contexts torn down at exit: nothing left to free
+        pass

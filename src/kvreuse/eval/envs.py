@@ -43,7 +43,11 @@ def check_tasks(env, tasks: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     unknown = [t for t in tasks if t not in env.tasks]
     if unknown:
         # LIBERO's names are long (libero_90 has 90): point at the likely one first.
-        close = [m for t in unknown for m in difflib.get_close_matches(t.replace(" ", "_"), env.tasks, n=1)]
+        def likely(t: str) -> list[str]:  # libero_90: one instruction may name tasks of several scenes
+            same = [n for n in env.tasks if n.endswith("_" + t.replace(" ", "_"))]
+            return same or difflib.get_close_matches(t.replace(" ", "_"), env.tasks, n=1)
+
+        close = [m for t in unknown for m in likely(t)]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"unknown task(s) {unknown}{hint}; valid tasks: {', '.join(env.tasks)}")
     return tuple(dict.fromkeys(tasks))
