@@ -91,3 +91,21 @@ def test_bench_variants_take_auto(monkeypatch):
     with pytest.raises(Built):
         bench.bench("tiny-pi05", 1, 2, 10, 16, 1, 0, False, 0.02, None, False, False, False, 0.25, None, False,
                     False, 0, variants="auto/fp32,sdpa/auto")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for a CPU machine")
+def test_a_full_size_checkpoint_on_the_cpu_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """`--checkpoint` skipped the full-size refusal of the presets: 3B parameters timed on a CPU for hours."""
+    import json
+
+    import kvreuse.checkpoint as ck
+    from kvreuse.cli import main
+    from kvreuse.model import preset
+
+    (tmp_path / "config.json").write_text(json.dumps({"model": preset("pi0").to_dict(), "robot": "libero"}))
+    monkeypatch.setattr(ck, "load_checkpoint", lambda *a, **k: pytest.fail("the checkpoint was loaded"))
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--checkpoint", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"kvreuse: error: checkpoint {tmp_path} is full size: run it on a CUDA GPU "
+                                         "(a tiny checkpoint runs on the CPU)"], err

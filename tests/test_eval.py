@@ -236,8 +236,16 @@ def test_eval_where_every_episode_is_an_env_error_exits_nonzero(tmp_path, capsys
     assert e.value.code == 1 and "every one of the 2 episodes run ended in an env error" in capsys.readouterr().err
     main([*args, "--tasks", "reach", "crash"])  # some finished: the table, and exit 0
     assert "every one of" not in capsys.readouterr().err
-    main([*args, "--tasks", "reach", "crash", "--retry-errors"])  # only crashes ran, but the table has n > 0
+    main([*args, "--tasks", "reach", "crash", "--retry-errors"])  # only crashes ran, but the setting has n > 0
     assert "every one of" not in capsys.readouterr().err
+    # another setting whose every episode errs: the baseline stored above made the table look run (exit 0)
+    reuse = [*args, "--tasks", "crash", "--reuse", "gate=always"]
+    with pytest.raises(SystemExit) as e:
+        main(reuse)
+    assert e.value.code == 1 and "every one of the 2 episodes run ended in an env error" in capsys.readouterr().err
+    main(reuse)  # run again: the stored errors are skipped (0 run), and a note says how to run them
+    assert "always/full: its 2 episode(s) here are stored env errors, skipped when run again; --retry-errors" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # bench-eval: a rate of crashes is no throughput
         main(["bench-eval", "--env", "fake", "--tasks", "crash", "--total", "2", "--workers", "0"])
     assert e.value.code == 1 and "projected" not in capsys.readouterr().out

@@ -491,6 +491,8 @@ def test_gpu_only_options_are_refused_on_a_cpu_model(monkeypatch):
         with pytest.raises(ValueError, match="need the model on a CUDA GPU"):
             FastPi0(model, **kw)
     FastPi0(model, prefix_attn="math", expert_attn="sdpa", lm_down_tune=False)  # these run anywhere
+    with pytest.raises(ValueError, match=r"expert_gemm: expected one of .*got 'bogus'"):  # a typo: not "need a GPU"
+        FastPi0(model, expert_gemm="bogus")
 
 
 @pytest.mark.parametrize("name", ["tiny-pi0", "tiny-pi05"])

@@ -76,7 +76,8 @@ def test_demo_counts_bad_entry(tmp_path):
         with pytest.raises(ValueError, match=f"--counts.*{msg}"):
             collect_demos(str(tmp_path), tasks=("reach-v3",), counts=bad)
     for kw, msg in (({"workers": 0}, "--workers must be >= 1"), ({"image_size": 4}, "--image-size must be >= 8"),
-                    ({"noise": -1.0}, "--noise .* expected >= 0"), ({"max_steps": 0}, "--max-steps")):
+                    ({"noise": -1.0}, "--noise .* expected >= 0"), ({"max_steps": 0}, "--max-steps"),
+                    ({"parts_per_task": 500}, "--parts-per-task 500: more parts than the 450 training layouts")):
         with pytest.raises(ValueError, match=msg):
             collect_demos(str(tmp_path), tasks=("reach-v3",), **kw)
     assert list(tmp_path.iterdir()) == []
@@ -97,6 +98,8 @@ def test_demo_format(demo_dir):
     assert np.abs(d.actions).max() <= 1
     with pytest.raises(ValueError, match="not in"):
         load_demos(demo_dir, tasks=("reach-v3",))
+    task = next(iter(index["tasks"]))
+    assert len(load_demos(demo_dir, tasks=(task, task))) == len(d)  # a repeated task was loaded twice
 
 
 def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path, capsys, monkeypatch):
@@ -162,7 +165,8 @@ def test_train_tiny_run_saves_a_loadable_policy(demo_dir, tmp_path, capsys, monk
                   overwrite=True)
     kept = tmp_path / "ck.interrupted"
     assert getattr(e.value, "kept", "") == (f"{out} is as it was; the EMA weights after 2 of up to 5 steps are in "
-                                            f"{kept}: continue from them with --init {kept} (a new LR schedule)")
+                                            f"{kept}: continue from them with --init {kept} (a new LR schedule) and "
+                                            "a --seed other than 0 (the same one would draw this run's batches again)")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "ck.interrupted"]
     _, _, meta = load_checkpoint(kept)
@@ -198,7 +202,8 @@ def test_train_failing_mid_run_keeps_the_weights_reached(demo_dir, tmp_path, mon
         run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=5, batch_size=2, device="cpu")
     assert (e.value.what, e.value.kept) == ("train", (  # the CLI's last line (test_cli)
         f"{out} is as it was; the EMA weights after 2 of up to 5 steps are in {kept}: "
-        f"continue from them with --init {kept} (a new LR schedule)"))
+        f"continue from them with --init {kept} (a new LR schedule) and a --seed other than 0 "
+        "(the same one would draw this run's batches again)"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.interrupted"]  # no staging directory left
     _, _, meta = load_checkpoint(kept)
     assert meta["training"]["steps"] == 2 and meta["training"]["error"].startswith("RuntimeError: CUDA error")
@@ -239,6 +244,29 @@ def test_an_interrupt_after_weights_went_nan_between_loss_reads_keeps_the_last_s
     with pytest.raises(RuntimeError, match="boom"):
         run_train(demos=str(demo_dir), out=str(tmp_path / "ck"), preset="tiny-pi0", steps=80, batch_size=2,
                   device="cpu")
+    model, _, meta = load_checkpoint(tmp_path / "ck.interrupted")
+    assert meta["training"]["steps"] == 49 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_weights_gone_nan_after_the_last_loss_read_are_not_saved_as_the_run(demo_dir, tmp_path, monkeypatch):
+    """A NaN in the unread steps at the end (past step 49 the loss is read every 10th step) was saved to
+    --out with "saved ..." and the last finite loss as its final_loss; the EMA at the last sound read is kept."""
+    import kvreuse.model.pi0 as pi0
+    from kvreuse.checkpoint import load_checkpoint
+    from kvreuse.train.train import run_train
+
+    real, calls = pi0.Pi0Model.loss, []
+
+    def loss(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k) * (float("nan") if len(calls) >= 53 else 1.0)  # steps 53-55: none read
+
+    monkeypatch.setattr(pi0.Pi0Model, "loss", loss)
+    out = tmp_path / "ck"
+    with pytest.raises(ValueError, match=r"^train: the EMA weights are not finite after step 55 \(the loss, last read "
+                                         r"finite at step 50, diverged since"):
+        run_train(demos=str(demo_dir), out=str(out), preset="tiny-pi0", steps=55, batch_size=2, device="cpu")
+    assert not out.exists()
     model, _, meta = load_checkpoint(tmp_path / "ck.interrupted")
     assert meta["training"]["steps"] == 49 and all(torch.isfinite(p).all() for p in model.parameters())
 

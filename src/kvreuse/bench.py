@@ -406,8 +406,11 @@ def bench(preset, batch, cameras, steps, chunk, iters, warmup, check, tol, check
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t_build = time.perf_counter()  # a checkpoint's load counts (it is the build)
     if checkpoint:
-        from .checkpoint import load_checkpoint
+        from .checkpoint import checkpoint_config, load_checkpoint
 
+        if device == "cpu" and checkpoint_config(checkpoint)[0].tokenizer == "sentencepiece":  # (headers only)
+            raise ValueError(f"checkpoint {checkpoint} is full size: run it on a CUDA GPU (a tiny checkpoint runs "
+                             "on the CPU)")
         model, _, _ = load_checkpoint(checkpoint, device=device, dtype=torch.bfloat16)
         cfg = model.cfg.replace(num_steps=steps)
         model.cfg = cfg

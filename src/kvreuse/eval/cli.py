@@ -44,8 +44,9 @@ def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers
 
 
 def _print_summary(summary, db: str) -> bool:
-    """Print the run's line and table; True when episodes ran and none of the table's settings has a
-    finished one (every episode an env error: a table of n = 0 must not read as a run that worked)."""
+    """Print the run's line and table; True when episodes ran, every one an env error, and no setting of
+    this run has a finished one (a table of n = 0 must not read as a run that worked, nor may a baseline
+    stored before make it one)."""
     from .report import ALL, compute_rows, markdown
 
     print(f"{summary.ran} episodes run, {summary.skipped} already in {db}, {summary.errors} env errors, "
@@ -61,7 +62,11 @@ def _print_summary(summary, db: str) -> bool:
     tasks = {ALL, *summary.tasks}
     shown = [r for r in rows if r.group in groups and (r.key in keys or r.is_baseline) and r.task in tasks]
     print(markdown(shown))
-    return bool(summary.ran) and not any(r.n for r in shown)
+    for r in shown:  # a rerun skips stored errors: without a word the setting stayed at n = 0
+        if r.key in keys and r.task == ALL and not r.n and r.errors:
+            print(f"note: {r.setting}: its {r.errors} episode(s) here are stored env errors, skipped when run again; "
+                  "--retry-errors runs them again", file=sys.stderr)
+    return bool(summary.ran) and summary.errors == summary.ran and not any(r.n for r in shown if r.key in keys)
 
 
 def _stop_if_all_errors(failed: bool, ran: int) -> None:

@@ -543,6 +543,8 @@ class FastPi0:
         prefix_attn = resolve_attn(prefix_attn, model.device, expert=False)
         expert_attn = resolve_attn(expert_attn, model.device, expert=True)
         self.prefix_attn, self.expert_attn = prefix_attn, expert_attn
+        if expert_gemm not in (*GEMM_KINDS, "auto"):  # before the GPU check: a typo is a typo on any device
+            raise ValueError(f"expert_gemm: expected one of {(*GEMM_KINDS, 'auto')}, got {expert_gemm!r}")
         _check_gpu_only(model.device, prefix_attn=prefix_attn, expert_attn=expert_attn, expert_gemm=expert_gemm,
                         lm_down_tune=lm_down_tune, fused_layer_norm=fused_layer_norm, rope_kernel=rope_kernel)
         if model.training:
@@ -596,8 +598,6 @@ class FastPi0:
         self._exp_tables_fn = _expert_tables
         self._exp_fn = _expert_layer
         self._exp_fused_fn = _expert_layer_fused
-        if expert_gemm not in (*GEMM_KINDS, "auto"):
-            raise ValueError(f"expert_gemm: expected one of {(*GEMM_KINDS, 'auto')}, got {expert_gemm!r}")
         expert_gemm = resolve_gemm(expert_gemm, model.device)
         if expert_gemm != "torch" and not HAVE_TRITON:
             raise ValueError(f"expert_gemm={expert_gemm!r} needs triton (pip install triton); use 'torch'")

@@ -276,8 +276,13 @@ def collect_demos(
     units = []
     for t, n_task in per_task.items():
         per_part = -(-n_task // parts_per_task)
+        if parts_per_task > len(train_ids):  # (no layout per part: "more demos than layouts" misled)
+            raise ValueError(f"--parts-per-task {parts_per_task}: more parts than the {len(train_ids)} training "
+                             "layouts of a task (each part takes its own)")
         if len(train_ids) // parts_per_task < per_part:
-            raise ValueError(f"{n_task} demos of {t} need more training layouts than the {len(train_ids)} available")
+            raise ValueError(f"{n_task} demos of {t} need more training layouts than the {len(train_ids)} available"
+                             + (f" ({len(train_ids) // parts_per_task} per part with --parts-per-task {parts_per_task})"
+                                if parts_per_task > 1 else ""))
         for p in range(parts_per_task):
             ids = tuple(train_ids[p::parts_per_task])  # disjoint layouts per part; spares for failures
             want = min(per_part, n_task - p * per_part)
@@ -452,7 +457,7 @@ def load_demos(path: str | Path, tasks: tuple[str, ...] = ()) -> DemoSet:
 def _load(path: Path, f: Path, index: dict, tasks: tuple[str, ...]) -> DemoSet:
     from ..envs.metaworld import ACTION_DIM, STATE_DIM
 
-    names = list(tasks) or list(index["tasks"])
+    names = list(dict.fromkeys(tasks)) or list(index["tasks"])  # a repeated task was loaded (and weighted) twice
     unknown = [t for t in names if t not in index["tasks"]]
     if unknown:
         raise ValueError(f"demos: task(s) {unknown} not in {path}; it has {list(index['tasks'])}")

@@ -345,6 +345,9 @@ def run_train(
                     print(f"step {step:6d}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rate_text(step / elapsed)}  "
                           f"{100 * progress:5.1f}%  eta {eta / 60:.1f} min", flush=True)
             log.close()
+            if not all(bool(torch.isfinite(p).all()) for p in ema_params):  # NaN after the last loss read
+                raise ValueError(f"the EMA weights are not finite after step {step} (the loss, last read finite "
+                                 f"at step {good_step + 1}, diverged since; try a lower --lr)")
             wall = time.perf_counter() - t0
             ema_model.float()
             save_checkpoint(tmp, ema_model.cpu(), stats, robot="metaworld", training=training(step, wall))
@@ -379,7 +382,8 @@ def run_train(
                     unsaved = f" (saving them failed: {type(e2).__name__}: {e2})"
             msg = f"{out_path} is as it was; " + (
                 f"the EMA weights after {step} of up to {steps} steps are in {kept}: continue from them with "
-                f"--init {kept} (a new LR schedule)" if kept else f"nothing of this run was kept{unsaved}")
+                f"--init {kept} (a new LR schedule) and a --seed other than {seed} (the same one would draw this "
+                "run's batches again)" if kept else f"nothing of this run was kept{unsaved}")
             stop_keeping(e, "train", msg)
         finally:
             if tmp.exists():  # interrupted or failed: drop the partial run, `out` is untouched
