@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import sys
 import time
 import zlib
@@ -815,6 +816,22 @@ def _finished_behind(results_q, pending: set, wait_s: float = 1.0):
             yield msg[2], msg[3]
 
 
+def _tracker_ignoring_sighup() -> None:
+    """Start multiprocessing's resource tracker with SIGHUP blocked, as it blocks SIGINT and SIGTERM
+    itself: a closed terminal hangs up the whole process group, and a tracker killed by it was
+    relaunched with warnings and a KeyError traceback per queue after the run's one line."""
+    from multiprocessing import resource_tracker
+
+    hup = getattr(signal, "SIGHUP", None)
+    if hup is None or not hasattr(signal, "pthread_sigmask"):
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {hup})
+    try:
+        resource_tracker.ensure_running()  # (a no-op once running: the mask only matters at its start)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _pool_results(jobs: list, n: int, init_args: tuple):
     """Run jobs in n spawn processes; yield (setting key, EpisodeResult) as they finish.
 
@@ -822,6 +839,7 @@ def _pool_results(jobs: list, n: int, init_args: tuple):
     during an episode turns that episode into an error result, and a fresh worker takes its
     place. An exception raised by the policy in a worker is re-raised here."""
     ctx = mp.get_context("spawn")
+    _tracker_ignoring_sighup()
     jobs_q, results_q = ctx.Queue(), ctx.Queue()
     current = ctx.Array("q", [-1] * n, lock=False)
     for jid, job in enumerate(jobs):
