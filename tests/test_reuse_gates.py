@@ -290,9 +290,11 @@ def test_fields_without_effect_are_no_part_of_a_setting():
     sync = ReuseConfig(gate="crossmodal", mode="vision_only", synchronized=True, state_reference="state")
     assert "state_reference" not in sync.diff_from(d) and "state_reference" in sync.unused_fields()
     assert "state_reference" in sync.replace(synchronized=False).diff_from(d)
-    # the phase gate only tightens: a looser phase_threshold was accepted, labelled, and never applied
-    with pytest.raises(ValueError, match=r"reuse.phase_threshold: .* expected >= threshold \(0.9\), got 0.5"):
-        ReuseConfig(gate="phase", threshold=0.9, phase_threshold=0.5)
+    # the phase gate only tightens: a looser phase_threshold was labelled, keyed, and never applied
+    loose = ReuseConfig(gate="phase", threshold=0.9, phase_threshold=0.5)
+    assert loose == ReuseConfig(gate="phase", threshold=0.9, phase_threshold=0.9)
+    assert loose.label() == "phase(raw>=0.9|0.9)/full"
+    assert ReuseConfig(gate="phase", threshold=0.999).label() == "phase(raw>=0.999|0.999)/full"  # the default 0.995
     assert ReuseConfig(gate="threshold", threshold=0.9, phase_threshold=0.5).unused_fields() == ["phase_threshold"]
 
 

@@ -127,9 +127,10 @@ class ReuseConfig:
         if self.phase_horizon is not None and self.phase_horizon < 2:  # one action: no flip, spread or turn
             raise ValueError(f"reuse.phase_horizon: expected an integer >= 2 (cues compare consecutive actions) "
                              f"or None, got {self.phase_horizon}")
-        if self.gate == "phase" and self.phase_threshold < self.threshold:  # the gate would apply `threshold`
-            raise ValueError(f"reuse.phase_threshold: the phase gate only tightens, so expected >= threshold "
-                             f"({self.threshold}), got {self.phase_threshold}")
+        if self.gate == "phase" and self.phase_threshold < self.threshold:
+            # The gate applies the larger (it only tightens): the label and the identity say so (a looser
+            # value named a threshold never applied, and keyed a second setting that ran the same).
+            object.__setattr__(self, "phase_threshold", self.threshold)
         if self.layer_split is not None and self.layer_split < 1:
             raise ValueError(f"reuse.layer_split: expected an integer >= 1 (layer 0 is never reused alone), got {self.layer_split}")
         for name in ("variance_threshold", "curvature_threshold", "gripper_delta"):
