@@ -224,7 +224,7 @@ def test_rollout_noise_is_paired_by_seed():
     assert not torch.equal(a.noises[0], a.noises[1])
 
 
-def test_eval_where_every_episode_is_an_env_error_exits_nonzero(tmp_path, capsys):
+def test_eval_where_every_episode_is_an_env_error_exits_nonzero(tmp_path, capsys, monkeypatch):
     """A broken renderer (MUJOCO_GL) turned every episode into an error; eval printed a table of
     n = 0 and exited 0, so the README's quick start looked like it had passed."""
     from kvreuse.cli import main
@@ -246,6 +246,20 @@ def test_eval_where_every_episode_is_an_env_error_exits_nonzero(tmp_path, capsys
     main(reuse)  # run again: the stored errors are skipped (0 run), and a note says how to run them
     assert "always/full: its 2 episode(s) here are stored env errors, skipped when run again; --retry-errors" in \
         capsys.readouterr().err
+
+    # with the baseline in the run (--with-baseline, every sweep): its finished episodes stored before (and
+    # skipped here) made a run whose every episode erred exit 0
+    import kvreuse.envs.fake as fake
+
+    def broken(self, *a, **k):  # as a renderer that fails (MUJOCO_GL) once the baseline is stored
+        raise RuntimeError("renderer failed")
+
+    monkeypatch.setattr(fake.FakeEnv, "reset", broken)
+    for cmd in ([*args, "--tasks", "reach", "--reuse", "gate=period period=3", "--with-baseline"],
+                ["sweep", *args[1:], "--tasks", "reach", "--grid", "gate=period period=4"]):
+        with pytest.raises(SystemExit) as e:
+            main(cmd)
+        assert e.value.code == 1 and "every one of the 2 episodes run ended in an env error" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # bench-eval: a rate of crashes is no throughput
         main(["bench-eval", "--env", "fake", "--tasks", "crash", "--total", "2", "--workers", "0"])
     assert e.value.code == 1 and "projected" not in capsys.readouterr().out
@@ -548,6 +562,12 @@ def test_grid_fields_the_setting_never_reads():
     assert canonical_reuse({"gate": "threshold", "image_metric": "patch", "patch_threshold": 0.9})[0] == {
         "gate": "threshold", "image_metric": "patch", "patch_threshold": 0.9}  # the patch metric reads it
     assert parse_grid(["gate=phase phase_threshold=0.99 mode=layer_wise layer_split=4"])  # all read
+    # fields that other fields than gate and mode switch off: the error names what does
+    for spec, why in (("gate=threshold image_metric=patch downsample=16,64", "read by image_metric=raw only"),
+                      ("gate=crossmodal mode=vision_only synchronized=true state_reference=state,cameras",
+                       "not under synchronized=true")):
+        with pytest.raises(ValueError, match=f"has no effect with gate .*{why}"):
+            parse_grid([spec])
 
 
 @pytest.mark.parametrize("cmd", ["eval", "bench-eval"])

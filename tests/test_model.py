@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,6 +212,7 @@ def test_steps_must_be_a_positive_count(model, fast):
             m.sample_actions(obs, noise, steps=bad)
     default = m.sample_actions(obs, noise, steps=None)
     assert torch.equal(default, m.sample_actions(obs, noise, steps=model.cfg.num_steps))
+    assert torch.equal(default, m.sample_actions(obs, noise, steps=np.int64(model.cfg.num_steps)))
 
 
 @torch.no_grad()

@@ -44,9 +44,9 @@ def _plan(db, env, tasks, episodes, init_start, seed, replan, max_steps, workers
 
 
 def _print_summary(summary, db: str) -> bool:
-    """Print the run's line and table; True when episodes ran, every one an env error, and no setting of
-    this run has a finished one (a table of n = 0 must not read as a run that worked, nor may a baseline
-    stored before make it one)."""
+    """Print the run's line and table; True when episodes ran, every one an env error, and no setting that
+    ran episodes here has a finished one (a table of n = 0 must not read as a run that worked, nor may a
+    baseline stored before make it one)."""
     from .report import ALL, compute_rows, markdown
 
     print(f"{summary.ran} episodes run, {summary.skipped} already in {db}, {summary.errors} env errors, "
@@ -66,7 +66,9 @@ def _print_summary(summary, db: str) -> bool:
         if r.key in keys and r.task == ALL and not r.n and r.errors:
             print(f"note: {r.setting}: its {r.errors} episode(s) here are stored env errors, skipped when run again; "
                   "--retry-errors runs them again", file=sys.stderr)
-    return bool(summary.ran) and summary.errors == summary.ran and not any(r.n for r in shown if r.key in keys)
+    # (a setting that ran nothing here, as a baseline stored before, does not make the run one that worked)
+    ran = [r for r in shown if r.key in summary.ran_keys]
+    return bool(summary.ran) and summary.errors == summary.ran and not any(r.n for r in ran)
 
 
 def _stop_if_all_errors(failed: bool, ran: int) -> None:

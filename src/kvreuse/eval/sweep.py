@@ -376,8 +376,11 @@ def _check_read(spec: str, keys: list[str], combos: list[dict]) -> None:
     for k in keys:
         if all(k in u for u in unused):
             gates, modes = ({d.get(f, dflt) for d in combos} for f, dflt in (("gate", "never"), ("mode", "full")))
+            why = {"downsample": " (it is read by image_metric=raw only)",
+                   "state_reference": " (it is read by the crossmodal gate with vision_only, state_only or partial, "
+                                      "and not under synchronized=true)"}.get(k, "")
             raise ValueError(f"grid: {k} has no effect with gate {'/'.join(sorted(map(str, gates)))} and mode "
-                             f"{'/'.join(sorted(map(str, modes)))} (in {spec!r}); leave it out")
+                             f"{'/'.join(sorted(map(str, modes)))}{why} (in {spec!r}); leave it out")
 
 
 # ---- episodes --------------------------------------------------------------------------------
@@ -486,6 +489,7 @@ class SweepSummary:
     tasks: tuple[str, ...] = ()  # the tasks this sweep covered (run or skipped)
     stored_elsewhere: int = 0  # run here, but another process (a concurrent sweep) had stored them first
     episodes: tuple[tuple[str, int, int], ...] = ()  # this sweep's (task, init id, seed) list
+    ran_keys: frozenset[str] = frozenset()  # the settings (keys) that had episodes run here, not only skipped
 
 
 def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
@@ -645,6 +649,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
     t0 = time.perf_counter()
     first = [None]
     ran = errors = elsewhere = 0
+    ran_keys: set[str] = set()
     bar = _progress(len(jobs), plan.progress)
     try:
         for key, res in _results(jobs, plan, src, robot):
@@ -652,6 +657,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
                 first[0] = time.perf_counter() - t0
             elsewhere += not store.add(ids[key], res)
             ran += 1
+            ran_keys.add(key)
             errors += res.status == "error"
             if bar is not None:
                 bar.update(1)
@@ -668,7 +674,7 @@ def run_sweep(plan: SweepPlan, src: PolicySource) -> SweepSummary:
             bar.close()
         store.close()
     return SweepSummary(settings, ran, skipped, errors, time.perf_counter() - t0, first[0] or 0.0, tasks, elsewhere,
-                        tuple(episodes))
+                        tuple(episodes), frozenset(ran_keys))
 
 
 def _as_stored(store: ResultStore, settings: list[Setting], named: dict[str, set[str]],

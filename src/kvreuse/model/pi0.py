@@ -14,6 +14,7 @@ import copy
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -342,9 +343,9 @@ class Pi0Model(nn.Module):
         count returned the noise as actions)."""
         if steps is None:
             return self.cfg.num_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"steps: expected a whole number >= 1, got {steps!r}")
-        return steps
+        return int(steps)
 
     def check_prefix(self, prefix: PrefixCache, batch: int) -> None:
         """A cache of this model for `batch` observations (another batch's K/V were broadcast, row 0's
