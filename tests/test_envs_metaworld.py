@@ -72,8 +72,9 @@ def test_closing_one_env_or_renderer_leaves_the_others_images_intact():
 
     b = MetaWorldEnv(image_size=64)
     first = b.reset("reach-v3", 0, 0)["observation/image"].copy()
+    video = b.render(64).copy()
     b.render(128)
-    b.render(64)  # the 128-px video renderer freed while the 64-px one was current
+    assert np.array_equal(b.render(64), video)  # the 128-px renderer was freed while the new 64-px one was current
     assert np.array_equal(b.reset("reach-v3", 0, 0)["observation/image"], first)
     for drop in ("close", "del"):
         a = MetaWorldEnv(image_size=64)

@@ -238,7 +238,7 @@ def test_eval_where_every_episode_is_an_env_error_exits_nonzero(tmp_path, capsys
     assert "every one of" not in capsys.readouterr().err
     main([*args, "--tasks", "reach", "crash", "--retry-errors"])  # only crashes ran, but the setting has n > 0
     assert "every one of" not in capsys.readouterr().err
-    # another setting whose every episode errs: the baseline stored above made the table look run (exit 0)
+    # another setting whose every episode errs (and, run again, a note on its stored errors)
     reuse = [*args, "--tasks", "crash", "--reuse", "gate=always"]
     with pytest.raises(SystemExit) as e:
         main(reuse)

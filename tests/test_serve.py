@@ -652,15 +652,21 @@ def test_stats_totals_window_holds_every_clients_latest_requests():
     srv = PolicyServer(lambda: None)
     fast, slow = (ClientSession(None, n, 5.0, True, srv.latency_ms) for n in ("fast", "slow"))
     srv.clients = {fast.id: fast, slow.id: slow}
+    fast.record(StepRecord(warmup=True), 4000.0)  # a graph capture: counted, never in a latency window
     for _ in range(2100):
         fast.record(StepRecord(), 0.2)
         slow.record(StepRecord(), 20.0)
     srv.clients.pop(slow.id)  # as a client leaving: its counters kept apart, its latencies stay in the window
     srv.closed_totals.add(slow.stats)
     tot = srv.stats()["totals"]
-    assert tot["requests"] == 4200 and tot["latency_ms"]["window"] == 2048
+    assert tot["requests"] == 4201 and tot["warmups"] == 1 and tot["latency_ms"]["window"] == 2048
     assert tot["latency_ms"]["mean"] == pytest.approx(10.1)
     assert srv.stats()["clients"][0]["latency_ms"]["mean"] == pytest.approx(0.2)
+    one = PolicyServer(lambda: None)
+    s1 = ClientSession(None, "one", 5.0, True, one.latency_ms)
+    s1.record(StepRecord(warmup=True), 4000.0)
+    s1.record(StepRecord(), 10.0)
+    assert list(one.latency_ms) == [10.0]
 
 
 def test_warm_up_runs_a_fork_and_leaves_the_template_untouched():
