@@ -737,50 +737,42 @@ def test_sweep_killed_with_sigkill_loses_and_duplicates_nothing(tmp_path):
     assert statuses.get("error") == 8  # every "crash" episode, recorded as an error
 
 
-def test_sigterm_ends_a_sweep_with_many_queued_episodes(tmp_path):
-    """More queued jobs than a pipe holds: the queue's feeder thread must not keep the stopped
-    sweep alive (it once hung for good after its one-line message)."""
-    db = tmp_path / "t.db"
+def _stop_a_running_eval(tmp_path, episodes: int, stop) -> tuple[int, str, int]:
+    """Run `kvreuse eval` on the fake env with 2 workers in its own process group, call stop(pid) once
+    2 episodes are stored; -> (return code, stderr, episodes stored)."""
+    db = tmp_path / "s.db"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "kvreuse.cli", "eval", "--env", "fake", "--tasks", "reach",
-                             "--episodes", "3000", "--workers", "2", "--max-steps", "3", "--db", str(db),
+                             "--episodes", str(episodes), "--workers", "2", "--max-steps", "3", "--db", str(db),
                              "--no-progress"], env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 90
     while _count(db) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None, f"the sweep ended before it could be stopped: {proc.communicate()}"
-    os.kill(proc.pid, signal.SIGTERM)
+    stop(proc.pid)
     try:
         _, err = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("the sweep hung after SIGTERM") from None
-    assert proc.returncode == 128 + signal.SIGTERM and "kvreuse: stopped by signal 15" in err
-    assert 2 <= _count(db) < 3000
+        raise AssertionError("the sweep hung after it was stopped") from None
+    return proc.returncode, err, _count(db)
+
+
+def test_sigterm_ends_a_sweep_with_many_queued_episodes(tmp_path):
+    """More queued jobs than a pipe holds: the queue's feeder thread must not keep the stopped
+    sweep alive (it once hung for good after its one-line message)."""
+    rc, err, stored = _stop_a_running_eval(tmp_path, 3000, lambda pid: os.kill(pid, signal.SIGTERM))
+    assert rc == 128 + signal.SIGTERM and "kvreuse: stopped by signal 15" in err
+    assert 2 <= stored < 3000
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here")
 def test_sighup_to_the_process_group_ends_a_sweep_with_one_line(tmp_path):
     """A closed terminal hangs up the whole group: multiprocessing's resource tracker died of it too and
     was relaunched, with a warning and a KeyError traceback per queue after the run's one line."""
-    db = tmp_path / "h.db"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "kvreuse.cli", "eval", "--env", "fake", "--tasks", "reach",
-                             "--episodes", "300", "--workers", "2", "--max-steps", "3", "--db", str(db),
-                             "--no-progress"], env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 90
-    while _count(db) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert proc.poll() is None, f"the sweep ended before it could be stopped: {proc.communicate()}"
-    os.killpg(proc.pid, signal.SIGHUP)
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("the sweep hung after SIGHUP") from None
-    assert proc.returncode == 128 + signal.SIGHUP and "kvreuse: stopped by signal 1" in err
+    rc, err, _ = _stop_a_running_eval(tmp_path, 300, lambda pid: os.killpg(pid, signal.SIGHUP))
+    assert rc == 128 + signal.SIGHUP and "kvreuse: stopped by signal 1" in err
     assert "Traceback" not in err and "resource_tracker" not in err, err[-2000:]
 
 
