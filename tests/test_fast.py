@@ -212,6 +212,10 @@ def test_prefix_rows_rounds_the_prompt_up_to_a_bucket():
     assert FastPi0(model, prompt_bucket=16).prefix_rows(hole) == t - n + 48
     with pytest.raises(ValueError, match="prompt_bucket"):
         FastPi0(model, prompt_bucket=-1)
+    with pytest.raises(ValueError, match=r"prompt_bucket: expected an integer >= 0 .*got 32\.0"):
+        FastPi0(model, prompt_bucket=32.0)  # (accepted, then the first call failed on a float slice)
+    with pytest.raises(ValueError, match=r"embed_images: unknown camera\(s\) \['front'\]"):
+        FastPi0(model).embed_images({"front": torch.zeros(1, 3, 8, 8)})  # it named run_cameras, not the call
     assert FastPi0(model).prompt_bucket == 64  # 96 slots: 64-slot buckets
     long = build_random(cfg.replace(max_token_len=200), "cpu", seed=0)
     assert FastPi0(long).prompt_bucket == 32  # Pi0.5's 200 slots: 32-slot buckets

@@ -562,8 +562,10 @@ class FastPi0:
             # bench prompt (200 slots) 0.3 ms faster than 64; Pi0's 48 slots trimmed to 32 ran its
             # prefix LM slower (544 rows are an awkward shape for cuBLAS), so they stay whole.
             prompt_bucket = 32 if cfg.max_token_len >= 128 else 64
-        if prompt_bucket < 0:
-            raise ValueError(f"prompt_bucket: expected >= 0 (0 = always every prompt slot), got {prompt_bucket}")
+        if isinstance(prompt_bucket, bool) or not isinstance(prompt_bucket, int) or prompt_bucket < 0:
+            # (a float passed here and failed the first call with a slice TypeError)
+            raise ValueError(f"prompt_bucket: expected an integer >= 0 (0 = always every prompt slot), "
+                             f"got {prompt_bucket!r}")
         self.prompt_bucket = prompt_bucket  # see prefix_rows
         # The prefix LM's down product: cuBLAS's pick, cuBLASLt's over padded rows or one of
         # cuBLASLt's other configurations, whichever times fastest on this card for each row
@@ -1023,10 +1025,10 @@ class FastPi0:
         return hn
 
     # ---- public API ------------------------------------------------------------------------
-    def _check_cams(self, cams) -> None:
+    def _check_cams(self, cams, what: str = "run_cameras") -> None:
         unknown = [c for c in cams if c not in self.cfg.cameras]
         if unknown:
-            raise ValueError(f"run_cameras: unknown camera(s) {unknown}; model cameras: {list(self.cfg.cameras)}")
+            raise ValueError(f"{what}: unknown camera(s) {unknown}; model cameras: {list(self.cfg.cameras)}")
 
     def _embed(self, st: _Static, obs: Observation, given: dict[str, torch.Tensor] | None,
                want_rows: bool = True) -> int | None:
@@ -1070,7 +1072,7 @@ class FastPi0:
         """`embed_image` of several cameras (name -> (B, 3, H, W)) in one batched pass through
         the vision tower, in the model's camera order: for all cameras this is the pass that
         sample_actions / encode_prefix run, so the embeddings are the same to the bit."""
-        self._check_cams(tuple(images))
+        self._check_cams(tuple(images), "embed_images")
         self._check_images(images)
         cams = [c for c in self.cfg.cameras if c in images]
         if not cams:
